@@ -1,0 +1,106 @@
+// Shared helpers for lf's CPU kernels: storage types, fp32 conversion, vectorisable math, the
+// argument structs and the list of kernels. Every kernel file is compiled once per instruction set
+// (see CMakeLists.txt) with LF_ISA naming the variant's namespace.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+namespace lf {
+
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+struct bf16 { uint16_t bits; };
+using f16 = _Float16;
+
+inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// Loads widen to fp32; every kernel computes in fp32 and rounds once on store.
+inline float load(float v) { return v; }
+inline float load(bf16 v) { return as_float(uint32_t(v.bits) << 16); }
+inline float load(f16 v) { return float(v); }
+
+template <class T> inline T store(float f);
+template <> inline float store<float>(float f) { return f; }
+template <> inline f16 store<f16>(float f) { return f16(f); }
+template <> inline bf16 store<bf16>(float f) {
+  // Round to nearest even, as torch does; NaN stays a (quiet) NaN. Written branch-free to vectorise.
+  uint32_t u = as_bits(f);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return bf16{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
+}
+// The value a fp32 number has once stored as T (used where HF rounds an intermediate).
+template <class T> inline float round_to(float f) { return load(store<T>(f)); }
+
+// exp that the compiler can vectorise (libm's expf is a call per element). Cephes' range reduction
+// and polynomial: within 2 ulp of expf on [-87.3, 88.37]; inputs outside are clamped.
+inline float vexp(float x) {
+  x = std::fmin(std::fmax(x, -87.3f), 88.37f);
+  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  return y * as_float(uint32_t(int32_t(n) + 127) << 23);
+}
+inline float vsigmoid(float x) { return 1.0f / (1.0f + vexp(-x)); }
+inline float vtanh(float x) { return 2.0f * vsigmoid(2.0f * x) - 1.0f; }
+// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), odd-extended.
+inline float verf(float x) {
+  float a = std::fabs(x);
+  float t = 1.0f / (1.0f + 0.3275911f * a);
+  float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  return std::copysign(1.0f - poly * vexp(-a * a), x);
+}
+
+// ---- argument structs (plain pointers and sizes; Python validated them) ----
+enum Casting : int { kLlama = 0, kGemma = 1, kNone = 2 };
+
+struct RmsNormFwd {
+  const void* x; const void* w; void* y; float* rstd;
+  int64_t rows, cols; float eps, offset; int casting; DType dtype; int threads;
+};
+struct RmsNormBwd {
+  const void* dy; const void* x; const void* w; const float* rstd; void* dx; void* dw;  // dw may be null
+  int64_t rows, cols; float offset; int casting; DType dtype; int threads;
+};
+// One tensor of layout (batch, heads, seq, head_dim) with a contiguous last dim and any other strides.
+struct RopeTensor { const void* in; void* out; int64_t heads; int64_t in_stride[3]; int64_t out_stride[3]; };
+struct Rope {
+  RopeTensor q, k; const void* cos; const void* sin; int64_t cs_stride[2];  // cos/sin strides of (batch, seq)
+  int64_t batch, seq, dim; bool backward; DType dtype; int threads;
+};
+enum GluKind : int { kSwiGLU = 0, kGeGLUTanh = 1, kGeGLUErf = 2 };
+struct GluFwd { const void* gate; const void* up; void* out; int64_t n; int kind; DType dtype; int threads; };
+struct GluBwd {
+  const void* dy; const void* gate; const void* up; void* dgate; void* dup;
+  int64_t n; int kind; DType dtype; int threads;
+};
+
+// X(name, args struct): every kernel, declared once per instruction-set variant.
+#define LF_KERNEL_LIST(X) \
+  X(rms_norm_fwd, RmsNormFwd) X(rms_norm_bwd, RmsNormBwd) X(rope, Rope) X(glu_fwd, GluFwd) X(glu_bwd, GluBwd)
+
+// Calls fn<T>() with T the storage type named by dtype.
+template <template <class> class Fn, class Args>
+inline void by_dtype(const Args& a) {
+  switch (a.dtype) {
+    case DType::f32: Fn<float>::run(a); break;
+    case DType::bf16: Fn<bf16>::run(a); break;
+    case DType::f16: Fn<f16>::run(a); break;
+  }
+}
+
+}  // namespace lf
+
+#ifdef LF_ISA
+#define LF_DECLARE(name, A) void name(const A&);
+namespace lf { namespace LF_ISA { LF_KERNEL_LIST(LF_DECLARE) } }
+#undef LF_DECLARE
+#endif

@@ -1,0 +1,18 @@
+"""lf's fused kernels for any trainer: ``import lf.kernels``.
+
+Each op has one entry point with a fused forward and backward, run by the backend chosen for its tensors'
+device (see :mod:`lf.kernels._backend`; ``LF_KERNEL_BACKEND=triton|cpu|torch`` forces one).
+"""
+
+from lf.kernels._backend import BACKENDS, choose_backend, default_backend
+from lf.kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
+from lf.kernels.modules import LFGeGLUMLP, LFRMSNorm, LFSwiGLUMLP
+from lf.kernels.rms_norm import rms_norm, rms_norm_reference
+from lf.kernels.rope import rope, rope_reference
+
+__all__ = [
+    "BACKENDS", "choose_backend", "default_backend",
+    "rms_norm", "rope", "swiglu", "geglu",
+    "rms_norm_reference", "rope_reference", "swiglu_reference", "geglu_reference",
+    "LFRMSNorm", "LFSwiGLUMLP", "LFGeGLUMLP",
+]

@@ -1,0 +1,96 @@
+"""Which backend runs an op: one table keyed by device type, overridable with LF_KERNEL_BACKEND.
+
+- ``triton``: CUDA and ROCm tensors (ROCm tensors report device type ``cuda``); also CPU tensors when
+  ``TRITON_INTERPRET=1``, which is how the Triton kernels are tested without a GPU.
+- ``cpu``: CPU tensors, through the C++ extension ``lf._C``.
+- ``torch``: the reference implementation; NPU, MPS, XPU and any other device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "cpu", "torch")
+DEFAULT_BACKEND = {"cuda": "triton", "hip": "triton", "cpu": "cpu"}
+ENV_VAR = "LF_KERNEL_BACKEND"
+
+
+def default_backend(device_type: str) -> str:
+    """The backend lf picks for a device type when nothing is forced."""
+    return DEFAULT_BACKEND.get(device_type, "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> str | None:
+    """None if the module imports, else the reason it does not."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable", with its reason
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def unusable_reason(backend: str, device_type: str) -> str | None:
+    """None if ``backend`` can run tensors on ``device_type`` here, else why not (a sentence)."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs CPU tensors only, these are on '{device_type}'"
+        problem = _importable("lf._C")
+        return problem and f"the C++ extension lf._C did not load ({problem}); reinstall lf with `pip install -e .`"
+    if backend == "triton":
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
+        if device_type not in ("cuda", "hip", "cpu"):
+            return f"lf's Triton kernels target CUDA and ROCm, not '{device_type}'"
+        problem = _importable("triton")
+        return problem and f"triton is not importable ({problem}); `pip install triton`"
+    return f"unknown backend '{backend}'"
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def choose_backend(device_type: str) -> str:
+    """The backend for tensors on ``device_type``: forced by LF_KERNEL_BACKEND, else the table's choice,
+    falling back to ``torch`` (with a one-time warning) when the table's choice cannot run here."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)} or unset it")
+        problem = unusable_reason(forced, device_type)
+        if problem:
+            raise RuntimeError(f"{ENV_VAR}={forced} cannot run here: {problem}")
+        return forced
+    backend = default_backend(device_type)
+    problem = unusable_reason(backend, device_type)
+    if problem:
+        if (backend, device_type) not in _warned:
+            _warned.add((backend, device_type))
+            warnings.warn(f"lf: {problem}; using the slower torch reference kernels instead", stacklevel=3)
+        return "torch"
+    return backend
+
+
+class Implementations:
+    """One op's implementations by backend. Triton entries are ``"module:function"`` strings, imported on
+    first use so that machines without Triton never import it."""
+
+    def __init__(self, *, triton: str, cpu: Callable, torch: Callable):
+        self._table: dict[str, Callable | str] = {"triton": triton, "cpu": cpu, "torch": torch}
+
+    def for_device(self, device: torch.device) -> Callable:
+        backend = choose_backend(device.type)
+        impl = self._table[backend]
+        if isinstance(impl, str):
+            module, name = impl.split(":")
+            impl = getattr(importlib.import_module(module), name)
+            self._table[backend] = impl
+        return impl

@@ -1,0 +1,117 @@
+"""Rotary position embedding in the layout of HF's ``apply_rotary_pos_emb``.
+
+``q`` is ``(batch, q_heads, seq, head_dim)`` and ``k`` is ``(batch, k_heads, seq, head_dim)`` (GQA: the head
+counts differ); any strides with a contiguous last dimension are read as they are, so HF's transposed
+projections are not copied. ``cos``/``sin`` hold one row per position, ``(batch, seq, head_dim)``,
+``(1, seq, head_dim)`` or ``(seq, head_dim)``, so packed sequences with restarting ``position_ids`` work.
+Element ``i`` pairs with ``i + head_dim/2`` (``rotate_half``). Gradients flow to ``q`` and ``k``; ``cos`` and
+``sin`` are constants (HF computes them without grad).
+
+Backends: Triton (``kernels/rope.py``), C++ (``csrc/rope.cpp``), torch (here).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lf.kernels import _checks
+from lf.kernels._backend import Implementations
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q, k, cos, sin):
+    """The plain torch formula (HF's, with cos/sin broadcast over heads): the oracle for every backend."""
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# ---- torch backend ----
+
+def _torch_rotate(x, cos, sin, backward):
+    cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+    x = x.float()
+    if backward:  # the transpose of the forward map
+        return x * cos - _rotate_half(x * sin)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _torch_apply(q, k, cos, sin, q_out, k_out, backward):
+    q_out.copy_(_torch_rotate(q, cos, sin, backward))
+    k_out.copy_(_torch_rotate(k, cos, sin, backward))
+
+
+# ---- cpu backend ----
+
+def _cpu_apply(q, k, cos, sin, q_out, k_out, backward):
+    from lf import _C
+
+    b, hq, s, d = q.shape
+    _C.rope(q.data_ptr(), q_out.data_ptr(), hq, q.stride()[:3], q_out.stride()[:3],
+            k.data_ptr(), k_out.data_ptr(), k.shape[1], k.stride()[:3], k_out.stride()[:3],
+            cos.data_ptr(), sin.data_ptr(), (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)),
+            b, s, d, backward, _checks.DTYPE_CODE[q.dtype], _checks.threads())
+
+
+APPLY = Implementations(triton="lf._triton.kernels.rope:apply", cpu=_cpu_apply, torch=_torch_apply)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("lf::rope", mutates_args=())
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    APPLY.for_device(q.device)(q, k, cos, sin, q_out, k_out, backward)
+    return q_out, k_out
+
+
+@_rope.register_fake
+def _(q, k, cos, sin, backward):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return torch.ops.lf.rope(q, k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = torch.ops.lf.rope(_last_dim_contiguous(dq), _last_dim_contiguous(dk), cos, sin, True)
+        return dq, dk, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q`` and ``k`` by the angles in ``cos``/``sin``; returns ``(q_embed, k_embed)`` like HF's
+    ``apply_rotary_pos_emb(q, k, cos, sin)``."""
+    op = "rope"
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _checks.tensor(op, name, t)
+    _checks.same_device_and_dtype(op, "q", q, k=k, cos=cos, sin=sin)
+    if q.dim() != 4 or k.dim() != 4:
+        _checks.fail(op, f"`q` {tuple(q.shape)} and `k` {tuple(k.shape)} must be 4-D (batch, heads, seq, head_dim); "
+                         f"from (batch, seq, heads, head_dim) use `.transpose(1, 2)`")
+    b, _, s, d = q.shape
+    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
+        _checks.fail(op, f"`k` {tuple(k.shape)} must match `q` {tuple(q.shape)} in batch, seq and head_dim")
+    if d % 2:
+        _checks.fail(op, f"head_dim {d} must be even (rotate_half pairs element i with i + head_dim/2)")
+    if cos.shape != sin.shape:
+        _checks.fail(op, f"`cos` {tuple(cos.shape)} and `sin` {tuple(sin.shape)} must have the same shape")
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (s, d):
+        _checks.fail(op, f"`cos`/`sin` {tuple(cos.shape)} must be ({b} or 1, {s}, {d}) or ({s}, {d}): one row of "
+                         f"head_dim angles per position")
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        _checks.fail(op, "`cos`/`sin` require grad, but lf's rope treats them as constants; pass `cos.detach()`")
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    return RoPEFunction.apply(q, k, _last_dim_contiguous(cos), _last_dim_contiguous(sin))
