@@ -10,21 +10,20 @@ constexpr float kGeluCubic = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
-// act(g) and d act / d g for each kind.
-template <int Kind> inline void act(float g, float& a, float& da) {
+// act(g), and with Grad its derivative too.
+struct Act { float a, da; };
+template <int Kind, bool Grad> inline Act act(float g) {
   if (Kind == kSwiGLU) {
     const float sg = vsigmoid(g);
-    a = g * sg;
-    da = sg * (1.0f + g * (1.0f - sg));
+    return {g * sg, Grad ? sg * (1.0f + g * (1.0f - sg)) : 0.f};
   } else if (Kind == kGeGLUTanh) {
-    const float inner = kSqrt2OverPi * (g + kGeluCubic * g * g * g);
-    const float t = vtanh(inner);
-    a = 0.5f * g * (1.0f + t);
-    da = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * g * g);
+    // 0.5 g (1 + tanh(z)) = g sigmoid(2z): no cancellation where tanh(z) nears -1
+    const float z2 = 2.0f * kSqrt2OverPi * (g + kGeluCubic * g * g * g);
+    const float sg = vsigmoid(z2);
+    return {g * sg, Grad ? sg + g * sg * (1.0f - sg) * 2.0f * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * g * g) : 0.f};
   } else {
-    const float cdf = 0.5f * (1.0f + verf(g * kInvSqrt2));
-    a = g * cdf;
-    da = cdf + g * kInvSqrt2Pi * vexp(-0.5f * g * g);
+    const float cdf = 0.5f * verfc(-g * kInvSqrt2);  // Phi(g), accurate in both tails
+    return {g * cdf, Grad ? cdf + g * kInvSqrt2Pi * vexp(-0.5f * g * g) : 0.f};
   }
 }
 
@@ -32,12 +31,10 @@ template <class T, int Kind> void fwd(const GluFwd& p) {
   const T* gate = static_cast<const T*>(p.gate);
   const T* up = static_cast<const T*>(p.up);
   T* out = static_cast<T*>(p.out);
-#pragma omp parallel for simd schedule(static) num_threads(p.threads)
-  for (int64_t i = 0; i < p.n; ++i) {
-    float a, da;
-    act<Kind>(load(gate[i]), a, da);
-    out[i] = store<T>(a * load(up[i]));
-  }
+  parallel_ranges(p.n, p.threads, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) out[i] = store<T>(act<Kind, false>(load(gate[i])).a * load(up[i]));
+  });
 }
 
 template <class T, int Kind> void bwd(const GluBwd& p) {
@@ -46,14 +43,15 @@ template <class T, int Kind> void bwd(const GluBwd& p) {
   const T* up = static_cast<const T*>(p.up);
   T* dgate = static_cast<T*>(p.dgate);
   T* dup = static_cast<T*>(p.dup);
-#pragma omp parallel for simd schedule(static) num_threads(p.threads)
-  for (int64_t i = 0; i < p.n; ++i) {
-    float a, da;
-    act<Kind>(load(gate[i]), a, da);
-    const float d = load(dy[i]);
-    dgate[i] = store<T>(d * load(up[i]) * da);
-    dup[i] = store<T>(d * a);
-  }
+  parallel_ranges(p.n, p.threads, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const Act f = act<Kind, true>(load(gate[i]));
+      const float d = load(dy[i]);
+      dgate[i] = store<T>(d * load(up[i]) * f.da);
+      dup[i] = store<T>(d * f.a);
+    }
+  });
 }
 
 template <class T> struct Fwd {

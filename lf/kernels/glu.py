@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lf.kernels import _checks
+from lf.kernels import _alloc, _checks
 from lf.kernels._backend import Implementations
 
 SWIGLU, GEGLU_TANH, GEGLU_ERF = 0, 1, 2  # as csrc/common.h's GluKind and kernels/glu.py
@@ -36,11 +36,11 @@ def _torch_act(g: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
     if kind == SWIGLU:
         sg = torch.sigmoid(g)
         return g * sg, sg * (1 + g * (1 - sg))
-    if kind == GEGLU_TANH:
-        c = math.sqrt(2 / math.pi)
-        t = torch.tanh(c * (g + 0.044715 * g**3))
-        return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (1 + 3 * 0.044715 * g * g)
-    cdf = 0.5 * (1 + torch.erf(g * math.sqrt(0.5)))
+    if kind == GEGLU_TANH:  # 0.5 g (1 + tanh z) = g sigmoid(2z), which does not cancel where tanh z nears -1
+        c = 2 * math.sqrt(2 / math.pi)
+        sg = torch.sigmoid(c * (g + 0.044715 * g**3))
+        return g * sg, sg + g * sg * (1 - sg) * c * (1 + 3 * 0.044715 * g * g)
+    cdf = 0.5 * torch.erfc(-g * math.sqrt(0.5))  # Phi(g) through erfc: precise in the negative tail
     return g * cdf, cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
 
 
@@ -77,7 +77,7 @@ BACKWARD = Implementations(triton="lf._triton.kernels.glu:backward", cpu=_cpu_ba
 
 @torch.library.custom_op("lf::glu_fwd", mutates_args=())
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
-    out = torch.empty_like(gate)
+    out = _alloc.empty_like(gate)
     FORWARD.for_device(gate.device)(gate, up, out, kind)
     return out
 
@@ -89,7 +89,7 @@ def _(gate, up, kind):
 
 @torch.library.custom_op("lf::glu_bwd", mutates_args=())
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    dgate, dup = _alloc.empty_like(gate), _alloc.empty_like(up)
     BACKWARD.for_device(gate.device)(dy, gate, up, dgate, dup, kind)
     return dgate, dup
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lf.kernels import _checks
+from lf.kernels import _alloc, _checks
 from lf.kernels._backend import Implementations
 
 CASTING = {"llama": 0, "gemma": 1, "none": 2}  # as csrc/common.h's Casting and kernels/rms_norm.py
@@ -83,8 +83,8 @@ BACKWARD = Implementations(triton="lf._triton.kernels.rms_norm:backward", cpu=_c
 @torch.library.custom_op("lf::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                   casting: int) -> tuple[torch.Tensor, torch.Tensor]:
-    y = torch.empty_like(x)
-    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    y = _alloc.empty_like(x)
+    rstd = _alloc.empty(x.shape[0], x, torch.float32)
     FORWARD.for_device(x.device)(x, weight, y, rstd, eps, offset, casting)
     return y, rstd
 
@@ -97,8 +97,8 @@ def _(x, weight, eps, offset, casting):
 @torch.library.custom_op("lf::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                   casting: int, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dx = torch.empty_like(x)
-    dw = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+    dx = _alloc.empty_like(x)
+    dw = _alloc.empty_like(weight) if weight_grad else weight.new_empty(0)
     BACKWARD.for_device(x.device)(dy, x, weight, rstd, dx, dw if weight_grad else None, offset, casting)
     return dx, dw
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lf.kernels import _checks
+from lf.kernels import _alloc, _checks
 from lf.kernels._backend import Implementations
 
 
@@ -66,7 +66,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("lf::rope", mutates_args=())
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
           backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out, k_out = _alloc.empty_like(q), _alloc.empty_like(k)
     APPLY.for_device(q.device)(q, k, cos, sin, q_out, k_out, backward)
     return q_out, k_out
 

@@ -1,0 +1,1 @@
+"""Triton kernels of lf, one file per op; installed as lf._triton."""

@@ -1,0 +1,41 @@
+import os
+
+# No GPU here: the Triton kernels run in Triton's interpreter on CPU tensors. Set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util
+
+import pytest
+import torch
+
+from lf import _C  # the C++ extension must load: a broken build fails the suite instead of skipping tests
+from lf.kernels import _alloc
+
+# Every backend this machine can run: the torch reference, each compiled CPU variant, Triton (interpreted).
+BACKENDS = ["torch"] + [f"cpu:{isa}" for isa in _C.available_isas().split(", ")]
+if importlib.util.find_spec("triton") is not None:
+    BACKENDS.append("triton")
+else:
+    BACKENDS.append(pytest.param("triton", marks=pytest.mark.skip(reason="triton is not installed")))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Forces one backend (and CPU variant) for the test, and poisons every output the ops allocate."""
+    name, _, isa = request.param.partition(":")
+    monkeypatch.setenv("LF_KERNEL_BACKEND", name)
+    monkeypatch.setattr(_alloc, "POISON", float("nan"))
+    if isa:
+        best = _C.isa()
+        _C.set_isa(isa)
+        request.addfinalizer(lambda: _C.set_isa(best))
+    return name
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run (the seed is printed when a test fails, to reproduce it)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+    return seed

@@ -1,0 +1,32 @@
+"""Shared assertions for kernel tests: tolerances per dtype and the float64 oracle."""
+
+import torch
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Relative tolerance per dtype, applied as rtol and as atol scaled by the largest expected magnitude (so
+# values near zero in a reduction are judged against the reduction's scale). fp32: a few ulps of
+# accumulated rounding; fp16/bf16: about two ulps (lf rounds once, HF rounds intermediates, and the Triton
+# interpreter truncates fp32 -> bf16 instead of rounding).
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, factor: float = 1.0):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    tol = TOL[dtype] * factor
+    expected = expected.detach().double()
+    scale = expected.abs().max().item()
+    subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # results below `tiny` lose precision
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=tol * scale + 4 * subnormal_step,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def oracle(fn, inputs, grad_out):
+    """Outputs and input gradients of ``fn`` evaluated in float64 with autograd."""
+    leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    grads_out = grad_out if isinstance(grad_out, tuple) else (grad_out,)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(outs, wanted, [g.double() for g in grads_out])
+    return out, grads
