@@ -1,0 +1,48 @@
+"""Bad input fails in Python, before any backend, with a message naming the argument and the fix."""
+import pytest
+import torch
+
+from lf.errors import KernelDTypeError, KernelInputError
+from lf.kernels import geglu, rms_norm, rope, swiglu
+
+
+def _qkcs(b=1, h=2, s=3, d=8, **over):
+    t = dict(q=torch.randn(b, h, s, d), k=torch.randn(b, h, s, d), cos=torch.randn(b, s, d), sin=torch.randn(b, s, d))
+    t.update(over)
+    return t
+
+
+@pytest.mark.parametrize("call,error,pattern", [
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(5)), KernelInputError, r"`weight` has shape \(5,\).*\(4,\)"),
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(4, dtype=torch.bfloat16)), KernelDTypeError,
+     r"`weight` is torch.bfloat16 but `x` is torch.float32; cast"),
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(4, device="meta")), KernelInputError,
+     r"`weight` is on meta but `x` is on cpu; move"),
+    (lambda: rms_norm(torch.ones(2, 4, dtype=torch.int64), torch.ones(4)), KernelDTypeError,
+     r"`x` has dtype torch.int64.*float32, bfloat16 or float16"),
+    (lambda: rms_norm([1.0, 2.0], torch.ones(2)), KernelInputError, r"`x` must be a torch.Tensor, got list"),
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(4), casting="qwen"), KernelInputError,
+     r"`casting`='qwen' is not one of 'llama', 'gemma', 'none'"),
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(4), eps=0.0), KernelInputError, r"`eps`=0.0 must be positive"),
+    (lambda: rms_norm(torch.randn(0, 4), torch.ones(4)), KernelInputError, r"is empty"),
+    (lambda: swiglu(torch.randn(2, 4), torch.randn(2, 5)), KernelInputError, r"`gate` \(2, 4\) and `up` \(2, 5\)"),
+    (lambda: swiglu(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float16)), KernelDTypeError, r"cast `up`"),
+    (lambda: geglu(torch.randn(2, 4), torch.randn(2, 4), approximate="erf"), KernelInputError,
+     r"`approximate`='erf' is not one of 'tanh', 'none'"),
+    (lambda: rope(**_qkcs(q=torch.randn(2, 3, 8))), KernelInputError, r"must be 4-D.*transpose\(1, 2\)"),
+    (lambda: rope(**_qkcs(k=torch.randn(1, 2, 4, 8))), KernelInputError, r"`k` \(1, 2, 4, 8\) must match `q`"),
+    (lambda: rope(**_qkcs(d=7)), KernelInputError, r"head_dim 7 must be even"),
+    (lambda: rope(**_qkcs(cos=torch.randn(1, 5, 8), sin=torch.randn(1, 5, 8))), KernelInputError,
+     r"`cos`/`sin` \(1, 5, 8\) must be \(1 or 1, 3, 8\)"),
+    (lambda: rope(**_qkcs(sin=torch.randn(3, 8))), KernelInputError, r"must have the same shape"),
+    (lambda: rope(**_qkcs(cos=torch.randn(1, 3, 8, dtype=torch.float64))), KernelDTypeError, r"`cos` has dtype"),
+    (lambda: rope(**_qkcs(cos=torch.randn(1, 3, 8, requires_grad=True))), KernelInputError, r"cos.detach\(\)"),
+])
+def test_bad_input(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_errors_are_value_and_type_errors():
+    assert issubclass(KernelInputError, ValueError)
+    assert issubclass(KernelDTypeError, TypeError) and issubclass(KernelDTypeError, ValueError)
