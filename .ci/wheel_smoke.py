@@ -1,0 +1,32 @@
+"""Run from a fresh venv holding only the built wheel (and its dependencies), outside the repository:
+the installed package imports, carries its C++ extension and Triton sources, and computes correctly."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import torch
+
+import lf
+from lf import _C
+from lf.kernels import choose_backend, rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+
+repo = pathlib.Path(sys.argv[1]).resolve()
+installed = pathlib.Path(lf.__file__).resolve()
+assert repo not in installed.parents, f"lf was imported from the repository ({installed}), not from the wheel"
+for module in ("lf._triton.kernels.rms_norm", "lf._triton.kernels.rope", "lf._triton.kernels.glu"):
+    assert importlib.util.find_spec(module) is not None, f"{module} is missing from the wheel"
+assert choose_backend("cpu") == "cpu"
+
+x, w = torch.randn(3, 65), torch.randn(65)
+torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+q, k, cos, sin = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+for got, want in zip(rope(q, k, cos, sin), rope_reference(q, k, cos, sin)):
+    torch.testing.assert_close(got, want)
+g, u = torch.randn(4, 33), torch.randn(4, 33)
+torch.testing.assert_close(swiglu(g, u), swiglu_reference(g, u))
+
+cli = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "env"], capture_output=True, text=True, check=True)
+assert "cpu backend" in cli.stdout, cli.stdout
+print(f"wheel OK: lf {lf.__version__} from {installed.parent}, CPU kernels {_C.isa()}")

@@ -1,0 +1,59 @@
+"""The `lf` command: argument parsing and dispatch to the commands, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+import lf
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "triton", "bitsandbytes", "deepspeed")
+
+
+def _version(_args) -> int:
+    print(f"lf {lf.__version__}")
+    return 0
+
+
+def _env(_args) -> int:
+    """Versions, devices, and which kernel backend runs where: the first thing to paste into a bug report."""
+    import torch
+
+    from lf.kernels import choose_backend
+
+    print(f"lf {lf.__version__} on Python {platform.python_version()} ({platform.platform()})")
+    for name in PACKAGES:
+        try:
+            print(f"  {name:<13} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            print(f"  {name:<13} not installed")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"  kernels on {device}: {choose_backend(device)} backend")
+    try:
+        from lf import _C
+
+        print(f"  CPU kernels: {_C.isa()} variant (available: {_C.available_isas()}), "
+              f"{torch.get_num_threads()} threads")
+    except ImportError as exc:
+        print(f"  CPU kernels: not built ({exc}); reinstall with `pip install -e .`")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lf", description="lf: kernel-first fine-tuning of LLMs")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.add_parser("version", help="print lf's version").set_defaults(run=_version)
+    sub.add_parser("env", help="versions, devices and kernel backends").set_defaults(run=_env)
+    sub.add_parser("help", help="show this help").set_defaults(run=lambda _a: parser.print_help() or 0)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
