@@ -43,6 +43,17 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, cols, eps, offset,
 
 
 @triton.jit
+def _load_chunk(x_ptr, dy_ptr, w_ptr, base, start, cols, offset, BLOCK: tl.constexpr):
+    """Columns [start, start + BLOCK) of a row of x and dy, and of offset + w, in fp32."""
+    c = start + tl.arange(0, BLOCK)
+    mask = c < cols
+    x = tl.load(x_ptr + base + c, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + c, mask=mask, other=0.0).to(tl.float32)
+    s = offset + tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    return c, mask, x, dy, s
+
+
+@triton.jit
 def _bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, part_ptr, rows, cols, offset,
                 LLAMA: tl.constexpr, HAS_DW: tl.constexpr, BLOCK: tl.constexpr,
                 ONE_BLOCK: tl.constexpr):
@@ -75,19 +86,11 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, part_ptr, rows, cols, of
             rstd = tl.load(rstd_ptr + row)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, cols, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                mask = c < cols
-                x = tl.load(x_ptr + base + c, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + base + c, mask=mask, other=0.0).to(tl.float32)
-                s = offset + tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+                c, mask, x, dy, s = _load_chunk(x_ptr, dy_ptr, w_ptr, base, start, cols, offset, BLOCK)
                 acc += dy * s * x
             k = tl.sum(acc, axis=0) * (rstd * rstd / cols)
             for start in range(0, cols, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                mask = c < cols
-                x = tl.load(x_ptr + base + c, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + base + c, mask=mask, other=0.0).to(tl.float32)
-                s = offset + tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+                c, mask, x, dy, s = _load_chunk(x_ptr, dy_ptr, w_ptr, base, start, cols, offset, BLOCK)
                 tl.store(dx_ptr + base + c, (rstd * (dy * s - x * k)).to(dtype), mask=mask)
                 if HAS_DW:
                     p = tl.load(part_row + c, mask=mask, other=0.0)
