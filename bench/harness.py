@@ -81,16 +81,19 @@ def _bytes(n: int) -> str:
 
 # ---- timing ----
 
-def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` after ``warmup`` untimed calls. CPU ops are synchronous, and the
-    result is dropped inside the timed region, so freeing it is timed too, as allocating it is."""
-    for _ in range(warmup):
-        fn()
+def median_seconds(fn: Callable[..., object], warmup: int, repeats: int,
+                   setup: Callable[[], tuple] = tuple) -> float:
+    """Median wall time of ``fn(*setup())`` over ``repeats`` calls after ``warmup`` untimed ones; ``setup``
+    runs untimed before each call. CPU ops are synchronous, and fn's result is dropped inside the timed
+    region, so freeing it is timed too, as allocating it is."""
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        args = setup()
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        fn(*args)
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed)
     return statistics.median(times)
 
 
@@ -109,22 +112,23 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _backward(leaves, out, grads, retain_graph: bool = False) -> None:
+def _backward(leaves, out, grads) -> None:
     # Each backward starts from .grad = None, as activations' gradients do in training, so no pass that
     # accumulates into an old gradient is timed.
     for t in leaves:
         t.grad = None
-    torch.autograd.backward(out, grads, retain_graph=retain_graph)
+    torch.autograd.backward(out, grads)
 
 
-def _step(direction: str, fn: Callable, case, grads) -> Callable[[], object]:
-    """One ``direction`` of ``fn`` on the case's inputs, as a zero-argument callable."""
+def _time_direction(direction: str, fn: Callable, case, grads, warmup: int, repeats: int) -> float:
     if direction == "fwd":
-        return lambda: fn(*case.args)
+        return median_seconds(lambda: fn(*case.args), warmup, repeats)
     if direction == "bwd":
-        out = fn(*case.args)  # one forward; its graph is kept for every timed backward
-        return lambda: _backward(case.leaves, out, grads, retain_graph=True)
-    return lambda: _backward(case.leaves, fn(*case.args), grads)
+        # A fresh, untimed forward before each backward: torch.compile's backward donates its saved buffers,
+        # so it cannot run twice on one graph (retain_graph=True), and disabling that would slow it down.
+        return median_seconds(lambda out: _backward(case.leaves, out, grads), warmup, repeats,
+                              setup=lambda: (fn(*case.args),))
+    return median_seconds(lambda: _backward(case.leaves, fn(*case.args), grads), warmup, repeats)
 
 
 def compile_eager(case, grads) -> tuple[Callable, float]:
@@ -133,7 +137,7 @@ def compile_eager(case, grads) -> tuple[Callable, float]:
     torch._dynamo.reset()  # each case compiles from scratch (the on-disk Inductor cache still applies)
     compiled = torch.compile(case.eager, dynamic=False)
     start = time.perf_counter()
-    _step("fwd+bwd", compiled, case, grads)()
+    _backward(case.leaves, compiled(*case.args), grads)
     return compiled, time.perf_counter() - start
 
 
@@ -147,7 +151,7 @@ def time_case(case, warmup: int, repeats: int) -> tuple[float, Iterator[tuple[st
 
     def directions():
         for direction in DIRECTIONS:
-            yield direction, {name: median_seconds(_step(direction, fn, case, grads), warmup, repeats)
+            yield direction, {name: _time_direction(direction, fn, case, grads, warmup, repeats)
                               for name, fn in fns.items()}
         for t in case.leaves:
             t.grad = None

@@ -36,51 +36,49 @@ template <class T> struct Fwd {
   }
 };
 
+// One row of the backward pass: dx, and (with Dw) this row's term of dw added to the thread's partial sum.
+// A second pass over the row after the dot product; dx and dw share it.
+template <class T, bool Dw, bool Llama>
+inline void bwd_row(const T* dyr, const T* xr, const float* s, T* dxr, float* pdw, int64_t cols, float rs) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t c = 0; c < cols; ++c) dot += load(dyr[c]) * s[c] * load(xr[c]);
+  const float k = dot * rs * rs / float(cols);  // mean(g * xhat) / rstd, folded
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) {
+    const float xv = load(xr[c]), dyv = load(dyr[c]);
+    dxr[c] = store<T>(rs * (dyv * s[c] - xv * k));
+    // HF Llama multiplies the weight by the normalised row rounded to the input dtype
+    if (Dw) pdw[c] += dyv * (Llama ? round_to<T>(xv * rs) : xv * rs);
+  }
+}
+
 template <class T> struct Bwd {
   static void run(const RmsNormBwd& a) {
+    if (!a.dw) rows<false, false>(a);
+    else if (a.casting == kLlama) rows<true, true>(a);
+    else rows<true, false>(a);
+  }
+
+  template <bool Dw, bool Llama> static void rows(const RmsNormBwd& a) {
     const T* dy = static_cast<const T*>(a.dy);
     const T* x = static_cast<const T*>(a.x);
     const T* w = static_cast<const T*>(a.w);
     T* dx = static_cast<T*>(a.dx);
     const int64_t cols = a.cols;
-    const bool llama = a.casting == kLlama;
-    const bool want_dw = a.dw != nullptr;
     std::vector<float> scale(cols);
     for (int64_t c = 0; c < cols; ++c) scale[c] = a.offset + load(w[c]);
-    const float* s = scale.data();
     const int threads = a.threads;
     // Per-thread fp32 partial sums of dw (threads x cols), reduced at the end: no rows x cols temporary.
-    std::vector<float> partial(want_dw ? size_t(threads) * cols : 0, 0.f);
+    std::vector<float> partial(Dw ? size_t(threads) * cols : 0, 0.f);
 #pragma omp parallel num_threads(threads)
     {
-      float* pdw = want_dw ? partial.data() + size_t(omp_get_thread_num()) * cols : nullptr;
+      float* pdw = Dw ? partial.data() + size_t(omp_get_thread_num()) * cols : nullptr;
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < a.rows; ++r) {
-        const T* xr = x + r * cols;
-        const T* dyr = dy + r * cols;
-        T* dxr = dx + r * cols;
-        const float rs = a.rstd[r];
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < cols; ++c) dot += load(dyr[c]) * s[c] * load(xr[c]);
-        const float k = dot * rs * rs / float(cols);  // mean(g * xhat) / rstd, folded
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) {
-          const float xv = load(xr[c]);
-          dxr[c] = store<T>(rs * (load(dyr[c]) * s[c] - xv * k));
-        }
-        if (want_dw) {
-          if (llama) {  // HF multiplies the weight by the normalised row rounded to the input dtype
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) pdw[c] += load(dyr[c]) * round_to<T>(load(xr[c]) * rs);
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) pdw[c] += load(dyr[c]) * (load(xr[c]) * rs);
-          }
-        }
-      }
+      for (int64_t r = 0; r < a.rows; ++r)
+        bwd_row<T, Dw, Llama>(dy + r * cols, x + r * cols, scale.data(), dx + r * cols, pdw, cols, a.rstd[r]);
     }
-    if (!want_dw) return;
+    if (!Dw) return;
     T* dw = static_cast<T*>(a.dw);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < cols; ++c) {
