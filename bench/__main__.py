@@ -32,15 +32,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", type=_names(DTYPE_NAMES), default=list(DTYPE_NAMES), help="comma-separated")
     p.add_argument("--allocator", choices=(*harness.ALLOCATORS, "both"), default="both",
                    help="glibc malloc setting shared by every case; 'both' runs each in its own process")
-    p.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, fewer repeats")
-    p.add_argument("--warmup", type=int, help="untimed calls before timing (default 2, quick 1)")
-    p.add_argument("--repeats", type=int, help="timed calls; the median is reported (default 7, quick 3)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 512 tokens instead of 4096, fewer repeats")
+    p.add_argument("--warmup", type=int, help="untimed calls before the timed ones (default 2, quick 1)")
+    p.add_argument("--repeats", type=int, help="timed calls; the median is reported (default 9, quick 5)")
     p.add_argument("--check", nargs="*", metavar="RESULT_JSON",
                    help="exit 1 if a target is missed: after this run, or, given result files, in those only")
     args = p.parse_args(argv)
     args.tokens = 512 if args.quick else 4096
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    args.repeats = args.repeats if args.repeats is not None else (5 if args.quick else 9)
     return args
 
 

@@ -71,7 +71,7 @@ def apply_allocator(setting: str) -> dict[str, int]:
 def describe_allocator(setting: str, mallopt: dict[str, int]) -> str:
     if not mallopt:
         return f"{setting} (glibc defaults)"
-    values = ", ".join(f"{k}={_bytes(v) if v >= 0 else v}" for k, v in mallopt.items())
+    values = ", ".join(f"{k}={_bytes(v) if v >= 0 else f'{v} (never)'}" for k, v in mallopt.items())
     return f"{setting} (mallopt {values})"
 
 
@@ -81,20 +81,27 @@ def _bytes(n: int) -> str:
 
 # ---- timing ----
 
-def median_seconds(fn: Callable[..., object], warmup: int, repeats: int,
-                   setup: Callable[[], tuple] = tuple) -> float:
-    """Median wall time of ``fn(*setup())`` over ``repeats`` calls after ``warmup`` untimed ones; ``setup``
-    runs untimed before each call. CPU ops are synchronous, and fn's result is dropped inside the timed
-    region, so freeing it is timed too, as allocating it is."""
-    times = []
+Call = tuple[Callable[..., object], Callable[[], tuple]]  # (fn, setup): time fn(*setup()); setup is untimed
+
+
+def median_seconds(calls: dict[str, Call], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time of each named call over ``repeats`` runs after ``warmup`` untimed ones.
+
+    The calls take turns, so that drift in the machine's state (another process on a core, glibc's adaptive
+    mmap threshold) falls on all of them alike. CPU ops are synchronous, and fn's result is dropped inside
+    the timed region, so freeing it is timed too, as allocating it is.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for i in range(warmup + repeats):
-        args = setup()
-        start = time.perf_counter()
-        fn(*args)
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        for name, (fn, setup) in calls.items():
+            args = setup()
+            start = time.perf_counter()
+            fn(*args)
+            elapsed = time.perf_counter() - start
+            del args  # before the next call's setup, so that calls do not hold each other's memory
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(warmup: int, repeats: int, nbytes: int = 512 * MiB) -> dict[str, float]:
@@ -102,33 +109,35 @@ def copy_bandwidth(warmup: int, repeats: int, nbytes: int = 512 * MiB) -> dict[s
     memory: the ceilings for an op that writes into reused memory and for one that allocates its output."""
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)  # touched now, so the copy pays no page faults
-    return {
-        "copy_into_existing": 2 * nbytes / median_seconds(lambda: dst.copy_(src), warmup, repeats),
-        "clone": 2 * nbytes / median_seconds(src.clone, warmup, repeats),
-    }
+    seconds = median_seconds({"copy_into_existing": (lambda: dst.copy_(src), tuple), "clone": (src.clone, tuple)},
+                             warmup, repeats)
+    return {name: 2 * nbytes / s for name, s in seconds.items()}
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _backward(leaves, out, grads) -> None:
-    # Each backward starts from .grad = None, as activations' gradients do in training, so no pass that
-    # accumulates into an old gradient is timed.
-    for t in leaves:
-        t.grad = None
-    torch.autograd.backward(out, grads)
+def _call(direction: str, fn: Callable, case, grads) -> Call:
+    """One ``direction`` of ``fn`` on the case's inputs, for median_seconds."""
+    def clear_grads() -> tuple:
+        # Untimed: each backward starts from .grad = None, as activations' gradients do in training, so no
+        # pass accumulating into an old gradient is timed, nor the freeing of the last one.
+        for t in case.leaves:
+            t.grad = None
+        return ()
 
+    def forward() -> tuple:
+        # A fresh, untimed forward before each timed backward: torch.compile's backward donates its saved
+        # buffers, so it cannot run twice on one graph (retain_graph=True), and disabling that would slow it.
+        clear_grads()
+        return (fn(*case.args),)
 
-def _time_direction(direction: str, fn: Callable, case, grads, warmup: int, repeats: int) -> float:
     if direction == "fwd":
-        return median_seconds(lambda: fn(*case.args), warmup, repeats)
+        return lambda: fn(*case.args), tuple
     if direction == "bwd":
-        # A fresh, untimed forward before each backward: torch.compile's backward donates its saved buffers,
-        # so it cannot run twice on one graph (retain_graph=True), and disabling that would slow it down.
-        return median_seconds(lambda out: _backward(case.leaves, out, grads), warmup, repeats,
-                              setup=lambda: (fn(*case.args),))
-    return median_seconds(lambda: _backward(case.leaves, fn(*case.args), grads), warmup, repeats)
+        return lambda out: torch.autograd.backward(out, grads), forward
+    return lambda: torch.autograd.backward(fn(*case.args), grads), clear_grads
 
 
 def compile_eager(case, grads) -> tuple[Callable, float]:
@@ -137,22 +146,21 @@ def compile_eager(case, grads) -> tuple[Callable, float]:
     torch._dynamo.reset()  # each case compiles from scratch (the on-disk Inductor cache still applies)
     compiled = torch.compile(case.eager, dynamic=False)
     start = time.perf_counter()
-    _backward(case.leaves, compiled(*case.args), grads)
+    torch.autograd.backward(compiled(*case.args), grads)
     return compiled, time.perf_counter() - start
 
 
 def time_case(case, warmup: int, repeats: int) -> tuple[float, Iterator[tuple[str, dict[str, float]]]]:
     """Compile the case's HF code, then return the compile seconds and an iterator of
-    ``(direction, {impl: seconds})`` for lf, HF eager and torch.compile of HF, one direction at a time (so
-    the three are timed close together)."""
+    ``(direction, {impl: seconds})`` for lf, HF eager and torch.compile of HF, one direction at a time."""
     grads = tuple(torch.randn_like(o) for o in _as_tuple(case.lf(*case.args)))
     compiled, compile_s = compile_eager(case, grads)
     fns = {"lf": case.lf, "eager": case.eager, "compile": compiled}
 
     def directions():
         for direction in DIRECTIONS:
-            yield direction, {name: _time_direction(direction, fn, case, grads, warmup, repeats)
-                              for name, fn in fns.items()}
+            yield direction, median_seconds({name: _call(direction, fn, case, grads) for name, fn in fns.items()},
+                                            warmup, repeats)
         for t in case.leaves:
             t.grad = None
 
@@ -278,7 +286,7 @@ def markdown(result: dict) -> str:
         "",
         f"{m['cpu_model']}, {m['cores']} cores ({m['torch_threads']} torch threads), lf ISA {m['lf_isa']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, {m['libc']}. {result['date']}. "
-        f"{s['tokens']} tokens, median of {s['repeats']} after {s['warmup']} warm-ups. `{result['command']}`",
+        f"{s['tokens']} tokens, median of {s['repeats']} calls after {s['warmup']} untimed. `{result['command']}`",
         "",
         f"Copy bandwidth (read + write, 512 MiB): into an existing buffer {bw['copy_into_existing']:.1f} GB/s, "
         f"clone() into fresh memory {bw['clone']:.1f} GB/s.",

@@ -55,7 +55,8 @@ def rms_norm_case(tokens: int, dtype: torch.dtype) -> Case:
     w = hf.weight.detach().clone().requires_grad_()
     e, n = x.element_size(), tokens
     return Case(args=(x,), leaves=(x, w, hf.weight), lf=lambda x: rms_norm(x, w, EPS), eager=hf,
-                fwd_bytes=2 * n * HIDDEN * e + HIDDEN * e + 4 * n, bwd_bytes=3 * n * HIDDEN * e + 2 * HIDDEN * e + 4 * n)
+                fwd_bytes=2 * n * HIDDEN * e + HIDDEN * e + 4 * n,
+                bwd_bytes=3 * n * HIDDEN * e + 2 * HIDDEN * e + 4 * n)
 
 
 def rope_case(tokens: int, dtype: torch.dtype) -> Case:
