@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -233,6 +234,14 @@ def device_name() -> str:
     return f"cpu-{re.sub(r'[^a-z0-9]+', '-', model).strip('-')}-{os.cpu_count()}cores"
 
 
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine_facts() -> dict:
     import transformers
     from lf import _C
@@ -245,6 +254,7 @@ def machine_facts() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "lf_isa": _C.isa(),
+        "lf_commit": _git_head(),
         "libc": " ".join(platform.libc_ver()),
         "python": platform.python_version(),
     }
@@ -284,7 +294,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# lf CPU kernels vs HF: {m['device']}, allocator {s['allocator_described']}",
         "",
-        f"{m['cpu_model']}, {m['cores']} cores ({m['torch_threads']} torch threads), lf ISA {m['lf_isa']}, "
+        f"{m['cpu_model']}, {m['cores']} cores ({m['torch_threads']} torch threads), lf ISA {m['lf_isa']} "
+        f"at {(m['lf_commit'] or 'unknown commit')[:10]}, "
         f"torch {m['torch']}, transformers {m['transformers']}, {m['libc']}. {result['date']}. "
         f"{s['tokens']} tokens, median of {s['repeats']} calls after {s['warmup']} untimed. `{result['command']}`",
         "",
