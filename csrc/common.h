@@ -6,6 +6,7 @@
 #include <cstring>
 #include <cmath>
 #include <algorithm>
+#include <type_traits>
 #include <omp.h>
 
 namespace lf {
@@ -73,6 +74,43 @@ template <class Body> inline void parallel_ranges(int64_t n, int threads, Body&&
     const int64_t chunk = ((n + team - 1) / team + 63) / 64 * 64;
     const int64_t begin = std::min(n, me * chunk), end = std::min(n, begin + chunk);
     if (begin < end) body(begin, end);
+  }
+}
+
+// Elementwise kernels over bf16/fp16 storage run their fp32 loop on tiles widened into L1-resident
+// buffers: the compiler then vectorises one simple conversion loop and the fp32 math at full width,
+// instead of one loop mixing 16-bit and 32-bit lanes (which doubles register pressure and spills).
+constexpr int64_t kTile = 512;
+
+template <class T> inline void widen(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = load(src[i]);
+}
+template <class T> inline void narrow(const float* src, T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(src[i]);
+}
+
+// Calls f32(in_ptrs, out_ptrs, len) over [begin, end) of NIn inputs and NOut outputs of storage type T:
+// on the tensors themselves when T is float, else tile by tile through fp32 buffers.
+template <class T, int NIn, int NOut, class F>
+inline void in_fp32_tiles(int64_t begin, int64_t end, const T* const (&in)[NIn], T* const (&out)[NOut], F&& f32) {
+  const float* fin[NIn];
+  float* fout[NOut];
+  if constexpr (std::is_same_v<T, float>) {
+    for (int j = 0; j < NIn; ++j) fin[j] = in[j] + begin;
+    for (int j = 0; j < NOut; ++j) fout[j] = out[j] + begin;
+    f32(fin, fout, end - begin);
+  } else {
+    alignas(64) float tiles[NIn + NOut][kTile];
+    for (int j = 0; j < NIn; ++j) fin[j] = tiles[j];
+    for (int j = 0; j < NOut; ++j) fout[j] = tiles[NIn + j];
+    for (int64_t i = begin; i < end; i += kTile) {
+      const int64_t len = std::min(kTile, end - i);
+      for (int j = 0; j < NIn; ++j) widen(in[j] + i, tiles[j], len);
+      f32(fin, fout, len);
+      for (int j = 0; j < NOut; ++j) narrow(tiles[NIn + j], out[j] + i, len);
+    }
   }
 }
 

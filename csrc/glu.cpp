@@ -28,29 +28,32 @@ template <int Kind, bool Grad> inline Act act(float g) {
 }
 
 template <class T, int Kind> void fwd(const GluFwd& p) {
-  const T* gate = static_cast<const T*>(p.gate);
-  const T* up = static_cast<const T*>(p.up);
-  T* out = static_cast<T*>(p.out);
+  const T* in[2] = {static_cast<const T*>(p.gate), static_cast<const T*>(p.up)};
+  T* out[1] = {static_cast<T*>(p.out)};
   parallel_ranges(p.n, p.threads, [&](int64_t begin, int64_t end) {
+    in_fp32_tiles<T>(begin, end, in, out, [](const float* const* x, float* const* y, int64_t n) {
+      const float *gate = x[0], *up = x[1];
+      float* o = y[0];
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) out[i] = store<T>(act<Kind, false>(load(gate[i])).a * load(up[i]));
+      for (int64_t i = 0; i < n; ++i) o[i] = act<Kind, false>(gate[i]).a * up[i];
+    });
   });
 }
 
 template <class T, int Kind> void bwd(const GluBwd& p) {
-  const T* dy = static_cast<const T*>(p.dy);
-  const T* gate = static_cast<const T*>(p.gate);
-  const T* up = static_cast<const T*>(p.up);
-  T* dgate = static_cast<T*>(p.dgate);
-  T* dup = static_cast<T*>(p.dup);
+  const T* in[3] = {static_cast<const T*>(p.dy), static_cast<const T*>(p.gate), static_cast<const T*>(p.up)};
+  T* out[2] = {static_cast<T*>(p.dgate), static_cast<T*>(p.dup)};
   parallel_ranges(p.n, p.threads, [&](int64_t begin, int64_t end) {
+    in_fp32_tiles<T>(begin, end, in, out, [](const float* const* x, float* const* y, int64_t n) {
+      const float *dy = x[0], *gate = x[1], *up = x[2];
+      float *dgate = y[0], *dup = y[1];
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const Act f = act<Kind, true>(load(gate[i]));
-      const float d = load(dy[i]);
-      dgate[i] = store<T>(d * load(up[i]) * f.da);
-      dup[i] = store<T>(d * f.a);
-    }
+      for (int64_t i = 0; i < n; ++i) {
+        const Act f = act<Kind, true>(gate[i]);
+        dgate[i] = dy[i] * up[i] * f.da;
+        dup[i] = dy[i] * f.a;
+      }
+    });
   });
 }
 
