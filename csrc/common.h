@@ -53,7 +53,13 @@ inline float vexp(float x) {
   float y = p * r * r + r + 1.0f;
   return y * as_float(uint32_t(int32_t(n) + 127) << 23);
 }
-inline float vsigmoid(float x) { return 1.0f / (1.0f + vexp(-x)); }
+// sigmoid(x) and 1 - sigmoid(x) = exp(-x) sigmoid(x), the latter without cancellation where sigmoid nears 1.
+struct Sigmoid { float s, one_minus_s; };
+inline Sigmoid vsigmoid(float x) {
+  const float e = vexp(-x);
+  const float s = 1.0f / (1.0f + e);
+  return {s, e * s};
+}
 // erfc by a Chebyshev fit (Numerical Recipes' erfcc) with relative error below 1.2e-7 everywhere, so the
 // tails keep their precision (1 + erf(x) would cancel for negative x).
 inline float verfc(float x) {

@@ -14,13 +14,14 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 struct Act { float a, da; };
 template <int Kind, bool Grad> inline Act act(float g) {
   if (Kind == kSwiGLU) {
-    const float sg = vsigmoid(g);
-    return {g * sg, Grad ? sg * (1.0f + g * (1.0f - sg)) : 0.f};
+    const Sigmoid sg = vsigmoid(g);
+    return {g * sg.s, Grad ? sg.s * (1.0f + g * sg.one_minus_s) : 0.f};
   } else if (Kind == kGeGLUTanh) {
     // 0.5 g (1 + tanh(z)) = g sigmoid(2z): no cancellation where tanh(z) nears -1
     const float z2 = 2.0f * kSqrt2OverPi * (g + kGeluCubic * g * g * g);
-    const float sg = vsigmoid(z2);
-    return {g * sg, Grad ? sg + g * sg * (1.0f - sg) * 2.0f * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * g * g) : 0.f};
+    const Sigmoid sg = vsigmoid(z2);
+    return {g * sg.s,
+            Grad ? sg.s + g * sg.s * sg.one_minus_s * 2.0f * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * g * g) : 0.f};
   } else {
     const float cdf = 0.5f * verfc(-g * kInvSqrt2);  // Phi(g), accurate in both tails
     return {g * cdf, Grad ? cdf + g * kInvSqrt2Pi * vexp(-0.5f * g * g) : 0.f};
