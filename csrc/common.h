@@ -38,9 +38,10 @@ template <> inline bf16 store<bf16>(float f) {
 template <class T> inline float round_to(float f) { return load(store<T>(f)); }
 
 // exp that the compiler can vectorise (libm's expf is a call per element). Cephes' range reduction
-// and polynomial: within 2 ulp of expf on [-87.3, 88.37]; inputs outside are clamped.
+// and polynomial: within 2 ulp of expf, denormal results included; inputs outside [-103.9, 88.37] (where
+// the result is 0 or overflows) are clamped.
 inline float vexp(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);  // not fmin/fmax: they block vectorisation
+  x = x < -103.9f ? -103.9f : (x > 88.37f ? 88.37f : x);  // not fmin/fmax: they block vectorisation
   // n = round(x / ln2) by the 1.5 * 2^23 trick, which vectorises on every x86-64 (floor needs SSE4.1)
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -51,14 +52,18 @@ inline float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   float y = p * r * r + r + 1.0f;
-  return y * as_float(uint32_t(int32_t(n) + 127) << 23);
+  // 2^n as two factors 2^h * 2^(n-h), each a normal number down to n = -150, so results reach denormals
+  const int32_t ni = int32_t(n), h = ni / 2;
+  return y * as_float(uint32_t(h + 127) << 23) * as_float(uint32_t(ni - h + 127) << 23);
 }
-// sigmoid(x) and 1 - sigmoid(x) = exp(-x) sigmoid(x), the latter without cancellation where sigmoid nears 1.
+// sigmoid(x) and 1 - sigmoid(x) = sigmoid(-x), both from e = exp(-|x|) <= 1: nothing overflows, 1 + e is
+// in [1, 2] (so a reciprocal estimate stays accurate), and neither side cancels in its tail.
 struct Sigmoid { float s, one_minus_s; };
 inline Sigmoid vsigmoid(float x) {
-  const float e = vexp(-x);
-  const float s = 1.0f / (1.0f + e);
-  return {s, e * s};
+  const float e = vexp(-std::fabs(x));
+  const float r = 1.0f / (1.0f + e);
+  const bool positive = x >= 0.f;
+  return {positive ? r : e * r, positive ? e * r : r};
 }
 // erfc by a Chebyshev fit (Numerical Recipes' erfcc) with relative error below 1.2e-7 everywhere, so the
 // tails keep their precision (1 + erf(x) would cancel for negative x).

@@ -11,12 +11,13 @@ import torch
 from lf import _C  # the C++ extension must load: a broken build fails the suite instead of skipping tests
 from lf.kernels import _alloc
 
+# The Triton kernels are tested in Triton's interpreter: a missing triton fails the run, it skips nothing.
+if importlib.util.find_spec("triton") is None:
+    raise pytest.UsageError("the tests need triton (its interpreter runs lf's Triton kernels on the CPU): "
+                            "pip install -e '.[test]'")
+
 # Every backend this machine can run: the torch reference, each compiled CPU variant, Triton (interpreted).
-BACKENDS = ["torch"] + [f"cpu:{isa}" for isa in _C.available_isas().split(", ")]
-if importlib.util.find_spec("triton") is not None:
-    BACKENDS.append("triton")
-else:
-    BACKENDS.append(pytest.param("triton", marks=pytest.mark.skip(reason="triton is not installed")))
+BACKENDS = ["torch"] + [f"cpu:{isa}" for isa in _C.available_isas().split(", ")] + ["triton"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -25,8 +25,11 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """HF's ``act_fn(gate_proj(x)) * up_proj(x)`` with GELU: the oracle."""
-    return F.gelu(gate, approximate=approximate) * up
+    """HF's ``act_fn(gate_proj(x)) * up_proj(x)`` with GELU: the oracle. Written as ``g * sigmoid(2z)`` (tanh)
+    and ``g * erfc(-g/sqrt(2)) / 2`` (erf), identical to ``F.gelu``'s ``g (1 + tanh z) / 2`` and
+    ``g (1 + erf(g/sqrt(2))) / 2`` but without their cancellation in the negative tail, which loses all
+    precision there even in float64."""
+    return _torch_act(gate, GEGLU_KIND[approximate])[0] * up
 
 
 # ---- torch backend ----
