@@ -29,13 +29,15 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "ta
     and ``g * erfc(-g/sqrt(2)) / 2`` (erf), identical to ``F.gelu``'s ``g (1 + tanh z) / 2`` and
     ``g (1 + erf(g/sqrt(2))) / 2`` but without their cancellation in the negative tail, which loses all
     precision there even in float64."""
-    return _torch_act(gate, GEGLU_KIND[approximate])[0] * up
+    if approximate == "tanh":
+        return gate * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)) * up
+    return 0.5 * gate * torch.erfc(-gate * math.sqrt(0.5)) * up
 
 
 # ---- torch backend ----
 
 def _torch_act(g: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(g) and its derivative, in fp32."""
+    """act(g) and its derivative, written out (the backend computes them in fp32)."""
     if kind == SWIGLU:
         sg = torch.sigmoid(g)
         return g * sg, sg * (1 + g * (1 - sg))
