@@ -87,4 +87,17 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("dy"), py::arg("gate"), py::arg("up"), py::arg("dgate"), py::arg("dup"), py::arg("n"),
         py::arg("kind"), py::arg("dtype"), py::arg("threads"));
+
+  m.def("cross_entropy",
+        [](uintptr_t logits, uintptr_t grad, uintptr_t labels, uintptr_t loss, int64_t rows, int64_t vocab,
+           int64_t ignore_index, float smoothing, float softcap, float z_loss, float grad_scale, int dtype,
+           int threads) {
+          call(lf::kernels().cross_entropy,
+               lf::CrossEntropy{ptr<const void>(logits), ptr<void>(grad), ptr<const int64_t>(labels), ptr<float>(loss),
+                                rows, vocab, ignore_index, smoothing, softcap, z_loss, grad_scale, DType(dtype),
+                                threads});
+        },
+        py::arg("logits"), py::arg("grad"), py::arg("labels"), py::arg("loss"), py::arg("rows"), py::arg("vocab"),
+        py::arg("ignore_index"), py::arg("smoothing"), py::arg("softcap"), py::arg("z_loss"), py::arg("grad_scale"),
+        py::arg("dtype"), py::arg("threads"));
 }

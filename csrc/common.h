@@ -149,9 +149,16 @@ struct GluBwd {
   int64_t n; int kind; DType dtype; int threads;
 };
 
+// Rows of logits (contiguous, `vocab` wide) and their labels; grad may alias logits, or be null (loss only).
+struct CrossEntropy {
+  const void* logits; void* grad; const int64_t* labels; float* loss;
+  int64_t rows, vocab, ignore_index; float smoothing, softcap, z_loss, grad_scale; DType dtype; int threads;
+};
+
 // X(name, args struct): every kernel, declared once per instruction-set variant.
 #define LF_KERNEL_LIST(X) \
-  X(rms_norm_fwd, RmsNormFwd) X(rms_norm_bwd, RmsNormBwd) X(rope, Rope) X(glu_fwd, GluFwd) X(glu_bwd, GluBwd)
+  X(rms_norm_fwd, RmsNormFwd) X(rms_norm_bwd, RmsNormBwd) X(rope, Rope) X(glu_fwd, GluFwd) X(glu_bwd, GluBwd) \
+  X(cross_entropy, CrossEntropy)
 
 // Calls fn<T>() with T the storage type named by dtype.
 template <template <class> class Fn, class Args>

@@ -5,6 +5,8 @@ device (see :mod:`lf.kernels._backend`; ``LF_KERNEL_BACKEND=triton|cpu|torch`` f
 """
 
 from lf.kernels._backend import BACKENDS, choose_backend, default_backend
+from lf.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from lf.kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
 from lf.kernels.modules import LFGeGLUMLP, LFRMSNorm, LFSwiGLUMLP
 from lf.kernels.rms_norm import rms_norm, rms_norm_reference
@@ -12,7 +14,8 @@ from lf.kernels.rope import rope, rope_reference
 
 __all__ = [
     "BACKENDS", "choose_backend", "default_backend",
-    "rms_norm", "rope", "swiglu", "geglu",
-    "rms_norm_reference", "rope_reference", "swiglu_reference", "geglu_reference",
+    "rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy",
+    "rms_norm_reference", "rope_reference", "swiglu_reference", "geglu_reference", "cross_entropy_reference",
+    "fused_linear_cross_entropy_reference",
     "LFRMSNorm", "LFSwiGLUMLP", "LFGeGLUMLP",
 ]

@@ -1,0 +1,177 @@
+"""The output projection (lm_head) and the cross-entropy in one op, without ever holding the full logits.
+
+Tokens go through in chunks: a chunk's logits ``hidden_chunk @ weight.T (+ bias)`` land in one reused buffer,
+the row kernel of :mod:`lf.kernels.cross_entropy` turns them into their loss and (in place) their gradient, and
+that gradient goes at once into the gradients of hidden, weight and bias; then the buffer serves the next chunk.
+Tokens whose label is ``ignore_index`` are dropped before the matmul: they cost neither logits nor gradient
+work. The matmuls are the platform's (torch.mm); what is fused is the softmax/loss/gradient pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lf.kernels import _alloc, _checks
+from lf.kernels.cross_entropy import (NONE, check_labels, check_options, cross_entropy_reference, grad_scale, reduce,
+                                      row_losses, scale_saved_grads)
+
+MIN_CHUNK_BYTES = 64 << 20
+
+
+def chunk_rows(tokens: int, hidden: int, vocab: int, element_size: int) -> int:
+    """Tokens per chunk: the chunk's logits take at most as many bytes as the hidden states, or 64 MiB
+    when those are smaller (small batches would otherwise make the matmuls too thin); at least one row."""
+    budget = max(tokens * hidden * element_size, MIN_CHUNK_BYTES)
+    return max(1, min(tokens, budget // (vocab * element_size)))
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, **options):
+    """The oracle: the full logits, then :func:`cross_entropy_reference`."""
+    logits = hidden @ weight.T
+    return cross_entropy_reference(logits if bias is None else logits + bias, labels, **options)
+
+
+def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
+           need_hidden, need_weight, need_bias):
+    """One pass over the tokens in chunks: per-token fp32 losses and, as asked, the gradients of hidden,
+    weight and bias, each token's gradient scaled by ``scale`` (and by ``row_weight`` when given)."""
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    valid = labels != ignore_index
+    kept = None if bool(valid.all()) else valid.nonzero()[:, 0]  # ignored tokens take no part
+    n = tokens if kept is None else kept.numel()
+    with_grad = need_hidden or need_weight or need_bias
+    losses = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+    def none():  # placeholder for a gradient not asked for (a custom op returns tensors, each its own)
+        return hidden.new_empty(0)
+
+    d_hidden = (_alloc.empty_like(hidden) if kept is None else torch.zeros_like(hidden)) if need_hidden else none()
+    d_weight = torch.zeros_like(weight) if need_weight and n == 0 else none()  # else the first chunk writes it
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
+    logits = _alloc.empty((min(chunk, n), vocab), hidden)
+    w_t = weight.t()
+    for begin in range(0, n, chunk):
+        end = min(n, begin + chunk)
+        rows = None if kept is None else kept[begin:end]
+        h = hidden[begin:end] if rows is None else hidden.index_select(0, rows)
+        y = labels[begin:end] if rows is None else labels.index_select(0, rows)
+        z = logits[: end - begin]
+        torch.mm(h, w_t, out=z) if bias is None else torch.addmm(bias, h, w_t, out=z)
+        loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
+        if rows is None:
+            losses[begin:end] = loss
+        else:
+            losses.index_copy_(0, rows, loss)
+        if not with_grad:
+            continue
+        if row_weight is not None:
+            w_rows = row_weight[begin:end] if rows is None else row_weight.index_select(0, rows)
+            z.mul_(w_rows[:, None].to(z.dtype))
+        if need_hidden:
+            if rows is None:
+                torch.mm(z, weight, out=d_hidden[begin:end])
+            else:
+                d_hidden.index_copy_(0, rows, z @ weight)
+        if need_weight:
+            d_weight = z.t() @ h if begin == 0 else d_weight.addmm_(z.t(), h)
+        if need_bias:
+            d_bias += z.sum(0, dtype=torch.float32)
+    return losses, d_hidden, d_weight, (d_bias.to(bias.dtype) if need_bias else none())
+
+
+@torch.library.custom_op("lf::fused_linear_cross_entropy", mutates_args=())
+def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+          ignore_index: int, smoothing: float, softcap: float, z_loss: float, scale: float,
+          row_weight: Optional[torch.Tensor], chunk: int, need_hidden: bool, need_weight: bool,
+          need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
+                  need_hidden, need_weight, need_bias)
+
+
+@_flce.register_fake
+def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
+      need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias else hidden.new_empty(0))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items,
+                chunk):
+        need = tuple(ctx.needs_input_grad[:3])
+        scale = grad_scale(labels, ignore_index, reduction, num_items)
+        options = (ignore_index, smoothing, softcap, z_loss)
+        ctx.options, ctx.chunk, ctx.need = options, chunk, need
+        ctx.deferred = reduction == NONE and any(need)
+        if ctx.deferred:  # the gradients depend on each token's incoming gradient: computed in backward
+            rows, *_ = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, 1.0, None,
+                                                               chunk, False, False, False)
+            ctx.save_for_backward(hidden, weight, bias, labels)
+        else:
+            rows, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, scale,
+                                                                   None, chunk, *need)
+            ctx.save_for_backward(*[g if wanted else None for g, wanted in zip(grads, need)])
+        return reduce(rows, reduction, scale, labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.deferred:
+            hidden, weight, bias, labels = ctx.saved_tensors
+            _, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *ctx.options, 1.0,
+                                                                grad_out.float(), ctx.chunk, *ctx.need)
+        else:
+            grads = scale_saved_grads(ctx, grad_out)
+        grads = [g if wanted else None for g, wanted in zip(grads, ctx.need)]
+        return *grads, *[None] * 8
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: torch.Tensor | None = None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
+                               z_loss: float = 0.0, num_items_in_batch=None,
+                               chunk_size: int | None = None) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
+
+    ``hidden`` is (..., H), ``weight`` (V, H) as ``nn.Linear`` stores it, ``labels`` (...) already aligned
+    with ``hidden`` (for a causal LM, shift them by one first); the options are
+    :func:`lf.kernels.cross_entropy`'s, with the same meaning (float32 loss; ``num_items_in_batch`` as in
+    transformers; a batch without label tokens gives loss 0 and zero gradients, not NaN).
+
+    Memory: beyond the gradients themselves (of hidden, weight and bias, which the forward pass computes and
+    the backward pass scales by the incoming gradient), one chunk of ``chunk_size`` tokens' logits exists at a
+    time, plus that chunk's hidden rows and hidden gradient when some labels are ignored. By default
+    ``chunk_size`` is chosen so that the chunk's logits take at most ``max(N * H, 64 MiB / element size)``
+    elements, i.e. no more than the hidden states themselves (N tokens) or 64 MiB. With ``reduction="none"``
+    the gradients depend on each token's incoming gradient, so they are computed in the backward pass,
+    recomputing the logits chunk by chunk (one matmul more).
+    """
+    op = "fused_linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        _checks.tensor(op, name, t)
+    _checks.same_device_and_dtype(op, "hidden", hidden, weight=weight, **({} if bias is None else {"bias": bias}))
+    reduction_code, cap, num_items = check_options(op, ignore_index, label_smoothing, reduction, softcap, z_loss,
+                                                   num_items_in_batch)
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        _checks.fail(op, f"`weight` {tuple(weight.shape)} must be (vocab, hidden) with hidden = `hidden`'s last "
+                         f"dimension, {hidden.shape[-1] if hidden.dim() else '?'} (lm_head.weight as nn.Linear stores it)")
+    if hidden.numel() == 0 or weight.numel() == 0:
+        _checks.fail(op, f"`hidden` {tuple(hidden.shape)} or `weight` {tuple(weight.shape)} is empty")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        _checks.fail(op, f"`bias` {tuple(bias.shape)} must be ({weight.shape[0]},), one per vocabulary entry")
+    if labels.shape != hidden.shape[:-1]:
+        _checks.fail(op, f"`labels` {tuple(labels.shape)} must be `hidden`'s shape without the hidden dimension, "
+                         f"{tuple(hidden.shape[:-1])} (for a causal LM, shift labels by one first)")
+    if labels.device != hidden.device:
+        _checks.fail(op, f"`labels` is on {labels.device} but `hidden` is on {hidden.device}; move them together")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
+    flat_labels = check_labels(op, labels, weight.shape[0], ignore_index)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], hidden.element_size())
+    loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels, ignore_index, float(label_smoothing),
+                                                 cap, float(z_loss), reduction_code, num_items, chunk)
+    return loss.reshape(labels.shape) if reduction_code == NONE else loss
