@@ -58,10 +58,11 @@ template <class T, bool Cap> void rows(const CrossEntropy& p) {
       s += bs;
       zsum += bz;
     }
-    const float lse = m + std::log(s);
+    // Kept apart, m and log(s) lose nothing when the logits are large (lse itself would round to ulp(m)).
+    const float log_s = std::log(s), lse = m + log_s;
     float zy;
     load_block<T, Cap>(x + y, &zy, 1, cap, inv_cap);
-    p.loss[r] = lse - (1.f - eps) * zy - eps_v * zsum + p.z_loss * lse * lse;
+    p.loss[r] = log_s + (1.f - eps) * (m - zy) + eps * (m - zsum / float(V)) + p.z_loss * lse * lse;
     if (!g) continue;
     // d loss / dz_j = softmax_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == y], then times dz/dx (softcap)
     const float c = p.grad_scale * (1.f + 2.f * p.z_loss * lse), d = p.grad_scale * eps_v;
@@ -71,7 +72,7 @@ template <class T, bool Cap> void rows(const CrossEntropy& p) {
       load_block<T, Cap>(x + b, z, n, cap, inv_cap);
       alignas(64) float gz[kBlock];
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gz[i] = vexp(z[i] - lse) * c - d;
+      for (int64_t i = 0; i < n; ++i) gz[i] = vexp((z[i] - m) - log_s) * c - d;
       if (y >= b && y < b + n) gz[y - b] -= hit;
       if (Cap) {
 #pragma omp simd

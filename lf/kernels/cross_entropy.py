@@ -51,13 +51,16 @@ def _torch_forward(logits, labels, grad, loss, ignore_index, smoothing, softcap,
         end = min(rows, begin + step)
         x, y = logits[begin:end].float(), labels[begin:end]
         z = x if softcap == 0 else softcap * torch.tanh(x / softcap)
-        lse = torch.logsumexp(z, -1)
+        m = z.max(-1, keepdim=True).values
+        log_s = torch.exp(z - m).sum(-1).log()  # m and log(s) apart: lse = m + log(s) would round to ulp(m)
+        lse = m[:, 0] + log_s
         valid = y != ignore_index
         target = torch.where(valid, y, 0)[:, None]
-        row = lse - (1 - smoothing) * z.gather(1, target)[:, 0] - smoothing * z.mean(-1) + z_loss * lse * lse
+        row = (log_s + (1 - smoothing) * (m[:, 0] - z.gather(1, target)[:, 0]) + smoothing * (m[:, 0] - z.mean(-1))
+               + z_loss * lse * lse)
         loss[begin:end] = torch.where(valid, row, 0.0)
         if grad is not None:
-            g = torch.softmax(z, -1).mul_((1 + 2 * z_loss * lse)[:, None]).sub_(smoothing / vocab)
+            g = torch.exp(z - m - log_s[:, None]).mul_((1 + 2 * z_loss * lse)[:, None]).sub_(smoothing / vocab)
             g.scatter_add_(1, target, torch.full_like(lse, smoothing - 1)[:, None])
             if softcap:
                 g.mul_(1 - (z / softcap) ** 2)
@@ -169,10 +172,10 @@ def scale_saved_grads(ctx, grad_out: torch.Tensor, per_row: bool = False) -> lis
     """The gradients the forward pass saved, times the incoming gradient (per row for reduction="none"), in
     place: they are lf's own buffers. Skipped when that gradient is 1, the usual case of a loss that is
     backpropagated as is."""
-    grads = list(ctx.saved_tensors)
     if getattr(ctx, "scaled", False):
         raise RuntimeError("lf's cross-entropy ran backward twice on one graph; it scales its saved gradient in "
                            "place, so retain_graph=True is not supported: run the forward again instead")
+    grads = list(ctx.saved_tensors)
     if per_row or torch.compiler.is_compiling() or float(grad_out) != 1.0:
         ctx.scaled = True
         factor = grad_out[:, None] if per_row else grad_out
