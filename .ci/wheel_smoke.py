@@ -10,12 +10,14 @@ import torch
 
 import lf
 from lf import _C
-from lf.kernels import choose_backend, rms_norm, rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference
+from lf.kernels import (choose_backend, fused_linear_cross_entropy, fused_linear_cross_entropy_reference, rms_norm,
+                        rms_norm_reference, rope, rope_reference, swiglu, swiglu_reference)
 
 repo = pathlib.Path(sys.argv[1]).resolve()
 installed = pathlib.Path(lf.__file__).resolve()
 assert repo not in installed.parents, f"lf was imported from the repository ({installed}), not from the wheel"
-for module in ("lf._triton.kernels.rms_norm", "lf._triton.kernels.rope", "lf._triton.kernels.glu"):
+for module in ("lf._triton.kernels.rms_norm", "lf._triton.kernels.rope", "lf._triton.kernels.glu",
+               "lf._triton.kernels.cross_entropy"):
     assert importlib.util.find_spec(module) is not None, f"{module} is missing from the wheel"
 assert choose_backend("cpu") == "cpu"
 
@@ -26,6 +28,8 @@ for got, want in zip(rope(q, k, cos, sin), rope_reference(q, k, cos, sin)):
     torch.testing.assert_close(got, want)
 g, u = torch.randn(4, 33), torch.randn(4, 33)
 torch.testing.assert_close(swiglu(g, u), swiglu_reference(g, u))
+h, w, y = torch.randn(5, 16), torch.randn(40, 16), torch.tensor([3, -100, 0, 39, 7])
+torch.testing.assert_close(fused_linear_cross_entropy(h, w, y), fused_linear_cross_entropy_reference(h, w, y))
 
 cli = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "env"], capture_output=True, text=True, check=True)
 assert "cpu backend" in cli.stdout, cli.stdout

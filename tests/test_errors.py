@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lf.errors import KernelDTypeError, KernelInputError
-from lf.kernels import geglu, rms_norm, rope, swiglu
+from lf.kernels import cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu
 
 
 def _qkcs(b=1, h=2, s=3, d=8, **over):
@@ -37,6 +37,29 @@ def _qkcs(b=1, h=2, s=3, d=8, **over):
     (lambda: rope(**_qkcs(sin=torch.randn(3, 8))), KernelInputError, r"must have the same shape"),
     (lambda: rope(**_qkcs(cos=torch.randn(1, 3, 8, dtype=torch.float64))), KernelDTypeError, r"`cos` has dtype"),
     (lambda: rope(**_qkcs(cos=torch.randn(1, 3, 8, requires_grad=True))), KernelInputError, r"cos.detach\(\)"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 7])), KernelInputError,
+     r"`labels` holds 7 at flat position 1, outside the vocabulary \[0, 5\) and not ignore_index=-100"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1.0, 2.0])), KernelInputError, r"integer token ids"),
+    (lambda: cross_entropy(torch.randn(2, 3, 5), torch.tensor([1, 2])), KernelInputError,
+     r"`labels` \(2,\) must be `logits`' shape without the vocabulary dimension, \(2, 3\)"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), reduction="avg"), KernelInputError,
+     r"`reduction`='avg' is not one of 'none', 'sum', 'mean'"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), reduction="sum", num_items_in_batch=4),
+     KernelInputError, r"`num_items_in_batch` divides the summed loss.*reduction='mean'"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), softcap=-30.0), KernelInputError,
+     r"`softcap`=-30.0 must be positive"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), label_smoothing=1.5), KernelInputError,
+     r"`label_smoothing`=1.5 must be in \[0, 1\]"),
+    (lambda: cross_entropy(torch.randn(5, 3).t(), torch.tensor([1, 2, 0]), overwrite_logits=True),
+     KernelInputError, r"needs contiguous logits"),
+    (lambda: fused_linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 7), torch.tensor([1, 2, 3])),
+     KernelInputError, r"`weight` \(10, 7\) must be \(vocab, hidden\) with hidden = `hidden`'s last dimension, 8"),
+    (lambda: fused_linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 2, 3]),
+                                        bias=torch.randn(9)), KernelInputError, r"`bias` \(9,\) must be \(10,\)"),
+    (lambda: fused_linear_cross_entropy(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(10, 8),
+                                        torch.tensor([1, 2, 3])), KernelDTypeError, r"cast `weight` to torch.bfloat16"),
+    (lambda: fused_linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 2, 3]), chunk_size=0),
+     KernelInputError, r"`chunk_size`=0 must be a positive int"),
 ])
 def test_bad_input(call, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -14,6 +14,8 @@ smoothing eps: ``loss = lse(z) - (1 - eps) z_y - eps * mean(z) + z_loss * lse(z)
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from lf.kernels import _alloc, _checks
@@ -91,31 +93,37 @@ def row_losses(logits, labels, grad, ignore_index, smoothing, softcap, z_loss, g
 
 # ---- reduction: shared with fused_linear_cross_entropy ----
 
-def check_labels(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
-    """Labels as a flat int64 tensor, every one ``ignore_index`` or a vocabulary index."""
+def flat_labels(op: str, labels: torch.Tensor) -> torch.Tensor:
+    """Labels as a flat int64 tensor (their values are checked inside the ops, see :func:`reduced_loss`)."""
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         _checks.fail(op, f"`labels` has dtype {labels.dtype}; it must hold integer token ids (e.g. `labels.long()`)")
-    flat = labels.reshape(-1).long().contiguous()
-    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    return labels.reshape(-1).long().contiguous()
+
+
+def reduced_loss(op: str, labels: torch.Tensor, vocab: int, ignore_index: int, reduction: int,
+                 num_items: torch.Tensor | None, row_losses_for: Callable[[float], torch.Tensor]) -> torch.Tensor:
+    """What depends on the labels' values, run inside the custom ops (torch.compile traces none of it):
+    checks every label is ``ignore_index`` or a vocabulary index, finds the gradient's scale (1/(label
+    tokens) for "mean", or 1/num_items_in_batch, transformers' convention under gradient accumulation; else
+    1), gets the per-row losses from ``row_losses_for(scale)`` and reduces them. A batch without label
+    tokens has loss 0 and zero gradients, whatever the scale."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
         at = int(bad.nonzero()[0, 0])
-        _checks.fail(op, f"`labels` holds {int(flat[at])} at flat position {at}, outside the vocabulary [0, {vocab}) "
-                         f"and not ignore_index={ignore_index}; mask such positions with {ignore_index}")
-    return flat
+        _checks.fail(op, f"`labels` holds {int(labels[at])} at flat position {at}, outside the vocabulary "
+                         f"[0, {vocab}) and not ignore_index={ignore_index}; mask such positions with {ignore_index}")
+    scale = 1.0
+    if reduction == MEAN:
+        count = float((labels != ignore_index).sum()) if num_items is None else float(num_items)
+        if count < 0:
+            _checks.fail(op, f"`num_items_in_batch`={count:g} must be a count of label tokens (>= 0)")
+        scale = 1.0 / count if count > 0 else 1.0
+    rows = row_losses_for(scale)
+    return rows if reduction == NONE else rows.sum() * scale
 
 
-def grad_scale(labels: torch.Tensor, ignore_index: int, reduction: int, num_items: float | None) -> float:
-    """The factor between the summed row losses and the reduced loss: 1/(label tokens) for "mean" (or
-    1/num_items_in_batch, transformers' convention under gradient accumulation), else 1. A batch without
-    label tokens gives 1 (its loss and gradients are 0 either way)."""
-    if reduction != MEAN:
-        return 1.0
-    count = float((labels != ignore_index).sum()) if num_items is None else num_items
-    return 1.0 / count if count > 0 else 1.0
-
-
-def reduce(rows: torch.Tensor, reduction: int, scale: float, shape) -> torch.Tensor:
-    return rows.reshape(shape) if reduction == NONE else rows.sum() * scale
+def fake_loss(rows: int, reduction: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((rows,) if reduction == NONE else (), dtype=torch.float32)
 
 
 def check_options(op: str, ignore_index, label_smoothing, reduction, softcap, z_loss, num_items_in_batch):
@@ -134,9 +142,7 @@ def check_options(op: str, ignore_index, label_smoothing, reduction, softcap, z_
         if reduction != "mean":
             _checks.fail(op, f"`num_items_in_batch` divides the summed loss, which is reduction='mean'; "
                              f"drop it or use reduction='mean' (got {reduction!r})")
-        num_items = float(num_items_in_batch)
-        if not num_items >= 0:
-            _checks.fail(op, f"`num_items_in_batch`={num_items_in_batch} must be a count of label tokens (>= 0)")
+        num_items = torch.as_tensor(num_items_in_batch)  # a tensor (as HF Trainer passes it): read inside the op
     return REDUCTIONS[reduction], float(softcap or 0.0), num_items
 
 
@@ -144,28 +150,31 @@ def check_options(op: str, ignore_index, label_smoothing, reduction, softcap, z_
 
 @torch.library.custom_op("lf::cross_entropy", mutates_args=())
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float, softcap: float,
-                   z_loss: float, grad_scale: float, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   z_loss: float, reduction: int, num_items: Optional[torch.Tensor],
+                   with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     grad = _alloc.empty_like(logits) if with_grad else logits.new_empty(0)
-    loss = row_losses(logits, labels, grad if with_grad else None, ignore_index, smoothing, softcap, z_loss,
-                      grad_scale)
+    loss = reduced_loss("cross_entropy", labels, logits.shape[1], ignore_index, reduction, num_items, lambda scale: (
+        row_losses(logits, labels, grad if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)))
     return loss, grad
 
 
 @_cross_entropy.register_fake
-def _(logits, labels, ignore_index, smoothing, softcap, z_loss, grad_scale, with_grad):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32), torch.empty_like(logits) if with_grad else \
+def _(logits, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items, with_grad):
+    return fake_loss(logits.shape[0], reduction, logits), torch.empty_like(logits) if with_grad else \
         logits.new_empty(0)
 
 
 @torch.library.custom_op("lf::cross_entropy_overwrite", mutates_args=("logits",))
 def _cross_entropy_overwrite(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float,
-                             softcap: float, z_loss: float, grad_scale: float) -> torch.Tensor:
-    return row_losses(logits, labels, logits, ignore_index, smoothing, softcap, z_loss, grad_scale)
+                             softcap: float, z_loss: float, reduction: int,
+                             num_items: Optional[torch.Tensor]) -> torch.Tensor:
+    return reduced_loss("cross_entropy", labels, logits.shape[1], ignore_index, reduction, num_items, lambda scale: (
+        row_losses(logits, labels, logits, ignore_index, smoothing, softcap, z_loss, scale)))
 
 
 @_cross_entropy_overwrite.register_fake
-def _(logits, labels, ignore_index, smoothing, softcap, z_loss, grad_scale):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _(logits, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items):
+    return fake_loss(logits.shape[0], reduction, logits)
 
 
 def scale_saved_grads(ctx, grad_out: torch.Tensor, per_row: bool = False) -> list[torch.Tensor]:
@@ -188,18 +197,17 @@ def scale_saved_grads(ctx, grad_out: torch.Tensor, per_row: bool = False) -> lis
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items, overwrite):
-        scale = grad_scale(labels, ignore_index, reduction, num_items)
-        args = (labels, ignore_index, smoothing, softcap, z_loss, scale)
+        args = (labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items)
         if not ctx.needs_input_grad[0]:
-            rows, _ = torch.ops.lf.cross_entropy(logits, *args, False)
+            loss, _ = torch.ops.lf.cross_entropy(logits, *args, False)
         elif overwrite:
-            rows = torch.ops.lf.cross_entropy_overwrite(logits, *args)
+            loss = torch.ops.lf.cross_entropy_overwrite(logits, *args)
             ctx.save_for_backward(logits)  # now holding the gradient
         else:
-            rows, grad = torch.ops.lf.cross_entropy(logits, *args, True)
+            loss, grad = torch.ops.lf.cross_entropy(logits, *args, True)
             ctx.save_for_backward(grad)
         ctx.reduction = reduction
-        return reduce(rows, reduction, scale, labels.shape)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -235,10 +243,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                          f"{tuple(logits.shape[:-1])} (for a causal LM, shift labels by one first)")
     if labels.device != logits.device:
         _checks.fail(op, f"`labels` is on {labels.device} but `logits` is on {logits.device}; move them together")
-    flat_labels = check_labels(op, labels, logits.shape[-1], ignore_index)
     if overwrite_logits and not logits.is_contiguous():
         _checks.fail(op, "`overwrite_logits=True` needs contiguous logits (the gradient is written over their memory)")
     rows = logits.reshape(-1, logits.shape[-1]).contiguous()
-    loss = CrossEntropyFunction.apply(rows, flat_labels, ignore_index, float(label_smoothing), cap, float(z_loss),
+    loss = CrossEntropyFunction.apply(rows, flat_labels(op, labels), ignore_index, float(label_smoothing), cap, float(z_loss),
                                       reduction_code, num_items, overwrite_logits)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss

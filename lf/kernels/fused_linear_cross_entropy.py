@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from lf.kernels import _alloc, _checks
-from lf.kernels.cross_entropy import (NONE, check_labels, check_options, cross_entropy_reference, grad_scale, reduce,
-                                      row_losses, scale_saved_grads)
+from lf.kernels.cross_entropy import (NONE, check_options, cross_entropy_reference, fake_loss, flat_labels,
+                                      reduced_loss, row_losses, scale_saved_grads)
 
 MIN_CHUNK_BYTES = 64 << 20
 
@@ -82,17 +82,26 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
 
 @torch.library.custom_op("lf::fused_linear_cross_entropy", mutates_args=())
 def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-          ignore_index: int, smoothing: float, softcap: float, z_loss: float, scale: float,
-          row_weight: Optional[torch.Tensor], chunk: int, need_hidden: bool, need_weight: bool,
-          need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
-                  need_hidden, need_weight, need_bias)
+          ignore_index: int, smoothing: float, softcap: float, z_loss: float, reduction: int,
+          num_items: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], chunk: int, need_hidden: bool,
+          need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = []
+
+    def rows(scale):
+        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale,
+                                row_weight, chunk, need_hidden, need_weight, need_bias)
+        grads.extend(found)
+        return losses
+
+    loss = reduced_loss("fused_linear_cross_entropy", labels, weight.shape[0], ignore_index, reduction, num_items,
+                        rows)
+    return loss, *grads
 
 
 @_flce.register_fake
-def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
-      need_hidden, need_weight, need_bias):
-    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items, row_weight,
+      chunk, need_hidden, need_weight, need_bias):
+    return (fake_loss(hidden.shape[0], reduction, hidden),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             bias.new_empty(bias.shape) if need_bias else hidden.new_empty(0))
@@ -103,26 +112,25 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items,
                 chunk):
         need = tuple(ctx.needs_input_grad[:3])
-        scale = grad_scale(labels, ignore_index, reduction, num_items)
         options = (ignore_index, smoothing, softcap, z_loss)
         ctx.options, ctx.chunk, ctx.need = options, chunk, need
         ctx.deferred = reduction == NONE and any(need)
         if ctx.deferred:  # the gradients depend on each token's incoming gradient: computed in backward
-            rows, *_ = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, 1.0, None,
-                                                               chunk, False, False, False)
+            loss, *_ = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, NONE, None,
+                                                               None, chunk, False, False, False)
             ctx.save_for_backward(hidden, weight, bias, labels)
         else:
-            rows, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, scale,
-                                                                   None, chunk, *need)
+            loss, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, reduction,
+                                                                   num_items, None, chunk, *need)
             ctx.save_for_backward(*[g if wanted else None for g, wanted in zip(grads, need)])
-        return reduce(rows, reduction, scale, labels.shape)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.deferred:
             hidden, weight, bias, labels = ctx.saved_tensors
-            _, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *ctx.options, 1.0,
-                                                                grad_out.float(), ctx.chunk, *ctx.need)
+            _, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *ctx.options, NONE,
+                                                                None, grad_out.float(), ctx.chunk, *ctx.need)
         else:
             grads = scale_saved_grads(ctx, grad_out)
         grads = [g if wanted else None for g, wanted in zip(grads, ctx.need)]
@@ -169,9 +177,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         _checks.fail(op, f"`labels` is on {labels.device} but `hidden` is on {hidden.device}; move them together")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
-    flat_labels = check_labels(op, labels, weight.shape[0], ignore_index)
     rows = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], hidden.element_size())
-    loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels, ignore_index, float(label_smoothing),
+    loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index, float(label_smoothing),
                                                  cap, float(z_loss), reduction_code, num_items, chunk)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss
