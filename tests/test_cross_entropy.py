@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +186,22 @@ def test_fused_without_grad_computes_loss_only(backend):
         loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=2)
     assert_close(loss, fused_linear_cross_entropy_reference(hidden.double(), weight.double(), labels), torch.float32,
                  "loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_native_16bit_matmuls(backend, dtype, monkeypatch):
+    """The path GPUs (and CPUs with AVX512-BF16/AMX) take: matmuls in the 16-bit dtype itself. On this CPU
+    16-bit weights are otherwise widened to fp32 block by block, so force the native path here."""
+    module = importlib.import_module("lf.kernels.fused_linear_cross_entropy")  # the function shadows the module
+    monkeypatch.setattr(module, "_widened_to_fp32", lambda weight: False)
+    hidden = torch.randn(13, 32).to(dtype).requires_grad_()
+    weight = (torch.randn(300, 32) / 6).to(dtype).requires_grad_()
+    bias = torch.randn(300).to(dtype).requires_grad_()
+    labels = _labels(13, 300)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4, label_smoothing=0.1)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    loss64, grads64 = oracle(lambda h, w, b: fused_linear_cross_entropy_reference(h, w, labels, b, label_smoothing=0.1),
+                             (hidden, weight, bias), torch.tensor(1.0))
+    assert_close(loss, loss64, dtype, "loss", 2.0, min_scale=1.0)
+    for name, g, g64 in zip("hwb", grads, grads64):
+        assert_close(g, g64, dtype, f"grad {name}", 2.0)

@@ -20,17 +20,97 @@ from lf.kernels.cross_entropy import (NONE, check_options, cross_entropy_referen
 MIN_CHUNK_BYTES = 64 << 20
 
 
-def chunk_rows(tokens: int, hidden: int, vocab: int, element_size: int) -> int:
-    """Tokens per chunk: the chunk's logits take at most as many bytes as the hidden states, or 64 MiB
-    when those are smaller (small batches would otherwise make the matmuls too thin); at least one row."""
-    budget = max(tokens * hidden * element_size, MIN_CHUNK_BYTES)
-    return max(1, min(tokens, budget // (vocab * element_size)))
+def chunk_rows(tokens: int, hidden: int, vocab: int, logits_size: int) -> int:
+    """Tokens per chunk: the chunk's logits (``logits_size`` bytes each) take at most as many bytes as the
+    hidden states would in that size, or 64 MiB when those are smaller (small batches would otherwise make
+    the matmuls too thin); at least one row."""
+    budget = max(tokens * hidden * logits_size, MIN_CHUNK_BYTES)
+    return max(1, min(tokens, budget // (vocab * logits_size)))
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, **options):
     """The oracle: the full logits, then :func:`cross_entropy_reference`."""
     logits = hidden @ weight.T
     return cross_entropy_reference(logits if bias is None else logits + bias, labels, **options)
+
+
+class _Matmuls:
+    """A chunk's matmuls, by torch.mm in the tensors' own dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias, self.dtype = weight, bias, weight.dtype
+
+    def logits(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        if self.bias is None:
+            torch.mm(h, self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, h, self.weight.t(), out=out)
+
+    def backward(self, z: torch.Tensor, h: torch.Tensor, d_weight: torch.Tensor | None, need_hidden: bool):
+        """Adds the chunk's term to ``d_weight`` (if given); returns the chunk's hidden gradient (if asked)."""
+        if d_weight is not None:
+            d_weight.addmm_(z.t(), h)
+        return z @ self.weight if need_hidden else None
+
+
+class _Fp32Blocks(_Matmuls):
+    """For 16-bit weights on a CPU without native 16-bit dot products (AVX512-BF16, AMX): torch's bf16
+    matmuls there run at 0.25-21 GFLOP/s depending on the operands' layout, against 120-160 in fp32
+    (measured on a 2-core AVX2 EPYC, torch 2.13). So ``BLOCK`` rows of the weight at a time are widened into a
+    reused fp32 buffer (a copy that costs ~0.2 ns an element, a few % of the matmuls) and every matmul, the
+    logits and their gradient run in fp32."""
+
+    BLOCK = 1024
+
+    def __init__(self, weight, bias):
+        super().__init__(weight, bias)
+        self.dtype = torch.float32
+        rows = min(self.BLOCK, weight.shape[0])
+        self.w32 = torch.empty(rows, weight.shape[1], dtype=torch.float32, device=weight.device)
+        self.dw32 = torch.empty_like(self.w32)
+        self.bias32 = None if bias is None else bias.float()
+
+    def _blocks(self):
+        for begin in range(0, self.weight.shape[0], self.BLOCK):
+            end = min(begin + self.BLOCK, self.weight.shape[0])
+            w = self.w32[: end - begin]
+            w.copy_(self.weight[begin:end])
+            yield begin, end, w
+
+    def logits(self, h, out):
+        h32 = h.float()
+        for begin, end, w in self._blocks():
+            torch.mm(h32, w.t(), out=out[:, begin:end])
+        if self.bias32 is not None:
+            out.add_(self.bias32)
+
+    def backward(self, z, h, d_weight, need_hidden):
+        h32 = h.float()
+        d_hidden = torch.zeros_like(h32) if need_hidden else None
+        for begin, end, w in self._blocks():
+            z_block = z[:, begin:end]
+            if need_hidden:
+                d_hidden.addmm_(z_block, w)
+            if d_weight is not None:
+                dw = self.dw32[: end - begin]
+                torch.mm(z_block.t(), h32, out=dw)
+                d_weight[begin:end] += dw
+        return d_hidden
+
+
+def _widened_to_fp32(weight: torch.Tensor) -> bool:
+    """Whether the matmuls run as :class:`_Fp32Blocks` (16-bit weights on a CPU without native support)."""
+    probes = {  # private, absent from older torch releases: then assume no native support
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }
+    if weight.device.type != "cpu" or weight.dtype not in probes:
+        return False
+    return not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes[weight.dtype])
+
+
+def _matmuls_for(weight: torch.Tensor, bias: torch.Tensor | None) -> _Matmuls:
+    return (_Fp32Blocks if _widened_to_fp32(weight) else _Matmuls)(weight, bias)
 
 
 def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
@@ -42,22 +122,23 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
     kept = None if bool(valid.all()) else valid.nonzero()[:, 0]  # ignored tokens take no part
     n = tokens if kept is None else kept.numel()
     with_grad = need_hidden or need_weight or need_bias
+    matmuls = _matmuls_for(weight, bias)
     losses = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+
     def none():  # placeholder for a gradient not asked for (a custom op returns tensors, each its own)
         return hidden.new_empty(0)
 
     d_hidden = (_alloc.empty_like(hidden) if kept is None else torch.zeros_like(hidden)) if need_hidden else none()
-    d_weight = torch.zeros_like(weight) if need_weight and n == 0 else none()  # else the first chunk writes it
+    d_weight = torch.zeros_like(weight) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-    logits = _alloc.empty((min(chunk, n), vocab), hidden)
-    w_t = weight.t()
+    logits = _alloc.empty((min(chunk, n), vocab), hidden, matmuls.dtype)
     for begin in range(0, n, chunk):
         end = min(n, begin + chunk)
         rows = None if kept is None else kept[begin:end]
         h = hidden[begin:end] if rows is None else hidden.index_select(0, rows)
         y = labels[begin:end] if rows is None else labels.index_select(0, rows)
         z = logits[: end - begin]
-        torch.mm(h, w_t, out=z) if bias is None else torch.addmm(bias, h, w_t, out=z)
+        matmuls.logits(h, z)
         loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
         if rows is None:
             losses[begin:end] = loss
@@ -68,16 +149,16 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
         if row_weight is not None:
             w_rows = row_weight[begin:end] if rows is None else row_weight.index_select(0, rows)
             z.mul_(w_rows[:, None].to(z.dtype))
+        d_h = matmuls.backward(z, h, d_weight, need_hidden)
         if need_hidden:
             if rows is None:
-                torch.mm(z, weight, out=d_hidden[begin:end])
+                d_hidden[begin:end] = d_h
             else:
-                d_hidden.index_copy_(0, rows, z @ weight)
-        if need_weight:
-            d_weight = z.t() @ h if begin == 0 else d_weight.addmm_(z.t(), h)
+                d_hidden.index_copy_(0, rows, d_h.to(d_hidden.dtype))
         if need_bias:
             d_bias += z.sum(0, dtype=torch.float32)
-    return losses, d_hidden, d_weight, (d_bias.to(bias.dtype) if need_bias else none())
+    return (losses, d_hidden, d_weight if need_weight else none(),
+            d_bias.to(bias.dtype) if need_bias else none())
 
 
 @torch.library.custom_op("lf::fused_linear_cross_entropy", mutates_args=())
@@ -153,7 +234,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     the backward pass scales by the incoming gradient), one chunk of ``chunk_size`` tokens' logits exists at a
     time, plus that chunk's hidden rows and hidden gradient when some labels are ignored. By default
     ``chunk_size`` is chosen so that the chunk's logits take at most ``max(N * H, 64 MiB / element size)``
-    elements, i.e. no more than the hidden states themselves (N tokens) or 64 MiB. With ``reduction="none"``
+    elements, i.e. no more than the hidden states themselves (N tokens) or 64 MiB. On a CPU without native
+    bf16/fp16 dot products, 16-bit matmuls run in fp32 (see :class:`_Fp32Blocks`): the chunk's logits are then
+    fp32, plus two fp32 buffers of 1024 weight rows and fp32 copies of the chunk's hidden rows. With ``reduction="none"``
     the gradients depend on each token's incoming gradient, so they are computed in the backward pass,
     recomputing the logits chunk by chunk (one matmul more).
     """
@@ -178,7 +261,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
     rows = hidden.reshape(-1, hidden.shape[-1])
-    chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], hidden.element_size())
+    logits_size = 4 if _widened_to_fp32(weight) else hidden.element_size()
+    chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], logits_size)
     loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index, float(label_smoothing),
                                                  cap, float(z_loss), reduction_code, num_items, chunk)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss
