@@ -118,7 +118,8 @@ def test_huge_logits_stay_finite(backend):
         loss = cross_entropy(logits, labels, **options)
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), options
-        loss64, (grad64,) = oracle(lambda x: cross_entropy_reference(x, labels, **options), (logits,), torch.tensor(1.0))
+        loss64, (grad64,) = oracle(lambda x: cross_entropy_reference(x, labels, **options), (logits,),
+                                   torch.tensor(1.0))
         assert_close(loss, loss64, torch.float32, f"loss {options}")
         assert_close(grad, grad64, torch.float32, f"grad {options}")
 
@@ -205,3 +206,25 @@ def test_fused_native_16bit_matmuls(backend, dtype, monkeypatch):
     assert_close(loss, loss64, dtype, "loss", 2.0, min_scale=1.0)
     for name, g, g64 in zip("hwb", grads, grads64):
         assert_close(g, g64, dtype, f"grad {name}", 2.0)
+
+
+@pytest.mark.parametrize("name", ["torch", "cpu"])
+def test_realistic_sizes(name, monkeypatch):
+    """Llama-3's vocabulary for the loss; a 512-wide lm_head with Llama-2's vocabulary over 384 tokens for the
+    fused op, with the default chunk and with several chunks (bf16, the training dtype; the interpreted Triton
+    is too slow here)."""
+    monkeypatch.setenv("LF_KERNEL_BACKEND", name)
+    dtype = torch.bfloat16
+    logits = (torch.randn(64, 128256) * 3).to(dtype).requires_grad_()
+    _check_ce(logits, _labels(64, 128256), dtype, label_smoothing=0.1)
+    hidden = torch.randn(384, 512).to(dtype).requires_grad_()
+    weight = (torch.randn(32000, 512) / 23).to(dtype).requires_grad_()
+    labels = _labels(384, 32000)
+    loss64, grads64 = oracle(lambda h, w: fused_linear_cross_entropy_reference(h, w, labels), (hidden, weight),
+                             torch.tensor(1.0))
+    for chunk in (None, 100):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        assert_close(loss, loss64, dtype, f"loss, chunk {chunk}", min_scale=1.0)
+        for what, g, g64 in zip(("hidden", "weight"), grads, grads64):
+            assert_close(g, g64, dtype, f"grad {what}, chunk {chunk}", 2.0)

@@ -246,6 +246,6 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     if overwrite_logits and not logits.is_contiguous():
         _checks.fail(op, "`overwrite_logits=True` needs contiguous logits (the gradient is written over their memory)")
     rows = logits.reshape(-1, logits.shape[-1]).contiguous()
-    loss = CrossEntropyFunction.apply(rows, flat_labels(op, labels), ignore_index, float(label_smoothing), cap, float(z_loss),
-                                      reduction_code, num_items, overwrite_logits)
+    loss = CrossEntropyFunction.apply(rows, flat_labels(op, labels), ignore_index, float(label_smoothing), cap,
+                                      float(z_loss), reduction_code, num_items, overwrite_logits)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss

@@ -236,7 +236,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     ``chunk_size`` is chosen so that the chunk's logits take at most ``max(N * H, 64 MiB / element size)``
     elements, i.e. no more than the hidden states themselves (N tokens) or 64 MiB. On a CPU without native
     bf16/fp16 dot products, 16-bit matmuls run in fp32 (see :class:`_Fp32Blocks`): the chunk's logits are then
-    fp32, plus two fp32 buffers of 1024 weight rows and fp32 copies of the chunk's hidden rows. With ``reduction="none"``
+    fp32, plus two fp32 buffers of 1024 weight rows and fp32 copies of the chunk's hidden rows.
+    With ``reduction="none"``
     the gradients depend on each token's incoming gradient, so they are computed in the backward pass,
     recomputing the logits chunk by chunk (one matmul more).
     """
@@ -248,7 +249,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                                    num_items_in_batch)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         _checks.fail(op, f"`weight` {tuple(weight.shape)} must be (vocab, hidden) with hidden = `hidden`'s last "
-                         f"dimension, {hidden.shape[-1] if hidden.dim() else '?'} (lm_head.weight as nn.Linear stores it)")
+                         f"dimension, {hidden.shape[-1] if hidden.dim() else '?'} "
+                         f"(lm_head.weight as nn.Linear stores it)")
     if hidden.numel() == 0 or weight.numel() == 0:
         _checks.fail(op, f"`hidden` {tuple(hidden.shape)} or `weight` {tuple(weight.shape)} is empty")
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -263,6 +265,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     rows = hidden.reshape(-1, hidden.shape[-1])
     logits_size = 4 if _widened_to_fp32(weight) else hidden.element_size()
     chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], logits_size)
-    loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index, float(label_smoothing),
-                                                 cap, float(z_loss), reduction_code, num_items, chunk)
+    loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index,
+                                                 float(label_smoothing), cap, float(z_loss), reduction_code,
+                                                 num_items, chunk)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss
