@@ -1,4 +1,7 @@
-"""``python -m bench``: time lf's CPU kernels against HF eager and torch.compile; see bench/README.md."""
+"""``python -m bench``: time lf's CPU kernels against HF eager and torch.compile; see bench/README.md.
+
+``python -m bench lm-head-loss [...]`` runs the lm_head + loss benchmark instead (bench/lm_head_loss.py).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def _names(allowed: tuple[str, ...]):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                epilog="python -m bench lm-head-loss --help: the lm_head + loss benchmark")
     p.add_argument("--ops", type=_names(OP_NAMES), default=list(OP_NAMES), help="comma-separated (default: all)")
     p.add_argument("--dtypes", type=_names(DTYPE_NAMES), default=list(DTYPE_NAMES), help="comma-separated")
     p.add_argument("--allocator", choices=(*harness.ALLOCATORS, "both"), default="both",
@@ -143,6 +147,11 @@ def run_each_allocator(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-head-loss"]:
+        from bench import lm_head_loss
+
+        return lm_head_loss.main(argv[1:], prog="python -m bench lm-head-loss")
     args = parse_args(argv)
     if args.check:  # result files given: check them, run nothing
         return report_targets([json.loads(Path(p).read_text()) for p in args.check])
