@@ -19,21 +19,13 @@ OP_NAMES = ("rms_norm", "rope", "swiglu", "geglu")
 DTYPE_NAMES = ("fp32", "bf16")
 
 
-def _names(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(allowed))
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
-        return names
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 epilog="python -m bench lm-head-loss --help: the lm_head + loss benchmark")
-    p.add_argument("--ops", type=_names(OP_NAMES), default=list(OP_NAMES), help="comma-separated (default: all)")
-    p.add_argument("--dtypes", type=_names(DTYPE_NAMES), default=list(DTYPE_NAMES), help="comma-separated")
+    p.add_argument("--ops", type=harness.names_parser(OP_NAMES), default=list(OP_NAMES),
+                   help="comma-separated (default: all)")
+    p.add_argument("--dtypes", type=harness.names_parser(DTYPE_NAMES), default=list(DTYPE_NAMES),
+                   help="comma-separated")
     p.add_argument("--allocator", choices=(*harness.ALLOCATORS, "both"), default="both",
                    help="glibc malloc setting shared by every case; 'both' runs each in its own process")
     p.add_argument("--quick", action="store_true", help="smoke run: 512 tokens instead of 4096, fewer repeats")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import datetime
@@ -23,6 +24,17 @@ MiB = 1 << 20
 GB = 1e9  # bandwidths are in decimal GB/s
 RESULTS = Path(__file__).resolve().parent / "results"
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+
+def names_parser(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for a comma-separated list of names from ``allowed``."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
+        return names
+    return parse
+
 
 # ---- allocator ----
 

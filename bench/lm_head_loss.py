@@ -186,16 +186,6 @@ def timeout_for(spec: dict[str, float], dtype: str, variant: str) -> float:
     return next((spec[k] for k in _case_keys(dtype, variant) if k in spec), spec[""])
 
 
-def _names(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(allowed))
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
-        return names
-    return parse
-
-
 def _skips(text: str) -> list[str]:
     cases = [c.strip() for c in text.split(",") if c.strip()]
     allowed = {f"{d}/{v}" for d in DTYPE_NAMES for v in VARIANTS}
@@ -212,8 +202,10 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, help=f"hidden size H (default {FULL['hidden']})")
     p.add_argument("--vocab", type=int, help=f"vocabulary size V (default {FULL['vocab']})")
     p.add_argument("--tokens", type=int, help=f"tokens N (default {FULL['tokens']})")
-    p.add_argument("--dtypes", type=_names(DTYPE_NAMES), default=list(DTYPE_NAMES), help="comma-separated")
-    p.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS), help="comma-separated")
+    p.add_argument("--dtypes", type=harness.names_parser(DTYPE_NAMES), default=list(DTYPE_NAMES),
+                   help="comma-separated")
+    p.add_argument("--variants", type=harness.names_parser(VARIANTS), default=list(VARIANTS),
+                   help="comma-separated")
     p.add_argument("--skip", type=_skips, default=[], metavar="DTYPE/VARIANT,...",
                    help="cases left out of the dtype x variant grid (listed as skipped)")
     p.add_argument("--timeout", type=_timeouts, default=_timeouts(""), metavar="SECONDS[,KEY=SECONDS...]",

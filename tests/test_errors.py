@@ -41,7 +41,7 @@ def _qkcs(b=1, h=2, s=3, d=8, **over):
      r"`labels` holds 7 at flat position 1, outside the vocabulary \[0, 5\) and not ignore_index=-100"),
     (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1.0, 2.0])), KernelInputError, r"integer token ids"),
     (lambda: cross_entropy(torch.randn(2, 3, 5), torch.tensor([1, 2])), KernelInputError,
-     r"`labels` \(2,\) must be `logits`' shape without the vocabulary dimension, \(2, 3\)"),
+     r"`labels` \(2,\) must be `logits`'s shape without the vocabulary dimension, \(2, 3\)"),
     (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), reduction="avg"), KernelInputError,
      r"`reduction`='avg' is not one of 'none', 'sum', 'mean'"),
     (lambda: cross_entropy(torch.randn(2, 5), torch.tensor([1, 2]), reduction="sum", num_items_in_batch=4),

@@ -93,6 +93,15 @@ def row_losses(logits, labels, grad, ignore_index, smoothing, softcap, z_loss, g
 
 # ---- reduction: shared with fused_linear_cross_entropy ----
 
+def check_labels_match(op: str, labels: torch.Tensor, name: str, ref: torch.Tensor, last_dim: str) -> None:
+    """``labels`` has one entry per row of ``ref`` (its shape without the last dimension), on its device."""
+    if labels.shape != ref.shape[:-1]:
+        _checks.fail(op, f"`labels` {tuple(labels.shape)} must be `{name}`'s shape without the {last_dim} dimension, "
+                         f"{tuple(ref.shape[:-1])} (for a causal LM, shift labels by one first)")
+    if labels.device != ref.device:
+        _checks.fail(op, f"`labels` is on {labels.device} but `{name}` is on {ref.device}; move them together")
+
+
 def flat_labels(op: str, labels: torch.Tensor) -> torch.Tensor:
     """Labels as a flat int64 tensor (their values are checked inside the ops, see :func:`reduced_loss`)."""
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -238,11 +247,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                                                    num_items_in_batch)
     if logits.dim() < 1 or logits.shape[-1] == 0 or logits.numel() == 0:
         _checks.fail(op, f"`logits` {tuple(logits.shape)} is empty; it must be (..., vocab) with tokens and vocab > 0")
-    if labels.shape != logits.shape[:-1]:
-        _checks.fail(op, f"`labels` {tuple(labels.shape)} must be `logits`' shape without the vocabulary dimension, "
-                         f"{tuple(logits.shape[:-1])} (for a causal LM, shift labels by one first)")
-    if labels.device != logits.device:
-        _checks.fail(op, f"`labels` is on {labels.device} but `logits` is on {logits.device}; move them together")
+    check_labels_match(op, labels, "logits", logits, "vocabulary")
     if overwrite_logits and not logits.is_contiguous():
         _checks.fail(op, "`overwrite_logits=True` needs contiguous logits (the gradient is written over their memory)")
     rows = logits.reshape(-1, logits.shape[-1]).contiguous()

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from lf.kernels import _alloc, _checks
-from lf.kernels.cross_entropy import (NONE, check_options, cross_entropy_reference, fake_loss, flat_labels,
-                                      reduced_loss, row_losses, scale_saved_grads)
+from lf.kernels.cross_entropy import (NONE, check_labels_match, check_options, cross_entropy_reference, fake_loss,
+                                      flat_labels, reduced_loss, row_losses, scale_saved_grads)
 
 MIN_CHUNK_BYTES = 512 << 20
 
@@ -256,11 +256,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         _checks.fail(op, f"`hidden` {tuple(hidden.shape)} or `weight` {tuple(weight.shape)} is empty")
     if bias is not None and bias.shape != weight.shape[:1]:
         _checks.fail(op, f"`bias` {tuple(bias.shape)} must be ({weight.shape[0]},), one per vocabulary entry")
-    if labels.shape != hidden.shape[:-1]:
-        _checks.fail(op, f"`labels` {tuple(labels.shape)} must be `hidden`'s shape without the hidden dimension, "
-                         f"{tuple(hidden.shape[:-1])} (for a causal LM, shift labels by one first)")
-    if labels.device != hidden.device:
-        _checks.fail(op, f"`labels` is on {labels.device} but `hidden` is on {hidden.device}; move them together")
+    check_labels_match(op, labels, "hidden", hidden, "hidden")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
     rows = hidden.reshape(-1, hidden.shape[-1])
