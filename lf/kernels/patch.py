@@ -1,0 +1,216 @@
+"""Put lf's kernels into an instantiated Hugging Face model: ``lf.kernels.patch(model)``.
+
+Per family (``config.model_type``) a table names the HF classes and how lf replaces them:
+
+- RMSNorm modules (also Qwen3's q/k norms): their ``forward`` becomes :func:`lf.kernels.rms_norm` with the
+  family's numerics, on the instance (parameters and state dict are untouched);
+- dense MLPs with a SiLU gate: ``down_proj(swiglu(gate_proj(x), up_proj(x)))``, on the instance (works with
+  PEFT LoRA layers in the projections); MoE experts are left as they are;
+- RoPE: the modeling module's ``apply_rotary_pos_emb`` becomes :func:`lf.kernels.rope` (a module-level function,
+  so this part applies to every model of the family in the process until :func:`unpatch`);
+- the causal-LM head: in training with labels, the loss comes from :func:`fused_linear_cross_entropy` on the
+  hidden states and no logits exist (``output.logits`` is None); otherwise (generation, evaluation, or
+  ``skip_logits=False``) HF's own path runs.
+
+Patching twice changes nothing; :func:`unpatch` restores HF's code. An unsupported family patches nothing and
+says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from lf.kernels.glu import swiglu
+from lf.kernels.rms_norm import rms_norm
+from lf.kernels.rope import rope
+
+log = logging.getLogger("lf")
+IGNORE_INDEX = -100  # transformers' label padding
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str  # transformers.models.<module>.modeling_<module>
+    prefix: str  # class-name prefix: <prefix>RMSNorm, <prefix>MLP
+    dense_mlp: bool = True  # False for MoE families: their experts are not lf's to fuse
+
+
+FAMILIES = {
+    "llama": Family("llama", "Llama"),
+    "mistral": Family("mistral", "Mistral"),
+    "qwen2": Family("qwen2", "Qwen2"),
+    "qwen3": Family("qwen3", "Qwen3"),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", dense_mlp=False),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", dense_mlp=False),
+    "mixtral": Family("mixtral", "Mixtral", dense_mlp=False),
+}
+KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+
+
+@dataclass
+class PatchReport:
+    family: str
+    patched: dict[str, int] = field(default_factory=dict)  # kind -> how many places
+    skipped: dict[str, str] = field(default_factory=dict)  # kind -> why not
+
+    def __str__(self) -> str:
+        done = ", ".join(f"{kind} ({n})" for kind, n in self.patched.items()) or "nothing"
+        lines = [f"lf kernels in {self.family}: {done}"]
+        lines += [f"  not {kind}: {why}" for kind, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _modeling(family: Family):
+    return importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+
+
+# ---- the replacements ----
+
+def _rms_norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _rope(q, k, cos, sin, unsqueeze_dim=1):
+    """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` for heads-first q/k (the layout every family here uses)."""
+    if unsqueeze_dim != 1:
+        raise ValueError(f"lf's rope takes heads-first q/k (unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}")
+    return rope(q, k, cos, sin)
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, skip_logits=None,
+                       **kwargs):
+    """HF's causal-LM forward, with the loss from fused_linear_cross_entropy when training with labels."""
+    if skip_logits is None:
+        skip_logits = self.training and labels is not None
+    if not skip_logits:
+        return self._lf_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    if labels is None and kwargs.get("shift_labels") is None:
+        raise ValueError("skip_logits=True needs labels: without them there is no loss to compute")
+    return_dict = kwargs.pop("return_dict", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    hidden = hidden[:, keep, :]
+    if shift_labels is None:  # as HF's ForCausalLMLoss: token t predicts label t + 1
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
+                                      bias=self.lm_head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                      softcap=getattr(self.config, "final_logit_softcapping", None))
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out.to_tuple() if return_dict is False else out
+
+
+# ---- patching ----
+
+def _set_forward(module: nn.Module, fn) -> bool:
+    """Binds ``fn`` as the instance's forward; False if it already is."""
+    current = module.__dict__.get("forward")
+    if current is not None and getattr(current, "__func__", None) is fn:
+        return False
+    module.forward = types.MethodType(fn, module)
+    return True
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The HF model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+          fused_linear_cross_entropy: bool = True, cross_entropy: bool = False) -> PatchReport:
+    """Patches lf's kernels into ``model`` (an HF model, or one wrapped by PEFT) and returns (and logs) a report
+    of what was patched and what was not, and why. See the module docstring for what each kind replaces."""
+    base = _base_model(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    report = PatchReport(str(model_type))
+    family = FAMILIES.get(model_type)
+    if family is None:
+        for kind in KINDS:
+            report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
+                                    f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
+        log.warning("%s", report)
+        return report
+    modeling = _modeling(family)
+    wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
+              "fused_linear_cross_entropy": fused_linear_cross_entropy}
+    if cross_entropy:
+        report.skipped["cross_entropy"] = ("the causal-LM loss uses fused_linear_cross_entropy, which needs no "
+                                           "logits; a separate cross_entropy patch would only add memory")
+    for kind, on in wanted.items():
+        if not on:
+            report.skipped[kind] = "turned off by the caller"
+    if rms_norm:
+        norm_class = getattr(modeling, f"{family.prefix}RMSNorm")
+        norms = [m for m in base.modules() if isinstance(m, norm_class)]
+        for m in norms:
+            _set_forward(m, _rms_norm_forward)
+        report.patched["rms_norm"] = len(norms)
+    if swiglu:
+        act = getattr(base.config, "hidden_act", None)
+        if not family.dense_mlp:
+            report.skipped["swiglu"] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
+        elif act != "silu":
+            report.skipped["swiglu"] = f"hidden_act is {act!r}, not silu"
+        else:
+            mlp_class = getattr(modeling, f"{family.prefix}MLP")
+            mlps = [m for m in base.modules() if isinstance(m, mlp_class)]
+            for m in mlps:
+                _set_forward(m, _swiglu_forward)
+            report.patched["swiglu"] = len(mlps)
+    if rope:
+        if modeling.apply_rotary_pos_emb is not _rope:
+            _ORIGINAL_ROPE[modeling.__name__] = modeling.apply_rotary_pos_emb
+            modeling.apply_rotary_pos_emb = _rope
+        report.patched["rope"] = 1
+    if fused_linear_cross_entropy:
+        head = getattr(base, "lm_head", None)
+        if head is None or not hasattr(base, "model"):
+            report.skipped["fused_linear_cross_entropy"] = f"{type(base).__name__} is not a causal LM with an lm_head"
+        elif type(head) is not nn.Linear:
+            report.skipped["fused_linear_cross_entropy"] = (f"lm_head is a {type(head).__name__} (e.g. an adapter on "
+                                                            f"it), not a plain nn.Linear")
+        else:
+            if "_lf_hf_forward" not in base.__dict__:
+                base._lf_hf_forward = base.forward
+            _set_forward(base, _causal_lm_forward)
+            report.patched["fused_linear_cross_entropy"] = 1
+    log.info("%s", report)
+    return report
+
+
+_ORIGINAL_ROPE: dict[str, object] = {}
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restores HF's code in ``model`` and its family's RoPE function."""
+    base = _base_model(model)
+    for m in base.modules():
+        forward = m.__dict__.get("forward")
+        if getattr(forward, "__func__", None) in (_rms_norm_forward, _swiglu_forward, _causal_lm_forward):
+            del m.forward
+    base.__dict__.pop("_lf_hf_forward", None)
+    family = FAMILIES.get(getattr(base.config, "model_type", None))
+    if family is not None:
+        modeling = _modeling(family)
+        if modeling.__name__ in _ORIGINAL_ROPE:
+            modeling.apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(modeling.__name__)

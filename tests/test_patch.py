@@ -1,0 +1,112 @@
+"""lf.kernels.patch on tiny models of each family, built from configs (no hub): the patched model's loss and
+every parameter's gradient against the same model unpatched."""
+import copy
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
+                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+
+from lf.kernels import patch, unpatch
+from support import assert_close
+
+SIZES = dict(vocab_size=257, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SIZES),
+    "mistral": lambda: MistralConfig(**SIZES),
+    "qwen2": lambda: Qwen2Config(**SIZES),
+    "qwen3": lambda: Qwen3Config(head_dim=16, **SIZES),
+    "qwen2_moe": lambda: Qwen2MoeConfig(shared_expert_intermediate_size=96, **SIZES, **MOE),
+    "qwen3_moe": lambda: Qwen3MoeConfig(head_dim=16, **SIZES, **MOE),
+    "mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **SIZES),
+}
+DENSE = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"}
+MOE_KINDS = DENSE - {"swiglu"}  # the MoE families keep HF's experts
+
+
+def _model(family, dtype):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=dtype, attn_implementation="sdpa")
+
+
+def _batch(vocab, batch=2, seq=11):
+    ids = torch.randint(0, vocab, (batch, seq))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    return ids, labels
+
+
+def _loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def restore_rope():
+    models = []
+    yield models.append
+    for m in models:
+        unpatch(m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_patched_matches_unpatched(family, dtype, restore_rope):
+    model = _model(family, dtype).train()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(model.config.vocab_size)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
+    restore_rope(model)
+    report = patch(model)
+    assert set(report.patched) == (MOE_KINDS if family in ("qwen2_moe", "qwen3_moe", "mixtral") else DENSE), str(report)
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.logits is None  # training with labels: the logits never existed
+    factor = 5.0  # many ops in a row, each rounding in its own order
+    assert_close(out.loss, out_ref.loss, dtype, "loss", factor)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], dtype, f"grad {name}", factor)
+
+
+def test_eval_and_generation_keep_logits(restore_rope):
+    model = _model("llama", torch.float32).eval()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(model.config.vocab_size)
+    restore_rope(model)
+    patch(model)
+    with torch.no_grad():
+        out, out_ref = model(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
+        assert_close(out.logits, out_ref.logits, torch.float32, "logits", 5.0)
+        assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+        tokens = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+        unpatch(model)
+        tokens_ref = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, tokens_ref)
+
+
+def test_patch_twice_is_harmless_and_unpatch_restores(restore_rope):
+    model = _model("qwen3", torch.float32).train()
+    ids, labels = _batch(model.config.vocab_size)
+    before = _loss_and_grads(model, ids, labels)[0].loss
+    restore_rope(model)
+    first, second = patch(model), patch(model)
+    assert first.patched == second.patched
+    assert first.patched["rms_norm"] == 2 * (2 + 2) + 1  # per layer two norms and the q/k norms; the final norm
+    patched = _loss_and_grads(model, ids, labels)[0]
+    assert patched.logits is None
+    unpatch(model)
+    restored = _loss_and_grads(model, ids, labels)[0]
+    assert restored.logits is not None
+    assert torch.equal(restored.loss, before)
+
+
+def test_unsupported_family_patches_nothing_and_says_why():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    report = patch(model)
+    assert report.patched == {}
+    assert "model_type 'gpt2' is not a family lf patches" in report.skipped["rms_norm"]
+    assert "gpt2" in str(report)
