@@ -4,8 +4,9 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
-                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig,
+                          MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig)
 
 from lf.kernels import patch, unpatch
 from support import assert_close
@@ -21,14 +22,23 @@ CONFIGS = {
     "qwen2_moe": lambda: Qwen2MoeConfig(shared_expert_intermediate_size=96, **SIZES, **MOE),
     "qwen3_moe": lambda: Qwen3MoeConfig(head_dim=16, **SIZES, **MOE),
     "mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **SIZES),
+    # a pad token inside the tiny vocabulary; half the head rotated (Phi-3's partial rotary embeddings)
+    "phi3": lambda: Phi3Config(pad_token_id=0, partial_rotary_factor=0.5, **SIZES),
+    "gemma": lambda: GemmaConfig(head_dim=16, hidden_act="gelu_pytorch_tanh", **SIZES),
+    "gemma2": lambda: Gemma2Config(head_dim=16, final_logit_softcapping=30.0, **SIZES),  # GELU tanh, softcaps
+    "gemma3_text": lambda: Gemma3TextConfig(head_dim=16, hidden_activation="gelu", **SIZES),  # exact GELU, q/k norms
 }
+ATTENTION = {"gemma2": "eager"}  # transformers 5.23: Gemma-2's attention softcapping needs eager
 DENSE = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"}
-MOE_KINDS = DENSE - {"swiglu"}  # the MoE families keep HF's experts
+MOE_KINDS, GEMMA_KINDS = DENSE - {"swiglu"}, DENSE - {"swiglu"} | {"geglu"}  # experts stay HF's; Gemma: GeGLU
+KINDS = {"qwen2_moe": MOE_KINDS, "qwen3_moe": MOE_KINDS, "mixtral": MOE_KINDS,
+         "gemma": GEMMA_KINDS, "gemma2": GEMMA_KINDS, "gemma3_text": GEMMA_KINDS}
 
 
 def _model(family, dtype):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=dtype, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=dtype,
+                                            attn_implementation=ATTENTION.get(family, "sdpa"))
 
 
 def _batch(vocab, batch=2, seq=11):
@@ -62,7 +72,7 @@ def test_patched_matches_unpatched(family, dtype, restore_rope):
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
     restore_rope(model)
     report = patch(model)
-    assert set(report.patched) == (MOE_KINDS if family in ("qwen2_moe", "qwen3_moe", "mixtral") else DENSE), str(report)
+    assert set(report.patched) == KINDS.get(family, DENSE), str(report)
     out, grads = _loss_and_grads(model, ids, labels)
     assert out.logits is None  # training with labels: the logits never existed
     factor = 5.0  # many ops in a row, each rounding in its own order
@@ -110,3 +120,25 @@ def test_unsupported_family_patches_nothing_and_says_why():
     assert report.patched == {}
     assert "model_type 'gpt2' is not a family lf patches" in report.skipped["rms_norm"]
     assert "gpt2" in str(report)
+
+
+@pytest.mark.parametrize("setting", ["gradient_checkpointing", "packed"])
+def test_training_settings(setting, restore_rope):
+    """Gradient checkpointing (each layer's forward runs again in backward) and packed rows (position_ids
+    restarting inside a row, so cos/sin differ per token)."""
+    model = _model("llama", torch.float32).train()
+    if setting == "gradient_checkpointing":
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(model.config.vocab_size, batch=1, seq=12)
+    kwargs = {}
+    if setting == "packed":  # three examples in one row
+        kwargs["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+        labels[0, [5, 8]] = -100  # no prediction across an example boundary
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **kwargs)
+    restore_rope(model)
+    patch(model)
+    out, grads = _loss_and_grads(model, ids, labels, **kwargs)
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)

@@ -4,8 +4,8 @@ Per family (``config.model_type``) a table names the HF classes and how lf repla
 
 - RMSNorm modules (also Qwen3's q/k norms): their ``forward`` becomes :func:`lf.kernels.rms_norm` with the
   family's numerics, on the instance (parameters and state dict are untouched);
-- dense MLPs with a SiLU gate: ``down_proj(swiglu(gate_proj(x), up_proj(x)))``, on the instance (works with
-  PEFT LoRA layers in the projections); MoE experts are left as they are;
+- dense MLPs: ``down_proj(swiglu(gate, up))`` (SiLU) or ``geglu`` (Gemma's GELU, tanh or exact), on the
+  instance (works with PEFT LoRA layers in the projections); MoE experts are left as they are;
 - RoPE: the modeling module's ``apply_rotary_pos_emb`` becomes :func:`lf.kernels.rope` (a module-level function,
   so this part applies to every model of the family in the process until :func:`unpatch`);
 - the causal-LM head: in training with labels, the loss comes from :func:`fused_linear_cross_entropy` on the
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from lf.kernels.glu import swiglu
+from lf.kernels.glu import geglu, swiglu
+from lf.kernels.modules import GELU_APPROXIMATE
 from lf.kernels.rms_norm import rms_norm
 from lf.kernels.rope import rope
 
@@ -40,7 +41,9 @@ IGNORE_INDEX = -100  # transformers' label padding
 class Family:
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class-name prefix: <prefix>RMSNorm, <prefix>MLP
-    dense_mlp: bool = True  # False for MoE families: their experts are not lf's to fuse
+    mlp: str | None = "gated"  # "gated" (gate_proj/up_proj), "fused" (Phi-3's gate_up_proj), None (MoE experts)
+    gemma_norm: bool = False  # (1 + w) scaling, normalised row times weight in fp32, rounded once
+    act_key: str = "hidden_act"  # the config field the MLP's activation comes from
 
 
 FAMILIES = {
@@ -48,11 +51,15 @@ FAMILIES = {
     "mistral": Family("mistral", "Mistral"),
     "qwen2": Family("qwen2", "Qwen2"),
     "qwen3": Family("qwen3", "Qwen3"),
-    "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", dense_mlp=False),
-    "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", dense_mlp=False),
-    "mixtral": Family("mixtral", "Mixtral", dense_mlp=False),
+    "phi3": Family("phi3", "Phi3", mlp="fused"),
+    "gemma": Family("gemma", "Gemma", gemma_norm=True),
+    "gemma2": Family("gemma2", "Gemma2", gemma_norm=True, act_key="hidden_activation"),
+    "gemma3_text": Family("gemma3", "Gemma3", gemma_norm=True, act_key="hidden_activation"),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", mlp=None),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", mlp=None),
+    "mixtral": Family("mixtral", "Mixtral", mlp=None),
 }
-KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")  # the patch() switches; geglu goes with swiglu
 
 
 @dataclass
@@ -74,19 +81,38 @@ def _modeling(family: Family):
 
 # ---- the replacements ----
 
-def _rms_norm_forward(self, hidden_states):
+def _llama_norm_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _swiglu_forward(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+def _gemma_norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.eps, offset=1.0, casting="gemma")
+
+
+def _act(self, gate, up):
+    """The activation lf chose for this MLP at patch time (``_lf_act``: None for SiLU, else geglu's mode)."""
+    return swiglu(gate, up) if self._lf_act is None else geglu(gate, up, self._lf_act)
+
+
+def _gated_mlp_forward(self, x):
+    return self.down_proj(_act(self, self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_mlp_forward(self, x):  # Phi-3: one projection holds gate and up
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(_act(self, gate, up))
 
 
 def _rope(q, k, cos, sin, unsqueeze_dim=1):
-    """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` for heads-first q/k (the layout every family here uses)."""
+    """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` for heads-first q/k (the layout every family here uses);
+    with partial rotary embeddings (Phi-3's cos/sin narrower than the head) only that part rotates."""
     if unsqueeze_dim != 1:
         raise ValueError(f"lf's rope takes heads-first q/k (unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}")
-    return rope(q, k, cos, sin)
+    rotary = cos.shape[-1]
+    if rotary == q.shape[-1]:
+        return rope(q, k, cos, sin)
+    q_rot, k_rot = rope(q[..., :rotary], k[..., :rotary], cos, sin)
+    return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
 
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -131,6 +157,17 @@ def _set_forward(module: nn.Module, fn) -> bool:
     return True
 
 
+def _patch_instances(model: nn.Module, cls: type, fn, **attributes) -> int:
+    """Binds ``fn`` as the forward of every ``cls`` module in ``model`` (with ``attributes`` set on each);
+    returns how many there are."""
+    found = [m for m in model.modules() if isinstance(m, cls)]
+    for m in found:
+        for name, value in attributes.items():
+            setattr(m, name, value)
+        _set_forward(m, fn)
+    return len(found)
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The HF model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -160,23 +197,20 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
         if not on:
             report.skipped[kind] = "turned off by the caller"
     if rms_norm:
-        norm_class = getattr(modeling, f"{family.prefix}RMSNorm")
-        norms = [m for m in base.modules() if isinstance(m, norm_class)]
-        for m in norms:
-            _set_forward(m, _rms_norm_forward)
-        report.patched["rms_norm"] = len(norms)
+        norm_forward = _gemma_norm_forward if family.gemma_norm else _llama_norm_forward
+        report.patched["rms_norm"] = _patch_instances(base, getattr(modeling, f"{family.prefix}RMSNorm"),
+                                                      norm_forward)
     if swiglu:
-        act = getattr(base.config, "hidden_act", None)
-        if not family.dense_mlp:
+        act = getattr(base.config, family.act_key, None)
+        if family.mlp is None:
             report.skipped["swiglu"] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
-        elif act != "silu":
-            report.skipped["swiglu"] = f"hidden_act is {act!r}, not silu"
+        elif act != "silu" and act not in GELU_APPROXIMATE:
+            report.skipped["swiglu"] = f"{family.act_key} is {act!r}, neither silu nor a GELU"
         else:
-            mlp_class = getattr(modeling, f"{family.prefix}MLP")
-            mlps = [m for m in base.modules() if isinstance(m, mlp_class)]
-            for m in mlps:
-                _set_forward(m, _swiglu_forward)
-            report.patched["swiglu"] = len(mlps)
+            forward = _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward
+            kind = "swiglu" if act == "silu" else "geglu"
+            report.patched[kind] = _patch_instances(base, getattr(modeling, f"{family.prefix}MLP"), forward,
+                                                    _lf_act=GELU_APPROXIMATE.get(act))
     if rope:
         if modeling.apply_rotary_pos_emb is not _rope:
             _ORIGINAL_ROPE[modeling.__name__] = modeling.apply_rotary_pos_emb
@@ -199,6 +233,7 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
 
 
 _ORIGINAL_ROPE: dict[str, object] = {}
+_FORWARDS = (_llama_norm_forward, _gemma_norm_forward, _gated_mlp_forward, _fused_mlp_forward, _causal_lm_forward)
 
 
 def unpatch(model: nn.Module) -> None:
@@ -206,8 +241,9 @@ def unpatch(model: nn.Module) -> None:
     base = _base_model(model)
     for m in base.modules():
         forward = m.__dict__.get("forward")
-        if getattr(forward, "__func__", None) in (_rms_norm_forward, _swiglu_forward, _causal_lm_forward):
+        if getattr(forward, "__func__", None) in _FORWARDS:
             del m.forward
+            m.__dict__.pop("_lf_act", None)
     base.__dict__.pop("_lf_hf_forward", None)
     family = FAMILIES.get(getattr(base.config, "model_type", None))
     if family is not None:
