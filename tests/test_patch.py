@@ -142,3 +142,16 @@ def test_training_settings(setting, restore_rope):
     assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
     for name, g in grads.items():
         assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+
+
+def test_patched_model_compiles_in_one_graph(restore_rope):
+    model = _model("llama", torch.float32).train()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(model.config.vocab_size)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
+    restore_rope(model)
+    patch(model)
+    out, grads = _loss_and_grads(torch.compile(model, fullgraph=True), ids, labels)
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name.removeprefix("_orig_mod.")], torch.float32, f"grad {name}", 5.0)
