@@ -1,6 +1,7 @@
 """lf.kernels.patch on tiny models of each family, built from configs (no hub): the patched model's loss and
 every parameter's gradient against the same model unpatched."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
                           MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
                           Qwen3MoeConfig)
 
-from lf.kernels import patch, unpatch
+from lf.kernels import apply_to, patch, unpatch
 from support import assert_close
 
 SIZES = dict(vocab_size=257, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -155,3 +156,27 @@ def test_patched_model_compiles_in_one_graph(restore_rope):
     assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
     for name, g in grads.items():
         assert_close(g, grads_ref[name.removeprefix("_orig_mod.")], torch.float32, f"grad {name}", 5.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_apply_to_patches_classes_before_models_exist(family):
+    """For users who build models themselves: apply_to(model_type), then create the model."""
+    reference = _model(family, torch.float32).train()
+    ids, labels = _batch(reference.config.vocab_size)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
+    report = apply_to(family)
+    try:
+        assert set(report.patched) == DENSE, str(report)  # the MLP's activation is read when it runs
+        model = _model(family, torch.float32).train()
+        mlp = model.model.layers[0].mlp
+        act = getattr(mlp, "act_fn", None) or mlp.activation_fn
+        assert type(act).__name__ in importlib.import_module("lf.kernels.patch")._ACT_MODULES  # fused, not HF's
+        model.load_state_dict(reference.state_dict())
+        out, grads = _loss_and_grads(model, ids, labels)
+    finally:
+        unpatch(family)
+    assert out.logits is None
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+    assert _loss_and_grads(_model(family, torch.float32).train(), ids, labels)[0].logits is not None  # restored

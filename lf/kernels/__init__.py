@@ -8,7 +8,7 @@ from lf.kernels._backend import BACKENDS, choose_backend, default_backend
 from lf.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from lf.kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
-from lf.kernels.patch import PatchReport, patch, unpatch
+from lf.kernels.patch import PatchReport, apply_to, patch, unpatch
 from lf.kernels.modules import LFGeGLUMLP, LFRMSNorm, LFSwiGLUMLP
 from lf.kernels.rms_norm import rms_norm, rms_norm_reference
 from lf.kernels.rope import rope, rope_reference
@@ -18,5 +18,5 @@ __all__ = [
     "rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy",
     "rms_norm_reference", "rope_reference", "swiglu_reference", "geglu_reference", "cross_entropy_reference",
     "fused_linear_cross_entropy_reference",
-    "LFRMSNorm", "LFSwiGLUMLP", "LFGeGLUMLP", "patch", "unpatch", "PatchReport",
+    "LFRMSNorm", "LFSwiGLUMLP", "LFGeGLUMLP", "patch", "apply_to", "unpatch", "PatchReport",
 ]

@@ -13,7 +13,7 @@ Per family (``config.model_type``) a table names the HF classes and how lf repla
   ``skip_logits=False``) HF's own path runs.
 
 Patching twice changes nothing; :func:`unpatch` restores HF's code. An unsupported family patches nothing and
-says so.
+says so. :func:`apply_to` does the same to a family's classes, before any model exists.
 """
 
 from __future__ import annotations
@@ -89,9 +89,22 @@ def _gemma_norm_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.eps, offset=1.0, casting="gemma")
 
 
+# HF activation modules (ACT2FN) by class name -> None for SiLU, else geglu's approximation
+_ACT_MODULES = {"SiLUActivation": None, "SiLU": None, "GELUTanh": "tanh", "PytorchGELUTanh": "tanh",
+                "NewGELUActivation": "tanh", "FastGELUActivation": "tanh", "GELUActivation": "none"}
+_UNKNOWN = object()
+
+
 def _act(self, gate, up):
-    """The activation lf chose for this MLP at patch time (``_lf_act``: None for SiLU, else geglu's mode)."""
-    return swiglu(gate, up) if self._lf_act is None else geglu(gate, up, self._lf_act)
+    """act(gate) * up fused: the mode ``patch`` chose from the config (``_lf_act``), or, for classes patched by
+    ``apply_to``, the one the module's own activation names; an activation lf does not know runs as HF's."""
+    mode = self.__dict__.get("_lf_act", _UNKNOWN)
+    if mode is _UNKNOWN:
+        act_fn = getattr(self, "act_fn", None) or getattr(self, "activation_fn", None)
+        mode = _ACT_MODULES.get(type(act_fn).__name__, _UNKNOWN)
+        if mode is _UNKNOWN:
+            return act_fn(gate) * up
+    return swiglu(gate, up) if mode is None else geglu(gate, up, mode)
 
 
 def _gated_mlp_forward(self, x):
@@ -121,7 +134,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     """HF's causal-LM forward, with the loss from fused_linear_cross_entropy when training with labels."""
     if skip_logits is None:
         skip_logits = self.training and labels is not None
-    if not skip_logits:
+    if not skip_logits or type(self.lm_head) is not nn.Linear:  # e.g. an adapter on the head: HF's path
         return self._lf_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
@@ -182,11 +195,7 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
     report = PatchReport(str(model_type))
     family = FAMILIES.get(model_type)
     if family is None:
-        for kind in KINDS:
-            report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
-                                    f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
-        log.warning("%s", report)
-        return report
+        return _unsupported(report, model_type)
     modeling = _modeling(family)
     wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
               "fused_linear_cross_entropy": fused_linear_cross_entropy}
@@ -212,9 +221,7 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
             report.patched[kind] = _patch_instances(base, getattr(modeling, f"{family.prefix}MLP"), forward,
                                                     _lf_act=GELU_APPROXIMATE.get(act))
     if rope:
-        if modeling.apply_rotary_pos_emb is not _rope:
-            _ORIGINAL_ROPE[modeling.__name__] = modeling.apply_rotary_pos_emb
-            modeling.apply_rotary_pos_emb = _rope
+        _patch_rope(modeling)
         report.patched["rope"] = 1
     if fused_linear_cross_entropy:
         head = getattr(base, "lm_head", None)
@@ -232,20 +239,79 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
     return report
 
 
+def _unsupported(report: PatchReport, model_type) -> PatchReport:
+    for kind in KINDS:
+        report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
+                                f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
+    log.warning("%s", report)
+    return report
+
+
+def _patch_rope(modeling) -> None:
+    if modeling.apply_rotary_pos_emb is not _rope:
+        _ORIGINAL_ROPE[modeling.__name__] = modeling.apply_rotary_pos_emb
+        modeling.apply_rotary_pos_emb = _rope
+
+
+def apply_to(model_type: str, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+             fused_linear_cross_entropy: bool = True) -> PatchReport:
+    """Patches a family's HF classes (``model_type`` as in its config, e.g. "llama") for users who build models
+    themselves: every model of the family used afterwards runs lf's kernels, whenever it was created. Each MLP's
+    activation is read from its own activation module. :func:`unpatch` with the same ``model_type`` undoes it."""
+    report = PatchReport(model_type)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        return _unsupported(report, model_type)
+    modeling = _modeling(family)
+    classes = []
+    if rms_norm:
+        classes.append(("rms_norm", f"{family.prefix}RMSNorm",
+                        _gemma_norm_forward if family.gemma_norm else _llama_norm_forward))
+    if swiglu and family.mlp is None:
+        report.skipped["swiglu"] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
+    elif swiglu:
+        classes.append(("swiglu", f"{family.prefix}MLP",
+                        _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward))
+    if fused_linear_cross_entropy:
+        classes.append(("fused_linear_cross_entropy", f"{family.prefix}ForCausalLM", _causal_lm_forward))
+    for kind, name, fn in classes:
+        cls = getattr(modeling, name)
+        if cls.forward is not fn:
+            _ORIGINAL_CLASS_FORWARD[cls] = cls.forward
+            cls._lf_hf_forward = cls.forward
+            cls.forward = fn
+        report.patched[kind] = 1
+    if rope:
+        _patch_rope(modeling)
+        report.patched["rope"] = 1
+    log.info("%s", report)
+    return report
+
+
 _ORIGINAL_ROPE: dict[str, object] = {}
+_ORIGINAL_CLASS_FORWARD: dict[type, object] = {}
 _FORWARDS = (_llama_norm_forward, _gemma_norm_forward, _gated_mlp_forward, _fused_mlp_forward, _causal_lm_forward)
 
 
-def unpatch(model: nn.Module) -> None:
-    """Restores HF's code in ``model`` and its family's RoPE function."""
-    base = _base_model(model)
-    for m in base.modules():
-        forward = m.__dict__.get("forward")
-        if getattr(forward, "__func__", None) in _FORWARDS:
-            del m.forward
-            m.__dict__.pop("_lf_act", None)
-    base.__dict__.pop("_lf_hf_forward", None)
-    family = FAMILIES.get(getattr(base.config, "model_type", None))
+def unpatch(target: nn.Module | str) -> None:
+    """Restores HF's code: in a model patched by :func:`patch` (and its family's RoPE function), or, given a
+    ``model_type``, in the classes :func:`apply_to` patched."""
+    if isinstance(target, str):
+        model_type = target
+        for cls, forward in list(_ORIGINAL_CLASS_FORWARD.items()):
+            if cls.__module__ == _modeling(FAMILIES[model_type]).__name__:
+                cls.forward = _ORIGINAL_CLASS_FORWARD.pop(cls)
+                del cls._lf_hf_forward
+    else:
+        base = _base_model(target)
+        for m in base.modules():
+            forward = m.__dict__.get("forward")
+            if getattr(forward, "__func__", None) in _FORWARDS:
+                del m.forward
+                m.__dict__.pop("_lf_act", None)
+        base.__dict__.pop("_lf_hf_forward", None)
+        model_type = getattr(base.config, "model_type", None)
+    family = FAMILIES.get(model_type)
     if family is not None:
         modeling = _modeling(family)
         if modeling.__name__ in _ORIGINAL_ROPE:
