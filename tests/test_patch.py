@@ -180,3 +180,48 @@ def test_apply_to_patches_classes_before_models_exist(family):
     for name, g in grads.items():
         assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
     assert _loss_and_grads(_model(family, torch.float32).train(), ids, labels)[0].logits is not None  # restored
+
+
+def test_peft_lora_model(restore_rope):
+    """A PEFT LoRA model on every linear layer but the head: patched through the wrapper, the adapter's
+    gradients match the unpatched model's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(_model("llama", torch.float32), lora).train()
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(model.config.vocab_size)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
+    restore_rope(model)
+    report = patch(model)
+    assert set(report.patched) == DENSE, str(report)
+    out, grads = _loss_and_grads(model, ids, labels)
+    assert out.logits is None and grads.keys() == grads_ref.keys()
+    assert all("lora_" in name for name in grads)  # only the adapters train
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+
+
+def test_hf_trainer_steps_match_unpatched(tmp_path, restore_rope):
+    """Two optimizer steps of HF's Trainer, patched vs unpatched: the same losses (what `import lf.kernels`
+    promises other trainers)."""
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, SIZES["vocab_size"], (8, 12))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    losses = []
+    for patched in (False, True):
+        model = _model("llama", torch.float32)
+        if patched:
+            restore_rope(model)
+            patch(model)
+        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                 seed=0, data_seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset)
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(losses[0]) == 2
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)
