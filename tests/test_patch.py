@@ -123,10 +123,10 @@ def test_unsupported_family_patches_nothing_and_says_why():
     assert "gpt2" in str(report)
 
 
-@pytest.mark.parametrize("setting", ["gradient_checkpointing", "packed"])
+@pytest.mark.parametrize("setting", ["gradient_checkpointing", "packed", "autocast"])
 def test_training_settings(setting, restore_rope):
-    """Gradient checkpointing (each layer's forward runs again in backward) and packed rows (position_ids
-    restarting inside a row, so cos/sin differ per token)."""
+    """Gradient checkpointing (each layer's forward runs again in backward), packed rows (position_ids
+    restarting inside a row, so cos/sin differ per token) and bf16 autocast (q/k bf16, cos/sin fp32)."""
     model = _model("llama", torch.float32).train()
     if setting == "gradient_checkpointing":
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -136,13 +136,15 @@ def test_training_settings(setting, restore_rope):
     if setting == "packed":  # three examples in one row
         kwargs["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
         labels[0, [5, 8]] = -100  # no prediction across an example boundary
-    out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **kwargs)
-    restore_rope(model)
-    patch(model)
-    out, grads = _loss_and_grads(model, ids, labels, **kwargs)
-    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    dtype = torch.bfloat16 if setting == "autocast" else torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"):
+        out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **kwargs)
+        restore_rope(model)
+        patch(model)
+        out, grads = _loss_and_grads(model, ids, labels, **kwargs)
+    assert_close(out.loss, out_ref.loss, dtype, "loss", 5.0)
     for name, g in grads.items():
-        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+        assert_close(g, grads_ref[name], dtype, f"grad {name}", 5.0)
 
 
 def test_patched_model_compiles_in_one_graph(restore_rope):

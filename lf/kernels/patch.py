@@ -121,6 +121,9 @@ def _rope(q, k, cos, sin, unsqueeze_dim=1):
     with partial rotary embeddings (Phi-3's cos/sin narrower than the head) only that part rotates."""
     if unsqueeze_dim != 1:
         raise ValueError(f"lf's rope takes heads-first q/k (unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}")
+    if q.dtype != cos.dtype:  # under autocast q/k are bf16 and cos/sin fp32: HF's math promotes, so does lf
+        dtype = torch.promote_types(q.dtype, cos.dtype)
+        q, k, cos, sin = q.to(dtype), k.to(dtype), cos.to(dtype), sin.to(dtype)
     rotary = cos.shape[-1]
     if rotary == q.shape[-1]:
         return rope(q, k, cos, sin)
