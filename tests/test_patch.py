@@ -227,3 +227,11 @@ def test_hf_trainer_steps_match_unpatched(tmp_path, restore_rope):
         losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert len(losses[0]) == 2
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_cross_entropy_switch_is_reported_not_silently_ignored(restore_rope):
+    model = _model("llama", torch.float32)
+    restore_rope(model)
+    report = patch(model, fused_linear_cross_entropy=False, cross_entropy=True)
+    assert "fused_linear_cross_entropy" not in report.patched
+    assert "not available yet" in report.skipped["cross_entropy"]

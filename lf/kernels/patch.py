@@ -203,8 +203,10 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
     wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
               "fused_linear_cross_entropy": fused_linear_cross_entropy}
     if cross_entropy:
-        report.skipped["cross_entropy"] = ("the causal-LM loss uses fused_linear_cross_entropy, which needs no "
-                                           "logits; a separate cross_entropy patch would only add memory")
+        report.skipped["cross_entropy"] = (
+            "the loss already comes from fused_linear_cross_entropy, which needs no logits"
+            if fused_linear_cross_entropy else "not available yet: with fused_linear_cross_entropy off the loss "
+                                               "stays HF's")
     for kind, on in wanted.items():
         if not on:
             report.skipped[kind] = "turned off by the caller"
