@@ -7,3 +7,15 @@ class KernelInputError(ValueError):
 
 class KernelDTypeError(KernelInputError, TypeError):
     """A kernel was called with a tensor of a dtype it does not support or that does not match."""
+
+
+class DataError(ValueError):
+    """A dataset, a dataset_info.json entry, a template or a data option cannot be used as given."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' Did you mean: a, b?' naming the registered names closest to `name`, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(choices), n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

@@ -1,0 +1,30 @@
+"""The data group: which datasets, how they are templated, cut, packed and cached (LLaMA-Factory's key names)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataArguments:
+    template: str | None = None  # None: the tokenizer's own chat_template when it has one, else "default"
+    dataset: str | None = None  # comma-separated names from dataset_info.json
+    eval_dataset: str | None = None
+    dataset_dir: str = "data"
+    cutoff_len: int = 2048
+    train_on_prompt: bool = False
+    mask_history: bool = False  # labels on the last turn only
+    streaming: bool = False
+    buffer_size: int = 16384  # shuffle buffer when streaming
+    mix_strategy: str = "concat"  # concat | interleave_under | interleave_over
+    interleave_probs: str | None = None  # comma-separated, one per dataset
+    overwrite_cache: bool = False
+    preprocessing_batch_size: int = 1000
+    preprocessing_num_workers: int | None = None
+    max_samples: int | None = None  # per dataset
+    val_size: float = 0.0  # a fraction in (0, 1) or a count >= 1
+    eval_on_each_dataset: bool = False
+    packing: bool | None = None  # None: on for pt, off otherwise
+    neat_packing: bool | None = None  # None: on when packing for sft (packed examples never see each other)
+    tool_format: str | None = None  # None: the template's own
+    default_system: str | None = None
+    enable_thinking: bool = True
+    tokenized_path: str | None = None

@@ -1,0 +1,1 @@
+"""lf.data: dataset_info.json registry -> canonical rows -> templates -> processors -> packing -> collators."""
