@@ -30,10 +30,10 @@ CONFIGS = {
     "gemma3_text": lambda: Gemma3TextConfig(head_dim=16, hidden_activation="gelu", **SIZES),  # exact GELU, q/k norms
 }
 ATTENTION = {"gemma2": "eager"}  # transformers 5.23: Gemma-2's attention softcapping needs eager
-DENSE = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"}
+DENSE = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention"}
 MOE_KINDS, GEMMA_KINDS = DENSE - {"swiglu"}, DENSE - {"swiglu"} | {"geglu"}  # experts stay HF's; Gemma: GeGLU
 KINDS = {"qwen2_moe": MOE_KINDS, "qwen3_moe": MOE_KINDS, "mixtral": MOE_KINDS,
-         "gemma": GEMMA_KINDS, "gemma2": GEMMA_KINDS, "gemma3_text": GEMMA_KINDS}
+         "gemma": GEMMA_KINDS, "gemma2": GEMMA_KINDS - {"packed_attention"}, "gemma3_text": GEMMA_KINDS}
 
 
 def _model(family, dtype):
@@ -106,10 +106,12 @@ def test_patch_twice_is_harmless_and_unpatch_restores(restore_rope):
     restore_rope(model)
     first, second = patch(model), patch(model)
     assert first.patched == second.patched
+    assert model.config._attn_implementation == "lf_packed"
     assert first.patched["rms_norm"] == 2 * (2 + 2) + 1  # per layer two norms and the q/k norms; the final norm
     patched = _loss_and_grads(model, ids, labels)[0]
     assert patched.logits is None
     unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
     restored = _loss_and_grads(model, ids, labels)[0]
     assert restored.logits is not None
     assert torch.equal(restored.loss, before)
@@ -135,6 +137,7 @@ def test_training_settings(setting, restore_rope):
     kwargs = {}
     if setting == "packed":  # three examples in one row
         kwargs["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+        kwargs["use_cache"] = False  # transformers reads packed position_ids only without a KV cache
         labels[0, [5, 8]] = -100  # no prediction across an example boundary
     dtype = torch.bfloat16 if setting == "autocast" else torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"):
@@ -168,7 +171,9 @@ def test_apply_to_patches_classes_before_models_exist(family):
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
     report = apply_to(family)
     try:
-        assert set(report.patched) == DENSE, str(report)  # the MLP's activation is read when it runs
+        # the MLP's activation is read when it runs; attention is chosen per model
+        assert set(report.patched) == DENSE - {"packed_attention"}, str(report)
+        assert "lf_packed" in report.skipped["packed_attention"]
         model = _model(family, torch.float32).train()
         mlp = model.model.layers[0].mlp
         act = getattr(mlp, "act_fn", None) or mlp.activation_fn

@@ -8,6 +8,8 @@ Per family (``config.model_type``) a table names the HF classes and how lf repla
   instance (works with PEFT LoRA layers in the projections); MoE experts are left as they are;
 - RoPE: the modeling module's ``apply_rotary_pos_emb`` becomes :func:`lf.kernels.rope` (a module-level function,
   so this part applies to every model of the family in the process until :func:`unpatch`);
+- attention: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which runs
+  neat-packed rows example by example and leaves every other batch to SDPA;
 - the causal-LM head: in training with labels, the loss comes from :func:`fused_linear_cross_entropy` on the
   hidden states and no logits exist (``output.logits`` is None); otherwise (generation, evaluation, or
   ``skip_logits=False``) HF's own path runs.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from lf.kernels import packed_attention as _packed_attention
 from lf.kernels.glu import geglu, swiglu
 from lf.kernels.modules import GELU_APPROXIMATE
 from lf.kernels.rms_norm import rms_norm
@@ -59,7 +62,7 @@ FAMILIES = {
     "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", mlp=None),
     "mixtral": Family("mixtral", "Mixtral", mlp=None),
 }
-KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")  # the patch() switches; geglu goes with swiglu
+KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention")  # the patch() switches; geglu goes with swiglu
 
 
 @dataclass
@@ -190,7 +193,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          fused_linear_cross_entropy: bool = True, cross_entropy: bool = False) -> PatchReport:
+          fused_linear_cross_entropy: bool = True, cross_entropy: bool = False,
+          packed_attention: bool = True) -> PatchReport:
     """Patches lf's kernels into ``model`` (an HF model, or one wrapped by PEFT) and returns (and logs) a report
     of what was patched and what was not, and why. See the module docstring for what each kind replaces."""
     base = _base_model(model)
@@ -201,7 +205,7 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
         return _unsupported(report, model_type)
     modeling = _modeling(family)
     wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
-              "fused_linear_cross_entropy": fused_linear_cross_entropy}
+              "fused_linear_cross_entropy": fused_linear_cross_entropy, "packed_attention": packed_attention}
     if cross_entropy:
         report.skipped["cross_entropy"] = (
             "the loss already comes from fused_linear_cross_entropy, which needs no logits"
@@ -240,6 +244,8 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
                 base._lf_hf_forward = base.forward
             _set_forward(base, _causal_lm_forward)
             report.patched["fused_linear_cross_entropy"] = 1
+    if packed_attention:
+        _patch_attention(base, report)
     log.info("%s", report)
     return report
 
@@ -250,6 +256,19 @@ def _unsupported(report: PatchReport, model_type) -> PatchReport:
                                 f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
     log.warning("%s", report)
     return report
+
+
+def _patch_attention(base: nn.Module, report: PatchReport) -> None:
+    impl = getattr(base.config, "_attn_implementation", None)
+    if impl == _packed_attention.NAME:
+        report.patched["packed_attention"] = 1
+    elif impl != "sdpa":
+        report.skipped["packed_attention"] = (f"attention is {impl!r}; lf takes over SDPA only (flash-attention "
+                                              f"reads packed rows itself, eager is kept for its attention weights)")
+    else:
+        base.set_attn_implementation(_packed_attention.register())
+        base._lf_hf_attn = impl
+        report.patched["packed_attention"] = 1
 
 
 def _patch_rope(modeling) -> None:
@@ -289,6 +308,8 @@ def apply_to(model_type: str, rms_norm: bool = True, rope: bool = True, swiglu: 
     if rope:
         _patch_rope(modeling)
         report.patched["rope"] = 1
+    report.skipped["packed_attention"] = (f"chosen per model: lf.kernels.patch(model), or attn_implementation="
+                                          f"{_packed_attention.register()!r} when loading")
     log.info("%s", report)
     return report
 
@@ -315,6 +336,8 @@ def unpatch(target: nn.Module | str) -> None:
                 del m.forward
                 m.__dict__.pop("_lf_act", None)
         base.__dict__.pop("_lf_hf_forward", None)
+        if "_lf_hf_attn" in base.__dict__:
+            base.set_attn_implementation(base.__dict__.pop("_lf_hf_attn"))
         model_type = getattr(base.config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is not None:

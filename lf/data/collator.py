@@ -1,0 +1,52 @@
+"""Lists of features -> padded tensors for a training batch (right padding).
+
+Every feature group is padded the same way: `<prefix>input_ids` with the pad token, `<prefix>labels` with -100,
+for the prefixes "" (sft/pt), "chosen_"/"rejected_" (pairwise) and "kl_" (kto). A group with position_ids (neat
+packing) gets no attention mask: its padding continues as one more example whose positions restart at 0, so that
+position-restart boundaries alone keep examples apart. Other groups get an attention mask. Plain values (kto
+flags) become a tensor. Lengths are rounded up to `pad_to_multiple_of` (friendlier shapes for the kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lf.data.processors import IGNORE_INDEX
+
+PREFIXES = ("", "chosen_", "rejected_", "kl_")
+
+
+@dataclass
+class Collator:
+    pad_token_id: int
+    pad_to_multiple_of: int | None = 8
+
+    def _length(self, rows) -> int:
+        longest = max(len(row) for row in rows)
+        m = self.pad_to_multiple_of
+        return -(-longest // m) * m if m else longest
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for prefix in PREFIXES:
+            key = f"{prefix}input_ids"
+            if key not in features[0]:
+                continue
+            rows = [f[key] for f in features]
+            n = self._length(rows)
+            pads = [n - len(row) for row in rows]
+            batch[key] = torch.tensor([list(r) + [self.pad_token_id] * p for r, p in zip(rows, pads)])
+            if f"{prefix}labels" in features[0]:
+                batch[f"{prefix}labels"] = torch.tensor(
+                    [list(f[f"{prefix}labels"]) + [IGNORE_INDEX] * p for f, p in zip(features, pads)])
+            if f"{prefix}position_ids" in features[0]:
+                batch[f"{prefix}position_ids"] = torch.tensor(
+                    [list(f[f"{prefix}position_ids"]) + list(range(p)) for f, p in zip(features, pads)])
+            else:
+                batch[f"{prefix}attention_mask"] = torch.tensor([[1] * len(r) + [0] * p for r, p in zip(rows, pads)])
+        grouped = {f"{prefix}{name}" for prefix in PREFIXES for name in ("input_ids", "labels", "position_ids")}
+        for key in features[0].keys() - grouped:
+            batch[key] = torch.tensor([f[key] for f in features])
+        return batch

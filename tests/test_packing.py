@@ -1,0 +1,183 @@
+"""Sequence packing: the packer, the collator, and the test that matters: a packed batch gives the loss and the
+gradients of its examples run one by one (a tiny Llama/Qwen2 from a config; HF's SDPA mask path and lf's packed
+attention; with and without lf's kernels patched in)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lf.data.collator import Collator
+from lf.data.packing import best_fit_decreasing, pack, padding_fraction
+from lf.data.processors import IGNORE_INDEX
+from lf.kernels import packed_attention
+from lf.kernels import patch as patch_model
+from lf.kernels import unpatch
+
+# fp32 model, sums over ~100 tokens: the packed and one-by-one runs differ only in summation order.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def test_best_fit_decreasing_places_every_item_once_within_capacity():
+    rng = random.Random(0)
+    for _ in range(50):
+        capacity = rng.randint(1, 300)
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(0, 200))]
+        bins = best_fit_decreasing(lengths, capacity)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+        lower_bound = -(-sum(lengths) // capacity)
+        # best-fit decreasing uses at most 11/9 OPT + 6/9 bins
+        assert len(bins) <= 11 * lower_bound / 9 + 1
+
+
+def test_best_fit_decreasing_fills_the_tightest_row():
+    # 6 goes first into a new row; 5 opens another; 4 fits only next to 5 (6+4 > 10? no: 6+4=10 fits tightest)
+    assert best_fit_decreasing([6, 5, 4, 5], 10) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="does not fit"):
+        best_fit_decreasing([11], 10)
+
+
+def _examples(rng, n, vocab=100, longest=40):
+    batch = {"input_ids": [], "labels": []}
+    for _ in range(n):
+        length = rng.randint(1, longest)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        prompt = rng.randint(0, length - 1)
+        batch["input_ids"].append(ids)
+        batch["labels"].append([IGNORE_INDEX] * prompt + ids[prompt:])
+    return batch
+
+
+@pytest.mark.parametrize("neat", [True, False])
+def test_pack_rows_keep_every_token_and_label(neat):
+    rng = random.Random(1)
+    batch = _examples(rng, 30)
+    packed = pack(batch, capacity=64, neat=neat)
+    assert ("position_ids" in packed) == neat
+    assert sum(map(len, packed["input_ids"])) == sum(map(len, batch["input_ids"]))
+    assert all(len(row) <= 64 for row in packed["input_ids"])
+    # every example's labels appear, its first one replaced by -100
+    expected = sorted(tuple([IGNORE_INDEX] + labels[1:]) for labels in batch["labels"])
+    found = []
+    for r, labels in enumerate(packed["labels"]):
+        positions = packed["position_ids"][r] if neat else None
+        if neat:
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(labels)]
+            found += [tuple(labels[s:e]) for s, e in zip(starts[:-1], starts[1:])]
+    if neat:
+        assert sorted(found) == expected
+    assert padding_fraction(list(map(len, batch["input_ids"])), len(packed["input_ids"]), 64) < 0.2
+
+
+def test_collator_pads_right_and_continues_positions():
+    collate = Collator(pad_token_id=0, pad_to_multiple_of=4)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 0]},
+                     {"input_ids": [8], "labels": [8], "position_ids": [0]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 0], [0, 0, 1, 2]]
+    assert "attention_mask" not in batch
+    plain = Collator(pad_token_id=1, pad_to_multiple_of=None)([{"input_ids": [5, 6], "labels": [5, 6]},
+                                                              {"input_ids": [7], "labels": [7]}])
+    assert plain["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert plain["input_ids"].tolist() == [[5, 6], [7, 1]]
+    pairs = Collator(0, None)([{"chosen_input_ids": [1, 2], "chosen_labels": [1, 2], "rejected_input_ids": [3],
+                                "rejected_labels": [3], "kto_tags": True}])
+    assert pairs["rejected_attention_mask"].tolist() == [[1]] and pairs["kto_tags"].tolist() == [True]
+
+
+def test_segments_read_restarts_and_ignore_left_padding():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert packed_attention.segments(pos, 6) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert packed_attention.segments(torch.arange(6)[None], 6) is None  # nothing packed
+    assert packed_attention.segments(torch.tensor([[1, 1, 0, 1, 2]]), 5) is None  # generation's left padding
+    assert packed_attention.segments(None, 5) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_sdpa_equals_each_segment_alone(dtype):
+    bounds = [[(0, 5), (5, 6), (6, 13)], [(0, 13)]]
+    q = torch.randn(2, 4, 13, 8, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 13, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 13, 8, dtype=dtype, requires_grad=True)
+    out = packed_attention.packed_sdpa(q, k, v, bounds, scale=0.3)
+    mask = torch.zeros(2, 1, 13, 13, dtype=torch.bool)
+    for b, row in enumerate(bounds):
+        for s, e in row:
+            mask[b, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64.repeat_interleave(2, dim=1), v64.repeat_interleave(2, dim=1),
+                                         attn_mask=mask, scale=0.3)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 4)
+
+
+def _tiny(family, attn):
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = LlamaForCausalLM(config)
+    else:
+        config = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = Qwen2ForCausalLM(config)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _loss_sum(model, batch):
+    """Sum of token losses and its gradients (the same normalisation for packed and one-by-one runs)."""
+    model.zero_grad()
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "eager"])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_packed_batch_equals_examples_one_by_one(family, attn, kernels):
+    packed_attention.register()
+    model = _tiny(family, attn)
+    if kernels:
+        patch_model(model, fused_linear_cross_entropy=False)  # logits are needed here
+    try:
+        rng = random.Random(2)
+        examples = _examples(rng, 9, longest=30)
+        rows = pack(examples, capacity=48, neat=True)
+        assert any(len([p for p in pos if p == 0]) > 1 for pos in rows["position_ids"])  # really packed
+        collate = Collator(pad_token_id=0, pad_to_multiple_of=8)
+        packed_loss, packed_grads = _loss_sum(model, collate([dict(zip(rows, v)) for v in zip(*rows.values())]))
+        loss, grads = torch.zeros(()), None
+        for ids, labels in zip(examples["input_ids"], examples["labels"]):
+            one_loss, one_grads = _loss_sum(model, {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
+            loss += one_loss
+            grads = one_grads if grads is None else {n: grads[n] + g for n, g in one_grads.items()}
+        torch.testing.assert_close(packed_loss, loss, rtol=RTOL, atol=ATOL)
+        for name, grad in grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    finally:
+        unpatch(model)
+
+
+def test_unneat_packing_lets_examples_see_each_other():
+    """The contrast that shows the test above can fail: without position restarts the losses differ."""
+    model = _tiny("llama", "sdpa")
+    rng = random.Random(3)
+    examples = _examples(rng, 6, longest=20)
+    rows = pack(examples, capacity=64, neat=False)
+    collate = Collator(pad_token_id=0, pad_to_multiple_of=None)
+    packed_loss, _ = _loss_sum(model, collate([dict(zip(rows, v)) for v in zip(*rows.values())]))
+    alone = sum(_loss_sum(model, {"input_ids": torch.tensor([i]), "labels": torch.tensor([lab])})[0]
+                for i, lab in zip(examples["input_ids"], examples["labels"]))
+    assert not torch.allclose(packed_loss, alone, rtol=1e-3)
