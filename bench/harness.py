@@ -292,6 +292,16 @@ def write_results(result: dict) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def write_report(name: str, text: str, data: dict, quick: bool) -> Path:
+    """bench/results/<device>/<date>-<name>.{md,json} (scratch/, git-ignored, for --quick runs); returns the .md."""
+    folder = RESULTS / device_name() / ("scratch" if quick else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{name}"
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(text)
+    return folder / f"{stem}.md"
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 

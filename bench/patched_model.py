@@ -88,12 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['loss']:.6f} |")
     text = "\n".join(md) + "\n"
     print(text)
-    folder = harness.RESULTS / device / ("scratch" if args.quick else "")
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y-%m-%d')}-patched_model"
-    (folder / f"{stem}.md").write_text(text)
-    (folder / f"{stem}.json").write_text(json.dumps({"command": command, "sizes": sizes, "machine": machine,
-                                                     "rows": rows}, indent=2) + "\n")
+    harness.write_report("patched_model", text, {"command": command, "sizes": sizes, "machine": machine,
+                                                    "rows": rows}, args.quick)
     if abs(lf_row["loss"] - base["loss"]) > 1e-4 * abs(base["loss"]):
         print("WARNING: the patched loss differs from the unpatched one", file=sys.stderr)
     return 0

@@ -4,13 +4,15 @@ attention; with and without lf's kernels patched in)."""
 
 import random
 
+import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lf.data.collator import Collator
-from lf.data.packing import best_fit_decreasing, pack, padding_fraction
+from lf.data.packing import best_fit_decreasing, padding_fraction
+from lf.data.packing import pack as pack_table
 from lf.data.processors import IGNORE_INDEX
 from lf.kernels import packed_attention
 from lf.kernels import patch as patch_model
@@ -38,6 +40,10 @@ def test_best_fit_decreasing_fills_the_tightest_row():
     assert best_fit_decreasing([6, 5, 4, 5], 10) == [[0, 2], [1, 3]]
     with pytest.raises(ValueError, match="does not fit"):
         best_fit_decreasing([11], 10)
+
+
+def pack(batch, **kwargs):
+    return pack_table(pa.table(batch), **kwargs).to_pydict()
 
 
 def _examples(rng, n, vocab=100, longest=40):

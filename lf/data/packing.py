@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from lf.data.processors import IGNORE_INDEX
 
 
@@ -45,23 +49,26 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(batch: dict, *, capacity: int, neat: bool) -> dict:
-    """A batch of tokenized examples (input_ids, labels) -> packed rows (and position_ids when neat)."""
-    lengths = [len(ids) for ids in batch["input_ids"]]
-    out = {"input_ids": [], "labels": []}
+def pack(batch, *, capacity: int, neat: bool):
+    """Tokenized examples (an Arrow table with input_ids and labels, as `datasets.map` passes it in arrow format)
+    -> an Arrow table of packed rows (with position_ids when neat). The token columns are moved by Arrow and
+    numpy, never as Python lists: packing 100k examples takes a fraction of a second."""
+    ids, labels = (batch.column(name).combine_chunks() for name in ("input_ids", "labels"))
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    bins = best_fit_decreasing(lengths.tolist(), capacity)
+    order = np.fromiter((i for members in bins for i in members), dtype=np.int64, count=len(lengths))
+    example_lengths = lengths[order]
+    example_starts = np.cumsum(example_lengths) - example_lengths
+    row_offsets = np.zeros(len(bins) + 1, dtype=np.int32)
+    np.cumsum([lengths[members].sum() for members in bins], out=row_offsets[1:])
+    new_labels = pc.list_flatten(labels.take(order)).to_numpy(zero_copy_only=False).astype(np.int32)
+    new_labels[example_starts] = IGNORE_INDEX
+    columns = {"input_ids": pc.list_flatten(ids.take(order)).cast(pa.int32()), "labels": pa.array(new_labels)}
     if neat:
-        out["position_ids"] = []
-    for members in best_fit_decreasing(lengths, capacity):
-        input_ids, labels, positions = [], [], []
-        for i in members:
-            input_ids += batch["input_ids"][i]
-            labels += [IGNORE_INDEX] + list(batch["labels"][i][1:])
-            positions += range(lengths[i])
-        out["input_ids"].append(input_ids)
-        out["labels"].append(labels)
-        if neat:
-            out["position_ids"].append(positions)
-    return out
+        columns["position_ids"] = pa.array(
+            (np.arange(int(row_offsets[-1])) - np.repeat(example_starts, example_lengths)).astype(np.int32))
+    offsets = pa.array(row_offsets)
+    return pa.table({name: pa.ListArray.from_arrays(offsets, values) for name, values in columns.items()})
 
 
 def padding_fraction(lengths: list[int], rows: int, row_length: int) -> float:

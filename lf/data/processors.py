@@ -85,8 +85,8 @@ def _build(turns, options: Options) -> tuple[list[int], list[int]]:
     return input_ids, labels
 
 
-def _has_label(labels) -> bool:
-    return any(label != IGNORE_INDEX for label in labels)
+def _has_label(labels: list[int]) -> bool:
+    return labels.count(IGNORE_INDEX) < len(labels)
 
 
 def _note_dropped(kind: str, dropped: int, total: int) -> None:

@@ -1,0 +1,215 @@
+"""The data pipeline of a run, top to bottom: `get_dataset(data_args, tokenizer=..., template=..., stage=...)`.
+
+  dataset_info.json names -> canonical rows (loader) -> eval split -> token ids and labels (processors)
+  -> packed rows (packing, sft) -> cached on disk (tokenized_path)
+
+Each step is one call with plain values. The result is a `DatasetModule`; `collator(...)` pads its batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from lf.data import packing as packing_
+from lf.data.collator import Collator
+from lf.data.loader import load_canonical, split_eval
+from lf.data.processors import PROCESSORS, Options
+from lf.errors import DataError
+
+log = logging.getLogger("lf")
+CANONICAL_COLUMNS = ["prompt", "response", "system", "tools", "kto_tag"]
+MARKER = "lf_dataset.json"  # written last into tokenized_path: a folder without it was never completed
+PACKING_WINDOW = 10_000  # examples packed together: large enough that rows come out nearly full
+
+
+@dataclass
+class DatasetModule:
+    train_dataset: object = None  # datasets.Dataset | IterableDataset | None
+    eval_dataset: object = None  # a dataset, or {name: dataset} with eval_on_each_dataset
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a stage's examples are cut and packed, resolved from the data arguments."""
+
+    stage: str
+    packing: bool
+    neat: bool
+
+    @classmethod
+    def resolve(cls, data_args, stage: str) -> "Plan":
+        if stage not in PROCESSORS:
+            raise DataError(f"unknown stage {stage!r}; lf knows: {', '.join(PROCESSORS)}")
+        packing = data_args.packing if data_args.packing is not None else stage == "pt"
+        if packing and stage not in ("pt", "sft"):
+            raise DataError(f"packing: true is for the pt and sft stages, not {stage}: set packing: false")
+        neat = data_args.neat_packing
+        if neat and stage != "sft":
+            raise DataError("neat_packing keeps packed sft examples apart; pt concatenates its texts into blocks "
+                            "(examples see each other by design): remove neat_packing or use stage: sft")
+        if neat and not packing:
+            raise DataError("neat_packing: true needs packing: true (it says how packed rows are built)")
+        return cls(stage, bool(packing), bool(packing and stage == "sft" and neat is not False))
+
+
+def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42) -> DatasetModule:
+    """Train and eval datasets of token ids for `stage` (pt, sft, rm, dpo, kto, ppo, predict)."""
+    plan = Plan.resolve(data_args, stage)
+    path = data_args.tokenized_path
+    if path and data_args.streaming:
+        raise DataError("tokenized_path caches a tokenized dataset on disk, which a streamed dataset never is: "
+                        "remove tokenized_path or set streaming: false")
+    if path and os.path.exists(os.path.join(path, MARKER)) and not data_args.overwrite_cache:
+        return _load_cached(path, plan)
+
+    train = load_canonical(data_args.dataset, data_args, seed=seed)
+    evals = _eval_sets(data_args, seed)
+    if data_args.val_size and train is not None:
+        if evals is not None:
+            raise DataError("give either val_size (a share of the training data) or eval_dataset, not both")
+        train, evals = split_eval(train, data_args.val_size, seed=seed)
+    if train is None and evals is None:
+        raise DataError("no dataset given: set `dataset:` (names from dataset_info.json) or `eval_dataset:`")
+    module = DatasetModule(
+        _prepare(train, "train", plan, data_args, tokenizer, template) if train is not None else None,
+        _map_evals(evals, lambda d, name: _prepare(d, name, plan, data_args, tokenizer, template)))
+    if path:
+        _save(module, path, plan)
+    return module
+
+
+def collator(tokenizer) -> Collator:
+    """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token: the template's prepare_tokenizer sets one")
+    return Collator(pad_token_id=pad)
+
+
+def _eval_sets(data_args, seed):
+    if not data_args.eval_dataset:
+        return None
+    if data_args.eval_on_each_dataset:
+        names = [n.strip() for n in data_args.eval_dataset.split(",") if n.strip()]
+        return {name: load_canonical(name, data_args, seed=seed) for name in names}
+    return load_canonical(data_args.eval_dataset, data_args, seed=seed)
+
+
+def _map_evals(evals, fn):
+    if evals is None:
+        return None
+    if isinstance(evals, dict):
+        return {name: fn(d, f"eval {name}") for name, d in evals.items()}
+    return fn(evals, "eval")
+
+
+def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template):
+    """Canonical rows -> token ids and labels (-> packed rows), with progress bars where the size is known."""
+    streaming = not hasattr(dataset, "__len__")
+    kwargs = {} if streaming else {"num_proc": data_args.preprocessing_num_workers,
+                                   "load_from_cache_file": not data_args.overwrite_cache,
+                                   "desc": f"Tokenizing {name} ({plan.stage})"}
+    process = functools.partial(PROCESSORS[plan.stage], template=template, tokenizer=tokenizer,
+                                options=Options.from_args(data_args))
+    if plan.stage == "pt":
+        process = functools.partial(process, concatenate=plan.packing)
+    process = functools.partial(_to_arrow, process=process)
+    columns = [c for c in CANONICAL_COLUMNS if c in (dataset.column_names or CANONICAL_COLUMNS)]
+    tokenized = dataset.map(process, batched=True, batch_size=data_args.preprocessing_batch_size,
+                            remove_columns=columns, **kwargs)
+    if not (plan.packing and plan.stage == "sft"):
+        _log_summary(name, tokenized, streaming)
+        return tokenized
+    if not streaming:
+        kwargs["desc"] = f"Packing {name} into rows of {data_args.cutoff_len}"
+    packed = tokenized.with_format("arrow").map(
+        functools.partial(packing_.pack, capacity=data_args.cutoff_len, neat=plan.neat), batched=True, batch_size=PACKING_WINDOW, remove_columns=["input_ids", "labels"], **kwargs)
+    if not streaming:
+        share = packing_.padding_fraction(_lengths(tokenized), len(packed), data_args.cutoff_len)
+        log.info("%s: %d examples packed into %d rows of %d tokens (%s; %.1f%% of the rows is padding)", name,
+                 len(tokenized), len(packed), data_args.cutoff_len,
+                 "each example sees only itself" if plan.neat else "examples in a row see each other", 100 * share)
+    return packed
+
+
+def _to_arrow(batch, *, process):
+    """Runs a processor and hands its token columns to `datasets` as Arrow list<int32> arrays built in one C call
+    each (datasets' own conversion of Python lists inspects every value: a fifth of the tokenizing time)."""
+    out = process(batch)
+    columns = {}
+    for name, rows in out.items():
+        if name.endswith(("input_ids", "labels", "position_ids")):
+            offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+            np.cumsum([len(row) for row in rows], out=offsets[1:])
+            values = pa.array(list(itertools.chain.from_iterable(rows)), type=pa.int32())
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+        else:  # kto's desirable flags
+            columns[name] = pa.array(rows, type=pa.bool_())
+    return pa.table(columns)
+
+
+def _lengths(dataset, column: str = "input_ids") -> list[int]:
+    """Token counts per row, read from the Arrow table (no Python lists of ids)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.data.column(column)).to_pylist()
+
+
+def _log_summary(name, dataset, streaming):
+    if streaming:
+        log.info("%s: tokenized as it streams", name)
+    else:
+        column = next(c for c in dataset.column_names if c.endswith("input_ids"))
+        log.info("%s: %d examples, %d tokens", name, len(dataset), sum(_lengths(dataset, column)))
+
+
+def _save(module: DatasetModule, path: str, plan: Plan) -> None:
+    """Writes the datasets to `path` so that an error half way leaves the previous cache (or nothing) in place:
+    everything goes to a sibling folder first, which replaces `path` only when complete."""
+    from datasets import DatasetDict
+
+    if module.train_dataset is not None and not hasattr(module.train_dataset, "save_to_disk"):
+        raise DataError("a streamed dataset cannot be cached: remove tokenized_path")
+    parts = {}
+    if module.train_dataset is not None:
+        parts["train"] = module.train_dataset
+    evals = module.eval_dataset
+    parts.update({f"eval_{n}": d for n, d in evals.items()} if isinstance(evals, dict)
+                 else ({"eval": evals} if evals is not None else {}))
+    staging = f"{path.rstrip(os.sep)}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    DatasetDict(parts).save_to_disk(staging)
+    with open(os.path.join(staging, MARKER), "w") as f:
+        json.dump({"stage": plan.stage, "packing": plan.packing, "neat_packing": plan.neat,
+                   "eval_each": isinstance(evals, dict)}, f)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    log.info("tokenized datasets saved to %s (the next run with tokenized_path loads them and skips tokenizing)",
+             path)
+
+
+def _load_cached(path: str, plan: Plan) -> DatasetModule:
+    from datasets import load_from_disk
+
+    with open(os.path.join(path, MARKER)) as f:
+        meta = json.load(f)
+    if (meta["stage"], meta["packing"], meta["neat_packing"]) != (plan.stage, plan.packing, plan.neat):
+        raise DataError(f"{path} holds data tokenized for stage {meta['stage']} (packing {meta['packing']}, "
+                        f"neat_packing {meta['neat_packing']}), not for this run's: set overwrite_cache: true "
+                        f"or another tokenized_path")
+    parts = load_from_disk(path)
+    log.info("loaded tokenized datasets from %s (%s); set overwrite_cache: true to tokenize again", path,
+             ", ".join(f"{k}: {len(v)} rows" for k, v in parts.items()))
+    evals = {k.removeprefix("eval_"): v for k, v in parts.items() if k.startswith("eval_")} if meta["eval_each"] \
+        else parts.get("eval")
+    return DatasetModule(parts.get("train"), evals or None)

@@ -1,0 +1,407 @@
+"""Chat templates: a conversation in canonical form -> the text and token ids a model is trained on.
+
+A registered `Template` is declarative: a format string per part of a conversation, with the fields {content},
+{bos} and {eos} (the tokenizer's bos/eos text, placed where the model's official template writes them). The
+conversation is cut into turns: turn i is (prompt_i, reply_i), where prompt_i is everything from the end of the
+previous reply through the generation prompt (the header after which the model writes), and reply_i is the reply
+through its end-of-turn marker. What the official template writes after a marker (chatml's newline) opens the
+next prompt, so every reply ends with the marker the model must learn to stop on; after the last reply it is not
+encoded at all (nothing follows it to learn), though `render` writes it, to match the official text.
+
+Reasoning (qwen3, deepseekr1): a reply may start with "<think>...</think>". As in the official templates,
+replies before the last one lose their reasoning (the models never see old reasoning at inference). The last
+reply keeps it, written the way the model writes it after the generation prompt. In thinking mode a last reply
+without reasoning gets an empty block "<think>\n\n</think>\n\n" in the reply: the official Qwen3 template does
+the same, and training on it keeps the model writing the block it is always expected to open. With thinking off
+(enable_thinking=False, qwen3_nothink) the empty block goes at the end of the prompt instead, as the official
+non-thinking generation prompt does, so the model learns the answer only; a reply that does carry reasoning keeps
+it in the reply either way.
+
+Where lf knowingly differs from a model's official template:
+  mistral     the system prompt joins the last user message, as mistral-common does (v0.3's jinja writes it only
+              when the conversation ends with that message, so a training conversation would lose it); tool calls
+              and results carry no call ids (canonical data has none);
+  deepseekr1  the official template drops the reasoning of every reply (it is written for inference); lf keeps the
+              last reply's, written as the model generates it after "<｜Assistant｜><think>\n";
+  llama3      Llama 3 format without 3.1's "Cutting Knowledge Date" system lines; tools go in the first user
+              message as 3.1 puts them;
+  phi         without the eos Phi-3's template writes after the last turn (the reply already ends with "<|end|>").
+
+`resolve_template` can instead use a tokenizer's own jinja `chat_template` (`JinjaTemplate`): turns are cut from
+renderings of growing prefixes of the conversation, which only works for templates that never rewrite earlier
+turns; others raise a DataError that asks for a registered template.
+"""
+
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, PROMPT_ROLES, REPLY_ROLES, SYSTEM, USER
+from lf.data.tools import BEFORE_LAST_USER, IN_FIRST_USER, IN_SYSTEM, get_tool_format, parse_calls, parse_tools
+from lf.errors import DataError, did_you_mean
+
+# Where a template puts the system prompt: a block of its own at the start, or inside a user message.
+AT_START, IN_FIRST_USER_MESSAGE, IN_LAST_USER_MESSAGE = "start", "first_user", "last_user"
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How a template writes a reply's reasoning block."""
+
+    open: str = "<think>\n"
+    close: str = "\n</think>\n\n"
+    prompt_opens: bool = False  # the generation prompt writes `open` (DeepSeek-R1): the model continues after it
+    lstrip_history: bool = True  # history replies drop the newlines after "</think>" (Qwen3 does, R1 keeps them)
+
+    def split(self, content: str) -> tuple[str | None, str]:
+        """(reasoning or None when there is no block, the text after the block)."""
+        end = self.close.strip()
+        if end not in content:
+            return None, content
+        head, _, answer = content.rpartition(end)
+        return head.split(self.open.strip())[-1].strip("\n"), answer
+
+
+def _check_roles(messages, open_ended: bool):
+    """Conversations alternate a prompt role and a reply role, starting with a prompt; `open_ended`: they end on
+    a prompt (for a generation prompt), else on a reply."""
+    for i, message in enumerate(messages):
+        expected = PROMPT_ROLES if i % 2 == 0 else REPLY_ROLES
+        if message["role"] not in expected:
+            raise DataError(f"message {i + 1} has role {message['role']!r} where {' or '.join(expected)} is "
+                            "expected: a conversation alternates a prompt (user | observation) and a reply "
+                            "(assistant | function), starting with a prompt")
+    if not messages or len(messages) % 2 != open_ended:
+        ending = "a prompt (user | observation), to be answered" if open_ended else "a reply (assistant | function)"
+        raise DataError(f"a conversation of {len(messages)} messages cannot be templated here: it must end with "
+                        f"{ending}")
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    stop_words: tuple[str, ...] = ()  # what ends a reply at generation time besides eos (none when eos does)
+    prefix: str = ""  # once, at the very start (bos)
+    system: str = "{content}"  # the system prompt ("" drops it)
+    system_at: str = AT_START  # or inside the first / last user message (llama2, gemma / mistral)
+    user: str = "{content}"  # a user turn, through the generation prompt
+    observation: str = ""  # a tool-result turn ("" = like a user turn)
+    assistant: str = "{content}"  # a reply, through its end-of-turn marker
+    function: str = ""  # a tool-call reply ("" = like any reply)
+    separator: str = ""  # what the official template writes after a reply's end-of-turn marker
+    default_system: str = ""
+    trim: tuple[str, ...] = ()  # roles whose content the official template strips of surrounding whitespace
+    tool_format: str = "default"
+    thinking: Thinking | None = None
+    enable_thinking: bool = True
+    bos_token: str = ""  # the model family's bos/eos text: written by `render` when no tokenizer is given,
+    eos_token: str = "</s>"  # and the eos `prepare_tokenizer` gives a tokenizer that has none
+
+    # -- text --------------------------------------------------------------------------------------------------
+
+    def render_pairs(self, messages, system=None, tools=None, tokenizer=None) -> list[tuple[str, str]]:
+        """(prompt, reply) text per turn: what `encode_multiturn` tokenizes, piece by piece."""
+        _check_roles(messages, open_ended=False)
+        return self._turns(messages, system, tools, tokenizer)
+
+    def render(self, messages, system=None, tools=None, add_generation_prompt=False, tokenizer=None) -> str:
+        """The conversation as text. With `add_generation_prompt` it ends with a prompt message and the text
+        ends where the model's reply starts. {bos}/{eos} are the tokenizer's when one is given."""
+        _check_roles(messages, open_ended=add_generation_prompt)
+        turns = self._turns(messages, system, tools, tokenizer)
+        if add_generation_prompt:
+            return "".join(prompt + reply for prompt, reply in turns[:-1]) + turns[-1][0]
+        return "".join(prompt + reply for prompt, reply in turns) + self._fill(self.separator, "", tokenizer)
+
+    def _fill(self, fmt: str, content: str, tokenizer) -> str:
+        if tokenizer is None:
+            return fmt.format(content=content, bos=self.bos_token, eos=self.eos_token)
+        return fmt.format(content=content, bos=tokenizer.bos_token or "", eos=tokenizer.eos_token or "")
+
+    def _turns(self, messages, system, tools, tokenizer) -> list[tuple[str, str]]:
+        """Turns of a checked conversation; an open-ended one's last turn has reply ''."""
+        tool_format = get_tool_format(self.tool_format)
+        system = (system or self.default_system).strip() if SYSTEM in self.trim else system or self.default_system
+        tools_text = tool_format.format_tools(tools) if tools else ""
+        if tools_text and tool_format.placement == IN_SYSTEM:
+            system = "\n\n".join(part for part in (system, tools_text) if part)
+        users = [i for i, m in enumerate(messages) if m["role"] == USER] or [0]
+        system_at = {AT_START: None, IN_FIRST_USER_MESSAGE: users[0], IN_LAST_USER_MESSAGE: users[-1]}[self.system_at]
+        tools_at = {IN_SYSTEM: None, IN_FIRST_USER: users[0], BEFORE_LAST_USER: users[-1]}[tool_format.placement]
+
+        head = self._fill(self.prefix, "", tokenizer)
+        if system and system_at is None:
+            head += self._fill(self.system, system, tokenizer)
+        turns = []
+        for i in range(0, len(messages), 2):
+            role, content = messages[i]["role"], messages[i]["content"]
+            if role == OBSERVATION:
+                text = self._fill(self.observation or self.user, tool_format.format_observation(content), tokenizer)
+            else:
+                content = content.strip() if USER in self.trim else content
+                if i == tools_at and tool_format.placement == IN_FIRST_USER:
+                    content = tools_text + content
+                if i == system_at and system:
+                    content = self._fill(self.system, system, tokenizer) + content
+                text = self._fill(self.user, content, tokenizer)
+                if i == tools_at and tool_format.placement == BEFORE_LAST_USER:
+                    text = tools_text + text
+            prompt = (head if i == 0 else self._fill(self.separator, "", tokenizer)) + text
+            if i + 1 == len(messages):  # open-ended: the generation prompt is that of a reply with no reasoning
+                turns.append((prompt + self._reply_body("", last=True)[0], ""))
+                continue
+            reply = messages[i + 1]
+            if reply["role"] == FUNCTION:
+                try:
+                    body = tool_format.format_calls(reply["content"])
+                except DataError as e:
+                    raise DataError(f"message {i + 2} (function): {e}") from None
+            else:
+                body = reply["content"].strip() if ASSISTANT in self.trim else reply["content"]
+            opening, body = self._reply_body(body, last=i + 2 == len(messages))
+            fmt = self.function if reply["role"] == FUNCTION and self.function else self.assistant
+            turns.append((prompt + opening, self._fill(fmt, body, tokenizer)))
+        return turns
+
+    def _reply_body(self, content: str, last: bool) -> tuple[str, str]:
+        """(text the prompt ends with, the reply's content) under the template's reasoning rules."""
+        thinking = self.thinking
+        if thinking is None:
+            return "", content
+        reasoning, answer = thinking.split(content)
+        if not last:  # history: the official templates drop old reasoning
+            return "", answer.lstrip("\n") if reasoning is not None and thinking.lstrip_history else answer
+        if not reasoning and not self.enable_thinking:
+            return thinking.open + thinking.close, answer.lstrip("\n") if reasoning is not None else answer
+        block = thinking.open + (reasoning or "") + thinking.close + answer.lstrip("\n")
+        if thinking.prompt_opens:
+            return thinking.open, block[len(thinking.open):]
+        return "", block
+
+    # -- tokens ------------------------------------------------------------------------------------------------
+
+    def encode_multiturn(self, tokenizer, messages, system=None, tools=None) -> list[tuple[list[int], list[int]]]:
+        """(prompt_ids, response_ids) per turn; each response ends with the end-of-turn marker (or eos)."""
+        return self.encode_many(tokenizer, [(messages, system, tools)])[0]
+
+    def encode_oneturn(self, tokenizer, messages, system=None, tools=None) -> tuple[list[int], list[int]]:
+        """(prompt_ids, response_ids) of the last reply, all earlier turns merged into the prompt."""
+        turns = self.encode_multiturn(tokenizer, messages, system, tools)
+        return [t for prompt, reply in turns[:-1] for t in prompt + reply] + turns[-1][0], turns[-1][1]
+
+    def encode_many(self, tokenizer, conversations) -> list[list[tuple[list[int], list[int]]]]:
+        """`encode_multiturn` of each (messages, system, tools), with one batched tokenizer call for them all."""
+        rendered = [self.render_pairs(messages, system, tools, tokenizer) for messages, system, tools in conversations]
+        texts = [piece for turns in rendered for turn in turns for piece in turn]
+        ids = iter(_token_ids(tokenizer, texts) if texts else ())
+        return [[(next(ids), next(ids)) for _ in turns] for turns in rendered]
+
+    def prepare_tokenizer(self, tokenizer) -> list[str]:
+        """Fits the tokenizer to the template: an eos and a pad token when missing, and the stop words as single
+        special tokens. Returns what it changed, in plain words."""
+        changes = []
+        if tokenizer.eos_token is None:
+            eos = self.stop_words[0] if self.stop_words else self.eos_token
+            tokenizer.add_special_tokens({"eos_token": eos})
+            changes.append(f"set the eos token to {eos!r} (the tokenizer had none)")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+            changes.append(f"set the pad token to the eos token {tokenizer.eos_token!r} (the tokenizer had none)")
+        unknown = [w for w in self.stop_words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) != 1]
+        if unknown:
+            tokenizer.add_tokens(unknown, special_tokens=True)
+            changes.append(f"added the stop word(s) {', '.join(map(repr, unknown))} of template {self.name!r} as "
+                           f"special tokens (the tokenizer split them into pieces); the vocabulary now has "
+                           f"{len(tokenizer)} tokens, so the model's embeddings must grow to match")
+        return changes
+
+
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, no special tokens added. A fast tokenizer's Rust backend is called directly: the same ids
+    without transformers' per-text wrapping, which costs about a fifth of the time on 100k records."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+# Qwen3 writes reasoning in the reply; DeepSeek-R1's generation prompt opens the block and its history replies
+# keep what follows "</think>" as it is.
+QWEN3_THINKING = Thinking()
+R1_THINKING = Thinking(prompt_opens=True, lstrip_history=False)
+
+_CHATML = dict(stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}<|im_end|>\n",
+               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+               assistant="{content}<|im_end|>", separator="\n")
+_DEEPSEEK = dict(stop_words=("<｜end▁of▁sentence｜>",), prefix="{bos}", user="<｜User｜>{content}<｜Assistant｜>",
+                 assistant="{content}<｜end▁of▁sentence｜>", bos_token="<｜begin▁of▁sentence｜>")
+_QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+_REGISTRY = {t.name: t for t in (
+    Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
+             assistant=" {content}{eos}", separator="\n"),
+    Template("empty", system=""),  # text only, for pretraining-like data
+    # Stanford Alpaca's prompt.
+    Template("alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n### Response:\n",
+             assistant="{content}{eos}", separator="\n\n",
+             default_system="Below is an instruction that describes a task. "
+                            "Write a response that appropriately completes the request."),
+    # Vicuna v1.1 (FastChat).
+    Template("vicuna", system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
+             default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+                            "gives helpful, detailed, and polite answers to the user's questions."),
+    Template("chatml", **_CHATML),
+    Template("qwen", **_CHATML, default_system=_QWEN_SYSTEM, tool_format="qwen"),  # Qwen2 / Qwen2.5
+    Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING),
+    Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False),
+    Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
+             user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
+             bos_token="<s>"),
+    # Llama 3 / 3.1 (without 3.1's date lines in the system prompt).
+    Template("llama3", stop_words=("<|eot_id|>",), prefix="{bos}",
+             system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+             user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n",
+             observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n",
+             assistant="{content}<|eot_id|>", trim=(SYSTEM, USER, ASSISTANT), tool_format="llama3",
+             bos_token="<|begin_of_text|>"),
+    # Mistral v0.3 (and mistral-common): the system prompt joins the last user message.
+    Template("mistral", prefix="{bos}", system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
+             user="[INST] {content}[/INST]", observation="{content}", assistant=" {content}{eos}",
+             function="{content}{eos}", trim=(ASSISTANT,), tool_format="mistral", bos_token="<s>"),
+    # Gemma, Gemma 2, Gemma 3: the system prompt opens the first user turn.
+    Template("gemma", stop_words=("<end_of_turn>",), prefix="{bos}", system="{content}\n\n",
+             system_at=IN_FIRST_USER_MESSAGE,
+             user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+             assistant="{content}<end_of_turn>", separator="\n", trim=(USER, ASSISTANT), bos_token="<bos>",
+             eos_token="<eos>"),
+    # Phi-3 / Phi-3.5 (without the eos their template writes after the last turn when not generating).
+    Template("phi", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
+             user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
+             eos_token="<|endoftext|>"),
+    Template("deepseek3", **_DEEPSEEK),
+    Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING),
+)}
+TEMPLATES = MappingProxyType(_REGISTRY)
+
+
+def _with_overrides(template: Template, default_system=None, enable_thinking=True, tool_format=None) -> Template:
+    # enable_thinking=True keeps the template's own choice (qwen3_nothink stays without thinking).
+    if tool_format is not None:
+        get_tool_format(tool_format)
+    return replace(template, default_system=template.default_system if default_system is None else default_system,
+                   enable_thinking=template.enable_thinking and enable_thinking,
+                   tool_format=tool_format or template.tool_format)
+
+
+def get_template(name: str, *, default_system=None, enable_thinking=True, tool_format=None) -> Template:
+    """A copy of the registered template `name` with the overrides applied."""
+    if name not in TEMPLATES:
+        raise DataError(f"unknown template {name!r}.{did_you_mean(name, TEMPLATES)} "
+                        f"Registered: {', '.join(sorted(TEMPLATES))}")
+    return _with_overrides(TEMPLATES[name], default_system, enable_thinking, tool_format)
+
+
+# -- the tokenizer's own jinja chat template ---------------------------------------------------------------------
+
+_PROBE = "LFPROBEREPLY"
+# Which tool format a jinja template's calls look like, by a marker it writes.
+_JINJA_TOOL_MARKERS = (("<tool_call>", "qwen"), ("[TOOL_CALLS]", "mistral"), ("ipython", "llama3"))
+
+
+@dataclass(frozen=True)
+class JinjaTemplate(Template):
+    """A tokenizer's jinja `chat_template`, rendered by `tokenizer.apply_chat_template`."""
+
+    chat_template: str = ""
+    tokenizer: object = field(default=None, compare=False, repr=False)  # renders when `render` is given none
+
+    def _apply(self, tokenizer, chat, tools, add_generation_prompt) -> str:
+        try:
+            return (tokenizer or self.tokenizer).apply_chat_template(
+                chat, tools=tools, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt, enable_thinking=self.enable_thinking)
+        except Exception as e:  # the template's own raise_exception, or its jinja failing on this conversation
+            raise DataError(f"the tokenizer's chat_template cannot render this conversation ({e}); set "
+                            f"`template:` to a registered template ({', '.join(sorted(TEMPLATES))})") from None
+
+    def _chat(self, messages, system, tools):
+        """Canonical messages as the chat-template conventions: `tool` role, assistant `tool_calls`."""
+        chat = [{"role": "system", "content": system}] if system else []
+        for i, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            if role == FUNCTION:
+                try:
+                    calls = parse_calls(content)
+                except DataError as e:
+                    raise DataError(f"message {i + 1} (function): {e}") from None
+                chat.append({"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]})
+            else:
+                chat.append({"role": "tool" if role == OBSERVATION else role, "content": content})
+        return chat, parse_tools(tools) if tools else None
+
+    def render(self, messages, system=None, tools=None, add_generation_prompt=False, tokenizer=None) -> str:
+        _check_roles(messages, open_ended=add_generation_prompt)
+        chat, tools = self._chat(messages, system or self.default_system, tools)
+        return self._apply(tokenizer, chat, tools, add_generation_prompt)
+
+    def render_pairs(self, messages, system=None, tools=None, tokenizer=None) -> list[tuple[str, str]]:
+        """Turn i: the rendering up to its generation prompt, then up to the end of its reply, each minus what
+        came before. Whitespace after a reply's end-of-turn marker opens the next prompt, as for registered
+        templates."""
+        _check_roles(messages, open_ended=False)
+        chat, tools = self._chat(messages, system or self.default_system, tools)
+        first = len(chat) - len(messages)
+        turns, done = [], ""
+        for end in range(first + 1, len(chat), 2):
+            prompt = self._apply(tokenizer, chat[:end], tools, True)
+            full = self._apply(tokenizer, chat[:end + 1], tools, False)
+            for shorter, longer in ((done, prompt), (prompt, full)):
+                if not longer.startswith(shorter):
+                    raise _not_incremental(shorter, longer)
+            reply = full[len(prompt):]
+            if any(reply.rstrip().endswith(word) for word in self.stop_words):
+                reply = reply.rstrip()
+            turns.append((prompt[len(done):], reply))
+            done = prompt + reply
+        return turns
+
+
+def _not_incremental(shorter: str, longer: str) -> DataError:
+    at = next((k for k, (a, b) in enumerate(zip(shorter, longer)) if a != b), len(shorter))
+    return DataError(
+        "the tokenizer's chat_template is not incremental: rendering the start of a conversation gives "
+        f"{shorter[max(at - 40, 0):at + 40]!r}, but rendering more of it changes that text to "
+        f"{longer[max(at - 40, 0):at + 40]!r} (a template that rewrites earlier turns, e.g. drops their reasoning), "
+        "so per-turn prompts and replies cannot be cut from it. Set `template:` to a registered template "
+        f"({', '.join(sorted(TEMPLATES))})")
+
+
+def _jinja_template(tokenizer, chat_template: str) -> JinjaTemplate:
+    """The tokenizer's template, with its end-of-turn marker read off a probe rendering (the first word the
+    template writes after a reply) and the tool format its markers suggest."""
+    template = JinjaTemplate("jinja", chat_template=chat_template, tokenizer=tokenizer,
+                             eos_token=tokenizer.eos_token or "</s>")
+    text = template.render([{"role": USER, "content": "Hi"}, {"role": ASSISTANT, "content": _PROBE}])
+    _, found, after = text.rpartition(_PROBE)
+    tool_format = next((fmt for marker, fmt in _JINJA_TOOL_MARKERS if marker in chat_template), "default")
+    return replace(template, stop_words=tuple(after.split()[:1]) if found else (), tool_format=tool_format)
+
+
+def resolve_template(tokenizer, name=None, **overrides) -> tuple[Template, str]:
+    """The template to train with, and a plain sentence saying which one and why.
+
+    `name` None: the tokenizer's own chat_template when it has one, else "default"."""
+    if name is not None:
+        return get_template(name, **overrides), f"template {name!r}, as set by `template:`"
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if isinstance(chat_template, dict):  # several named templates: the default one
+        chat_template = chat_template.get("default")
+    if not chat_template:
+        return (get_template("default", **overrides),
+                "template 'default': no `template:` is set and the tokenizer has no chat_template")
+    template = _with_overrides(_jinja_template(tokenizer, chat_template), **overrides)
+    marker = f"ends replies with {template.stop_words[0]!r}" if template.stop_words else "ends replies with eos"
+    return template, (f"the tokenizer's own chat_template (no `template:` is set; it {marker}); set `template:` to "
+                      "a registered name to use lf's version of a model's format instead")

@@ -1,0 +1,395 @@
+"""Chat templates and tool formats: exact official texts, token pieces, thinking, tools, the jinja path."""
+
+import copy
+import json
+
+import pytest
+
+from lf.data.templates import TEMPLATES, JinjaTemplate, get_template, resolve_template
+from lf.data.tools import TOOL_FORMATS, get_tool_format
+from lf.errors import DataError
+from lf.tiny import train_tokenizer
+
+# Every marker the registered templates and tool formats write, so that each is one token in the test tokenizer.
+MARKERS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+           "<|eot_id|>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<bos>", "<start_of_turn>", "<end_of_turn>",
+           "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<｜begin▁of▁sentence｜>", "<｜User｜>",
+           "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+           "<tool_response>", "</tool_response>", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+           "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+CORPUS = ["Hi there! Hello, how are you? I am fine, thank you. Be brief and helpful.",
+          "The weather in Paris is sunny: it is 20 degrees today. What is the weather in Rome?",
+          "Human: Assistant: System: USER: ASSISTANT: ### Instruction: ### Response: Below is an instruction.",
+          '{"name": "get_weather", "arguments": {"city": "Paris"}, "parameters": {"type": "object"}}'] * 20
+
+CHATML_JINJA = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return train_tokenizer(CORPUS, vocab_size=400, extra_special_tokens=MARKERS)
+
+
+@pytest.fixture(scope="session")
+def plain_tok():
+    """No template markers: they are split into pieces (copy it before changing it)."""
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def call(name, **arguments):
+    return {"role": "function", "content": json.dumps({"name": name, "arguments": arguments})}
+
+
+def observation(content):
+    return {"role": "observation", "content": content}
+
+
+SINGLE = [user("Hi there"), assistant("Hello!")]
+MULTI = [user("Hi"), assistant("Hello!"), user("How are you?"), assistant("Fine.")]
+TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+GLAIVE = [user("Weather in Paris?"), call("get_weather", city="Paris"), observation('{"temp": 20}'),
+          assistant("It is 20 degrees.")]
+REASONING = [user("Q1"), assistant("<think>\nr1\n</think>\n\nA1"),
+             user("Q2"), assistant("<think>\nr2\n</think>\n\nA2")]
+
+QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                 "detailed, and polite answers to the user's questions.")
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.")
+CHATML_MULTI = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+                "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n")
+QWEN3_SINGLE = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n")
+QWEN3_MULTI = CHATML_MULTI + "<think>\n\n</think>\n\nFine.<|im_end|>\n"
+
+# name -> (SINGLE with system "Be brief.", MULTI without system), as `render` writes them with the family's own
+# bos/eos: each is the official chat template's text (see the module docstring of lf.data.templates for the few
+# documented differences: mistral's system prompt, the reasoning of deepseekr1's last reply).
+EXPECTED = {
+    "default": ("System: Be brief.\nHuman: Hi there\nAssistant: Hello!</s>\n",
+                "Human: Hi\nAssistant: Hello!</s>\nHuman: How are you?\nAssistant: Fine.</s>\n"),
+    "empty": ("Hi thereHello!", "HiHello!How are you?Fine."),
+    "alpaca": ("Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!</s>\n\n",
+               f"{ALPACA_SYSTEM}\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
+               "### Instruction:\nHow are you?\n\n### Response:\nFine.</s>\n\n"),
+    "vicuna": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",
+               f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
+    "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+               "<|im_start|>assistant\nHello!<|im_end|>\n", CHATML_MULTI + "Fine.<|im_end|>\n"),
+    "qwen": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+             "<|im_start|>assistant\nHello!<|im_end|>\n", QWEN_SYSTEM + CHATML_MULTI + "Fine.<|im_end|>\n"),
+    "qwen3": (QWEN3_SINGLE, QWEN3_MULTI),
+    "qwen3_nothink": (QWEN3_SINGLE, QWEN3_MULTI),  # same text; the empty block is in the prompt (see below)
+    "llama2": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
+               "<s>[INST] Hi [/INST] Hello! </s><s>[INST] How are you? [/INST] Fine. </s>"),
+    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>",
+               "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nHow are you?<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nFine.<|eot_id|>"),
+    "mistral": ("<s>[INST] Be brief.\n\nHi there[/INST] Hello!</s>",
+                "<s>[INST] Hi[/INST] Hello!</s>[INST] How are you?[/INST] Fine.</s>"),
+    "gemma": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+              "<start_of_turn>model\nHello!<end_of_turn>\n",
+              "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+              "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
+    "phi": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello!<|end|>\n",
+            "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nHow are you?<|end|>\n<|assistant|>\n"
+            "Fine.<|end|>\n"),
+    "deepseek3": ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi there<｜Assistant｜>Hello!<｜end▁of▁sentence｜>",
+                  "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
+                  "<｜User｜>How are you?<｜Assistant｜>Fine.<｜end▁of▁sentence｜>"),
+    "deepseekr1": ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi there<｜Assistant｜><think>\n\n</think>\n\n"
+                   "Hello!<｜end▁of▁sentence｜>",
+                   "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
+                   "<｜User｜>How are you?<｜Assistant｜><think>\n\n</think>\n\nFine.<｜end▁of▁sentence｜>"),
+}
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_template_has_expected_texts():
+    assert set(EXPECTED) <= set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_official_text(name):
+    template = get_template(name)
+    single, multi = EXPECTED[name]
+    assert template.render(SINGLE, "Be brief.") == single
+    assert template.render(MULTI) == multi
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_generation_prompt_is_the_prompt_of_the_next_reply(name):
+    template = get_template(name)
+    # The text up to the reply plus the reply is the whole conversation (minus what follows the last marker).
+    prompt = template.render(MULTI[:3], add_generation_prompt=True)
+    reply = template.render_pairs(MULTI)[-1][1]
+    assert prompt + reply + template.separator == template.render(MULTI)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("conversation", [(SINGLE, "Be brief.", None), (MULTI, None, None), (GLAIVE, None, TOOLS)])
+def test_token_pieces(tok, name, conversation):
+    template = get_template(name)
+    messages, system, tools = conversation
+    texts = template.render_pairs(messages, system, tools, tokenizer=tok)
+    turns = template.encode_multiturn(tok, messages, system, tools)
+    # Each piece tokenized on its own, and all of them make up the rendered conversation.
+    assert turns == [(ids(tok, prompt), ids(tok, reply)) for prompt, reply in texts]
+    assert "".join(p + r for p, r in texts) + template.separator == template.render(messages, system, tools,
+                                                                                    tokenizer=tok)
+    if name != "empty":  # every reply ends with the token the model must learn to stop on
+        ends = {tok.convert_tokens_to_ids(w) for w in template.stop_words} | {tok.eos_token_id}
+        assert all(reply and reply[-1] in ends for _, reply in turns)
+    prompt, reply = template.encode_oneturn(tok, messages, system, tools)
+    assert reply == turns[-1][1] and prompt == [t for p, r in turns[:-1] for t in p + r] + turns[-1][0]
+
+
+def test_encode_many_matches_encode_multiturn(tok):
+    conversations = [(SINGLE, "Be brief.", None), (MULTI, None, None), (GLAIVE, None, TOOLS), (GLAIVE, "Sys", TOOLS),
+                     (REASONING, None, None), (SINGLE, None, "")]
+    for name in ("qwen3", "llama3", "mistral", "default"):
+        template = get_template(name)
+        assert template.encode_many(tok, conversations) == [template.encode_multiturn(tok, *c) for c in conversations]
+    assert get_template("qwen").encode_many(tok, []) == []
+
+
+def test_llama_mistral_gemma_place_the_system_prompt_in_a_user_turn():
+    conversation = MULTI
+    assert get_template("mistral").render(conversation, "Sys") == (
+        "<s>[INST] Hi[/INST] Hello!</s>[INST] Sys\n\nHow are you?[/INST] Fine.</s>")  # the last user message
+    assert get_template("llama2").render(conversation, "Sys").startswith("<s>[INST] <<SYS>>\nSys\n<</SYS>>\n\nHi")
+    assert get_template("gemma").render(conversation, "Sys").startswith("<bos><start_of_turn>user\nSys\n\nHi<end_")
+
+
+# -- thinking ------------------------------------------------------------------------------------------------------
+
+
+def test_qwen3_drops_history_reasoning_keeps_the_last():
+    pairs = get_template("qwen3").render_pairs(REASONING, "Sys")
+    assert pairs == [
+        ("<|im_start|>system\nSys<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n", "A1<|im_end|>"),
+        ("\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n", "<think>\nr2\n</think>\n\nA2<|im_end|>")]
+
+
+def test_deepseekr1_opens_the_reasoning_in_the_prompt_and_drops_it_from_history():
+    template = get_template("deepseekr1")
+    assert template.render_pairs(REASONING) == [
+        ("<｜begin▁of▁sentence｜><｜User｜>Q1<｜Assistant｜>", "\n\nA1<｜end▁of▁sentence｜>"),  # R1 keeps the newlines
+        ("<｜User｜>Q2<｜Assistant｜><think>\n", "r2\n</think>\n\nA2<｜end▁of▁sentence｜>")]
+    assert template.render(REASONING[:3], add_generation_prompt=True).endswith("<｜User｜>Q2<｜Assistant｜><think>\n")
+
+
+def test_nothink_puts_the_empty_block_in_the_prompt():
+    nothink = get_template("qwen3_nothink")
+    assert get_template("qwen3", enable_thinking=False).render_pairs(MULTI) == nothink.render_pairs(MULTI)
+    assert nothink.render_pairs(SINGLE)[0] == (
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", "Hello!<|im_end|>")
+    # thinking on: the empty block is part of the reply
+    assert get_template("qwen3").render_pairs(SINGLE)[0][1] == "<think>\n\n</think>\n\nHello!<|im_end|>"
+    # a reply with reasoning keeps it in the reply in both modes
+    assert nothink.render_pairs(REASONING)[1][1] == "<think>\nr2\n</think>\n\nA2<|im_end|>"
+    assert nothink.render(SINGLE[:1], add_generation_prompt=True).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert get_template("qwen3").render(SINGLE[:1], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert get_template("qwen3_nothink", enable_thinking=True).enable_thinking is False
+
+
+# -- tools ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(TOOL_FORMATS))
+def test_tool_calls_round_trip(fmt):
+    tool_format = get_tool_format(fmt)
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]
+    for content in (calls[:1], calls):
+        text = tool_format.format_calls(json.dumps(content[0] if len(content) == 1 else content))
+        assert tool_format.extract_calls(text) == [(c["name"], json.dumps(c["arguments"])) for c in content]
+    assert tool_format.extract_calls("It is sunny in Paris.") is None
+    assert '"name": "get_weather"' in tool_format.format_tools(TOOLS)
+    assert tool_format.format_tools("[]") == ""
+
+
+def test_tool_formats_write_their_protocols():
+    qwen, llama3, mistral = (get_tool_format(n) for n in ("qwen", "llama3", "mistral"))
+    content = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    assert qwen.format_calls(content) == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert llama3.format_calls(content) == '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert mistral.format_calls(content) == '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    assert qwen.format_observation("20") == "<tool_response>\n20\n</tool_response>"
+    assert mistral.format_observation('{"temp": 20}') == '[TOOL_RESULTS] {"content": {"temp": 20}}[/TOOL_RESULTS]'
+    assert mistral.format_observation("sunny") == '[TOOL_RESULTS] {"content": "sunny"}[/TOOL_RESULTS]'
+    # OpenAI-style arguments given as a JSON string are read as the object they hold
+    assert qwen.format_calls('{"name": "f", "arguments": "{\\"a\\": 1}"}') == (
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
+
+
+TOOL_DEFINITION = ('{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", '
+                   '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}')
+
+
+def test_glaive_conversation_in_qwen():
+    assert get_template("qwen").render(GLAIVE, tools=TOOLS) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\nYou are provided with function "
+        f"signatures within <tools></tools> XML tags:\n<tools>\n{TOOL_DEFINITION}\n</tools>\n\nFor each function "
+        "call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+        '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp": 20}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\nIt is 20 degrees.<|im_end|>\n")
+
+
+def test_glaive_conversation_in_llama3_and_mistral():
+    definition = json.dumps(json.loads(TOOL_DEFINITION), indent=4)
+    assert get_template("llama3").render(GLAIVE, tools=TOOLS) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please "
+        "respond with a JSON for a function call with its proper arguments that best answers the given prompt.\n\n"
+        'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+        f"Do not use variables.\n\n{definition}\n\nWeather in Paris?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+        '<|start_header_id|>ipython<|end_header_id|>\n\n{"temp": 20}<|eot_id|>'
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 20 degrees.<|eot_id|>")
+    assert get_template("mistral").render(GLAIVE, tools=TOOLS) == (
+        f"<s>[AVAILABLE_TOOLS] [{TOOL_DEFINITION}][/AVAILABLE_TOOLS][INST] Weather in Paris?[/INST]"
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]</s>'
+        '[TOOL_RESULTS] {"content": {"temp": 20}}[/TOOL_RESULTS] It is 20 degrees.</s>')
+
+
+def test_tools_on_templates_without_a_protocol_use_the_default_format():
+    text = get_template("gemma").render(GLAIVE, "Sys", tools=TOOLS)
+    assert text.startswith("<bos><start_of_turn>user\nSys\n\nYou can use these tools:\n" + TOOL_DEFINITION)
+    assert 'model\nTool call: {"name": "get_weather", "arguments": {"city": "Paris"}}<end_of_turn>' in text
+    assert 'user\nTool results:\n{"temp": 20}<end_of_turn>' in text
+    qwen_calls = get_template("chatml", tool_format="qwen").render(GLAIVE, tools=TOOLS)
+    assert "<tools>" in qwen_calls and "<tool_response>" in qwen_calls
+
+
+@pytest.mark.parametrize("content, problem", [("get_weather(Paris)", "not JSON"),
+                                              ('{"arguments": {}}', "no tool name"),
+                                              ('{"name": "f", "arguments": [1]}', "must be a JSON object")])
+def test_malformed_function_content(content, problem):
+    messages = [user("Weather?"), {"role": "function", "content": content}, observation("r"), assistant("ok")]
+    for template in (get_template("qwen"), JinjaTemplate("jinja", chat_template=CHATML_JINJA)):
+        with pytest.raises(DataError, match=r"message 2 \(function\)") as error:
+            template.render(messages)
+        assert problem in str(error.value)
+
+
+def test_roles_must_alternate():
+    with pytest.raises(DataError, match="message 2 has role 'user' where assistant or function is expected"):
+        get_template("chatml").render([user("a"), user("b")])
+    with pytest.raises(DataError, match="must end with a reply"):
+        get_template("chatml").render_pairs(MULTI[:3])
+    with pytest.raises(DataError, match="must end with a prompt"):
+        get_template("chatml").render(MULTI, add_generation_prompt=True)
+
+
+# -- the tokenizer's own jinja template ---------------------------------------------------------------------------
+
+
+def test_jinja_chatml_matches_the_registered_chatml(tok):
+    jinja_tok = copy.deepcopy(tok)
+    jinja_tok.chat_template = CHATML_JINJA
+    template, reason = resolve_template(jinja_tok)
+    assert isinstance(template, JinjaTemplate) and "chat_template" in reason and "'<|im_end|>'" in reason
+    assert template.stop_words == ("<|im_end|>",)
+    chatml = get_template("chatml")
+    for messages, system in ((SINGLE, "Be brief."), (MULTI, None), (MULTI + MULTI, "Sys")):
+        assert template.encode_multiturn(jinja_tok, messages, system) == chatml.encode_multiturn(tok, messages, system)
+        assert template.render(messages, system) == chatml.render(messages, system)
+    conversations = [(SINGLE, "Be brief.", None), (MULTI, None, None)]
+    assert template.encode_many(jinja_tok, conversations) == chatml.encode_many(tok, conversations)
+    prompt = MULTI[:3]
+    assert template.render(prompt, add_generation_prompt=True) == chatml.render(prompt, add_generation_prompt=True)
+
+
+def test_jinja_sees_tool_calls_and_tool_results(tok):
+    roles = ("{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{{ m.tool_calls[0].function.name }}"
+             "{{ m.tool_calls[0].function.arguments | tojson }}{% else %}{{ m.content }}{% endif %}|{% endfor %}"
+             "{% if tools %}tools:{{ tools[0].function.name }}{% endif %}")
+    template = JinjaTemplate("jinja", chat_template=roles, tokenizer=tok)
+    assert template.render(GLAIVE, "Sys", TOOLS) == ('system:Sys|user:Weather in Paris?|assistant:get_weather'
+                                                     '{"city": "Paris"}|tool:{"temp": 20}|assistant:It is 20 degrees.|'
+                                                     'tools:get_weather')
+
+
+def test_non_incremental_jinja_template_errors_clearly(tok):
+    jinja_tok = copy.deepcopy(tok)
+    # Like Qwen3's and R1's own templates: replies before the last one lose their reasoning.
+    history = ("(m['content'].split('</think>')[-1].lstrip() if m['role'] == 'assistant' and not loop.last "
+               "else m['content'])")
+    jinja_tok.chat_template = CHATML_JINJA.replace("m['content']", history)
+    template, _ = resolve_template(jinja_tok)
+    assert template.encode_multiturn(jinja_tok, MULTI) == get_template("chatml").encode_multiturn(tok, MULTI)
+    with pytest.raises(DataError, match="not incremental") as error:
+        template.encode_multiturn(jinja_tok, REASONING)
+    assert "Set `template:` to a registered template" in str(error.value) and "qwen3" in str(error.value)
+
+
+def test_resolve_template(tok):
+    template, reason = resolve_template(tok)  # no chat_template
+    assert template.name == "default" and "no chat_template" in reason
+    template, reason = resolve_template(tok, "qwen3", enable_thinking=False, default_system="S")
+    assert (template.name, template.enable_thinking, template.default_system) == ("qwen3", False, "S")
+    assert "'qwen3'" in reason
+
+
+# -- registry ------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_template_lists_close_names():
+    with pytest.raises(DataError, match=r"unknown template 'qwen2'\. Did you mean: .*qwen.*\? Registered: alpaca, "):
+        get_template("qwen2")
+    with pytest.raises(DataError, match="unknown tool format 'hermes'.*Registered: default, llama3, mistral, qwen"):
+        get_template("chatml", tool_format="hermes")
+
+
+def test_get_template_returns_copies():
+    registered = TEMPLATES["qwen"]
+    template = get_template("qwen", default_system="Be kind.", tool_format="default")
+    assert template is not registered and template.default_system == "Be kind." and template.tool_format == "default"
+    assert registered.default_system.startswith("You are Qwen") and registered.tool_format == "qwen"
+    assert get_template("qwen") is not get_template("qwen")
+    with pytest.raises(TypeError):
+        TEMPLATES["qwen"] = template
+
+
+def test_prepare_tokenizer(plain_tok):
+    tokenizer = copy.deepcopy(plain_tok)
+    assert len(ids(tokenizer, "<|im_end|>")) > 1
+    changes = get_template("chatml").prepare_tokenizer(tokenizer)
+    assert len(changes) == 1 and "'<|im_end|>'" in changes[0] and "embeddings" in changes[0]
+    assert len(ids(tokenizer, "<|im_end|>")) == 1
+    assert get_template("chatml").prepare_tokenizer(tokenizer) == []
+    assert get_template("default").prepare_tokenizer(tokenizer) == []
+
+    tokenizer.pad_token = None
+    changes = get_template("llama2").prepare_tokenizer(tokenizer)
+    assert changes == ["set the pad token to the eos token '</s>' (the tokenizer had none)"]
+    assert tokenizer.pad_token == "</s>"
+
+    tokenizer = copy.deepcopy(plain_tok)
+    tokenizer.eos_token = None
+    changes = get_template("llama3").prepare_tokenizer(tokenizer)
+    assert changes[0] == "set the eos token to '<|eot_id|>' (the tokenizer had none)" and len(changes) == 1
+    assert len(ids(tokenizer, "<|eot_id|>")) == 1 and tokenizer.eos_token_id == ids(tokenizer, "<|eot_id|>")[0]
