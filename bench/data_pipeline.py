@@ -54,7 +54,7 @@ def _prepare(folder: Path, name: str, tokenizer, *, packing: bool, workers: int 
     from lf.data import get_dataset, get_template
 
     args = DataArguments(dataset=name, dataset_dir=str(folder), cutoff_len=CUTOFF, packing=packing,
-                         preprocessing_num_workers=workers, template="default", overwrite_cache=True)
+                         preprocessing_num_workers=workers, template="default")
     template = get_template("default")
     template.prepare_tokenizer(tokenizer)
     return get_dataset(args, tokenizer=tokenizer, template=template, stage="sft").train_dataset

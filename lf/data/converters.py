@@ -27,7 +27,6 @@ no usable row left is an error. Streams cannot be counted ahead: their first unu
 their first batch is checked for usable rows.
 """
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -39,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lf.data import conversation
+from lf.data import cache
 from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, PROMPT_ROLES, REPLY_ROLES, USER, canonical_row
 from lf.data.registry import DEFAULT_COLUMNS, DatasetAttr
 from lf.errors import DataError
@@ -59,17 +58,6 @@ class SkipRow(Exception):
     """Raised by a converter for a row it cannot convert; the message is the reason, shared by similar rows."""
 
 
-def _code_hash() -> str:
-    digest = hashlib.sha256()
-    for path in (__file__, conversation.__file__):
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()
-
-
-# datasets fingerprints a module's functions by name, not code: this hash, in the map function's state, makes
-# cached conversions expire when the conversion code changes.
-_CODE = _code_hash()
 
 
 def alpaca(row: dict, attr: DatasetAttr) -> dict:
@@ -129,7 +117,7 @@ class _BatchConverter:
         self.attr = attr
         self.columns = tuple(dict.fromkeys(attr.columns.values()))  # two keys may name one column
         self.picks = tuple((key, self.columns.index(column)) for key, column in attr.columns.items())
-        self.code = _CODE
+        self.code = cache.SOURCE  # expires cached conversions when lf's data code changes
         self.logged = False
 
     def rows(self, columns) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from lf.data import packing as packing_
+from lf.data.cache import fingerprint
 from lf.data.collator import Collator
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
@@ -122,17 +123,25 @@ def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template):
                                 options=Options.from_args(data_args))
     if plan.stage == "pt":
         process = functools.partial(process, concatenate=plan.packing)
-    process = functools.partial(_to_arrow, process=process)
+    if not streaming:  # a stream's map takes Python batches back only
+        process = functools.partial(_to_arrow, process=process)
     columns = [c for c in CANONICAL_COLUMNS if c in (dataset.column_names or CANONICAL_COLUMNS)]
+    if not streaming:
+        kwargs["new_fingerprint"] = fingerprint(dataset, process, kwargs["num_proc"])
     tokenized = dataset.map(process, batched=True, batch_size=data_args.preprocessing_batch_size,
                             remove_columns=columns, **kwargs)
     if not (plan.packing and plan.stage == "sft"):
         _log_summary(name, tokenized, streaming)
         return tokenized
+    if not streaming:  # one process: workers would pack their shards apart (and packing is cheap). A stream's
+        # map would drop the packed columns of the same names too.
+        kwargs.update(desc=f"Packing {name} into rows of {data_args.cutoff_len}", num_proc=None,
+                      remove_columns=["input_ids", "labels"])
+    pack = functools.partial(packing_.pack, capacity=data_args.cutoff_len, neat=plan.neat)
     if not streaming:
-        kwargs["desc"] = f"Packing {name} into rows of {data_args.cutoff_len}"
-    packed = tokenized.with_format("arrow").map(
-        functools.partial(packing_.pack, capacity=data_args.cutoff_len, neat=plan.neat), batched=True, batch_size=PACKING_WINDOW, remove_columns=["input_ids", "labels"], **kwargs)
+        kwargs["new_fingerprint"] = fingerprint(tokenized, pack, PACKING_WINDOW)
+    packed = tokenized.with_format("arrow").map(pack, batched=True, batch_size=PACKING_WINDOW,
+                                                **kwargs).with_format(None)
     if not streaming:
         share = packing_.padding_fraction(_lengths(tokenized), len(packed), data_args.cutoff_len)
         log.info("%s: %d examples packed into %d rows of %d tokens (%s; %.1f%% of the rows is padding)", name,
