@@ -3,8 +3,9 @@
 A neat-packed row marks its examples by position_ids that restart at 0. transformers turns such rows into a
 block-diagonal (L x L) mask for SDPA, whose cost grows with the whole row. Here each example runs its own causal
 SDPA instead (varlen attention by segments): the same outputs and gradients, with work that grows with the sum of
-the examples' squared lengths. Measured on this 2-core CPU (2048 tokens, 8 examples, 8 heads x 64, fp32,
-forward+backward): 38 ms against 187 ms with the mask. On a GPU, SDPA's flash kernel runs each segment.
+the examples' squared lengths: 4.3x faster than the mask in fp32, 5.5x in bf16, forward + backward of one 2048-token
+row of 8 examples on this 2-core CPU (`python -m bench.packed_attention`). On a GPU, SDPA's flash kernel runs each
+segment.
 
 `register()` adds this as the attention implementation "lf_packed" to transformers; batches that are not packed
 (no restart, a KV cache, left padding), and layers that need more than a causal mask (a sliding window shorter
