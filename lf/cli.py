@@ -42,11 +42,43 @@ def _env(_args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    """`lf train cfg.yaml [key=value ...]`: a user error is one plain message, not a traceback."""
+    import logging
+
+    from lf.config import parse_train_args
+    from lf.errors import ConfigError, DataError, ModelError, TrainError
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[lf] %(message)s"))
+    logger = logging.getLogger("lf")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        cfg = parse_train_args(args.rest)
+        from lf.train import run
+
+        outputs = run(cfg)
+    except (ConfigError, DataError, ModelError, TrainError) as exc:
+        print(f"lf train: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    print(f"\nlf train: done. Model/adapter and tokenizer: {outputs['output_dir']}")
+    print(f"  log: {outputs['log']}")
+    for path in outputs.get("plots", []):
+        print(f"  loss plot: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lf", description="lf: kernel-first fine-tuning of LLMs")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("version", help="print lf's version").set_defaults(run=_version)
     sub.add_parser("env", help="versions, devices and kernel backends").set_defaults(run=_env)
+    train = sub.add_parser("train", help="fine-tune: lf train cfg.yaml [key=value ...] [--key value ...]",
+                           add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train)
     sub.add_parser("help", help="show this help").set_defaults(run=lambda _a: parser.print_help() or 0)
     args = parser.parse_args(argv)
     if args.command is None:

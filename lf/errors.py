@@ -13,6 +13,18 @@ class DataError(ValueError):
     """A dataset, a dataset_info.json entry, a template or a data option cannot be used as given."""
 
 
+class ConfigError(ValueError):
+    """A training config (file, key=value overrides) has a key, a value or a combination lf cannot run."""
+
+
+class ModelError(ValueError):
+    """A model, tokenizer, adapter or model option cannot be loaded or applied as given."""
+
+
+
+class TrainError(RuntimeError):
+    """A training run cannot go on (its output_dir holds another run, the loss stopped being a number, ...)."""
+
 def did_you_mean(name: str, choices) -> str:
     """' Did you mean: a, b?' naming the registered names closest to `name`, or '' when none is close."""
     import difflib

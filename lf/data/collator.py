@@ -16,12 +16,14 @@ import torch
 from lf.data.processors import IGNORE_INDEX
 
 PREFIXES = ("", "chosen_", "rejected_", "kl_")
+TOKENS_KEY = "lf_num_tokens"  # with count_tokens: the batch's real (non-padding) tokens, for lf's trainer
 
 
 @dataclass
 class Collator:
     pad_token_id: int
     pad_to_multiple_of: int | None = 8
+    count_tokens: bool = False  # add TOKENS_KEY (lf's trainer removes it before the model sees the batch)
 
     def _length(self, rows) -> int:
         longest = max(len(row) for row in rows)
@@ -46,6 +48,9 @@ class Collator:
                     [list(f[f"{prefix}position_ids"]) + list(range(p)) for f, p in zip(features, pads)])
             else:
                 batch[f"{prefix}attention_mask"] = torch.tensor([[1] * len(r) + [0] * p for r, p in zip(rows, pads)])
+        if self.count_tokens:
+            batch[TOKENS_KEY] = torch.tensor(sum(len(f[key]) for f in features for key in f
+                                                 if key.endswith("input_ids")))
         grouped = {f"{prefix}{name}" for prefix in PREFIXES for name in ("input_ids", "labels", "position_ids")}
         for key in features[0].keys() - grouped:
             batch[key] = torch.tensor([f[key] for f in features])

@@ -88,12 +88,13 @@ def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42) -
     return module
 
 
-def collator(tokenizer) -> Collator:
-    """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token)."""
+def collator(tokenizer, count_tokens: bool = False) -> Collator:
+    """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token); `count_tokens`
+    for lf's trainer, which reports tokens/s."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an eos token: the template's prepare_tokenizer sets one")
-    return Collator(pad_token_id=pad)
+    return Collator(pad_token_id=pad, count_tokens=count_tokens)
 
 
 def _eval_sets(data_args, seed):

@@ -1,0 +1,31 @@
+"""The finetuning group: the stage, which parameters train (full | freeze | lora) and their settings
+(LLaMA-Factory's key names)."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FinetuningArguments:
+    stage: str = "sft"  # pt | sft (rm | dpo | kto | ppo: a later issue)
+    finetuning_type: str = "lora"  # full | freeze | lora
+    # freeze: the last n layers train (negative: the first n); modules inside them ("all", or names like mlp)
+    freeze_trainable_layers: int = 2
+    freeze_trainable_modules: str = "all"
+    freeze_extra_modules: str | None = None  # modules outside the layers that train too (e.g. embed_tokens)
+    # lora
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None: 2 x lora_rank
+    lora_dropout: float = 0.0
+    lora_target: str = "all"  # "all": every linear layer but the output head; or comma-separated module names
+    additional_target: str | None = None  # modules trained fully beside the adapter (e.g. embed_tokens,lm_head)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn this many times faster
+    loraplus_lr_embedding: float = 1e-6
+    use_rslora: bool = False
+    use_dora: bool = False
+    create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
+    # outputs
+    plot_loss: bool = False  # loss plot PNG in output_dir
+    # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them
+    overwrite_output_dir: bool = False  # start afresh in a non-empty output_dir instead of resuming there
+    logging_dir: str | None = None  # TensorBoard's folder (transformers 5 reads TENSORBOARD_LOGGING_DIR)
+    include_effective_tokens_per_second: bool = False

@@ -1,0 +1,153 @@
+"""What a training config may not say, as data: each rule is a name, a test over the TrainConfig that is true when
+the config breaks the rule, and the message (what is wrong, then what to do).
+
+The rules run on the values as given (after lf's renames, before lf's dependent defaults such as lora_alpha) and
+before transformers builds its TrainingArguments, which sets up devices: a config is refused before anything
+expensive. At that point `cfg.training` is a plain namespace of the training values (HF's defaults filled in).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lf.errors import ConfigError, did_you_mean
+
+TRAINED_STAGES = ("pt", "sft")
+LATER_STAGES = ("rm", "dpo", "kto", "ppo")  # LLaMA-Factory's preference stages: not in lf yet
+
+
+def show(value) -> str:
+    """A value as a YAML file would spell it: true, null, 0.0001, dpo."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, type(None), dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    broken: Callable[[Any], bool]  # true when the config breaks the rule
+    message: str | Callable[[Any], str]  # a str is formatted with the groups: m, d, f, g, t
+
+    def explain(self, cfg) -> str:
+        if callable(self.message):
+            return self.message(cfg)
+        return self.message.format(m=cfg.model, d=cfg.data, f=cfg.finetuning, g=cfg.generating, t=cfg.training)
+
+
+def _one_of(group: str, key: str, choices: tuple, why: str = "") -> Rule:
+    """A key whose value must be one of `choices` (None allowed where listed)."""
+    def value(cfg):
+        return getattr(getattr(cfg, group), key)
+
+    names = [show(c) for c in choices]
+    return Rule(f"{key}_choice", lambda cfg: value(cfg) not in choices,
+                lambda cfg: f"{key}: {show(value(cfg))} is not one of {', '.join(names)}{why}."
+                            f"{did_you_mean(show(value(cfg)), [c for c in choices if isinstance(c, str)])}")
+
+
+def _lora_only_options(cfg) -> list[str]:
+    f = cfg.finetuning
+    given = {"use_dora": f.use_dora, "use_rslora": f.use_rslora, "loraplus_lr_ratio": f.loraplus_lr_ratio is not None}
+    return [key for key, on in given.items() if on]
+
+
+def _evaluates(t) -> bool:
+    return bool(t.do_eval) or t.eval_strategy != "no"  # transformers turns do_eval on with an eval_strategy
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("model_name_or_path", lambda c: not c.model.model_name_or_path,
+         "model_name_or_path is missing: name the model to train (a local folder or a hub id such as "
+         "Qwen/Qwen2.5-0.5B-Instruct, or lf-tiny-llama to try lf out)"),
+    Rule("output_dir", lambda c: not c.training.output_dir,
+         "output_dir is missing: name the folder for checkpoints, the trained model and the logs "
+         "(e.g. output_dir: saves/my-run)"),
+    Rule("nothing_to_do", lambda c: not (c.training.do_train or c.training.do_predict or _evaluates(c.training)),
+         "do_train, do_eval and do_predict are all false: nothing to run. Set do_train: true (or do_eval: true)"),
+    Rule("do_predict", lambda c: c.training.do_predict,
+         "do_predict: true (generating answers for a test set) is not part of lf train yet: remove it, and use "
+         "do_eval: true for the eval loss"),
+    Rule("stage_known", lambda c: c.finetuning.stage not in TRAINED_STAGES + LATER_STAGES,
+         lambda c: f"stage: {show(c.finetuning.stage)} is not a training stage: lf trains pt (pre-training on raw "
+                   f"text) and sft (supervised fine-tuning).{did_you_mean(c.finetuning.stage, TRAINED_STAGES)}"),
+    Rule("stage_later", lambda c: c.finetuning.stage in LATER_STAGES,
+         "stage: {f.stage} arrives with the preference-training issue; lf trains pt and sft now: "
+         "set stage: sft (or pt)"),
+    _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
+    Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
+         lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
+                   f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),
+    Rule("lora_rank", lambda c: c.finetuning.lora_rank < 1,
+         "lora_rank: {f.lora_rank} leaves the adapters no room: use a rank of 1 or more (8 to 64 is usual)"),
+    Rule("lora_alpha", lambda c: c.finetuning.lora_alpha is not None and c.finetuning.lora_alpha <= 0,
+         "lora_alpha: {f.lora_alpha} scales the adapters to nothing: use a positive value, or remove it "
+         "(lf then uses 2 x lora_rank)"),
+    Rule("lora_dropout", lambda c: not 0 <= c.finetuning.lora_dropout < 1,
+         "lora_dropout: {f.lora_dropout} is not a probability in [0, 1): use e.g. 0.05, or 0 for none"),
+    Rule("loraplus_lr_ratio",
+         lambda c: c.finetuning.loraplus_lr_ratio is not None and c.finetuning.loraplus_lr_ratio <= 0,
+         "loraplus_lr_ratio: {f.loraplus_lr_ratio} must be positive (it multiplies the B matrices' learning "
+         "rate; 16 is usual): fix it, or remove it to train plain LoRA"),
+    Rule("adapter_needs_lora",
+         lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type != "lora",
+         "adapter_name_or_path loads LoRA adapters, but finetuning_type is {f.finetuning_type}: set "
+         "finetuning_type: lora (or merge the adapters into the model first and train that)"),
+    Rule("scratch_with_adapter", lambda c: c.model.train_from_scratch and c.model.adapter_name_or_path is not None,
+         "train_from_scratch starts from random weights, which adapter_name_or_path's adapters were not trained "
+         "on: remove one of the two"),
+    Rule("new_adapter_needs_adapter",
+         lambda c: c.finetuning.create_new_adapter and c.model.adapter_name_or_path is None,
+         "create_new_adapter: true trains a new adapter over existing ones, but adapter_name_or_path names none: "
+         "set adapter_name_or_path, or remove create_new_adapter (a fresh adapter is the default)"),
+    _one_of("model", "quantization_bit", (None, 4, 8), " (bitsandbytes quantizes to 4 or 8 bits)"),
+    Rule("quantization_needs_lora",
+         lambda c: c.model.quantization_bit is not None and c.finetuning.finetuning_type != "lora",
+         "quantization_bit: {m.quantization_bit} with finetuning_type: {f.finetuning_type}: quantized weights do "
+         "not train. QLoRA trains LoRA adapters over a quantized base: set finetuning_type: lora"),
+    Rule("quantized_adapters",
+         lambda c: c.model.quantization_bit is not None and c.model.adapter_name_or_path is not None
+         and ("," in c.model.adapter_name_or_path or c.finetuning.create_new_adapter),
+         "adapters cannot be merged into a quantized model (quantization_bit: {m.quantization_bit}): give one "
+         "adapter to train further, without create_new_adapter, or merge them into the model first"),
+    _one_of("model", "quantization_method", ("bnb",), " (lf quantizes with bitsandbytes)"),
+    _one_of("model", "quantization_type", ("nf4", "fp4")),
+    _one_of("model", "flash_attn", ("auto", "disabled", "sdpa", "fa2")),
+    _one_of("model", "rope_scaling", (None, "linear", "dynamic", "yarn", "llama3")),
+    _one_of("model", "infer_dtype", ("auto", "float16", "bfloat16", "float32")),
+    Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
+         "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
+         "false turns them off: remove one of the two"),
+    Rule("fp16_and_bf16", lambda c: c.training.fp16 and c.training.bf16,
+         "fp16 and bf16 are both true: choose one (bf16 where the GPU has it: Ampere or newer; else fp16)"),
+    Rule("cutoff_len", lambda c: c.data.cutoff_len < 1,
+         "cutoff_len: {d.cutoff_len} leaves no tokens: use the longest example length to keep, e.g. 2048"),
+    Rule("train_needs_data",
+         lambda c: c.training.do_train and not c.data.dataset and not c.data.tokenized_path,
+         "do_train needs training data: set dataset (names from dataset_info.json, comma-separated)"),
+    Rule("eval_needs_data", lambda c: _evaluates(c.training) and not c.data.eval_dataset and not c.data.val_size
+         and not c.data.tokenized_path,
+         "evaluation is on (do_eval or eval_strategy) but there is no eval data: set val_size (e.g. 0.1) or "
+         "eval_dataset"),
+    Rule("streaming_needs_max_steps", lambda c: c.data.streaming and c.training.do_train and c.training.max_steps <= 0,
+         "streaming: true reads the data as a stream, and a stream has no length, so epochs cannot be counted: "
+         "set max_steps (the number of optimizer steps to train)"),
+    Rule("streaming_val_size", lambda c: c.data.streaming and 0 < c.data.val_size < 1,
+         "val_size: {d.val_size} is a fraction, but a stream's length is unknown: give a count of rows with "
+         "streaming (e.g. val_size: 1000)"),
+)
+
+
+def check(cfg) -> None:
+    """Raises one ConfigError listing every rule the config breaks."""
+    problems = [rule.explain(cfg) for rule in RULES if rule.broken(cfg)]
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        where = f" in {cfg.source}" if cfg.source else ""
+        raise ConfigError(f"{len(problems)} problems{where}:\n" + "\n".join(f"  - {p}" for p in problems))

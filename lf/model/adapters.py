@@ -1,0 +1,212 @@
+"""Which parameters train: all (full), some decoder layers (freeze) or LoRA adapters (peft); loading saved
+adapters; and the parameter counts that say so.
+
+Dtypes of what trains: LoRA weights are float32 whatever the model's dtype (peft's autocast_adapter_dtype: they
+are tiny, and peft casts their inputs, so they train with or without autocast). Full and freeze keep the loaded
+dtype, as HF's Trainer expects (a bf16 model trains in pure bf16, with no fp32 copy of every weight), except
+float16, whose gradients the Trainer's GradScaler cannot unscale: trainable fp16 weights become float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lf.errors import ModelError
+from lf.model.paths import check_adapter_path
+
+FINETUNING_TYPES = ("full", "freeze", "lora")
+
+
+def split_names(text: str | None) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def attach(model, model_args, finetuning_args, *, is_trainable: bool) -> tuple[nn.Module, list[str]]:
+    """Sets what trains (or loads the adapters to infer with) and returns the model, possibly wrapped by peft,
+    with plain-language lines. Untrainable runs get every parameter frozen."""
+    kind = finetuning_args.finetuning_type
+    if kind not in FINETUNING_TYPES:
+        raise ModelError(f"finetuning_type: {kind!r} is not one of {', '.join(FINETUNING_TYPES)}")
+    adapters = split_names(model_args.adapter_name_or_path)
+    if adapters and kind != "lora":
+        raise ModelError(f"adapter_name_or_path holds LoRA adapters; it needs finetuning_type: lora, not {kind}")
+    lines = []
+    if adapters:
+        model, lines = _load_adapters(model, adapters, finetuning_args, is_trainable=is_trainable)
+    if not is_trainable:
+        model.requires_grad_(False)
+        return model, lines
+    if kind == "lora":
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):  # no loaded adapter to train further
+            model, line = _new_lora(model, finetuning_args, model_args.resize_vocab)
+            lines.append(line)
+    else:
+        model.requires_grad_(kind == "full")
+        if kind == "freeze":
+            lines.append(_freeze(model, finetuning_args, model_args.resize_vocab))
+        lines += _fp16_to_fp32(model)
+    return model, lines
+
+
+# ---- freeze ----
+
+def _decoder_layers(model) -> str:
+    """The qualified name of the model's decoder layer list (e.g. model.layers)."""
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return name
+    raise ModelError(f"freeze: found no list of {count} decoder layers in {type(model).__name__}")
+
+
+def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
+    """Unfreezes the chosen decoder layers (their chosen modules) and extra modules; returns what trains."""
+    prefix = _decoder_layers(model)
+    layers = model.get_submodule(prefix)
+    n = finetuning_args.freeze_trainable_layers
+    if abs(n) > len(layers):
+        raise ModelError(f"freeze_trainable_layers: {n}, but the model has {len(layers)} decoder layers")
+    chosen = [layers[i] for i in (range(len(layers) - n, len(layers)) if n > 0 else range(-n))]
+    wanted = split_names(finetuning_args.freeze_trainable_modules)
+    if wanted == ["all"]:
+        for layer in chosen:
+            layer.requires_grad_(True)
+    elif chosen:
+        inside = [(path, m) for layer in chosen for path, m in layer.named_modules() if path]
+        _unfreeze_by_name(inside, wanted, "freeze_trainable_modules", "a decoder layer")
+    extra = split_names(finetuning_args.freeze_extra_modules)
+    # modules neither in the layers nor holding them (the inner model would unfreeze every layer)
+    outside = [(path, m) for path, m in model.named_modules()
+               if path and not f"{path}.".startswith(f"{prefix}.") and not prefix.startswith(f"{path}.")]
+    _unfreeze_by_name(outside, extra, "freeze_extra_modules", "the model outside its decoder layers")
+    if resize_vocab:
+        extra += _train_embeddings(model)
+    if not chosen and not extra:
+        raise ModelError("freeze: nothing would train (freeze_trainable_layers: 0 and no freeze_extra_modules)")
+    which = f"the {'last' if n > 0 else 'first'} {abs(n)} decoder layers" if chosen else "no decoder layers"
+    return f"freeze: {which} ({', '.join(wanted)}) train" + (f", with {', '.join(extra)}" if extra else "")
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _unfreeze_by_name(named: list[tuple[str, nn.Module]], names: list[str], option: str, where: str) -> None:
+    """Unfreezes the modules whose last name part is one of `names`; a name that matches none is an error."""
+    found = {name: [m for path, m in named if _leaf(path) == name] for name in names}
+    missing = [name for name, modules in found.items() if not modules]
+    if missing:
+        raise ModelError(f"{option}: no module named {', '.join(missing)} in {where}; the names there are: "
+                         f"{', '.join(sorted({_leaf(path) for path, _ in named}))}")
+    for module in (m for modules in found.values() for m in modules):
+        module.requires_grad_(True)
+
+
+def _train_embeddings(model) -> list[str]:
+    """resize_vocab: the (grown) input and output embeddings train; returns their module names."""
+    names = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.requires_grad_(True)
+            names += [_leaf(path) for path, m in model.named_modules() if m is module][:1]
+    return names
+
+
+def _fp16_to_fp32(model) -> list[str]:
+    upcast = [p for p in model.parameters() if p.requires_grad and p.dtype == torch.float16]
+    if not upcast:
+        return []
+    for p in upcast:
+        p.data = p.data.float()
+    return ["trainable float16 weights upcast to float32 (the fp16 GradScaler needs fp32 master weights)"]
+
+
+# ---- LoRA ----
+
+def _linear_names(model) -> list[str]:
+    """Names (last path part) of the model's linear layers, bitsandbytes' Linear4bit/Linear8bitLt included (they
+    subclass nn.Linear), without the output head."""
+    head = model.get_output_embeddings()
+    return sorted({_leaf(path) for path, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and m is not head})
+
+
+def _lora_targets(model, lora_target: str) -> list[str]:
+    linear = _linear_names(model)
+    if lora_target.strip() == "all":
+        return linear
+    targets = split_names(lora_target)
+    embeddings = {_leaf(path) for path, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    head = [_leaf(path) for path, m in model.named_modules() if m is model.get_output_embeddings()]
+    unknown = [t for t in targets if t not in {*linear, *embeddings, *head}]
+    if unknown:
+        raise ModelError(f"lora_target: no linear layer named {', '.join(unknown)}; the model's linear layers are: "
+                         f"{', '.join(linear)} (or all)")
+    return targets
+
+
+def _new_lora(model, finetuning_args, resize_vocab: bool):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = _lora_targets(model, finetuning_args.lora_target)
+    saved = split_names(finetuning_args.additional_target)
+    if resize_vocab:
+        saved += [name for name in _train_embeddings(model) if name not in saved]
+    alpha = finetuning_args.lora_alpha or 2 * finetuning_args.lora_rank
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=finetuning_args.lora_rank, lora_alpha=alpha,
+                        lora_dropout=finetuning_args.lora_dropout, target_modules=targets,
+                        use_rslora=finetuning_args.use_rslora, use_dora=finetuning_args.use_dora,
+                        modules_to_save=saved or None)
+    model = get_peft_model(model, config)
+    flavour = "".join(name for name, on in ((" rsLoRA", finetuning_args.use_rslora),
+                                            (" DoRA", finetuning_args.use_dora)) if on)
+    return model, (f"LoRA{flavour} r={config.r} alpha={alpha:g} dropout={config.lora_dropout:g} on "
+                   f"{', '.join(targets)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved else ""))
+
+
+def _load_adapters(model, paths: list[str], finetuning_args, *, is_trainable: bool):
+    """Loads saved adapters in order. Merged into the weights: all but the last when training continues on the
+    last; all when a new adapter trains on top (create_new_adapter) or at inference. A quantized model cannot take
+    merged weights, so it loads exactly one adapter, unmerged."""
+    from peft import PeftModel
+
+    for path in paths:
+        check_adapter_path(path)
+    quantized = getattr(model, "is_quantized", False)
+    keep_last = quantized or (is_trainable and not finetuning_args.create_new_adapter)
+    merged = paths[:-1] if keep_last else paths
+    if quantized and merged:
+        raise ModelError(f"a quantized model cannot merge adapters into its weights: give one adapter, not "
+                         f"{len(paths)} ({', '.join(paths)})")
+    for path in merged:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    lines = [f"merged adapter(s) into the weights: {', '.join(merged)}"] if merged else []
+    if keep_last:
+        model = PeftModel.from_pretrained(model, paths[-1], is_trainable=is_trainable)
+        lines.append(f"adapter {paths[-1]} loaded" + (" to train further (its own LoRA settings apply)"
+                                                      if is_trainable else " (unmerged: the model is quantized)"))
+    return model, lines
+
+
+# ---- counts ----
+
+def _numel(p: torch.Tensor) -> int:
+    """Values a parameter holds: a packed 4-bit bitsandbytes weight stores two or more per element."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
+
+
+def parameter_summary(model) -> str:
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)"
+
+
+def parameter_status(model) -> list[str]:
+    """print_param_status: one line per parameter."""
+    return [f"  {name}: {p.dtype}, {'trainable' if p.requires_grad else 'frozen'}"
+            for name, p in model.named_parameters()]

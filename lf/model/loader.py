@@ -1,0 +1,159 @@
+"""The tokenizer and the causal LM for training and inference.
+
+`load_model` runs these steps in order and returns a plain-language line for each: config (RoPE scaling) ->
+dtype -> attention -> quantization -> weights (embeddings fitted to the tokenizer) -> training setup (KV cache,
+gradient checkpointing, upcasts) -> lf's kernels -> adapters (what trains) -> parameter counts.
+
+Models load on the CPU unless quantized (bitsandbytes places them as they load): the Trainer, or whoever infers,
+moves them to the accelerator.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lf.errors import ModelError
+from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
+from lf.model.options import apply_rope_scaling, choose_attention, choose_dtype
+from lf.model.paths import download_error, resolve_model_path
+from lf.model.quantization import quantization_kwargs
+
+log = logging.getLogger("lf")
+EMBEDDING_MULTIPLE = 64  # grown embeddings are padded to a multiple of this: faster matmuls on GPUs
+
+
+def _hub_kwargs(model_args) -> dict:
+    return {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir,
+            "token": model_args.hf_hub_token, "trust_remote_code": model_args.trust_remote_code}
+
+
+def load_tokenizer(model_args):
+    """The tokenizer of model_name_or_path, with add_tokens and add_special_tokens (or new_special_tokens) added."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_args)
+    try:
+        # transformers 5 ignores use_fast: it only has fast (Rust-backed) tokenizers
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=model_args.use_fast_tokenizer,
+                                                  split_special_tokens=model_args.split_special_tokens,
+                                                  **_hub_kwargs(model_args))
+    except (OSError, ValueError) as exc:
+        raise download_error(model_args.model_name_or_path, exc) from exc
+    special = split_names(model_args.add_special_tokens) + split_names(model_args.new_special_tokens)
+    for tokens, is_special in ((split_names(model_args.add_tokens), False), (special, True)):
+        if tokens:
+            added = tokenizer.add_tokens(tokens, special_tokens=is_special)
+            log.info("added %d of the %s %s to the tokenizer, which now has %d tokens; embeddings smaller than that "
+                     "need resize_vocab: true", added, "special tokens" if is_special else "tokens",
+                     ", ".join(tokens), len(tokenizer))
+    return tokenizer
+
+
+def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool,
+               cutoff_len: int | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """The model ready to train (`is_trainable`) or to infer, and what was done, in plain lines.
+
+    `cutoff_len` (the data's) sets the RoPE scaling factor when rope_scaling is on (see `apply_rope_scaling`).
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(model_args)
+    try:
+        config = AutoConfig.from_pretrained(path, **_hub_kwargs(model_args))
+    except (OSError, ValueError) as exc:
+        raise download_error(model_args.model_name_or_path, exc) from exc
+    rope = apply_rope_scaling(config, model_args.rope_scaling, cutoff_len)
+    dtype, dtype_line = choose_dtype(model_args.infer_dtype)
+    attention, attention_line = choose_attention(model_args.flash_attn, dtype)
+    quantization, quantization_line = quantization_kwargs(model_args, finetuning_args, config, dtype,
+                                                          is_trainable=is_trainable)
+    model = _instantiate(path, config, dtype, attention, quantization, model_args)
+    source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
+    lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
+             dtype_line, attention_line] + [line for line in (rope, quantization_line) if line]
+    lines += _fit_embeddings(model, tokenizer, model_args.resize_vocab)
+    upcast_norms = is_trainable and model_args.upcast_layernorm and dtype != torch.float32
+    if is_trainable:
+        lines += _prepare_training(model, model_args, finetuning_args, upcast_norms)
+    else:
+        model.config.use_cache = model_args.use_cache
+    lines += _patch_kernels(model, model_args, upcast_norms)
+    model, adapter_lines = attach(model, model_args, finetuning_args, is_trainable=is_trainable)
+    lines += adapter_lines + [parameter_summary(model)]
+    model.train(is_trainable)
+    if model_args.print_param_status:
+        lines += ["parameters:"] + parameter_status(model)
+    return model, lines
+
+
+def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if model_args.train_from_scratch:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention,
+                                                    trust_remote_code=model_args.trust_remote_code)
+        # low_cpu_mem_usage is not passed: transformers 5 always loads that way and ignores the argument
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention,
+                                                    **quantization, **_hub_kwargs(model_args))
+    except (OSError, ValueError) as exc:
+        raise download_error(model_args.model_name_or_path, exc) from exc
+
+
+def _fit_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
+    """Grows the embeddings to the tokenizer with resize_vocab (new rows start at the mean of the old ones);
+    without it a tokenizer larger than the embeddings is an error (its new tokens would index past them)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    size = len(tokenizer)
+    if size <= rows:
+        return [f"resize_vocab: the embeddings' {rows} rows already hold the tokenizer's {size} tokens"
+                ] if resize_vocab else []
+    if not resize_vocab:
+        raise ModelError(f"the tokenizer has {size} tokens but the model's embeddings only {rows} rows (tokens were "
+                         f"added by add_tokens, add_special_tokens or the template); set resize_vocab: true to grow "
+                         f"the embeddings to match (they then train)")
+    model.resize_token_embeddings(size, pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    return [f"resize_vocab: embeddings grown from {rows} to {model.get_input_embeddings().weight.shape[0]} rows for "
+            f"the tokenizer's {size} tokens (a multiple of {EMBEDDING_MULTIPLE})"]
+
+
+def _prepare_training(model, model_args, finetuning_args, upcast_norms: bool) -> list[str]:
+    model.config.use_cache = False  # the KV cache only serves generation
+    lines = ["KV cache off for training"]
+    if model_args.disable_gradient_checkpointing:
+        lines.append("gradient checkpointing off (disable_gradient_checkpointing)")
+    elif not model.supports_gradient_checkpointing:
+        lines.append(f"gradient checkpointing: {type(model).__name__} does not support it")
+    else:
+        # activation_checkpointing_enable is transformers' new name; both take the checkpoint kwargs first
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": model_args.use_reentrant_gc})
+        if finetuning_args.finetuning_type != "full" and getattr(model, "_require_grads_hook", None) is None:
+            # with frozen embeddings, reentrant checkpointing would pass no gradient back to earlier layers
+            model.enable_input_require_grads()
+        lines.append(f"gradient checkpointing on (use_reentrant={model_args.use_reentrant_gc})")
+    if upcast_norms:
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                module.float()
+        lines.append("upcast_layernorm: normalisation weights in float32 (for autocast mixed-precision training)")
+    if model_args.upcast_lmhead_output:
+        model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: output.float())
+        lines.append("upcast_lmhead_output: logits in float32 (the training loss of lf's fused head is fp32 anyway)")
+    return lines
+
+
+def _patch_kernels(model, model_args, upcast_norms: bool) -> list[str]:
+    if not (model_args.use_lf_kernels or model_args.enable_liger_kernel):
+        return ["lf kernels off (use_lf_kernels: false): the model runs transformers' own code"]
+    from lf.kernels import patch
+
+    lines = ["enable_liger_kernel: lf's own fused kernels take Liger's place"] if model_args.enable_liger_kernel else []
+    # lf's rms_norm takes the weight in the input's dtype; float32 norms in a 16-bit model stay transformers'
+    patch(model, rms_norm=not upcast_norms)  # logs its own report: what was patched, what not and why
+    if upcast_norms:
+        lines.append("rms_norm left to transformers: upcast_layernorm keeps float32 norms, which lf's rms_norm "
+                     "does not take")
+    return lines

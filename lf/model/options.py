@@ -1,0 +1,103 @@
+"""How the weights are loaded: dtype, attention implementation and RoPE scaling, each decided from the arguments
+and the machine, and returned with its reason in plain words."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from lf.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}  # flash_attn -> HF's name
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+DEFAULT_ROPE_FACTOR = 2.0  # without cutoff_len (inference) and no factor in the config
+LLAMA3_FREQ_FACTORS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's published values
+
+
+def _cpu_has_bf16() -> bool:
+    """Native bf16 math on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+
+
+def choose_dtype(infer_dtype: str) -> tuple[torch.dtype, str]:
+    """The dtype the weights load in, and why."""
+    if infer_dtype in DTYPES:
+        return DTYPES[infer_dtype], f"dtype {infer_dtype} (infer_dtype: {infer_dtype})"
+    if infer_dtype != "auto":
+        raise ModelError(f"infer_dtype: {infer_dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "dtype bfloat16 (infer_dtype auto: the GPU supports bf16)"
+        return torch.float16, "dtype float16 (infer_dtype auto: the GPU has no bf16)"
+    if _cpu_has_bf16():
+        return torch.bfloat16, "dtype bfloat16 (infer_dtype auto: no GPU; the CPU has native bf16, AVX512-BF16/AMX)"
+    return torch.float32, (f"dtype float32 (infer_dtype auto: no GPU, and this CPU "
+                           f"({torch.backends.cpu.get_cpu_capability()}) has no native bf16)")
+
+
+def choose_attention(flash_attn: str, dtype: torch.dtype) -> tuple[str, str]:
+    """The attention implementation to load the model with (HF's name), and why."""
+    installed = importlib.util.find_spec("flash_attn") is not None
+    cuda = torch.cuda.is_available()
+    half = dtype in (torch.float16, torch.bfloat16)  # flash-attention has no fp32 kernels
+    if flash_attn == "auto":
+        if installed and cuda and half:
+            return "flash_attention_2", "attention: flash-attention 2 (flash_attn auto: installed, CUDA, 16-bit)"
+        why = "no CUDA GPU" if not cuda else "flash_attn not installed" if not installed else "float32 weights"
+        return "sdpa", f"attention: sdpa (flash_attn auto: {why} for flash-attention)"
+    if flash_attn not in ATTENTION:
+        raise ModelError(f"flash_attn: {flash_attn!r} is not one of auto, {', '.join(ATTENTION)}")
+    if flash_attn == "fa2":
+        if not installed:
+            raise ModelError("flash_attn: fa2 needs the flash-attn package: pip install flash-attn "
+                             "--no-build-isolation (or set flash_attn: sdpa)")
+        if not cuda:
+            raise ModelError("flash_attn: fa2 needs a CUDA GPU; set flash_attn: sdpa on this machine")
+        if not half:
+            raise ModelError("flash_attn: fa2 runs in float16/bfloat16 only; set infer_dtype: bfloat16 or "
+                             "flash_attn: sdpa")
+    return ATTENTION[flash_attn], f"attention: {ATTENTION[flash_attn]} (flash_attn: {flash_attn})"
+
+
+def apply_rope_scaling(config, rope_scaling: str | None, cutoff_len: int | None) -> str | None:
+    """Stretches the config's RoPE to longer sequences (in place) and says how; None when rope_scaling is unset.
+
+    The factor: with `cutoff_len` (training) cutoff_len / max_position_embeddings rounded up to a whole number,
+    and no scaling at all when cutoff_len already fits. Without it (inference) a config that already scales RoPE
+    is kept as it is (scaling it again would stretch it twice); otherwise the factor is 2. max_position_embeddings
+    grows by the factor, except for dynamic scaling, which stretches itself past the trained length; yarn and
+    llama3 keep the trained length as original_max_position_embeddings.
+    """
+    if rope_scaling is None:
+        return None
+    if rope_scaling not in ROPE_TYPES:
+        raise ModelError(f"rope_scaling: {rope_scaling!r} is not one of {', '.join(ROPE_TYPES)}")
+    params = getattr(config, "rope_parameters", None) or {}
+    trained = getattr(config, "max_position_embeddings", None)
+    if "rope_theta" not in params or trained is None:  # no RoPE, or RoPE parameters per layer type
+        raise ModelError(f"rope_scaling: model type {config.model_type!r} has no single RoPE to scale")
+    if cutoff_len is not None and cutoff_len <= trained:
+        return (f"rope_scaling {rope_scaling} not applied: cutoff_len {cutoff_len} fits in the model's "
+                f"max_position_embeddings {trained}")
+    if cutoff_len is None and params.get("factor"):
+        return (f"rope_scaling {rope_scaling}: kept the model config's own RoPE scaling "
+                f"({params['rope_type']}, factor {params['factor']:g})")
+    if cutoff_len is None:
+        factor, why = DEFAULT_ROPE_FACTOR, "no cutoff_len to derive it from"
+    else:
+        factor, why = float(math.ceil(cutoff_len / trained)), f"cutoff_len {cutoff_len} / {trained}, rounded up"
+    scaled = {key: params[key] for key in ("rope_theta", "partial_rotary_factor") if key in params}
+    scaled.update(rope_type=rope_scaling, factor=factor)
+    if rope_scaling in ("yarn", "llama3"):
+        scaled["original_max_position_embeddings"] = trained
+    if rope_scaling == "llama3":
+        scaled.update(LLAMA3_FREQ_FACTORS)
+    config.rope_parameters = scaled
+    if rope_scaling != "dynamic":
+        config.max_position_embeddings = int(trained * factor)
+    return (f"rope_scaling {rope_scaling}, factor {factor:g} ({why}); max_position_embeddings "
+            f"{config.max_position_embeddings}")

@@ -1,0 +1,105 @@
+"""What a user sees of a training run: one plain line per logging step, `trainer_log.jsonl` (LLaMA-Factory's keys,
+which its tools read), a progress bar with loss, learning rate and tokens/s, and a guard that stops the run at the
+first loss that is not a number."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from datetime import timedelta
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+log = logging.getLogger("lf")
+LOG_FILE = "trainer_log.jsonl"
+
+
+def _duration(seconds: float) -> str:
+    return str(timedelta(seconds=int(seconds)))
+
+
+class RunLog(TrainerCallback):
+    """Appends one JSON line per log to output_dir/trainer_log.jsonl and logs it in words. Tokens/s counts the
+    real (non-padding) tokens the trainer saw (`trainer.tokens_seen`) since training started."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.start = None
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_tokens = time.perf_counter(), self.trainer.tokens_seen
+        if state.is_world_process_zero and not args.resume_from_checkpoint and os.path.exists(self._path(args)):
+            os.remove(self._path(args))  # a fresh run starts a fresh log; a resumed one appends
+
+    @staticmethod
+    def _path(args) -> str:
+        return os.path.join(args.output_dir, LOG_FILE)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.start is None or not logs or not {"loss", "eval_loss"} & set(logs):
+            return  # (the end-of-training summary goes to all_results.json)
+        elapsed = time.perf_counter() - self.start
+        done = max(state.global_step, 1)
+        tokens = self.trainer.tokens_seen - self.start_tokens
+        remaining = elapsed / done * max(state.max_steps - state.global_step, 0)
+        record = {"current_steps": state.global_step, "total_steps": state.max_steps,
+                  "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"), "lr": logs.get("learning_rate"),
+                  "epoch": logs.get("epoch", state.epoch),
+                  "percentage": round(100 * state.global_step / state.max_steps, 2) if state.max_steps else 0,
+                  "total_tokens": self.trainer.tokens_seen, "throughput": round(tokens / elapsed, 2) if elapsed else 0,
+                  "elapsed_time": _duration(elapsed), "remaining_time": _duration(remaining)}
+        record = {k: v for k, v in record.items() if v is not None}
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(self._path(args), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.trainer.last_record = record
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{name} {logs[key]:.4g}" for key, name in (("loss", "loss"), ("eval_loss", "eval loss"),
+                                                              ("learning_rate", "lr")) if key in logs]
+        if "loss" in logs:
+            parts.append(f"{record['throughput']:,.0f} tokens/s")
+            parts.append(f"{record['elapsed_time']} elapsed, {record['remaining_time']} left")
+        log.info("%s", ", ".join(parts))
+
+
+class Progress(ProgressCallback):
+    """HF's progress bar, showing loss, learning rate and tokens/s instead of printing every log dict."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs or "loss" not in logs:
+            return
+        record = getattr(self.trainer, "last_record", {})
+        self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
+                                      tok_s=f"{record.get('throughput', 0):,.0f}", refresh=False)
+
+
+class LossGuard(TrainerCallback):
+    """Stops at the first step whose loss is nan or inf (the trainer flags it), without saving that step:
+    the last checkpoint stays the last good one. The recipe then raises TrainError."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def _check(self, control, loss=None):
+        if loss is not None and not math.isfinite(loss) and self.trainer.nonfinite_step is None:
+            self.trainer.nonfinite_step = self.trainer.state.global_step
+        if self.trainer.nonfinite_step is not None:
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._check(control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return self._check(control, (logs or {}).get("loss"))

@@ -1,0 +1,111 @@
+"""HF's Seq2SeqTrainer with what lf changes, and nothing else:
+
+- checkpoints are written into a staging folder and renamed into place (a run killed while saving keeps its
+  previous checkpoints intact);
+- LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
+- the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
+- a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard).
+
+The loss itself needs nothing here: lf's patched causal-LM forward takes `num_items_in_batch` from the Trainer
+(which passes it to models that accept loss kwargs) and computes the fused loss with the right normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from transformers import Seq2SeqTrainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from lf.data.collator import TOKENS_KEY
+from lf.train.checkpoints import STAGING
+
+
+class LFTrainer(Seq2SeqTrainer):
+    def __init__(self, *args, finetuning_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.finetuning_args = finetuning_args
+        self.tokens_seen = 0  # real tokens trained on, this process
+        self.nonfinite_step = None  # the first step whose loss was nan/inf
+        self._staging = None
+
+    # -- tokens and loss ---------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tokens = inputs.pop(TOKENS_KEY, None)
+        if tokens is not None and model.training:
+            self.tokens_seen += int(tokens)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop(TOKENS_KEY, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite_step is None and not torch.isfinite(loss).all():
+            self.nonfinite_step = self.state.global_step + 1
+        return loss
+
+    # -- LoRA+ ---------------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        ratio = getattr(self.finetuning_args, "loraplus_lr_ratio", None)
+        if ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        lr, decay = self.args.learning_rate, self.args.weight_decay
+        decayed = set(self.get_decay_parameter_names(model))
+        groups = {}  # (lr, weight decay) -> parameters
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "lora_embedding_" in name:
+                group_lr = self.finetuning_args.loraplus_lr_embedding
+            elif "lora_B" in name or param.ndim == 1:  # LoRA+ speeds up B (and the vectors beside it)
+                group_lr = lr * ratio
+            else:
+                group_lr = lr
+            groups.setdefault((group_lr, decay if name in decayed else 0.0), []).append(param)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls([{"params": params, "lr": group_lr, "weight_decay": wd}
+                                        for (group_lr, wd), params in groups.items()], lr=lr, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- atomic checkpoints --------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial):
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """HF's checkpoint, written under output_dir/.lf-saving and renamed to output_dir/checkpoint-N when
+        complete; older checkpoints are rotated only after that."""
+        final_root = super()._get_output_dir(trial)
+        self._staging = os.path.join(final_root, STAGING)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate once it is in place
+        if self.args.should_save:
+            shutil.rmtree(self._staging, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()  # before any rank writes its RNG state there
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging, self.args.save_total_limit = None, limit
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(final_root, name)
+        if os.path.isdir(final):  # saved again at the same step (after a resume): the new one replaces it
+            shutil.rmtree(final)
+        os.replace(os.path.join(final_root, STAGING, name), final)
+        os.rmdir(os.path.join(final_root, STAGING))
+        if self.state.best_global_step:
+            best = os.path.join(final_root, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        rotate_checkpoints(output_dir=final_root, save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

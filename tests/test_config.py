@@ -1,0 +1,426 @@
+"""`lf train`'s config layer: reading files and overrides, groups and types, LLaMA-Factory's keys, rules, defaults."""
+
+import json
+import logging
+
+import pytest
+import transformers.training_args
+
+from lf.config import RULES, parse_train_args, read_config
+from lf.errors import ConfigError
+
+# Like LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, bf16 off: this machine has no bf16 GPU.
+LLAMA3_LORA_SFT = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: false
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+
+### eval
+# val_size: 0.1
+# per_device_eval_batch_size: 1
+# eval_strategy: steps
+# eval_steps: 500
+"""
+
+BASE = {"model_name_or_path": "lf-tiny-llama", "dataset": "demo", "output_dir": "saves/test"}
+
+
+@pytest.fixture
+def example(tmp_path):
+    path = tmp_path / "llama3_lora_sft.yaml"
+    path.write_text(LLAMA3_LORA_SFT)
+    return str(path)
+
+
+@pytest.fixture
+def logs(caplog):
+    """lf.config's log lines (the CLI stops the "lf" logger from propagating, so listen to it directly)."""
+    logger = logging.getLogger("lf.config")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lf.config")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def refused(config) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_train_args(config)
+    return str(info.value)
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# ---- a LLaMA-Factory YAML ---------------------------------------------------------------------------------------
+
+def test_llama_factory_example_parses_into_typed_groups(example):
+    cfg = parse_train_args([example])
+    assert cfg.source == example
+    assert cfg.raw["warmup_ratio"] == 0.1 and cfg.raw["report_to"] == "none"  # as given, before lf's renames
+    assert cfg.model.model_name_or_path == "meta-llama/Meta-Llama-3-8B-Instruct" and cfg.model.trust_remote_code
+    f = cfg.finetuning
+    assert (f.stage, f.finetuning_type, f.lora_rank, f.lora_alpha, f.lora_target) == ("sft", "lora", 8, 16, "all")
+    assert f.plot_loss is True and f.overwrite_output_dir is True
+    d = cfg.data
+    assert (d.dataset, d.template, d.cutoff_len, d.max_samples) == ("identity,alpaca_en_demo", "llama3", 2048, 1000)
+    assert d.overwrite_cache is True and d.preprocessing_num_workers == 16 and d.packing is None
+    t = cfg.training
+    assert isinstance(t, transformers.Seq2SeqTrainingArguments)
+    assert t.output_dir == "saves/llama3-8b/lora/sft" and t.do_train and not t.do_eval
+    assert (t.logging_steps, t.save_steps, t.dataloader_num_workers) == (10, 500, 4)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (1, 8)
+    assert isinstance(t.learning_rate, float) and t.learning_rate == 1e-4
+    assert t.num_train_epochs == 3.0 and t.lr_scheduler_type == "cosine"
+    assert t.warmup_steps == 0.1  # warmup_ratio: transformers 5 reads warmup_steps < 1 as a fraction
+    assert t.bf16 is False and t.ddp_timeout == 180000000 and t.resume_from_checkpoint is None
+    assert t.report_to == [] and t.save_only_model is False
+    assert t.remove_unused_columns is False
+    assert t.activation_checkpointing is False and t.gradient_checkpointing is False
+    assert cfg.generating.max_new_tokens == 1024
+
+
+def test_bf16_on_a_machine_without_it_is_a_config_error_naming_the_key(example, monkeypatch):
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: False)
+    message = refused([example, "bf16=true"])
+    assert message.startswith("bf16: true (on the command line): transformers refuses this: ")
+    assert "use_cpu" in message
+    assert parse_train_args([example, "bf16=true", "use_cpu=true"]).training.bf16 is True
+
+
+def test_transformers_own_checks_name_the_key():
+    message = refused({**BASE, "logging_steps": 10.5})
+    assert message.startswith("logging_steps: 10.5 (in the config): transformers refuses this: ")
+
+
+# ---- reading -----------------------------------------------------------------------------------------------------
+
+def test_overrides_win_over_the_file(example):
+    cfg = parse_train_args([example, "learning_rate=5e-5", "--lora_rank", "16", "--num_train_epochs=1",
+                            "--do_eval", "val_size=0.1", "--template", "null"])
+    assert cfg.training.learning_rate == 5e-5 and cfg.finetuning.lora_rank == 16 and cfg.finetuning.lora_alpha == 32
+    assert cfg.training.num_train_epochs == 1 and cfg.training.do_eval is True and cfg.data.val_size == 0.1
+    assert cfg.data.template is None
+    assert cfg.raw["lora_rank"] == 16
+
+
+def test_read_config_types_overrides_as_yaml_scalars(example):
+    values, source = read_config([example, "a=true", "b=1e-4", "c=null", "--d", "7", "--e", "f=x,y", "--g=-1",
+                                  "--h", "--report-to", "[wandb, tensorboard]"])
+    assert source == example and values["stage"] == "sft"
+    assert {k: values[k] for k in "abcdefgh"} == {"a": True, "b": 1e-4, "c": None, "d": 7, "e": True, "f": "x,y",
+                                                  "g": -1, "h": True}
+    assert values["report_to"] == ["wandb", "tensorboard"]
+    assert read_config(["lora_rank=4"]) == ({"lora_rank": 4}, None)
+    assert read_config({"lora_rank": 4}) == ({"lora_rank": 4}, None)
+
+
+def test_an_unreadable_override_is_refused(example):
+    assert "cannot read 'oops' on the command line: give overrides as key=value" in refused([example, "oops"])
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "none.yaml"
+    assert refused([str(path)]) == f"config file not found: {path}"
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "bad.yaml", "model_name_or_path: x\nstage: sft: lora\nlora_rank: 8\n")
+    message = refused([path])
+    assert message.startswith(f"{path}:2: malformed YAML: ")
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = write(tmp_path, "twice.yaml", "lora_rank: 8\nstage: sft\nlora_rank: 16\n")
+    assert refused([path]) == f"{path}:3: lora_rank is given twice (first on line 1): keep one"
+
+
+def test_the_file_must_be_a_mapping(tmp_path):
+    assert "must be a mapping of `key: value` lines, not a list" in refused([write(tmp_path, "l.yaml", "- a\n")])
+
+
+def test_json_config(tmp_path):
+    path = write(tmp_path, "cfg.json", json.dumps({**BASE, "lora_rank": 4, "learning_rate": 2e-4}))
+    cfg = parse_train_args([path, "lora_dropout=0.1"])
+    assert cfg.source == path and cfg.finetuning.lora_rank == 4 and cfg.training.learning_rate == 2e-4
+    assert cfg.finetuning.lora_dropout == 0.1
+    bad = write(tmp_path, "bad.json", '{\n  "lora_rank": 4,\n}\n')
+    assert refused([bad]).startswith(f"{bad}:3: malformed JSON: ")
+
+
+def test_an_empty_file_lists_what_is_missing(tmp_path):
+    message = refused([write(tmp_path, "empty.yaml", "# nothing yet\n")])
+    assert "problems in" in message
+    assert "model_name_or_path is missing" in message and "output_dir is missing" in message
+
+
+# ---- keys --------------------------------------------------------------------------------------------------------
+
+def test_unknown_key_in_the_yaml_names_its_line_and_the_closest_keys(tmp_path):
+    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\noutput_dir: o\nlearing_rate: 1.0e-4\n")
+    assert refused([path]) == f"unknown key 'learing_rate' in {path}:3. Did you mean: learning_rate?"
+
+
+def test_unknown_key_in_an_override(example):
+    assert refused([example, "lora_rnak=4"]) == "unknown key 'lora_rnak' on the command line. Did you mean: lora_rank?"
+
+
+def test_every_unknown_key_is_listed_at_once():
+    message = refused({**BASE, "lora_rnak": 4, "quantisation_bit": 4, "zzz": 1})
+    assert message.splitlines() == ["unknown key 'lora_rnak' in the config. Did you mean: lora_rank?",
+                                    "unknown key 'quantisation_bit' in the config. Did you mean: quantization_bit?",
+                                    "unknown key 'zzz' in the config."]
+
+
+def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
+    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nuse_unsloth: true\nlora_rnak: 4\nlora_rank: big\n")
+    assert refused([path]).splitlines() == [
+        f"use_unsloth: true (in {path}:2) asks for Unsloth's patched training, which lf does not support yet: "
+        "remove the key (lf's fused kernels are on)",
+        f"unknown key 'lora_rnak' in {path}:3. Did you mean: lora_rank?",
+        f"lora_rank: big (in {path}:4) is a string; expected a whole number"]
+
+
+@pytest.mark.parametrize("key, value, feature", [
+    ("use_unsloth", True, "Unsloth's patched training"),
+    ("use_galore", True, "GaLore"),
+    ("use_badam", True, "the BAdam optimizer"),
+    ("use_apollo", True, "the APOLLO optimizer"),
+    ("pissa_init", True, "PiSSA adapters"),
+    ("shift_attn", True, "LongLoRA's shifted sparse attention"),
+    ("mixture_of_depths", "convert", "a mixture-of-depths model"),
+    ("visual_inputs", True, "multimodal training"),
+    ("freeze_vision_tower", False, "multimodal training"),
+    ("image_max_pixels", 262144, "multimodal training"),
+    ("infer_backend", "vllm", "an inference engine other than transformers"),
+    ("save_safetensors", False, "pickled checkpoints"),
+])
+def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(key, value, feature):
+    message = refused({**BASE, key: value})
+    assert message.startswith(f"{key}: ")
+    assert f"(in the config) asks for {feature}" in message and "which lf does not support yet" in message
+
+
+def test_unsupported_keys_at_their_defaults_are_accepted(logs):
+    inert = {"use_unsloth": False, "use_galore": False, "freeze_vision_tower": True, "infer_backend": "huggingface",
+             "image_max_pixels": 589824, "save_safetensors": True, "pref_beta": 0.2, "galore_rank": 32}
+    cfg = parse_train_args({**BASE, **inert})
+    assert cfg.raw["pref_beta"] == 0.2
+    assert "pref_beta is ignored: it tunes preference training" in logs.text
+    assert "galore_rank is ignored: it tunes GaLore" in logs.text
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("lora_rank", "eight", "lora_rank: eight (in the config) is a string; expected a whole number"),
+    ("learning_rate", "fast", "learning_rate: fast (in the config) is a string; expected a number"),
+    ("do_train", "yes", "do_train: yes (in the config) is a string; expected true or false"),
+    ("lora_rank", 8.5, "lora_rank: 8.5 (in the config) is a number; expected a whole number"),
+    ("template", 3, "template: 3 (in the config) is a whole number; expected a string or null"),
+    ("stage", None, "stage: null (in the config) is null; expected a string"),
+    ("lr_scheduler_type", "cosinee", "lr_scheduler_type: cosinee (in the config) is not one of linear, cosine"),
+    ("report_to", 5, "report_to: 5 (in the config) is a whole number; expected null or a string or a list"),
+])
+def test_values_of_the_wrong_type_name_key_value_and_type(key, value, expected):
+    assert refused({**BASE, key: value}).startswith(expected)
+
+
+def test_a_misspelt_choice_gets_suggestions():
+    assert refused({**BASE, "lr_scheduler_type": "cosinee"}).endswith("Did you mean: cosine, cosine_with_restarts?")
+
+
+def test_comma_separated_keys_take_lists():
+    cfg = parse_train_args({**BASE, "dataset": ["alpaca_en_demo", "identity"], "lora_target": ["q_proj", "v_proj"]})
+    assert cfg.data.dataset == "alpaca_en_demo,identity" and cfg.finetuning.lora_target == "q_proj,v_proj"
+
+
+def test_use_cache_is_the_model_groups():
+    cfg = parse_train_args({**BASE, "use_cache": False})
+    assert cfg.model.use_cache is False and cfg.training.use_cache is False
+
+
+# ---- rules -------------------------------------------------------------------------------------------------------
+
+RULE_CASES = {
+    "model_name_or_path": ({"model_name_or_path": None}, "model_name_or_path is missing"),
+    "output_dir": ({"output_dir": None}, "output_dir is missing"),
+    "nothing_to_do": ({"do_train": False}, "do_train, do_eval and do_predict are all false: nothing to run"),
+    "do_predict": ({"do_predict": True}, "do_predict: true (generating answers for a test set) is not part of"),
+    "stage_known": ({"stage": "sfft"}, "stage: sfft is not a training stage"),
+    "stage_later": ({"stage": "dpo"}, "stage: dpo arrives with the preference-training issue; lf trains pt and sft "
+                                      "now: set stage: sft (or pt)"),
+    "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
+    "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
+                               "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
+    "lora_rank": ({"lora_rank": 0}, "lora_rank: 0 leaves the adapters no room"),
+    "lora_alpha": ({"lora_alpha": -16}, "lora_alpha: -16 scales the adapters to nothing"),
+    "lora_dropout": ({"lora_dropout": 1.0}, "lora_dropout: 1.0 is not a probability in [0, 1)"),
+    "loraplus_lr_ratio": ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio: 0 must be positive"),
+    "adapter_needs_lora": ({"adapter_name_or_path": "saves/a", "finetuning_type": "freeze"},
+                           "adapter_name_or_path loads LoRA adapters, but finetuning_type is freeze"),
+    "scratch_with_adapter": ({"train_from_scratch": True, "adapter_name_or_path": "saves/a"},
+                             "train_from_scratch starts from random weights"),
+    "new_adapter_needs_adapter": ({"create_new_adapter": True}, "adapter_name_or_path names none"),
+    "quantization_bit_choice": ({"quantization_bit": 3}, "quantization_bit: 3 is not one of null, 4, 8"),
+    "quantization_needs_lora": ({"quantization_bit": 4, "finetuning_type": "full"},
+                                "QLoRA trains LoRA adapters over a quantized base: set finetuning_type: lora"),
+    "quantized_adapters": ({"quantization_bit": 4, "adapter_name_or_path": "saves/a,saves/b"},
+                           "adapters cannot be merged into a quantized model"),
+    "quantization_method_choice": ({"quantization_method": "gptq"}, "quantization_method: gptq is not one of bnb"),
+    "quantization_type_choice": ({"quantization_type": "nf8"}, "quantization_type: nf8 is not one of nf4, fp4."
+                                                                " Did you mean: nf4?"),
+    "flash_attn_choice": ({"flash_attn": "fa3"}, "flash_attn: fa3 is not one of auto, disabled, sdpa, fa2."
+                                                 " Did you mean: fa2?"),
+    "rope_scaling_choice": ({"rope_scaling": "ntk"}, "rope_scaling: ntk is not one of null, linear, dynamic"),
+    "infer_dtype_choice": ({"infer_dtype": "float8"}, "infer_dtype: float8 is not one of auto, float16"),
+    "liger_or_lf_kernels": ({"enable_liger_kernel": True, "use_lf_kernels": False},
+                            "but use_lf_kernels: false turns them off"),
+    "fp16_and_bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one"),
+    "cutoff_len": ({"cutoff_len": 0}, "cutoff_len: 0 leaves no tokens"),
+    "train_needs_data": ({"dataset": None}, "do_train needs training data: set dataset"),
+    "eval_needs_data": ({"eval_strategy": "steps"}, "there is no eval data: set val_size"),
+    "streaming_needs_max_steps": ({"streaming": True}, "a stream has no length, so epochs cannot be counted: set "
+                                                       "max_steps"),
+    "streaming_val_size": ({"streaming": True, "max_steps": 100, "val_size": 0.1},
+                           "val_size: 0.1 is a fraction, but a stream's length is unknown"),
+}
+
+
+def test_every_rule_has_a_case():
+    assert sorted(RULE_CASES) == sorted(rule.name for rule in RULES)
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_each_rule_refuses_its_case_alone(name):
+    overrides, expected = RULE_CASES[name]
+    message = refused({**BASE, **overrides})
+    assert expected in message
+    assert "problems" not in message  # this rule alone
+
+
+def test_rules_report_every_problem_at_once(example):
+    message = refused([example, "stage=dpo", "lora_rank=0"])
+    assert message.startswith(f"2 problems in {example}:\n  - ")
+    assert "stage: dpo arrives" in message and "lora_rank: 0 leaves" in message
+
+
+def test_rules_pass_where_the_combination_is_fine():
+    cfg = parse_train_args({**BASE, "quantization_bit": 4, "adapter_name_or_path": "saves/a", "use_dora": True,
+                            "streaming": True, "max_steps": 10, "val_size": 100, "do_eval": True, "stage": "pt"})
+    assert cfg.model.quantization_bit == 4 and cfg.data.val_size == 100
+
+
+# ---- renames and defaults ----------------------------------------------------------------------------------------
+
+def test_lora_alpha_defaults_to_twice_the_rank():
+    assert parse_train_args({**BASE, "lora_rank": 32}).finetuning.lora_alpha == 64
+    assert parse_train_args({**BASE, "lora_rank": 32, "lora_alpha": 8}).finetuning.lora_alpha == 8
+
+
+@pytest.mark.parametrize("key", ["enable_liger_kernel", "use_liger_kernel", "use_v1_kernels"])
+def test_fused_kernel_switches_map_onto_lfs_kernels(key, logs):
+    cfg = parse_train_args({**BASE, key: True})
+    assert cfg.model.use_lf_kernels is True and cfg.model.enable_liger_kernel is True
+    assert cfg.training.use_liger_kernel is False  # HF would import Liger's
+    assert "enable_liger_kernel maps onto lf's kernels" in logs.text
+
+
+def test_renamed_keys_are_read_under_their_new_names_and_logged(logs):
+    cfg = parse_train_args({**BASE, "evaluation_strategy": "steps", "eval_steps": 50, "val_size": 0.1,
+                            "new_special_tokens": "<think>,</think>", "use_kv_cache": False, "no_cuda": True,
+                            "group_by_length": True})
+    assert cfg.training.eval_strategy == "steps" and cfg.training.do_eval is True
+    assert cfg.model.add_special_tokens == "<think>,</think>" and cfg.model.use_cache is False
+    assert cfg.training.use_cpu is True and cfg.training.train_sampling_strategy == "group_by_length"
+    assert "evaluation_strategy: steps is read as eval_strategy: steps (transformers renamed it)" in logs.text
+    assert "new_special_tokens: <think>,</think> is read as add_special_tokens" in logs.text
+    assert parse_train_args({**BASE, "disable_shuffling": True}).training.train_sampling_strategy == "sequential"
+    assert parse_train_args({**BASE, "disable_shuffling": False}).training.train_sampling_strategy == "random"
+
+
+def test_warmup_ratio_becomes_a_fractional_warmup_steps():
+    assert parse_train_args({**BASE, "warmup_ratio": 0.03}).training.warmup_steps == 0.03
+    assert refused({**BASE, "warmup_ratio": 1.5}) == ("warmup_ratio: 1.5 (in the config) cannot be read: expected a "
+                                                      "fraction of the training steps in [0, 1)")
+    assert "both set warmup_steps, differently: keep one" in refused({**BASE, "warmup_ratio": 0.1, "warmup_steps": 10})
+
+
+def test_gradient_checkpointing_is_the_model_layers_switch():
+    off = parse_train_args({**BASE, "gradient_checkpointing": False,
+                            "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    assert off.model.disable_gradient_checkpointing is True and off.model.use_reentrant_gc is False
+    assert off.training.gradient_checkpointing is False and off.training.activation_checkpointing is False
+    on = parse_train_args({**BASE, "activation_checkpointing": True})
+    assert on.model.disable_gradient_checkpointing is False
+    assert on.training.gradient_checkpointing is False and on.training.activation_checkpointing is False
+    assert "both set disable_gradient_checkpointing" in refused({**BASE, "gradient_checkpointing": True,
+                                                                 "disable_gradient_checkpointing": True})
+    assert "a mapping with use_reentrant only" in refused({**BASE, "gradient_checkpointing_kwargs": {"x": 1}})
+
+
+def test_remove_unused_columns_is_always_off(logs):
+    assert parse_train_args(BASE).training.remove_unused_columns is False
+    assert parse_train_args({**BASE, "remove_unused_columns": True}).training.remove_unused_columns is False
+    assert "remove_unused_columns: true is ignored" in logs.text
+
+
+def test_report_to_and_logging_steps_defaults():
+    cfg = parse_train_args(BASE)
+    assert cfg.training.report_to == [] and cfg.training.logging_steps == 10
+    cfg = parse_train_args({**BASE, "report_to": "tensorboard", "logging_steps": 5})
+    assert cfg.training.report_to == ["tensorboard"] and cfg.training.logging_steps == 5
+
+
+def test_do_train_is_assumed_only_when_no_mode_is_given(logs):
+    assert parse_train_args(BASE).training.do_train is True
+    assert "lf trains (do_train: true)" in logs.text
+    cfg = parse_train_args({**BASE, "do_eval": True, "val_size": 0.1})
+    assert cfg.training.do_train is False and cfg.training.do_eval is True
+
+
+def test_keys_transformers_5_dropped_live_in_the_finetuning_group(logs):
+    cfg = parse_train_args({**BASE, "overwrite_output_dir": True, "logging_dir": "runs/x"})
+    assert cfg.finetuning.overwrite_output_dir is True and cfg.finetuning.logging_dir == "runs/x"
+    assert "logging_dir is kept as finetuning.logging_dir" in logs.text
+
+
+def test_packing_stays_unresolved_for_the_data_layer():
+    assert parse_train_args(BASE).data.packing is None
+    assert parse_train_args({**BASE, "packing": True}).data.packing is True
