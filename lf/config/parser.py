@@ -393,6 +393,8 @@ def _owners() -> dict[str, tuple[str, Any]]:
         for field in dataclasses.fields(cls):
             if field.init:
                 owners.setdefault(field.name, (group, hints[field.name]))
+    # HF types it str, but Trainer.train and LLaMA-Factory YAMLs take true for "the last checkpoint in output_dir"
+    owners["resume_from_checkpoint"] = ("training", str | bool | None)
     return owners
 
 

@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+from transformers import set_seed
 
 from lf.data import collator, get_dataset, resolve_template
 from lf.errors import TrainError
@@ -35,6 +36,7 @@ def run_sft(cfg, callbacks=()) -> dict:
         log.info("%s", line)
     with args.main_process_first(desc="preparing the datasets"):
         data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed)
+    set_seed(args.seed)  # before the adapters' random initialisation: the same seed, the same run
     model, lines = load_model(tokenizer, cfg.model, fin, is_trainable=args.do_train, cutoff_len=cfg.data.cutoff_len)
     for line in lines:
         log.info("%s", line)
