@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 
@@ -49,11 +50,15 @@ def _train(args) -> int:
     from lf.config import parse_train_args
     from lf.errors import ConfigError, DataError, ModelError, TrainError
 
+    from lf.train import launch
+
+    if launch.wanted():
+        return launch.launch(args.rest)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[lf] %(message)s"))
     logger = logging.getLogger("lf")
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one rank speaks
     logger.propagate = False
     try:
         cfg = parse_train_args(args.rest)
@@ -63,6 +68,8 @@ def _train(args) -> int:
     except (ConfigError, DataError, ModelError, TrainError) as exc:
         print(f"lf train: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"\nlf train: done. Model/adapter and tokenizer: {outputs['output_dir']}")
     print(f"  log: {outputs['log']}")
     for path in outputs.get("plots", []):

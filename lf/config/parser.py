@@ -17,6 +17,7 @@ import enum
 import functools
 import json
 import logging
+import os
 import pathlib
 import re
 import types
@@ -503,6 +504,20 @@ def _default_training(training: dict, given: set[str]) -> None:
         log.info("no do_train, do_eval or do_predict in the config: lf trains (do_train: true)")
     training.setdefault("logging_steps", 10)  # LLaMA-Factory's examples log every 10 steps; HF's 500 is rare
     training.setdefault("report_to", "none")  # no experiment tracker starts unless the config names it
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every trainable parameter gets a gradient in lf's methods; DDP's search for unused ones breaks with
+        # reentrant gradient checkpointing (a parameter is marked ready twice)
+        training.setdefault("ddp_find_unused_parameters", False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
+        # HF runs DDP on the CPU only with use_cpu (else it trains each process alone), over gloo
+        training.setdefault("use_cpu", True)
+        training.setdefault("ddp_backend", "gloo")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def _hf_defaults() -> dict:
