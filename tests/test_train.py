@@ -193,16 +193,19 @@ def test_cli_runs_a_yaml_with_overrides_and_reports_bad_keys(tmp_path, capsys):
     assert "Did you mean: learning_rate?" in capsys.readouterr().err
 
 
-def test_two_processes_over_gloo_train_what_one_process_trains(tmp_path):
-    """NPROC_PER_NODE=2: lf starts torchrun itself; DDP on the CPU over gloo. Same global batch (2 x 1 vs 1 x 2),
-    same final adapter (SGD: see test_kernels_do_not_change_the_losses)."""
+@pytest.mark.parametrize("deepspeed", [None, "ds_z2.json", "ds_z3.json"])
+def test_two_processes_train_what_one_process_trains(tmp_path, deepspeed):
+    """NPROC_PER_NODE=2: lf starts torchrun itself; DDP on the CPU over gloo, or DeepSpeed ZeRO-2/3 on its CPU
+    accelerator. Same global batch (2 x 1 vs 1 x 2), same final adapter (SGD: see
+    test_kernels_do_not_change_the_losses)."""
     same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 3, "save_steps": 10, "packing": True}
     train(tmp_path / "one", per_device_train_batch_size=2, **same)
     two = tmp_path / "two"
     cfg = tmp_path / "ddp.yaml"
+    extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / deepspeed)} if deepspeed else {}
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options(two, per_device_train_batch_size=1,
-                                                                         **same).items()))
-    env = {**os.environ, "NPROC_PER_NODE": "2"}
+                                                                         **same, **extra).items()))
+    env = {**os.environ, "NPROC_PER_NODE": "2", "DS_ACCELERATOR": "cpu"}
     child = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg)], capture_output=True, text=True,
                            env=env, cwd=REPO)
     assert child.returncode == 0, child.stderr[-3000:]

@@ -102,10 +102,16 @@ def _instantiate(path: str, config, dtype, attention: str, quantization: dict, m
         raise download_error(model_args.model_name_or_path, exc) from exc
 
 
+def _rows(model) -> int:
+    """The embeddings' row count (DeepSpeed ZeRO-3 keeps only a shard of the weight here; ds_shape is the whole)."""
+    weight = model.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def _fit_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
     """Grows the embeddings to the tokenizer with resize_vocab (new rows start at the mean of the old ones);
     without it a tokenizer larger than the embeddings is an error (its new tokens would index past them)."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = _rows(model)
     size = len(tokenizer)
     if size <= rows:
         return [f"resize_vocab: the embeddings' {rows} rows already hold the tokenizer's {size} tokens"
@@ -115,7 +121,7 @@ def _fit_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
                          f"added by add_tokens, add_special_tokens or the template); set resize_vocab: true to grow "
                          f"the embeddings to match (they then train)")
     model.resize_token_embeddings(size, pad_to_multiple_of=EMBEDDING_MULTIPLE)
-    return [f"resize_vocab: embeddings grown from {rows} to {model.get_input_embeddings().weight.shape[0]} rows for "
+    return [f"resize_vocab: embeddings grown from {rows} to {_rows(model)} rows for "
             f"the tokenizer's {size} tokens (a multiple of {EMBEDDING_MULTIPLE})"]
 
 

@@ -36,6 +36,8 @@ def run_sft(cfg, callbacks=()) -> dict:
         log.info("%s", line)
     with args.main_process_first(desc="preparing the datasets"):
         data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed)
+    if args.deepspeed:
+        _deepspeed_comm()
     set_seed(args.seed)  # before the adapters' random initialisation: the same seed, the same run
     model, lines = load_model(tokenizer, cfg.model, fin, is_trainable=args.do_train, cutoff_len=cfg.data.cutoff_len)
     for line in lines:
@@ -70,6 +72,15 @@ def run_sft(cfg, callbacks=()) -> dict:
         trainer.save_metrics("eval", metrics)
     outputs["log"] = os.path.join(args.output_dir, "trainer_log.jsonl")
     return outputs
+
+
+def _deepspeed_comm() -> None:
+    """ZeRO-3 partitions the weights while they load and asks deepspeed.comm for the world size then; accelerate
+    sets deepspeed.comm up on GPUs only, so on the CPU lf does, over the process group torch already has."""
+    import deepspeed
+
+    if torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 def _use_progress(trainer) -> None:
