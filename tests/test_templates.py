@@ -2,7 +2,9 @@
 
 import copy
 import json
+from dataclasses import replace
 
+import jinja2
 import pytest
 
 from lf.data.templates import TEMPLATES, JinjaTemplate, get_template, resolve_template
@@ -393,3 +395,82 @@ def test_prepare_tokenizer(plain_tok):
     changes = get_template("llama3").prepare_tokenizer(tokenizer)
     assert changes[0] == "set the eos token to '<|eot_id|>' (the tokenizer had none)" and len(changes) == 1
     assert len(ids(tokenizer, "<|eot_id|>")) == 1 and tokenizer.eos_token_id == ids(tokenizer, "<|eot_id|>")[0]
+
+
+# -- as a jinja chat template -------------------------------------------------------------------------------------
+
+
+def apply_jinja(tok, template, messages, system=None, **kwargs):
+    """`messages` rendered by transformers with the template's jinja, the system prompt as a leading message."""
+    chat = ([{"role": "system", "content": system}] if system is not None else []) + messages
+    return tok.apply_chat_template(chat, chat_template=template.to_jinja(), tokenize=False, **kwargs)
+
+
+UNTRIMMED = [user("  Hi \n"), assistant(" Hello! \n"), user("\nHow are you? "), assistant("  Fine.\n")]
+EDGE_REASONING = [user("Q1"), assistant("<think>\nr1\n</think>\n\nA1"), user("Q2"), assistant("no open</think>\nA2"),
+                  user("Q3"), assistant("<think>\n\n</think>\n\nA3")]
+JINJA_CASES = [(SINGLE, "Be brief.", False), (SINGLE, None, False), (SINGLE, "", False), (MULTI, None, False),
+               (MULTI, "Sys", False), (UNTRIMMED, " Sys \n", False), (REASONING, "Sys", False),
+               (EDGE_REASONING, None, False), (EDGE_REASONING[:4], None, False), (MULTI + REASONING, None, False),
+               (SINGLE[:1], None, True), (MULTI[:3], None, True), (MULTI[:3], "Sys", True),
+               (REASONING[:3], None, True), (EDGE_REASONING[:5], "Sys", True)]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_jinja_renders_as_the_template(tok, name, enable_thinking):
+    registered = get_template(name)  # its jinja reads enable_thinking when rendered
+    for template in (get_template(name, enable_thinking=enable_thinking),
+                     get_template(name, enable_thinking=enable_thinking, default_system="Be kind.")):
+        jinja = replace(registered, default_system=template.default_system)
+        for messages, system, generation_prompt in JINJA_CASES:
+            # bos/eos are the tokenizer's ("<s>", "</s>"), not the model family's
+            expected = template.render(messages, system, add_generation_prompt=generation_prompt, tokenizer=tok)
+            assert apply_jinja(tok, jinja, messages, system, add_generation_prompt=generation_prompt,
+                               enable_thinking=enable_thinking) == expected, (messages, system, generation_prompt)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_jinja_without_generation_prompt(tok, name):
+    template = get_template(name)
+    # Ending with a user message: the user format already wrote the assistant header; the generation prompt adds
+    # only what follows it.
+    prompt = apply_jinja(tok, template, MULTI[:3])
+    generation = apply_jinja(tok, template, MULTI[:3], add_generation_prompt=True)
+    assert prompt.endswith(template.user.format(content="How are you?", bos="<s>", eos="</s>"))
+    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
+    assert generation == prompt + opening
+    # Ending with a reply: nothing to add.
+    assert apply_jinja(tok, template, MULTI, add_generation_prompt=True) == apply_jinja(tok, template, MULTI)
+
+
+def test_jinja_bos_eos_are_the_tokenizers(tok):
+    other = copy.deepcopy(tok)
+    other.bos_token, other.eos_token = "<bos>", "<|end|>"
+    for name in ("llama2", "deepseekr1", "mistral"):
+        template = get_template(name)
+        assert apply_jinja(other, template, MULTI) == template.render(MULTI, tokenizer=other)
+    assert apply_jinja(other, get_template("llama2"), SINGLE).startswith("<bos>[INST] ")
+
+
+@pytest.mark.parametrize("messages, tools", [
+    (SINGLE, [json.loads(TOOL_DEFINITION)]), (GLAIVE, None), ([user("a"), user("b")], None),
+    ([user("Hi"), {"role": "system", "content": "Late"}], None), ([assistant("Hello!")], None),
+    ([user("Weather?"), {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}], None)])
+def test_jinja_rejects_tools_and_other_roles(tok, messages, tools):
+    for name in ("qwen", "mistral"):
+        with pytest.raises(jinja2.TemplateError, match=f"jinja chat template of '{name}' writes only alternating"):
+            apply_jinja(tok, get_template(name), messages, tools=tools)
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3", "gemma"])
+def test_lf_reads_back_its_jinja(tok, name):
+    template = get_template(name)
+    saved = copy.deepcopy(tok)
+    saved.chat_template = template.to_jinja()
+    jinja, _ = resolve_template(saved)
+    assert isinstance(jinja, JinjaTemplate) and jinja.stop_words == template.stop_words
+    assert jinja.to_jinja() == saved.chat_template
+    for messages, system in ((SINGLE, "Be brief."), (MULTI, None)):
+        assert jinja.encode_multiturn(saved, messages, system) == template.encode_multiturn(tok, messages, system)

@@ -71,7 +71,10 @@ def test_lora_sft_writes_what_a_user_expects(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(Path(os.environ["LF_HOME"]) / "tiny" / "lf-tiny-llama")
     model = PeftModel.from_pretrained(base, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("<|im_start|>user\nhello<|im_end|>\n", return_tensors="pt").input_ids
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                           add_generation_prompt=True)  # the template trained on, as jinja
+    assert prompt.endswith("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
     assert torch.isfinite(model(input_ids=ids).logits).all()
     weights = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero: trained
@@ -214,3 +217,14 @@ def test_two_processes_train_what_one_process_trains(tmp_path, deepspeed):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
     assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_an_adapter_over_a_quantized_base(tmp_path, bits):
+    out = tmp_path / f"qlora{bits}"
+    train(out, quantization_bit=bits, max_steps=2, save_steps=10)
+    assert len(losses(out)) == 2 and all(0 < loss < 20 for loss in losses(out))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in load_file(out / "adapter_model.safetensors").items())

@@ -33,6 +33,7 @@ turns; others raise a DataError that asks for a registered template.
 """
 
 from dataclasses import dataclass, field, replace
+from string import Formatter
 from types import MappingProxyType
 
 from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, PROMPT_ROLES, REPLY_ROLES, SYSTEM, USER
@@ -177,6 +178,85 @@ class Template:
             return thinking.open, block[len(thinking.open):]
         return "", block
 
+    # -- jinja -------------------------------------------------------------------------------------------------
+
+    def to_jinja(self) -> str:
+        """This template as a jinja `chat_template` (what transformers' `apply_chat_template` and vLLM render), built
+        from its fields, so that a tokenizer saved with it prompts the model as lf trained it. For a conversation of
+        alternating user and assistant messages, led by an optional system message (else `default_system`), it
+        writes the text of `render` with that system prompt and the tokenizer's bos_token/eos_token; reasoning is
+        handled as `render` does (history replies lose it, the last reply keeps it).
+
+        Beyond or unlike `render`:
+          - every user format includes the assistant header, so a conversation ending with a user message ends
+            with that header even without add_generation_prompt; add_generation_prompt adds only what the
+            generation prompt writes after it (the reasoning opening of deepseekr1, the empty block when thinking
+            is off), and nothing after a final assistant message (`render` rejects both cases);
+          - thinking templates read the chat-template variable `enable_thinking`: False turns thinking off, as
+            `get_template(..., enable_thinking=False)` does;
+          - tools, tool calls and any other role (tool, function, observation, a later system message) raise an
+            error (`raise_exception`): lf's tool formats are not written in jinja, and dropping them silently
+            would prompt the model without its tools.
+        """
+        system = f"(system or {self.default_system!r})" if self.default_system else "system"
+        system = f"{system} | trim" if SYSTEM in self.trim else system
+        # Roles alternate, so the last user message is the last message or the one before it.
+        in_user = {AT_START: None, IN_FIRST_USER_MESSAGE: "loop.first",
+                   IN_LAST_USER_MESSAGE: "loop.revindex0 < 2"}[self.system_at]
+        unsupported = (f"lf's jinja chat template of {self.name!r} writes only alternating user and assistant "
+                       "messages after an optional system message, without tools")
+        lines = [_tag("set bos = bos_token or ''"), _tag("set eos = eos_token or ''"),
+                 _tag("set system = messages[0].content if messages and messages[0].role == 'system' else ''"),
+                 _tag("set loop_messages = messages[1:] if messages and messages[0].role == 'system' else messages"),
+                 *([_tag(f"set system = {system}")] if system != "system" else []), *_out(self.prefix)]
+        if in_user is None:
+            lines += [_tag("if system"), *_out(self.system, "system", 1), _tag("endif")]
+        if self.thinking:
+            off = "enable_thinking is defined and not enable_thinking" if self.enable_thinking else "true"
+            lines.append(_tag(f"set thinking_off = {off}"))
+        lines += [_tag("for m in loop_messages"),
+                  _tag("if tools or m.tool_calls or m.role != ('user' if loop.index0 % 2 == 0 else 'assistant')", 1),
+                  _write(f"raise_exception({unsupported!r})", 2), _tag("endif", 1),
+                  _tag("if m.role == 'user'", 1),
+                  _tag("set content = m.content | trim" if USER in self.trim else "set content = m.content", 2)]
+        if in_user is not None:
+            lines += [_tag(f"if system and {in_user}", 2),
+                      _tag(f"set content = {_jinja_expr(self.system, 'system')} + content", 3), _tag("endif", 2)]
+        lines += _out(self.user, "content", 2)
+        if self.thinking:
+            lines += self._jinja_generation_prompt()
+        lines += [_tag("else", 1),
+                  _tag("set content = m.content | trim" if ASSISTANT in self.trim else "set content = m.content", 2)]
+        if self.thinking:
+            lines += self._jinja_reasoning()
+        lines += [*_out(self.assistant, "content", 2), *_out(self.separator, depth=2), _tag("endif", 1),
+                  _tag("endfor")]
+        return "\n".join(lines)
+
+    def _jinja_generation_prompt(self) -> list[str]:
+        """What `_reply_body` puts after the header of an open-ended conversation."""
+        thinking = self.thinking
+        opening = repr(thinking.open) if thinking.prompt_opens else "''"
+        return [_tag("if add_generation_prompt and loop.last", 2),
+                _write(f"{thinking.open + thinking.close!r} if thinking_off else {opening}", 3),
+                _tag("endif", 2)]
+
+    def _jinja_reasoning(self) -> list[str]:
+        """`_reply_body` on the reply's `content`: what it adds to the prompt is written first."""
+        thinking = self.thinking
+        start, end = repr(thinking.open.strip()), repr(thinking.close.strip())
+        history = "answer.lstrip('\\n') if reasoning is not none else answer" if thinking.lstrip_history else "answer"
+        rest = f"(reasoning or '') + {thinking.close!r} + answer.lstrip('\\n')"
+        last = ([_write(repr(thinking.open), 3), _tag(f"set content = {rest}", 3)] if thinking.prompt_opens
+                else [_tag(f"set content = {thinking.open!r} + {rest}", 3)])
+        return [_tag(f"set reasoning = (content.split({end})[:-1] | join({end})).split({start})[-1].strip('\\n') "
+                     f"if {end} in content else none", 2),
+                _tag(f"set answer = content.split({end})[-1]", 2),
+                _tag("if not loop.last", 2), _tag(f"set content = {history}", 3),
+                _tag("elif not reasoning and thinking_off", 2), _write(repr(thinking.open + thinking.close), 3),
+                _tag("set content = answer.lstrip('\\n') if reasoning is not none else answer", 3),
+                _tag("else", 2), *last, _tag("endif", 2)]
+
     # -- tokens ------------------------------------------------------------------------------------------------
 
     def encode_multiturn(self, tokenizer, messages, system=None, tools=None) -> list[tuple[list[int], list[int]]]:
@@ -222,6 +302,30 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     if backend is None:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+# One jinja tag per indented line: the tags' "-" keep that layout whitespace out of the text.
+def _tag(statement: str, depth: int = 0) -> str:
+    return "    " * depth + "{%- " + statement + " -%}"
+
+
+def _write(expression: str, depth: int = 0) -> str:
+    return "    " * depth + "{{- " + expression + " -}}"
+
+
+def _out(fmt: str, content: str = "''", depth: int = 0) -> list[str]:
+    """The line that writes format string `fmt`, none when it writes nothing."""
+    return [_write(_jinja_expr(fmt, content), depth)] if fmt else []
+
+
+def _jinja_expr(fmt: str, content: str) -> str:
+    """A format string as a jinja expression: {content} is the jinja variable `content`, {bos}/{eos} the
+    tokenizer's tokens. Python's repr of a str is a valid jinja string literal."""
+    parts = []
+    for literal, name, _, _ in Formatter().parse(fmt):
+        parts += [repr(literal)] if literal else []
+        parts += [{"content": content, "bos": "bos", "eos": "eos"}[name]] if name is not None else []
+    return " + ".join(parts)
 
 
 # Qwen3 writes reasoning in the reply; DeepSeek-R1's generation prompt opens the block and its history replies
@@ -340,6 +444,9 @@ class JinjaTemplate(Template):
             else:
                 chat.append({"role": "tool" if role == OBSERVATION else role, "content": content})
         return chat, parse_tools(tools) if tools else None
+
+    def to_jinja(self) -> str:
+        return self.chat_template  # the tokenizer's own: the fields are not this template's
 
     def render(self, messages, system=None, tools=None, add_generation_prompt=False, tokenizer=None) -> str:
         _check_roles(messages, open_ended=add_generation_prompt)

@@ -34,6 +34,10 @@ def run_sft(cfg, callbacks=()) -> dict:
     log.info("%s", why)
     for line in template.prepare_tokenizer(tokenizer):
         log.info("%s", line)
+    if tokenizer.chat_template != template.to_jinja():  # users of the saved tokenizer get the trained format
+        tokenizer.chat_template = template.to_jinja()
+        log.info("the saved tokenizer's chat_template will be template %r, the format this run trains on",
+                 template.name)
     with args.main_process_first(desc="preparing the datasets"):
         data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed)
     if args.deepspeed:
