@@ -318,6 +318,7 @@ RULE_CASES = {
     "eval_needs_data": ({"eval_strategy": "steps"}, "there is no eval data: set val_size"),
     "streaming_needs_max_steps": ({"streaming": True}, "a stream has no length, so epochs cannot be counted: set "
                                                        "max_steps"),
+    "report_to_installed": ({"report_to": "wandb"}, "report_to: wandb needs its package: pip install wandb"),
     "streaming_val_size": ({"streaming": True, "max_steps": 100, "val_size": 0.1},
                            "val_size: 0.1 is a fraction, but a stream's length is unknown"),
 }

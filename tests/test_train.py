@@ -57,7 +57,7 @@ def test_lora_sft_writes_what_a_user_expects(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    result = train(out, plot_loss=True)
+    result = train(out, plot_loss=True, report_to="tensorboard")
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "trainer_log.jsonl",
                  "all_results.json", "trainer_state.json", "training_loss.png", "lf_run_config.json"):
         assert (out / name).exists(), name
@@ -67,6 +67,7 @@ def test_lora_sft_writes_what_a_user_expects(tmp_path):
     assert record["current_steps"] == 4 and record["throughput"] > 0 and record["total_tokens"] > 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / ".lf-saving").exists()
+    assert list(out.glob("runs/*/events.out.tfevents.*"))  # report_to: tensorboard
     # plain transformers + peft load it
     base = AutoModelForCausalLM.from_pretrained(Path(os.environ["LF_HOME"]) / "tiny" / "lf-tiny-llama")
     model = PeftModel.from_pretrained(base, out)

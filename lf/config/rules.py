@@ -57,6 +57,19 @@ def _lora_only_options(cfg) -> list[str]:
     return [key for key, on in given.items() if on]
 
 
+# report_to value -> the packages HF's callback for it can use (any one)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "swanlab": ("swanlab",), "trackio": ("trackio",)}
+
+
+def _missing_trackers(t) -> list[str]:
+    import importlib.util
+
+    wanted = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
+    return [name for name in wanted if name in TRACKERS
+            and not any(importlib.util.find_spec(package) for package in TRACKERS[name])]
+
+
 def _evaluates(t) -> bool:
     return bool(t.do_eval) or t.eval_strategy != "no"  # transformers turns do_eval on with an eval_strategy
 
@@ -137,6 +150,9 @@ RULES: tuple[Rule, ...] = (
     Rule("streaming_needs_max_steps", lambda c: c.data.streaming and c.training.do_train and c.training.max_steps <= 0,
          "streaming: true reads the data as a stream, and a stream has no length, so epochs cannot be counted: "
          "set max_steps (the number of optimizer steps to train)"),
+    Rule("report_to_installed", lambda c: bool(_missing_trackers(c.training)),
+         lambda c: f"report_to: {', '.join(_missing_trackers(c.training))} needs its package: pip install "
+                   f"{' '.join(TRACKERS[n][0] for n in _missing_trackers(c.training))} (or remove it from report_to)"),
     Rule("streaming_val_size", lambda c: c.data.streaming and 0 < c.data.val_size < 1,
          "val_size: {d.val_size} is a fraction, but a stream's length is unknown: give a count of rows with "
          "streaming (e.g. val_size: 1000)"),

@@ -47,6 +47,8 @@ def run_sft(cfg, callbacks=()) -> dict:
     for line in lines:
         log.info("%s", line)
 
+    if getattr(fin, "logging_dir", None):  # transformers 5 takes TensorBoard's folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = fin.logging_dir
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU
     trainer = LFTrainer(model=model, args=args, finetuning_args=fin, train_dataset=data.train_dataset,
