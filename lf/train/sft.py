@@ -25,8 +25,7 @@ log = logging.getLogger("lf")
 def run_sft(cfg, callbacks=()) -> dict:
     """Trains (and/or evaluates) as `cfg` says; returns what was written where, for the CLI to print."""
     args, fin = cfg.training, cfg.finetuning
-    overwrite = getattr(fin, "overwrite_output_dir", False)
-    resume = resume_point(args.output_dir, args.resume_from_checkpoint, overwrite, args.do_train)
+    resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
 
     tokenizer = load_tokenizer(cfg.model)
     template, why = resolve_template(tokenizer, cfg.data.template, default_system=cfg.data.default_system,
@@ -47,7 +46,7 @@ def run_sft(cfg, callbacks=()) -> dict:
     for line in lines:
         log.info("%s", line)
 
-    if getattr(fin, "logging_dir", None):  # transformers 5 takes TensorBoard's folder from the environment only
+    if fin.logging_dir:  # transformers 5 takes TensorBoard's folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = fin.logging_dir
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU
