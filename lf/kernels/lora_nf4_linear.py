@@ -1,0 +1,169 @@
+"""LoRA over a frozen 4-bit (NF4/FP4) weight stored by bitsandbytes (QLoRA):
+``y = x W^T + scaling * (x A^T) B^T (+ bias)``.
+
+:func:`dequantize_4bit` is lf's own reading of bitsandbytes' storage; it equals
+``bitsandbytes.functional.dequantize_4bit`` bit for bit. The format: each uint8 holds two 4-bit codes, the high
+nibble first, over the row-major flattened weight (an odd count is padded with one nibble); a code indexes the
+16-entry table ``quant_state.code`` (fp32); each run of ``blocksize`` values shares one fp32 ``absmax`` (the last
+block may be short). With double quantisation (``quant_state.nested``) ``absmax`` is itself uint8 codes into
+``state2.code`` scaled by one fp32 ``state2.absmax`` per ``state2.blocksize`` codes, plus the fp32 ``offset``.
+bitsandbytes computes every product in fp32 and rounds once to ``quant_state.dtype``; so does lf.
+
+:func:`lora_nf4_linear` dequantises W in the forward and again in the backward instead of saving it: between
+the two only x, A, B, x A^T and the packed codes stay in memory. Backends: torch (here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lf.errors import KernelDTypeError
+from lf.kernels import _checks
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def _check_quantized(op: str, qweight, quant_state) -> None:
+    if not isinstance(qweight, torch.Tensor):
+        _checks.fail(op, f"`qweight` must be a torch.Tensor, got {type(qweight).__name__}")
+    if qweight.dtype != torch.uint8:
+        raise KernelDTypeError(
+            f"{op}: `qweight` has dtype {qweight.dtype}; lf reads bitsandbytes 4-bit weights stored as uint8 "
+            f"(quantise with `quant_storage=torch.uint8`, the default)"
+        )
+    for field in ("quant_type", "shape", "dtype", "blocksize", "absmax", "code"):
+        if not hasattr(quant_state, field):
+            _checks.fail(op, f"`quant_state` has no `{field}`; pass the bitsandbytes QuantState of `qweight` "
+                             f"(e.g. `layer.weight.quant_state`)")
+    _checks.choice(op, "quant_state.quant_type", quant_state.quant_type, QUANT_TYPES)
+    if quant_state.dtype not in _checks.FLOAT_DTYPES:
+        raise KernelDTypeError(f"{op}: `quant_state.dtype` is {quant_state.dtype}; lf dequantises to float32, "
+                               f"bfloat16 or float16")
+    n = math.prod(quant_state.shape)
+    if qweight.numel() != (n + 1) // 2:
+        _checks.fail(op, f"`qweight` holds {qweight.numel()} bytes but `quant_state.shape` "
+                         f"{tuple(quant_state.shape)} needs {(n + 1) // 2} (two 4-bit codes a byte); pass the "
+                         f"QuantState that belongs to `qweight`")
+    if quant_state.absmax.numel() != -(-n // quant_state.blocksize):
+        _checks.fail(op, f"`quant_state.absmax` has {quant_state.absmax.numel()} blocks but "
+                         f"{tuple(quant_state.shape)} in blocks of {quant_state.blocksize} needs "
+                         f"{-(-n // quant_state.blocksize)}; pass the QuantState that belongs to `qweight`")
+    for name, t in (("quant_state.absmax", quant_state.absmax), ("quant_state.code", quant_state.code)):
+        if t.device != qweight.device:
+            _checks.fail(op, f"`{name}` is on {t.device} but `qweight` is on {qweight.device}; move the layer "
+                             f"to one device")
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * scales[i // blocksize] in fp32; the last block may be short."""
+    n = values.numel()
+    padded = F.pad(values, (0, -n % blocksize)).view(-1, blocksize)
+    return (padded * scales.view(-1, 1)).view(-1)[:n]
+
+
+def _absmax(quant_state) -> torch.Tensor:
+    if not getattr(quant_state, "nested", False):
+        return quant_state.absmax.float()
+    inner = quant_state.state2
+    # bnb: dequantize_blockwise to fp32, then `+= offset` in fp32: two roundings, kept as two ops
+    codes = inner.code.float()[quant_state.absmax.reshape(-1).long()]
+    return _scale_blocks(codes, inner.absmax.float(), inner.blocksize) + quant_state.offset
+
+
+def _dequantize(qweight: torch.Tensor, quant_state) -> torch.Tensor:
+    n = math.prod(quant_state.shape)
+    packed = qweight.reshape(-1)
+    nibbles = torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1)[:n]
+    values = quant_state.code.float()[nibbles.long()]
+    weight = _scale_blocks(values, _absmax(quant_state), quant_state.blocksize)
+    return weight.to(quant_state.dtype).view(tuple(quant_state.shape))
+
+
+def dequantize_4bit(qweight: torch.Tensor, quant_state) -> torch.Tensor:
+    """The weight packed by ``bitsandbytes.functional.quantize_4bit`` (``qweight`` uint8 and its QuantState),
+    in ``quant_state.dtype`` with ``quant_state.shape``; equal bit for bit to bitsandbytes' own."""
+    _check_quantized("dequantize_4bit", qweight, quant_state)
+    return _dequantize(qweight, quant_state)
+
+
+def lora_nf4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A: torch.Tensor,
+                              lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantise, then plain matmuls in x's dtype (autograd gives the backward): the oracle."""
+    w = _dequantize(qweight, quant_state).to(x.dtype)
+    base = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return base + scaling * F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+
+
+class LoraNF4LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, quant_state, lora_A, lora_B, scaling, bias):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_A.to(dtype), lora_B.to(dtype)
+        xa = x2 @ a.t()  # (tokens, r): small, saved so the backward need not recompute it
+        y = F.linear(x2, _dequantize(qweight, quant_state).to(dtype), None if bias is None else bias.to(dtype))
+        y = torch.addmm(y, xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, qweight, lora_A, lora_B, xa)
+        ctx.quant_state, ctx.scaling, ctx.x_shape = quant_state, scaling, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, qweight, lora_A, lora_B, xa = ctx.saved_tensors
+        dtype, s = x2.dtype, ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        a, b = lora_A.to(dtype), lora_B.to(dtype)
+        dy_b = (dy2 @ b) * s  # (tokens, r): the cheap order, shared by dx and dA
+        dx = dA = dB = dbias = None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(qweight, ctx.quant_state).to(dtype)  # recomputed: W is never saved
+            dx = torch.addmm(dy2 @ w, dy_b, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            dA = (dy_b.t() @ x2).to(lora_A.dtype)
+        if ctx.needs_input_grad[4]:
+            dB = ((dy2.t() @ xa) * s).to(lora_B.dtype)
+        if ctx.needs_input_grad[6]:
+            dbias = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, None, None, dA, dB, None, dbias
+
+
+def lora_nf4_linear(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + scaling * (x A^T) B^T (+ bias)`` with W the frozen bitsandbytes 4-bit weight (``qweight``,
+    ``quant_state``: ``layer.weight`` and ``layer.weight.quant_state`` of a ``bnb.nn.Linear4bit``).
+
+    x: (..., in); lora_A: (r, in); lora_B: (out, r); bias: (out,) or None. Computed in x's dtype (A, B, bias and
+    W are cast to it, as bitsandbytes casts W and bias); gradients for x, A, B and bias come in their own dtypes.
+    """
+    op = "lora_nf4_linear"
+    _checks.tensor(op, "x", x)
+    _checks.tensor(op, "lora_A", lora_A)
+    _checks.tensor(op, "lora_B", lora_B)
+    _check_quantized(op, qweight, quant_state)
+    named = {"qweight": qweight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = _checks.tensor(op, "bias", bias)
+    for name, t in named.items():
+        if t.device != x.device:
+            _checks.fail(op, f"`{name}` is on {t.device} but `x` is on {x.device}; move both to one device "
+                             f"(e.g. `x.to({name}.device)`)")
+    if len(quant_state.shape) != 2:
+        _checks.fail(op, f"`quant_state.shape` {tuple(quant_state.shape)} must be (out_features, in_features)")
+    out_f, in_f = quant_state.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        _checks.fail(op, f"`x` {tuple(x.shape)} must end in in_features={in_f} (the 4-bit weight is "
+                         f"{(out_f, in_f)})")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
+        _checks.fail(op, f"`lora_A` {tuple(lora_A.shape)} must be (r, {in_f}): (rank, in_features)")
+    if lora_B.dim() != 2 or lora_B.shape != (out_f, lora_A.shape[0]):
+        _checks.fail(op, f"`lora_B` {tuple(lora_B.shape)} must be ({out_f}, {lora_A.shape[0]}): (out_features "
+                         f"of the 4-bit weight, rank of `lora_A`)")
+    if bias is not None and bias.shape != (out_f,):
+        _checks.fail(op, f"`bias` {tuple(bias.shape)} must be ({out_f},): out_features of the 4-bit weight")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        _checks.fail(op, f"`scaling`={scaling!r} must be a finite number (lora_alpha / r)")
+    return LoraNF4LinearFunction.apply(x, qweight, quant_state, lora_A, lora_B, float(scaling), bias)
