@@ -100,4 +100,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("grad"), py::arg("labels"), py::arg("loss"), py::arg("rows"), py::arg("vocab"),
         py::arg("ignore_index"), py::arg("smoothing"), py::arg("softcap"), py::arg("z_loss"), py::arg("grad_scale"),
         py::arg("dtype"), py::arg("threads"));
+
+  m.def("dequant_4bit",
+        [](uintptr_t q, uintptr_t absmax, uintptr_t code, int64_t blocksize, bool nested, uintptr_t absmax2,
+           uintptr_t code2, int64_t blocksize2, float offset, int64_t in_features, int64_t row0, int64_t col0,
+           int64_t rows, int64_t cols, uintptr_t out, int weight_dtype, int dtype, int threads) {
+          call(lf::kernels().dequant_4bit,
+               lf::Dequant4bit{ptr<const uint8_t>(q), ptr<const void>(absmax), ptr<const float>(code), blocksize,
+                               nested, ptr<const float>(absmax2), ptr<const float>(code2), blocksize2, offset,
+                               in_features, row0, col0, rows, cols, ptr<void>(out), DType(weight_dtype),
+                               DType(dtype), threads});
+        },
+        py::arg("q"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested"), py::arg("absmax2"),
+        py::arg("code2"), py::arg("blocksize2"), py::arg("offset"), py::arg("in_features"), py::arg("row0"),
+        py::arg("col0"), py::arg("rows"), py::arg("cols"), py::arg("out"), py::arg("weight_dtype"), py::arg("dtype"),
+        py::arg("threads"));
 }

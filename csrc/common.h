@@ -155,10 +155,19 @@ struct CrossEntropy {
   int64_t rows, vocab, ignore_index; float smoothing, softcap, z_loss, grad_scale; DType dtype; int threads;
 };
 
+// A 2-D tile (rows x cols from (row0, col0)) of a bitsandbytes 4-bit weight of row length in_features, written
+// contiguous to out in `dtype` after rounding to `weight_dtype` (quant_state.dtype). absmax is fp32, or uint8
+// codes when nested (then code2[absmax] * absmax2[block / blocksize2] + offset).
+struct Dequant4bit {
+  const uint8_t* q; const void* absmax; const float* code; int64_t blocksize;
+  bool nested; const float* absmax2; const float* code2; int64_t blocksize2; float offset;
+  int64_t in_features, row0, col0, rows, cols; void* out; DType weight_dtype; DType dtype; int threads;
+};
+
 // X(name, args struct): every kernel, declared once per instruction-set variant.
 #define LF_KERNEL_LIST(X) \
   X(rms_norm_fwd, RmsNormFwd) X(rms_norm_bwd, RmsNormBwd) X(rope, Rope) X(glu_fwd, GluFwd) X(glu_bwd, GluBwd) \
-  X(cross_entropy, CrossEntropy)
+  X(cross_entropy, CrossEntropy) X(dequant_4bit, Dequant4bit)
 
 // Calls fn<T>() with T the storage type named by dtype.
 template <template <class> class Fn, class Args>

@@ -1,6 +1,9 @@
-"""lf's 4-bit dequantisation against bitsandbytes (bit for bit) and lora_nf4_linear against the float64 oracle
-and PEFT's LoRA over bnb.nn.Linear4bit. The op has a torch backend only, and allocates its outputs through
-torch matmuls (no lf buffers to poison)."""
+"""lf's 4-bit dequantisation against bitsandbytes (bit for bit: the torch reference, and the C++ kernel for whole
+weights and for tiles) and lora_nf4_linear, on every backend, against the float64 oracle and PEFT's LoRA over
+bnb.nn.Linear4bit. Tolerances: support.TOL per dtype (the op rounds like the reference: W once to its dtype,
+each matmul once)."""
+
+import importlib
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_f
@@ -8,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from lf import _C
 from lf.errors import KernelDTypeError, KernelInputError
 from lf.kernels.lora_nf4_linear import dequantize_4bit, lora_nf4_linear, lora_nf4_linear_reference
 from tests.support import DTYPES, assert_close, oracle
@@ -22,13 +26,43 @@ def test_dequantize_equals_bitsandbytes(quant_type, nested, dtype):
     for shape in SHAPES:
         w = torch.randn(shape, dtype=dtype) * 3
         qweight, state = bnb_f.quantize_4bit(w, quant_type=quant_type, compress_statistics=nested)
-        # bnb's fallback for odd widths is torch.compile'd: eager does the same fp32 products and one rounding,
-        # without seconds of compiling per shape
-        with torch.compiler.set_stance("force_eager"):
-            expected = bnb_f.dequantize_4bit(qweight, state)
+        expected = _bnb_dequantized(qweight, state)
         got = dequantize_4bit(qweight, state)
         assert got.dtype == dtype and got.shape == shape
         assert torch.equal(got, expected), f"{quant_type} nested={nested} {dtype} {shape}"
+
+
+def _bnb_dequantized(qweight, state):
+    # bnb's fallback for odd widths is torch.compile'd: eager does the same fp32 products and one rounding
+    with torch.compiler.set_stance("force_eager"):
+        return bnb_f.dequantize_4bit(qweight, state)
+
+
+@pytest.mark.parametrize("isa", _C.available_isas().split(", "))
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cpu_kernel_dequantizes_tiles_bit_for_bit(quant_type, nested, isa, monkeypatch):
+    op = importlib.import_module("lf.kernels.lora_nf4_linear")
+    best = _C.isa()
+    _C.set_isa(isa)
+    try:
+        for dtype in DTYPES:
+            for shape in SHAPES + [(129, 3), (5, 1000)]:
+                qweight, state = bnb_f.quantize_4bit(torch.randn(shape, dtype=dtype) * 3, quant_type=quant_type,
+                                                     compress_statistics=nested)
+                expected = _bnb_dequantized(qweight, state)
+                rows, cols = shape
+                # the whole weight; a tile starting on a low nibble (odd flat index) inside a block; the last
+                # row and column; and the weight rounded to its dtype, stored in fp32 (the CPU matmul's tile)
+                for r0, c0, r, c, out_dtype in ((0, 0, rows, cols, dtype), (rows // 3, cols // 2, rows - rows // 3,
+                                                 cols - cols // 2, dtype), (rows - 1, cols - 1, 1, 1, dtype),
+                                                (0, 0, rows, cols, torch.float32)):
+                    out = torch.full((r, c), float("nan"), dtype=out_dtype)
+                    op._cpu_dequantize(qweight, state, out, r0, c0)
+                    want = expected[r0:r0 + r, c0:c0 + c].to(out_dtype)
+                    assert torch.equal(out, want), f"{dtype} {shape} tile {(r0, c0, r, c)} as {out_dtype}"
+    finally:
+        _C.set_isa(best)
 
 
 def _quantized(out_f, in_f, dtype, quant_type="nf4", nested=True):
@@ -40,7 +74,7 @@ def _quantized(out_f, in_f, dtype, quant_type="nf4", nested=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [1, 8, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_float64_oracle(rank, dtype, with_bias):
+def test_matches_float64_oracle(rank, dtype, with_bias, backend):
     in_f, out_f, scaling = 96, 80, 16 / rank
     qweight, state = _quantized(out_f, in_f, dtype, "nf4" if rank != 8 else "fp4", nested=rank != 1)
     x = torch.randn(2, 5, in_f, dtype=dtype, requires_grad=True)
@@ -77,7 +111,7 @@ class _Tiny(torch.nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [1, 8, 64])
-def test_matches_peft_over_bitsandbytes(rank, dtype):
+def test_matches_peft_over_bitsandbytes(rank, dtype, backend):
     in_f, out_f, quant_type = 128, 72, "nf4" if rank != 8 else "fp4"
     linear = torch.nn.Linear(in_f, out_f, dtype=dtype)
     layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=dtype, quant_type=quant_type, compress_statistics=True)
@@ -103,6 +137,28 @@ def test_matches_peft_over_bitsandbytes(rank, dtype):
     assert dA.dtype == lora_A.dtype and dB.dtype == lora_B.dtype
     assert_close(dA, dA_peft, dtype, "dA")
     assert_close(dB, dB_peft, dtype, "dB")
+
+
+@pytest.mark.parametrize("tile", [1, 100, 64 * 67, 1 << 20])
+def test_cpu_tiles_cover_every_row_and_column(tile, monkeypatch):
+    """Odd shapes (neither in nor out a multiple of 64) cut into tiles of a single row or column, a few, a
+    whole number of 64 and the default (one tile): every tile lands in its place, forward and backward."""
+    monkeypatch.setenv("LF_KERNEL_BACKEND", "cpu")
+    op = importlib.import_module("lf.kernels.lora_nf4_linear")
+    monkeypatch.setattr(op, "TILE_ELEMENTS", tile)
+    in_f, out_f, rank, dtype = 67, 131, 4, torch.float32
+    qweight, state = _quantized(out_f, in_f, dtype, nested=False)
+    x = torch.randn(3, 7, in_f, requires_grad=True)
+    lora_A = torch.randn(rank, in_f, requires_grad=True)
+    lora_B = torch.randn(out_f, rank, requires_grad=True)
+    dy = torch.randn(3, 7, out_f)
+    y = lora_nf4_linear(x, qweight, state, lora_A, lora_B, 0.5)
+    grads = torch.autograd.grad(y, (x, lora_A, lora_B), dy)
+    y_ref, grads_ref = oracle(lambda *t: lora_nf4_linear_reference(t[0], qweight, state, t[1], t[2], 0.5),
+                              [x, lora_A, lora_B], dy)
+    assert_close(y, y_ref, dtype, "y")
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
+        assert_close(g, g_ref, dtype, name)
 
 
 def _saved_numels(fn):

@@ -10,18 +10,30 @@ block may be short). With double quantisation (``quant_state.nested``) ``absmax`
 bitsandbytes computes every product in fp32 and rounds once to ``quant_state.dtype``; so does lf.
 
 :func:`lora_nf4_linear` dequantises W in the forward and again in the backward instead of saving it: between
-the two only x, A, B, x A^T and the packed codes stay in memory. Backends: torch (here).
+the two only x, A, B, x A^T and the packed codes stay in memory. The low-rank terms take the cheap order
+(tokens x r intermediates). Backends, for the two products with W (``x W^T`` forward, ``dy W`` backward):
+
+- cpu: ``csrc/lora_nf4_linear.cpp`` dequantises W one tile at a time (rows of W forward, columns backward, so
+  that each output element comes out of one BLAS call: no partial sums rounded to 16 bits) into one reused
+  buffer, and torch's BLAS multiplies the tile while it is still in cache; the full-precision W never exists.
+  Measured against dequantising all of W first, then one matmul: ``python -m bench qlora-linear``.
+- triton: ``kernels/lora_nf4_linear.py`` dequantises all of W into a buffer and cuBLAS multiplies. At training
+  sizes (hundreds of tokens and more) the matmul is compute-bound on tensor cores, where cuBLAS beats a fused
+  dequantise-matmul kernel; fused kernels pay off for a few tokens (decoding), not here.
+- torch: :func:`_dequantize` then matmul: the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from lf.errors import KernelDTypeError
-from lf.kernels import _checks
+from lf.kernels import _alloc, _checks
+from lf.kernels._backend import Implementations
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -51,6 +63,10 @@ def _check_quantized(op: str, qweight, quant_state) -> None:
         _checks.fail(op, f"`quant_state.absmax` has {quant_state.absmax.numel()} blocks but "
                          f"{tuple(quant_state.shape)} in blocks of {quant_state.blocksize} needs "
                          f"{-(-n // quant_state.blocksize)}; pass the QuantState that belongs to `qweight`")
+    nested = getattr(quant_state, "nested", False)
+    if quant_state.absmax.dtype != (torch.uint8 if nested else torch.float32):
+        _checks.fail(op, f"`quant_state.absmax` has dtype {quant_state.absmax.dtype}; bitsandbytes stores it as "
+                         f"{'uint8 codes (nested)' if nested else 'float32'}: pass the QuantState of `qweight`")
     for name, t in (("quant_state.absmax", quant_state.absmax), ("quant_state.code", quant_state.code)):
         if t.device != qweight.device:
             _checks.fail(op, f"`{name}` is on {t.device} but `qweight` is on {qweight.device}; move the layer "
@@ -89,6 +105,93 @@ def dequantize_4bit(qweight: torch.Tensor, quant_state) -> torch.Tensor:
     return _dequantize(qweight, quant_state)
 
 
+# ---- the products with W, by backend ----
+
+def _torch_weight(qweight: torch.Tensor, quant_state) -> torch.Tensor:
+    return _dequantize(qweight, quant_state)
+
+
+def _triton_weight(qweight: torch.Tensor, quant_state) -> torch.Tensor:
+    from lf._triton.kernels.lora_nf4_linear import dequantize
+
+    w = _alloc.empty(tuple(quant_state.shape), qweight, quant_state.dtype)
+    dequantize(qweight, *_storage(quant_state), quant_state.shape[1], w)
+    return w
+
+
+def _x_wt_whole(weight, x2, qweight, quant_state):
+    return x2 @ weight(qweight, quant_state).to(x2.dtype).t()
+
+
+def _dy_w_whole(weight, dy2, qweight, quant_state):
+    return dy2 @ weight(qweight, quant_state).to(dy2.dtype)
+
+
+TILE_ELEMENTS = 1 << 20  # elements of W per CPU tile (2-4 MiB): still in cache when BLAS reads it
+
+
+def _storage(quant_state) -> tuple:
+    """(absmax, code, nested) as the kernels read them: nested is None or (absmax2, code2, blocksize2, offset)."""
+    nested = None
+    if getattr(quant_state, "nested", False):
+        inner = quant_state.state2
+        nested = (inner.absmax.float().contiguous(), inner.code.float().contiguous(), inner.blocksize,
+                  float(quant_state.offset))
+    return quant_state.absmax.contiguous(), quant_state.code.float().contiguous(), nested, quant_state.blocksize
+
+
+def _cpu_dequantize(qweight: torch.Tensor, quant_state, out: torch.Tensor, row0: int, col0: int) -> None:
+    """W[row0:row0 + rows, col0:col0 + cols] into ``out`` (rows, cols), contiguous, in out's dtype."""
+    from lf import _C
+
+    absmax, code, nested, blocksize = _storage(quant_state)
+    absmax2, code2, blocksize2, offset = nested or (None, None, 1, 0.0)
+    _C.dequant_4bit(q=qweight.contiguous().data_ptr(), absmax=absmax.data_ptr(), code=code.data_ptr(), blocksize=blocksize,
+                    nested=nested is not None, absmax2=0 if absmax2 is None else absmax2.data_ptr(),
+                    code2=0 if code2 is None else code2.data_ptr(), blocksize2=blocksize2, offset=offset,
+                    in_features=quant_state.shape[1], row0=row0, col0=col0, rows=out.shape[0], cols=out.shape[1],
+                    out=out.data_ptr(), weight_dtype=_checks.DTYPE_CODE[quant_state.dtype],
+                    dtype=_checks.DTYPE_CODE[out.dtype], threads=_checks.threads())
+
+
+def _tile_size(n: int, width: int) -> int:
+    """How many rows (or columns) of width ``width`` make one tile: whole cache lines of 64 where possible."""
+    count = max(1, min(n, TILE_ELEMENTS // width))
+    return count if count == n or count < 64 else count // 64 * 64
+
+
+def _x_wt_tiled(x2, qweight, quant_state):
+    """x W^T, by tiles of W's rows: each tile gives whole columns of the result, one BLAS call each."""
+    out_f, in_f = quant_state.shape
+    rows = _tile_size(out_f, in_f)
+    y_t = _alloc.empty((out_f, x2.shape[0]), x2)
+    tile = _alloc.empty(rows * in_f, x2)
+    for r0 in range(0, out_f, rows):
+        w = tile[:min(rows, out_f - r0) * in_f].view(-1, in_f)
+        _cpu_dequantize(qweight, quant_state, w, r0, 0)
+        torch.mm(w, x2.t(), out=y_t[r0:r0 + w.shape[0]])
+    return y_t.t()
+
+
+def _dy_w_tiled(dy2, qweight, quant_state):
+    """dy W, by tiles of W's columns: each tile gives whole columns of the result, one BLAS call each."""
+    out_f, in_f = quant_state.shape
+    cols = _tile_size(in_f, out_f)
+    dx_t = _alloc.empty((in_f, dy2.shape[0]), dy2)
+    tile = _alloc.empty(out_f * cols, dy2)
+    for c0 in range(0, in_f, cols):
+        w = tile[:out_f * min(cols, in_f - c0)].view(out_f, -1)
+        _cpu_dequantize(qweight, quant_state, w, 0, c0)
+        torch.mm(w.t(), dy2.t(), out=dx_t[c0:c0 + w.shape[1]])
+    return dx_t.t()
+
+
+X_WT = Implementations(triton=functools.partial(_x_wt_whole, _triton_weight), cpu=_x_wt_tiled,
+                       torch=functools.partial(_x_wt_whole, _torch_weight))
+DY_W = Implementations(triton=functools.partial(_dy_w_whole, _triton_weight), cpu=_dy_w_tiled,
+                       torch=functools.partial(_dy_w_whole, _torch_weight))
+
+
 def lora_nf4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A: torch.Tensor,
                               lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantise, then plain matmuls in x's dtype (autograd gives the backward): the oracle."""
@@ -104,8 +207,9 @@ class LoraNF4LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         xa = x2 @ a.t()  # (tokens, r): small, saved so the backward need not recompute it
-        y = F.linear(x2, _dequantize(qweight, quant_state).to(dtype), None if bias is None else bias.to(dtype))
-        y = torch.addmm(y, xa, b.t(), alpha=scaling)
+        y = torch.addmm(X_WT.for_device(x.device)(x2, qweight, quant_state), xa, b.t(), alpha=scaling)
+        if bias is not None:
+            y += bias.to(dtype)
         ctx.save_for_backward(x2, qweight, lora_A, lora_B, xa)
         ctx.quant_state, ctx.scaling, ctx.x_shape = quant_state, scaling, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -120,8 +224,8 @@ class LoraNF4LinearFunction(torch.autograd.Function):
         dy_b = (dy2 @ b) * s  # (tokens, r): the cheap order, shared by dx and dA
         dx = dA = dB = dbias = None
         if ctx.needs_input_grad[0]:
-            w = _dequantize(qweight, ctx.quant_state).to(dtype)  # recomputed: W is never saved
-            dx = torch.addmm(dy2 @ w, dy_b, a).view(ctx.x_shape)
+            dy_w = DY_W.for_device(dy2.device)(dy2, qweight, ctx.quant_state)  # W recomputed: never saved
+            dx = torch.addmm(dy_w, dy_b, a).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             dA = (dy_b.t() @ x2).to(lora_A.dtype)
         if ctx.needs_input_grad[4]:
