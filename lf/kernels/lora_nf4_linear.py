@@ -146,9 +146,9 @@ def _cpu_dequantize(qweight: torch.Tensor, quant_state, out: torch.Tensor, row0:
 
     absmax, code, nested, blocksize = _storage(quant_state)
     absmax2, code2, blocksize2, offset = nested or (None, None, 1, 0.0)
-    _C.dequant_4bit(q=qweight.contiguous().data_ptr(), absmax=absmax.data_ptr(), code=code.data_ptr(), blocksize=blocksize,
-                    nested=nested is not None, absmax2=0 if absmax2 is None else absmax2.data_ptr(),
-                    code2=0 if code2 is None else code2.data_ptr(), blocksize2=blocksize2, offset=offset,
+    _C.dequant_4bit(q=qweight.contiguous().data_ptr(), absmax=absmax.data_ptr(), code=code.data_ptr(),
+                    blocksize=blocksize, nested=nested is not None,
+                    absmax2=0 if absmax2 is None else absmax2.data_ptr(), code2=0 if code2 is None else code2.data_ptr(), blocksize2=blocksize2, offset=offset,
                     in_features=quant_state.shape[1], row0=row0, col0=col0, rows=out.shape[0], cols=out.shape[1],
                     out=out.data_ptr(), weight_dtype=_checks.DTYPE_CODE[quant_state.dtype],
                     dtype=_checks.DTYPE_CODE[out.dtype], threads=_checks.threads())
@@ -160,35 +160,28 @@ def _tile_size(n: int, width: int) -> int:
     return count if count == n or count < 64 else count // 64 * 64
 
 
-def _x_wt_tiled(x2, qweight, quant_state):
-    """x W^T, by tiles of W's rows: each tile gives whole columns of the result, one BLAS call each."""
+def _tiled_product(m: torch.Tensor, qweight, quant_state, *, rows_of_w: bool) -> torch.Tensor:
+    """``m W^T`` by tiles of W's rows (rows_of_w; the forward's x W^T) or ``m W`` by tiles of W's columns (the
+    backward's dy W). Either way a tile yields whole columns of the result from one BLAS call: no partial sums
+    are rounded to 16 bits. The result is computed transposed, so each tile's part is a contiguous block."""
     out_f, in_f = quant_state.shape
-    rows = _tile_size(out_f, in_f)
-    y_t = _alloc.empty((out_f, x2.shape[0]), x2)
-    tile = _alloc.empty(rows * in_f, x2)
-    for r0 in range(0, out_f, rows):
-        w = tile[:min(rows, out_f - r0) * in_f].view(-1, in_f)
-        _cpu_dequantize(qweight, quant_state, w, r0, 0)
-        torch.mm(w, x2.t(), out=y_t[r0:r0 + w.shape[0]])
-    return y_t.t()
+    n, width = (out_f, in_f) if rows_of_w else (in_f, out_f)
+    step = _tile_size(n, width)
+    result_t = _alloc.empty((n, m.shape[0]), m)
+    tile = _alloc.empty(step * width, m)
+    for i in range(0, n, step):
+        count = min(step, n - i)
+        w = tile[:count * width].view((count, width) if rows_of_w else (width, count))
+        _cpu_dequantize(qweight, quant_state, w, *((i, 0) if rows_of_w else (0, i)))
+        torch.mm(w if rows_of_w else w.t(), m.t(), out=result_t[i:i + count])
+    return result_t.t()
 
 
-def _dy_w_tiled(dy2, qweight, quant_state):
-    """dy W, by tiles of W's columns: each tile gives whole columns of the result, one BLAS call each."""
-    out_f, in_f = quant_state.shape
-    cols = _tile_size(in_f, out_f)
-    dx_t = _alloc.empty((in_f, dy2.shape[0]), dy2)
-    tile = _alloc.empty(out_f * cols, dy2)
-    for c0 in range(0, in_f, cols):
-        w = tile[:out_f * min(cols, in_f - c0)].view(out_f, -1)
-        _cpu_dequantize(qweight, quant_state, w, 0, c0)
-        torch.mm(w.t(), dy2.t(), out=dx_t[c0:c0 + w.shape[1]])
-    return dx_t.t()
-
-
-X_WT = Implementations(triton=functools.partial(_x_wt_whole, _triton_weight), cpu=_x_wt_tiled,
+X_WT = Implementations(triton=functools.partial(_x_wt_whole, _triton_weight),
+                       cpu=functools.partial(_tiled_product, rows_of_w=True),
                        torch=functools.partial(_x_wt_whole, _torch_weight))
-DY_W = Implementations(triton=functools.partial(_dy_w_whole, _triton_weight), cpu=_dy_w_tiled,
+DY_W = Implementations(triton=functools.partial(_dy_w_whole, _triton_weight),
+                       cpu=functools.partial(_tiled_product, rows_of_w=False),
                        torch=functools.partial(_dy_w_whole, _torch_weight))
 
 
