@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import lm_head_loss
 
         return lm_head_loss.main(argv[1:], prog="python -m bench lm-head-loss")
+    if argv[:1] == ["qlora-linear"]:
+        from bench import qlora_linear
+
+        return qlora_linear.main(argv[1:], prog="python -m bench qlora-linear")
     args = parse_args(argv)
     if args.check:  # result files given: check them, run nothing
         return report_targets([json.loads(Path(p).read_text()) for p in args.check])
