@@ -50,9 +50,10 @@ class TinyModel:
 
 
 TINY_MODELS: Mapping[str, TinyModel] = MappingProxyType({
-    # ~5M parameters: LoRA SFT with packing runs about a hundred steps in a minute or two on 2 CPU cores
+    # ~5M parameters: LoRA SFT with packing runs about a hundred steps in a minute or two on 2 CPU cores. Widths
+    # are multiples of 64, bitsandbytes' 4-bit block: its AVX-512 CPU kernel misreads rows that are not (QLoRA)
     "lf-tiny-llama": TinyModel(MappingProxyType(dict(
-        model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+        model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)), vocab_size=4000),
 })
 

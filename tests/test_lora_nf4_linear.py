@@ -65,6 +65,24 @@ def test_cpu_kernel_dequantizes_tiles_bit_for_bit(quant_type, nested, isa, monke
         _C.set_isa(best)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_rows_narrower_than_a_block_multiple_follow_the_format(nested):
+    """bitsandbytes 0.50's native CPU kernel (AVX-512 machines) misreads rows whose width is a multiple of 16 but
+    not of the 64-value block (112 here): blocks run over the flattened weight, as its quantizer, its GPU kernels
+    and its generic implementation read them; lf reads them so too."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    w = torch.randn(64, 112)
+    qweight, state = bnb_f.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    absmax = state.absmax if not nested else bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    generic = _dequantize_4bit_compute(qweight.reshape(-1), absmax, _get_4bit_code("nf4", qweight.device), 64,
+                                       state.shape, torch.float32)
+    assert torch.equal(dequantize_4bit(qweight, state), generic)
+    # and the weight comes back within half the widest NF4 step (0.28 of the block's absmax), as it must
+    assert (dequantize_4bit(qweight, state) - w).abs().max() < 0.15 * w.abs().max()
+
+
 def _quantized(out_f, in_f, dtype, quant_type="nf4", nested=True):
     qweight, state = bnb_f.quantize_4bit(torch.randn(out_f, in_f, dtype=dtype) / in_f**0.5, quant_type=quant_type,
                                          compress_statistics=nested)

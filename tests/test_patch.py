@@ -240,3 +240,67 @@ def test_cross_entropy_switch_is_reported_not_silently_ignored(restore_rope):
     report = patch(model, fused_linear_cross_entropy=False, cross_entropy=True)
     assert "fused_linear_cross_entropy" not in report.patched
     assert "not available yet" in report.skipped["cross_entropy"]
+
+
+def _qlora_llama(path, compute_dtype, **lora):
+    """The tiny Llama saved and loaded back in 4 bits as users load it (NF4, double quantisation), with PEFT
+    LoRA on every projection and LoRA B nonzero (PEFT starts it at zero, which would leave dA zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    # intermediate 128, not SIZES' 112: bitsandbytes' AVX-512 CPU kernel misreads 4-bit rows whose width is not a
+    # multiple of its 64-value block (see test_lora_nf4_linear), which would fail PEFT's side, not lf's
+    config = LlamaConfig(**{**SIZES, "intermediate_size": 128})
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=compute_dtype,
+                                                attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **lora)).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p.data, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_layers_run_lora_nf4_linear(tmp_path, dtype, restore_rope, monkeypatch):
+    """Every 4-bit LoRA projection (attention and MLP) is taken, runs lf's op, and gives PEFT's loss and adapter
+    gradients; bf16 under autocast, as HF's Trainer runs it (PEFT's LoRA path is then bf16 too)."""
+    patch_module = importlib.import_module("lf.kernels.patch")
+    calls = []
+    op = patch_module.lora_nf4_linear
+    monkeypatch.setattr(patch_module, "lora_nf4_linear", lambda *a, **k: calls.append(1) or op(*a, **k))
+    model = _qlora_llama(tmp_path, dtype, lora_dropout=0.0)
+    ids, labels = _batch(model.config.vocab_size)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return _loss_and_grads(model, ids, labels)
+
+    out_ref, grads_ref = run()
+    restore_rope(model)
+    report = patch(model)
+    layers = 7 * SIZES["num_hidden_layers"]
+    assert report.patched["lora_nf4_linear"] == layers and "lora_nf4_linear" not in report.skipped, str(report)
+    out, grads = run()
+    assert len(calls) == layers and grads.keys() == grads_ref.keys()
+    assert all("lora_" in name for name in grads)
+    assert_close(out.loss, out_ref.loss, dtype, "loss", 5.0)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], dtype, f"grad {name}", 5.0)
+    unpatch(model)
+    calls.clear()
+    run()
+    assert not calls  # PEFT's own forward again
+
+
+def test_qlora_layers_lf_cannot_take_are_reported(tmp_path, restore_rope):
+    model = _qlora_llama(tmp_path, torch.float32, lora_dropout=0.1)
+    restore_rope(model)
+    report = patch(model)
+    assert "lora_nf4_linear" not in report.patched
+    why = report.skipped["lora_nf4_linear"]
+    assert "14 of 14 4-bit LoRA layers" in why and "lora_dropout 0.1 > 0" in why and "set lora_dropout: 0" in why
+    assert "lora_nf4_linear" in str(report)

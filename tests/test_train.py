@@ -3,6 +3,7 @@ expects, full/freeze/LoRA, kernels on vs off, killed runs that resume to the sam
 an output_dir that holds another run, LoRA+, and the CLI."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -104,6 +105,24 @@ def test_kernels_do_not_change_the_losses(tmp_path):
     off = losses(train(tmp_path / "off", use_lf_kernels=False, **same)["output_dir"])
     assert on[-1] < on[0]
     torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=RTOL, atol=ATOL)
+
+
+def test_qlora_with_lf_4bit_kernel_equals_peft(tmp_path, caplog):
+    """QLoRA sft with lf's kernels (every 4-bit LoRA projection a lora_nf4_linear) and without (PEFT over
+    bitsandbytes): the same losses and the same trained adapter (SGD: the same LoRA gradients at each step)."""
+    same = {"quantization_bit": 4, "optim": "sgd", "learning_rate": 0.05, "infer_dtype": "float32", "max_steps": 3,
+            "save_steps": 10}
+    with caplog.at_level(logging.INFO, logger="lf"):
+        train(tmp_path / "on", **same)
+    assert "lora_nf4_linear (28)" in caplog.text  # 4 layers x 7 projections
+    train(tmp_path / "off", use_lf_kernels=False, **same)
+    on, off = losses(tmp_path / "on"), losses(tmp_path / "off")
+    assert len(on) == 3
+    torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=RTOL, atol=ATOL)
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("on", "off"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=ATOL)
 
 
 KILLER = """

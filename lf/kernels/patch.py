@@ -10,6 +10,9 @@ Per family (``config.model_type``) a table names the HF classes and how lf repla
   so this part applies to every model of the family in the process until :func:`unpatch`);
 - attention: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which runs
   neat-packed rows example by example and leaves every other batch to SDPA;
+- QLoRA: PEFT's LoRA layers over bitsandbytes 4-bit linears (attention and MLP projections alike) run as one
+  :func:`lora_nf4_linear` each, on the instance; layers it cannot take (lora_dropout > 0, DoRA, weights not
+  stored as uint8 or not in a float dtype) keep PEFT's forward and the report names them and why;
 - the causal-LM head: in training with labels, the loss comes from :func:`fused_linear_cross_entropy` on the
   hidden states and no logits exist (``output.logits`` is None); otherwise (generation, evaluation, or
   ``skip_logits=False``) HF's own path runs.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import types
 from dataclasses import dataclass, field
 
@@ -32,6 +36,7 @@ from torch import nn
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lf.kernels import packed_attention as _packed_attention
 from lf.kernels.glu import geglu, swiglu
+from lf.kernels.lora_nf4_linear import lora_nf4_linear
 from lf.kernels.modules import GELU_APPROXIMATE
 from lf.kernels.rms_norm import rms_norm
 from lf.kernels.rope import rope
@@ -62,7 +67,8 @@ FAMILIES = {
     "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", mlp=None),
     "mixtral": Family("mixtral", "Mixtral", mlp=None),
 }
-KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention")  # the patch() switches; geglu goes with swiglu
+# the patch() switches; geglu goes with swiglu
+KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention", "lora_nf4_linear")
 
 
 @dataclass
@@ -165,6 +171,70 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return out.to_tuple() if return_dict is False else out
 
 
+def _lora_4bit_forward(self, x, *args, **kwargs):
+    """PEFT's LoRA over a bitsandbytes Linear4bit as one lora_nf4_linear. What PEFT decides per call (adapters
+    disabled or merged, several active adapters, per-sample adapter names, extra arguments) runs PEFT's forward.
+    Computes in the dtype bitsandbytes would (autocast's, else the layer's compute_dtype, else x's): the LoRA
+    path too, as PEFT does under autocast, where HF's Trainer runs bf16/fp16 training."""
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
+        return type(self).forward(self, x, *args, **kwargs)
+    name, base = active[0], self.base_layer
+    device = x.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else base.compute_dtype or x.dtype)
+    y = lora_nf4_linear(x.to(dtype), base.weight, base.weight.quant_state, self.lora_A[name].weight,
+                        self.lora_B[name].weight, self.scaling[name], base.bias)
+    return y.to(x.dtype)
+
+
+def _lora_4bit_class():
+    """PEFT's LoRA layer over bnb.nn.Linear4bit, or None when no 4-bit model can exist in this process (peft or
+    bitsandbytes not imported: nothing is imported just to look)."""
+    if "peft" not in sys.modules or "bitsandbytes" not in sys.modules:
+        return None
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
+def _lora_4bit_obstacle(layer) -> str | None:
+    """Why lora_nf4_linear cannot run this PEFT 4-bit LoRA layer, or None."""
+    if layer.lora_variant:
+        return "DoRA (or another LoRA variant): PEFT's forward"
+    dropout = [m.p for m in layer.lora_dropout.values() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropout:
+        return f"lora_dropout {dropout[0]} > 0: lf's op has no dropout on the LoRA input (set lora_dropout: 0)"
+    weight = layer.base_layer.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return "the 4-bit weight is not quantized yet (no quant_state)"
+    if weight.dtype != torch.uint8:
+        return f"4-bit codes stored as {weight.dtype}, not uint8 (bnb_4bit_quant_storage)"
+    if state.quant_type not in ("nf4", "fp4") or state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{state.quant_type} weights of dtype {state.dtype}: lf takes nf4/fp4 in float32/bfloat16/float16"
+    return None
+
+
+def _patch_lora_4bit(base: nn.Module, report: PatchReport) -> None:
+    cls = _lora_4bit_class()
+    layers = [(name, m) for name, m in base.named_modules() if cls is not None and isinstance(m, cls)]
+    left: dict[str, list[str]] = {}
+    for name, layer in layers:
+        why = _lora_4bit_obstacle(layer)
+        if why is None:
+            _set_forward(layer, _lora_4bit_forward)
+        else:
+            left.setdefault(why, []).append(name)
+    if len(layers) > sum(map(len, left.values())):
+        report.patched["lora_nf4_linear"] = len(layers) - sum(map(len, left.values()))
+    if left:
+        report.skipped["lora_nf4_linear"] = "; ".join(f"{len(names)} of {len(layers)} 4-bit LoRA layers (e.g. "
+                                                      f"{names[0]}) left to PEFT: {why}" for why, names in left.items())
+
+
 # ---- patching ----
 
 def _set_forward(module: nn.Module, fn) -> bool:
@@ -194,7 +264,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
           fused_linear_cross_entropy: bool = True, cross_entropy: bool = False,
-          packed_attention: bool = True) -> PatchReport:
+          packed_attention: bool = True, lora_nf4_linear: bool = True) -> PatchReport:
     """Patches lf's kernels into ``model`` (an HF model, or one wrapped by PEFT) and returns (and logs) a report
     of what was patched and what was not, and why. See the module docstring for what each kind replaces."""
     base = _base_model(model)
@@ -202,10 +272,13 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
     report = PatchReport(str(model_type))
     family = FAMILIES.get(model_type)
     if family is None:
+        if lora_nf4_linear:  # PEFT's 4-bit LoRA layers are the same in every family
+            _patch_lora_4bit(base, report)
         return _unsupported(report, model_type)
     modeling = _modeling(family)
     wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
-              "fused_linear_cross_entropy": fused_linear_cross_entropy, "packed_attention": packed_attention}
+              "fused_linear_cross_entropy": fused_linear_cross_entropy, "packed_attention": packed_attention,
+              "lora_nf4_linear": lora_nf4_linear}
     if cross_entropy:
         report.skipped["cross_entropy"] = (
             "the loss already comes from fused_linear_cross_entropy, which needs no logits"
@@ -246,12 +319,14 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
             report.patched["fused_linear_cross_entropy"] = 1
     if packed_attention:
         _patch_attention(base, report)
+    if lora_nf4_linear:
+        _patch_lora_4bit(base, report)
     log.info("%s", report)
     return report
 
 
 def _unsupported(report: PatchReport, model_type) -> PatchReport:
-    for kind in KINDS:
+    for kind in [k for k in KINDS if k not in report.patched and k not in report.skipped]:
         report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
                                 f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
     log.warning("%s", report)
@@ -310,13 +385,15 @@ def apply_to(model_type: str, rms_norm: bool = True, rope: bool = True, swiglu: 
         report.patched["rope"] = 1
     report.skipped["packed_attention"] = (f"chosen per model: lf.kernels.patch(model), or attn_implementation="
                                           f"{_packed_attention.register()!r} when loading")
+    report.skipped["lora_nf4_linear"] = "chosen per layer: lf.kernels.patch(model) once PEFT has added the adapters"
     log.info("%s", report)
     return report
 
 
 _ORIGINAL_ROPE: dict[str, object] = {}
 _ORIGINAL_CLASS_FORWARD: dict[type, object] = {}
-_FORWARDS = (_llama_norm_forward, _gemma_norm_forward, _gated_mlp_forward, _fused_mlp_forward, _causal_lm_forward)
+_FORWARDS = (_llama_norm_forward, _gemma_norm_forward, _gated_mlp_forward, _fused_mlp_forward, _causal_lm_forward,
+             _lora_4bit_forward)
 
 
 def unpatch(target: nn.Module | str) -> None:

@@ -2,7 +2,7 @@
 
 `load_model` runs these steps in order and returns a plain-language line for each: config (RoPE scaling) ->
 dtype -> attention -> quantization -> weights (embeddings fitted to the tokenizer) -> training setup (KV cache,
-gradient checkpointing, upcasts) -> lf's kernels -> adapters (what trains) -> parameter counts.
+gradient checkpointing, upcasts) -> adapters (what trains) -> lf's kernels -> parameter counts.
 
 Models load on the CPU unless quantized (bitsandbytes places them as they load): the Trainer, or whoever infers,
 moves them to the accelerator.
@@ -79,9 +79,10 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool,
         lines += _prepare_training(model, model_args, finetuning_args, upcast_norms)
     else:
         model.config.use_cache = model_args.use_cache
-    lines += _patch_kernels(model, model_args, upcast_norms)
     model, adapter_lines = attach(model, model_args, finetuning_args, is_trainable=is_trainable)
-    lines += adapter_lines + [parameter_summary(model)]
+    lines += adapter_lines
+    lines += _patch_kernels(model, model_args, upcast_norms)  # after the adapters: QLoRA's layers are patched too
+    lines.append(parameter_summary(model))
     model.train(is_trainable)
     if model_args.print_param_status:
         lines += ["parameters:"] + parameter_status(model)
