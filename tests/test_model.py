@@ -57,6 +57,9 @@ def restore_kernels():
 
 
 def _load(path, *, is_trainable=True, cutoff_len=None, tokenizer=None, **kwargs):
+    # float32 unless a test says otherwise: "auto" is bf16 on CPUs with AVX512-BF16/AMX, and these tests compare
+    # runs to fp32 rounding
+    kwargs.setdefault("infer_dtype", "float32")
     fields = ModelArguments.__dataclass_fields__
     model_args = ModelArguments(model_name_or_path=path, **{k: v for k, v in kwargs.items() if k in fields})
     finetuning_args = FinetuningArguments(**{k: v for k, v in kwargs.items() if k not in fields})

@@ -18,10 +18,12 @@ from lf import cli
 from lf.config import parse_train_args
 from lf.errors import TrainError
 from lf.train import run, sft
+from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
 
 REPO = Path(__file__).resolve().parent.parent
-# fp32 on the CPU, a handful of steps: runs that should agree do so to rounding
+# fp32 (pinned: "auto" is bf16 on CPUs with AVX512-BF16/AMX), a handful of steps: runs that should agree do so
+# to rounding
 RTOL, ATOL = 1e-4, 1e-6
 
 
@@ -41,7 +43,7 @@ def options(output_dir, **overrides) -> dict:
     return {"model_name_or_path": "lf-tiny-llama", "dataset": "lf_demo_en", "dataset_dir": str(REPO / "data"),
             "template": "qwen", "cutoff_len": 128, "max_samples": 24, "output_dir": str(output_dir),
             "max_steps": 4, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2,
-            "learning_rate": 1e-3, "lora_rank": 4, "seed": 7, **overrides}
+            "learning_rate": 1e-3, "lora_rank": 4, "seed": 7, "infer_dtype": "float32", **overrides}
 
 
 def train(output_dir, callbacks=(), **overrides) -> dict:
@@ -85,7 +87,7 @@ def test_lora_sft_writes_what_a_user_expects(tmp_path):
 def test_full_pt_saves_a_plain_model_and_freeze_trains_only_the_last_layer(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    initial = AutoModelForCausalLM.from_pretrained(Path(os.environ["LF_HOME"]) / "tiny" / "lf-tiny-llama")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"))  # built on first use
     train(tmp_path / "pt", stage="pt", finetuning_type="full", cutoff_len=64)
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "pt")
     assert not torch.equal(full.model.embed_tokens.weight, initial.model.embed_tokens.weight)
@@ -110,8 +112,7 @@ def test_kernels_do_not_change_the_losses(tmp_path):
 def test_qlora_with_lf_4bit_kernel_equals_peft(tmp_path, caplog):
     """QLoRA sft with lf's kernels (every 4-bit LoRA projection a lora_nf4_linear) and without (PEFT over
     bitsandbytes): the same losses and the same trained adapter (SGD: the same LoRA gradients at each step)."""
-    same = {"quantization_bit": 4, "optim": "sgd", "learning_rate": 0.05, "infer_dtype": "float32", "max_steps": 3,
-            "save_steps": 10}
+    same = {"quantization_bit": 4, "optim": "sgd", "learning_rate": 0.05, "max_steps": 3, "save_steps": 10}
     with caplog.at_level(logging.INFO, logger="lf"):
         train(tmp_path / "on", **same)
     assert "lora_nf4_linear (28)" in caplog.text  # 4 layers x 7 projections
