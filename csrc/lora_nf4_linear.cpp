@@ -19,8 +19,41 @@ float block_absmax(const Dequant4bit& a, int64_t block) {
   return scaled + a.offset;
 }
 
+// Vector stores of fp32 lanes to T, rounding as store<T> does (nearest even; NaN stays NaN).
+#if defined(__AVX512F__)
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store16(f16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store16(bf16* dst, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+}
+#elif defined(__AVX2__)
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+inline void store8(f16* dst, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store8(bf16* dst, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  // NaN: |u| > inf as signed ints (|u| < 2^31)
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i bits = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+#endif
+
 // n_bytes whole bytes (2 values each, high nibble first) times one absmax, into dst.
-inline void dequant_bytes(const uint8_t* p, int64_t n_bytes, const float* code, float am, float* dst) {
+template <class T> inline void dequant_bytes(const uint8_t* p, int64_t n_bytes, const float* code, float am, T* dst) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   // The 16-entry table fits one register: permutexvar looks 16 codes up at once.
@@ -32,8 +65,8 @@ inline void dequant_bytes(const uint8_t* p, int64_t n_bytes, const float* code, 
     const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
     const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table),
                                     scale);
-    _mm512_storeu_ps(dst + 2 * i, _mm512_permutex2var_ps(hi, even, lo));
-    _mm512_storeu_ps(dst + 2 * i + 16, _mm512_permutex2var_ps(hi, odd, lo));
+    store16(dst + 2 * i, _mm512_permutex2var_ps(hi, even, lo));
+    store16(dst + 2 * i + 16, _mm512_permutex2var_ps(hi, odd, lo));
   }
 #elif defined(__AVX2__)
   // Two 8-entry lookups, the nibble's bit 3 picking between them.
@@ -48,37 +81,37 @@ inline void dequant_bytes(const uint8_t* p, int64_t n_bytes, const float* code, 
     const __m256 hi = lookup(_mm256_srli_epi32(bytes, 4));
     const __m256 lo = lookup(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
     const __m256 a = _mm256_unpacklo_ps(hi, lo), b = _mm256_unpackhi_ps(hi, lo);  // pairs, per 128-bit lane
-    _mm256_storeu_ps(dst + 2 * i, _mm256_permute2f128_ps(a, b, 0x20));
-    _mm256_storeu_ps(dst + 2 * i + 8, _mm256_permute2f128_ps(a, b, 0x31));
+    store8(dst + 2 * i, _mm256_permute2f128_ps(a, b, 0x20));
+    store8(dst + 2 * i + 8, _mm256_permute2f128_ps(a, b, 0x31));
   }
 #endif
   for (; i < n_bytes; ++i) {
-    dst[2 * i] = code[p[i] >> 4] * am;
-    dst[2 * i + 1] = code[p[i] & 15] * am;
+    dst[2 * i] = store<T>(code[p[i] >> 4] * am);
+    dst[2 * i + 1] = store<T>(code[p[i] & 15] * am);
   }
 }
 
-// Flat elements [begin, end) of the weight into dst (fp32), block by block.
-void dequant_range(const Dequant4bit& a, int64_t begin, int64_t end, float* dst) {
+// Flat elements [begin, end) of the weight into dst, block by block, each value rounded once to T.
+template <class T> void dequant_range(const Dequant4bit& a, int64_t begin, int64_t end, T* dst) {
   const uint8_t* q = a.q;
   for (int64_t e = begin; e < end;) {
     const int64_t block = e / a.blocksize, stop = std::min(end, (block + 1) * a.blocksize);
     const float am = block_absmax(a, block);
-    if (e & 1) { *dst++ = a.code[q[e >> 1] & 15] * am; ++e; }  // a range may start on a low nibble
+    if (e & 1) { *dst++ = store<T>(a.code[q[e >> 1] & 15] * am); ++e; }  // a range may start on a low nibble
     const int64_t n_bytes = (stop - e) / 2;
     dequant_bytes(q + (e >> 1), n_bytes, a.code, am, dst);
     dst += 2 * n_bytes;
     e += 2 * n_bytes;
-    if (e < stop) { *dst++ = a.code[q[e >> 1] >> 4] * am; ++e; }
+    if (e < stop) { *dst++ = store<T>(a.code[q[e >> 1] >> 4] * am); ++e; }
   }
 }
 
-// Rounds to the weight's dtype (bitsandbytes' one rounding), in place, before the store to the tile's dtype.
+// Rounds to the weight's 16-bit dtype, in place (then the store to the tile's other dtype rounds again).
 void round_weight(float* v, int64_t n, DType weight) {
   if (weight == DType::bf16) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) v[i] = round_to<bf16>(v[i]);
-  } else if (weight == DType::f16) {
+  } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) v[i] = round_to<f16>(v[i]);
   }
@@ -86,11 +119,19 @@ void round_weight(float* v, int64_t n, DType weight) {
 
 template <class T> struct Dequant {
   static void run(const Dequant4bit& a) {
+    // bitsandbytes rounds the fp32 product once, to the weight's dtype; the caller may want the tile in another
+    // dtype. Straight into T when the weight is T or fp32 (one rounding either way), else through an fp32
+    // buffer rounded to the weight's dtype first.
+    const bool direct = a.weight_dtype == a.dtype || a.weight_dtype == DType::f32;
 #pragma omp parallel for num_threads(a.threads) schedule(static)
     for (int64_t r = 0; r < a.rows; ++r) {
-      alignas(64) float buf[kTile];
       const int64_t first = (a.row0 + r) * a.in_features + a.col0;
       T* out = static_cast<T*>(a.out) + r * a.cols;
+      if (direct) {
+        dequant_range(a, first, first + a.cols, out);
+        continue;
+      }
+      alignas(64) float buf[kTile];
       for (int64_t c = 0; c < a.cols; c += kTile) {
         const int64_t len = std::min(kTile, a.cols - c);
         dequant_range(a, first + c, first + c + len, buf);

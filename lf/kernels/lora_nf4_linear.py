@@ -14,9 +14,10 @@ the two only x, A, B, x A^T and the packed codes stay in memory. The low-rank te
 (tokens x r intermediates). Backends, for the two products with W (``x W^T`` forward, ``dy W`` backward):
 
 - cpu: ``csrc/lora_nf4_linear.cpp`` dequantises W one tile at a time (rows of W forward, columns backward, so
-  that each output element comes out of one BLAS call: no partial sums rounded to 16 bits) into one reused
-  buffer, and torch's BLAS multiplies the tile while it is still in cache; the full-precision W never exists.
-  Measured against dequantising all of W first, then one matmul: ``python -m bench qlora-linear``.
+  that each output element comes out of one BLAS call: no partial sums rounded to 16 bits) into a workspace
+  reused from call to call (no fresh pages to fault in), and torch's BLAS multiplies each tile; the
+  full-precision W never exists. Measured against dequantising all of W first, then one matmul, and against
+  PEFT + bitsandbytes: ``python -m bench qlora-linear``.
 - triton: ``kernels/lora_nf4_linear.py`` dequantises all of W into a buffer and cuBLAS multiplies. At training
   sizes (hundreds of tokens and more) the matmul is compute-bound on tensor cores, where cuBLAS beats a fused
   dequantise-matmul kernel; fused kernels pay off for a few tokens (decoding), not here.
@@ -127,7 +128,9 @@ def _dy_w_whole(weight, dy2, qweight, quant_state):
     return dy2 @ weight(qweight, quant_state).to(dy2.dtype)
 
 
-TILE_ELEMENTS = 1 << 20  # elements of W per CPU tile (2-4 MiB): still in cache when BLAS reads it
+# Elements of W per CPU tile (8 MiB in bf16). Smaller tiles stay in L2 but cost more: BLAS packs the other
+# operand again for every call (measured with `python -m bench qlora-linear`, README there).
+TILE_ELEMENTS = 1 << 22
 
 
 def _storage(quant_state) -> tuple:
@@ -163,18 +166,18 @@ def _tile_size(n: int, width: int) -> int:
 def _tiled_product(m: torch.Tensor, qweight, quant_state, *, rows_of_w: bool) -> torch.Tensor:
     """``m W^T`` by tiles of W's rows (rows_of_w; the forward's x W^T) or ``m W`` by tiles of W's columns (the
     backward's dy W). Either way a tile yields whole columns of the result from one BLAS call: no partial sums
-    are rounded to 16 bits. The result is computed transposed, so each tile's part is a contiguous block."""
+    are rounded to 16 bits. The tile lives in a per-thread workspace, reused from call to call."""
     out_f, in_f = quant_state.shape
     n, width = (out_f, in_f) if rows_of_w else (in_f, out_f)
     step = _tile_size(n, width)
-    result_t = _alloc.empty((n, m.shape[0]), m)
-    tile = _alloc.empty(step * width, m)
+    result = _alloc.empty((m.shape[0], n), m)
+    tile = _alloc.workspace(step * width, m)
     for i in range(0, n, step):
         count = min(step, n - i)
         w = tile[:count * width].view((count, width) if rows_of_w else (width, count))
         _cpu_dequantize(qweight, quant_state, w, *((i, 0) if rows_of_w else (0, i)))
-        torch.mm(w if rows_of_w else w.t(), m.t(), out=result_t[i:i + count])
-    return result_t.t()
+        result[:, i:i + count] = m @ (w.t() if rows_of_w else w)
+    return result
 
 
 X_WT = Implementations(triton=functools.partial(_x_wt_whole, _triton_weight),
