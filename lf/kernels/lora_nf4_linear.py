@@ -128,9 +128,11 @@ def _dy_w_whole(weight, dy2, qweight, quant_state):
     return dy2 @ weight(qweight, quant_state).to(dy2.dtype)
 
 
-# Elements of W per CPU tile (8 MiB in bf16). Smaller tiles stay in L2 but cost more: BLAS packs the other
-# operand again for every call (measured with `python -m bench qlora-linear`, README there).
-TILE_ELEMENTS = 1 << 22
+# Elements of W per CPU tile: 32 MiB in bf16, a 4096 x 4096 attention projection in one tile. Smaller tiles
+# cost more: BLAS packs the other operand again for every call (measured on Llama-3-8B's projections, 512
+# tokens, bf16 fwd+bwd: 2M-element tiles 1.5x slower than one tile; 16M within 10% of dequantising all of W,
+# which a 14336 x 4096 MLP weight would need 112 MiB for). `python -m bench qlora-linear` compares the two.
+TILE_ELEMENTS = 1 << 24
 
 
 def _storage(quant_state) -> tuple:
@@ -176,7 +178,10 @@ def _tiled_product(m: torch.Tensor, qweight, quant_state, *, rows_of_w: bool) ->
         count = min(step, n - i)
         w = tile[:count * width].view((count, width) if rows_of_w else (width, count))
         _cpu_dequantize(qweight, quant_state, w, *((i, 0) if rows_of_w else (0, i)))
-        result[:, i:i + count] = m @ (w.t() if rows_of_w else w)
+        if count == n:  # one tile: BLAS writes the result itself
+            torch.mm(m, w.t() if rows_of_w else w, out=result)
+        else:
+            result[:, i:i + count] = m @ (w.t() if rows_of_w else w)
     return result
 
 
@@ -203,7 +208,7 @@ class LoraNF4LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         xa = x2 @ a.t()  # (tokens, r): small, saved so the backward need not recompute it
-        y = torch.addmm(X_WT.for_device(x.device)(x2, qweight, quant_state), xa, b.t(), alpha=scaling)
+        y = X_WT.for_device(x.device)(x2, qweight, quant_state).addmm_(xa, b.t(), alpha=scaling)  # y is ours
         if bias is not None:
             y += bias.to(dtype)
         ctx.save_for_backward(x2, qweight, lora_A, lora_B, xa)
@@ -221,7 +226,7 @@ class LoraNF4LinearFunction(torch.autograd.Function):
         dx = dA = dB = dbias = None
         if ctx.needs_input_grad[0]:
             dy_w = DY_W.for_device(dy2.device)(dy2, qweight, ctx.quant_state)  # W recomputed: never saved
-            dx = torch.addmm(dy_w, dy_b, a).view(ctx.x_shape)
+            dx = dy_w.addmm_(dy_b, a).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             dA = (dy_b.t() @ x2).to(lora_A.dtype)
         if ctx.needs_input_grad[4]:
