@@ -179,6 +179,19 @@ def test_cpu_tiles_cover_every_row_and_column(tile, monkeypatch):
         assert_close(g, g_ref, dtype, name)
 
 
+def test_autocast_does_not_change_the_dtype(backend):
+    """The op computes in x's dtype: an fp32 x under bf16 autocast gives the fp32 result (the patched PEFT layer
+    casts x to autocast's dtype itself)."""
+    qweight, state = _quantized(48, 64, torch.float32)
+    x, a, b = torch.randn(3, 64, requires_grad=True), torch.randn(4, 64), torch.randn(48, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_nf4_linear(x, qweight, state, a, b, 2.0)
+    assert y.dtype == torch.float32
+    assert_close(y, lora_nf4_linear_reference(x, qweight, state, a, b, 2.0), torch.float32, "y")
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
 def _saved_numels(fn):
     numels = []
 

@@ -242,7 +242,8 @@ def lora_nf4_linear(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A:
     ``quant_state``: ``layer.weight`` and ``layer.weight.quant_state`` of a ``bnb.nn.Linear4bit``).
 
     x: (..., in); lora_A: (r, in); lora_B: (out, r); bias: (out,) or None. Computed in x's dtype (A, B, bias and
-    W are cast to it, as bitsandbytes casts W and bias); gradients for x, A, B and bias come in their own dtypes.
+    W are cast to it, as bitsandbytes casts W and bias), also under autocast (cast x to the dtype wanted);
+    gradients for x, A, B and bias come in their own dtypes.
     """
     op = "lora_nf4_linear"
     _checks.tensor(op, "x", x)
@@ -271,4 +272,5 @@ def lora_nf4_linear(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A:
         _checks.fail(op, f"`bias` {tuple(bias.shape)} must be ({out_f},): out_features of the 4-bit weight")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         _checks.fail(op, f"`scaling`={scaling!r} must be a finite number (lora_alpha / r)")
-    return LoraNF4LinearFunction.apply(x, qweight, quant_state, lora_A, lora_B, float(scaling), bias)
+    with torch.autocast(x.device.type, enabled=False):  # x's dtype decides, as documented; not autocast's
+        return LoraNF4LinearFunction.apply(x, qweight, quant_state, lora_A, lora_B, float(scaling), bias)
