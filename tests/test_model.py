@@ -181,8 +181,8 @@ def test_dtype_auto(monkeypatch):
 
 
 def test_dtype_auto_on_this_machine_and_explicit(llama):
-    model, lines = _load(llama)
-    if not torch.cuda.is_available():  # this CPU is AVX2: no native bf16
+    model, lines = _load(llama, infer_dtype="auto")
+    if not torch.cuda.is_available():  # bf16 where the CPU has AVX512-BF16/AMX
         expected = torch.bfloat16 if options._cpu_has_bf16() else torch.float32
         assert model.dtype == expected and f"dtype {str(expected)[6:]} (infer_dtype auto: no GPU" in lines[1]
     model, lines = _load(llama, infer_dtype="bfloat16", finetuning_type="full")
