@@ -17,7 +17,7 @@ repo = pathlib.Path(sys.argv[1]).resolve()
 installed = pathlib.Path(lf.__file__).resolve()
 assert repo not in installed.parents, f"lf was imported from the repository ({installed}), not from the wheel"
 for module in ("lf._triton.kernels.rms_norm", "lf._triton.kernels.rope", "lf._triton.kernels.glu",
-               "lf._triton.kernels.cross_entropy"):
+               "lf._triton.kernels.cross_entropy", "lf._triton.kernels.lora_nf4_linear"):
     assert importlib.util.find_spec(module) is not None, f"{module} is missing from the wheel"
 assert choose_backend("cpu") == "cpu"
 
@@ -33,4 +33,6 @@ torch.testing.assert_close(fused_linear_cross_entropy(h, w, y), fused_linear_cro
 
 cli = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "env"], capture_output=True, text=True, check=True)
 assert "cpu backend" in cli.stdout, cli.stdout
+bench = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "bench"], capture_output=True, text=True)
+assert bench.returncode == 2 and "source tree" in bench.stderr, bench.stderr  # benchmarks are not in the wheel
 print(f"wheel OK: lf {lf.__version__} from {installed.parent}, CPU kernels {_C.isa()}")

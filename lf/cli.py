@@ -43,6 +43,14 @@ def _env(_args) -> int:
     return 0
 
 
+TRAIN_USAGE = """usage: lf train cfg.yaml [key=value ...] [--key value ...]
+
+Fine-tunes a model as cfg.yaml says (LLaMA-Factory's keys: model_name_or_path, stage, finetuning_type, dataset,
+template, cutoff_len, output_dir, ...); key=value or --key value override the file. Start from
+configs/quickstart.yaml (a tiny model on the CPU) or configs/examples/. Several processes: NPROC_PER_NODE=2 lf train
+cfg.yaml."""
+
+
 def _train(args) -> int:
     """`lf train cfg.yaml [key=value ...]`: a user error is one plain message, not a traceback."""
     import logging
@@ -52,6 +60,9 @@ def _train(args) -> int:
 
     from lf.train import launch
 
+    if not args.rest or args.rest[0] in ("-h", "--help"):
+        print(TRAIN_USAGE)
+        return 0 if args.rest else 2
     if launch.wanted():
         return launch.launch(args.rest)
     handler = logging.StreamHandler()
@@ -77,6 +88,19 @@ def _train(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    """`lf bench [ops|train|all] [--quick]`: bench/suite.py of the source checkout, in a child process."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(lf.__file__).resolve().parent.parent
+    if not (repo / "bench" / "suite.py").is_file():
+        print("lf bench: the benchmarks live in lf's source tree, not in the installed package: clone the "
+              "repository, `pip install -e '.[test]'` in it, then run `lf bench` there", file=sys.stderr)
+        return 2
+    return subprocess.run([sys.executable, "-m", "bench.suite", *args.rest], cwd=repo).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lf", description="lf: kernel-first fine-tuning of LLMs")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -86,7 +110,16 @@ def main(argv: list[str] | None = None) -> int:
                            add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(run=_train)
+    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|all] [--quick] (from a source checkout)",
+                           add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
     sub.add_parser("help", help="show this help").set_defaults(run=lambda _a: parser.print_help() or 0)
+    argv = sys.argv[1:] if argv is None else argv
+    # everything after these, options included, is theirs to parse (argparse's REMAINDER drops a leading option)
+    commands = {"train": _train, "bench": _bench}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -217,6 +217,14 @@ def test_cli_runs_a_yaml_with_overrides_and_reports_bad_keys(tmp_path, capsys):
     assert "Did you mean: learning_rate?" in capsys.readouterr().err
 
 
+def test_cli_help_and_bench_usage(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    assert "usage: lf train cfg.yaml [key=value ...]" in capsys.readouterr().out
+    assert cli.main(["train"]) == 2  # nothing to train: the usage, not a traceback
+    assert cli.main(["bench", "--help"]) == 0  # the suite's own help, from the source checkout
+    assert cli.main(["bench", "everything"]) == 2
+
+
 @pytest.mark.parametrize("deepspeed", [None, "ds_z2.json", "ds_z3.json"])
 def test_two_processes_train_what_one_process_trains(tmp_path, deepspeed):
     """NPROC_PER_NODE=2: lf starts torchrun itself; DDP on the CPU over gloo, or DeepSpeed ZeRO-2/3 on its CPU
