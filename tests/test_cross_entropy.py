@@ -189,12 +189,13 @@ def test_fused_without_grad_computes_loss_only(backend):
                  "loss")
 
 
+@pytest.mark.parametrize("widened", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_native_16bit_matmuls(backend, dtype, monkeypatch):
-    """The path GPUs (and CPUs with AVX512-BF16/AMX) take: matmuls in the 16-bit dtype itself. On this CPU
-    16-bit weights are otherwise widened to fp32 block by block, so force the native path here."""
+def test_fused_16bit_matmuls_native_and_widened(backend, dtype, widened, monkeypatch):
+    """Both paths whatever this CPU has: matmuls in the 16-bit dtype itself (GPUs, CPUs with AVX512-BF16/AMX),
+    and 16-bit weights widened to fp32 block by block (CPUs without native 16-bit dot products)."""
     module = importlib.import_module("lf.kernels.fused_linear_cross_entropy")  # the function shadows the module
-    monkeypatch.setattr(module, "_widened_to_fp32", lambda weight: False)
+    monkeypatch.setattr(module, "matmul_in_fp32", lambda weight: widened)
     hidden = torch.randn(13, 32).to(dtype).requires_grad_()
     weight = (torch.randn(300, 32) / 6).to(dtype).requires_grad_()
     bias = torch.randn(300).to(dtype).requires_grad_()

@@ -157,19 +157,23 @@ def test_matches_peft_over_bitsandbytes(rank, dtype, backend):
     assert_close(dB, dB_peft, dtype, "dB")
 
 
+@pytest.mark.parametrize("widened", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", [1, 100, 64 * 67, 1 << 20])
-def test_cpu_tiles_cover_every_row_and_column(tile, monkeypatch):
+def test_cpu_tiles_cover_every_row_and_column(tile, dtype, widened, monkeypatch):
     """Odd shapes (neither in nor out a multiple of 64) cut into tiles of a single row or column, a few, a
-    whole number of 64 and the default (one tile): every tile lands in its place, forward and backward."""
+    whole number of 64 and the default (one tile): every tile lands in its place, forward and backward; bf16
+    both natively and widened to fp32 (the path of CPUs without native bf16), whatever this CPU has."""
     monkeypatch.setenv("LF_KERNEL_BACKEND", "cpu")
     op = importlib.import_module("lf.kernels.lora_nf4_linear")
     monkeypatch.setattr(op, "TILE_ELEMENTS", tile)
-    in_f, out_f, rank, dtype = 67, 131, 4, torch.float32
+    monkeypatch.setattr(op, "matmul_in_fp32", lambda t: widened and t.dtype != torch.float32)
+    in_f, out_f, rank = 67, 131, 4
     qweight, state = _quantized(out_f, in_f, dtype, nested=False)
-    x = torch.randn(3, 7, in_f, requires_grad=True)
+    x = torch.randn(3, 7, in_f, dtype=dtype, requires_grad=True)
     lora_A = torch.randn(rank, in_f, requires_grad=True)
     lora_B = torch.randn(out_f, rank, requires_grad=True)
-    dy = torch.randn(3, 7, out_f)
+    dy = torch.randn(3, 7, out_f, dtype=dtype)
     y = lora_nf4_linear(x, qweight, state, lora_A, lora_B, 0.5)
     grads = torch.autograd.grad(y, (x, lora_A, lora_B), dy)
     y_ref, grads_ref = oracle(lambda *t: lora_nf4_linear_reference(t[0], qweight, state, t[1], t[2], 0.5),

@@ -79,6 +79,19 @@ def choose_backend(device_type: str) -> str:
     return backend
 
 
+def matmul_in_fp32(t: torch.Tensor) -> bool:
+    """Whether matmuls of 16-bit ``t`` should run widened to fp32: on a CPU without native 16-bit dot products
+    (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16) torch's 16-bit matmuls are emulated, many times slower than
+    fp32 ones, while widening is exact and the products accumulate in fp32 either way."""
+    probes = {  # private, absent from older torch releases: then assume no native support
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+        torch.float16: ("_is_amx_fp16_supported",),
+    }
+    if t.device.type != "cpu" or t.dtype not in probes:
+        return False
+    return not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes[t.dtype])
+
+
 class Implementations:
     """One op's implementations by backend. Triton entries are ``"module:function"`` strings, imported on
     first use so that machines without Triton never import it."""

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from lf.kernels import _alloc, _checks
+from lf.kernels._backend import matmul_in_fp32
 from lf.kernels.cross_entropy import (NONE, check_labels_match, check_options, cross_entropy_reference, fake_loss,
                                       flat_labels, reduced_loss, row_losses, scale_saved_grads)
 
@@ -99,19 +100,8 @@ class _Fp32Blocks(_Matmuls):
         return d_hidden
 
 
-def _widened_to_fp32(weight: torch.Tensor) -> bool:
-    """Whether the matmuls run as :class:`_Fp32Blocks` (16-bit weights on a CPU without native support)."""
-    probes = {  # private, absent from older torch releases: then assume no native support
-        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-        torch.float16: ("_is_amx_fp16_supported",),
-    }
-    if weight.device.type != "cpu" or weight.dtype not in probes:
-        return False
-    return not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes[weight.dtype])
-
-
 def _matmuls_for(weight: torch.Tensor, bias: torch.Tensor | None) -> _Matmuls:
-    return (_Fp32Blocks if _widened_to_fp32(weight) else _Matmuls)(weight, bias)
+    return (_Fp32Blocks if matmul_in_fp32(weight) else _Matmuls)(weight, bias)
 
 
 def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
@@ -260,7 +250,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
     rows = hidden.reshape(-1, hidden.shape[-1])
-    logits_size = 4 if _widened_to_fp32(weight) else hidden.element_size()
+    logits_size = 4 if matmul_in_fp32(weight) else hidden.element_size()
     chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], logits_size)
     loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index,
                                                  float(label_smoothing), cap, float(z_loss), reduction_code,

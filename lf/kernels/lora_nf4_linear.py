@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lf.errors import KernelDTypeError
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import Implementations
+from lf.kernels._backend import Implementations, matmul_in_fp32
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -173,15 +173,19 @@ def _tiled_product(m: torch.Tensor, qweight, quant_state, *, rows_of_w: bool) ->
     n, width = (out_f, in_f) if rows_of_w else (in_f, out_f)
     step = _tile_size(n, width)
     result = _alloc.empty((m.shape[0], n), m)
-    tile = _alloc.workspace(step * width, m)
+    # 16-bit on a CPU without native 16-bit dot products: the tile (W rounded to its dtype, then widened) and m
+    # widened to fp32 exactly, so the products are those of a 16-bit matmul with fp32 accumulation, only faster
+    wide = matmul_in_fp32(m)
+    operand = m.float() if wide else m
+    tile = _alloc.workspace(step * width, operand)
     for i in range(0, n, step):
         count = min(step, n - i)
         w = tile[:count * width].view((count, width) if rows_of_w else (width, count))
         _cpu_dequantize(qweight, quant_state, w, *((i, 0) if rows_of_w else (0, i)))
-        if count == n:  # one tile: BLAS writes the result itself
+        if count == n and not wide:  # one tile: BLAS writes the result itself
             torch.mm(m, w.t() if rows_of_w else w, out=result)
-        else:
-            result[:, i:i + count] = m @ (w.t() if rows_of_w else w)
+        else:  # rounded once to m's dtype on the way in
+            result[:, i:i + count] = operand @ (w.t() if rows_of_w else w)
     return result
 
 
