@@ -241,10 +241,10 @@ def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):
     inert = {"use_unsloth": False, "use_galore": False, "freeze_vision_tower": True, "infer_backend": "huggingface",
-             "image_max_pixels": 589824, "save_safetensors": True, "pref_beta": 0.2, "galore_rank": 32}
+             "image_max_pixels": 589824, "save_safetensors": True, "kto_chosen_weight": 1.0, "galore_rank": 32}
     cfg = parse_train_args({**BASE, **inert})
-    assert cfg.raw["pref_beta"] == 0.2
-    assert "pref_beta is ignored: it tunes preference training" in logs.text
+    assert cfg.raw["kto_chosen_weight"] == 1.0
+    assert "kto_chosen_weight is ignored: it tunes kto or ppo training" in logs.text
     assert "galore_rank is ignored: it tunes GaLore" in logs.text
 
 
@@ -284,8 +284,26 @@ RULE_CASES = {
     "nothing_to_do": ({"do_train": False}, "do_train, do_eval and do_predict are all false: nothing to run"),
     "do_predict": ({"do_predict": True}, "do_predict: true (generating answers for a test set) is not part of"),
     "stage_known": ({"stage": "sfft"}, "stage: sfft is not a training stage"),
-    "stage_later": ({"stage": "dpo"}, "stage: dpo arrives with the preference-training issue; lf trains pt and sft "
-                                      "now: set stage: sft (or pt)"),
+    "stage_later": ({"stage": "kto"}, "stage: kto is not in lf yet; lf trains pt, sft, rm and dpo: for preference "
+                                      "pairs (chosen/rejected) set stage: dpo"),
+    "dpo_options_need_dpo": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
+                             "pref_loss, ref_model tune(s) dpo training, but stage is sft"),
+    "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
+                                                               "orpo, simpo."),
+    "pref_beta": ({"stage": "dpo", "pref_beta": 0}, "pref_beta: 0 must be positive"),
+    "pref_ftx": ({"stage": "dpo", "pref_ftx": -1}, "pref_ftx: -1 would train away from the chosen replies"),
+    "dpo_label_smoothing": ({"stage": "dpo", "dpo_label_smoothing": 0.5},
+                            "dpo_label_smoothing: 0.5 is not a probability in [0, 0.5)"),
+    "smoothing_needs_logistic_loss": ({"stage": "dpo", "pref_loss": "ipo", "dpo_label_smoothing": 0.1},
+                                      "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: ipo"),
+    "simpo_gamma_needs_simpo": ({"stage": "dpo", "simpo_gamma": 1.0}, "simpo_gamma is the margin of the simpo loss, "
+                                                                      "but pref_loss is sigmoid"),
+    "reference_free_loss": ({"stage": "dpo", "pref_loss": "simpo", "ref_model": "saves/ref"},
+                            "pref_loss: simpo compares the trained model's replies with each other"),
+    "reward_model_adapters": ({"stage": "rm", "adapter_name_or_path": "saves/sft"},
+                              "stage: rm puts a value head on the model"),
+    "reward_model_head": ({"stage": "rm", "upcast_lmhead_output": True},
+                          "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head"),
     "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
@@ -337,9 +355,9 @@ def test_each_rule_refuses_its_case_alone(name):
 
 
 def test_rules_report_every_problem_at_once(example):
-    message = refused([example, "stage=dpo", "lora_rank=0"])
+    message = refused([example, "stage=kto", "lora_rank=0"])
     assert message.startswith(f"2 problems in {example}:\n  - ")
-    assert "stage: dpo arrives" in message and "lora_rank: 0 leaves" in message
+    assert "stage: kto is not in lf yet" in message and "lora_rank: 0 leaves" in message
 
 
 def test_rules_pass_where_the_combination_is_fine():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lf import cli
 from lf.config import parse_train_args
 from lf.errors import TrainError
-from lf.train import run, sft
+from lf.train import recipe, run
 from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
 
@@ -185,7 +185,7 @@ def test_output_dir_holding_another_run_is_refused_before_any_work(tmp_path, mon
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("someone else's")
-    monkeypatch.setattr(sft, "load_tokenizer", lambda *a: pytest.fail("loaded a tokenizer before the check"))
+    monkeypatch.setattr(recipe, "load_tokenizer", lambda *a: pytest.fail("loaded a tokenizer before the check"))
     with pytest.raises(TrainError, match="already holds files \\(notes.txt\\).*overwrite_output_dir"):
         train(out)
     with pytest.raises(TrainError, match="holds no checkpoint"):

@@ -262,7 +262,7 @@ class Unsupported:
 
 
 _MULTIMODAL = "multimodal training (images, video, audio)"
-_PREFERENCE = "preference training (stage rm, dpo, kto or ppo)"
+_PREFERENCE = "kto or ppo training"
 UNSUPPORTED = {
     # model
     "use_unsloth": Unsupported("Unsloth's patched training", fix="remove the key (lf's fused kernels are on)"),
@@ -312,10 +312,14 @@ UNSUPPORTED = {
     **{key: Unsupported("OFT adapters", None) for key in ("oft_rank", "oft_block_size", "oft_target",
                                                           "module_dropout")},
     **{key: Unsupported(_PREFERENCE, None) for key in
-       ("pref_beta", "pref_ftx", "pref_bco_weight", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
-        "kto_rejected_weight", "simpo_gamma", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
-        "ppo_whiten_rewards", "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "reward_model",
-        "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type", "ld_alpha")},
+       ("kto_chosen_weight", "kto_rejected_weight", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
+        "ppo_whiten_rewards", "reward_model", "reward_model_adapters", "reward_model_quantization_bit",
+        "reward_model_type")},
+    "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
+    "ld_alpha": Unsupported("length-desensitised dpo (LD-DPO)", (None,)),
+    "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
+                                      "merge them into a model and name that in ref_model"),
+    "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
     "use_galore": Unsupported("GaLore"),
     **{key: Unsupported("GaLore", None) for key in
        ("galore_target", "galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type",

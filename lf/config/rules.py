@@ -15,8 +15,11 @@ from typing import Any
 
 from lf.errors import ConfigError, did_you_mean
 
-TRAINED_STAGES = ("pt", "sft")
-LATER_STAGES = ("rm", "dpo", "kto", "ppo")  # LLaMA-Factory's preference stages: not in lf yet
+TRAINED_STAGES = ("pt", "sft", "rm", "dpo")
+LATER_STAGES = ("kto", "ppo")  # LLaMA-Factory's other preference stages: not in lf yet
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # dpo losses that compare the policy's replies with each other only
+SMOOTHED = ("sigmoid", "simpo")  # the logistic losses, which dpo_label_smoothing softens
 
 
 def show(value) -> str:
@@ -62,6 +65,15 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
             "comet_ml": ("comet_ml",), "swanlab": ("swanlab",), "trackio": ("trackio",)}
 
 
+DPO_KEYS = ("pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "ref_model")
+
+
+def _dpo_options(cfg) -> list[str]:
+    """The dpo keys given away from their defaults."""
+    defaults = type(cfg.finetuning)()
+    return [key for key in DPO_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
 def _missing_trackers(t) -> list[str]:
     import importlib.util
 
@@ -88,10 +100,39 @@ RULES: tuple[Rule, ...] = (
          "do_eval: true for the eval loss"),
     Rule("stage_known", lambda c: c.finetuning.stage not in TRAINED_STAGES + LATER_STAGES,
          lambda c: f"stage: {show(c.finetuning.stage)} is not a training stage: lf trains pt (pre-training on raw "
-                   f"text) and sft (supervised fine-tuning).{did_you_mean(c.finetuning.stage, TRAINED_STAGES)}"),
+                   f"text), sft (supervised fine-tuning), rm (a reward model) and dpo (preference optimisation)."
+                   f"{did_you_mean(c.finetuning.stage, TRAINED_STAGES)}"),
     Rule("stage_later", lambda c: c.finetuning.stage in LATER_STAGES,
-         "stage: {f.stage} arrives with the preference-training issue; lf trains pt and sft now: "
-         "set stage: sft (or pt)"),
+         "stage: {f.stage} is not in lf yet; lf trains pt, sft, rm and dpo: for preference pairs "
+         "(chosen/rejected) set stage: dpo"),
+    Rule("dpo_options_need_dpo", lambda c: c.finetuning.stage != "dpo" and bool(_dpo_options(c)),
+         lambda c: f"{', '.join(_dpo_options(c))} tune(s) dpo training, but stage is {show(c.finetuning.stage)}: "
+                   f"set stage: dpo, or remove them"),
+    _one_of("finetuning", "pref_loss", PREF_LOSSES),
+    Rule("pref_beta", lambda c: c.finetuning.pref_beta <= 0,
+         "pref_beta: {f.pref_beta} must be positive (it scales the preference loss; 0.1 is usual, ~2 for simpo)"),
+    Rule("pref_ftx", lambda c: c.finetuning.pref_ftx < 0,
+         "pref_ftx: {f.pref_ftx} would train away from the chosen replies: use 0 (no sft term) or a positive weight"),
+    Rule("dpo_label_smoothing", lambda c: not 0 <= c.finetuning.dpo_label_smoothing < 0.5,
+         "dpo_label_smoothing: {f.dpo_label_smoothing} is not a probability in [0, 0.5) (the chance a pair is "
+         "labelled the wrong way round; 0.5 would say the labels carry nothing)"),
+    Rule("smoothing_needs_logistic_loss",
+         lambda c: c.finetuning.dpo_label_smoothing != 0 and c.finetuning.pref_loss not in SMOOTHED,
+         "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: {f.pref_loss}: set pref_loss: "
+         "sigmoid (or simpo), or remove dpo_label_smoothing"),
+    Rule("simpo_gamma_needs_simpo", lambda c: "simpo_gamma" in _dpo_options(c) and c.finetuning.pref_loss != "simpo",
+         "simpo_gamma is the margin of the simpo loss, but pref_loss is {f.pref_loss}: set pref_loss: simpo, or "
+         "remove simpo_gamma"),
+    Rule("reference_free_loss", lambda c: c.finetuning.ref_model is not None
+         and c.finetuning.pref_loss in REFERENCE_FREE,
+         "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
+         "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo) with it"),
+    Rule("reward_model_adapters", lambda c: c.finetuning.stage == "rm" and c.model.adapter_name_or_path is not None,
+         "stage: rm puts a value head on the model, onto which lf cannot load adapters trained for generation yet: "
+         "merge adapter_name_or_path into the model and name that in model_name_or_path"),
+    Rule("reward_model_head", lambda c: c.finetuning.stage == "rm" and c.model.upcast_lmhead_output,
+         "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head with a value head "
+         "(its score is float32 in the loss anyway): remove upcast_lmhead_output"),
     _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "

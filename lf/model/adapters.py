@@ -18,6 +18,13 @@ from lf.model.paths import check_adapter_path
 FINETUNING_TYPES = ("full", "freeze", "lora")
 
 
+def value_head(model) -> nn.Module | None:
+    """A reward model's value head (XForSequenceClassification's `score`): it starts untrained, so it trains
+    fully, never as a LoRA target."""
+    head = getattr(model, "score", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
 def split_names(text: str | None) -> list[str]:
     """'a, b,c' -> ['a', 'b', 'c']."""
     return [name.strip() for name in (text or "").split(",") if name.strip()]
@@ -85,6 +92,9 @@ def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
     _unfreeze_by_name(outside, extra, "freeze_extra_modules", "the model outside its decoder layers")
     if resize_vocab:
         extra += _train_embeddings(model)
+    if value_head(model) is not None:
+        value_head(model).requires_grad_(True)
+        extra.append("score")
     if not chosen and not extra:
         raise ModelError("freeze: nothing would train (freeze_trainable_layers: 0 and no freeze_extra_modules)")
     which = f"the {'last' if n > 0 else 'first'} {abs(n)} decoder layers" if chosen else "no decoder layers"
@@ -129,10 +139,10 @@ def _fp16_to_fp32(model) -> list[str]:
 
 def _linear_names(model) -> list[str]:
     """Names (last path part) of the model's linear layers, bitsandbytes' Linear4bit/Linear8bitLt included (they
-    subclass nn.Linear), without the output head."""
-    head = model.get_output_embeddings()
+    subclass nn.Linear), without the output head and the value head."""
+    heads = (model.get_output_embeddings(), value_head(model))
     return sorted({_leaf(path) for path, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and m is not head})
+                   if isinstance(m, nn.Linear) and not any(m is head for head in heads)})
 
 
 def _lora_targets(model, lora_target: str) -> list[str]:
@@ -156,11 +166,15 @@ def _new_lora(model, finetuning_args, resize_vocab: bool):
     saved = split_names(finetuning_args.additional_target)
     if resize_vocab:
         saved += [name for name in _train_embeddings(model) if name not in saved]
+    reward = value_head(model) is not None
+    if reward and "score" not in saved:
+        saved.append("score")
     alpha = finetuning_args.lora_alpha or 2 * finetuning_args.lora_rank
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=finetuning_args.lora_rank, lora_alpha=alpha,
+    task = TaskType.SEQ_CLS if reward else TaskType.CAUSAL_LM  # peft saves a SEQ_CLS model's score with the adapter
+    config = LoraConfig(task_type=task, r=finetuning_args.lora_rank, lora_alpha=alpha,
                         lora_dropout=finetuning_args.lora_dropout, target_modules=targets,
                         use_rslora=finetuning_args.use_rslora, use_dora=finetuning_args.use_dora,
-                        modules_to_save=saved or None)
+                        modules_to_save=list(saved) or None)  # a copy: peft adds to a SEQ_CLS list
     model = get_peft_model(model, config)
     flavour = "".join(name for name, on in ((" rsLoRA", finetuning_args.use_rslora),
                                             (" DoRA", finetuning_args.use_dora)) if on)

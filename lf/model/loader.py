@@ -69,7 +69,10 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool,
     attention, attention_line = choose_attention(model_args.flash_attn, dtype)
     quantization, quantization_line = quantization_kwargs(model_args, finetuning_args, config, dtype,
                                                           is_trainable=is_trainable)
-    model = _instantiate(path, config, dtype, attention, quantization, model_args)
+    reward = getattr(finetuning_args, "stage", None) == "rm"
+    if reward:  # rm: one score per sequence, from a value head on the model (XForSequenceClassification)
+        config.num_labels = 1
+    model = _instantiate(path, config, dtype, attention, quantization, model_args, reward)
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
              dtype_line, attention_line] + [line for line in (rope, quantization_line) if line]
@@ -89,16 +92,17 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool,
     return model, lines
 
 
-def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args):
-    from transformers import AutoModelForCausalLM
+def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, reward: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     try:
         if model_args.train_from_scratch:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention,
-                                                    trust_remote_code=model_args.trust_remote_code)
+            return auto.from_config(config, dtype=dtype, attn_implementation=attention,
+                                    trust_remote_code=model_args.trust_remote_code)
         # low_cpu_mem_usage is not passed: transformers 5 always loads that way and ignores the argument
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention,
-                                                    **quantization, **_hub_kwargs(model_args))
+        return auto.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention,
+                                    **quantization, **_hub_kwargs(model_args))
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
 

@@ -1,0 +1,132 @@
+"""The steps every stage's recipe shares, top to bottom: tokenizer and template -> datasets -> model (prepare),
+then, around the stage's own trainer, train, save, evaluate, plot (train_and_save). Each step is one call into
+lf.data, lf.model or HF's Trainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import set_seed
+
+from lf.data import get_dataset, resolve_template
+from lf.errors import TrainError
+from lf.model import load_model, load_tokenizer
+from lf.train.callbacks import LossGuard, Progress, RunLog
+from lf.train.checkpoints import resume_point
+from lf.train.plot import plot_loss
+
+log = logging.getLogger("lf")
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    template: object
+    data: object  # lf.data's datasets: train_dataset, eval_dataset
+    model: object
+    resume: str | bool | None  # the checkpoint training resumes from, if any
+
+
+def prepare(cfg) -> Prepared:
+    """Tokenizer (with the template, which the saved tokenizer carries as its chat template), the stage's
+    datasets and the model, as `cfg` says; the run's environment set for HF's Trainer."""
+    args, fin = cfg.training, cfg.finetuning
+    resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
+    tokenizer = load_tokenizer(cfg.model)
+    template, why = resolve_template(tokenizer, cfg.data.template, default_system=cfg.data.default_system,
+                                     enable_thinking=cfg.data.enable_thinking, tool_format=cfg.data.tool_format)
+    log.info("%s", why)
+    for line in template.prepare_tokenizer(tokenizer):
+        log.info("%s", line)
+    if tokenizer.chat_template != template.to_jinja():  # users of the saved tokenizer get the trained format
+        tokenizer.chat_template = template.to_jinja()
+        log.info("the saved tokenizer's chat_template will be template %r, the format this run trains on",
+                 template.name)
+    with args.main_process_first(desc="preparing the datasets"):
+        data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed)
+    if args.deepspeed:
+        _deepspeed_comm()
+    set_seed(args.seed)  # before the adapters' random initialisation: the same seed, the same run
+    model, lines = load_model(tokenizer, cfg.model, fin, is_trainable=args.do_train, cutoff_len=cfg.data.cutoff_len)
+    for line in lines:
+        log.info("%s", line)
+    if fin.logging_dir:  # transformers 5 takes TensorBoard's folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = fin.logging_dir
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU
+    return Prepared(tokenizer, template, data, model, resume)
+
+
+def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: bool = False) -> dict:
+    """Trains (and/or evaluates) with the stage's `trainer` (an LFTrainer) as `cfg` says: lf's log, loss guard
+    and progress bar, the model saved with its run config, the loss plot; returns what was written where."""
+    args, fin = cfg.training, cfg.finetuning
+    for callback in (RunLog(trainer), LossGuard(trainer), *callbacks):
+        trainer.add_callback(callback)
+    _use_progress(trainer)
+    outputs = {"output_dir": args.output_dir}
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=prepared.resume)
+        if trainer.nonfinite_step is not None:
+            raise TrainError(_nonfinite_message(trainer, args))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        _save_run_config(args.output_dir, cfg)
+        outputs["model"] = args.output_dir
+        if fin.plot_loss and trainer.is_world_process_zero():
+            outputs["plots"] = plot_loss(args.output_dir, trainer.state.log_history)
+    if args.do_eval and prepared.data.eval_dataset is not None:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        if perplexity and "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    outputs["log"] = os.path.join(args.output_dir, "trainer_log.jsonl")
+    return outputs
+
+
+def _deepspeed_comm() -> None:
+    """ZeRO-3 partitions the weights while they load and asks deepspeed.comm for the world size then; accelerate
+    sets deepspeed.comm up on GPUs only, so on the CPU lf does, over the process group torch already has."""
+    import deepspeed
+
+    if torch.distributed.is_initialized() and not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+
+def _use_progress(trainer) -> None:
+    """HF's progress bar -> lf's (loss, learning rate, tokens/s in the bar instead of a printed dict per log)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Progress(trainer))
+
+
+def _nonfinite_message(trainer, args) -> str:
+    last = trainer.state.best_model_checkpoint or _latest_checkpoint(args.output_dir)
+    kept = (f"the last good checkpoint is {last} (resume_from_checkpoint: {last})" if last
+            else "no checkpoint was saved before it")
+    precision = ("fp16 overflow (fp16: true): use bf16: true or fp32" if args.fp16
+                 else "numbers too large for the dtype")
+    return (f"the loss became nan or inf at step {trainer.nonfinite_step}; training stopped there and saved nothing "
+            f"of that step: {kept}. Likely causes: a learning rate too high (learning_rate is {args.learning_rate:g}; "
+            f"try a tenth), {precision}, or examples with nothing to learn from.")
+
+
+def _latest_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def _save_run_config(output_dir: str, cfg) -> None:
+    """The run's settings as given, beside the model: what produced it."""
+    with open(os.path.join(output_dir, "lf_run_config.json"), "w") as f:
+        json.dump({"source": cfg.source, "config": cfg.raw}, f, indent=2, default=str)

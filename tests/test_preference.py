@@ -1,0 +1,292 @@
+"""rm and dpo: each pref_loss trains and saves on the tiny Llama (test_train's temporary LF_HOME and options), its
+loss equals TRL's on the same log-probabilities, the reward model reloads with transformers + peft and ranks the
+pairs it learned, and bad data or configs are refused with what to do."""
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import lf_home, losses, options  # noqa: F401 (lf_home: the module's tiny model)
+
+from lf.config import parse_train_args
+from lf.config.finetuning import FinetuningArguments
+from lf.errors import ConfigError, DataError, ModelError, TrainError
+from lf.tiny import tiny_path
+from lf.train import run
+from lf.train.preference import check_trl, dpo_loss
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to share between threads, and on a busy machine waiting threads
+    cost more than they give: one thread keeps this module's runs short."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PAIRS = {"dataset": "lf_pref_demo", "max_samples": 4, "per_device_train_batch_size": 4}  # one batch, every step
+
+
+def train(output_dir, **overrides) -> dict:
+    return run(parse_train_args(options(output_dir, **{**PAIRS, **overrides})))
+
+
+def pair_batch(output_dir, stage):
+    """The trained pairs as lf's pipeline makes them, with the saved tokenizer: (ids, mask, labels), chosen first."""
+    from transformers import AutoTokenizer
+
+    from lf.data import collator, get_dataset, resolve_template
+    from lf.train.preference import _pairs
+
+    cfg = parse_train_args(options(output_dir / "unused", stage=stage, **PAIRS))
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    template, _ = resolve_template(tokenizer, "qwen")
+    rows = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=stage).train_dataset
+    pad = collator(tokenizer)
+    return _pairs(pad([rows[i] for i in range(len(rows))]), pad.pad_token_id)
+
+
+# ---- dpo ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
+def test_each_pref_loss_trains_saves_and_reloads_preferring_the_chosen_replies(tmp_path, kind):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lf.train.preference import _reply_logps
+
+    out = tmp_path / kind
+    train(out, stage="dpo", pref_loss=kind, max_steps=3)
+    curve = losses(out)
+    assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
+    assert curve[0] > curve[1] > curve[2], curve
+    if kind == "sigmoid":  # LoRA starts as the identity: policy = reference, loss log 2
+        assert curve[0] == pytest.approx(math.log(2), abs=1e-6)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(0 <= h["rewards/accuracies"] <= 1 and "rewards/margins" in h for h in history if "loss" in h)
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama")), out)
+    add_fused_lm_head(model.get_base_model())
+    ids, mask, labels = pair_batch(out, "dpo")
+    with torch.no_grad():
+        trained, _ = _reply_logps(model, ids, mask, labels)
+        with model.disable_adapter():
+            start, _ = _reply_logps(model, ids, mask, labels)
+    gain = (trained - start).chunk(2)  # how much each reply gained since the start
+    assert (gain[0] - gain[1]).mean() > 0  # the chosen replies gained on the rejected ones
+
+
+@pytest.mark.parametrize("finetuning_type, reference", [("full", None), ("lora", "tiny")])
+def test_a_frozen_copy_or_ref_model_is_the_reference(tmp_path, finetuning_type, reference):
+    ref_model = str(tiny_path("lf-tiny-llama")) if reference else None
+    out = tmp_path / finetuning_type
+    train(out, stage="dpo", finetuning_type=finetuning_type, ref_model=ref_model, max_steps=2, learning_rate=1e-4)
+    first, second = losses(out)
+    assert first == pytest.approx(math.log(2), abs=1e-6)  # the reference is the starting model
+    assert second < first
+    saved = "model.safetensors" if finetuning_type == "full" else "adapter_model.safetensors"
+    assert (out / saved).exists()
+
+
+def _trl_dpo(loss_types, loss_weights, per_token, completion_mask, ref_sums, beta):
+    """TRL 1.16's DPOTrainer._compute_loss (its own code, unbound) with precomputed reference log-probabilities,
+    on a stand-in model whose fused head returns `per_token` log-probabilities."""
+    from trl import DPOTrainer
+
+    rows = per_token.shape[0]
+    zeros = torch.zeros_like(per_token)
+    stand_in = SimpleNamespace(
+        model=SimpleNamespace(training=True), beta=beta, loss_types=loss_types, loss_weights=loss_weights,
+        precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl", label_smoothing=0.0,
+        use_weighting=False, aux_loss_enabled=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
+        _tp_size=1, accelerator=SimpleNamespace(device=per_token.device, gather=lambda t: t,
+                                                gather_for_metrics=lambda t: t))
+    inputs = {"input_ids": torch.zeros(completion_mask.shape, dtype=torch.long),
+              "attention_mask": torch.ones_like(completion_mask), "completion_mask": completion_mask,
+              "ref_chosen_logps": ref_sums[:rows // 2], "ref_rejected_logps": ref_sums[rows // 2:]}
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    return DPOTrainer._compute_loss(stand_in, model, inputs, False)
+
+
+def _trl_cpo(kind, chosen, rejected, beta, gamma, smoothing):
+    """TRL's CPO loss (trl.experimental.cpo, a function of per-reply log-probabilities), per pair."""
+    from trl.experimental.cpo import CPOTrainer
+
+    stand_in = SimpleNamespace(alpha=0.0, loss_type=kind, beta=beta, simpo_gamma=gamma, label_smoothing=smoothing,
+                               accelerator=SimpleNamespace(device=chosen.device))
+    return CPOTrainer.cpo_loss(stand_in, chosen, rejected)[0]
+
+
+def _logps(pairs, equal_lengths, seed):
+    """Per-token log-probabilities of `pairs` chosen and as many rejected replies after a 3-token prompt (zero
+    outside the replies, as TRL's fused head gives them), their completion mask, and reference sums."""
+    generator = torch.Generator().manual_seed(seed)
+    length = 12
+    replies = torch.full((2 * pairs,), 6) if equal_lengths else torch.randint(2, length - 3, (2 * pairs,),
+                                                                             generator=generator)
+    positions = torch.arange(length)
+    completion = ((positions >= 3) & (positions < 3 + replies[:, None])).long()
+    per_token = -torch.rand(2 * pairs, length - 1, generator=generator) * completion[:, 1:]
+    ref_sums = -torch.rand(2 * pairs, generator=generator) * replies
+    return per_token, completion, ref_sums
+
+
+@pytest.mark.parametrize("kind, ftx, smoothing", [("sigmoid", 0.0, 0.0), ("hinge", 0.0, 0.0), ("ipo", 0.0, 0.0),
+                                                  ("sigmoid", 0.5, 0.0), ("sigmoid", 0.0, 0.2), ("simpo", 0.0, 0.0),
+                                                  ("simpo", 0.0, 0.1), ("orpo", 0.0, 0.0)])
+def test_dpo_losses_equal_trls_on_the_same_log_probabilities(kind, ftx, smoothing):
+    from trl.experimental.orpo import ORPOTrainer
+
+    beta, gamma = 0.3, 0.7
+    per_token, completion, ref_sums = _logps(pairs=5, equal_lengths=ftx > 0, seed=len(kind) + int(10 * smoothing))
+    sums, tokens = per_token.sum(-1), completion.sum(-1)
+    fin = FinetuningArguments(stage="dpo", pref_loss=kind, pref_beta=beta, pref_ftx=ftx, simpo_gamma=gamma,
+                              dpo_label_smoothing=smoothing)
+    ours, metrics = dpo_loss(fin, sums, tokens, None if kind in ("orpo", "simpo") else ref_sums)
+    means = sums / tokens
+    if kind in ("hinge", "ipo") or (kind == "sigmoid" and smoothing == 0):
+        # TRL's DPO; pref_ftx is its "sft" loss (the token mean over the batch's chosen replies: with replies of
+        # one length, the mean of their per-reply means, which lf takes as LLaMA-Factory does)
+        types, weights = ([kind, "sft"], [1.0, ftx]) if ftx else ([kind], [1.0])
+        theirs = _trl_dpo(types, weights, per_token, completion, ref_sums, beta)
+    elif kind == "sigmoid":  # conservative DPO: TRL's DPO has no smoothed sigmoid; its CPO is the same formula over
+        theirs = _trl_cpo("sigmoid", *(sums - ref_sums).chunk(2), beta, gamma, smoothing).mean()  # log-ratios
+    elif kind == "simpo":
+        theirs = _trl_cpo("simpo", *means.chunk(2), beta, gamma, smoothing).mean()
+    else:  # ORPO's odds-ratio term; lf adds the chosen replies' mean negative log-likelihood to it
+        odds = ORPOTrainer.odds_ratio_loss(SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu")),
+                                           *means.chunk(2))[0]
+        theirs = -means.chunk(2)[0].mean() - odds.mean()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert metrics["rewards/accuracies"].shape == (5,)
+
+
+def test_the_fused_head_gives_the_logits_log_probabilities(tmp_path):
+    """lf's patched tiny model under TRL's fused LM head: the log-probabilities of the full logits."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lf.model import load_model, load_tokenizer
+    from lf.train.preference import _reply_logps
+
+    cfg = parse_train_args(options(tmp_path, stage="dpo", **PAIRS))
+    model, _ = load_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning, is_trainable=True)
+    model.eval()  # no gradient checkpointing under no_grad
+    ids = torch.randint(0, 3000, (4, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2:, 15:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
+        add_fused_lm_head(model.get_base_model())
+        sums, tokens = _reply_logps(model, ids, mask, labels)
+    shifted = labels[:, 1:]
+    expected = logits[:, :-1].log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(sums.double(), (expected * (shifted != -100)).sum(-1), rtol=1e-5, atol=1e-4)
+    assert tokens.tolist() == [15, 15, 10, 10]
+
+
+def test_gradient_accumulation_trains_what_one_batch_trains(tmp_path):
+    """The pair loss is a mean per micro-batch, which the Trainer divides by the accumulation steps: 2 x 2 pairs
+    take the step 4 pairs take (SGD: see test_train's test_kernels_do_not_change_the_losses)."""
+    same = {"stage": "dpo", "optim": "sgd", "learning_rate": 0.5, "max_steps": 2}
+    train(tmp_path / "one", **same)
+    train(tmp_path / "two", per_device_train_batch_size=2, gradient_accumulation_steps=2, **same)
+    one, two = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+# ---- rm ----------------------------------------------------------------------------------------------------------
+
+def test_reward_model_learns_logs_accuracy_and_reloads_to_rank_the_pairs(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "rm"
+    train(out, stage="rm", max_steps=6, learning_rate=1e-2, eval_dataset="lf_pref_demo", do_train=True,
+          do_eval=True)
+    curve = losses(out)
+    assert all(math.isfinite(v) for v in curve) and curve[-1] < curve[0]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    accuracy = [h["accuracy"] for h in history if "loss" in h]
+    assert len(accuracy) == 6 and accuracy[-1] == 1.0
+    assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == 1.0  # the 4 trained pairs
+    assert any(".score." in key for key in load_file(out / "adapter_model.safetensors"))  # the value head
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_path("lf-tiny-llama"), num_labels=1)
+    model = PeftModel.from_pretrained(base, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    records = json.loads((Path(options(tmp_path)["dataset_dir"]) / "lf_pref_demo.json").read_text())[:4]
+
+    def score(prompt, reply):
+        # the chat template as saved, ending at the reply's end-of-turn token, where training scored it
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reply}], tokenize=False).rstrip()
+        with torch.no_grad():
+            return model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits.item()
+
+    for record in records:
+        assert score(record["instruction"], record["chosen"]) > score(record["instruction"], record["rejected"])
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "freeze"])
+def test_the_value_head_trains_fully_and_is_no_lora_target(tmp_path, finetuning_type):
+    from lf.model import load_model, load_tokenizer
+
+    cfg = parse_train_args(options(tmp_path, stage="rm", finetuning_type=finetuning_type, **PAIRS))
+    model, lines = load_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning, is_trainable=True)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert type(model.get_base_model() if finetuning_type == "lora" else model).__name__ == \
+        "LlamaForSequenceClassification"
+    assert [name for name in trainable if "score" in name] == (
+        ["base_model.model.score.modules_to_save.default.weight"] if finetuning_type == "lora" else ["score.weight"])
+    assert "score" in lines[-2]  # the method's line names it
+
+
+# ---- refusals ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_a_dataset_without_pairs_is_refused_by_name_with_the_fix(tmp_path, stage):
+    with pytest.raises(DataError, match=rf"stage {stage} learns from pairs.*but lf_demo_en in .*dataset_info.json "
+                                        r"has one reply per prompt.*\"ranking\": true.*stage: sft"):
+        train(tmp_path / stage, stage=stage, dataset="lf_demo_en")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"stage": "dpo", "pref_loss": "orpo", "ref_model": "some/model"},
+     "pref_loss: orpo compares the trained model's replies with each other and uses no reference model, but "
+     "ref_model is some/model"),
+    ({"stage": "sft", "pref_beta": 0.2}, "pref_beta tune(s) dpo training, but stage is sft"),
+    ({"stage": "dpo", "pref_loss": "kto"}, "pref_loss: kto is not one of sigmoid, hinge, ipo, orpo, simpo"),
+    ({"stage": "dpo", "pref_loss": "hinge", "dpo_label_smoothing": 0.1},
+     "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: hinge"),
+])
+def test_contradictions_are_refused_before_any_work(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError, match="^" + expected.replace("(", r"\(").replace(")", r"\)")):
+        parse_train_args(options(tmp_path, **{**PAIRS, **overrides}))
+
+
+def test_lora_on_the_lm_head_is_refused_for_dpo(tmp_path):
+    with pytest.raises(ModelError, match="lora_target names the LM head.*additional_target: lm_head"):
+        train(tmp_path / "head", stage="dpo", lora_target="q_proj,lm_head")
+
+
+def test_dpo_needs_the_tested_trl():
+    check_trl("1.16.0")
+    for installed, found in (("1.17.0", "TRL 1.17.0 is installed"), ("1.15.2", "TRL 1.15.2 is installed"),
+                             (None, "TRL is not installed")):
+        with pytest.raises(TrainError, match=rf"tested with TRL >=1.16,<1.17; {found}: pip install 'trl>=1.16,<1.17"):
+            check_trl(installed)
