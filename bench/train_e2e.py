@@ -1,95 +1,305 @@
-"""`lf train` end to end: lf as it runs by default (kernels and packing on) against lf with both off.
+"""`lf train` end to end: tokens/s, peak memory and loss curves of lf's variants and of LLaMA-Factory, same model,
+data and settings.
 
-    python -m bench.train_e2e            # the quickstart model, lf's demo data, cutoff 512, batch 4, 30 steps
-    python -m bench.train_e2e --quick    # 6 steps (smoke)
+    python -m bench.train_e2e            # 30 steps per variant, fp32 and (where the CPU has native bf16) bf16
+    python -m bench.train_e2e --quick    # 3 steps, the dtype lf's `infer_dtype: auto` picks here (smoke)
 
-Each variant is `lf train configs/quickstart.yaml` with the same overrides, in a fresh process (so each has its own
-allocator state and memory peak). Tokens/s counts real (non-padding) tokens, from the run's trainer_log.jsonl;
-peak memory is the child's maximum resident set (ru_maxrss). Packing puts more examples in each step, so the loss
-curves are drawn against tokens trained on, not steps. Writes bench/results/<device>/<date>-train_e2e.{json,md}
-and the overlaid loss curves as a PNG (scratch/ for --quick).
+Model: bench.e2e_model (a 31.8M-parameter Llama, tokenizer trained on the data). Data: alpaca_en_demo from
+../shared/data, template qwen, cutoff 512, batch 4, LoRA rank 8 on all linear layers, lr 2e-3 cosine, seed 42.
+lf: kernels on/off x packing on/off x LoRA/QLoRA (4-bit nf4) = 8 variants per dtype (lf's packing is neat: examples
+share rows but never see each other). LLaMA-Factory (its own venv: $LF_BENCH_LLAMAFACTORY, else
+~/.cache/llamafactory-venv/bin/python), LoRA, without packing and with neat_packing. bf16 = bf16 weights, fp32
+adapters, autocast (`bf16: true`), in both systems.
+
+Each variant is one child process that runs its trainer in-process with a probe callback (`--worker`):
+- tokens: real (non-padding) tokens trained on. lf: `total_tokens` of its trainer_log.jsonl. LLaMA-Factory: its
+  collator is wrapped to count the non-zero attention-mask entries of each batch's features (neat packing marks
+  padding 0, examples 1, 2, ...); step s has trained on the first s batches (the dataloader collates ahead);
+- tokens/s: those tokens / the seconds from the trainer's on_train_begin to its on_train_end;
+- memory: at on_train_begin the probe reads VmRSS (the baseline: model, data and optimizer built; Adam's states come
+  at the first step, so they count as training's) and VmHWM, then
+  resets VmHWM (`5` into /proc/self/clear_refs); at on_train_end VmHWM - baseline is the training's peak above
+  its baseline. Peak RSS = the larger of VmHWM before the reset and at the child's end. The child process only.
+Loss curves are drawn against tokens trained on (packing puts more tokens in each step). Writes
+bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench import harness
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON = ["cutoff_len=512", "per_device_train_batch_size=4", "logging_steps=1", "save_steps=1000",
-          "plot_loss=false", "overwrite_output_dir=true", "learning_rate=2e-3"]
-# `lf ...` in this process, then its own peak resident set
-CHILD = ("import resource, sys; from lf.cli import main; code = main(sys.argv[1:]); "
-         "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
-VARIANTS = {"lf (kernels + packing)": [], "lf, kernels and packing off": ["use_lf_kernels=false", "packing=false"]}
+DATA_DIR = REPO.parent / "shared" / "data"  # LLaMA-Factory's demo data and its dataset_info.json
+DATASET = "alpaca_en_demo"
+DEFAULT_LLAMAFACTORY = Path.home() / ".cache" / "llamafactory-venv" / "bin" / "python"
+NAME = "train_e2e"
+SETTINGS = dict(stage="sft", do_train=True, finetuning_type="lora", lora_rank=8, lora_target="all",
+                dataset=DATASET, dataset_dir=str(DATA_DIR), template="qwen", cutoff_len=512,
+                per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-3,
+                lr_scheduler_type="cosine", seed=42, logging_steps=1, save_strategy="no", report_to="none",
+                plot_loss=False, overwrite_output_dir=True, use_cpu=True)  # (transformers' bf16 on CPU needs it)
+DTYPES = {"fp32": dict(infer_dtype="float32"), "bf16": dict(infer_dtype="bfloat16", bf16=True)}
+LF_VARIANTS = {
+    f"lf, kernels {'on' if kernels else 'off'}, {'packing' if packing else 'no packing'}, {method}": dict(
+        use_lf_kernels=kernels, packing=packing, **({"quantization_bit": 4} if method == "QLoRA" else {}))
+    for method in ("LoRA", "QLoRA") for kernels in (True, False) for packing in (True, False)}
+LLAMAFACTORY_VARIANTS = {"LLaMA-Factory, no packing, LoRA": {},
+                         "LLaMA-Factory, neat_packing, LoRA": dict(packing=True, neat_packing=True)}
+COLORS = {(True, False): "tab:blue", (False, False): "tab:orange",  # (use_lf_kernels, QLoRA) -> a curve's colour
+          (True, True): "tab:green", (False, True): "tab:red"}
+LF_BASELINE = "lf, kernels off, no packing, LoRA"  # the speed-up reference when LLaMA-Factory is absent
+LLAMAFACTORY_BASELINE = "LLaMA-Factory, no packing, LoRA"
 
 
-def run_variant(name: str, extra: list[str], steps: int, folder: Path) -> dict:
-    out = folder / name.split()[0].strip(",") / ("off" if extra else "on")
-    child = subprocess.run([sys.executable, "-c", CHILD, "train", "configs/quickstart.yaml", f"output_dir={out}",
-                            f"max_steps={steps}", *COMMON, *extra], cwd=REPO, capture_output=True, text=True)
+# ---- the worker: one variant, in its own process ----
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])  # "VmHWM:   123456 kB"
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _probe(count=None):
+    """A TrainerCallback measuring the training's time and memory; with `count` (tokens trained on after step s),
+    also the loss curve."""
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def __init__(self):
+            self.facts, self.curve = {}, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.facts.update(baseline_kib=_status_kib("VmRSS"), hwm_before_kib=_status_kib("VmHWM"))
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if count is not None and logs and "loss" in logs:
+                self.curve.append((state.global_step, count(state.global_step), logs["loss"]))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.facts.update(seconds=time.perf_counter() - self.start, train_hwm_kib=_status_kib("VmHWM"),
+                              steps=state.global_step)
+
+    return Probe()
+
+
+def _run_lf(config: dict):
+    import lf
+    from lf.config import parse_train_args
+    from lf.train import run
+
+    probe = _probe()
+    run(parse_train_args(config), callbacks=[probe])
+    log = [json.loads(line) for line in (Path(config["output_dir"]) / "trainer_log.jsonl").read_text().splitlines()]
+    curve = [(r["current_steps"], r["total_tokens"], r["loss"]) for r in log if "loss" in r]
+    return probe, curve, {"lf": lf.__version__}
+
+
+def _run_llamafactory(config: dict):
+    import llamafactory
+    import peft
+    import transformers
+    from llamafactory.train.sft import workflow
+    from llamafactory.train.tuner import run_exp
+
+    counts = []  # real tokens of each batch, in the order the dataloader collates them
+
+    class CountingCollator(workflow.SFTDataCollatorWith4DAttentionMask):
+        def __call__(self, features):
+            counts.append(sum(1 for f in features for m in f["attention_mask"] if m))
+            return super().__call__(features)
+
+    workflow.SFTDataCollatorWith4DAttentionMask = CountingCollator
+    probe = _probe(lambda step: sum(counts[:step]))  # one batch per step (gradient_accumulation_steps 1)
+    run_exp(config, callbacks=[probe])
+    return probe, probe.curve, {"llamafactory": llamafactory.__version__, "transformers": transformers.__version__,
+                                "peft": peft.__version__}
+
+
+def worker(system: str, config_path: str, result_path: str) -> None:
+    config = json.loads(Path(config_path).read_text())
+    probe, curve, versions = (_run_lf if system == "lf" else _run_llamafactory)(config)
+    facts = probe.facts
+    result = {"steps": facts["steps"], "seconds": facts["seconds"], "tokens": curve[-1][1],
+              "peak_rss_mib": max(facts["hwm_before_kib"], _status_kib("VmHWM")) / 1024,
+              "baseline_rss_mib": facts["baseline_kib"] / 1024,
+              "peak_above_baseline_mib": (facts["train_hwm_kib"] - facts["baseline_kib"]) / 1024,
+              "curve": curve, "versions": versions}
+    Path(result_path).write_text(json.dumps(result))
+
+
+# ---- the parent ----
+
+def find_llamafactory() -> tuple[str | None, str]:
+    """LLaMA-Factory's python and a line naming its version, or None and why it is not used."""
+    given = os.environ.get("LF_BENCH_LLAMAFACTORY")
+    python = Path(given) if given else DEFAULT_LLAMAFACTORY
+    if not python.exists():
+        return None, (f"LF_BENCH_LLAMAFACTORY={given} does not exist" if given else
+                      f"LLaMA-Factory is not installed at {DEFAULT_LLAMAFACTORY} and LF_BENCH_LLAMAFACTORY is unset "
+                      f"(see bench/README.md, 'train')")
+    check = subprocess.run([str(python), "-c", "import llamafactory.train.tuner, llamafactory; "
+                            "print(llamafactory.__version__)"], capture_output=True, text=True)
+    if check.returncode != 0:
+        return None, f"{python} cannot import llamafactory: {(check.stderr.strip().splitlines() or ['?'])[-1]}"
+    return str(python), f"llamafactory {check.stdout.strip()} ({python})"
+
+
+def run_variant(python: str, system: str, config: dict, folder: Path) -> dict:
+    """One variant in a child process; its result."""
+    folder.mkdir(parents=True)
+    config = {**config, "output_dir": str(folder / "out")}
+    (folder / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(folder / "datasets")}  # nothing reused
+    started = time.perf_counter()
+    child = subprocess.run([python, "-m", "bench.train_e2e", "--worker", system, str(folder / "config.json"),
+                            str(folder / "result.json")], cwd=REPO, env=env, capture_output=True, text=True)
     if child.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{child.stderr[-3000:]}")
-    peak_kib = int(child.stdout.rsplit("PEAK_KIB", 1)[1].split()[0])
-    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    results = json.loads((out / "all_results.json").read_text())
-    last = records[-1]
-    return {"variant": name, "overrides": extra, "steps": last["current_steps"], "tokens": last["total_tokens"],
-            "tokens_per_s": last["total_tokens"] / results["train_runtime"], "train_seconds": results["train_runtime"],
-            "peak_rss_mib": peak_kib / 1024,
-            "curve": [(r["total_tokens"], r["loss"]) for r in records if "loss" in r]}
+        raise RuntimeError(f"exit code {child.returncode}:\n{child.stderr[-3000:]}")
+    return {**json.loads((folder / "result.json").read_text()), "wall_seconds": time.perf_counter() - started}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plan(dtypes: list[str], steps: int, model: Path, llamafactory: str | None) -> list[tuple[str, str, str, dict]]:
+    """(dtype, variant, system, config) for every run, LLaMA-Factory's first in each dtype."""
+    runs = []
+    for dtype in dtypes:
+        base = {**SETTINGS, "model_name_or_path": str(model), "max_steps": steps}
+        if llamafactory:
+            runs += [(dtype, name, "llamafactory", {**base, **({"bf16": True} if dtype == "bf16" else {}), **extra})
+                     for name, extra in LLAMAFACTORY_VARIANTS.items()]
+        runs += [(dtype, name, "lf", {**base, **DTYPES[dtype], **extra}) for name, extra in LF_VARIANTS.items()]
+    return runs
+
+
+def _baseline(rows: list[dict], dtype: str) -> dict:
+    by_name = {r["variant"]: r for r in rows if r["dtype"] == dtype}
+    return by_name.get(LLAMAFACTORY_BASELINE) or by_name[LF_BASELINE]
+
+
+def table(rows: list[dict], dtype: str, compact: bool = False) -> list[str]:
+    base = _baseline(rows, dtype)
+    rows = [{**r, "speedup": r["tokens_per_s"] / base["tokens_per_s"]} for r in rows if r["dtype"] == dtype]
+    if compact:
+        lines = [f"| variant ({dtype}) | tokens/s | vs {base['variant']} | peak above baseline MiB | final loss |",
+                 "|---|--:|--:|--:|--:|"]
+        return lines + [f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x "
+                        f"| {r['peak_above_baseline_mib']:,.0f} | {r['final_loss']:.3f} |" for r in rows]
+    lines = [f"| variant | steps | tokens | tokens/s | speed-up vs {base['variant']} | peak RSS MiB "
+             "| peak above baseline MiB | final loss |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    return lines + [f"| {r['variant']} | {r['steps']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} "
+                    f"| {r['speedup']:.2f}x | {r['peak_rss_mib']:,.0f} "
+                    f"| {r['peak_above_baseline_mib']:,.0f} | {r['final_loss']:.3f} |" for r in rows]
+
+
+def plot(rows: list[dict], dtypes: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = plt.figure()
-    for row in rows:
-        tokens, loss = zip(*row["curve"])
-        plt.plot(tokens, loss, label=row["variant"])
-    plt.xlabel("tokens trained on")
-    plt.ylabel("training loss")
-    plt.title("lf train: the quickstart model, lf's demo data")
-    plt.legend()
-    plt.savefig(path, dpi=100)
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 5.5), squeeze=False, sharey=True)
+    for ax, dtype in zip(axes[0], dtypes):
+        for r in (r for r in rows if r["dtype"] == dtype):
+            _, tokens, loss = zip(*r["curve"])
+            config = r["settings"]
+            # colour: the system, kernels and LoRA/QLoRA; solid: packed, dashed: one example per row. Kernels-on
+            # curves are wide and pale, so that the kernels-off curve drawn over one stays visible where they agree
+            lf_kernels = config.get("use_lf_kernels", False)
+            color = "black" if r["system"] == "llamafactory" else COLORS[lf_kernels, "quantization_bit" in config]
+            ax.plot(tokens, loss, color=color, linestyle="-" if config.get("packing") else "--", label=r["variant"],
+                    linewidth=4 if lf_kernels else 1.5, alpha=0.45 if lf_kernels else 1)
+        ax.set(title=f"{dtype}: {DATASET}, cutoff 512, batch 4", xlabel="tokens trained on", ylabel="training loss")
+        ax.legend(fontsize=7)
+    figure.suptitle("lf train vs LLaMA-Factory\n31.8M-parameter Llama, LoRA r8 on all linears (QLoRA: 4-bit base)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="3 steps per variant, one dtype; results in scratch/")
+    p.add_argument("--worker", nargs=3, metavar=("SYSTEM", "CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    steps = 6 if args.quick else 30
+    if args.worker:
+        worker(*args.worker)
+        return 0
+    data_file = DATA_DIR / f"{DATASET}.json"
+    if not data_file.is_file():
+        print(f"bench.train_e2e: needs {data_file} (LLaMA-Factory's demo data, in shared/ beside the repository); "
+              f"it is not there, so nothing was run", file=sys.stderr)
+        return 1
+
+    import torch
+
+    from bench.e2e_model import ensure_model
+    from lf.model.options import choose_dtype
+
+    native = choose_dtype("auto")[0] == torch.bfloat16  # lf's auto: bf16 where the CPU computes it natively
+    dtypes = ["bf16" if native else "fp32"] if args.quick else ["fp32"] + ["bf16"] * native
+    steps = 3 if args.quick else 30
+    model = ensure_model(data_file)
+    llamafactory, llamafactory_note = find_llamafactory()
+    if not llamafactory:
+        print(f"LLaMA-Factory rows left out: {llamafactory_note}", flush=True)
+    runs = plan(dtypes, steps, model, llamafactory)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = []
-        for name, extra in VARIANTS.items():
-            print(f"{name} ...", file=sys.stderr, flush=True)
-            rows.append(run_variant(name, extra, steps, Path(tmp)))
-    lf_row, off = rows
+        for i, (dtype, name, system, config) in enumerate(runs):
+            python = llamafactory if system == "llamafactory" else sys.executable
+            try:
+                r = run_variant(python, system, config, Path(tmp) / str(i))
+            except RuntimeError as exc:
+                if system == "lf":
+                    raise RuntimeError(f"{dtype} {name} failed: {exc}") from None
+                print(f"[{i + 1}/{len(runs)}] {dtype} {name}: FAILED, left out: {exc}", flush=True)
+                llamafactory_note += f"; {dtype} {name} failed: {str(exc).strip().splitlines()[-1]}"
+                continue
+            r.update(dtype=dtype, variant=name, system=system, settings=config, final_loss=r["curve"][-1][2],
+                     tokens_per_s=r["tokens"] / r["seconds"], load_1min=os.getloadavg()[0])  # others' load too
+            rows.append(r)
+            print(f"[{i + 1}/{len(runs)}] {dtype} {name}: {r['steps']} steps, {r['tokens']:,} tokens, "
+                  f"{r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mib']:,.0f} MiB "
+                  f"(+{r['peak_above_baseline_mib']:,.0f} above baseline), final loss {r['final_loss']:.3f}, "
+                  f"{r['wall_seconds']:.0f} s, load average {r['load_1min']:.1f}", flush=True)
+
     command = "python -m bench.train_e2e" + (" --quick" if args.quick else "")
-    md = [f"# lf train end to end: {harness.device_name()}", "", f"`{command}`", "",
-          f"`lf train configs/quickstart.yaml` ({' '.join(COMMON)}, max_steps={steps}), each variant in a fresh "
-          f"process. Tokens are real (non-padding) tokens; peak = the child's maximum resident set.", "",
-          "| variant | steps | tokens | tokens/s | speed-up | peak RSS MiB | memory |", "|---|--:|--:|--:|--:|--:|--:|"]
-    md += [f"| {r['variant']} | {r['steps']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | "
-           f"{r['tokens_per_s'] / off['tokens_per_s']:.2f}x | {r['peak_rss_mib']:,.0f} | "
-           f"{r['peak_rss_mib'] / off['peak_rss_mib']:.2f}x |" for r in rows]
-    md += ["", "Loss curves (against tokens): see the PNG beside this file."]
+    date = datetime.date.today().isoformat()
+    png = harness.RESULTS / harness.device_name() / ("scratch" if args.quick else "") / f"{date}-{NAME}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, dtypes, png)
+    facts = harness.machine_facts()
+    intro = (f"{facts['cpu_model']}, {facts['cores']} cores ({facts['torch_threads']} torch threads), lf ISA "
+             f"{facts['lf_isa']}, torch {facts['torch']}, transformers {facts['transformers']}. `{command}`.\n\n"
+             f"Model `{model.name}` (bench/e2e_model.py: Llama, 31.8M parameters, vocab 8000), {DATASET}, template "
+             f"qwen, cutoff 512, batch 4, LoRA r8 all-linear, lr 2e-3 cosine, {steps} steps; each variant in its own "
+             f"process. LLaMA-Factory: {llamafactory_note}.")
+    method = ("Tokens: real (non-padding) tokens trained on; tokens/s over the trainer's on_train_begin..on_train_end. "
+              "Peak RSS: the child's VmHWM over its whole life; peak above baseline: VmHWM during training "
+              "(reset at on_train_begin) minus VmRSS then. See the module docstring for how each system is counted.")
+    md = [f"# lf train end to end: {harness.device_name()}", "", intro, "", method]
+    for dtype in dtypes:
+        md += ["", f"## {dtype}", ""] + table(rows, dtype)
+    md += ["", f"Loss against tokens trained on: ![loss curves]({png.name})"]
     text = "\n".join(md) + "\n"
-    print(text)
-    report = harness.write_report("train_e2e", text, {"command": command, "machine": harness.machine_facts(),
-                                                      "rows": rows}, args.quick)
-    plot(rows, report.with_suffix(".png"))
+    print("\n" + text)
+    summary = "\n\n".join("\n".join(table(rows, dtype, compact=True)) for dtype in dtypes)
+    harness.write_report(NAME, text, {"date": harness.now(), "command": command, "machine": facts,
+                                      "llamafactory": llamafactory_note, "summary_md": summary,
+                                      "charts": [str(png.relative_to(REPO))], "rows": rows}, args.quick)
     return 0
 
 

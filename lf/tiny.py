@@ -91,8 +91,15 @@ def _tiny_spec(name: str) -> TinyModel:
 
 
 def build_tiny(name: str, dest_dir) -> Path:
-    """Writes tiny model `name` to `dest_dir` as a normal Hugging Face directory (config.json, model.safetensors,
-    tokenizer files) and returns its path.
+    """Writes tiny model `name` to `dest_dir` (see `build_model`) and returns its path."""
+    spec = _tiny_spec(name)
+    return build_model(dest_dir, _corpus(), spec.vocab_size, spec.special_tokens, spec.config, spec.seed)
+
+
+def build_model(dest_dir, texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str], config: Mapping,
+                seed: int) -> Path:
+    """Writes a model with random weights (``config``'s architecture, a fixed seed) and a BPE tokenizer trained on
+    ``texts`` to `dest_dir` as a normal Hugging Face directory (config.json, model.safetensors, tokenizer files).
 
     The files are written to a temporary directory beside `dest_dir`, which is then renamed: an interrupted build
     leaves nothing at `dest_dir`. If another process finished the same build first, its directory is kept.
@@ -100,19 +107,18 @@ def build_tiny(name: str, dest_dir) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = _tiny_spec(name)
     dest = Path(dest_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
     try:
-        tokenizer = train_tokenizer(_corpus(), spec.vocab_size, spec.special_tokens)
-        tokenizer.model_max_length = spec.config["max_position_embeddings"]
+        tokenizer = train_tokenizer(texts, vocab_size, special_tokens)
+        tokenizer.model_max_length = config["max_position_embeddings"]
         vocab = -(-len(tokenizer) // 64) * 64  # embedding rows in multiples of 64, as resize_vocab pads them
-        config = AutoConfig.for_model(**spec.config, vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        hf_config = AutoConfig.for_model(**config, vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's random state
-            torch.manual_seed(spec.seed)
-            model = AutoModelForCausalLM.from_config(config)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(hf_config)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
