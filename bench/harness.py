@@ -1,4 +1,5 @@
-"""Timing, the copy-bandwidth reference, the glibc allocator setting, machine facts and result files."""
+"""Timing, the machine's limits (copy bandwidth, a large matmul), the glibc allocator setting, machine facts and
+result files."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -38,13 +39,21 @@ def names_parser(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 # ---- allocator ----
 
-ALLOCATORS = ("default", "tuned")
-# glibc <malloc.h> parameter numbers, and the "tuned" values. mallopt takes a C int, so "never trim" is
-# written -1 (documented in mallopt(3) as disabling trimming) rather than a 64 GiB threshold, which overflows.
-TUNED_MALLOPT = {
-    "M_MMAP_THRESHOLD": (-3, 1 << 30),  # tensors come from the heap, not from fresh mmaps that page-fault
-    "M_TRIM_THRESHOLD": (-1, -1),  # freed heap is kept, never returned to the OS
-    "M_TOP_PAD": (-2, 256 * MiB),  # the heap grows in big steps
+ALLOCATORS = ("default", "tuned")  # the timing process's choices
+# glibc <malloc.h> parameter numbers and values, by setting. mallopt takes a C int, so "never trim" is written -1
+# (documented in mallopt(3) as disabling trimming) rather than a 64 GiB threshold, which overflows.
+MALLOPT = {
+    "default": {},
+    "tuned": {
+        "M_MMAP_THRESHOLD": (-3, 1 << 30),  # tensors come from the heap, not from fresh mmaps that page-fault
+        "M_TRIM_THRESHOLD": (-1, -1),  # freed heap is kept, never returned to the OS
+        "M_TOP_PAD": (-2, 256 * MiB),  # the heap grows in big steps
+    },
+    # For peak-memory measurements: glibc's initial mmap threshold, pinned. Left alone, it grows (up to 32 MiB) as
+    # mapped blocks are freed, after which such blocks come from the heap, whose resident high-water mark then
+    # depends on the order of frees; pinned, every block above 128 KiB is mapped on allocation and unmapped on free,
+    # so the resident set follows live memory.
+    "mmap": {"M_MMAP_THRESHOLD": (-3, 128 << 10)},
 }
 
 
@@ -62,7 +71,7 @@ def _glibc() -> tuple[ctypes.CDLL | None, str | None]:
 
 def allocator_unavailable(setting: str) -> str | None:
     """None if ``setting`` can be applied in this process, else why not."""
-    return None if setting == "default" else _glibc()[1]
+    return _glibc()[1] if MALLOPT[setting] else None
 
 
 def apply_allocator(setting: str) -> dict[str, int]:
@@ -70,15 +79,15 @@ def apply_allocator(setting: str) -> dict[str, int]:
 
     Call it before any large allocation; every later allocation (lf's and the baselines') shares it.
     """
-    if setting == "default":
+    if not MALLOPT[setting]:
         return {}
     libc, reason = _glibc()
     if reason:
         raise RuntimeError(reason)
-    for name, (param, value) in TUNED_MALLOPT.items():
+    for name, (param, value) in MALLOPT[setting].items():
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(f"mallopt({name}, {value}) was refused")
-    return {name: value for name, (_, value) in TUNED_MALLOPT.items()}
+    return {name: value for name, (_, value) in MALLOPT[setting].items()}
 
 
 def describe_allocator(setting: str, mallopt: dict[str, int]) -> str:
@@ -89,7 +98,7 @@ def describe_allocator(setting: str, mallopt: dict[str, int]) -> str:
 
 
 def _bytes(n: int) -> str:
-    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / MiB:g} MiB"
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / MiB:g} MiB" if n >= MiB else f"{n / 1024:g} KiB"
 
 
 # ---- timing ----
@@ -117,81 +126,98 @@ def median_seconds(calls: dict[str, Call], warmup: int, repeats: int) -> dict[st
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def copy_bandwidth(warmup: int, repeats: int, nbytes: int = 512 * MiB) -> dict[str, float]:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work: a CUDA call returns before its kernels have run."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _synced(fn: Callable, device: str) -> Callable:
+    def call(*args):
+        fn(*args)
+        synchronize(device)
+    return call
+
+
+def copy_bandwidth(warmup: int, repeats: int, nbytes: int = 512 * MiB, device: str = "cpu") -> dict[str, float]:
     """Bytes/s (read + written) of copying ``nbytes`` into an existing buffer and of ``clone()`` into fresh
     memory: the ceilings for an op that writes into reused memory and for one that allocates its output."""
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src).fill_(0)  # touched now, so the copy pays no page faults
-    seconds = median_seconds({"copy_into_existing": (lambda: dst.copy_(src), tuple), "clone": (src.clone, tuple)},
-                             warmup, repeats)
-    return {name: 2 * nbytes / s for name, s in seconds.items()}
+    calls = {"copy_into_existing": (_synced(lambda: dst.copy_(src), device), tuple),
+             "clone": (_synced(src.clone, device), tuple)}
+    return {name: 2 * nbytes / s for name, s in median_seconds(calls, warmup, repeats).items()}
 
 
-def _as_tuple(out) -> tuple[torch.Tensor, ...]:
-    return out if isinstance(out, tuple) else (out,)
+MATMUL_SHAPE = (2048, 4096, 4096)  # (m, k, n): a (m, k) @ (k, n) product, large enough to reach a core's peak
 
 
-def _call(direction: str, fn: Callable, case, grads) -> Call:
-    """One ``direction`` of ``fn`` on the case's inputs, for median_seconds."""
-    def clear_grads() -> tuple:
-        # Untimed: each backward starts from .grad = None, as activations' gradients do in training, so no
-        # pass accumulating into an old gradient is timed, nor the freeing of the last one.
-        for t in case.leaves:
-            t.grad = None
-        return ()
-
-    def forward() -> tuple:
-        # A fresh, untimed forward before each timed backward: torch.compile's backward donates its saved
-        # buffers, so it cannot run twice on one graph (retain_graph=True), and disabling that would slow it.
-        clear_grads()
-        return (fn(*case.args),)
-
-    if direction == "fwd":
-        return lambda: fn(*case.args), tuple
-    if direction == "bwd":
-        return lambda out: torch.autograd.backward(out, grads), forward
-    return lambda: torch.autograd.backward(fn(*case.args), grads), clear_grads
+def matmul_flops(dtype: torch.dtype, warmup: int, repeats: int, device: str = "cpu") -> float:
+    """FLOP/s of one large matmul in ``dtype`` (written into an existing output): the ceiling for a matmul-bound
+    op on this machine, in that dtype."""
+    m, k, n = MATMUL_SHAPE
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    out = torch.empty(m, n, dtype=dtype, device=device)
+    seconds = median_seconds({"mm": (_synced(lambda: torch.mm(a, b, out=out), device), tuple)}, warmup, repeats)
+    return 2 * m * k * n / seconds["mm"]
 
 
-def compile_eager(case, grads) -> tuple[Callable, float]:
-    """``torch.compile`` of the case's HF code and the seconds its first forward and backward took (the
-    backward graph is compiled on first use), so that no compile is timed later."""
-    torch._dynamo.reset()  # each case compiles from scratch (the on-disk Inductor cache still applies)
-    compiled = torch.compile(case.eager, dynamic=False)
+def _output_grads(out) -> tuple[torch.Tensor, ...]:
+    """The gradients a backward starts from: 1 for a scalar loss, as in training; random for other outputs."""
+    outs = out if isinstance(out, tuple) else (out,)
+    return tuple(torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs)
+
+
+def first_call(fn: Callable, args: tuple, device: str = "cpu") -> tuple[tuple[torch.Tensor, ...], float]:
+    """One forward and backward of ``fn`` (warm-up: lazy initialisation, compilation): the gradients its backward
+    started from, to be reused by every later call, and the seconds it took."""
     start = time.perf_counter()
-    torch.autograd.backward(compiled(*case.args), grads)
-    return compiled, time.perf_counter() - start
+    out = fn(*args)
+    grads = _output_grads(out)
+    torch.autograd.backward(out, grads)
+    synchronize(device)
+    return grads, time.perf_counter() - start
 
 
-def time_case(case, warmup: int, repeats: int) -> tuple[float, Iterator[tuple[str, dict[str, float]]]]:
-    """Compile the case's HF code, then return the compile seconds and an iterator of
-    ``(direction, {impl: seconds})`` for lf, HF eager and torch.compile of HF, one direction at a time."""
-    grads = tuple(torch.randn_like(o) for o in _as_tuple(case.lf(*case.args)))
-    compiled, compile_s = compile_eager(case, grads)
-    fns = {"lf": case.lf, "eager": case.eager, "compile": compiled}
-
-    def directions():
-        for direction in DIRECTIONS:
-            yield direction, median_seconds({name: _call(direction, fn, case, grads) for name, fn in fns.items()},
-                                            warmup, repeats)
-        for t in case.leaves:
-            t.grad = None
-
-    return compile_s, directions()
+def compiled(fn: Callable, args: tuple, device: str = "cpu") -> tuple[Callable, tuple[torch.Tensor, ...], float]:
+    """``torch.compile`` of ``fn`` and its :func:`first_call`, which compiles it (the backward graph on first use),
+    so that no compile is timed or measured later."""
+    torch._dynamo.reset()  # each case compiles from scratch (the on-disk Inductor cache still applies)
+    fn = torch.compile(fn, dynamic=False)
+    return (fn, *first_call(fn, args, device))
 
 
-def row(op: str, dtype: str, direction: str, seconds: dict[str, float], min_bytes: int,
-        bandwidth: dict[str, float]) -> dict:
-    """One table row: times in ms, lf's speed-ups, and lf's bandwidth (min_bytes / time) against the
-    copy-bandwidth references."""
-    lf = seconds["lf"]
-    return {
-        "op": op, "dtype": dtype, "direction": direction,
-        **{f"{name}_ms": s * 1e3 for name, s in seconds.items()},
-        "vs_eager": seconds["eager"] / lf, "vs_compile": seconds["compile"] / lf,
-        "min_bytes": min_bytes, "lf_gbps": min_bytes / lf / GB,
-        **{f"pct_{name}": 100 * min_bytes / lf / bw for name, bw in bandwidth.items()},
-    }
+def time_directions(fns: dict[str, Callable], args: tuple, leaves: tuple, grads: tuple, warmup: int, repeats: int,
+                    device: str = "cpu") -> dict[str, dict[str, float]]:
+    """``{implementation: {direction: median seconds}}`` over ``repeats`` rounds after ``warmup`` untimed ones.
+
+    Each round calls each implementation once: its forward (building the autograd graph, as in training) is
+    timed, then ``torch.autograd.backward(out, grads)`` on it; fwd+bwd is the two back to back. A fresh forward
+    per backward: torch.compile's backward donates its saved buffers, so it cannot run twice on one graph
+    (``retain_graph=True``), and disabling that would slow it. The leaves' ``.grad`` are set to None, untimed,
+    before each call, so each backward writes fresh gradients, as activations' gradients are written in
+    training. The implementations take turns, so that drift in the machine's state falls on all of them alike.
+    """
+    times: dict[str, dict[str, list[float]]] = {name: {d: [] for d in DIRECTIONS} for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            for t in leaves:
+                t.grad = None
+            synchronize(device)
+            start = time.perf_counter()
+            out = fn(*args)
+            synchronize(device)
+            middle = time.perf_counter()
+            torch.autograd.backward(out, grads)
+            del out  # freed inside the timed region, as its allocation was
+            synchronize(device)
+            end = time.perf_counter()
+            if i >= warmup:
+                for direction, s in zip(DIRECTIONS, (middle - start, end - middle, end - start)):
+                    times[name][direction].append(s)
+    for t in leaves:
+        t.grad = None
+    return {name: {d: statistics.median(ts) for d, ts in by_direction.items()} for name, by_direction in times.items()}
 
 
 # ---- progress ----
@@ -240,10 +266,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name() -> str:
-    """e.g. ``cpu-amd-epyc-2cores``: names the results folder."""
-    model = re.sub(r"\((r|tm)\)|\bcpu\b|@.*", " ", cpu_model().lower())
-    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', model).strip('-')}-{os.cpu_count()}cores"
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)|\bcpu\b|@.*", " ", text.lower())).strip("-")
+
+
+def device_name(device: str = "cpu") -> str:
+    """e.g. ``cpu-amd-epyc-2cores`` or ``cuda-nvidia-h100-80gb-hbm3``: names the results folder."""
+    if device == "cuda":
+        return f"cuda-{_slug(torch.cuda.get_device_name())}"
+    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}cores"
 
 
 def _git_head() -> str | None:
@@ -274,27 +305,14 @@ def machine_facts() -> dict:
 
 # ---- results ----
 
-def result_paths(result: dict) -> tuple[Path, Path]:
-    """bench/results/<device>/<date>-<allocator>.{json,md}; runs that are not a full run of every op and
-    dtype go under scratch/ (git-ignored), so they never overwrite a full run's files."""
-    folder = RESULTS / result["machine"]["device"]
-    if not result["settings"]["full"]:
-        folder = folder / "scratch"
-    stem = f"{result['date'][:10]}-{result['settings']['allocator']}"
-    return folder / f"{stem}.json", folder / f"{stem}.md"
+def results_folder(quick: bool, device: str = "cpu") -> Path:
+    """bench/results/<device>/, or its scratch/ (git-ignored) for quick and partial runs."""
+    return RESULTS / device_name(device) / ("scratch" if quick else "")
 
 
-def write_results(result: dict) -> tuple[Path, Path]:
-    json_path, md_path = result_paths(result)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
-    return json_path, md_path
-
-
-def write_report(name: str, text: str, data: dict, quick: bool) -> Path:
+def write_report(name: str, text: str, data: dict, quick: bool, device: str = "cpu") -> Path:
     """bench/results/<device>/<date>-<name>.{md,json} (scratch/, git-ignored, for --quick runs); returns the .md."""
-    folder = RESULTS / device_name() / ("scratch" if quick else "")
+    folder = results_folder(quick, device)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{name}"
     (folder / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -309,35 +327,3 @@ def now() -> str:
 def _num(v: float) -> str:
     """Three significant digits without an exponent."""
     return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}" if v else "0"
-
-
-def markdown(result: dict) -> str:
-    m, s, bw = result["machine"], result["settings"], result["copy_bandwidth_gbps"]
-    lines = [
-        f"# lf CPU kernels vs HF: {m['device']}, allocator {s['allocator_described']}",
-        "",
-        f"{m['cpu_model']}, {m['cores']} cores ({m['torch_threads']} torch threads), lf ISA {m['lf_isa']} "
-        f"at {(m['lf_commit'] or 'unknown commit')[:10]}, "
-        f"torch {m['torch']}, transformers {m['transformers']}, {m['libc']}. {result['date']}. "
-        f"{s['tokens']} tokens, median of {s['repeats']} calls after {s['warmup']} untimed. `{result['command']}`",
-        "",
-        f"Copy bandwidth (read + write, 512 MiB): into an existing buffer {bw['copy_into_existing']:.1f} GB/s, "
-        f"clone() into fresh memory {bw['clone']:.1f} GB/s.",
-    ]
-    for dtype in s["dtypes"]:
-        compiles = ", ".join(f"{op} {t:.1f} s" for key, t in result["compile_seconds"].items()
-                             for op, dt in [key.split("/")] if dt == dtype)
-        lines += [
-            "", f"## {dtype}, allocator {s['allocator']}", "",
-            "| op | direction | lf ms | HF eager ms | torch.compile ms | vs eager | vs compile | lf GB/s "
-            "| % copy-into-existing | % clone |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-        ]
-        lines += [
-            f"| {r['op']} | {r['direction']} | {_num(r['lf_ms'])} | {_num(r['eager_ms'])} | {_num(r['compile_ms'])} "
-            f"| {r['vs_eager']:.2f}x | {r['vs_compile']:.2f}x | {r['lf_gbps']:.1f} "
-            f"| {r['pct_copy_into_existing']:.0f}% | {r['pct_clone']:.0f}% |"
-            for r in result["rows"] if r["dtype"] == dtype
-        ]
-        lines += ["", f"torch.compile time (first forward + backward, not in the table): {compiles}."]
-    return "\n".join(lines) + "\n"
