@@ -3,7 +3,8 @@ Liger-Kernel, at Llama-3-8B, Qwen2.5-7B and Gemma-2-9B widths in fp32 and bf16: 
 forward+backward time, peak memory, and lf's bandwidth (and FLOP/s) as a share of the machine's own limits
 measured in the same run. See bench/README.md ("lf CPU kernel benchmark").
 
-``python -m bench lm-head-loss [...]`` and ``python -m bench qlora-linear [...]`` run those benchmarks instead.
+``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]`` and ``python -m bench dpo-step [...]``
+run those benchmarks instead.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
 
 
 def compute_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return harness.bench_device()
 
 
 def cases(args: argparse.Namespace) -> list[tuple[str, str, str]]:
@@ -546,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import qlora_linear
 
         return qlora_linear.main(argv[1:], prog="python -m bench qlora-linear")
+    if argv[:1] == ["dpo-step"]:
+        from bench import dpo_step
+
+        return dpo_step.main(argv[1:], prog="python -m bench dpo-step")
     ops_argv = argv[1:] if argv[:1] == ["ops"] else argv
     args = parse_args(ops_argv, "python -m bench ops")
     if args.worker == "timing":

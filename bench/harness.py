@@ -270,9 +270,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)|\bcpu\b|@.*", " ", text.lower())).strip("-")
 
 
-def device_name(device: str = "cpu") -> str:
-    """e.g. ``cpu-amd-epyc-2cores`` or ``cuda-nvidia-h100-80gb-hbm3``: names the results folder."""
-    if device == "cuda":
+DEVICE_ENV = "LF_BENCH_DEVICE"  # cpu | cuda: set by `lf bench --device` for its children
+
+
+def bench_device() -> str:
+    """The device the benchmarks measure: LF_BENCH_DEVICE, else CUDA where there is one, else the CPU."""
+    return os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: str | None = None) -> str:
+    """e.g. ``cpu-amd-epyc-2cores`` or ``cuda-nvidia-h100-80gb-hbm3``: names the results folder (of
+    bench_device() by default)."""
+    if (device or bench_device()) == "cuda":
         return f"cuda-{_slug(torch.cuda.get_device_name())}"
     return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}cores"
 
@@ -305,12 +314,12 @@ def machine_facts() -> dict:
 
 # ---- results ----
 
-def results_folder(quick: bool, device: str = "cpu") -> Path:
+def results_folder(quick: bool, device: str | None = None) -> Path:
     """bench/results/<device>/, or its scratch/ (git-ignored) for quick and partial runs."""
     return RESULTS / device_name(device) / ("scratch" if quick else "")
 
 
-def write_report(name: str, text: str, data: dict, quick: bool, device: str = "cpu") -> Path:
+def write_report(name: str, text: str, data: dict, quick: bool, device: str | None = None) -> Path:
     """bench/results/<device>/<date>-<name>.{md,json} (scratch/, git-ignored, for --quick runs); returns the .md."""
     folder = results_folder(quick, device)
     folder.mkdir(parents=True, exist_ok=True)

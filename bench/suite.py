@@ -1,9 +1,13 @@
-"""``lf bench [ops|train|all] [--quick]`` (or ``python -m bench.suite``): every benchmark of a part, each in its
-own process, then one report for the machine and, after full runs, the README's performance section.
+"""``lf bench [ops|train|all] [--quick] [--device auto|cpu|cuda]`` (or ``python -m bench.suite``): every
+benchmark of a part, each in its own process, then one report for the machine and, after full runs, the README's
+performance section. ``--device`` picks what is measured (auto: CUDA where there is one, else the CPU; cpu hides
+the GPUs from the children) and so the results folder.
 
 - ops: lf's kernels against HF eager and torch.compile at real models' shapes (``python -m bench ops``), and the
   QLoRA linear against PEFT + bitsandbytes (``python -m bench qlora-linear``);
-- train: ``lf train`` end to end, its variants and LLaMA-Factory when installed (``python -m bench.train_e2e``).
+- train: ``lf train`` end to end, its variants and LLaMA-Factory when installed (``python -m bench.train_e2e``),
+  and one dpo step with lf's fused preference loss against TRL's fused head and full logits
+  (``python -m bench dpo-step``).
 
 Each benchmark writes its own ``bench/results/<device>/<date>-<name>.{json,md,png}``; this one adds
 ``<date>.{json,md}`` linking them, and rewrites the part of README.md between the ``lf bench`` markers from the
@@ -24,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from bench import harness
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,12 +48,14 @@ class Benchmark:
 PARTS = {
     "ops": (Benchmark("ops", "Kernels vs HF eager and torch.compile", ("bench", "ops")),
             Benchmark("qlora_linear", "QLoRA linear vs PEFT + bitsandbytes", ("bench", "qlora-linear"))),
-    "train": (Benchmark("train_e2e", "`lf train` end to end", ("bench.train_e2e",)),),
+    "train": (Benchmark("train_e2e", "`lf train` end to end", ("bench.train_e2e",)),
+              Benchmark("dpo_step", "One dpo step: lf's fused preference loss vs TRL's fused head and full logits",
+                        ("bench", "dpo-step"))),
 }
 
 
 def results_folder(quick: bool) -> Path:
-    return harness.RESULTS / harness.device_name() / ("scratch" if quick else "")
+    return harness.results_folder(quick)
 
 
 def run_benchmark(bench: Benchmark, quick: bool, started: float) -> Path | str:
@@ -131,7 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", nargs="?", choices=(*PARTS, "all"), default="all")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, results in scratch/, README kept")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="what to measure: auto = CUDA where there is one, else the CPU "
+                        "(results: bench/results/<device>/)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if args.device != "auto":
+        os.environ[harness.DEVICE_ENV] = args.device  # the children's device and results folder
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # lf train and the baselines must not find a GPU either
     started = time.time()
     chosen = [b for name, part in PARTS.items() if args.part in (name, "all") for b in part]
     results = {b.name: run_benchmark(b, args.quick, started) for b in chosen}

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m bench.train_e2e" + (" --quick" if args.quick else "")
     date = datetime.date.today().isoformat()
-    png = harness.RESULTS / harness.device_name() / ("scratch" if args.quick else "") / f"{date}-{NAME}.png"
+    png = harness.results_folder(args.quick) / f"{date}-{NAME}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, dtypes, png)
     facts = harness.machine_facts()

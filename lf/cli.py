@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import os
 import platform
 import sys
+from collections.abc import Callable
 
 import lf
 
@@ -51,13 +53,31 @@ configs/quickstart.yaml (a tiny model on the CPU) or configs/examples/. Several 
 cfg.yaml."""
 
 
-def _train(args) -> int:
-    """`lf train cfg.yaml [key=value ...]`: a user error is one plain message, not a traceback."""
-    import logging
+def _lf_log(level: int = logging.INFO) -> None:
+    """lf's log lines on stderr as "[lf] ...", set up once however many commands run in this process."""
+    logger = logging.getLogger("lf")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[lf] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
 
-    from lf.config import parse_train_args
+
+def _user_errors(command: str, body: Callable[[], int]) -> int:
+    """body()'s exit code; a user's mistake (config, data, model, training) is one plain line, not a traceback:
+    exit 2 for a config to fix, 1 otherwise."""
     from lf.errors import ConfigError, DataError, ModelError, TrainError
 
+    try:
+        return body()
+    except (ConfigError, DataError, ModelError, TrainError) as exc:
+        print(f"lf {command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+
+
+def _train(args) -> int:
+    """`lf train cfg.yaml [key=value ...]`."""
     from lf.train import launch
 
     if not args.rest or args.rest[0] in ("-h", "--help"):
@@ -65,20 +85,15 @@ def _train(args) -> int:
         return 0 if args.rest else 2
     if launch.wanted():
         return launch.launch(args.rest)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[lf] %(message)s"))
-    logger = logging.getLogger("lf")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one rank speaks
-    logger.propagate = False
-    try:
-        cfg = parse_train_args(args.rest)
-        from lf.train import run
+    _lf_log(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one rank speaks
+    return _user_errors("train", lambda: _train_and_report(args.rest))
 
-        outputs = run(cfg)
-    except (ConfigError, DataError, ModelError, TrainError) as exc:
-        print(f"lf train: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+
+def _train_and_report(argv: list[str]) -> int:
+    from lf.config import parse_train_args
+    from lf.train import run
+
+    outputs = run(parse_train_args(argv))
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(f"\nlf train: done. Model/adapter and tokenizer: {outputs['output_dir']}")
@@ -89,7 +104,8 @@ def _train(args) -> int:
 
 
 def _bench(args) -> int:
-    """`lf bench [ops|train|all] [--quick]`: bench/suite.py of the source checkout, in a child process."""
+    """`lf bench [ops|train|all] [--quick] [--device ...]`: bench/suite.py of the source checkout, in a child
+    process."""
     import subprocess
     from pathlib import Path
 
@@ -101,6 +117,30 @@ def _bench(args) -> int:
     return subprocess.run([sys.executable, "-m", "bench.suite", *args.rest], cwd=repo).returncode
 
 
+# the commands that use a trained model: `lf <name> cfg.yaml [key=value ...]` -> <module>.command(argv), after
+# <module>.USAGE for -h/--help or no arguments
+MODEL_COMMANDS = {
+    "chat": ("lf.serve.chat", "chat with a model in the terminal: lf chat cfg.yaml [key=value ...]"),
+    "api": ("lf.serve.api", "an OpenAI-compatible API server: lf api cfg.yaml [key=value ...]"),
+    "export": ("lf.export", "merge an adapter and save the model (safetensors, GGUF): lf export cfg.yaml"),
+    "eval": ("lf.eval", "multiple-choice evaluation (MMLU style): lf eval cfg.yaml [key=value ...]"),
+}
+
+
+def _model_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args) -> int:
+        import importlib
+
+        module = importlib.import_module(MODEL_COMMANDS[name][0])
+        if not args.rest or args.rest[0] in ("-h", "--help"):
+            print(module.USAGE)
+            return 0 if args.rest else 2
+        _lf_log()
+        return _user_errors(name, lambda: module.command(args.rest))
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lf", description="lf: kernel-first fine-tuning of LLMs")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -110,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                            add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(run=_train)
-    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|all] [--quick] (from a source checkout)",
+    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|all] [--quick] [--device auto|cpu|cuda] "
+                                         "(from a source checkout)",
                            add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
+    for name, (_module, help_text) in MODEL_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("help", help="show this help").set_defaults(run=lambda _a: parser.print_help() or 0)
     argv = sys.argv[1:] if argv is None else argv
     # everything after these, options included, is theirs to parse (argparse's REMAINDER drops a leading option)
-    commands = {"train": _train, "bench": _bench}
+    commands = {"train": _train, "bench": _bench, **{name: _model_command(name) for name in MODEL_COMMANDS}}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """Shared assertions for kernel tests: tolerances per dtype and the float64 oracle."""
 
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -38,3 +39,13 @@ def oracle(fn, inputs, grad_out):
     wanted = [t for t in leaves if t.requires_grad]
     grads = torch.autograd.grad(outs, wanted, [g.double() for g in grads_out])
     return out, grads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """For the modules that import it: the tiny model's matrices are too small to share between threads, and on a
+    busy machine waiting threads cost more than they give: one thread keeps their runs short."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -241,10 +241,10 @@ def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):
     inert = {"use_unsloth": False, "use_galore": False, "freeze_vision_tower": True, "infer_backend": "huggingface",
-             "image_max_pixels": 589824, "save_safetensors": True, "kto_chosen_weight": 1.0, "galore_rank": 32}
+             "image_max_pixels": 589824, "save_safetensors": True, "ppo_epochs": 4, "galore_rank": 32}
     cfg = parse_train_args({**BASE, **inert})
-    assert cfg.raw["kto_chosen_weight"] == 1.0
-    assert "kto_chosen_weight is ignored: it tunes kto or ppo training" in logs.text
+    assert cfg.raw["ppo_epochs"] == 4
+    assert "ppo_epochs is ignored: it tunes ppo training (TRL no longer has a PPO trainer)" in logs.text
     assert "galore_rank is ignored: it tunes GaLore" in logs.text
 
 
@@ -284,10 +284,13 @@ RULE_CASES = {
     "nothing_to_do": ({"do_train": False}, "do_train, do_eval and do_predict are all false: nothing to run"),
     "do_predict": ({"do_predict": True}, "do_predict: true (generating answers for a test set) is not part of"),
     "stage_known": ({"stage": "sfft"}, "stage: sfft is not a training stage"),
-    "stage_later": ({"stage": "kto"}, "stage: kto is not in lf yet; lf trains pt, sft, rm and dpo: for preference "
-                                      "pairs (chosen/rejected) set stage: dpo"),
-    "dpo_options_need_dpo": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
-                             "pref_loss, ref_model tune(s) dpo training, but stage is sft"),
+    "stage_later": ({"stage": "ppo"}, "stage: ppo is not in lf: TRL, which lf would build it on, no longer has a PPO "
+                                      "trainer"),
+    "preference_options_need_their_stage": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
+                                            "pref_loss, ref_model tune(s) dpo and kto training, but stage is sft: "
+                                            "set stage: dpo"),
+    "kto_weights": ({"stage": "kto", "kto_rejected_weight": 0}, "kto_chosen_weight: 1.0 and kto_rejected_weight: 0 "
+                                                               "weigh the desirable"),
     "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
                                                                "orpo, simpo."),
     "pref_beta": ({"stage": "dpo", "pref_beta": 0}, "pref_beta: 0 must be positive"),
@@ -355,9 +358,9 @@ def test_each_rule_refuses_its_case_alone(name):
 
 
 def test_rules_report_every_problem_at_once(example):
-    message = refused([example, "stage=kto", "lora_rank=0"])
+    message = refused([example, "stage=ppo", "lora_rank=0"])
     assert message.startswith(f"2 problems in {example}:\n  - ")
-    assert "stage: kto is not in lf yet" in message and "lora_rank: 0 leaves" in message
+    assert "stage: ppo is not in lf" in message and "lora_rank: 0 leaves" in message
 
 
 def test_rules_pass_where_the_combination_is_fine():

@@ -151,6 +151,7 @@ FUSED_CASES = {  # chunk_size, bias, which leaves need gradients, options
     "softcap, frozen weight": (3, False, "h", dict(softcap=30.0)),
     "frozen hidden": (5, True, "wb", dict(reduction="sum")),
     "none (deferred)": (4, True, "hwb", dict(reduction="none", softcap=10.0)),
+    "none, frozen head": (4, True, "h", dict(reduction="none")),  # hidden gradient from the forward, per row
     "no ignored": (7, False, "hw", {}),
 }
 

@@ -1,6 +1,7 @@
-"""rm and dpo: each pref_loss trains and saves on the tiny Llama (test_train's temporary LF_HOME and options), its
-loss equals TRL's on the same log-probabilities, the reward model reloads with transformers + peft and ranks the
-pairs it learned, and bad data or configs are refused with what to do."""
+"""rm, dpo and kto: each pref_loss and kto trains and saves on the tiny Llama (test_train's temporary LF_HOME and
+options), its loss equals TRL's on the same log-probabilities, lf's fused log-probabilities train what TRL's fused
+head trains, the reward model reloads with transformers + peft and ranks the pairs it learned, and bad data or
+configs are refused with what to do."""
 
 import json
 import math
@@ -11,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
+from support import one_thread  # noqa: F401 (autouse: this module's runs on one thread)
 from test_train import lf_home, losses, options  # noqa: F401 (lf_home: the module's tiny model)
 
 from lf.config import parse_train_args
@@ -18,17 +21,8 @@ from lf.config.finetuning import FinetuningArguments
 from lf.errors import ConfigError, DataError, ModelError, TrainError
 from lf.tiny import tiny_path
 from lf.train import run
+from lf.kernels.fused_linear_preference_loss import preference_loss
 from lf.train.preference import check_trl, dpo_loss
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to share between threads, and on a busy machine waiting threads
-    cost more than they give: one thread keeps this module's runs short."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 PAIRS = {"dataset": "lf_pref_demo", "max_samples": 4, "per_device_train_batch_size": 4}  # one batch, every step
 
@@ -60,7 +54,7 @@ def test_each_pref_loss_trains_saves_and_reloads_preferring_the_chosen_replies(t
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from lf.train.preference import _reply_logps
+    from lf.train.preference import _trl_logps
 
     out = tmp_path / kind
     train(out, stage="dpo", pref_loss=kind, max_steps=3)
@@ -76,9 +70,9 @@ def test_each_pref_loss_trains_saves_and_reloads_preferring_the_chosen_replies(t
     add_fused_lm_head(model.get_base_model())
     ids, mask, labels = pair_batch(out, "dpo")
     with torch.no_grad():
-        trained, _ = _reply_logps(model, ids, mask, labels)
+        trained, _ = _trl_logps(model, ids, mask, labels)
         with model.disable_adapter():
-            start, _ = _reply_logps(model, ids, mask, labels)
+            start, _ = _trl_logps(model, ids, mask, labels)
     gain = (trained - start).chunk(2)  # how much each reply gained since the start
     assert (gain[0] - gain[1]).mean() > 0  # the chosen replies gained on the rejected ones
 
@@ -127,6 +121,53 @@ def _trl_cpo(kind, chosen, rejected, beta, gamma, smoothing):
     return CPOTrainer.cpo_loss(stand_in, chosen, rejected)[0]
 
 
+def trl_loss(kind, per_token, completion, ref_sums, *, beta, gamma=0.5, smoothing=0.0, ftx=0.0):
+    """TRL's loss for lf's pref_loss `kind` over per-token log-probabilities (zero outside the replies, chosen rows
+    first), the completion mask (one column more) and the reference's sums. pref_ftx is TRL's DPO "sft" loss, the
+    token mean over the batch's chosen replies: with replies of one length, the mean of their per-reply means,
+    which lf takes as LLaMA-Factory does."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    sums, tokens = per_token.sum(-1), completion.sum(-1)
+    means = sums / tokens
+    if kind in ("hinge", "ipo") or (kind == "sigmoid" and smoothing == 0):
+        types, weights = ([kind, "sft"], [1.0, ftx]) if ftx else ([kind], [1.0])
+        return _trl_dpo(types, weights, per_token, completion, ref_sums, beta)
+    assert ftx == 0, "TRL's CPO and ORPO losses have no sft term"
+    if kind == "sigmoid":  # conservative DPO: TRL's DPO has no smoothed sigmoid; its CPO is the same formula over
+        return _trl_cpo("sigmoid", *(sums - ref_sums).chunk(2), beta, gamma, smoothing).mean()  # log-ratios
+    if kind == "simpo":
+        return _trl_cpo("simpo", *means.chunk(2), beta, gamma, smoothing).mean()
+    # ORPO's odds-ratio term; lf adds the chosen replies' mean negative log-likelihood to it
+    odds = ORPOTrainer.odds_ratio_loss(SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu")),
+                                       *means.chunk(2))[0]
+    return -means.chunk(2)[0].mean() - odds.mean()
+
+
+def trl_kto_loss(per_token, completion, desirable, ref_sums, kl_policy, kl_reference, *, beta, desirable_weight,
+                 undesirable_weight):
+    """TRL's KTO loss (KTOTrainer._compute_loss, loss_type kto) over per-token log-probabilities as trl_loss's,
+    the replies' desirable flags, the reference's sums and the policy's and reference's sums over mismatched
+    pairs (for the KL estimate)."""
+    from trl import KTOTrainer
+
+    zeros = torch.zeros_like(per_token)
+    stand_in = SimpleNamespace(
+        model=SimpleNamespace(training=True), beta=beta, loss_type="kto", desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, calculate_KL=True, precompute_ref_logps=True, aux_loss_enabled=False,
+        _compute_kl_logps=lambda model, batch: kl_policy, _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device=per_token.device, gather_for_metrics=lambda t: t))
+    inputs = {"input_ids": torch.zeros(completion.shape, dtype=torch.long),
+              "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "label": desirable, "ref_logps": ref_sums, "ref_KL_logps": kl_reference}
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros)
+
+    return KTOTrainer._compute_loss(stand_in, model, inputs, False)
+
+
 def _logps(pairs, equal_lengths, seed):
     """Per-token log-probabilities of `pairs` chosen and as many rejected replies after a 3-token prompt (zero
     outside the replies, as TRL's fused head gives them), their completion mask, and reference sums."""
@@ -145,28 +186,13 @@ def _logps(pairs, equal_lengths, seed):
                                                   ("sigmoid", 0.5, 0.0), ("sigmoid", 0.0, 0.2), ("simpo", 0.0, 0.0),
                                                   ("simpo", 0.0, 0.1), ("orpo", 0.0, 0.0)])
 def test_dpo_losses_equal_trls_on_the_same_log_probabilities(kind, ftx, smoothing):
-    from trl.experimental.orpo import ORPOTrainer
-
     beta, gamma = 0.3, 0.7
     per_token, completion, ref_sums = _logps(pairs=5, equal_lengths=ftx > 0, seed=len(kind) + int(10 * smoothing))
     sums, tokens = per_token.sum(-1), completion.sum(-1)
     fin = FinetuningArguments(stage="dpo", pref_loss=kind, pref_beta=beta, pref_ftx=ftx, simpo_gamma=gamma,
                               dpo_label_smoothing=smoothing)
-    ours, metrics = dpo_loss(fin, sums, tokens, None if kind in ("orpo", "simpo") else ref_sums)
-    means = sums / tokens
-    if kind in ("hinge", "ipo") or (kind == "sigmoid" and smoothing == 0):
-        # TRL's DPO; pref_ftx is its "sft" loss (the token mean over the batch's chosen replies: with replies of
-        # one length, the mean of their per-reply means, which lf takes as LLaMA-Factory does)
-        types, weights = ([kind, "sft"], [1.0, ftx]) if ftx else ([kind], [1.0])
-        theirs = _trl_dpo(types, weights, per_token, completion, ref_sums, beta)
-    elif kind == "sigmoid":  # conservative DPO: TRL's DPO has no smoothed sigmoid; its CPO is the same formula over
-        theirs = _trl_cpo("sigmoid", *(sums - ref_sums).chunk(2), beta, gamma, smoothing).mean()  # log-ratios
-    elif kind == "simpo":
-        theirs = _trl_cpo("simpo", *means.chunk(2), beta, gamma, smoothing).mean()
-    else:  # ORPO's odds-ratio term; lf adds the chosen replies' mean negative log-likelihood to it
-        odds = ORPOTrainer.odds_ratio_loss(SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu")),
-                                           *means.chunk(2))[0]
-        theirs = -means.chunk(2)[0].mean() - odds.mean()
+    ours, _, metrics = dpo_loss(fin, sums, tokens, None if kind in ("orpo", "simpo") else ref_sums)
+    theirs = trl_loss(kind, per_token, completion, ref_sums, beta=beta, gamma=gamma, smoothing=smoothing, ftx=ftx)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert metrics["rewards/accuracies"].shape == (5,)
 
@@ -176,7 +202,7 @@ def test_the_fused_head_gives_the_logits_log_probabilities(tmp_path):
     from trl.trainer.utils import add_fused_lm_head
 
     from lf.model import load_model, load_tokenizer
-    from lf.train.preference import _reply_logps
+    from lf.train.preference import _trl_logps
 
     cfg = parse_train_args(options(tmp_path, stage="dpo", **PAIRS))
     model, _ = load_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning, is_trainable=True)
@@ -189,7 +215,7 @@ def test_the_fused_head_gives_the_logits_log_probabilities(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
         add_fused_lm_head(model.get_base_model())
-        sums, tokens = _reply_logps(model, ids, mask, labels)
+        sums, tokens = _trl_logps(model, ids, mask, labels)
     shifted = labels[:, 1:]
     expected = logits[:, :-1].log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(sums.double(), (expected * (shifted != -100)).sum(-1), rtol=1e-5, atol=1e-4)
@@ -209,11 +235,82 @@ def test_gradient_accumulation_trains_what_one_batch_trains(tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
+def test_lf_and_trl_log_probabilities_train_the_same(tmp_path):
+    """dpo with lf's fused_linear_preference_loss (kernels on) and with TRL's fused head (use_lf_kernels: false):
+    the same losses and the same adapter after two SGD steps."""
+    same = {"stage": "dpo", "optim": "sgd", "learning_rate": 0.5, "max_steps": 2}
+    train(tmp_path / "lf", **same)
+    train(tmp_path / "trl", use_lf_kernels=False, **same)
+    ours, theirs = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("lf", "trl"))
+    assert any(v.abs().sum() > 0 for k, v in ours.items() if "lora_B" in k)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6)
+    assert losses(tmp_path / "lf") == pytest.approx(losses(tmp_path / "trl"), rel=1e-4)
+
+
+# ---- kto ---------------------------------------------------------------------------------------------------------
+
+FEEDBACK = {"dataset": "lf_kto_demo", "max_samples": 8, "per_device_train_batch_size": 8}
+
+
+def test_kto_trains_saves_and_reloads_preferring_the_desirable_replies(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lf.data import collator, get_dataset, resolve_template
+
+    out = tmp_path / "kto"
+    run(parse_train_args(options(out, stage="kto", max_steps=3, pref_beta=0.5, **FEEDBACK)))
+    curve = losses(out)
+    assert len(curve) == 3 and all(math.isfinite(v) for v in curve)
+    assert curve[0] == pytest.approx(0.5, abs=1e-6)  # policy = reference, KL 0: 1 - sigmoid(0) for every reply
+    assert curve[0] > curve[1] > curve[2], curve
+    history = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert all(h["kl"] >= 0 and "rewards/desirable" in h and "rewards/undesirable" in h for h in history)
+
+    cfg = parse_train_args(options(out / "unused", stage="kto", **FEEDBACK))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    template, _ = resolve_template(tokenizer, "qwen")
+    rows = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage="kto").train_dataset
+    batch = collator(tokenizer)([rows[i] for i in range(len(rows))])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama")), out).eval()
+
+    def logps():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (per_token * (labels != -100)).sum(-1)
+
+    with torch.no_grad():
+        trained = logps()
+        with model.disable_adapter():
+            start = logps()
+    gain, desirable = trained - start, batch["kto_tags"].bool()
+    assert gain[desirable].mean() > gain[~desirable].mean()
+
+
+def test_kto_loss_equals_trls_on_the_same_log_probabilities():
+    per_token, completion, ref_sums = _logps(pairs=3, equal_lengths=False, seed=5)
+    desirable = torch.tensor([True, False, True, True, False, False])
+    kl_policy, kl_reference = -torch.rand(6) * 5, -torch.rand(6) * 5
+    ours = preference_loss("kto", per_token.sum(-1), completion.sum(-1), ref_sums, beta=0.3, desirable=desirable,
+                           kl=(kl_policy - kl_reference).mean(), desirable_weight=1.3, undesirable_weight=0.6)
+    theirs = trl_kto_loss(per_token, completion, desirable, ref_sums, kl_policy, kl_reference, beta=0.3,
+                          desirable_weight=1.3, undesirable_weight=0.6)
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_kto_refuses_data_without_desirable_flags(tmp_path):
+    with pytest.raises(DataError, match=r"stage kto learns from replies flagged desirable or not, but lf_pref_demo in "
+                                        r".*dataset_info.json has no kto_tag column.*lf_kto_demo"):
+        train(tmp_path / "kto", stage="kto")
+
+
 # ---- rm ----------------------------------------------------------------------------------------------------------
 
 def test_reward_model_learns_logs_accuracy_and_reloads_to_rank_the_pairs(tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "rm"
     train(out, stage="rm", max_steps=6, learning_rate=1e-2, eval_dataset="lf_pref_demo", do_train=True,
@@ -269,7 +366,8 @@ def test_a_dataset_without_pairs_is_refused_by_name_with_the_fix(tmp_path, stage
     ({"stage": "dpo", "pref_loss": "orpo", "ref_model": "some/model"},
      "pref_loss: orpo compares the trained model's replies with each other and uses no reference model, but "
      "ref_model is some/model"),
-    ({"stage": "sft", "pref_beta": 0.2}, "pref_beta tune(s) dpo training, but stage is sft"),
+    ({"stage": "sft", "pref_beta": 0.2}, "pref_beta tune(s) dpo and kto training, but stage is sft"),
+    ({"stage": "kto", "simpo_gamma": 1.0}, "simpo_gamma tune(s) dpo training, but stage is kto"),
     ({"stage": "dpo", "pref_loss": "kto"}, "pref_loss: kto is not one of sigmoid, hinge, ipo, orpo, simpo"),
     ({"stage": "dpo", "pref_loss": "hinge", "dpo_label_smoothing": 0.1},
      "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: hinge"),

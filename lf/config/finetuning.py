@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass
 class FinetuningArguments:
-    stage: str = "sft"  # pt | sft | rm | dpo (kto | ppo: a later issue)
+    stage: str = "sft"  # pt | sft | rm | dpo | kto
     finetuning_type: str = "lora"  # full | freeze | lora
     # freeze: the last n layers train (negative: the first n); modules inside them ("all", or names like mlp)
     freeze_trainable_layers: int = 2
@@ -23,13 +23,15 @@ class FinetuningArguments:
     use_rslora: bool = False
     use_dora: bool = False
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
-    # dpo: how the chosen reply is preferred to the rejected one (lf.train.preference has the formulas)
+    # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
     pref_loss: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | orpo | simpo (these two need no reference model)
     pref_beta: float = 0.1  # the loss's scale (DPO's beta: larger keeps the policy closer to the reference)
     pref_ftx: float = 0.0  # weight of an sft loss on the chosen replies, added to the preference loss
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen reply should win by
     dpo_label_smoothing: float = 0.0  # sigmoid, simpo: the assumed chance that a pair is labelled the wrong way round
     ref_model: str | None = None  # the reference model; None: the model being trained, as it starts
+    kto_chosen_weight: float = 1.0  # kto: weight of the desirable replies' loss
+    kto_rejected_weight: float = 1.0  # kto: weight of the undesirable replies' loss
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

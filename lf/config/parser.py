@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lf.config.data import DataArguments
+from lf.config.evaluation import EvaluationArguments
+from lf.config.export import ExportArguments
 from lf.config.finetuning import FinetuningArguments
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
@@ -262,7 +264,7 @@ class Unsupported:
 
 
 _MULTIMODAL = "multimodal training (images, video, audio)"
-_PREFERENCE = "kto or ppo training"
+_PREFERENCE = "ppo training (TRL no longer has a PPO trainer)"
 UNSUPPORTED = {
     # model
     "use_unsloth": Unsupported("Unsloth's patched training", fix="remove the key (lf's fused kernels are on)"),
@@ -312,7 +314,7 @@ UNSUPPORTED = {
     **{key: Unsupported("OFT adapters", None) for key in ("oft_rank", "oft_block_size", "oft_target",
                                                           "module_dropout")},
     **{key: Unsupported(_PREFERENCE, None) for key in
-       ("kto_chosen_weight", "kto_rejected_weight", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
+       ("ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
         "ppo_whiten_rewards", "reward_model", "reward_model_adapters", "reward_model_quantization_bit",
         "reward_model_type")},
     "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
@@ -362,11 +364,12 @@ def _inert(value, inert: tuple | None) -> bool:
     return inert is None or any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in inert)
 
 
-def _drop_unsupported(values: dict, where: dict[str, str], problems: list[str]) -> dict:
-    """The values without UNSUPPORTED's keys; the ones that ask for something go to `problems`."""
+def _drop_unsupported(values: dict, where: dict[str, str], problems: list[str], read=()) -> dict:
+    """The values without UNSUPPORTED's keys (but those in `read`); the ones that ask for something go to
+    `problems`."""
     out = {}
     for key, value in values.items():
-        entry = UNSUPPORTED.get(key)
+        entry = None if key in read else UNSUPPORTED.get(key)
         if entry is None:
             out[key] = value
         elif not _inert(value, entry.inert):
@@ -384,15 +387,20 @@ _COMMA_LISTS = {"dataset", "eval_dataset", "lora_target", "additional_target", "
                 "freeze_extra_modules", "adapter_name_or_path", "add_tokens", "add_special_tokens", "interleave_probs"}
 
 
+INFER_GROUPS = (("export", ExportArguments), ("evaluation", EvaluationArguments))  # read by `lf export`, `lf eval`
+
+
 @functools.cache
-def _owners() -> dict[str, tuple[str, Any]]:
+def _owners(infer: bool = False) -> dict[str, tuple[str, Any]]:
     """key -> (group, type annotation). lf's groups come first: use_cache, in ModelArguments and HF's
-    TrainingArguments, is the generation KV cache (HF's is for training, which lf always runs without)."""
+    TrainingArguments, is the generation KV cache (HF's is for training, which lf always runs without). `infer`:
+    the commands that use a trained model, which also read INFER_GROUPS (their seed is evaluation's)."""
     from transformers import Seq2SeqTrainingArguments
 
     owners = {}
     groups = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
-              ("generating", GeneratingArguments), ("training", Seq2SeqTrainingArguments))
+              ("generating", GeneratingArguments), *(INFER_GROUPS if infer else ()),
+              ("training", Seq2SeqTrainingArguments))
     for group, cls in groups:
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
@@ -403,10 +411,10 @@ def _owners() -> dict[str, tuple[str, Any]]:
     return owners
 
 
-def _split(values: dict, where: dict[str, str], problems: list[str]) -> dict[str, dict]:
+def _split(values: dict, where: dict[str, str], problems: list[str], infer: bool = False) -> dict[str, dict]:
     """{group: {key: value}}; unknown keys and values of the wrong type go to `problems`."""
-    owners = _owners()
-    groups = {"model": {}, "data": {}, "finetuning": {}, "generating": {}, "training": {}}
+    owners = _owners(infer)
+    groups = {group: {} for group, _ in owners.values()}
     for key, value in values.items():
         if key not in owners:
             problems.append(f"unknown key '{key}' {where[key]}.{_closest_keys(key)}")
@@ -590,3 +598,41 @@ def parse_train_args(argv: list[str] | dict) -> TrainConfig:
     _resolve(cfg, training)
     cfg.training = _build_training(training, where)
     return cfg
+
+
+# ---- the commands that use a trained model -------------------------------------------------------------------------
+
+@dataclass
+class InferConfig:
+    model: ModelArguments
+    data: DataArguments  # the template and its options
+    finetuning: FinetuningArguments  # finetuning_type (lora: adapter_name_or_path holds adapters), stage
+    generating: GeneratingArguments
+    export: ExportArguments
+    evaluation: EvaluationArguments
+    source: str | None
+    raw: dict
+
+
+def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
+    """An InferConfig for `lf <command>` (chat, api, export, eval, webchat) from a YAML and overrides like
+    `lf train`'s (steps 1-4 of the module docstring), or a ConfigError naming every key to fix. Training keys
+    are refused: these commands train nothing."""
+    values, source, where = _read(argv)
+    raw = dict(values)
+    problems = []
+    read = {field.name for _, cls in INFER_GROUPS for field in dataclasses.fields(cls)}
+    values = _drop_unsupported(_apply_aliases(values, where, problems), where, problems, read)
+    groups = _split(values, where, problems, infer=True)
+    for key in groups.pop("training"):
+        problems.append(f"{key} ({where[key]}) is a training key: lf {command} uses a trained model and trains "
+                        f"nothing; remove it (model_name_or_path, adapter_name_or_path, template and the "
+                        f"generation keys are what it reads)")
+    if not problems and not groups["model"].get("model_name_or_path"):
+        problems.append(f"model_name_or_path is missing: name the model lf {command} loads (a local folder or a hub "
+                        f"id), with adapter_name_or_path for a LoRA adapter trained on it")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return InferConfig(ModelArguments(**groups["model"]), DataArguments(**groups["data"]),
+                       FinetuningArguments(**groups["finetuning"]), GeneratingArguments(**groups["generating"]),
+                       ExportArguments(**groups["export"]), EvaluationArguments(**groups["evaluation"]), source, raw)

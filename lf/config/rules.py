@@ -15,8 +15,8 @@ from typing import Any
 
 from lf.errors import ConfigError, did_you_mean
 
-TRAINED_STAGES = ("pt", "sft", "rm", "dpo")
-LATER_STAGES = ("kto", "ppo")  # LLaMA-Factory's other preference stages: not in lf yet
+TRAINED_STAGES = ("pt", "sft", "rm", "dpo", "kto")
+LATER_STAGES = ("ppo",)  # LLaMA-Factory's other stage: TRL, lf's engine for it, has no PPO trainer now
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # dpo losses that compare the policy's replies with each other only
 SMOOTHED = ("sigmoid", "simpo")  # the logistic losses, which dpo_label_smoothing softens
@@ -65,13 +65,28 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
             "comet_ml": ("comet_ml",), "swanlab": ("swanlab",), "trackio": ("trackio",)}
 
 
-DPO_KEYS = ("pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "ref_model")
+STAGE_KEYS = {  # preference keys -> the stages that read them
+    **dict.fromkeys(("pref_loss", "simpo_gamma", "dpo_label_smoothing"), ("dpo",)),
+    **dict.fromkeys(("pref_beta", "pref_ftx", "ref_model"), ("dpo", "kto")),
+    **dict.fromkeys(("kto_chosen_weight", "kto_rejected_weight"), ("kto",))}
 
 
 def _dpo_options(cfg) -> list[str]:
-    """The dpo keys given away from their defaults."""
+    """The preference keys given away from their defaults."""
     defaults = type(cfg.finetuning)()
-    return [key for key in DPO_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+    return [key for key in STAGE_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
+def _stray_options(cfg) -> list[str]:
+    """The preference keys given that the config's stage does not read."""
+    return [key for key in _dpo_options(cfg) if cfg.finetuning.stage not in STAGE_KEYS[key]]
+
+
+def _stray_message(cfg) -> str:
+    keys = _stray_options(cfg)
+    stages = sorted({stage for key in keys for stage in STAGE_KEYS[key]})
+    return (f"{', '.join(keys)} tune(s) {' and '.join(stages)} training, but stage is {show(cfg.finetuning.stage)}: "
+            f"set stage: {stages[0]}, or remove them")
 
 
 def _missing_trackers(t) -> list[str]:
@@ -100,14 +115,14 @@ RULES: tuple[Rule, ...] = (
          "do_eval: true for the eval loss"),
     Rule("stage_known", lambda c: c.finetuning.stage not in TRAINED_STAGES + LATER_STAGES,
          lambda c: f"stage: {show(c.finetuning.stage)} is not a training stage: lf trains pt (pre-training on raw "
-                   f"text), sft (supervised fine-tuning), rm (a reward model) and dpo (preference optimisation)."
+                   f"text), sft (supervised fine-tuning), rm (a reward model), dpo (preference pairs) and kto (replies "
+                   f"flagged desirable or not)."
                    f"{did_you_mean(c.finetuning.stage, TRAINED_STAGES)}"),
     Rule("stage_later", lambda c: c.finetuning.stage in LATER_STAGES,
-         "stage: {f.stage} is not in lf yet; lf trains pt, sft, rm and dpo: for preference pairs "
-         "(chosen/rejected) set stage: dpo"),
-    Rule("dpo_options_need_dpo", lambda c: c.finetuning.stage != "dpo" and bool(_dpo_options(c)),
-         lambda c: f"{', '.join(_dpo_options(c))} tune(s) dpo training, but stage is {show(c.finetuning.stage)}: "
-                   f"set stage: dpo, or remove them"),
+         "stage: {f.stage} is not in lf: TRL, which lf would build it on, no longer has a PPO trainer (TRL 1.16 "
+         "keeps GRPO and RLOO for online RL). Train preferences offline instead: stage: dpo on pairs "
+         "(chosen/rejected), or stage: kto on replies flagged desirable or not"),
+    Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),
     _one_of("finetuning", "pref_loss", PREF_LOSSES),
     Rule("pref_beta", lambda c: c.finetuning.pref_beta <= 0,
          "pref_beta: {f.pref_beta} must be positive (it scales the preference loss; 0.1 is usual, ~2 for simpo)"),
@@ -117,13 +132,19 @@ RULES: tuple[Rule, ...] = (
          "dpo_label_smoothing: {f.dpo_label_smoothing} is not a probability in [0, 0.5) (the chance a pair is "
          "labelled the wrong way round; 0.5 would say the labels carry nothing)"),
     Rule("smoothing_needs_logistic_loss",
-         lambda c: c.finetuning.dpo_label_smoothing != 0 and c.finetuning.pref_loss not in SMOOTHED,
+         lambda c: c.finetuning.stage == "dpo" and c.finetuning.dpo_label_smoothing != 0
+         and c.finetuning.pref_loss not in SMOOTHED,
          "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: {f.pref_loss}: set pref_loss: "
          "sigmoid (or simpo), or remove dpo_label_smoothing"),
-    Rule("simpo_gamma_needs_simpo", lambda c: "simpo_gamma" in _dpo_options(c) and c.finetuning.pref_loss != "simpo",
+    Rule("simpo_gamma_needs_simpo", lambda c: c.finetuning.stage == "dpo" and "simpo_gamma" in _dpo_options(c)
+         and c.finetuning.pref_loss != "simpo",
          "simpo_gamma is the margin of the simpo loss, but pref_loss is {f.pref_loss}: set pref_loss: simpo, or "
          "remove simpo_gamma"),
-    Rule("reference_free_loss", lambda c: c.finetuning.ref_model is not None
+    Rule("kto_weights", lambda c: min(c.finetuning.kto_chosen_weight, c.finetuning.kto_rejected_weight) <= 0,
+         "kto_chosen_weight: {f.kto_chosen_weight} and kto_rejected_weight: {f.kto_rejected_weight} weigh the "
+         "desirable and undesirable replies' losses: both must be positive (1.0 each by default; raise the rarer "
+         "kind's so that weight x count is about even)"),
+    Rule("reference_free_loss", lambda c: c.finetuning.stage == "dpo" and c.finetuning.ref_model is not None
          and c.finetuning.pref_loss in REFERENCE_FREE,
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
          "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo) with it"),

@@ -8,7 +8,7 @@
 
 from lf.data.collator import Collator
 from lf.data.pipeline import DatasetModule, collator, get_dataset
-from lf.data.templates import TEMPLATES, Template, get_template, resolve_template
+from lf.data.templates import TEMPLATES, Template, fit_template, get_template, resolve_template
 
 __all__ = ["Collator", "DatasetModule", "TEMPLATES", "Template", "collator", "get_dataset", "get_template",
-           "resolve_template"]
+           "resolve_template", "fit_template"]

@@ -32,6 +32,7 @@ renderings of growing prefixes of the conversation, which only works for templat
 turns; others raise a DataError that asks for a registered template.
 """
 
+import logging
 from dataclasses import dataclass, field, replace
 from string import Formatter
 from types import MappingProxyType
@@ -512,3 +513,19 @@ def resolve_template(tokenizer, name=None, **overrides) -> tuple[Template, str]:
     marker = f"ends replies with {template.stop_words[0]!r}" if template.stop_words else "ends replies with eos"
     return template, (f"the tokenizer's own chat_template (no `template:` is set; it {marker}); set `template:` to "
                       "a registered name to use lf's version of a model's format instead")
+
+
+def fit_template(tokenizer, data_args) -> Template:
+    """The template `data_args` names (template, default_system, enable_thinking, tool_format; or the tokenizer's
+    own), with `tokenizer` fitted to it (see Template.prepare_tokenizer) and carrying it as its chat_template, so
+    that whoever loads the saved tokenizer gets this format. Each step is a log line."""
+    log = logging.getLogger("lf")
+    template, why = resolve_template(tokenizer, data_args.template, default_system=data_args.default_system,
+                                     enable_thinking=data_args.enable_thinking, tool_format=data_args.tool_format)
+    log.info("%s", why)
+    for line in template.prepare_tokenizer(tokenizer):
+        log.info("%s", line)
+    if tokenizer.chat_template != template.to_jinja():
+        tokenizer.chat_template = template.to_jinja()
+        log.info("the tokenizer's chat_template is now template %r's", template.name)
+    return template

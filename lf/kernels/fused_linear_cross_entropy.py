@@ -185,9 +185,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 chunk):
         need = tuple(ctx.needs_input_grad[:3])
         options = (ignore_index, smoothing, softcap, z_loss)
-        ctx.options, ctx.chunk, ctx.need = options, chunk, need
-        ctx.deferred = reduction == NONE and any(need)
-        if ctx.deferred:  # the gradients depend on each token's incoming gradient: computed in backward
+        ctx.options, ctx.chunk, ctx.need, ctx.per_row = options, chunk, need, reduction == NONE
+        # Per-token losses: a token's hidden gradient is its incoming gradient times the one computed here, but the
+        # weight's and bias's sum over tokens, so those are computed in backward (a frozen head, as under LoRA, is
+        # the common case and needs no second pass)
+        ctx.deferred = reduction == NONE and (need[1] or need[2])
+        if ctx.deferred:
             loss, *_ = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *options, NONE, None,
                                                                None, chunk, False, False, False)
             ctx.save_for_backward(hidden, weight, bias, labels)
@@ -204,7 +207,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             _, *grads = torch.ops.lf.fused_linear_cross_entropy(hidden, weight, bias, labels, *ctx.options, NONE,
                                                                 None, grad_out.float(), ctx.chunk, *ctx.need)
         else:
-            grads = scale_saved_grads(ctx, grad_out)
+            grads = scale_saved_grads(ctx, grad_out, per_row=ctx.per_row)
         grads = [g if wanted else None for g, wanted in zip(grads, ctx.need)]
         return *grads, *[None] * 8
 
@@ -228,9 +231,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     elements, i.e. no more than the hidden states themselves (N tokens) or 512 MiB. On a CPU without native
     bf16/fp16 dot products, 16-bit matmuls run in fp32 (see :class:`_Fp32Blocks`): the chunk's logits are then
     fp32, plus two fp32 buffers of 1024 weight rows and fp32 copies of the chunk's hidden rows.
-    With ``reduction="none"``
-    the gradients depend on each token's incoming gradient, so they are computed in the backward pass,
-    recomputing the logits chunk by chunk (one matmul more).
+    With ``reduction="none"`` the
+    hidden gradient is still computed in the forward pass (each token's is scaled by its incoming gradient), but
+    the weight's and bias's sum over tokens weighted by those, so when they need gradients all are computed in the
+    backward pass, recomputing the logits chunk by chunk (one matmul more).
     """
     op = "fused_linear_cross_entropy"
     for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):

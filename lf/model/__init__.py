@@ -1,6 +1,6 @@
 """The model layer of `lf train` and inference: load a tokenizer and a causal LM, quantize it (QLoRA), patch lf's
 kernels in, attach adapters."""
 
-from lf.model.loader import load_model, load_tokenizer
+from lf.model.loader import load_inference_model, load_model, load_tokenizer
 
-__all__ = ["load_model", "load_tokenizer"]
+__all__ = ["load_inference_model", "load_model", "load_tokenizer"]

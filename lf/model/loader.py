@@ -92,6 +92,18 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool,
     return model, lines
 
 
+def load_inference_model(tokenizer, model_args, finetuning_args, device: str | None = None) -> torch.nn.Module:
+    """The model to generate or score with: load_model's for inference (adapters as it attaches them there), its
+    lines logged, in eval mode, on `device` (default: CUDA where there is one; bitsandbytes has already placed a
+    quantized model)."""
+    model, lines = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
+    for line in lines:
+        log.info("%s", line)
+    if not getattr(model, "is_quantized", False):
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval()
+
+
 def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, reward: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

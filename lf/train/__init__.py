@@ -8,7 +8,7 @@ def run(cfg, callbacks=()) -> dict:
     from lf.train.preference import run_preference
     from lf.train.sft import run_sft
 
-    recipes = {"pt": run_sft, "sft": run_sft, "rm": run_preference, "dpo": run_preference}
+    recipes = {"pt": run_sft, "sft": run_sft, "rm": run_preference, "dpo": run_preference, "kto": run_preference}
     stage = cfg.finetuning.stage
     if stage not in recipes:
         raise ConfigError(f"stage {stage!r} cannot be trained yet: lf trains {', '.join(recipes)}")

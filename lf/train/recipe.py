@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import set_seed
 
-from lf.data import get_dataset, resolve_template
+from lf.data import fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_model, load_tokenizer
 from lf.train.callbacks import LossGuard, Progress, RunLog
@@ -38,15 +38,7 @@ def prepare(cfg) -> Prepared:
     args, fin = cfg.training, cfg.finetuning
     resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
     tokenizer = load_tokenizer(cfg.model)
-    template, why = resolve_template(tokenizer, cfg.data.template, default_system=cfg.data.default_system,
-                                     enable_thinking=cfg.data.enable_thinking, tool_format=cfg.data.tool_format)
-    log.info("%s", why)
-    for line in template.prepare_tokenizer(tokenizer):
-        log.info("%s", line)
-    if tokenizer.chat_template != template.to_jinja():  # users of the saved tokenizer get the trained format
-        tokenizer.chat_template = template.to_jinja()
-        log.info("the saved tokenizer's chat_template will be template %r, the format this run trains on",
-                 template.name)
+    template = fit_template(tokenizer, cfg.data)  # the saved tokenizer carries the format this run trains on
     with args.main_process_first(desc="preparing the datasets"):
         data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed)
     if args.deepspeed:

@@ -1,0 +1,206 @@
+"""lf.serve's Engine and `lf chat` on the quickstart's tiny Llama (built in a temporary LF_HOME): greedy replies equal
+transformers' own generate on the template's prompt, an adapter as peft applies it, stop strings, settings and their
+errors, tool calls, cancelling a stream, and the terminal chat driven through a fake stdin."""
+
+import io
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+from support import one_thread  # noqa: F401 (autouse: this module's generations on one thread)
+from test_train import lf_home  # noqa: F401 (autouse: the module's tiny model in a temporary LF_HOME)
+
+from lf import cli
+from lf.config import parse_infer_args
+from lf.errors import DataError
+from lf.serve import Engine, RequestError
+from lf.tiny import tiny_path
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER_TOOL = {"name": "get_weather", "description": "the weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+TOOL_CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def options(**overrides) -> dict:
+    # fp32 (pinned: "auto" is bf16 on CPUs with AVX512-BF16/AMX): greedy choices compared across runs agree
+    return {"model_name_or_path": "lf-tiny-llama", "template": "qwen", "infer_dtype": "float32", **overrides}
+
+
+def tiny_engine(**overrides) -> Engine:
+    return Engine(parse_infer_args(options(**overrides), "chat"))
+
+
+def script(monkeypatch, engine: Engine, text: str) -> list:
+    """Makes the engine's model "generate" the tokens of `text`, then the end-of-turn marker, through transformers'
+    streamer protocol (the worker, lock and decoding run as usual); returns the prompts it is given."""
+    prompts = []
+    marker = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def generate(input_ids, streamer, **kwargs):
+        prompts.append(input_ids[0].tolist())
+        streamer.put(input_ids)
+        for token in engine.tokenizer(text, add_special_tokens=False).input_ids + [marker]:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def adapter(lf_home) -> str:
+    """A LoRA adapter with random (nonzero) A and B, as peft saves one: it changes what the model writes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(lf_home, "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                            init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+def hf_greedy(model, tokenizer, prompt_ids: list[int], stop_ids, max_new_tokens: int) -> tuple[str, int]:
+    """transformers' own greedy generate: the reply's text and token count."""
+    ids = torch.tensor([prompt_ids], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(prompt_ids):]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def test_greedy_reply_equals_transformers_generate_on_the_template_prompt(engine):
+    from transformers import AutoModelForCausalLM
+
+    # transformers' code without lf's kernels, on the engine's device
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama")).to(engine.device)
+    conversation = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "Hi!"},
+                    {"role": "user", "content": "How are you?"}]
+    for messages, system in ((QUESTION, None), (conversation, "Be brief.")):
+        prompt = engine.prompt_ids(messages, system)
+        text = engine.template.render(messages, system, add_generation_prompt=True, tokenizer=engine.tokenizer)
+        assert engine.tokenizer.decode(prompt) == text and text.endswith("<|im_start|>assistant\n")
+        [reply] = engine.generate(messages, system, temperature=0, max_new_tokens=16)
+        expected, count = hf_greedy(plain, engine.tokenizer, prompt, engine.stop_ids, 16)
+        assert reply.text == expected and reply.text
+        assert (reply.prompt_tokens, reply.completion_tokens) == (len(prompt), count)
+        assert reply.finish_reason == ("stop" if count < 16 else "length") and reply.tool_calls == ()
+        pieces = list(engine.stream(messages, system, temperature=0, max_new_tokens=16))
+        assert "".join(pieces) == expected and len(pieces) > 1  # streamed as it is generated, not at the end
+
+
+def test_adapter_gives_the_text_of_peft_unmerged_adapter(engine, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapted = tiny_engine(adapter_name_or_path=adapter, finetuning_type="lora")
+    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"))
+    unmerged = PeftModel.from_pretrained(base, adapter).to(adapted.device)
+    prompt = adapted.prompt_ids(QUESTION)
+    expected, _ = hf_greedy(unmerged, adapted.tokenizer, prompt, adapted.stop_ids, 12)
+    [reply] = adapted.generate(QUESTION, temperature=0, max_new_tokens=12)
+    assert reply.text == expected
+    assert reply.text != engine.generate(QUESTION, temperature=0, max_new_tokens=12)[0].text  # the adapter counts
+
+
+def test_stop_strings_cut_the_reply_and_a_partial_match_is_flushed(engine):
+    [whole] = engine.generate(QUESTION, temperature=0, max_new_tokens=24)
+    stop = whole.text[6:9]
+    cut = whole.text.index(stop)
+    for stops in (stop, [stop, "never written"]):
+        [reply] = engine.generate(QUESTION, temperature=0, max_new_tokens=24, stop=stops)
+        assert (reply.text, reply.finish_reason) == (whole.text[:cut], "stop")
+        assert "".join(engine.stream(QUESTION, temperature=0, max_new_tokens=24, stop=stops)) == whole.text[:cut]
+    # the reply ends with the start of a stop string that never completes: held back while generating, then sent
+    unfinished = whole.text[-2:] + "\x00never"
+    pieces = list(engine.stream(QUESTION, temperature=0, max_new_tokens=24, stop=unfinished))
+    assert "".join(pieces) == whole.text and not pieces[-2].endswith(whole.text[-2:])
+
+
+def test_settings_n_and_what_is_refused(engine):
+    replies = engine.generate(QUESTION, n=3, temperature=1.0, top_p=0.9, max_new_tokens=5)
+    assert len(replies) == 3
+    assert all(r.completion_tokens == 5 and r.finish_reason == "length" for r in replies)
+    for settings, says in (({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in"),
+                           ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"), ({"n": 0}, "n must be"),
+                           ({"beams": 2}, "unknown generation setting(s) beams")):
+        with pytest.raises(RequestError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            engine.generate(QUESTION, **settings)
+    with pytest.raises(DataError, match="ends with a 'assistant' message: it must end with a user or observation"):
+        engine.stream(QUESTION + [{"role": "assistant", "content": "Paris"}])
+
+
+def test_end_of_turn_marker_ends_the_reply_and_tool_calls_are_parsed(engine, monkeypatch):
+    prompts = script(monkeypatch, engine, "Paris is the capital.")
+    [reply] = engine.generate(QUESTION)
+    tokens = len(engine.tokenizer("Paris is the capital.", add_special_tokens=False).input_ids)
+    assert (reply.text, reply.finish_reason, reply.completion_tokens) == ("Paris is the capital.", "stop", tokens + 1)
+    assert reply.tool_calls == ()  # no tools given: the text is never read as a call
+    script(monkeypatch, engine, TOOL_CALL_TEXT)
+    [reply] = engine.generate(QUESTION, tools=[WEATHER_TOOL])
+    assert reply.tool_calls == (("get_weather", '{"city": "Paris"}'),) and reply.finish_reason == "tool_calls"
+    assert "<tools>" in engine.tokenizer.decode(engine.prompt_ids(QUESTION, tools=[WEATHER_TOOL]))
+    assert prompts[0] == engine.prompt_ids(QUESTION)
+
+
+def test_leaving_a_stream_early_stops_it_and_frees_the_model(engine):
+    generation = engine.stream(QUESTION, temperature=0, max_new_tokens=500)
+    pieces = iter(generation)
+    first = next(pieces)
+    pieces.close()  # what a client that disconnects, or Ctrl-C in the chat, does
+    assert first and generation.reply is None and not engine._lock.locked()
+    [reply] = engine.generate(QUESTION, temperature=0, max_new_tokens=3)
+    assert reply.completion_tokens == 3
+
+
+# ---- lf chat ----
+
+def run_chat(tmp_path, monkeypatch, capsys, typed: str, *overrides: str) -> tuple[int, str, str]:
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text(yaml.safe_dump(options(do_sample=False, max_new_tokens=8)))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    code = cli.main(["chat", str(cfg), *overrides])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_chat_streams_replies_keeps_history_until_clear_and_quits(tmp_path, monkeypatch, capsys, engine):
+    first = engine.generate([{"role": "user", "content": "hello"}], temperature=0, max_new_tokens=8)[0].text
+    seen = []
+    stream = Engine.stream
+    monkeypatch.setattr(Engine, "stream", lambda self, messages, *a, **k: seen.append(messages) or stream(
+        self, messages, *a, **k))
+    code, out, _ = run_chat(tmp_path, monkeypatch, capsys, "hello\nHow are you?\nclear\nbye\n")  # then EOF
+    assert code == 0
+    assert seen == [[{"role": "user", "content": "hello"}],
+                    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "How are you?"}],
+                    [{"role": "user", "content": "bye"}]]
+    assert f"Assistant: {first}\n" in out and "History cleared." in out and out.count("Assistant: ") == 3
+
+    seen.clear()
+    code, out, _ = run_chat(tmp_path, monkeypatch, capsys, "hello\nexit\nnot read\n")
+    assert code == 0 and len(seen) == 1 and out.count("Assistant: ") == 1
+
+
+def test_chat_config_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    code, out, err = run_chat(tmp_path, monkeypatch, capsys, "", "temprature=0.5")
+    assert code == 2 and err.startswith("lf chat: unknown key 'temprature'") and "temperature" in err
+    code, out, err = run_chat(tmp_path, monkeypatch, capsys, "", "top_p=1.5")  # refused before the model loads
+    assert (code, err) == (2, "lf chat: top_p must be in (0, 1], got 1.5 (a generation key of the config)\n")
+    assert cli.main(["chat", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err == f"lf chat: config file not found: {tmp_path / 'missing.yaml'}\n"
+    assert cli.main(["chat"]) == 2 and "usage: lf chat" in capsys.readouterr().out
+    code, out, err = run_chat(tmp_path, monkeypatch, capsys, "", "template=qwne")
+    assert code == 1 and err.startswith("lf chat: unknown template 'qwne'") and len(err.splitlines()) == 1
