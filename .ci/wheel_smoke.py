@@ -35,4 +35,8 @@ cli = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "env"], c
 assert "cpu backend" in cli.stdout, cli.stdout
 bench = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "bench"], capture_output=True, text=True)
 assert bench.returncode == 2 and "source tree" in bench.stderr, bench.stderr  # benchmarks are not in the wheel
+from lf.resources import shipped  # noqa: E402
+
+for name, probe in (("data", "dataset_info.json"), ("evaluation", "lf_mc_demo/mapping.json")):
+    assert (shipped(name) / probe).is_file() and installed.parent in shipped(name).parents, f"{name}/ not in the wheel"
 print(f"wheel OK: lf {lf.__version__} from {installed.parent}, CPU kernels {_C.isa()}")

@@ -4,8 +4,6 @@ result files."""
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import json
 import math
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from lf import allocator
 
 MiB = 1 << 20
 GB = 1e9  # bandwidths are in decimal GB/s
@@ -37,68 +37,17 @@ def names_parser(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-# ---- allocator ----
+# ---- allocator: lf's own (lf/allocator.py), under the harness's names ----
 
 ALLOCATORS = ("default", "tuned")  # the timing process's choices
-# glibc <malloc.h> parameter numbers and values, by setting. mallopt takes a C int, so "never trim" is written -1
-# (documented in mallopt(3) as disabling trimming) rather than a 64 GiB threshold, which overflows.
-MALLOPT = {
-    "default": {},
-    "tuned": {
-        "M_MMAP_THRESHOLD": (-3, 1 << 30),  # tensors come from the heap, not from fresh mmaps that page-fault
-        "M_TRIM_THRESHOLD": (-1, -1),  # freed heap is kept, never returned to the OS
-        "M_TOP_PAD": (-2, 256 * MiB),  # the heap grows in big steps
-    },
-    # For peak-memory measurements: glibc's initial mmap threshold, pinned. Left alone, it grows (up to 32 MiB) as
-    # mapped blocks are freed, after which such blocks come from the heap, whose resident high-water mark then
-    # depends on the order of frees; pinned, every block above 128 KiB is mapped on allocation and unmapped on free,
-    # so the resident set follows live memory.
-    "mmap": {"M_MMAP_THRESHOLD": (-3, 128 << 10)},
-}
-
-
-def _glibc() -> tuple[ctypes.CDLL | None, str | None]:
-    """glibc, or None and why its mallopt cannot be used here."""
-    name, _ = platform.libc_ver()
-    if name != "glibc":
-        return None, f"the C library is {name or 'unknown'}, not glibc, whose mallopt parameters 'tuned' sets"
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallopt"):
-        return None, "this glibc has no mallopt"
-    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return libc, None
-
-
-def allocator_unavailable(setting: str) -> str | None:
-    """None if ``setting`` can be applied in this process, else why not."""
-    return _glibc()[1] if MALLOPT[setting] else None
-
-
-def apply_allocator(setting: str) -> dict[str, int]:
-    """Apply ``setting`` to this process and return the mallopt values set ({} for "default").
-
-    Call it before any large allocation; every later allocation (lf's and the baselines') shares it.
-    """
-    if not MALLOPT[setting]:
-        return {}
-    libc, reason = _glibc()
-    if reason:
-        raise RuntimeError(reason)
-    for name, (param, value) in MALLOPT[setting].items():
-        if libc.mallopt(param, value) != 1:
-            raise RuntimeError(f"mallopt({name}, {value}) was refused")
-    return {name: value for name, (_, value) in MALLOPT[setting].items()}
+MALLOPT = allocator.MALLOPT
+_glibc = allocator.glibc
+allocator_unavailable = allocator.unavailable
+apply_allocator = allocator.apply
 
 
 def describe_allocator(setting: str, mallopt: dict[str, int]) -> str:
-    if not mallopt:
-        return f"{setting} (glibc defaults)"
-    values = ", ".join(f"{k}={_bytes(v) if v >= 0 else f'{v} (never)'}" for k, v in mallopt.items())
-    return f"{setting} (mallopt {values})"
-
-
-def _bytes(n: int) -> str:
-    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / MiB:g} MiB" if n >= MiB else f"{n / 1024:g} KiB"
+    return allocator.describe(setting, mallopt)
 
 
 # ---- timing ----

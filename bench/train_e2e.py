@@ -11,6 +11,9 @@ share rows but never see each other). LLaMA-Factory (its own venv: $LF_BENCH_LLA
 ~/.cache/llamafactory-venv/bin/python), LoRA, without packing and with neat_packing. bf16 = bf16 weights, fp32
 adapters, autocast (`bf16: true`), in both systems.
 
+Allocator: lf trains on the CPU with glibc's malloc "tuned" (lf/allocator.py; `cpu_allocator`), LLaMA-Factory with
+glibc's defaults; one extra run of each uses the other's setting, so the table shows what the allocator is worth.
+
 Each variant is one child process that runs its trainer in-process with a probe callback (`--worker`):
 - tokens: real (non-padding) tokens trained on. lf: `total_tokens` of its trainer_log.jsonl. LLaMA-Factory: its
   collator is wrapped to count the non-zero attention-mask entries of each batch's features (neat packing marks
@@ -53,8 +56,14 @@ LF_VARIANTS = {
     f"lf, kernels {'on' if kernels else 'off'}, {'packing' if packing else 'no packing'}, {method}": dict(
         use_lf_kernels=kernels, packing=packing, **({"quantization_bit": 4} if method == "QLoRA" else {}))
     for method in ("LoRA", "QLoRA") for kernels in (True, False) for packing in (True, False)}
+# lf's default glibc allocator setting is "tuned" (lf/allocator.py): one run of each system with the other's setting
+LF_VARIANTS["lf, kernels on, packing, LoRA, glibc's default allocator"] = dict(use_lf_kernels=True, packing=True,
+                                                                            cpu_allocator="default")
+ALLOCATOR_KEY = "lf_bench_allocator"  # in a LLaMA-Factory config: the worker applies it, then drops it
 LLAMAFACTORY_VARIANTS = {"LLaMA-Factory, no packing, LoRA": {},
-                         "LLaMA-Factory, neat_packing, LoRA": dict(packing=True, neat_packing=True)}
+                         "LLaMA-Factory, neat_packing, LoRA": dict(packing=True, neat_packing=True),
+                         "LLaMA-Factory, neat_packing, LoRA, lf's tuned allocator": dict(
+                             packing=True, neat_packing=True, **{ALLOCATOR_KEY: "tuned"})}
 COLORS = {(True, False): "tab:blue", (False, False): "tab:orange",  # (use_lf_kernels, QLoRA) -> a curve's colour
           (True, True): "tab:green", (False, True): "tab:red"}
 LF_BASELINE = "lf, kernels off, no packing, LoRA"  # the speed-up reference when LLaMA-Factory is absent
@@ -108,6 +117,9 @@ def _run_lf(config: dict):
 
 
 def _run_llamafactory(config: dict):
+    from lf import allocator  # pure Python, importable from the source tree in LLaMA-Factory's venv
+
+    allocator.apply(config.pop(ALLOCATOR_KEY, "default"))  # before the model and data allocate
     import llamafactory
     import peft
     import transformers

@@ -96,10 +96,13 @@ def _train_and_report(argv: list[str]) -> int:
     outputs = run(parse_train_args(argv))
     if os.environ.get("RANK", "0") != "0":
         return 0
-    print(f"\nlf train: done. Model/adapter and tokenizer: {outputs['output_dir']}")
+    saved = "Model/adapter and tokenizer" if "model" in outputs else "Outputs"  # predicting alone trains nothing
+    print(f"\nlf train: done. {saved}: {outputs['output_dir']}")
     print(f"  log: {outputs['log']}")
     for path in outputs.get("plots", []):
         print(f"  loss plot: {path}")
+    if "predictions" in outputs:
+        print(f"  predictions: {outputs['predictions']} (scores: {outputs['predict_results']})")
     return 0
 
 
@@ -124,7 +127,10 @@ MODEL_COMMANDS = {
     "api": ("lf.serve.api", "an OpenAI-compatible API server: lf api cfg.yaml [key=value ...]"),
     "export": ("lf.export", "merge an adapter and save the model (safetensors, GGUF): lf export cfg.yaml"),
     "eval": ("lf.eval", "multiple-choice evaluation (MMLU style): lf eval cfg.yaml [key=value ...]"),
+    "webchat": ("lf.serve.webchat", "chat with a model in the browser: lf webchat cfg.yaml [key=value ...]"),
+    "webui": ("lf.serve.webui", "the web UI (train, chat, export): lf webui [--host HOST] [--port PORT]"),
 }
+NO_CONFIG = {"webui"}  # model commands that run without a config
 
 
 def _model_command(name: str) -> Callable[[argparse.Namespace], int]:
@@ -132,7 +138,7 @@ def _model_command(name: str) -> Callable[[argparse.Namespace], int]:
         import importlib
 
         module = importlib.import_module(MODEL_COMMANDS[name][0])
-        if not args.rest or args.rest[0] in ("-h", "--help"):
+        if args.rest[:1] in (["-h"], ["--help"]) or (not args.rest and name not in NO_CONFIG):
             print(module.USAGE)
             return 0 if args.rest else 2
         _lf_log()

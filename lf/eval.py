@@ -35,8 +35,8 @@ A file breaking a rule is refused with its path and line. When n_shot is larger 
 it is used.
 
 task_dir (default "evaluation") is read relative to the working directory; when the default is given and the task
-is not there, lf's own evaluation/ folder beside the lf package (a source checkout) is searched, so the demo task
-lf_mc_demo runs from any directory. evaluation/lf_mc_demo/README.md describes it.
+is not there, lf's own evaluation/ folder (lf.resources: the repository's, or the wheel's copy) is searched, so the
+demo task lf_mc_demo runs from any directory. evaluation/lf_mc_demo/README.md describes it.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from types import MappingProxyType
 
 from lf.data.conversation import ASSISTANT, USER
 from lf.errors import ConfigError, DataError, ModelError, did_you_mean
+from lf.resources import shipped
 
 log = logging.getLogger("lf")
 
@@ -58,7 +59,7 @@ CHOICES = ("A", "B", "C", "D")
 COLUMNS = ("question", *CHOICES, "answer")
 DEV_SPLIT = "dev"
 DEFAULT_TASK_DIR = "evaluation"
-BUILTIN_TASK_DIR = Path(__file__).resolve().parent.parent / "evaluation"  # lf's source checkout (not in a wheel)
+BUILTIN_TASK_DIR = shipped("evaluation")
 
 USAGE = """usage: lf eval cfg.yaml [key=value ...]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from lf.errors import ModelError, did_you_mean
+from lf.resources import shipped
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -57,7 +58,7 @@ TINY_MODELS: Mapping[str, TinyModel] = MappingProxyType({
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)), vocab_size=4000),
 })
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's data/ (absent in a wheel)
+DATA_DIR = shipped("data")
 CORPUS_FILES = ("lf_demo_en.json", "identity.json")
 # chat templates wrap turns in role names: seen in training, each becomes a single token
 ROLE_TEXT = "system\nuser\nassistant\n"

@@ -282,7 +282,15 @@ RULE_CASES = {
     "model_name_or_path": ({"model_name_or_path": None}, "model_name_or_path is missing"),
     "output_dir": ({"output_dir": None}, "output_dir is missing"),
     "nothing_to_do": ({"do_train": False}, "do_train, do_eval and do_predict are all false: nothing to run"),
-    "do_predict": ({"do_predict": True}, "do_predict: true (generating answers for a test set) is not part of"),
+    "predict_needs_eval_dataset": ({"do_predict": True, "predict_with_generate": True},
+                                   "do_predict: true generates answers to the prompts of eval_dataset, but "
+                                   "eval_dataset is not set"),
+    "predict_with_generate": ({"do_predict": True, "eval_dataset": "demo"},
+                              "do_predict: true with predict_with_generate: false: lf predicts by generating answers"
+                              " (written to generated_predictions.jsonl, scored with BLEU and ROUGE): set "
+                              "predict_with_generate: true"),
+    "predict_stage": ({"do_predict": True, "predict_with_generate": True, "eval_dataset": "demo", "stage": "dpo"},
+                      "do_predict: true generates answers with stage: sft (or pt), not stage: dpo"),
     "stage_known": ({"stage": "sfft"}, "stage: sfft is not a training stage"),
     "stage_later": ({"stage": "ppo"}, "stage: ppo is not in lf: TRL, which lf would build it on, no longer has a PPO "
                                       "trainer"),
@@ -308,6 +316,7 @@ RULE_CASES = {
     "reward_model_head": ({"stage": "rm", "upcast_lmhead_output": True},
                           "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head"),
     "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
+    "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
     "lora_rank": ({"lora_rank": 0}, "lora_rank: 0 leaves the adapters no room"),

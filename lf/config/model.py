@@ -22,6 +22,7 @@ class ModelArguments:
     rope_scaling: str | None = None  # linear | dynamic | yarn | llama3: stretch RoPE to cutoff_len
     flash_attn: str = "auto"  # auto | disabled (eager) | sdpa | fa2
     use_lf_kernels: bool = True  # patch lf's fused kernels into the model (lf.kernels.patch)
+    cpu_allocator: str = "tuned"  # tuned | default: glibc's malloc settings when training on the CPU (lf/allocator.py)
     enable_liger_kernel: bool = False  # LLaMA-Factory's switch: maps onto lf's kernels, and says so
     disable_gradient_checkpointing: bool = False
     use_reentrant_gc: bool = True

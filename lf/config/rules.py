@@ -20,6 +20,7 @@ LATER_STAGES = ("ppo",)  # LLaMA-Factory's other stage: TRL, lf's engine for it,
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # dpo losses that compare the policy's replies with each other only
 SMOOTHED = ("sigmoid", "simpo")  # the logistic losses, which dpo_label_smoothing softens
+PREDICT_STAGES = ("sft", "pt")  # the stages whose model writes answers (rm scores, dpo/kto train on pairs)
 
 
 def show(value) -> str:
@@ -110,9 +111,17 @@ RULES: tuple[Rule, ...] = (
          "(e.g. output_dir: saves/my-run)"),
     Rule("nothing_to_do", lambda c: not (c.training.do_train or c.training.do_predict or _evaluates(c.training)),
          "do_train, do_eval and do_predict are all false: nothing to run. Set do_train: true (or do_eval: true)"),
-    Rule("do_predict", lambda c: c.training.do_predict,
-         "do_predict: true (generating answers for a test set) is not part of lf train yet: remove it, and use "
-         "do_eval: true for the eval loss"),
+    Rule("predict_needs_eval_dataset", lambda c: c.training.do_predict and not c.data.eval_dataset,
+         "do_predict: true generates answers to the prompts of eval_dataset, but eval_dataset is not set: name the "
+         "datasets to predict on (eval_dataset: names from dataset_info.json, comma-separated)"),
+    Rule("predict_with_generate", lambda c: c.training.do_predict and not c.training.predict_with_generate,
+         "do_predict: true with predict_with_generate: false: lf predicts by generating answers (written to "
+         "generated_predictions.jsonl, scored with BLEU and ROUGE): set predict_with_generate: true, or use "
+         "do_eval: true for the eval loss alone"),
+    Rule("predict_stage", lambda c: c.training.do_predict and c.finetuning.stage not in PREDICT_STAGES,
+         "do_predict: true generates answers with stage: sft (or pt), not stage: {f.stage}: predict in a run of its "
+         "own with stage: sft and the trained adapter as adapter_name_or_path (or the saved model as "
+         "model_name_or_path)"),
     Rule("stage_known", lambda c: c.finetuning.stage not in TRAINED_STAGES + LATER_STAGES,
          lambda c: f"stage: {show(c.finetuning.stage)} is not a training stage: lf trains pt (pre-training on raw "
                    f"text), sft (supervised fine-tuning), rm (a reward model), dpo (preference pairs) and kto (replies "
@@ -155,6 +164,7 @@ RULES: tuple[Rule, ...] = (
          "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head with a value head "
          "(its score is float32 in the loss anyway): remove upcast_lmhead_output"),
     _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
+    _one_of("model", "cpu_allocator", ("tuned", "default")),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),

@@ -276,6 +276,13 @@ class Template:
         ids = iter(_token_ids(tokenizer, texts) if texts else ())
         return [[(next(ids), next(ids)) for _ in turns] for turns in rendered]
 
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """The ids that end a reply: the tokenizer's eos and the stop words (one token each after
+        prepare_tokenizer)."""
+        vocab = tokenizer.get_vocab()
+        ids = [tokenizer.eos_token_id] + [vocab[word] for word in self.stop_words if word in vocab]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
     def prepare_tokenizer(self, tokenizer) -> list[str]:
         """Fits the tokenizer to the template: an eos and a pad token when missing, and the stop words as single
         special tokens. Returns what it changed, in plain words."""

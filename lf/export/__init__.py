@@ -60,7 +60,7 @@ def export(cfg) -> dict:
 
         check_gguf(base_config, tokenizer, args.export_gguf)
     model = _merged_model(cfg, tokenizer, _dtype_name(args.export_dtype, base_config))
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer, template)
+    model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     export_dir = Path(args.export_dir)
     try:
@@ -153,13 +153,6 @@ def _merged_model(cfg, tokenizer, dtype: str):
     for line in lines + adapter_lines:
         log.info("%s", line)
     return model.to(getattr(torch, dtype))  # peft's merge may leave fp32 weights beside 16-bit ones
-
-
-def stop_token_ids(tokenizer, template) -> list[int]:
-    """The ids that end a reply: the tokenizer's eos and the template's stop words (single tokens after
-    `prepare_tokenizer`)."""
-    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(word) for word in template.stop_words]
-    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def save_model(model, export_dir, export_size: float, legacy_format: bool = False) -> None:

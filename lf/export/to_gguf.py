@@ -198,8 +198,6 @@ def _add_vocab(writer, tokenizer, template, rows: int, arch: str) -> None:
     ids and the chat template."""
     from gguf import TokenType
 
-    from lf.export import stop_token_ids
-
     spec = _vocab_spec(tokenizer)
     vocab = tokenizer.get_vocab()
     by_id = {i: token for token, i in vocab.items()}
@@ -222,7 +220,7 @@ def _add_vocab(writer, tokenizer, template, rows: int, arch: str) -> None:
                           (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None:
             add(token_id)
-    end_of_turn = [i for i in stop_token_ids(tokenizer, template) if i != tokenizer.eos_token_id]
+    end_of_turn = [i for i in template.stop_token_ids(tokenizer) if i != tokenizer.eos_token_id]
     if end_of_turn:  # llama.cpp stops on eos and on this one
         writer.add_eot_token_id(end_of_turn[0])
     writer.add_add_bos_token(adds_bos(tokenizer))

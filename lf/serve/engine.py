@@ -75,10 +75,7 @@ class Engine:
         self.template = fit_template(self.tokenizer, cfg.data)
         self.model = load_inference_model(self.tokenizer, cfg.model, cfg.finetuning, device)
         self.device = next(self.model.parameters()).device
-        vocab = self.tokenizer.get_vocab()
-        # The reply ends at eos or at a stop word of the template (prepare_tokenizer made each a single token).
-        stops = [self.tokenizer.eos_token_id] + [vocab[w] for w in self.template.stop_words if w in vocab]
-        self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+        self.stop_ids = tuple(self.template.stop_token_ids(self.tokenizer))
         self._lock = threading.Lock()  # one model: one generation at a time (see the module docstring)
 
     def prompt_ids(self, messages, system=None, tools=None) -> list[int]:

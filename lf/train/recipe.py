@@ -36,6 +36,8 @@ def prepare(cfg) -> Prepared:
     """Tokenizer (with the template, which the saved tokenizer carries as its chat template), the stage's
     datasets and the model, as `cfg` says; the run's environment set for HF's Trainer."""
     args, fin = cfg.training, cfg.finetuning
+    if args.use_cpu or not torch.cuda.is_available():
+        _cpu_allocator(cfg.model.cpu_allocator)
     resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
     tokenizer = load_tokenizer(cfg.model)
     template = fit_template(tokenizer, cfg.data)  # the saved tokenizer carries the format this run trains on
@@ -52,6 +54,20 @@ def prepare(cfg) -> Prepared:
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU
     return Prepared(tokenizer, template, data, model, resume)
+
+
+def _cpu_allocator(setting: str) -> None:
+    """glibc's malloc settings for training on the CPU (lf.allocator), said in a log line."""
+    from lf import allocator
+
+    reason = allocator.unavailable(setting)
+    if reason:
+        log.info("cpu_allocator: %s is not applied: %s", setting, reason)
+        return
+    values = allocator.apply(setting)
+    if values:
+        log.info("CPU allocator: %s; large tensors reuse freed memory instead of page-faulting fresh pages "
+                 "(cpu_allocator: default keeps glibc's settings)", allocator.describe(setting, values))
 
 
 def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: bool = False) -> dict:

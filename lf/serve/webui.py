@@ -1,0 +1,532 @@
+"""`lf webui`: lf in the browser (Gradio), in the spirit of LLaMA Board.
+
+- Train: the key fields of a training YAML (model, dataset, method, hyper-parameters, output_dir, and any other keys
+  as YAML); the YAML they make is shown and can be saved, and Start runs exactly it with `lf train`, in a child
+  process (its own process group, so Stop ends it, DeepSpeed/torchrun children included, and the page stays
+  responsive). While it runs, the page shows the child's output (the live log) and the loss curve read from
+  output_dir/trainer_log.jsonl; a run that finishes fills the Chat and Export tabs with its model or adapter.
+- Chat: loads a model (and adapter) into an lf.serve.Engine and streams its replies.
+- Export: lf.export.export, as `lf export` runs it.
+
+`lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
+One training run and one chat model per server: they are the machine's, whichever browser tab drives them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from lf.config import parse_infer_args, parse_train_args
+from lf.config.generation import GeneratingArguments
+from lf.data import TEMPLATES
+from lf.data.conversation import ASSISTANT, USER
+from lf.errors import ConfigError, DataError, ModelError, TrainError
+from lf.export import export
+from lf.serve.engine import Engine, RequestError
+from lf.train.callbacks import LOG_FILE
+from lf.train.plot import smooth
+
+USAGE = """usage: lf webui [--host HOST] [--port PORT]
+
+Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
+Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
+log and loss curve; a Chat tab to talk with a model or a trained adapter; an Export tab that merges an adapter
+into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data, output_dir:
+saves/...) are relative to, e.g. lf's source tree for the quickstart."""
+
+USER_ERRORS = (ConfigError, DataError, ModelError, TrainError, RequestError)
+
+# The Train tab's fields and their starting values: the quickstart's (configs/quickstart.yaml), in the YAML's order.
+TRAIN_DEFAULTS = {
+    "model_name_or_path": "lf-tiny-llama", "template": "qwen", "stage": "sft", "finetuning_type": "lora",
+    "dataset_dir": "data", "dataset": ["identity", "lf_demo_en"], "cutoff_len": 512, "max_samples": 0,
+    "learning_rate": "2e-3", "num_train_epochs": 8.0, "max_steps": 0, "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1, "lr_scheduler_type": "cosine", "lora_rank": 16, "lora_target": "all",
+    "logging_steps": 5, "save_steps": 40, "output_dir": "saves/webui", "overwrite_output_dir": True, "extra": "",
+}
+STAGES = ("sft", "pt", "rm", "dpo", "kto")
+METHODS = ("lora", "freeze", "full")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+LORA_KEYS = ("lora_rank", "lora_target")
+UNSET_WHEN_ZERO = ("max_samples", "max_steps")  # 0 in the form: the key is left out (all samples; epochs decide)
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_TYPES = ("none", "f32", "f16", "bf16", "q8_0")
+LOG_LINES = 200  # of the child's output shown
+
+
+# ---- Train: the YAML from the fields -----------------------------------------------------------------------------
+
+def train_config(fields: dict) -> dict:
+    """The config Start runs: the Train tab's fields as `lf train` keys, then the keys of its extra YAML over
+    them. A field left empty (or 0 where UNSET_WHEN_ZERO) is left out, so lf's default applies."""
+    config = {}
+    for key, value in fields.items():
+        if key == "extra" or value is None or value == "" or value == []:
+            continue
+        if (key in UNSET_WHEN_ZERO and value <= 0) or (key in LORA_KEYS and fields["finetuning_type"] != "lora"):
+            continue
+        if key == "stage":
+            config["do_train"] = True
+        config[key] = value.strip() if isinstance(value, str) else value
+    if "dataset" in config:
+        config["dataset"] = ",".join(config["dataset"])
+    if "learning_rate" in config:
+        config["learning_rate"] = _number("learning_rate", config["learning_rate"])
+    config["plot_loss"] = True  # training_loss.png beside the model, as the quickstart writes it
+    config.update(_extra_keys(fields.get("extra") or ""))
+    return config
+
+
+def _number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a number: write it like 2e-4 or 0.0002") from None
+
+
+def _extra_keys(text: str) -> dict:
+    try:
+        extra = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the other keys are not valid YAML ({exc}): write one `key: value` per line") from None
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigError("the other keys must be `key: value` lines (a YAML mapping), e.g. warmup_ratio: 0.05")
+    return extra or {}
+
+
+def to_yaml(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def dataset_names(dataset_dir: str) -> list[str]:
+    """The datasets dataset_dir/dataset_info.json registers (none when it is missing or unreadable: the dataset
+    field then takes any name, and `lf train` says what is wrong with it)."""
+    try:
+        info = json.loads((Path(dataset_dir) / "dataset_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return list(info) if isinstance(info, dict) else []
+
+
+# ---- Train: the run, its log and its loss curve ------------------------------------------------------------------
+
+def read_log(path, since: float = 0.0) -> list[dict]:
+    """The records of a trainer_log.jsonl; none if it is missing or older than `since` (an earlier run's log that
+    the new run has not replaced yet). A line being written (not yet whole JSON) is skipped."""
+    path = Path(path)
+    try:
+        if path.stat().st_mtime < since:
+            return []
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def loss_frame(records: list[dict]) -> pd.DataFrame:
+    """The loss plot's data: step, loss and curve ("original", and "smoothed" as training_loss.png draws it)."""
+    points = [(r["current_steps"], r["loss"]) for r in records if "loss" in r and "current_steps" in r]
+    steps = [step for step, _ in points]
+    losses = [loss for _, loss in points]
+    return pd.DataFrame({"step": steps * 2, "loss": losses + smooth(losses),
+                         "curve": ["original"] * len(points) + ["smoothed"] * len(points)})
+
+
+def log_text(path, lines: int = LOG_LINES) -> str:
+    """The last lines of a child's output; of a progress bar redrawn with carriage returns, the last drawing."""
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:  # newline="": keep the \r
+            text = f.read()
+    except OSError:
+        return ""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")[-lines:])
+
+
+class Run:
+    """One `lf train` child process: the YAML it runs and its output are files in a folder of its own."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.folder = Path(tempfile.mkdtemp(prefix="lf-webui-"))
+        self.yaml_path, self.log_path = self.folder / "train.yaml", self.folder / "train.log"
+        self.yaml_path.write_text(to_yaml(config), encoding="utf-8")
+        self.started, self.stopped = time.time(), False
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "lf.cli", "train", str(self.yaml_path)],
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def state(self) -> str:
+        """running, finished, stopped or failed."""
+        code = self.process.poll()
+        if code is None:
+            return "running"
+        return "stopped" if self.stopped else "finished" if code == 0 else "failed"
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Ends the run's process group: SIGTERM, then SIGKILL after `grace` seconds. Checkpoints already saved
+        stay whole (lf writes them aside and renames them into place), for a later run to resume from."""
+        if self.process.poll() is not None:
+            return
+        self.stopped = True
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:  # ended on its own meanwhile
+                return
+            try:
+                self.process.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def records(self) -> list[dict]:
+        return read_log(Path(self.config["output_dir"]) / LOG_FILE, since=self.started)
+
+    def summary(self) -> str:
+        """One line for the page: the state and, while running, the progress of the last logged step."""
+        state = self.state()
+        if state == "running":
+            records = [r for r in self.records() if "loss" in r]
+            if not records:
+                return "**running**: loading the model and data (the log below shows what happens)"
+            r = records[-1]
+            return (f"**running**: step {r['current_steps']}/{r['total_steps']} ({r['percentage']}%), loss "
+                    f"{r['loss']:.4g}, {r['throughput']:,.0f} tokens/s, {r['elapsed_time']} elapsed, "
+                    f"{r['remaining_time']} left")
+        if state == "finished":
+            return f"**finished**: the model or adapter is in {self.config['output_dir']}"
+        if state == "stopped":
+            return (f"**stopped**: the checkpoints saved so far stay in {self.config['output_dir']} (Start with "
+                    f"overwrite_output_dir off resumes from the last one)")
+        return (f"**failed** (exit code {self.process.returncode}): the log below says why; the whole output is "
+                f"{self.log_path}")
+
+    def trained_model(self) -> tuple[str, str, str]:
+        """What the Chat and Export tabs load after this run: model, adapter (LoRA only) and template."""
+        c = self.config
+        if c.get("finetuning_type", "lora") == "lora":
+            return c["model_name_or_path"], c["output_dir"], c.get("template", "")
+        return c["output_dir"], "", c.get("template", "")
+
+
+class Trainer:
+    """The server's training run: at most one at a time."""
+
+    def __init__(self):
+        self.run: Run | None = None
+        self._lock = threading.Lock()
+
+    def start(self, fields: dict) -> str | None:
+        """Starts a run of the fields' config; None, or why it did not start."""
+        with self._lock:
+            if self.run is not None and self.run.state() == "running":
+                return "**a run is going already**: stop it first, or wait for it to finish"
+            try:
+                config = train_config(fields)
+                if not config.get("output_dir"):
+                    raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. saves/webui)")
+                parse_train_args(dict(config))  # the mistakes `lf train` would refuse, said here at once
+            except USER_ERRORS as exc:
+                return f"**not started**: {exc}"
+            self.run = Run(config)
+            return None
+
+    def stop(self) -> None:
+        if self.run is not None:
+            self.run.stop()
+
+
+def save_yaml(fields: dict, path: str) -> str:
+    if not path.strip():
+        return "**not saved**: name the file to write (e.g. saves/my_run.yaml)"
+    try:
+        text = to_yaml(train_config(fields))
+        target = Path(path.strip())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    except USER_ERRORS as exc:
+        return f"**not saved**: {exc}"
+    except OSError as exc:
+        return f"**not saved**: {path} cannot be written ({exc}): choose a folder you can write to"
+    return f"**saved** to {target}; run it with `lf train {target}`"
+
+
+# ---- Chat and Export ---------------------------------------------------------------------------------------------
+
+def model_config(model: str, adapter: str, template: str) -> dict:
+    """The model keys the Chat and Export tabs pass to parse_infer_args."""
+    config = {"model_name_or_path": model.strip()}
+    if adapter.strip():
+        config["adapter_name_or_path"] = adapter.strip()
+    if template:
+        config["template"] = template
+    return config
+
+
+class Chat:
+    """The server's chat model: an Engine, loaded from the Chat tab (lf webui) or given (lf webchat)."""
+
+    def __init__(self, engine: Engine | None = None):
+        self.engine = engine
+
+    def load(self, model: str, adapter: str, template: str) -> str:
+        self.engine = None  # the old model goes before the new one loads
+        try:
+            self.engine = Engine(parse_infer_args(model_config(model, adapter, template), "webchat"))
+        except USER_ERRORS as exc:
+            return f"**not loaded**: {exc}"
+        return f"**loaded** {model.strip()}" + (f" with the adapter {adapter.strip()}" if adapter.strip() else "")
+
+    def unload(self) -> str:
+        self.engine = None
+        return "**no model loaded**"
+
+    def respond(self, history: list[dict], query: str, system: str, max_new_tokens: int, temperature: float,
+                top_p: float):
+        """Streams the reply to `query`: yields (chat shown, history, message box) as the reply grows."""
+        if self.engine is None:
+            raise gr.Error("No model is loaded: load one above first (model_name_or_path, and "
+                           "adapter_name_or_path for an adapter a run trained)")
+        if not query.strip():
+            yield history, history, query
+            return
+        messages = history + [{"role": USER, "content": query}]
+        text = ""
+        yield messages + [{"role": ASSISTANT, "content": text}], history, ""
+        try:
+            for piece in self.engine.stream(messages, system.strip() or None, max_new_tokens=int(max_new_tokens),
+                                            temperature=temperature, top_p=top_p):
+                text += piece
+                yield messages + [{"role": ASSISTANT, "content": text}], history, ""
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        done = messages + [{"role": ASSISTANT, "content": text}]
+        yield done, done, ""
+
+
+def chat_panel(chat: Chat, generating: GeneratingArguments) -> None:
+    """The conversation, its message box and the generation settings (defaults: `generating`)."""
+    history = gr.State([])
+    chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=420)
+    with gr.Row():
+        query = gr.Textbox(label="message", placeholder="Type a message and press Enter", scale=5)
+        send = gr.Button("Send", variant="primary", scale=1)
+        clear = gr.Button("Clear", scale=1)
+    with gr.Accordion("generation settings", open=False):
+        system = gr.Textbox(label="system prompt (empty: the template's)")
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, 4096, value=generating.max_new_tokens, step=1, label="max_new_tokens")
+            temperature = gr.Slider(0, 2, value=generating.temperature, step=0.01, label="temperature (0: greedy)")
+            top_p = gr.Slider(0.01, 1, value=generating.top_p, step=0.01, label="top_p")
+    gr.on([send.click, query.submit], chat.respond, [history, query, system, max_new_tokens, temperature, top_p],
+          [chatbot, history, query])
+    clear.click(lambda: ([], []), None, [chatbot, history])
+
+
+def run_export(model: str, adapter: str, template: str, export_dir: str, export_size: float, export_dtype: str,
+               export_gguf: str) -> str:
+    config = {**model_config(model, adapter, template), "export_dir": export_dir.strip(), "export_size": export_size,
+              "export_dtype": export_dtype}
+    if export_gguf != "none":
+        config["export_gguf"] = export_gguf
+    try:
+        written = export(parse_infer_args(config, "export"))
+    except USER_ERRORS as exc:
+        return f"**not exported**: {exc}"
+    return "**exported**: " + ", ".join(f"{key} {path}" for key, path in written.items())
+
+
+# ---- the page ----------------------------------------------------------------------------------------------------
+
+def _model_fields() -> tuple[gr.Textbox, gr.Textbox, gr.Dropdown]:
+    """model, adapter and template: what the Chat and Export tabs load."""
+    with gr.Row():
+        model = gr.Textbox(TRAIN_DEFAULTS["model_name_or_path"], label="model_name_or_path", scale=2)
+        adapter = gr.Textbox(label="adapter_name_or_path (empty: none)", scale=2)
+        template = gr.Dropdown(sorted(TEMPLATES), value=TRAIN_DEFAULTS["template"], label="template",
+                               allow_custom_value=True)
+    return model, adapter, template
+
+
+def _train_fields() -> dict[str, gr.components.Component]:
+    """The Train tab's inputs, keyed (and labelled) by their YAML key, in TRAIN_DEFAULTS' order."""
+    d, fields = TRAIN_DEFAULTS, {}
+
+    def text(key, **kw):
+        fields[key] = gr.Textbox(d[key], label=key, **kw)
+
+    def number(key, integer=True):
+        fields[key] = gr.Number(d[key], label=key, precision=0 if integer else None, minimum=0)
+
+    def choice(key, choices, **kw):
+        fields[key] = gr.Dropdown(list(choices), value=d[key], label=key, **kw)
+
+    with gr.Row():
+        text("model_name_or_path", scale=2)
+        choice("template", sorted(TEMPLATES), allow_custom_value=True)
+        choice("stage", STAGES)
+        choice("finetuning_type", METHODS)
+    with gr.Row():
+        text("dataset_dir")
+        choice("dataset", dataset_names(d["dataset_dir"]), multiselect=True, allow_custom_value=True, scale=2)
+        number("cutoff_len")
+        number("max_samples")
+    with gr.Row():
+        text("learning_rate")
+        number("num_train_epochs", integer=False)
+        number("max_steps")
+        number("per_device_train_batch_size")
+        number("gradient_accumulation_steps")
+        choice("lr_scheduler_type", SCHEDULERS)
+    with gr.Row():
+        number("lora_rank")
+        text("lora_target")
+        number("logging_steps")
+        number("save_steps")
+    with gr.Row():
+        text("output_dir", scale=3)
+        fields["overwrite_output_dir"] = gr.Checkbox(d["overwrite_output_dir"], label="overwrite_output_dir")
+    with gr.Accordion("other keys (YAML, over the fields above)", open=False):
+        fields["extra"] = gr.Code(d["extra"], language="yaml", label="e.g. warmup_ratio: 0.05", lines=3)
+    fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(folder)), fields["dataset_dir"],
+                                 fields["dataset"])
+    return fields
+
+
+def _preview(fields: dict) -> str:
+    try:
+        return to_yaml(train_config(fields))
+    except USER_ERRORS as exc:
+        return f"# {exc}"
+
+
+def create_ui(trainer: Trainer | None = None, chat: Chat | None = None) -> gr.Blocks:
+    """The `lf webui` page."""
+    trainer, chat = trainer or Trainer(), chat or Chat()
+    with gr.Blocks(title="lf webui", analytics_enabled=False) as demo:
+        gr.Markdown("## lf webui")
+        with gr.Tab("Train"):
+            fields = _train_fields()
+            names, inputs = list(fields), list(fields.values())
+
+            def values(*args) -> dict:
+                return dict(zip(names, args))
+
+            with gr.Accordion("the YAML Start runs", open=True):
+                config = gr.Code(_preview(TRAIN_DEFAULTS), language="yaml", interactive=False, label="train.yaml",
+                                 elem_id="train_yaml")
+                with gr.Row():
+                    save_path = gr.Textbox("saves/webui_train.yaml", label="save the YAML to", scale=3)
+                    save = gr.Button("Save YAML")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="start")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            status = gr.Markdown("**no run yet**", elem_id="train_status")
+            with gr.Row():
+                log = gr.Textbox(label="log", lines=18, max_lines=18, autoscroll=True, elem_id="train_log")
+                plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss_plot",
+                                   color_map={"original": "#9ecae1", "smoothed": "#1f77b4"})
+            timer = gr.Timer(1.0, active=False)
+        with gr.Tab("Chat"):
+            chat_model = _model_fields()
+            with gr.Row():
+                load = gr.Button("Load model", variant="primary", elem_id="load_model")
+                unload = gr.Button("Unload model")
+            chat_status = gr.Markdown("**no model loaded**", elem_id="chat_status")
+            chat_panel(chat, GeneratingArguments())
+        with gr.Tab("Export"):
+            export_model = _model_fields()
+            with gr.Row():
+                export_dir = gr.Textbox("saves/webui_merged", label="export_dir", scale=2)
+                export_size = gr.Number(5, label="export_size (GB per shard)", minimum=0.001)
+                export_dtype = gr.Dropdown(list(EXPORT_DTYPES), value="auto", label="export_dtype")
+                export_gguf = gr.Dropdown(list(GGUF_TYPES), value="none", label="export_gguf")
+            export_button = gr.Button("Export", variant="primary")
+            export_status = gr.Markdown("", elem_id="export_status")
+
+        gr.on([f.change for f in inputs], lambda *args: _preview(values(*args)), inputs, config)
+        save.click(lambda path, *args: save_yaml(values(*args), path), [save_path, *inputs], status)
+
+        def refresh():
+            """What the page shows of the run; the timer runs while it does, and a run that ends fills the Chat
+            and Export tabs with what it trained."""
+            run = trainer.run
+            if run is None:
+                return ("**no run yet**", "", None, gr.Timer(active=False), *[gr.skip()] * 6)
+            # the state first: what is read after it is at least as new (an ended run's log and summary are final)
+            running = run.state() == "running"
+            frame, output = loss_frame(run.records()), log_text(run.log_path)
+            trained = run.trained_model() if run.state() == "finished" else [gr.skip()] * 3
+            return (run.summary(), output, frame if len(frame) else None, gr.Timer(active=running),
+                    *trained, *trained)
+
+        shown = [status, log, plot, timer, *chat_model, *export_model]
+
+        def start_run(*args):
+            problem = trainer.start(values(*args))
+            return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh()
+
+        def stop_run():
+            trainer.stop()
+            return refresh()
+
+        start.click(start_run, inputs, shown)
+        stop.click(stop_run, None, shown)
+        timer.tick(refresh, None, shown)
+        demo.load(refresh, None, shown)
+        load.click(chat.load, list(chat_model), chat_status)
+        unload.click(chat.unload, None, chat_status)
+        export_button.click(run_export, [*export_model, export_dir, export_size, export_dtype, export_gguf],
+                            export_status)
+    demo.trainer, demo.chat = trainer, chat  # for `lf webui`'s exit, and tests
+    return demo
+
+
+def chat_app(engine: Engine) -> gr.Blocks:
+    """The `lf webchat` page: the chat panel over a loaded model."""
+    with gr.Blocks(title=f"lf webchat: {engine.name}", analytics_enabled=False) as demo:
+        gr.Markdown(f"## lf webchat: {engine.name}")
+        chat_panel(Chat(engine), engine.generating)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs) -> None:
+    """Serves the page (host/port None: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1:7860)."""
+    try:
+        demo.queue().launch(server_name=host, server_port=port, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve the page at {host or '127.0.0.1'}:{port or 7860} ({exc}): pick a free "
+                          f"port with --port or GRADIO_SERVER_PORT") from None
+
+
+def command(argv: list[str]) -> int:
+    """`lf webui [--host HOST] [--port PORT]`; a run still going when the server exits is stopped."""
+    parser = argparse.ArgumentParser(prog="lf webui", usage=USAGE)
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    demo = create_ui()
+    atexit.register(demo.trainer.stop)
+    launch(demo, args.host, args.port)
+    return 0

@@ -1,0 +1,208 @@
+"""`lf webui`: the YAML the Train tab builds (read back by `lf train`'s parser), the log and loss-curve readers, Start's
+checks, and the page itself in headless Chromium: a tiny quickstart run trained from the Train tab (loss plot
+drawn), a chat with the adapter it made, and a run stopped."""
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import yaml
+from test_train import lf_home  # noqa: F401  (the tiny model, built once in a temporary LF_HOME)
+
+from lf.config import parse_train_args
+from lf.errors import ConfigError
+from lf.serve import webui
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+
+
+def fields(**changes) -> dict:
+    return {**webui.TRAIN_DEFAULTS, **changes}
+
+
+def test_train_yaml_round_trips_through_lf_trains_parser(tmp_path):
+    text = webui.to_yaml(webui.train_config(fields(
+        dataset_dir=str(REPO / "data"), dataset=["lf_demo_en"], max_steps=3, learning_rate="5e-5",
+        output_dir=str(tmp_path / "out"), extra="warmup_ratio: 0.1\nseed: 7\nlora_rank: 8")))
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    cfg = parse_train_args([str(path)])
+    assert cfg.model.model_name_or_path == "lf-tiny-llama" and cfg.data.template == "qwen"
+    assert cfg.data.dataset == "lf_demo_en" and cfg.data.cutoff_len == 512 and cfg.data.max_samples is None
+    assert cfg.finetuning.stage == "sft" and cfg.finetuning.finetuning_type == "lora"
+    assert cfg.finetuning.lora_rank == 8 and cfg.finetuning.lora_target == "all"  # the other keys win
+    assert cfg.training.learning_rate == 5e-5 and cfg.training.max_steps == 3 and cfg.training.seed == 7
+    assert cfg.training.per_device_train_batch_size == 4 and cfg.training.output_dir == str(tmp_path / "out")
+    assert cfg.training.do_train and cfg.finetuning.plot_loss and cfg.finetuning.overwrite_output_dir
+    assert yaml.safe_load(text)["num_train_epochs"] == 8.0
+
+
+def test_train_yaml_leaves_out_what_the_method_or_a_zero_does_not_set():
+    config = webui.train_config(fields(finetuning_type="full", max_steps=0, max_samples=16, template=None))
+    assert "lora_rank" not in config and "lora_target" not in config and "max_steps" not in config
+    assert "template" not in config and config["max_samples"] == 16 and config["dataset"] == "identity,lf_demo_en"
+    assert parse_train_args(config).finetuning.finetuning_type == "full"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learning_rate": "fast"}, "learning_rate: 'fast' is not a number"),
+    ({"extra": "- warmup_ratio"}, "must be `key: value` lines"),
+    ({"extra": "warmup_ratio: [0.1"}, "not valid YAML"),
+])
+def test_train_yaml_mistakes_say_what_to_fix(change, message):
+    with pytest.raises(ConfigError, match=message):
+        webui.train_config(fields(**change))
+
+
+def test_start_refuses_a_config_lf_train_would_refuse(tmp_path):
+    trainer = webui.Trainer()
+    problem = trainer.start(fields(output_dir=str(tmp_path / "out"), extra="learing_rate: 0.1"))
+    assert problem.startswith("**not started**") and "Did you mean: learning_rate" in problem
+    assert trainer.run is None and not (tmp_path / "out").exists()
+    assert "output_dir is empty" in trainer.start(fields(output_dir=" "))
+
+
+def test_save_yaml(tmp_path):
+    status = webui.save_yaml(fields(max_steps=5), str(tmp_path / "sub" / "run.yaml"))
+    assert status.startswith("**saved**")
+    assert yaml.safe_load((tmp_path / "sub" / "run.yaml").read_text())["max_steps"] == 5
+    assert webui.save_yaml(fields(), "  ").startswith("**not saved**")
+
+
+def test_log_and_loss_curve_readers(tmp_path):
+    log = tmp_path / "trainer_log.jsonl"
+    records = [{"current_steps": s, "total_steps": 3, "loss": loss} for s, loss in ((1, 4.0), (2, 3.0), (3, 2.0))]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + json.dumps({"current_steps": 3, "eval_loss": 1.0})
+                   + "\n" + '{"current_steps": 4, "lo')  # an evaluation, then a line being written
+    assert webui.read_log(log)[:3] == records and len(webui.read_log(log)) == 4
+    assert webui.read_log(log, since=time.time() + 60) == []  # an earlier run's log
+    assert webui.read_log(tmp_path / "missing.jsonl") == []
+    frame = webui.loss_frame(webui.read_log(log))
+    assert list(frame["step"]) == [1, 2, 3, 1, 2, 3] and list(frame["loss"][:3]) == [4.0, 3.0, 2.0]
+    assert list(frame["curve"]) == ["original"] * 3 + ["smoothed"] * 3
+    assert frame["loss"][3] == 4.0 and 2.0 < frame["loss"][5] < 4.0  # the moving average starts at the first loss
+    assert webui.loss_frame([]).empty
+    output = tmp_path / "train.log"
+    output.write_text("[lf] loading\n 50%|##   | 1/2\r100%|#####| 2/2\ndone\n")
+    assert webui.log_text(output) == "[lf] loading\n100%|#####| 2/2\ndone"
+    assert webui.log_text(output, lines=1) == "done"
+
+
+def test_chat_streams_the_engines_reply_and_webchat_serves_it(tmp_path, monkeypatch):
+    from lf.config import parse_infer_args
+    from lf.serve import Engine, webchat
+
+    with pytest.raises(gr.Error, match="No model is loaded"):
+        next(webui.Chat().respond([], "hi", "", 4, 0.0, 1.0))
+    assert webui.Chat().load(str(tmp_path / "none"), "", "qwen").startswith("**not loaded**")
+    served = []
+    monkeypatch.setattr(webui, "launch", lambda demo, *args: served.append((demo, args)))
+    assert webchat.command(["model_name_or_path=lf-tiny-llama", "template=qwen", "max_new_tokens=6"]) == 0
+    assert served[0][0].title == "lf webchat: lf-tiny-llama"
+    assert webui.command(["--port", "7999"]) == 0 and served[1][1] == (None, 7999)
+
+    engine = Engine(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen"}, "webchat"))
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    shown = list(webui.Chat(engine).respond(history, "Who are you?", "", 6, 0.0, 1.0))
+    expected = engine.generate(history + [{"role": "user", "content": "Who are you?"}], max_new_tokens=6,
+                               temperature=0.0)[0].text
+    chat, kept, box = shown[-1]
+    assert chat == kept == history + [{"role": "user", "content": "Who are you?"},
+                                      {"role": "assistant", "content": expected}]
+    assert box == "" and shown[0][1] == history  # the history grows once the reply is whole
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(page, selector: str, *words: str, timeout: float) -> str:
+    """The text of `selector` once it starts with one of `words`."""
+    page.wait_for_function("([sel, words]) => words.some(w => document.querySelector(sel).innerText.startsWith(w))",
+                           arg=[selector, list(words)], timeout=timeout * 1000)
+    return page.locator(selector).inner_text()
+
+
+def test_train_chat_and_stop_in_a_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    demo = webui.create_ui()
+    port = _free_port()
+    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.goto(f"http://127.0.0.1:{port}/")
+            out = tmp_path / "run"
+
+            # Train: the tiny quickstart, a few steps
+            form = {"dataset_dir": str(REPO / "data"), "output_dir": str(out), "max_steps": "3", "cutoff_len": "64",
+                    "max_samples": "8", "per_device_train_batch_size": "2", "logging_steps": "1"}
+            for key, value in form.items():
+                page.get_by_label(key, exact=True).fill(value)
+            page.get_by_label("logging_steps", exact=True).press("Tab")
+            page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 3')")
+            assert f"output_dir: {out}" in page.locator("#train_yaml").inner_text()
+            page.locator("#start").click()
+            status = _status(page, "#train_status", "finished", "failed", "not started", timeout=240)
+            log = page.locator("#train_log textarea").input_value()
+            assert "finished" in status, f"{status}\n{log}"
+            assert "lf train: done" in log
+            # the loss plot: both curves drawn through the 3 logged steps
+            page.wait_for_selector("#loss_plot svg .mark-line path")
+            paths = page.locator("#loss_plot svg .mark-line path")
+            assert paths.count() == 2 and all(len(p.get_attribute("d") or "") > 10 for p in paths.all())
+            assert len(webui.read_log(out / "trainer_log.jsonl")) == 3
+
+            # Chat: the finished run filled in its adapter; load it and talk
+            page.get_by_role("tab", name="Chat").click()
+            adapter = page.get_by_label("adapter_name_or_path (empty: none)").first
+            assert adapter.input_value() == str(out)
+            page.locator("#load_model").click()
+            assert "loaded" in _status(page, "#chat_status", "loaded", timeout=120)
+            page.get_by_text("generation settings").first.click()
+            for label, value in (("max_new_tokens", "8"), ("temperature (0: greedy)", "0")):
+                page.get_by_label(label).last.fill(value)
+                page.get_by_label(label).last.press("Enter")
+            page.get_by_label("message").fill("Who are you?")
+            page.get_by_role("button", name="Send").click()
+            page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
+                                   "return m && m.innerText.trim().length > 0; }", timeout=60_000)
+            assert page.locator('#chatbot [data-testid="user"]').inner_text().strip() == "Who are you?"
+            assert page.locator('#chatbot [data-testid="bot"]').count() == 1
+
+            # Export: the same adapter, merged
+            page.get_by_role("tab", name="Export").click()
+            page.get_by_label("export_dir", exact=True).fill(str(tmp_path / "merged"))
+            page.get_by_role("button", name="Export", exact=True).click()
+            status = _status(page, "#export_status", "exported", "not exported", timeout=120)
+            assert status.startswith("exported") and (tmp_path / "merged" / "config.json").exists(), status
+
+            # Stop: a long run started, then stopped; its process group is gone
+            page.get_by_role("tab", name="Train").click()
+            page.get_by_label("output_dir", exact=True).fill(str(tmp_path / "long"))
+            page.get_by_label("max_steps", exact=True).fill("100000")
+            page.get_by_label("max_steps", exact=True).press("Tab")
+            page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 100000')")
+            page.locator("#start").click()
+            _status(page, "#train_status", "running", timeout=30)
+            run = demo.trainer.run
+            assert run.process.poll() is None
+            page.locator("#stop").click()
+            assert "stopped" in _status(page, "#train_status", "stopped", timeout=30)
+            assert run.process.poll() is not None
+            with pytest.raises(ProcessLookupError):
+                os.killpg(run.process.pid, 0)
+            browser.close()
+    finally:
+        if demo.trainer.run is not None:
+            demo.trainer.run.stop()
+        demo.close()
