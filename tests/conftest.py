@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -40,3 +41,15 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
     return seed
+
+
+@pytest.fixture(autouse=True)
+def lf_logger_restored():
+    """A test that runs a command through lf.cli gets lf's "[lf]" log handler on pytest's captured stderr, which
+    closes after the test, and lf's logger stops propagating (so the CLI prints each line once): both are undone
+    here, so that later tests' caplog sees lf's lines."""
+    logger = logging.getLogger("lf")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
