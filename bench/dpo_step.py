@@ -128,13 +128,9 @@ def run_case(dtype: str, variant: str, quick: bool) -> dict:
         return json.loads(result.read_text())
 
 
-def report(rows: list[dict], quick: bool) -> str:
-    sizes = QUICK if quick else FULL
-    lines = [f"# One dpo step: {harness.device_name()}", "", "`python -m bench dpo-step" + " --quick" * quick + "`", "",
-             f"2-layer Llama, hidden {sizes['hidden']}, vocab {sizes['vocab']}, one pair of {sizes['tokens']} tokens "
-             f"per side ({sizes['prompt']} prompt), LoRA r8 on q/v, sigmoid loss; reference = adapter off. Peak = "
-             f"the child's peak RSS above its baseline (model and inputs built) during one step.", "",
-             "| dtype | variant | step s | vs TRL | peak MiB above baseline | vs TRL | loss |",
+def summary(rows: list[dict]) -> str:
+    """The table: each variant's step time and peak memory, and their ratios to TRL's in the same dtype."""
+    lines = ["| dtype | variant | step s | vs TRL | peak MiB above baseline | vs TRL | loss |",
              "|---|---|--:|--:|--:|--:|--:|"]
     by = {(r["dtype"], r["variant"]): r for r in rows}
     for (dtype, variant), r in by.items():
@@ -147,7 +143,16 @@ def report(rows: list[dict], quick: bool) -> str:
         lines.append(f"| {dtype} | {VARIANTS[variant]} | {r['time_s']:.2f} | {speed} | {r['extra_peak_mib']:.0f} "
                      f"| {memory} | {r['loss']:.6f} |")
     lines += ["", "vs TRL: speed-up (TRL's time / this one's) and memory (this one's peak / TRL's)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], quick: bool, command: str) -> str:
+    sizes = QUICK if quick else FULL
+    return "\n".join([
+        f"# One dpo step: {harness.device_name()}", "", f"`{command}`", "",
+        f"2-layer Llama, hidden {sizes['hidden']}, vocab {sizes['vocab']}, one pair of {sizes['tokens']} tokens per "
+        f"side ({sizes['prompt']} prompt), LoRA r8 on q/v, sigmoid loss; reference = adapter off. Peak = the child's "
+        f"peak RSS above its baseline (model and inputs built) during one step.", "", summary(rows)]) + "\n"
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench dpo-step") -> int:
@@ -168,9 +173,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench dpo-step") 
             r = rows[-1]
             print(f"{dtype} {variant}: " + (r.get("error") or f"{r['time_s']:.2f} s, +{r['extra_peak_mib']:.0f} MiB, "
                                                                f"loss {r['loss']:.6f}"), flush=True)
-    text = report(rows, args.quick)
+    command = "python -m bench dpo-step" + " --quick" * args.quick
+    text = report(rows, args.quick, command)
     print(text)
-    harness.write_report(NAME, text, {"rows": rows, "machine": harness.machine_facts()}, args.quick)
+    harness.write_report(NAME, text, {"command": command, "date": harness.now(), "rows": rows,
+                                      "machine": harness.machine_facts(), "summary_md": summary(rows)}, args.quick)
     return 0 if all("error" not in r for r in rows) else 1
 
 
