@@ -10,9 +10,9 @@ the GPUs from the children) and so the results folder.
   (``python -m bench dpo-step``).
 
 Each benchmark writes its own ``bench/results/<device>/<date>-<name>.{json,md,png}``; this one adds
-``<date>.{json,md}`` linking them, and rewrites the part of README.md between the ``lf bench`` markers from the
-newest full result of each benchmark on this machine: nothing there is typed by hand. ``--quick`` runs are smoke
-runs: they go to ``scratch/`` (git-ignored) and leave the README alone.
+``<date>-lf-bench-<part>.{json,md}`` linking them, and rewrites the part of README.md between the ``lf bench``
+markers from the newest full result of each benchmark on this machine: nothing there is typed by hand. ``--quick``
+runs are smoke runs: they go to ``scratch/`` (git-ignored) and leave the README alone.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = {name: r for name, r in results.items() if isinstance(r, str)}
 
     folder = results_folder(args.quick)
-    stem = folder / datetime.date.today().isoformat()
+    stem = folder / f"{datetime.date.today().isoformat()}-lf-bench-{args.part}"  # one report per part and day
     command = "lf bench " + args.part + " --quick" * args.quick
     report = {"date": harness.now(), "command": command, "machine": harness.machine_facts(),
               "results": {name: str(path.relative_to(REPO)) for name, path in written.items()}, "failed": failed}

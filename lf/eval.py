@@ -259,12 +259,9 @@ def letter_logits(model, prompts: list[list[int]], letter_ids: list[int], pad_id
     batch."""
     import torch
 
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+    from lf.data.collator import left_padded
+
+    ids, mask = left_padded(prompts, pad_id)
     # positions count real tokens only, as HF's generate (pads get 1): RoPE ignores the offset, learned absolute
     # positions do not, and lf's packed attention must not read the pads' zeros as restarting examples
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)

@@ -26,6 +26,7 @@ import time
 import torch
 
 from lf.data import get_dataset
+from lf.data.collator import left_padded
 from lf.train.metrics import similarity
 
 log = logging.getLogger("lf")
@@ -55,17 +56,6 @@ def generation_kwargs(generating, stops: list[int], pad_id: int) -> dict:
     return kwargs
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of the prompts padded on the left to the longest."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
 def until_stop(ids: list[int], stops: list[int]) -> list[int]:
     """`ids` up to (without) the first stop id: an answer without its end-of-turn marker and the padding after."""
     cut = next((i for i, token in enumerate(ids) if token in stops), len(ids))
@@ -83,7 +73,7 @@ def generate_answers(model, prompts: list[list[int]], *, batch_size: int, kwargs
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="Predicting", unit="batch", disable=not show_progress):
         rows = order[start:start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in rows], kwargs["pad_token_id"])
+        ids, mask = left_padded([prompts[i] for i in rows], kwargs["pad_token_id"])
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for i, generated in zip(rows, out[:, ids.shape[1]:].tolist()):
