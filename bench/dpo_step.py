@@ -68,7 +68,7 @@ def step(variant: str, model, ids, mask, labels) -> float:
     import torch
 
     from lf.kernels.fused_linear_preference_loss import preference_loss
-    from lf.train.preference import _eval_mode, policy_loss, reply_logps
+    from lf.train.preference import eval_mode, policy_loss, reply_logps
 
     def full_logits_logps():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -77,7 +77,7 @@ def step(variant: str, model, ids, mask, labels) -> float:
         return (per_token * (shifted != -100)).sum(-1)
 
     tokens = (labels[:, 1:] != -100).sum(-1)
-    with torch.no_grad(), _eval_mode(model), model.disable_adapter():
+    with torch.no_grad(), eval_mode(model), model.disable_adapter():
         reference = full_logits_logps() if variant == "logits" else reply_logps(model, ids, mask, labels,
                                                                                 variant == "lf")
     if variant == "logits":

@@ -140,7 +140,7 @@ class LogpsTrainer(PairTrainer):
         reference = self.ref_model if self.ref_model is not None else model
         adapter_off = (self.accelerator.unwrap_model(model).disable_adapter() if self.ref_model is None
                        else contextlib.nullcontext())
-        with _eval_mode(reference), adapter_off:
+        with eval_mode(reference), adapter_off:
             yield reference
 
 
@@ -195,7 +195,7 @@ class KTOTrainer(LogpsTrainer):
     def pair_loss(self, model, batch):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         kl_ids, kl_mask, kl_labels = batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
-        with _eval_mode(model):  # a detached baseline: neither dropout nor gradient checkpointing has a part in it
+        with eval_mode(model):  # a detached baseline: neither dropout nor gradient checkpointing has a part in it
             policy_kl = self._logps(model, kl_ids, kl_mask, kl_labels)
         with self._as_reference(model) as ref:
             reference = self._logps(ref, ids, mask, labels)
@@ -206,7 +206,7 @@ class KTOTrainer(LogpsTrainer):
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     """`model` in eval mode (no dropout, no gradient checkpointing) for passes without gradient."""
     was_training = model.training
     model.eval()
