@@ -1,14 +1,21 @@
 """Attention over neat-packed rows: lf's per-example causal SDPA against transformers' block-diagonal mask.
 
-    python -m bench.packed_attention            # one row of 2048 tokens holding 8 examples, 8 heads x 64
-    python -m bench.packed_attention --quick    # 512 tokens (smoke)
+    python -m bench.packed_attention            # the two shapes below, 8 heads x 64
+    python -m bench.packed_attention --quick    # each example 4x shorter (smoke)
 
-Forward + backward of the attention alone (q, k, v given), fp32 and bf16, median of several calls, in one
-process: `lf_packed` (lf.kernels.packed_attention.packed_sdpa: causal SDPA per example), `sdpa_mask` (SDPA with
-the L x L block-diagonal causal mask that transformers builds for packed rows, LLaMA-Factory's path on the CPU),
-and `sdpa_causal` (one causal SDPA over the whole row: as fast as attention over a row gets, but the examples see
-each other, so it is a speed reference, not an alternative). The outputs of lf_packed and sdpa_mask are compared.
-Writes bench/results/<device>/<date>-packed_attention.{json,md} (scratch/ for --quick).
+Two shapes: `long_row`, one row of 2048 tokens holding 8 examples of 92 to 512 tokens, and `short_rows`, a batch of
+4 rows of 512 tokens holding 21 examples of 32 to 200 (the e2e training benchmark's batch of packed rows, cutoff
+512, batch 4, with shorter examples than its alpaca_en_demo: ~2.4 of ~215 tokens a row). Forward + backward of the
+attention alone (q, k, v given), fp32 and bf16, median of several calls, in one process: `lf_packed`
+(lf.kernels.packed_attention.packed_sdpa: causal SDPA per example), `sdpa_mask` (SDPA with the L x L block-diagonal
+causal mask that transformers builds for packed rows, LLaMA-Factory's path on the CPU, in one call over the batch),
+`lf_chosen` (what lf's attention, packed_attention.hf_attention, runs for that batch: lf_packed when
+`segments_pay(bounds, length, dtype)`, else sdpa_mask; segments cost about 1.25 * sum(n * max(n, block)) over
+their lengths n (block: 512 in bf16, 192 in fp32), the mask rows * length^2) and `sdpa_causal` (one causal SDPA
+over each whole row: as fast as attention over a row gets, but the examples see each other, so it is a speed
+reference, not an alternative). The outputs of
+lf_packed and sdpa_mask are compared. Writes bench/results/<device>/<date>-packed_attention.{json,md} (scratch/ for
+--quick).
 """
 
 from __future__ import annotations
@@ -20,34 +27,46 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
-from lf.kernels.packed_attention import packed_sdpa
+from lf.kernels.packed_attention import packed_sdpa, segment_block, segments_pay
 
-HEADS, HEAD_DIM, ROW = 8, 64, 2048
-EXAMPLES = (512, 400, 320, 256, 200, 160, 108, 92)  # 2048 tokens
+HEADS, HEAD_DIM = 8, 64
+# name -> each row's example lengths (every row of a shape sums to the same length)
+SHAPES = {
+    "long_row": ((512, 400, 320, 256, 200, 160, 108, 92),),  # 2048 tokens
+    "short_rows": ((200, 148, 92, 72), (180, 120, 100, 64, 48), (160, 112, 96, 80, 32, 32),
+                   (140, 128, 88, 68, 56, 32)),  # 4 x 512 tokens
+}
 
 
-def _bounds(lengths):
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    return [[(s, s + n) for s, n in zip(starts, lengths)]]
+def _bounds(rows):
+    bounds = []
+    for lengths in rows:
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        bounds.append([(s, s + n) for s, n in zip(starts, lengths)])
+    return bounds
 
 
 def _mask(bounds, length):
-    mask = torch.zeros(1, 1, length, length, dtype=torch.bool)
-    for s, e in bounds[0]:
-        mask[0, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+    mask = torch.zeros(len(bounds), 1, length, length, dtype=torch.bool)
+    for b, row in enumerate(bounds):
+        for s, e in row:
+            mask[b, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
     return mask
 
 
-def case(dtype, scale_down: int):
-    lengths = [n // scale_down for n in EXAMPLES]
-    length = sum(lengths)
-    bounds = _bounds(lengths)
+def case(shape: str, dtype, scale_down: int):
+    rows = [[n // scale_down for n in lengths] for lengths in SHAPES[shape]]
+    length = sum(rows[0])
+    assert all(sum(lengths) == length for lengths in rows), rows
+    bounds = _bounds(rows)
     mask = _mask(bounds, length)
-    q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad = torch.randn(1, HEADS, length, HEAD_DIM, dtype=dtype)
+    pays = segments_pay(bounds, length, dtype)
+    q, k, v = (torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype)
     variants = {
         "lf_packed": lambda: packed_sdpa(q, k, v, bounds),
         "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "lf_chosen": lambda: variants["lf_packed" if pays else "sdpa_mask"](),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
 
@@ -58,8 +77,10 @@ def case(dtype, scale_down: int):
     calls = {name: (lambda fn=fn: fn().backward(grad), clear_grads) for name, fn in variants.items()}
     seconds = harness.median_seconds(calls, warmup=2, repeats=7)
     diff = (variants["lf_packed"]().float() - variants["sdpa_mask"]().float()).abs().max().item()
-    return {"dtype": str(dtype).removeprefix("torch."), "tokens": length, "examples": len(lengths),
-            "ms": {name: 1e3 * s for name, s in seconds.items()}, "max_abs_diff_vs_mask": diff}
+    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "batch": len(rows), "tokens": length,
+            "examples": sum(map(len, rows)), "example_tokens": [min(map(min, rows)), max(map(max, rows))],
+            "lf_chose": "lf_packed" if pays else "sdpa_mask", "ms": {name: 1e3 * s for name, s in seconds.items()},
+            "max_abs_diff_vs_mask": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,14 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    rows = [case(dtype, 4 if args.quick else 1) for dtype in (torch.float32, torch.bfloat16)]
+    rows = [case(shape, dtype, 4 if args.quick else 1) for shape in SHAPES for dtype in (torch.float32, torch.bfloat16)]
     command = "python -m bench.packed_attention" + (" --quick" if args.quick else "")
-    md = [f"# Attention over a packed row: {harness.device_name()}", "", f"`{command}`", "",
-          f"One row of {rows[0]['tokens']} tokens holding {rows[0]['examples']} examples, {HEADS} heads x "
-          f"{HEAD_DIM}, forward + backward, median of 7 calls; {torch.get_num_threads()} threads.", "",
-          "| dtype | lf_packed ms | sdpa_mask ms | sdpa_causal ms (examples mixed) | lf vs mask | max abs diff |",
-          "|---|--:|--:|--:|--:|--:|"]
-    md += [f"| {r['dtype']} | {r['ms']['lf_packed']:.1f} | {r['ms']['sdpa_mask']:.1f} | {r['ms']['sdpa_causal']:.1f} "
+    shapes = {r["shape"]: r for r in rows}
+    md = [f"# Attention over packed rows: {harness.device_name()}", "", f"`{command}`", "",
+          "; ".join(f"{name}: {r['batch']} row(s) of {r['tokens']} tokens holding {r['examples']} examples of "
+                    f"{r['example_tokens'][0]} to {r['example_tokens'][1]}" for name, r in shapes.items())
+          + f". {HEADS} heads x {HEAD_DIM}, forward + backward, median of 7 calls; {torch.get_num_threads()} threads. "
+          f"lf_chosen is what lf's attention runs: lf_packed (segments) when segments_pay, i.e. "
+          f"1.25 * sum(n * max(n, block)) < rows * length^2 (block {segment_block(torch.bfloat16)} in bf16, "
+          f"{segment_block(torch.float32)} in fp32), else sdpa_mask.", "",
+          "| shape | dtype | lf chose | lf_chosen ms | lf_packed ms | sdpa_mask ms | sdpa_causal ms (examples mixed) "
+          "| lf_packed vs mask | max abs diff |",
+          "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    md += [f"| {r['shape']} | {r['dtype']} | {r['lf_chose']} | {r['ms']['lf_chosen']:.1f} | {r['ms']['lf_packed']:.1f} "
+           f"| {r['ms']['sdpa_mask']:.1f} | {r['ms']['sdpa_causal']:.1f} "
            f"| {r['ms']['sdpa_mask'] / r['ms']['lf_packed']:.2f}x | {r['max_abs_diff_vs_mask']:.1e} |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)

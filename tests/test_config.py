@@ -317,6 +317,8 @@ RULE_CASES = {
                           "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head"),
     "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
     "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
+    "gradient_checkpointing_every": ({"gradient_checkpointing_every": 0}, "gradient_checkpointing_every: 0 names no "
+                                                                          "layers: use 1 to checkpoint every"),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
     "lora_rank": ({"lora_rank": 0}, "lora_rank: 0 leaves the adapters no room"),

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from lf import _C
 from lf.errors import KernelDTypeError, KernelInputError
 from lf.kernels.lora_nf4_linear import dequantize_4bit, lora_nf4_linear, lora_nf4_linear_reference
-from tests.support import DTYPES, assert_close, oracle
+from tests.support import DTYPES, assert_close, oracle, saved_numels
 
 SHAPES = [(64, 128), (1, 64), (300, 200), (4096, 3), (7, 33), (3, 5)]
 
@@ -196,18 +196,6 @@ def test_autocast_does_not_change_the_dtype(backend):
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
-def _saved_numels(fn):
-    numels = []
-
-    def pack(t):
-        numels.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn().sum().backward()
-    return numels
-
-
 def test_graph_saves_no_dequantised_weight():
     in_f, out_f = 256, 192
     qweight, state = _quantized(out_f, in_f, torch.float32)
@@ -215,9 +203,9 @@ def test_graph_saves_no_dequantised_weight():
     lora_A = torch.randn(8, in_f, requires_grad=True)
     lora_B = torch.randn(out_f, 8, requires_grad=True)
     args = (x, qweight, state, lora_A, lora_B, 2.0)
-    assert max(_saved_numels(lambda: lora_nf4_linear(*args))) < out_f * in_f
+    assert max(saved_numels(lambda: lora_nf4_linear(*args))) < out_f * in_f
     # the check can see W: the plain autograd reference saves it
-    assert max(_saved_numels(lambda: lora_nf4_linear_reference(*args))) >= out_f * in_f
+    assert max(saved_numels(lambda: lora_nf4_linear_reference(*args))) >= out_f * in_f
 
 
 def test_bad_inputs():

@@ -242,6 +242,35 @@ def test_training_setup_and_inference(llama):
     assert lines[-1].startswith("trainable parameters: 0 of ")
 
 
+def test_gradient_checkpointing_every_k_layers_trains_the_same(llama):
+    """One decoder layer in k keeps checkpointing: the others save their activations; losses and gradients are
+    those of checkpointing everywhere."""
+    grads = {}
+    for every in (1, 2, 3):
+        torch.manual_seed(0)
+        model, lines = _load(llama, gradient_checkpointing_every=every)
+        layers = model.get_base_model().model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i % every == 0 for i in range(LAYERS)]
+        said = " ".join(lines)
+        if every == 1:
+            assert "gradient checkpointing on (use_reentrant=True)" in lines
+        else:
+            kept = len(range(0, LAYERS, every))
+            assert f"in {kept} of {LAYERS} decoder layers (gradient_checkpointing_every: {every})" in said
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            batch = _batch()
+        for p in model.parameters():  # LoRA's B starts at zero: give the adapters something to pass on
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(p.numel()))
+        model(**batch).loss.backward()
+        grads[every] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for every in (2, 3):
+        assert grads[every].keys() == grads[1].keys()
+        for name, g in grads[1].items():
+            torch.testing.assert_close(grads[every][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 def test_kernels_patched_by_default_and_off_on_request(llama, caplog):
     caplog.set_level(logging.INFO, logger="lf")
     model, lines = _load(llama)

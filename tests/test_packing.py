@@ -2,6 +2,7 @@
 gradients of its examples run one by one (a tiny Llama/Qwen2 from a config; HF's SDPA mask path and lf's packed
 attention; with and without lf's kernels patched in)."""
 
+import functools
 import random
 
 import pyarrow as pa
@@ -126,6 +127,40 @@ def test_packed_sdpa_equals_each_segment_alone(dtype):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 4)
 
 
+def _rows(*rows):
+    """Bounds as :func:`packed_attention.segments` gives them, from each row's example lengths."""
+    bounds = []
+    for lengths in rows:
+        starts = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+        bounds.append(list(zip(starts[:-1], starts[1:])))
+    return bounds
+
+
+def test_segments_pay_when_rows_are_long_against_their_examples():
+    # segments cost sum(n * max(n, 512)) * 1.25 against rows * length^2 for the mask
+    assert packed_attention.segment_block(torch.bfloat16) == packed_attention.segment_block(torch.float16) == 512
+    assert packed_attention.segment_block(torch.float32) == 192
+    pay = functools.partial(packed_attention.segments_pay, dtype=torch.bfloat16)
+    # fp32's block is 192: there the 512-token rows of 64-token examples pay, 1.25 * 2048 * 64 * 192 < 4 * 512^2
+    assert packed_attention.segments_pay(_rows(*[[64] * 8] * 4), 512, torch.float32)
+    assert not pay(_rows(*[[64] * 8] * 4), 512)  # 4 rows of 512, 64-token examples: one masked call
+    assert pay(_rows([256] * 8), 2048)  # one row of 2048, 8 examples of 256: 1.25 * 8 * 256 * 512 < 2048^2
+    # rows of examples <= 512 tokens: segments cost 1.25 * 512 per token, the mask one row length per token,
+    # so segments pay from rows longer than 640 tokens on, however the rows are split
+    assert not pay(_rows([320, 320]), 640)  # a tie goes to the mask
+    assert not pay(_rows([100] * 6 + [32]), 632)
+    assert pay(_rows([100] * 6 + [48]), 648)
+    assert pay(_rows([8] * 81), 648)
+    # a long example costs its length squared: with one of 1800 in a 2048 row the mask is cheaper
+    assert not pay(_rows([1800, 248]), 2048)  # 1.25 * (1800^2 + 248 * 512) = 4208720 > 4194304
+    assert pay(_rows([1790, 258]), 2048)  # 1.25 * (1790^2 + 258 * 512) = 4170245 < 4194304
+    assert not pay(_rows([2048]), 2048) and not pay(_rows([300]), 300)  # one example: the mask is causal alone
+    # the batch counts as a whole: a row of one example costs more as segments than it saves; with another
+    # of short examples, 1.25 * (1024^2 + 1024 * 512) = 1966080 < 2 * 1024^2
+    assert pay(_rows([1024], [128] * 8), 1024)
+    assert not pay(_rows([1024], [1024]), 1024)
+
+
 def _tiny(family, attn):
     torch.manual_seed(0)
     if family == "llama":
@@ -150,11 +185,23 @@ def _loss_sum(model, batch):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "lf_packed_segments", "eager"])
 @pytest.mark.parametrize("kernels", [False, True])
-def test_packed_batch_equals_examples_one_by_one(family, attn, kernels):
+def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypatch):
+    """"lf_packed" on these short rows takes the mask path (segments do not pay); "lf_packed_segments" is
+    "lf_packed" with a segment block of 1, so that segments pay and packed_sdpa runs inside the model."""
     packed_attention.register()
-    model = _tiny(family, attn)
+    calls = []
+    real_packed_sdpa = packed_attention.packed_sdpa
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return real_packed_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(packed_attention, "packed_sdpa", spy)
+    if attn == "lf_packed_segments":
+        monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)
+    model = _tiny(family, "lf_packed" if attn == "lf_packed_segments" else attn)
     if kernels:
         patch_model(model, fused_linear_cross_entropy=False)  # logits are needed here
     try:
@@ -172,6 +219,12 @@ def test_packed_batch_equals_examples_one_by_one(family, attn, kernels):
         torch.testing.assert_close(packed_loss, loss, rtol=RTOL, atol=ATOL)
         for name, grad in grads.items():
             torch.testing.assert_close(packed_grads[name], grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        # one call per layer of the packed forward, over its packed rows; never in the one-by-one runs (no restarts)
+        if attn == "lf_packed_segments":
+            assert len(calls) == model.config.num_hidden_layers
+            assert all(len(bounds) == len(rows["input_ids"]) and max(map(len, bounds)) > 1 for bounds in calls)
+        else:
+            assert calls == []
     finally:
         unpatch(model)
 

@@ -202,7 +202,8 @@ def test_peft_lora_model(restore_rope):
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
     restore_rope(model)
     report = patch(model)
-    assert set(report.patched) == DENSE, str(report)
+    assert set(report.patched) == DENSE | {"lora_linear"}, str(report)
+    assert report.patched["lora_linear"] == 7 * SIZES["num_hidden_layers"], str(report)
     out, grads = _loss_and_grads(model, ids, labels)
     assert out.logits is None and grads.keys() == grads_ref.keys()
     assert all("lora_" in name for name in grads)  # only the adapters train

@@ -9,6 +9,7 @@ from lf.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from lf.kernels.fused_linear_preference_loss import fused_linear_preference_loss, sequence_logps
 from lf.kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
+from lf.kernels.lora_linear import lora_linear, lora_linear_reference
 from lf.kernels.lora_nf4_linear import dequantize_4bit, lora_nf4_linear, lora_nf4_linear_reference
 from lf.kernels.patch import PatchReport, apply_to, patch, unpatch
 from lf.kernels.modules import LFGeGLUMLP, LFRMSNorm, LFSwiGLUMLP
@@ -20,6 +21,6 @@ __all__ = [
     "rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy",
     "rms_norm_reference", "rope_reference", "swiglu_reference", "geglu_reference", "cross_entropy_reference",
     "fused_linear_cross_entropy_reference", "fused_linear_preference_loss", "sequence_logps", "lora_nf4_linear",
-    "lora_nf4_linear_reference", "dequantize_4bit",
+    "lora_nf4_linear_reference", "dequantize_4bit", "lora_linear", "lora_linear_reference",
     "LFRMSNorm", "LFSwiGLUMLP", "LFGeGLUMLP", "patch", "apply_to", "unpatch", "PatchReport",
 ]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from lf.errors import KernelDTypeError
 from lf.kernels import _alloc, _checks
 from lf.kernels._backend import Implementations, matmul_in_fp32
+from lf.kernels.lora_linear import LoraLinearFunction, check_lora
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -205,39 +206,17 @@ def lora_nf4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, quant_stat
     return base + scaling * F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
 
 
-class LoraNF4LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, qweight, quant_state, lora_A, lora_B, scaling, bias):
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        xa = x2 @ a.t()  # (tokens, r): small, saved so the backward need not recompute it
-        y = X_WT.for_device(x.device)(x2, qweight, quant_state).addmm_(xa, b.t(), alpha=scaling)  # y is ours
-        if bias is not None:
-            y += bias.to(dtype)
-        ctx.save_for_backward(x2, qweight, lora_A, lora_B, xa)
-        ctx.quant_state, ctx.scaling, ctx.x_shape = quant_state, scaling, x.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+class _NF4:
+    """The 4-bit W's products, by the backend chosen for the activations' device."""
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, qweight, lora_A, lora_B, xa = ctx.saved_tensors
-        dtype, s = x2.dtype, ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        dy_b = (dy2 @ b) * s  # (tokens, r): the cheap order, shared by dx and dA
-        dx = dA = dB = dbias = None
-        if ctx.needs_input_grad[0]:
-            dy_w = DY_W.for_device(dy2.device)(dy2, qweight, ctx.quant_state)  # W recomputed: never saved
-            dx = dy_w.addmm_(dy_b, a).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            dA = (dy_b.t() @ x2).to(lora_A.dtype)
-        if ctx.needs_input_grad[4]:
-            dB = ((dy2.t() @ xa) * s).to(lora_B.dtype)
-        if ctx.needs_input_grad[6]:
-            dbias = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, None, None, dA, dB, None, dbias
+    def __init__(self, qweight: torch.Tensor, quant_state):
+        self.qweight, self.quant_state = qweight, quant_state
+
+    def x_wt(self, x2: torch.Tensor) -> torch.Tensor:
+        return X_WT.for_device(x2.device)(x2, self.qweight, self.quant_state)
+
+    def dy_w(self, dy2: torch.Tensor) -> torch.Tensor:  # W recomputed: never saved
+        return DY_W.for_device(dy2.device)(dy2, self.qweight, self.quant_state)
 
 
 def lora_nf4_linear(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A: torch.Tensor,
@@ -250,31 +229,9 @@ def lora_nf4_linear(x: torch.Tensor, qweight: torch.Tensor, quant_state, lora_A:
     gradients for x, A, B and bias come in their own dtypes.
     """
     op = "lora_nf4_linear"
-    _checks.tensor(op, "x", x)
-    _checks.tensor(op, "lora_A", lora_A)
-    _checks.tensor(op, "lora_B", lora_B)
     _check_quantized(op, qweight, quant_state)
-    named = {"qweight": qweight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = _checks.tensor(op, "bias", bias)
-    for name, t in named.items():
-        if t.device != x.device:
-            _checks.fail(op, f"`{name}` is on {t.device} but `x` is on {x.device}; move both to one device "
-                             f"(e.g. `x.to({name}.device)`)")
     if len(quant_state.shape) != 2:
         _checks.fail(op, f"`quant_state.shape` {tuple(quant_state.shape)} must be (out_features, in_features)")
-    out_f, in_f = quant_state.shape
-    if x.dim() == 0 or x.shape[-1] != in_f:
-        _checks.fail(op, f"`x` {tuple(x.shape)} must end in in_features={in_f} (the 4-bit weight is "
-                         f"{(out_f, in_f)})")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
-        _checks.fail(op, f"`lora_A` {tuple(lora_A.shape)} must be (r, {in_f}): (rank, in_features)")
-    if lora_B.dim() != 2 or lora_B.shape != (out_f, lora_A.shape[0]):
-        _checks.fail(op, f"`lora_B` {tuple(lora_B.shape)} must be ({out_f}, {lora_A.shape[0]}): (out_features "
-                         f"of the 4-bit weight, rank of `lora_A`)")
-    if bias is not None and bias.shape != (out_f,):
-        _checks.fail(op, f"`bias` {tuple(bias.shape)} must be ({out_f},): out_features of the 4-bit weight")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        _checks.fail(op, f"`scaling`={scaling!r} must be a finite number (lora_alpha / r)")
+    check_lora(op, x, lora_A, lora_B, scaling, bias, *quant_state.shape, "the 4-bit weight", qweight=qweight)
     with torch.autocast(x.device.type, enabled=False):  # x's dtype decides, as documented; not autocast's
-        return LoraNF4LinearFunction.apply(x, qweight, quant_state, lora_A, lora_B, float(scaling), bias)
+        return LoraLinearFunction.apply(x, _NF4(qweight, quant_state), lora_A, lora_B, float(scaling), bias)

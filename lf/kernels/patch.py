@@ -12,7 +12,9 @@ Per family (``config.model_type``) a table names the HF classes and how lf repla
   neat-packed rows example by example and leaves every other batch to SDPA;
 - QLoRA: PEFT's LoRA layers over bitsandbytes 4-bit linears (attention and MLP projections alike) run as one
   :func:`lora_nf4_linear` each, on the instance; layers it cannot take (lora_dropout > 0, DoRA, weights not
-  stored as uint8 or not in a float dtype) keep PEFT's forward and the report names them and why;
+  stored as uint8 or not in a float dtype) keep PEFT's forward and the report names them and why; PEFT's LoRA
+  layers over plain nn.Linear the same way through :func:`lora_linear` (also not: fan_in_fan_out, a trained base
+  weight, lora_bias);
 - the causal-LM head: in training with labels, the loss comes from :func:`fused_linear_cross_entropy` on the
   hidden states and no logits exist (``output.logits`` is None); otherwise (generation, evaluation, or
   ``skip_logits=False``) HF's own path runs.
@@ -36,6 +38,7 @@ from torch import nn
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lf.kernels import packed_attention as _packed_attention
 from lf.kernels.glu import geglu, swiglu
+from lf.kernels.lora_linear import lora_linear
 from lf.kernels.lora_nf4_linear import lora_nf4_linear
 from lf.kernels.modules import GELU_APPROXIMATE
 from lf.kernels.rms_norm import rms_norm
@@ -68,7 +71,8 @@ FAMILIES = {
     "mixtral": Family("mixtral", "Mixtral", mlp=None),
 }
 # the patch() switches; geglu goes with swiglu
-KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention", "lora_nf4_linear")
+KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention", "lora_nf4_linear",
+         "lora_linear")
 
 
 @dataclass
@@ -171,42 +175,73 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return out.to_tuple() if return_dict is False else out
 
 
-def _lora_4bit_forward(self, x, *args, **kwargs):
-    """PEFT's LoRA over a bitsandbytes Linear4bit as one lora_nf4_linear. What PEFT decides per call (adapters
-    disabled or merged, several active adapters, per-sample adapter names, extra arguments) runs PEFT's forward.
-    Computes in the dtype bitsandbytes would (autocast's, else the layer's compute_dtype, else x's): the LoRA
-    path too, as PEFT does under autocast, where HF's Trainer runs bf16/fp16 training."""
+def _lora_call(self, x, args, kwargs):
+    """(adapter name, autocast's dtype or None) when lf's op can run this call of a PEFT LoRA layer, else None:
+    what PEFT decides per call (adapters disabled or merged, several active adapters, per-sample adapter names,
+    extra arguments) runs PEFT's forward."""
     active = self.active_adapters
     if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
-        return type(self).forward(self, x, *args, **kwargs)
-    name, base = active[0], self.base_layer
+        return None
     device = x.device.type
-    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-             else base.compute_dtype or x.dtype)
-    y = lora_nf4_linear(x.to(dtype), base.weight, base.weight.quant_state, self.lora_A[name].weight,
-                        self.lora_B[name].weight, self.scaling[name], base.bias)
+    return active[0], torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _lora_4bit_forward(self, x, *args, **kwargs):
+    """PEFT's LoRA over a bitsandbytes Linear4bit as one lora_nf4_linear. Computes in the dtype bitsandbytes
+    would (autocast's, else the layer's compute_dtype, else x's): the LoRA path too, as PEFT does under autocast,
+    where HF's Trainer runs bf16/fp16 training."""
+    call = _lora_call(self, x, args, kwargs)
+    if call is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    (name, dtype), base = call, self.base_layer
+    y = lora_nf4_linear(x.to(dtype or base.compute_dtype or x.dtype), base.weight, base.weight.quant_state,
+                        self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], base.bias)
     return y.to(x.dtype)
 
 
-def _lora_4bit_class():
-    """PEFT's LoRA layer over bnb.nn.Linear4bit, or None when no 4-bit model can exist in this process (peft or
-    bitsandbytes not imported: nothing is imported just to look)."""
-    if "peft" not in sys.modules or "bitsandbytes" not in sys.modules:
+def _lora_dense_forward(self, x, *args, **kwargs):
+    """PEFT's LoRA over a plain nn.Linear as one lora_linear, in autocast's dtype, else x's (PEFT, outside
+    autocast, would run the LoRA path in the adapters' dtype). Returns that dtype, as nn.Linear (and so PEFT)
+    does: under autocast its dtype, not x's."""
+    call = _lora_call(self, x, args, kwargs)
+    if call is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    (name, dtype), base = call, self.base_layer
+    return lora_linear(x.to(dtype or x.dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name], base.bias)
+
+
+def _lora_class(kind: str):
+    """PEFT's LoRA layer that ``kind`` runs (over bnb.nn.Linear4bit, or over nn.Linear), or None when no such
+    layer can exist in this process (peft, or bitsandbytes for 4-bit, not imported: nothing is imported just to
+    look)."""
+    needed = ("peft", "bitsandbytes") if kind == "lora_nf4_linear" else ("peft",)
+    if any(m not in sys.modules for m in needed):
         return None
     try:
-        from peft.tuners.lora.bnb import Linear4bit
+        if kind == "lora_nf4_linear":
+            from peft.tuners.lora.bnb import Linear4bit as cls
+        else:
+            from peft.tuners.lora.layer import Linear as cls
     except ImportError:
         return None
-    return Linear4bit
+    return cls
 
 
-def _lora_4bit_obstacle(layer) -> str | None:
-    """Why lora_nf4_linear cannot run this PEFT 4-bit LoRA layer, or None."""
+def _lora_obstacle(layer) -> str | None:
+    """Why neither LoRA op can run this PEFT LoRA layer, or None."""
     if layer.lora_variant:
         return "DoRA (or another LoRA variant): PEFT's forward"
     dropout = [m.p for m in layer.lora_dropout.values() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropout:
         return f"lora_dropout {dropout[0]} > 0: lf's op has no dropout on the LoRA input (set lora_dropout: 0)"
+    if any(getattr(layer, "lora_bias", {}).values()):
+        return "lora_bias: lf's op has no bias on lora_B"
+    return None
+
+
+def _lora_4bit_obstacle(layer) -> str | None:
+    """Why lora_nf4_linear cannot run this PEFT 4-bit LoRA layer, or None."""
     weight = layer.base_layer.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
@@ -218,21 +253,42 @@ def _lora_4bit_obstacle(layer) -> str | None:
     return None
 
 
-def _patch_lora_4bit(base: nn.Module, report: PatchReport) -> None:
-    cls = _lora_4bit_class()
-    layers = [(name, m) for name, m in base.named_modules() if cls is not None and isinstance(m, cls)]
+def _lora_dense_obstacle(layer) -> str | None:
+    """Why lora_linear cannot run this PEFT LoRA layer, or None."""
+    base = layer.base_layer
+    if type(base) is not nn.Linear:
+        return f"the base layer is a {type(base).__name__}, not a plain nn.Linear"
+    if layer.fan_in_fan_out:
+        return "fan_in_fan_out (a transposed Conv1D-style weight)"
+    if base.weight.requires_grad:
+        return "the base weight trains too (lf's op keeps it frozen)"
+    if base.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the base weight is {base.weight.dtype}, not a float dtype"
+    return None
+
+
+LORA_OPS = {"lora_nf4_linear": (_lora_4bit_forward, _lora_4bit_obstacle, "4-bit LoRA layers"),
+            "lora_linear": (_lora_dense_forward, _lora_dense_obstacle, "LoRA linear layers")}
+
+
+def _patch_lora(base: nn.Module, report: PatchReport, kind: str) -> None:
+    """Binds the LoRA op ``kind`` as the forward of each PEFT layer it can run; the report counts them and names
+    the ones left to PEFT, and why."""
+    forward, obstacle, what = LORA_OPS[kind]
+    cls = _lora_class(kind)
+    layers = [(name, m) for name, m in base.named_modules() if cls is not None and type(m) is cls]
     left: dict[str, list[str]] = {}
     for name, layer in layers:
-        why = _lora_4bit_obstacle(layer)
+        why = _lora_obstacle(layer) or obstacle(layer)
         if why is None:
-            _set_forward(layer, _lora_4bit_forward)
+            _set_forward(layer, forward)
         else:
             left.setdefault(why, []).append(name)
     if len(layers) > sum(map(len, left.values())):
-        report.patched["lora_nf4_linear"] = len(layers) - sum(map(len, left.values()))
+        report.patched[kind] = len(layers) - sum(map(len, left.values()))
     if left:
-        report.skipped["lora_nf4_linear"] = "; ".join(f"{len(names)} of {len(layers)} 4-bit LoRA layers (e.g. "
-                                                      f"{names[0]}) left to PEFT: {why}" for why, names in left.items())
+        report.skipped[kind] = "; ".join(f"{len(names)} of {len(layers)} {what} (e.g. {names[0]}) left to PEFT: "
+                                         f"{why}" for why, names in left.items())
 
 
 # ---- patching ----
@@ -264,7 +320,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
           fused_linear_cross_entropy: bool = True, cross_entropy: bool = False,
-          packed_attention: bool = True, lora_nf4_linear: bool = True) -> PatchReport:
+          packed_attention: bool = True, lora_nf4_linear: bool = True, lora_linear: bool = True) -> PatchReport:
     """Patches lf's kernels into ``model`` (an HF model, or one wrapped by PEFT) and returns (and logs) a report
     of what was patched and what was not, and why. See the module docstring for what each kind replaces."""
     base = _base_model(model)
@@ -272,13 +328,14 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
     report = PatchReport(str(model_type))
     family = FAMILIES.get(model_type)
     if family is None:
-        if lora_nf4_linear:  # PEFT's 4-bit LoRA layers are the same in every family
-            _patch_lora_4bit(base, report)
+        for kind, on in (("lora_nf4_linear", lora_nf4_linear), ("lora_linear", lora_linear)):
+            if on:  # PEFT's LoRA layers are the same in every family
+                _patch_lora(base, report, kind)
         return _unsupported(report, model_type)
     modeling = _modeling(family)
     wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
               "fused_linear_cross_entropy": fused_linear_cross_entropy, "packed_attention": packed_attention,
-              "lora_nf4_linear": lora_nf4_linear}
+              "lora_nf4_linear": lora_nf4_linear, "lora_linear": lora_linear}
     if cross_entropy:
         report.skipped["cross_entropy"] = (
             "the loss already comes from fused_linear_cross_entropy, which needs no logits"
@@ -319,8 +376,9 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
             report.patched["fused_linear_cross_entropy"] = 1
     if packed_attention:
         _patch_attention(base, report)
-    if lora_nf4_linear:
-        _patch_lora_4bit(base, report)
+    for kind, on in (("lora_nf4_linear", lora_nf4_linear), ("lora_linear", lora_linear)):
+        if on:
+            _patch_lora(base, report, kind)
     log.info("%s", report)
     return report
 
@@ -385,7 +443,8 @@ def apply_to(model_type: str, rms_norm: bool = True, rope: bool = True, swiglu: 
         report.patched["rope"] = 1
     report.skipped["packed_attention"] = (f"chosen per model: lf.kernels.patch(model), or attn_implementation="
                                           f"{_packed_attention.register()!r} when loading")
-    report.skipped["lora_nf4_linear"] = "chosen per layer: lf.kernels.patch(model) once PEFT has added the adapters"
+    for kind in ("lora_nf4_linear", "lora_linear"):
+        report.skipped[kind] = "chosen per layer: lf.kernels.patch(model) once PEFT has added the adapters"
     log.info("%s", report)
     return report
 
@@ -393,7 +452,7 @@ def apply_to(model_type: str, rms_norm: bool = True, rope: bool = True, swiglu: 
 _ORIGINAL_ROPE: dict[str, object] = {}
 _ORIGINAL_CLASS_FORWARD: dict[type, object] = {}
 _FORWARDS = (_llama_norm_forward, _gemma_norm_forward, _gated_mlp_forward, _fused_mlp_forward, _causal_lm_forward,
-             _lora_4bit_forward)
+             _lora_4bit_forward, _lora_dense_forward)
 
 
 def unpatch(target: nn.Module | str) -> None:
@@ -415,7 +474,7 @@ def unpatch(target: nn.Module | str) -> None:
         base.__dict__.pop("_lf_hf_forward", None)
         if "_lf_hf_attn" in base.__dict__:
             base.set_attn_implementation(base.__dict__.pop("_lf_hf_attn"))
-        model_type = getattr(base.config, "model_type", None)
+        model_type = getattr(getattr(base, "config", None), "model_type", None)  # patch() takes config-less models
     family = FAMILIES.get(model_type)
     if family is not None:
         modeling = _modeling(family)

@@ -156,7 +156,8 @@ def _prepare_training(model, model_args, finetuning_args, upcast_norms: bool) ->
         if finetuning_args.finetuning_type != "full" and getattr(model, "_require_grads_hook", None) is None:
             # with frozen embeddings, reentrant checkpointing would pass no gradient back to earlier layers
             model.enable_input_require_grads()
-        lines.append(f"gradient checkpointing on (use_reentrant={model_args.use_reentrant_gc})")
+        lines.append(f"gradient checkpointing on (use_reentrant={model_args.use_reentrant_gc})"
+                     + _checkpoint_every(model, model_args.gradient_checkpointing_every or 1))
     if upcast_norms:
         for module in model.modules():
             if "norm" in type(module).__name__.lower():
@@ -166,6 +167,22 @@ def _prepare_training(model, model_args, finetuning_args, upcast_norms: bool) ->
         model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: output.float())
         lines.append("upcast_lmhead_output: logits in float32 (the training loss of lf's fused head is fp32 anyway)")
     return lines
+
+
+def _checkpoint_every(model, every: int) -> str:
+    """Leaves checkpointing on in one decoder layer of ``every`` (transformers' GradientCheckpointingLayer,
+    switched per layer); says which, or nothing when every layer keeps it."""
+    from transformers import PreTrainedModel
+
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True
+              and not isinstance(m, PreTrainedModel)]
+    if every == 1 or not layers:
+        return ""
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+    kept = sum(layer.gradient_checkpointing for layer in layers)
+    return (f" in {kept} of {len(layers)} decoder layers (gradient_checkpointing_every: {every}): the others keep "
+            f"their activations, which costs memory and saves recomputing them")
 
 
 def _patch_kernels(model, model_args, upcast_norms: bool) -> list[str]:
