@@ -259,13 +259,16 @@ class _Subclassed(nn.Linear):
     pass
 
 
-@pytest.mark.parametrize("case", ["lora_dropout", "base weight trains", "DoRA", "lora_bias", "base subclass"])
+@pytest.mark.parametrize("case", ["lora_dropout", "base weight trains", "DoRA", "lora_bias", "base subclass",
+                                  "ZeRO-3"])
 def test_layers_lf_cannot_take_are_left_to_peft_and_reported(case, count_calls):
     lora = {"lora_dropout": dict(lora_dropout=0.1), "DoRA": dict(use_dora=True),
             "lora_bias": dict(lora_bias=True)}.get(case, {})
     model = _peft(_Tiny(base=_Subclassed if case == "base subclass" else nn.Linear), **lora)
     if case == "base weight trains":
         model.base_model.model.proj.base_layer.weight.requires_grad_(True)
+    if case == "ZeRO-3":  # how DeepSpeed marks a partitioned parameter
+        model.base_model.model.proj.base_layer.weight.ds_id = 0
     model.eval()  # dropout off, so that PEFT's output can be compared
     x = torch.randn(4, 33)
     with torch.no_grad():
@@ -276,9 +279,10 @@ def test_layers_lf_cannot_take_are_left_to_peft_and_reported(case, count_calls):
     expected = {"lora_dropout": "lora_dropout 0.1 > 0: lf's op has no dropout on the LoRA input (set lora_dropout: 0)",
                 "base weight trains": "the base weight trains too",
                 "DoRA": "DoRA", "lora_bias": "lora_bias: lf's op has no bias on lora_B",
-                "base subclass": "the base layer is a _Subclassed, not a plain nn.Linear"}[case]
+                "base subclass": "the base layer is a _Subclassed, not a plain nn.Linear",
+                "ZeRO-3": "DeepSpeed ZeRO-3 partitions the base weight"}[case]
     assert expected in why, why
-    if case in ("base weight trains", "base subclass"):  # only `proj`: `other` is taken
+    if case in ("base weight trains", "base subclass", "ZeRO-3"):  # only `proj`: `other` is taken
         assert report.patched == {"lora_linear": 1}, str(report)
         assert "1 of 2 LoRA linear layers (e.g. proj) left to PEFT" in why, why
         assert len(count_calls) == 1

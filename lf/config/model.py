@@ -25,9 +25,8 @@ class ModelArguments:
     cpu_allocator: str = "tuned"  # tuned | default: glibc's malloc settings when training on the CPU (lf/allocator.py)
     enable_liger_kernel: bool = False  # LLaMA-Factory's switch: maps onto lf's kernels, and says so
     disable_gradient_checkpointing: bool = False
-    # checkpoint one decoder layer in k (1: every layer); None: 2 when training on the CPU (lf's measurement: see
-    # bench/README.md, "end to end"), 1 elsewhere
-    gradient_checkpointing_every: int | None = None
+    # checkpoint one decoder layer in k (1: every layer): more speed for more memory
+    gradient_checkpointing_every: int = 1
     use_reentrant_gc: bool = True
     upcast_layernorm: bool = False
     upcast_lmhead_output: bool = False

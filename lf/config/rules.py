@@ -165,8 +165,7 @@ RULES: tuple[Rule, ...] = (
          "(its score is float32 in the loss anyway): remove upcast_lmhead_output"),
     _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
     _one_of("model", "cpu_allocator", ("tuned", "default")),
-    Rule("gradient_checkpointing_every", lambda c: c.model.gradient_checkpointing_every is not None
-         and c.model.gradient_checkpointing_every < 1,
+    Rule("gradient_checkpointing_every", lambda c: c.model.gradient_checkpointing_every < 1,
          "gradient_checkpointing_every: {m.gradient_checkpointing_every} names no layers: use 1 to checkpoint every "
          "decoder layer, k for one in k, or disable_gradient_checkpointing: true for none"),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),

@@ -237,6 +237,9 @@ def _lora_obstacle(layer) -> str | None:
         return f"lora_dropout {dropout[0]} > 0: lf's op has no dropout on the LoRA input (set lora_dropout: 0)"
     if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias: lf's op has no bias on lora_B"
+    if any(hasattr(p, "ds_id") for p in layer.base_layer.parameters()):
+        # ZeRO-3 gathers a partitioned weight in hooks around the base layer's own call, which lf's op skips
+        return "DeepSpeed ZeRO-3 partitions the base weight"
     return None
 
 

@@ -157,7 +157,7 @@ def _prepare_training(model, model_args, finetuning_args, upcast_norms: bool) ->
             # with frozen embeddings, reentrant checkpointing would pass no gradient back to earlier layers
             model.enable_input_require_grads()
         lines.append(f"gradient checkpointing on (use_reentrant={model_args.use_reentrant_gc})"
-                     + _checkpoint_every(model, model_args.gradient_checkpointing_every or 1))
+                     + _checkpoint_every(model, model_args.gradient_checkpointing_every))
     if upcast_norms:
         for module in model.modules():
             if "norm" in type(module).__name__.lower():

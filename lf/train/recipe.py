@@ -38,10 +38,6 @@ def prepare(cfg) -> Prepared:
     args, fin = cfg.training, cfg.finetuning
     if args.use_cpu or not torch.cuda.is_available():
         _cpu_allocator(cfg.model.cpu_allocator)
-        if cfg.model.gradient_checkpointing_every is None:
-            # measured on the CPU (bench/README.md, "end to end"): recomputing every layer costs more than the
-            # memory it saves is worth there
-            cfg.model.gradient_checkpointing_every = 2
     resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
     tokenizer = load_tokenizer(cfg.model)
     template = fit_template(tokenizer, cfg.data)  # the saved tokenizer carries the format this run trains on
