@@ -294,6 +294,13 @@ def _patch_lora(base: nn.Module, report: PatchReport, kind: str) -> None:
                                          f"{why}" for why, names in left.items())
 
 
+def _patch_loras(base: nn.Module, report: PatchReport, **wanted: bool) -> None:
+    """The LoRA ops switched on, in any family: PEFT's LoRA layers are the same in all of them."""
+    for kind, on in wanted.items():
+        if on:
+            _patch_lora(base, report, kind)
+
+
 # ---- patching ----
 
 def _set_forward(module: nn.Module, fn) -> bool:
@@ -331,9 +338,7 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
     report = PatchReport(str(model_type))
     family = FAMILIES.get(model_type)
     if family is None:
-        for kind, on in (("lora_nf4_linear", lora_nf4_linear), ("lora_linear", lora_linear)):
-            if on:  # PEFT's LoRA layers are the same in every family
-                _patch_lora(base, report, kind)
+        _patch_loras(base, report, lora_nf4_linear=lora_nf4_linear, lora_linear=lora_linear)
         return _unsupported(report, model_type)
     modeling = _modeling(family)
     wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
@@ -379,9 +384,7 @@ def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bo
             report.patched["fused_linear_cross_entropy"] = 1
     if packed_attention:
         _patch_attention(base, report)
-    for kind, on in (("lora_nf4_linear", lora_nf4_linear), ("lora_linear", lora_linear)):
-        if on:
-            _patch_lora(base, report, kind)
+    _patch_loras(base, report, lora_nf4_linear=lora_nf4_linear, lora_linear=lora_linear)
     log.info("%s", report)
     return report
 
