@@ -9,13 +9,14 @@ Two shapes: `long_row`, one row of 2048 tokens holding 8 examples of 92 to 512 t
 attention alone (q, k, v given), fp32 and bf16, median of several calls, in one process: `lf_packed`
 (lf.kernels.packed_attention.packed_sdpa: causal SDPA per example), `sdpa_mask` (SDPA with the L x L block-diagonal
 causal mask that transformers builds for packed rows, LLaMA-Factory's path on the CPU, in one call over the batch),
-`lf_chosen` (what lf's attention, packed_attention.hf_attention, runs for that batch: lf_packed when
+`lf_cpu` (packed_attention_cpu: SDPA's flash forward, by segments when `segments_pay`, else masked, and lf's
+backward over each example's causal block: BLAS products and two C++ elementwise passes), `lf_chosen` (what lf's
+attention, packed_attention.hf_attention, runs for that batch: lf_cpu in bf16; in fp32 lf_packed when
 `segments_pay(bounds, length, dtype)`, else sdpa_mask; segments cost about 1.25 * sum(n * max(n, block)) over
 their lengths n (block: 512 in bf16, 192 in fp32), the mask rows * length^2) and `sdpa_causal` (one causal SDPA
 over each whole row: as fast as attention over a row gets, but the examples see each other, so it is a speed
-reference, not an alternative). The outputs of
-lf_packed and sdpa_mask are compared. Writes bench/results/<device>/<date>-packed_attention.{json,md} (scratch/ for
---quick).
+reference, not an alternative). The outputs of lf_packed and lf_cpu are compared with sdpa_mask's.
+Writes bench/results/<device>/<date>-packed_attention.{json,md} (scratch/ for --quick).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
-from lf.kernels.packed_attention import packed_sdpa, segment_block, segments_pay
+from lf.kernels.packed_attention import OWN_BACKWARD, packed_attention_cpu, packed_sdpa, segment_block, segments_pay
 
 HEADS, HEAD_DIM = 8, 64
 # name -> each row's example lengths (every row of a shape sums to the same length)
@@ -61,12 +62,14 @@ def case(shape: str, dtype, scale_down: int):
     bounds = _bounds(rows)
     mask = _mask(bounds, length)
     pays = segments_pay(bounds, length, dtype)
+    chosen = "lf_cpu" if dtype in OWN_BACKWARD else "lf_packed" if pays else "sdpa_mask"
     q, k, v = (torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype)
     variants = {
         "lf_packed": lambda: packed_sdpa(q, k, v, bounds),
         "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        "lf_chosen": lambda: variants["lf_packed" if pays else "sdpa_mask"](),
+        "lf_cpu": lambda: packed_attention_cpu(q, k, v, bounds),
+        "lf_chosen": lambda: variants[chosen](),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
 
@@ -76,10 +79,11 @@ def case(shape: str, dtype, scale_down: int):
 
     calls = {name: (lambda fn=fn: fn().backward(grad), clear_grads) for name, fn in variants.items()}
     seconds = harness.median_seconds(calls, warmup=2, repeats=7)
-    diff = (variants["lf_packed"]().float() - variants["sdpa_mask"]().float()).abs().max().item()
+    diff = max((variants[name]().float() - variants["sdpa_mask"]().float()).abs().max().item()
+               for name in ("lf_packed", "lf_cpu"))
     return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "batch": len(rows), "tokens": length,
             "examples": sum(map(len, rows)), "example_tokens": [min(map(min, rows)), max(map(max, rows))],
-            "lf_chose": "lf_packed" if pays else "sdpa_mask", "ms": {name: 1e3 * s for name, s in seconds.items()},
+            "lf_chose": chosen, "ms": {name: 1e3 * s for name, s in seconds.items()},
             "max_abs_diff_vs_mask": diff}
 
 
@@ -96,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
           "; ".join(f"{name}: {r['batch']} row(s) of {r['tokens']} tokens holding {r['examples']} examples of "
                     f"{r['example_tokens'][0]} to {r['example_tokens'][1]}" for name, r in shapes.items())
           + f". {HEADS} heads x {HEAD_DIM}, forward + backward, median of 7 calls; {torch.get_num_threads()} threads. "
-          f"lf_chosen is what lf's attention runs: lf_packed (segments) when segments_pay, i.e. "
-          f"1.25 * sum(n * max(n, block)) < rows * length^2 (block {segment_block(torch.bfloat16)} in bf16, "
+          f"lf_chosen is what lf's attention runs: lf_cpu in bf16 (and fp16); in fp32 lf_packed (segments) when "
+          f"segments_pay, i.e. 1.25 * sum(n * max(n, block)) < rows * length^2 (block "
           f"{segment_block(torch.float32)} in fp32), else sdpa_mask.", "",
-          "| shape | dtype | lf chose | lf_chosen ms | lf_packed ms | sdpa_mask ms | sdpa_causal ms (examples mixed) "
-          "| lf_packed vs mask | max abs diff |",
-          "|---|---|---|--:|--:|--:|--:|--:|--:|"]
-    md += [f"| {r['shape']} | {r['dtype']} | {r['lf_chose']} | {r['ms']['lf_chosen']:.1f} | {r['ms']['lf_packed']:.1f} "
-           f"| {r['ms']['sdpa_mask']:.1f} | {r['ms']['sdpa_causal']:.1f} "
-           f"| {r['ms']['sdpa_mask'] / r['ms']['lf_packed']:.2f}x | {r['max_abs_diff_vs_mask']:.1e} |" for r in rows]
+          "| shape | dtype | lf chose | lf_chosen ms | lf_cpu ms | lf_packed ms | sdpa_mask ms "
+          "| sdpa_causal ms (examples mixed) | lf_chosen vs mask | max abs diff |",
+          "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    md += [f"| {r['shape']} | {r['dtype']} | {r['lf_chose']} | {r['ms']['lf_chosen']:.1f} | {r['ms']['lf_cpu']:.1f} "
+           f"| {r['ms']['lf_packed']:.1f} | {r['ms']['sdpa_mask']:.1f} | {r['ms']['sdpa_causal']:.1f} "
+           f"| {r['ms']['sdpa_mask'] / r['ms']['lf_chosen']:.2f}x | {r['max_abs_diff_vs_mask']:.1e} |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)
     harness.write_report("packed_attention", text, {"command": command, "machine": harness.machine_facts(),

@@ -115,4 +115,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("code2"), py::arg("blocksize2"), py::arg("offset"), py::arg("in_features"), py::arg("row0"),
         py::arg("col0"), py::arg("rows"), py::arg("cols"), py::arg("out"), py::arg("weight_dtype"), py::arg("dtype"),
         py::arg("threads"));
+
+  m.def("attn_block",
+        [](uintptr_t s, uintptr_t lse, uintptr_t p, uintptr_t dp, uintptr_t o, uintptr_t dout, int64_t rows,
+           int64_t n, int64_t dim, float scale, bool grad, int dtype, int threads) {
+          call(lf::kernels().attn_block,
+               lf::AttnBlock{ptr<const void>(s), ptr<const float>(lse), ptr<void>(p), ptr<void>(dp),
+                             ptr<const void>(o), ptr<const void>(dout), rows, n, dim, scale, grad, DType(dtype),
+                             threads});
+        },
+        py::arg("s"), py::arg("lse"), py::arg("p"), py::arg("dp"), py::arg("o"), py::arg("dout"), py::arg("rows"),
+        py::arg("n"), py::arg("dim"), py::arg("scale"), py::arg("grad"), py::arg("dtype"), py::arg("threads"));
 }

@@ -164,10 +164,19 @@ struct Dequant4bit {
   int64_t in_features, row0, col0, rows, cols; void* out; DType weight_dtype; DType dtype; int threads;
 };
 
+// One segment's causal score block of (rows = heads x n) x n, row r holding query r % n; T storage throughout.
+// grad false: p = exp(s * scale - lse) on and below the diagonal, 0 above (the saved log-sum-exp makes it softmax).
+// grad true: dp becomes dS = p * (dp - rowsum(o * dout)) * scale, in place (o, dout: rows x dim).
+struct AttnBlock {
+  const void* s; const float* lse; void* p; void* dp; const void* o; const void* dout;
+  int64_t rows, n, dim; float scale; bool grad; DType dtype; int threads;
+};
+
 // X(name, args struct): every kernel, declared once per instruction-set variant.
 #define LF_KERNEL_LIST(X) \
   X(rms_norm_fwd, RmsNormFwd) X(rms_norm_bwd, RmsNormBwd) X(rope, Rope) X(glu_fwd, GluFwd) X(glu_bwd, GluBwd) \
-  X(cross_entropy, CrossEntropy) X(dequant_4bit, Dequant4bit)
+  X(cross_entropy, CrossEntropy) X(dequant_4bit, Dequant4bit) \
+  X(attn_block, AttnBlock)
 
 // Calls fn<T>() with T the storage type named by dtype.
 template <template <class> class Fn, class Args>

@@ -127,6 +127,63 @@ def test_packed_sdpa_equals_each_segment_alone(dtype):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 4)
 
 
+def _masked_reference(q, k, v, bounds, scale):
+    """float64 SDPA under the block-diagonal causal mask: the oracle for every packed-attention path."""
+    group = q.shape[1] // k.shape[1]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = packed_attention.block_mask(bounds, q.shape[2], torch.float64)
+    out = F.scaled_dot_product_attention(q64, k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1),
+                                         attn_mask=mask, scale=scale)
+    return out, (q64, k64, v64)
+
+
+# packed_attention_cpu: SDPA's flash forward (by segments or masked) and lf's backward over each segment's causal
+# block, its elementwise passes in C++ ("cpu") or torch. Tolerances per dtype, against float64.
+PACKED_TOL = {torch.float32: (2e-5, 8e-5), torch.bfloat16: (1.6e-2, 6.4e-2), torch.float16: (2e-3, 8e-3)}
+
+
+@pytest.mark.parametrize("dtype", list(PACKED_TOL))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("by_segments", [False, True])
+@pytest.mark.parametrize("shape", ["odd", "long"])
+def test_packed_attention_cpu_equals_the_masked_oracle(dtype, backend, by_segments, shape, monkeypatch):
+    torch.manual_seed(hash((shape, str(dtype), backend, by_segments)) % 1000)
+    if shape == "odd":  # 1-token examples, lengths off every block size, a row of one example, grouped queries
+        bounds, heads, kv_heads, dim = [[(0, 5), (5, 6), (6, 13)], [(0, 13)], [(0, 1), (1, 13)]], 4, 2, 8
+    else:  # rows of a few hundred tokens as in training, multi-head (no grouping), head_dim 64
+        bounds, heads, kv_heads, dim = _rows([1, 300, 211], [512]), 3, 3, 64
+    length = bounds[0][-1][1]
+    # (B, L, H, D) storage seen as (B, H, L, D), as transformers' attention layers hand it over
+    q, k, v = (torch.randn(len(bounds), length, h, dim, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    ref, leaves = _masked_reference(q, k, v, bounds, dim ** -0.5)  # the models' scale
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, g)
+    # poisoned outputs: every gradient element must be written
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    out = packed_attention.packed_attention_cpu(q, k, v, bounds, by_segments=by_segments, backend=backend)
+    got = torch.autograd.grad(out, (q, k, v), g.to(dtype))
+    monkeypatch.undo()
+    rtol, atol = PACKED_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_packed_attention_cpu_backends_agree_and_refuse_other_devices():
+    bounds = _rows([7, 9], [16])
+    q, k, v = (torch.randn(2, 4, 16, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16)
+    grads = [torch.autograd.grad(packed_attention.packed_attention_cpu(q, k, v, bounds, backend=b), (q, k, v), g)
+             for b in ("cpu", "torch")]
+    for a, b in zip(*grads):  # the same products; the passes differ only in rounding order
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1.6e-2)
+    with pytest.raises(ValueError, match="CPU tensors, not meta"):
+        packed_attention.packed_attention_cpu(*(t.to("meta") for t in (q, k, v)), bounds)
+
+
 def _rows(*rows):
     """Bounds as :func:`packed_attention.segments` gives them, from each row's example lengths."""
     bounds = []
@@ -185,23 +242,31 @@ def _loss_sum(model, batch):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "lf_packed_segments", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "lf_packed_segments", "lf_packed_cpu", "eager"])
 @pytest.mark.parametrize("kernels", [False, True])
 def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypatch):
-    """"lf_packed" on these short rows takes the mask path (segments do not pay); "lf_packed_segments" is
-    "lf_packed" with a segment block of 1, so that segments pay and packed_sdpa runs inside the model."""
+    """"lf_packed" on these short fp32 rows takes the mask path (segments do not pay); "lf_packed_segments" is
+    "lf_packed" with a segment block of 1, so that segments pay and packed_sdpa runs inside the model;
+    "lf_packed_cpu" lets fp32 take lf's own backward (packed_attention_cpu, bf16's path on the CPU)."""
     packed_attention.register()
-    calls = []
-    real_packed_sdpa = packed_attention.packed_sdpa
+    calls, own_calls = [], []
+    real_packed_sdpa, real_own = packed_attention.packed_sdpa, packed_attention.packed_attention_cpu
 
     def spy(*args, **kwargs):
         calls.append(args[3])
         return real_packed_sdpa(*args, **kwargs)
 
+    def own_spy(*args, **kwargs):
+        own_calls.append(args[3])
+        return real_own(*args, **kwargs)
+
     monkeypatch.setattr(packed_attention, "packed_sdpa", spy)
+    monkeypatch.setattr(packed_attention, "packed_attention_cpu", own_spy)
     if attn == "lf_packed_segments":
         monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)
-    model = _tiny(family, "lf_packed" if attn == "lf_packed_segments" else attn)
+    if attn == "lf_packed_cpu":
+        monkeypatch.setattr(packed_attention, "OWN_BACKWARD", (torch.float32,))
+    model = _tiny(family, "lf_packed" if attn.startswith("lf_packed") else attn)
     if kernels:
         patch_model(model, fused_linear_cross_entropy=False)  # logits are needed here
     try:
@@ -220,11 +285,11 @@ def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypa
         for name, grad in grads.items():
             torch.testing.assert_close(packed_grads[name], grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
         # one call per layer of the packed forward, over its packed rows; never in the one-by-one runs (no restarts)
-        if attn == "lf_packed_segments":
-            assert len(calls) == model.config.num_hidden_layers
-            assert all(len(bounds) == len(rows["input_ids"]) and max(map(len, bounds)) > 1 for bounds in calls)
-        else:
-            assert calls == []
+        mine = {"lf_packed_segments": calls, "lf_packed_cpu": own_calls}.get(attn)
+        if mine is not None:
+            assert len(mine) == model.config.num_hidden_layers
+            assert all(len(bounds) == len(rows["input_ids"]) and max(map(len, bounds)) > 1 for bounds in mine)
+        assert [c for c in (calls, own_calls) if c is not mine] == [[]] * (1 + (mine is None))
     finally:
         unpatch(model)
 
