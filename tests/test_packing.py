@@ -143,11 +143,9 @@ PACKED_TOL = {torch.float32: (2e-5, 8e-5), torch.bfloat16: (1.6e-2, 6.4e-2), tor
 
 
 @pytest.mark.parametrize("dtype", list(PACKED_TOL))
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("by_segments", [False, True])
 @pytest.mark.parametrize("shape", ["odd", "long"])
-def test_packed_attention_cpu_equals_the_masked_oracle(dtype, backend, by_segments, shape, monkeypatch):
-    torch.manual_seed(hash((shape, str(dtype), backend, by_segments)) % 1000)
+def test_packed_attention_cpu_equals_the_masked_oracle(dtype, by_segments, shape, backend):
     if shape == "odd":  # 1-token examples, lengths off every block size, a row of one example, grouped queries
         bounds, heads, kv_heads, dim = [[(0, 5), (5, 6), (6, 13)], [(0, 13)], [(0, 1), (1, 13)]], 4, 2, 8
     else:  # rows of a few hundred tokens as in training, multi-head (no grouping), head_dim 64
@@ -159,12 +157,10 @@ def test_packed_attention_cpu_equals_the_masked_oracle(dtype, backend, by_segmen
     ref, leaves = _masked_reference(q, k, v, bounds, dim ** -0.5)  # the models' scale
     g = torch.randn_like(ref)
     want = torch.autograd.grad(ref, leaves, g)
-    # poisoned outputs: every gradient element must be written
-    real_empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
-    out = packed_attention.packed_attention_cpu(q, k, v, bounds, by_segments=by_segments, backend=backend)
+    # `backend` (conftest) forces each backend and CPU variant and poisons what lf allocates: every gradient
+    # element must be written. Triton has no kernel here (a GPU runs SDPA by segments): it takes the torch passes.
+    out = packed_attention.packed_attention_cpu(q, k, v, bounds, by_segments=by_segments)
     got = torch.autograd.grad(out, (q, k, v), g.to(dtype))
-    monkeypatch.undo()
     rtol, atol = PACKED_TOL[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol)
     for name, a, b in zip("qkv", got, want):

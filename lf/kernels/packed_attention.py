@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from lf.kernels import _backend, _checks
+from lf.kernels import _alloc, _backend, _checks
 
 NAME = "lf_packed"
 
@@ -129,7 +129,7 @@ def _score_grad_torch(p, dp, o, dout, scale):
 def _probs_cpu(s, lse, scale):
     from lf import _C
 
-    p = torch.empty_like(s)
+    p = _alloc.empty_like(s)
     _C.attn_block(s.data_ptr(), lse.data_ptr(), p.data_ptr(), 0, 0, 0, s.shape[0] * s.shape[1], s.shape[2], 0,
                   scale, False, _checks.DTYPE_CODE[s.dtype], _checks.threads())
     return p
@@ -180,7 +180,7 @@ class PackedAttentionFunction(torch.autograd.Function):
         probs, score_grad = ELEMENTWISE[ctx.backend]
         heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
         scale = ctx.scale if ctx.scale is not None else dim ** -0.5
-        dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        dq, dk, dv = _alloc.empty_like(query), _alloc.empty_like(key), _alloc.empty_like(value)
         with torch.autocast("cpu", enabled=False):
             for b, row in enumerate(ctx.bounds):
                 for s, e in row:
