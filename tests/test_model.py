@@ -56,7 +56,7 @@ def restore_kernels():
         unpatch(family)
 
 
-def _load(path, *, is_trainable=True, cutoff_len=None, tokenizer=None, **kwargs):
+def _load(path, *, is_trainable=True, cutoff_len=None, tokenizer=None, tokens_per_step=None, **kwargs):
     # float32 unless a test says otherwise: "auto" is bf16 on CPUs with AVX512-BF16/AMX, and these tests compare
     # runs to fp32 rounding
     kwargs.setdefault("infer_dtype", "float32")
@@ -64,7 +64,8 @@ def _load(path, *, is_trainable=True, cutoff_len=None, tokenizer=None, **kwargs)
     model_args = ModelArguments(model_name_or_path=path, **{k: v for k, v in kwargs.items() if k in fields})
     finetuning_args = FinetuningArguments(**{k: v for k, v in kwargs.items() if k not in fields})
     tokenizer = tokenizer or load_tokenizer(model_args)
-    return load_model(tokenizer, model_args, finetuning_args, is_trainable=is_trainable, cutoff_len=cutoff_len)
+    return load_model(tokenizer, model_args, finetuning_args, is_trainable=is_trainable, cutoff_len=cutoff_len,
+                      tokens_per_step=tokens_per_step)
 
 
 def _batch(vocab=250, rows=2, length=24):
@@ -240,6 +241,27 @@ def test_training_setup_and_inference(llama):
     model, lines = _load(llama, is_trainable=False)
     assert not model.training and model.config.use_cache is True and not _trainable(model)
     assert lines[-1].startswith("trainable parameters: 0 of ")
+
+
+def test_cpu_training_leaves_checkpointing_off_where_the_activations_fit(llama, monkeypatch):
+    from lf import allocator
+
+    # the tiny model: LAYERS layers of hidden 64, intermediate 128, fp32: bytes its activations take a token
+    per_token = (6 * 64 + 3 * 128) * LAYERS * 4
+    monkeypatch.setattr(allocator, "available_bytes", lambda: 10 * per_token * 1000)
+    model, lines = _load(llama, tokens_per_step=1000)  # exactly a tenth of the available memory: off
+    said = " ".join(lines)
+    assert not model.is_activation_checkpointing
+    assert f"the ~{per_token * 1000 / 2**20:,.0f} MiB of activations it would save for 1000 tokens" in said
+    assert "disable_gradient_checkpointing: false turns it on" in said
+    for kwargs in ({"tokens_per_step": 1001},  # more than a tenth
+                   {"tokens_per_step": 1000, "disable_gradient_checkpointing": False},  # asked for
+                   {"tokens_per_step": 1000, "gradient_checkpointing_every": 2},  # asked for in some layers
+                   {}):  # no step size known (inference, other callers): LLaMA-Factory's default
+        model, lines = _load(llama, **kwargs)
+        assert model.is_activation_checkpointing, kwargs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine keeps it on
+    assert _load(llama, tokens_per_step=10)[0].is_activation_checkpointing
 
 
 def test_gradient_checkpointing_every_k_layers_trains_the_same(llama):

@@ -257,3 +257,15 @@ def test_qlora_trains_an_adapter_over_a_quantized_base(tmp_path, bits):
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"}
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in load_file(out / "adapter_model.safetensors").items())
+
+
+def test_growth_release_hands_memory_back_only_as_the_heap_grows():
+    from lf.allocator import GrowthRelease
+
+    resident = iter([100, 109, 110, 111, 100, 104, 105, 110, 200])  # each check reads it once
+    released = []
+    releaser = GrowthRelease(rss=lambda: next(resident), release=lambda: released.append(True), growth=1.1)
+    # the first step's end sets the working size (100); 110 is not past 1.1x; 111 is: released, and the next
+    # step's end sets the size again (100)
+    assert [releaser.check() for _ in range(9)] == [False, False, False, True, False, False, False, False, True]
+    assert releaser.releases == len(released) == 2

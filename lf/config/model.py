@@ -24,7 +24,8 @@ class ModelArguments:
     use_lf_kernels: bool = True  # patch lf's fused kernels into the model (lf.kernels.patch)
     cpu_allocator: str = "tuned"  # tuned | default: glibc's malloc settings when training on the CPU (lf/allocator.py)
     enable_liger_kernel: bool = False  # LLaMA-Factory's switch: maps onto lf's kernels, and says so
-    disable_gradient_checkpointing: bool = False
+    # None: off on the CPU when the activations it would save fit in a tenth of the available memory, else on
+    disable_gradient_checkpointing: bool | None = None
     # checkpoint one decoder layer in k (1: every layer): more speed for more memory
     gradient_checkpointing_every: int = 1
     use_reentrant_gc: bool = True

@@ -103,3 +103,19 @@ class LossGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         return self._check(control, (logs or {}).get("loss"))
+
+
+class ReleaseFreedMemory(TrainerCallback):
+    """cpu_allocator: tuned on the CPU: freed heap goes back to the OS at a step's end once the resident set has
+    grown by a tenth past a step's working size (lf.allocator.GrowthRelease; why there)."""
+
+    def __init__(self, releaser=None):
+        from lf import allocator
+
+        self.releaser = releaser or allocator.GrowthRelease()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.releaser.check() and self.releaser.releases == 1:
+            log.info("CPU allocator: freed memory went back to the OS after step %d: it does whenever the resident "
+                     "set has grown by a tenth past a step's working size, which bounds the heap's fragmentation",
+                     state.global_step)

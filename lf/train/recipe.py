@@ -16,7 +16,7 @@ from transformers import set_seed
 from lf.data import fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_model, load_tokenizer
-from lf.train.callbacks import LossGuard, Progress, RunLog
+from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
 from lf.train.checkpoints import resume_point
 from lf.train.plot import plot_loss
 
@@ -36,7 +36,7 @@ def prepare(cfg) -> Prepared:
     """Tokenizer (with the template, which the saved tokenizer carries as its chat template), the stage's
     datasets and the model, as `cfg` says; the run's environment set for HF's Trainer."""
     args, fin = cfg.training, cfg.finetuning
-    if args.use_cpu or not torch.cuda.is_available():
+    if _cpu_training(args):
         _cpu_allocator(cfg.model.cpu_allocator)
     resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
     tokenizer = load_tokenizer(cfg.model)
@@ -46,7 +46,8 @@ def prepare(cfg) -> Prepared:
     if args.deepspeed:
         _deepspeed_comm()
     set_seed(args.seed)  # before the adapters' random initialisation: the same seed, the same run
-    model, lines = load_model(tokenizer, cfg.model, fin, is_trainable=args.do_train, cutoff_len=cfg.data.cutoff_len)
+    model, lines = load_model(tokenizer, cfg.model, fin, is_trainable=args.do_train, cutoff_len=cfg.data.cutoff_len,
+                              tokens_per_step=args.per_device_train_batch_size * cfg.data.cutoff_len)
     for line in lines:
         log.info("%s", line)
     if fin.logging_dir:  # transformers 5 takes TensorBoard's folder from the environment only
@@ -54,6 +55,10 @@ def prepare(cfg) -> Prepared:
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU
     return Prepared(tokenizer, template, data, model, resume)
+
+
+def _cpu_training(args) -> bool:
+    return args.use_cpu or not torch.cuda.is_available()
 
 
 def _cpu_allocator(setting: str) -> None:
@@ -74,7 +79,8 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
     """Trains (and/or evaluates) with the stage's `trainer` (an LFTrainer) as `cfg` says: lf's log, loss guard
     and progress bar, the model saved with its run config, the loss plot; returns what was written where."""
     args, fin = cfg.training, cfg.finetuning
-    for callback in (RunLog(trainer), LossGuard(trainer), *callbacks):
+    releases = [ReleaseFreedMemory()] if _cpu_training(args) and cfg.model.cpu_allocator == "tuned" else []
+    for callback in (RunLog(trainer), LossGuard(trainer), *releases, *callbacks):
         trainer.add_callback(callback)
     _use_progress(trainer)
     outputs = {"output_dir": args.output_dir}
