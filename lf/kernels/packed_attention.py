@@ -144,8 +144,8 @@ def _score_grad_cpu(p, dp, o, dout, scale):
 
 
 # Where lf's backward runs on the CPU: SDPA's CPU flash backward costs 5x its forward in 16-bit dtypes (4.3 ms
-# forward, 21.7 ms backward for 4 rows of 512 tokens, 8 heads of 64, bf16), and lf's 11.2 ms; in fp32 SDPA's
-# backward by segments is as fast (13.3 ms against lf's 14.8), so fp32 keeps it.
+# forward, 21.7 ms backward for 4 rows of 512 tokens, 8 heads of 64, bf16), lf's 12-14 ms (segments padded as
+# padded_length says); in fp32 SDPA's backward by segments is as fast (13.3 ms against lf's 14.8), so fp32 keeps it.
 OWN_BACKWARD = (torch.bfloat16, torch.float16)
 ELEMENTWISE = {"cpu": (_probs_cpu, _score_grad_cpu), "torch": (_probs_torch, _score_grad_torch)}
 
