@@ -11,7 +11,8 @@ attention alone (q, k, v given), fp32 and bf16, median of several calls, in one 
 causal mask that transformers builds for packed rows, LLaMA-Factory's path on the CPU, in one call over the batch),
 `lf_cpu` (packed_attention_cpu: SDPA's flash forward, by segments when `segments_pay`, else masked, and lf's
 backward over each example's causal block: BLAS products and two C++ elementwise passes), `lf_chosen` (what lf's
-attention, packed_attention.hf_attention, runs for that batch: lf_cpu in bf16; in fp32 lf_packed when
+attention, packed_attention.hf_attention, runs for that batch: lf_cpu in bf16 when `own_backward_pays` (the
+padded blocks' cells fewer than the mask's); otherwise, and in fp32, lf_packed when
 `segments_pay(bounds, length, dtype)`, else sdpa_mask; segments cost about 1.25 * sum(n * max(n, block)) over
 their lengths n (block: 512 in bf16, 192 in fp32), the mask rows * length^2) and `sdpa_causal` (one causal SDPA
 over each whole row: as fast as attention over a row gets, but the examples see each other, so it is a speed
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
-from lf.kernels.packed_attention import OWN_BACKWARD, packed_attention_cpu, packed_sdpa, segment_block, segments_pay
+from lf.kernels.packed_attention import (OWN_BACKWARD, block_mask, own_backward_pays, packed_attention_cpu,
+                                         packed_sdpa, segment_block, segments_pay)
 
 HEADS, HEAD_DIM = 8, 64
 # name -> each row's example lengths (every row of a shape sums to the same length)
@@ -47,22 +49,15 @@ def _bounds(rows):
     return bounds
 
 
-def _mask(bounds, length):
-    mask = torch.zeros(len(bounds), 1, length, length, dtype=torch.bool)
-    for b, row in enumerate(bounds):
-        for s, e in row:
-            mask[b, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
-    return mask
-
-
 def case(shape: str, dtype, scale_down: int):
     rows = [[n // scale_down for n in lengths] for lengths in SHAPES[shape]]
     length = sum(rows[0])
     assert all(sum(lengths) == length for lengths in rows), rows
     bounds = _bounds(rows)
-    mask = _mask(bounds, length)
+    mask = block_mask(bounds, length, dtype)
     pays = segments_pay(bounds, length, dtype)
-    chosen = "lf_cpu" if dtype in OWN_BACKWARD else "lf_packed" if pays else "sdpa_mask"
+    own = dtype in OWN_BACKWARD and own_backward_pays(bounds, length)
+    chosen = "lf_cpu" if own else "lf_packed" if pays else "sdpa_mask"
     q, k, v = (torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype)
     variants = {
@@ -100,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
           "; ".join(f"{name}: {r['batch']} row(s) of {r['tokens']} tokens holding {r['examples']} examples of "
                     f"{r['example_tokens'][0]} to {r['example_tokens'][1]}" for name, r in shapes.items())
           + f". {HEADS} heads x {HEAD_DIM}, forward + backward, median of 7 calls; {torch.get_num_threads()} threads. "
-          f"lf_chosen is what lf's attention runs: lf_cpu in bf16 (and fp16); in fp32 lf_packed (segments) when "
+          f"lf_chosen is what lf's attention runs: lf_cpu in bf16 (and fp16) when own_backward_pays; otherwise, "
+          f"and in fp32, lf_packed (segments) when "
           f"segments_pay, i.e. 1.25 * sum(n * max(n, block)) < rows * length^2 (block "
           f"{segment_block(torch.float32)} in fp32), else sdpa_mask.", "",
           "| shape | dtype | lf chose | lf_chosen ms | lf_cpu ms | lf_packed ms | sdpa_mask ms "

@@ -111,18 +111,12 @@ def test_packed_sdpa_equals_each_segment_alone(dtype):
     k = torch.randn(2, 2, 13, 8, dtype=dtype, requires_grad=True)
     v = torch.randn(2, 2, 13, 8, dtype=dtype, requires_grad=True)
     out = packed_attention.packed_sdpa(q, k, v, bounds, scale=0.3)
-    mask = torch.zeros(2, 1, 13, 13, dtype=torch.bool)
-    for b, row in enumerate(bounds):
-        for s, e in row:
-            mask[b, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(q64, k64.repeat_interleave(2, dim=1), v64.repeat_interleave(2, dim=1),
-                                         attn_mask=mask, scale=0.3)
+    ref, leaves = _masked_reference(q, k, v, bounds, 0.3)
     tol = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    want = torch.autograd.grad(ref, leaves, g.double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 4)
 
@@ -214,6 +208,17 @@ def test_segments_pay_when_rows_are_long_against_their_examples():
     assert not pay(_rows([1024], [1024]), 1024)
 
 
+def test_own_backward_pays_when_its_padded_blocks_hold_fewer_cells_than_the_mask():
+    pays = packed_attention.own_backward_pays
+    assert [packed_attention.padded_length(n) for n in (1, 64, 65, 200, 512, 1025)] == [64, 64, 128, 256, 512, 1152]
+    assert pays(_rows([316, 196], [260, 250, 2]), 512)  # train_e2e's batches: 256^2 + 320^2 + ... < 2 * 512^2
+    assert pays(_rows([256] * 8), 2048)
+    # rows of 128 holding examples of 8-50: each pads to 64, 6 * 64^2 > 128^2 per row; the mask stays
+    assert not pays(_rows([50, 37, 23, 18], [45, 30, 25, 16, 12], [40, 28, 24, 20, 8, 8]), 128)
+    assert not pays(_rows([100, 28]), 128)  # 128^2 + 64^2 > 128^2
+    assert not pays(_rows([512]), 512)  # one example per row: a tie keeps SDPA
+
+
 def _tiny(family, attn):
     torch.manual_seed(0)
     if family == "llama":
@@ -260,8 +265,9 @@ def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypa
     monkeypatch.setattr(packed_attention, "packed_attention_cpu", own_spy)
     if attn == "lf_packed_segments":
         monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)
-    if attn == "lf_packed_cpu":
+    if attn == "lf_packed_cpu":  # these short rows of short examples would keep the mask (own_backward_pays)
         monkeypatch.setattr(packed_attention, "OWN_BACKWARD", (torch.float32,))
+        monkeypatch.setattr(packed_attention, "own_backward_pays", lambda bounds, length: True)
     model = _tiny(family, "lf_packed" if attn.startswith("lf_packed") else attn)
     if kernels:
         patch_model(model, fused_linear_cross_entropy=False)  # logits are needed here

@@ -8,10 +8,11 @@ mask's outputs and gradients:
   runs each segment; on the CPU it runs fp32 batches where :func:`segments_pay` (the mask otherwise).
 - :func:`packed_attention_cpu` (16-bit CPU tensors): SDPA's flash forward, and lf's backward over each example's
   causal block only, as BLAS products and two elementwise passes (C++ in lf._C, or torch). SDPA's CPU backward
-  costs 5x its forward in bf16 and runs every cell of a masked row.
+  costs 5x its forward in bf16 and runs every cell of a masked row. Rows of many tiny examples keep the mask
+  (:func:`own_backward_pays`).
 
-Forward + backward in bf16 on this 2-core CPU (`python -m bench.packed_attention`): 5.0x faster than the mask over
-one 2048-token row of 8 examples, 1.65x over 4 rows of 512 (where segments alone lose to the mask).
+Forward + backward in bf16 on this 2-core CPU (`python -m bench.packed_attention`): 3.8x faster than the mask over
+one 2048-token row of 8 examples, 1.7x over 4 rows of 512 (where segments alone lose to the mask).
 
 `register()` adds this as the attention implementation "lf_packed" to transformers; batches that are not packed
 (no restart, a KV cache, left padding), layers that need more than a causal mask (a sliding window shorter
@@ -206,6 +207,15 @@ def padded_length(n: int) -> int:
     return -(-n // step) * step
 
 
+def own_backward_pays(bounds, length: int) -> bool:
+    """Whether lf's backward (the padded causal blocks, plus a fixed cost per example) beats SDPA's masked one:
+    the blocks' cells, sum(padded_length(n)^2), against the mask's rows * length^2. Measured in bf16
+    (`python -m bench.packed_attention`, and its --quick shapes): 0.18-0.38 of the mask's cells ran 1.4-5x faster,
+    train_e2e's batches (~0.65) 1.6x; rows of 128 tokens holding 4-6 examples of 8-50 (1.31x the cells) ran 0.71x,
+    so those keep the mask."""
+    return sum(padded_length(e - s) ** 2 for row in bounds for s, e in row) < len(bounds) * length * length
+
+
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
     """t (heads, n, ...) copied into zeros of (heads, length, ...), contiguous."""
     out = t.new_zeros(t.shape[0], length, *t.shape[2:])
@@ -237,7 +247,8 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         bounds = None if max(e - s for row in bounds for s, e in row) > window else bounds
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         bounds = None
-    if bounds is not None and query.device.type == "cpu" and query.dtype in OWN_BACKWARD and not dropout:
+    if (bounds is not None and query.device.type == "cpu" and query.dtype in OWN_BACKWARD and not dropout
+            and own_backward_pays(bounds, query.shape[2])):
         out = packed_attention_cpu(query, key, value, bounds, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     if bounds is not None and not segments_pay(bounds, query.shape[2], query.dtype):
