@@ -20,6 +20,8 @@ for module in ("lf._triton.kernels.rms_norm", "lf._triton.kernels.rope", "lf._tr
                "lf._triton.kernels.cross_entropy", "lf._triton.kernels.lora_nf4_linear"):
     assert importlib.util.find_spec(module) is not None, f"{module} is missing from the wheel"
 assert choose_backend("cpu") == "cpu"
+# The Triton sources ship inside lf only: a top-level `kernels` would shadow PyPI's (transformers imports that one).
+assert importlib.util.find_spec("kernels") is None, "the wheel installs a top-level kernels package"
 
 x, w = torch.randn(3, 65), torch.randn(65)
 torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))

@@ -1,1 +1,0 @@
-"""Triton kernels of lf, one file per op; installed as lf._triton."""
