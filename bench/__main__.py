@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import harness, ops
+from bench.harness import ratio_text
 from bench.lm_head_loss import OTHERS_SHARE_WARN, _cpu_seconds, _git_dirty, _status_kib, _write_json
 from bench.qlora_linear import _malloc_trim
 
@@ -370,10 +371,6 @@ def _groups(result: dict) -> list[tuple[str, str]]:
             for m in models if op in ops.MODELS[m].ops]
 
 
-def _x(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}x"
-
-
 def summary_md(result: dict) -> str:
     """A README-sized table: per op and model, lf's fwd+bwd speed-up over HF eager and torch.compile, and its
     peak memory over HF eager's, one column group per dtype."""
@@ -387,7 +384,7 @@ def summary_md(result: dict) -> str:
         cells = []
         for d in dtypes:
             t, mem = times.get((model, op, d), {}), memory.get((model, op, d), {})
-            cells += [_x(t.get("vs_eager")), _x(t.get("vs_compile")), _x(mem.get("lf_vs_eager"))]
+            cells += [ratio_text(v) for v in (t.get("vs_eager"), t.get("vs_compile"), mem.get("lf_vs_eager"))]
         lines.append(f"| {op} | {model} | {result['settings']['tokens'][op]} | " + " | ".join(cells) + " |")
     lines += ["", f"Speed-up: forward + backward time of HF eager (or torch.compile of it) / lf's, allocator "
                   f"{allocator}; above 1x lf is faster. Memory: lf's peak / HF eager's over one forward + backward "
@@ -445,7 +442,8 @@ def markdown(result: dict) -> str:
                       "|---|---|--:|---|--:|" + "--:|" * (2 * len(names)) + "--:|--:|--:|--:|--:|"]
             lines += [f"| {r['model']} | {r['op']} | {r['tokens']} | {r['direction']} | {_num(r['lf_ms'])} | "
                       + " | ".join(_num(r.get(f"{b}_ms")) for b in baselines) + " | "
-                      + " | ".join(_x(r.get(f"vs_{b}")) + ("" if "min_bytes" in r else "†") for b in baselines)
+                      + " | ".join(ratio_text(r.get(f"vs_{b}")) + ("" if "min_bytes" in r else "†")
+                                   for b in baselines)
                       + f" | {_num(r.get('lf_gbps'))} | {_pct(r.get('pct_copy_into_existing'))} "
                       f"| {_pct(r.get('pct_clone'))} | {_num(r.get('lf_tflops'))} | {_pct(r.get('pct_matmul'))} |"
                       for r in result["rows"] if r["allocator"] == setting and r["dtype"] == dtype]
@@ -464,7 +462,7 @@ def markdown(result: dict) -> str:
                       "|---|---|--:|" + "--:|" * (len(impl_names) + len(names))]
             lines += [f"| {r['model']} | {r['op']} | {r['tokens']} | "
                       + " | ".join(f"{r[i + '_mib']:,.0f}" if i + "_mib" in r else "n/a" for i, _ in impl_names)
-                      + " | " + " | ".join(_x(r.get(f"lf_vs_{b}")) for b in baselines) + " |"
+                      + " | " + " | ".join(ratio_text(r.get(f"lf_vs_{b}")) for b in baselines) + " |"
                       for r in result["memory"] if r["dtype"] == dtype]
     lines += ["", "Speed-up (vs X) = X's time / lf's: above 1x lf is faster. lf GB/s and TFLOP/s = the op's minimum "
                   "bytes and FLOPs (bench/ops.py) / lf's time; % = that share of the limits above, measured in the "

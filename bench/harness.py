@@ -285,3 +285,13 @@ def now() -> str:
 def _num(v: float) -> str:
     """Three significant digits without an exponent."""
     return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}" if v else "0"
+
+
+def ms_text(v: float | None) -> str:
+    """A time for a table; "n/a" where it was not measured (a failed run)."""
+    return "n/a" if v is None else _num(v)
+
+
+def ratio_text(v: float | None) -> str:
+    """A ratio for a table; "n/a" where one side was not measured (a failed run)."""
+    return "n/a" if v is None else f"{v:.2f}x"

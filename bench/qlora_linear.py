@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from bench import harness
+from bench.harness import ms_text, ratio_text
 from bench.lm_head_loss import OTHERS_SHARE_WARN, _cpu_seconds, _git_dirty, _status_kib, _write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -368,12 +369,26 @@ def check_runs(rows: list[dict]) -> list[str]:
     return warnings
 
 
-def _ms(v: float | None) -> str:
-    return "n/a" if v is None else harness._num(v)
+def _total_row(label: str, t: dict) -> str:
+    peak = "n/a" if t["extra_peak_mib"] is None else f"{t['extra_peak_mib']:,.0f} (max)"
+    return (f"| {label} | **total** | | {t['variant']} | {ms_text(t['fwd_ms'])} | {ms_text(t['fwd_bwd_ms'])} "
+            f"| {ratio_text(t['speedup_vs_peft_bnb'])} | {peak} | {ratio_text(t['memory_vs_peft_bnb'])} | | |")
 
 
-def _x(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}x"
+def summary_md(result: dict) -> str:
+    """The README-sized table: lf's totals against PEFT + bitsandbytes per group and dtype ("n/a" where either
+    failed), then the runs that failed."""
+    lines = ["| group | dtype | lf fwd+bwd ms | PEFT + bnb ms | speed-up | peak memory vs PEFT + bnb |",
+             "|---|---|--:|--:|--:|--:|"]
+    totals = {(t["group"], t["dtype"], t["variant"]): t for t in result["totals"]}
+    for (group, dtype, variant), t in totals.items():
+        base = totals.get((group, dtype, "peft_bnb"))
+        if variant == "lf" and base:
+            lines.append(f"| {group} | {dtype} | {ms_text(t['fwd_bwd_ms'])} | {ms_text(base['fwd_bwd_ms'])} "
+                         f"| {ratio_text(t['speedup_vs_peft_bnb'])} | {ratio_text(t['memory_vs_peft_bnb'])} |")
+    failed = [f"{r['variant']} ({r['dtype']}, {r['group']}): {r['status']}" for r in result["rows"]
+              if r.get("status", "ok") != "ok"]
+    return "\n".join(lines + ([""] + [f"Failed: {'; '.join(failed)}."] if failed else []))
 
 
 def _diff(r: dict, name: str, key: str) -> str:
@@ -423,17 +438,12 @@ def markdown(result: dict) -> str:
                         continue
                     speed = _ratio(base and base["fwd_bwd_ms"], p["fwd_bwd_ms"])
                     memory = _ratio(p["extra_peak_mib"], base and base["extra_peak_mib"])
-                    lines.append(f"| {group} | {name} | {p['in']} -> {p['out']} | {r['variant']} | {_ms(p['fwd_ms'])} "
-                                 f"| {_ms(p['fwd_bwd_ms'])} | {_x(speed)} | {p['extra_peak_mib']:,.0f} | {_x(memory)} "
+                    lines.append(f"| {group} | {name} | {p['in']} -> {p['out']} | {r['variant']} "
+                                 f"| {ms_text(p['fwd_ms'])} | {ms_text(p['fwd_bwd_ms'])} | {ratio_text(speed)} "
+                                 f"| {p['extra_peak_mib']:,.0f} | {ratio_text(memory)} "
                                  f"| {_diff(r, name, 'y')} | {_diff(r, name, 'dx')} |")
-            for t in [t for t in result["totals"] if (t["dtype"], t["group"]) == (dtype, group)]:
-                peak = "n/a" if t["extra_peak_mib"] is None else f"{t['extra_peak_mib']:,.0f} (max)"
-                lines.append(f"| {group} | **total** | | {t['variant']} | {_ms(t['fwd_ms'])} | {_ms(t['fwd_bwd_ms'])} "
-                             f"| {_x(t['speedup_vs_peft_bnb'])} | {peak} | {_x(t['memory_vs_peft_bnb'])} | | |")
-        for t in [t for t in result["totals"] if (t["dtype"], t["group"]) == (dtype, "all")]:
-            peak = "n/a" if t["extra_peak_mib"] is None else f"{t['extra_peak_mib']:,.0f} (max)"
-            lines.append(f"| **all** | **total** | | {t['variant']} | {_ms(t['fwd_ms'])} | {_ms(t['fwd_bwd_ms'])} "
-                         f"| {_x(t['speedup_vs_peft_bnb'])} | {peak} | {_x(t['memory_vs_peft_bnb'])} | | |")
+            lines += [_total_row(group, t) for t in result["totals"] if (t["dtype"], t["group"]) == (dtype, group)]
+        lines += [_total_row("**all**", t) for t in result["totals"] if (t["dtype"], t["group"]) == (dtype, "all")]
     lines += ["", "Speed-up = peft_bnb fwd+bwd time / variant's; memory = variant's extra peak / peft_bnb's. Totals "
                   "sum the projections' times (one layer after another) and take their largest extra peak."]
     if result["problems"]:

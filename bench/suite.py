@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench import harness
+from bench import harness, qlora_linear
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -77,24 +77,12 @@ def latest_full(name: str) -> Path | None:
     return found[-1] if found else None
 
 
-def _qlora_summary(data: dict) -> str:
-    lines = ["| group | dtype | lf fwd+bwd ms | PEFT + bnb ms | speed-up | peak memory vs PEFT + bnb |",
-             "|---|---|--:|--:|--:|--:|"]
-    totals = {(t["group"], t["dtype"], t["variant"]): t for t in data["totals"]}
-    for (group, dtype, variant), t in totals.items():
-        base = totals.get((group, dtype, "peft_bnb"))
-        if variant == "lf" and base:
-            lines.append(f"| {group} | {dtype} | {t['fwd_bwd_ms']:.0f} | {base['fwd_bwd_ms']:.0f} "
-                         f"| {t['speedup_vs_peft_bnb']:.2f}x | {t['memory_vs_peft_bnb']:.2f}x |")
-    return "\n".join(lines)
-
-
 def summary(name: str, data: dict) -> str:
     """A benchmark's README-sized table: its own ``summary_md``, or one built from its rows."""
     if "summary_md" in data:
         return data["summary_md"].strip()
     if name == "qlora_linear":
-        return _qlora_summary(data)
+        return qlora_linear.summary_md(data)
     return "(no summary in this result)"
 
 
