@@ -127,8 +127,10 @@ MODEL_COMMANDS = {
     "api": ("lf.serve.api", "an OpenAI-compatible API server: lf api cfg.yaml [key=value ...]"),
     "export": ("lf.export", "merge an adapter and save the model (safetensors, GGUF): lf export cfg.yaml"),
     "eval": ("lf.eval", "multiple-choice evaluation (MMLU style): lf eval cfg.yaml [key=value ...]"),
-    "webchat": ("lf.serve.webchat", "chat with a model in the browser: lf webchat cfg.yaml [key=value ...]"),
-    "webui": ("lf.serve.webui", "the web UI (train, chat, export): lf webui [--host HOST] [--port PORT]"),
+    "webchat": ("lf.serve.webchat", "chat with a model in the browser: lf webchat cfg.yaml [key=value ...] "
+                                    "[--auth USER:PASSWORD]"),
+    "webui": ("lf.serve.webui", "the web UI (train, chat, export): lf webui [--host HOST] [--port PORT] "
+                                "[--auth USER:PASSWORD] [--root DIR]"),
 }
 NO_CONFIG = {"webui"}  # model commands that run without a config
 

@@ -1,7 +1,11 @@
-"""`lf webui`: the YAML the Train tab builds (read back by `lf train`'s parser), the log and loss-curve readers, Start's
-checks, and the page itself in headless Chromium: a tiny quickstart run trained from the Train tab (loss plot
-drawn), a chat with the adapter it made, and a run stopped."""
+"""`lf webui`: the YAML the Train tab builds (read back by `lf train`'s parser), the log and loss-curve readers, the
+checks of Start, Save YAML and Export (the config as `lf train` checks it, every written path under the root, no
+export over a non-empty folder unless told), the login and address options, and the page itself in headless
+Chromium: a tiny quickstart run trained from the Train tab (loss plot drawn), a chat with the adapter it made, and a
+run stopped. The same checks as a stranger calling the HTTP endpoints meets them: test_webui_http.py."""
 
+import argparse
+import functools
 import json
 import os
 import socket
@@ -16,6 +20,7 @@ from test_train import lf_home  # noqa: F401  (the tiny model, built once in a t
 from lf.config import parse_train_args
 from lf.errors import ConfigError
 from lf.serve import webui
+from lf.serve.webaccess import Access, Root, add_server_args
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -23,6 +28,11 @@ CHROMIUM = "/usr/bin/chromium"
 
 def fields(**changes) -> dict:
     return {**webui.TRAIN_DEFAULTS, **changes}
+
+
+def header(demo) -> str:
+    """The text a page starts with."""
+    return next(c["props"]["value"] for c in demo.config["components"] if c["props"].get("elem_id") == "header")
 
 
 def test_train_yaml_round_trips_through_lf_trains_parser(tmp_path):
@@ -59,19 +69,142 @@ def test_train_yaml_mistakes_say_what_to_fix(change, message):
         webui.train_config(fields(**change))
 
 
-def test_start_refuses_a_config_lf_train_would_refuse(tmp_path):
-    trainer = webui.Trainer()
-    problem = trainer.start(fields(output_dir=str(tmp_path / "out"), extra="learing_rate: 0.1"))
+@pytest.fixture
+def root(tmp_path) -> Root:
+    """The web UI's root: a folder of its own in tmp_path, with a folder beside it (outside) and a symlink in it
+    to that one."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "outside")
+    return Root(str(tmp_path / "root"))
+
+
+# paths the root refuses: beside it, out of it with .., through a symlink in it
+ESCAPES = ("{tmp}/outside/x", "{tmp}/root/../outside/x", "{tmp}/root/link/x")
+
+
+def test_start_refuses_a_config_lf_train_would_refuse(root):
+    trainer = webui.Trainer(root)
+    problem = trainer.start(fields(output_dir=str(root.path / "out"), extra="learing_rate: 0.1"))
     assert problem.startswith("**not started**") and "Did you mean: learning_rate" in problem
-    assert trainer.run is None and not (tmp_path / "out").exists()
+    assert trainer.run is None and not (root.path / "out").exists()
     assert "output_dir is empty" in trainer.start(fields(output_dir=" "))
 
 
-def test_save_yaml(tmp_path):
-    status = webui.save_yaml(fields(max_steps=5), str(tmp_path / "sub" / "run.yaml"))
-    assert status.startswith("**saved**")
-    assert yaml.safe_load((tmp_path / "sub" / "run.yaml").read_text())["max_steps"] == 5
-    assert webui.save_yaml(fields(), "  ").startswith("**not saved**")
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("key", webui.WRITTEN_BY_TRAINING)
+def test_start_refuses_a_run_writing_outside_the_root(root, tmp_path, key, escape):
+    path = escape.format(tmp=tmp_path)
+    extra = {key: path, "output_dir": str(root.path / "out")} if key != "output_dir" else {}
+    problem = webui.Trainer(root).start(fields(output_dir=path, extra=yaml.safe_dump(extra)))
+    assert problem == (f"**not started**: {key}: {path} is outside {root.path}, the only folder this web UI writes "
+                       f"to: choose a path under it, or restart lf webui with --root DIR (or LF_WEBUI_ROOT=DIR), or "
+                       f"--allow-any-path")
+    assert not list(root.path.glob("lf-webui-*")) and not list((tmp_path / "outside").iterdir())
+
+
+def test_save_yaml(root, tmp_path, monkeypatch):
+    save = functools.partial(webui.save_yaml, root)
+    out = fields(max_steps=5, output_dir="saves/run")
+    monkeypatch.chdir(root.path)  # relative paths are the working directory's, as `lf train` reads them
+    assert save(out, "sub/run.yaml").startswith("**saved**")
+    assert yaml.safe_load((root.path / "sub" / "run.yaml").read_text())["max_steps"] == 5
+    assert save(fields(), "  ").startswith("**not saved**")
+    for escape in ESCAPES:
+        path = escape.format(tmp=tmp_path) + ".yaml"
+        assert save(out, path).startswith(f"**not saved**: the YAML's path: {path} is outside {root.path}")
+    assert save(out, str(root.path / "setup.py")) == ("**not saved**: " + str(root.path / "setup.py") + " is not a "
+                                                      ".yaml file: Save YAML writes YAML files only (e.g. "
+                                                      "saves/my_run.yaml)")
+    assert not list((tmp_path / "outside").iterdir()) and not (root.path / "setup.py").exists()
+    assert "is outside" in save(fields(output_dir=str(tmp_path / "outside")), str(root.path / "o.yaml"))
+    assert not (root.path / "o.yaml").exists()
+    assert Root(str(root.path), any_path=True).check("output_dir", str(tmp_path / "outside")) == tmp_path / "outside"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("$(touch pwned): 1", "unknown key '$(touch pwned)' in the config."),
+    ('"a\\nb": 1', "unknown key 'a\nb' in the config."),
+    ("learing_rate: 0.1", "unknown key 'learing_rate' in the config. Did you mean: learning_rate?"),
+    ("seed: [1", "not valid YAML"),
+])
+def test_save_yaml_checks_the_other_keys_before_writing(root, extra, message):
+    target = root.path / "run.yaml"
+    status = webui.save_yaml(root, fields(output_dir="saves/run", extra=extra), str(target))
+    assert status.startswith("**not saved**") and message in status and not target.exists()
+    assert not (root.path / "pwned").exists()
+
+
+def test_preview_warns_of_trust_remote_code():
+    assert "WARNING" not in webui._preview(fields())
+    preview = webui._preview(fields(extra="trust_remote_code: true"))
+    assert preview.startswith("# WARNING: trust_remote_code: true runs the Python code that lf-tiny-llama ships")
+    assert yaml.safe_load(preview)["trust_remote_code"] is True  # a comment: the YAML below is unchanged
+
+
+def test_export_stays_in_the_root_and_off_non_empty_folders(root, tmp_path):
+    export = functools.partial(webui.run_export, root, str(tmp_path / "no-model"), "", "qwen", export_size=1,
+                               export_dtype="auto", export_gguf="none")
+    for escape in ESCAPES:
+        path = escape.format(tmp=tmp_path)
+        assert export(path, overwrite=True).startswith(f"**not exported**: export_dir: {path} is outside {root.path}")
+    full = root.path / "merged"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert export(str(full), overwrite=False) == (f"**not exported**: export_dir: {full} is not empty: tick "
+                                                  f"\"{webui.OVERWRITE_EXPORT}\" to write over its files, or name "
+                                                  f"a new or empty folder")
+    assert "is not empty" not in export(str(full), overwrite=True)  # ticked: on to the export (no model here)
+    assert (full / "keep.txt").read_text() == "mine" and not list((tmp_path / "outside").iterdir())
+
+
+def test_root_from_the_environment(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("LF_WEBUI_ROOT", str(tmp_path))
+    assert Root().path == tmp_path and Root(str(root.path)).path == root.path  # --root wins
+    monkeypatch.delenv("LF_WEBUI_ROOT")
+    monkeypatch.chdir(root.path / "link")
+    assert Root().path == tmp_path / "outside"  # the working directory, resolved
+    with pytest.raises(ConfigError, match="the web UI's root .*/none is not a folder: create it"):
+        Root(str(tmp_path / "none"))
+
+
+def _access(*argv: str) -> Access:
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    return Access.from_args(parser.parse_args(argv))
+
+
+def test_access_options(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert _access() == Access("127.0.0.1", None) and not _access().login
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    users = tmp_path / "users"
+    users.write_text("# who may log in\nann:s3cret:with:colons\n\n  bob:pw\n")
+    access = _access("--port", "7001", "--auth", "eve:x", "--auth-file", str(users))
+    assert access == Access("0.0.0.0", 7001, (("eve", "x"), ("ann", "s3cret:with:colons"), ("bob", "pw")))
+    assert _access("--host", "::1").local() and _access("--host", "localhost").local()
+    assert not _access("--host", "my-box").local()
+    for argv, message in [(("--auth", "eve"), "--auth: expected USER:PASSWORD"),
+                          (("--auth", ":pw"), "--auth: expected USER:PASSWORD"),
+                          (("--auth-file", str(tmp_path / "none")), "--auth-file: cannot read"),
+                          (("--auth-file", str(tmp_path)), "--auth-file: cannot read")]:
+        with pytest.raises(ConfigError, match=message):
+            _access(*argv)
+    users.write_text("ann:pw\nbob\n")
+    with pytest.raises(ConfigError, match=f"--auth-file {users}:2: expected USER:PASSWORD"):
+        _access("--auth-file", str(users))
+    users.write_text("# nobody\n")
+    with pytest.raises(ConfigError, match="has no USER:PASSWORD line"):
+        _access("--auth-file", str(users))
+
+    with caplog.at_level("INFO", logger="lf"):
+        Access("0.0.0.0", 7001).announce("lf webui", "http://0.0.0.0:7001/")
+        Access("127.0.0.1", 7001).announce("lf webui", "http://127.0.0.1:7001/")
+        access.announce("lf webui", "http://0.0.0.0:7001/")
+    warning, local, login = caplog.records
+    assert warning.levelname == "WARNING" and "with no login: anyone who can reach it" in warning.getMessage()
+    assert local.levelname == "INFO" and "open (no login): anyone on this machine" in local.getMessage()
+    assert login.getMessage() == "lf webui: http://0.0.0.0:7001/, login required (3 users)"
 
 
 def test_log_and_loss_curve_readers(tmp_path):
@@ -101,10 +234,15 @@ def test_chat_streams_the_engines_reply_and_webchat_serves_it(tmp_path, monkeypa
         next(webui.Chat().respond([], "hi", "", 4, 0.0, 1.0))
     assert webui.Chat().load(str(tmp_path / "none"), "", "qwen").startswith("**not loaded**")
     served = []
-    monkeypatch.setattr(webui, "launch", lambda demo, *args: served.append((demo, args)))
-    assert webchat.command(["model_name_or_path=lf-tiny-llama", "template=qwen", "max_new_tokens=6"]) == 0
-    assert served[0][0].title == "lf webchat: lf-tiny-llama"
-    assert webui.command(["--port", "7999"]) == 0 and served[1][1] == (None, 7999)
+    monkeypatch.setattr(webui, "launch", lambda demo, access: served.append((demo, access)))
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert webchat.command(["model_name_or_path=lf-tiny-llama", "--auth", "ann:pw", "template=qwen",
+                            "--max_new_tokens", "6"]) == 0
+    assert served[0][0].title == "lf webchat: lf-tiny-llama" and served[0][1].users == (("ann", "pw"),)
+    assert "open: no login" not in header(served[0][0])
+    assert webui.command(["--port", "7999", "--root", str(tmp_path)]) == 0
+    assert served[1][1] == Access("127.0.0.1", 7999) and served[1][0].trainer.root.path == tmp_path
+    assert "open: no login" in header(served[1][0])
 
     engine = Engine(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen"}, "webchat"))
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -133,7 +271,7 @@ def _status(page, selector: str, *words: str, timeout: float) -> str:
 def test_train_chat_and_stop_in_a_browser(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    demo = webui.create_ui()
+    demo = webui.create_ui(webui.Trainer(Root(str(tmp_path))))
     port = _free_port()
     demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -141,6 +279,7 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(f"http://127.0.0.1:{port}/")
+            assert "open: no login" in page.locator("#header").inner_text()
             out = tmp_path / "run"
 
             # Train: the tiny quickstart, a few steps
@@ -203,6 +342,6 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
                 os.killpg(run.process.pid, 0)
             browser.close()
     finally:
-        if demo.trainer.run is not None:
-            demo.trainer.run.stop()
+        demo.trainer.close()
         demo.close()
+    assert not list(tmp_path.glob("lf-webui-*"))  # the run folders

@@ -29,11 +29,21 @@ def _hub_kwargs(model_args) -> dict:
             "token": model_args.hf_hub_token, "trust_remote_code": model_args.trust_remote_code}
 
 
+def _warn_remote_code(model_args, part: str) -> None:
+    """trust_remote_code lets transformers import the Python files a model ships: said loudly before each load
+    (train, chat, api, export, eval and the web UI all load through here)."""
+    if model_args.trust_remote_code:
+        log.warning("WARNING: trust_remote_code: true: code from %s will run (the Python files its %s ships, with "
+                    "this process's rights): keep it only for a model you trust", model_args.model_name_or_path,
+                    part)
+
+
 def load_tokenizer(model_args):
     """The tokenizer of model_name_or_path, with add_tokens and add_special_tokens (or new_special_tokens) added."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_args)
+    _warn_remote_code(model_args, "tokenizer")
     try:
         # transformers 5 ignores use_fast: it only has fast (Rust-backed) tokenizers
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=model_args.use_fast_tokenizer,
@@ -62,6 +72,7 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     from transformers import AutoConfig
 
     path = resolve_model_path(model_args)
+    _warn_remote_code(model_args, "config and model")
     try:
         config = AutoConfig.from_pretrained(path, **_hub_kwargs(model_args))
     except (OSError, ValueError) as exc:

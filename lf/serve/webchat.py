@@ -1,21 +1,33 @@
-"""`lf webchat cfg.yaml [key=value ...]`: the chat of `lf webui` alone, in the browser, over the model the YAML
-names (as `lf chat` loads it)."""
+"""`lf webchat cfg.yaml [key=value ...] [--host HOST] [--port PORT] [--auth USER:PASSWORD | --auth-file PATH]`:
+the chat of `lf webui` alone, in the browser, over the model the YAML names (as `lf chat` loads it); the address
+and login options are lf webui's (webaccess.py)."""
 
 from __future__ import annotations
+
+import argparse
 
 from lf.config import parse_infer_args
 from lf.serve import Engine
 
-USAGE = """usage: [GRADIO_SERVER_NAME=127.0.0.1] [GRADIO_SERVER_PORT=7860] lf webchat cfg.yaml [key=value ...]
+USAGE = """usage: lf webchat cfg.yaml [key=value ...] [--host HOST] [--port PORT] [--auth USER:PASSWORD |
+                  --auth-file PATH]
 
 Chats in the browser with the model that cfg.yaml names (model_name_or_path, adapter_name_or_path for a LoRA
 adapter, template, and the generation keys: temperature, top_p, max_new_tokens, ...); key=value overrides the
-file. The page is served at http://GRADIO_SERVER_NAME:GRADIO_SERVER_PORT (default 127.0.0.1:7860)."""
+file. The page is served at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME /
+GRADIO_SERVER_PORT). --auth USER:PASSWORD (repeatable) or --auth-file PATH (USER:PASSWORD lines) puts it behind
+a login; without one it is open to whoever reaches HOST."""
 
 
 def command(argv: list[str]) -> int:
-    """`lf webchat cfg.yaml [key=value ...]` (lf.cli prints USAGE, sets up the log and reports user errors)."""
+    """`lf webchat cfg.yaml [key=value ...] [options]` (lf.cli prints USAGE, sets up the log and reports user
+    errors); the options are taken out, the rest is the config's."""
+    from lf.serve.webaccess import Access, add_server_args
     from lf.serve.webui import chat_app, launch
 
-    launch(chat_app(Engine(parse_infer_args(argv, "webchat"))))
+    parser = argparse.ArgumentParser(prog="lf webchat", usage=USAGE, add_help=False, allow_abbrev=False)
+    add_server_args(parser)
+    args, config = parser.parse_known_args(argv)
+    access = Access.from_args(args)
+    launch(chat_app(Engine(parse_infer_args(config, "webchat")), login=access.login), access)
     return 0

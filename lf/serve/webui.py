@@ -10,14 +10,19 @@
 
 `lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
 One training run and one chat model per server: they are the machine's, whichever browser tab drives them.
+Who may use the page and where it may write (the login, the address, the root every written path must be under):
+webaccess.py. Save YAML and Start check the config as `lf train` does before writing anything; Export refuses a
+non-empty export_dir unless told to overwrite; the run folders go when the server ends (Ctrl-C, SIGTERM, SIGHUP).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
+import contextlib
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,16 +42,24 @@ from lf.data.conversation import ASSISTANT, USER
 from lf.errors import ConfigError, DataError, ModelError, TrainError
 from lf.export import export
 from lf.serve.engine import Engine, RequestError
+from lf.serve.webaccess import Access, Root, add_server_args
 from lf.train.callbacks import LOG_FILE
 from lf.train.plot import smooth
 
-USAGE = """usage: lf webui [--host HOST] [--port PORT]
+USAGE = """usage: lf webui [--host HOST] [--port PORT] [--auth USER:PASSWORD | --auth-file PATH] [--root DIR]
+                [--allow-any-path]
 
 Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
 Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
 log and loss curve; a Chat tab to talk with a model or a trained adapter; an Export tab that merges an adapter
 into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data, output_dir:
-saves/...) are relative to, e.g. lf's source tree for the quickstart."""
+saves/...) are relative to, e.g. lf's source tree for the quickstart.
+
+  --auth USER:PASSWORD  a login for the page and its HTTP endpoints (repeat it for more users); --auth-file PATH
+                        reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST.
+  --root DIR            the folder every file the UI writes must be under (saved YAMLs, output_dir, export_dir,
+                        its run folders); default LF_WEBUI_ROOT, else the working directory.
+  --allow-any-path      lets the UI write anywhere (the run folders stay in the root)."""
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TrainError, RequestError)
 
@@ -63,9 +76,13 @@ METHODS = ("lora", "freeze", "full")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 LORA_KEYS = ("lora_rank", "lora_target")
 UNSET_WHEN_ZERO = ("max_samples", "max_steps")  # 0 in the form: the key is left out (all samples; epochs decide)
+OVERWRITE_EXPORT = "overwrite a non-empty export_dir"
 EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 GGUF_TYPES = ("none", "f32", "f16", "bf16", "q8_0")
 LOG_LINES = 200  # of the child's output shown
+# the config keys naming paths that a training run writes to: each must be under the root
+WRITTEN_BY_TRAINING = ("output_dir", "logging_dir", "tokenized_path", "cache_dir")
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 # ---- Train: the YAML from the fields -----------------------------------------------------------------------------
@@ -110,6 +127,27 @@ def _extra_keys(text: str) -> dict:
 
 def to_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def checked_config(fields: dict, root: Root) -> dict:
+    """train_config(fields), or a ConfigError where `lf train` would refuse it (an unknown key, a wrong type, a
+    broken rule: its parser's own message) or where the run would write outside the root."""
+    config = train_config(fields)
+    if not config.get("output_dir"):
+        raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. saves/webui)")
+    parse_train_args(dict(config))
+    for key in WRITTEN_BY_TRAINING:
+        if config.get(key):
+            root.check(key, config[key])
+    return config
+
+
+def remote_code_warning(config: dict) -> str:
+    """What trust_remote_code means, said before a run that sets it starts (the run's log says it again)."""
+    if config.get("trust_remote_code") is not True:
+        return ""
+    return (f"WARNING: trust_remote_code: true runs the Python code that {config.get('model_name_or_path')} "
+            f"ships, with your rights, when the run loads it: keep it only for a model you trust")
 
 
 def dataset_names(dataset_dir: str) -> list[str]:
@@ -163,11 +201,12 @@ def log_text(path, lines: int = LOG_LINES) -> str:
 
 
 class Run:
-    """One `lf train` child process: the YAML it runs and its output are files in a folder of its own."""
+    """One `lf train` child process: the YAML it runs and its output are files in a folder of its own (in
+    `parent`), which remove() deletes."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, parent: Path):
         self.config = config
-        self.folder = Path(tempfile.mkdtemp(prefix="lf-webui-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="lf-webui-", dir=parent))
         self.yaml_path, self.log_path = self.folder / "train.yaml", self.folder / "train.log"
         self.yaml_path.write_text(to_yaml(config), encoding="utf-8")
         self.started, self.stopped = time.time(), False
@@ -200,6 +239,11 @@ class Run:
             except subprocess.TimeoutExpired:
                 continue
 
+    def remove(self) -> None:
+        """Stops the run and deletes its folder."""
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def records(self) -> list[dict]:
         return read_log(Path(self.config["output_dir"]) / LOG_FILE, since=self.started)
 
@@ -231,9 +275,11 @@ class Run:
 
 
 class Trainer:
-    """The server's training run: at most one at a time."""
+    """The server's training run: at most one at a time, its folder in the root. The folder of the run before
+    goes when the next one starts, the last one's at close()."""
 
-    def __init__(self):
+    def __init__(self, root: Root | None = None):
+        self.root = root or Root()
         self.run: Run | None = None
         self._lock = threading.Lock()
 
@@ -243,26 +289,33 @@ class Trainer:
             if self.run is not None and self.run.state() == "running":
                 return "**a run is going already**: stop it first, or wait for it to finish"
             try:
-                config = train_config(fields)
-                if not config.get("output_dir"):
-                    raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. saves/webui)")
-                parse_train_args(dict(config))  # the mistakes `lf train` would refuse, said here at once
+                config = checked_config(fields, self.root)  # the mistakes `lf train` would refuse, said at once
             except USER_ERRORS as exc:
                 return f"**not started**: {exc}"
-            self.run = Run(config)
+            self.close()
+            self.run = Run(config, self.root.path)
             return None
 
     def stop(self) -> None:
         if self.run is not None:
             self.run.stop()
 
+    def close(self) -> None:
+        """Stops the run and removes its folder (the server is ending, or a new run replaces it)."""
+        if self.run is not None:
+            self.run.remove()
 
-def save_yaml(fields: dict, path: str) -> str:
+
+def save_yaml(root: Root, fields: dict, path: str) -> str:
+    """Writes the fields' config, checked as Start checks it, to `path` (a .yaml file under the root)."""
     if not path.strip():
         return "**not saved**: name the file to write (e.g. saves/my_run.yaml)"
     try:
-        text = to_yaml(train_config(fields))
-        target = Path(path.strip())
+        target = root.check("the YAML's path", path.strip())
+        if target.suffix not in YAML_SUFFIXES:
+            raise ConfigError(f"{path.strip()} is not a .yaml file: Save YAML writes YAML files only (e.g. "
+                              f"saves/my_run.yaml)")
+        text = to_yaml(checked_config(fields, root))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     except USER_ERRORS as exc:
@@ -344,17 +397,26 @@ def chat_panel(chat: Chat, generating: GeneratingArguments) -> None:
     clear.click(lambda: ([], []), None, [chatbot, history])
 
 
-def run_export(model: str, adapter: str, template: str, export_dir: str, export_size: float, export_dtype: str,
-               export_gguf: str) -> str:
+def run_export(root: Root, model: str, adapter: str, template: str, export_dir: str, export_size: float,
+               export_dtype: str, export_gguf: str, overwrite: bool) -> str:
+    """`lf export` into export_dir, which must be under the root, and new or empty unless `overwrite`."""
     config = {**model_config(model, adapter, template), "export_dir": export_dir.strip(), "export_size": export_size,
               "export_dtype": export_dtype}
     if export_gguf != "none":
         config["export_gguf"] = export_gguf
     try:
+        if config["export_dir"]:
+            _check_export_dir(root.check("export_dir", config["export_dir"]), config["export_dir"], overwrite)
         written = export(parse_infer_args(config, "export"))
     except USER_ERRORS as exc:
         return f"**not exported**: {exc}"
     return "**exported**: " + ", ".join(f"{key} {path}" for key, path in written.items())
+
+
+def _check_export_dir(folder: Path, given: str, overwrite: bool) -> None:
+    if not overwrite and folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"export_dir: {given} is not empty: tick \"{OVERWRITE_EXPORT}\" to write over its files, "
+                          f"or name a new or empty folder")
 
 
 # ---- the page ----------------------------------------------------------------------------------------------------
@@ -416,16 +478,28 @@ def _train_fields() -> dict[str, gr.components.Component]:
 
 def _preview(fields: dict) -> str:
     try:
-        return to_yaml(train_config(fields))
+        config = train_config(fields)
     except USER_ERRORS as exc:
         return f"# {exc}"
+    warning = remote_code_warning(config)
+    return (f"# {warning}\n" if warning else "") + to_yaml(config)
 
 
-def create_ui(trainer: Trainer | None = None, chat: Chat | None = None) -> gr.Blocks:
-    """The `lf webui` page."""
+OPEN_NOTE = ("**open: no login**: whoever reaches this address can use this page and its HTTP endpoints; restart "
+             "it with --auth USER:PASSWORD to require one")
+
+
+def _header(title: str, login: bool, about: str = "") -> str:
+    """What a page says first: its title, `about` it, and that it is open when it has no login."""
+    return "\n\n".join(line for line in (f"## {title}", about, "" if login else OPEN_NOTE) if line)
+
+
+def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: bool = False) -> gr.Blocks:
+    """The `lf webui` page; `login`: whether it is served behind one (the page says so when not). Paths it
+    writes are checked against the trainer's root."""
     trainer, chat = trainer or Trainer(), chat or Chat()
     with gr.Blocks(title="lf webui", analytics_enabled=False) as demo:
-        gr.Markdown("## lf webui")
+        gr.Markdown(_header("lf webui", login, f"This UI {trainer.root.describe()}."), elem_id="header")
         with gr.Tab("Train"):
             fields = _train_fields()
             names, inputs = list(fields), list(fields.values())
@@ -462,11 +536,13 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None) -> gr.Bl
                 export_size = gr.Number(5, label="export_size (GB per shard)", minimum=0.001)
                 export_dtype = gr.Dropdown(list(EXPORT_DTYPES), value="auto", label="export_dtype")
                 export_gguf = gr.Dropdown(list(GGUF_TYPES), value="none", label="export_gguf")
+            overwrite_export = gr.Checkbox(False, label=OVERWRITE_EXPORT)
             export_button = gr.Button("Export", variant="primary")
             export_status = gr.Markdown("", elem_id="export_status")
 
         gr.on([f.change for f in inputs], lambda *args: _preview(values(*args)), inputs, config)
-        save.click(lambda path, *args: save_yaml(values(*args), path), [save_path, *inputs], status)
+        save.click(lambda path, *args: save_yaml(trainer.root, values(*args), path), [save_path, *inputs], status,
+                   api_name="save_yaml")
 
         def refresh():
             """What the page shows of the run; the timer runs while it does, and a run that ends fills the Chat
@@ -491,42 +567,62 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None) -> gr.Bl
             trainer.stop()
             return refresh()
 
-        start.click(start_run, inputs, shown)
+        start.click(start_run, inputs, shown, api_name="start")
         stop.click(stop_run, None, shown)
         timer.tick(refresh, None, shown)
         demo.load(refresh, None, shown)
         load.click(chat.load, list(chat_model), chat_status)
         unload.click(chat.unload, None, chat_status)
-        export_button.click(run_export, [*export_model, export_dir, export_size, export_dtype, export_gguf],
-                            export_status)
+        export_button.click(functools.partial(run_export, trainer.root),
+                            [*export_model, export_dir, export_size, export_dtype, export_gguf, overwrite_export],
+                            export_status, api_name="export")
     demo.trainer, demo.chat = trainer, chat  # for `lf webui`'s exit, and tests
     return demo
 
 
-def chat_app(engine: Engine) -> gr.Blocks:
+def chat_app(engine: Engine, login: bool = False) -> gr.Blocks:
     """The `lf webchat` page: the chat panel over a loaded model."""
     with gr.Blocks(title=f"lf webchat: {engine.name}", analytics_enabled=False) as demo:
-        gr.Markdown(f"## lf webchat: {engine.name}")
+        gr.Markdown(_header(demo.title, login), elem_id="header")
         chat_panel(Chat(engine), engine.generating)
     return demo
 
 
-def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **kwargs) -> None:
-    """Serves the page (host/port None: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 127.0.0.1:7860)."""
+def launch(demo: gr.Blocks, access: Access) -> None:
+    """Serves the page as `access` says (host, port, login), announces it, and returns when the server ends."""
     try:
-        demo.queue().launch(server_name=host, server_port=port, **kwargs)
+        demo.queue().launch(server_name=access.host, server_port=access.port, auth=list(access.users) or None,
+                            prevent_thread_lock=True)
     except OSError as exc:
-        raise ConfigError(f"cannot serve the page at {host or '127.0.0.1'}:{port or 7860} ({exc}): pick a free "
-                          f"port with --port or GRADIO_SERVER_PORT") from None
+        raise ConfigError(f"cannot serve the page at {access.host}:{access.port or 7860} ({exc}): pick a free port "
+                          f"with --port or GRADIO_SERVER_PORT") from None
+    access.announce(demo.title, demo.local_url)
+    demo.block_thread()  # until Ctrl-C (or a signal that _closed_at_exit turns into one)
+
+
+@contextlib.contextmanager
+def _closed_at_exit(trainer: Trainer):
+    """SIGTERM and SIGHUP end the server as Ctrl-C does (Gradio closes it on KeyboardInterrupt); however it ends,
+    the run is stopped and its folder removed on the way out."""
+    ends = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in ends}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():  # a second signal while closing acts as it did before
+            signal.signal(sig, handler)
+        trainer.close()
 
 
 def command(argv: list[str]) -> int:
-    """`lf webui [--host HOST] [--port PORT]`; a run still going when the server exits is stopped."""
+    """`lf webui [options]` (USAGE); a run still going when the server exits is stopped, its folder removed."""
     parser = argparse.ArgumentParser(prog="lf webui", usage=USAGE)
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
+    add_server_args(parser)
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--allow-any-path", action="store_true")
     args = parser.parse_args(argv)
-    demo = create_ui()
-    atexit.register(demo.trainer.stop)
-    launch(demo, args.host, args.port)
+    access = Access.from_args(args)
+    trainer = Trainer(Root(args.root, args.allow_any_path))
+    with _closed_at_exit(trainer):
+        launch(create_ui(trainer, login=access.login), access)
     return 0
