@@ -11,30 +11,30 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from lf import cli
-from lf.serve.app import create_app
+from lf.serve.app import create_app, server
 from test_serve_engine import QUESTION, TOOL_CALL_TEXT, WEATHER_TOOL, lf_home, one_thread, script, tiny_engine
 
 __all__ = ["lf_home", "one_thread"]  # the engine tests' module fixtures, used here too (autouse)
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """`app` served by uvicorn on a free loopback port, in a thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+def live_server(app, **options):
+    """`app` served as `lf api` serves it (uvicorn.Config `options` changed) on a free loopback port, in a thread;
+    yields the base URL."""
+    running = server(app, "127.0.0.1", 0, log_level="warning", **options)
+    thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started:
+    while not running.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    port = running.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.should_exit = True
+        running.should_exit = True
         thread.join(timeout=30)
 
 
@@ -45,10 +45,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def url(engine):
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("API_KEY", raising=False)
-        app = create_app(engine)
-    with live_server(app) as base:
+    with live_server(create_app(engine)) as base:
         yield base
 
 
@@ -100,9 +97,8 @@ def test_system_prompt_n_and_stop(client, engine):
     assert (choice.message.content, choice.finish_reason) == (expected[:expected.index(stop)], "stop")
 
 
-def test_api_key_is_required_when_set(engine, monkeypatch):
-    monkeypatch.setenv("API_KEY", "s3cret")
-    with live_server(create_app(engine)) as base:
+def test_api_key_is_required_when_set(engine):
+    with live_server(create_app(engine, "s3cret")) as base:
         for key in ("wrong", "s3cret-and-more"):
             with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
                 openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0).models.list()
@@ -142,7 +138,9 @@ def test_malformed_requests_get_400_saying_what_is_wrong(url, body, says):
 def test_a_body_that_is_not_json_or_a_wrong_path_get_openai_style_errors(url):
     response = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
                           headers={"Content-Type": "application/json"})
-    assert response.status_code == 400 and "JSON decode error" in response.json()["error"]["message"]
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the request body is not JSON as the API takes it: Expecting " \
+                                                  "property name enclosed in double quotes: line 1 column 2 (char 1)"
     response = httpx.get(f"{url}/v1/completions")
     assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"
 
@@ -164,8 +162,9 @@ def test_32_concurrent_requests_streamed_and_whole_are_all_answered(client, engi
     assert answers == [expected[i % 4] for i in range(32)]
 
 
-def test_a_client_leaving_mid_stream_cancels_its_generation(url, client, engine, monkeypatch):
-    generated = []  # the tokens each generate() call wrote
+def recorded(monkeypatch, engine) -> list[list[int]]:
+    """The tokens each of the engine's generate() calls writes, from now on (filled as each call ends)."""
+    generated = []
     original = engine.model.generate
 
     def generate(input_ids, **kwargs):
@@ -174,16 +173,38 @@ def test_a_client_leaving_mid_stream_cancels_its_generation(url, client, engine,
         return out
 
     monkeypatch.setattr(engine.model, "generate", generate)
-    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 1000, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        first = next(response.iter_lines())
-        assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    return generated
+
+
+def assert_cut_short(generated: list, engine, max_tokens: int) -> None:
+    """One generation ran, and stopped early: not by an end of turn or max_tokens."""
     deadline = time.monotonic() + 60
     while not generated and time.monotonic() < deadline:
         time.sleep(0.05)
     [tokens] = generated
-    assert len(tokens) < 1000 and tokens[-1] not in engine.stop_ids  # stopped early, not by an end of turn
+    assert len(tokens) < max_tokens and tokens[-1] not in engine.stop_ids
+
+
+def test_a_client_leaving_mid_stream_cancels_its_generation(url, client, engine, monkeypatch):
+    generated = recorded(monkeypatch, engine)
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 1000, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert_cut_short(generated, engine, 1000)
     completion = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=3)
+    assert completion.choices[0].message.content == greedy(engine, max_new_tokens=3)
+
+
+def test_a_client_leaving_a_whole_request_cancels_its_generation(url, client, engine, monkeypatch):
+    # as a client whose timeout ran out: the server used to generate on, holding the model from everyone
+    generated = recorded(monkeypatch, engine)
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 2000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    assert_cut_short(generated, engine, 2000)
+    completion = client.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=3,
+                                                timeout=10)
     assert completion.choices[0].message.content == greedy(engine, max_new_tokens=3)
 
 
@@ -214,12 +235,17 @@ def test_tool_calls_are_parsed_and_tool_results_reach_the_prompt(client, engine,
     assert '<tool_response>\n{"sky": "sunny"}\n</tool_response>' in prompt and "<tools>" in prompt
 
 
-def test_main_refuses_a_bad_port_and_config_in_one_line(tmp_path, monkeypatch, capsys):
+def test_main_refuses_bad_settings_and_config_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("API_PORT", "eighty")
     assert cli.main(["api", str(tmp_path / "cfg.yaml")]) == 2
-    assert capsys.readouterr().err == "lf api: API_PORT='eighty' is not a port number: set it to a number from 1 to " \
-                                      "65535 (default 8000)\n"
+    assert capsys.readouterr().err == "lf api: API_PORT='eighty' is not a whole number from 1 to 65535: set it to " \
+                                      "one (default 8000)\n"
     monkeypatch.setenv("API_PORT", "8123")
+    monkeypatch.setenv("API_MAX_QUEUE", "0")
+    assert cli.main(["api", str(tmp_path / "cfg.yaml")]) == 2
+    assert capsys.readouterr().err == "lf api: API_MAX_QUEUE='0' is not a whole number from 1: set it to one " \
+                                      "(default 64)\n"
+    monkeypatch.delenv("API_MAX_QUEUE")
     assert cli.main(["api", str(tmp_path / "cfg.yaml")]) == 2
     assert capsys.readouterr().err == f"lf api: config file not found: {tmp_path / 'cfg.yaml'}\n"
     assert cli.main(["api", "--help"]) == 0 and "usage:" in capsys.readouterr().out

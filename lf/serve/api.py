@@ -1,6 +1,5 @@
 """`lf api cfg.yaml [key=value ...]`: serves the model behind an OpenAI-compatible HTTP API (lf/serve/app.py) with
-uvicorn, on API_HOST (default 127.0.0.1: this machine only) and API_PORT (default 8000); API_KEY turns on bearer
-authentication."""
+uvicorn, configured by environment variables (USAGE lists them), which are checked before the model loads."""
 
 from __future__ import annotations
 
@@ -11,39 +10,70 @@ from lf.config import parse_infer_args
 from lf.errors import ConfigError
 from lf.serve import Engine
 
-USAGE = """usage: [API_HOST=0.0.0.0] [API_PORT=8000] [API_KEY=...] lf api cfg.yaml [key=value ...]
+# Defaults, and the server's fixed settings (lf/serve/app.py serves with them).
+MAX_BODY_BYTES = 4 * 2**20  # room for a long context's prompt, JSON-escaped, but not for a flood
+MAX_QUEUE = 64  # requests that may wait for the model (each holds its prompt meanwhile)
+KEEP_ALIVE_S = 5  # idle connections are closed after this long
+SHUTDOWN_GRACE_S = 3  # on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cancelled
+
+USAGE = f"""usage: [API_HOST=0.0.0.0] [API_PORT=8000] [API_KEY=...] lf api cfg.yaml [key=value ...]
 
 Serves the model that cfg.yaml names (model_name_or_path, adapter_name_or_path, template, generation keys) at
-http://API_HOST:API_PORT/v1 for OpenAI clients: GET /v1/models, POST /v1/chat/completions (streamed or not)."""
+http://API_HOST:API_PORT/v1 for OpenAI clients: GET /v1/models, POST /v1/chat/completions (streamed or not).
+
+Environment:
+  API_HOST            the address to listen on (default 127.0.0.1: this machine only)
+  API_PORT            the port (default 8000)
+  API_KEY             requests must send `Authorization: Bearer <key>`; the /docs pages are off (default: no key)
+  API_MODEL_NAME      the model's id for clients (default: the base name of model_name_or_path)
+  API_MAX_BODY_BYTES  larger request bodies get a 413 (default {MAX_BODY_BYTES}, {MAX_BODY_BYTES // 2**20} MiB)
+  API_MAX_QUEUE       requests that may wait for the model; more get a 503 with Retry-After (default {MAX_QUEUE})
+
+A prompt longer than the model's context, or max_tokens beyond the room it leaves, gets a 400 (without max_tokens
+the reply may run to the context's end). Idle connections close after {KEEP_ALIVE_S} s. On SIGTERM or Ctrl-C the
+server stops taking connections, gives requests in flight {SHUTDOWN_GRACE_S} s, cancels them and exits."""
+
+# The numeric environment variables: (default, largest allowed); each is a whole number from 1.
+NUMBERS = {"API_PORT": (8000, 65535), "API_MAX_BODY_BYTES": (MAX_BODY_BYTES, None), "API_MAX_QUEUE": (MAX_QUEUE, None)}
 
 
-def _problem() -> str | None:
-    """What keeps the server from starting, checked before the model loads."""
+def _numbers() -> dict[str, int]:
+    """NUMBERS' values in this environment; ConfigError for one that is not a whole number in its range."""
+    values = {}
+    for name, (default, largest) in NUMBERS.items():
+        text = os.environ.get(name, str(default))
+        if not (text.isdigit() and int(text) >= 1 and (largest is None or int(text) <= largest)):
+            bound = f"from 1 to {largest}" if largest else "from 1"
+            raise ConfigError(f"{name}={text!r} is not a whole number {bound}: set it to one (default {default})")
+        values[name] = int(text)
+    return values
+
+
+def _check_installed() -> None:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
-        return f"the API server needs {' and '.join(missing)}, not installed here: pip install fastapi uvicorn"
-    port = os.environ.get("API_PORT", "8000")
-    if not (port.isdigit() and 0 < int(port) < 65536):
-        return f"API_PORT={port!r} is not a port number: set it to a number from 1 to 65535 (default 8000)"
-    return None
+        raise ConfigError(f"the API server needs {' and '.join(missing)}, not installed here: "
+                          f"pip install fastapi uvicorn")
 
 
-def serve(engine: Engine) -> int:
-    import uvicorn
+def serve(engine: Engine, numbers: dict[str, int]) -> int:
+    from lf.serve.app import create_app, server
 
-    from lf.serve.app import create_app
-
-    host, port = os.environ.get("API_HOST", "127.0.0.1"), int(os.environ.get("API_PORT", "8000"))
-    auth = "bearer API_KEY required" if os.environ.get("API_KEY") else "no authentication (API_KEY is not set)"
-    print(f"lf api: serving {engine.name} at http://{host}:{port}/v1 ({auth})", flush=True)
-    uvicorn.run(create_app(engine), host=host, port=port)
+    host, api_key = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_KEY") or None
+    app = create_app(engine, api_key, model_name=os.environ.get("API_MODEL_NAME") or None,
+                     max_body_bytes=numbers["API_MAX_BODY_BYTES"], max_queue=numbers["API_MAX_QUEUE"])
+    auth = "bearer API_KEY required" if api_key else "no authentication (API_KEY is not set)"
+    print(f"lf api: serving {engine.name} at http://{host}:{numbers['API_PORT']}/v1 ({auth})", flush=True)
+    try:
+        server(app, host, numbers["API_PORT"]).run()
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again
+        pass
     return 0
 
 
 def command(argv: list[str]) -> int:
     """`lf api cfg.yaml [key=value ...]` (lf.cli prints USAGE, sets up the log and reports user errors). What keeps
     the server from starting is refused before the model loads."""
-    problem = _problem()
-    if problem:
-        raise ConfigError(problem)
-    return serve(Engine(parse_infer_args(argv, "api")))
+    _check_installed()
+    numbers = _numbers()
+    return serve(Engine(parse_infer_args(argv, "api")), numbers)
