@@ -14,7 +14,8 @@ import pytest
 
 from lf import cli
 from lf.serve.app import create_app, server
-from test_serve_engine import QUESTION, TOOL_CALL_TEXT, WEATHER_TOOL, lf_home, one_thread, script, tiny_engine
+from test_serve_engine import (QUESTION, TOOL_CALL_TEXT, WEATHER_TOOL, lf_home, one_thread, recorded, script,
+                               tiny_engine)
 
 __all__ = ["lf_home", "one_thread"]  # the engine tests' module fixtures, used here too (autouse)
 
@@ -160,20 +161,6 @@ def test_32_concurrent_requests_streamed_and_whole_are_all_answered(client, engi
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
     assert answers == [expected[i % 4] for i in range(32)]
-
-
-def recorded(monkeypatch, engine) -> list[list[int]]:
-    """The tokens each of the engine's generate() calls writes, from now on (filled as each call ends)."""
-    generated = []
-    original = engine.model.generate
-
-    def generate(input_ids, **kwargs):
-        out = original(input_ids=input_ids, **kwargs)
-        generated.append(out[0, input_ids.shape[1]:].tolist())
-        return out
-
-    monkeypatch.setattr(engine.model, "generate", generate)
-    return generated
 
 
 def assert_cut_short(generated: list, engine, max_tokens: int) -> None:

@@ -1,7 +1,9 @@
 """lf.serve's Engine and `lf chat` on the quickstart's tiny Llama (built in a temporary LF_HOME): greedy replies equal
 transformers' own generate on the template's prompt, an adapter as peft applies it, stop strings, settings and their
-errors, tool calls, cancelling a stream, and the terminal chat driven through a fake stdin."""
+errors, tool calls, cancelling a stream (plain and asynchronous), the model's context (a reply stops at its end, a
+prompt too long is refused), and the terminal chat driven through a fake stdin."""
 
+import asyncio
 import io
 import os
 import sys
@@ -48,6 +50,34 @@ def script(monkeypatch, engine: Engine, text: str) -> list:
 
     monkeypatch.setattr(engine.model, "generate", generate)
     return prompts
+
+
+def recorded(monkeypatch, engine: Engine) -> list[list[int]]:
+    """The tokens each of the engine's generate() calls writes, from now on (filled as each call ends)."""
+    generated = []
+    original = engine.model.generate
+
+    def generate(input_ids, **kwargs):
+        out = original(input_ids=input_ids, **kwargs)
+        generated.append(out[0, input_ids.shape[1]:].tolist())
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+    return generated
+
+
+def leaving(engine: Engine, room: int) -> list[dict]:
+    """A conversation whose prompt leaves `room` tokens of the model's context, or a few more (the longest run of
+    "ab " that does)."""
+    def prompt(count: int) -> list[dict]:
+        return [{"role": "user", "content": "ab " * count}]
+
+    low, high = 0, engine.context_length
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if len(engine.prompt_ids(prompt(middle))) <= engine.context_length - room else (
+            low, middle - 1)
+    return prompt(low)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +192,49 @@ def test_leaving_a_stream_early_stops_it_and_frees_the_model(engine):
     assert first and generation.reply is None and not engine._lock.locked()
     [reply] = engine.generate(QUESTION, temperature=0, max_new_tokens=3)
     assert reply.completion_tokens == 3
+
+
+def test_async_iteration_gives_the_same_pieces_and_cancelling_it_stops_the_generation(engine, monkeypatch):
+    async def pieces() -> list[str]:
+        return [piece async for piece in engine.stream(QUESTION, temperature=0, max_new_tokens=16)]
+
+    assert asyncio.run(pieces()) == list(engine.stream(QUESTION, temperature=0, max_new_tokens=16))
+
+    generated = recorded(monkeypatch, engine)
+
+    async def cancelled() -> None:  # what the API does when its client leaves
+        reading = asyncio.ensure_future(engine.stream(QUESTION, temperature=0, max_new_tokens=1000).afinish())
+        while not engine._lock.locked():
+            await asyncio.sleep(0.01)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+    asyncio.run(asyncio.wait_for(cancelled(), 60))
+    [reply] = engine.generate(QUESTION, temperature=0, max_new_tokens=3)  # waits for the worker to let go
+    assert reply.completion_tokens == 3
+    assert len(generated[0]) < 1000 and generated[0][-1] not in engine.stop_ids  # cut short, not ended by itself
+
+
+def test_a_reply_stops_at_the_context_end_and_prompts_too_long_are_refused(engine, monkeypatch):
+    assert engine.context_length == 2048  # the tiny Llama's max_position_embeddings
+    messages = leaving(engine, 3)
+    for settings in ({}, {"max_new_tokens": 100}):  # the config's 1024, and a request's
+        [reply] = engine.generate(messages, temperature=0, **settings)
+        assert reply.prompt_tokens + reply.completion_tokens == 2048 and reply.finish_reason == "length"
+
+    too_many_tokens = [{"role": "user", "content": "ab " * 3000}]
+    prompt = len(engine.prompt_ids(too_many_tokens))
+    with pytest.raises(RequestError, match=f"^the prompt is {prompt} tokens, but the model's context is 2048 tokens, "
+                                           f"the reply included: shorten the conversation$"):
+        engine.stream(too_many_tokens)
+    monkeypatch.setattr(engine, "prompt_ids", None)  # refused by its length alone, not tokenized
+    too_many_chars = [{"role": "user", "content": "a" * engine.max_chars}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]
+    with pytest.raises(RequestError, match=f"^the conversation is {engine.max_chars + 2} characters, more than the "
+                                           f"model's context of 2048 tokens can hold \\(at most {engine.max_chars} "
+                                           f"characters\\): shorten it$"):
+        engine.generate(too_many_chars)
 
 
 # ---- lf chat ----
