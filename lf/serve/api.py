@@ -68,6 +68,7 @@ def serve(engine: Engine, numbers: dict[str, int]) -> int:
         server(app, host, numbers["API_PORT"]).run()
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again
         pass
+    engine.wait_idle()  # the requests were cancelled: their generation ends at its next token
     return 0
 
 

@@ -178,11 +178,13 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
     return JSONResponse(_error_body(status, message), status, headers)
 
 
-def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+# The handlers are coroutines: Starlette would run plain functions in its thread pool, which may be busy or, when the
+# server shuts down, refuse a request it cancels.
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, exc.detail, exc.headers)
 
 
-def _server_error(_request: Request, _exc: Exception) -> JSONResponse:
+async def _server_error(_request: Request, _exc: Exception) -> JSONResponse:
     return _error(500, SERVER_FAULT)
 
 
@@ -382,7 +384,10 @@ async def _unless_disconnected(request: Request, work: Coroutine[object, object,
     tasks = [asyncio.ensure_future(work), asyncio.ensure_future(disconnected())]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this request is cancelled (the server shutting down)
+    except asyncio.CancelledError:  # the server cancels the requests still in flight as it shuts down: say so
+        asyncio.current_task().uncancel()
+        raise HTTPException(503, "the server is shutting down: retry in a while") from None
+    finally:
         for task in tasks:
             task.cancel()
     return tasks[0].result() if tasks[0].done() else None

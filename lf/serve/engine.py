@@ -126,6 +126,12 @@ class Engine:
         """`n` whole replies (one after another: the streaming worker generates one sequence at a time)."""
         return [generation.finish() for generation in self.streams(messages, system, tools, n=n, **settings)]
 
+    def wait_idle(self) -> None:
+        """Returns once no worker generates; one that was cancelled ends after its current token. (A server that
+        shut down waits so, lest the interpreter exit under a thread inside torch.)"""
+        with self._lock:
+            pass
+
     def _fitting_prompt(self, messages, system, tools) -> list[int]:
         """prompt_ids, refused (RequestError) when it leaves no room in the context for a reply token."""
         if not self.context_length:

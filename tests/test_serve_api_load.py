@@ -1,0 +1,125 @@
+"""`lf api` under load and at its end: crowds of streaming clients waiting and leaving mid-stream, connections left
+idle, and SIGTERM to a real `lf api` process with requests in flight. Every client has a timeout: a server that
+stops answering fails a test, never hangs it."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from lf.serve.app import create_app
+from test_serve_api import engine, live_server
+from test_serve_engine import QUESTION, lf_home, one_thread, options
+
+__all__ = ["engine", "lf_home", "one_thread"]  # fixtures of the API and engine tests, used here too
+
+CHAT = "/v1/chat/completions"
+
+
+async def crowd(base: str, clients: int) -> None:
+    """`clients` streams at once: all get their response's head while one generates and the others wait for their
+    turn; the server answers /v1/models meanwhile; then half leave while waiting, the others after their first
+    event."""
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 4, "stream": True}
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
+        streams = await asyncio.gather(*(http.send(http.build_request("POST", CHAT, json=body), stream=True)
+                                         for _ in range(clients)))
+        try:
+            assert [s.status_code for s in streams] == [200] * clients
+            assert (await http.get("/v1/models", timeout=10)).status_code == 200
+            for waiting in streams[::2]:
+                await waiting.aclose()
+            for reading in streams[1::2]:
+                line = await anext(aiter(reading.aiter_lines()))
+                assert json.loads(line.removeprefix("data: "))["object"] == "chat.completion.chunk"
+                await reading.aclose()
+        finally:
+            await asyncio.gather(*(s.aclose() for s in streams))
+
+
+@pytest.mark.parametrize("clients", [64, 256])
+def test_crowds_of_streams_waiting_and_leaving_leave_the_server_answering(engine, clients):
+    # each waiting stream used to block a worker-pool thread: from 40 on, nothing was answered any more
+    with live_server(create_app(engine, max_queue=clients)) as base:
+        asyncio.run(asyncio.wait_for(crowd(base, clients), 120))
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 200
+        completion = httpx.post(base + CHAT, json={"messages": QUESTION, "max_tokens": 3}, timeout=30)
+        assert completion.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_connection_left_idle_is_closed(engine):
+    with live_server(create_app(engine), timeout_keep_alive=1) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:  # sends nothing at all
+            assert silent.recv(1) == b""  # closed by the server (a timeout here raises instead)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:  # one request, then nothing
+            idle.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while chunk := idle.recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sigterm_stops_lf_api_with_requests_in_flight_and_frees_the_port(tmp_path, lf_home):
+    cfg = tmp_path / "api.yaml"
+    cfg.write_text(yaml.safe_dump(options()))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "API_PORT": str(port), "API_MODEL_NAME": "served", "LF_HOME": lf_home}
+    process = subprocess.Popen([sys.executable, "-m", "lf.cli", "api", str(cfg)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "lf api did not start"
+            try:
+                models = httpx.get(f"{base}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert models.json()["data"][0]["id"] == "served"  # API_MODEL_NAME
+
+        # two replies of 2,000 tokens (many seconds each), one streaming, one whole and waiting for its turn
+        body = {"messages": QUESTION, "temperature": 0, "max_tokens": 2000}
+        whole = []
+        waiting = threading.Thread(target=lambda: whole.append(httpx.post(base + CHAT, json=body, timeout=60)))
+        with httpx.stream("POST", base + CHAT, json={**body, "stream": True}, timeout=60) as streaming:
+            events = streaming.iter_lines()
+            assert next(events).startswith("data: ")
+            waiting.start()
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            rest = []
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):  # cut by the server
+                rest.extend(line for line in events if line)
+        waiting.join(60)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = process.stdout.read()
+    assert process.returncode == -signal.SIGTERM, output  # uvicorn ends by the signal, once it has shut down
+    assert not any("finish_reason\": \"length" in line or "[DONE]" in line for line in rest)  # cut short
+    [response] = whole
+    assert response.status_code == 503 and response.json()["error"]["message"] == "the server is shutting down: " \
+                                                                                   "retry in a while"
+    with socket.socket() as again:  # the port is free: a server may listen on it again (as uvicorn would, reusing
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # it with connections still in TIME_WAIT)
+        again.bind(("127.0.0.1", port))
+        again.listen()
