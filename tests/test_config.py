@@ -2,11 +2,15 @@
 
 import json
 import logging
+import math
+import typing
 
 import pytest
 import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
+from lf.config.parser import _owners
+from lf.config.rules import RANGES, STAGE_KEYS, show
 from lf.errors import ConfigError
 
 # Like LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, bf16 off: this machine has no bf16 GPU.
@@ -297,14 +301,8 @@ RULE_CASES = {
     "preference_options_need_their_stage": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
                                             "pref_loss, ref_model tune(s) dpo and kto training, but stage is sft: "
                                             "set stage: dpo"),
-    "kto_weights": ({"stage": "kto", "kto_rejected_weight": 0}, "kto_chosen_weight: 1.0 and kto_rejected_weight: 0 "
-                                                               "weigh the desirable"),
     "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
                                                                "orpo, simpo."),
-    "pref_beta": ({"stage": "dpo", "pref_beta": 0}, "pref_beta: 0 must be positive"),
-    "pref_ftx": ({"stage": "dpo", "pref_ftx": -1}, "pref_ftx: -1 would train away from the chosen replies"),
-    "dpo_label_smoothing": ({"stage": "dpo", "dpo_label_smoothing": 0.5},
-                            "dpo_label_smoothing: 0.5 is not a probability in [0, 0.5)"),
     "smoothing_needs_logistic_loss": ({"stage": "dpo", "pref_loss": "ipo", "dpo_label_smoothing": 0.1},
                                       "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: ipo"),
     "simpo_gamma_needs_simpo": ({"stage": "dpo", "simpo_gamma": 1.0}, "simpo_gamma is the margin of the simpo loss, "
@@ -317,14 +315,8 @@ RULE_CASES = {
                           "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head"),
     "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
     "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
-    "gradient_checkpointing_every": ({"gradient_checkpointing_every": 0}, "gradient_checkpointing_every: 0 names no "
-                                                                          "layers: use 1 to checkpoint every"),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
-    "lora_rank": ({"lora_rank": 0}, "lora_rank: 0 leaves the adapters no room"),
-    "lora_alpha": ({"lora_alpha": -16}, "lora_alpha: -16 scales the adapters to nothing"),
-    "lora_dropout": ({"lora_dropout": 1.0}, "lora_dropout: 1.0 is not a probability in [0, 1)"),
-    "loraplus_lr_ratio": ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio: 0 must be positive"),
     "adapter_needs_lora": ({"adapter_name_or_path": "saves/a", "finetuning_type": "freeze"},
                            "adapter_name_or_path loads LoRA adapters, but finetuning_type is freeze"),
     "scratch_with_adapter": ({"train_from_scratch": True, "adapter_name_or_path": "saves/a"},
@@ -345,7 +337,6 @@ RULE_CASES = {
     "liger_or_lf_kernels": ({"enable_liger_kernel": True, "use_lf_kernels": False},
                             "but use_lf_kernels: false turns them off"),
     "fp16_and_bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one"),
-    "cutoff_len": ({"cutoff_len": 0}, "cutoff_len: 0 leaves no tokens"),
     "train_needs_data": ({"dataset": None}, "do_train needs training data: set dataset"),
     "eval_needs_data": ({"eval_strategy": "steps"}, "there is no eval data: set val_size"),
     "streaming_needs_max_steps": ({"streaming": True}, "a stream has no length, so epochs cannot be counted: set "
@@ -353,11 +344,56 @@ RULE_CASES = {
     "report_to_installed": ({"report_to": "wandb"}, "report_to: wandb needs its package: pip install wandb"),
     "streaming_val_size": ({"streaming": True, "max_steps": 100, "val_size": 0.1},
                            "val_size: 0.1 is a fraction, but a stream's length is unknown"),
+    "max_steps": ({"max_steps": 0}, "max_steps: 0 would train no step (transformers trains one and reports success): "
+                                    "set the number of optimizer steps to train, or remove max_steps (-1, the "
+                                    "default) to train num_train_epochs epochs"),
+    "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
+                       "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }
 
 
 def test_every_rule_has_a_case():
-    assert sorted(RULE_CASES) == sorted(rule.name for rule in RULES)
+    assert sorted([*RULE_CASES, *RANGES]) == sorted(rule.name for rule in RULES)
+
+
+def outside(allowed, whole: bool):
+    """Values just outside an interval, and (for a float key; a whole-number key's type check refuses them) nan
+    and inf."""
+    below = allowed.low if allowed.low_open else allowed.low - 1
+    beyond = [] if allowed.high == math.inf else [allowed.high if allowed.high_open else allowed.high + 1]
+    return [below, *beyond] if whole else [below, *beyond, math.inf, math.nan]
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_each_numeric_key_refuses_values_outside_its_range(key):
+    group, allowed, what = RANGES[key]
+    annotation = _owners()[key][1]
+    assert _owners()[key][0] == group
+    stage = STAGE_KEYS.get(key, ("sft",))[0]  # preference keys are read by their stage only
+    for value in outside(allowed, whole=float not in (typing.get_args(annotation) or (annotation,))):
+        message = refused({**BASE, "stage": stage, key: value})
+        finite = "a finite number " if not math.isfinite(value) else ""
+        assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"learning_rate": -1}, "learning_rate: -1 must be above 0: the optimizer's step size (1e-4 is usual for LoRA, "
+                            "1e-5 for full fine-tuning)"),
+    ({"learning_rate": math.nan}, "learning_rate: .nan must be a finite number above 0: the optimizer's step size"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size: 0 must be at least 1: the examples each "
+                                         "device trains on in a step"),
+    ({"lora_dropout": 1.0}, "lora_dropout: 1.0 must be in [0, 1): the chance an adapter input is dropped"),
+    ({"stage": "dpo", "dpo_label_smoothing": 0.5}, "dpo_label_smoothing: 0.5 must be in [0, 0.5): the chance a pair is labelled"),
+    ({"top_p": 0}, "top_p: 0 must be in (0, 1]: the probability mass sampled from"),
+])
+def test_numeric_messages_read_well(config, expected):
+    assert refused({**BASE, **config}).startswith(expected)
+
+
+def test_numbers_at_the_edges_of_their_ranges_pass():
+    cfg = parse_train_args({**BASE, "warmup_steps": 0, "max_grad_norm": 0, "lora_dropout": 0, "top_p": 1,
+                            "temperature": 0, "max_steps": -1, "val_size": 0, "learning_rate": 1e-9})
+    assert cfg.generating.top_p == 1 and cfg.training.max_steps == -1
 
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
@@ -371,7 +407,7 @@ def test_each_rule_refuses_its_case_alone(name):
 def test_rules_report_every_problem_at_once(example):
     message = refused([example, "stage=ppo", "lora_rank=0"])
     assert message.startswith(f"2 problems in {example}:\n  - ")
-    assert "stage: ppo is not in lf" in message and "lora_rank: 0 leaves" in message
+    assert "stage: ppo is not in lf" in message and "lora_rank: 0 must be at least 1" in message
 
 
 def test_rules_pass_where_the_combination_is_fine():

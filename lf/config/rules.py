@@ -4,11 +4,14 @@ the config breaks the rule, and the message (what is wrong, then what to do).
 The rules run on the values as given (after lf's renames, before lf's dependent defaults such as lora_alpha) and
 before transformers builds its TrainingArguments, which sets up devices: a config is refused before anything
 expensive. At that point `cfg.training` is a plain namespace of the training values (HF's defaults filled in).
+
+The numeric keys' ranges are a table (RANGES), one rule each; every other float key must be a finite number.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +32,8 @@ def show(value) -> str:
         return value
     if isinstance(value, (bool, type(None), dict, list)):
         return json.dumps(value, default=str)
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[str(value)]
     return str(value)
 
 
@@ -44,15 +49,112 @@ class Rule:
         return self.message.format(m=cfg.model, d=cfg.data, f=cfg.finetuning, g=cfg.generating, t=cfg.training)
 
 
+def _getter(group: str, key: str) -> Callable[[Any], Any]:
+    return lambda cfg: getattr(getattr(cfg, group), key)
+
+
 def _one_of(group: str, key: str, choices: tuple, why: str = "") -> Rule:
     """A key whose value must be one of `choices` (None allowed where listed)."""
-    def value(cfg):
-        return getattr(getattr(cfg, group), key)
-
+    value = _getter(group, key)
     names = [show(c) for c in choices]
     return Rule(f"{key}_choice", lambda cfg: value(cfg) not in choices,
                 lambda cfg: f"{key}: {show(value(cfg))} is not one of {', '.join(names)}{why}."
                             f"{did_you_mean(show(value(cfg)), [c for c in choices if isinstance(c, str)])}")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The numbers a key may take: from low to high, each end open or closed. nan is in no interval."""
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {opening}{self.low:g}, {self.high:g}{closing}"
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1, FRACTION = Interval(0, low_open=True), Interval(0), Interval(1), Interval(0, 1)
+
+# key -> (its group, the numbers it may take, what it sets and a usual value). A key left unset (None) passes.
+RANGES = {
+    "learning_rate": ("training", POSITIVE, "the optimizer's step size (1e-4 is usual for LoRA, 1e-5 for full "
+                                            "fine-tuning)"),
+    "per_device_train_batch_size": ("training", AT_LEAST_1, "the examples each device trains on in a step"),
+    "per_device_eval_batch_size": ("training", AT_LEAST_1, "the examples each device evaluates or predicts at once"),
+    "gradient_accumulation_steps": ("training", AT_LEAST_1, "the batches added up into one optimizer step (1: none)"),
+    "num_train_epochs": ("training", POSITIVE, "the passes over the training data (fractions count)"),
+    "warmup_steps": ("training", AT_LEAST_0, "the steps the learning rate warms up over, below 1 a fraction of them "
+                                             "(0: no warmup)"),
+    "weight_decay": ("training", AT_LEAST_0, "the weight decay (0: none; 0.01 to 0.1 is usual)"),
+    "max_grad_norm": ("training", AT_LEAST_0, "the gradient norm clipped to (0: no clipping; 1.0 is usual)"),
+    "adam_beta1": ("training", FRACTION, "the decay of Adam's gradient average (0.9 is usual)"),
+    "adam_beta2": ("training", FRACTION, "the decay of Adam's squared-gradient average (0.999 is usual)"),
+    "adam_epsilon": ("training", AT_LEAST_0, "Adam's denominator floor (1e-8 is usual)"),
+    "label_smoothing_factor": ("training", FRACTION, "the share of each label spread over the vocabulary (0: none)"),
+    "logging_steps": ("training", POSITIVE, "the steps between log lines, below 1 a fraction of the run"),
+    "save_steps": ("training", POSITIVE, "the steps between checkpoints, below 1 a fraction of the run"),
+    "eval_steps": ("training", POSITIVE, "the steps between evaluations, below 1 a fraction of the run (unset: "
+                                         "logging_steps)"),
+    "dataloader_num_workers": ("training", AT_LEAST_0, "the processes loading batches (0: the training process)"),
+    "seed": ("training", AT_LEAST_0, "the random seed (e.g. 42)"),
+    "cutoff_len": ("data", AT_LEAST_1, "the tokens an example keeps (e.g. 2048)"),
+    "max_samples": ("data", AT_LEAST_1, "the examples read from each dataset (remove it to read them all)"),
+    "val_size": ("data", AT_LEAST_0, "the eval split: a fraction below 1 or a count of examples (0: none)"),
+    "preprocessing_batch_size": ("data", AT_LEAST_1, "the examples tokenized together"),
+    "preprocessing_num_workers": ("data", AT_LEAST_1, "the processes tokenizing (remove it to tokenize in this one)"),
+    "buffer_size": ("data", AT_LEAST_1, "the examples a stream is shuffled among"),
+    "lora_rank": ("finetuning", AT_LEAST_1, "the adapters' rank (8 to 64 is usual)"),
+    "lora_alpha": ("finetuning", POSITIVE, "the adapters' scale, over the rank (remove it: 2 x lora_rank)"),
+    "lora_dropout": ("finetuning", FRACTION, "the chance an adapter input is dropped in training (e.g. 0.05; 0: none)"),
+    "loraplus_lr_ratio": ("finetuning", POSITIVE, "how many times faster LoRA+ trains the B matrices (16 is usual; "
+                                                  "remove it for plain LoRA)"),
+    "loraplus_lr_embedding": ("finetuning", POSITIVE, "LoRA+'s learning rate for embedding adapters (1e-6 is usual)"),
+    "pref_beta": ("finetuning", POSITIVE, "the preference loss's scale (0.1 is usual, about 2 for simpo)"),
+    "pref_ftx": ("finetuning", AT_LEAST_0, "the weight of an sft loss on the chosen replies (0: none; a negative one "
+                                           "would train away from them)"),
+    "dpo_label_smoothing": ("finetuning", Interval(0, 0.5), "the chance a pair is labelled the wrong way round (0.5 "
+                                                            "would say the labels carry nothing)"),
+    "kto_chosen_weight": ("finetuning", POSITIVE, "the desirable replies' loss weight (1.0; raise the rarer kind's so "
+                                                  "that weight x count is about even)"),
+    "kto_rejected_weight": ("finetuning", POSITIVE, "the undesirable replies' loss weight (1.0; raise the rarer "
+                                                    "kind's so that weight x count is about even)"),
+    "gradient_checkpointing_every": ("model", AT_LEAST_1, "checkpoints one decoder layer in k (1: every layer; "
+                                                          "disable_gradient_checkpointing: true for none)"),
+    "temperature": ("generating", AT_LEAST_0, "the sampling temperature (0: greedy)"),
+    "top_p": ("generating", Interval(0, 1, low_open=True, high_open=False), "the probability mass sampled from "
+                                                                            "(1: all of it)"),
+    "top_k": ("generating", AT_LEAST_0, "the likeliest tokens sampled from (0: all)"),
+    "num_beams": ("generating", AT_LEAST_1, "the beams of beam search (1: none)"),
+    "max_length": ("generating", AT_LEAST_1, "the longest prompt and answer together, in tokens"),
+    "max_new_tokens": ("generating", AT_LEAST_1, "the longest answer, in tokens"),
+    "repetition_penalty": ("generating", POSITIVE, "the penalty on repeated tokens (1.0: none)"),
+}
+
+
+def _in_range(key: str, group: str, allowed: Interval, what: str) -> Rule:
+    value = _getter(group, key)
+
+    def message(cfg) -> str:
+        finite = "a finite number " if not math.isfinite(value(cfg)) else ""
+        return f"{key}: {show(value(cfg))} must be {finite}{allowed}: {what}"
+
+    return Rule(key, lambda cfg: value(cfg) is not None and value(cfg) not in allowed, message)
+
+
+def _not_finite(cfg) -> list[str]:
+    """The float values that are nan or inf, but RANGES' (their own rules say so)."""
+    groups = (cfg.model, cfg.data, cfg.finetuning, cfg.generating, cfg.training)
+    return [f"{key}: {show(value)}" for group in groups for key, value in vars(group).items()
+            if isinstance(value, float) and not math.isfinite(value) and key not in RANGES]
 
 
 def _lora_only_options(cfg) -> list[str]:
@@ -133,13 +235,6 @@ RULES: tuple[Rule, ...] = (
          "(chosen/rejected), or stage: kto on replies flagged desirable or not"),
     Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),
     _one_of("finetuning", "pref_loss", PREF_LOSSES),
-    Rule("pref_beta", lambda c: c.finetuning.pref_beta <= 0,
-         "pref_beta: {f.pref_beta} must be positive (it scales the preference loss; 0.1 is usual, ~2 for simpo)"),
-    Rule("pref_ftx", lambda c: c.finetuning.pref_ftx < 0,
-         "pref_ftx: {f.pref_ftx} would train away from the chosen replies: use 0 (no sft term) or a positive weight"),
-    Rule("dpo_label_smoothing", lambda c: not 0 <= c.finetuning.dpo_label_smoothing < 0.5,
-         "dpo_label_smoothing: {f.dpo_label_smoothing} is not a probability in [0, 0.5) (the chance a pair is "
-         "labelled the wrong way round; 0.5 would say the labels carry nothing)"),
     Rule("smoothing_needs_logistic_loss",
          lambda c: c.finetuning.stage == "dpo" and c.finetuning.dpo_label_smoothing != 0
          and c.finetuning.pref_loss not in SMOOTHED,
@@ -149,10 +244,6 @@ RULES: tuple[Rule, ...] = (
          and c.finetuning.pref_loss != "simpo",
          "simpo_gamma is the margin of the simpo loss, but pref_loss is {f.pref_loss}: set pref_loss: simpo, or "
          "remove simpo_gamma"),
-    Rule("kto_weights", lambda c: min(c.finetuning.kto_chosen_weight, c.finetuning.kto_rejected_weight) <= 0,
-         "kto_chosen_weight: {f.kto_chosen_weight} and kto_rejected_weight: {f.kto_rejected_weight} weigh the "
-         "desirable and undesirable replies' losses: both must be positive (1.0 each by default; raise the rarer "
-         "kind's so that weight x count is about even)"),
     Rule("reference_free_loss", lambda c: c.finetuning.stage == "dpo" and c.finetuning.ref_model is not None
          and c.finetuning.pref_loss in REFERENCE_FREE,
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
@@ -165,23 +256,9 @@ RULES: tuple[Rule, ...] = (
          "(its score is float32 in the loss anyway): remove upcast_lmhead_output"),
     _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
     _one_of("model", "cpu_allocator", ("tuned", "default")),
-    Rule("gradient_checkpointing_every", lambda c: c.model.gradient_checkpointing_every < 1,
-         "gradient_checkpointing_every: {m.gradient_checkpointing_every} names no layers: use 1 to checkpoint every "
-         "decoder layer, k for one in k, or disable_gradient_checkpointing: true for none"),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),
-    Rule("lora_rank", lambda c: c.finetuning.lora_rank < 1,
-         "lora_rank: {f.lora_rank} leaves the adapters no room: use a rank of 1 or more (8 to 64 is usual)"),
-    Rule("lora_alpha", lambda c: c.finetuning.lora_alpha is not None and c.finetuning.lora_alpha <= 0,
-         "lora_alpha: {f.lora_alpha} scales the adapters to nothing: use a positive value, or remove it "
-         "(lf then uses 2 x lora_rank)"),
-    Rule("lora_dropout", lambda c: not 0 <= c.finetuning.lora_dropout < 1,
-         "lora_dropout: {f.lora_dropout} is not a probability in [0, 1): use e.g. 0.05, or 0 for none"),
-    Rule("loraplus_lr_ratio",
-         lambda c: c.finetuning.loraplus_lr_ratio is not None and c.finetuning.loraplus_lr_ratio <= 0,
-         "loraplus_lr_ratio: {f.loraplus_lr_ratio} must be positive (it multiplies the B matrices' learning "
-         "rate; 16 is usual): fix it, or remove it to train plain LoRA"),
     Rule("adapter_needs_lora",
          lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type != "lora",
          "adapter_name_or_path loads LoRA adapters, but finetuning_type is {f.finetuning_type}: set "
@@ -213,8 +290,6 @@ RULES: tuple[Rule, ...] = (
          "false turns them off: remove one of the two"),
     Rule("fp16_and_bf16", lambda c: c.training.fp16 and c.training.bf16,
          "fp16 and bf16 are both true: choose one (bf16 where the GPU has it: Ampere or newer; else fp16)"),
-    Rule("cutoff_len", lambda c: c.data.cutoff_len < 1,
-         "cutoff_len: {d.cutoff_len} leaves no tokens: use the longest example length to keep, e.g. 2048"),
     Rule("train_needs_data",
          lambda c: c.training.do_train and not c.data.dataset and not c.data.tokenized_path,
          "do_train needs training data: set dataset (names from dataset_info.json, comma-separated)"),
@@ -231,6 +306,12 @@ RULES: tuple[Rule, ...] = (
     Rule("streaming_val_size", lambda c: c.data.streaming and 0 < c.data.val_size < 1,
          "val_size: {d.val_size} is a fraction, but a stream's length is unknown: give a count of rows with "
          "streaming (e.g. val_size: 1000)"),
+    Rule("max_steps", lambda c: c.training.max_steps == 0,
+         "max_steps: 0 would train no step (transformers trains one and reports success): set the number of "
+         "optimizer steps to train, or remove max_steps (-1, the default) to train num_train_epochs epochs"),
+    *(_in_range(key, *spec) for key, spec in RANGES.items()),
+    Rule("finite_numbers", lambda c: bool(_not_finite(c)),
+         lambda c: f"{', '.join(_not_finite(c))}: not a finite number: give a number (nan and inf are refused)"),
 )
 
 
