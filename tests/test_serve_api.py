@@ -1,6 +1,7 @@
 """`lf api`'s OpenAI-compatible server, live on loopback (uvicorn in a thread), driven by the official `openai`
 client and by raw HTTP: models, whole and streamed completions equal to the engine's greedy text, n, stop, the API
-key, malformed requests, 32 concurrent requests, a client leaving mid-stream, and tool calls."""
+key, malformed requests, 32 concurrent requests, a client leaving mid-stream or a whole request (either cancels its
+generation), and tool calls. Limits and errors: test_serve_api_limits.py; load and shutdown: test_serve_api_load.py."""
 
 import contextlib
 import json

@@ -14,7 +14,9 @@ import time
 
 import httpx
 import pytest
+import torch
 import yaml
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lf.serve.app import create_app
 from test_serve_api import engine, live_server
@@ -25,31 +27,65 @@ __all__ = ["engine", "lf_home", "one_thread"]  # fixtures of the API and engine 
 CHAT = "/v1/chat/completions"
 
 
+class Pause(StoppingCriteria):
+    """A stopping criterion that never stops, but pauses: each token takes `seconds` longer."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def slowed(monkeypatch, engine, seconds: float) -> None:
+    """Makes each token the engine generates take `seconds` longer (a long reply outlasts the test's timeouts)."""
+    original = engine.model.generate
+
+    def generate(stopping_criteria, **kwargs):
+        return original(stopping_criteria=StoppingCriteriaList([*stopping_criteria, Pause(seconds)]), **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+
+
+def stream(http: httpx.AsyncClient, max_tokens: int):
+    """A streamed completion request; awaited, its response with the head read."""
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": max_tokens, "stream": True}
+    return http.send(http.build_request("POST", CHAT, json=body), stream=True)
+
+
+async def first_event(events) -> dict:
+    """The first event of `events`, a response's aiter_lines(), which the caller keeps: an iterator dropped
+    unfinished closes its connection."""
+    return json.loads((await anext(events)).removeprefix("data: "))
+
+
 async def crowd(base: str, clients: int) -> None:
-    """`clients` streams at once: all get their response's head while one generates and the others wait for their
-    turn; the server answers /v1/models meanwhile; then half leave while waiting, the others after their first
-    event."""
-    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 4, "stream": True}
-    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
-        streams = await asyncio.gather(*(http.send(http.build_request("POST", CHAT, json=body), stream=True)
-                                         for _ in range(clients)))
+    """`clients` streams wait for their turn behind a long one, while the server answers /v1/models; then half
+    leave while waiting, the others after their first event."""
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=20) as http:
+        generating = await stream(http, 2000)  # 2,000 slowed tokens: 20 s, unless its client leaves
+        generated = generating.aiter_lines()
+        await first_event(generated)
+        streams = await asyncio.gather(*(stream(http, 4) for _ in range(clients)))
         try:
             assert [s.status_code for s in streams] == [200] * clients
             assert (await http.get("/v1/models", timeout=10)).status_code == 200
+            await generating.aclose()
             for waiting in streams[::2]:
                 await waiting.aclose()
             for reading in streams[1::2]:
-                line = await anext(aiter(reading.aiter_lines()))
-                assert json.loads(line.removeprefix("data: "))["object"] == "chat.completion.chunk"
+                assert (await first_event(reading.aiter_lines()))["object"] == "chat.completion.chunk"
                 await reading.aclose()
         finally:
-            await asyncio.gather(*(s.aclose() for s in streams))
+            await asyncio.gather(generating.aclose(), *(s.aclose() for s in streams))
 
 
 @pytest.mark.parametrize("clients", [64, 256])
-def test_crowds_of_streams_waiting_and_leaving_leave_the_server_answering(engine, clients):
+def test_crowds_of_streams_waiting_and_leaving_leave_the_server_answering(engine, clients, monkeypatch):
     # each waiting stream used to block a worker-pool thread: from 40 on, nothing was answered any more
+    slowed(monkeypatch, engine, 0.01)
     with live_server(create_app(engine, max_queue=clients)) as base:
         asyncio.run(asyncio.wait_for(crowd(base, clients), 120))
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 200
