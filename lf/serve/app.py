@@ -133,7 +133,10 @@ def create_app(engine: Engine, api_key: str | None = None, *, model_name: str | 
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if chat.stream:
             return _EventStream(_events(job, head, streamed=not chat.tools), job)
-        replies = await _unless_disconnected(request, _replies(job))
+        try:
+            replies = await _unless_disconnected(request, _replies(job))
+        finally:  # also when the client left before _replies began, which then never enters the job
+            job.close()
         if replies is None:
             return Response()  # the client left: nobody reads this
         prompt, completion = replies[0].prompt_tokens, sum(r.completion_tokens for r in replies)
