@@ -383,7 +383,8 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size: 0 must be at least 1: the examples each "
                                          "device trains on in a step"),
     ({"lora_dropout": 1.0}, "lora_dropout: 1.0 must be in [0, 1): the chance an adapter input is dropped"),
-    ({"stage": "dpo", "dpo_label_smoothing": 0.5}, "dpo_label_smoothing: 0.5 must be in [0, 0.5): the chance a pair is labelled"),
+    ({"stage": "dpo", "dpo_label_smoothing": 0.5}, "dpo_label_smoothing: 0.5 must be in [0, 0.5): the chance a "
+                                                   "pair is labelled"),
     ({"top_p": 0}, "top_p: 0 must be in (0, 1]: the probability mass sampled from"),
 ])
 def test_numeric_messages_read_well(config, expected):

@@ -2,9 +2,12 @@
 expects, full/freeze/LoRA, kernels on vs off, killed runs that resume to the same adapter, a loss that becomes nan,
 an output_dir that holds another run, LoRA+, and the CLI."""
 
+import errno
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lf import cli
 from lf.config import parse_train_args
+from lf.config.rules import show
 from lf.errors import TrainError
-from lf.train import recipe, run
+from lf.train import disk, recipe, run
 from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
 
@@ -50,9 +55,14 @@ def train(output_dir, callbacks=(), **overrides) -> dict:
     return run(parse_train_args(options(output_dir, **overrides)), callbacks)
 
 
-def losses(output_dir) -> list[float]:
+def records(output_dir) -> list[dict]:
+    """trainer_log.jsonl's training lines (those with a loss)."""
     lines = (Path(output_dir) / "trainer_log.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    return [record for record in map(json.loads, lines) if "loss" in record]
+
+
+def losses(output_dir) -> list[float]:
+    return [record["loss"] for record in records(output_dir)]
 
 
 def test_lora_sft_writes_what_a_user_expects(tmp_path):
@@ -132,15 +142,15 @@ from transformers import TrainerCallback
 from lf.config import parse_train_args
 from lf.train import run
 from lf.train.trainer import LFTrainer
-options, where = {options!r}, {where!r}
+options, where, step = {options!r}, {where!r}, {step!r}
 class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if where == "between steps" and state.global_step == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def on_log(self, args, state, control, **kwargs):
+        if where != "while saving" and state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)  # lf's log has its line for this step (RunLog logs first)
 if where == "while saving":
     save = LFTrainer._save_optimizer_and_scheduler
     def killed(self, output_dir):
-        if self.state.global_step == 4:
+        if self.state.global_step == step:
             os.kill(os.getpid(), signal.SIGKILL)  # the model of checkpoint-4 is written, its optimizer not
         save(self, output_dir)
     LFTrainer._save_optimizer_and_scheduler = killed
@@ -148,22 +158,49 @@ run(parse_train_args(options), [Kill()])
 """
 
 
-@pytest.mark.parametrize("where", ["between steps", "while saving"])
-def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, where):
-    steady = tmp_path / "steady"
-    train(steady, max_steps=6)
-    killed = tmp_path / "killed"
-    script = KILLER.format(options=options(killed, max_steps=6), where=where)
+@pytest.fixture(scope="module")
+def steady(tmp_path_factory):
+    """An uninterrupted 6-step run, which killed and restarted ones must equal."""
+    out = tmp_path_factory.mktemp("steady")
+    train(out, max_steps=6)
+    return out
+
+
+def kill(output_dir, where: str, step: int, **overrides):
+    """Runs `train(output_dir, **overrides)` in a child process killed with SIGKILL at `step`."""
+    script = KILLER.format(options=options(output_dir, **overrides), where=where, step=step)
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    expected_last = "checkpoint-4" if where == "between steps" else "checkpoint-2"
-    assert sorted(p.name for p in killed.glob("checkpoint-*"))[-1] == expected_last
-    train(killed, max_steps=6)  # resumes from the last complete checkpoint, as the log says
+
+
+@pytest.mark.parametrize("where, step, last_checkpoint, restart", [
+    ("before the first checkpoint", 1, None, {}),  # the same command again: lf's own files do not block it
+    ("between steps", 5, "checkpoint-4", {}),  # resumes by itself; the killed run's step 5 is trained and logged again
+    ("while saving", 4, "checkpoint-2", {"resume_from_checkpoint": True}),
+])
+def test_a_killed_run_restarts_to_the_same_adapter_and_history(tmp_path, monkeypatch, steady, where, step,
+                                                               last_checkpoint, restart):
+    killed = tmp_path / "killed"
+    same = {"max_steps": 6, "plot_loss": True, "report_to": "tensorboard"}  # the command run, then run again
+    kill(killed, where, step, **same)
+    assert max((p.name for p in killed.glob("checkpoint-*")), default=None) == last_checkpoint
+    assert [record["current_steps"] for record in records(killed)] == list(range(1, step + 1))
+    plotted = []
+
+    def plot(output_dir, history):  # the steps the loss plot draws
+        plotted.extend(entry["step"] for entry in history if "loss" in entry)
+        return []
+
+    monkeypatch.setattr(recipe, "plot_loss", plot)
+    train(killed, **same, **restart)
     a, b = load_file(steady / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
     assert not (killed / ".lf-saving").exists()
+    # the whole history, each step once, as the uninterrupted run logged it; the plot draws all of it
+    assert [record["current_steps"] for record in records(killed)] == plotted == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor(losses(killed)), torch.tensor(losses(steady)), rtol=RTOL, atol=ATOL)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -183,13 +220,108 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
 
 def test_output_dir_holding_another_run_is_refused_before_any_work(tmp_path, monkeypatch):
     out = tmp_path / "taken"
-    out.mkdir()
+    (out / ".lf-saving" / "checkpoint-2").mkdir(parents=True)  # lf's own records never count (RECORDS)
+    (out / "runs").mkdir()
+    for name in ("trainer_log.jsonl", "training_loss.png", "lf_run_config.json"):
+        (out / name).write_text("{}")
     (out / "notes.txt").write_text("someone else's")
     monkeypatch.setattr(recipe, "load_tokenizer", lambda *a: pytest.fail("loaded a tokenizer before the check"))
     with pytest.raises(TrainError, match="already holds files \\(notes.txt\\).*overwrite_output_dir"):
         train(out)
     with pytest.raises(TrainError, match="holds no checkpoint"):
         train(tmp_path / "empty", resume_from_checkpoint=True)
+
+
+def cli_train(output_dir, **overrides) -> int:
+    """`lf train key=value ...` with options(output_dir, **overrides)."""
+    return cli.main(["train", *(f"{key}={show(value)}" for key, value in options(output_dir, **overrides).items())])
+
+
+def error_line(capsys) -> str:
+    """The one line `lf train` printed for a refused or failed run; never a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("lf train: ")]
+    return line
+
+
+@pytest.mark.parametrize("bad, code, expected", [
+    ({"learning_rate": -1}, 2, "learning_rate: -1 must be above 0"),
+    ({"learning_rate": math.nan}, 2, "learning_rate: .nan must be a finite number above 0"),
+    ({"per_device_train_batch_size": 0}, 2, "per_device_train_batch_size: 0 must be at least 1"),
+    ({"max_steps": 0}, 2, "max_steps: 0 would train no step"),
+    ({"dataset": "nope"}, 1, "dataset 'nope' is not in"),  # found when the data loads
+])
+def test_a_refused_run_is_one_line_and_leaves_no_new_folder(tmp_path, capsys, bad, code, expected):
+    assert cli_train(tmp_path / "new" / "run", **bad) == code
+    assert error_line(capsys).startswith(f"lf train: {expected}")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_failing_before_it_writes_removes_only_the_folders_it_made(tmp_path):
+    from transformers import TrainerCallback
+
+    class Refuse(TrainerCallback):  # fails after HF's Trainer made output_dir (as its optimizer's checks do)
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise ValueError("refused late")
+
+    made = tmp_path / "made"
+    made.mkdir()  # before its run
+    for out in (tmp_path / "new" / "run", made):
+        with pytest.raises(ValueError, match="refused late"):
+            train(out, callbacks=[Refuse()], max_steps=1)
+    assert not (tmp_path / "new").exists() and made.is_dir()
+
+
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save's, without errno
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_checkpoints_before_stay(tmp_path, monkeypatch, capsys):
+    """A filesystem that fills up while checkpoint-4 is written: torch.save fails as it does then (its zip writer's
+    error, which carries no errno) and the filesystem has 4 KiB left."""
+    save, failed = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "checkpoint-4" not in str(f):
+            return save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"PK\x03\x04")  # what got out before the write failed
+        failed.append(str(f))
+        raise RuntimeError(TORCH_FULL)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, (1 << 30) - 4096, 4096))
+    out = tmp_path / "full"
+    assert cli_train(out) == 1
+    line = error_line(capsys)
+    kept = out / "checkpoint-2"
+    size = sum(p.stat().st_size for p in kept.rglob("*") if p.is_file()) / 2**20
+    assert line == (f"lf train: the disk is full: writing {failed[0]} failed with 4.0 KiB left on its filesystem, "
+                    f"a checkpoint needs about {size:.1f} MiB (as checkpoint-2 took) (the partly written checkpoint "
+                    f"was removed); the checkpoints saved before are intact, the last good one is {kept}: free some "
+                    f"space (or keep fewer checkpoints with save_total_limit) and run the same command again to "
+                    f"resume from it")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and not (out / ".lf-saving").exists()
+    monkeypatch.undo()  # space freed: the same command resumes from checkpoint-2 and finishes
+    assert cli_train(out) == 0
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-4").is_dir()
+
+
+@pytest.mark.parametrize("error, free, full", [
+    (OSError(errno.ENOSPC, "No space left on device"), 1 << 30, True),  # Python's files
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), 1 << 30, True),
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), 1 << 30, True),
+    (RuntimeError(TORCH_FULL), 4096, True),
+    (RuntimeError(TORCH_FULL), 1 << 30, False),  # torch.save failing with space left: not a full disk
+    (OSError(errno.EACCES, "Permission denied"), 0, False),
+    (RuntimeError("the loss became nan"), 0, False),
+])
+def test_a_full_disk_is_recognised_however_the_writer_says_it(monkeypatch, tmp_path, error, free, full):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, (1 << 30) - free, free))
+    assert disk.is_full(error, str(tmp_path)) is full
+    try:
+        raise RuntimeError("while saving") from error
+    except RuntimeError as wrapped:
+        assert disk.is_full(wrapped, str(tmp_path)) is full  # the cause counts
 
 
 def test_loraplus_puts_the_b_matrices_in_a_faster_group(tmp_path):

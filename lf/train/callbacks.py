@@ -23,8 +23,9 @@ def _duration(seconds: float) -> str:
 
 
 class RunLog(TrainerCallback):
-    """Appends one JSON line per log to output_dir/trainer_log.jsonl and logs it in words. Tokens/s counts the
-    real (non-padding) tokens the trainer saw (`trainer.tokens_seen`) since training started."""
+    """Appends one JSON line per log to output_dir/trainer_log.jsonl and logs it in words. A resumed run keeps the
+    lines up to its checkpoint (the whole history, each step once). Tokens/s counts the real (non-padding) tokens
+    the trainer saw (`trainer.tokens_seen`) since this process started training."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -33,8 +34,8 @@ class RunLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_tokens = time.perf_counter(), self.trainer.tokens_seen
-        if state.is_world_process_zero and not args.resume_from_checkpoint and os.path.exists(self._path(args)):
-            os.remove(self._path(args))  # a fresh run starts a fresh log; a resumed one appends
+        if state.is_world_process_zero:
+            _keep_until(self._path(args), state.global_step)  # (the step resumed from; 0 for a fresh run)
 
     @staticmethod
     def _path(args) -> str:
@@ -65,6 +66,35 @@ class RunLog(TrainerCallback):
             parts.append(f"{record['throughput']:,.0f} tokens/s")
             parts.append(f"{record['elapsed_time']} elapsed, {record['remaining_time']} left")
         log.info("%s", ", ".join(parts))
+
+
+def _keep_until(path: str, step: int) -> None:
+    """The log keeps its lines up to `step` and drops the later ones: those of a killed run past the checkpoint this
+    run resumes from, which this run logs again (each step once). A fresh run (step 0) starts a fresh log."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line.rstrip("\n") + "\n" for line in lines if _step(line) is not None and _step(line) <= step]
+    if not kept:
+        os.remove(path)
+    elif kept != lines:
+        _replace(path, kept)
+
+
+def _replace(path: str, lines: list[str]) -> None:
+    staged = f"{path}.{os.getpid()}"  # replaced in one rename: a kill now keeps the old log whole
+    with open(staged, "w") as f:
+        f.writelines(lines)
+    os.replace(staged, path)
+
+
+def _step(line: str) -> int | None:
+    """The step a log line records; None for a line a kill cut short."""
+    try:
+        return json.loads(line)["current_steps"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Progress(ProgressCallback):

@@ -5,6 +5,12 @@ from __future__ import annotations
 import math
 import os
 
+KEYS = ("loss", "eval_loss")
+
+
+def file_name(key: str) -> str:
+    return f"training_{key}.png"
+
 
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
     """Exponential moving average, weighted more heavily for long curves (so both short and long runs read well),
@@ -20,7 +26,7 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def plot_loss(output_dir: str, log_history: list[dict], keys=("loss", "eval_loss")) -> list[str]:
+def plot_loss(output_dir: str, log_history: list[dict], keys=KEYS) -> list[str]:
     """Writes one PNG per key that has values; returns the paths written."""
     import matplotlib
 
@@ -40,7 +46,7 @@ def plot_loss(output_dir: str, log_history: list[dict], keys=("loss", "eval_loss
         plt.xlabel("step")
         plt.ylabel(key)
         plt.legend()
-        path = os.path.join(output_dir, f"training_{key}.png")
+        path = os.path.join(output_dir, file_name(key))
         plt.savefig(path, format="png", dpi=100)
         plt.close(figure)
         written.append(path)

@@ -17,7 +17,7 @@ from lf.data import fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_model, load_tokenizer
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
-from lf.train.checkpoints import resume_point
+from lf.train.checkpoints import RUN_CONFIG, last, resume_point
 from lf.train.plot import plot_loss
 
 log = logging.getLogger("lf")
@@ -124,8 +124,8 @@ def _use_progress(trainer) -> None:
 
 
 def _nonfinite_message(trainer, args) -> str:
-    last = trainer.state.best_model_checkpoint or _latest_checkpoint(args.output_dir)
-    kept = (f"the last good checkpoint is {last} (resume_from_checkpoint: {last})" if last
+    good = trainer.state.best_model_checkpoint or last(args.output_dir)
+    kept = (f"the last good checkpoint is {good} (resume_from_checkpoint: {good})" if good
             else "no checkpoint was saved before it")
     precision = ("fp16 overflow (fp16: true): use bf16: true or fp32" if args.fp16
                  else "numbers too large for the dtype")
@@ -134,13 +134,7 @@ def _nonfinite_message(trainer, args) -> str:
             f"try a tenth), {precision}, or examples with nothing to learn from.")
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-
-
 def _save_run_config(output_dir: str, cfg) -> None:
     """The run's settings as given, beside the model: what produced it."""
-    with open(os.path.join(output_dir, "lf_run_config.json"), "w") as f:
+    with open(os.path.join(output_dir, RUN_CONFIG), "w") as f:
         json.dump({"source": cfg.source, "config": cfg.raw}, f, indent=2, default=str)
