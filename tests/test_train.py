@@ -1,6 +1,7 @@
 """`lf train` end to end on the quickstart's tiny Llama (built here under a temporary LF_HOME): outputs a user
-expects, full/freeze/LoRA, kernels on vs off, killed runs that resume to the same adapter, a loss that becomes nan,
-an output_dir that holds another run, LoRA+, and the CLI."""
+expects, full/freeze/LoRA, kernels on vs off, killed runs that restart to the same adapter and log history, a loss
+that becomes nan, an output_dir that holds another run, refused runs (one line, no new folder), a full disk, LoRA+,
+and the CLI."""
 
 import errno
 import json
