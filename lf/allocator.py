@@ -17,6 +17,8 @@ import ctypes.util
 import os
 import platform
 
+from lf.errors import ConfigError
+
 MiB = 1 << 20
 # glibc <malloc.h> parameter numbers and values, by setting. mallopt takes a C int, so "never trim" is written -1
 # (documented in mallopt(3) as disabling trimming) rather than a 64 GiB threshold, which overflows.
@@ -59,10 +61,11 @@ def apply(setting: str) -> dict[str, int]:
         return {}
     libc, reason = glibc()
     if reason:
-        raise RuntimeError(reason)
+        raise ConfigError(f"cpu_allocator: {setting} cannot be applied: {reason}; set cpu_allocator: default")
     for name, (param, value) in MALLOPT[setting].items():
         if libc.mallopt(param, value) != 1:
-            raise RuntimeError(f"mallopt({name}, {value}) was refused")
+            raise ConfigError(f"cpu_allocator: {setting} cannot be applied: glibc refused mallopt({name}, {value}); "
+                              f"set cpu_allocator: default")
     return {name: value for name, (_, value) in MALLOPT[setting].items()}
 
 

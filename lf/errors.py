@@ -22,6 +22,11 @@ class ModelError(ValueError):
 
 
 
+class RequestError(ValueError):
+    """A request the serving engine cannot serve (unknown or out-of-range settings, a prompt too long for the
+    model's context); the message says which and why."""
+
+
 class TrainError(RuntimeError):
     """A training run cannot go on (its output_dir holds another run, the loss stopped being a number, ...)."""
 

@@ -69,3 +69,25 @@ def test_bad_input(call, error, pattern):
 def test_errors_are_value_and_type_errors():
     assert issubclass(KernelInputError, ValueError)
     assert issubclass(KernelDTypeError, TypeError) and issubclass(KernelDTypeError, ValueError)
+
+
+def test_lf_modules_raise_lfs_error_families():
+    """A user-facing failure outside the kernels is one of lf.errors' types: packing a too-long example is a
+    DataError, a serving request the engine refuses a RequestError (still a ValueError for older callers)."""
+    from lf.data.packing import best_fit_decreasing
+    from lf.errors import DataError, RequestError
+    from lf.serve.engine import RequestError as served
+
+    with pytest.raises(DataError, match="does not fit a row of 10: cut the examples"):
+        best_fit_decreasing([11], 10)
+    assert served is RequestError and issubclass(RequestError, ValueError)
+
+
+def test_an_allocator_that_cannot_apply_is_a_config_error(monkeypatch):
+    from lf import allocator
+    from lf.errors import ConfigError
+
+    monkeypatch.setattr(allocator, "glibc", lambda: (None, "the C library is musl, not glibc"))
+    with pytest.raises(ConfigError, match="cpu_allocator: tuned cannot be applied: the C library is musl.*"
+                                          "set cpu_allocator: default"):
+        allocator.apply("tuned")

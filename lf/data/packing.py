@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lf.data.processors import IGNORE_INDEX
+from lf.errors import DataError
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -29,7 +30,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         length = lengths[i]
         if length > capacity:
-            raise ValueError(f"an example of {length} tokens does not fit a row of {capacity}")
+            raise DataError(f"an example of {length} tokens does not fit a row of {capacity}: cut the examples to "
+                            f"the row length first (lf's processors cut them to cutoff_len)")
         at = bisect.bisect_left(free_sizes, length)
         if at < len(free_sizes):
             free = free_sizes[at]

@@ -41,7 +41,7 @@ from transformers.generation.streamers import BaseStreamer
 from lf.data import fit_template
 from lf.data.conversation import ASSISTANT, PROMPT_ROLES
 from lf.data.tools import get_tool_format
-from lf.errors import ConfigError, DataError
+from lf.errors import ConfigError, DataError, RequestError
 from lf.model import load_inference_model, load_tokenizer
 
 log = logging.getLogger("lf")
@@ -50,11 +50,6 @@ log = logging.getLogger("lf")
 SETTINGS = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty")
 # Where model configs keep their context length, by family.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (unknown or out-of-range settings, a prompt too long for the model's
-    context); the message says which and why."""
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,9 @@ from lf.config import parse_infer_args, parse_train_args
 from lf.config.generation import GeneratingArguments
 from lf.data import TEMPLATES
 from lf.data.conversation import ASSISTANT, USER
-from lf.errors import ConfigError, DataError, ModelError, TrainError
+from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
 from lf.export import export
-from lf.serve.engine import Engine, RequestError
+from lf.serve.engine import Engine
 from lf.serve.webaccess import Access, Root, add_server_args
 from lf.train.callbacks import LOG_FILE
 from lf.train.plot import smooth
