@@ -491,6 +491,13 @@ def test_keys_transformers_5_dropped_live_in_the_finetuning_group(logs):
     assert "logging_dir is kept as finetuning.logging_dir" in logs.text
 
 
+def test_pinned_memory_is_off_without_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_train_args({**BASE, "dataloader_pin_memory": True}).training.dataloader_pin_memory is False
+
+
 def test_packing_stays_unresolved_for_the_data_layer():
     assert parse_train_args(BASE).data.packing is None
     assert parse_train_args({**BASE, "packing": True}).data.packing is True

@@ -325,6 +325,20 @@ def test_a_full_disk_is_recognised_however_the_writer_says_it(monkeypatch, tmp_p
         assert disk.is_full(wrapped, str(tmp_path)) is full  # the cause counts
 
 
+def test_a_run_changes_neither_the_environment_nor_its_config(tmp_path, monkeypatch):
+    """logging_dir reaches TensorBoard without TENSORBOARD_LOGGING_DIR being set, and the recipe leaves the
+    training arguments as lf.config built them."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    cfg = parse_train_args(options(tmp_path / "out", max_steps=1, report_to="tensorboard",
+                                   logging_dir=str(tmp_path / "tb")))
+    before = cfg.training.to_dict()
+    run(cfg)
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert cfg.training.to_dict() == before
+
+
 def test_loraplus_puts_the_b_matrices_in_a_faster_group(tmp_path):
     from transformers import TrainerCallback
 

@@ -36,5 +36,5 @@ class FinetuningArguments:
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them
     overwrite_output_dir: bool = False  # start afresh in a non-empty output_dir instead of resuming there
-    logging_dir: str | None = None  # TensorBoard's folder (transformers 5 reads TENSORBOARD_LOGGING_DIR)
+    logging_dir: str | None = None  # TensorBoard's folder (lf's trainer hands it to TensorBoard's callback)
     include_effective_tokens_per_second: bool = False

@@ -529,7 +529,13 @@ def _default_training(training: dict, given: set[str]) -> None:
 def _has_gpu() -> bool:
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return _has_cuda() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _hf_defaults() -> dict:
@@ -554,7 +560,9 @@ def _resolve(cfg: TrainConfig, training: dict) -> None:
         log.info("enable_liger_kernel maps onto lf's kernels (use_lf_kernels: true)")
     if finetuning.logging_dir is not None:  # transformers 5 dropped the argument; lf's trainer hands it on
         log.info("logging_dir is kept as finetuning.logging_dir (transformers 5 reads TensorBoard's folder from "
-                 "TENSORBOARD_LOGGING_DIR)")
+                 "TENSORBOARD_LOGGING_DIR; lf's trainer hands it to its TensorBoard callback instead)")
+    if not _has_cuda():
+        training["dataloader_pin_memory"] = False  # pinned memory only speeds copies to a GPU
     if training.get("remove_unused_columns"):
         log.info("remove_unused_columns: true is ignored: lf's collator needs every column the data layer makes")
     training["remove_unused_columns"] = False  # HF would drop the columns its model's forward() does not name

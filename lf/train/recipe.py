@@ -34,7 +34,7 @@ class Prepared:
 
 def prepare(cfg) -> Prepared:
     """Tokenizer (with the template, which the saved tokenizer carries as its chat template), the stage's
-    datasets and the model, as `cfg` says; the run's environment set for HF's Trainer."""
+    datasets and the model, as `cfg` says (which it leaves as it is)."""
     args, fin = cfg.training, cfg.finetuning
     if _cpu_training(args):
         _cpu_allocator(cfg.model.cpu_allocator)
@@ -50,10 +50,6 @@ def prepare(cfg) -> Prepared:
                               tokens_per_step=args.per_device_train_batch_size * cfg.data.cutoff_len)
     for line in lines:
         log.info("%s", line)
-    if fin.logging_dir:  # transformers 5 takes TensorBoard's folder from the environment only
-        os.environ["TENSORBOARD_LOGGING_DIR"] = fin.logging_dir
-    if not torch.cuda.is_available():
-        args.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU
     return Prepared(tokenizer, template, data, model, resume)
 
 

@@ -4,7 +4,8 @@
   previous checkpoints intact);
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
-- a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard).
+- a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
+- logging_dir (lf's finetuning group keeps it) is TensorBoard's folder.
 
 The loss itself needs nothing here: lf's patched causal-LM forward takes `num_items_in_batch` from the Trainer
 (which passes it to models that accept loss kwargs) and computes the fused loss with the right normalisation.
@@ -30,6 +31,7 @@ class LFTrainer(Seq2SeqTrainer):
         self.tokens_seen = 0  # real tokens trained on, this process
         self.nonfinite_step = None  # the first step whose loss was nan/inf
         self._staging = None
+        _tensorboard_folder(self, getattr(finetuning_args, "logging_dir", None))
 
     # -- tokens and loss ---------------------------------------------------------------------------------------
 
@@ -109,3 +111,15 @@ class LFTrainer(Seq2SeqTrainer):
                 self.state.best_model_checkpoint = best
         rotate_checkpoints(output_dir=final_root, save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _tensorboard_folder(trainer, logging_dir: str | None) -> None:
+    """logging_dir for the trainer's TensorBoard callback, if any: transformers 5 reads the folder from the
+    TENSORBOARD_LOGGING_DIR variable only, which lf leaves alone (the process's environment is its caller's)."""
+    if logging_dir is None:
+        return
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = os.path.expanduser(logging_dir)
