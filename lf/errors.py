@@ -9,6 +9,11 @@ class KernelDTypeError(KernelInputError, TypeError):
     """A kernel was called with a tensor of a dtype it does not support or that does not match."""
 
 
+class KernelError(ValueError):
+    """lf's kernels cannot be set up as asked: LF_KERNEL_BACKEND names a backend that is unknown or cannot run
+    here, lf.kernels.patch is given a kind it does not have, a drop-in module a config it cannot build."""
+
+
 class DataError(ValueError):
     """A dataset, a dataset_info.json entry, a template or a data option cannot be used as given."""
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lf import _C
+from lf.errors import KernelError
 from lf.kernels import _backend, choose_backend, default_backend, rms_norm
 
 
@@ -26,17 +27,17 @@ def test_env_forces_backend(monkeypatch):
 
 def test_env_unknown_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("LF_KERNEL_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="not a backend.*triton, cpu, torch"):
+    with pytest.raises(KernelError, match="not a backend.*triton, cpu, torch"):  # a ValueError
         choose_backend("cpu")
 
 
 def test_forced_backend_that_cannot_run_says_why(monkeypatch):
     monkeypatch.setenv("LF_KERNEL_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(KernelError, match="TRITON_INTERPRET=1"):
         choose_backend("cpu")
     monkeypatch.setenv("LF_KERNEL_BACKEND", "cpu")
-    with pytest.raises(RuntimeError, match="CPU tensors only"):
+    with pytest.raises(KernelError, match="CPU tensors only"):
         choose_backend("mps")
 
 

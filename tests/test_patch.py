@@ -57,24 +57,25 @@ def _loss_and_grads(model, ids, labels, **kwargs):
 
 
 @pytest.fixture
-def restore_rope():
-    models = []
-    yield models.append
-    for m in models:
-        unpatch(m)
+def rope_calls(monkeypatch):
+    """Counts the calls of lf's rope kernel made by patched attention modules."""
+    patch_module = importlib.import_module("lf.kernels.patch")
+    calls, op = [], patch_module.rope
+    monkeypatch.setattr(patch_module, "rope", lambda *a: calls.append(1) or op(*a))
+    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_patched_matches_unpatched(family, dtype, restore_rope):
+def test_patched_matches_unpatched(family, dtype, rope_calls):
     model = _model(family, dtype).train()
     reference = copy.deepcopy(model)
     ids, labels = _batch(model.config.vocab_size)
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
-    restore_rope(model)
     report = patch(model)
     assert set(report.patched) == KINDS.get(family, DENSE), str(report)
     out, grads = _loss_and_grads(model, ids, labels)
+    assert len(rope_calls) == SIZES["num_hidden_layers"]  # lf's RoPE ran in every attention module, HF's in none
     assert out.logits is None  # training with labels: the logits never existed
     factor = 5.0  # many ops in a row, each rounding in its own order
     assert_close(out.loss, out_ref.loss, dtype, "loss", factor)
@@ -83,11 +84,10 @@ def test_patched_matches_unpatched(family, dtype, restore_rope):
         assert_close(g, grads_ref[name], dtype, f"grad {name}", factor)
 
 
-def test_eval_and_generation_keep_logits(restore_rope):
+def test_eval_and_generation_keep_logits():
     model = _model("llama", torch.float32).eval()
     reference = copy.deepcopy(model)
     ids, labels = _batch(model.config.vocab_size)
-    restore_rope(model)
     patch(model)
     with torch.no_grad():
         out, out_ref = model(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
@@ -99,11 +99,10 @@ def test_eval_and_generation_keep_logits(restore_rope):
     assert torch.equal(tokens, tokens_ref)
 
 
-def test_patch_twice_is_harmless_and_unpatch_restores(restore_rope):
+def test_patch_twice_is_harmless_and_unpatch_restores():
     model = _model("qwen3", torch.float32).train()
     ids, labels = _batch(model.config.vocab_size)
     before = _loss_and_grads(model, ids, labels)[0].loss
-    restore_rope(model)
     first, second = patch(model), patch(model)
     assert first.patched == second.patched
     assert model.config._attn_implementation == "lf_packed"
@@ -126,7 +125,7 @@ def test_unsupported_family_patches_nothing_and_says_why():
 
 
 @pytest.mark.parametrize("setting", ["gradient_checkpointing", "packed", "autocast"])
-def test_training_settings(setting, restore_rope):
+def test_training_settings(setting):
     """Gradient checkpointing (each layer's forward runs again in backward), packed rows (position_ids
     restarting inside a row, so cos/sin differ per token) and bf16 autocast (q/k bf16, cos/sin fp32)."""
     model = _model("llama", torch.float32).train()
@@ -142,7 +141,6 @@ def test_training_settings(setting, restore_rope):
     dtype = torch.bfloat16 if setting == "autocast" else torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"):
         out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **kwargs)
-        restore_rope(model)
         patch(model)
         out, grads = _loss_and_grads(model, ids, labels, **kwargs)
     assert_close(out.loss, out_ref.loss, dtype, "loss", 5.0)
@@ -150,12 +148,11 @@ def test_training_settings(setting, restore_rope):
         assert_close(g, grads_ref[name], dtype, f"grad {name}", 5.0)
 
 
-def test_patched_model_compiles_in_one_graph(restore_rope):
+def test_patched_model_compiles_in_one_graph():
     model = _model("llama", torch.float32).train()
     reference = copy.deepcopy(model)
     ids, labels = _batch(model.config.vocab_size)
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
-    restore_rope(model)
     patch(model)
     out, grads = _loss_and_grads(torch.compile(model, fullgraph=True), ids, labels)
     assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
@@ -189,7 +186,7 @@ def test_apply_to_patches_classes_before_models_exist(family):
     assert _loss_and_grads(_model(family, torch.float32).train(), ids, labels)[0].logits is not None  # restored
 
 
-def test_peft_lora_model(restore_rope):
+def test_peft_lora_model():
     """A PEFT LoRA model on every linear layer but the head: patched through the wrapper, the adapter's
     gradients match the unpatched model's."""
     from peft import LoraConfig, get_peft_model
@@ -200,7 +197,6 @@ def test_peft_lora_model(restore_rope):
     reference = copy.deepcopy(model)
     ids, labels = _batch(model.config.vocab_size)
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
-    restore_rope(model)
     report = patch(model)
     assert set(report.patched) == DENSE | {"lora_linear"}, str(report)
     assert report.patched["lora_linear"] == 7 * SIZES["num_hidden_layers"], str(report)
@@ -212,7 +208,7 @@ def test_peft_lora_model(restore_rope):
         assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
 
 
-def test_hf_trainer_steps_match_unpatched(tmp_path, restore_rope):
+def test_hf_trainer_steps_match_unpatched(tmp_path):
     """Two optimizer steps of HF's Trainer, patched vs unpatched: the same losses (what `import lf.kernels`
     promises other trainers)."""
     from transformers import Trainer, TrainingArguments
@@ -223,7 +219,6 @@ def test_hf_trainer_steps_match_unpatched(tmp_path, restore_rope):
     for patched in (False, True):
         model = _model("llama", torch.float32)
         if patched:
-            restore_rope(model)
             patch(model)
         args = TrainingArguments(output_dir=str(tmp_path / str(patched)), max_steps=2, per_device_train_batch_size=4,
                                  learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
@@ -235,9 +230,8 @@ def test_hf_trainer_steps_match_unpatched(tmp_path, restore_rope):
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)
 
 
-def test_cross_entropy_switch_is_reported_not_silently_ignored(restore_rope):
+def test_cross_entropy_switch_is_reported_not_silently_ignored():
     model = _model("llama", torch.float32)
-    restore_rope(model)
     report = patch(model, fused_linear_cross_entropy=False, cross_entropy=True)
     assert "fused_linear_cross_entropy" not in report.patched
     assert "not available yet" in report.skipped["cross_entropy"]
@@ -266,13 +260,13 @@ def _qlora_llama(path, compute_dtype, **lora):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qlora_layers_run_lora_nf4_linear(tmp_path, dtype, restore_rope, monkeypatch):
+def test_qlora_layers_run_lora_nf4_linear(tmp_path, dtype, monkeypatch):
     """Every 4-bit LoRA projection (attention and MLP) is taken, runs lf's op, and gives PEFT's loss and adapter
     gradients; bf16 under autocast, as HF's Trainer runs it (PEFT's LoRA path is then bf16 too)."""
-    patch_module = importlib.import_module("lf.kernels.patch")
+    lora_patch = importlib.import_module("lf.kernels.lora_patch")
     calls = []
-    op = patch_module.lora_nf4_linear
-    monkeypatch.setattr(patch_module, "lora_nf4_linear", lambda *a, **k: calls.append(1) or op(*a, **k))
+    op = lora_patch.lora_nf4_linear
+    monkeypatch.setattr(lora_patch, "lora_nf4_linear", lambda *a, **k: calls.append(1) or op(*a, **k))
     model = _qlora_llama(tmp_path, dtype, lora_dropout=0.0)
     ids, labels = _batch(model.config.vocab_size)
 
@@ -281,7 +275,6 @@ def test_qlora_layers_run_lora_nf4_linear(tmp_path, dtype, restore_rope, monkeyp
             return _loss_and_grads(model, ids, labels)
 
     out_ref, grads_ref = run()
-    restore_rope(model)
     report = patch(model)
     layers = 7 * SIZES["num_hidden_layers"]
     assert report.patched["lora_nf4_linear"] == layers and "lora_nf4_linear" not in report.skipped, str(report)
@@ -297,9 +290,8 @@ def test_qlora_layers_run_lora_nf4_linear(tmp_path, dtype, restore_rope, monkeyp
     assert not calls  # PEFT's own forward again
 
 
-def test_qlora_layers_lf_cannot_take_are_reported(tmp_path, restore_rope):
+def test_qlora_layers_lf_cannot_take_are_reported(tmp_path):
     model = _qlora_llama(tmp_path, torch.float32, lora_dropout=0.1)
-    restore_rope(model)
     report = patch(model)
     assert "lora_nf4_linear" not in report.patched
     why = report.skipped["lora_nf4_linear"]

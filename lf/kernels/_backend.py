@@ -1,4 +1,5 @@
-"""Which backend runs an op: one table keyed by device type, overridable with LF_KERNEL_BACKEND.
+"""Which backend runs an op: one table keyed by device type, overridable with LF_KERNEL_BACKEND (a backend it
+names that is unknown or cannot run here is an :class:`lf.errors.KernelError`).
 
 - ``triton``: CUDA and ROCm tensors (ROCm tensors report device type ``cuda``); also CPU tensors when
   ``TRITON_INTERPRET=1``, which is how the Triton kernels are tested without a GPU.
@@ -15,6 +16,8 @@ import warnings
 from typing import Callable
 
 import torch
+
+from lf.errors import KernelError
 
 BACKENDS = ("triton", "cpu", "torch")
 DEFAULT_BACKEND = {"cuda": "triton", "hip": "triton", "cpu": "cpu"}
@@ -64,10 +67,10 @@ def choose_backend(device_type: str) -> str:
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)} or unset it")
+            raise KernelError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)} or unset it")
         problem = unusable_reason(forced, device_type)
         if problem:
-            raise RuntimeError(f"{ENV_VAR}={forced} cannot run here: {problem}")
+            raise KernelError(f"{ENV_VAR}={forced} cannot run here: {problem}")
         return forced
     backend = default_backend(device_type)
     problem = unusable_reason(backend, device_type)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lf.errors import KernelError
 from lf.kernels.glu import geglu, swiglu
 from lf.kernels.rms_norm import rms_norm
 
@@ -60,7 +61,8 @@ class LFGeGLUMLP(_GatedMLP):
         super().__init__(config)
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "gelu_pytorch_tanh")
         if act not in GELU_APPROXIMATE:
-            raise ValueError(f"LFGeGLUMLP: activation {act!r} is not a GELU; expected one of {sorted(GELU_APPROXIMATE)}")
+            raise KernelError(f"LFGeGLUMLP: activation {act!r} is not a GELU; set one of {sorted(GELU_APPROXIMATE)} "
+                              f"or use LFSwiGLUMLP for silu")
         self.approximate = GELU_APPROXIMATE[act]
 
     def gate_up(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

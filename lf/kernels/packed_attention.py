@@ -27,6 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lf.errors import KernelInputError
 from lf.kernels import _alloc, _backend, _checks
 
 NAME = "lf_packed"
@@ -227,7 +228,7 @@ def packed_attention_cpu(query, key, value, bounds, *, scale=None, by_segments=N
     """:func:`packed_sdpa`'s result for CPU tensors through :class:`PackedAttentionFunction`; ``by_segments``
     None lets :func:`segments_pay` pick the forward, ``backend`` None picks the elementwise passes by device."""
     if query.device.type != "cpu":
-        raise ValueError(f"packed_attention_cpu runs CPU tensors, not {query.device}; use packed_sdpa there")
+        raise KernelInputError(f"packed_attention_cpu runs CPU tensors, not {query.device}; use packed_sdpa there")
     if by_segments is None:
         by_segments = segments_pay(bounds, query.shape[2], query.dtype)
     backend = backend or _backend.choose_backend("cpu")

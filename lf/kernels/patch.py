@@ -1,45 +1,56 @@
 """Put lf's kernels into an instantiated Hugging Face model: ``lf.kernels.patch(model)``.
 
-Per family (``config.model_type``) a table names the HF classes and how lf replaces them:
+Each patch kind is one entry of :data:`PATCHERS`, a :class:`Patcher` saying how the kind goes into a model
+(:func:`patch`), into a family's classes (:func:`apply_to`) and back out (:func:`unpatch`); ``patch(model,
+rope=False)`` switches a kind off by its name. Per family (``config.model_type``) :data:`FAMILIES` names the HF
+classes. The kinds:
 
-- RMSNorm modules (also Qwen3's q/k norms): their ``forward`` becomes :func:`lf.kernels.rms_norm` with the
-  family's numerics, on the instance (parameters and state dict are untouched);
-- dense MLPs: ``down_proj(swiglu(gate, up))`` (SiLU) or ``geglu`` (Gemma's GELU, tanh or exact), on the
-  instance (works with PEFT LoRA layers in the projections); MoE experts are left as they are;
-- RoPE: the modeling module's ``apply_rotary_pos_emb`` becomes :func:`lf.kernels.rope` (a module-level function,
-  so this part applies to every model of the family in the process until :func:`unpatch`);
-- attention: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which runs
-  neat-packed rows example by example and leaves every other batch to SDPA;
-- QLoRA: PEFT's LoRA layers over bitsandbytes 4-bit linears (attention and MLP projections alike) run as one
-  :func:`lora_nf4_linear` each, on the instance; layers it cannot take (lora_dropout > 0, DoRA, weights not
-  stored as uint8 or not in a float dtype) keep PEFT's forward and the report names them and why; PEFT's LoRA
-  layers over plain nn.Linear the same way through :func:`lora_linear` (also not: fan_in_fan_out, a trained base
-  weight, lora_bias);
-- the causal-LM head: in training with labels, the loss comes from :func:`fused_linear_cross_entropy` on the
-  hidden states and no logits exist (``output.logits`` is None); otherwise (generation, evaluation, or
-  ``skip_logits=False``) HF's own path runs.
+- ``rms_norm``: RMSNorm modules (also Qwen3's q/k norms) run :func:`lf.kernels.rms_norm` with the family's
+  numerics (parameters and state dict are untouched);
+- ``swiglu``: dense MLPs run ``down_proj(swiglu(gate, up))`` (SiLU) or ``geglu`` (Gemma's GELU, tanh or exact;
+  reported as geglu); works with PEFT LoRA layers in the projections; MoE experts are left as they are;
+- ``rope``: attention modules run HF's own forward reading :func:`lf.kernels.rope` for the family's
+  ``apply_rotary_pos_emb`` (see below);
+- ``fused_linear_cross_entropy``: in training with labels, the causal LM's loss comes from
+  :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None);
+  otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs;
+- ``cross_entropy`` (off unless asked): reported, not patched: the loss already needs no logits;
+- ``packed_attention``: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which
+  runs neat-packed rows example by example and leaves every other batch to SDPA;
+- ``lora_nf4_linear``, ``lora_linear``: PEFT's LoRA layers over bitsandbytes 4-bit linears or plain nn.Linear run
+  as one lf op each; the layers an op cannot take keep PEFT's forward and the report names them and why
+  (:mod:`lf.kernels.lora_patch`). These run in any family.
 
-Patching twice changes nothing; :func:`unpatch` restores HF's code. An unsupported family patches nothing and
-says so. :func:`apply_to` does the same to a family's classes, before any model exists.
+Where the code goes: :func:`patch` binds lf's functions as the forwards of the model's own modules, so it
+changes that model alone; nothing module-level is replaced, not even RoPE, whose attention forward is HF's code
+object run with its modeling module's globals but ``apply_rotary_pos_emb`` bound to lf's. Patching twice changes
+nothing, :func:`unpatch` restores HF's code in that model and no other. :func:`apply_to` (asked for by name,
+for users who build models themselves) replaces a family's class forwards for the whole process until
+``unpatch(model_type)``. A family lf does not know patches nothing but PEFT's layers, and says so.
+
+Adding a kind: one entry in ``_PATCHERS`` (its functions use :func:`bind`, :meth:`Call.bind`, :func:`unbind`);
+:func:`register_kind` adds one for a ``with`` block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import logging
-import sys
 import types
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lf.errors import KernelError, KernelInputError, did_you_mean
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lf.kernels import packed_attention as _packed_attention
 from lf.kernels.glu import geglu, swiglu
-from lf.kernels.lora_linear import lora_linear
-from lf.kernels.lora_nf4_linear import lora_nf4_linear
+from lf.kernels.lora_patch import LORA_OPS, layers_for
 from lf.kernels.modules import GELU_APPROXIMATE
 from lf.kernels.rms_norm import rms_norm
 from lf.kernels.rope import rope
@@ -51,13 +62,13 @@ IGNORE_INDEX = -100  # transformers' label padding
 @dataclass(frozen=True)
 class Family:
     module: str  # transformers.models.<module>.modeling_<module>
-    prefix: str  # class-name prefix: <prefix>RMSNorm, <prefix>MLP
+    prefix: str  # class-name prefix: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention, <prefix>ForCausalLM
     mlp: str | None = "gated"  # "gated" (gate_proj/up_proj), "fused" (Phi-3's gate_up_proj), None (MoE experts)
     gemma_norm: bool = False  # (1 + w) scaling, normalised row times weight in fp32, rounded once
     act_key: str = "hidden_act"  # the config field the MLP's activation comes from
 
 
-FAMILIES = {
+FAMILIES = types.MappingProxyType({
     "llama": Family("llama", "Llama"),
     "mistral": Family("mistral", "Mistral"),
     "qwen2": Family("qwen2", "Qwen2"),
@@ -69,10 +80,7 @@ FAMILIES = {
     "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", mlp=None),
     "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", mlp=None),
     "mixtral": Family("mixtral", "Mixtral", mlp=None),
-}
-# the patch() switches; geglu goes with swiglu
-KINDS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention", "lora_nf4_linear",
-         "lora_linear")
+})
 
 
 @dataclass
@@ -133,7 +141,7 @@ def _rope(q, k, cos, sin, unsqueeze_dim=1):
     """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` for heads-first q/k (the layout every family here uses);
     with partial rotary embeddings (Phi-3's cos/sin narrower than the head) only that part rotates."""
     if unsqueeze_dim != 1:
-        raise ValueError(f"lf's rope takes heads-first q/k (unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}")
+        raise KernelInputError(f"lf's rope takes heads-first q/k (unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}")
     if q.dtype != cos.dtype:  # under autocast q/k are bf16 and cos/sin fp32: HF's math promotes, so does lf
         dtype = torch.promote_types(q.dtype, cos.dtype)
         q, k, cos, sin = q.to(dtype), k.to(dtype), cos.to(dtype), sin.to(dtype)
@@ -142,6 +150,24 @@ def _rope(q, k, cos, sin, unsqueeze_dim=1):
         return rope(q, k, cos, sin)
     q_rot, k_rot = rope(q[..., :rotary], k[..., :rotary], cos, sin)
     return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
+
+
+_ROPE_FORWARDS: dict[type, Callable] = {}  # attention class -> its forward reading lf's RoPE
+
+
+def _with_lf_rope(cls: type) -> Callable | None:
+    """HF's ``cls.forward``, its code object unchanged, run with a copy of its modeling module's globals in which
+    ``apply_rotary_pos_emb`` is :func:`_rope`: bound to a module, that module alone runs lf's RoPE (names the
+    module rebinds later are not seen; transformers rebinds none). None when the forward does not call it."""
+    if cls not in _ROPE_FORWARDS:
+        hf = _ORIGINAL_CLASS_FORWARD.get(cls, cls.forward)
+        if "apply_rotary_pos_emb" not in hf.__code__.co_names:
+            return None
+        fn = types.FunctionType(hf.__code__, {**hf.__globals__, "apply_rotary_pos_emb": _rope}, hf.__name__,
+                                hf.__defaults__, hf.__closure__)
+        fn.__kwdefaults__ = hf.__kwdefaults__
+        _ROPE_FORWARDS[cls] = functools.update_wrapper(fn, hf)
+    return _ROPE_FORWARDS[cls]
 
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -155,7 +181,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     if labels is None and kwargs.get("shift_labels") is None:
-        raise ValueError("skip_logits=True needs labels: without them there is no loss to compute")
+        raise KernelInputError("skip_logits=True needs labels (or shift_labels): without them there is no loss to "
+                               "compute")
     return_dict = kwargs.pop("return_dict", None)
     shift_labels = kwargs.pop("shift_labels", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -175,135 +202,12 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return out.to_tuple() if return_dict is False else out
 
 
-def _lora_call(self, x, args, kwargs):
-    """(adapter name, autocast's dtype or None) when lf's op can run this call of a PEFT LoRA layer, else None:
-    what PEFT decides per call (adapters disabled or merged, several active adapters, per-sample adapter names,
-    extra arguments) runs PEFT's forward."""
-    active = self.active_adapters
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A:
-        return None
-    device = x.device.type
-    return active[0], torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+# ---- binding: lf's functions as forwards, and back ----
+
+_ORIGINAL_CLASS_FORWARD: dict[type, Callable] = {}  # classes apply_to patched -> HF's forward
 
 
-def _lora_4bit_forward(self, x, *args, **kwargs):
-    """PEFT's LoRA over a bitsandbytes Linear4bit as one lora_nf4_linear. Computes in the dtype bitsandbytes
-    would (autocast's, else the layer's compute_dtype, else x's): the LoRA path too, as PEFT does under autocast,
-    where HF's Trainer runs bf16/fp16 training."""
-    call = _lora_call(self, x, args, kwargs)
-    if call is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    (name, dtype), base = call, self.base_layer
-    y = lora_nf4_linear(x.to(dtype or base.compute_dtype or x.dtype), base.weight, base.weight.quant_state,
-                        self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], base.bias)
-    return y.to(x.dtype)
-
-
-def _lora_dense_forward(self, x, *args, **kwargs):
-    """PEFT's LoRA over a plain nn.Linear as one lora_linear, in autocast's dtype, else x's (PEFT, outside
-    autocast, would run the LoRA path in the adapters' dtype). Returns that dtype, as nn.Linear (and so PEFT)
-    does: under autocast its dtype, not x's."""
-    call = _lora_call(self, x, args, kwargs)
-    if call is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    (name, dtype), base = call, self.base_layer
-    return lora_linear(x.to(dtype or x.dtype), base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name], base.bias)
-
-
-def _lora_class(kind: str):
-    """PEFT's LoRA layer that ``kind`` runs (over bnb.nn.Linear4bit, or over nn.Linear), or None when no such
-    layer can exist in this process (peft, or bitsandbytes for 4-bit, not imported: nothing is imported just to
-    look)."""
-    needed = ("peft", "bitsandbytes") if kind == "lora_nf4_linear" else ("peft",)
-    if any(m not in sys.modules for m in needed):
-        return None
-    try:
-        if kind == "lora_nf4_linear":
-            from peft.tuners.lora.bnb import Linear4bit as cls
-        else:
-            from peft.tuners.lora.layer import Linear as cls
-    except ImportError:
-        return None
-    return cls
-
-
-def _lora_obstacle(layer) -> str | None:
-    """Why neither LoRA op can run this PEFT LoRA layer, or None."""
-    if layer.lora_variant:
-        return "DoRA (or another LoRA variant): PEFT's forward"
-    dropout = [m.p for m in layer.lora_dropout.values() if isinstance(m, nn.Dropout) and m.p > 0]
-    if dropout:
-        return f"lora_dropout {dropout[0]} > 0: lf's op has no dropout on the LoRA input (set lora_dropout: 0)"
-    if any(getattr(layer, "lora_bias", {}).values()):
-        return "lora_bias: lf's op has no bias on lora_B"
-    if any(hasattr(p, "ds_id") for p in layer.base_layer.parameters()):
-        # ZeRO-3 gathers a partitioned weight in hooks around the base layer's own call, which lf's op skips
-        return "DeepSpeed ZeRO-3 partitions the base weight"
-    return None
-
-
-def _lora_4bit_obstacle(layer) -> str | None:
-    """Why lora_nf4_linear cannot run this PEFT 4-bit LoRA layer, or None."""
-    weight = layer.base_layer.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return "the 4-bit weight is not quantized yet (no quant_state)"
-    if weight.dtype != torch.uint8:
-        return f"4-bit codes stored as {weight.dtype}, not uint8 (bnb_4bit_quant_storage)"
-    if state.quant_type not in ("nf4", "fp4") or state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"{state.quant_type} weights of dtype {state.dtype}: lf takes nf4/fp4 in float32/bfloat16/float16"
-    return None
-
-
-def _lora_dense_obstacle(layer) -> str | None:
-    """Why lora_linear cannot run this PEFT LoRA layer, or None."""
-    base = layer.base_layer
-    if type(base) is not nn.Linear:
-        return f"the base layer is a {type(base).__name__}, not a plain nn.Linear"
-    if layer.fan_in_fan_out:
-        return "fan_in_fan_out (a transposed Conv1D-style weight)"
-    if base.weight.requires_grad:
-        return "the base weight trains too (lf's op keeps it frozen)"
-    if base.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"the base weight is {base.weight.dtype}, not a float dtype"
-    return None
-
-
-LORA_OPS = {"lora_nf4_linear": (_lora_4bit_forward, _lora_4bit_obstacle, "4-bit LoRA layers"),
-            "lora_linear": (_lora_dense_forward, _lora_dense_obstacle, "LoRA linear layers")}
-
-
-def _patch_lora(base: nn.Module, report: PatchReport, kind: str) -> None:
-    """Binds the LoRA op ``kind`` as the forward of each PEFT layer it can run; the report counts them and names
-    the ones left to PEFT, and why."""
-    forward, obstacle, what = LORA_OPS[kind]
-    cls = _lora_class(kind)
-    layers = [(name, m) for name, m in base.named_modules() if cls is not None and type(m) is cls]
-    left: dict[str, list[str]] = {}
-    for name, layer in layers:
-        why = _lora_obstacle(layer) or obstacle(layer)
-        if why is None:
-            _set_forward(layer, forward)
-        else:
-            left.setdefault(why, []).append(name)
-    if len(layers) > sum(map(len, left.values())):
-        report.patched[kind] = len(layers) - sum(map(len, left.values()))
-    if left:
-        report.skipped[kind] = "; ".join(f"{len(names)} of {len(layers)} {what} (e.g. {names[0]}) left to PEFT: "
-                                         f"{why}" for why, names in left.items())
-
-
-def _patch_loras(base: nn.Module, report: PatchReport, **wanted: bool) -> None:
-    """The LoRA ops switched on, in any family: PEFT's LoRA layers are the same in all of them."""
-    for kind, on in wanted.items():
-        if on:
-            _patch_lora(base, report, kind)
-
-
-# ---- patching ----
-
-def _set_forward(module: nn.Module, fn) -> bool:
+def bind(module: nn.Module, fn: Callable) -> bool:
     """Binds ``fn`` as the instance's forward; False if it already is."""
     current = module.__dict__.get("forward")
     if current is not None and getattr(current, "__func__", None) is fn:
@@ -312,177 +216,254 @@ def _set_forward(module: nn.Module, fn) -> bool:
     return True
 
 
-def _patch_instances(model: nn.Module, cls: type, fn, **attributes) -> int:
+def bind_instances(model: nn.Module, cls: type, fn: Callable, **attributes) -> int:
     """Binds ``fn`` as the forward of every ``cls`` module in ``model`` (with ``attributes`` set on each);
     returns how many there are."""
     found = [m for m in model.modules() if isinstance(m, cls)]
     for m in found:
         for name, value in attributes.items():
             setattr(m, name, value)
-        _set_forward(m, fn)
+        bind(m, fn)
     return len(found)
 
+
+def patch_class(cls: type, fn: Callable) -> int:
+    """Makes ``fn`` the forward of ``cls`` (kept as ``_lf_hf_forward``) until ``unpatch(model_type)``; returns 1,
+    the places patched."""
+    if cls.forward is not fn:
+        _ORIGINAL_CLASS_FORWARD[cls] = cls.forward
+        cls._lf_hf_forward = cls.forward
+        cls.forward = fn
+    return 1
+
+
+def unbind(model: nn.Module, fns: Iterable[Callable], attributes: tuple[str, ...] = ()) -> None:
+    """Takes back every instance forward in ``model`` that is one of ``fns`` (and the ``attributes`` bound with
+    it): the class's forward runs again."""
+    fns = set(fns)
+    for m in model.modules():
+        if getattr(m.__dict__.get("forward"), "__func__", None) in fns:
+            del m.forward
+            for name in attributes:
+                m.__dict__.pop(name, None)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One :func:`patch` or :func:`apply_to` call, as each kind's :class:`Patcher` sees it."""
+    family: Family | None  # None: a model_type lf does not know (only kinds with any_family run)
+    switches: Mapping[str, bool]  # every kind, on or off
+    report: PatchReport
+    base: nn.Module | None = None  # patch(): the HF model (inside a PEFT wrapper); apply_to(): None
+
+    def cls(self, suffix: str) -> type:
+        """The family's HF class ``<prefix><suffix>``, e.g. ``call.cls("MLP")``."""
+        return getattr(_modeling(self.family), self.family.prefix + suffix)
+
+    def bind(self, cls: type, fn: Callable, **attributes) -> int:
+        """patch(): ``fn`` as the forward of every ``cls`` in the model (:func:`bind_instances`); apply_to(): as
+        the class's forward (:func:`patch_class`, without ``attributes``). Returns the places patched."""
+        return patch_class(cls, fn) if self.base is None else bind_instances(self.base, cls, fn, **attributes)
+
+
+# ---- the kinds ----
+
+def _rms_norm(call: Call, kind: str) -> None:
+    forward = _gemma_norm_forward if call.family.gemma_norm else _llama_norm_forward
+    call.report.patched[kind] = call.bind(call.cls("RMSNorm"), forward)
+
+
+def _mlp(call: Call, kind: str) -> None:
+    family = call.family
+    if family.mlp is None:
+        call.report.skipped[kind] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
+        return
+    forward = _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward
+    if call.base is None:  # apply_to: each MLP reads its activation from its own module when it runs
+        call.report.patched[kind] = call.bind(call.cls("MLP"), forward)
+        return
+    act = getattr(call.base.config, family.act_key, None)
+    if act != "silu" and act not in GELU_APPROXIMATE:
+        call.report.skipped[kind] = f"{family.act_key} is {act!r}, neither silu nor a GELU"
+    else:
+        call.report.patched[kind if act == "silu" else "geglu"] = call.bind(
+            call.cls("MLP"), forward, _lf_act=GELU_APPROXIMATE.get(act))
+
+
+def _rope_forwards(call: Call, kind: str) -> None:
+    cls = call.cls("Attention")
+    forward = _with_lf_rope(cls)
+    if forward is None:
+        call.report.skipped[kind] = f"{cls.__name__}.forward does not call apply_rotary_pos_emb; RoPE stays HF's"
+    elif call.bind(cls, forward):
+        call.report.patched[kind] = 1  # the family's one RoPE function, however many attention modules run it
+
+
+def _lm_head_loss(call: Call, kind: str) -> None:
+    base = call.base
+    if base is None:
+        call.report.patched[kind] = call.bind(call.cls("ForCausalLM"), _causal_lm_forward)
+        return
+    head = getattr(base, "lm_head", None)
+    if head is None or not hasattr(base, "model"):
+        call.report.skipped[kind] = f"{type(base).__name__} is not a causal LM with an lm_head"
+    elif type(head) is not nn.Linear:
+        call.report.skipped[kind] = f"lm_head is a {type(head).__name__} (e.g. an adapter on it), not a plain nn.Linear"
+    else:
+        if "_lf_hf_forward" not in base.__dict__:  # the instance's own (e.g. an accelerate hook's), kept on its path
+            base._lf_hf_forward = base.forward
+        bind(base, _causal_lm_forward)
+        call.report.patched[kind] = 1
+
+
+def _cross_entropy(call: Call, kind: str) -> None:
+    call.report.skipped[kind] = (
+        "the loss already comes from fused_linear_cross_entropy, which needs no logits"
+        if call.switches["fused_linear_cross_entropy"] else "not available yet: with fused_linear_cross_entropy off "
+                                                            "the loss stays HF's")
+
+
+def _attention(call: Call, kind: str) -> None:
+    base = call.base
+    impl = getattr(base.config, "_attn_implementation", None)
+    if impl == _packed_attention.NAME:
+        call.report.patched[kind] = 1
+    elif impl != "sdpa":
+        call.report.skipped[kind] = (f"attention is {impl!r}; lf takes over SDPA only (flash-attention reads packed "
+                                     f"rows itself, eager is kept for its attention weights)")
+    else:
+        base.set_attn_implementation(_packed_attention.register())
+        base._lf_hf_attn = impl
+        call.report.patched[kind] = 1
+
+
+def _attention_per_model(call: Call, kind: str) -> None:  # registered, so that models can be loaded with it
+    call.report.skipped[kind] = (f"chosen per model: lf.kernels.patch(model), or attn_implementation="
+                                 f"{_packed_attention.register()!r} when loading")
+
+
+def _unpatch_attention(base: nn.Module, kind: str) -> None:
+    if "_lf_hf_attn" in base.__dict__:
+        base.set_attn_implementation(base.__dict__.pop("_lf_hf_attn"))
+
+
+def _lora(call: Call, kind: str) -> None:
+    taken, why_not = layers_for(call.base, kind)
+    for layer in taken:
+        bind(layer, LORA_OPS[kind].forward)
+    if taken:
+        call.report.patched[kind] = len(taken)
+    if why_not:
+        call.report.skipped[kind] = why_not
+
+
+def _lora_per_layer(call: Call, kind: str) -> None:
+    call.report.skipped[kind] = "chosen per layer: lf.kernels.patch(model) once PEFT has added the adapters"
+
+
+def _nothing(base: nn.Module, kind: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Patcher:
+    """One patch kind. Each function gets the :class:`Call` (or the model) and the kind's name, and reports under
+    that name. ``unpatch`` takes back what ``model`` bound; class forwards set through :func:`patch_class` come
+    back with ``unpatch(model_type)``, whatever the kind."""
+    model: Callable[[Call, str], None]  # patch(): binds lf's code in call.base
+    classes: Callable[[Call, str], None]  # apply_to(): patches the family's classes, or reports why it cannot
+    unpatch: Callable[[nn.Module, str], None] = _nothing  # unpatch(model)
+    any_family: bool = False  # runs in a model_type lf does not know (PEFT's LoRA layers are the same in all)
+    default: bool = True  # the switch's value when the caller does not set it
+
+
+# kind -> Patcher, in the order the report lists them
+_PATCHERS: dict[str, Patcher] = {
+    "rms_norm": Patcher(_rms_norm, _rms_norm, lambda base, kind: unbind(base, (_llama_norm_forward,
+                                                                               _gemma_norm_forward))),
+    "swiglu": Patcher(_mlp, _mlp, lambda base, kind: unbind(base, (_gated_mlp_forward, _fused_mlp_forward),
+                                                            ("_lf_act",))),
+    "rope": Patcher(_rope_forwards, _rope_forwards, lambda base, kind: unbind(base, _ROPE_FORWARDS.values())),
+    "fused_linear_cross_entropy": Patcher(_lm_head_loss, _lm_head_loss,
+                                          lambda base, kind: unbind(base, (_causal_lm_forward,), ("_lf_hf_forward",))),
+    "cross_entropy": Patcher(_cross_entropy, _cross_entropy, default=False),
+    "packed_attention": Patcher(_attention, _attention_per_model, _unpatch_attention),
+    **{kind: Patcher(_lora, _lora_per_layer, lambda base, kind: unbind(base, (LORA_OPS[kind].forward,)),
+                     any_family=True) for kind in LORA_OPS},
+}
+PATCHERS: Mapping[str, Patcher] = types.MappingProxyType(_PATCHERS)
+
+
+@contextlib.contextmanager
+def register_kind(kind: str, patcher: Patcher):
+    """Makes ``kind`` a patch kind inside the ``with`` block (tests, experiments); lf's own are ``_PATCHERS``."""
+    if kind in _PATCHERS:
+        raise KernelError(f"register_kind: {kind!r} is a patch kind already; pick another name")
+    _PATCHERS[kind] = patcher
+    try:
+        yield patcher
+    finally:
+        del _PATCHERS[kind]
+
+
+# ---- patch, apply_to, unpatch ----
 
 def _base_model(model: nn.Module) -> nn.Module:
     """The HF model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def patch(model: nn.Module, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          fused_linear_cross_entropy: bool = True, cross_entropy: bool = False,
-          packed_attention: bool = True, lora_nf4_linear: bool = True, lora_linear: bool = True) -> PatchReport:
+def _run(function: str, model_type, switches: Mapping[str, bool], step: str, base: nn.Module | None = None):
+    """Runs the ``step`` ("model" or "classes") of every kind switched on, in table order, after noting the kinds
+    switched off; logs and returns the report."""
+    for kind in switches:
+        if kind not in PATCHERS:
+            raise KernelError(f"{function}: {kind!r} is not a patch kind.{did_you_mean(kind, PATCHERS)} The kinds: "
+                              f"{', '.join(PATCHERS)}")
+    on = {kind: bool(switches.get(kind, patcher.default)) for kind, patcher in PATCHERS.items()}
+    call = Call(FAMILIES.get(model_type), on, PatchReport(str(model_type)), base)
+    report = call.report
+    for kind, patcher in PATCHERS.items():
+        if not on[kind] and patcher.default:
+            report.skipped[kind] = "turned off by the caller"
+    for kind, patcher in PATCHERS.items():
+        if not on[kind]:
+            continue
+        if call.family is None and not patcher.any_family:
+            report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
+                                    f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
+        else:
+            getattr(patcher, step)(call, kind)
+    (log.info if call.family is not None else log.warning)("%s", report)
+    return report
+
+
+def patch(model: nn.Module, **switches: bool) -> PatchReport:
     """Patches lf's kernels into ``model`` (an HF model, or one wrapped by PEFT) and returns (and logs) a report
-    of what was patched and what was not, and why. See the module docstring for what each kind replaces."""
+    of what was patched and what was not, and why. ``switches`` turn kinds on or off by name (``rope=False``);
+    every kind of :data:`PATCHERS` is on but ``cross_entropy``. See the module docstring for each kind."""
     base = _base_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    report = PatchReport(str(model_type))
-    family = FAMILIES.get(model_type)
-    if family is None:
-        _patch_loras(base, report, lora_nf4_linear=lora_nf4_linear, lora_linear=lora_linear)
-        return _unsupported(report, model_type)
-    modeling = _modeling(family)
-    wanted = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu,
-              "fused_linear_cross_entropy": fused_linear_cross_entropy, "packed_attention": packed_attention,
-              "lora_nf4_linear": lora_nf4_linear, "lora_linear": lora_linear}
-    if cross_entropy:
-        report.skipped["cross_entropy"] = (
-            "the loss already comes from fused_linear_cross_entropy, which needs no logits"
-            if fused_linear_cross_entropy else "not available yet: with fused_linear_cross_entropy off the loss "
-                                               "stays HF's")
-    for kind, on in wanted.items():
-        if not on:
-            report.skipped[kind] = "turned off by the caller"
-    if rms_norm:
-        norm_forward = _gemma_norm_forward if family.gemma_norm else _llama_norm_forward
-        report.patched["rms_norm"] = _patch_instances(base, getattr(modeling, f"{family.prefix}RMSNorm"),
-                                                      norm_forward)
-    if swiglu:
-        act = getattr(base.config, family.act_key, None)
-        if family.mlp is None:
-            report.skipped["swiglu"] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
-        elif act != "silu" and act not in GELU_APPROXIMATE:
-            report.skipped["swiglu"] = f"{family.act_key} is {act!r}, neither silu nor a GELU"
-        else:
-            forward = _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward
-            kind = "swiglu" if act == "silu" else "geglu"
-            report.patched[kind] = _patch_instances(base, getattr(modeling, f"{family.prefix}MLP"), forward,
-                                                    _lf_act=GELU_APPROXIMATE.get(act))
-    if rope:
-        _patch_rope(modeling)
-        report.patched["rope"] = 1
-    if fused_linear_cross_entropy:
-        head = getattr(base, "lm_head", None)
-        if head is None or not hasattr(base, "model"):
-            report.skipped["fused_linear_cross_entropy"] = f"{type(base).__name__} is not a causal LM with an lm_head"
-        elif type(head) is not nn.Linear:
-            report.skipped["fused_linear_cross_entropy"] = (f"lm_head is a {type(head).__name__} (e.g. an adapter on "
-                                                            f"it), not a plain nn.Linear")
-        else:
-            if "_lf_hf_forward" not in base.__dict__:
-                base._lf_hf_forward = base.forward
-            _set_forward(base, _causal_lm_forward)
-            report.patched["fused_linear_cross_entropy"] = 1
-    if packed_attention:
-        _patch_attention(base, report)
-    _patch_loras(base, report, lora_nf4_linear=lora_nf4_linear, lora_linear=lora_linear)
-    log.info("%s", report)
-    return report
+    return _run("lf.kernels.patch", model_type, switches, "model", base)
 
 
-def _unsupported(report: PatchReport, model_type) -> PatchReport:
-    for kind in [k for k in KINDS if k not in report.patched and k not in report.skipped]:
-        report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
-                                f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
-    log.warning("%s", report)
-    return report
-
-
-def _patch_attention(base: nn.Module, report: PatchReport) -> None:
-    impl = getattr(base.config, "_attn_implementation", None)
-    if impl == _packed_attention.NAME:
-        report.patched["packed_attention"] = 1
-    elif impl != "sdpa":
-        report.skipped["packed_attention"] = (f"attention is {impl!r}; lf takes over SDPA only (flash-attention "
-                                              f"reads packed rows itself, eager is kept for its attention weights)")
-    else:
-        base.set_attn_implementation(_packed_attention.register())
-        base._lf_hf_attn = impl
-        report.patched["packed_attention"] = 1
-
-
-def _patch_rope(modeling) -> None:
-    if modeling.apply_rotary_pos_emb is not _rope:
-        _ORIGINAL_ROPE[modeling.__name__] = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = _rope
-
-
-def apply_to(model_type: str, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-             fused_linear_cross_entropy: bool = True) -> PatchReport:
+def apply_to(model_type: str, **switches: bool) -> PatchReport:
     """Patches a family's HF classes (``model_type`` as in its config, e.g. "llama") for users who build models
     themselves: every model of the family used afterwards runs lf's kernels, whenever it was created. Each MLP's
-    activation is read from its own activation module. :func:`unpatch` with the same ``model_type`` undoes it."""
-    report = PatchReport(model_type)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        return _unsupported(report, model_type)
-    modeling = _modeling(family)
-    classes = []
-    if rms_norm:
-        classes.append(("rms_norm", f"{family.prefix}RMSNorm",
-                        _gemma_norm_forward if family.gemma_norm else _llama_norm_forward))
-    if swiglu and family.mlp is None:
-        report.skipped["swiglu"] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
-    elif swiglu:
-        classes.append(("swiglu", f"{family.prefix}MLP",
-                        _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward))
-    if fused_linear_cross_entropy:
-        classes.append(("fused_linear_cross_entropy", f"{family.prefix}ForCausalLM", _causal_lm_forward))
-    for kind, name, fn in classes:
-        cls = getattr(modeling, name)
-        if cls.forward is not fn:
-            _ORIGINAL_CLASS_FORWARD[cls] = cls.forward
-            cls._lf_hf_forward = cls.forward
-            cls.forward = fn
-        report.patched[kind] = 1
-    if rope:
-        _patch_rope(modeling)
-        report.patched["rope"] = 1
-    report.skipped["packed_attention"] = (f"chosen per model: lf.kernels.patch(model), or attn_implementation="
-                                          f"{_packed_attention.register()!r} when loading")
-    for kind in ("lora_nf4_linear", "lora_linear"):
-        report.skipped[kind] = "chosen per layer: lf.kernels.patch(model) once PEFT has added the adapters"
-    log.info("%s", report)
-    return report
-
-
-_ORIGINAL_ROPE: dict[str, object] = {}
-_ORIGINAL_CLASS_FORWARD: dict[type, object] = {}
-_FORWARDS = (_llama_norm_forward, _gemma_norm_forward, _gated_mlp_forward, _fused_mlp_forward, _causal_lm_forward,
-             _lora_4bit_forward, _lora_dense_forward)
+    activation is read from its own activation module; attention and LoRA layers are chosen per model
+    (:func:`patch`). :func:`unpatch` with the same ``model_type`` undoes it."""
+    return _run("lf.kernels.apply_to", model_type, switches, "classes")
 
 
 def unpatch(target: nn.Module | str) -> None:
-    """Restores HF's code: in a model patched by :func:`patch` (and its family's RoPE function), or, given a
-    ``model_type``, in the classes :func:`apply_to` patched."""
-    if isinstance(target, str):
-        model_type = target
-        for cls, forward in list(_ORIGINAL_CLASS_FORWARD.items()):
-            if cls.__module__ == _modeling(FAMILIES[model_type]).__name__:
-                cls.forward = _ORIGINAL_CLASS_FORWARD.pop(cls)
-                del cls._lf_hf_forward
-    else:
+    """Restores HF's code: in a model patched by :func:`patch` (no other model changes), or, given a
+    ``model_type``, in the classes :func:`apply_to` patched (a model_type lf does not know has none)."""
+    if not isinstance(target, str):
         base = _base_model(target)
-        for m in base.modules():
-            forward = m.__dict__.get("forward")
-            if getattr(forward, "__func__", None) in _FORWARDS:
-                del m.forward
-                m.__dict__.pop("_lf_act", None)
-        base.__dict__.pop("_lf_hf_forward", None)
-        if "_lf_hf_attn" in base.__dict__:
-            base.set_attn_implementation(base.__dict__.pop("_lf_hf_attn"))
-        model_type = getattr(getattr(base, "config", None), "model_type", None)  # patch() takes config-less models
-    family = FAMILIES.get(model_type)
-    if family is not None:
-        modeling = _modeling(family)
-        if modeling.__name__ in _ORIGINAL_ROPE:
-            modeling.apply_rotary_pos_emb = _ORIGINAL_ROPE.pop(modeling.__name__)
+        for kind, patcher in PATCHERS.items():
+            patcher.unpatch(base, kind)
+    elif target in FAMILIES:
+        module = _modeling(FAMILIES[target]).__name__
+        for cls in [c for c in _ORIGINAL_CLASS_FORWARD if c.__module__ == module]:
+            cls.forward = _ORIGINAL_CLASS_FORWARD.pop(cls)
+            del cls._lf_hf_forward
