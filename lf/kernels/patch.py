@@ -24,9 +24,10 @@ classes. The kinds:
 Where the code goes: :func:`patch` binds lf's functions as the forwards of the model's own modules, so it
 changes that model alone; nothing module-level is replaced, not even RoPE, whose attention forward is HF's code
 object run with its modeling module's globals but ``apply_rotary_pos_emb`` bound to lf's. Patching twice changes
-nothing, :func:`unpatch` restores HF's code in that model and no other. :func:`apply_to` (asked for by name,
-for users who build models themselves) replaces a family's class forwards for the whole process until
-``unpatch(model_type)``. A family lf does not know patches nothing but PEFT's layers, and says so.
+nothing, :func:`unpatch` restores HF's code in that model and no other (the one process-wide step, registering
+the attention name "lf_packed" with transformers, changes no model that does not pick it). :func:`apply_to`
+(asked for by name, for users who build models themselves) replaces a family's class forwards for the whole
+process until ``unpatch(model_type)``. A family lf does not know patches nothing but PEFT's layers, and says so.
 
 Adding a kind: one entry in ``_PATCHERS`` (its functions use :func:`bind`, :meth:`Call.bind`, :func:`unbind`);
 :func:`register_kind` adds one for a ``with`` block.
