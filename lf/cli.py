@@ -67,11 +67,11 @@ def _lf_log(level: int = logging.INFO) -> None:
 def _user_errors(command: str, body: Callable[[], int]) -> int:
     """body()'s exit code; a user's mistake (config, data, model, training) is one plain line, not a traceback:
     exit 2 for a config to fix, 1 otherwise."""
-    from lf.errors import ConfigError, DataError, ModelError, TrainError
+    from lf.errors import ConfigError, DataError, KernelError, ModelError, TrainError
 
     try:
         return body()
-    except (ConfigError, DataError, ModelError, TrainError) as exc:
+    except (ConfigError, DataError, KernelError, ModelError, TrainError) as exc:
         print(f"lf {command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
 
