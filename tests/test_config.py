@@ -10,8 +10,9 @@ import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
 from lf.config.parser import _owners
-from lf.config.rules import RANGES, STAGE_KEYS, show
+from lf.config.rules import RANGES, show
 from lf.errors import ConfigError
+from lf.stages import key_stages
 
 # Like LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, bf16 off: this machine has no bf16 GPU.
 LLAMA3_LORA_SFT = """\
@@ -369,7 +370,7 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
     group, allowed, what = RANGES[key]
     annotation = _owners()[key][1]
     assert _owners()[key][0] == group
-    stage = STAGE_KEYS.get(key, ("sft",))[0]  # preference keys are read by their stage only
+    stage = key_stages().get(key, ("sft",))[0]  # preference keys are read by their stage only
     for value in outside(allowed, whole=float not in (typing.get_args(annotation) or (annotation,))):
         message = refused({**BASE, "stage": stage, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""

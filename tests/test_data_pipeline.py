@@ -4,6 +4,7 @@ on lf's own demo data and small files written here, with a BPE tokenizer trained
 import json
 import os
 from pathlib import Path
+from types import MappingProxyType
 
 import datasets
 import pytest
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lf.config import DataArguments
 from lf.data import collator, get_dataset, get_template, pipeline
 from lf.data.processors import IGNORE_INDEX
-from lf.errors import DataError
+from lf.errors import ConfigError, DataError
 from lf.tiny import train_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -99,7 +100,7 @@ def test_tokenized_path_saves_loads_and_survives_a_failed_run(tokenizer, templat
     def broken(batch, **kwargs):
         raise RuntimeError("tokenizer crashed")
 
-    monkeypatch.setitem(pipeline.PROCESSORS, "sft", broken)
+    monkeypatch.setattr(pipeline, "PROCESSORS", MappingProxyType({**pipeline.PROCESSORS, "supervised": broken}))
     with pytest.raises(RuntimeError, match="tokenizer crashed"):
         get_dataset(args(tokenized_path=path, val_size=5, overwrite_cache=True), tokenizer=tokenizer,
                     template=template, stage="sft")
@@ -146,11 +147,15 @@ def test_plan_defaults(stage, options, expected):
     ("dpo", {"packing": True}, "for the pt and sft stages"),
     ("pt", {"neat_packing": True}, "pt concatenates"),
     ("sft", {"neat_packing": True, "packing": False}, "needs packing: true"),
-    ("sfft", {}, "unknown stage 'sfft'"),
 ])
 def test_plan_errors(stage, options, message):
     with pytest.raises(DataError, match=message):
         pipeline.Plan.resolve(DataArguments(**options), stage)
+
+
+def test_an_unknown_stage_is_the_config_error_of_lf_stages():
+    with pytest.raises(ConfigError, match="stage: sfft is not a training stage: lf trains pt .*Did you mean: sft"):
+        pipeline.Plan.resolve(DataArguments(), "sfft")
 
 
 def _write(folder: Path, info: dict, files: dict) -> str:

@@ -22,7 +22,8 @@ from lf.errors import ConfigError, DataError, ModelError, TrainError
 from lf.tiny import tiny_path
 from lf.train import run
 from lf.kernels.fused_linear_preference_loss import preference_loss
-from lf.train.preference import check_trl, dpo_loss
+from lf.model.logps import check_trl
+from lf.train.dpo import dpo_loss
 
 PAIRS = {"dataset": "lf_pref_demo", "max_samples": 4, "per_device_train_batch_size": 4}  # one batch, every step
 
@@ -36,7 +37,7 @@ def pair_batch(output_dir, stage):
     from transformers import AutoTokenizer
 
     from lf.data import collator, get_dataset, resolve_template
-    from lf.train.preference import _pairs
+    from lf.train.preference import pairs as _pairs
 
     cfg = parse_train_args(options(output_dir / "unused", stage=stage, **PAIRS))
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -54,7 +55,7 @@ def test_each_pref_loss_trains_saves_and_reloads_preferring_the_chosen_replies(t
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from lf.train.preference import _trl_logps
+    from lf.model.logps import trl_logps as _trl_logps
 
     out = tmp_path / kind
     train(out, stage="dpo", pref_loss=kind, max_steps=3)
@@ -202,7 +203,7 @@ def test_the_fused_head_gives_the_logits_log_probabilities(tmp_path):
     from trl.trainer.utils import add_fused_lm_head
 
     from lf.model import load_model, load_tokenizer
-    from lf.train.preference import _trl_logps
+    from lf.model.logps import trl_logps as _trl_logps
 
     cfg = parse_train_args(options(tmp_path, stage="dpo", **PAIRS))
     model, _ = load_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning, is_trainable=True)

@@ -5,6 +5,7 @@ import pytest
 
 from lf.data.conversation import canonical_row
 from lf.data.processors import IGNORE_INDEX, PROCESSORS, Options, split_budget
+from lf.stages import STAGES
 
 EOS = 0
 
@@ -37,8 +38,8 @@ def batch_of(*rows):
 
 
 def run(stage, rows, **options):
-    return PROCESSORS[stage](batch_of(*rows), template=CharTemplate(), tokenizer=CharTokenizer(),
-                             options=Options(**{"cutoff_len": 100, **options}))
+    return PROCESSORS[STAGES[stage].data](batch_of(*rows), template=CharTemplate(), tokenizer=CharTokenizer(),
+                                          options=Options(**{"cutoff_len": 100, **options}))
 
 
 @pytest.mark.parametrize("prompt, response, budget, expected", [
@@ -122,6 +123,6 @@ def test_pretrain_concatenates_into_blocks():
     out = run("pt", rows, cutoff_len=4)
     assert out["input_ids"] == [ids("abc\x00"), ids("defg")]  # the last partial block ("h" + eos) is dropped
     assert out["labels"] == out["input_ids"]
-    alone = PROCESSORS["pt"](batch_of(*rows), template=None, tokenizer=CharTokenizer(), options=Options(4),
-                             concatenate=False)
+    alone = PROCESSORS["text"](batch_of(*rows), template=None, tokenizer=CharTokenizer(), options=Options(4),
+                               concatenate=False)
     assert alone["input_ids"] == [ids("abc\x00"), ids("defg")]

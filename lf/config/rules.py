@@ -16,14 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lf import stages
 from lf.errors import ConfigError, did_you_mean
 
-TRAINED_STAGES = ("pt", "sft", "rm", "dpo", "kto")
-LATER_STAGES = ("ppo",)  # LLaMA-Factory's other stage: TRL, lf's engine for it, has no PPO trainer now
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")  # dpo losses that compare the policy's replies with each other only
 SMOOTHED = ("sigmoid", "simpo")  # the logistic losses, which dpo_label_smoothing softens
-PREDICT_STAGES = ("sft", "pt")  # the stages whose model writes answers (rm scores, dpo/kto train on pairs)
 
 
 def show(value) -> str:
@@ -168,28 +166,34 @@ TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
             "comet_ml": ("comet_ml",), "swanlab": ("swanlab",), "trackio": ("trackio",)}
 
 
-STAGE_KEYS = {  # preference keys -> the stages that read them
-    **dict.fromkeys(("pref_loss", "simpo_gamma", "dpo_label_smoothing"), ("dpo",)),
-    **dict.fromkeys(("pref_beta", "pref_ftx", "ref_model"), ("dpo", "kto")),
-    **dict.fromkeys(("kto_chosen_weight", "kto_rejected_weight"), ("kto",))}
+def _stage(cfg, field: str) -> bool:
+    """The config's stage record's `field` (False for a name that is no stage: stage_known says so)."""
+    stage = stages.STAGES.get(cfg.finetuning.stage)
+    return stage is not None and bool(getattr(stage, field))
 
 
-def _dpo_options(cfg) -> list[str]:
-    """The preference keys given away from their defaults."""
+def _given_stage_keys(cfg) -> list[str]:
+    """The stage-specific keys (lf.stages' `keys`) given away from their defaults."""
     defaults = type(cfg.finetuning)()
-    return [key for key in STAGE_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+    return [key for key in stages.key_stages() if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
+def _reads(cfg, key: str) -> bool:
+    """Whether the config's stage reads the stage-specific `key`, given away from its default."""
+    return key in _given_stage_keys(cfg) and cfg.finetuning.stage in stages.key_stages()[key]
 
 
 def _stray_options(cfg) -> list[str]:
-    """The preference keys given that the config's stage does not read."""
-    return [key for key in _dpo_options(cfg) if cfg.finetuning.stage not in STAGE_KEYS[key]]
+    """The stage-specific keys given that the config's stage does not read."""
+    readers = stages.key_stages()
+    return [key for key in _given_stage_keys(cfg) if cfg.finetuning.stage not in readers[key]]
 
 
 def _stray_message(cfg) -> str:
     keys = _stray_options(cfg)
-    stages = sorted({stage for key in keys for stage in STAGE_KEYS[key]})
-    return (f"{', '.join(keys)} tune(s) {' and '.join(stages)} training, but stage is {show(cfg.finetuning.stage)}: "
-            f"set stage: {stages[0]}, or remove them")
+    wanted = sorted({stage for key in keys for stage in stages.key_stages()[key]})
+    return (f"{', '.join(keys)} tune(s) {' and '.join(wanted)} training, but stage is {show(cfg.finetuning.stage)}: "
+            f"set stage: {wanted[0]}, or remove them")
 
 
 def _missing_trackers(t) -> list[str]:
@@ -220,40 +224,33 @@ RULES: tuple[Rule, ...] = (
          "do_predict: true with predict_with_generate: false: lf predicts by generating answers (written to "
          "generated_predictions.jsonl, scored with BLEU and ROUGE): set predict_with_generate: true, or use "
          "do_eval: true for the eval loss alone"),
-    Rule("predict_stage", lambda c: c.training.do_predict and c.finetuning.stage not in PREDICT_STAGES,
+    Rule("predict_stage", lambda c: c.training.do_predict and not _stage(c, "predicts"),
          "do_predict: true generates answers with stage: sft (or pt), not stage: {f.stage}: predict in a run of its "
          "own with stage: sft and the trained adapter as adapter_name_or_path (or the saved model as "
          "model_name_or_path)"),
-    Rule("stage_known", lambda c: c.finetuning.stage not in TRAINED_STAGES + LATER_STAGES,
-         lambda c: f"stage: {show(c.finetuning.stage)} is not a training stage: lf trains pt (pre-training on raw "
-                   f"text), sft (supervised fine-tuning), rm (a reward model), dpo (preference pairs) and kto (replies "
-                   f"flagged desirable or not)."
-                   f"{did_you_mean(c.finetuning.stage, TRAINED_STAGES)}"),
-    Rule("stage_later", lambda c: c.finetuning.stage in LATER_STAGES,
-         "stage: {f.stage} is not in lf: TRL, which lf would build it on, no longer has a PPO trainer (TRL 1.16 "
-         "keeps GRPO and RLOO for online RL). Train preferences offline instead: stage: dpo on pairs "
-         "(chosen/rejected), or stage: kto on replies flagged desirable or not"),
+    Rule("stage_known", lambda c: stages.unknown(c.finetuning.stage) is not None,
+         lambda c: stages.unknown(c.finetuning.stage)),
+    Rule("stage_later", lambda c: stages.missing(c.finetuning.stage) is not None,
+         lambda c: stages.missing(c.finetuning.stage)),
     Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),
     _one_of("finetuning", "pref_loss", PREF_LOSSES),
     Rule("smoothing_needs_logistic_loss",
-         lambda c: c.finetuning.stage == "dpo" and c.finetuning.dpo_label_smoothing != 0
-         and c.finetuning.pref_loss not in SMOOTHED,
+         lambda c: _reads(c, "dpo_label_smoothing") and c.finetuning.pref_loss not in SMOOTHED,
          "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: {f.pref_loss}: set pref_loss: "
          "sigmoid (or simpo), or remove dpo_label_smoothing"),
-    Rule("simpo_gamma_needs_simpo", lambda c: c.finetuning.stage == "dpo" and "simpo_gamma" in _dpo_options(c)
-         and c.finetuning.pref_loss != "simpo",
+    Rule("simpo_gamma_needs_simpo", lambda c: _reads(c, "simpo_gamma") and c.finetuning.pref_loss != "simpo",
          "simpo_gamma is the margin of the simpo loss, but pref_loss is {f.pref_loss}: set pref_loss: simpo, or "
          "remove simpo_gamma"),
-    Rule("reference_free_loss", lambda c: c.finetuning.stage == "dpo" and c.finetuning.ref_model is not None
+    Rule("reference_free_loss", lambda c: _reads(c, "pref_loss") and _reads(c, "ref_model")
          and c.finetuning.pref_loss in REFERENCE_FREE,
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
          "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo) with it"),
-    Rule("reward_model_adapters", lambda c: c.finetuning.stage == "rm" and c.model.adapter_name_or_path is not None,
-         "stage: rm puts a value head on the model, onto which lf cannot load adapters trained for generation yet: "
-         "merge adapter_name_or_path into the model and name that in model_name_or_path"),
-    Rule("reward_model_head", lambda c: c.finetuning.stage == "rm" and c.model.upcast_lmhead_output,
-         "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head with a value head "
-         "(its score is float32 in the loss anyway): remove upcast_lmhead_output"),
+    Rule("reward_model_adapters", lambda c: _stage(c, "value_head") and c.model.adapter_name_or_path is not None,
+         "stage: {f.stage} puts a value head on the model, onto which lf cannot load adapters trained for generation "
+         "yet: merge adapter_name_or_path into the model and name that in model_name_or_path"),
+    Rule("reward_model_head", lambda c: _stage(c, "value_head") and c.model.upcast_lmhead_output,
+         "upcast_lmhead_output upcasts the LM head's logits, but stage: {f.stage} replaces the LM head with a value "
+         "head (its score is float32 in the loss anyway): remove upcast_lmhead_output"),
     _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
     _one_of("model", "cpu_allocator", ("tuned", "default")),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),

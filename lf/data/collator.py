@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lf.data.processors import IGNORE_INDEX
+from lf.labels import IGNORE_INDEX
 
 PREFIXES = ("", "chosen_", "rejected_", "kl_")
 TOKENS_KEY = "lf_num_tokens"  # with count_tokens: the batch's real (non-padding) tokens, for lf's trainer

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lf.data.processors import IGNORE_INDEX
+from lf.labels import IGNORE_INDEX
 from lf.errors import DataError
 
 

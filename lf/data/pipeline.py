@@ -1,7 +1,8 @@
 """The data pipeline of a run, top to bottom: `get_dataset(data_args, tokenizer=..., template=..., stage=...)`.
 
-  dataset_info.json names -> canonical rows (loader) -> eval split -> token ids and labels (processors)
-  -> packed rows (packing, sft) -> cached on disk (tokenized_path)
+  the stage's plan (lf.stages: its kind of examples, packing) and its datasets checked to be that kind
+  -> dataset_info.json names -> canonical rows (loader) -> eval split -> token ids and labels (processors)
+  -> packed rows (packing: supervised examples) -> cached on disk (tokenized_path)
 
 Each step is one call with plain values. The result is a `DatasetModule`; `collator(...)` pads its batches.
 """
@@ -14,16 +15,20 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import pyarrow as pa
 
+from lf import stages
 from lf.data import packing as packing_
 from lf.data.cache import fingerprint
 from lf.data.collator import Collator
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
+from lf.data.registry import DatasetAttr, dataset_attrs
 from lf.errors import DataError
 
 log = logging.getLogger("lf")
@@ -38,33 +43,77 @@ class DatasetModule:
     eval_dataset: object = None  # a dataset, or {name: dataset} with eval_on_each_dataset
 
 
+ROWS = "supervised"  # the kind of examples packing puts whole into rows (neat_packing keeps them apart there)
+CONCATENATED = "text"  # the kind packing concatenates and cuts into blocks
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How a stage's examples are cut and packed, resolved from the data arguments."""
+    """How a stage's examples are made, cut and packed, resolved from the data arguments."""
 
     stage: str
+    data: str  # the kind of examples (lf.stages' `data`): which processor makes them
     packing: bool
     neat: bool
 
     @classmethod
-    def resolve(cls, data_args, stage: str) -> "Plan":
-        if stage not in PROCESSORS:
-            raise DataError(f"unknown stage {stage!r}; lf knows: {', '.join(PROCESSORS)}")
-        packing = data_args.packing if data_args.packing is not None else stage == "pt"
-        if packing and stage not in ("pt", "sft"):
-            raise DataError(f"packing: true is for the pt and sft stages, not {stage}: set packing: false")
+    def resolve(cls, data_args, name: str) -> "Plan":
+        stage = stages.get(name)
+        packing = data_args.packing if data_args.packing is not None else stage.packs_by_default
+        if packing and not stage.packable:
+            packable = " and ".join(s.name for s in stages.STAGES.values() if s.packable)
+            raise DataError(f"packing: true is for the {packable} stages, not {name}: set packing: false")
         neat = data_args.neat_packing
-        if neat and stage != "sft":
+        if neat and stage.data != ROWS:
             raise DataError("neat_packing keeps packed sft examples apart; pt concatenates its texts into blocks "
                             "(examples see each other by design): remove neat_packing or use stage: sft")
         if neat and not packing:
             raise DataError("neat_packing: true needs packing: true (it says how packed rows are built)")
-        return cls(stage, bool(packing), bool(packing and stage == "sft" and neat is not False))
+        return cls(name, stage.data, bool(packing), bool(packing and stage.data == ROWS and neat is not False))
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What each dataset of a kind of examples must be, and the message when one is not (formatted with stage,
+    names, info, has, it)."""
+
+    holds: Callable[[DatasetAttr], bool]
+    message: str
+
+
+# the kinds of examples only some datasets hold -> what those datasets must be
+KIND_NEEDS = MappingProxyType({
+    "pairs": Needs(lambda attr: attr.ranking,
+                   "stage {stage} learns from pairs of replies (chosen and rejected), but {names} in {info} {has} one "
+                   "reply per prompt: name preference data instead (an entry with \"ranking\": true and "
+                   "chosen/rejected columns, such as lf_pref_demo), or train {it} with stage: sft"),
+    "feedback": Needs(lambda attr: "kto_tag" in attr.columns,
+                      "stage {stage} learns from replies flagged desirable or not, but {names} in {info} {has} no "
+                      "kto_tag column: map one (\"columns\": {{\"kto_tag\": \"label\"}}, as lf_kto_demo does), or "
+                      "train pairs of replies with stage: dpo"),
+})
+
+
+def check_kind(data_args, plan: Plan) -> None:
+    """A DataError naming the datasets (train and eval) that do not hold the plan's kind of examples (KIND_NEEDS),
+    before any is read."""
+    needs = KIND_NEEDS.get(plan.data)
+    if needs is None:
+        return
+    wrong = [attr.name for names in (data_args.dataset, data_args.eval_dataset)
+             for attr in dataset_attrs(names, data_args.dataset_dir) if not needs.holds(attr)]
+    if wrong:
+        one = len(wrong) == 1
+        raise DataError(needs.message.format(stage=plan.stage, names=", ".join(wrong), has="has" if one else "have",
+                                             info=os.path.join(data_args.dataset_dir, "dataset_info.json"),
+                                             it="it" if one else "them"))
 
 
 def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42) -> DatasetModule:
-    """Train and eval datasets of token ids for `stage` (pt, sft, rm, dpo, kto, ppo, predict)."""
+    """Train and eval datasets of token ids for `stage` (a name in lf.stages.STAGES: pt, sft, rm, dpo, kto, ppo,
+    predict)."""
     plan = Plan.resolve(data_args, stage)
+    check_kind(data_args, plan)
     path = data_args.tokenized_path
     if path and data_args.streaming:
         raise DataError("tokenized_path caches a tokenized dataset on disk, which a streamed dataset never is: "
@@ -120,9 +169,9 @@ def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template):
     kwargs = {} if streaming else {"num_proc": data_args.preprocessing_num_workers,
                                    "load_from_cache_file": not data_args.overwrite_cache,
                                    "desc": f"Tokenizing {name} ({plan.stage})"}
-    process = functools.partial(PROCESSORS[plan.stage], template=template, tokenizer=tokenizer,
+    process = functools.partial(PROCESSORS[plan.data], template=template, tokenizer=tokenizer,
                                 options=Options.from_args(data_args))
-    if plan.stage == "pt":
+    if plan.data == CONCATENATED:
         process = functools.partial(process, concatenate=plan.packing)
     if not streaming:  # a stream's map takes Python batches back only
         process = functools.partial(_to_arrow, process=process)
@@ -131,7 +180,7 @@ def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template):
         kwargs["new_fingerprint"] = fingerprint(dataset, process, kwargs["num_proc"])
     tokenized = dataset.map(process, batched=True, batch_size=data_args.preprocessing_batch_size,
                             remove_columns=columns, **kwargs)
-    if not (plan.packing and plan.stage == "sft"):
+    if not (plan.packing and plan.data == ROWS):
         _log_summary(name, tokenized, streaming)
         return tokenized
     if not streaming:  # one process: workers would pack their shards apart (and packing is cheap). A stream's

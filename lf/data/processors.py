@@ -1,4 +1,5 @@
-"""Canonical rows -> token ids and labels, one processor per kind of stage.
+"""Canonical rows -> token ids and labels, one processor per kind of example a stage learns from (PROCESSORS,
+keyed by lf.stages' `data`).
 
 Every processor takes a batch of canonical rows (a dict of lists, as `datasets.map(batched=True)` passes it) and
 returns a dict of lists of features. Prompt tokens get the label -100 (no loss) unless `train_on_prompt`.
@@ -17,12 +18,12 @@ left with no label at all is dropped and counted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from lf.data.conversation import ASSISTANT
-
-IGNORE_INDEX = -100  # transformers' "no loss here" label
+from lf.labels import IGNORE_INDEX
 log = logging.getLogger("lf")
 
 
@@ -181,12 +182,11 @@ def pretrain(batch, *, template, tokenizer, options: Options, concatenate: bool 
     return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
 
-PROCESSORS: dict[str, Callable] = {
-    "pt": pretrain,
-    "sft": supervised,
-    "rm": pairwise,
-    "dpo": pairwise,  # orpo and simpo are dpo's `pref_loss` choices: the same pairs
-    "kto": feedback,
-    "ppo": unsupervised,  # prompts only: the policy writes the replies
-    "predict": unsupervised,
-}
+# a stage's kind of examples (lf.stages' `data`) -> its processor; read-only
+PROCESSORS: Mapping[str, Callable] = MappingProxyType({
+    "text": pretrain,
+    "supervised": supervised,
+    "pairs": pairwise,
+    "feedback": feedback,
+    "prompts": unsupervised,
+})

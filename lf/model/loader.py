@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from lf import stages
 from lf.errors import ModelError
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
 from lf.model.options import apply_rope_scaling, choose_attention, choose_dtype
@@ -82,10 +83,10 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     attention, attention_line = choose_attention(model_args.flash_attn, dtype)
     quantization, quantization_line = quantization_kwargs(model_args, finetuning_args, config, dtype,
                                                           is_trainable=is_trainable)
-    reward = getattr(finetuning_args, "stage", None) == "rm"
-    if reward:  # rm: one score per sequence, from a value head on the model (XForSequenceClassification)
+    value_head = stages.get(getattr(finetuning_args, "stage", "sft")).value_head
+    if value_head:  # one score per sequence (rm), from a value head on the model (XForSequenceClassification)
         config.num_labels = 1
-    model = _instantiate(path, config, dtype, attention, quantization, model_args, reward)
+    model = _instantiate(path, config, dtype, attention, quantization, model_args, value_head)
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
              dtype_line, attention_line] + [line for line in (rope, quantization_line) if line]
@@ -117,10 +118,10 @@ def load_inference_model(tokenizer, model_args, finetuning_args, device: str | N
     return model.eval()
 
 
-def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, reward: bool):
+def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, value_head: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
     try:
         if model_args.train_from_scratch:
             return auto.from_config(config, dtype=dtype, attn_implementation=attention,

@@ -1,0 +1,124 @@
+"""The stages lf knows, as data: one frozen record each (Stage) in one read-only table (STAGES), which lf.config's
+rules, lf.data's plan, lf.model's loader and lf.train's recipe registry read.
+
+A stage's name is checked here only, with one error type: `trainable(name)` for what a config may train, `get(name)`
+for any entry (the data plan also builds ppo's prompts and the prediction prompts of do_predict); an unknown name
+is a ConfigError naming the stages lf trains. lf.config's rules word the same messages (`unknown`, `missing`).
+
+Adding a stage: its entry below, its recipe (lf/train/<name>.py, a `run_<name>(cfg, callbacks)` like sft.py), and,
+for a new kind of example, a processor in lf/data/processors.py under a new `data` name. `added(stage)` puts a
+stage in the table for a with block (tests trying one out).
+
+This module imports nothing heavy: lf.config reads it before anything loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lf.errors import ConfigError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str  # what it trains, in the words of the unknown-stage message; "" for a data-only entry
+    data: str  # the kind of its examples: the key of its processor in lf.data.processors.PROCESSORS
+    packable: bool = False  # packing: true may pack its examples (text concatenates, supervised packs rows)
+    packs_by_default: bool = False  # packing left unset packs
+    predicts: bool = False  # its model writes answers: do_predict may run with it
+    reference: bool = False  # compares the policy with a reference model (unless its loss is reference-free)
+    logps: bool = False  # trains on the replies' summed log-probabilities (lf.model.logps: fused or TRL's)
+    value_head: bool = False  # the model gets a value head scoring each sequence (XForSequenceClassification)
+    keys: tuple[str, ...] = ()  # finetuning keys that tune this stage (refused with a stage that lists none)
+    recipe: str | None = None  # "module:function" that trains it; None: lf does not train it
+    missing: str | None = None  # why lf does not train a stage LLaMA-Factory has, and what to use instead
+
+    def run(self, cfg, callbacks=()) -> dict:
+        """Runs the recipe (imported now: this module stays light)."""
+        import importlib
+
+        module, _, function = self.recipe.partition(":")
+        return getattr(importlib.import_module(module), function)(cfg, callbacks)
+
+
+_DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing")
+_REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model")
+_ENTRIES = {stage.name: stage for stage in (
+    Stage("pt", "pre-training on raw text", "text", packable=True, packs_by_default=True, predicts=True,
+          recipe="lf.train.sft:run_sft"),
+    Stage("sft", "supervised fine-tuning", "supervised", packable=True, predicts=True, recipe="lf.train.sft:run_sft"),
+    Stage("rm", "a reward model", "pairs", value_head=True, recipe="lf.train.rm:run_rm"),
+    Stage("dpo", "preference pairs", "pairs", reference=True, logps=True, keys=_DPO_KEYS + _REFERENCE_KEYS,
+          recipe="lf.train.dpo:run_dpo"),
+    Stage("kto", "replies flagged desirable or not", "feedback", reference=True, logps=True,
+          keys=_REFERENCE_KEYS + ("kto_chosen_weight", "kto_rejected_weight"), recipe="lf.train.kto:run_kto"),
+    Stage("ppo", "", "prompts",  # prompts only: the policy writes the replies
+          missing="TRL, which lf would build it on, no longer has a PPO trainer (TRL 1.16 keeps GRPO and RLOO for "
+                  "online RL). Train preferences offline instead: stage: dpo on pairs (chosen/rejected), or stage: "
+                  "kto on replies flagged desirable or not"),
+    Stage("predict", "", "prompts"),  # data only: eval_dataset's prompts for do_predict (lf.train.predict)
+)}
+STAGES = types.MappingProxyType(_ENTRIES)  # name -> Stage, read-only; a live view: `added` shows here
+
+
+def trained() -> list[Stage]:
+    """The stages lf trains, in the table's order."""
+    return [stage for stage in STAGES.values() if stage.recipe]
+
+
+def unknown(name: str) -> str | None:
+    """Why a config cannot name stage `name` (it is no stage, or a data-only entry), or None."""
+    stage = STAGES.get(name)
+    if stage is not None and (stage.recipe or stage.missing):
+        return None
+    described = [f"{stage.name} ({stage.summary})" for stage in trained()]
+    listed = f"{', '.join(described[:-1])} and {described[-1]}" if len(described) > 1 else described[0]
+    return (f"stage: {name} is not a training stage: lf trains {listed}."
+            f"{did_you_mean(name, [stage.name for stage in trained()])}")
+
+
+def missing(name: str) -> str | None:
+    """Why lf does not train stage `name` though LLaMA-Factory does, or None."""
+    stage = STAGES.get(name)
+    return f"stage: {name} is not in lf: {stage.missing}" if stage is not None and stage.missing else None
+
+
+def trainable(name: str) -> Stage:
+    """The stage `name` if lf trains it; else a ConfigError saying why not."""
+    problem = unknown(name) or missing(name)
+    if problem:
+        raise ConfigError(problem)
+    return STAGES[name]
+
+
+def get(name: str) -> Stage:
+    """Any entry of the table (data-only ones too); a ConfigError for a name that is none."""
+    if name not in STAGES:
+        raise ConfigError(unknown(name))
+    return STAGES[name]
+
+
+def key_stages() -> dict[str, tuple[str, ...]]:
+    """Each stage-specific finetuning key -> the stages it tunes, in the order the table names them."""
+    readers: dict[str, tuple[str, ...]] = {}
+    for stage in STAGES.values():
+        for key in stage.keys:
+            readers[key] = readers.get(key, ()) + (stage.name,)
+    return readers
+
+
+@contextlib.contextmanager
+def added(stage: Stage) -> Iterator[Stage]:
+    """`stage` in the table for the with block, removed after (a test trying a stage out): config rules, the
+    data plan and the recipe registry see it as they see the built-in ones."""
+    if stage.name in _ENTRIES:
+        raise ConfigError(f"stage {stage.name} is already in lf.stages.STAGES: give the new stage another name")
+    _ENTRIES[stage.name] = stage
+    try:
+        yield stage
+    finally:
+        del _ENTRIES[stage.name]

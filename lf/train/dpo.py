@@ -1,0 +1,37 @@
+"""The dpo recipe: prompts with a chosen and a rejected reply train a policy that prefers the chosen ones, by the
+loss of `pref_loss` (sigmoid | hinge | ipo | orpo | simpo: lf.kernels.fused_linear_preference_loss gives the
+formulas) over the log-probabilities of both replies under the policy and the reference (orpo and simpo use
+none). sft.py's steps over lf's pairwise data; the trainer, reference and recipe are lf.train.preference's."""
+
+from __future__ import annotations
+
+from lf.kernels.fused_linear_preference_loss import REFERENCE_FREE, PreferenceLoss, preference_loss
+from lf.train.preference import LogpsTrainer, loss_options, pairs, run_logps
+
+
+def dpo_loss(fin, sums, tokens, ref_sums=None) -> PreferenceLoss:
+    """A batch's dpo loss (the mean over its pairs) and per-pair metrics, from the summed log-probabilities of its
+    sequences (the chosen rows, then the rejected ones), their reply token counts and the reference's sums."""
+    return preference_loss(fin.pref_loss, sums, tokens, ref_sums, **loss_options(fin))
+
+
+class DPOTrainer(LogpsTrainer):
+    """The loss of `pref_loss` over the policy's (and the reference's) log-probabilities of both replies."""
+
+    @staticmethod
+    def loss_kind(fin) -> str:
+        return fin.pref_loss
+
+    def pair_loss(self, model, batch):
+        ids, mask, labels = pairs(batch, self.data_collator.pad_token_id)
+        reference = None
+        if self.finetuning_args.pref_loss not in REFERENCE_FREE:
+            with self._as_reference(model) as ref:
+                reference = self._logps(ref, ids, mask, labels)
+        out = self._policy_loss(model, ids, mask, labels, reference)
+        return out.loss, out.metrics
+
+
+def run_dpo(cfg, callbacks=()) -> dict:
+    """Trains and evaluates as `cfg` says; returns what was written where, for the CLI to print."""
+    return run_logps(cfg, DPOTrainer, callbacks)
