@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import types
 import typing
 
 import pytest
@@ -502,3 +503,30 @@ def test_pinned_memory_is_off_without_cuda(monkeypatch):
 def test_packing_stays_unresolved_for_the_data_layer():
     assert parse_train_args(BASE).data.packing is None
     assert parse_train_args({**BASE, "packing": True}).data.packing is True
+
+
+def test_each_choice_is_declared_once_as_a_literal_and_read_from_it():
+    """The Literal on a field is the key's choices: its rule names them, the parser checks only their type, and
+    the modules that read the key take the values from it."""
+    from lf.config.export import ExportDevice, GgufType
+    from lf.config.finetuning import FinetuningType
+    from lf.config.model import Dtype, FlashAttn, QuantizationBit, QuantizationType, RopeScaling
+    from lf.export import DEVICES, DTYPES
+    from lf.export.to_gguf import GGUF_TYPES
+    from lf.model import adapters, options, quantization
+
+    assert set(options.DTYPES) | {"auto"} == set(typing.get_args(Dtype)) == set(DTYPES)
+    assert set(options.ATTENTION) | {"auto"} == set(typing.get_args(FlashAttn))
+    assert options.ROPE_TYPES == typing.get_args(RopeScaling)
+    assert adapters.FINETUNING_TYPES == typing.get_args(FinetuningType)
+    assert (quantization.BITS, quantization.TYPES) == (typing.get_args(QuantizationBit),
+                                                      typing.get_args(QuantizationType))
+    assert (DEVICES, GGUF_TYPES) == (typing.get_args(ExportDevice), typing.get_args(GgufType))
+    from lf.config import ExportArguments, ModelArguments
+    from lf.export import _check
+
+    with pytest.raises(ConfigError, match="export_dtype: 'float8' is not one of auto, float16, bfloat16, float32"):
+        _check(types.SimpleNamespace(export=ExportArguments(export_dir="out", export_dtype="float8"),
+                                     model=ModelArguments(model_name_or_path="lf-tiny-llama")))
+    assert refused({**BASE, "infer_dtype": 16}).startswith("infer_dtype: 16 (in the config) is a whole number; "
+                                                           "expected a string")

@@ -119,3 +119,14 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(KernelInputError, match=r"`hidden` \(4, 8, 16\) must be \(sequences, tokens, hidden\) and "
                                                r"`labels` \(4, 7\)"):
         sequence_logps(hidden, weight, labels[:, 1:])
+
+
+def test_its_loss_names_are_the_configs():
+    """lf.config declares pref_loss's choices once (a Literal); the kernel, which imports no config, names the same
+    losses and the same reference-free ones."""
+    import typing
+
+    from lf.config.finetuning import PrefLoss, ReferenceFreeLoss
+    from lf.kernels.fused_linear_preference_loss import PAIRED, REFERENCE_FREE
+
+    assert typing.get_args(PrefLoss) == PAIRED and typing.get_args(ReferenceFreeLoss) == REFERENCE_FREE

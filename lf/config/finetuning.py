@@ -1,13 +1,19 @@
 """The finetuning group: the stage, which parameters train (full | freeze | lora) and their settings
-(LLaMA-Factory's key names)."""
+(LLaMA-Factory's key names). Choices are Literals declared once here (see lf/config/model.py)."""
 
 from dataclasses import dataclass
+from typing import Literal
+
+FinetuningType = Literal["full", "freeze", "lora"]
+ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
+# lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
+PrefLoss = Literal["sigmoid", "hinge", "ipo", ReferenceFreeLoss]
 
 
 @dataclass
 class FinetuningArguments:
-    stage: str = "sft"  # pt | sft | rm | dpo | kto
-    finetuning_type: str = "lora"  # full | freeze | lora
+    stage: str = "sft"  # a stage lf trains (lf.stages.STAGES): pt | sft | rm | dpo | kto
+    finetuning_type: FinetuningType = "lora"
     # freeze: the last n layers train (negative: the first n); modules inside them ("all", or names like mlp)
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
@@ -24,7 +30,7 @@ class FinetuningArguments:
     use_dora: bool = False
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
     # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
-    pref_loss: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | orpo | simpo (these two need no reference model)
+    pref_loss: PrefLoss = "sigmoid"  # sigmoid is DPO's; orpo and simpo need no reference model
     pref_beta: float = 0.1  # the loss's scale (DPO's beta: larger keeps the policy closer to the reference)
     pref_ftx: float = 0.0  # weight of an sft loss on the chosen replies, added to the preference loss
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen reply should win by

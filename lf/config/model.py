@@ -1,7 +1,17 @@
 """The model group: what to load, how (dtype, attention, quantization) and with which kernels (LLaMA-Factory's
-key names)."""
+key names). A key that takes one of a few values is typed with its Literal, declared here once: lf.config's rules
+refuse other values and the code that reads the key imports the Literal (typing.get_args)."""
 
 from dataclasses import dataclass
+from typing import Literal
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]  # weights' dtype; auto: per device (lf.model.options)
+FlashAttn = Literal["auto", "disabled", "sdpa", "fa2"]  # disabled: eager attention
+RopeScaling = Literal["linear", "dynamic", "yarn", "llama3"]
+CpuAllocator = Literal["tuned", "default"]  # glibc's malloc settings (lf/allocator.py)
+QuantizationMethod = Literal["bnb"]  # bitsandbytes; others are not supported yet
+QuantizationBit = Literal[4, 8]
+QuantizationType = Literal["nf4", "fp4"]
 
 
 @dataclass
@@ -18,11 +28,11 @@ class ModelArguments:
     new_special_tokens: str | None = None  # older LLaMA-Factory name of add_special_tokens
     resize_vocab: bool = False  # grow the embeddings to the tokenizer (and train them)
     low_cpu_mem_usage: bool = True
-    infer_dtype: str = "auto"  # auto | float16 | bfloat16 | float32: the dtype weights are loaded in
-    rope_scaling: str | None = None  # linear | dynamic | yarn | llama3: stretch RoPE to cutoff_len
-    flash_attn: str = "auto"  # auto | disabled (eager) | sdpa | fa2
+    infer_dtype: Dtype = "auto"  # the dtype weights are loaded in
+    rope_scaling: RopeScaling | None = None  # stretch RoPE to cutoff_len
+    flash_attn: FlashAttn = "auto"
     use_lf_kernels: bool = True  # patch lf's fused kernels into the model (lf.kernels.patch)
-    cpu_allocator: str = "tuned"  # tuned | default: glibc's malloc settings when training on the CPU (lf/allocator.py)
+    cpu_allocator: CpuAllocator = "tuned"  # glibc's malloc settings when training on the CPU
     enable_liger_kernel: bool = False  # LLaMA-Factory's switch: maps onto lf's kernels, and says so
     # None: off on the CPU when the activations it would save fit in a tenth of the available memory, else on
     disable_gradient_checkpointing: bool | None = None
@@ -32,9 +42,9 @@ class ModelArguments:
     upcast_layernorm: bool = False
     upcast_lmhead_output: bool = False
     train_from_scratch: bool = False  # random weights from the model's config
-    quantization_method: str = "bnb"  # bitsandbytes; others are not supported yet
-    quantization_bit: int | None = None  # 4 | 8: QLoRA
-    quantization_type: str = "nf4"  # nf4 | fp4
+    quantization_method: QuantizationMethod = "bnb"
+    quantization_bit: QuantizationBit | None = None  # QLoRA
+    quantization_type: QuantizationType = "nf4"
     double_quantization: bool = True
     quantization_device_map: str | None = None
     use_cache: bool = True  # KV cache at generation (training always runs without)

@@ -17,6 +17,7 @@ import enum
 import functools
 import json
 import logging
+import operator
 import os
 import pathlib
 import re
@@ -34,7 +35,7 @@ from lf.config.export import ExportArguments
 from lf.config.finetuning import FinetuningArguments
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
-from lf.config.rules import check, show
+from lf.config.rules import GROUPS, check, literal_values, show
 from lf.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -398,10 +399,7 @@ def _owners(infer: bool = False) -> dict[str, tuple[str, Any]]:
     from transformers import Seq2SeqTrainingArguments
 
     owners = {}
-    groups = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
-              ("generating", GeneratingArguments), *(INFER_GROUPS if infer else ()),
-              ("training", Seq2SeqTrainingArguments))
-    for group, cls in groups:
+    for group, cls in (*GROUPS, *(INFER_GROUPS if infer else ()), ("training", Seq2SeqTrainingArguments)):
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if field.init:
@@ -422,11 +420,23 @@ def _split(values: dict, where: dict[str, str], problems: list[str], infer: bool
         group, annotation = owners[key]
         if key in _COMMA_LISTS and isinstance(value, list) and all(_fits(v, str | int | float) for v in value):
             value = ",".join(str(v) for v in value)
-        problem = _type_problem(value, annotation)
+        problem = _type_problem(value, annotation if group == "training" else _member_types(annotation))
         if problem:
             problems.append(f"{key}: {show(value)} ({where[key]}) {problem}")
         groups[group][key] = value
     return groups
+
+
+def _member_types(annotation):
+    """lf's Literal keys as the types of their values (Literal[4, 8] | None -> int | None): a value is checked for
+    its type here and for its choice by the key's rule (rules.choice_rules), which names the choices."""
+    if not literal_values(annotation):
+        return annotation
+    args = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    literal = typing.Literal
+    parts = [kind for arg in args
+             for kind in ([type(v) for v in typing.get_args(arg)] if typing.get_origin(arg) is literal else [arg])]
+    return functools.reduce(operator.or_, dict.fromkeys(parts))
 
 
 def _closest_keys(key: str) -> str:

@@ -5,22 +5,31 @@ The rules run on the values as given (after lf's renames, before lf's dependent 
 before transformers builds its TrainingArguments, which sets up devices: a config is refused before anything
 expensive. At that point `cfg.training` is a plain namespace of the training values (HF's defaults filled in).
 
-The numeric keys' ranges are a table (RANGES), one rule each; every other float key must be a finite number.
+The numeric keys' ranges are a table (RANGES), one rule each; every other float key must be a finite number. A key
+typed with a Literal (its choices, declared once on the field) gets a rule naming them (`choice_rules`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lf import stages
+from lf.config.data import DataArguments
+from lf.config.finetuning import FinetuningArguments, ReferenceFreeLoss
+from lf.config.generation import GeneratingArguments
+from lf.config.model import ModelArguments
 from lf.errors import ConfigError, did_you_mean
 
-PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
-REFERENCE_FREE = ("orpo", "simpo")  # dpo losses that compare the policy's replies with each other only
+GROUPS = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
+          ("generating", GeneratingArguments))  # lf's groups of a TrainConfig, by attribute
+REFERENCE_FREE = typing.get_args(ReferenceFreeLoss)
 SMOOTHED = ("sigmoid", "simpo")  # the logistic losses, which dpo_label_smoothing softens
 
 
@@ -49,6 +58,30 @@ class Rule:
 
 def _getter(group: str, key: str) -> Callable[[Any], Any]:
     return lambda cfg: getattr(getattr(cfg, group), key)
+
+
+def literal_values(annotation) -> tuple:
+    """The values a Literal annotation allows, null first where it also takes None; () for any other annotation."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    values = tuple(v for arg in args if typing.get_origin(arg) is typing.Literal for v in typing.get_args(arg))
+    return ((None,) if values and type(None) in args else ()) + values
+
+
+CHOICE_NOTES = {"quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
+                "quantization_method": " (lf quantizes with bitsandbytes)"}  # key -> said after its choices
+
+
+def choice_rules() -> tuple[Rule, ...]:
+    """One rule per key of lf's groups typed with a Literal: its value must be one of the Literal's."""
+    rules = []
+    for group, cls in GROUPS:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            values = literal_values(hints[field.name])
+            if values:
+                rules.append(_one_of(group, field.name, values, CHOICE_NOTES.get(field.name, "")))
+    return tuple(rules)
 
 
 def _one_of(group: str, key: str, choices: tuple, why: str = "") -> Rule:
@@ -233,7 +266,7 @@ RULES: tuple[Rule, ...] = (
     Rule("stage_later", lambda c: stages.missing(c.finetuning.stage) is not None,
          lambda c: stages.missing(c.finetuning.stage)),
     Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),
-    _one_of("finetuning", "pref_loss", PREF_LOSSES),
+    *choice_rules(),
     Rule("smoothing_needs_logistic_loss",
          lambda c: _reads(c, "dpo_label_smoothing") and c.finetuning.pref_loss not in SMOOTHED,
          "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: {f.pref_loss}: set pref_loss: "
@@ -251,8 +284,6 @@ RULES: tuple[Rule, ...] = (
     Rule("reward_model_head", lambda c: _stage(c, "value_head") and c.model.upcast_lmhead_output,
          "upcast_lmhead_output upcasts the LM head's logits, but stage: {f.stage} replaces the LM head with a value "
          "head (its score is float32 in the loss anyway): remove upcast_lmhead_output"),
-    _one_of("finetuning", "finetuning_type", ("full", "freeze", "lora")),
-    _one_of("model", "cpu_allocator", ("tuned", "default")),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),
@@ -267,7 +298,6 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.finetuning.create_new_adapter and c.model.adapter_name_or_path is None,
          "create_new_adapter: true trains a new adapter over existing ones, but adapter_name_or_path names none: "
          "set adapter_name_or_path, or remove create_new_adapter (a fresh adapter is the default)"),
-    _one_of("model", "quantization_bit", (None, 4, 8), " (bitsandbytes quantizes to 4 or 8 bits)"),
     Rule("quantization_needs_lora",
          lambda c: c.model.quantization_bit is not None and c.finetuning.finetuning_type != "lora",
          "quantization_bit: {m.quantization_bit} with finetuning_type: {f.finetuning_type}: quantized weights do "
@@ -277,11 +307,6 @@ RULES: tuple[Rule, ...] = (
          and ("," in c.model.adapter_name_or_path or c.finetuning.create_new_adapter),
          "adapters cannot be merged into a quantized model (quantization_bit: {m.quantization_bit}): give one "
          "adapter to train further, without create_new_adapter, or merge them into the model first"),
-    _one_of("model", "quantization_method", ("bnb",), " (lf quantizes with bitsandbytes)"),
-    _one_of("model", "quantization_type", ("nf4", "fp4")),
-    _one_of("model", "flash_attn", ("auto", "disabled", "sdpa", "fa2")),
-    _one_of("model", "rope_scaling", (None, "linear", "dynamic", "yarn", "llama3")),
-    _one_of("model", "infer_dtype", ("auto", "float16", "bfloat16", "float32")),
     Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
          "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
          "false turns them off: remove one of the two"),

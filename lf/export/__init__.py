@@ -19,22 +19,25 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import get_args
 
+from lf.config.export import ExportDevice, GgufType
+from lf.config.model import Dtype
 from lf.errors import ConfigError, ModelError
 
 log = logging.getLogger("lf")
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("cpu", "auto")
+DTYPES = get_args(Dtype)
+DEVICES = get_args(ExportDevice)
 GB = 10**9  # transformers' "GB" in max_shard_size is 10^9 bytes
 
-USAGE = """usage: lf export cfg.yaml [key=value ...]
+USAGE = f"""usage: lf export cfg.yaml [key=value ...]
 
 Merges the LoRA adapter(s) of adapter_name_or_path (comma-separated, merged in order) into model_name_or_path and
 saves the model, its tokenizer (with the template's chat template) and its generation config to export_dir.
-Keys: export_dir, export_size (GB per shard), export_dtype (auto | float32 | bfloat16 | float16), export_device
-(cpu | auto), export_legacy_format (.bin files), export_gguf (f32 | f16 | bf16 | q8_0: also a GGUF file and an
-Ollama Modelfile, for Llama, Mistral and Qwen2 models). Set template: as in training."""
+Keys: export_dir, export_size (GB per shard), export_dtype ({' | '.join(DTYPES)}), export_device
+({' | '.join(DEVICES)}), export_legacy_format (.bin files), export_gguf ({' | '.join(get_args(GgufType))}: also a GGUF
+file and an Ollama Modelfile, for Llama, Mistral and Qwen2 models). Set template: as in training."""
 
 
 def command(argv: list[str]) -> int:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import MappingProxyType
+from typing import get_args
 
 import numpy as np
 
+from lf.config.export import GgufType
 from lf.errors import ConfigError, ModelError
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = get_args(GgufType)
 # file type -> (gguf's GGMLQuantizationType member, LlamaFileType member)
 _TYPES = MappingProxyType({"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                            "q8_0": ("Q8_0", "MOSTLY_Q8_0")})

@@ -32,15 +32,18 @@ import torch.nn.functional as F
 
 from lf.kernels import _checks
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from lf.labels import IGNORE_INDEX
 
+# The paired kinds are lf.config's pref_loss choices (PrefLoss; tests check they are the same): the kernel keeps
+# its own names so that it imports nothing of lf's config.
 PAIRED = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 KINDS = PAIRED + ("kto",)
-REFERENCE_FREE = ("orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")  # lf.config's ReferenceFreeLoss
 MEAN_LOGPS = ("ipo", "orpo", "simpo")  # losses over per-token mean log-probabilities (the others: sums)
 
 
 def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-                   ignore_index: int = -100, softcap: float | None = None,
+                   ignore_index: int = IGNORE_INDEX, softcap: float | None = None,
                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence of (S, T, H) ``hidden`` and (S, T) ``labels`` (aligned: shift a causal LM's by one first), the
     summed fp32 log-probability of its labelled tokens under ``hidden @ weight.T + bias`` (soft-capped as Gemma-2
@@ -145,7 +148,7 @@ def preference_loss(kind: str, logps: torch.Tensor, tokens: torch.Tensor, refere
 
 def fused_linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  kind: str = "sigmoid", reference: torch.Tensor | None = None,
-                                 bias: torch.Tensor | None = None, ignore_index: int = -100,
+                                 bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                  softcap: float | None = None, chunk_size: int | None = None,
                                  **options) -> PreferenceLoss:
     """The preference loss ``kind`` (see the module docstring) of the sequences whose last hidden states are

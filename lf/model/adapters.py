@@ -9,13 +9,16 @@ float16, whose gradients the Trainer's GradScaler cannot unscale: trainable fp16
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
+from lf.config.finetuning import FinetuningType
 from lf.errors import ModelError
 from lf.model.paths import check_adapter_path
 
-FINETUNING_TYPES = ("full", "freeze", "lora")
+FINETUNING_TYPES = get_args(FinetuningType)
 
 
 def value_head(model) -> nn.Module | None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from typing import get_args
 
 import torch
 
+from lf.config.model import Dtype, FlashAttn, RopeScaling
 from lf.errors import ModelError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}  # flash_attn -> HF's name
-ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+# infer_dtype's names but auto -> torch's dtypes, widest first (as errors list them)
+DTYPES = {name: getattr(torch, name) for name in reversed(get_args(Dtype)) if name != "auto"}
+ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}  # flash_attn but auto -> HF's name
+ROPE_TYPES = get_args(RopeScaling)
 DEFAULT_ROPE_FACTOR = 2.0  # without cutoff_len (inference) and no factor in the config
 LLAMA3_FREQ_FACTORS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's published values
 
@@ -50,7 +53,7 @@ def choose_attention(flash_attn: str, dtype: torch.dtype) -> tuple[str, str]:
         why = "no CUDA GPU" if not cuda else "flash_attn not installed" if not installed else "float32 weights"
         return "sdpa", f"attention: sdpa (flash_attn auto: {why} for flash-attention)"
     if flash_attn not in ATTENTION:
-        raise ModelError(f"flash_attn: {flash_attn!r} is not one of auto, {', '.join(ATTENTION)}")
+        raise ModelError(f"flash_attn: {flash_attn!r} is not one of {', '.join(get_args(FlashAttn))}")
     if flash_attn == "fa2":
         if not installed:
             raise ModelError("flash_attn: fa2 needs the flash-attn package: pip install flash-attn "

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import get_args
 
 import torch
 
+from lf.config.model import QuantizationBit, QuantizationType
 from lf.errors import ModelError
 
 METHODS = ("bnb", "bitsandbytes")
-BITS = (4, 8)
-TYPES = ("nf4", "fp4")
+BITS = get_args(QuantizationBit)
+TYPES = get_args(QuantizationType)
 
 
 def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype, *,

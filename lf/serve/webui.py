@@ -30,13 +30,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 import gradio as gr
 import pandas as pd
 import yaml
 
 from lf.config import parse_infer_args, parse_train_args
+from lf.config.export import GgufType
 from lf.config.generation import GeneratingArguments
+from lf.config.model import Dtype
 from lf.data import TEMPLATES
 from lf.data.conversation import ASSISTANT, USER
 from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
@@ -77,8 +80,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 LORA_KEYS = ("lora_rank", "lora_target")
 UNSET_WHEN_ZERO = ("max_samples", "max_steps")  # 0 in the form: the key is left out (all samples; epochs decide)
 OVERWRITE_EXPORT = "overwrite a non-empty export_dir"
-EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
-GGUF_TYPES = ("none", "f32", "f16", "bf16", "q8_0")
+EXPORT_DTYPES = get_args(Dtype)
+GGUF_TYPES = ("none", *get_args(GgufType))
 LOG_LINES = 200  # of the child's output shown
 # the config keys naming paths that a training run writes to: each must be under the root
 WRITTEN_BY_TRAINING = ("output_dir", "logging_dir", "tokenized_path", "cache_dir")
