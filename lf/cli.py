@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from types import MappingProxyType
 
 import lf
 
@@ -121,8 +122,8 @@ def _bench(args) -> int:
 
 
 # the commands that use a trained model: `lf <name> cfg.yaml [key=value ...]` -> <module>.command(argv), after
-# <module>.USAGE for -h/--help or no arguments
-MODEL_COMMANDS = {
+# <module>.USAGE for -h/--help or no arguments; read-only
+MODEL_COMMANDS = MappingProxyType({
     "chat": ("lf.serve.chat", "chat with a model in the terminal: lf chat cfg.yaml [key=value ...]"),
     "api": ("lf.serve.api", "an OpenAI-compatible API server: lf api cfg.yaml [key=value ...]"),
     "export": ("lf.export", "merge an adapter and save the model (safetensors, GGUF): lf export cfg.yaml"),
@@ -131,8 +132,8 @@ MODEL_COMMANDS = {
                                     "[--auth USER:PASSWORD]"),
     "webui": ("lf.serve.webui", "the web UI (train, chat, export): lf webui [--host HOST] [--port PORT] "
                                 "[--auth USER:PASSWORD] [--root DIR]"),
-}
-NO_CONFIG = {"webui"}  # model commands that run without a config
+})
+NO_CONFIG = frozenset({"webui"})  # model commands that run without a config
 
 
 def _model_command(name: str) -> Callable[[argparse.Namespace], int]:

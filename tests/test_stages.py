@@ -98,3 +98,16 @@ def test_the_table_is_read_only_and_consistent():
             module, _, function = stage.recipe.partition(":")
             assert callable(getattr(importlib.import_module(module), function)), stage.name
     assert [stage.name for stage in stages.trained()] == ["pt", "sft", "rm", "dpo", "kto"]
+
+
+def test_registries_are_read_only():
+    """Looking an entry up gives an immutable value, and no caller can change a registry for the next one."""
+    from lf.cli import MODEL_COMMANDS
+    from lf.config.parser import ALIASES, UNSUPPORTED
+    from lf.config.rules import RANGES
+
+    for registry, name in ((PROCESSORS, "text"), (MODEL_COMMANDS, "chat"), (ALIASES, "no_cuda"),
+                           (UNSUPPORTED, "use_galore"), (RANGES, "learning_rate"), (STAGES, "sft")):
+        with pytest.raises(TypeError):
+            registry[name] = None
+        assert hash(registry[name]) is not None  # immutable: tuples, frozen records, functions

@@ -208,7 +208,7 @@ class Alias:
 
 _RENAMED = "transformers renamed it"
 _CHECKPOINTING = "lf's model layer switches checkpointing; HF's own flag stays off so it is not enabled twice"
-ALIASES = {
+ALIASES = types.MappingProxyType({
     "evaluation_strategy": Alias("eval_strategy", _RENAMED),
     "no_cuda": Alias("use_cpu", _RENAMED),
     "per_gpu_train_batch_size": Alias("per_device_train_batch_size", _RENAMED),
@@ -226,7 +226,7 @@ ALIASES = {
     "use_v1_kernels": Alias("enable_liger_kernel", "LLaMA-Factory's newer switch for its fused kernels"),
     "use_kv_cache": Alias("use_cache", "LLaMA-Factory's newer name of the generation KV cache switch"),
     "new_special_tokens": Alias("add_special_tokens", "LLaMA-Factory's older name"),
-}
+})
 
 
 def _apply_aliases(values: dict, where: dict[str, str], problems: list[str]) -> dict:
@@ -266,7 +266,7 @@ class Unsupported:
 
 _MULTIMODAL = "multimodal training (images, video, audio)"
 _PREFERENCE = "ppo training (TRL no longer has a PPO trainer)"
-UNSUPPORTED = {
+UNSUPPORTED = types.MappingProxyType({
     # model
     "use_unsloth": Unsupported("Unsloth's patched training", fix="remove the key (lf's fused kernels are on)"),
     "use_unsloth_gc": Unsupported("Unsloth's gradient checkpointing"),
@@ -358,7 +358,7 @@ UNSUPPORTED = {
     **{key: Unsupported("Ray training", None) for key in
        ("ray_storage_path", "resources_per_worker", "placement_strategy", "ray_init_kwargs")},
     "save_safetensors": Unsupported("pickled checkpoints", (True,), "remove it: transformers 5 writes safetensors"),
-}
+})
 
 
 def _inert(value, inert: tuple | None) -> bool:

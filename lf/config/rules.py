@@ -68,8 +68,9 @@ def literal_values(annotation) -> tuple:
     return ((None,) if values and type(None) in args else ()) + values
 
 
-CHOICE_NOTES = {"quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
-                "quantization_method": " (lf quantizes with bitsandbytes)"}  # key -> said after its choices
+# a Literal key -> what its choice message adds after the choices
+CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
+                                       "quantization_method": " (lf quantizes with bitsandbytes)"})
 
 
 def choice_rules() -> tuple[Rule, ...]:
@@ -116,7 +117,7 @@ class Interval:
 POSITIVE, AT_LEAST_0, AT_LEAST_1, FRACTION = Interval(0, low_open=True), Interval(0), Interval(1), Interval(0, 1)
 
 # key -> (its group, the numbers it may take, what it sets and a usual value). A key left unset (None) passes.
-RANGES = {
+RANGES = types.MappingProxyType({
     "learning_rate": ("training", POSITIVE, "the optimizer's step size (1e-4 is usual for LoRA, 1e-5 for full "
                                             "fine-tuning)"),
     "per_device_train_batch_size": ("training", AT_LEAST_1, "the examples each device trains on in a step"),
@@ -168,7 +169,7 @@ RANGES = {
     "max_length": ("generating", AT_LEAST_1, "the longest prompt and answer together, in tokens"),
     "max_new_tokens": ("generating", AT_LEAST_1, "the longest answer, in tokens"),
     "repetition_penalty": ("generating", POSITIVE, "the penalty on repeated tokens (1.0: none)"),
-}
+})
 
 
 def _in_range(key: str, group: str, allowed: Interval, what: str) -> Rule:
@@ -195,8 +196,9 @@ def _lora_only_options(cfg) -> list[str]:
 
 
 # report_to value -> the packages HF's callback for it can use (any one)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-            "comet_ml": ("comet_ml",), "swanlab": ("swanlab",), "trackio": ("trackio",)}
+TRACKERS = types.MappingProxyType({"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                                   "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "swanlab": ("swanlab",),
+                                   "trackio": ("trackio",)})
 
 
 def _stage(cfg, field: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from types import MappingProxyType
 from typing import get_args
 
 import torch
@@ -13,8 +14,9 @@ from lf.config.model import Dtype, FlashAttn, RopeScaling
 from lf.errors import ModelError
 
 # infer_dtype's names but auto -> torch's dtypes, widest first (as errors list them)
-DTYPES = {name: getattr(torch, name) for name in reversed(get_args(Dtype)) if name != "auto"}
-ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}  # flash_attn but auto -> HF's name
+DTYPES = MappingProxyType({name: getattr(torch, name) for name in reversed(get_args(Dtype)) if name != "auto"})
+# flash_attn but auto -> HF's name
+ATTENTION = MappingProxyType({"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"})
 ROPE_TYPES = get_args(RopeScaling)
 DEFAULT_ROPE_FACTOR = 2.0  # without cutoff_len (inference) and no factor in the config
 LLAMA3_FREQ_FACTORS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's published values
