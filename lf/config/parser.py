@@ -4,8 +4,9 @@ The steps, in order (each one refuses a config before anything expensive):
   1. read the file (YAML or JSON) and the overrides, which win;
   2. rename the keys LLaMA-Factory YAMLs carry under older names (ALIASES), saying so in a log line;
   3. drop the LLaMA-Factory keys lf does not support when they ask for nothing, refuse them otherwise (UNSUPPORTED);
-  4. hand every key to its one group (an unknown key is refused with the closest names) and check its type;
-  5. run the rules (rules.py);
+  4. hand every key to its one group (an unknown key is refused with the closest names) and check its type (for
+     a key typed with a Literal, the type of its values: which value is the rules' to say);
+  5. run the rules (rules.py), which read lf.stages for the stage;
   6. resolve lf's defaults that depend on other keys, then let transformers build its TrainingArguments.
 """
 

@@ -18,13 +18,12 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from lf.data import collator
 from lf.data.collator import TOKENS_KEY
 from lf.kernels.fused_linear_preference_loss import REFERENCE_FREE, PreferenceLoss
 from lf.labels import IGNORE_INDEX
 from lf.model import load_model
 from lf.model.logps import choose
-from lf.train.recipe import prepare, train_and_save
+from lf.train.recipe import make_trainer, prepare, train_and_save
 from lf.train.trainer import LFTrainer
 
 log = logging.getLogger("lf")
@@ -158,8 +157,5 @@ def run_logps(cfg, trainer_class, callbacks=()) -> dict:
     reference = _reference(tokenizer, model, cfg, trainer_class.loss_kind(cfg.finetuning))
     logps.prepare(model, reference)
     log.info("%s", line)
-    trainer = trainer_class(model=model, args=cfg.training, finetuning_args=cfg.finetuning,
-                            train_dataset=parts.data.train_dataset, eval_dataset=parts.data.eval_dataset,
-                            data_collator=collator(tokenizer, count_tokens=True), processing_class=tokenizer,
-                            ref_model=reference, logps=logps)
+    trainer = make_trainer(trainer_class, cfg, parts, ref_model=reference, logps=logps)
     return train_and_save(trainer, cfg, parts, callbacks)

@@ -1,6 +1,6 @@
 """The steps every stage's recipe shares, top to bottom: tokenizer and template -> datasets -> model (prepare),
-then, around the stage's own trainer, train, save, evaluate, plot (train_and_save). Each step is one call into
-lf.data, lf.model or HF's Trainer."""
+the stage's own trainer over them (make_trainer), then train, save, evaluate, plot (train_and_save). Each step is
+one call into lf.data, lf.model or HF's Trainer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import set_seed
 
-from lf.data import fit_template, get_dataset
+from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_model, load_tokenizer
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
@@ -51,6 +51,15 @@ def prepare(cfg) -> Prepared:
     for line in lines:
         log.info("%s", line)
     return Prepared(tokenizer, template, data, model, resume)
+
+
+def make_trainer(trainer_class, cfg, prepared: Prepared, **extra):
+    """`trainer_class` (an LFTrainer) over the prepared model, datasets and tokenizer, with lf's collator (which
+    counts tokens for tokens/s); `extra`: the class's own arguments."""
+    return trainer_class(model=prepared.model, args=cfg.training, finetuning_args=cfg.finetuning,
+                         train_dataset=prepared.data.train_dataset, eval_dataset=prepared.data.eval_dataset,
+                         data_collator=collator(prepared.tokenizer, count_tokens=True),
+                         processing_class=prepared.tokenizer, **extra)
 
 
 def _cpu_training(args) -> bool:

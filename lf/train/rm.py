@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from lf.data import collator
 from lf.train.preference import PairTrainer, pairs
-from lf.train.recipe import prepare, train_and_save
+from lf.train.recipe import make_trainer, prepare, train_and_save
 
 
 class RewardTrainer(PairTrainer):
@@ -27,9 +26,7 @@ class RewardTrainer(PairTrainer):
 def run_rm(cfg, callbacks=()) -> dict:
     """Trains and evaluates as `cfg` says; returns what was written where, for the CLI to print."""
     parts = prepare(cfg)
-    batches = collator(parts.tokenizer, count_tokens=True)
-    parts.model.config.pad_token_id = batches.pad_token_id  # the value head scores the last token that is not padding
-    trainer = RewardTrainer(model=parts.model, args=cfg.training, finetuning_args=cfg.finetuning,
-                            train_dataset=parts.data.train_dataset, eval_dataset=parts.data.eval_dataset,
-                            data_collator=batches, processing_class=parts.tokenizer)
+    trainer = make_trainer(RewardTrainer, cfg, parts)
+    # the value head scores the last token that is not padding
+    parts.model.config.pad_token_id = trainer.data_collator.pad_token_id
     return train_and_save(trainer, cfg, parts, callbacks)

@@ -3,18 +3,15 @@ the answers to eval_dataset generated with the model (do_predict, lf.train.predi
 
 from __future__ import annotations
 
-from lf.data import collator
 from lf.train.predict import predict
-from lf.train.recipe import prepare, train_and_save
+from lf.train.recipe import make_trainer, prepare, train_and_save
 from lf.train.trainer import LFTrainer
 
 
 def run_sft(cfg, callbacks=()) -> dict:
     """Trains, evaluates and predicts as `cfg` says; returns what was written where, for the CLI to print."""
     parts = prepare(cfg)
-    trainer = LFTrainer(model=parts.model, args=cfg.training, finetuning_args=cfg.finetuning,
-                        train_dataset=parts.data.train_dataset, eval_dataset=parts.data.eval_dataset,
-                        data_collator=collator(parts.tokenizer, count_tokens=True), processing_class=parts.tokenizer)
+    trainer = make_trainer(LFTrainer, cfg, parts)
     outputs = train_and_save(trainer, cfg, parts, callbacks, perplexity=True)
     if cfg.training.do_predict:  # after training: the trained model answers
         outputs.update(predict(trainer, cfg, parts.tokenizer, parts.template))
