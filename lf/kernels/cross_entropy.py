@@ -20,12 +20,13 @@ import torch
 
 from lf.kernels import _alloc, _checks
 from lf.kernels._backend import Implementations
+from lf.labels import IGNORE_INDEX
 
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 NONE, SUM, MEAN = 0, 1, 2
 
 
-def cross_entropy_reference(logits, labels, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+def cross_entropy_reference(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=0.0, reduction="mean",
                             softcap=None, z_loss=0.0, num_items_in_batch=None):
     """The oracle, in the dtype it is given (tests give float64), from torch's own log-sum-exp."""
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
@@ -224,7 +225,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad, *[None] * 8
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                   label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                   z_loss: float = 0.0, num_items_in_batch=None, overwrite_logits: bool = False) -> torch.Tensor:
     """Cross-entropy of ``logits`` (..., V) against integer ``labels`` (...), fused with its gradient.

@@ -17,6 +17,7 @@ from lf.kernels import _alloc, _checks
 from lf.kernels._backend import matmul_in_fp32
 from lf.kernels.cross_entropy import (NONE, check_labels_match, check_options, cross_entropy_reference, fake_loss,
                                       flat_labels, reduced_loss, row_losses, scale_saved_grads)
+from lf.labels import IGNORE_INDEX
 
 MIN_CHUNK_BYTES = 512 << 20
 
@@ -213,7 +214,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               bias: torch.Tensor | None = None, ignore_index: int = -100,
+                               bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                                z_loss: float = 0.0, num_items_in_batch=None,
                                chunk_size: int | None = None) -> torch.Tensor:

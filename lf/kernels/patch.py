@@ -55,9 +55,9 @@ from lf.kernels.lora_patch import LORA_OPS, layers_for
 from lf.kernels.modules import GELU_APPROXIMATE
 from lf.kernels.rms_norm import rms_norm
 from lf.kernels.rope import rope
+from lf.labels import IGNORE_INDEX
 
 log = logging.getLogger("lf")
-IGNORE_INDEX = -100  # transformers' label padding
 
 
 @dataclass(frozen=True)

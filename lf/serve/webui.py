@@ -38,8 +38,10 @@ import yaml
 
 from lf.config import parse_infer_args, parse_train_args
 from lf.config.export import GgufType
+from lf.config.finetuning import FinetuningType
 from lf.config.generation import GeneratingArguments
 from lf.config.model import Dtype
+from lf import stages
 from lf.data import TEMPLATES
 from lf.data.conversation import ASSISTANT, USER
 from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
@@ -74,8 +76,6 @@ TRAIN_DEFAULTS = {
     "gradient_accumulation_steps": 1, "lr_scheduler_type": "cosine", "lora_rank": 16, "lora_target": "all",
     "logging_steps": 5, "save_steps": 40, "output_dir": "saves/webui", "overwrite_output_dir": True, "extra": "",
 }
-STAGES = ("sft", "pt", "rm", "dpo", "kto")
-METHODS = ("lora", "freeze", "full")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 LORA_KEYS = ("lora_rank", "lora_target")
 UNSET_WHEN_ZERO = ("max_samples", "max_steps")  # 0 in the form: the key is left out (all samples; epochs decide)
@@ -450,8 +450,8 @@ def _train_fields() -> dict[str, gr.components.Component]:
     with gr.Row():
         text("model_name_or_path", scale=2)
         choice("template", sorted(TEMPLATES), allow_custom_value=True)
-        choice("stage", STAGES)
-        choice("finetuning_type", METHODS)
+        choice("stage", [stage.name for stage in stages.trained()])
+        choice("finetuning_type", get_args(FinetuningType))
     with gr.Row():
         text("dataset_dir")
         choice("dataset", dataset_names(d["dataset_dir"]), multiselect=True, allow_custom_value=True, scale=2)
