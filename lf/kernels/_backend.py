@@ -92,6 +92,7 @@ def matmul_in_fp32(t: torch.Tensor) -> bool:
     return not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes[t.dtype])
 
 
+@functools.cache
 def _function(target: str) -> Callable:
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
