@@ -1,7 +1,8 @@
 // Shared helpers for lf's CPU kernels: storage types, fp32 conversion, vectorisable math, the
-// argument structs and the list of kernels. Every kernel file is compiled once per instruction set
-// (see CMakeLists.txt) with LF_ISA naming the variant's namespace.
+// argument structs (bound to Python once, in bindings.cpp) and the list of kernels. Every kernel file is
+// compiled once per instruction set (see CMakeLists.txt) with LF_ISA naming the variant's namespace.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -11,7 +12,8 @@
 
 namespace lf {
 
-enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+// Storage types, named as torch names them (Python maps a tensor's dtype by name).
+enum class DType : int { float32, bfloat16, float16 };
 
 struct bf16 { uint16_t bits; };
 using f16 = _Float16;
@@ -126,27 +128,30 @@ inline void in_fp32_tiles(int64_t begin, int64_t end, const T* const (&in)[NIn],
 }
 
 // ---- argument structs (plain pointers and sizes; Python validated them) ----
-enum Casting : int { kLlama = 0, kGemma = 1, kNone = 2 };
+// Python fills them by field name (bindings.cpp); a field it leaves out is zero (a null pointer).
+enum class Casting : int { llama, gemma, none };  // lf.kernels.rms_norm's `casting`
 
 struct RmsNormFwd {
   const void* x; const void* w; void* y; float* rstd;
-  int64_t rows, cols; float eps, offset; int casting; DType dtype; int threads;
+  int64_t rows, cols; float eps, offset; Casting casting; DType dtype; int threads;
 };
 struct RmsNormBwd {
   const void* dy; const void* x; const void* w; const float* rstd; void* dx; void* dw;  // dw may be null
-  int64_t rows, cols; float offset; int casting; DType dtype; int threads;
+  int64_t rows, cols; float offset; Casting casting; DType dtype; int threads;
 };
 // One tensor of layout (batch, heads, seq, head_dim) with a contiguous last dim and any other strides.
-struct RopeTensor { const void* in; void* out; int64_t heads; int64_t in_stride[3]; int64_t out_stride[3]; };
+struct RopeTensor {
+  const void* src; void* dst; int64_t heads; std::array<int64_t, 3> src_stride, dst_stride;
+};
 struct Rope {
-  RopeTensor q, k; const void* cos; const void* sin; int64_t cs_stride[2];  // cos/sin strides of (batch, seq)
+  RopeTensor q, k; const void* cos; const void* sin; std::array<int64_t, 2> cs_stride;  // cos/sin: (batch, seq)
   int64_t batch, seq, dim; bool backward; DType dtype; int threads;
 };
-enum GluKind : int { kSwiGLU = 0, kGeGLUTanh = 1, kGeGLUErf = 2 };
-struct GluFwd { const void* gate; const void* up; void* out; int64_t n; int kind; DType dtype; int threads; };
+enum class GluKind : int { swiglu, geglu_tanh, geglu_erf };
+struct GluFwd { const void* gate; const void* up; void* out; int64_t n; GluKind kind; DType dtype; int threads; };
 struct GluBwd {
   const void* dy; const void* gate; const void* up; void* dgate; void* dup;
-  int64_t n; int kind; DType dtype; int threads;
+  int64_t n; GluKind kind; DType dtype; int threads;
 };
 
 // Rows of logits (contiguous, `vocab` wide) and their labels; grad may alias logits, or be null (loss only).
@@ -182,16 +187,56 @@ struct AttnBlock {
 template <template <class> class Fn, class Args>
 inline void by_dtype(const Args& a) {
   switch (a.dtype) {
-    case DType::f32: Fn<float>::run(a); break;
-    case DType::bf16: Fn<bf16>::run(a); break;
-    case DType::f16: Fn<f16>::run(a); break;
+    case DType::float32: Fn<float>::run(a); break;
+    case DType::bfloat16: Fn<bf16>::run(a); break;
+    case DType::float16: Fn<f16>::run(a); break;
   }
 }
 
 }  // namespace lf
 
 #ifdef LF_ISA
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #define LF_DECLARE(name, A) void name(const A&);
-namespace lf { namespace LF_ISA { LF_KERNEL_LIST(LF_DECLARE) } }
+namespace lf { namespace LF_ISA {
+LF_KERNEL_LIST(LF_DECLARE)
+
+// Vector stores of fp32 lanes to T, rounding as store<T> does (nearest even; NaN stays NaN). In the variant's
+// namespace: each is compiled for one instruction set only.
+#if defined(__AVX512F__)
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store16(f16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store16(bf16* dst, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+}
+#elif defined(__AVX2__)
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+inline void store8(f16* dst, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store8(bf16* dst, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  // NaN: |u| > inf as signed ints (|u| < 2^31)
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i bits = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+#endif
+
+}}  // namespace lf::LF_ISA
 #undef LF_DECLARE
 #endif

@@ -12,11 +12,11 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
 // act(g), and with Grad its derivative too.
 struct Act { float a, da; };
-template <int Kind, bool Grad> inline Act act(float g) {
-  if (Kind == kSwiGLU) {
+template <GluKind Kind, bool Grad> inline Act act(float g) {
+  if (Kind == GluKind::swiglu) {
     const Sigmoid sg = vsigmoid(g);
     return {g * sg.s, Grad ? sg.s * (1.0f + g * sg.one_minus_s) : 0.f};
-  } else if (Kind == kGeGLUTanh) {
+  } else if (Kind == GluKind::geglu_tanh) {
     // 0.5 g (1 + tanh(z)) = g sigmoid(2z): no cancellation where tanh(z) nears -1
     const float z2 = 2.0f * kSqrt2OverPi * (g + kGeluCubic * g * g * g);
     const Sigmoid sg = vsigmoid(z2);
@@ -28,7 +28,7 @@ template <int Kind, bool Grad> inline Act act(float g) {
   }
 }
 
-template <class T, int Kind> void fwd(const GluFwd& p) {
+template <class T, GluKind Kind> void fwd(const GluFwd& p) {
   const T* in[2] = {static_cast<const T*>(p.gate), static_cast<const T*>(p.up)};
   T* out[1] = {static_cast<T*>(p.out)};
   parallel_ranges(p.n, p.threads, [&](int64_t begin, int64_t end) {
@@ -41,7 +41,7 @@ template <class T, int Kind> void fwd(const GluFwd& p) {
   });
 }
 
-template <class T, int Kind> void bwd(const GluBwd& p) {
+template <class T, GluKind Kind> void bwd(const GluBwd& p) {
   const T* in[3] = {static_cast<const T*>(p.dy), static_cast<const T*>(p.gate), static_cast<const T*>(p.up)};
   T* out[2] = {static_cast<T*>(p.dgate), static_cast<T*>(p.dup)};
   parallel_ranges(p.n, p.threads, [&](int64_t begin, int64_t end) {
@@ -60,16 +60,16 @@ template <class T, int Kind> void bwd(const GluBwd& p) {
 
 template <class T> struct Fwd {
   static void run(const GluFwd& p) {
-    if (p.kind == kSwiGLU) fwd<T, kSwiGLU>(p);
-    else if (p.kind == kGeGLUTanh) fwd<T, kGeGLUTanh>(p);
-    else fwd<T, kGeGLUErf>(p);
+    if (p.kind == GluKind::swiglu) fwd<T, GluKind::swiglu>(p);
+    else if (p.kind == GluKind::geglu_tanh) fwd<T, GluKind::geglu_tanh>(p);
+    else fwd<T, GluKind::geglu_erf>(p);
   }
 };
 template <class T> struct Bwd {
   static void run(const GluBwd& p) {
-    if (p.kind == kSwiGLU) bwd<T, kSwiGLU>(p);
-    else if (p.kind == kGeGLUTanh) bwd<T, kGeGLUTanh>(p);
-    else bwd<T, kGeGLUErf>(p);
+    if (p.kind == GluKind::swiglu) bwd<T, GluKind::swiglu>(p);
+    else if (p.kind == GluKind::geglu_tanh) bwd<T, GluKind::geglu_tanh>(p);
+    else bwd<T, GluKind::geglu_erf>(p);
   }
 };
 

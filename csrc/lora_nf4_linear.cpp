@@ -4,9 +4,6 @@
 // once to the weight's dtype. Built with -ffp-contract=off: the nested absmax is a product and a sum rounded
 // separately, as bitsandbytes computes it, and must not become one FMA.
 #include "common.h"
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 namespace lf {
 namespace LF_ISA {
@@ -18,39 +15,6 @@ float block_absmax(const Dequant4bit& a, int64_t block) {
   const float scaled = a.code2[idx] * a.absmax2[block / a.blocksize2];
   return scaled + a.offset;
 }
-
-// Vector stores of fp32 lanes to T, rounding as store<T> does (nearest even; NaN stays NaN).
-#if defined(__AVX512F__)
-inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
-inline void store16(f16* dst, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-inline void store16(bf16* dst, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
-}
-#elif defined(__AVX2__)
-inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
-inline void store8(f16* dst, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-inline void store8(bf16* dst, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  // NaN: |u| > inf as signed ints (|u| < 2^31)
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                         _mm256_set1_epi32(0x7f800000));
-  const __m256i bits = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
-}
-#endif
 
 // n_bytes whole bytes (2 values each, high nibble first) times one absmax, into dst.
 template <class T> inline void dequant_bytes(const uint8_t* p, int64_t n_bytes, const float* code, float am, T* dst) {
@@ -108,7 +72,7 @@ template <class T> void dequant_range(const Dequant4bit& a, int64_t begin, int64
 
 // Rounds to the weight's 16-bit dtype, in place (then the store to the tile's other dtype rounds again).
 void round_weight(float* v, int64_t n, DType weight) {
-  if (weight == DType::bf16) {
+  if (weight == DType::bfloat16) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) v[i] = round_to<bf16>(v[i]);
   } else {
@@ -122,7 +86,7 @@ template <class T> struct Dequant {
     // bitsandbytes rounds the fp32 product once, to the weight's dtype; the caller may want the tile in another
     // dtype. Straight into T when the weight is T or fp32 (one rounding either way), else through an fp32
     // buffer rounded to the weight's dtype first.
-    const bool direct = a.weight_dtype == a.dtype || a.weight_dtype == DType::f32;
+    const bool direct = a.weight_dtype == a.dtype || a.weight_dtype == DType::float32;
 #pragma omp parallel for num_threads(a.threads) schedule(static)
     for (int64_t r = 0; r < a.rows; ++r) {
       const int64_t first = (a.row0 + r) * a.in_features + a.col0;

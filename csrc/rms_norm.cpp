@@ -15,7 +15,7 @@ template <class T> struct Fwd {
     std::vector<float> scale(cols);  // offset + w in fp32, shared by all rows
     for (int64_t c = 0; c < cols; ++c) scale[c] = a.offset + load(w[c]);
     const float* s = scale.data();
-    const bool llama = a.casting == kLlama;
+    const bool llama = a.casting == Casting::llama;
 #pragma omp parallel for schedule(static) num_threads(a.threads)
     for (int64_t r = 0; r < a.rows; ++r) {
       const T* xr = x + r * cols;
@@ -56,7 +56,7 @@ inline void bwd_row(const T* dyr, const T* xr, const float* s, T* dxr, float* pd
 template <class T> struct Bwd {
   static void run(const RmsNormBwd& a) {
     if (!a.dw) rows<false, false>(a);
-    else if (a.casting == kLlama) rows<true, true>(a);
+    else if (a.casting == Casting::llama) rows<true, true>(a);
     else rows<true, false>(a);
   }
 

@@ -10,8 +10,8 @@ template <class T>
 inline void rotate_heads(const RopeTensor& t, int64_t b, int64_t s, int64_t half,
                          const float* c, const float* sn, bool backward) {
   for (int64_t h = 0; h < t.heads; ++h) {
-    const T* in = static_cast<const T*>(t.in) + b * t.in_stride[0] + h * t.in_stride[1] + s * t.in_stride[2];
-    T* out = static_cast<T*>(t.out) + b * t.out_stride[0] + h * t.out_stride[1] + s * t.out_stride[2];
+    const T* in = static_cast<const T*>(t.src) + b * t.src_stride[0] + h * t.src_stride[1] + s * t.src_stride[2];
+    T* out = static_cast<T*>(t.dst) + b * t.dst_stride[0] + h * t.dst_stride[1] + s * t.dst_stride[2];
     if (!backward) {
       // out1 = x1 c1 - x2 s1 ; out2 = x2 c2 + x1 s2
 #pragma omp simd

@@ -8,6 +8,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from lf import _C
 from lf.kernels import LFRMSNorm, rms_norm, rms_norm_reference
 from support import DTYPES, assert_close, oracle
 
@@ -95,12 +96,12 @@ def test_triton_column_chunks(dtype, casting, monkeypatch):
     x = torch.randn(rows, cols, dtype=dtype)
     w = (torch.randn(cols) * 0.3 + 1).to(dtype)
     dy = torch.randn_like(x)
-    code = op.CASTING[casting]
     expect = [torch.full_like(x, float("nan")), torch.full((rows,), float("nan")),
               torch.full_like(x, float("nan")), torch.full_like(w, float("nan"))]
     got = [t.clone() for t in expect]
-    op._torch_forward(x, w, expect[0], expect[1], 1e-6, 0.0, code)
-    op._torch_backward(dy, x, w, expect[1], expect[2], expect[3], 0.0, code)
+    op._torch_forward(x, w, expect[0], expect[1], 1e-6, 0.0, casting)
+    op._torch_backward(dy, x, w, expect[1], expect[2], expect[3], 0.0, casting)
+    code = _C.Casting[casting].value  # the Triton wrappers take lf._C's number
     tri.forward(x, w, got[0], got[1], 1e-6, 0.0, code, max_block=16)
     tri.backward(dy, x, w, got[1], got[2], got[3], 0.0, code, max_block=16)
     for name, a, e in zip(("y", "rstd", "dx", "dw"), got, expect):

@@ -95,18 +95,36 @@ def matmul_in_fp32(t: torch.Tensor) -> bool:
     return not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes[t.dtype])
 
 
+@functools.cache
+def _function(target: str) -> Callable:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def numbered(target: str, enum: str) -> Callable:
+    """The Triton wrapper ``target`` (``"module:function"``) for an op whose last argument names a member of
+    ``lf._C.<enum>`` (the names travel through the custom ops, so the torch backend needs no lf._C): the wrapper
+    gets the member's number, which lf's Triton kernels use as the C++ ones do."""
+
+    def call(*args):
+        from lf import _C
+
+        *rest, member = args
+        _function(target)(*rest, getattr(_C, enum)[member].value)
+
+    return call
+
+
 class Implementations:
     """One op's implementations by backend. Triton entries are ``"module:function"`` strings, imported on
     first use so that machines without Triton never import it."""
 
-    def __init__(self, *, triton: str, cpu: Callable, torch: Callable):
+    def __init__(self, *, triton: str | Callable, cpu: Callable, torch: Callable):
         self._table: dict[str, Callable | str] = {"triton": triton, "cpu": cpu, "torch": torch}
 
     def for_device(self, device: torch.device) -> Callable:
         backend = choose_backend(device.type)
         impl = self._table[backend]
         if isinstance(impl, str):
-            module, name = impl.split(":")
-            impl = getattr(importlib.import_module(module), name)
-            self._table[backend] = impl
+            impl = self._table[backend] = _function(impl)
         return impl

@@ -8,7 +8,6 @@ import torch
 from lf.errors import KernelDTypeError, KernelInputError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as csrc/common.h's DType
 
 
 def tensor(op: str, name: str, value) -> torch.Tensor:
@@ -48,3 +47,10 @@ def fail(op: str, message: str) -> None:
 def threads() -> int:
     """Threads for the CPU kernels: the same as torch uses, so torch.set_num_threads applies to lf too."""
     return torch.get_num_threads()
+
+
+def cpu_dtype(dtype: torch.dtype):
+    """``dtype`` as the CPU kernels' ``lf._C.DType``, whose members carry torch's names."""
+    from lf import _C
+
+    return _C.DType[str(dtype).removeprefix("torch.")]

@@ -76,9 +76,11 @@ def _cpu_forward(logits, labels, grad, loss, ignore_index, smoothing, softcap, z
     from lf import _C
 
     rows, vocab = logits.shape
-    _C.cross_entropy(logits.data_ptr(), 0 if grad is None else grad.data_ptr(), labels.data_ptr(), loss.data_ptr(),
-                     rows, vocab, ignore_index, smoothing, softcap, z_loss, grad_scale,
-                     _checks.DTYPE_CODE[logits.dtype], _checks.threads())
+    _C.cross_entropy(_C.CrossEntropy(logits=logits.data_ptr(), grad=0 if grad is None else grad.data_ptr(),
+                                     labels=labels.data_ptr(), loss=loss.data_ptr(), rows=rows, vocab=vocab,
+                                     ignore_index=ignore_index, smoothing=smoothing, softcap=softcap, z_loss=z_loss,
+                                     grad_scale=grad_scale, dtype=_checks.cpu_dtype(logits.dtype),
+                                     threads=_checks.threads()))
 
 
 ROWS = Implementations(triton="lf._triton.kernels.cross_entropy:forward", cpu=_cpu_forward, torch=_torch_forward)

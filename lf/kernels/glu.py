@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import Implementations
+from lf.kernels._backend import Implementations, numbered
 
-SWIGLU, GEGLU_TANH, GEGLU_ERF = 0, 1, 2  # as csrc/common.h's GluKind and kernels/glu.py
-GEGLU_KIND = {"tanh": GEGLU_TANH, "none": GEGLU_ERF}
+GEGLU_KIND = {"tanh": "geglu_tanh", "none": "geglu_erf"}  # kinds are lf._C.GluKind's member names
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -36,12 +35,12 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "ta
 
 # ---- torch backend ----
 
-def _torch_act(g: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_act(g: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """act(g) and its derivative, written out (the backend computes them in fp32)."""
-    if kind == SWIGLU:
+    if kind == "swiglu":
         sg = torch.sigmoid(g)
         return g * sg, sg * (1 + g * (1 - sg))
-    if kind == GEGLU_TANH:  # 0.5 g (1 + tanh z) = g sigmoid(2z), which does not cancel where tanh z nears -1
+    if kind == "geglu_tanh":  # 0.5 g (1 + tanh z) = g sigmoid(2z), which does not cancel where tanh z nears -1
         c = 2 * math.sqrt(2 / math.pi)
         sg = torch.sigmoid(c * (g + 0.044715 * g**3))
         return g * sg, sg + g * sg * (1 - sg) * c * (1 + 3 * 0.044715 * g * g)
@@ -65,23 +64,26 @@ def _torch_backward(dy, gate, up, dgate, dup, kind):
 def _cpu_forward(gate, up, out, kind):
     from lf import _C
 
-    _C.glu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), kind,
-               _checks.DTYPE_CODE[gate.dtype], _checks.threads())
+    _C.glu_fwd(_C.GluFwd(gate=gate.data_ptr(), up=up.data_ptr(), out=out.data_ptr(), n=gate.numel(),
+                         kind=_C.GluKind[kind], dtype=_checks.cpu_dtype(gate.dtype), threads=_checks.threads()))
 
 
 def _cpu_backward(dy, gate, up, dgate, dup, kind):
     from lf import _C
 
-    _C.glu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), gate.numel(),
-               kind, _checks.DTYPE_CODE[gate.dtype], _checks.threads())
+    _C.glu_bwd(_C.GluBwd(dy=dy.data_ptr(), gate=gate.data_ptr(), up=up.data_ptr(), dgate=dgate.data_ptr(),
+                         dup=dup.data_ptr(), n=gate.numel(), kind=_C.GluKind[kind], dtype=_checks.cpu_dtype(gate.dtype),
+                         threads=_checks.threads()))
 
 
-FORWARD = Implementations(triton="lf._triton.kernels.glu:forward", cpu=_cpu_forward, torch=_torch_forward)
-BACKWARD = Implementations(triton="lf._triton.kernels.glu:backward", cpu=_cpu_backward, torch=_torch_backward)
+FORWARD = Implementations(triton=numbered("lf._triton.kernels.glu:forward", "GluKind"), cpu=_cpu_forward,
+                          torch=_torch_forward)
+BACKWARD = Implementations(triton=numbered("lf._triton.kernels.glu:backward", "GluKind"), cpu=_cpu_backward,
+                           torch=_torch_backward)
 
 
 @torch.library.custom_op("lf::glu_fwd", mutates_args=())
-def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
+def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     out = _alloc.empty_like(gate)
     FORWARD.for_device(gate.device)(gate, up, out, kind)
     return out
@@ -93,7 +95,7 @@ def _(gate, up, kind):
 
 
 @torch.library.custom_op("lf::glu_bwd", mutates_args=())
-def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = _alloc.empty_like(gate), _alloc.empty_like(up)
     BACKWARD.for_device(gate.device)(dy, gate, up, dgate, dup, kind)
     return dgate, dup
@@ -118,7 +120,7 @@ class GLUFunction(torch.autograd.Function):
         return dgate, dup, None
 
 
-def _glu(op: str, gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tensor:
+def _glu(op: str, gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
     _checks.tensor(op, "gate", gate)
     _checks.tensor(op, "up", up)
     _checks.same_device_and_dtype(op, "gate", gate, up=up)
@@ -130,7 +132,7 @@ def _glu(op: str, gate: torch.Tensor, up: torch.Tensor, kind: int) -> torch.Tens
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, fused, differentiable in both."""
-    return _glu("swiglu", gate, up, SWIGLU)
+    return _glu("swiglu", gate, up, "swiglu")
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:

@@ -151,13 +151,17 @@ def _cpu_dequantize(qweight: torch.Tensor, quant_state, out: torch.Tensor, row0:
     from lf import _C
 
     absmax, code, nested, blocksize = _storage(quant_state)
-    absmax2, code2, blocksize2, offset = nested or (absmax, code, 1, 0.0)  # the inner ones unused unless nested
-    _C.dequant_4bit(q=qweight.contiguous().data_ptr(), absmax=absmax.data_ptr(), code=code.data_ptr(),
-                    blocksize=blocksize, nested=nested is not None, absmax2=absmax2.data_ptr(),
-                    code2=code2.data_ptr(), blocksize2=blocksize2, offset=offset, in_features=quant_state.shape[1],
-                    row0=row0, col0=col0, rows=out.shape[0], cols=out.shape[1], out=out.data_ptr(),
-                    weight_dtype=_checks.DTYPE_CODE[quant_state.dtype], dtype=_checks.DTYPE_CODE[out.dtype],
-                    threads=_checks.threads())
+    inner = {}
+    if nested:  # the absmax are uint8 codes: code2[absmax] * absmax2[block / blocksize2] + offset
+        absmax2, code2, blocksize2, offset = nested
+        inner = dict(nested=True, absmax2=absmax2.data_ptr(), code2=code2.data_ptr(), blocksize2=blocksize2,
+                     offset=offset)
+    q = qweight.contiguous()  # held until the kernel has run
+    _C.dequant_4bit(_C.Dequant4bit(q=q.data_ptr(), absmax=absmax.data_ptr(), code=code.data_ptr(),
+                                   blocksize=blocksize, in_features=quant_state.shape[1], row0=row0, col0=col0,
+                                   rows=out.shape[0], cols=out.shape[1], out=out.data_ptr(),
+                                   weight_dtype=_checks.cpu_dtype(quant_state.dtype),
+                                   dtype=_checks.cpu_dtype(out.dtype), threads=_checks.threads(), **inner))
 
 
 def _tile_size(n: int, width: int) -> int:

@@ -132,16 +132,18 @@ def _probs_cpu(s, lse, scale):
     from lf import _C
 
     p = _alloc.empty_like(s)
-    _C.attn_block(s.data_ptr(), lse.data_ptr(), p.data_ptr(), 0, 0, 0, s.shape[0] * s.shape[1], s.shape[2], 0,
-                  scale, False, _checks.DTYPE_CODE[s.dtype], _checks.threads())
+    _C.attn_block(_C.AttnBlock(s=s.data_ptr(), lse=lse.data_ptr(), p=p.data_ptr(), rows=s.shape[0] * s.shape[1],
+                               n=s.shape[2], scale=scale, grad=False, dtype=_checks.cpu_dtype(s.dtype),
+                               threads=_checks.threads()))
     return p
 
 
 def _score_grad_cpu(p, dp, o, dout, scale):
     from lf import _C
 
-    _C.attn_block(0, 0, p.data_ptr(), dp.data_ptr(), o.data_ptr(), dout.data_ptr(), p.shape[0] * p.shape[1],
-                  p.shape[2], o.shape[-1], scale, True, _checks.DTYPE_CODE[p.dtype], _checks.threads())
+    _C.attn_block(_C.AttnBlock(p=p.data_ptr(), dp=dp.data_ptr(), o=o.data_ptr(), dout=dout.data_ptr(),
+                               rows=p.shape[0] * p.shape[1], n=p.shape[2], dim=o.shape[-1], scale=scale, grad=True,
+                               dtype=_checks.cpu_dtype(p.dtype), threads=_checks.threads()))
     return dp
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import Implementations
+from lf.kernels._backend import Implementations, numbered
 
-CASTING = {"llama": 0, "gemma": 1, "none": 2}  # as csrc/common.h's Casting and kernels/rms_norm.py
+CASTINGS = ("llama", "gemma", "none")  # lf._C.Casting's member names, which the backends are given
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
@@ -42,7 +42,7 @@ def _torch_forward(x, w, y, rstd, eps, offset, casting):
     xf = x.float()
     rstd.copy_(torch.rsqrt(xf.square().mean(-1) + eps))
     normed = xf * rstd[:, None]
-    if casting == CASTING["llama"]:
+    if casting == "llama":
         normed = normed.to(x.dtype).float()
     y.copy_(normed * (offset + w.float()))
 
@@ -52,7 +52,7 @@ def _torch_backward(dy, x, w, rstd, dx, dw, offset, casting):
     g = dyf * (offset + w.float())
     dx.copy_(rstd[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True)))
     if dw is not None:
-        if casting == CASTING["llama"]:
+        if casting == "llama":
             xhat = xhat.to(x.dtype).float()
         dw.copy_((dyf * xhat).sum(0))
 
@@ -62,27 +62,32 @@ def _torch_backward(dy, x, w, rstd, dx, dw, offset, casting):
 def _cpu_forward(x, w, y, rstd, eps, offset, casting):
     from lf import _C
 
-    _C.rms_norm_fwd(x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), x.shape[0], x.shape[1], eps,
-                    offset, casting, _checks.DTYPE_CODE[x.dtype], _checks.threads())
+    _C.rms_norm_fwd(_C.RmsNormFwd(x=x.data_ptr(), w=w.data_ptr(), y=y.data_ptr(), rstd=rstd.data_ptr(),
+                                  rows=x.shape[0], cols=x.shape[1], eps=eps, offset=offset,
+                                  casting=_C.Casting[casting], dtype=_checks.cpu_dtype(x.dtype),
+                                  threads=_checks.threads()))
 
 
 def _cpu_backward(dy, x, w, rstd, dx, dw, offset, casting):
     from lf import _C
 
-    _C.rms_norm_bwd(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-                    0 if dw is None else dw.data_ptr(), x.shape[0], x.shape[1], offset, casting,
-                    _checks.DTYPE_CODE[x.dtype], _checks.threads())
+    _C.rms_norm_bwd(_C.RmsNormBwd(dy=dy.data_ptr(), x=x.data_ptr(), w=w.data_ptr(), rstd=rstd.data_ptr(),
+                                  dx=dx.data_ptr(), dw=0 if dw is None else dw.data_ptr(), rows=x.shape[0],
+                                  cols=x.shape[1], offset=offset, casting=_C.Casting[casting],
+                                  dtype=_checks.cpu_dtype(x.dtype), threads=_checks.threads()))
 
 
-FORWARD = Implementations(triton="lf._triton.kernels.rms_norm:forward", cpu=_cpu_forward, torch=_torch_forward)
-BACKWARD = Implementations(triton="lf._triton.kernels.rms_norm:backward", cpu=_cpu_backward, torch=_torch_backward)
+FORWARD = Implementations(triton=numbered("lf._triton.kernels.rms_norm:forward", "Casting"), cpu=_cpu_forward,
+                          torch=_torch_forward)
+BACKWARD = Implementations(triton=numbered("lf._triton.kernels.rms_norm:backward", "Casting"), cpu=_cpu_backward,
+                           torch=_torch_backward)
 
 
 # ---- custom ops (opaque to torch.compile) and the autograd Function ----
 
 @torch.library.custom_op("lf::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-                  casting: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  casting: str) -> tuple[torch.Tensor, torch.Tensor]:
     y = _alloc.empty_like(x)
     rstd = _alloc.empty(x.shape[0], x, torch.float32)
     FORWARD.for_device(x.device)(x, weight, y, rstd, eps, offset, casting)
@@ -96,7 +101,7 @@ def _(x, weight, eps, offset, casting):
 
 @torch.library.custom_op("lf::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
-                  casting: int, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  casting: str, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx = _alloc.empty_like(x)
     dw = _alloc.empty_like(weight) if weight_grad else weight.new_empty(0)
     BACKWARD.for_device(x.device)(dy, x, weight, rstd, dx, dw if weight_grad else None, offset, casting)
@@ -136,7 +141,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     _checks.tensor(op, "x", x)
     _checks.tensor(op, "weight", weight)
     _checks.same_device_and_dtype(op, "x", x, weight=weight)
-    _checks.choice(op, "casting", casting, tuple(CASTING))
+    _checks.choice(op, "casting", casting, CASTINGS)
     if x.dim() == 0 or weight.shape != (x.shape[-1],):
         _checks.fail(op, f"`weight` has shape {tuple(weight.shape)} but must be ({x.shape[-1] if x.dim() else '?'},), "
                          f"the size of the last dimension of `x` {tuple(x.shape)}")
@@ -144,4 +149,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
         _checks.fail(op, f"`x` {tuple(x.shape)} is empty")
     if not eps > 0:
         _checks.fail(op, f"`eps`={eps} must be positive (e.g. 1e-6)")
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), CASTING[casting])
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)

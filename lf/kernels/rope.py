@@ -49,11 +49,14 @@ def _torch_apply(q, k, cos, sin, q_out, k_out, backward):
 def _cpu_apply(q, k, cos, sin, q_out, k_out, backward):
     from lf import _C
 
-    b, hq, s, d = q.shape
-    _C.rope(q.data_ptr(), q_out.data_ptr(), hq, q.stride()[:3], q_out.stride()[:3],
-            k.data_ptr(), k_out.data_ptr(), k.shape[1], k.stride()[:3], k_out.stride()[:3],
-            cos.data_ptr(), sin.data_ptr(), (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)),
-            b, s, d, backward, _checks.DTYPE_CODE[q.dtype], _checks.threads())
+    def tensor(x, out):
+        return _C.RopeTensor(src=x.data_ptr(), dst=out.data_ptr(), heads=x.shape[1], src_stride=x.stride()[:3],
+                             dst_stride=out.stride()[:3])
+
+    b, _, s, d = q.shape
+    _C.rope(_C.Rope(q=tensor(q, q_out), k=tensor(k, k_out), cos=cos.data_ptr(), sin=sin.data_ptr(),
+                    cs_stride=(cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)), batch=b, seq=s, dim=d,
+                    backward=backward, dtype=_checks.cpu_dtype(q.dtype), threads=_checks.threads()))
 
 
 APPLY = Implementations(triton="lf._triton.kernels.rope:apply", cpu=_cpu_apply, torch=_torch_apply)
