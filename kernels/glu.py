@@ -59,12 +59,16 @@ def _bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, KIND: tl.constexpr, BLO
     tl.store(du_ptr + i, (dy * act).to(dtype), mask=mask)
 
 
-def forward(gate, up, out, kind: int) -> None:
-    n = gate.numel()
-    _fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, KIND=kind, BLOCK=_BLOCK, num_warps=4)
+# The activation's name (lf.kernels.glu's kinds) -> _act_and_grad's branch.
+_KIND = {"swiglu": 0, "geglu_tanh": 1, "geglu_erf": 2}
 
 
-def backward(dy, gate, up, dgate, dup, kind: int) -> None:
+def forward(gate, up, out, kind: str) -> None:
     n = gate.numel()
-    _bwd_kernel[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dgate, dup, n, KIND=kind, BLOCK=_BLOCK,
+    _fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, KIND=_KIND[kind], BLOCK=_BLOCK, num_warps=4)
+
+
+def backward(dy, gate, up, dgate, dup, kind: str) -> None:
+    n = gate.numel()
+    _bwd_kernel[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dgate, dup, n, KIND=_KIND[kind], BLOCK=_BLOCK,
                                            num_warps=4)

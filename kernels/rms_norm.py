@@ -106,14 +106,14 @@ def _block(cols, max_block):
     return block, one, max(1, min(32, block // 512))  # 16 values a thread: no spills up to 8K
 
 
-def forward(x, w, y, rstd, eps: float, offset: float, casting: int, max_block: int = 65536) -> None:
+def forward(x, w, y, rstd, eps: float, offset: float, casting: str, max_block: int = 65536) -> None:
     rows, cols = x.shape
     block, one, warps = _block(cols, max_block)
     _fwd_kernel[(rows,)](x, w, y, rstd, cols, eps, offset,
-                         LLAMA=casting == 0, BLOCK=block, ONE_BLOCK=one, num_warps=warps)
+                         LLAMA=casting == "llama", BLOCK=block, ONE_BLOCK=one, num_warps=warps)
 
 
-def backward(dy, x, w, rstd, dx, dw, offset: float, casting: int, max_block: int = 65536) -> None:
+def backward(dy, x, w, rstd, dx, dw, offset: float, casting: str, max_block: int = 65536) -> None:
     rows, cols = x.shape
     block, one, warps = _block(cols, max_block)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
@@ -123,7 +123,7 @@ def backward(dy, x, w, rstd, dx, dw, offset: float, casting: int, max_block: int
     alloc = torch.empty if one else torch.zeros
     part = alloc((n_prog, cols) if has_dw else (1,), dtype=torch.float32, device=x.device)
     _bwd_kernel[(n_prog,)](dy, x, w, rstd, dx, part, rows, cols, offset,
-                           LLAMA=casting == 0, HAS_DW=has_dw, BLOCK=block, ONE_BLOCK=one,
+                           LLAMA=casting == "llama", HAS_DW=has_dw, BLOCK=block, ONE_BLOCK=one,
                            num_warps=warps)
     if has_dw:
         dw.copy_(part.sum(0))

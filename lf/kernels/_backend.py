@@ -101,20 +101,6 @@ def _function(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def numbered(target: str, enum: str) -> Callable:
-    """The Triton wrapper ``target`` (``"module:function"``) for an op whose last argument names a member of
-    ``lf._C.<enum>`` (the names travel through the custom ops, so the torch backend needs no lf._C): the wrapper
-    gets the member's number, which lf's Triton kernels use as the C++ ones do."""
-
-    def call(*args):
-        from lf import _C
-
-        *rest, member = args
-        _function(target)(*rest, getattr(_C, enum)[member].value)
-
-    return call
-
-
 class Implementations:
     """One op's implementations by backend. Triton entries are ``"module:function"`` strings, imported on
     first use so that machines without Triton never import it."""

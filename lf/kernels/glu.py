@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import Implementations, numbered
+from lf.kernels._backend import Implementations
 
 GEGLU_KIND = {"tanh": "geglu_tanh", "none": "geglu_erf"}  # kinds are lf._C.GluKind's member names
 
@@ -76,10 +76,8 @@ def _cpu_backward(dy, gate, up, dgate, dup, kind):
                          threads=_checks.threads()))
 
 
-FORWARD = Implementations(triton=numbered("lf._triton.kernels.glu:forward", "GluKind"), cpu=_cpu_forward,
-                          torch=_torch_forward)
-BACKWARD = Implementations(triton=numbered("lf._triton.kernels.glu:backward", "GluKind"), cpu=_cpu_backward,
-                           torch=_torch_backward)
+FORWARD = Implementations(triton="lf._triton.kernels.glu:forward", cpu=_cpu_forward, torch=_torch_forward)
+BACKWARD = Implementations(triton="lf._triton.kernels.glu:backward", cpu=_cpu_backward, torch=_torch_backward)
 
 
 @torch.library.custom_op("lf::glu_fwd", mutates_args=())

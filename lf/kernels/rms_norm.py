@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import Implementations, numbered
+from lf.kernels._backend import Implementations
 
 CASTINGS = ("llama", "gemma", "none")  # lf._C.Casting's member names, which the backends are given
 
@@ -77,10 +77,8 @@ def _cpu_backward(dy, x, w, rstd, dx, dw, offset, casting):
                                   dtype=_checks.cpu_dtype(x.dtype), threads=_checks.threads()))
 
 
-FORWARD = Implementations(triton=numbered("lf._triton.kernels.rms_norm:forward", "Casting"), cpu=_cpu_forward,
-                          torch=_torch_forward)
-BACKWARD = Implementations(triton=numbered("lf._triton.kernels.rms_norm:backward", "Casting"), cpu=_cpu_backward,
-                           torch=_torch_backward)
+FORWARD = Implementations(triton="lf._triton.kernels.rms_norm:forward", cpu=_cpu_forward, torch=_torch_forward)
+BACKWARD = Implementations(triton="lf._triton.kernels.rms_norm:backward", cpu=_cpu_backward, torch=_torch_backward)
 
 
 # ---- custom ops (opaque to torch.compile) and the autograd Function ----
