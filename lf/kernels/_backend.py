@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import types
 import warnings
 from typing import Callable
 
@@ -20,7 +21,9 @@ import torch
 from lf.errors import KernelError
 
 BACKENDS = ("triton", "cpu", "torch")
-DEFAULT_BACKEND = {"cuda": "triton", "hip": "triton", "cpu": "cpu"}
+# device type -> the backend that runs there (every other device type: the torch reference). Adding a device is
+# an entry here.
+DEFAULT_BACKEND = types.MappingProxyType({"cuda": "triton", "hip": "triton", "cpu": "cpu"})
 ENV_VAR = "LF_KERNEL_BACKEND"
 
 
