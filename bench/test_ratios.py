@@ -45,15 +45,18 @@ HIDDEN, INTERMEDIATE, Q_HEADS, KV_HEADS, HEAD_DIM, EPS = 4096, 14336, 32, 8, 128
 
 # lf's fused forward + backward against HF eager, as bench/ops.py times them at Llama-3-8B widths, over
 # fewer tokens. Each bound sits well below the medians this suite measured on a 2-core Intel Xeon (AMX), also
-# under heavy load from other processes (rms_norm 4.7-12.7x, rope 5.1-11x, swiglu 1.5-1.8x), with room for the
-# other kind of machine CI has run on (an AVX2 AMD EPYC, where the full-size benchmark measured rope 5.1x and
-# swiglu bf16 1.37x): a fall below it is a regression, not noise.
+# under heavy load from other processes (rms_norm 4.7-16.5x, rope 5.1-11x), with room for the other kind of
+# machine CI has run on (an AVX2 AMD EPYC, where the full-size benchmark measured rope 5.1x): a fall below it
+# is a regression, not noise. SwiGLU is compute-bound on the CPU (its exp), and HF eager's bf16 is fast whenever
+# glibc hands its 29 MB temporaries back from the heap: on the Xeon, swiglu measured fp32 1.52-1.57x and bf16
+# 1.26x in three runs (2026-12-05), and CI once measured bf16 1.18x before vexp lost its multiply and sign
+# fix-up (csrc/common.h, ~12% off lf's kernels). Its bound says the fusion still wins, with room for that machine.
 OP_CASES = {  # op: (tokens, least speed-up over HF eager)
     "rms_norm": (2048, 1.5),
     "rope": (1024, 3.0),
-    "swiglu": (1024, 1.2),
+    "swiglu": (1024, 1.1),
 }
-OP_WARMUP, OP_ROUNDS = 2, 15
+OP_WARMUP, OP_ROUNDS = 2, 25  # 25: a median that one allocator-state flip in a few rounds does not move
 
 # Matmul cases run in bf16 where the CPU has native bf16 dot products, as lf decides (AVX512-BF16 or AMX).
 # Elsewhere torch's bf16 matmul backward runs at ~0.5 GFLOP/s (bench/README.md): minutes at these sizes.
