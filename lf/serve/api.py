@@ -9,6 +9,7 @@ import os
 from lf.config import parse_infer_args
 from lf.errors import ConfigError
 from lf.serve import Engine
+from lf.serve.media import MAX_BYTES, MAX_PIXELS, Limits
 
 # Defaults, and the server's fixed settings (lf/serve/app.py serves with them).
 MAX_BODY_BYTES = 4 * 2**20  # room for a long context's prompt, JSON-escaped, but not for a flood
@@ -22,19 +23,29 @@ Serves the model that cfg.yaml names (model_name_or_path, adapter_name_or_path, 
 http://API_HOST:API_PORT/v1 for OpenAI clients: GET /v1/models, POST /v1/chat/completions (streamed or not).
 
 Environment:
-  API_HOST            the address to listen on (default 127.0.0.1: this machine only)
-  API_PORT            the port (default 8000)
-  API_KEY             requests must send `Authorization: Bearer <key>`; the /docs pages are off (default: no key)
-  API_MODEL_NAME      the model's id for clients (default: the base name of model_name_or_path)
-  API_MAX_BODY_BYTES  larger request bodies get a 413 (default {MAX_BODY_BYTES}, {MAX_BODY_BYTES // 2**20} MiB)
-  API_MAX_QUEUE       requests that may wait for the model; more get a 503 with Retry-After (default {MAX_QUEUE})
+  API_HOST              the address to listen on (default 127.0.0.1: this machine only)
+  API_PORT              the port (default 8000)
+  API_KEY               requests must send `Authorization: Bearer <key>`; the /docs pages are off (default:
+                        no key)
+  API_MODEL_NAME        the model's id for clients (default: the base name of model_name_or_path)
+  API_MAX_BODY_BYTES    larger request bodies get a 413 (default {MAX_BODY_BYTES}, {MAX_BODY_BYTES // 2**20} MiB)
+  API_MAX_QUEUE         requests that may wait for the model; more get a 503 with Retry-After (default {MAX_QUEUE})
+  API_MEDIA_ROOT        the folder whose images requests may name as file:///absolute/path URLs (symlinks
+                        and .. followed must stay in it); unset (the default), no local file is read: images
+                        come as data:image/...;base64, URLs (http(s) URLs are always refused: the server
+                        fetches nothing)
+  API_MAX_IMAGE_BYTES   a request's images together, encoded (data: URLs decoded, files by size); more get a 413
+                        (default {MAX_BYTES}, {MAX_BYTES // 2**20} MiB)
+  API_MAX_IMAGE_PIXELS  a request's images together, decoded; more get a 413, read from the images' headers
+                        before any pixel is decoded (default {MAX_PIXELS}, 4096 x 4096)
 
 A prompt longer than the model's context, or max_tokens beyond the room it leaves, gets a 400 (without max_tokens
 the reply may run to the context's end). Idle connections close after {KEEP_ALIVE_S} s. On SIGTERM or Ctrl-C the
 server stops taking connections, gives requests in flight {SHUTDOWN_GRACE_S} s, cancels them and exits."""
 
 # The numeric environment variables: (default, largest allowed); each is a whole number from 1.
-NUMBERS = {"API_PORT": (8000, 65535), "API_MAX_BODY_BYTES": (MAX_BODY_BYTES, None), "API_MAX_QUEUE": (MAX_QUEUE, None)}
+NUMBERS = {"API_PORT": (8000, 65535), "API_MAX_BODY_BYTES": (MAX_BODY_BYTES, None), "API_MAX_QUEUE": (MAX_QUEUE, None),
+           "API_MAX_IMAGE_BYTES": (MAX_BYTES, None), "API_MAX_IMAGE_PIXELS": (MAX_PIXELS, None)}
 
 
 def _numbers() -> dict[str, int]:
@@ -49,6 +60,15 @@ def _numbers() -> dict[str, int]:
     return values
 
 
+def _media(numbers: dict[str, int]) -> Limits:
+    """The image limits and API_MEDIA_ROOT, which must be a folder (ConfigError)."""
+    root = os.environ.get("API_MEDIA_ROOT") or None
+    if root and not os.path.isdir(root):
+        raise ConfigError(f"API_MEDIA_ROOT={root!r} is not a folder: name the folder whose images clients may send "
+                          f"as file: URLs, or unset it (images then come only as data: URLs)")
+    return Limits(root, numbers["API_MAX_IMAGE_BYTES"], numbers["API_MAX_IMAGE_PIXELS"])
+
+
 def _check_installed() -> None:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
@@ -56,14 +76,15 @@ def _check_installed() -> None:
                           f"pip install fastapi uvicorn")
 
 
-def serve(engine: Engine, numbers: dict[str, int]) -> int:
+def serve(engine: Engine, numbers: dict[str, int], media: Limits) -> int:
     from lf.serve.app import create_app, server
 
     host, api_key = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_KEY") or None
     app = create_app(engine, api_key, model_name=os.environ.get("API_MODEL_NAME") or None,
-                     max_body_bytes=numbers["API_MAX_BODY_BYTES"], max_queue=numbers["API_MAX_QUEUE"])
+                     max_body_bytes=numbers["API_MAX_BODY_BYTES"], max_queue=numbers["API_MAX_QUEUE"], media=media)
     auth = "bearer API_KEY required" if api_key else "no authentication (API_KEY is not set)"
-    print(f"lf api: serving {engine.name} at http://{host}:{numbers['API_PORT']}/v1 ({auth})", flush=True)
+    files = f"file: images under {media.root}" if media.root else "no file: images (API_MEDIA_ROOT is not set)"
+    print(f"lf api: serving {engine.name} at http://{host}:{numbers['API_PORT']}/v1 ({auth}; {files})", flush=True)
     try:
         server(app, host, numbers["API_PORT"]).run()
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again
@@ -77,4 +98,5 @@ def command(argv: list[str]) -> int:
     the server from starting is refused before the model loads."""
     _check_installed()
     numbers = _numbers()
-    return serve(Engine(parse_infer_args(argv, "api")), numbers)
+    media = _media(numbers)
+    return serve(Engine(parse_infer_args(argv, "api")), numbers, media)

@@ -4,8 +4,11 @@ with n, stop, temperature, top_p, max_tokens and tools / tool_calls.
 
 OpenAI messages map onto lf's canonical conversation: system (or developer) messages lead and become the system
 prompt; an assistant message with tool_calls is a `function` reply; consecutive `tool` messages are one
-`observation` (the results of one turn of calls). The model is named to clients by `model_name`, else by its
-folder's base name (no local path is ever sent back).
+`observation` (the results of one turn of calls). A user message's content may be a list of parts: text, and
+images (`image_url` with a data: URL, or a file: URL under API_MEDIA_ROOT), which lf.serve.media decodes, within
+the request's image limits, into `<image>` placeholders and the images in order; video and audio parts are refused
+for now. A model that takes no images refuses them before any is decoded. The model is named to clients by
+`model_name`, else by its folder's base name (no local path is ever sent back).
 
 Every error is an OpenAI-style JSON body, {"error": {"message", "type"}}, the message saying what to fix:
 401 without the API key (checked before the body is read), 413 for a body over `max_body_bytes`, 400 for a request
@@ -35,12 +38,12 @@ import secrets
 import time
 import uuid
 from collections.abc import Coroutine
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +53,7 @@ from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, USER
 from lf.errors import DataError
 from lf.serve.api import KEEP_ALIVE_S, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_GRACE_S
 from lf.serve.engine import Engine, Generation, Reply, RequestError
+from lf.serve.media import Images, Limits, MediaError, conversation_content
 
 log = logging.getLogger("lf")
 T = TypeVar("T")
@@ -65,6 +69,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's resolution hint: the model's processor decides
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class MediaPart(BaseModel):
+    """A video or audio part: recognised, to be refused by its name rather than as an unknown part."""
+    model_config = ConfigDict(extra="allow")
+    type: Literal["video_url", "input_audio"]
+
+
+ContentPart = Annotated[TextPart | ImagePart | MediaPart, Field(discriminator="type")]
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -78,7 +101,7 @@ class ToolCall(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -107,10 +130,11 @@ class ChatCompletionRequest(BaseModel):
 
 
 def create_app(engine: Engine, api_key: str | None = None, *, model_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE, media: Limits = Limits()) -> FastAPI:
     """The app serving `engine`. `api_key`: requests must carry `Authorization: Bearer <api_key>` (none or empty:
-    no authentication); `model_name`: the model's id for clients (default: public_name of its path); the limits
-    as the module docstring says."""
+    no authentication); `model_name`: the model's id for clients (default: public_name of its path); `media`: what
+    a request's images may cost and where file: URLs may point (default: no file: URLs); the limits as the module
+    docstring says."""
     model_id = model_name or public_name(engine.name)
     pages = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
     app = FastAPI(title="lf API", description=f"OpenAI-compatible API serving {model_id}", **pages)
@@ -128,7 +152,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, model_name: str | 
     async def chat_completions(request: Request) -> Response:
         body = await request.body()
         # parsing and tokenizing a long prompt take a while: not on the event loop, which answers everyone
-        chat, generations = await run_in_threadpool(_prepare, engine, body)
+        chat, generations = await run_in_threadpool(_prepare, engine, body, media)
         job = turns.enter(generations)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if chat.stream:
@@ -263,10 +287,11 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         raise HTTPException(400, f"invalid request: {problems}") from None
 
 
-def _prepare(engine: Engine, body: bytes) -> tuple[ChatCompletionRequest, list[Generation]]:
-    """The request and its generations, encoded and checked (400 for what the client must change)."""
+def _prepare(engine: Engine, body: bytes, media: Limits) -> tuple[ChatCompletionRequest, list[Generation]]:
+    """The request and its generations, its images decoded, encoded and checked (400 for what the client must
+    change, 413 for images over the limits)."""
     chat = _parse(body)
-    messages, system = _conversation(chat.messages)
+    messages, system, urls = _conversation(chat.messages)
     tools = [tool.model_dump(exclude_none=True) for tool in chat.tools or ()] or None
     asked = chat.max_completion_tokens or chat.max_tokens
     # a temperature in the request decides sampling as in OpenAI's API (0: greedy), whatever the config's do_sample
@@ -274,7 +299,13 @@ def _prepare(engine: Engine, body: bytes) -> tuple[ChatCompletionRequest, list[G
     settings = {"temperature": chat.temperature, "do_sample": sample, "top_p": chat.top_p, "stop": chat.stop,
                 "max_new_tokens": asked}
     try:
-        generations = engine.streams(messages, system, tools, n=chat.n, **settings)
+        if urls and engine.image_refusal:  # before decoding what would be thrown away
+            raise RequestError(engine.image_refusal)
+        decoder = Images(media)
+        generations = engine.streams(messages, system, tools, images=[decoder.load(url) for url in urls], n=chat.n,
+                                     **settings)
+    except MediaError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
     except (DataError, RequestError) as exc:
         raise HTTPException(400, str(exc)) from None
     prompt, context = generations[0].prompt_tokens, engine.context_length
@@ -285,19 +316,27 @@ def _prepare(engine: Engine, body: bytes) -> tuple[ChatCompletionRequest, list[G
     return chat, generations
 
 
-def _text(message: Message, index: int) -> str:
+def _content(message: Message, index: int) -> tuple[str, list[str]]:
+    """A message's text, with a placeholder where each image part was, and its image URLs."""
     if message.content is None and not message.tool_calls:
         raise HTTPException(400, f"messages[{index}] ({message.role}) has no content")
-    if isinstance(message.content, list):
-        return "".join(part.text for part in message.content)
-    return message.content or ""
+    if not isinstance(message.content, list):
+        return message.content or "", []
+    try:
+        text, urls = conversation_content([part.model_dump() for part in message.content], f"messages[{index}]")
+    except MediaError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    if urls and message.role != "user":
+        raise HTTPException(400, f"messages[{index}] ({message.role}) has an image: images go in user messages")
+    return text, urls
 
 
-def _conversation(messages: list[Message]) -> tuple[list[dict], str | None]:
-    """(lf's canonical messages, the system prompt) of an OpenAI request's messages."""
-    system, canonical = [], []
+def _conversation(messages: list[Message]) -> tuple[list[dict], str | None, list[str]]:
+    """(lf's canonical messages, the system prompt, the image URLs in order) of an OpenAI request's messages."""
+    system, canonical, urls = [], [], []
     for i, message in enumerate(messages):
-        text = _text(message, i)
+        text, images = _content(message, i)
+        urls += images
         if message.role in ("system", "developer"):
             if canonical:
                 raise HTTPException(400, f"messages[{i}]: a {message.role} message must come before the conversation "
@@ -311,7 +350,7 @@ def _conversation(messages: list[Message]) -> tuple[list[dict], str | None]:
         else:
             role = {"user": USER, "assistant": ASSISTANT, "tool": OBSERVATION}[message.role]
             canonical.append({"role": role, "content": text})
-    return canonical, "\n\n".join(system) or None
+    return canonical, "\n\n".join(system) or None, urls
 
 
 def _tool_calls(reply: Reply) -> list[dict]:

@@ -17,6 +17,10 @@ and hands the text over in pieces: to a plain iterator (`for piece in generation
 worker generate at a time (the others wait their turn); only the workers take it, never the caller iterating, so a
 reader that stops reading cannot block anyone: leaving its iteration cancels its worker at the next token.
 
+Images come as `<image>` placeholders in the messages' text plus the decoded images in order (lf.serve.media
+decodes what users send). Whether the model takes them is `image_refusal`'s answer, the one place the multimodal
+model side (issue 21) fills; until then every model refuses them with one line.
+
 Prompts must fit the model's context (`context_length`, from its config): a conversation too long for it is refused
 (RequestError) by its length in characters before it is tokenized, then by its length in tokens, and a reply never
 runs past the context (max_new_tokens is cut to the room the prompt leaves).
@@ -43,6 +47,7 @@ from lf.data.conversation import ASSISTANT, PROMPT_ROLES
 from lf.data.tools import get_tool_format
 from lf.errors import ConfigError, DataError, RequestError
 from lf.model import load_inference_model, load_tokenizer
+from lf.serve.media import IMAGE
 
 log = logging.getLogger("lf")
 
@@ -59,6 +64,14 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     tool_calls: tuple[tuple[str, str], ...] = ()  # (name, arguments as JSON) when tools were given and are called
+
+
+def image_refusal(template, model) -> str | None:
+    """Why `model` prompted with `template` takes no images, or None when it does: the seam where multimodal models
+    plug in (issue 21: a template with an image plugin and a model whose processor builds the pixel inputs). No
+    template has one yet, so every model refuses images, before any is decoded."""
+    return (f"this model/template ({template.name}) does not take image input; templates that do: none yet in this "
+            f"version of lf: send text only")
 
 
 class Engine:
@@ -81,6 +94,7 @@ class Engine:
         self.model = load_inference_model(self.tokenizer, cfg.model, cfg.finetuning, device)
         self.device = next(self.model.parameters()).device
         self.stop_ids = tuple(self.template.stop_token_ids(self.tokenizer))
+        self.image_refusal = image_refusal(self.template, self.model)  # None: images are taken
         self.context_length = _context_length(self.model.config, self.tokenizer)  # None: the model names none
         # No token spans more characters than the longest in the vocabulary: a text longer than this many
         # characters cannot fit the context, however it tokenizes, and is refused before it is tokenized.
@@ -88,9 +102,12 @@ class Engine:
         self.max_chars = self.context_length * longest if self.context_length else None
         self._lock = threading.Lock()  # one model: one generation at a time (see the module docstring)
 
-    def prompt_ids(self, messages, system=None, tools=None) -> list[int]:
+    def prompt_ids(self, messages, system=None, tools=None, images=()) -> list[int]:
         """The template's encoding of the conversation through the generation prompt (DataError if its roles do
-        not alternate as the template needs)."""
+        not alternate as the template needs). `images`: the PIL images the messages' IMAGE placeholders stand for,
+        in order (RequestError when the model takes none, or when the counts differ)."""
+        if images:
+            self._check_images(messages, images)
         if not messages or messages[-1]["role"] not in PROMPT_ROLES:
             last = f"ends with a {messages[-1]['role']!r} message" if messages else "is empty"
             raise DataError(f"the conversation {last}: it must end with a {' or '.join(PROMPT_ROLES)} message, which "
@@ -98,19 +115,21 @@ class Engine:
         reply = {"role": ASSISTANT, "content": ""}
         return self.template.encode_oneturn(self.tokenizer, list(messages) + [reply], system, tools)[0]
 
-    def stream(self, messages, system=None, tools=None, *, stop=None, **settings) -> Generation:
+    def stream(self, messages, system=None, tools=None, *, images=(), stop=None, **settings) -> Generation:
         """One reply, to iterate in text pieces as they are generated. `system` replaces the template's default
-        system prompt; `tools`: tool definitions (JSON text or a list); `stop`: a string or strings that end the
+        system prompt; `tools`: tool definitions (JSON text or a list); `images`: as for `prompt_ids`;
+        `stop`: a string or strings that end the
         reply (left out of it); `settings`: the generating group's SETTINGS, None meaning the config's value.
         The prompt is encoded and checked, and the settings too, here, before anything is generated."""
-        return self.streams(messages, system, tools, n=1, stop=stop, **settings)[0]
+        return self.streams(messages, system, tools, images=images, n=1, stop=stop, **settings)[0]
 
-    def streams(self, messages, system=None, tools=None, *, n: int = 1, stop=None, **settings) -> list[Generation]:
+    def streams(self, messages, system=None, tools=None, *, images=(), n: int = 1, stop=None,
+                **settings) -> list[Generation]:
         """`n` replies to the same prompt (encoded once), as `stream`; they are generated one after another."""
         if not isinstance(n, int) or n < 1:
             raise RequestError(f"n must be a whole number >= 1 (how many replies), got {n!r}")
         kwargs = self._generate_kwargs(settings)
-        prompt_ids = self._fitting_prompt(messages, system, tools)
+        prompt_ids = self._fitting_prompt(messages, system, tools, images)
         if self.context_length:  # generating past the context gives nothing the model was trained for
             kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_length - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
@@ -127,17 +146,25 @@ class Engine:
         with self._lock:
             pass
 
-    def _fitting_prompt(self, messages, system, tools) -> list[int]:
+    def _check_images(self, messages, images) -> None:
+        if self.image_refusal:
+            raise RequestError(self.image_refusal)
+        marks = sum((m["content"] or "").count(IMAGE) for m in messages)
+        if marks != len(images):
+            raise RequestError(f"the conversation has {marks} {IMAGE} placeholder(s) for {len(images)} image(s): "
+                               f"write one where each image goes")
+
+    def _fitting_prompt(self, messages, system, tools, images) -> list[int]:
         """prompt_ids, refused (RequestError) when it leaves no room in the context for a reply token."""
         if not self.context_length:
-            return self.prompt_ids(messages, system, tools)
+            return self.prompt_ids(messages, system, tools, images)
         texts = [m["content"] or "" for m in messages] + [system or ""]
         chars = sum(map(len, texts)) + (len(tools if isinstance(tools, str) else json.dumps(tools)) if tools else 0)
         if chars > self.max_chars:
             raise RequestError(f"the conversation is {chars} characters, more than the model's context of "
                                f"{self.context_length} tokens can hold (at most {self.max_chars} characters): "
                                f"shorten it")
-        prompt_ids = self.prompt_ids(messages, system, tools)
+        prompt_ids = self.prompt_ids(messages, system, tools, images)
         if len(prompt_ids) >= self.context_length:
             raise RequestError(f"the prompt is {len(prompt_ids)} tokens, but the model's context is "
                                f"{self.context_length} tokens, the reply included: shorten the conversation")

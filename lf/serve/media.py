@@ -1,0 +1,201 @@
+"""Images a user attaches to a conversation, decoded safely: OpenAI content parts (`lf api`), `/image` lines
+(`lf chat`). What a stranger may make the server read or decode is bounded here:
+
+- `data:image/...;base64,` URLs are decoded; malformed base64 or bytes that are no image are refused (400).
+- `file://` URLs are read only under a media root the operator names (`API_MEDIA_ROOT`; unset, the default: none
+  are read), after symlinks and `..` are followed, and only regular files (a FIFO would hang the reader, a device
+  never ends). Nothing is said about a path outside the root, not even whether it exists.
+- `http(s)://` URLs are refused: the server has no network and must not fetch for strangers (SSRF).
+- A request's images together may hold `max_bytes` encoded bytes (413 above) and `max_pixels` decoded pixels: a
+  header's size is read before its pixels, so an image that would decode to gigabytes (a decompression bomb) is
+  refused having cost a few bytes.
+- Only PNG, JPEG, WebP, GIF and BMP are opened: Pillow's other formats include ones it decodes through outside
+  programs (EPS runs Ghostscript) or with a history of decoder faults.
+- Video and audio parts are recognised and refused until lf's models take them.
+
+`conversation_content(parts)` turns a message's parts into its text, with the IMAGE placeholder (LLaMA-Factory's)
+where each image was, and the image URLs in order; `Images(limits).load(url)` decodes one URL, counting it toward
+the request's limits; `open_image(path)` opens a local file for `lf chat`, whose user reads with their own rights.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import stat
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from lf.errors import RequestError
+
+IMAGE = "<image>"  # where an image stands in a message's text (LLaMA-Factory's placeholder)
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_BYTES = 16 * 2**20  # a request's images together, encoded: a few phone photos
+MAX_PIXELS = 2**24  # a request's images together, decoded (4096 x 4096; 48 MiB as RGB): the queue holds them too
+NOT_YET = "video/audio input is not supported yet: send images (image_url parts) and text"
+
+
+class MediaError(RequestError):
+    """An attached image that cannot be used; `status` is the HTTP status the API answers it with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request's images may cost (the API's variables set them). `root`: the folder file: URLs may name
+    (None: file: URLs refused)."""
+    root: str | None = None
+    max_bytes: int = MAX_BYTES
+    max_pixels: int = MAX_PIXELS
+
+
+def conversation_content(parts: list[dict], where: str) -> tuple[str, list[str]]:
+    """A message's OpenAI content parts as (its text with IMAGE where each image part was, the image URLs in
+    order); `where` names the message in refusals. Parts are dicts as OpenAI sends them."""
+    text, urls = [], []
+    for i, part in enumerate(parts):
+        kind = part.get("type")
+        if kind == "text":
+            text.append(part["text"])
+        elif kind == "image_url":
+            text.append(IMAGE)
+            urls.append(part["image_url"]["url"])
+        elif kind in ("video_url", "input_audio"):
+            raise MediaError(f"{where}.content[{i}] is {kind}: {NOT_YET}")
+        else:
+            raise MediaError(f"{where}.content[{i}] has type {kind!r}: the parts taken are text and image_url")
+    return "".join(text), urls
+
+
+class Images:
+    """A request's images, decoded one by one against the request's limits, which count all of them."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.bytes, self.pixels, self.count = limits, 0, 0, 0
+
+    def load(self, url: str) -> Image.Image:
+        """The image `url` names (a data: or file: URL), decoded to RGB; MediaError saying why not."""
+        self.count += 1
+        what = f"image {self.count}"
+        scheme = url.partition(":")[0].lower()
+        if scheme == "data":
+            payload = _base64_payload(url, what)
+            self._spend(len(payload) // 4 * 3, what)  # the decoded size, known before decoding
+            return self._decode(_base64_decoded(payload, what), what)
+        if scheme == "file":
+            return self._decode(self._file_bytes(url, what), what)
+        if scheme in ("http", "https"):
+            raise MediaError(f"{what} is an {scheme} URL: this server fetches nothing from the network; send the image "
+                             f"itself as a data:image/...;base64, URL")
+        raise MediaError(f"{what} is not a data: or file: URL ({_short(url)!r}): send a data:image/...;base64, URL")
+
+    def _spend(self, size: int, what: str) -> None:
+        self.bytes += size
+        if self.bytes > self.limits.max_bytes:
+            raise MediaError(f"{what} brings the request's images over {self.limits.max_bytes} bytes, the server's "
+                             f"limit for them together (API_MAX_IMAGE_BYTES): send smaller or fewer images", 413)
+
+    def _file_bytes(self, url: str, what: str) -> bytes:
+        """The bytes of a file: URL's file, if it lies under the media root."""
+        if self.limits.root is None:
+            raise MediaError(f"{what} is a file: URL, but this server reads no local files (API_MEDIA_ROOT is not "
+                             f"set): send the image as a data:image/...;base64, URL")
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:  # a malformed host part
+            parts = None
+        if not parts or parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise MediaError(f"{what}: {_short(url)!r} is not a local file URL: write it file:///absolute/path")
+        path = urllib.request.url2pathname(parts.path)
+        root = os.path.realpath(self.limits.root)
+        real = os.path.realpath(path) if os.path.isabs(path) and "\0" not in path else None
+        if real is None or os.path.commonpath([root, real]) != root:  # symlinks and .. followed: where bytes are
+            raise MediaError(f"{what}: {_short(url)!r} is not in the server's media folder (API_MEDIA_ROOT; "
+                             f"symlinks and .. followed): name a file in it, or send a data: URL")
+        try:  # O_NOFOLLOW: no symlink swapped in since; O_NONBLOCK: opening a FIFO would wait for a writer
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise MediaError(f"{what}: cannot read {_short(url)!r} ({exc.strerror}): check the path") from None
+        try:
+            size = os.fstat(fd)
+            if not stat.S_ISREG(size.st_mode):
+                raise MediaError(f"{what}: {_short(url)!r} is not a regular file: name an image file")
+            self._spend(size.st_size, what)
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                return file.read(size.st_size)
+        finally:
+            os.close(fd)
+
+    def _decode(self, data: bytes, what: str) -> Image.Image:
+        image = _opened(data, what)
+        width, height = image.size  # from the header: no pixel is decoded yet
+        self.pixels += width * height
+        if self.pixels > self.limits.max_pixels:
+            raise MediaError(f"{what} is {width}x{height} pixels, which brings the request's images over "
+                             f"{self.limits.max_pixels} pixels, the server's limit for them together "
+                             f"(API_MAX_IMAGE_PIXELS): send smaller images", 413)
+        return _loaded(image, what)
+
+
+def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A local image file for `lf chat` (the user's own files, read with their rights), checked as the API's are."""
+    what = repr(path)
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise MediaError(f"cannot read {what}: {exc.strerror}") from None
+    image = _opened(data, what)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise MediaError(f"{what} is {width}x{height} pixels, more than {max_pixels}: resize it first")
+    return _loaded(image, what)
+
+
+def _base64_payload(url: str, what: str) -> str:
+    """The base64 text of a data:image/...;base64, URL."""
+    head, comma, payload = url.partition(",")
+    if not (comma and head.lower().startswith("data:image/") and head.lower().endswith(";base64")):
+        raise MediaError(f"{what} is a data: URL, but not data:image/<format>;base64,<data> ({_short(head)!r})")
+    return "".join(payload.split())  # line breaks are allowed in base64 text
+
+
+def _base64_decoded(payload: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"{what}: its data: URL is not valid base64 ({exc}): encode the image's bytes with "
+                         f"standard base64") from None
+
+
+def _opened(data: bytes, what: str) -> Image.Image:
+    """The image in `data` with its header read, its pixels not decoded yet."""
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError:  # Pillow's own ceiling, above any limit of ours
+        raise MediaError(f"{what} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels: send a smaller image",
+                         413) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise MediaError(f"{what} is not an image lf reads ({', '.join(FORMATS)}): send one of those") from None
+
+
+def _loaded(image: Image.Image, what: str) -> Image.Image:
+    """The image's pixels decoded, as RGB; a truncated or corrupt image refused."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise MediaError(f"{what} is damaged and cannot be decoded ({exc}): send it again or another") from None
+
+
+def _short(text: str, most: int = 200) -> str:
+    """A client's text quoted back in an error, cut short (a data: URL may be megabytes)."""
+    return text if len(text) <= most else text[:most] + "..."
