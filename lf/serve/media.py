@@ -135,7 +135,7 @@ class Images:
             os.close(fd)
 
     def _decode(self, data: bytes, what: str) -> Image.Image:
-        image = _opened(data, what)
+        image = _opened(io.BytesIO(data), what)
         width, height = image.size  # from the header: no pixel is decoded yet
         self.pixels += width * height
         if self.pixels > self.limits.max_pixels:
@@ -149,15 +149,15 @@ def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """A local image file for `lf chat` (the user's own files, read with their rights), checked as the API's are."""
     what = repr(path)
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        file = open(path, "rb")
     except OSError as exc:
         raise MediaError(f"cannot read {what}: {exc.strerror}") from None
-    image = _opened(data, what)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise MediaError(f"{what} is {width}x{height} pixels, more than {max_pixels}: resize it first")
-    return _loaded(image, what)
+    with file:  # read as far as the header, then decoded only if its size is sane
+        image = _opened(file, what)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise MediaError(f"{what} is {width}x{height} pixels, more than {max_pixels}: resize it first")
+        return _loaded(image, what)
 
 
 def _base64_payload(url: str, what: str) -> str:
@@ -176,10 +176,10 @@ def _base64_decoded(payload: str, what: str) -> bytes:
                          f"standard base64") from None
 
 
-def _opened(data: bytes, what: str) -> Image.Image:
-    """The image in `data` with its header read, its pixels not decoded yet."""
+def _opened(file, what: str) -> Image.Image:
+    """The image in the binary `file` with its header read, its pixels not decoded yet."""
     try:
-        return Image.open(io.BytesIO(data), formats=FORMATS)
+        return Image.open(file, formats=FORMATS)
     except Image.DecompressionBombError:  # Pillow's own ceiling, above any limit of ours
         raise MediaError(f"{what} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels: send a smaller image",
                          413) from None
