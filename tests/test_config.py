@@ -233,9 +233,9 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
     ("pissa_init", True, "PiSSA adapters"),
     ("shift_attn", True, "LongLoRA's shifted sparse attention"),
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
-    ("visual_inputs", True, "multimodal training"),
-    ("freeze_vision_tower", False, "multimodal training"),
-    ("image_max_pixels", 262144, "multimodal training"),
+    ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
+    ("video_max_pixels", 131072, "video and audio input (lf reads images only, so far)"),
+    ("audio_sampling_rate", 8000, "video and audio input (lf reads images only, so far)"),
     ("infer_backend", "vllm", "an inference engine other than transformers"),
     ("save_safetensors", False, "pickled checkpoints"),
 ])
@@ -246,8 +246,8 @@ def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(
 
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):
-    inert = {"use_unsloth": False, "use_galore": False, "freeze_vision_tower": True, "infer_backend": "huggingface",
-             "image_max_pixels": 589824, "save_safetensors": True, "ppo_epochs": 4, "galore_rank": 32}
+    inert = {"use_unsloth": False, "use_galore": False, "video_fps": 2.0, "infer_backend": "huggingface",
+             "video_max_pixels": 65536, "save_safetensors": True, "ppo_epochs": 4, "galore_rank": 32}
     cfg = parse_train_args({**BASE, **inert})
     assert cfg.raw["ppo_epochs"] == 4
     assert "ppo_epochs is ignored: it tunes ppo training (TRL no longer has a PPO trainer)" in logs.text
@@ -336,6 +336,10 @@ RULE_CASES = {
                                                  " Did you mean: fa2?"),
     "rope_scaling_choice": ({"rope_scaling": "ntk"}, "rope_scaling: ntk is not one of null, linear, dynamic"),
     "infer_dtype_choice": ({"infer_dtype": "float8"}, "infer_dtype: float8 is not one of auto, float16"),
+    "image_pixel_limits": ({"image_min_pixels": 4096, "image_max_pixels": 1024},
+                           "image_min_pixels: 4096 is above image_max_pixels: 1024: no image size fits both"),
+    "mm_proj_only_needs_full": ({"train_mm_proj_only": True}, "train_mm_proj_only: true trains the multimodal "
+                                                              "projector alone, in full, but finetuning_type is lora"),
     "liger_or_lf_kernels": ({"enable_liger_kernel": True, "use_lf_kernels": False},
                             "but use_lf_kernels: false turns them off"),
     "fp16_and_bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one"),

@@ -87,11 +87,18 @@ EXPECTED = {
                "### Instruction:\nHow are you?\n\n### Response:\nFine.</s>\n\n"),
     "vicuna": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",
                f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
+    # LLaVA-1.5's conversation format (its training code's "v1"): Vicuna v1.1's
+    "llava": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",
+              f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
     "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
                "<|im_start|>assistant\nHello!<|im_end|>\n", CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
              "<|im_start|>assistant\nHello!<|im_end|>\n", QWEN_SYSTEM + CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen3": (QWEN3_SINGLE, QWEN3_MULTI),
+    # Qwen2-VL's official template: chatml with its own default system prompt (images: tests/test_multimodal.py)
+    "qwen2_vl": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                 "<|im_start|>assistant\nHello!<|im_end|>\n",
+                 "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen3_nothink": (QWEN3_SINGLE, QWEN3_MULTI),  # same text; the empty block is in the prompt (see below)
     "llama2": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
                "<s>[INST] Hi [/INST] Hello! </s><s>[INST] How are you? [/INST] Fine. </s>"),

@@ -28,3 +28,8 @@ class DataArguments:
     default_system: str | None = None
     enable_thinking: bool = True
     tokenized_path: str | None = None
+    # images (lf.data.mm_plugins): where relative paths in an images column start, and the pixel counts an image
+    # is resized into (keeping its aspect ratio) before the model's image processor sees it
+    media_dir: str | None = None  # None: dataset_dir
+    image_max_pixels: int = 768 * 768
+    image_min_pixels: int = 32 * 32

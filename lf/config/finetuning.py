@@ -18,6 +18,11 @@ class FinetuningArguments:
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
     freeze_extra_modules: str | None = None  # modules outside the layers that train too (e.g. embed_tokens)
+    # vision-language models: which parts may train (lf.data.mm_plugins names each family's parts)
+    freeze_vision_tower: bool = True
+    freeze_multi_modal_projector: bool = True
+    freeze_language_model: bool = False
+    train_mm_proj_only: bool = False  # full: the projector alone trains
     # lora
     lora_rank: int = 8
     lora_alpha: int | None = None  # None: 2 x lora_rank

@@ -265,7 +265,7 @@ class Unsupported:
     fix: str = "remove the key"
 
 
-_MULTIMODAL = "multimodal training (images, video, audio)"
+_MULTIMODAL = "video and audio input (lf reads images only, so far)"
 _PREFERENCE = "ppo training (TRL no longer has a PPO trainer)"
 UNSUPPORTED = types.MappingProxyType({
     # model
@@ -293,22 +293,17 @@ UNSUPPORTED = types.MappingProxyType({
     **{key: Unsupported("exporting a model", None) for key in
        ("export_size", "export_device", "export_quantization_bit", "export_quantization_dataset",
         "export_quantization_nsamples", "export_quantization_maxlen", "export_legacy_format", "export_hub_model_id")},
-    "visual_inputs": Unsupported(_MULTIMODAL),
-    "image_max_pixels": Unsupported(_MULTIMODAL, (768 * 768,)),
-    "image_min_pixels": Unsupported(_MULTIMODAL, (32 * 32,)),
-    "image_do_pan_and_scan": Unsupported(_MULTIMODAL),
-    "crop_to_patches": Unsupported(_MULTIMODAL),
+    "visual_inputs": Unsupported("LLaMA-Factory's old switch for vision models",
+                                 fix="remove it (a dataset's images column and a template that takes images, such "
+                                     "as qwen2_vl or llava, are what train on images)"),
+    "image_do_pan_and_scan": Unsupported("Gemma 3's pan-and-scan image crops"),
+    "crop_to_patches": Unsupported("InternVL's image patches"),
     "video_max_pixels": Unsupported(_MULTIMODAL, (256 * 256,)),
     "video_min_pixels": Unsupported(_MULTIMODAL, (16 * 16,)),
     "video_fps": Unsupported(_MULTIMODAL, (2.0,)),
     "video_maxlen": Unsupported(_MULTIMODAL, (128,)),
     "use_audio_in_video": Unsupported(_MULTIMODAL),
     "audio_sampling_rate": Unsupported(_MULTIMODAL, (16000,)),
-    "media_dir": Unsupported(_MULTIMODAL, (None,)),
-    "freeze_vision_tower": Unsupported(_MULTIMODAL, (True,)),
-    "freeze_multi_modal_projector": Unsupported(_MULTIMODAL, (True,)),
-    "freeze_language_model": Unsupported(_MULTIMODAL),
-    "train_mm_proj_only": Unsupported(_MULTIMODAL),
     # finetuning
     "pissa_init": Unsupported("PiSSA adapters"),
     "pissa_iter": Unsupported("PiSSA adapters", None),

@@ -139,6 +139,10 @@ RANGES = types.MappingProxyType({
     "dataloader_num_workers": ("training", AT_LEAST_0, "the processes loading batches (0: the training process)"),
     "seed": ("training", AT_LEAST_0, "the random seed (e.g. 42)"),
     "cutoff_len": ("data", AT_LEAST_1, "the tokens an example keeps (e.g. 2048)"),
+    "image_max_pixels": ("data", AT_LEAST_1, "the most pixels an image keeps; larger ones are scaled down (768*768 = "
+                                             "589824 is usual)"),
+    "image_min_pixels": ("data", AT_LEAST_1, "the fewest pixels an image has; smaller ones are scaled up (32*32 = "
+                                             "1024 is usual)"),
     "max_samples": ("data", AT_LEAST_1, "the examples read from each dataset (remove it to read them all)"),
     "val_size": ("data", AT_LEAST_0, "the eval split: a fraction below 1 or a count of examples (0: none)"),
     "preprocessing_batch_size": ("data", AT_LEAST_1, "the examples tokenized together"),
@@ -309,6 +313,12 @@ RULES: tuple[Rule, ...] = (
          and ("," in c.model.adapter_name_or_path or c.finetuning.create_new_adapter),
          "adapters cannot be merged into a quantized model (quantization_bit: {m.quantization_bit}): give one "
          "adapter to train further, without create_new_adapter, or merge them into the model first"),
+    Rule("image_pixel_limits", lambda c: c.data.image_min_pixels > c.data.image_max_pixels >= 1,  # else: RANGES
+         "image_min_pixels: {d.image_min_pixels} is above image_max_pixels: {d.image_max_pixels}: no image size fits "
+         "both; lower image_min_pixels or raise image_max_pixels"),
+    Rule("mm_proj_only_needs_full", lambda c: c.finetuning.train_mm_proj_only and c.finetuning.finetuning_type != "full",
+         "train_mm_proj_only: true trains the multimodal projector alone, in full, but finetuning_type is "
+         "{f.finetuning_type}: set finetuning_type: full, or use freeze_multi_modal_projector: false beside LoRA"),
     Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
          "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
          "false turns them off: remove one of the two"),

@@ -7,7 +7,9 @@ A canonical row is a plain dict (so that `datasets` can store it):
             one for pt/sft/kto, two for ranking data (chosen, rejected), zero or one for prediction;
   system:   the system prompt ("" for none);
   tools:    a JSON list of tool definitions ("" for none);
-  kto_tag:  True/False for kto data (desirable or not), None elsewhere.
+  kto_tag:  True/False for kto data (desirable or not), None elsewhere;
+  images:   the row's images in the order of the "<image>" placeholders in its messages, each {"bytes", "path"}
+            as `datasets` stores an image (bytes of an encoded image, or a path relative to media_dir); [] for none.
 A `function` message's content is a JSON tool call {"name", "arguments"} or a JSON list of them; an
 `observation` is the tools' result(s), as text.
 """
@@ -17,5 +19,10 @@ PROMPT_ROLES = (USER, OBSERVATION)
 REPLY_ROLES = (ASSISTANT, FUNCTION)
 
 
-def canonical_row(prompt, response, system: str = "", tools: str = "", kto_tag: bool | None = None) -> dict:
-    return {"prompt": prompt, "response": response, "system": system or "", "tools": tools or "", "kto_tag": kto_tag}
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a message's text (LLaMA-Factory's placeholder)
+
+
+def canonical_row(prompt, response, system: str = "", tools: str = "", kto_tag: bool | None = None,
+                  images=()) -> dict:
+    return {"prompt": prompt, "response": response, "system": system or "", "tools": tools or "", "kto_tag": kto_tag,
+            "images": list(images)}

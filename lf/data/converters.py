@@ -18,6 +18,9 @@ openai: sharegpt's rules on OpenAI chat messages. An assistant message with `too
   canonical function turn holds calls only). Consecutive tool-role messages are one observation turn: the
   result itself, or a JSON list of the results when there are several. Content given as a list of parts keeps
   its text parts (joined by newlines); a row with another kind of part (an image) is skipped.
+Every formatting: an images column gives the row's images (a path, bytes, a {"bytes", "path"} dict as `datasets`
+  stores an image, a PIL image, or a list of them), kept undecoded as {"bytes", "path"}; their count must equal the
+  "<image>" placeholders in the prompt and first reply, else the conversion stops with the file and row.
 Every formatting: a kto_tag column gives the row's true/false label; a tools column is kept when it is text and
 JSON-encoded (as a list) when it is structured; an empty one ("", "[]", null) becomes "". Non-text values of text
 fields are JSON-encoded.
@@ -27,6 +30,7 @@ no usable row left is an error. Streams cannot be counted ahead: their first unu
 their first batch is checked for usable rows.
 """
 
+import io
 import json
 import logging
 from collections import Counter
@@ -39,15 +43,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lf.data import cache
-from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, PROMPT_ROLES, REPLY_ROLES, USER, canonical_row
-from lf.data.registry import DEFAULT_COLUMNS, DatasetAttr
+from lf.data.conversation import (ASSISTANT, FUNCTION, IMAGE_PLACEHOLDER, OBSERVATION, PROMPT_ROLES, REPLY_ROLES,
+                                  USER, canonical_row)
+from lf.data.registry import DEFAULT_COLUMNS, IMAGES, DatasetAttr
 from lf.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+IMAGE_REFS = datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
 FEATURES = datasets.Features({"prompt": _MESSAGES, "response": _MESSAGES, "system": datasets.Value("string"),
-                              "tools": datasets.Value("string"), "kto_tag": datasets.Value("bool")})
+                              "tools": datasets.Value("string"), "kto_tag": datasets.Value("bool"),
+                              "images": IMAGE_REFS})
 _SKIP = "_skip"  # while converting: why a row is skipped, None when it is usable
 _CONVERTING = datasets.Features({**FEATURES, _SKIP: datasets.Value("string")})
 _SCHEMA = _CONVERTING.arrow_schema
@@ -69,7 +76,8 @@ def alpaca(row: dict, attr: DatasetAttr) -> dict:
         response = [_message(ASSISTANT, _required_text(row, "response"))]
     else:  # pretraining text, or prompts to predict on
         response = []
-    return canonical_row(prompt, response, _text(row.get("system")), _tools(row.get("tools")), _kto_tag(row))
+    return canonical_row(prompt, response, _text(row.get("system")), _tools(row.get("tools")), _kto_tag(row),
+                         _images(row.get(IMAGES)))
 
 
 def sharegpt(row: dict, attr: DatasetAttr) -> dict:
@@ -89,11 +97,14 @@ def to_canonical(raw, attr: DatasetAttr, *, num_proc: int | None = None, batch_s
     tools, kto_tag only; unusable rows skipped (see the module's docstring)."""
     names = _column_names(raw)
     _check_columns(attr, names)
+    if IMAGES in attr.columns:
+        raw = _undecoded(raw, attr.columns[IMAGES])
     if isinstance(raw, datasets.IterableDataset):
         return _convert_stream(raw, attr, batch_size, remove=names)
     convert = _BatchConverter(attr)
     converted = raw.map(convert.table, input_columns=list(convert.columns), batched=True, batch_size=batch_size,
-                        remove_columns=names, features=_CONVERTING, num_proc=num_proc, desc=f"Converting {attr.name}")
+                        with_indices=True, remove_columns=names, features=_CONVERTING, num_proc=num_proc,
+                        desc=f"Converting {attr.name}")
     return _usable(converted, attr)
 
 
@@ -120,28 +131,30 @@ class _BatchConverter:
         self.code = cache.SOURCE  # expires cached conversions when lf's data code changes
         self.logged = False
 
-    def rows(self, columns) -> dict:
+    def rows(self, columns, indices) -> dict:
         """Canonical columns, and _SKIP: each row's reason to be skipped (None for a usable row)."""
         convert, out = CONVERTERS[self.attr.formatting], {key: [] for key in _CONVERTING}
-        for values in zip(*columns):
+        for index, values in zip(indices, zip(*columns)):
             try:
                 row, reason = convert({key: values[i] for key, i in self.picks}, self.attr), None
             except SkipRow as skip:
                 row, reason = _EMPTY, str(skip)
+            _check_placeholders(row, self.attr, index)
             for key, value in row.items():
                 out[key].append(value)
             out[_SKIP].append(reason)
         return out
 
-    def table(self, *columns) -> pa.Table:
+    def table(self, *columns_and_indices) -> pa.Table:
         """For a Dataset: all rows with their reasons, as Arrow (written as is, faster than encoding lists)."""
-        return pa.Table.from_pydict(self.rows(columns), schema=_SCHEMA)
+        *columns, indices = columns_and_indices
+        return pa.Table.from_pydict(self.rows(columns, indices), schema=_SCHEMA)
 
     def usable(self, *columns_and_indices) -> dict:
         """For a stream: its usable rows only; logs its first unusable one (its total is unknown until its end).
         A stream's map drops them itself: chaining a filter costs `datasets` more than the conversion."""
         *columns, indices = columns_and_indices
-        out = self.rows(columns)
+        out = self.rows(columns, indices)
         reasons = out.pop(_SKIP)
         keep = [i for i, reason in enumerate(reasons) if reason is None]
         if len(keep) == len(reasons):
@@ -159,7 +172,7 @@ def _convert_stream(raw: datasets.IterableDataset, attr: DatasetAttr, batch_size
     head = list(raw.take(batch_size))  # a dataset none of whose first rows is usable fails now, not mid-training
     if not head:
         raise DataError(f"dataset {attr.name!r} has no rows.")
-    reasons = convert.rows([[row[column] for row in head] for column in convert.columns])[_SKIP]
+    reasons = convert.rows([[row[column] for row in head] for column in convert.columns], range(len(head)))[_SKIP]
     if all(reasons):
         raise _no_usable_row(attr, f"its first {len(head)} rows", reasons, 0)
     return raw.map(convert.usable, input_columns=list(convert.columns), batched=True, batch_size=batch_size,
@@ -200,6 +213,50 @@ def _usable(converted: datasets.Dataset, attr: DatasetAttr) -> datasets.Dataset:
 
 
 # -- rows
+
+
+def _undecoded(raw, column: str):
+    """`raw` with its image column kept as stored ({"bytes", "path"}): images decode later, one batch at a time."""
+    feature = (raw.features or {}).get(column)
+    inner = getattr(feature, "feature", feature)  # a list of images, or one image per row
+    if not isinstance(inner, datasets.Image) or not inner.decode:
+        return raw
+    undecoded = datasets.Image(decode=False)
+    return raw.cast_column(column, datasets.List(undecoded) if inner is not feature else undecoded)
+
+
+def _images(value) -> list[dict]:
+    """An images column's value as a list of {"bytes", "path"}."""
+    if value is None:
+        return []
+    refs = []
+    for image in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(image, str):
+            refs.append({"bytes": None, "path": image})
+        elif isinstance(image, (bytes, bytearray)):
+            refs.append({"bytes": bytes(image), "path": None})
+        elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+            refs.append({"bytes": image.get("bytes"), "path": image.get("path")})
+        elif hasattr(image, "save") and hasattr(image, "size"):  # a PIL image
+            encoded = io.BytesIO()
+            image.save(encoded, format=image.format or "PNG")
+            refs.append({"bytes": encoded.getvalue(), "path": None})
+        else:
+            raise SkipRow(f"image not a path, bytes or an image ({type(image).__name__})")
+    return refs
+
+
+def _check_placeholders(row: dict, attr: DatasetAttr, index: int) -> None:
+    """A row of a dataset with images has one "<image>" per image in its prompt and first reply: any other count
+    would feed the model images it cannot place (or placeholders with nothing behind them)."""
+    if IMAGES not in attr.columns:
+        return
+    messages = list(row["prompt"]) + list(row["response"][:1])
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(row["images"]):
+        raise DataError(f"dataset {attr.name!r} ({attr.path}), row {index}: {placeholders} {IMAGE_PLACEHOLDER} "
+                        f"placeholder(s) in its messages but {len(row['images'])} image(s) in column "
+                        f"{attr.columns[IMAGES]!r}: put one {IMAGE_PLACEHOLDER} in the text where each image goes")
 
 
 def _message(role: str, content: str) -> dict:
@@ -270,7 +327,7 @@ def _dialogue(row: dict, attr: DatasetAttr, read_turns) -> dict:
     else:
         prompt, response = turns[:-1], turns[-1:]
     system = _text(row.get("system")) or system
-    return canonical_row(prompt, response, system, _tools(row.get("tools")), _kto_tag(row))
+    return canonical_row(prompt, response, system, _tools(row.get("tools")), _kto_tag(row), _images(row.get(IMAGES)))
 
 
 def _reply(message, key: str, tags, read_turns) -> dict:

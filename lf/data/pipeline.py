@@ -26,13 +26,15 @@ from lf import stages
 from lf.data import packing as packing_
 from lf.data.cache import fingerprint
 from lf.data.collator import Collator
+from lf.data.converters import FEATURES
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
-from lf.data.registry import DatasetAttr, dataset_attrs
+from lf.data.registry import IMAGES, DatasetAttr, dataset_attrs
+from lf.data.templates import TEMPLATES
 from lf.errors import DataError
 
 log = logging.getLogger("lf")
-CANONICAL_COLUMNS = ["prompt", "response", "system", "tools", "kto_tag"]
+CANONICAL_COLUMNS = ["prompt", "response", "system", "tools", "kto_tag", "images"]
 MARKER = "lf_dataset.json"  # written last into tokenized_path: a folder without it was never completed
 PACKING_WINDOW = 10_000  # examples packed together: large enough that rows come out nearly full
 
@@ -109,11 +111,37 @@ def check_kind(data_args, plan: Plan) -> None:
                                              it="it" if one else "them"))
 
 
-def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42) -> DatasetModule:
+def check_images(data_args, plan: Plan, template, media) -> None:
+    """A DataError when datasets with an images column (train or eval) meet a template, model, stage or packing
+    that cannot take them, before any is read. `media`: the model's lf.data.mm_plugins.MMProcessor, or None."""
+    with_images = [attr.name for names in (data_args.dataset, data_args.eval_dataset)
+                   for attr in dataset_attrs(names, data_args.dataset_dir) if IMAGES in attr.columns]
+    if not with_images:
+        return
+    names = ", ".join(with_images)
+    if template.mm_plugin is None:
+        takers = sorted(name for name, t in TEMPLATES.items() if t.mm_plugin)
+        raise DataError(f"template {template.name} does not take image input; templates that do: "
+                        f"{', '.join(takers)} (the datasets with images: {names}): set template: to the one of "
+                        f"your model's family")
+    if media is None:
+        raise DataError(f"template {template.name} puts images into prompts through the model's image processor, "
+                        f"but the model has none (no preprocessor_config.json): train {names} on the "
+                        f"vision-language model the template is for")
+    if plan.data != ROWS:
+        raise DataError(f"stage {plan.stage} does not read images yet ({names} have them): lf trains on images "
+                        f"with stage: sft")
+    if plan.packing:
+        raise DataError(f"packing: true does not keep images with their examples yet ({names} have images): set "
+                        f"packing: false")
+
+
+def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42, media=None) -> DatasetModule:
     """Train and eval datasets of token ids for `stage` (a name in lf.stages.STAGES: pt, sft, rm, dpo, kto, ppo,
-    predict)."""
+    predict). `media`: the model's lf.data.mm_plugins.MMProcessor when the template takes images."""
     plan = Plan.resolve(data_args, stage)
     check_kind(data_args, plan)
+    check_images(data_args, plan, template, media)
     path = data_args.tokenized_path
     if path and data_args.streaming:
         raise DataError("tokenized_path caches a tokenized dataset on disk, which a streamed dataset never is: "
@@ -130,20 +158,21 @@ def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42) -
     if train is None and evals is None:
         raise DataError("no dataset given: set `dataset:` (names from dataset_info.json) or `eval_dataset:`")
     module = DatasetModule(
-        _prepare(train, "train", plan, data_args, tokenizer, template) if train is not None else None,
-        _map_evals(evals, lambda d, name: _prepare(d, name, plan, data_args, tokenizer, template)))
+        _prepare(train, "train", plan, data_args, tokenizer, template, media) if train is not None else None,
+        _map_evals(evals, lambda d, name: _prepare(d, name, plan, data_args, tokenizer, template, media)))
     if path:
         _save(module, path, plan)
     return module
 
 
-def collator(tokenizer, count_tokens: bool = False) -> Collator:
+def collator(tokenizer, count_tokens: bool = False, media=None) -> Collator:
     """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token); `count_tokens`
-    for lf's trainer, which reports tokens/s."""
+    for lf's trainer, which reports tokens/s; `media` (the MMProcessor given to get_dataset) decodes the batch's
+    images into the model's image inputs."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an eos token: the template's prepare_tokenizer sets one")
-    return Collator(pad_token_id=pad, count_tokens=count_tokens)
+    return Collator(pad_token_id=pad, count_tokens=count_tokens, media=media)
 
 
 def _eval_sets(data_args, seed):
@@ -163,7 +192,7 @@ def _map_evals(evals, fn):
     return fn(evals, "eval")
 
 
-def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template):
+def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template, media=None):
     """Canonical rows -> token ids and labels (-> packed rows), with progress bars where the size is known."""
     streaming = not hasattr(dataset, "__len__")
     kwargs = {} if streaming else {"num_proc": data_args.preprocessing_num_workers,
@@ -173,6 +202,8 @@ def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template):
                                 options=Options.from_args(data_args))
     if plan.data == CONCATENATED:
         process = functools.partial(process, concatenate=plan.packing)
+    if media is not None and plan.data == ROWS:
+        process = functools.partial(process, media=media)
     if not streaming:  # a stream's map takes Python batches back only
         process = functools.partial(_to_arrow, process=process)
     columns = [c for c in CANONICAL_COLUMNS if c in (dataset.column_names or CANONICAL_COLUMNS)]
@@ -211,6 +242,8 @@ def _to_arrow(batch, *, process):
             np.cumsum([len(row) for row in rows], out=offsets[1:])
             values = pa.array(list(itertools.chain.from_iterable(rows)), type=pa.int32())
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+        elif name == IMAGES:  # each example's image references, undecoded
+            columns[name] = pa.array(rows, type=FEATURES.arrow_schema.field(IMAGES).type)
         else:  # kto's desirable flags
             columns[name] = pa.array(rows, type=pa.bool_())
     return pa.table(columns)

@@ -96,16 +96,42 @@ def _note_dropped(kind: str, dropped: int, total: int) -> None:
                     "cutoff_len)", kind, dropped, total)
 
 
-def supervised(batch, *, template, tokenizer, options: Options) -> dict:
-    """sft: input_ids and labels (the replies, every turn's or the last one's with `mask_history`)."""
-    out = {"input_ids": [], "labels": []}
-    encoded = template.encode_many(tokenizer, list(_conversations(batch)))
-    for turns in encoded:
+def _with_images(conversations, batch, media):
+    """The conversations with their image placeholders expanded by `media` (an lf.data.mm_plugins.MMProcessor),
+    each row's image references (resolved) and its image token count."""
+    expanded, refs, counts = [], [], []
+    for (messages, system, tools), row_images in zip(conversations, batch["images"]):
+        messages, row_refs, count = media.expand(messages, row_images)
+        expanded.append((messages, system, tools))
+        refs.append(row_refs)
+        counts.append(count)
+    return expanded, refs, counts
+
+
+def supervised(batch, *, template, tokenizer, options: Options, media=None) -> dict:
+    """sft: input_ids and labels (the replies, every turn's or the last one's with `mask_history`); with `media`,
+    also each example's images, its placeholders expanded into the model's image tokens."""
+    out = {"input_ids": [], "labels": [], **({"images": []} if media is not None else {})}
+    conversations = list(_conversations(batch))
+    refs, counts = [[]] * len(conversations), [0] * len(conversations)
+    if media is not None:
+        conversations, refs, counts = _with_images(conversations, batch, media)
+    encoded = template.encode_many(tokenizer, conversations)
+    cut_images = 0
+    for turns, row_refs, count in zip(encoded, refs, counts):
         input_ids, labels = _build(turns, options)
+        if media is not None and input_ids.count(media.image_token_id) != count:
+            cut_images += 1  # the model needs every token of an image, or none of the image
+            continue
         if _has_label(labels):
             out["input_ids"].append(input_ids)
             out["labels"].append(labels)
-    _note_dropped("supervised", len(encoded) - len(out["input_ids"]), len(encoded))
+            if media is not None:
+                out["images"].append(row_refs)
+    if cut_images:
+        log.warning("supervised: dropped %d of %d examples whose image tokens cutoff_len (%d) cuts into: raise "
+                    "cutoff_len or lower image_max_pixels", cut_images, len(encoded), options.cutoff_len)
+    _note_dropped("supervised", len(encoded) - len(out["input_ids"]) - cut_images, len(encoded))
     return out
 
 

@@ -97,6 +97,7 @@ class Template:
     enable_thinking: bool = True
     bos_token: str = ""  # the model family's bos/eos text: written by `render` when no tokenizer is given,
     eos_token: str = "</s>"  # and the eos `prepare_tokenizer` gives a tokenizer that has none
+    mm_plugin: str | None = None  # the lf.data.mm_plugins entry that puts images in its prompts; None: text only
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -347,6 +348,9 @@ _CHATML = dict(stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}
 _DEEPSEEK = dict(stop_words=("<｜end▁of▁sentence｜>",), prefix="{bos}", user="<｜User｜>{content}<｜Assistant｜>",
                  assistant="{content}<｜end▁of▁sentence｜>", bos_token="<｜begin▁of▁sentence｜>")
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_VICUNA = dict(system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
+               default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+                              "gives helpful, detailed, and polite answers to the user's questions.")
 
 _REGISTRY = {t.name: t for t in (
     Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
@@ -358,12 +362,13 @@ _REGISTRY = {t.name: t for t in (
              default_system="Below is an instruction that describes a task. "
                             "Write a response that appropriately completes the request."),
     # Vicuna v1.1 (FastChat).
-    Template("vicuna", system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
-             default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
-                            "gives helpful, detailed, and polite answers to the user's questions."),
+    Template("vicuna", **_VICUNA),
+    Template("llava", **_VICUNA, mm_plugin="llava"),  # LLaVA-1.5 trained on Vicuna v1.1's conversation format
     Template("chatml", **_CHATML),
     Template("qwen", **_CHATML, default_system=_QWEN_SYSTEM, tool_format="qwen"),  # Qwen2 / Qwen2.5
     Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING),
+    Template("qwen2_vl", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
+             mm_plugin="qwen2_vl"),  # Qwen2-VL / Qwen2.5-VL
     Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False),
     Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
              user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),

@@ -1,6 +1,13 @@
 """Which parameters train: all (full), some decoder layers (freeze) or LoRA adapters (peft); loading saved
 adapters; and the parameter counts that say so.
 
+A vision-language model (one lf.data.mm_plugins names) has three parts, each frozen or not by a key:
+freeze_vision_tower (default true), freeze_multi_modal_projector (default true), freeze_language_model (default
+false); train_mm_proj_only leaves the projector alone to train. full trains the parts not frozen; freeze trains
+the chosen decoder layers of the language model and the other parts not frozen; LoRA puts adapters on the linear
+layers of the language model and, when it is not frozen, of the vision tower (`lora_target` names filtered the
+same way), and trains an unfrozen projector whole beside them.
+
 Dtypes of what trains: LoRA weights are float32 whatever the model's dtype (peft's autocast_adapter_dtype: they
 are tiny, and peft casts their inputs, so they train with or without autocast). Full and freeze keep the loaded
 dtype, as HF's Trainer expects (a bf16 model trains in pure bf16, with no fp32 copy of every weight), except
@@ -15,6 +22,7 @@ import torch
 from torch import nn
 
 from lf.config.finetuning import FinetuningType
+from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
 from lf.model.paths import check_adapter_path
 
@@ -56,31 +64,72 @@ def attach(model, model_args, finetuning_args, *, is_trainable: bool) -> tuple[n
             lines.append(line)
     else:
         model.requires_grad_(kind == "full")
+        if kind == "full":
+            lines += _freeze_parts(model, finetuning_args)
         if kind == "freeze":
             lines.append(_freeze(model, finetuning_args, model_args.resize_vocab))
         lines += _fp16_to_fp32(model)
     return model, lines
 
 
+# ---- vision-language parts ----
+
+def _frozen_parts(model, finetuning_args) -> tuple[object, dict[str, tuple[str, ...]]]:
+    """(the model's multimodal plugin or None, {key: module path parts} of the parts that stay frozen)."""
+    plugin = plugin_for(getattr(model.config, "model_type", ""))
+    if plugin is None:
+        return None, {}
+    f, only_projector = finetuning_args, finetuning_args.train_mm_proj_only
+    frozen = {"freeze_vision_tower": (f.freeze_vision_tower or only_projector, plugin.vision_tower),
+              "freeze_multi_modal_projector": (f.freeze_multi_modal_projector and not only_projector,
+                                               plugin.projector),
+              "freeze_language_model": (f.freeze_language_model or only_projector, plugin.language_model)}
+    return plugin, {key: parts for key, (on, parts) in frozen.items() if on}
+
+
+def _all_parts(frozen: dict) -> tuple[str, ...]:
+    return tuple(part for parts in frozen.values() for part in parts)
+
+
+def _freeze_parts(model, finetuning_args) -> list[str]:
+    """full on a vision-language model: the frozen parts' parameters stop training."""
+    plugin, frozen = _frozen_parts(model, finetuning_args)
+    if plugin is None:
+        return []
+    for name, param in model.named_parameters():
+        if in_part(name, _all_parts(frozen)):
+            param.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("full: nothing would train: freeze_vision_tower, freeze_multi_modal_projector and "
+                         "freeze_language_model freeze every part; set one of them to false")
+    return [f"{plugin.name} parts frozen: {', '.join(frozen) or 'none'}"]
+
+
 # ---- freeze ----
 
-def _decoder_layers(model) -> str:
-    """The qualified name of the model's decoder layer list (e.g. model.layers)."""
+def _decoder_layers(model, plugin=None) -> str:
+    """The qualified name of the model's decoder layer list (e.g. model.layers; in the language model of a
+    vision-language model, whose vision tower may have as many blocks)."""
     count = model.config.get_text_config().num_hidden_layers
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
+        if isinstance(module, nn.ModuleList) and len(module) == count and (
+                plugin is None or in_part(name, plugin.language_model)):
             return name
     raise ModelError(f"freeze: found no list of {count} decoder layers in {type(model).__name__}")
 
 
 def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
-    """Unfreezes the chosen decoder layers (their chosen modules) and extra modules; returns what trains."""
-    prefix = _decoder_layers(model)
+    """Unfreezes the chosen decoder layers (their chosen modules) and extra modules, and a vision-language
+    model's parts that are not frozen; returns what trains."""
+    plugin, frozen = _frozen_parts(model, finetuning_args)
+    prefix = _decoder_layers(model, plugin)
     layers = model.get_submodule(prefix)
     n = finetuning_args.freeze_trainable_layers
     if abs(n) > len(layers):
         raise ModelError(f"freeze_trainable_layers: {n}, but the model has {len(layers)} decoder layers")
     chosen = [layers[i] for i in (range(len(layers) - n, len(layers)) if n > 0 else range(-n))]
+    if in_part(prefix, _all_parts(frozen)):  # freeze_language_model
+        chosen = []
     wanted = split_names(finetuning_args.freeze_trainable_modules)
     if wanted == ["all"]:
         for layer in chosen:
@@ -98,6 +147,12 @@ def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
     if value_head(model) is not None:
         value_head(model).requires_grad_(True)
         extra.append("score")
+    if plugin is not None:
+        unfrozen = [part for part in plugin.vision_tower + plugin.projector if part not in _all_parts(frozen)]
+        for name, param in model.named_parameters():
+            if in_part(name, tuple(unfrozen)):
+                param.requires_grad_(True)
+        extra += unfrozen
     if not chosen and not extra:
         raise ModelError("freeze: nothing would train (freeze_trainable_layers: 0 and no freeze_extra_modules)")
     which = f"the {'last' if n > 0 else 'first'} {abs(n)} decoder layers" if chosen else "no decoder layers"
@@ -148,6 +203,23 @@ def _linear_names(model) -> list[str]:
                    if isinstance(m, nn.Linear) and not any(m is head for head in heads)})
 
 
+def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]:
+    """A vision-language model's LoRA targets as full module paths: the linear layers of the language model and
+    of an unfrozen vision tower (never the projector, which trains whole when unfrozen), all of them or those
+    whose last name part `lora_target` lists."""
+    heads = (model.get_output_embeddings(), value_head(model))
+    allowed = tuple(part for part in plugin.language_model + plugin.vision_tower if part not in _all_parts(frozen))
+    linear = {path: _leaf(path) for path, m in model.named_modules()
+              if isinstance(m, nn.Linear) and not any(m is head for head in heads) and in_part(path, allowed)}
+    wanted = None if lora_target.strip() == "all" else split_names(lora_target)
+    unknown = [t for t in wanted or () if t not in linear.values()]
+    if unknown or not linear:
+        raise ModelError(f"lora_target: no linear layer named {', '.join(unknown) or lora_target} in the parts of "
+                         f"the model that may train ({', '.join(allowed) or 'none: every part is frozen'}); their "
+                         f"linear layers are: {', '.join(sorted(set(linear.values()))) or 'none'}")
+    return sorted(path for path, leaf in linear.items() if wanted is None or leaf in wanted)
+
+
 def _lora_targets(model, lora_target: str) -> list[str]:
     linear = _linear_names(model)
     if lora_target.strip() == "all":
@@ -165,8 +237,12 @@ def _lora_targets(model, lora_target: str) -> list[str]:
 def _new_lora(model, finetuning_args, resize_vocab: bool):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = _lora_targets(model, finetuning_args.lora_target)
+    plugin, frozen = _frozen_parts(model, finetuning_args)
+    targets = (_mm_lora_targets(model, finetuning_args.lora_target, plugin, frozen) if plugin is not None
+               else _lora_targets(model, finetuning_args.lora_target))
     saved = split_names(finetuning_args.additional_target)
+    if plugin is not None and "freeze_multi_modal_projector" not in frozen:
+        saved += [part for part in plugin.projector if part not in saved]
     if resize_vocab:
         saved += [name for name in _train_embeddings(model) if name not in saved]
     reward = value_head(model) is not None
@@ -181,8 +257,9 @@ def _new_lora(model, finetuning_args, resize_vocab: bool):
     model = get_peft_model(model, config)
     flavour = "".join(name for name, on in ((" rsLoRA", finetuning_args.use_rslora),
                                             (" DoRA", finetuning_args.use_dora)) if on)
+    shown = sorted({_leaf(t) for t in targets}) if plugin is not None else targets  # full paths: too many to list
     return model, (f"LoRA{flavour} r={config.r} alpha={alpha:g} dropout={config.lora_dropout:g} on "
-                   f"{', '.join(targets)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved else ""))
+                   f"{', '.join(shown)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved else ""))
 
 
 def _load_adapters(model, paths: list[str], finetuning_args, *, is_trainable: bool):

@@ -1,4 +1,4 @@
-"""The tokenizer and the causal LM for training and inference.
+"""The tokenizer and the causal LM (or vision-language model) for training and inference.
 
 `load_model` runs these steps in order and returns a plain-language line for each: config (RoPE scaling) ->
 dtype -> attention -> quantization -> weights (embeddings fitted to the tokenizer) -> training setup (KV cache,
@@ -119,9 +119,11 @@ def load_inference_model(tokenizer, model_args, finetuning_args, device: str | N
 
 
 def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, value_head: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if value_head else AutoModelForCausalLM
+    # a vision-language config (it has a vision tower) loads with the class that takes images
+    generating = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if value_head else generating
     try:
         if model_args.train_from_scratch:
             return auto.from_config(config, dtype=dtype, attn_implementation=attention,

@@ -15,7 +15,7 @@ from transformers import set_seed
 
 from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
-from lf.model import load_model, load_tokenizer
+from lf.model import load_mm_processor, load_model, load_tokenizer
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
 from lf.train.checkpoints import RUN_CONFIG, last, resume_point
 from lf.train.plot import plot_loss
@@ -30,6 +30,7 @@ class Prepared:
     data: object  # lf.data's datasets: train_dataset, eval_dataset
     model: object
     resume: str | bool | None  # the checkpoint training resumes from, if any
+    media: object = None  # the image side of a vision-language model (lf.data.mm_plugins.MMProcessor), if any
 
 
 def prepare(cfg) -> Prepared:
@@ -41,8 +42,10 @@ def prepare(cfg) -> Prepared:
     resume = resume_point(args.output_dir, args.resume_from_checkpoint, fin.overwrite_output_dir, args.do_train)
     tokenizer = load_tokenizer(cfg.model)
     template = fit_template(tokenizer, cfg.data)  # the saved tokenizer carries the format this run trains on
+    media = load_mm_processor(cfg.model, cfg.data, tokenizer, template)
     with args.main_process_first(desc="preparing the datasets"):
-        data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed)
+        data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed,
+                           media=media)
     if args.deepspeed:
         _deepspeed_comm()
     set_seed(args.seed)  # before the adapters' random initialisation: the same seed, the same run
@@ -50,16 +53,16 @@ def prepare(cfg) -> Prepared:
                               tokens_per_step=args.per_device_train_batch_size * cfg.data.cutoff_len)
     for line in lines:
         log.info("%s", line)
-    return Prepared(tokenizer, template, data, model, resume)
+    return Prepared(tokenizer, template, data, model, resume, media)
 
 
 def make_trainer(trainer_class, cfg, prepared: Prepared, **extra):
     """`trainer_class` (an LFTrainer) over the prepared model, datasets and tokenizer, with lf's collator (which
-    counts tokens for tokens/s); `extra`: the class's own arguments."""
+    counts tokens for tokens/s, and decodes images); `extra`: the class's own arguments."""
     return trainer_class(model=prepared.model, args=cfg.training, finetuning_args=cfg.finetuning,
                          train_dataset=prepared.data.train_dataset, eval_dataset=prepared.data.eval_dataset,
-                         data_collator=collator(prepared.tokenizer, count_tokens=True),
-                         processing_class=prepared.tokenizer, **extra)
+                         data_collator=collator(prepared.tokenizer, count_tokens=True, media=prepared.media),
+                         processing_class=prepared.tokenizer, media=prepared.media, **extra)
 
 
 def _cpu_training(args) -> bool:

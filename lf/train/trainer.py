@@ -5,7 +5,8 @@
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
-- logging_dir (lf's finetuning group keeps it) is TensorBoard's folder.
+- logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
+- a vision-language model's image processor is saved beside the tokenizer in every checkpoint and the output.
 
 The loss itself needs nothing here: lf's patched causal-LM forward takes `num_items_in_batch` from the Trainer
 (which passes it to models that accept loss kwargs) and computes the fused loss with the right normalisation.
@@ -25,9 +26,10 @@ from lf.train.checkpoints import STAGING
 
 
 class LFTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, finetuning_args=None, **kwargs):
+    def __init__(self, *args, finetuning_args=None, media=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.finetuning_args = finetuning_args
+        self.media = media  # lf.data.mm_plugins.MMProcessor: saved with the tokenizer
         self.tokens_seen = 0  # real tokens trained on, this process
         self.nonfinite_step = None  # the first step whose loss was nan/inf
         self._staging = None
@@ -77,6 +79,11 @@ class LFTrainer(Seq2SeqTrainer):
         self.optimizer = optimizer_cls([{"params": params, "lr": group_lr, "weight_decay": wd}
                                         for (group_lr, wd), params in groups.items()], lr=lr, **optimizer_kwargs)
         return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.media is not None:
+            self.media.save_pretrained(output_dir or self.args.output_dir)
 
     # -- atomic checkpoints --------------------------------------------------------------------------------------
 
