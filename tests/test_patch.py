@@ -5,9 +5,10 @@ import importlib
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig,
-                          MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
-                          Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionConfig, Gemma2Config,
+                          Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, LlavaConfig, MistralConfig,
+                          MixtralConfig, Phi3Config, Qwen2_5_VLConfig, Qwen2Config, Qwen2MoeConfig, Qwen2VLConfig,
+                          Qwen3Config, Qwen3MoeConfig, Qwen3VLConfig)
 
 from lf.kernels import apply_to, patch, unpatch
 from support import assert_close
@@ -297,3 +298,117 @@ def test_qlora_layers_lf_cannot_take_are_reported(tmp_path):
     why = report.skipped["lora_nf4_linear"]
     assert "14 of 14 4-bit LoRA layers" in why and "lora_dropout 0.1 > 0" in why and "set lora_dropout: 0" in why
     assert "lora_nf4_linear" in str(report)
+
+
+# Vision-language models: tiny towers; the image is a 4 x 4 grid of patches, merged 2 x 2 into 4 image tokens.
+IMAGE_TOKEN, IMAGE_TOKENS = 250, 4
+QWEN_VL_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
+
+
+def _vl_text(mrope_section, **extra):
+    return dict(**SIZES, **extra, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "mrope_section": mrope_section})
+
+
+VL_CONFIGS = {  # head_dim 16: 8 frequencies, split as Qwen2-VL's [16, 24, 24] and Qwen3-VL's [24, 20, 20] split 64
+    "qwen2_vl": lambda: Qwen2VLConfig(text_config=_vl_text([2, 3, 3]), **QWEN_VL_TOKENS, vision_config=dict(
+        depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=2, mlp_ratio=2)),
+    "qwen2_5_vl": lambda: Qwen2_5_VLConfig(text_config=_vl_text([2, 3, 3]), **QWEN_VL_TOKENS, vision_config=dict(
+        depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=2, window_size=8,
+        fullatt_block_indexes=[1])),
+    "qwen3_vl": lambda: Qwen3VLConfig(text_config=_vl_text([4, 2, 2], head_dim=16), **QWEN_VL_TOKENS, vision_config=dict(
+        depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=2,
+        num_position_embeddings=16, deepstack_visual_indexes=[0])),
+    "llava": lambda: LlavaConfig(text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN, vision_config=CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)),
+}
+
+
+def _vl_model(family, dtype):
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(VL_CONFIGS[family](), dtype=dtype, attn_implementation="sdpa")
+
+
+def _vl_batch(family, dtype, image):
+    """Two rows of 11 tokens; with ``image``, tokens 2-5 of each row are one image's tokens and the pixels come
+    as the family's processor gives them (Qwen-VL: flattened patches and their grid; LLaVA: the picture)."""
+    ids, labels = _batch(SIZES["vocab_size"] - 10)
+    if not image:
+        return ids, labels, {}
+    ids[:, 2:2 + IMAGE_TOKENS] = IMAGE_TOKEN
+    labels[ids == IMAGE_TOKEN] = -100
+    if family == "llava":
+        return ids, labels, {"pixel_values": torch.randn(2, 3, 8, 8, dtype=dtype)}
+    # 16 patches per image of channels x temporal patch (2) x 2 x 2 pixels; the grid (t, h, w) in patches
+    return ids, labels, {"pixel_values": torch.randn(2 * 16, 3 * 2 * 2 * 2, dtype=dtype),
+                         "image_grid_thw": torch.tensor([[1, 4, 4]] * 2), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(VL_CONFIGS))
+def test_vision_language_patched_matches_unpatched(family, dtype, image, rope_calls):
+    """The language model runs lf's kernels (with Qwen-VL's multimodal RoPE: 3-D positions the model computes from
+    the image's grid), the vision tower HF's modules; loss and every gradient, vision tower's included, match."""
+    model = _vl_model(family, dtype).train()
+    reference = copy.deepcopy(model)
+    ids, labels, media = _vl_batch(family, dtype, image)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **media)
+    report = patch(model)
+    assert set(report.patched) == DENSE, str(report)
+    text = VL_CONFIGS[family]().text_config.model_type
+    assert f"patched as {text!r}" in report.towers["language model"], str(report)
+    assert "keeps HF's modules" in report.towers["vision tower"], str(report)
+    vision = model.model.vision_tower if family == "llava" else model.model.visual
+    assert not any("forward" in m.__dict__ for m in vision.modules())  # nothing of lf's in the vision tower
+    assert vision.config._attn_implementation == "sdpa"  # lf's packed attention is the language model's only
+    out, grads = _loss_and_grads(model, ids, labels, **media)
+    assert len(rope_calls) == SIZES["num_hidden_layers"]
+    if image and family != "llava":  # the image's tokens got 3-D positions: their streams differ from the text's
+        assert model.model.rope_deltas.ne(0).all()
+    assert out.logits is None
+    assert_close(out.loss, out_ref.loss, dtype, "loss", 5.0)
+    assert grads.keys() == grads_ref.keys()
+    assert image == any(name.startswith(("model.visual", "model.vision_tower")) for name in grads)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], dtype, f"grad {name}", 5.0)
+    unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+
+
+def test_vision_language_apply_to_and_unpatch():
+    """apply_to("qwen2_vl") patches the language model's classes and the VL model's head; LLaVA's language model
+    family is its config's, so apply_to("llava") says which to name instead."""
+    reference = _vl_model("qwen2_vl", torch.float32).train()
+    ids, labels, media = _vl_batch("qwen2_vl", torch.float32, image=True)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **media)
+    report = apply_to("qwen2_vl")
+    try:
+        assert set(report.patched) == DENSE - {"packed_attention"}, str(report)
+        model = _vl_model("qwen2_vl", torch.float32).train()
+        model.load_state_dict(reference.state_dict())
+        out, grads = _loss_and_grads(model, ids, labels, **media)
+    finally:
+        unpatch("qwen2_vl")
+    assert out.logits is None
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+    assert _loss_and_grads(model, ids, labels, **media)[0].logits is not None  # HF's classes again
+    report = apply_to("llava")
+    assert report.patched == {} and "apply_to that one (e.g. 'llama')" in report.skipped["rms_norm"], str(report)
+
+
+def test_vision_language_positional_arguments_keep_their_meaning():
+    """LLaVA's forward takes pixel_values second: the patched forward names positional arguments as HF does."""
+    model = _vl_model("llava", torch.float32).train()
+    ids, labels, media = _vl_batch("llava", torch.float32, image=True)
+    expected = model(input_ids=ids, pixel_values=media["pixel_values"], labels=labels).loss
+    patch(model)
+    assert_close(model(ids, media["pixel_values"], labels=labels).loss, expected, torch.float32, "loss", 5.0)
+    text = _model("llama", torch.float32).train()  # a text model's second is attention_mask
+    mask = torch.ones_like(ids)
+    expected = text(input_ids=ids, attention_mask=mask, labels=labels).loss
+    patch(text)
+    assert_close(text(ids, mask, labels=labels).loss, expected, torch.float32, "loss", 5.0)

@@ -28,6 +28,8 @@ nothing, :func:`unpatch` restores HF's code in that model and no other (the one 
 the attention name "lf_packed" with transformers, changes no model that does not pick it). :func:`apply_to`
 (asked for by name, for users who build models themselves) replaces a family's class forwards for the whole
 process until ``unpatch(model_type)``. A family lf does not know patches nothing but PEFT's layers, and says so.
+A vision-language model (:data:`VISION_LANGUAGE`) has its language model patched as its text family and its
+vision tower left to HF; the report says what each tower got.
 
 Adding a kind: one entry in ``_PATCHERS`` (its functions use :func:`bind`, :meth:`Call.bind`, :func:`unbind`);
 :func:`register_kind` adds one for a ``with`` block.
@@ -38,7 +40,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
+import operator
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -67,6 +71,7 @@ class Family:
     mlp: str | None = "gated"  # "gated" (gate_proj/up_proj), "fused" (Phi-3's gate_up_proj), None (MoE experts)
     gemma_norm: bool = False  # (1 + w) scaling, normalised row times weight in fp32, rounded once
     act_key: str = "hidden_act"  # the config field the MLP's activation comes from
+    names: Mapping[str, str] = field(default_factory=dict)  # suffix -> class name where it is not prefix + suffix
 
 
 FAMILIES = types.MappingProxyType({
@@ -81,6 +86,37 @@ FAMILIES = types.MappingProxyType({
     "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", mlp=None),
     "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", mlp=None),
     "mixtral": Family("mixtral", "Mixtral", mlp=None),
+    # the language models of vision-language models (see VISION_LANGUAGE); their head is the VL model's
+    "qwen2_vl_text": Family("qwen2_vl", "Qwen2VL", names={"MLP": "Qwen2MLP",
+                                                          "ForCausalLM": "Qwen2VLForConditionalGeneration"}),
+    "qwen2_5_vl_text": Family("qwen2_5_vl", "Qwen2_5_VL", names={"MLP": "Qwen2MLP",
+                                                                 "ForCausalLM": "Qwen2_5_VLForConditionalGeneration"}),
+    "qwen3_vl_text": Family("qwen3_vl", "Qwen3VLText", names={"ForCausalLM": "Qwen3VLForConditionalGeneration"}),
+})
+
+
+@dataclass(frozen=True)
+class Towers:
+    """A vision-language model: its language model (at ``language``) is patched as the family of
+    ``config.text_config.model_type`` and the LM head's loss as a causal LM's; the vision tower (at ``vision``)
+    keeps HF's modules, for the reason ``vision_kept`` gives."""
+    language: str
+    vision: str
+    vision_kept: str
+    text: str | None = None  # the language model's family when the model_type fixes it (what apply_to patches)
+
+
+# Multimodal RoPE needs nothing more here: transformers 5 picks each column's position stream once per forward in
+# the language model's rotary embedding, then every attention layer calls apply_rotary_pos_emb, which lf replaces.
+_NO_VIT_KERNEL = "LayerNorms and (fc1, act, fc2) MLPs, which lf has no kernel for"
+_VISION_ROPE = "its 2-D RoPE calls apply_rotary_pos_emb_vision, which lf does not replace"
+VISION_LANGUAGE = types.MappingProxyType({
+    "qwen2_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen2_vl_text"),
+    "qwen2_5_vl": Towers("model.language_model", "model.visual",
+                         f"its RMSNorms and gated SiLU MLPs (with biases) would take lf's kernels exactly but are not "
+                         f"patched yet; {_VISION_ROPE}", "qwen2_5_vl_text"),
+    "qwen3_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen3_vl_text"),
+    "llava": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
 })
 
 
@@ -89,11 +125,13 @@ class PatchReport:
     family: str
     patched: dict[str, int] = field(default_factory=dict)  # kind -> how many places
     skipped: dict[str, str] = field(default_factory=dict)  # kind -> why not
+    towers: dict[str, str] = field(default_factory=dict)  # vision-language models: tower -> what lf did there
 
     def __str__(self) -> str:
         done = ", ".join(f"{kind} ({n})" for kind, n in self.patched.items()) or "nothing"
         lines = [f"lf kernels in {self.family}: {done}"]
         lines += [f"  not {kind}: {why}" for kind, why in self.skipped.items()]
+        lines += [f"  {tower}: {what}" for tower, what in self.towers.items()]
         return "\n".join(lines)
 
 
@@ -171,10 +209,18 @@ def _with_lf_rope(cls: type) -> Callable | None:
     return _ROPE_FORWARDS[cls]
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, position_ids=None, past_key_values=None,
                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, skip_logits=None,
                        **kwargs):
-    """HF's causal-LM forward, with the loss from fused_linear_cross_entropy when training with labels."""
+    """HF's causal-LM forward, with the loss from fused_linear_cross_entropy when training with labels. Positional
+    arguments after ``input_ids`` are named by HF's own signature, whose order differs by family (LLaVA's second is
+    pixel_values); the named ones stay in this signature, where HF's Trainer looks for its input columns."""
+    if args:
+        named = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                     skip_logits=skip_logits)
+        named.update(zip(list(inspect.signature(self._lf_hf_forward).parameters)[1:], args))
+        return _causal_lm_forward(self, input_ids, **named, **kwargs)
     if skip_logits is None:
         skip_logits = self.training and labels is not None
     if not skip_logits or type(self.lm_head) is not nn.Linear:  # e.g. an adapter on the head: HF's path
@@ -195,7 +241,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
                                       bias=self.lm_head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                      softcap=getattr(self.config, "final_logit_softcapping", None))
+                                      softcap=getattr(self.config.get_text_config(), "final_logit_softcapping", None))
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
@@ -256,15 +302,16 @@ class Call:
     switches: Mapping[str, bool]  # every kind, on or off
     report: PatchReport
     base: nn.Module | None = None  # patch(): the HF model (inside a PEFT wrapper); apply_to(): None
+    scope: nn.Module | None = None  # patch(): where the family's layers are (a VL model's language model, else base)
 
     def cls(self, suffix: str) -> type:
-        """The family's HF class ``<prefix><suffix>``, e.g. ``call.cls("MLP")``."""
-        return getattr(_modeling(self.family), self.family.prefix + suffix)
+        """The family's HF class ``<prefix><suffix>`` (or its ``names`` entry), e.g. ``call.cls("MLP")``."""
+        return getattr(_modeling(self.family), self.family.names.get(suffix, self.family.prefix + suffix))
 
     def bind(self, cls: type, fn: Callable, **attributes) -> int:
-        """patch(): ``fn`` as the forward of every ``cls`` in the model (:func:`bind_instances`); apply_to(): as
+        """patch(): ``fn`` as the forward of every ``cls`` in ``scope`` (:func:`bind_instances`); apply_to(): as
         the class's forward (:func:`patch_class`, without ``attributes``). Returns the places patched."""
-        return patch_class(cls, fn) if self.base is None else bind_instances(self.base, cls, fn, **attributes)
+        return patch_class(cls, fn) if self.base is None else bind_instances(self.scope, cls, fn, **attributes)
 
 
 # ---- the kinds ----
@@ -283,7 +330,7 @@ def _mlp(call: Call, kind: str) -> None:
     if call.base is None:  # apply_to: each MLP reads its activation from its own module when it runs
         call.report.patched[kind] = call.bind(call.cls("MLP"), forward)
         return
-    act = getattr(call.base.config, family.act_key, None)
+    act = getattr(call.scope.config, family.act_key, None)
     if act != "silu" and act not in GELU_APPROXIMATE:
         call.report.skipped[kind] = f"{family.act_key} is {act!r}, neither silu nor a GELU"
     else:
@@ -325,7 +372,7 @@ def _cross_entropy(call: Call, kind: str) -> None:
 
 
 def _attention(call: Call, kind: str) -> None:
-    base = call.base
+    base = call.scope  # a VL model's language model alone: its vision tower keeps its attention
     impl = getattr(base.config, "_attn_implementation", None)
     if impl == _packed_attention.NAME:
         call.report.patched[kind] = 1
@@ -344,8 +391,9 @@ def _attention_per_model(call: Call, kind: str) -> None:  # registered, so that 
 
 
 def _unpatch_attention(base: nn.Module, kind: str) -> None:
-    if "_lf_hf_attn" in base.__dict__:
-        base.set_attn_implementation(base.__dict__.pop("_lf_hf_attn"))
+    for module in base.modules():
+        if "_lf_hf_attn" in module.__dict__:
+            module.set_attn_implementation(module.__dict__.pop("_lf_hf_attn"))
 
 
 def _lora(call: Call, kind: str) -> None:
@@ -416,14 +464,27 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def _run(function: str, model_type, switches: Mapping[str, bool], step: str, base: nn.Module | None = None):
     """Runs the ``step`` ("model" or "classes") of every kind switched on, in table order, after noting the kinds
-    switched off; logs and returns the report."""
+    switched off; logs and returns the report. A vision-language model's language model is patched as its text
+    family, and the report says what each tower got."""
     for kind in switches:
         if kind not in PATCHERS:
             raise KernelError(f"{function}: {kind!r} is not a patch kind.{did_you_mean(kind, PATCHERS)} The kinds: "
                               f"{', '.join(PATCHERS)}")
     on = {kind: bool(switches.get(kind, patcher.default)) for kind, patcher in PATCHERS.items()}
-    call = Call(FAMILIES.get(model_type), on, PatchReport(str(model_type)), base)
-    report = call.report
+    report, towers, scope, family = PatchReport(str(model_type)), VISION_LANGUAGE.get(model_type), base, model_type
+    if towers is not None:
+        family = towers.text if base is None else base.config.text_config.model_type
+        if base is not None:
+            scope = operator.attrgetter(towers.language)(base)
+            report.towers["language model"] = (f"{towers.language} ({type(scope).__name__}) patched as {family!r}"
+                                               f"{'' if family in FAMILIES else ', a family lf does not patch'}")
+        report.towers["vision tower"] = f"{towers.vision} keeps HF's modules: {towers.vision_kept}"
+    call = Call(FAMILIES.get(family), on, report, base, scope)
+    unknown = (f"model_type {family!r} is not a family lf patches (supported: {', '.join([*FAMILIES, *VISION_LANGUAGE])})"
+               f"; the model runs unchanged")
+    if towers is not None and family is None:  # apply_to: each model's config names its language model's family
+        unknown = (f"{model_type}'s language model is the family its config's text_config.model_type names: "
+                   f"apply_to that one (e.g. 'llama'), or patch(model)")
     for kind, patcher in PATCHERS.items():
         if not on[kind] and patcher.default:
             report.skipped[kind] = "turned off by the caller"
@@ -431,8 +492,7 @@ def _run(function: str, model_type, switches: Mapping[str, bool], step: str, bas
         if not on[kind]:
             continue
         if call.family is None and not patcher.any_family:
-            report.skipped[kind] = (f"model_type {model_type!r} is not a family lf patches "
-                                    f"(supported: {', '.join(FAMILIES)}); the model runs unchanged")
+            report.skipped[kind] = unknown
         else:
             getattr(patcher, step)(call, kind)
     (log.info if call.family is not None else log.warning)("%s", report)
@@ -463,7 +523,7 @@ def unpatch(target: nn.Module | str) -> None:
         base = _base_model(target)
         for kind, patcher in PATCHERS.items():
             patcher.unpatch(base, kind)
-    elif target in FAMILIES:
+    elif (target := getattr(VISION_LANGUAGE.get(target), "text", None) or target) in FAMILIES:
         module = _modeling(FAMILIES[target]).__name__
         for cls in [c for c in _ORIGINAL_CLASS_FORWARD if c.__module__ == module]:
             cls.forward = _ORIGINAL_CLASS_FORWARD.pop(cls)
