@@ -282,3 +282,15 @@ def test_gguf_export_of_a_vl_model_is_refused_with_the_reason(qwen2_vl, tmp_path
                                          r"projector file \(mmproj\) for its vision tower"):
         export(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_vl_model_with_a_text_template_names_the_template(qwen2_vl, tmp_path):
+    from lf.errors import ConfigError
+    from lf.export import export
+
+    cfg = parse_infer_args({"model_name_or_path": str(qwen2_vl), "template": "qwen",
+                            "export_dir": str(tmp_path / "out")}, "export")
+    with pytest.raises(ConfigError, match=r"^template: qwen takes no images of .*, a qwen2_vl vision-language model: "
+                                          r"set template: qwen2_vl, which the export carries"):
+        export(cfg)
+    assert not (tmp_path / "out").exists()
