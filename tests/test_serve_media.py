@@ -3,7 +3,7 @@ placeholders in order, data: and file: URLs decoded, and every refusal: http(s) 
 URLs without a media root, outside it, or escaping it by symlink or `..`, FIFOs and folders, bytes over the limit
 (413, before decoding), decompression bombs (413 from the header, no pixel decoded), bad base64, what is no image
 or a format lf does not open, video and audio parts. End to end: the tiny text model answers an image with a 400
-and stays up; with the model side's seam opened, the engine gets the placeholders and the images in order."""
+and stays up; with the refusal lifted, the engine gets the placeholders and the images in order."""
 
 import base64
 import io
@@ -28,8 +28,8 @@ from test_serve_engine import QUESTION, lf_home, one_thread
 __all__ = ["engine", "lf_home", "one_thread", "url"]  # fixtures of the API and engine tests, used here too
 
 CHAT = "/v1/chat/completions"
-NO_IMAGES = "this model/template (qwen) does not take image input; templates that do: none yet in this version of " \
-            "lf: send text only"
+NO_IMAGES = "this model/template (qwen) does not take image input; templates that do: llava (llava models), qwen2_vl " \
+            "(qwen2_vl models); this llama model reads text only: send text"
 
 
 def png(width: int, height: int, color="red") -> bytes:
@@ -194,7 +194,7 @@ def test_open_image_for_the_chat_reads_the_users_files(tmp_path):
 
 @pytest.fixture
 def seam_open(engine, monkeypatch):
-    """The engine as the multimodal model side will make it for an image model: image_refusal answers None."""
+    """The engine with its image refusal lifted, as for an image model (the tiny text model reads the placeholders)."""
     monkeypatch.setattr(engine, "image_refusal", None)
     return engine
 

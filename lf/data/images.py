@@ -68,5 +68,10 @@ def pixels(ref: dict, limits: PixelLimits):
         except OSError as err:  # a truncated or corrupt body behind a readable header
             raise DataError(f"image {ref.get('path') or 'given as bytes'} cannot be decoded ({err}): replace "
                             f"it") from None
+    return fitted(rgb, limits)
+
+
+def fitted(rgb, limits: PixelLimits):
+    """A decoded RGB image resized into the limits (itself when it is within them)."""
     target = limits.fit(*rgb.size)
     return rgb if target == rgb.size else rgb.resize(target, resample=3)  # 3: bicubic, as the image processors

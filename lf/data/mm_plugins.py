@@ -103,38 +103,51 @@ class MMProcessor:
     processor_config: dict = field(default_factory=dict)
     _resize_said: bool = field(default=False, compare=False)
 
-    def tokens(self, ref: dict) -> int:
-        """The image tokens of one image, after lf's resize into the pixel limits."""
-        width, height = images.size(ref)
+    def tokens(self, size: tuple[int, int], where: str = "an image") -> int:
+        """The image tokens of an image of `size` (width, height), after lf's resize into the pixel limits;
+        `where` names it in the log line about resizing."""
+        width, height = size
         fitted = self.limits.fit(width, height)
         if fitted != (width, height) and not self._resize_said:
             self._resize_said = True
             log.info("images outside image_min_pixels..image_max_pixels (%d..%d) are resized into them, keeping "
                      "their aspect ratio (e.g. %s: %dx%d -> %dx%d)", self.limits.min_pixels, self.limits.max_pixels,
-                     ref.get("path") or "an image given as bytes", width, height, *fitted)
+                     where, width, height, *fitted)
         return self.plugin.image_tokens(self.image_processor, self.processor_config, fitted[1], fitted[0])
 
     def expand(self, messages: list[dict], refs: list) -> tuple[list[dict], list[dict], int]:
         """(messages with each placeholder replaced by its image's tokens, the references resolved against
-        media_dir, the total image tokens)."""
+        media_dir, the total image tokens); the sizes are read from the images' headers."""
         refs = [images.resolved(ref, self.media_dir) for ref in refs]
-        counts = [self.tokens(ref) for ref in refs]
+        sizes = [(images.size(ref), ref.get("path") or "an image given as bytes") for ref in refs]
+        expanded, count = self.placed(messages, sizes)
+        return expanded, refs, count
+
+    def placed(self, messages: list[dict], sizes: list[tuple[tuple[int, int], str]]) -> tuple[list[dict], int]:
+        """(messages with each placeholder replaced by the tokens of its image, the total image tokens), the
+        images given by their ((width, height), name) in order: training's rows and served prompts both."""
+        counts = [self.tokens(size, where) for size, where in sizes]
         left = iter(counts)
         before, after = self.plugin.wrap
         expanded = []
         for message in messages:
-            pieces = message["content"].split(IMAGE_PLACEHOLDER)
+            pieces = (message["content"] or "").split(IMAGE_PLACEHOLDER)
             text = pieces[0] + "".join(before + self.plugin.image_token * next(left) + after + piece
                                        for piece in pieces[1:])
-            expanded.append({**message, "content": text})
-        return expanded, refs, sum(counts)
+            expanded.append({**message, "content": text} if len(pieces) > 1 else message)  # None content kept
+        return expanded, sum(counts)
 
     def features(self, refs: list[dict], input_ids) -> dict:
         """The forward's image inputs for a batch whose images are `refs` (in row order) and whose token ids are
         `input_ids` (a padded tensor)."""
+        return self.inputs([images.pixels(ref, self.limits) for ref in refs], input_ids)
+
+    def inputs(self, decoded: list, input_ids) -> dict:
+        """The forward's image inputs from RGB images already in the pixel limits (in the order of their tokens
+        in `input_ids`, a padded tensor): pixel_values and the like, and mm_token_type_ids where the forward
+        takes them."""
         out = {}
-        if refs:
-            decoded = [images.pixels(ref, self.limits) for ref in refs]
+        if decoded:
             out.update(self.image_processor(images=decoded, return_tensors="pt"))
         if self.plugin.token_types:
             out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()

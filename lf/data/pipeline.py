@@ -30,7 +30,7 @@ from lf.data.converters import FEATURES
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
 from lf.data.registry import IMAGES, DatasetAttr, dataset_attrs
-from lf.data.templates import TEMPLATES
+from lf.data.templates import image_templates
 from lf.errors import DataError
 
 log = logging.getLogger("lf")
@@ -46,6 +46,7 @@ class DatasetModule:
 
 
 ROWS = "supervised"  # the kind of examples packing puts whole into rows (neat_packing keeps them apart there)
+WITH_IMAGES = (ROWS, "prompts")  # the kinds whose processors carry images: sft rows and do_predict's prompts
 CONCATENATED = "text"  # the kind packing concatenates and cuts into blocks
 
 
@@ -120,15 +121,14 @@ def check_images(data_args, plan: Plan, template, media) -> None:
         return
     names = ", ".join(with_images)
     if template.mm_plugin is None:
-        takers = sorted(name for name, t in TEMPLATES.items() if t.mm_plugin)
         raise DataError(f"template {template.name} does not take image input; templates that do: "
-                        f"{', '.join(takers)} (the datasets with images: {names}): set template: to the one of "
+                        f"{', '.join(image_templates())} (the datasets with images: {names}): set template: to the one of "
                         f"your model's family")
     if media is None:
         raise DataError(f"template {template.name} puts images into prompts through the model's image processor, "
                         f"but the model has none (no preprocessor_config.json): train {names} on the "
                         f"vision-language model the template is for")
-    if plan.data != ROWS:
+    if plan.data not in WITH_IMAGES:
         raise DataError(f"stage {plan.stage} does not read images yet ({names} have them): lf trains on images "
                         f"with stage: sft")
     if plan.packing:
@@ -202,7 +202,7 @@ def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template, med
                                 options=Options.from_args(data_args))
     if plan.data == CONCATENATED:
         process = functools.partial(process, concatenate=plan.packing)
-    if media is not None and plan.data == ROWS:
+    if media is not None and plan.data in WITH_IMAGES:
         process = functools.partial(process, media=media)
     if not streaming:  # a stream's map takes Python batches back only
         process = functools.partial(_to_arrow, process=process)

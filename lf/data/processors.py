@@ -108,6 +108,12 @@ def _with_images(conversations, batch, media):
     return expanded, refs, counts
 
 
+def _note_cut_images(kind: str, cut: int, total: int, options: Options) -> None:
+    if cut:
+        log.warning("%s: dropped %d of %d examples whose image tokens cutoff_len (%d) cuts into: raise cutoff_len or "
+                    "lower image_max_pixels", kind, cut, total, options.cutoff_len)
+
+
 def supervised(batch, *, template, tokenizer, options: Options, media=None) -> dict:
     """sft: input_ids and labels (the replies, every turn's or the last one's with `mask_history`); with `media`,
     also each example's images, its placeholders expanded into the model's image tokens."""
@@ -128,9 +134,7 @@ def supervised(batch, *, template, tokenizer, options: Options, media=None) -> d
             out["labels"].append(labels)
             if media is not None:
                 out["images"].append(row_refs)
-    if cut_images:
-        log.warning("supervised: dropped %d of %d examples whose image tokens cutoff_len (%d) cuts into: raise "
-                    "cutoff_len or lower image_max_pixels", cut_images, len(encoded), options.cutoff_len)
+    _note_cut_images("supervised", cut_images, len(encoded), options)
     _note_dropped("supervised", len(encoded) - len(out["input_ids"]) - cut_images, len(encoded))
     return out
 
@@ -144,13 +148,24 @@ def _encode_oneturn(template, tokenizer, conversations):
     return pairs
 
 
-def unsupervised(batch, *, template, tokenizer, options: Options) -> dict:
-    """Prediction: input_ids end where the model's reply starts; labels hold the reference reply (if any)."""
-    out = {"input_ids": [], "labels": []}
-    for prompt, response in _encode_oneturn(template, tokenizer, list(_conversations(batch))):
+def unsupervised(batch, *, template, tokenizer, options: Options, media=None) -> dict:
+    """Prediction: input_ids end where the model's reply starts; labels hold the reference reply (if any); with
+    `media`, also each example's images, as `supervised` expands them."""
+    out = {"input_ids": [], "labels": [], **({"images": []} if media is not None else {})}
+    conversations = list(_conversations(batch))
+    refs, counts = [[]] * len(conversations), [0] * len(conversations)
+    if media is not None:
+        conversations, refs, counts = _with_images(conversations, batch, media)
+    pairs = _encode_oneturn(template, tokenizer, conversations)
+    for (prompt, response), row_refs, count in zip(pairs, refs, counts):
         p, r = split_budget(len(prompt), len(response), options.cutoff_len)
+        if media is not None and prompt[:p].count(media.image_token_id) != count:
+            continue  # the model needs every token of an image, or none of the image
         out["input_ids"].append(prompt[:p])
         out["labels"].append(response[:r])
+        if media is not None:
+            out["images"].append(row_refs)
+    _note_cut_images("prediction", len(pairs) - len(out["input_ids"]), len(pairs), options)
     return out
 
 

@@ -402,6 +402,11 @@ _REGISTRY = {t.name: t for t in (
 TEMPLATES = MappingProxyType(_REGISTRY)
 
 
+def image_templates() -> dict[str, str]:
+    """The templates that take images, by name (sorted), each with its multimodal plugin's name."""
+    return {name: t.mm_plugin for name, t in sorted(TEMPLATES.items()) if t.mm_plugin}
+
+
 def _with_overrides(template: Template, default_system=None, enable_thinking=True, tool_format=None) -> Template:
     # enable_thinking=True keeps the template's own choice (qwen3_nothink stays without thinking).
     if tool_format is not None:

@@ -7,8 +7,9 @@ The steps, in order (every check runs before the weights load):
   2. the tokenizer with the template's chat template, as `lf train` saves it; with export_gguf, a model family,
      rope scaling or tokenizer the GGUF writer cannot convert is refused;
   3. the base model in export_dtype on export_device, then the adapters merged into it in order;
-  4. save: safetensors shards of at most export_size GB (or .bin with export_legacy_format), the tokenizer, and a
-     generation config whose eos ids are the template's stop tokens;
+  4. save: safetensors shards of at most export_size GB (or .bin with export_legacy_format), the tokenizer, a
+     generation config whose eos ids are the template's stop tokens, and for a vision-language model its image
+     processor (preprocessor_config.json, processor_config.json: what AutoImageProcessor/AutoProcessor load);
   5. with export_gguf: `<export_dir>/<name>-<type>.gguf` and an Ollama `Modelfile` beside it.
 """
 
@@ -62,6 +63,7 @@ def export(cfg) -> dict:
         from lf.export.to_gguf import check_gguf
 
         check_gguf(base_config, tokenizer, args.export_gguf)
+    media = _image_side(cfg, base_config, tokenizer, template)
     model = _merged_model(cfg, tokenizer, _dtype_name(args.export_dtype, base_config))
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -72,7 +74,10 @@ def export(cfg) -> dict:
         raise ConfigError(f"export_dir: {export_dir} cannot be created ({exc}): choose a folder you can write to")
     save_model(model, export_dir, args.export_size, args.export_legacy_format)
     tokenizer.save_pretrained(export_dir)
-    log.info("saved the model (%s) and its tokenizer to %s", str(model.dtype).removeprefix("torch."), export_dir)
+    if media is not None:
+        media.save_pretrained(export_dir)
+    log.info("saved the model (%s), its tokenizer%s to %s", str(model.dtype).removeprefix("torch."),
+             " and its image processor" if media is not None else "", export_dir)
     written = {"export_dir": str(export_dir)}
     if args.export_gguf is not None:
         from lf.export.ollama import write_modelfile
@@ -137,6 +142,23 @@ def _tokenizer_with_template(cfg):
 
     tokenizer = load_tokenizer(cfg.model)
     return tokenizer, fit_template(tokenizer, cfg.data)
+
+
+def _image_side(cfg, config, tokenizer, template):
+    """A vision-language model's MMProcessor (its image processor, saved with the export), or None for a text model;
+    a VL model whose family lf has a plugin for needs that plugin's template (else its export could not be prompted
+    with images as it was trained)."""
+    from lf.data.mm_plugins import plugin_for
+    from lf.data.templates import image_templates
+    from lf.model import load_mm_processor
+
+    own = plugin_for(config.model_type)
+    if own is not None and template.mm_plugin != own.name:
+        name = next(name for name, plugin in image_templates().items() if plugin == own.name)
+        raise ConfigError(f"template: {template.name} takes no images of {cfg.model.model_name_or_path}, a "
+                          f"{config.model_type} vision-language model: set template: {name}, which the export "
+                          f"carries with the model's image processor")
+    return load_mm_processor(cfg.model, cfg.data, tokenizer, template)
 
 
 def _merged_model(cfg, tokenizer, dtype: str):

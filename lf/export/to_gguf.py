@@ -42,6 +42,9 @@ def check_gguf(config, tokenizer, gguf_type: str) -> None:
         import gguf  # noqa: F401
     except ImportError:
         raise ModelError("export_gguf needs the gguf package: pip install gguf") from None
+    if hasattr(config, "vision_config"):
+        raise _unsupported(f"{config.model_type} is a vision-language model, and lf writes no projector file "
+                           f"(mmproj) for its vision tower, without which llama.cpp and Ollama read no images")
     _architecture(config)
     _rope(config)
     _vocab_spec(tokenizer)

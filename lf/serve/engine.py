@@ -18,8 +18,11 @@ worker generate at a time (the others wait their turn); only the workers take it
 reader that stops reading cannot block anyone: leaving its iteration cancels its worker at the next token.
 
 Images come as `<image>` placeholders in the messages' text plus the decoded images in order (lf.serve.media
-decodes what users send). Whether the model takes them is `image_refusal`'s answer, the one place the multimodal
-model side (issue 21) fills; until then every model refuses them with one line.
+decodes what users send). A model takes them when its template's multimodal plugin (lf.data.mm_plugins) serves its
+model type and its image processor loads (`image_refusal` says why not, in one line); the prompt is then encoded as
+training encodes a row (the plugin's MMProcessor puts each image's tokens where its placeholder was, as many as the
+image processor gives it, after the resize into image_min_pixels..image_max_pixels), and `generate` gets the
+plugin's forward inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...), built once the prompt fits.
 
 Prompts must fit the model's context (`context_length`, from its config): a conversation too long for it is refused
 (RequestError) by its length in characters before it is tokenized, then by its length in tokens, and a reply never
@@ -44,9 +47,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from lf.data import fit_template
 from lf.data.conversation import ASSISTANT, PROMPT_ROLES
+from lf.data.images import fitted
+from lf.data.mm_plugins import get_plugin, plugin_for
+from lf.data.templates import image_templates
 from lf.data.tools import get_tool_format
 from lf.errors import ConfigError, DataError, RequestError
-from lf.model import load_inference_model, load_tokenizer
+from lf.model import load_inference_model, load_mm_processor, load_tokenizer
 from lf.serve.media import IMAGE
 
 log = logging.getLogger("lf")
@@ -66,12 +72,28 @@ class Reply:
     tool_calls: tuple[tuple[str, str], ...] = ()  # (name, arguments as JSON) when tools were given and are called
 
 
-def image_refusal(template, model) -> str | None:
-    """Why `model` prompted with `template` takes no images, or None when it does: the seam where multimodal models
-    plug in (issue 21: a template with an image plugin and a model whose processor builds the pixel inputs). No
-    template has one yet, so every model refuses images, before any is decoded."""
-    return (f"this model/template ({template.name}) does not take image input; templates that do: none yet in this "
-            f"version of lf: send text only")
+def serves(template, model) -> bool:
+    """Whether `template` has a multimodal plugin for `model`'s family (its config's model_type)."""
+    return bool(template.mm_plugin) and model.config.model_type in get_plugin(template.mm_plugin).model_types
+
+
+def image_refusal(template, model, media) -> str | None:
+    """Why `model` prompted with `template` takes no images, or None when it does (`template`'s plugin serves the
+    model and `media`, its lf.data.mm_plugins.MMProcessor, loaded). Said before any image is decoded."""
+    if media is not None:
+        return None
+    takers = ", ".join(f"{name} ({'/'.join(get_plugin(plugin).model_types)} models)"
+                       for name, plugin in image_templates().items())
+    model_type = model.config.model_type
+    own = plugin_for(model_type)
+    if own is None:
+        fix = f"this {model_type} model reads text only: send text"
+    elif not serves(template, model):
+        fix = f"serve this {model_type} model with template: " + next(
+            name for name, plugin in image_templates().items() if plugin == own.name)
+    else:
+        fix = "the model has no image processor (preprocessor_config.json): serve the model folder it came with"
+    return f"this model/template ({template.name}) does not take image input; templates that do: {takers}; {fix}"
 
 
 class Engine:
@@ -94,7 +116,10 @@ class Engine:
         self.model = load_inference_model(self.tokenizer, cfg.model, cfg.finetuning, device)
         self.device = next(self.model.parameters()).device
         self.stop_ids = tuple(self.template.stop_token_ids(self.tokenizer))
-        self.image_refusal = image_refusal(self.template, self.model)  # None: images are taken
+        # the image side where lf.model loads it for training: the template's plugin over the model's processor
+        self.media = load_mm_processor(cfg.model, cfg.data, self.tokenizer, self.template) \
+            if serves(self.template, self.model) else None
+        self.image_refusal = image_refusal(self.template, self.model, self.media)  # None: images are taken
         self.context_length = _context_length(self.model.config, self.tokenizer)  # None: the model names none
         # No token spans more characters than the longest in the vocabulary: a text longer than this many
         # characters cannot fit the context, however it tokenizes, and is refused before it is tokenized.
@@ -105,15 +130,24 @@ class Engine:
     def prompt_ids(self, messages, system=None, tools=None, images=()) -> list[int]:
         """The template's encoding of the conversation through the generation prompt (DataError if its roles do
         not alternate as the template needs). `images`: the PIL images the messages' IMAGE placeholders stand for,
-        in order (RequestError when the model takes none, or when the counts differ)."""
-        if images:
+        in order (RequestError when the model takes none, or when the counts differ), each placeholder replaced by
+        the image's tokens as training does (the plugin's MMProcessor)."""
+        if images or self.media is not None:
             self._check_images(messages, images)
         if not messages or messages[-1]["role"] not in PROMPT_ROLES:
             last = f"ends with a {messages[-1]['role']!r} message" if messages else "is empty"
             raise DataError(f"the conversation {last}: it must end with a {' or '.join(PROMPT_ROLES)} message, which "
                             "the model answers")
+        image_tokens = 0
+        if self.media is not None:
+            messages, image_tokens = self.media.placed(
+                messages, [(image.size, f"image {i}") for i, image in enumerate(images, 1)])
         reply = {"role": ASSISTANT, "content": ""}
-        return self.template.encode_oneturn(self.tokenizer, list(messages) + [reply], system, tools)[0]
+        ids = self.template.encode_oneturn(self.tokenizer, list(messages) + [reply], system, tools)[0]
+        if self.media is not None and ids.count(self.media.image_token_id) != image_tokens:
+            raise RequestError(f"the conversation's text holds the image token "
+                               f"{self.media.plugin.image_token!r}: remove it (write {IMAGE} where an image goes)")
+        return ids
 
     def stream(self, messages, system=None, tools=None, *, images=(), stop=None, **settings) -> Generation:
         """One reply, to iterate in text pieces as they are generated. `system` replaces the template's default
@@ -130,15 +164,17 @@ class Engine:
             raise RequestError(f"n must be a whole number >= 1 (how many replies), got {n!r}")
         kwargs = self._generate_kwargs(settings)
         prompt_ids = self._fitting_prompt(messages, system, tools, images)
+        inputs = self._image_inputs(prompt_ids, images)
         if self.context_length:  # generating past the context gives nothing the model was trained for
             kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_length - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
         tool_format = get_tool_format(self.template.tool_format) if tools else None
-        return [Generation(self, prompt_ids, kwargs, stops, tool_format) for _ in range(n)]
+        return [Generation(self, prompt_ids, {**kwargs, **inputs}, stops, tool_format) for _ in range(n)]
 
-    def generate(self, messages, system=None, tools=None, *, n: int = 1, **settings) -> list[Reply]:
+    def generate(self, messages, system=None, tools=None, *, images=(), n: int = 1, **settings) -> list[Reply]:
         """`n` whole replies (one after another: the streaming worker generates one sequence at a time)."""
-        return [generation.finish() for generation in self.streams(messages, system, tools, n=n, **settings)]
+        return [generation.finish()
+                for generation in self.streams(messages, system, tools, images=images, n=n, **settings)]
 
     def wait_idle(self) -> None:
         """Returns once no worker generates; one that was cancelled ends after its current token. (A server that
@@ -146,8 +182,15 @@ class Engine:
         with self._lock:
             pass
 
+    def _image_inputs(self, prompt_ids: list[int], images) -> dict:
+        """The plugin's forward inputs for the prompt (nothing for a text model), on the CPU until generation."""
+        if self.media is None:
+            return {}
+        decoded = [fitted(image.convert("RGB"), self.media.limits) for image in images]
+        return dict(self.media.inputs(decoded, torch.tensor([prompt_ids])))
+
     def _check_images(self, messages, images) -> None:
-        if self.image_refusal:
+        if images and self.image_refusal:
             raise RequestError(self.image_refusal)
         marks = sum((m["content"] or "").count(IMAGE) for m in messages)
         if marks != len(images):
@@ -274,9 +317,11 @@ class Generation:
             with engine._lock:
                 if not self._cancel.is_set():  # else the reader left while this waited for its turn
                     ids = torch.tensor([self._prompt_ids], device=engine.device)
+                    kwargs = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v
+                              for k, v in self._kwargs.items()}  # image inputs reach the device in their turn
                     engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=text,
                                           stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                                          **self._kwargs)
+                                          **kwargs)
             if text.held:
                 put(text.held)
             calls = self._tool_format.extract_calls(text.text) if self._tool_format else None

@@ -7,7 +7,8 @@ in batches, and output_dir gets
                                in percent), predict_runtime, predict_samples_per_second, predict_steps_per_second
 
 The prompts are lf.data's "predict" stage of eval_dataset (each conversation through the last reply's generation
-prompt, cut to cutoff_len; max_samples applies), the datasets concatenated. Each batch of
+prompt, cut to cutoff_len; max_samples applies), the datasets concatenated. With a vision-language model (the trainer's
+MMProcessor) each prompt keeps its images, and each batch gets their forward inputs as the collator builds them. Each batch of
 per_device_eval_batch_size prompts (like lengths together) is padded on the left so that every answer starts right
 after its prompt; an answer ends at eos or at a stop word of the template, or after max_new_tokens. The generating
 group (do_sample, temperature, top_p, top_k, num_beams, repetition_penalty, length_penalty, max_new_tokens,
@@ -33,13 +34,14 @@ log = logging.getLogger("lf")
 PREDICTIONS = "generated_predictions.jsonl"
 
 
-def prediction_prompts(cfg, tokenizer, template):
-    """eval_dataset as the predict stage tokenizes it: input_ids (the prompt) and labels (the reference answer)."""
+def prediction_prompts(cfg, tokenizer, template, media=None):
+    """eval_dataset as the predict stage tokenizes it: input_ids (the prompt) and labels (the reference answer),
+    and with `media` (the model's MMProcessor) each prompt's images."""
     # only eval_dataset, read afresh (no cache, no stream, no packing: one row per prompt)
     data_args = dataclasses.replace(cfg.data, dataset=None, val_size=0.0, tokenized_path=None, streaming=False,
                                     eval_on_each_dataset=False, packing=None, neat_packing=None)
     return get_dataset(data_args, tokenizer=tokenizer, template=template, stage="predict",
-                       seed=cfg.training.seed).eval_dataset
+                       seed=cfg.training.seed, media=media).eval_dataset
 
 
 def generation_kwargs(generating, stops: list[int], pad_id: int) -> dict:
@@ -63,8 +65,10 @@ def until_stop(ids: list[int], stops: list[int]) -> list[int]:
 
 
 def generate_answers(model, prompts: list[list[int]], *, batch_size: int, kwargs: dict, stops: list[int],
-                     show_progress: bool = True) -> list[list[int]]:
-    """Each prompt's answer ids (to the first stop id), generated in batches of `batch_size` left-padded prompts."""
+                     show_progress: bool = True, images: list[list[dict]] | None = None,
+                     media=None) -> list[list[int]]:
+    """Each prompt's answer ids (to the first stop id), generated in batches of `batch_size` left-padded prompts;
+    with `media` (an MMProcessor), each batch gets the forward's image inputs from its prompts' `images`."""
     from tqdm.auto import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # like lengths share a batch: less padding
@@ -74,8 +78,11 @@ def generate_answers(model, prompts: list[list[int]], *, batch_size: int, kwargs
     for start in tqdm(starts, desc="Predicting", unit="batch", disable=not show_progress):
         rows = order[start:start + batch_size]
         ids, mask = left_padded([prompts[i] for i in rows], kwargs["pad_token_id"])
+        # the batch's images in row order, as its image tokens come (the collator's order in training)
+        pixels = media.features([ref for i in rows for ref in images[i]], ids) if media is not None else {}
         with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
+                                 **{key: value.to(device) for key, value in pixels.items()})
         for i, generated in zip(rows, out[:, ids.shape[1]:].tolist()):
             answers[i] = until_stop(generated, stops)
     return answers
@@ -88,16 +95,18 @@ def predict(trainer, cfg, tokenizer, template) -> dict:
     from transformers.trainer_utils import speed_metrics
 
     args, g = cfg.training, cfg.generating
-    dataset = prediction_prompts(cfg, tokenizer, template)
+    dataset = prediction_prompts(cfg, tokenizer, template, trainer.media)
     stops = template.stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     rank, world = args.process_index, args.world_size
     mine = list(range(rank, len(dataset), world))  # this process's share of the prompts
     start = time.time()
+    images = [dataset[i]["images"] for i in mine] if trainer.media is not None else None
     answers = generate_answers(model, [dataset[i]["input_ids"] for i in mine],
                                batch_size=args.per_device_eval_batch_size, kwargs=generation_kwargs(g, stops, pad_id),
-                               stops=stops, show_progress=trainer.is_local_process_zero())
+                               stops=stops, show_progress=trainer.is_local_process_zero(), images=images,
+                               media=trainer.media)
     answers = dict(gather_object(list(zip(mine, answers))))
     if not trainer.is_world_process_zero():
         return {}
