@@ -1,0 +1,75 @@
+"""Audio of multimodal datasets: clips read as LLaMA-Factory reads them (librosa.load: soundfile, channels
+averaged to mono, soxr's high-quality resampler to `audio_sampling_rate`, length ceil(n * new_rate / old_rate)),
+and Qwen2-Audio's / Qwen2.5-Omni's inputs from transformers' WhisperFeatureExtractor, with the number of audio
+tokens those models' processors put in the text for each clip.
+
+`read_audio(path, sampling_rate)` reads wav, flac, mp3, ogg (what libsndfile reads) into mono float32;
+`qwen2_audio_inputs(audios, feature_extractor, sampling_rate)` gives `input_features` and
+`feature_attention_mask` (clips padded, or cut, to the extractor's 30 s); `qwen2_audio_token_counts(mask)` the
+tokens per clip.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lf.data.optional import require
+from lf.errors import DataError
+
+AUDIO_SAMPLING_RATE = 16000  # LLaMA-Factory's default for audio_sampling_rate
+
+log = logging.getLogger(__name__)
+
+
+def read_audio(path: str | Path, sampling_rate: int = AUDIO_SAMPLING_RATE) -> np.ndarray:
+    """The clip at `path` as mono float32 samples at `sampling_rate`."""
+    soundfile = require("soundfile", "reading audio")
+    if not Path(path).is_file():
+        raise DataError(f"audio {path}: no such file (check the path, relative to the dataset's media_dir)")
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.SoundFileError as exc:
+        raise DataError(f"cannot read audio {path}: {exc}; give a wav, flac, mp3 or ogg file") from None
+    if not len(samples):
+        raise DataError(f"audio {path} has no samples (empty or truncated file): re-encode it or leave it out")
+    mono = samples.mean(axis=1)
+    if rate != sampling_rate:
+        soxr = require("soxr", "resampling audio")
+        _log_resampling(rate, sampling_rate)
+        length = math.ceil(len(mono) * sampling_rate / rate)
+        mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")[:length]
+        mono = np.pad(mono, (0, length - len(mono)))
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@functools.cache
+def _log_resampling(rate: int, sampling_rate: int) -> None:
+    log.info("audio at %d Hz is resampled to audio_sampling_rate %d Hz (soxr, high quality)", rate, sampling_rate)
+
+
+def qwen2_audio_inputs(audios: list[np.ndarray], feature_extractor,
+                       sampling_rate: int = AUDIO_SAMPLING_RATE) -> dict[str, torch.Tensor]:
+    """`input_features` (clips, mel bins, 3000 frames) and `feature_attention_mask` (clips, 3000), as Qwen2-Audio's
+    and Qwen2.5-Omni's processors compute them: padded to the extractor's 30 s, the mask marking each clip's
+    frames."""
+    if sampling_rate != feature_extractor.sampling_rate:
+        raise DataError(f"audio_sampling_rate: {sampling_rate} differs from the model's feature extractor "
+                        f"({feature_extractor.sampling_rate} Hz): set audio_sampling_rate: "
+                        f"{feature_extractor.sampling_rate}")
+    features = feature_extractor(audios, sampling_rate=sampling_rate, return_attention_mask=True,
+                                 padding="max_length", return_tensors="pt")
+    return {"input_features": features["input_features"], "feature_attention_mask": features["attention_mask"]}
+
+
+def qwen2_audio_token_counts(feature_attention_mask: torch.Tensor) -> list[int]:
+    """How many audio tokens stand for each clip in the text: its mel frames through the audio encoder's
+    stride-2 convolution, then its stride-2 pooling."""
+    frames = feature_attention_mask.sum(-1)
+    after_conv = (frames - 1) // 2 + 1
+    return ((after_conv - 2) // 2 + 1).tolist()

@@ -1,0 +1,152 @@
+"""Videos of multimodal datasets: frames decoded with PyAV and sampled as LLaMA-Factory samples them, and
+Qwen2-VL's video inputs computed as transformers' `Qwen2VLVideoProcessor` computes them, without torchvision.
+
+`read_video(path, ...)` keeps LLaMA-Factory's keys and defaults: of a stream of F frames lasting D seconds it keeps
+n = min(F, video_maxlen, max(1, floor(D * video_fps))) frames, at the indices linspace(0, F - 1, n) truncated to
+integers (a container that states no frame count gives its first video_maxlen frames), and fits each kept frame
+within [video_min_pixels, video_max_pixels] (`fit_pixels`). Frames are decoded in order and only the kept ones are
+held, already resized, so a long video never sits in memory; decoding stops after the last kept frame.
+
+`qwen2_vl_video_inputs(videos, config)` gives `pixel_values_videos` and `video_grid_thw`: each video's frames
+(padded to a multiple of temporal_patch_size with its last frame) resized to `smart_resize`'s size (bicubic,
+antialiased, on uint8, as torchvision resizes on the CPU), rescaled and normalized in one step with the image
+processor's mean/std, and cut into temporal_patch_size x patch_size x patch_size patches grouped by merge_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # imports without torchvision
+
+from lf.data.optional import require
+from lf.errors import DataError
+
+# LLaMA-Factory's defaults for its video keys.
+VIDEO_FPS = 2.0
+VIDEO_MAXLEN = 128
+VIDEO_MAX_PIXELS = 256 * 256
+VIDEO_MIN_PIXELS = 16 * 16
+
+
+@dataclass(frozen=True)
+class Video:
+    frames: list[Image.Image]  # RGB, in playing order
+    fps: float  # kept frames per second of video: Qwen2.5-VL's second_per_grid_ts is temporal_patch_size / fps
+
+
+def sample_indices(total_frames: int, duration_s: float | None, video_fps: float, video_maxlen: int) -> np.ndarray:
+    """The indices of the frames LLaMA-Factory keeps (see the module's docstring)."""
+    if total_frames <= 0:  # the container does not say how long the stream is
+        return np.arange(video_maxlen)
+    wanted = total_frames if duration_s is None else max(1, math.floor(duration_s * video_fps))
+    count = min(total_frames, video_maxlen, wanted)
+    return np.linspace(0, total_frames - 1, count).astype(np.int32)
+
+
+def fit_pixels(image: Image.Image, max_pixels: int, min_pixels: int) -> Image.Image:
+    """`image` in RGB, scaled (both sides truncated, bicubic) to at most `max_pixels`, then to at least
+    `min_pixels`: LLaMA-Factory's rule for images and video frames."""
+    if image.width * image.height > max_pixels:
+        image = _scaled_to(image, max_pixels)
+    if image.width * image.height < min_pixels:
+        image = _scaled_to(image, min_pixels)
+    return image.convert("RGB")
+
+
+def _scaled_to(image: Image.Image, pixels: int) -> Image.Image:
+    scale = math.sqrt(pixels / (image.width * image.height))
+    return image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.BICUBIC)
+
+
+def read_video(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int = VIDEO_MAXLEN,
+               video_max_pixels: int = VIDEO_MAX_PIXELS, video_min_pixels: int = VIDEO_MIN_PIXELS) -> Video:
+    """The sampled, resized frames of the first video stream of the file at `path`."""
+    av = require("av", "reading videos")
+    if not Path(path).is_file():
+        raise DataError(f"video {path}: no such file (check the path, relative to the dataset's media_dir)")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"video {path} holds no video stream: give a video file (mp4, avi, mkv, webm, ...)")
+            stream = container.streams.video[0]
+            duration = _duration_s(container, stream)
+            kept = set(sample_indices(stream.frames, duration, video_fps, video_maxlen).tolist())
+            frames = []
+            for index, frame in enumerate(container.decode(stream)):
+                if index in kept:
+                    frames.append(fit_pixels(frame.to_image(), video_max_pixels, video_min_pixels))
+                    if len(frames) == len(kept):
+                        break
+    except av.FFmpegError as exc:
+        raise DataError(f"cannot read video {path}: {exc}; is it a video file PyAV/FFmpeg can decode?") from None
+    if not frames:
+        raise DataError(f"video {path} has no frames (empty or truncated file): re-encode it or leave it out")
+    return Video(frames, video_fps if not duration else len(frames) / duration)
+
+
+def _duration_s(container, stream) -> float | None:
+    """The stream's duration in seconds, else the container's, else None."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # FFmpeg's AV_TIME_BASE: microseconds
+    return None
+
+
+def qwen2_vl_video_inputs(videos: list[Video | list[Image.Image]], config) -> dict[str, torch.Tensor]:
+    """`pixel_values_videos` (float32, one row per patch) and `video_grid_thw` (int64, one row per video) for
+    Qwen2-VL and Qwen2.5-VL. `config` is the checkpoint's video processor settings, which transformers reads from
+    `preprocessor_config.json` when there is no `video_preprocessor_config.json`, so the model's image processor
+    serves: any object with `size` (shortest_edge/longest_edge: min and max pixels), `patch_size`,
+    `temporal_patch_size`, `merge_size`, `image_mean`, `image_std` and `rescale_factor`."""
+    factor = config.patch_size * config.merge_size
+    mean = torch.tensor(config.image_mean) * (1.0 / config.rescale_factor)  # transformers' fused rescale+normalize
+    std = torch.tensor(config.image_std) * (1.0 / config.rescale_factor)
+    patches, grids = [], []
+    for video in videos:
+        frames = [_qwen2_vl_frame(frame) for frame in (video.frames if isinstance(video, Video) else video)]
+        if len({frame.size for frame in frames}) != 1:
+            raise DataError(f"a video's frames must share one size, got {sorted({f.size for f in frames})}")
+        pixels = torch.from_numpy(np.stack([np.asarray(frame) for frame in frames])).permute(0, 3, 1, 2).contiguous()
+        height, width = pixels.shape[-2:]
+        size = smart_resize(height, width, factor=factor, min_pixels=config.size["shortest_edge"],
+                            max_pixels=config.size["longest_edge"])
+        if size != (height, width):  # torchvision leaves a frame of the target size untouched
+            pixels = torch.nn.functional.interpolate(pixels, size=list(size), mode="bicubic", align_corners=False,
+                                                     antialias=True)
+        pixels = (pixels.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        video_patches, grid = _patchify(pixels, config.patch_size, config.temporal_patch_size, config.merge_size)
+        patches.append(video_patches)
+        grids.append(grid)
+    return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.int64)}
+
+
+def _qwen2_vl_frame(frame: Image.Image) -> Image.Image:
+    """LLaMA-Factory's Qwen2-VL plugin's fix-ups: sides of at least 28 pixels, aspect ratios of at most 200 (cut
+    to 180), which smart_resize would otherwise refuse."""
+    if min(frame.size) < 28:
+        frame = frame.resize((max(frame.width, 28), max(frame.height, 28)), Image.Resampling.BICUBIC)
+    if frame.width / frame.height > 200:
+        frame = frame.resize((frame.height * 180, frame.height), Image.Resampling.BICUBIC)
+    if frame.height / frame.width > 200:
+        frame = frame.resize((frame.width, frame.width * 180), Image.Resampling.BICUBIC)
+    return frame
+
+
+def _patchify(pixels: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:
+    """(frames, C, H, W) -> (grid_t * grid_h * grid_w, C * temporal * patch * patch), patches ordered as
+    transformers orders them: by time, then merge_size x merge_size blocks, row-major inside each block."""
+    if pad := -pixels.shape[0] % temporal:
+        pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
+    frames, channels, height, width = pixels.shape
+    grid_t, grid_h, grid_w = frames // temporal, height // patch, width // patch
+    blocks = pixels.view(grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    # -> (t, block row, block col, row in block, col in block, C, temporal, patch row, patch col)
+    blocks = blocks.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return blocks.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch), [grid_t, grid_h, grid_w]
