@@ -249,6 +249,16 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
     return out.to_tuple() if return_dict is False else out
 
 
+# generate() refuses model_kwargs that its model's forward signature does not name: the vision inputs a VL head
+# takes (passed through **kwargs above) are named here, keyword-only.
+_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
+                  "image_sizes", "second_per_grid_ts")
+_params = list(inspect.signature(_causal_lm_forward).parameters.values())
+_causal_lm_forward.__signature__ = inspect.Signature(
+    _params[:-1] + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in _VISION_INPUTS]
+    + _params[-1:])
+
+
 # ---- binding: lf's functions as forwards, and back ----
 
 _ORIGINAL_CLASS_FORWARD: dict[type, Callable] = {}  # classes apply_to patched -> HF's forward
