@@ -29,7 +29,10 @@ def test_matches_reference(backend, dtype, shape, op):
     out64, (dgate64, dup64) = oracle(ref, (gate, up), dy)
     assert out.dtype == dtype
     assert_close(out, out64, dtype, "out")
-    assert_close(dgate, dgate64, dtype, "dgate")
+    # dgate = dy * up * act'(gate), and act' crosses 0 (SiLU's at gate ~ -1.28) as a difference of terms of size
+    # ~1: near there its error is relative to |dy * up|, not to dgate (a 1-element draw can land there)
+    terms = (dy.double() * up.detach().double()).abs().max().item()
+    assert_close(dgate, dgate64, dtype, "dgate", min_scale=terms)
     assert_close(dup, dup64, dtype, "dup")
 
 
