@@ -234,8 +234,7 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
     ("shift_attn", True, "LongLoRA's shifted sparse attention"),
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
-    ("video_max_pixels", 131072, "video and audio input (lf reads images only, so far)"),
-    ("audio_sampling_rate", 8000, "video and audio input (lf reads images only, so far)"),
+    ("use_audio_in_video", True, "Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     ("infer_backend", "vllm", "an inference engine other than transformers"),
     ("save_safetensors", False, "pickled checkpoints"),
 ])
@@ -243,6 +242,16 @@ def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(
     message = refused({**BASE, key: value})
     assert message.startswith(f"{key}: ")
     assert f"(in the config) asks for {feature}" in message and "which lf does not support yet" in message
+
+
+def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():
+    cfg = parse_train_args({**BASE, "video_fps": 1.0, "video_maxlen": 8, "audio_sampling_rate": 8000})
+    assert (cfg.data.video_fps, cfg.data.video_maxlen, cfg.data.audio_sampling_rate) == (1.0, 8, 8000)
+    defaults = parse_train_args(BASE).data
+    assert (defaults.video_max_pixels, defaults.video_min_pixels, defaults.video_fps, defaults.video_maxlen,
+            defaults.audio_sampling_rate) == (256 * 256, 16 * 16, 2.0, 128, 16000)
+    assert refused({**BASE, "video_min_pixels": 4096, "video_max_pixels": 1024}).startswith(
+        "video_min_pixels: 4096 is above video_max_pixels: 1024")
 
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):

@@ -279,9 +279,9 @@ def write_dataset(tmp_path, rows, columns=None) -> Path:
     return tmp_path
 
 
-def chat(prompt, images):
+def chat(prompt, items, column="images"):
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "ok"}],
-            "images": images}
+            column: items}
 
 
 def tokenize(model, template, folder, **data):

@@ -33,3 +33,9 @@ class DataArguments:
     media_dir: str | None = None  # None: dataset_dir
     image_max_pixels: int = 768 * 768
     image_min_pixels: int = 32 * 32
+    # videos (lf.data.video): frames kept per second of video and at most, each frame resized into the pixel range
+    video_max_pixels: int = 256 * 256
+    video_min_pixels: int = 16 * 16
+    video_fps: float = 2.0
+    video_maxlen: int = 128
+    audio_sampling_rate: int = 16000  # audio clips are resampled to this rate (lf.data.audio)

@@ -265,7 +265,6 @@ class Unsupported:
     fix: str = "remove the key"
 
 
-_MULTIMODAL = "video and audio input (lf reads images only, so far)"
 _PREFERENCE = "ppo training (TRL no longer has a PPO trainer)"
 UNSUPPORTED = types.MappingProxyType({
     # model
@@ -298,12 +297,7 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "image_do_pan_and_scan": Unsupported("Gemma 3's pan-and-scan image crops"),
     "crop_to_patches": Unsupported("InternVL's image patches"),
-    "video_max_pixels": Unsupported(_MULTIMODAL, (256 * 256,)),
-    "video_min_pixels": Unsupported(_MULTIMODAL, (16 * 16,)),
-    "video_fps": Unsupported(_MULTIMODAL, (2.0,)),
-    "video_maxlen": Unsupported(_MULTIMODAL, (128,)),
-    "use_audio_in_video": Unsupported(_MULTIMODAL),
-    "audio_sampling_rate": Unsupported(_MULTIMODAL, (16000,)),
+    "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
     "pissa_init": Unsupported("PiSSA adapters"),
     "pissa_iter": Unsupported("PiSSA adapters", None),

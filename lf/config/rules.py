@@ -143,6 +143,12 @@ RANGES = types.MappingProxyType({
                                              "589824 is usual)"),
     "image_min_pixels": ("data", AT_LEAST_1, "the fewest pixels an image has; smaller ones are scaled up (32*32 = "
                                              "1024 is usual)"),
+    "video_max_pixels": ("data", AT_LEAST_1, "the most pixels a video frame keeps (256*256 = 65536 is usual)"),
+    "video_min_pixels": ("data", AT_LEAST_1, "the fewest pixels a video frame has (16*16 = 256 is usual)"),
+    "video_fps": ("data", POSITIVE, "the frames kept per second of video (2.0 is usual)"),
+    "video_maxlen": ("data", AT_LEAST_1, "the most frames kept of a video (128 is usual)"),
+    "audio_sampling_rate": ("data", AT_LEAST_1, "the rate audio is resampled to (16000: the Whisper-style "
+                                                "encoders')"),
     "max_samples": ("data", AT_LEAST_1, "the examples read from each dataset (remove it to read them all)"),
     "val_size": ("data", AT_LEAST_0, "the eval split: a fraction below 1 or a count of examples (0: none)"),
     "preprocessing_batch_size": ("data", AT_LEAST_1, "the examples tokenized together"),
@@ -313,6 +319,9 @@ RULES: tuple[Rule, ...] = (
          and ("," in c.model.adapter_name_or_path or c.finetuning.create_new_adapter),
          "adapters cannot be merged into a quantized model (quantization_bit: {m.quantization_bit}): give one "
          "adapter to train further, without create_new_adapter, or merge them into the model first"),
+    Rule("video_pixel_limits", lambda c: c.data.video_min_pixels > c.data.video_max_pixels >= 1,
+         "video_min_pixels: {d.video_min_pixels} is above video_max_pixels: {d.video_max_pixels}: no frame size fits "
+         "both; lower video_min_pixels or raise video_max_pixels"),
     Rule("image_pixel_limits", lambda c: c.data.image_min_pixels > c.data.image_max_pixels >= 1,  # else: RANGES
          "image_min_pixels: {d.image_min_pixels} is above image_max_pixels: {d.image_max_pixels}: no image size fits "
          "both; lower image_min_pixels or raise image_max_pixels"),

@@ -70,6 +70,29 @@ def qwen2_audio_inputs(audios: list[np.ndarray], feature_extractor,
 def qwen2_audio_token_counts(feature_attention_mask: torch.Tensor) -> list[int]:
     """How many audio tokens stand for each clip in the text: its mel frames through the audio encoder's
     stride-2 convolution, then its stride-2 pooling."""
-    frames = feature_attention_mask.sum(-1)
+    return _tokens_of_frames(feature_attention_mask.sum(-1)).tolist()
+
+
+def _tokens_of_frames(frames):
     after_conv = (frames - 1) // 2 + 1
-    return ((after_conv - 2) // 2 + 1).tolist()
+    return (after_conv - 2) // 2 + 1
+
+
+def qwen2_audio_token_count(samples: int, feature_extractor) -> int:
+    """qwen2_audio_token_counts of a clip of `samples` samples, without its features: the extractor keeps at most
+    n_samples (30 s) and makes one mel frame per hop_length samples begun."""
+    return int(_tokens_of_frames(-(-min(samples, feature_extractor.n_samples) // feature_extractor.hop_length)))
+
+
+def clip_samples(path: str | Path, sampling_rate: int = AUDIO_SAMPLING_RATE) -> int:
+    """How many samples read_audio gives of the clip at `path`, from its header."""
+    soundfile = require("soundfile", "reading audio")
+    if not Path(path).is_file():
+        raise DataError(f"audio {path}: no such file (check the path, relative to the dataset's media_dir)")
+    try:
+        info = soundfile.info(str(path))
+    except soundfile.SoundFileError as exc:
+        raise DataError(f"cannot read audio {path}: {exc}; give a wav, flac, mp3 or ogg file") from None
+    if info.frames <= 0:
+        raise DataError(f"audio {path} has no samples (empty or truncated file): re-encode it or leave it out")
+    return math.ceil(info.frames * sampling_rate / info.samplerate)

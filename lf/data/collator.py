@@ -5,8 +5,8 @@ for the prefixes "" (sft/pt), "chosen_"/"rejected_" (pairwise) and "kl_" (kto). 
 packing) gets no attention mask: its padding continues as one more example whose positions restart at 0, so that
 position-restart boundaries alone keep examples apart. Other groups get an attention mask. Plain values (kto
 flags) become a tensor. Lengths are rounded up to `pad_to_multiple_of` (friendlier shapes for the kernels).
-Examples with images (an `images` column of references) get them decoded here, a batch at a time, into the
-model's image inputs by `media` (lf.data.mm_plugins.MMProcessor).
+Examples with media (images, videos, audios columns of references) get them decoded here, a batch at a time,
+into the model's media inputs by `media` (lf.data.mm_plugins.MMProcessor).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lf.data.registry import MEDIA_COLUMNS
 from lf.labels import IGNORE_INDEX
 
 PREFIXES = ("", "chosen_", "rejected_", "kl_")
@@ -26,7 +27,7 @@ class Collator:
     pad_token_id: int
     pad_to_multiple_of: int | None = 8
     count_tokens: bool = False  # add TOKENS_KEY (lf's trainer removes it before the model sees the batch)
-    media: object = None  # an MMProcessor: turns the batch's `images` into pixel_values (and the like)
+    media: object = None  # an MMProcessor: turns the batch's media into pixel_values (and the like)
 
     def _length(self, rows) -> int:
         longest = max(len(row) for row in rows)
@@ -34,9 +35,8 @@ class Collator:
         return -(-longest // m) * m if m else longest
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        refs = [ref for f in features for ref in f.get("images") or ()]
-        features = [{k: v for k, v in f.items() if k != "images"} for f in features] if "images" in features[0] \
-            else features
+        refs = [{k: v for k, v in f.items() if k in MEDIA_COLUMNS} for f in features]
+        features = [{k: v for k, v in f.items() if k not in MEDIA_COLUMNS} for f in features]
         batch = {}
         for prefix in PREFIXES:
             key = f"{prefix}input_ids"
@@ -61,7 +61,7 @@ class Collator:
         for key in features[0].keys() - grouped:
             batch[key] = torch.tensor([f[key] for f in features])
         if self.media is not None:
-            batch.update(self.media.features(refs, batch["input_ids"]))
+            batch.update(self.media.features(self.media.batch_refs(refs), batch["input_ids"]))
         return batch
 
 

@@ -19,8 +19,9 @@ openai: sharegpt's rules on OpenAI chat messages. An assistant message with `too
   result itself, or a JSON list of the results when there are several. Content given as a list of parts keeps
   its text parts (joined by newlines); a row with another kind of part (an image) is skipped.
 Every formatting: an images column gives the row's images (a path, bytes, a {"bytes", "path"} dict as `datasets`
-  stores an image, a PIL image, or a list of them), kept undecoded as {"bytes", "path"}; their count must equal the
-  "<image>" placeholders in the prompt and first reply, else the conversion stops with the file and row.
+  stores an image, a PIL image, or a list of them), kept undecoded as {"bytes", "path"}; videos and audios columns
+  give the row's video and audio files the same way. Each column's count must equal its placeholders ("<image>",
+  "<video>", "<audio>") in the prompt and first reply, else the conversion stops with the file and row.
 Every formatting: a kto_tag column gives the row's true/false label; a tools column is kept when it is text and
 JSON-encoded (as a list) when it is structured; an empty one ("", "[]", null) becomes "". Non-text values of text
 fields are JSON-encoded.
@@ -43,18 +44,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lf.data import cache
-from lf.data.conversation import (ASSISTANT, FUNCTION, IMAGE_PLACEHOLDER, OBSERVATION, PROMPT_ROLES, REPLY_ROLES,
-                                  USER, canonical_row)
-from lf.data.registry import DEFAULT_COLUMNS, IMAGES, DatasetAttr
+from lf.data.conversation import (ASSISTANT, FUNCTION, OBSERVATION, PLACEHOLDERS, PROMPT_ROLES, REPLY_ROLES, USER,
+                                  canonical_row)
+from lf.data.registry import DEFAULT_COLUMNS, IMAGES, MEDIA_COLUMNS, DatasetAttr
 from lf.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
-IMAGE_REFS = datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
+IMAGE_REFS = datasets.List({"bytes": datasets.Value("binary"), "path": datasets.Value("string")})  # any media
 FEATURES = datasets.Features({"prompt": _MESSAGES, "response": _MESSAGES, "system": datasets.Value("string"),
                               "tools": datasets.Value("string"), "kto_tag": datasets.Value("bool"),
-                              "images": IMAGE_REFS})
+                              **{column: IMAGE_REFS for column in MEDIA_COLUMNS}})
 _SKIP = "_skip"  # while converting: why a row is skipped, None when it is usable
 _CONVERTING = datasets.Features({**FEATURES, _SKIP: datasets.Value("string")})
 _SCHEMA = _CONVERTING.arrow_schema
@@ -77,7 +78,7 @@ def alpaca(row: dict, attr: DatasetAttr) -> dict:
     else:  # pretraining text, or prompts to predict on
         response = []
     return canonical_row(prompt, response, _text(row.get("system")), _tools(row.get("tools")), _kto_tag(row),
-                         _images(row.get(IMAGES)))
+                         **_media(row))
 
 
 def sharegpt(row: dict, attr: DatasetAttr) -> dict:
@@ -225,8 +226,13 @@ def _undecoded(raw, column: str):
     return raw.cast_column(column, datasets.List(undecoded) if inner is not feature else undecoded)
 
 
-def _images(value) -> list[dict]:
-    """An images column's value as a list of {"bytes", "path"}."""
+def _media(row: dict) -> dict:
+    """The row's media columns, each as a list of {"bytes", "path"}."""
+    return {column: _refs(row.get(column), column) for column in MEDIA_COLUMNS}
+
+
+def _refs(value, column: str) -> list[dict]:
+    """A media column's value as a list of {"bytes", "path"}."""
     if value is None:
         return []
     refs = []
@@ -242,21 +248,23 @@ def _images(value) -> list[dict]:
             image.save(encoded, format=image.format or "PNG")
             refs.append({"bytes": encoded.getvalue(), "path": None})
         else:
-            raise SkipRow(f"image not a path, bytes or an image ({type(image).__name__})")
+            raise SkipRow(f"{column} item not a path, bytes or an image ({type(image).__name__})")
     return refs
 
 
 def _check_placeholders(row: dict, attr: DatasetAttr, index: int) -> None:
-    """A row of a dataset with images has one "<image>" per image in its prompt and first reply: any other count
-    would feed the model images it cannot place (or placeholders with nothing behind them)."""
-    if IMAGES not in attr.columns:
-        return
+    """A row of a dataset with a media column has one placeholder ("<image>", ...) per item in its prompt and first
+    reply: any other count would feed the model media it cannot place (or placeholders with nothing behind them)."""
     messages = list(row["prompt"]) + list(row["response"][:1])
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if placeholders != len(row["images"]):
-        raise DataError(f"dataset {attr.name!r} ({attr.path}), row {index}: {placeholders} {IMAGE_PLACEHOLDER} "
-                        f"placeholder(s) in its messages but {len(row['images'])} image(s) in column "
-                        f"{attr.columns[IMAGES]!r}: put one {IMAGE_PLACEHOLDER} in the text where each image goes")
+    for column in MEDIA_COLUMNS:
+        if column not in attr.columns:
+            continue
+        mark = PLACEHOLDERS[column]
+        placeholders = sum(m["content"].count(mark) for m in messages)
+        if placeholders != len(row[column]):
+            raise DataError(f"dataset {attr.name!r} ({attr.path}), row {index}: {placeholders} {mark} placeholder(s) "
+                            f"in its messages but {len(row[column])} {column[:-1]}(s) in column {attr.columns[column]!r}: "
+                            f"put one {mark} in the text where each of them goes")
 
 
 def _message(role: str, content: str) -> dict:
@@ -327,7 +335,7 @@ def _dialogue(row: dict, attr: DatasetAttr, read_turns) -> dict:
     else:
         prompt, response = turns[:-1], turns[-1:]
     system = _text(row.get("system")) or system
-    return canonical_row(prompt, response, system, _tools(row.get("tools")), _kto_tag(row), _images(row.get(IMAGES)))
+    return canonical_row(prompt, response, system, _tools(row.get("tools")), _kto_tag(row), **_media(row))
 
 
 def _reply(message, key: str, tags, read_turns) -> dict:

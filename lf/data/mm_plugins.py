@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from lf.data import images
-from lf.data.conversation import IMAGE_PLACEHOLDER
+from lf.data.conversation import PLACEHOLDERS
+from lf.data.registry import IMAGES
 from lf.errors import DataError, did_you_mean
 
 log = logging.getLogger("lf")
@@ -49,27 +50,122 @@ def _llava_tokens(image_processor, processor_config: dict, height: int, width: i
 
 
 @dataclass(frozen=True)
+class Modality:
+    """One kind of media in a family's prompts: the column it comes from, the token repeated once per feature and
+    what wraps them, one item's token count (`tokens(media, ref)`, from the file's header as the family's processor
+    counts) and a batch's forward inputs (`inputs(media, refs)`, decoded then), named in `forward_inputs`."""
+
+    column: str  # images | videos | audios (lf.data.conversation.PLACEHOLDERS)
+    token: str
+    tokens: Callable[..., int]
+    inputs: Callable[..., dict]
+    forward_inputs: tuple[str, ...]
+    wrap: tuple[str, str] = ("", "")
+    type_id: int = 0  # its mark in mm_token_type_ids (transformers: 1 image, 2 video, 3 audio)
+
+
+def _image_tokens(media: "MMProcessor", ref: dict) -> int:
+    return media.tokens(images.size(ref), ref.get("path") or "an image given as bytes")
+
+
+def _image_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
+    decoded = [images.pixels(ref, media.limits) for ref in refs]
+    return dict(media.image_processor(images=decoded, return_tensors="pt")) if decoded else {}
+
+
+def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict) -> int:
+    from lf.data import video
+
+    frames, (width, height) = video.sampled_shape(_path(ref, "video"), **media.video)
+    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(frames, width, height, media.image_processor)
+    return grid_t * grid_h * grid_w // media.image_processor.merge_size ** 2
+
+
+def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
+    from lf.data import video
+
+    if not refs:
+        return {}
+    return video.qwen2_vl_video_inputs([video.read_video(_path(ref, "video"), **media.video) for ref in refs],
+                                       media.image_processor)
+
+
+def _qwen2_audio_tokens(media: "MMProcessor", ref: dict) -> int:
+    from lf.data import audio
+
+    return audio.qwen2_audio_token_count(audio.clip_samples(_path(ref, "audio"), media.audio_sampling_rate),
+                                         media.feature_extractor)
+
+
+def _qwen2_audio_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
+    from lf.data import audio
+
+    if not refs:
+        return {}
+    clips = [audio.read_audio(_path(ref, "audio"), media.audio_sampling_rate) for ref in refs]
+    return audio.qwen2_audio_inputs(clips, media.feature_extractor, media.audio_sampling_rate)
+
+
+def _path(ref: dict, kind: str) -> str:
+    """A video's or audio clip's file (they are decoded from files, not from bytes)."""
+    if not ref.get("path"):
+        raise DataError(f"a {kind} given as bytes: give {kind}s as file paths (relative to media_dir)")
+    return ref["path"]
+
+
+QWEN2_VL_VIDEO = Modality("videos", "<|video_pad|>", _qwen2_vl_video_tokens, _qwen2_vl_video_inputs,
+                          ("pixel_values_videos", "video_grid_thw"), ("<|vision_start|>", "<|vision_end|>"), 2)
+QWEN2_AUDIO = Modality("audios", "<|AUDIO|>", _qwen2_audio_tokens, _qwen2_audio_inputs,
+                       ("input_features", "feature_attention_mask"), ("<|audio_bos|>", "<|audio_eos|>"), 3)
+
+
+@dataclass(frozen=True)
 class MMPlugin:
+    """A family's entry. Its images are described by the image_* fields (image_token "" for a family without
+    images); its other media by `media` entries."""
+
     name: str
     model_types: tuple[str, ...]  # config.model_type of the models it serves
     image_token: str  # repeated once per image feature
-    image_tokens: Callable[..., int]  # (image_processor, processor_config, height, width) -> the token count
+    image_tokens: Callable[..., int] | None  # (image_processor, processor_config, height, width) -> the token count
     wrap: tuple[str, str] = ("", "")  # written before and after an image's tokens
-    token_types: bool = False  # the forward takes mm_token_type_ids (1 at image tokens), as its processor returns
+    token_types: bool = False  # the forward takes mm_token_type_ids (Modality.type_id at media tokens)
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
     language_model: tuple[str, ...] = ()
+    image_inputs: tuple[str, ...] = ("pixel_values", "image_grid_thw", "image_sizes")  # what image processors give
+    media: tuple[Modality, ...] = ()  # videos, audios
+    feature_extractor: bool = False  # its audio needs the model's feature extractor
+
+    @property
+    def modalities(self) -> dict[str, Modality]:
+        """Column -> the modality, images first."""
+        image = (Modality("images", self.image_token, _image_tokens, _image_inputs, self.image_inputs, self.wrap, 1),)
+        return {m.column: m for m in (image if self.image_token else ()) + self.media}
+
+    @property
+    def forward_inputs(self) -> tuple[str, ...]:
+        names = [name for m in self.modalities.values() for name in m.forward_inputs]
+        return (*names, "mm_token_type_ids") if self.token_types else tuple(names)
 
 
 _ENTRIES = {plugin.name: plugin for plugin in (
     MMPlugin("qwen2_vl", ("qwen2_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
              token_types=True, vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
-             language_model=("language_model", "lm_head")),
+             language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,)),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
+    MMPlugin("qwen2_audio", ("qwen2_audio",), "", None, vision_tower=("audio_tower",),
+             projector=("multi_modal_projector",), language_model=("language_model", "lm_head"), media=(QWEN2_AUDIO,),
+             feature_extractor=True),
 )}
 PLUGINS = MappingProxyType(_ENTRIES)
+
+
+def forward_inputs() -> tuple[str, ...]:
+    """Every media input a family's forward takes (lf.kernels.patch names them in the patched forward)."""
+    return tuple(dict.fromkeys(name for plugin in PLUGINS.values() for name in plugin.forward_inputs))
 
 
 def get_plugin(name: str) -> MMPlugin:
@@ -92,16 +188,28 @@ def in_part(name: str, parts: tuple[str, ...]) -> bool:
 
 @dataclass
 class MMProcessor:
-    """A plugin with the model's image processor and the run's image settings (picklable: dataset workers and
-    DataLoader workers get a copy)."""
+    """A plugin with the model's image processor (and feature extractor, for audio) and the run's media settings
+    (picklable: dataset workers and DataLoader workers get a copy)."""
 
     plugin: MMPlugin
     image_processor: object
-    image_token_id: int
+    token_ids: dict[str, int]  # column -> the id of its modality's token
     media_dir: str
     limits: images.PixelLimits
     processor_config: dict = field(default_factory=dict)
+    video: dict = field(default_factory=dict)  # lf.data.video.read_video's keywords (video_fps, ...)
+    audio_sampling_rate: int = 16000
+    feature_extractor: object = None
     _resize_said: bool = field(default=False, compare=False)
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.token_ids.get(IMAGES)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The media columns the family takes."""
+        return tuple(self.plugin.modalities)
 
     def tokens(self, size: tuple[int, int], where: str = "an image") -> int:
         """The image tokens of an image of `size` (width, height), after lf's resize into the pixel limits;
@@ -115,48 +223,83 @@ class MMProcessor:
                      where, width, height, *fitted)
         return self.plugin.image_tokens(self.image_processor, self.processor_config, fitted[1], fitted[0])
 
-    def expand(self, messages: list[dict], refs: list) -> tuple[list[dict], list[dict], int]:
-        """(messages with each placeholder replaced by its image's tokens, the references resolved against
-        media_dir, the total image tokens); the sizes are read from the images' headers."""
-        refs = [images.resolved(ref, self.media_dir) for ref in refs]
-        sizes = [(images.size(ref), ref.get("path") or "an image given as bytes") for ref in refs]
-        expanded, count = self.placed(messages, sizes)
-        return expanded, refs, count
+    def media_tokens(self, ids) -> int:
+        """How many of `ids` are media tokens."""
+        wanted = set(self.token_ids.values())
+        return sum(token in wanted for token in ids)
+
+    def expand(self, messages: list[dict], refs: Mapping[str, list]) -> tuple[list[dict], dict, int]:
+        """(messages with each placeholder replaced by its item's tokens, the references ({column: refs} of the
+        family's columns) resolved against media_dir, the total media tokens); sizes are read from the files'
+        headers."""
+        resolved = {column: [images.resolved(ref, self.media_dir) for ref in refs.get(column) or ()]
+                    for column in self.columns}
+        counts = {column: [modality.tokens(self, ref) for ref in resolved[column]]
+                  for column, modality in self.plugin.modalities.items()}
+        expanded, total = self.placed_counts(messages, counts)
+        return expanded, resolved, total
 
     def placed(self, messages: list[dict], sizes: list[tuple[tuple[int, int], str]]) -> tuple[list[dict], int]:
-        """(messages with each placeholder replaced by the tokens of its image, the total image tokens), the
-        images given by their ((width, height), name) in order: training's rows and served prompts both."""
-        counts = [self.tokens(size, where) for size, where in sizes]
-        left = iter(counts)
-        before, after = self.plugin.wrap
-        expanded = []
-        for message in messages:
-            pieces = (message["content"] or "").split(IMAGE_PLACEHOLDER)
-            text = pieces[0] + "".join(before + self.plugin.image_token * next(left) + after + piece
-                                       for piece in pieces[1:])
-            expanded.append({**message, "content": text} if len(pieces) > 1 else message)  # None content kept
-        return expanded, sum(counts)
+        """(messages with each image placeholder replaced by the tokens of its image, the total image tokens), the
+        images given by their ((width, height), name) in order: served prompts."""
+        return self.placed_counts(messages, {IMAGES: [self.tokens(size, where) for size, where in sizes]})
 
-    def features(self, refs: list[dict], input_ids) -> dict:
-        """The forward's image inputs for a batch whose images are `refs` (in row order) and whose token ids are
-        `input_ids` (a padded tensor)."""
-        return self.inputs([images.pixels(ref, self.limits) for ref in refs], input_ids)
+    def placed_counts(self, messages: list[dict], counts: Mapping[str, list[int]]) -> tuple[list[dict], int]:
+        """(messages with each placeholder replaced by its item's tokens, the total), each column's items given by
+        their token counts, in order."""
+        expanded = messages
+        for column, column_counts in counts.items():
+            modality, left = self.plugin.modalities[column], iter(column_counts)
+            before, after = modality.wrap
+            mark, replaced = PLACEHOLDERS[column], []
+            for message in expanded:
+                pieces = (message["content"] or "").split(mark)
+                text = pieces[0] + "".join(before + modality.token * next(left) + after + piece
+                                           for piece in pieces[1:])
+                replaced.append({**message, "content": text} if len(pieces) > 1 else message)  # None content kept
+            expanded = replaced
+        return expanded, sum(sum(c) for c in counts.values())
+
+    def features(self, refs: Mapping[str, list[dict]], input_ids) -> dict:
+        """The forward's media inputs for a batch whose media are `refs` ({column: refs in row order}, resolved)
+        and whose token ids are `input_ids` (a padded tensor); mm_token_type_ids where the forward takes them."""
+        out = {}
+        for column, modality in self.plugin.modalities.items():
+            out.update(modality.inputs(self, list(refs.get(column) or ())))
+        if self.plugin.token_types:
+            out["mm_token_type_ids"] = self.type_ids(input_ids)
+        return out
 
     def inputs(self, decoded: list, input_ids) -> dict:
         """The forward's image inputs from RGB images already in the pixel limits (in the order of their tokens
-        in `input_ids`, a padded tensor): pixel_values and the like, and mm_token_type_ids where the forward
-        takes them."""
-        out = {}
-        if decoded:
-            out.update(self.image_processor(images=decoded, return_tensors="pt"))
+        in `input_ids`, a padded tensor): served prompts."""
+        out = dict(self.image_processor(images=decoded, return_tensors="pt")) if decoded else {}
         if self.plugin.token_types:
-            out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+            out["mm_token_type_ids"] = self.type_ids(input_ids)
+        return out
+
+    def type_ids(self, input_ids):
+        """mm_token_type_ids: each media token's modality type_id, 0 elsewhere."""
+        types = input_ids.new_zeros(input_ids.shape)
+        for column, modality in self.plugin.modalities.items():
+            types[input_ids == self.token_ids[column]] = modality.type_id
+        return types
+
+    @staticmethod
+    def batch_refs(rows: list[Mapping[str, list]]) -> dict[str, list]:
+        """Rows' media ({column: refs} each) as one batch's, in row order."""
+        out = {}
+        for row in rows:
+            for column, refs in row.items():
+                out.setdefault(column, []).extend(refs or ())
         return out
 
     def save_pretrained(self, output_dir: str) -> None:
-        """The image processor (preprocessor_config.json) and the processor's own settings, beside the tokenizer
-        that the trainer saves: what transformers' AutoProcessor / AutoImageProcessor load."""
-        self.image_processor.save_pretrained(output_dir)
+        """The image processor (preprocessor_config.json) or feature extractor and the processor's own settings,
+        beside the tokenizer that the trainer saves: what transformers' AutoProcessor / AutoImageProcessor load."""
+        for part in (self.image_processor, self.feature_extractor):
+            if part is not None:
+                part.save_pretrained(output_dir)
         if self.processor_config:
             with open(os.path.join(output_dir, PROCESSOR_CONFIG), "w") as f:
                 json.dump(self.processor_config, f, indent=2, sort_keys=True)

@@ -29,12 +29,12 @@ from lf.data.collator import Collator
 from lf.data.converters import FEATURES
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
-from lf.data.registry import IMAGES, DatasetAttr, dataset_attrs
+from lf.data.registry import MEDIA_COLUMNS, DatasetAttr, dataset_attrs
 from lf.data.templates import image_templates
 from lf.errors import DataError
 
 log = logging.getLogger("lf")
-CANONICAL_COLUMNS = ["prompt", "response", "system", "tools", "kto_tag", "images"]
+CANONICAL_COLUMNS = ["prompt", "response", "system", "tools", "kto_tag", *MEDIA_COLUMNS]
 MARKER = "lf_dataset.json"  # written last into tokenized_path: a folder without it was never completed
 PACKING_WINDOW = 10_000  # examples packed together: large enough that rows come out nearly full
 
@@ -46,7 +46,7 @@ class DatasetModule:
 
 
 ROWS = "supervised"  # the kind of examples packing puts whole into rows (neat_packing keeps them apart there)
-WITH_IMAGES = (ROWS, "prompts")  # the kinds whose processors carry images: sft rows and do_predict's prompts
+WITH_IMAGES = (ROWS, "prompts")  # the kinds whose processors carry media: sft rows and do_predict's prompts
 CONCATENATED = "text"  # the kind packing concatenates and cuts into blocks
 
 
@@ -113,26 +113,36 @@ def check_kind(data_args, plan: Plan) -> None:
 
 
 def check_images(data_args, plan: Plan, template, media) -> None:
-    """A DataError when datasets with an images column (train or eval) meet a template, model, stage or packing
-    that cannot take them, before any is read. `media`: the model's lf.data.mm_plugins.MMProcessor, or None."""
-    with_images = [attr.name for names in (data_args.dataset, data_args.eval_dataset)
-                   for attr in dataset_attrs(names, data_args.dataset_dir) if IMAGES in attr.columns]
-    if not with_images:
+    """A DataError when datasets with a media column (images, videos, audios; train or eval) meet a template,
+    model, stage or packing that cannot take them, before any is read. `media`: the model's
+    lf.data.mm_plugins.MMProcessor, or None."""
+    with_media = {attr.name: [c for c in MEDIA_COLUMNS if c in attr.columns]
+                  for names in (data_args.dataset, data_args.eval_dataset)
+                  for attr in dataset_attrs(names, data_args.dataset_dir) if set(MEDIA_COLUMNS) & set(attr.columns)}
+    if not with_media:
         return
-    names = ", ".join(with_images)
+    names = ", ".join(with_media)
+    columns = [c for c in MEDIA_COLUMNS if any(c in cs for cs in with_media.values())]
+    what = "/".join(columns)  # images, videos/audios, ...
     if template.mm_plugin is None:
-        raise DataError(f"template {template.name} does not take image input; templates that do: "
-                        f"{', '.join(image_templates())} (the datasets with images: {names}): set template: to the one of "
-                        f"your model's family")
+        raise DataError(f"template {template.name} does not take {columns[0][:-1]} input; templates that do: "
+                        f"{', '.join(image_templates(columns[0]))} (the datasets with {what}: {names}): set template: "
+                        f"to the one of your model's family")
     if media is None:
-        raise DataError(f"template {template.name} puts images into prompts through the model's image processor, "
-                        f"but the model has none (no preprocessor_config.json): train {names} on the "
-                        f"vision-language model the template is for")
+        raise DataError(f"template {template.name} puts {what} into prompts through the model's processor, but the "
+                        f"model has none (no preprocessor_config.json): train {names} on the multimodal model the "
+                        f"template is for")
+    for name, have in with_media.items():
+        if missing := [c for c in have if c not in media.columns]:
+            takers = ", ".join(image_templates(missing[0])) or "none yet"
+            raise DataError(f"template {template.name} does not take {missing[0]} (dataset {name} has them; it takes "
+                            f"{', '.join(media.columns)}): templates that do: {takers}; use the template and model of "
+                            f"such a family, or drop the column from the dataset's entry")
     if plan.data not in WITH_IMAGES:
-        raise DataError(f"stage {plan.stage} does not read images yet ({names} have them): lf trains on images "
+        raise DataError(f"stage {plan.stage} does not read {what} yet ({names} have them): lf trains on media "
                         f"with stage: sft")
     if plan.packing:
-        raise DataError(f"packing: true does not keep images with their examples yet ({names} have images): set "
+        raise DataError(f"packing: true does not keep {what} with their examples yet ({names} have them): set "
                         f"packing: false")
 
 
@@ -242,8 +252,8 @@ def _to_arrow(batch, *, process):
             np.cumsum([len(row) for row in rows], out=offsets[1:])
             values = pa.array(list(itertools.chain.from_iterable(rows)), type=pa.int32())
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
-        elif name == IMAGES:  # each example's image references, undecoded
-            columns[name] = pa.array(rows, type=FEATURES.arrow_schema.field(IMAGES).type)
+        elif name in MEDIA_COLUMNS:  # each example's media references, undecoded
+            columns[name] = pa.array(rows, type=FEATURES.arrow_schema.field(name).type)
         else:  # kto's desirable flags
             columns[name] = pa.array(rows, type=pa.bool_())
     return pa.table(columns)

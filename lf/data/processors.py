@@ -97,43 +97,53 @@ def _note_dropped(kind: str, dropped: int, total: int) -> None:
 
 
 def _with_images(conversations, batch, media):
-    """The conversations with their image placeholders expanded by `media` (an lf.data.mm_plugins.MMProcessor),
-    each row's image references (resolved) and its image token count."""
+    """The conversations with their media placeholders (images, videos, audios) expanded by `media` (an
+    lf.data.mm_plugins.MMProcessor), each row's media references ({column: refs}, resolved) and its media token
+    count."""
     expanded, refs, counts = [], [], []
-    for (messages, system, tools), row_images in zip(conversations, batch["images"]):
-        messages, row_refs, count = media.expand(messages, row_images)
+    for i, (messages, system, tools) in enumerate(conversations):
+        messages, row_refs, count = media.expand(messages, {c: batch[c][i] for c in media.columns if c in batch})
         expanded.append((messages, system, tools))
         refs.append(row_refs)
         counts.append(count)
     return expanded, refs, counts
 
 
+def _media_columns(media) -> dict:
+    """The output's media columns (empty lists to fill), none without `media`."""
+    return {column: [] for column in media.columns} if media is not None else {}
+
+
+def _keep_media(out: dict, row_refs: dict) -> None:
+    for column, refs in row_refs.items():
+        out[column].append(refs)
+
+
 def _note_cut_images(kind: str, cut: int, total: int, options: Options) -> None:
     if cut:
-        log.warning("%s: dropped %d of %d examples whose image tokens cutoff_len (%d) cuts into: raise cutoff_len or "
-                    "lower image_max_pixels", kind, cut, total, options.cutoff_len)
+        log.warning("%s: dropped %d of %d examples whose media tokens cutoff_len (%d) cuts into: raise cutoff_len, or "
+                    "lower image_max_pixels / video_max_pixels / video_maxlen", kind, cut, total, options.cutoff_len)
 
 
 def supervised(batch, *, template, tokenizer, options: Options, media=None) -> dict:
     """sft: input_ids and labels (the replies, every turn's or the last one's with `mask_history`); with `media`,
-    also each example's images, its placeholders expanded into the model's image tokens."""
-    out = {"input_ids": [], "labels": [], **({"images": []} if media is not None else {})}
+    also each example's media, its placeholders expanded into the model's media tokens."""
+    out = {"input_ids": [], "labels": [], **_media_columns(media)}
     conversations = list(_conversations(batch))
-    refs, counts = [[]] * len(conversations), [0] * len(conversations)
+    refs, counts = [{}] * len(conversations), [0] * len(conversations)
     if media is not None:
         conversations, refs, counts = _with_images(conversations, batch, media)
     encoded = template.encode_many(tokenizer, conversations)
     cut_images = 0
     for turns, row_refs, count in zip(encoded, refs, counts):
         input_ids, labels = _build(turns, options)
-        if media is not None and input_ids.count(media.image_token_id) != count:
-            cut_images += 1  # the model needs every token of an image, or none of the image
+        if media is not None and media.media_tokens(input_ids) != count:
+            cut_images += 1  # the model needs every token of an item, or none of the item
             continue
         if _has_label(labels):
             out["input_ids"].append(input_ids)
             out["labels"].append(labels)
-            if media is not None:
-                out["images"].append(row_refs)
+            _keep_media(out, row_refs)
     _note_cut_images("supervised", cut_images, len(encoded), options)
     _note_dropped("supervised", len(encoded) - len(out["input_ids"]) - cut_images, len(encoded))
     return out
@@ -150,21 +160,20 @@ def _encode_oneturn(template, tokenizer, conversations):
 
 def unsupervised(batch, *, template, tokenizer, options: Options, media=None) -> dict:
     """Prediction: input_ids end where the model's reply starts; labels hold the reference reply (if any); with
-    `media`, also each example's images, as `supervised` expands them."""
-    out = {"input_ids": [], "labels": [], **({"images": []} if media is not None else {})}
+    `media`, also each example's media, as `supervised` expands them."""
+    out = {"input_ids": [], "labels": [], **_media_columns(media)}
     conversations = list(_conversations(batch))
-    refs, counts = [[]] * len(conversations), [0] * len(conversations)
+    refs, counts = [{}] * len(conversations), [0] * len(conversations)
     if media is not None:
         conversations, refs, counts = _with_images(conversations, batch, media)
     pairs = _encode_oneturn(template, tokenizer, conversations)
     for (prompt, response), row_refs, count in zip(pairs, refs, counts):
         p, r = split_budget(len(prompt), len(response), options.cutoff_len)
-        if media is not None and prompt[:p].count(media.image_token_id) != count:
-            continue  # the model needs every token of an image, or none of the image
+        if media is not None and media.media_tokens(prompt[:p]) != count:
+            continue  # the model needs every token of an item, or none of the item
         out["input_ids"].append(prompt[:p])
         out["labels"].append(response[:r])
-        if media is not None:
-            out["images"].append(row_refs)
+        _keep_media(out, row_refs)
     _note_cut_images("prediction", len(pairs) - len(out["input_ids"]), len(pairs), options)
     return out
 

@@ -7,7 +7,7 @@ The file follows LLaMA-Factory's schema unchanged: a JSON object from dataset na
   subset, split (default train), folder                 a hub dataset's config, split and data folder;
   num_samples  rows to draw from the dataset;           columns, tags  see below.
 `columns` maps canonical keys (prompt, query, response, history, messages, system, tools, chosen, rejected,
-kto_tag, images) to the data's column names. Without `columns` an entry gets its formatting's defaults (alpaca:
+kto_tag, images, videos, audios) to the data's column names. Without `columns` an entry gets its formatting's defaults (alpaca:
 instruction, input, output; sharegpt: conversations; openai: messages); with `columns` it gets exactly the
 columns named there, plus the formatting's main column (prompt or messages) when it is not named. Ranking entries
 default chosen/rejected to "chosen"/"rejected". `tags` (sharegpt/openai) name the message keys and role values;
@@ -32,13 +32,13 @@ UNSUPPORTED_SOURCES = {"script_url": "dataset loading scripts", "cloud_file_name
                        "om_hub_url": "the Modelers (openMind) hub"}
 ENTRY_KEYS = (*SOURCE_KEYS, *UNSUPPORTED_SOURCES, "formatting", "ranking", "subset", "split", "folder", "num_samples",
               "columns", "tags")
-IMAGES = "images"  # the media column lf reads: image paths (relative to media_dir) or in-memory images
-MEDIA_COLUMNS = (IMAGES, "videos", "audios")
-_SHARED_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag", IMAGES)
+IMAGES = "images"  # image paths (relative to media_dir) or in-memory images
+MEDIA_COLUMNS = (IMAGES, "videos", "audios")  # videos, audios: file paths (relative to media_dir)
+_SHARED_COLUMNS = ("system", "tools", "chosen", "rejected", "kto_tag", *MEDIA_COLUMNS)
 # The column keys each formatting reads: one of the other family's means a mistaken `formatting`.
 READ_COLUMNS = {"alpaca": ("prompt", "query", "response", "history", *_SHARED_COLUMNS),
                 "sharegpt": ("messages", *_SHARED_COLUMNS), "openai": ("messages", *_SHARED_COLUMNS)}
-COLUMN_KEYS = (*READ_COLUMNS["alpaca"], "messages", *MEDIA_COLUMNS)
+COLUMN_KEYS = (*READ_COLUMNS["alpaca"], "messages")
 DEFAULT_COLUMNS = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
                    "sharegpt": {"messages": "conversations"}, "openai": {"messages": "messages"}}
 DEFAULT_TAGS = {
@@ -195,11 +195,6 @@ def _columns(entry: dict, formatting: str, ranking: bool, where: str) -> dict:
         columns = dict(DEFAULT_COLUMNS[formatting])
         if ranking:  # ranking rows answer with chosen/rejected, not the default output column
             del columns["response"]
-    media = [key for key in MEDIA_COLUMNS if key in columns and key != IMAGES]
-    if media:
-        raise DataError(f"{where} maps a column of {'/'.join(media)} ({columns[media[0]]!r}): lf reads images only, "
-                        f"so far, and does not support video or audio input yet. Use a dataset of text and images "
-                        f"(dropping them silently would leave prompts that refer to media the model never sees).")
     wrong = [key for key in columns if key not in READ_COLUMNS[formatting]]
     if wrong:
         hint = 'set "formatting": "sharegpt" (or "openai")' if formatting == "alpaca" else "use alpaca formatting"

