@@ -51,7 +51,7 @@ def message(role, text):
 
 def row(prompt, response, system="", tools="", kto_tag=None, images=()):
     return {"prompt": prompt, "response": response, "system": system, "tools": tools, "kto_tag": kto_tag,
-            "images": list(images)}
+            "images": list(images), "videos": [], "audios": []}
 
 
 def write_json(path: Path, data) -> Path:
@@ -411,9 +411,6 @@ def test_a_missing_column_names_the_data_columns(tmp_path):
     ({"file_name": "x.json", "formatting": "sharegpt", "tags": {"role": "r"}}, r"unknown key 'role' in tags"),
     ({"file_name": "x.json", "formatting": "sharegtp"}, r"formatting 'sharegtp' is not one of alpaca, sharegpt, "
                                                         r"openai\. Did you mean: sharegpt\?"),
-    ({"file_name": "x.json", "formatting": "sharegpt", "columns": {"messages": "m", "videos": "videos"}},
-     r"maps a column of videos \('videos'\): lf reads images only, so far, and does not support video or audio "
-     r"input yet"),
     ({"file_name": "x.json", "columns": {"messages": "m"}}, r"column key 'messages' is not read by alpaca "
                                                             r"formatting; set \"formatting\": \"sharegpt\""),
     ({"file_name": "x.json", "columns": {"chosen": "c"}}, r"chosen/rejected columns need \"ranking\": true"),
@@ -542,22 +539,19 @@ if (SHARED / "dataset_info.json").is_file():
         assert len(kto) == 300 and kto[0]["kto_tag"] is True and {r["kto_tag"] for r in kto} == {True, False}
         assert kto[0]["response"][0]["content"].startswith("Ooh ooh ah ah!")
 
-    def test_lf_image_demo_is_read_and_video_demo_refused():
+    def test_lf_image_video_and_audio_demos_are_read():
         mllm = _shared("mllm_demo")
         assert len(mllm) == 6 and mllm[0]["images"] == [{"bytes": None, "path": "mllm_demo_data/1.jpg"}] * 2
-        assert mllm[0]["prompt"][0]["content"] == "<image>Who are they?"
-        with pytest.raises(DataError, match=r"dataset 'mllm_video_demo' in .* maps a column of videos \('videos'\): "
-                                            r"lf reads images only, so far"):
-            _shared("mllm_video_demo")
+        assert mllm[0]["prompt"][0]["content"] == "<image>Who are they?" and mllm[0]["videos"] == []
+        video = _shared("mllm_video_demo")
+        assert video[0]["videos"] == [{"bytes": None, "path": "mllm_demo_data/1.mp4"}] and video[0]["images"] == []
+        assert video[0]["prompt"][0]["content"] == "<video>Why is this video funny?"
+        audio = _shared("mllm_audio_demo")
+        assert audio[0]["audios"] == [{"bytes": None, "path": "mllm_demo_data/1.mp3"}]
+        both = _shared("mllm_video_audio_demo")
+        assert both[0]["videos"] and both[0]["audios"]
 
-    def test_every_lf_entry_parses_or_says_why_not():
+    def test_every_lf_entry_parses():
         info = json.loads((SHARED / "dataset_info.json").read_text())
-        refused = Counter()
         for name in info:
-            try:
-                attr = dataset_attrs(name, str(SHARED))[0]
-            except DataError as err:
-                refused["media" if "images only, so far" in str(err) else str(err).split(": ", 1)[1][:40]] += 1
-            else:
-                assert attr.source in ("file", "hf_hub", "ms_hub"), name
-        assert set(refused) == {"media"}, refused
+            assert dataset_attrs(name, str(SHARED))[0].source in ("file", "hf_hub", "ms_hub"), name

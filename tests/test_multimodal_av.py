@@ -193,3 +193,30 @@ def test_a_family_without_the_modality_refuses_it(qwen2_vl, qwen2_audio, tmp_pat
         tokenize(qwen2_vl, "qwen2_vl", folder)
     with pytest.raises(DataError, match=r"^template qwen does not take audio input; templates that do: qwen2_audio"):
         tokenize(qwen2_audio, "qwen", folder)
+
+
+# -- generating -----------------------------------------------------------------------------------------------------
+
+
+def test_patched_qwen2_audio_generates_from_audio_as_transformers_does(qwen2_audio):
+    """lf's patched causal-LM forward names every plugin's forward inputs (generate() refuses others): Qwen2-Audio
+    generates from input_features with lf's kernels as transformers' own model does."""
+    import inspect
+
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    from lf.data.mm_plugins import PLUGINS
+    from lf.kernels import patch
+
+    processor = AutoProcessor.from_pretrained(qwen2_audio)
+    clip = read_audio(shared_data() / "mllm_demo_data" / "2.wav")
+    inputs = processor(text="<|audio_bos|><|AUDIO|><|audio_eos|>What is it?", audio=[clip], sampling_rate=16000,
+                       return_tensors="pt")
+    plain = AutoModelForMultimodalLM.from_pretrained(qwen2_audio).eval()
+    patched = AutoModelForMultimodalLM.from_pretrained(qwen2_audio).eval()
+    report = patch(patched)
+    assert "fused_linear_cross_entropy" in str(report)
+    names = inspect.signature(patched.forward).parameters
+    assert all(name in names for plugin in PLUGINS.values() for name in plugin.forward_inputs)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert patched.generate(**inputs, **kwargs).tolist() == plain.generate(**inputs, **kwargs).tolist()

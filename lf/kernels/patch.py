@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lf.data.mm_plugins import forward_inputs as mm_forward_inputs
 from lf.errors import KernelError, KernelInputError, did_you_mean
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lf.kernels import packed_attention as _packed_attention
@@ -117,6 +118,8 @@ VISION_LANGUAGE = types.MappingProxyType({
                          f"patched yet; {_VISION_ROPE}", "qwen2_5_vl_text"),
     "qwen3_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen3_vl_text"),
     "llava": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
+    # an audio tower in the vision tower's place
+    "qwen2_audio": Towers("model.language_model", "model.audio_tower", f"Whisper's {_NO_VIT_KERNEL}"),
 })
 
 
@@ -249,13 +252,12 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
     return out.to_tuple() if return_dict is False else out
 
 
-# generate() refuses model_kwargs that its model's forward signature does not name: the vision inputs a VL head
-# takes (passed through **kwargs above) are named here, keyword-only.
-_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
-                  "image_sizes", "second_per_grid_ts")
+# generate() refuses model_kwargs that its model's forward signature does not name: the media inputs a multimodal
+# head takes (passed through **kwargs above), which each family's entry in lf.data.mm_plugins declares, are named
+# here, keyword-only.
 _params = list(inspect.signature(_causal_lm_forward).parameters.values())
 _causal_lm_forward.__signature__ = inspect.Signature(
-    _params[:-1] + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in _VISION_INPUTS]
+    _params[:-1] + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in mm_forward_inputs()]
     + _params[-1:])
 
 
