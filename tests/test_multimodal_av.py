@@ -21,6 +21,7 @@ from lf.data.audio import read_audio
 from lf.data.video import read_video
 from lf.errors import DataError
 from test_media_decode import STAND_IN_TORCHVISION
+from test_multimodal_use import predictions
 from test_multimodal import chat, npm_tokenizer, prepared, qwen2_vl, shared_data, tokenize, train, write_dataset
 
 __all__ = ["qwen2_vl"]  # the fixture, used here too
@@ -220,3 +221,16 @@ def test_patched_qwen2_audio_generates_from_audio_as_transformers_does(qwen2_aud
     assert all(name in names for plugin in PLUGINS.values() for name in plugin.forward_inputs)
     kwargs = dict(max_new_tokens=6, do_sample=False)
     assert patched.generate(**inputs, **kwargs).tolist() == plain.generate(**inputs, **kwargs).tolist()
+
+
+@pytest.mark.parametrize("family, template, dataset, token", [
+    ("qwen2_vl", "qwen2_vl", "mllm_video_demo", "<|video_pad|>"),
+    ("qwen2_audio", "qwen2_audio", "mllm_audio_demo", "<|AUDIO|>")])
+def test_do_predict_answers_the_video_and_audio_demos(request, tmp_path, family, template, dataset, token):
+    model = request.getfixturevalue(family)
+    rows = demo(dataset)[:4]
+    batched = predictions(tmp_path, model, 2, template, dataset, video_maxlen=4)
+    assert len(batched) == min(4, len(rows))
+    assert [r["label"] for r in batched] == [row["messages"][-1]["content"] for row in rows[:len(batched)]]
+    assert all(record["prompt"].count(token) > 0 and record["predict"] for record in batched)
+    assert predictions(tmp_path, model, 1, template, dataset, video_maxlen=4) == batched  # batching changes nothing

@@ -186,13 +186,14 @@ def test_a_model_or_template_that_takes_no_images_refuses_them_in_one_line(qwen2
 # -- do_predict --------------------------------------------------------------------------------------------------
 
 
-def predictions(tmp_path, model, batch_size: int) -> list[dict]:
+def predictions(tmp_path, model, batch_size: int, template: str = "qwen2_vl", dataset: str = "mllm_demo",
+                **keys) -> list[dict]:
     out = tmp_path / f"batch{batch_size}"
-    cfg = {"model_name_or_path": str(model), "template": "qwen2_vl", "eval_dataset": "mllm_demo",
+    cfg = {"model_name_or_path": str(model), "template": template, "eval_dataset": dataset,
            "dataset_dir": str(shared_data()), "stage": "sft", "do_predict": True, "predict_with_generate": True,
            "finetuning_type": "lora", "max_samples": 4, "per_device_eval_batch_size": batch_size,
            "max_new_tokens": 4, "do_sample": False, "infer_dtype": "float32", "output_dir": str(out), "report_to": "none",
-           "use_cpu": True}
+           "use_cpu": True, **keys}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert cli.main(["train", str(tmp_path / "cfg.yaml")]) == 0
     return [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
