@@ -1,11 +1,13 @@
-"""Videos and audio in training data: lf's rows and batches for LLaMA-Factory's mllm_video_demo (Qwen2-VL) and
-mllm_audio_demo (Qwen2-Audio) against the families' own transformers processors, one `lf train` run on each demo,
-and the bad-input errors.
+"""Videos and audio: lf's rows and batches for LLaMA-Factory's mllm_video_demo (Qwen2-VL) and mllm_audio_demo
+(Qwen2-Audio) against the families' own transformers processors, `lf train` and do_predict on each demo, the
+bad-input errors, generating with lf's patched forward, and the engine behind `lf chat` (/video, /audio).
 
 Qwen2-VL's processor holds a video processor that needs torchvision, which cannot load here: it runs in a
 subprocess beside test_media_decode's stand-in torchvision (the frames it gets are the ones lf's sampling keeps,
 which test_media_decode checks against LLaMA-Factory's rule). Qwen2-Audio's processor needs no torchvision."""
 
+import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -18,10 +20,11 @@ import torch
 
 from lf.data import collator, get_dataset
 from lf.data.audio import read_audio
-from lf.data.video import read_video
+from lf.data.video import qwen2_vl_video_inputs, read_video
 from lf.errors import DataError
+from lf.serve import chat as lf_chat
 from test_media_decode import STAND_IN_TORCHVISION
-from test_multimodal_use import predictions
+from test_multimodal_use import engine_for, predictions
 from test_multimodal import chat, npm_tokenizer, prepared, qwen2_vl, shared_data, tokenize, train, write_dataset
 
 __all__ = ["qwen2_vl"]  # the fixture, used here too
@@ -234,3 +237,62 @@ def test_do_predict_answers_the_video_and_audio_demos(request, tmp_path, family,
     assert [r["label"] for r in batched] == [row["messages"][-1]["content"] for row in rows[:len(batched)]]
     assert all(record["prompt"].count(token) > 0 and record["predict"] for record in batched)
     assert predictions(tmp_path, model, 1, template, dataset, video_maxlen=4) == batched  # batching changes nothing
+
+
+# -- lf chat and the engine ---------------------------------------------------------------------------------------
+
+
+def generated(monkeypatch, engine) -> list[dict]:
+    """Each generate() call of the engine from now on: its tensor arguments and the tokens it returned."""
+    calls, original = [], engine.model.generate
+
+    def generate(**kwargs):
+        out = original(**kwargs)
+        calls.append({**{k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}, "out": out})
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+    return calls
+
+
+def test_engine_answers_audio_as_plain_generate_on_the_processors_inputs(qwen2_audio, monkeypatch):
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    engine = engine_for(qwen2_audio, "qwen2_audio")
+    clip = shared_data() / "mllm_demo_data" / "2.wav"
+    calls = generated(monkeypatch, engine)
+    reply = engine.generate([{"role": "user", "content": "<audio>What is it?"}], files={"audios": [str(clip)]},
+                            temperature=0)[0]
+    text = engine.template.render([{"role": "user", "content": "<|audio_bos|><|AUDIO|><|audio_eos|>What is it?"}],
+                                  add_generation_prompt=True, tokenizer=engine.tokenizer)
+    inputs = AutoProcessor.from_pretrained(qwen2_audio)(text=text, audio=[read_audio(clip)], sampling_rate=16000,
+                                                        return_tensors="pt")
+    [call] = calls
+    assert call["input_ids"].tolist() == inputs["input_ids"].tolist()
+    assert torch.equal(call["input_features"], inputs["input_features"])
+    assert torch.equal(call["feature_attention_mask"], inputs["feature_attention_mask"])
+    plain = AutoModelForMultimodalLM.from_pretrained(qwen2_audio).eval()
+    expected = plain.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert call["out"].tolist() == expected.tolist() and reply.completion_tokens == 4
+
+
+def test_lf_chat_attaches_a_video_and_refuses_what_the_model_does_not_take(qwen2_vl, monkeypatch, capsys):
+    engine = engine_for(qwen2_vl, "qwen2_vl", video_maxlen=4)
+    video = shared_data() / "mllm_demo_data" / "4.mp4"
+    calls = generated(monkeypatch, engine)
+    expected = engine.generate([{"role": "user", "content": "<video>What is it?"}], files={"videos": [str(video)]},
+                               temperature=0)[0]
+    frames = read_video(video, video_maxlen=4).frames
+    grid = qwen2_vl_video_inputs([frames], engine.media.image_processor)["video_grid_thw"]
+    assert torch.equal(calls[0]["video_grid_thw"], grid)
+    assert calls[0]["input_ids"][0].tolist().count(engine.media.token_ids["videos"]) == int(grid.prod()) // 4
+    assert (calls[0]["mm_token_type_ids"] == 2).sum() == int(grid.prod()) // 4
+    monkeypatch.setattr(engine, "generating", dataclasses.replace(engine.generating, temperature=0))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/audio {video}\n/video {video}.missing\n/video {video}\n"
+                                                  f"What is it?\nexit\n"))
+    assert lf_chat.chat(engine) == 0
+    out = capsys.readouterr().out
+    assert "Attached 1 video(s) to your next message." in out and f"Assistant: {expected.text}\n" in out
+    assert ("User: this model/template (qwen2_vl) does not take audio input; templates that do: qwen2_audio "
+            "(qwen2_audio models); this qwen2_vl model reads images, videos and text: send those\n") in out
+    assert f"not attached: cannot read '{video}.missing': no such file" in out

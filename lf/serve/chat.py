@@ -1,27 +1,32 @@
 """`lf chat cfg.yaml [key=value ...]`: a conversation with the model in the terminal, the reply streamed as it is
 generated. The history is kept until `clear`; `exit` or Ctrl-D quits; Ctrl-C stops a reply being written; a line
-`/image PATH` attaches an image to the next message (for models that take images)."""
+`/image PATH` (`/video PATH`, `/audio PATH`) attaches an image (a video, an audio clip) to the next message (for
+models that take them)."""
 
 from __future__ import annotations
 
 import os
 
-from lf.data.conversation import ASSISTANT, USER
+from lf.data.conversation import ASSISTANT, PLACEHOLDERS, USER
+from lf.data.registry import IMAGES
 from lf.config import parse_infer_args
 from lf.errors import DataError, RequestError
 from lf.serve import Engine
-from lf.serve.media import IMAGE, open_image
+from lf.serve.media import open_image
 
 USAGE = """usage: lf chat cfg.yaml [key=value ...]
 
 Chats with the model that cfg.yaml names (model_name_or_path, adapter_name_or_path for a LoRA adapter, template,
 and the generation keys: temperature, top_p, max_new_tokens, ...); key=value overrides the file. In the chat, type
 `clear` to start a new conversation and `exit` (or Ctrl-D) to quit; a line `/image PATH` (repeatable) attaches the
-image file PATH to your next message, for a model that takes images."""
+image file PATH to your next message, for a model that takes images (`/video PATH`, `/audio PATH`: a video or an
+audio clip, for a model that takes them)."""
 
-HELP = ("Type a message; `/image PATH` on a line of its own attaches an image to the next message (repeatable); "
-        "`clear` starts a new conversation, `exit` or Ctrl-D quits, Ctrl-C stops a reply.")
-IMAGE_COMMAND = "/image"
+HELP = ("Type a message; `/image PATH` on a line of its own attaches an image to the next message (`/video PATH`, "
+        "`/audio PATH`: a video, an audio clip; repeatable); `clear` starts a new conversation, `exit` or Ctrl-D "
+        "quits, Ctrl-C stops a reply.")
+COMMANDS = {"/image": IMAGES, "/video": "videos", "/audio": "audios"}  # command -> the media column it fills
+EXAMPLES = {IMAGES: "path/to/picture.jpg", "videos": "path/to/clip.mp4", "audios": "path/to/clip.wav"}
 
 
 def command(argv: list[str]) -> int:
@@ -30,10 +35,10 @@ def command(argv: list[str]) -> int:
 
 
 def chat(engine: Engine) -> int:
-    """The read-reply loop over stdin/stdout. The images of the whole conversation are kept with its history, as
+    """The read-reply loop over stdin/stdout. The media of the whole conversation are kept with its history, as
     its placeholders are."""
     print(f"Chatting with {engine.name}. {HELP}")
-    history, images, attached = [], [], []
+    history, media, attached = [], _no_media(), _no_media()
     while True:
         try:
             query = input("\nUser: ").strip()
@@ -43,21 +48,26 @@ def chat(engine: Engine) -> int:
         if query == "exit":
             return 0
         if query == "clear":
-            history, images, attached = [], [], []
+            history, media, attached = [], _no_media(), _no_media()
             print("History cleared.")
             continue
-        if query.split(maxsplit=1)[:1] == [IMAGE_COMMAND]:
-            problem = attach(engine, query[len(IMAGE_COMMAND):].strip(), attached)
-            print(problem or f"Attached {len(attached)} image(s) to your next message.")
+        name = query.split(maxsplit=1)[:1]
+        if name and name[0] in COMMANDS:
+            column = COMMANDS[name[0]]
+            problem = attach(engine, query[len(name[0]):].strip(), attached[column], column)
+            print(problem or f"Attached {len(attached[column])} {column[:-1]}(s) to your next message.")
             continue
         if not query:
             continue
-        # placeholders before the text, where LLaMA-Factory's chat puts images a message does not place itself
-        messages = history + [{"role": USER, "content": IMAGE * len(attached) + query}]
+        # placeholders before the text, where LLaMA-Factory's chat puts media a message does not place itself
+        marks = "".join(PLACEHOLDERS[column] * len(items) for column, items in attached.items())
+        messages = history + [{"role": USER, "content": marks + query}]
+        now = {column: media[column] + attached[column] for column in media}
         print("Assistant: ", end="", flush=True)
         pieces = []
         try:
-            for piece in engine.stream(messages, images=images + attached):
+            for piece in engine.stream(messages, images=now[IMAGES],
+                                       files={c: items for c, items in now.items() if c != IMAGES}):
                 print(piece, end="", flush=True)
                 pieces.append(piece)
         except KeyboardInterrupt:  # the reply is dropped, the conversation goes on without it
@@ -68,17 +78,29 @@ def chat(engine: Engine) -> int:
             continue
         print()
         history = messages + [{"role": ASSISTANT, "content": "".join(pieces)}]
-        images, attached = images + attached, []
+        media, attached = now, _no_media()
 
 
-def attach(engine: Engine, path: str, attached: list) -> str | None:
-    """Adds the image at `path` to `attached`; else the one line saying why not."""
+def _no_media() -> dict[str, list]:
+    return {column: [] for column in COMMANDS.values()}
+
+
+def attach(engine: Engine, path: str, attached: list, column: str = IMAGES) -> str | None:
+    """Adds the image (or, for another column, the video or audio file's path) at `path` to `attached`; else the one
+    line saying why not."""
+    command = next(name for name, of in COMMANDS.items() if of == column)
     if not path:
-        return f"{IMAGE_COMMAND} needs a file: {IMAGE_COMMAND} path/to/picture.jpg"
-    if engine.image_refusal:
-        return engine.image_refusal
+        return f"{command} needs a file: {command} {EXAMPLES[column]}"
+    if engine.refusal(column):
+        return engine.refusal(column)
+    path = os.path.expanduser(path.strip("'\""))  # quoted as terminals paste paths
+    if column != IMAGES:  # decoded with the prompt; its header is read as it is encoded
+        if not os.path.isfile(path):
+            return f"not attached: cannot read {path!r}: no such file"
+        attached.append(path)
+        return None
     try:
-        attached.append(open_image(os.path.expanduser(path.strip("'\""))))  # quoted as terminals paste paths
+        attached.append(open_image(path))
     except RequestError as exc:
         return f"not attached: {exc}"
     return None

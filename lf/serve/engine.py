@@ -24,6 +24,9 @@ training encodes a row (the plugin's MMProcessor puts each image's tokens where 
 image processor gives it, after the resize into image_min_pixels..image_max_pixels), and `generate` gets the
 plugin's forward inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...), built once the prompt fits.
 
+Videos and audio clips come the same way, as files (`files={"videos": [...], "audios": [...]}` for the <video> and
+<audio> placeholders) that the plugin's modality counts from their headers and decodes once the prompt fits.
+
 Prompts must fit the model's context (`context_length`, from its config): a conversation too long for it is refused
 (RequestError) by its length in characters before it is tokenized, then by its length in tokens, and a reply never
 runs past the context (max_new_tokens is cut to the room the prompt leaves).
@@ -46,14 +49,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lf.data import fit_template
-from lf.data.conversation import ASSISTANT, PROMPT_ROLES
+from lf.data.conversation import ASSISTANT, PLACEHOLDERS, PROMPT_ROLES
 from lf.data.images import fitted
 from lf.data.mm_plugins import get_plugin, plugin_for
+from lf.data.registry import IMAGES, MEDIA_COLUMNS
 from lf.data.templates import image_templates
 from lf.data.tools import get_tool_format
 from lf.errors import ConfigError, DataError, RequestError
 from lf.model import load_inference_model, load_mm_processor, load_tokenizer
-from lf.serve.media import IMAGE
 
 log = logging.getLogger("lf")
 
@@ -72,28 +75,35 @@ class Reply:
     tool_calls: tuple[tuple[str, str], ...] = ()  # (name, arguments as JSON) when tools were given and are called
 
 
+def _ref(path: str) -> dict:
+    return {"bytes": None, "path": path}
+
+
 def serves(template, model) -> bool:
     """Whether `template` has a multimodal plugin for `model`'s family (its config's model_type)."""
     return bool(template.mm_plugin) and model.config.model_type in get_plugin(template.mm_plugin).model_types
 
 
-def image_refusal(template, model, media) -> str | None:
-    """Why `model` prompted with `template` takes no images, or None when it does (`template`'s plugin serves the
-    model and `media`, its lf.data.mm_plugins.MMProcessor, loaded). Said before any image is decoded."""
-    if media is not None:
+def image_refusal(template, model, media, column: str = IMAGES) -> str | None:
+    """Why `model` prompted with `template` takes no images (or the media of another column: videos, audios), or
+    None when it does (`template`'s plugin serves the model, takes the column, and `media`, its
+    lf.data.mm_plugins.MMProcessor, loaded). Said before anything is decoded."""
+    if media is not None and column in media.columns:
         return None
     takers = ", ".join(f"{name} ({'/'.join(get_plugin(plugin).model_types)} models)"
-                       for name, plugin in image_templates().items())
+                       for name, plugin in image_templates(column).items())
     model_type = model.config.model_type
     own = plugin_for(model_type)
     if own is None:
         fix = f"this {model_type} model reads text only: send text"
+    elif column not in own.modalities:
+        fix = f"this {model_type} model reads {', '.join(own.modalities)} and text: send those"
     elif not serves(template, model):
         fix = f"serve this {model_type} model with template: " + next(
-            name for name, plugin in image_templates().items() if plugin == own.name)
+            name for name, plugin in image_templates(column).items() if plugin == own.name)
     else:
         fix = "the model has no image processor (preprocessor_config.json): serve the model folder it came with"
-    return f"this model/template ({template.name}) does not take image input; templates that do: {takers}; {fix}"
+    return f"this model/template ({template.name}) does not take {column[:-1]} input; templates that do: {takers}; {fix}"
 
 
 class Engine:
@@ -120,6 +130,8 @@ class Engine:
         self.media = load_mm_processor(cfg.model, cfg.data, self.tokenizer, self.template) \
             if serves(self.template, self.model) else None
         self.image_refusal = image_refusal(self.template, self.model, self.media)  # None: images are taken
+        self._refusals = {column: image_refusal(self.template, self.model, self.media, column)
+                          for column in MEDIA_COLUMNS if column != IMAGES}
         self.context_length = _context_length(self.model.config, self.tokenizer)  # None: the model names none
         # No token spans more characters than the longest in the vocabulary: a text longer than this many
         # characters cannot fit the context, however it tokenizes, and is refused before it is tokenized.
@@ -127,54 +139,65 @@ class Engine:
         self.max_chars = self.context_length * longest if self.context_length else None
         self._lock = threading.Lock()  # one model: one generation at a time (see the module docstring)
 
-    def prompt_ids(self, messages, system=None, tools=None, images=()) -> list[int]:
+    def prompt_ids(self, messages, system=None, tools=None, images=(), files=None) -> list[int]:
         """The template's encoding of the conversation through the generation prompt (DataError if its roles do
         not alternate as the template needs). `images`: the PIL images the messages' IMAGE placeholders stand for,
-        in order (RequestError when the model takes none, or when the counts differ), each placeholder replaced by
-        the image's tokens as training does (the plugin's MMProcessor)."""
-        if images or self.media is not None:
-            self._check_images(messages, images)
+        in order; `files`: {"videos" | "audios": file paths} the <video>/<audio> placeholders stand for (RequestError
+        when the model takes none, or when the counts differ), each placeholder replaced by its item's tokens as
+        training does (the plugin's MMProcessor)."""
+        files = {column: list(paths) for column, paths in (files or {}).items() if paths}
+        if images or files or self.media is not None:
+            self._check_media(messages, images, files)
         if not messages or messages[-1]["role"] not in PROMPT_ROLES:
             last = f"ends with a {messages[-1]['role']!r} message" if messages else "is empty"
             raise DataError(f"the conversation {last}: it must end with a {' or '.join(PROMPT_ROLES)} message, which "
                             "the model answers")
-        image_tokens = 0
+        counts = {}
         if self.media is not None:
-            messages, image_tokens = self.media.placed(
-                messages, [(image.size, f"image {i}") for i, image in enumerate(images, 1)])
+            modalities = self.media.plugin.modalities
+            counts = {column: [modalities[column].tokens(self.media, _ref(path)) for path in paths]
+                      for column, paths in files.items()}
+            if IMAGES in modalities:
+                counts[IMAGES] = [self.media.tokens(image.size, f"image {i}") for i, image in enumerate(images, 1)]
+            messages, _ = self.media.placed_counts(messages, counts)
         reply = {"role": ASSISTANT, "content": ""}
         ids = self.template.encode_oneturn(self.tokenizer, list(messages) + [reply], system, tools)[0]
-        if self.media is not None and ids.count(self.media.image_token_id) != image_tokens:
-            raise RequestError(f"the conversation's text holds the image token "
-                               f"{self.media.plugin.image_token!r}: remove it (write {IMAGE} where an image goes)")
+        for column, modality in (self.media.plugin.modalities.items() if self.media is not None else ()):
+            if ids.count(self.media.token_ids[column]) != sum(counts.get(column, ())):
+                kind = column[:-1]
+                raise RequestError(f"the conversation's text holds the {kind} token {modality.token!r}: remove it "
+                                   f"(write {PLACEHOLDERS[column]} where {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                                   f"goes)")
         return ids
 
-    def stream(self, messages, system=None, tools=None, *, images=(), stop=None, **settings) -> Generation:
+    def stream(self, messages, system=None, tools=None, *, images=(), files=None, stop=None,
+               **settings) -> Generation:
         """One reply, to iterate in text pieces as they are generated. `system` replaces the template's default
-        system prompt; `tools`: tool definitions (JSON text or a list); `images`: as for `prompt_ids`;
+        system prompt; `tools`: tool definitions (JSON text or a list); `images`, `files`: as for `prompt_ids`;
         `stop`: a string or strings that end the
         reply (left out of it); `settings`: the generating group's SETTINGS, None meaning the config's value.
         The prompt is encoded and checked, and the settings too, here, before anything is generated."""
-        return self.streams(messages, system, tools, images=images, n=1, stop=stop, **settings)[0]
+        return self.streams(messages, system, tools, images=images, files=files, n=1, stop=stop, **settings)[0]
 
-    def streams(self, messages, system=None, tools=None, *, images=(), n: int = 1, stop=None,
+    def streams(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1, stop=None,
                 **settings) -> list[Generation]:
         """`n` replies to the same prompt (encoded once), as `stream`; they are generated one after another."""
         if not isinstance(n, int) or n < 1:
             raise RequestError(f"n must be a whole number >= 1 (how many replies), got {n!r}")
         kwargs = self._generate_kwargs(settings)
-        prompt_ids = self._fitting_prompt(messages, system, tools, images)
-        inputs = self._image_inputs(prompt_ids, images)
+        prompt_ids = self._fitting_prompt(messages, system, tools, images, files)
+        inputs = self._image_inputs(prompt_ids, images, files)
         if self.context_length:  # generating past the context gives nothing the model was trained for
             kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_length - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
         tool_format = get_tool_format(self.template.tool_format) if tools else None
         return [Generation(self, prompt_ids, {**kwargs, **inputs}, stops, tool_format) for _ in range(n)]
 
-    def generate(self, messages, system=None, tools=None, *, images=(), n: int = 1, **settings) -> list[Reply]:
+    def generate(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1,
+                 **settings) -> list[Reply]:
         """`n` whole replies (one after another: the streaming worker generates one sequence at a time)."""
         return [generation.finish()
-                for generation in self.streams(messages, system, tools, images=images, n=n, **settings)]
+                for generation in self.streams(messages, system, tools, images=images, files=files, n=n, **settings)]
 
     def wait_idle(self) -> None:
         """Returns once no worker generates; one that was cancelled ends after its current token. (A server that
@@ -182,32 +205,44 @@ class Engine:
         with self._lock:
             pass
 
-    def _image_inputs(self, prompt_ids: list[int], images) -> dict:
-        """The plugin's forward inputs for the prompt (nothing for a text model), on the CPU until generation."""
+    def refusal(self, column: str) -> str | None:
+        """Why the model takes no media of `column` (images, videos, audios), in one line; None when it does."""
+        return self.image_refusal if column == IMAGES else self._refusals[column]
+
+    def _image_inputs(self, prompt_ids: list[int], images, files=None) -> dict:
+        """The plugin's forward inputs for the prompt (nothing for a text model), on the CPU until generation;
+        videos and audio are decoded from their files here."""
         if self.media is None:
             return {}
         decoded = [fitted(image.convert("RGB"), self.media.limits) for image in images]
-        return dict(self.media.inputs(decoded, torch.tensor([prompt_ids])))
+        out = dict(self.media.inputs(decoded, torch.tensor([prompt_ids])))
+        for column, paths in (files or {}).items():
+            if paths:
+                out.update(self.media.plugin.modalities[column].inputs(self.media, [_ref(p) for p in paths]))
+        return out
 
-    def _check_images(self, messages, images) -> None:
-        if images and self.image_refusal:
-            raise RequestError(self.image_refusal)
-        marks = sum((m["content"] or "").count(IMAGE) for m in messages)
-        if marks != len(images):
-            raise RequestError(f"the conversation has {marks} {IMAGE} placeholder(s) for {len(images)} image(s): "
-                               f"write one where each image goes")
+    def _check_media(self, messages, images, files) -> None:
+        given = {IMAGES: len(images), **{column: len(paths) for column, paths in files.items()}}
+        checked = {c for c, n in given.items() if n} | set(self.media.columns if self.media is not None else ())
+        for column in MEDIA_COLUMNS:
+            if given.get(column) and self.refusal(column):
+                raise RequestError(self.refusal(column))
+            marks = sum((m["content"] or "").count(PLACEHOLDERS[column]) for m in messages)
+            if column in checked and marks != given.get(column, 0):
+                raise RequestError(f"the conversation has {marks} {PLACEHOLDERS[column]} placeholder(s) for "
+                                   f"{given.get(column, 0)} {column[:-1]}(s): write one where each {column[:-1]} goes")
 
-    def _fitting_prompt(self, messages, system, tools, images) -> list[int]:
+    def _fitting_prompt(self, messages, system, tools, images, files=None) -> list[int]:
         """prompt_ids, refused (RequestError) when it leaves no room in the context for a reply token."""
         if not self.context_length:
-            return self.prompt_ids(messages, system, tools, images)
+            return self.prompt_ids(messages, system, tools, images, files)
         texts = [m["content"] or "" for m in messages] + [system or ""]
         chars = sum(map(len, texts)) + (len(tools if isinstance(tools, str) else json.dumps(tools)) if tools else 0)
         if chars > self.max_chars:
             raise RequestError(f"the conversation is {chars} characters, more than the model's context of "
                                f"{self.context_length} tokens can hold (at most {self.max_chars} characters): "
                                f"shorten it")
-        prompt_ids = self.prompt_ids(messages, system, tools, images)
+        prompt_ids = self.prompt_ids(messages, system, tools, images, files)
         if len(prompt_ids) >= self.context_length:
             raise RequestError(f"the prompt is {len(prompt_ids)} tokens, but the model's context is "
                                f"{self.context_length} tokens, the reply included: shorten the conversation")
