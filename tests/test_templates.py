@@ -100,6 +100,8 @@ EXPECTED = {
                  "<|im_start|>assistant\nHello!<|im_end|>\n",
                  "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen3_nothink": (QWEN3_SINGLE, QWEN3_MULTI),  # same text; the empty block is in the prompt (see below)
+    "qwen3_vl": (QWEN3_SINGLE, QWEN3_MULTI),  # Qwen3's text (images: tests/test_multimodal.py)
+    "qwen3_vl_nothink": (QWEN3_SINGLE, QWEN3_MULTI),
     "llama2": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
                "<s>[INST] Hi [/INST] Hello! </s><s>[INST] How are you? [/INST] Fine. </s>"),
     "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -445,7 +447,8 @@ def test_jinja_without_generation_prompt(tok, name):
     prompt = apply_jinja(tok, template, MULTI[:3])
     generation = apply_jinja(tok, template, MULTI[:3], add_generation_prompt=True)
     assert prompt.endswith(template.user.format(content="How are you?", bos="<s>", eos="</s>"))
-    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
+    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n",
+               "qwen3_vl_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
     assert generation == prompt + opening
     # Ending with a reply: nothing to add.
     assert apply_jinja(tok, template, MULTI, add_generation_prompt=True) == apply_jinja(tok, template, MULTI)

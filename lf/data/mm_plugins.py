@@ -63,9 +63,15 @@ class MMPlugin:
 
 
 _ENTRIES = {plugin.name: plugin for plugin in (
-    MMPlugin("qwen2_vl", ("qwen2_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
-             token_types=True, vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
-             language_model=("language_model", "lm_head")),
+    MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
+             ("<|vision_start|>", "<|vision_end|>"), token_types=True, vision_tower=("visual.patch_embed", "visual.blocks"),
+             projector=("visual.merger",), language_model=("language_model", "lm_head")),
+    # Qwen3-VL's images read as Qwen2-VL's (its image processor is Qwen2-VL's, patch 16); its deepstack mergers feed
+    # vision features into early language layers and, as LLaMA-Factory has it, count with the vision tower
+    MMPlugin("qwen3_vl", ("qwen3_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
+             token_types=True, vision_tower=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
+                                             "visual.deepstack_merger_list"),
+             projector=("visual.merger",), language_model=("language_model", "lm_head")),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
 )}

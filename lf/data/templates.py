@@ -370,6 +370,9 @@ _REGISTRY = {t.name: t for t in (
     Template("qwen2_vl", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
              mm_plugin="qwen2_vl"),  # Qwen2-VL / Qwen2.5-VL
     Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False),
+    Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl"),
+    Template("qwen3_vl_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
+             mm_plugin="qwen3_vl"),
     Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
              user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
              bos_token="<s>"),
