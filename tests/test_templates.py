@@ -90,6 +90,8 @@ EXPECTED = {
     # LLaVA-1.5's conversation format (its training code's "v1"): Vicuna v1.1's
     "llava": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",
               f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
+    "llava_next": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",  # LLaVA-NeXT on Vicuna: the same
+                   f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
     "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
                "<|im_start|>assistant\nHello!<|im_end|>\n", CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"

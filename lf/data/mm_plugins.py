@@ -35,16 +35,36 @@ def _qwen2_vl_tokens(image_processor, processor_config: dict, height: int, width
     return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size ** 2
 
 
+def _setting(processor_config: dict, key: str, family: str):
+    """A setting of the model's processor_config.json that the family's image token count needs."""
+    try:
+        return processor_config[key]
+    except KeyError:
+        raise DataError(f"the model's {PROCESSOR_CONFIG} has no {key}, which {family}'s image token count needs: "
+                        f"save the model's {family} processor beside it (processor.save_pretrained)") from None
+
+
 def _llava_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
     """LlavaProcessor's count: every image is cropped to crop_size, one token per patch, plus the processor's
     additional ones (CLIP's CLS), less one with the "default" feature strategy (which drops the CLS)."""
-    try:
-        patch = processor_config["patch_size"]
-    except KeyError:
-        raise DataError(f"the model's {PROCESSOR_CONFIG} has no patch_size, which LLaVA's image token count needs: "
-                        f"save the model's LlavaProcessor beside it (processor.save_pretrained)") from None
+    patch = _setting(processor_config, "patch_size", "LlavaProcessor")
     crop = image_processor.crop_size
     tokens = (crop.height // patch) * (crop.width // patch) + processor_config.get("num_additional_image_tokens", 0)
+    return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
+
+
+def _llava_next_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
+    """LlavaNextProcessor's count, by its own code (anyres: the base image's patches, then the unpadded patches
+    of the grid pinpoint the image fits best, a newline token per row), on the processor's saved settings; less
+    one with the "default" feature strategy, as the processor does."""
+    from transformers import LlavaNextProcessor
+
+    counter = object.__new__(LlavaNextProcessor)  # its counting methods read these settings alone, no tokenizer
+    counter.image_processor = image_processor
+    counter.patch_size = _setting(processor_config, "patch_size", "LlavaNextProcessor")
+    counter.num_additional_image_tokens = processor_config.get("num_additional_image_tokens", 0)
+    crop = image_processor.crop_size
+    tokens = counter._get_number_of_features(height, width, crop.height, crop.width)
     return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
 
 
@@ -74,6 +94,9 @@ _ENTRIES = {plugin.name: plugin for plugin in (
              projector=("visual.merger",), language_model=("language_model", "lm_head")),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
+    # image_newline (the learned token closing each row of the anyres grid) trains and freezes with the projector
+    MMPlugin("llava_next", ("llava_next",), "<image>", _llava_next_tokens, vision_tower=("vision_tower",),
+             projector=("multi_modal_projector", "image_newline"), language_model=("language_model", "lm_head")),
 )}
 PLUGINS = MappingProxyType(_ENTRIES)
 

@@ -364,6 +364,7 @@ _REGISTRY = {t.name: t for t in (
     # Vicuna v1.1 (FastChat).
     Template("vicuna", **_VICUNA),
     Template("llava", **_VICUNA, mm_plugin="llava"),  # LLaVA-1.5 trained on Vicuna v1.1's conversation format
+    Template("llava_next", **_VICUNA, mm_plugin="llava_next"),  # LLaVA-NeXT (v1.6) on Vicuna, as LLaVA-1.5
     Template("chatml", **_CHATML),
     Template("qwen", **_CHATML, default_system=_QWEN_SYSTEM, tool_format="qwen"),  # Qwen2 / Qwen2.5
     Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING),
