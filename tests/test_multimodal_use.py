@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
 from test_multimodal import QWEN_VL, TEMPLATE, shared_data
-from test_multimodal import llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401 (the tiny models)
+from test_multimodal import gemma3, llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401 (tiny models)
 from test_serve_api import live_server
 
 from lf import cli
@@ -72,8 +72,10 @@ def processor_image_tokens(family: str, model, image) -> int:
         grid = AutoImageProcessor.from_pretrained(model, backend="pil")(images=[image], return_tensors="pt")
         return int(grid["image_grid_thw"].prod()) // 4
     processor = AutoProcessor.from_pretrained(model)
-    ids = processor(text="<image>", images=[image])["input_ids"][0]
-    return ids.count(processor.tokenizer.convert_tokens_to_ids("<image>"))
+    ids = processor(text=processor.image_token, images=[image])["input_ids"][0]
+    # the token repeated per feature: LLaVA's placeholder itself, Gemma 3's soft token (its placeholder is boi)
+    return ids.count(processor.tokenizer.convert_tokens_to_ids(getattr(processor.tokenizer, "image_token", None)
+                                                                or processor.image_token))
 
 
 def recorded(monkeypatch, engine: Engine) -> list[dict]:
@@ -147,7 +149,7 @@ def test_lf_api_refuses_images_past_the_context_and_image_tokens_typed_as_text(v
     tokens = len(engine.prompt_ids([{"role": "user", "content": f"{ASKED}<image>"}], images=[image]))
     question = {"messages": [{"role": "user", "content": [{"type": "text", "text": ASKED}, {
         "type": "image_url", "image_url": {"url": data_url(image)}}]}], "max_tokens": 2}
-    typed = "<|image_pad|>" if family in QWEN_VL else "<image>"
+    typed = engine.media.plugin.image_token  # LLaVA's is the placeholder itself
     with live_server(create_app(engine)) as base:
         monkeypatch.setattr(engine, "context_length", tokens)  # the image's tokens leave no room for a reply
         assert message(httpx.post(base + CHAT, json=question), 400) == (
@@ -158,7 +160,7 @@ def test_lf_api_refuses_images_past_the_context_and_image_tokens_typed_as_text(v
                        400)
         assert said == ("the conversation has 1 <image> placeholder(s) for 0 image(s): write one where each image "
                         "goes" if typed == "<image>" else "the conversation's text holds the image token "
-                        "'<|image_pad|>': remove it (write <image> where an image goes)")
+                        f"{typed!r}: remove it (write <image> where an image goes)")
         assert httpx.post(base + CHAT, json=question).status_code == 200  # still answering
 
 
@@ -230,15 +232,17 @@ def random_adapter(model, folder) -> None:
 
 def plain_inputs(family: str, folder, image) -> dict:
     """An image prompt built with transformers alone from an exported folder: its chat template, tokenizer and
-    image processor (AutoProcessor for LLaVA; Qwen2-VL's processor class needs torchvision, so its image tokens
-    are written out from the image processor's grid)."""
+    image processor (AutoProcessor for LLaVA and Gemma 3, on the text with its placeholder; Qwen2-VL's processor
+    class needs torchvision, so its image tokens are written out from the image processor's grid)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = tokenizer.apply_chat_template([{"role": "user", "content": f"<image>{ASKED}"}], tokenize=False,
                                          add_generation_prompt=True)
     if family not in QWEN_VL:
-        return dict(AutoProcessor.from_pretrained(folder)(text=text, images=[image], return_tensors="pt"))
+        processor = AutoProcessor.from_pretrained(folder)
+        return dict(processor(text=text.replace("<image>", processor.image_token), images=[image], return_tensors="pt",
+                              add_special_tokens=not text.startswith(tokenizer.bos_token)))
     features = AutoImageProcessor.from_pretrained(folder, backend="pil")(images=[image], return_tensors="pt")
     pads = "<|image_pad|>" * (int(features["image_grid_thw"].prod()) // 4)
     ids = tokenizer(text.replace("<image>", f"<|vision_start|>{pads}<|vision_end|>"), add_special_tokens=False,
@@ -255,7 +259,8 @@ def test_export_merges_a_vl_adapter_that_plain_transformers_reloads(request, tmp
 
     model = request.getfixturevalue(family)
     random_adapter(model, tmp_path / "adapter")
-    keys = {"model_name_or_path": str(model), "adapter_name_or_path": str(tmp_path / "adapter"), "template": TEMPLATE[family],
+    keys = {"model_name_or_path": str(model), "adapter_name_or_path": str(tmp_path / "adapter"),
+            "template": TEMPLATE[family],
             "export_dir": str(tmp_path / "merged")}
     (tmp_path / "export.yaml").write_text(yaml.safe_dump(keys))
     assert cli.main(["export", str(tmp_path / "export.yaml")]) == 0

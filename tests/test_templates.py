@@ -119,6 +119,11 @@ EXPECTED = {
               "<start_of_turn>model\nHello!<end_of_turn>\n",
               "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
               "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
+    # Gemma 3's images: user turns untrimmed (the image sequence's newlines stay), replies trimmed
+    "gemma3": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+               "<start_of_turn>model\nHello!<end_of_turn>\n",
+               "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+               "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
     "phi": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello!<|end|>\n",
             "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nHow are you?<|end|>\n<|assistant|>\n"
             "Fine.<|end|>\n"),

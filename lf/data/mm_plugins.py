@@ -68,6 +68,12 @@ def _llava_next_tokens(image_processor, processor_config: dict, height: int, wid
     return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
 
 
+def _gemma3_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
+    """Gemma3Processor's count: image_seq_length soft tokens for every image (its projector pools any image to
+    that many)."""
+    return _setting(processor_config, "image_seq_length", "Gemma3Processor")
+
+
 @dataclass(frozen=True)
 class MMPlugin:
     name: str
@@ -75,7 +81,9 @@ class MMPlugin:
     image_token: str  # repeated once per image feature
     image_tokens: Callable[..., int]  # (image_processor, processor_config, height, width) -> the token count
     wrap: tuple[str, str] = ("", "")  # written before and after an image's tokens
-    token_types: bool = False  # the forward takes mm_token_type_ids (1 at image tokens), as its processor returns
+    token_types: bool = False  # the forward takes a mask of the image tokens (1 there), as its processor returns
+    token_type_key: str = "mm_token_type_ids"  # that mask's name (Gemma 3: token_type_ids)
+    unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
@@ -84,8 +92,9 @@ class MMPlugin:
 
 _ENTRIES = {plugin.name: plugin for plugin in (
     MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
-             ("<|vision_start|>", "<|vision_end|>"), token_types=True, vision_tower=("visual.patch_embed", "visual.blocks"),
-             projector=("visual.merger",), language_model=("language_model", "lm_head")),
+             ("<|vision_start|>", "<|vision_end|>"), token_types=True,
+             vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
+             language_model=("language_model", "lm_head")),
     # Qwen3-VL's images read as Qwen2-VL's (its image processor is Qwen2-VL's, patch 16); its deepstack mergers feed
     # vision features into early language layers and, as LLaMA-Factory has it, count with the vision tower
     MMPlugin("qwen3_vl", ("qwen3_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
@@ -97,6 +106,10 @@ _ENTRIES = {plugin.name: plugin for plugin in (
     # image_newline (the learned token closing each row of the anyres grid) trains and freezes with the projector
     MMPlugin("llava_next", ("llava_next",), "<image>", _llava_next_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector", "image_newline"), language_model=("language_model", "lm_head")),
+    # Gemma 3 attends bidirectionally within an image's soft tokens: its forward reads them from token_type_ids
+    MMPlugin("gemma3", ("gemma3",), "<image_soft_token>", _gemma3_tokens,
+             ("\n\n<start_of_image>", "<end_of_image>\n\n"), token_types=True, token_type_key="token_type_ids", unused=("num_crops",), vision_tower=("vision_tower",),
+             projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
 )}
 PLUGINS = MappingProxyType(_ENTRIES)
 
@@ -177,9 +190,10 @@ class MMProcessor:
         takes them."""
         out = {}
         if decoded:
-            out.update(self.image_processor(images=decoded, return_tensors="pt"))
+            features = self.image_processor(images=decoded, return_tensors="pt")
+            out.update((key, value) for key, value in features.items() if key not in self.plugin.unused)
         if self.plugin.token_types:
-            out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+            out[self.plugin.token_type_key] = (input_ids == self.image_token_id).long()
         return out
 
     def save_pretrained(self, output_dir: str) -> None:

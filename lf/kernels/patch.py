@@ -118,6 +118,7 @@ VISION_LANGUAGE = types.MappingProxyType({
     "qwen3_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen3_vl_text"),
     "llava": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
     "llava_next": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
+    "gemma3": Towers("model.language_model", "model.vision_tower", f"SigLIP's {_NO_VIT_KERNEL}"),
 })
 
 
@@ -253,7 +254,7 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
 # generate() refuses model_kwargs that its model's forward signature does not name: the vision inputs a VL head
 # takes (passed through **kwargs above) are named here, keyword-only.
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
-                  "image_sizes", "second_per_grid_ts")
+                  "image_sizes", "second_per_grid_ts", "token_type_ids")
 _params = list(inspect.signature(_causal_lm_forward).parameters.values())
 _causal_lm_forward.__signature__ = inspect.Signature(
     _params[:-1] + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in _VISION_INPUTS]
