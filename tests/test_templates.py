@@ -90,6 +90,8 @@ EXPECTED = {
     # LLaVA-1.5's conversation format (its training code's "v1"): Vicuna v1.1's
     "llava": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",
               f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
+    "llava_next": ("Be brief. USER: Hi there ASSISTANT: Hello!</s>",  # LLaVA-NeXT on Vicuna: the same
+                   f"{VICUNA_SYSTEM} USER: Hi ASSISTANT: Hello!</s>USER: How are you? ASSISTANT: Fine.</s>"),
     "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
                "<|im_start|>assistant\nHello!<|im_end|>\n", CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
@@ -100,6 +102,8 @@ EXPECTED = {
                  "<|im_start|>assistant\nHello!<|im_end|>\n",
                  "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + CHATML_MULTI + "Fine.<|im_end|>\n"),
     "qwen3_nothink": (QWEN3_SINGLE, QWEN3_MULTI),  # same text; the empty block is in the prompt (see below)
+    "qwen3_vl": (QWEN3_SINGLE, QWEN3_MULTI),  # Qwen3's text (images: tests/test_multimodal.py)
+    "qwen3_vl_nothink": (QWEN3_SINGLE, QWEN3_MULTI),
     "llama2": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
                "<s>[INST] Hi [/INST] Hello! </s><s>[INST] How are you? [/INST] Fine. </s>"),
     "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -115,6 +119,11 @@ EXPECTED = {
               "<start_of_turn>model\nHello!<end_of_turn>\n",
               "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
               "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
+    # Gemma 3's images: user turns untrimmed (the image sequence's newlines stay), replies trimmed
+    "gemma3": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+               "<start_of_turn>model\nHello!<end_of_turn>\n",
+               "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+               "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
     "phi": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello!<|end|>\n",
             "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nHow are you?<|end|>\n<|assistant|>\n"
             "Fine.<|end|>\n"),
@@ -445,7 +454,8 @@ def test_jinja_without_generation_prompt(tok, name):
     prompt = apply_jinja(tok, template, MULTI[:3])
     generation = apply_jinja(tok, template, MULTI[:3], add_generation_prompt=True)
     assert prompt.endswith(template.user.format(content="How are you?", bos="<s>", eos="</s>"))
-    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
+    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n",
+               "qwen3_vl_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
     assert generation == prompt + opening
     # Ending with a reply: nothing to add.
     assert apply_jinja(tok, template, MULTI, add_generation_prompt=True) == apply_jinja(tok, template, MULTI)

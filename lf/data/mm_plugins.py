@@ -36,17 +36,43 @@ def _qwen2_vl_tokens(image_processor, processor_config: dict, height: int, width
     return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size ** 2
 
 
+def _setting(processor_config: dict, key: str, family: str):
+    """A setting of the model's processor_config.json that the family's image token count needs."""
+    try:
+        return processor_config[key]
+    except KeyError:
+        raise DataError(f"the model's {PROCESSOR_CONFIG} has no {key}, which {family}'s image token count needs: "
+                        f"save the model's {family} processor beside it (processor.save_pretrained)") from None
+
+
 def _llava_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
     """LlavaProcessor's count: every image is cropped to crop_size, one token per patch, plus the processor's
     additional ones (CLIP's CLS), less one with the "default" feature strategy (which drops the CLS)."""
-    try:
-        patch = processor_config["patch_size"]
-    except KeyError:
-        raise DataError(f"the model's {PROCESSOR_CONFIG} has no patch_size, which LLaVA's image token count needs: "
-                        f"save the model's LlavaProcessor beside it (processor.save_pretrained)") from None
+    patch = _setting(processor_config, "patch_size", "LlavaProcessor")
     crop = image_processor.crop_size
     tokens = (crop.height // patch) * (crop.width // patch) + processor_config.get("num_additional_image_tokens", 0)
     return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
+
+
+def _llava_next_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
+    """LlavaNextProcessor's count, by its own code (anyres: the base image's patches, then the unpadded patches
+    of the grid pinpoint the image fits best, a newline token per row), on the processor's saved settings; less
+    one with the "default" feature strategy, as the processor does."""
+    from transformers import LlavaNextProcessor
+
+    counter = object.__new__(LlavaNextProcessor)  # its counting methods read these settings alone, no tokenizer
+    counter.image_processor = image_processor
+    counter.patch_size = _setting(processor_config, "patch_size", "LlavaNextProcessor")
+    counter.num_additional_image_tokens = processor_config.get("num_additional_image_tokens", 0)
+    crop = image_processor.crop_size
+    tokens = counter._get_number_of_features(height, width, crop.height, crop.width)
+    return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
+
+
+def _gemma3_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
+    """Gemma3Processor's count: image_seq_length soft tokens for every image (its projector pools any image to
+    that many)."""
+    return _setting(processor_config, "image_seq_length", "Gemma3Processor")
 
 
 @dataclass(frozen=True)
@@ -69,8 +95,7 @@ def _image_tokens(media: "MMProcessor", ref: dict) -> int:
 
 
 def _image_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
-    decoded = [images.pixels(ref, media.limits) for ref in refs]
-    return dict(media.image_processor(images=decoded, return_tensors="pt")) if decoded else {}
+    return media.image_features([images.pixels(ref, media.limits) for ref in refs])
 
 
 def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict) -> int:
@@ -129,7 +154,9 @@ class MMPlugin:
     image_token: str  # repeated once per image feature
     image_tokens: Callable[..., int] | None  # (image_processor, processor_config, height, width) -> the token count
     wrap: tuple[str, str] = ("", "")  # written before and after an image's tokens
-    token_types: bool = False  # the forward takes mm_token_type_ids (Modality.type_id at media tokens)
+    token_types: bool = False  # the forward takes each token's modality (Modality.type_id at media tokens)
+    token_type_key: str = "mm_token_type_ids"  # their name (Gemma 3: token_type_ids)
+    unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
@@ -147,14 +174,29 @@ class MMPlugin:
     @property
     def forward_inputs(self) -> tuple[str, ...]:
         names = [name for m in self.modalities.values() for name in m.forward_inputs]
-        return (*names, "mm_token_type_ids") if self.token_types else tuple(names)
+        return (*names, self.token_type_key) if self.token_types else tuple(names)
 
 
 _ENTRIES = {plugin.name: plugin for plugin in (
-    MMPlugin("qwen2_vl", ("qwen2_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
-             token_types=True, vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
+    MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
+             ("<|vision_start|>", "<|vision_end|>"), token_types=True,
+             vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
              language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,)),
+    # Qwen3-VL's images read as Qwen2-VL's (its image processor is Qwen2-VL's, patch 16); its deepstack mergers feed
+    # vision features into early language layers and, as LLaMA-Factory has it, count with the vision tower
+    MMPlugin("qwen3_vl", ("qwen3_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
+             token_types=True, vision_tower=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
+                                             "visual.deepstack_merger_list"),
+             projector=("visual.merger",), language_model=("language_model", "lm_head")),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
+             projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
+    # image_newline (the learned token closing each row of the anyres grid) trains and freezes with the projector
+    MMPlugin("llava_next", ("llava_next",), "<image>", _llava_next_tokens, vision_tower=("vision_tower",),
+             projector=("multi_modal_projector", "image_newline"), language_model=("language_model", "lm_head")),
+    # Gemma 3 attends bidirectionally within an image's soft tokens: its forward reads them from token_type_ids
+    MMPlugin("gemma3", ("gemma3",), "<image_soft_token>", _gemma3_tokens,
+             ("\n\n<start_of_image>", "<end_of_image>\n\n"), token_types=True, token_type_key="token_type_ids",
+             unused=("num_crops",), vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
     MMPlugin("qwen2_audio", ("qwen2_audio",), "", None, vision_tower=("audio_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head"), media=(QWEN2_AUDIO,),
@@ -262,24 +304,32 @@ class MMProcessor:
 
     def features(self, refs: Mapping[str, list[dict]], input_ids) -> dict:
         """The forward's media inputs for a batch whose media are `refs` ({column: refs in row order}, resolved)
-        and whose token ids are `input_ids` (a padded tensor); mm_token_type_ids where the forward takes them."""
+        and whose token ids are `input_ids` (a padded tensor); the token types where the forward takes them."""
         out = {}
         for column, modality in self.plugin.modalities.items():
             out.update(modality.inputs(self, list(refs.get(column) or ())))
         if self.plugin.token_types:
-            out["mm_token_type_ids"] = self.type_ids(input_ids)
+            out[self.plugin.token_type_key] = self.type_ids(input_ids)
         return out
 
     def inputs(self, decoded: list, input_ids) -> dict:
         """The forward's image inputs from RGB images already in the pixel limits (in the order of their tokens
         in `input_ids`, a padded tensor): served prompts."""
-        out = dict(self.image_processor(images=decoded, return_tensors="pt")) if decoded else {}
+        out = self.image_features(decoded)
         if self.plugin.token_types:
-            out["mm_token_type_ids"] = self.type_ids(input_ids)
+            out[self.plugin.token_type_key] = self.type_ids(input_ids)
         return out
 
+    def image_features(self, decoded: list) -> dict:
+        """The image processor's outputs for RGB images already in the pixel limits, less what the forward does
+        not take."""
+        if not decoded:
+            return {}
+        features = self.image_processor(images=decoded, return_tensors="pt")
+        return {key: value for key, value in features.items() if key not in self.plugin.unused}
+
     def type_ids(self, input_ids):
-        """mm_token_type_ids: each media token's modality type_id, 0 elsewhere."""
+        """The token types: each media token's modality type_id, 0 elsewhere."""
         types = input_ids.new_zeros(input_ids.shape)
         for column, modality in self.plugin.modalities.items():
             types[input_ids == self.token_ids[column]] = modality.type_id

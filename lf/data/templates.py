@@ -352,6 +352,10 @@ _VICUNA = dict(system="{content} ", user="USER: {content} ASSISTANT:", assistant
                default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
                               "gives helpful, detailed, and polite answers to the user's questions.")
 
+_GEMMA = dict(stop_words=("<end_of_turn>",), prefix="{bos}", system="{content}\n\n", system_at=IN_FIRST_USER_MESSAGE,
+              user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+              assistant="{content}<end_of_turn>", separator="\n", bos_token="<bos>", eos_token="<eos>")
+
 _REGISTRY = {t.name: t for t in (
     Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
              assistant=" {content}{eos}", separator="\n"),
@@ -364,6 +368,7 @@ _REGISTRY = {t.name: t for t in (
     # Vicuna v1.1 (FastChat).
     Template("vicuna", **_VICUNA),
     Template("llava", **_VICUNA, mm_plugin="llava"),  # LLaVA-1.5 trained on Vicuna v1.1's conversation format
+    Template("llava_next", **_VICUNA, mm_plugin="llava_next"),  # LLaVA-NeXT (v1.6) on Vicuna, as LLaVA-1.5
     Template("chatml", **_CHATML),
     Template("qwen", **_CHATML, default_system=_QWEN_SYSTEM, tool_format="qwen"),  # Qwen2 / Qwen2.5
     Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING),
@@ -371,6 +376,9 @@ _REGISTRY = {t.name: t for t in (
              mm_plugin="qwen2_vl"),  # Qwen2-VL / Qwen2.5-VL
     Template("qwen2_audio", **_CHATML, default_system="You are a helpful assistant.", mm_plugin="qwen2_audio"),
     Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False),
+    Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl"),
+    Template("qwen3_vl_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
+             mm_plugin="qwen3_vl"),
     Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
              user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
              bos_token="<s>"),
@@ -388,11 +396,10 @@ _REGISTRY = {t.name: t for t in (
              user="[INST] {content}[/INST]", observation="{content}", assistant=" {content}{eos}",
              function="{content}{eos}", trim=(ASSISTANT,), tool_format="mistral", bos_token="<s>"),
     # Gemma, Gemma 2, Gemma 3: the system prompt opens the first user turn.
-    Template("gemma", stop_words=("<end_of_turn>",), prefix="{bos}", system="{content}\n\n",
-             system_at=IN_FIRST_USER_MESSAGE,
-             user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
-             assistant="{content}<end_of_turn>", separator="\n", trim=(USER, ASSISTANT), bos_token="<bos>",
-             eos_token="<eos>"),
+    Template("gemma", **_GEMMA, trim=(USER, ASSISTANT)),
+    # Gemma 3 with images: user turns untrimmed (as LLaMA-Factory's), for an image's sequence starts and ends with
+    # newlines that Gemma3Processor writes after the chat template trimmed the text
+    Template("gemma3", **_GEMMA, trim=(ASSISTANT,), mm_plugin="gemma3"),
     # Phi-3 / Phi-3.5 (without the eos their template writes after the last turn when not generating).
     Template("phi", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
              user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",

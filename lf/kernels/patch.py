@@ -118,6 +118,8 @@ VISION_LANGUAGE = types.MappingProxyType({
                          f"patched yet; {_VISION_ROPE}", "qwen2_5_vl_text"),
     "qwen3_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen3_vl_text"),
     "llava": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
+    "llava_next": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
+    "gemma3": Towers("model.language_model", "model.vision_tower", f"SigLIP's {_NO_VIT_KERNEL}"),
     # an audio tower in the vision tower's place
     "qwen2_audio": Towers("model.language_model", "model.audio_tower", f"Whisper's {_NO_VIT_KERNEL}"),
 })
