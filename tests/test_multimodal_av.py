@@ -353,3 +353,23 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
         two = httpx.post(base + "/v1/chat/completions", timeout=120, json={"messages": [{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": f"file://{tmp_path}/media/4.mp4"}}] * 2}]})
         assert two.status_code == 413 and "video 2 brings the request's media over" in two.text
+
+
+def test_export_of_qwen2_audio_carries_its_feature_extractor_or_names_its_template(qwen2_audio, tmp_path):
+    from transformers import AutoFeatureExtractor, AutoModelForMultimodalLM
+
+    from lf.config import parse_infer_args
+    from lf.errors import ConfigError
+    from lf.export import export
+
+    cfg = parse_infer_args({"model_name_or_path": str(qwen2_audio), "template": "qwen",
+                            "export_dir": str(tmp_path / "no")}, "export")
+    with pytest.raises(ConfigError, match=r"^template: qwen takes no audios of .*, a qwen2_audio multimodal model: "
+                                          r"set template: qwen2_audio, which the export carries"):
+        export(cfg)
+    cfg = parse_infer_args({"model_name_or_path": str(qwen2_audio), "template": "qwen2_audio",
+                            "export_dir": str(tmp_path / "out")}, "export")
+    export(cfg)
+    assert AutoFeatureExtractor.from_pretrained(tmp_path / "out").feature_size == 128
+    assert type(AutoModelForMultimodalLM.from_pretrained(tmp_path / "out")).__name__ == \
+        "Qwen2AudioForConditionalGeneration"
