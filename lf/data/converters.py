@@ -263,8 +263,8 @@ def _check_placeholders(row: dict, attr: DatasetAttr, index: int) -> None:
         placeholders = sum(m["content"].count(mark) for m in messages)
         if placeholders != len(row[column]):
             raise DataError(f"dataset {attr.name!r} ({attr.path}), row {index}: {placeholders} {mark} placeholder(s) "
-                            f"in its messages but {len(row[column])} {column[:-1]}(s) in column {attr.columns[column]!r}: "
-                            f"put one {mark} in the text where each of them goes")
+                            f"in its messages but {len(row[column])} {column[:-1]}(s) in column "
+                            f"{attr.columns[column]!r}: put one {mark} in the text where each of them goes")
 
 
 def _message(role: str, content: str) -> dict:

@@ -1,13 +1,16 @@
-"""Multimodal plugins, as data: one frozen entry per vision-language family (PLUGINS), named by a template's
+"""Multimodal plugins, as data: one frozen entry per multimodal family (PLUGINS), named by a template's
 `mm_plugin` and matched to a model by its config's model_type.
 
 An entry says how the family's own processor turns each "<image>" placeholder into the model's image tokens (the
-token, what wraps it, how many an image of a given size gets: always the processor's count, never a guess), and
-which parts of the model are its vision tower, its projector and its language model (module path parts), which
-the freeze keys and LoRA's `lora_target: all` read. `MMProcessor` applies an entry with the model's loaded image
-processor: it expands a conversation's placeholders while tokenizing (image sizes from the files' headers) and
-builds the forward's image inputs for a batch (pixel_values and what else the image processor returns, e.g.
-Qwen2-VL's image_grid_thw; the model computes its own M-RoPE positions from them).
+token, what wraps it, how many an image of a given size gets: always the processor's count, never a guess), its
+other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's count from the file's header, the
+batch's forward inputs), the forward input names of each, and which parts of the model are its vision (or audio)
+tower, its projector and its language model (module path parts), which the freeze keys and LoRA's
+`lora_target: all` read. `MMProcessor` applies an entry with the model's loaded image processor (or feature
+extractor): it expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers)
+and builds the forward's media inputs for a batch, decoding them then (pixel_values and what else the image
+processor returns, e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
+input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids).
 
 Adding a family: its entry below (and a template naming it in lf/data/templates.py); tests/test_multimodal.py
 builds a tiny model of each family and compares lf's rows with the family's processor.
@@ -288,9 +291,12 @@ class MMProcessor:
 
     def placed_counts(self, messages: list[dict], counts: Mapping[str, list[int]]) -> tuple[list[dict], int]:
         """(messages with each placeholder replaced by its item's tokens, the total), each column's items given by
-        their token counts, in order."""
+        their token counts, in order. A column without items is left alone: its placeholders (checked against the
+        items where the data has the column) are then text."""
         expanded = messages
         for column, column_counts in counts.items():
+            if not column_counts:
+                continue
             modality, left = self.plugin.modalities[column], iter(column_counts)
             before, after = modality.wrap
             mark, replaced = PLACEHOLDERS[column], []

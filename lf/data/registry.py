@@ -6,9 +6,9 @@ The file follows LLaMA-Factory's schema unchanged: a JSON object from dataset na
   formatting  alpaca (default) | sharegpt | openai;     ranking  preference data (chosen/rejected);
   subset, split (default train), folder                 a hub dataset's config, split and data folder;
   num_samples  rows to draw from the dataset;           columns, tags  see below.
-`columns` maps canonical keys (prompt, query, response, history, messages, system, tools, chosen, rejected,
-kto_tag, images, videos, audios) to the data's column names. Without `columns` an entry gets its formatting's defaults (alpaca:
-instruction, input, output; sharegpt: conversations; openai: messages); with `columns` it gets exactly the
+`columns` maps canonical keys (prompt, query, response, history, messages, system, tools, chosen, rejected, kto_tag,
+images, videos, audios) to the data's column names. Without `columns` an entry gets its formatting's defaults
+(alpaca: instruction, input, output; sharegpt: conversations; openai: messages); with `columns` it gets exactly the
 columns named there, plus the formatting's main column (prompt or messages) when it is not named. Ranking entries
 default chosen/rejected to "chosen"/"rejected". `tags` (sharegpt/openai) name the message keys and role values;
 unnamed ones keep the formatting's defaults (openai: role/content, user/assistant/system, "tool" for results).

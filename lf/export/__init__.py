@@ -154,10 +154,12 @@ def _image_side(cfg, config, tokenizer, template):
 
     own = plugin_for(config.model_type)
     if own is not None and template.mm_plugin != own.name:
-        name = next(name for name, plugin in image_templates().items() if plugin == own.name)
-        raise ConfigError(f"template: {template.name} takes no images of {cfg.model.model_name_or_path}, a "
-                          f"{config.model_type} vision-language model: set template: {name}, which the export "
-                          f"carries with the model's image processor")
+        column = next(iter(own.modalities))  # images, or the audio of an audio-language model
+        name = next(name for name, plugin in image_templates(column).items() if plugin == own.name)
+        kind = "vision-language" if column == "images" else "multimodal"
+        raise ConfigError(f"template: {template.name} takes no {column} of {cfg.model.model_name_or_path}, a "
+                          f"{config.model_type} {kind} model: set template: {name}, which the export carries with "
+                          f"the model's processor")
     return load_mm_processor(cfg.model, cfg.data, tokenizer, template)
 
 

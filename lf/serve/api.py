@@ -30,11 +30,12 @@ Environment:
   API_MODEL_NAME        the model's id for clients (default: the base name of model_name_or_path)
   API_MAX_BODY_BYTES    larger request bodies get a 413 (default {MAX_BODY_BYTES}, {MAX_BODY_BYTES // 2**20} MiB)
   API_MAX_QUEUE         requests that may wait for the model; more get a 503 with Retry-After (default {MAX_QUEUE})
-  API_MEDIA_ROOT        the folder whose images requests may name as file:///absolute/path URLs (symlinks
+  API_MEDIA_ROOT        the folder whose images and videos requests may name as file:///absolute/path URLs (symlinks
                         and .. followed must stay in it); unset (the default), no local file is read: images
                         come as data:image/...;base64, URLs (http(s) URLs are always refused: the server
                         fetches nothing)
-  API_MAX_IMAGE_BYTES   a request's images together, encoded (data: URLs decoded, files by size); more get a 413
+  API_MAX_IMAGE_BYTES   a request's images, videos and audio together, encoded (data: URLs and input_audio decoded,
+                        files by size); more get a 413
                         (default {MAX_BYTES}, {MAX_BYTES // 2**20} MiB)
   API_MAX_IMAGE_PIXELS  a request's images together, decoded; more get a 413, read from the images' headers
                         before any pixel is decoded (default {MAX_PIXELS}, 4096 x 4096)

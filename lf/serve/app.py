@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import secrets
+import tempfile
 import time
 import uuid
 from collections.abc import Coroutine
@@ -43,13 +44,14 @@ from typing import Annotated, Literal, TypeVar
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, USER
+from lf.data.registry import IMAGES, MEDIA_COLUMNS
 from lf.errors import DataError
 from lf.serve.api import KEEP_ALIVE_S, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_GRACE_S
 from lf.serve.engine import Engine, Generation, Reply, RequestError
@@ -79,13 +81,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-class MediaPart(BaseModel):
-    """A video or audio part: recognised, to be refused by its name rather than as an unknown part."""
-    model_config = ConfigDict(extra="allow")
-    type: Literal["video_url", "input_audio"]
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart | MediaPart, Field(discriminator="type")]
+class InputAudio(BaseModel):
+    data: str  # base64
+    format: Literal["wav", "mp3"]
+
+
+class AudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | AudioPart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -299,11 +310,15 @@ def _prepare(engine: Engine, body: bytes, media: Limits) -> tuple[ChatCompletion
     settings = {"temperature": chat.temperature, "do_sample": sample, "top_p": chat.top_p, "stop": chat.stop,
                 "max_new_tokens": asked}
     try:
-        if urls and engine.image_refusal:  # before decoding what would be thrown away
-            raise RequestError(engine.image_refusal)
+        for column in dict(urls):  # before decoding what would be thrown away
+            if engine.refusal(column):
+                raise RequestError(engine.refusal(column))
         decoder = Images(media)
-        generations = engine.streams(messages, system, tools, images=[decoder.load(url) for url in urls], n=chat.n,
-                                     **settings)
+        images = [decoder.load(url) for column, url in urls if column == IMAGES]
+        with tempfile.TemporaryDirectory(prefix="lf-media-") as folder:  # videos and clips decode within streams()
+            files = {c: [decoder.save(c, value, folder) for column, value in urls if column == c]
+                     for c in MEDIA_COLUMNS if c != IMAGES}
+            generations = engine.streams(messages, system, tools, images=images, files=files, n=chat.n, **settings)
     except MediaError as exc:
         raise HTTPException(exc.status, str(exc)) from None
     except (DataError, RequestError) as exc:
@@ -316,8 +331,8 @@ def _prepare(engine: Engine, body: bytes, media: Limits) -> tuple[ChatCompletion
     return chat, generations
 
 
-def _content(message: Message, index: int) -> tuple[str, list[str]]:
-    """A message's text, with a placeholder where each image part was, and its image URLs."""
+def _content(message: Message, index: int) -> tuple[str, list[tuple[str, object]]]:
+    """A message's text, with a placeholder where each media part was, and its media parts ((column, value))."""
     if message.content is None and not message.tool_calls:
         raise HTTPException(400, f"messages[{index}] ({message.role}) has no content")
     if not isinstance(message.content, list):
@@ -327,12 +342,14 @@ def _content(message: Message, index: int) -> tuple[str, list[str]]:
     except MediaError as exc:
         raise HTTPException(exc.status, str(exc)) from None
     if urls and message.role != "user":
-        raise HTTPException(400, f"messages[{index}] ({message.role}) has an image: images go in user messages")
+        kind = urls[0][0][:-1]
+        raise HTTPException(400, f"messages[{index}] ({message.role}) has {'an' if kind[0] in 'aeiou' else 'a'} "
+                                 f"{kind}: {kind}s go in user messages")
     return text, urls
 
 
-def _conversation(messages: list[Message]) -> tuple[list[dict], str | None, list[str]]:
-    """(lf's canonical messages, the system prompt, the image URLs in order) of an OpenAI request's messages."""
+def _conversation(messages: list[Message]) -> tuple[list[dict], str | None, list[tuple[str, object]]]:
+    """(lf's canonical messages, the system prompt, the media parts in order) of an OpenAI request's messages."""
     system, canonical, urls = [], [], []
     for i, message in enumerate(messages):
         text, images = _content(message, i)

@@ -103,7 +103,8 @@ def image_refusal(template, model, media, column: str = IMAGES) -> str | None:
             name for name, plugin in image_templates(column).items() if plugin == own.name)
     else:
         fix = "the model has no image processor (preprocessor_config.json): serve the model folder it came with"
-    return f"this model/template ({template.name}) does not take {column[:-1]} input; templates that do: {takers}; {fix}"
+    return (f"this model/template ({template.name}) does not take {column[:-1]} input; templates that do: {takers}; "
+            f"{fix}")
 
 
 class Engine:

@@ -1,5 +1,6 @@
-"""Images a user attaches to a conversation, decoded safely: OpenAI content parts (`lf api`), `/image` lines
-(`lf chat`). What a stranger may make the server read or decode is bounded here:
+"""Images, videos and audio clips a user attaches to a conversation, decoded safely: OpenAI content parts (`lf api`:
+image_url, video_url, input_audio), `/image` lines (`lf chat`). What a stranger may make the server read or decode
+is bounded here:
 
 - `data:image/...;base64,` URLs are decoded; malformed base64 or bytes that are no image are refused (400).
 - `file://` URLs are read only under a media root the operator names (`API_MEDIA_ROOT`; unset, the default: none
@@ -11,10 +12,14 @@
   refused having cost a few bytes.
 - Only PNG, JPEG, WebP, GIF and BMP are opened: Pillow's other formats include ones it decodes through outside
   programs (EPS runs Ghostscript) or with a history of decoder faults.
-- Video and audio parts are recognised and refused until lf's models take them.
+- Videos (`video_url`: a `data:video/...;base64,` URL or a `file://` one, under the same rules) and audio clips
+  (`input_audio`: {"data": base64, "format": "wav" | "mp3"}) count toward the same `max_bytes`; their bytes are
+  written to a request's temporary folder, where the model's plugin reads their headers and decodes them (its
+  sampling bounds a video's frames: video_maxlen, video_max_pixels).
 
-`conversation_content(parts)` turns a message's parts into its text, with the IMAGE placeholder (LLaMA-Factory's)
-where each image was, and the image URLs in order; `Images(limits).load(url)` decodes one URL, counting it toward
+`conversation_content(parts)` turns a message's parts into its text, with the placeholder (LLaMA-Factory's:
+IMAGE, <video>, <audio>) where each part was, and the parts as (column, value) in order; `Images(limits).load(url)`
+decodes one image URL and `Images(limits).save(column, value, folder)` writes one video or clip, counting it toward
 the request's limits; `open_image(path)` opens a local file for `lf chat`, whose user reads with their own rights.
 """
 
@@ -31,13 +36,16 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from lf.data.conversation import PLACEHOLDERS
+from lf.data.registry import IMAGES
 from lf.errors import RequestError
 
-IMAGE = "<image>"  # where an image stands in a message's text (LLaMA-Factory's placeholder)
+IMAGE = PLACEHOLDERS[IMAGES]  # where an image stands in a message's text (LLaMA-Factory's placeholder)
+PARTS = {"image_url": IMAGES, "video_url": "videos", "input_audio": "audios"}  # OpenAI part type -> media column
+AUDIO_FORMATS = ("wav", "mp3")  # OpenAI's input_audio formats
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_BYTES = 16 * 2**20  # a request's images together, encoded: a few phone photos
 MAX_PIXELS = 2**24  # a request's images together, decoded (4096 x 4096; 48 MiB as RGB): the queue holds them too
-NOT_YET = "video/audio input is not supported yet: send images (image_url parts) and text"
 
 
 class MediaError(RequestError):
@@ -57,57 +65,84 @@ class Limits:
     max_pixels: int = MAX_PIXELS
 
 
-def conversation_content(parts: list[dict], where: str) -> tuple[str, list[str]]:
-    """A message's OpenAI content parts as (its text with IMAGE where each image part was, the image URLs in
-    order); `where` names the message in refusals. Parts are dicts as OpenAI sends them."""
-    text, urls = [], []
+def conversation_content(parts: list[dict], where: str) -> tuple[str, list[tuple[str, object]]]:
+    """A message's OpenAI content parts as (its text with a placeholder where each media part was, the parts as
+    (column, value) in order: an image's or video's URL, an audio part's {"data", "format"}); `where` names the
+    message in refusals. Parts are dicts as OpenAI sends them."""
+    text, media = [], []
     for i, part in enumerate(parts):
         kind = part.get("type")
         if kind == "text":
             text.append(part["text"])
-        elif kind == "image_url":
-            text.append(IMAGE)
-            urls.append(part["image_url"]["url"])
-        elif kind in ("video_url", "input_audio"):
-            raise MediaError(f"{where}.content[{i}] is {kind}: {NOT_YET}")
+        elif kind in PARTS:
+            column = PARTS[kind]
+            text.append(PLACEHOLDERS[column])
+            media.append((column, part[kind] if kind == "input_audio" else part[kind]["url"]))
         else:
-            raise MediaError(f"{where}.content[{i}] has type {kind!r}: the parts taken are text and image_url")
-    return "".join(text), urls
+            raise MediaError(f"{where}.content[{i}] has type {kind!r}: the parts taken are text, "
+                             f"{', '.join(PARTS)}")
+    return "".join(text), media
 
 
 class Images:
-    """A request's images, decoded one by one against the request's limits, which count all of them."""
+    """A request's media, decoded (images) or saved (videos, audio) one by one against the request's limits, which
+    count all of them."""
 
     def __init__(self, limits: Limits):
         self.limits, self.bytes, self.pixels, self.count = limits, 0, 0, 0
+        self.counts = {}  # column -> items seen, to name them
 
     def load(self, url: str) -> Image.Image:
         """The image `url` names (a data: or file: URL), decoded to RGB; MediaError saying why not."""
         self.count += 1
-        what = f"image {self.count}"
+        return self._decode(self._url_bytes(url, "image", f"image {self.count}"), f"image {self.count}")
+
+    def save(self, column: str, value, folder: str) -> str:
+        """The video (a data: or file: URL) or audio clip ({"data": base64, "format"}) written into `folder`: its
+        path there; MediaError saying why not."""
+        self.counts[column] = self.counts.get(column, 0) + 1
+        kind = column[:-1]
+        what = f"{kind} {self.counts[column]}"
+        if column == "audios":
+            if not isinstance(value, dict) or value.get("format") not in AUDIO_FORMATS \
+                    or not isinstance(value.get("data"), str):
+                raise MediaError(f"{what}: input_audio must be {{\"data\": base64, \"format\": "
+                                 f"{' | '.join(map(repr, AUDIO_FORMATS))}}}")
+            payload = "".join(value["data"].split())
+            self._spend(len(payload) // 4 * 3, what)
+            data, suffix = _base64_decoded(payload, what), value["format"]
+        else:
+            data, suffix = self._url_bytes(value, kind, what), "video"
+        path = os.path.join(folder, f"{column}-{self.counts[column]}.{suffix}")
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+    def _url_bytes(self, url: str, kind: str, what: str) -> bytes:
+        """The bytes of a data:<kind>/...;base64, or file: URL."""
         scheme = url.partition(":")[0].lower()
         if scheme == "data":
-            payload = _base64_payload(url, what)
+            payload = _base64_payload(url, what, kind)
             self._spend(len(payload) // 4 * 3, what)  # the decoded size, known before decoding
-            return self._decode(_base64_decoded(payload, what), what)
+            return _base64_decoded(payload, what)
         if scheme == "file":
-            return self._decode(self._file_bytes(url, what), what)
+            return self._file_bytes(url, what)
         if scheme in ("http", "https"):
-            raise MediaError(f"{what} is an {scheme} URL: this server fetches nothing from the network; send the image "
-                             f"itself as a data:image/...;base64, URL")
-        raise MediaError(f"{what} is not a data: or file: URL ({_short(url)!r}): send a data:image/...;base64, URL")
+            raise MediaError(f"{what} is an {scheme} URL: this server fetches nothing from the network; send the "
+                             f"{kind} itself as a data:{kind}/...;base64, URL")
+        raise MediaError(f"{what} is not a data: or file: URL ({_short(url)!r}): send a data:{kind}/...;base64, URL")
 
     def _spend(self, size: int, what: str) -> None:
         self.bytes += size
         if self.bytes > self.limits.max_bytes:
-            raise MediaError(f"{what} brings the request's images over {self.limits.max_bytes} bytes, the server's "
-                             f"limit for them together (API_MAX_IMAGE_BYTES): send smaller or fewer images", 413)
+            raise MediaError(f"{what} brings the request's media over {self.limits.max_bytes} bytes, the server's "
+                             f"limit for them together (API_MAX_IMAGE_BYTES): send smaller or fewer files", 413)
 
     def _file_bytes(self, url: str, what: str) -> bytes:
         """The bytes of a file: URL's file, if it lies under the media root."""
         if self.limits.root is None:
             raise MediaError(f"{what} is a file: URL, but this server reads no local files (API_MEDIA_ROOT is not "
-                             f"set): send the image as a data:image/...;base64, URL")
+                             f"set): send the {what.split()[0]} as a data:{what.split()[0]}/...;base64, URL")
         try:
             parts = urllib.parse.urlsplit(url)
         except ValueError:  # a malformed host part
@@ -127,7 +162,7 @@ class Images:
         try:
             size = os.fstat(fd)
             if not stat.S_ISREG(size.st_mode):
-                raise MediaError(f"{what}: {_short(url)!r} is not a regular file: name an image file")
+                raise MediaError(f"{what}: {_short(url)!r} is not a regular file: name a media file")
             self._spend(size.st_size, what)
             with os.fdopen(fd, "rb", closefd=False) as file:
                 return file.read(size.st_size)
@@ -160,11 +195,11 @@ def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         return _loaded(image, what)
 
 
-def _base64_payload(url: str, what: str) -> str:
-    """The base64 text of a data:image/...;base64, URL."""
+def _base64_payload(url: str, what: str, kind: str = "image") -> str:
+    """The base64 text of a data:<kind>/...;base64, URL."""
     head, comma, payload = url.partition(",")
-    if not (comma and head.lower().startswith("data:image/") and head.lower().endswith(";base64")):
-        raise MediaError(f"{what} is a data: URL, but not data:image/<format>;base64,<data> ({_short(head)!r})")
+    if not (comma and head.lower().startswith(f"data:{kind}/") and head.lower().endswith(";base64")):
+        raise MediaError(f"{what} is a data: URL, but not data:{kind}/<format>;base64,<data> ({_short(head)!r})")
     return "".join(payload.split())  # line breaks are allowed in base64 text
 
 
@@ -172,8 +207,8 @@ def _base64_decoded(payload: str, what: str) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise MediaError(f"{what}: its data: URL is not valid base64 ({exc}): encode the image's bytes with "
-                         f"standard base64") from None
+        raise MediaError(f"{what}: its data: URL is not valid base64 ({exc}): encode the {what.split()[0]}'s bytes "
+                         f"with standard base64") from None
 
 
 def _opened(file, what: str) -> Image.Image:
