@@ -33,3 +33,4 @@ class DataArguments:
     media_dir: str | None = None  # None: dataset_dir
     image_max_pixels: int = 768 * 768
     image_min_pixels: int = 32 * 32
+    crop_to_patches: bool = False  # InternVL: an image is cut into tiles (and a thumbnail) as its processor does

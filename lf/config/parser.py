@@ -297,7 +297,6 @@ UNSUPPORTED = types.MappingProxyType({
                                  fix="remove it (a dataset's images column and a template that takes images, such "
                                      "as qwen2_vl or llava, are what train on images)"),
     "image_do_pan_and_scan": Unsupported("Gemma 3's pan-and-scan image crops"),
-    "crop_to_patches": Unsupported("InternVL's image patches"),
     "video_max_pixels": Unsupported(_MULTIMODAL, (256 * 256,)),
     "video_min_pixels": Unsupported(_MULTIMODAL, (16 * 16,)),
     "video_fps": Unsupported(_MULTIMODAL, (2.0,)),

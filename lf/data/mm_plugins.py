@@ -74,6 +74,13 @@ def _gemma3_tokens(image_processor, processor_config: dict, height: int, width: 
     return _setting(processor_config, "image_seq_length", "Gemma3Processor")
 
 
+def _intern_vl_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
+    """InternVLProcessor's count: image_seq_length context tokens per patch, the patches as its image processor
+    (GotOcr2's) cuts the image: one, or with crop_to_patches its tiles and a thumbnail."""
+    patches = image_processor.get_number_of_image_patches(height, width)
+    return _setting(processor_config, "image_seq_length", "InternVLProcessor") * patches
+
+
 @dataclass(frozen=True)
 class MMPlugin:
     name: str
@@ -84,6 +91,7 @@ class MMPlugin:
     token_types: bool = False  # the forward takes a mask of the image tokens (1 there), as its processor returns
     token_type_key: str = "mm_token_type_ids"  # that mask's name (Gemma 3: token_type_ids)
     unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
+    settings: tuple[tuple[str, str], ...] = ()  # (data key, the image processor attribute it sets)
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
@@ -108,8 +116,13 @@ _ENTRIES = {plugin.name: plugin for plugin in (
              projector=("multi_modal_projector", "image_newline"), language_model=("language_model", "lm_head")),
     # Gemma 3 attends bidirectionally within an image's soft tokens: its forward reads them from token_type_ids
     MMPlugin("gemma3", ("gemma3",), "<image_soft_token>", _gemma3_tokens,
-             ("\n\n<start_of_image>", "<end_of_image>\n\n"), token_types=True, token_type_key="token_type_ids", unused=("num_crops",), vision_tower=("vision_tower",),
+             ("\n\n<start_of_image>", "<end_of_image>\n\n"), token_types=True, token_type_key="token_type_ids",
+             unused=("num_crops",), vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
+    MMPlugin("intern_vl", ("internvl",), "<IMG_CONTEXT>", _intern_vl_tokens, ("<img>", "</img>"),
+             unused=("num_patches",), settings=(("crop_to_patches", "crop_to_patches"),),
+             vision_tower=("vision_tower",), projector=("multi_modal_projector",),
+             language_model=("language_model", "lm_head")),
 )}
 PLUGINS = MappingProxyType(_ENTRIES)
 

@@ -59,6 +59,8 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
                                                              trust_remote_code=model_args.trust_remote_code)
     except OSError:
         return None
+    for key, attribute in plugin.settings:  # saved with it: an export's processor cuts images alike
+        setattr(image_processor, attribute, getattr(data_args, key))
     token_id = tokenizer.convert_tokens_to_ids(plugin.image_token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ModelError(f"the tokenizer of {model_args.model_name_or_path} has no token {plugin.image_token!r}, "
