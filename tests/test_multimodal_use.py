@@ -18,8 +18,8 @@ import torch
 import yaml
 from PIL import Image
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
-from test_multimodal import QWEN_VL, TEMPLATE, shared_data
-from test_multimodal import (gemma3, llava, llava_next, qwen2_5_vl, qwen2_audio, qwen2_vl,  # noqa: F401 (tiny models)
+from test_multimodal import NO_PROCESSOR, QWEN_VL, TEMPLATE, image_sequences, shared_data
+from test_multimodal import (gemma3, intern_vl, llava, llava_next, qwen2_5_vl, qwen2_audio, qwen2_vl,  # noqa: F401
                              qwen3_vl)
 from test_serve_api import live_server
 
@@ -65,13 +65,13 @@ def vl(request):
     return request.param, model, engine_for(model, TEMPLATE[request.param])
 
 
-def processor_image_tokens(family: str, model, image) -> int:
-    """How many image tokens the family's own processor gives `image`."""
+def processor_image_tokens(family: str, model, image, token: str) -> int:
+    """How many image tokens (`token`) the family's own processor gives `image`."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    if family in QWEN_VL:  # Qwen2VLProcessor needs torchvision: its count is the grid over merge_size**2
-        grid = AutoImageProcessor.from_pretrained(model, backend="pil")(images=[image], return_tensors="pt")
-        return int(grid["image_grid_thw"].prod()) // 4
+    if family in NO_PROCESSOR:  # the processor needs torchvision: its tokens from the image processor's features
+        features = AutoImageProcessor.from_pretrained(model, backend="pil")(images=[image])
+        return image_sequences(family, model, features)[0].count(token)
     processor = AutoProcessor.from_pretrained(model)
     ids = processor(text=processor.image_token, images=[image])["input_ids"][0]
     # the token repeated per feature: LLaVA's placeholder itself, Gemma 3's soft token (its placeholder is boi)
@@ -112,7 +112,8 @@ def test_the_engine_prompts_with_the_processors_image_tokens_and_pixels(vl, monk
     [call] = calls
     prompt = call["input_ids"][0].tolist()
     assert prompt == engine.prompt_ids(messages, images=[image]) and reply.prompt_tokens == len(prompt)
-    assert prompt.count(engine.media.image_token_id) == processor_image_tokens(family, model, image)
+    assert prompt.count(engine.media.image_token_id) == processor_image_tokens(family, model, image,
+                                                                                engine.media.plugin.image_token)
     expected = AutoImageProcessor.from_pretrained(model, backend="pil")(images=[image], return_tensors="pt")
     assert torch.equal(call["pixel_values"], expected["pixel_values"])
     if family in QWEN_VL:
@@ -140,7 +141,8 @@ def test_lf_api_answers_an_image_whole_and_streamed(vl, monkeypatch):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert completion.usage.prompt_tokens == expected.prompt_tokens
     assert len(calls) == 2 and all(
-        call["input_ids"][0].tolist().count(engine.media.image_token_id) == processor_image_tokens(family, model, image)
+        call["input_ids"][0].tolist().count(engine.media.image_token_id)
+        == processor_image_tokens(family, model, image, engine.media.plugin.image_token)
         for call in calls)
 
 
@@ -234,24 +236,26 @@ def random_adapter(model, folder) -> None:
 
 def plain_inputs(family: str, folder, image) -> dict:
     """An image prompt built with transformers alone from an exported folder: its chat template, tokenizer and
-    image processor (AutoProcessor for LLaVA and Gemma 3, on the text with its placeholder; Qwen2-VL's processor
-    class needs torchvision, so its image tokens are written out from the image processor's grid)."""
+    image processor (AutoProcessor for LLaVA and Gemma 3, on the text with its placeholder; Qwen-VL's and InternVL's
+    processor classes need torchvision, so their image tokens are written out from the image processor's
+    features)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = tokenizer.apply_chat_template([{"role": "user", "content": f"<image>{ASKED}"}], tokenize=False,
                                          add_generation_prompt=True)
-    if family not in QWEN_VL:
+    if family not in NO_PROCESSOR:
         processor = AutoProcessor.from_pretrained(folder)
         return dict(processor(text=text.replace("<image>", processor.image_token), images=[image], return_tensors="pt",
                               add_special_tokens=not text.startswith(tokenizer.bos_token)))
     features = AutoImageProcessor.from_pretrained(folder, backend="pil")(images=[image], return_tensors="pt")
-    pads = "<|image_pad|>" * (int(features["image_grid_thw"].prod()) // 4)
-    ids = tokenizer(text.replace("<image>", f"<|vision_start|>{pads}<|vision_end|>"), add_special_tokens=False,
+    ids = tokenizer(text.replace("<image>", image_sequences(family, folder, features)[0]), add_special_tokens=False,
                     return_tensors="pt")["input_ids"]
-    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **features,
-            "mm_token_type_ids": (ids == image_token).long()}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": features["pixel_values"]}
+    if family in QWEN_VL:  # the grid, and the image tokens' mask
+        image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        inputs.update(image_grid_thw=features["image_grid_thw"], mm_token_type_ids=(ids == image_token).long())
+    return inputs
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,9 +6,9 @@ import importlib
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionConfig, Gemma2Config,
-                          Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, LlavaConfig,
-                          LlavaNextConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2_5_VLConfig, Qwen2Config,
-                          Qwen2MoeConfig, Qwen2VLConfig, Qwen3Config, Qwen3MoeConfig, Qwen3VLConfig,
+                          Gemma3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, InternVLConfig, LlamaConfig,
+                          LlavaConfig, LlavaNextConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2_5_VLConfig,
+                          Qwen2Config, Qwen2MoeConfig, Qwen2VLConfig, Qwen3Config, Qwen3MoeConfig, Qwen3VLConfig,
                           SiglipVisionConfig)
 
 from lf.kernels import apply_to, patch, unpatch
@@ -331,6 +331,11 @@ VL_CONFIGS = {  # head_dim 16: 8 frequencies, split as Qwen2-VL's [16, 24, 24] a
         mm_tokens_per_image=4, vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=48,
                                                                 num_hidden_layers=1, num_attention_heads=2,
                                                                 image_size=8, patch_size=4)),
+    # InternViT's 4 x 4 patches of an 8 x 8 picture, pixel-shuffled to 4 tokens
+    "internvl": lambda: InternVLConfig(
+        text_config=Qwen2Config(**SIZES), image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=[8, 8], patch_size=[2, 2])),
 }
 
 
@@ -354,7 +359,7 @@ def _vl_batch(family, dtype, image):
         return ids, labels, {}
     ids[:, 2:2 + IMAGE_TOKENS.get(family, 4)] = IMAGE_TOKEN
     labels[ids == IMAGE_TOKEN] = -100
-    if family == "llava":
+    if family in ("llava", "internvl"):
         return ids, labels, {"pixel_values": torch.randn(2, 3, 8, 8, dtype=dtype)}
     if family == "gemma3":  # its forward attends within an image's tokens both ways, as token_type_ids mark them
         return ids, labels, {"pixel_values": torch.randn(2, 3, 8, 8, dtype=dtype),

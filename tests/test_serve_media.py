@@ -28,8 +28,10 @@ from test_serve_engine import QUESTION, lf_home, one_thread
 __all__ = ["engine", "lf_home", "one_thread", "url"]  # fixtures of the API and engine tests, used here too
 
 CHAT = "/v1/chat/completions"
-NO_IMAGES = "this model/template (qwen) does not take image input; templates that do: llava (llava models), qwen2_vl " \
-            "(qwen2_vl models); this llama model reads text only: send text"
+NO_IMAGES = ("this model/template (qwen) does not take image input; templates that do: gemma3 (gemma3 models), "
+             "intern_vl (internvl models), llava (llava models), llava_next (llava_next models), qwen2_vl "
+             "(qwen2_vl/qwen2_5_vl models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this "
+             "llama model reads text only: send text")
 
 
 def png(width: int, height: int, color="red") -> bytes:

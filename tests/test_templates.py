@@ -65,6 +65,7 @@ REASONING = [user("Q1"), assistant("<think>\nr1\n</think>\n\nA1"),
              user("Q2"), assistant("<think>\nr2\n</think>\n\nA2")]
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+INTERN_VL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
                  "detailed, and polite answers to the user's questions.")
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -124,6 +125,10 @@ EXPECTED = {
                "<start_of_turn>model\nHello!<end_of_turn>\n",
                "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
                "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
+    # InternVL 3: chatml after the tokenizer's bos (Qwen's has none) with InternVL's own default system prompt
+    "intern_vl": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                  "<|im_start|>assistant\nHello!<|im_end|>\n",
+                  f"<|im_start|>system\n{INTERN_VL_SYSTEM}<|im_end|>\n" + CHATML_MULTI + "Fine.<|im_end|>\n"),
     "phi": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello!<|end|>\n",
             "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nHow are you?<|end|>\n<|assistant|>\n"
             "Fine.<|end|>\n"),
@@ -491,3 +496,12 @@ def test_lf_reads_back_its_jinja(tok, name):
     assert jinja.to_jinja() == saved.chat_template
     for messages, system in ((SINGLE, "Be brief."), (MULTI, None)):
         assert jinja.encode_multiturn(saved, messages, system) == template.encode_multiturn(tok, messages, system)
+
+
+def test_mllama_is_refused_with_the_reason():
+    """MllamaProcessor runs here, but Llama 3.2 Vision's cross-attention inputs are grouped per row, which lf's
+    multimodal plugins (one flat list of a batch's images) do not build."""
+    with pytest.raises(DataError, match=r"^template mllama is not supported: Llama 3.2 Vision reads images through "
+                                        r"cross-attention: .* cross_attention_mask .*; train Llama 3.2 Vision with "
+                                        r"LLaMA-Factory"):
+        get_template("mllama")

@@ -39,3 +39,4 @@ class DataArguments:
     video_fps: float = 2.0
     video_maxlen: int = 128
     audio_sampling_rate: int = 16000  # audio clips are resampled to this rate (lf.data.audio)
+    crop_to_patches: bool = False  # InternVL: an image is cut into tiles (and a thumbnail) as its processor does

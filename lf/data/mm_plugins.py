@@ -78,6 +78,13 @@ def _gemma3_tokens(image_processor, processor_config: dict, height: int, width: 
     return _setting(processor_config, "image_seq_length", "Gemma3Processor")
 
 
+def _intern_vl_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
+    """InternVLProcessor's count: image_seq_length context tokens per patch, the patches as its image processor
+    (GotOcr2's) cuts the image: one, or with crop_to_patches its tiles and a thumbnail."""
+    patches = image_processor.get_number_of_image_patches(height, width)
+    return _setting(processor_config, "image_seq_length", "InternVLProcessor") * patches
+
+
 @dataclass(frozen=True)
 class Modality:
     """One kind of media in a family's prompts: the column it comes from, the token repeated once per feature and
@@ -160,6 +167,7 @@ class MMPlugin:
     token_types: bool = False  # the forward takes each token's modality (Modality.type_id at media tokens)
     token_type_key: str = "mm_token_type_ids"  # their name (Gemma 3: token_type_ids)
     unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
+    settings: tuple[tuple[str, str], ...] = ()  # (data key, the image processor attribute it sets)
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
@@ -204,6 +212,10 @@ _ENTRIES = {plugin.name: plugin for plugin in (
     MMPlugin("qwen2_audio", ("qwen2_audio",), "", None, vision_tower=("audio_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head"), media=(QWEN2_AUDIO,),
              feature_extractor=True),
+    MMPlugin("intern_vl", ("internvl",), "<IMG_CONTEXT>", _intern_vl_tokens, ("<img>", "</img>"),
+             unused=("num_patches",), settings=(("crop_to_patches", "crop_to_patches"),),
+             vision_tower=("vision_tower",), projector=("multi_modal_projector",),
+             language_model=("language_model", "lm_head")),
 )}
 PLUGINS = MappingProxyType(_ENTRIES)
 

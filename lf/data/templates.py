@@ -348,6 +348,8 @@ _CHATML = dict(stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}
 _DEEPSEEK = dict(stop_words=("<｜end▁of▁sentence｜>",), prefix="{bos}", user="<｜User｜>{content}<｜Assistant｜>",
                  assistant="{content}<｜end▁of▁sentence｜>", bos_token="<｜begin▁of▁sentence｜>")
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+_INTERN_VL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+                     "多模态大语言模型。")
 _VICUNA = dict(system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
                default_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
                               "gives helpful, detailed, and polite answers to the user's questions.")
@@ -404,6 +406,8 @@ _REGISTRY = {t.name: t for t in (
     Template("phi", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
              user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
              eos_token="<|endoftext|>"),
+    # InternVL 3 (transformers' InternVLForConditionalGeneration): chatml with its own default system prompt
+    Template("intern_vl", **_CHATML, prefix="{bos}", default_system=_INTERN_VL_SYSTEM, mm_plugin="intern_vl"),
     Template("deepseek3", **_DEEPSEEK),
     Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING),
 )}
@@ -428,8 +432,20 @@ def _with_overrides(template: Template, default_system=None, enable_thinking=Tru
                    tool_format=tool_format or template.tool_format)
 
 
+# LLaMA-Factory's templates that lf knows and refuses, and why.
+REFUSED = MappingProxyType({
+    "mllama": "Llama 3.2 Vision reads images through cross-attention: its inputs group each row's images "
+              "(pixel_values of rows x images x tiles) and cross_attention_mask says which image tiles each text "
+              "token attends to, while lf's multimodal plugins give the forward one flat list of a batch's images; "
+              "train Llama 3.2 Vision with LLaMA-Factory, or a vision-language family lf takes (qwen2_vl, llava, "
+              "gemma3, ...)",
+})
+
+
 def get_template(name: str, *, default_system=None, enable_thinking=True, tool_format=None) -> Template:
     """A copy of the registered template `name` with the overrides applied."""
+    if name in REFUSED:
+        raise DataError(f"template {name} is not supported: {REFUSED[name]}")
     if name not in TEMPLATES:
         raise DataError(f"unknown template {name!r}.{did_you_mean(name, TEMPLATES)} "
                         f"Registered: {', '.join(sorted(TEMPLATES))}")

@@ -120,6 +120,7 @@ VISION_LANGUAGE = types.MappingProxyType({
     "llava": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
     "llava_next": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
     "gemma3": Towers("model.language_model", "model.vision_tower", f"SigLIP's {_NO_VIT_KERNEL}"),
+    "internvl": Towers("model.language_model", "model.vision_tower", f"InternViT's {_NO_VIT_KERNEL}"),
     # an audio tower in the vision tower's place
     "qwen2_audio": Towers("model.language_model", "model.audio_tower", f"Whisper's {_NO_VIT_KERNEL}"),
 })

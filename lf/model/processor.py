@@ -59,6 +59,8 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
                  else (AutoImageProcessor.from_pretrained(path, backend=backend, **hub), None))
     except OSError:
         return None
+    for key, attribute in plugin.settings:  # saved with it: an export's processor cuts images alike
+        setattr(parts[0], attribute, getattr(data_args, key))
     token_ids = {}
     for column, modality in plugin.modalities.items():
         token_id = tokenizer.convert_tokens_to_ids(modality.token)
