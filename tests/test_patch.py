@@ -389,6 +389,31 @@ def test_qwen2_5_vl_vision_tower_runs_lfs_norms_and_mlps_as_hf(dtype, monkeypatc
     assert not any("forward" in m.__dict__ for m in model.model.visual.modules() if type(m).__name__.endswith("MLP"))
 
 
+def test_qwen2_5_vl_apply_to_patches_the_vision_towers_classes_too():
+    """apply_to("qwen2_5_vl"): the vision blocks' MLP class runs lf's swiglu as well (their RMSNorm is the language
+    model's class), the loss and gradients stay HF's, and unpatch gives HF's classes back."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+    reference = _vl_model("qwen2_5_vl", torch.float32).train()
+    ids, labels, media = _vl_batch("qwen2_5_vl", torch.float32, image=True)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **media)
+    hf_mlp = hf.Qwen2_5_VLMLP.forward
+    report = apply_to("qwen2_5_vl")
+    try:
+        assert report.towers["vision tower"].startswith("model.visual: rms_norm (1), swiglu (1); "), str(report)
+        assert hf.Qwen2_5_VLMLP.forward is not hf_mlp
+        model = _vl_model("qwen2_5_vl", torch.float32).train()
+        model.load_state_dict(reference.state_dict())
+        out, grads = _loss_and_grads(model, ids, labels, **media)
+    finally:
+        unpatch("qwen2_5_vl")
+    assert hf.Qwen2_5_VLMLP.forward is hf_mlp
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    assert any(name.startswith("model.visual") for name in grads)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+
+
 @pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(VL_CONFIGS))
