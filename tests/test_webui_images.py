@@ -193,3 +193,15 @@ def test_webchat_in_a_browser_answers_an_uploaded_image(served, vl_engine, tmp_p
         assert page.locator('#chatbot [data-testid="bot"]').inner_text().strip() == expected.strip()
         assert page.locator("#chatbot img").count() == 1  # the uploaded picture, shown in the conversation
         browser.close()
+
+
+def test_webchat_refuses_a_bad_image_limit_before_loading_the_model(monkeypatch):
+    from lf.errors import ConfigError
+    from lf.serve import webchat
+
+    monkeypatch.setenv("API_MAX_IMAGE_PIXELS", "0")
+    monkeypatch.setattr(webchat, "Engine", lambda cfg: pytest.fail("loaded the model first"))
+    with pytest.raises(ConfigError, match="API_MAX_IMAGE_PIXELS='0' is not a whole number from 1"):
+        webchat.command(["model_name_or_path=lf-tiny-llama", "template=qwen"])
+    monkeypatch.setenv("API_MAX_IMAGE_PIXELS", "100")
+    assert Chat().limits == Limits(None, 16 * 2**20, 100)  # the web UI's Chat tab reads them too

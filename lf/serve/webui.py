@@ -61,9 +61,10 @@ USAGE = """usage: lf webui [--host HOST] [--port PORT] [--auth USER:PASSWORD | -
 
 Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
 Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
-log and loss curve; a Chat tab to talk with a model or a trained adapter; an Export tab that merges an adapter
-into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data, output_dir:
-saves/...) are relative to, e.g. lf's source tree for the quickstart.
+log and loss curve; a Chat tab to talk with a model or a trained adapter (images uploaded with a message go to a
+model that takes them, within API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that merges
+an adapter into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data,
+output_dir: saves/...) are relative to, e.g. lf's source tree for the quickstart.
 
   --auth USER:PASSWORD  a login for the page and its HTTP endpoints (repeat it for more users); --auth-file PATH
                         reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST.
