@@ -32,7 +32,8 @@ Each variant is one child process that runs its trainer in-process with a probe 
   resets VmHWM (`5` into /proc/self/clear_refs); at on_train_end VmHWM - baseline is the training's peak above
   its baseline. Peak RSS = the larger of VmHWM before the reset and at the child's end. The child process only.
 Loss curves are drawn against tokens trained on (packing puts more tokens in each step). Writes
-bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick).
+bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick; `-vl` or `-text` after the name for
+--only).
 """
 
 from __future__ import annotations
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.train_e2e" + (" --quick" if args.quick else "") + (
         f" --only {args.only}" if args.only else "")
     date = datetime.date.today().isoformat()
-    png = harness.results_folder(args.quick) / f"{date}-{NAME}.png"
+    name = f"{NAME}-{args.only}" if args.only else NAME  # a part alone is not `lf bench`'s latest train_e2e
+    png = harness.results_folder(args.quick) / f"{date}-{name}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, dtypes, groups, png)
     facts = harness.machine_facts()
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     summary = "\n\n".join("\n".join(table(rows, dtype, compact=True, group=group))
                            for group in groups for dtype in dtypes)
-    harness.write_report(NAME, text, {"date": harness.now(), "command": command, "machine": facts,
+    harness.write_report(name, text, {"date": harness.now(), "command": command, "machine": facts,
                                       "llamafactory": llamafactory_note, "summary_md": summary,
                                       "charts": [str(png.relative_to(REPO))], "rows": rows}, args.quick)
     return 0
