@@ -75,6 +75,7 @@ class Model:
     act: str  # the MLP's activation, as the config names it
     gemma_norm: bool = False  # RMSNorm scales by (1 + weight), all in fp32, rounded once at the end
     softcap: float | None = None  # final_logit_softcapping
+    mrope_section: tuple[int, ...] | None = None  # multimodal RoPE: benched for rope alone (its other ops are Qwen2's)
 
     @property
     def glu(self) -> str:
@@ -82,6 +83,8 @@ class Model:
 
     @property
     def ops(self) -> tuple[str, ...]:
+        if self.mrope_section:
+            return ("rope",)
         return tuple(op for op in OP_NAMES if op not in {"swiglu", "geglu"} - {self.glu})
 
     def modeling(self, name: str):
@@ -103,6 +106,8 @@ MODELS = {
     "qwen2.5-7b": Model("qwen2", "Qwen2", 3584, 18944, 28, 4, 128, 152064, 1e-6, 1000000.0, "silu"),
     "gemma-2-9b": Model("gemma2", "Gemma2", 3584, 14336, 16, 8, 256, 256000, 1e-6, 10000.0, "gelu_pytorch_tanh",
                         gemma_norm=True, softcap=30.0),
+    "qwen2-vl-7b": Model("qwen2_vl", "Qwen2VL", 3584, 18944, 28, 4, 128, 152064, 1e-6, 1000000.0, "silu",
+                         mrope_section=(16, 24, 24)),
 }
 QUICK_MODEL = "llama-3-8b"
 
@@ -156,14 +161,45 @@ def rope_case(m: Model, tokens: int, dtype: torch.dtype, device: str) -> Case:
     # As HF's attention makes them: (batch, seq, heads, dim) projections viewed heads-first.
     q = torch.randn(1, tokens, m.q_heads, m.head_dim, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
     k = torch.randn(1, tokens, m.kv_heads, m.head_dim, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
+    e = q.element_size()
+    moved = 2 * tokens * (m.q_heads + m.kv_heads) * m.head_dim * e + 2 * tokens * m.head_dim * e
+    if m.mrope_section:
+        return _mrope_case(m, q, k, rope, _two_pass(moved, moved))
     rotary = m.modeling("{}RotaryEmbedding")(m.config()).to(device)
     cos, sin = rotary(q, torch.arange(tokens, device=device)[None])
     impls = {"lf": rope, "eager": m.modeling("apply_rotary_pos_emb")}
     if liger := liger_functional(device):
         impls["liger"] = liger.liger_rope
-    e = q.element_size()
-    moved = 2 * tokens * (m.q_heads + m.kv_heads) * m.head_dim * e + 2 * tokens * m.head_dim * e
     return Case(args=(q, k, cos, sin), leaves=(q, k), impls=impls, work=_two_pass(moved, moved))
+
+
+def _mrope_case(m: Model, q: torch.Tensor, k: torch.Tensor, rope: Callable, work: dict) -> Case:
+    """Multimodal RoPE: cos/sin of the three position streams, (3, 1, N, D), for a row that is one image of
+    N // 16 x 16 patches (temporal 0, height the patch row, width the patch column) after no text. lf's rope selects
+    each frequency's stream itself (mrope_section); HF's baseline is its own section split (the rotary
+    embedding's recomposition_frequencies, on one half of the duplicated angles) then apply_rotary_pos_emb. The
+    selection is part of each call in both, as it is of each forward in the model."""
+    from transformers import AutoConfig
+
+    tokens, device, dtype = q.shape[2], q.device, q.dtype
+    config = AutoConfig.for_model(f"{m.family}_text", hidden_size=m.hidden, num_attention_heads=m.q_heads,
+                                  head_dim=m.head_dim, rope_parameters={
+                                      "rope_type": "default", "rope_theta": m.rope_theta,
+                                      "mrope_section": list(m.mrope_section)})
+    rotary = m.modeling("{}RotaryEmbedding")(config).to(device)
+    row = torch.arange(tokens, device=device)
+    positions = torch.stack([torch.zeros_like(row), row // 16, row % 16])[:, None]  # (3, 1, N)
+    angles = positions[..., None].float() * rotary.inv_freq.float()
+    cos, sin = (torch.cat([f, f], dim=-1).to(dtype) for f in (angles.cos(), angles.sin()))
+    apply = m.modeling("apply_rotary_pos_emb")
+    half = m.head_dim // 2
+
+    def eager(q, k, cos, sin):
+        cos, sin = (rotary.recomposition_frequencies(t[..., :half]) for t in (cos, sin))
+        return apply(q, k, cos, sin)
+
+    impls = {"lf": lambda q, k, cos, sin: rope(q, k, cos, sin, mrope_section=m.mrope_section), "eager": eager}
+    return Case(args=(q, k, cos, sin), leaves=(q, k), impls=impls, work=work)
 
 
 def glu_case(m: Model, tokens: int, dtype: torch.dtype, device: str) -> Case:

@@ -3,6 +3,7 @@ data and settings.
 
     python -m bench.train_e2e            # 30 steps per variant, fp32 and (where the CPU has native bf16) bf16
     python -m bench.train_e2e --quick    # 3 steps, the dtype lf's `infer_dtype: auto` picks here (smoke)
+    python -m bench.train_e2e --only vl  # the vision-language rows alone (--only text: the others)
 
 Model: bench.e2e_model (a 31.8M-parameter Llama, tokenizer trained on the data). Data: alpaca_en_demo from
 ../shared/data, template qwen, cutoff 512, batch 4, LoRA rank 8 on all linear layers, lr 2e-3 cosine, seed 42.
@@ -18,6 +19,9 @@ a micro-batch's activations fit in a tenth of the available memory (here ~240 Mi
 back to the OS as it grows (lf/allocator.py). One extra run of each takes the other's choice.
 The speed-up column is against LLaMA-Factory's fastest variant of the run.
 
+The VL rows (group "vl", see VL below): LoRA sft of a tiny LLaVA-1.5 on mllm_demo, lf with kernels on and off
+against LLaMA-Factory, same model, data and settings.
+
 Each variant is one child process that runs its trainer in-process with a probe callback (`--worker`):
 - tokens: real (non-padding) tokens trained on. lf: `total_tokens` of its trainer_log.jsonl. LLaMA-Factory: its
   collator is wrapped to count the non-zero attention-mask entries of each batch's features (neat packing marks
@@ -28,7 +32,8 @@ Each variant is one child process that runs its trainer in-process with a probe 
   resets VmHWM (`5` into /proc/self/clear_refs); at on_train_end VmHWM - baseline is the training's peak above
   its baseline. Peak RSS = the larger of VmHWM before the reset and at the child's end. The child process only.
 Loss curves are drawn against tokens trained on (packing puts more tokens in each step). Writes
-bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick).
+bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick; `-vl` or `-text` after the name for
+--only).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import harness
@@ -77,6 +83,33 @@ LLAMAFACTORY_VARIANTS = {"LLaMA-Factory, no packing, LoRA": {},
 COLORS = {(True, False): "tab:blue", (False, False): "tab:orange",  # (use_lf_kernels, QLoRA) -> a curve's colour
           (True, True): "tab:green", (False, True): "tab:red"}
 LF_BASELINE = "lf, kernels off, no packing, LoRA"  # the speed-up reference when LLaMA-Factory is absent
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of rows on one model and data set: its settings over SETTINGS, its variants, its model builder."""
+    dataset: str
+    settings: dict
+    lf_variants: dict
+    llamafactory_variants: dict
+    lf_baseline: str  # the speed-up reference when LLaMA-Factory is absent
+    model: str  # bench.e2e_model's builder
+    about: str  # the model and settings, for the report
+
+
+# The vision-language row: LoRA sft of a tiny LLaVA-1.5 on mllm_demo (6 conversations, 1-2 images each; the images
+# are decoded and turned into pixels by each system's own pipeline). LLaVA, not Qwen2-VL: LLaMA-Factory 0.9.5
+# builds Qwen2-VL's processor class, which needs torchvision, unusable beside the CPU torch.
+VL = Group("mllm_demo", dict(dataset="mllm_demo", template="llava", cutoff_len=1024, per_device_train_batch_size=2),
+           {f"lf, kernels {'on' if kernels else 'off'}, LoRA, VL": dict(use_lf_kernels=kernels)
+            for kernels in (True, False)},
+           {"LLaMA-Factory, LoRA, VL": {}}, "lf, kernels off, LoRA, VL", "ensure_vl_model",
+           "tiny LLaVA-1.5 (bench/e2e_model.py: CLIP tower 2 layers at 112 px, 64 tokens an image; Llama 4 layers, "
+           "hidden 256; 3.8M parameters), template llava, cutoff 1024, batch 2, vision tower and projector frozen")
+GROUPS = {"text": Group(DATASET, {}, LF_VARIANTS, LLAMAFACTORY_VARIANTS, LF_BASELINE, "ensure_model",
+                        "Llama, 31.8M parameters, vocab 8000 (bench/e2e_model.py), template qwen, cutoff 512, "
+                        "batch 4"),
+          "vl": VL}
 
 
 # ---- the worker: one variant, in its own process ----
@@ -192,29 +225,35 @@ def run_variant(python: str, system: str, config: dict, folder: Path) -> dict:
     return {**json.loads((folder / "result.json").read_text()), "wall_seconds": time.perf_counter() - started}
 
 
-def plan(dtypes: list[str], steps: int, model: Path, llamafactory: str | None) -> list[tuple[str, str, str, dict]]:
-    """(dtype, variant, system, config) for every run, LLaMA-Factory's first in each dtype."""
+def plan(dtypes: list[str], steps: int, models: dict[str, Path],
+         llamafactory: str | None) -> list[tuple[str, str, str, str, dict]]:
+    """(group, dtype, variant, system, config) for every run, LLaMA-Factory's first in each group and dtype."""
     runs = []
-    for dtype in dtypes:
-        base = {**SETTINGS, "model_name_or_path": str(model), "max_steps": steps}
-        if llamafactory:
-            runs += [(dtype, name, "llamafactory", {**base, **({"bf16": True} if dtype == "bf16" else {}), **extra})
-                     for name, extra in LLAMAFACTORY_VARIANTS.items()]
-        runs += [(dtype, name, "lf", {**base, **DTYPES[dtype], **extra}) for name, extra in LF_VARIANTS.items()]
+    for name, group in ((name, GROUPS[name]) for name in models):
+        for dtype in dtypes:
+            base = {**SETTINGS, **group.settings, "model_name_or_path": str(models[name]), "max_steps": steps}
+            if llamafactory:
+                runs += [(name, dtype, variant, "llamafactory",
+                          {**base, **({"bf16": True} if dtype == "bf16" else {}), **extra})
+                         for variant, extra in group.llamafactory_variants.items()]
+            runs += [(name, dtype, variant, "lf", {**base, **DTYPES[dtype], **extra})
+                     for variant, extra in group.lf_variants.items()]
     return runs
 
 
-def _baseline(rows: list[dict], dtype: str) -> dict:
+def _baseline(rows: list[dict], dtype: str, group: str) -> dict:
     """The reference of the speed-up column: LLaMA-Factory's fastest variant (the issue's "best"), else lf's
     plainest run."""
-    mine = [r for r in rows if r["dtype"] == dtype]
+    mine = [r for r in rows if r["dtype"] == dtype and r.get("group", "text") == group]
     theirs = [r for r in mine if r["system"] == "llamafactory"]
-    return max(theirs, key=lambda r: r["tokens_per_s"]) if theirs else {r["variant"]: r for r in mine}[LF_BASELINE]
+    return max(theirs, key=lambda r: r["tokens_per_s"]) if theirs else {
+        r["variant"]: r for r in mine}[GROUPS[group].lf_baseline]
 
 
-def table(rows: list[dict], dtype: str, compact: bool = False) -> list[str]:
-    base = _baseline(rows, dtype)
-    rows = [{**r, "speedup": r["tokens_per_s"] / base["tokens_per_s"]} for r in rows if r["dtype"] == dtype]
+def table(rows: list[dict], dtype: str, compact: bool = False, group: str = "text") -> list[str]:
+    base = _baseline(rows, dtype, group)
+    rows = [{**r, "speedup": r["tokens_per_s"] / base["tokens_per_s"]} for r in rows
+            if r["dtype"] == dtype and r.get("group", "text") == group]
     if compact:
         lines = [f"| variant ({dtype}) | tokens/s | vs {base['variant']} | peak RSS MiB | peak above baseline MiB "
                  "| final loss |", "|---|--:|--:|--:|--:|--:|"]
@@ -228,26 +267,32 @@ def table(rows: list[dict], dtype: str, compact: bool = False) -> list[str]:
                     f"| {r['peak_above_baseline_mib']:,.0f} | {r['final_loss']:.3f} |" for r in rows]
 
 
-def plot(rows: list[dict], dtypes: list[str], path: Path) -> None:
+def plot(rows: list[dict], dtypes: list[str], groups: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 5.5), squeeze=False, sharey=True)
-    for ax, dtype in zip(axes[0], dtypes):
-        for r in (r for r in rows if r["dtype"] == dtype):
-            _, tokens, loss = zip(*r["curve"])
-            config = r["settings"]
-            # colour: the system, kernels and LoRA/QLoRA; solid: packed, dashed: one example per row. Kernels-on
-            # curves are wide and pale, so that the kernels-off curve drawn over one stays visible where they agree
-            lf_kernels = config.get("use_lf_kernels", False)
-            color = "black" if r["system"] == "llamafactory" else COLORS[lf_kernels, "quantization_bit" in config]
-            ax.plot(tokens, loss, color=color, linestyle="-" if config.get("packing") else "--", label=r["variant"],
-                    linewidth=4 if lf_kernels else 1.5, alpha=0.45 if lf_kernels else 1)
-        ax.set(title=f"{dtype}: {DATASET}, cutoff 512, batch 4", xlabel="tokens trained on", ylabel="training loss")
-        ax.legend(fontsize=7)
-    figure.suptitle("lf train vs LLaMA-Factory\n31.8M-parameter Llama, LoRA r8 on all linears (QLoRA: 4-bit base)")
+    figure, axes = plt.subplots(len(groups), len(dtypes), figsize=(7 * len(dtypes), 5.5 * len(groups)),
+                                squeeze=False)
+    for group, line in zip(groups, axes):
+        for ax, dtype in zip(line, dtypes):
+            for r in (r for r in rows if r["dtype"] == dtype and r["group"] == group):
+                _, tokens, loss = zip(*r["curve"])
+                config = r["settings"]
+                # colour: the system, kernels and LoRA/QLoRA; solid: packed, dashed: one example per row.
+                # Kernels-on curves are wide and pale, so that the kernels-off curve drawn over one stays visible
+                # where they agree
+                lf_kernels = config.get("use_lf_kernels", False)
+                color = "black" if r["system"] == "llamafactory" else COLORS[lf_kernels, "quantization_bit" in config]
+                ax.plot(tokens, loss, color=color, linestyle="-" if config.get("packing") else "--",
+                        label=r["variant"], linewidth=4 if lf_kernels else 1.5, alpha=0.45 if lf_kernels else 1)
+            config = {**SETTINGS, **GROUPS[group].settings}
+            ax.set(title=f"{dtype}: {config['dataset']}, cutoff {config['cutoff_len']}, batch "
+                         f"{config['per_device_train_batch_size']}", xlabel="tokens trained on",
+                   ylabel="training loss")
+            ax.legend(fontsize=7)
+    figure.suptitle("lf train vs LLaMA-Factory, LoRA r8 on all linears (QLoRA: 4-bit base)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -257,33 +302,37 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 steps per variant, one dtype; results in scratch/")
+    p.add_argument("--only", choices=list(GROUPS), help="one group of rows: text (alpaca_en_demo on a Llama) or "
+                                                         "vl (mllm_demo on a tiny LLaVA); default both")
     p.add_argument("--worker", nargs=3, metavar=("SYSTEM", "CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(*args.worker)
         return 0
-    data_file = DATA_DIR / f"{DATASET}.json"
-    if not data_file.is_file():
-        print(f"bench.train_e2e: needs {data_file} (LLaMA-Factory's demo data, in shared/ beside the repository); "
-              f"it is not there, so nothing was run", file=sys.stderr)
+    groups = [args.only] if args.only else list(GROUPS)
+    missing = [DATA_DIR / f"{GROUPS[g].dataset}.json" for g in groups
+               if not (DATA_DIR / f"{GROUPS[g].dataset}.json").is_file()]
+    if missing:
+        print(f"bench.train_e2e: needs {', '.join(map(str, missing))} (LLaMA-Factory's demo data, in shared/ beside "
+              f"the repository); not there, so nothing was run", file=sys.stderr)
         return 1
 
     import torch
 
-    from bench.e2e_model import ensure_model
+    from bench import e2e_model
     from lf.model.options import choose_dtype
 
     native = choose_dtype("auto")[0] == torch.bfloat16  # lf's auto: bf16 where the CPU computes it natively
     dtypes = ["bf16" if native else "fp32"] if args.quick else ["fp32"] + ["bf16"] * native
     steps = 3 if args.quick else 30
-    model = ensure_model(data_file)
+    models = {g: getattr(e2e_model, GROUPS[g].model)(DATA_DIR / f"{GROUPS[g].dataset}.json") for g in groups}
     llamafactory, llamafactory_note = find_llamafactory()
     if not llamafactory:
         print(f"LLaMA-Factory rows left out: {llamafactory_note}", flush=True)
-    runs = plan(dtypes, steps, model, llamafactory)
+    runs = plan(dtypes, steps, models, llamafactory)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (dtype, name, system, config) in enumerate(runs):
+        for i, (group, dtype, name, system, config) in enumerate(runs):
             python = llamafactory if system == "llamafactory" else sys.executable
             try:
                 r = run_variant(python, system, config, Path(tmp) / str(i))
@@ -293,36 +342,42 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i + 1}/{len(runs)}] {dtype} {name}: FAILED, left out: {exc}", flush=True)
                 llamafactory_note += f"; {dtype} {name} failed: {str(exc).strip().splitlines()[-1]}"
                 continue
-            r.update(dtype=dtype, variant=name, system=system, settings=config, final_loss=r["curve"][-1][2],
-                     tokens_per_s=r["tokens"] / r["seconds"], load_1min=os.getloadavg()[0])  # others' load too
+            r.update(group=group, dtype=dtype, variant=name, system=system, settings=config,
+                     final_loss=r["curve"][-1][2], tokens_per_s=r["tokens"] / r["seconds"],
+                     load_1min=os.getloadavg()[0])  # others' load too
             rows.append(r)
             print(f"[{i + 1}/{len(runs)}] {dtype} {name}: {r['steps']} steps, {r['tokens']:,} tokens, "
                   f"{r['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_mib']:,.0f} MiB "
                   f"(+{r['peak_above_baseline_mib']:,.0f} above baseline), final loss {r['final_loss']:.3f}, "
                   f"{r['wall_seconds']:.0f} s, load average {r['load_1min']:.1f}", flush=True)
 
-    command = "python -m bench.train_e2e" + (" --quick" if args.quick else "")
+    command = "python -m bench.train_e2e" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else "")
     date = datetime.date.today().isoformat()
-    png = harness.results_folder(args.quick) / f"{date}-{NAME}.png"
+    name = f"{NAME}-{args.only}" if args.only else NAME  # a part alone is not `lf bench`'s latest train_e2e
+    png = harness.results_folder(args.quick) / f"{date}-{name}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, dtypes, png)
+    plot(rows, dtypes, groups, png)
     facts = harness.machine_facts()
     intro = (f"{facts['cpu_model']}, {facts['cores']} cores ({facts['torch_threads']} torch threads), lf ISA "
              f"{facts['lf_isa']}, torch {facts['torch']}, transformers {facts['transformers']}. `{command}`.\n\n"
-             f"Model `{model.name}` (bench/e2e_model.py: Llama, 31.8M parameters, vocab 8000), {DATASET}, template "
-             f"qwen, cutoff 512, batch 4, LoRA r8 all-linear, lr 2e-3 cosine, {steps} steps; each variant in its own "
-             f"process. LLaMA-Factory: {llamafactory_note}.")
-    method = ("Tokens: real (non-padding) tokens trained on; tokens/s over the trainer's on_train_begin..on_train_end. "
-              "Peak RSS: the child's VmHWM over its whole life; peak above baseline: VmHWM during training "
-              "(reset at on_train_begin) minus VmRSS then. See the module docstring for how each system is counted.")
+             f"LoRA r8 all-linear, lr 2e-3 cosine, {steps} steps; each variant in its own process. LLaMA-Factory: "
+             f"{llamafactory_note}.")
+    method = ("Tokens: real (non-padding) tokens trained on (a VL row's image tokens included); tokens/s over the "
+              "trainer's on_train_begin..on_train_end. Peak RSS: the child's VmHWM over its whole life; peak above "
+              "baseline: VmHWM during training (reset at on_train_begin) minus VmRSS then. See the module docstring "
+              "for how each system is counted.")
     md = [f"# lf train end to end: {harness.device_name()}", "", intro, "", method]
-    for dtype in dtypes:
-        md += ["", f"## {dtype}", ""] + table(rows, dtype)
+    for group in groups:
+        for dtype in dtypes:
+            md += ["", f"## {GROUPS[group].dataset}, {dtype}", "", f"Model `{models[group].name}`: "
+                   f"{GROUPS[group].about}.", ""] + table(rows, dtype, group=group)
     md += ["", f"Loss against tokens trained on: ![loss curves]({png.name})"]
     text = "\n".join(md) + "\n"
     print("\n" + text)
-    summary = "\n\n".join("\n".join(table(rows, dtype, compact=True)) for dtype in dtypes)
-    harness.write_report(NAME, text, {"date": harness.now(), "command": command, "machine": facts,
+    summary = "\n\n".join("\n".join(table(rows, dtype, compact=True, group=group))
+                           for group in groups for dtype in dtypes)
+    harness.write_report(name, text, {"date": harness.now(), "command": command, "machine": facts,
                                       "llamafactory": llamafactory_note, "summary_md": summary,
                                       "charts": [str(png.relative_to(REPO))], "rows": rows}, args.quick)
     return 0

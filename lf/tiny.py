@@ -100,18 +100,12 @@ def build_tiny(name: str, dest_dir) -> Path:
 def build_model(dest_dir, texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str], config: Mapping,
                 seed: int) -> Path:
     """Writes a model with random weights (``config``'s architecture, a fixed seed) and a BPE tokenizer trained on
-    ``texts`` to `dest_dir` as a normal Hugging Face directory (config.json, model.safetensors, tokenizer files).
-
-    The files are written to a temporary directory beside `dest_dir`, which is then renamed: an interrupted build
-    leaves nothing at `dest_dir`. If another process finished the same build first, its directory is kept.
-    """
+    ``texts`` to `dest_dir` as a normal Hugging Face directory (config.json, model.safetensors, tokenizer files),
+    whole or not at all (`written_whole`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dest = Path(dest_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
-    try:
+    def write(tmp: Path) -> None:
         tokenizer = train_tokenizer(texts, vocab_size, special_tokens)
         tokenizer.model_max_length = config["max_position_embeddings"]
         vocab = -(-len(tokenizer) // 64) * 64  # embedding rows in multiples of 64, as resize_vocab pads them
@@ -122,6 +116,18 @@ def build_model(dest_dir, texts: Iterable[str], vocab_size: int, special_tokens:
             model = AutoModelForCausalLM.from_config(hf_config)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+    return written_whole(dest_dir, write)
+
+
+def written_whole(dest_dir, write) -> Path:
+    """`dest_dir`, made by `write(folder)` in a temporary folder beside it that is then renamed: an interrupted
+    build leaves nothing at `dest_dir`; if another process finished the same build first, its folder is kept."""
+    dest = Path(dest_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
+    try:
+        write(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:

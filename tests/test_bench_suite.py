@@ -2,6 +2,7 @@
 named in the report and the exit code, and every other result is still there."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,86 @@ def test_a_benchmark_whose_child_fails_is_reported_and_the_rest_written(tmp_path
     assert "**Failed:** ops: `-m bench.no_such_benchmark --quick` exited with 1" in text
     assert "### QLoRA linear vs PEFT + bitsandbytes" in text and "| mlp | bf16 | 9.00 | n/a |" in text
     assert json.loads(report.with_suffix(".json").read_text())["failed"] == {"ops": why}
+
+
+# ---- bench.train_e2e's vision-language row, bench.ops's multimodal RoPE case ----
+
+def test_train_e2e_plans_the_vl_row_on_llava_and_mllm_demo_against_llamafactory():
+    from bench import train_e2e
+
+    runs = train_e2e.plan(["fp32", "bf16"], 30, {"vl": Path("/m/llava")}, "/venv/python")
+    assert [(g, d, system) for g, d, _, system, _ in runs] == [
+        ("vl", dtype, system) for dtype in ("fp32", "bf16") for system in ("llamafactory", "lf", "lf")]
+    for _, dtype, variant, system, config in runs:
+        assert (config["dataset"], config["template"], config["model_name_or_path"]) == (
+            "mllm_demo", "llava", "/m/llava")
+        assert config["cutoff_len"] == 1024 and config["per_device_train_batch_size"] == 2 and config["max_steps"] == 30
+        assert config["finetuning_type"] == "lora" and config["lora_target"] == "all"
+        assert config.get("bf16", False) == (dtype == "bf16")
+        if system == "lf":
+            assert config["use_lf_kernels"] == ("kernels on" in variant)
+    assert not any(system == "llamafactory" for *_, system, _ in train_e2e.plan(["fp32"], 3, {"vl": Path("m")}, None))
+
+
+def test_train_e2e_tables_compare_each_group_with_its_own_llamafactory_row():
+    from bench import train_e2e
+
+    def row(group, variant, system, tokens_per_s):
+        return dict(group=group, dtype="fp32", variant=variant, system=system, tokens_per_s=tokens_per_s, steps=30,
+                    tokens=1000, peak_rss_mib=700.0, peak_above_baseline_mib=100.0, final_loss=1.5)
+
+    rows = [row("text", "LLaMA-Factory, no packing, LoRA", "llamafactory", 400.0),
+            row("text", train_e2e.LF_BASELINE, "lf", 800.0),
+            row("vl", "LLaMA-Factory, LoRA, VL", "llamafactory", 100.0),
+            row("vl", "lf, kernels on, LoRA, VL", "lf", 150.0)]
+    vl = train_e2e.table(rows, "fp32", group="vl")
+    assert "speed-up vs LLaMA-Factory, LoRA, VL" in vl[0] and len(vl) == 4
+    assert vl[3].startswith("| lf, kernels on, LoRA, VL | 30 | 1,000 | 150 | 1.50x |")
+    assert train_e2e.table(rows, "fp32")[3].startswith(f"| {train_e2e.LF_BASELINE} | 30 | 1,000 | 800 | 2.00x |")
+    # without LLaMA-Factory the VL rows are measured against lf's kernels-off row
+    alone = [row("vl", name, "lf", speed) for name, speed in (("lf, kernels on, LoRA, VL", 150.0),
+                                                              (train_e2e.VL.lf_baseline, 100.0))]
+    assert "vs lf, kernels off, LoRA, VL" in train_e2e.table(alone, "fp32", compact=True, group="vl")[0]
+
+
+def test_the_vl_bench_model_is_a_llava_that_its_processor_and_lf_read(tmp_path, monkeypatch):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bench import e2e_model
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mllm_demo.json"
+    if not data.is_file():
+        pytest.skip(f"LLaMA-Factory's mllm_demo is not at {data} (../shared/data beside the repository)")
+    monkeypatch.setenv("LF_HOME", str(tmp_path))
+    folder = e2e_model.ensure_vl_model(data)
+    assert folder == tmp_path / "bench" / e2e_model.VL_NAME and e2e_model.ensure_vl_model(data) == folder
+    processor = AutoProcessor.from_pretrained(folder)
+    ids = processor(text="<image>hi", images=[Image.new("RGB", (300, 200))])["input_ids"][0]
+    image_token = processor.tokenizer.convert_tokens_to_ids(e2e_model.IMAGE_TOKEN)
+    assert ids.count(image_token) == (e2e_model.IMAGE_SIZE // e2e_model.PATCH) ** 2  # 64 tokens an image
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert model.config.model_type == "llava" and model.config.image_token_id == image_token
+    assert model.config.text_config.vocab_size >= len(processor.tokenizer)
+
+
+def test_the_mrope_bench_case_times_hfs_section_split_against_lfs_rope():
+    import torch
+
+    from bench import ops
+    from lf.kernels import rope
+
+    case = ops.build("qwen2-vl-7b", "rope", "fp32", 64, "cpu")
+    q, k, cos, sin = case.args
+    assert cos.shape == (3, 1, 64, 128) and not torch.equal(cos[0], cos[1])  # the streams differ: selection matters
+    grads = torch.randn_like(q), torch.randn_like(k)
+    results = {}
+    for name, fn in case.impls.items():
+        q.grad = k.grad = None
+        out = fn(q, k, cos, sin)
+        torch.autograd.backward(out, grads)
+        results[name] = (*out, q.grad, k.grad)
+    for lf_value, hf_value in zip(results["lf"], results["eager"]):
+        torch.testing.assert_close(lf_value, hf_value, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(results["lf"][0], rope(q, k, cos[0], sin[0])[0])  # not the temporal stream alone
+    assert ops.MODELS["qwen2-vl-7b"].ops == ("rope",)

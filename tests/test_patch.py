@@ -372,12 +372,83 @@ def _vl_batch(family, dtype, image):
                          "image_grid_thw": torch.tensor([[1, 4, 4]] * 2), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
 
 
+VISION_PATCHED = {"qwen2_5_vl": {"Qwen2_5_VLRMSNorm", "Qwen2_5_VLMLP"}}  # the classes of lf's kinds in the tower
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen2_5_vl_vision_tower_runs_lfs_norms_and_mlps_as_hf(dtype, monkeypatch):
+    """Qwen2.5-VL's vision blocks are Llama-style (RMSNorm computed in fp32, gated SiLU MLP with biases): lf's
+    rms_norm and swiglu kernels patched there give the tower's own outputs and gradients (pixels and weights), and
+    the report counts them; swiglu=False leaves the MLPs to HF and says so."""
+    patch_module = importlib.import_module("lf.kernels.patch")
+    model = _vl_model("qwen2_5_vl", dtype).train()
+    reference = copy.deepcopy(model)
+    _, _, media = _vl_batch("qwen2_5_vl", dtype, image=True)
+    grad_out = torch.randn(8, 64, dtype=dtype)  # 2 images x 4 merged tokens, out_hidden_size 64
+
+    def run(net):
+        net.zero_grad()
+        pixels = media["pixel_values"].clone().requires_grad_()
+        out = net.model.visual(pixels, grid_thw=media["image_grid_thw"]).pooler_output
+        out.backward(grad_out)
+        grads = {n: p.grad.clone() for n, p in net.model.visual.named_parameters()}
+        return out, pixels.grad, grads
+
+    out_ref, pixels_ref, grads_ref = run(reference)
+    calls = []
+    for name in ("rms_norm", "swiglu"):
+        op = getattr(patch_module, name)
+        monkeypatch.setattr(patch_module, name, lambda *a, _op=op, _name=name, **k: calls.append(_name) or _op(*a, **k))
+    report = patch(model)
+    blocks = len(model.model.visual.blocks)
+    assert report.towers["vision tower"].startswith(f"model.visual: rms_norm ({2 * blocks + 1}), swiglu ({blocks}); "
+                                                    f"the rest keeps HF's modules: "), str(report)
+    out, pixels_grad, grads = run(model)
+    assert calls.count("swiglu") == blocks and calls.count("rms_norm") >= 2 * blocks + 1  # + the language model's
+    assert_close(out, out_ref, dtype, "vision output", 5.0)
+    assert_close(pixels_grad, pixels_ref, dtype, "grad pixel_values", 5.0)
+    assert grads.keys() == grads_ref.keys() and any(".mlp.gate_proj.bias" in n for n in grads)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], dtype, f"grad {name}", 5.0)
+    unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    report = patch(model, swiglu=False)
+    assert report.towers["vision tower"].startswith(f"model.visual: rms_norm ({2 * blocks + 1}); "), str(report)
+    assert not any("forward" in m.__dict__ for m in model.model.visual.modules() if type(m).__name__.endswith("MLP"))
+
+
+def test_qwen2_5_vl_apply_to_patches_the_vision_towers_classes_too():
+    """apply_to("qwen2_5_vl"): the vision blocks' MLP class runs lf's swiglu as well (their RMSNorm is the language
+    model's class), the loss and gradients stay HF's, and unpatch gives HF's classes back."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+
+    reference = _vl_model("qwen2_5_vl", torch.float32).train()
+    ids, labels, media = _vl_batch("qwen2_5_vl", torch.float32, image=True)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels, **media)
+    hf_mlp = hf.Qwen2_5_VLMLP.forward
+    report = apply_to("qwen2_5_vl")
+    try:
+        assert report.towers["vision tower"].startswith("model.visual: rms_norm (1), swiglu (1); "), str(report)
+        assert hf.Qwen2_5_VLMLP.forward is not hf_mlp
+        model = _vl_model("qwen2_5_vl", torch.float32).train()
+        model.load_state_dict(reference.state_dict())
+        out, grads = _loss_and_grads(model, ids, labels, **media)
+    finally:
+        unpatch("qwen2_5_vl")
+    assert hf.Qwen2_5_VLMLP.forward is hf_mlp
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    assert any(name.startswith("model.visual") for name in grads)
+    for name, g in grads.items():
+        assert_close(g, grads_ref[name], torch.float32, f"grad {name}", 5.0)
+
+
 @pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(VL_CONFIGS))
 def test_vision_language_patched_matches_unpatched(family, dtype, image, rope_calls):
     """The language model runs lf's kernels (with Qwen-VL's multimodal RoPE: 3-D positions the model computes from
-    the image's grid), the vision tower HF's modules; loss and every gradient, vision tower's included, match."""
+    the image's grid), the vision tower HF's modules but where a kernel fits exactly (Qwen2.5-VL's RMSNorms and
+    MLPs); loss and every gradient, vision tower's included, match."""
     model = _vl_model(family, dtype).train()
     reference = copy.deepcopy(model)
     ids, labels, media = _vl_batch(family, dtype, image)
@@ -388,7 +459,8 @@ def test_vision_language_patched_matches_unpatched(family, dtype, image, rope_ca
     assert f"patched as {text!r}" in report.towers["language model"], str(report)
     assert "keeps HF's modules" in report.towers["vision tower"], str(report)
     vision = model.model.visual if family.startswith("qwen") else model.model.vision_tower
-    assert not any("forward" in m.__dict__ for m in vision.modules())  # nothing of lf's in the vision tower
+    lf_modules = {type(m).__name__ for m in vision.modules() if "forward" in m.__dict__}
+    assert lf_modules == VISION_PATCHED.get(family, set())  # lf's kernels in the vision tower only where they fit
     assert vision.config._attn_implementation == "sdpa"  # lf's packed attention is the language model's only
     out, grads = _loss_and_grads(model, ids, labels, **media)
     assert len(rope_calls) == SIZES["num_hidden_layers"]

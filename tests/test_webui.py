@@ -231,7 +231,7 @@ def test_chat_streams_the_engines_reply_and_webchat_serves_it(tmp_path, monkeypa
     from lf.serve import Engine, webchat
 
     with pytest.raises(gr.Error, match="No model is loaded"):
-        next(webui.Chat().respond([], "hi", "", 4, 0.0, 1.0))
+        next(webui.Chat().respond(webui.Conversation(), "hi", None, "", 4, 0.0, 1.0))
     assert webui.Chat().load(str(tmp_path / "none"), "", "qwen").startswith("**not loaded**")
     served = []
     monkeypatch.setattr(webui, "launch", lambda demo, access: served.append((demo, access)))
@@ -245,14 +245,15 @@ def test_chat_streams_the_engines_reply_and_webchat_serves_it(tmp_path, monkeypa
     assert "open: no login" in header(served[1][0])
 
     engine = Engine(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen"}, "webchat"))
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    shown = list(webui.Chat(engine).respond(history, "Who are you?", "", 6, 0.0, 1.0))
-    expected = engine.generate(history + [{"role": "user", "content": "Who are you?"}], max_new_tokens=6,
+    history = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"})
+    before = webui.Conversation(history, (), history)
+    shown = list(webui.Chat(engine).respond(before, "Who are you?", None, "", 6, 0.0, 1.0))
+    expected = engine.generate([*history, {"role": "user", "content": "Who are you?"}], max_new_tokens=6,
                                temperature=0.0)[0].text
-    chat, kept, box = shown[-1]
-    assert chat == kept == history + [{"role": "user", "content": "Who are you?"},
-                                      {"role": "assistant", "content": expected}]
-    assert box == "" and shown[0][1] == history  # the history grows once the reply is whole
+    chat, kept, box, upload = shown[-1]
+    assert chat == list(kept.shown) == list(kept.messages) == [*history, {"role": "user", "content": "Who are you?"},
+                                                               {"role": "assistant", "content": expected}]
+    assert box == "" and upload is None and shown[0][1] == before  # the history grows once the reply is whole
 
 
 def _free_port() -> int:

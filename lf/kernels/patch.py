@@ -28,8 +28,9 @@ nothing, :func:`unpatch` restores HF's code in that model and no other (the one 
 the attention name "lf_packed" with transformers, changes no model that does not pick it). :func:`apply_to`
 (asked for by name, for users who build models themselves) replaces a family's class forwards for the whole
 process until ``unpatch(model_type)``. A family lf does not know patches nothing but PEFT's layers, and says so.
-A vision-language model (:data:`VISION_LANGUAGE`) has its language model patched as its text family and its
-vision tower left to HF; the report says what each tower got.
+A vision-language model (:data:`VISION_LANGUAGE`) has its language model patched as its text family and in its
+vision tower the kinds that fit its modules exactly (Qwen2.5-VL's RMSNorms and gated SiLU MLPs), the rest left to
+HF; the report says what each tower got.
 
 Adding a kind: one entry in ``_PATCHERS`` (its functions use :func:`bind`, :meth:`Call.bind`, :func:`unbind`);
 :func:`register_kind` adds one for a ``with`` block.
@@ -99,12 +100,15 @@ FAMILIES = types.MappingProxyType({
 @dataclass(frozen=True)
 class Towers:
     """A vision-language model: its language model (at ``language``) is patched as the family of
-    ``config.text_config.model_type`` and the LM head's loss as a causal LM's; the vision tower (at ``vision``)
-    keeps HF's modules, for the reason ``vision_kept`` gives."""
+    ``config.text_config.model_type`` and the LM head's loss as a causal LM's; in the vision tower (at ``vision``)
+    the ``vision_kinds`` that fit its modules exactly are patched as in ``vision_family`` (its config is the vision
+    config), and the rest keeps HF's modules, for the reason ``vision_kept`` gives."""
     language: str
     vision: str
     vision_kept: str
     text: str | None = None  # the language model's family when the model_type fixes it (what apply_to patches)
+    vision_family: Family | None = None
+    vision_kinds: tuple[str, ...] = ()
 
 
 # Multimodal RoPE needs nothing more here: transformers 5 picks each column's position stream once per forward in
@@ -113,9 +117,11 @@ _NO_VIT_KERNEL = "LayerNorms and (fc1, act, fc2) MLPs, which lf has no kernel fo
 _VISION_ROPE = "its 2-D RoPE calls apply_rotary_pos_emb_vision, which lf does not replace"
 VISION_LANGUAGE = types.MappingProxyType({
     "qwen2_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen2_vl_text"),
+    # its blocks are Llama-style: RMSNorms (computed in fp32, rounded before the weight) and gated MLPs with biases
     "qwen2_5_vl": Towers("model.language_model", "model.visual",
-                         f"its RMSNorms and gated SiLU MLPs (with biases) would take lf's kernels exactly but are not "
-                         f"patched yet; {_VISION_ROPE}", "qwen2_5_vl_text"),
+                         f"{_VISION_ROPE}; the patch merger's Linear-GELU-Linear MLP has no lf kernel",
+                         "qwen2_5_vl_text", Family("qwen2_5_vl", "Qwen2_5_VL", names={"MLP": "Qwen2_5_VLMLP"}),
+                         ("rms_norm", "swiglu")),
     "qwen3_vl": Towers("model.language_model", "model.visual", f"{_NO_VIT_KERNEL}; {_VISION_ROPE}", "qwen3_vl_text"),
     "llava": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
     "llava_next": Towers("model.language_model", "model.vision_tower", f"CLIP's {_NO_VIT_KERNEL}"),
@@ -493,7 +499,7 @@ def _run(function: str, model_type, switches: Mapping[str, bool], step: str, bas
             scope = operator.attrgetter(towers.language)(base)
             report.towers["language model"] = (f"{towers.language} ({type(scope).__name__}) patched as {family!r}"
                                                f"{'' if family in FAMILIES else ', a family lf does not patch'}")
-        report.towers["vision tower"] = f"{towers.vision} keeps HF's modules: {towers.vision_kept}"
+        report.towers["vision tower"] = _vision_tower(towers, on, step, base)
     call = Call(FAMILIES.get(family), on, report, base, scope)
     unknown = (f"model_type {family!r} is not a family lf patches (supported: {', '.join([*FAMILIES, *VISION_LANGUAGE])})"
                f"; the model runs unchanged")
@@ -512,6 +518,22 @@ def _run(function: str, model_type, switches: Mapping[str, bool], step: str, bas
             getattr(patcher, step)(call, kind)
     (log.info if call.family is not None else log.warning)("%s", report)
     return report
+
+
+def _vision_tower(towers: Towers, on: Mapping[str, bool], step: str, base: nn.Module | None) -> str:
+    """Patches the vision tower's kinds that are switched on (its modules in ``base``, or its classes); says what
+    it got."""
+    kinds = [kind for kind in towers.vision_kinds if on[kind]]
+    if not kinds:
+        return f"{towers.vision} keeps HF's modules: {towers.vision_kept}"
+    scope = None if base is None else operator.attrgetter(towers.vision)(base)
+    report = PatchReport(towers.vision)
+    call = Call(towers.vision_family, on, report, base, scope)
+    for kind in kinds:
+        getattr(PATCHERS[kind], step)(call, kind)
+    done = ", ".join(f"{kind} ({n})" for kind, n in report.patched.items()) or "nothing"
+    skipped = "".join(f"; not {kind}: {why}" for kind, why in report.skipped.items())
+    return f"{towers.vision}: {done}{skipped}; the rest keeps HF's modules: {towers.vision_kept}"
 
 
 def patch(model: nn.Module, **switches: bool) -> PatchReport:

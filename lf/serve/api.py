@@ -51,14 +51,22 @@ NUMBERS = {"API_PORT": (8000, 65535), "API_MAX_BODY_BYTES": (MAX_BODY_BYTES, Non
 
 def _numbers() -> dict[str, int]:
     """NUMBERS' values in this environment; ConfigError for one that is not a whole number in its range."""
-    values = {}
-    for name, (default, largest) in NUMBERS.items():
-        text = os.environ.get(name, str(default))
-        if not (text.isdigit() and int(text) >= 1 and (largest is None or int(text) <= largest)):
-            bound = f"from 1 to {largest}" if largest else "from 1"
-            raise ConfigError(f"{name}={text!r} is not a whole number {bound}: set it to one (default {default})")
-        values[name] = int(text)
-    return values
+    return {name: _number(name) for name in NUMBERS}
+
+
+def _number(name: str) -> int:
+    default, largest = NUMBERS[name]
+    text = os.environ.get(name, str(default))
+    if not (text.isdigit() and int(text) >= 1 and (largest is None or int(text) <= largest)):
+        bound = f"from 1 to {largest}" if largest else "from 1"
+        raise ConfigError(f"{name}={text!r} is not a whole number {bound}: set it to one (default {default})")
+    return int(text)
+
+
+def upload_limits() -> Limits:
+    """What images uploaded to `lf webui`/`lf webchat` may cost, per message: the API's image variables (no
+    file: URLs there: the browser sends the files)."""
+    return Limits(None, _number("API_MAX_IMAGE_BYTES"), _number("API_MAX_IMAGE_PIXELS"))
 
 
 def _media(numbers: dict[str, int]) -> Limits:

@@ -20,7 +20,8 @@ is bounded here:
 `conversation_content(parts)` turns a message's parts into its text, with the placeholder (LLaMA-Factory's:
 IMAGE, <video>, <audio>) where each part was, and the parts as (column, value) in order; `Images(limits).load(url)`
 decodes one image URL and `Images(limits).save(column, value, folder)` writes one video or clip, counting it toward
-the request's limits; `open_image(path)` opens a local file for `lf chat`, whose user reads with their own rights.
+the request's limits, and `.upload(path, name)` one image uploaded to `lf webui`/`lf webchat` (the
+same checks); `open_image(path)` opens a local file for `lf chat`, whose user reads with their own rights.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ IMAGE = PLACEHOLDERS[IMAGES]  # where an image stands in a message's text (LLaMA
 PARTS = {"image_url": IMAGES, "video_url": "videos", "input_audio": "audios"}  # OpenAI part type -> media column
 AUDIO_FORMATS = ("wav", "mp3")  # OpenAI's input_audio formats
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+EXTENSIONS = tuple(ext for ext, kind in Image.registered_extensions().items() if kind in FORMATS)  # for pickers
 MAX_BYTES = 16 * 2**20  # a request's images together, encoded: a few phone photos
 MAX_PIXELS = 2**24  # a request's images together, decoded (4096 x 4096; 48 MiB as RGB): the queue holds them too
 
@@ -155,14 +157,25 @@ class Images:
         if real is None or os.path.commonpath([root, real]) != root:  # symlinks and .. followed: where bytes are
             raise MediaError(f"{what}: {_short(url)!r} is not in the server's media folder (API_MEDIA_ROOT; "
                              f"symlinks and .. followed): name a file in it, or send a data: URL")
+        return self._read(real, what, _short(url))
+
+    def upload(self, path: str, name: str) -> Image.Image:
+        """An image uploaded to the server (the file its web framework stored at `path`; `name`, the user's name for
+        it, says which in refusals), counted and decoded as `load` does."""
+        self.count += 1
+        what = f"image {self.count} ({name})"
+        return self._decode(self._read(path, what, name), what)
+
+    def _read(self, path: str, what: str, shown: str) -> bytes:
+        """The bytes of the regular file at `path`, its size spent before they are read."""
         try:  # O_NOFOLLOW: no symlink swapped in since; O_NONBLOCK: opening a FIFO would wait for a writer
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
-            raise MediaError(f"{what}: cannot read {_short(url)!r} ({exc.strerror}): check the path") from None
+            raise MediaError(f"{what}: cannot read {shown!r} ({exc.strerror}): check the path") from None
         try:
             size = os.fstat(fd)
             if not stat.S_ISREG(size.st_mode):
-                raise MediaError(f"{what}: {_short(url)!r} is not a regular file: name a media file")
+                raise MediaError(f"{what}: {shown!r} is not a regular file: name a media file")
             self._spend(size.st_size, what)
             with os.fdopen(fd, "rb", closefd=False) as file:
                 return file.read(size.st_size)

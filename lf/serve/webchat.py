@@ -16,12 +16,15 @@ Chats in the browser with the model that cfg.yaml names (model_name_or_path, ada
 adapter, template, and the generation keys: temperature, top_p, max_new_tokens, ...); key=value overrides the
 file. The page is served at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME /
 GRADIO_SERVER_PORT). --auth USER:PASSWORD (repeatable) or --auth-file PATH (USER:PASSWORD lines) puts it behind
-a login; without one it is open to whoever reaches HOST."""
+a login; without one it is open to whoever reaches HOST. Images uploaded with a message go to a model that takes
+them (a text model refuses them), checked as `lf api` checks images; API_MAX_IMAGE_BYTES and API_MAX_IMAGE_PIXELS
+bound one message's uploads (default 16 MiB and 4096 x 4096 pixels together)."""
 
 
 def command(argv: list[str]) -> int:
     """`lf webchat cfg.yaml [key=value ...] [options]` (lf.cli prints USAGE, sets up the log and reports user
     errors); the options are taken out, the rest is the config's."""
+    from lf.serve.api import upload_limits
     from lf.serve.webaccess import Access, add_server_args
     from lf.serve.webui import chat_app, launch
 
@@ -29,5 +32,6 @@ def command(argv: list[str]) -> int:
     add_server_args(parser)
     args, config = parser.parse_known_args(argv)
     access = Access.from_args(args)
-    launch(chat_app(Engine(parse_infer_args(config, "webchat")), login=access.login), access)
+    limits = upload_limits()  # a wrong variable is refused before the model loads
+    launch(chat_app(Engine(parse_infer_args(config, "webchat")), login=access.login, limits=limits), access)
     return 0

@@ -5,7 +5,9 @@
   process (its own process group, so Stop ends it, DeepSpeed/torchrun children included, and the page stays
   responsive). While it runs, the page shows the child's output (the live log) and the loss curve read from
   output_dir/trainer_log.jsonl; a run that finishes fills the Chat and Export tabs with its model or adapter.
-- Chat: loads a model (and adapter) into an lf.serve.Engine and streams its replies.
+- Chat: loads a model (and adapter) into an lf.serve.Engine and streams its replies; images uploaded with a message
+  go to a model that takes them, checked as `lf api` checks its images (lf.serve.media; API_MAX_IMAGE_BYTES and
+  API_MAX_IMAGE_PIXELS bound one message's uploads), and a text model refuses them in one line.
 - Export: lf.export.export, as `lf export` runs it.
 
 `lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
@@ -46,7 +49,9 @@ from lf.data import TEMPLATES
 from lf.data.conversation import ASSISTANT, USER
 from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
 from lf.export import export
+from lf.serve.api import upload_limits
 from lf.serve.engine import Engine
+from lf.serve.media import EXTENSIONS, IMAGE, Images, Limits, MediaError
 from lf.serve.webaccess import Access, Root, add_server_args
 from lf.train.callbacks import LOG_FILE
 from lf.train.plot import smooth
@@ -56,9 +61,10 @@ USAGE = """usage: lf webui [--host HOST] [--port PORT] [--auth USER:PASSWORD | -
 
 Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
 Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
-log and loss curve; a Chat tab to talk with a model or a trained adapter; an Export tab that merges an adapter
-into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data, output_dir:
-saves/...) are relative to, e.g. lf's source tree for the quickstart.
+log and loss curve; a Chat tab to talk with a model or a trained adapter (images uploaded with a message go to a
+model that takes them, within API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that merges
+an adapter into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data,
+output_dir: saves/...) are relative to, e.g. lf's source tree for the quickstart.
 
   --auth USER:PASSWORD  a login for the page and its HTTP endpoints (repeat it for more users); --auth-file PATH
                         reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST.
@@ -340,11 +346,22 @@ def model_config(model: str, adapter: str, template: str) -> dict:
     return config
 
 
-class Chat:
-    """The server's chat model: an Engine, loaded from the Chat tab (lf webui) or given (lf webchat)."""
+@dataclass(frozen=True)
+class Conversation:
+    """A chat so far: the messages the engine reads (IMAGE where each image was), the images in order, and what the
+    page shows (each uploaded file as a picture before its message's text)."""
+    messages: tuple = ()
+    images: tuple = ()
+    shown: tuple = ()
 
-    def __init__(self, engine: Engine | None = None):
+
+class Chat:
+    """The server's chat model: an Engine, loaded from the Chat tab (lf webui) or given (lf webchat). `limits`:
+    what one message's uploaded images may cost (default: the API's variables, lf.serve.api.upload_limits)."""
+
+    def __init__(self, engine: Engine | None = None, limits: Limits | None = None):
         self.engine = engine
+        self.limits = limits or upload_limits()
 
     def load(self, model: str, adapter: str, template: str) -> str:
         self.engine = None  # the old model goes before the new one loads
@@ -358,46 +375,70 @@ class Chat:
         self.engine = None
         return "**no model loaded**"
 
-    def respond(self, history: list[dict], query: str, system: str, max_new_tokens: int, temperature: float,
-                top_p: float):
-        """Streams the reply to `query`: yields (chat shown, history, message box) as the reply grows."""
+    def uploaded(self, files: list[str]) -> list:
+        """The images of a message's uploaded files, decoded with the API's checks (lf.serve.media: formats, bytes
+        and pixels of the message's images together, bombs refused from their header); a model that takes no
+        images refuses them before any is read."""
+        if files and self.engine.image_refusal:
+            raise gr.Error(self.engine.image_refusal)
+        decoder = Images(self.limits)
+        try:
+            return [decoder.upload(path, Path(path).name) for path in files]
+        except MediaError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def respond(self, conversation: Conversation, query: str, files: list[str] | None, system: str,
+                max_new_tokens: int, temperature: float, top_p: float):
+        """Streams the reply to `query` and the images of `files` (uploaded paths): yields (chat shown,
+        conversation, message box, upload box) as the reply grows. What cannot be answered (an image for a text
+        model, an upload over the limits, a prompt past the context) is refused before the boxes are emptied."""
         if self.engine is None:
             raise gr.Error("No model is loaded: load one above first (model_name_or_path, and "
                            "adapter_name_or_path for an adapter a run trained)")
-        if not query.strip():
-            yield history, history, query
+        files = files or []
+        if not query.strip() and not files:
+            yield list(conversation.shown), conversation, query, files
             return
-        messages = history + [{"role": USER, "content": query}]
-        text = ""
-        yield messages + [{"role": ASSISTANT, "content": text}], history, ""
+        images = self.uploaded(files)
+        # placeholders before the text, as `lf chat` (and LLaMA-Factory's chat) puts images a message does not place
+        messages = [*conversation.messages, {"role": USER, "content": IMAGE * len(images) + query}]
+        shown = [*conversation.shown, *({"role": USER, "content": {"path": path}} for path in files),
+                 *([{"role": USER, "content": query}] if query else [])]
         try:
-            for piece in self.engine.stream(messages, system.strip() or None, max_new_tokens=int(max_new_tokens),
-                                            temperature=temperature, top_p=top_p):
+            generation = self.engine.stream(messages, system.strip() or None, images=[*conversation.images, *images],
+                                            max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p)
+            text = ""
+            yield [*shown, {"role": ASSISTANT, "content": text}], conversation, "", None
+            for piece in generation:
                 text += piece
-                yield messages + [{"role": ASSISTANT, "content": text}], history, ""
+                yield [*shown, {"role": ASSISTANT, "content": text}], conversation, "", None
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
-        done = messages + [{"role": ASSISTANT, "content": text}]
-        yield done, done, ""
+        reply = {"role": ASSISTANT, "content": text}
+        done = Conversation((*messages, reply), (*conversation.images, *images), (*shown, reply))
+        yield list(done.shown), done, "", None
 
 
 def chat_panel(chat: Chat, generating: GeneratingArguments) -> None:
-    """The conversation, its message box and the generation settings (defaults: `generating`)."""
-    history = gr.State([])
+    """The conversation, its message box, its image upload and the generation settings (defaults: `generating`)."""
+    conversation = gr.State(Conversation())
     chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=420)
     with gr.Row():
         query = gr.Textbox(label="message", placeholder="Type a message and press Enter", scale=5)
         send = gr.Button("Send", variant="primary", scale=1)
         clear = gr.Button("Clear", scale=1)
+    files = gr.File(label="images for the next message (for a model that takes images)", file_count="multiple",
+                    file_types=list(EXTENSIONS), type="filepath", elem_id="chat_images", height=90)
     with gr.Accordion("generation settings", open=False):
         system = gr.Textbox(label="system prompt (empty: the template's)")
         with gr.Row():
             max_new_tokens = gr.Slider(1, 4096, value=generating.max_new_tokens, step=1, label="max_new_tokens")
             temperature = gr.Slider(0, 2, value=generating.temperature, step=0.01, label="temperature (0: greedy)")
             top_p = gr.Slider(0.01, 1, value=generating.top_p, step=0.01, label="top_p")
-    gr.on([send.click, query.submit], chat.respond, [history, query, system, max_new_tokens, temperature, top_p],
-          [chatbot, history, query])
-    clear.click(lambda: ([], []), None, [chatbot, history])
+    gr.on([send.click, query.submit], chat.respond,
+          [conversation, query, files, system, max_new_tokens, temperature, top_p],
+          [chatbot, conversation, query, files], api_name="chat")
+    clear.click(lambda: ([], Conversation()), None, [chatbot, conversation])
 
 
 def run_export(root: Root, model: str, adapter: str, template: str, export_dir: str, export_size: float,
@@ -583,24 +624,32 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
     return demo
 
 
-def chat_app(engine: Engine, login: bool = False) -> gr.Blocks:
-    """The `lf webchat` page: the chat panel over a loaded model."""
+def chat_app(engine: Engine, login: bool = False, limits: Limits | None = None) -> gr.Blocks:
+    """The `lf webchat` page: the chat panel over a loaded model (`limits`: as Chat's)."""
+    chat = Chat(engine, limits)
     with gr.Blocks(title=f"lf webchat: {engine.name}", analytics_enabled=False) as demo:
         gr.Markdown(_header(demo.title, login), elem_id="header")
-        chat_panel(Chat(engine), engine.generating)
+        chat_panel(chat, engine.generating)
+    demo.chat = chat
     return demo
 
 
 def launch(demo: gr.Blocks, access: Access) -> None:
     """Serves the page as `access` says (host, port, login), announces it, and returns when the server ends."""
+    serve(demo, access)
+    access.announce(demo.title, demo.local_url)
+    demo.block_thread()  # until Ctrl-C (or a signal that _closed_at_exit turns into one)
+
+
+def serve(demo: gr.Blocks, access: Access) -> None:
+    """Starts serving the page in the background; an upload larger than a message's images may be is refused as
+    it arrives (Gradio's max_file_size)."""
     try:
         demo.queue().launch(server_name=access.host, server_port=access.port, auth=list(access.users) or None,
-                            prevent_thread_lock=True)
+                            prevent_thread_lock=True, max_file_size=demo.chat.limits.max_bytes)
     except OSError as exc:
         raise ConfigError(f"cannot serve the page at {access.host}:{access.port or 7860} ({exc}): pick a free port "
                           f"with --port or GRADIO_SERVER_PORT") from None
-    access.announce(demo.title, demo.local_url)
-    demo.block_thread()  # until Ctrl-C (or a signal that _closed_at_exit turns into one)
 
 
 @contextlib.contextmanager
