@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import torch
+
 from lf.data import images
 from lf.data.conversation import IMAGE_PLACEHOLDER
 from lf.errors import DataError, did_you_mean
@@ -48,6 +50,30 @@ def _llava_tokens(image_processor, processor_config: dict, height: int, width: i
     return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
 
 
+def _mrope_positions(image_processor, is_media, grids) -> torch.Tensor:
+    """Qwen2-VL's 3-D M-RoPE positions (temporal, height, width) of one example alone, as its model's get_rope_index
+    gives them: text tokens count on in all three; an image's tokens get their (t, h, w) cell in the merged patch
+    grid, offset by the position reached, which then moves on by the grid's larger side. `is_media`: (n,) bool,
+    the example's image tokens; `grids`: an iterator over its images' (t, h, w) patch grids, in order."""
+    merge, n = image_processor.merge_size, len(is_media)
+    pieces, position, i = [], 0, 0
+    while i < n:
+        if is_media[i]:
+            t, h, w = (int(v) for v in next(grids))
+            h, w = h // merge, w // merge
+            cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            pieces.append(cells.reshape(3, -1) + position)
+            position += max(h, w)
+            i += t * h * w
+        else:
+            media = is_media[i:].nonzero()
+            end = i + int(media[0]) if len(media) else n
+            pieces.append(torch.arange(position, position + end - i).expand(3, -1))
+            position += end - i
+            i = end
+    return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class MMPlugin:
     name: str
@@ -56,6 +82,9 @@ class MMPlugin:
     image_tokens: Callable[..., int]  # (image_processor, processor_config, height, width) -> the token count
     wrap: tuple[str, str] = ("", "")  # written before and after an image's tokens
     token_types: bool = False  # the forward takes mm_token_type_ids (1 at image tokens), as its processor returns
+    # (image_processor, is_media, grids) -> one example's (3, n) positions, for a family with 3-D M-RoPE positions
+    # (its model computes them over a whole row, so a neat-packed row gets each example's from lf)
+    rope_positions: Callable[..., torch.Tensor] | None = None
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
@@ -64,7 +93,7 @@ class MMPlugin:
 
 _ENTRIES = {plugin.name: plugin for plugin in (
     MMPlugin("qwen2_vl", ("qwen2_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
-             token_types=True, vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
+             token_types=True, rope_positions=_mrope_positions, vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
              language_model=("language_model", "lm_head")),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
@@ -152,6 +181,21 @@ class MMProcessor:
         if self.plugin.token_types:
             out["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         return out
+
+    def packed_positions(self, input_ids, position_ids, inputs: dict):
+        """The position_ids of a neat-packed batch (examples start where position_ids restart at 0), given its
+        image inputs (from `inputs`): as they are, or for a family with M-RoPE (4, B, L): these text positions
+        (from which attention finds the examples), then each example's 3-D positions as if it ran alone."""
+        if self.plugin.rope_positions is None:
+            return position_ids
+        grids = iter(inputs.get("image_grid_thw", ()))
+        rope = torch.empty(3, *position_ids.shape, dtype=position_ids.dtype)
+        for row, (ids, positions) in enumerate(zip(input_ids, position_ids)):
+            starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+            for start, end in zip(starts[:-1], starts[1:]):
+                rope[:, row, start:end] = self.plugin.rope_positions(
+                    self.image_processor, ids[start:end] == self.image_token_id, grids)
+        return torch.cat([position_ids[None], rope])
 
     def save_pretrained(self, output_dir: str) -> None:
         """The image processor (preprocessor_config.json) and the processor's own settings, beside the tokenizer

@@ -1,0 +1,126 @@
+"""Images beyond sft: dpo (every pref_loss), kto and rm on the tiny Qwen2-VL and LLaVA of test_multimodal, packing
+and neat packing with images (a packed batch equals its examples one by one), QLoRA, resume, workers and the
+tokenized cache with images."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_multimodal import llava, prepared, qwen2_vl, shared_data, train  # noqa: F401 (fixtures)
+
+from lf.data import collator, get_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+FAMILIES = ["qwen2_vl", "llava"]
+
+# (prompt, images, chosen, rejected): a few rows like LLaMA-Factory's dpo_zh_demo, with mllm_demo's images
+PAIRS = [
+    ("<image>What is in this picture?", ["1.jpg"], "A picture of a scene.", "I cannot say anything at all."),
+    ("<image><image>Which of the two is brighter?", ["2.jpg", "3.jpg"], "The first one.", "Neither, both are dark."),
+    ("<image>Describe it in a few words.", ["3.jpg"], "Some people outdoors.", "A bowl of soup on a table."),
+    ("Say hello.<image>", ["1.jpg"], "Hello!", "No."),
+]
+
+
+def preference_data(folder, kind: str) -> str:
+    """A dataset of PAIRS in `folder` ("pairs": sharegpt ranking data; "kto": each reply flagged desirable or not),
+    its images relative to media_dir (shared_data()/mllm_demo_data); returns its name."""
+    images = lambda names: [f"mllm_demo_data/{name}" for name in names]  # noqa: E731
+    if kind == "pairs":
+        rows = [{"conversations": [{"from": "human", "value": prompt}], "chosen": {"from": "gpt", "value": good},
+                 "rejected": {"from": "gpt", "value": bad}, "images": images(names)}
+                for prompt, names, good, bad in PAIRS]
+        info = {"ranking": True, "formatting": "sharegpt",
+                "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                            "images": "images"}}
+    else:
+        rows = [{"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+                 "label": flag, "images": images(names)}
+                for prompt, names, good, bad in PAIRS for reply, flag in ((good, True), (bad, False))]
+        info = {"formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "label", "images": "images"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant"}}
+    (folder / f"{kind}.json").write_text(json.dumps(rows))
+    info_path = folder / "dataset_info.json"
+    infos = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    infos[kind] = {"file_name": f"{kind}.json", **info}
+    info_path.write_text(json.dumps(infos))
+    return kind
+
+
+def run_losses(out) -> list[float]:
+    return [entry["loss"] for entry in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+            if "loss" in entry]
+
+
+# -- dpo, kto, rm --------------------------------------------------------------------------------------------------
+
+# every pref_loss on Qwen2-VL; LLaVA the losses of other shapes (hinge and ipo read what sigmoid reads)
+STAGES = [("qwen2_vl", "dpo", {"pref_loss": kind}) for kind in ("sigmoid", "hinge", "ipo", "orpo", "simpo")] + [
+    ("llava", "dpo", {"pref_loss": kind}) for kind in ("sigmoid", "orpo", "simpo")] + [
+    (family, stage, {}) for family in FAMILIES for stage in ("kto", "rm")]
+
+
+@pytest.mark.parametrize("family, stage, keys", STAGES,
+                         ids=[f"{family}-{keys.get('pref_loss', stage)}" for family, stage, keys in STAGES])
+def test_one_step_of_each_preference_stage_trains_on_images(request, tmp_path, family, stage, keys):
+    model = request.getfixturevalue(family)
+    data = preference_data(tmp_path, "kto" if stage == "kto" else "pairs")
+    out = train(tmp_path, model, family, stage=stage, dataset=data, dataset_dir=str(tmp_path),
+                media_dir=str(shared_data()), per_device_train_batch_size=4, **keys)
+    losses = run_losses(out)
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    start = {"sigmoid": math.log(2), "kto": 0.5}.get(keys.get("pref_loss", stage))
+    if start is not None:  # LoRA starts as the identity: policy = reference, every margin 0
+        assert losses[0] == pytest.approx(start, abs=1e-4)
+    assert (out / "preprocessor_config.json").is_file()
+
+
+def plain_logps(model, ids: list[int], labels: list[int], images: list, family: str) -> torch.Tensor:
+    """The summed log-probability of a row's labelled tokens from a plain forward of the model on the row alone,
+    its images through the family's image processor (loaded by transformers, not lf)."""
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(model.name_or_path, backend="pil")
+    ids_ = torch.tensor([ids])
+    inputs = dict(image_processor(images=images, return_tensors="pt"))
+    if family == "qwen2_vl":
+        inputs["mm_token_type_ids"] = (ids_ == model.config.image_token_id).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids_, **inputs).logits[0, :-1].float()
+    targets = torch.tensor(labels[1:])
+    picked = logits.log_softmax(-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    return picked[targets != -100].sum()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request, tmp_path, family):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from lf.model.logps import reply_logps
+    from lf.train.preference import media, pairs
+
+    model_path = request.getfixturevalue(family)
+    model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+    for kind, stage in (("pairs", "dpo"), ("kto", "kto")):
+        p = prepared(model_path, family, dataset=preference_data(tmp_path, kind), dataset_dir=str(tmp_path),
+                     media_dir=str(shared_data()))
+        rows = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage=stage,
+                           media=p.media).train_dataset
+        assert len(rows) == len(PAIRS) * (1 if kind == "pairs" else 2)
+        batch = collator(p.tokenizer, media=p.media)([rows[i] for i in range(len(rows))])
+        if kind == "pairs":
+            forwards = {"": (*pairs(batch, p.tokenizer.pad_token_id), media(batch), ("chosen_", "rejected_"))}
+        else:
+            forwards = {prefix: (batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+                                 batch[f"{prefix}labels"], media(batch, prefix), (prefix,)) for prefix in ("", "kl_")}
+        for ids, mask, labels, inputs, sides in forwards.values():
+            assert inputs and "pixel_values" in inputs
+            with torch.no_grad():
+                lf_sums = reply_logps(model, ids, mask, labels, fused=True, media=inputs)
+            expected = [plain_logps(model, rows[i][f"{side}input_ids"], rows[i][f"{side}labels"],
+                                    [Image.open(ref["path"]).convert("RGB") for ref in rows[i]["images"]], family)
+                        for side in sides for i in range(len(rows))]
+            torch.testing.assert_close(lf_sums, torch.stack(expected), rtol=1e-4, atol=1e-4)
