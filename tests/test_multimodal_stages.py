@@ -124,3 +124,76 @@ def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request,
                                     [Image.open(ref["path"]).convert("RGB") for ref in rows[i]["images"]], family)
                         for side in sides for i in range(len(rows))]
             torch.testing.assert_close(lf_sums, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+# -- packing -------------------------------------------------------------------------------------------------------
+
+
+def sft_rows(model_path, family, **data):
+    p = prepared(model_path, family, cutoff_len=512, **data)
+    return p, get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft",
+                          media=p.media).train_dataset
+
+
+def segments_of(row) -> list[tuple[int, int]]:
+    starts = [i for i, position in enumerate(row["position_ids"]) if position == 0] + [len(row["input_ids"])]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kernels", [False, True])
+def test_a_neat_packed_batch_with_images_equals_its_examples_one_by_one(request, family, kernels, monkeypatch):
+    """Qwen2-VL's packed rows get each example's 3-D M-RoPE positions (and the text positions attention finds the
+    examples by); with lf's kernels (packed attention by segments, M-RoPE) or HF's SDPA mask path."""
+    from test_packing import RTOL, _loss_sum
+    from transformers import AutoModelForImageTextToText
+
+    from lf.kernels import packed_attention, unpatch
+    from lf.kernels import patch as patch_model
+
+    model_path = request.getfixturevalue(family)
+    p, examples = sft_rows(model_path, family)
+    _, packed = sft_rows(model_path, family, packing=True, neat_packing=True)
+    assert len(packed) < len(examples) and sum(len(row["images"]) for row in packed) == sum(
+        len(row["images"]) for row in examples)
+    by_ids = {tuple(row["input_ids"]): row["images"] for row in examples}
+    for row in packed:  # each example's images, in the row's order
+        pieces = [tuple(row["input_ids"][s:e]) for s, e in segments_of(row)]
+        assert [ref for piece in pieces for ref in by_ids[piece]] == row["images"]
+    calls = []
+    real = packed_attention.packed_sdpa
+    monkeypatch.setattr(packed_attention, "packed_sdpa", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)  # segments pay: packed_sdpa runs
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    model.set_attn_implementation("sdpa")
+    if kernels:
+        patch_model(model, fused_linear_cross_entropy=False)  # logits are needed here
+    try:
+        collate = collator(p.tokenizer, media=p.media)
+        batch = collate([packed[i] for i in range(len(packed))])
+        if family == "qwen2_vl":  # text positions, then M-RoPE's three
+            assert batch["position_ids"].shape == (4, *batch["input_ids"].shape)
+        packed_loss, packed_grads = _loss_sum(model, batch)
+        loss, grads = torch.zeros(()), None
+        for i in range(len(examples)):
+            one_loss, one_grads = _loss_sum(model, collate([examples[i]]))
+            loss += one_loss
+            grads = one_grads if grads is None else {n: grads[n] + g for n, g in one_grads.items()}
+        torch.testing.assert_close(packed_loss, loss, rtol=RTOL, atol=1e-4)
+        for name, grad in grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        if kernels:  # lf's attention ran the packed rows by segments, in every layer of the language model
+            assert len(calls) == model.config.get_text_config().num_hidden_layers
+        else:
+            assert calls == []
+    finally:
+        unpatch(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("neat", [False, True])
+def test_packed_sft_with_images_trains_a_step(request, tmp_path, family, neat):
+    out = train(tmp_path, request.getfixturevalue(family), family, packing=True, neat_packing=neat, cutoff_len=512)
+    losses = run_losses(out)
+    assert len(losses) == 1 and math.isfinite(losses[0])

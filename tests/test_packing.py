@@ -241,7 +241,7 @@ def _loss_sum(model, batch):
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
