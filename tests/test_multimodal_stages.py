@@ -9,6 +9,8 @@ import pytest
 import torch
 from test_multimodal import llava, prepared, qwen2_vl, shared_data, train  # noqa: F401 (fixtures)
 
+from transformers import AutoModelForImageTextToText
+
 from lf.data import collator, get_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -75,20 +77,34 @@ def test_one_step_of_each_preference_stage_trains_on_images(request, tmp_path, f
     if start is not None:  # LoRA starts as the identity: policy = reference, every margin 0
         assert losses[0] == pytest.approx(start, abs=1e-4)
     assert (out / "preprocessor_config.json").is_file()
+    if stage == "rm":  # the value head trains fully and is saved beside the adapter
+        from safetensors.torch import load_file
+
+        assert any(".score." in key for key in load_file(out / "adapter_model.safetensors"))
 
 
-def plain_logps(model, ids: list[int], labels: list[int], images: list, family: str) -> torch.Tensor:
-    """The summed log-probability of a row's labelled tokens from a plain forward of the model on the row alone,
-    its images through the family's image processor (loaded by transformers, not lf)."""
+def plain_inputs(model, ids: list[int], images: list, family: str) -> dict:
+    """A row alone as the model's forward takes it, its images through the family's image processor (loaded by
+    transformers, not lf)."""
     from transformers import AutoImageProcessor
 
     image_processor = AutoImageProcessor.from_pretrained(model.name_or_path, backend="pil")
-    ids_ = torch.tensor([ids])
-    inputs = dict(image_processor(images=images, return_tensors="pt"))
+    inputs = {"input_ids": torch.tensor([ids]), **image_processor(images=images, return_tensors="pt")}
     if family == "qwen2_vl":
-        inputs["mm_token_type_ids"] = (ids_ == model.config.image_token_id).long()
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).long()
+    return inputs
+
+
+def row_images(row) -> list:
+    from PIL import Image
+
+    return [Image.open(ref["path"]).convert("RGB") for ref in row["images"]]
+
+
+def plain_logps(model, ids: list[int], labels: list[int], images: list, family: str) -> torch.Tensor:
+    """The summed log-probability of a row's labelled tokens from a plain forward of the model on the row alone."""
     with torch.no_grad():
-        logits = model(input_ids=ids_, **inputs).logits[0, :-1].float()
+        logits = model(**plain_inputs(model, ids, images, family)).logits[0, :-1].float()
     targets = torch.tensor(labels[1:])
     picked = logits.log_softmax(-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
     return picked[targets != -100].sum()
@@ -96,9 +112,6 @@ def plain_logps(model, ids: list[int], labels: list[int], images: list, family: 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request, tmp_path, family):
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText
-
     from lf.model.logps import reply_logps
     from lf.train.preference import media, pairs
 
@@ -121,9 +134,40 @@ def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request,
             with torch.no_grad():
                 lf_sums = reply_logps(model, ids, mask, labels, fused=True, media=inputs)
             expected = [plain_logps(model, rows[i][f"{side}input_ids"], rows[i][f"{side}labels"],
-                                    [Image.open(ref["path"]).convert("RGB") for ref in rows[i]["images"]], family)
+                                    row_images(rows[i]), family)
                         for side in sides for i in range(len(rows))]
             torch.testing.assert_close(lf_sums, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_scores_equal_the_value_head_on_each_row_alone(request, tmp_path, family):
+    """rm's value head on a VL model (transformers has no XForSequenceClassification for one): the family's model
+    with lf's checkpoint weights, scoring the pairs' concatenated rows as each row alone with its images."""
+    from lf.config import ModelArguments
+    from lf.config.finetuning import FinetuningArguments
+    from lf.model import load_model
+    from lf.train.preference import media, pairs
+
+    model_path = request.getfixturevalue(family)
+    p = prepared(model_path, family, dataset=preference_data(tmp_path, "pairs"), dataset_dir=str(tmp_path),
+                 media_dir=str(shared_data()))
+    rows = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="rm",
+                       media=p.media).train_dataset
+    model, _ = load_model(p.tokenizer, ModelArguments(model_name_or_path=str(model_path), infer_dtype="float32"),
+                          FinetuningArguments(stage="rm", finetuning_type="full"), is_trainable=False)
+    assert type(model).__name__.endswith("ForSequenceClassification") and model.score.out_features == 1
+    generating = AutoModelForImageTextToText.from_pretrained(model_path)
+    ours = dict(model.named_parameters())  # the checkpoint's weights (all but its lm_head), not random ones
+    theirs = {name: p for name, p in generating.named_parameters() if not name.startswith("lm_head")}
+    assert theirs.keys() <= ours.keys() and all(torch.equal(ours[name], p) for name, p in theirs.items())
+    model.config.get_text_config().pad_token_id = p.tokenizer.pad_token_id
+    batch = collator(p.tokenizer, media=p.media)([rows[i] for i in range(len(rows))])
+    ids, mask, _ = pairs(batch, p.tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = model(input_ids=ids, attention_mask=mask, **media(batch)).logits[:, 0]
+        alone = [model(**plain_inputs(model, rows[i][f"{side}input_ids"], row_images(rows[i]), family)).logits[0, 0]
+                 for side in ("chosen_", "rejected_") for i in range(len(rows))]
+    torch.testing.assert_close(scores, torch.stack(alone), rtol=1e-4, atol=1e-5)
 
 
 # -- packing -------------------------------------------------------------------------------------------------------
@@ -146,7 +190,6 @@ def test_a_neat_packed_batch_with_images_equals_its_examples_one_by_one(request,
     """Qwen2-VL's packed rows get each example's 3-D M-RoPE positions (and the text positions attention finds the
     examples by); with lf's kernels (packed attention by segments, M-RoPE) or HF's SDPA mask path."""
     from test_packing import RTOL, _loss_sum
-    from transformers import AutoModelForImageTextToText
 
     from lf.kernels import packed_attention, unpatch
     from lf.kernels import patch as patch_model

@@ -28,5 +28,6 @@ def run_rm(cfg, callbacks=()) -> dict:
     parts = prepare(cfg)
     trainer = make_trainer(RewardTrainer, cfg, parts)
     # the value head scores the last token that is not padding
-    parts.model.config.pad_token_id = trainer.data_collator.pad_token_id
+    config = parts.model.config  # (a VL model's head reads its text config's)
+    config.pad_token_id = config.get_text_config().pad_token_id = trainer.data_collator.pad_token_id
     return train_and_save(trainer, cfg, parts, callbacks)
