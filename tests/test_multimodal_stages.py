@@ -240,3 +240,32 @@ def test_packed_sft_with_images_trains_a_step(request, tmp_path, family, neat):
     out = train(tmp_path, request.getfixturevalue(family), family, packing=True, neat_packing=neat, cutoff_len=512)
     losses = run_losses(out)
     assert len(losses) == 1 and math.isfinite(losses[0])
+
+
+# -- QLoRA, resume, workers, the tokenized cache ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_quantizes_the_language_model_only_and_trains_a_step(request, tmp_path, family):
+    import bitsandbytes as bnb
+
+    from lf.config import ModelArguments
+    from lf.config.finetuning import FinetuningArguments
+    from lf.data.mm_plugins import in_part, plugin_for
+    from lf.model import load_model
+
+    model_path = request.getfixturevalue(family)
+    p = prepared(model_path, family)
+    model, _ = load_model(p.tokenizer, ModelArguments(model_name_or_path=str(model_path), quantization_bit=4),
+                          FinetuningArguments(finetuning_type="lora"), is_trainable=True)
+    plugin = plugin_for(model.config.model_type)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and ".lora_" not in name}
+    towers = {name for name in linears if in_part(name, plugin.vision_tower + plugin.projector)}
+    assert towers and all(type(linears[name]) is torch.nn.Linear and linears[name].weight.dtype.is_floating_point
+                          for name in towers)  # the vision tower and projector keep 16/32-bit weights
+    language = [module for name, module in linears.items() if in_part(name, ("language_model",))]
+    assert language and all(isinstance(getattr(m, "base_layer", m), bnb.nn.Linear4bit) for m in language)
+    out = train(tmp_path, model_path, family, quantization_bit=4)
+    losses = run_losses(out)
+    assert len(losses) == 1 and math.isfinite(losses[0]) and (out / "adapter_model.safetensors").is_file()
