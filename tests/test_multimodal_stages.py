@@ -269,3 +269,52 @@ def test_qlora_quantizes_the_language_model_only_and_trains_a_step(request, tmp_
     out = train(tmp_path, model_path, family, quantization_bit=4)
     losses = run_losses(out)
     assert len(losses) == 1 and math.isfinite(losses[0]) and (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_resumed_vl_run_continues_with_the_uninterrupted_losses(qwen2_vl, tmp_path):
+    import shutil
+
+    keys = dict(max_steps=4, save_steps=2, seed=3)
+    (tmp_path / "whole").mkdir()
+    whole = train(tmp_path / "whole", qwen2_vl, "qwen2_vl", **keys)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-2", resumed_dir / "out" / "checkpoint-2")
+    resumed = train(resumed_dir, qwen2_vl, "qwen2_vl", resume_from_checkpoint=True, **keys)
+    steps = [(entry["current_steps"], entry["loss"]) for entry in map(
+        json.loads, (resumed / "trainer_log.jsonl").read_text().splitlines()) if "loss" in entry]
+    assert [step for step, _ in steps] == [3, 4]
+    assert [loss for _, loss in steps] == pytest.approx(run_losses(whole)[2:], rel=1e-5)
+    assert (resumed / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_workers_give_the_rows_and_batches_of_one_process(request, family):
+    from torch.utils.data import DataLoader
+
+    model_path = request.getfixturevalue(family)
+    p, rows = sft_rows(model_path, family)
+    _, rows_2 = sft_rows(model_path, family, preprocessing_num_workers=2, overwrite_cache=True)
+    assert rows_2.to_list() == rows.to_list() and all(row["images"] for row in rows)
+    collate = collator(p.tokenizer, media=p.media)
+    one, two = ([batch for batch in DataLoader(rows, batch_size=2, collate_fn=collate, num_workers=workers)]
+                for workers in (0, 2))
+    assert len(one) == len(two) == -(-len(rows) // 2)
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and "pixel_values" in a
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_the_tokenized_cache_with_images_reloads_and_trains(qwen2_vl, tmp_path, monkeypatch):
+    from lf.data import pipeline
+
+    cache = tmp_path / "tokenized"
+    _, first = sft_rows(qwen2_vl, "qwen2_vl", tokenized_path=str(cache))
+    assert (cache / "lf_dataset.json").is_file()
+    monkeypatch.setattr(pipeline, "load_canonical", lambda *a, **k: pytest.fail("read the dataset again"))
+    p, again = sft_rows(qwen2_vl, "qwen2_vl", tokenized_path=str(cache))
+    assert again.to_list() == first.to_list()
+    batch = collator(p.tokenizer, media=p.media)([again[0], again[1]])
+    assert batch["image_grid_thw"].shape[0] == len(again[0]["images"]) + len(again[1]["images"])
+    out = train(tmp_path, qwen2_vl, "qwen2_vl", tokenized_path=str(cache), cutoff_len=512)
+    losses = run_losses(out)
+    assert len(losses) == 1 and math.isfinite(losses[0])
