@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from test_multimodal import llava, prepared, qwen2_vl, shared_data, train  # noqa: F401 (fixtures)
 
 from transformers import AutoModelForImageTextToText
@@ -96,8 +97,6 @@ def plain_inputs(model, ids: list[int], images: list, family: str) -> dict:
 
 
 def row_images(row) -> list:
-    from PIL import Image
-
     return [Image.open(ref["path"]).convert("RGB") for ref in row["images"]]
 
 
@@ -137,6 +136,21 @@ def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request,
                                     row_images(rows[i]), family)
                         for side in sides for i in range(len(rows))]
             torch.testing.assert_close(lf_sums, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_preference_rows_whose_images_cutoff_len_cuts_into_are_dropped(qwen2_vl, tmp_path, caplog, stage):
+    p = prepared(qwen2_vl, "qwen2_vl", dataset=preference_data(tmp_path, "kto" if stage == "kto" else "pairs"),
+                 dataset_dir=str(tmp_path), media_dir=str(shared_data()), cutoff_len=120)
+    with caplog.at_level("WARNING", logger="lf"):
+        rows = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage=stage,
+                           media=p.media).train_dataset
+    whole = (len(PAIRS) if stage == "dpo" else 2 * len(PAIRS)) - len(rows)
+    assert whole > 0 and f"dropped {whole} of" in caplog.text and "raise cutoff_len" in caplog.text
+    prefixes = ("chosen_", "rejected_") if stage == "dpo" else ("", "kl_")
+    for row in rows:  # what is kept holds every token of its images
+        tokens = sum(p.media.tokens(Image.open(ref["path"]).size) for ref in row["images"])
+        assert all(row[f"{prefix}input_ids"].count(p.media.image_token_id) == tokens for prefix in prefixes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -237,7 +251,8 @@ def test_a_neat_packed_batch_with_images_equals_its_examples_one_by_one(request,
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("neat", [False, True])
 def test_packed_sft_with_images_trains_a_step(request, tmp_path, family, neat):
-    out = train(tmp_path, request.getfixturevalue(family), family, packing=True, neat_packing=neat, cutoff_len=512)
+    out = train(tmp_path, request.getfixturevalue(family), family, packing=True, neat_packing=neat, cutoff_len=512,
+                preprocessing_num_workers=2, dataloader_num_workers=2)
     losses = run_losses(out)
     assert len(losses) == 1 and math.isfinite(losses[0])
 

@@ -4,10 +4,11 @@
 An entry says how the family's own processor turns each "<image>" placeholder into the model's image tokens (the
 token, what wraps it, how many an image of a given size gets: always the processor's count, never a guess), and
 which parts of the model are its vision tower, its projector and its language model (module path parts), which
-the freeze keys and LoRA's `lora_target: all` read. `MMProcessor` applies an entry with the model's loaded image
-processor: it expands a conversation's placeholders while tokenizing (image sizes from the files' headers) and
-builds the forward's image inputs for a batch (pixel_values and what else the image processor returns, e.g.
-Qwen2-VL's image_grid_thw; the model computes its own M-RoPE positions from them).
+the freeze keys, LoRA's `lora_target: all` and QLoRA's unquantized modules read. `MMProcessor` applies an entry
+with the model's loaded image processor: it expands a conversation's placeholders while tokenizing (image sizes
+from the files' headers) and builds the forward's image inputs for a batch (pixel_values and what else the image
+processor returns, e.g. Qwen2-VL's image_grid_thw; the model computes its own M-RoPE positions from them, except
+in neat-packed rows, whose examples get theirs from the plugin's `rope_positions`).
 
 Adding a family: its entry below (and a template naming it in lf/data/templates.py); tests/test_multimodal.py
 builds a tiny model of each family and compares lf's rows with the family's processor.
@@ -93,8 +94,8 @@ class MMPlugin:
 
 _ENTRIES = {plugin.name: plugin for plugin in (
     MMPlugin("qwen2_vl", ("qwen2_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
-             token_types=True, rope_positions=_mrope_positions, vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
-             language_model=("language_model", "lm_head")),
+             token_types=True, rope_positions=_mrope_positions, vision_tower=("visual.patch_embed", "visual.blocks"),
+             projector=("visual.merger",), language_model=("language_model", "lm_head")),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
 )}

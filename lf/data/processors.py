@@ -193,14 +193,15 @@ def pairwise(batch, *, template, tokenizer, options: Options, media=None) -> dic
         prompt = chosen[i][0]
         longest = max(len(chosen[i][1]), len(rejected[i][1]))
         p, r = split_budget(len(prompt), longest, options.cutoff_len)
-        made = {side: prompt[:p] + reply[:r] for side, (_, reply) in (("chosen", chosen[i]), ("rejected", rejected[i]))}
-        if not all(_whole(ids, counts[i], media) for ids in made.values()):
+        prompt_labels = prompt[:p] if options.train_on_prompt else [IGNORE_INDEX] * p
+        made = {side: (prompt[:p] + reply[:r], prompt_labels + reply[:r])
+                for side, (_, reply) in (("chosen", chosen[i]), ("rejected", rejected[i]))}
+        if not all(_whole(ids, counts[i], media) for ids, _ in made.values()):
             cut_images += 1
             continue
-        prompt_labels = prompt[:p] if options.train_on_prompt else [IGNORE_INDEX] * p
-        for side, (_, reply) in (("chosen", chosen[i]), ("rejected", rejected[i])):
-            out[f"{side}_input_ids"].append(made[side])
-            out[f"{side}_labels"].append(prompt_labels + reply[:r])
+        for side, (ids, labels) in made.items():
+            out[f"{side}_input_ids"].append(ids)
+            out[f"{side}_labels"].append(labels)
         if media is not None:
             out["images"].append(refs[i])
     _note_cut_images("pairwise", cut_images, len(rows), options)

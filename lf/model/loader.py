@@ -142,7 +142,8 @@ def _vision_value_head(config):
     head (`score`, read at each sequence's last token), as the family's PreTrainedModel: its checkpoints load into
     it (their lm_head is left out)."""
     from transformers import AutoModelForImageTextToText, PreTrainedModel
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
     from transformers.modeling_layers import GenericForSequenceClassification
 
     generating = AutoModelForImageTextToText._model_mapping[type(config)]
