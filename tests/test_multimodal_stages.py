@@ -110,12 +110,21 @@ def plain_logps(model, ids: list[int], labels: list[int], images: list, family: 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request, tmp_path, family):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request, tmp_path, family, kernels):
+    """lf's log-probabilities of the concatenated rows (with lf's kernels patched in, as training runs them, or
+    not) against an unpatched model's plain forward on each row alone."""
+    from lf.kernels import patch as patch_model
+    from lf.kernels import unpatch
     from lf.model.logps import reply_logps
     from lf.train.preference import media, pairs
 
     model_path = request.getfixturevalue(family)
     model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+    ours = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+    if kernels:
+        patch_model(ours)
+    request.addfinalizer(lambda: unpatch(ours))
     for kind, stage in (("pairs", "dpo"), ("kto", "kto")):
         p = prepared(model_path, family, dataset=preference_data(tmp_path, kind), dataset_dir=str(tmp_path),
                      media_dir=str(shared_data()))
@@ -131,7 +140,7 @@ def test_preference_log_probabilities_equal_a_plain_forward_on_each_row(request,
         for ids, mask, labels, inputs, sides in forwards.values():
             assert inputs and "pixel_values" in inputs
             with torch.no_grad():
-                lf_sums = reply_logps(model, ids, mask, labels, fused=True, media=inputs)
+                lf_sums = reply_logps(ours, ids, mask, labels, fused=True, media=inputs)
             expected = [plain_logps(model, rows[i][f"{side}input_ids"], rows[i][f"{side}labels"],
                                     row_images(rows[i]), family)
                         for side in sides for i in range(len(rows))]
