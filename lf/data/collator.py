@@ -36,7 +36,7 @@ class Collator:
     media: object = None  # an MMProcessor: turns the batch's `images` into pixel_values (and the like)
 
     def _length(self, rows) -> int:
-        longest = max(map(len, rows))
+        longest = max(len(row) for row in rows)
         m = self.pad_to_multiple_of
         return -(-longest // m) * m if m else longest
 
