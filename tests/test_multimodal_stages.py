@@ -78,10 +78,19 @@ def test_one_step_of_each_preference_stage_trains_on_images(request, tmp_path, f
     if start is not None:  # LoRA starts as the identity: policy = reference, every margin 0
         assert losses[0] == pytest.approx(start, abs=1e-4)
     assert (out / "preprocessor_config.json").is_file()
-    if stage == "rm":  # the value head trains fully and is saved beside the adapter
+    if stage == "rm":  # the value head trains fully, is saved beside the adapter and reloads through lf
         from safetensors.torch import load_file
 
-        assert any(".score." in key for key in load_file(out / "adapter_model.safetensors"))
+        from lf.config import ModelArguments
+        from lf.config.finetuning import FinetuningArguments
+        from lf.model import load_model
+
+        saved = [value for key, value in load_file(out / "adapter_model.safetensors").items() if ".score." in key]
+        assert len(saved) == 1
+        tuned, _ = load_model(prepared(model, family).tokenizer,
+                              ModelArguments(model_name_or_path=str(model), adapter_name_or_path=str(out)),
+                              FinetuningArguments(stage="rm"), is_trainable=False)
+        assert torch.equal(tuned.score.weight.to(saved[0].dtype), saved[0])
 
 
 def plain_inputs(model, ids: list[int], images: list, family: str) -> dict:
