@@ -29,7 +29,7 @@ from lf.data.collator import Collator
 from lf.data.converters import FEATURES
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
-from lf.data.registry import MEDIA_COLUMNS, DatasetAttr, dataset_attrs
+from lf.data.registry import IMAGES, MEDIA_COLUMNS, DatasetAttr, dataset_attrs
 from lf.data.templates import image_templates
 from lf.errors import DataError
 
