@@ -19,11 +19,12 @@ builds a tiny model of each family and compares lf's rows with the family's proc
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import torch
@@ -119,13 +120,18 @@ def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict) -> int:
     return grid_t * grid_h * grid_w // media.image_processor.merge_size ** 2
 
 
-def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
+def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool = False) -> dict:
+    """pixel_values_videos and video_grid_thw; with `spacing` (Qwen2.5-VL) also second_per_grid_ts: the seconds one
+    temporal patch spans (temporal_patch_size frames at the kept frame rate), by which its M-RoPE spaces frames."""
     from lf.data import video
 
     if not refs:
         return {}
-    return video.qwen2_vl_video_inputs([video.read_video(_path(ref, "video"), **media.video) for ref in refs],
-                                       media.image_processor)
+    videos = [video.read_video(_path(ref, "video"), **media.video) for ref in refs]
+    out = video.qwen2_vl_video_inputs(videos, media.image_processor)
+    if spacing:
+        out["second_per_grid_ts"] = torch.tensor([media.image_processor.temporal_patch_size / v.fps for v in videos])
+    return out
 
 
 def _qwen2_audio_tokens(media: "MMProcessor", ref: dict) -> int:
@@ -153,6 +159,8 @@ def _path(ref: dict, kind: str) -> str:
 
 QWEN2_VL_VIDEO = Modality("videos", "<|video_pad|>", _qwen2_vl_video_tokens, _qwen2_vl_video_inputs,
                           ("pixel_values_videos", "video_grid_thw"), ("<|vision_start|>", "<|vision_end|>"), 2)
+QWEN2_5_VL_VIDEO = replace(QWEN2_VL_VIDEO, inputs=functools.partial(_qwen2_vl_video_inputs, spacing=True),
+                           forward_inputs=(*QWEN2_VL_VIDEO.forward_inputs, "second_per_grid_ts"))
 QWEN2_AUDIO = Modality("audios", "<|AUDIO|>", _qwen2_audio_tokens, _qwen2_audio_inputs,
                        ("input_features", "feature_attention_mask"), ("<|audio_bos|>", "<|audio_eos|>"), 3)
 
@@ -218,11 +226,15 @@ class MMPlugin:
         return (*names, self.token_type_key) if self.token_types else tuple(names)
 
 
+# template qwen2_vl serves Qwen2-VL and Qwen2.5-VL models; lf.model.load_mm_processor reads a Qwen2.5-VL model's
+# media with the entry named after its type (its videos' inputs differ)
+_QWEN2_VL = MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
+                     ("<|vision_start|>", "<|vision_end|>"), token_types=True, rope_positions=_mrope_positions,
+                     vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
+                     language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,))
 _ENTRIES = {plugin.name: plugin for plugin in (
-    MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
-             ("<|vision_start|>", "<|vision_end|>"), token_types=True, rope_positions=_mrope_positions,
-             vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
-             language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,)),
+    _QWEN2_VL,
+    replace(_QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",), media=(QWEN2_5_VL_VIDEO,)),
     # Qwen3-VL's images read as Qwen2-VL's (its image processor is Qwen2-VL's, patch 16); its deepstack mergers feed
     # vision features into early language layers and, as LLaMA-Factory has it, count with the vision tower
     MMPlugin("qwen3_vl", ("qwen3_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
@@ -263,7 +275,7 @@ def get_plugin(name: str) -> MMPlugin:
 
 
 def plugin_for(model_type: str) -> MMPlugin | None:
-    """The plugin serving models of `model_type`, or None for a text-only model."""
+    """The plugin serving models of `model_type` (its template's), or None for a text-only model."""
     return next((plugin for plugin in PLUGINS.values() if model_type in plugin.model_types), None)
 
 
