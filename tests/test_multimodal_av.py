@@ -335,8 +335,8 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
         assert answer.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
         video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
         assert ask(base, video).json()["error"]["message"] == (
-            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl "
-            "models); this qwen2_audio model reads audios and text: send those")
+            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl/"
+            "qwen2_5_vl models); this qwen2_audio model reads audios and text: send those")
         wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})
         assert wrong.status_code == 400 and "input_audio.format" in wrong.json()["error"]["message"]
 
