@@ -503,12 +503,11 @@ def test_images_with_a_text_template(qwen2_vl, tmp_path):
         tokenize(qwen2_vl, "qwen", folder)
 
 
-def test_images_with_packing_or_another_stage_are_refused(qwen2_vl, tmp_path):
+def test_images_with_stage_pt_are_refused(qwen2_vl, tmp_path):
     folder = write_dataset(tmp_path, [chat("<image>hi", ["x.jpg"])])
-    with pytest.raises(DataError, match=r"^packing: true does not keep images with their examples yet"):
-        tokenize(qwen2_vl, "qwen2_vl", folder, packing=True)
     p = prepared(qwen2_vl, "qwen2_vl", dataset="d", dataset_dir=str(folder))
-    with pytest.raises(DataError, match=r"^stage pt does not read images yet"):
+    with pytest.raises(DataError, match=r"^stage pt does not read images \(d have them\): train them with one of "
+                                        r"the stages sft, rm, dpo, kto$"):
         get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="pt", media=p.media)
 
 

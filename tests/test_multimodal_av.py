@@ -30,9 +30,10 @@ from lf.serve.media import Limits
 from test_media_decode import STAND_IN_TORCHVISION
 from test_multimodal_use import engine_for, predictions
 from test_serve_api import live_server
-from test_multimodal import chat, prepared, qwen2_audio, qwen2_vl, shared_data, tokenize, train, write_dataset
+from test_multimodal import (chat, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, shared_data, tokenize, train,
+                             write_dataset)
 
-__all__ = ["qwen2_audio", "qwen2_vl"]  # the fixtures, used here too
+__all__ = ["qwen2_5_vl", "qwen2_audio", "qwen2_vl"]  # the fixtures, used here too
 pytestmark = pytest.mark.filterwarnings("ignore")
 TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
 
@@ -127,11 +128,41 @@ def test_qwen2_audio_rows_equal_qwen2_audio_processor(qwen2_audio):
     assert "mm_token_type_ids" not in batch  # Qwen2-Audio's processor gives none
 
 
+def test_qwen2_5_vl_videos_carry_the_seconds_per_temporal_patch(qwen2_vl, qwen2_5_vl):
+    """Qwen2.5-VL's videos are Qwen2-VL's plus second_per_grid_ts, which its processor computes as
+    temporal_patch_size / the sampled frame rate (transformers' VideoMetadata.sampled_fps of the kept frames)."""
+    import av
+    from transformers.video_utils import VideoMetadata
+
+    from lf.data.video import sample_indices
+
+    batches = {}
+    for name, model in (("qwen2_vl", qwen2_vl), ("qwen2_5_vl", qwen2_5_vl)):
+        p = prepared(model, "qwen2_vl", dataset="mllm_video_demo", max_samples=2)
+        assert p.media.plugin.name == name  # the template's family, read as the model's own entry
+        data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
+        batches[name] = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(2)])
+    ours, theirs = batches["qwen2_5_vl"], batches["qwen2_vl"]
+    assert "second_per_grid_ts" not in theirs
+    for key in ("input_ids", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids"):
+        assert torch.equal(ours[key], theirs[key]), key
+    expected = []
+    for row in demo("mllm_video_demo")[:2]:
+        with av.open(str(shared_data() / row["videos"][0])) as container:
+            stream = container.streams.video[0]
+            kept = sample_indices(stream.frames, float(stream.duration * stream.time_base), 2.0, 128)
+            metadata = VideoMetadata(total_num_frames=stream.frames, fps=float(stream.average_rate),
+                                     frames_indices=kept.tolist())
+        expected.append(2 / metadata.sampled_fps)  # the tiny model's temporal_patch_size: 2
+    assert ours["second_per_grid_ts"].tolist() == pytest.approx(expected, rel=1e-6)
+
+
 # -- training through lf train ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family, template, dataset", [
-    ("qwen2_vl", "qwen2_vl", "mllm_video_demo"), ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
+    ("qwen2_vl", "qwen2_vl", "mllm_video_demo"), ("qwen2_5_vl", "qwen2_vl", "mllm_video_demo"),
+    ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
 def test_lf_train_on_the_video_and_audio_demos(request, tmp_path, family, template, dataset):
     model = request.getfixturevalue(family)
     # one batch of the same two examples, five times: the loss must fall
@@ -304,8 +335,8 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
         assert answer.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
         video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
         assert ask(base, video).json()["error"]["message"] == (
-            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl "
-            "models); this qwen2_audio model reads audios and text: send those")
+            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl/"
+            "qwen2_5_vl models); this qwen2_audio model reads audios and text: send those")
         wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})
         assert wrong.status_code == 400 and "input_audio.format" in wrong.json()["error"]["message"]
 

@@ -93,7 +93,9 @@ def test_collator_pads_right_and_continues_positions():
     assert plain["input_ids"].tolist() == [[5, 6], [7, 1]]
     pairs = Collator(0, None)([{"chosen_input_ids": [1, 2], "chosen_labels": [1, 2], "rejected_input_ids": [3],
                                 "rejected_labels": [3], "kto_tags": True}])
-    assert pairs["rejected_attention_mask"].tolist() == [[1]] and pairs["kto_tags"].tolist() == [True]
+    # chosen and rejected rows run as one forward: padded to one length
+    assert pairs["rejected_attention_mask"].tolist() == [[1, 0]] and pairs["rejected_input_ids"].tolist() == [[3, 0]]
+    assert pairs["kto_tags"].tolist() == [True]
 
 
 def test_segments_read_restarts_and_ignore_left_padding():
@@ -239,7 +241,7 @@ def _loss_sum(model, batch):
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -5,12 +5,13 @@ An entry says how the family's own processor turns each "<image>" placeholder in
 token, what wraps it, how many an image of a given size gets: always the processor's count, never a guess), its
 other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's count from the file's header, the
 batch's forward inputs), the forward input names of each, and which parts of the model are its vision (or audio)
-tower, its projector and its language model (module path parts), which the freeze keys and LoRA's
-`lora_target: all` read. `MMProcessor` applies an entry with the model's loaded image processor (or feature
+tower, its projector and its language model (module path parts), which the freeze keys LoRA's
+`lora_target: all` and QLoRA's unquantized modules read. `MMProcessor` applies an entry with the model's loaded image processor (or feature
 extractor): it expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers)
 and builds the forward's media inputs for a batch, decoding them then (pixel_values and what else the image
 processor returns, e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
-input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids).
+input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids, except in neat-packed rows, whose
+examples get theirs from the plugin's `rope_positions`).
 
 Adding a family: its entry below (and a template naming it in lf/data/templates.py); tests/test_multimodal.py
 builds a tiny model of each family and compares lf's rows with the family's processor.
@@ -18,12 +19,15 @@ builds a tiny model of each family and compares lf's rows with the family's proc
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+
+import torch
 
 from lf.data import images
 from lf.data.conversation import PLACEHOLDERS
@@ -116,13 +120,18 @@ def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict) -> int:
     return grid_t * grid_h * grid_w // media.image_processor.merge_size ** 2
 
 
-def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
+def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool = False) -> dict:
+    """pixel_values_videos and video_grid_thw; with `spacing` (Qwen2.5-VL) also second_per_grid_ts: the seconds one
+    temporal patch spans (temporal_patch_size frames at the kept frame rate), by which its M-RoPE spaces frames."""
     from lf.data import video
 
     if not refs:
         return {}
-    return video.qwen2_vl_video_inputs([video.read_video(_path(ref, "video"), **media.video) for ref in refs],
-                                       media.image_processor)
+    videos = [video.read_video(_path(ref, "video"), **media.video) for ref in refs]
+    out = video.qwen2_vl_video_inputs(videos, media.image_processor)
+    if spacing:
+        out["second_per_grid_ts"] = torch.tensor([media.image_processor.temporal_patch_size / v.fps for v in videos])
+    return out
 
 
 def _qwen2_audio_tokens(media: "MMProcessor", ref: dict) -> int:
@@ -150,8 +159,34 @@ def _path(ref: dict, kind: str) -> str:
 
 QWEN2_VL_VIDEO = Modality("videos", "<|video_pad|>", _qwen2_vl_video_tokens, _qwen2_vl_video_inputs,
                           ("pixel_values_videos", "video_grid_thw"), ("<|vision_start|>", "<|vision_end|>"), 2)
+QWEN2_5_VL_VIDEO = replace(QWEN2_VL_VIDEO, inputs=functools.partial(_qwen2_vl_video_inputs, spacing=True),
+                           forward_inputs=(*QWEN2_VL_VIDEO.forward_inputs, "second_per_grid_ts"))
 QWEN2_AUDIO = Modality("audios", "<|AUDIO|>", _qwen2_audio_tokens, _qwen2_audio_inputs,
                        ("input_features", "feature_attention_mask"), ("<|audio_bos|>", "<|audio_eos|>"), 3)
+
+
+def _mrope_positions(image_processor, is_media, grids) -> torch.Tensor:
+    """Qwen2-VL's 3-D M-RoPE positions (temporal, height, width) of one example alone, as its model's get_rope_index
+    gives them: text tokens count on in all three; an image's tokens get their (t, h, w) cell in the merged patch
+    grid, offset by the position reached, which then moves on by the grid's larger side. `is_media`: (n,) bool,
+    the example's image tokens; `grids`: an iterator over its images' (t, h, w) patch grids, in order."""
+    merge, n = image_processor.merge_size, len(is_media)
+    pieces, position, i = [], 0, 0
+    while i < n:
+        if is_media[i]:
+            t, h, w = (int(v) for v in next(grids))
+            h, w = h // merge, w // merge
+            cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            pieces.append(cells.reshape(3, -1) + position)
+            position += max(h, w)
+            i += t * h * w
+        else:
+            media = is_media[i:].nonzero()
+            end = i + int(media[0]) if len(media) else n
+            pieces.append(torch.arange(position, position + end - i).expand(3, -1))
+            position += end - i
+            i = end
+    return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -168,6 +203,9 @@ class MMPlugin:
     token_type_key: str = "mm_token_type_ids"  # their name (Gemma 3: token_type_ids)
     unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
     settings: tuple[tuple[str, str], ...] = ()  # (data key, the image processor attribute it sets)
+    # (image_processor, is_media, grids) -> one example's (3, n) positions, for a family with 3-D M-RoPE positions
+    # (its model computes them over a whole row, so a neat-packed row gets each example's from lf)
+    rope_positions: Callable[..., torch.Tensor] | None = None
     # module path parts (matched at "." boundaries) of each part of the model
     vision_tower: tuple[str, ...] = ()
     projector: tuple[str, ...] = ()
@@ -188,11 +226,15 @@ class MMPlugin:
         return (*names, self.token_type_key) if self.token_types else tuple(names)
 
 
+# template qwen2_vl serves Qwen2-VL and Qwen2.5-VL models; lf.model.load_mm_processor reads a Qwen2.5-VL model's
+# media with the entry named after its type (its videos' inputs differ)
+_QWEN2_VL = MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
+                     ("<|vision_start|>", "<|vision_end|>"), token_types=True, rope_positions=_mrope_positions,
+                     vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
+                     language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,))
 _ENTRIES = {plugin.name: plugin for plugin in (
-    MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _qwen2_vl_tokens,
-             ("<|vision_start|>", "<|vision_end|>"), token_types=True,
-             vision_tower=("visual.patch_embed", "visual.blocks"), projector=("visual.merger",),
-             language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,)),
+    _QWEN2_VL,
+    replace(_QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",), media=(QWEN2_5_VL_VIDEO,)),
     # Qwen3-VL's images read as Qwen2-VL's (its image processor is Qwen2-VL's, patch 16); its deepstack mergers feed
     # vision features into early language layers and, as LLaMA-Factory has it, count with the vision tower
     MMPlugin("qwen3_vl", ("qwen3_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
@@ -233,7 +275,7 @@ def get_plugin(name: str) -> MMPlugin:
 
 
 def plugin_for(model_type: str) -> MMPlugin | None:
-    """The plugin serving models of `model_type`, or None for a text-only model."""
+    """The plugin serving models of `model_type` (its template's), or None for a text-only model."""
     return next((plugin for plugin in PLUGINS.values() if model_type in plugin.model_types), None)
 
 
@@ -361,6 +403,21 @@ class MMProcessor:
             for column, refs in row.items():
                 out.setdefault(column, []).extend(refs or ())
         return out
+
+    def packed_positions(self, input_ids, position_ids, inputs: dict):
+        """The position_ids of a neat-packed batch (examples start where position_ids restart at 0), given its
+        image inputs (from `inputs`): as they are, or for a family with M-RoPE (4, B, L): these text positions
+        (from which attention finds the examples), then each example's 3-D positions as if it ran alone."""
+        if self.plugin.rope_positions is None:
+            return position_ids
+        grids = iter(inputs.get("image_grid_thw", ()))
+        rope = torch.empty(3, *position_ids.shape, dtype=position_ids.dtype)
+        for row, (ids, positions) in enumerate(zip(input_ids, position_ids)):
+            starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+            for start, end in zip(starts[:-1], starts[1:]):
+                rope[:, row, start:end] = self.plugin.rope_positions(
+                    self.image_processor, ids[start:end] == self.image_token_id, grids)
+        return torch.cat([position_ids[None], rope])
 
     def save_pretrained(self, output_dir: str) -> None:
         """The image processor (preprocessor_config.json) or feature extractor and the processor's own settings,

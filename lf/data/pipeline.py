@@ -29,7 +29,7 @@ from lf.data.collator import Collator
 from lf.data.converters import FEATURES
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
-from lf.data.registry import MEDIA_COLUMNS, DatasetAttr, dataset_attrs
+from lf.data.registry import IMAGES, MEDIA_COLUMNS, DatasetAttr, dataset_attrs
 from lf.data.templates import image_templates
 from lf.errors import DataError
 
@@ -46,7 +46,7 @@ class DatasetModule:
 
 
 ROWS = "supervised"  # the kind of examples packing puts whole into rows (neat_packing keeps them apart there)
-WITH_IMAGES = (ROWS, "prompts")  # the kinds whose processors carry media: sft rows and do_predict's prompts
+WITH_IMAGES = (ROWS, "prompts", "pairs", "feedback")  # the kinds whose processors carry media (all but pt's texts)
 CONCATENATED = "text"  # the kind packing concatenates and cuts into blocks
 
 
@@ -139,11 +139,13 @@ def check_images(data_args, plan: Plan, template, media) -> None:
                             f"{', '.join(media.columns)}): templates that do: {takers}; use the template and model of "
                             f"such a family, or drop the column from the dataset's entry")
     if plan.data not in WITH_IMAGES:
-        raise DataError(f"stage {plan.stage} does not read {what} yet ({names} have them): lf trains on media "
-                        f"with stage: sft")
-    if plan.packing:
-        raise DataError(f"packing: true does not keep {what} with their examples yet ({names} have them): set "
-                        f"packing: false")
+        takes = ", ".join(s.name for s in stages.trained() if s.data in WITH_IMAGES)
+        raise DataError(f"stage {plan.stage} does not read {what} ({names} have them): train them with one of "
+                        f"the stages {takes}")
+    if plan.packing and (others := [c for c in columns if c != IMAGES]):
+        # packed rows carry images only so far (their M-RoPE positions are computed per example from image grids)
+        raise DataError(f"packing: true keeps images with their examples, not {'/'.join(others)} yet ({names} have "
+                        f"them): set packing: false")
 
 
 def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42, media=None) -> DatasetModule:
@@ -227,7 +229,7 @@ def _prepare(dataset, name: str, plan: Plan, data_args, tokenizer, template, med
     if not streaming:  # one process: workers would pack their shards apart (and packing is cheap). A stream's
         # map would drop the packed columns of the same names too.
         kwargs.update(desc=f"Packing {name} into rows of {data_args.cutoff_len}", num_proc=None,
-                      remove_columns=["input_ids", "labels"])
+                      remove_columns=tokenized.column_names)
     pack = functools.partial(packing_.pack, capacity=data_args.cutoff_len, neat=plan.neat)
     if not streaming:
         kwargs["new_fingerprint"] = fingerprint(tokenized, pack, PACKING_WINDOW)

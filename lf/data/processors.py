@@ -119,6 +119,12 @@ def _keep_media(out: dict, row_refs: dict) -> None:
         out[column].append(refs)
 
 
+def _whole(ids: list[int], count: int, media) -> bool:
+    """Whether `ids` hold all `count` media tokens of their example (the model needs every token of an item, or
+    none of the item); always true without `media`."""
+    return media is None or media.media_tokens(ids) == count
+
+
 def _note_cut_images(kind: str, cut: int, total: int, options: Options) -> None:
     if cut:
         log.warning("%s: dropped %d of %d examples whose media tokens cutoff_len (%d) cuts into: raise cutoff_len, or "
@@ -137,8 +143,8 @@ def supervised(batch, *, template, tokenizer, options: Options, media=None) -> d
     cut_images = 0
     for turns, row_refs, count in zip(encoded, refs, counts):
         input_ids, labels = _build(turns, options)
-        if media is not None and media.media_tokens(input_ids) != count:
-            cut_images += 1  # the model needs every token of an item, or none of the item
+        if not _whole(input_ids, count, media):
+            cut_images += 1
             continue
         if _has_label(labels):
             out["input_ids"].append(input_ids)
@@ -169,8 +175,8 @@ def unsupervised(batch, *, template, tokenizer, options: Options, media=None) ->
     pairs = _encode_oneturn(template, tokenizer, conversations)
     for (prompt, response), row_refs, count in zip(pairs, refs, counts):
         p, r = split_budget(len(prompt), len(response), options.cutoff_len)
-        if media is not None and media.media_tokens(prompt[:p]) != count:
-            continue  # the model needs every token of an item, or none of the item
+        if not _whole(prompt[:p], count, media):
+            continue
         out["input_ids"].append(prompt[:p])
         out["labels"].append(response[:r])
         _keep_media(out, row_refs)
@@ -178,41 +184,68 @@ def unsupervised(batch, *, template, tokenizer, options: Options, media=None) ->
     return out
 
 
-def pairwise(batch, *, template, tokenizer, options: Options) -> dict:
-    """rm/dpo/orpo/simpo: the prompt followed by the chosen reply, and by the rejected one (same prompt cut)."""
+def pairwise(batch, *, template, tokenizer, options: Options, media=None) -> dict:
+    """rm/dpo/orpo/simpo: the prompt followed by the chosen reply, and by the rejected one (same prompt cut); with
+    `media`, also each example's images (the prompt's: both replies are read with them)."""
     keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-    out = {key: [] for key in keys}
+    out = {**{key: [] for key in keys}, **_media_columns(media)}
     rows = [i for i, response in enumerate(batch["response"]) if len(response) >= 2]
-    chosen = _encode_oneturn(template, tokenizer, list(_conversations(batch, 0)))
-    rejected = _encode_oneturn(template, tokenizer, list(_conversations(batch, 1)))
+    sides = [list(_conversations(batch, 0)), list(_conversations(batch, 1))]
+    refs, counts = [{}] * len(sides[0]), [0] * len(sides[0])
+    if media is not None:
+        (sides[0], refs, counts), (sides[1], _, _) = (_with_images(side, batch, media) for side in sides)
+    chosen, rejected = (_encode_oneturn(template, tokenizer, side) for side in sides)
+    cut_images = 0
     for i in rows:
         prompt = chosen[i][0]
         longest = max(len(chosen[i][1]), len(rejected[i][1]))
         p, r = split_budget(len(prompt), longest, options.cutoff_len)
         prompt_labels = prompt[:p] if options.train_on_prompt else [IGNORE_INDEX] * p
-        for side, (_, reply) in (("chosen", chosen[i]), ("rejected", rejected[i])):
-            out[f"{side}_input_ids"].append(prompt[:p] + reply[:r])
-            out[f"{side}_labels"].append(prompt_labels + reply[:r])
+        made = {side: (prompt[:p] + reply[:r], prompt_labels + reply[:r])
+                for side, (_, reply) in (("chosen", chosen[i]), ("rejected", rejected[i]))}
+        if not all(_whole(ids, counts[i], media) for ids, _ in made.values()):
+            cut_images += 1
+            continue
+        for side, (ids, labels) in made.items():
+            out[f"{side}_input_ids"].append(ids)
+            out[f"{side}_labels"].append(labels)
+        _keep_media(out, refs[i])
+    _note_cut_images("pairwise", cut_images, len(rows), options)
     _note_dropped("pairwise", len(batch["response"]) - len(rows), len(batch["response"]))
     return out
 
 
-def feedback(batch, *, template, tokenizer, options: Options) -> dict:
+def feedback(batch, *, template, tokenizer, options: Options, media=None) -> dict:
     """kto: each example with its desirable flag, plus a mismatched pair (this prompt, the next row's reply) that
-    KTO uses to estimate the KL term."""
-    out = {"input_ids": [], "labels": [], "kl_input_ids": [], "kl_labels": [], "kto_tags": []}
-    pairs = _encode_oneturn(template, tokenizer, list(_conversations(batch)))
+    KTO uses to estimate the KL term; with `media`, also each example's images (the prompt's: the mismatched pair
+    is read with them too)."""
+    out = {"input_ids": [], "labels": [], "kl_input_ids": [], "kl_labels": [], "kto_tags": [], **_media_columns(media)}
+    conversations = list(_conversations(batch))
+    refs, counts = [{}] * len(conversations), [0] * len(conversations)
+    if media is not None:
+        conversations, refs, counts = _with_images(conversations, batch, media)
+    pairs = _encode_oneturn(template, tokenizer, conversations)
+    cut_images = 0
     for i, ((prompt, reply), tag) in enumerate(zip(pairs, batch["kto_tag"])):
         if tag is None or not reply:
             continue
         other_reply = pairs[(i + 1) % len(pairs)][1]
+        made = {}
         for prefix, response in (("", reply), ("kl_", other_reply)):
             p, r = split_budget(len(prompt), len(response), options.cutoff_len)
             prompt_labels = prompt[:p] if options.train_on_prompt else [IGNORE_INDEX] * p
-            out[f"{prefix}input_ids"].append(prompt[:p] + response[:r])
-            out[f"{prefix}labels"].append(prompt_labels + response[:r])
+            made[prefix] = prompt[:p] + response[:r], prompt_labels + response[:r]
+        if not all(_whole(ids, counts[i], media) for ids, _ in made.values()):
+            cut_images += 1
+            continue
+        for prefix, (ids, labels) in made.items():
+            out[f"{prefix}input_ids"].append(ids)
+            out[f"{prefix}labels"].append(labels)
         out["kto_tags"].append(bool(tag))
-    _note_dropped("feedback (kto rows need a reply and a kto_tag)", len(pairs) - len(out["kto_tags"]), len(pairs))
+        _keep_media(out, refs[i])
+    _note_cut_images("feedback", cut_images, len(pairs), options)
+    _note_dropped("feedback (kto rows need a reply and a kto_tag)", len(pairs) - len(out["kto_tags"]) - cut_images,
+                  len(pairs))
     return out
 
 

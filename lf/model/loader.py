@@ -126,7 +126,8 @@ def _instantiate(path: str, config, dtype, attention: str, quantization: dict, m
     # one (Qwen2-Audio) with the one that takes audio
     generating = (AutoModelForImageTextToText if hasattr(config, "vision_config") else
                   AutoModelForMultimodalLM if hasattr(config, "audio_config") else AutoModelForCausalLM)
-    auto = AutoModelForSequenceClassification if value_head else generating
+    auto = ((_vision_value_head(config) if hasattr(config, "vision_config") else AutoModelForSequenceClassification)
+            if value_head else generating)
     try:
         if model_args.train_from_scratch:
             return auto.from_config(config, dtype=dtype, attn_implementation=attention,
@@ -136,6 +137,25 @@ def _instantiate(path: str, config, dtype, attention: str, quantization: dict, m
                                     **quantization, **_hub_kwargs(model_args))
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
+
+
+def _vision_value_head(config):
+    """XForSequenceClassification for a vision-language model, which transformers has none of: the family's own
+    model (vision tower and language model: AutoModel, which takes the images) under transformers' generic value
+    head (`score`, read at each sequence's last token), as the family's PreTrainedModel: its checkpoints load into
+    it (their lm_head is left out)."""
+    from transformers import AutoModelForImageTextToText, PreTrainedModel
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    generating = AutoModelForImageTextToText._model_mapping[type(config)]
+    family = next(base for base in generating.__mro__[1:] if issubclass(base, PreTrainedModel))
+    name = generating.__name__.replace("ForConditionalGeneration", "") + "ForSequenceClassification"
+    renames = get_checkpoint_conversion_mapping(generating.__name__)
+    if renames is not None:  # the checkpoint's key layout, which transformers names by class for some (Qwen2-VL)
+        register_checkpoint_conversion_mapping(name, renames, overwrite=True)
+    return type(name, (GenericForSequenceClassification, family), {"__module__": __name__})
 
 
 def _rows(model) -> int:

@@ -7,6 +7,9 @@ was tested with).
     logps, line = choose(model, model_args, stage)   # refuses a LoRA adapter on the head, an untested TRL
     logps.prepare(model, reference)                  # TRL's head added where it is TRL's
     out = logps.loss(model, ids, mask, labels, "sigmoid", reference_sums, beta=0.1)
+
+`media`, where given, holds the forward's other inputs for a vision-language model (pixel_values, ...: the
+collator's MEDIA of these rows).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ class SequenceLogps:
 
     fused: bool
 
-    def loss(self, model, ids, mask, labels, kind: str, reference, unwrapped=None, **options) -> PreferenceLoss:
+    def loss(self, model, ids, mask, labels, kind: str, reference, unwrapped=None, media=None,
+             **options) -> PreferenceLoss:
         """policy_loss with this source."""
-        return policy_loss(model, ids, mask, labels, kind, reference, self.fused, unwrapped, **options)
+        return policy_loss(model, ids, mask, labels, kind, reference, self.fused, unwrapped, media, **options)
 
-    def of(self, model, ids, mask, labels, unwrapped=None) -> torch.Tensor:
+    def of(self, model, ids, mask, labels, unwrapped=None, media=None) -> torch.Tensor:
         """reply_logps with this source."""
-        return reply_logps(model, ids, mask, labels, self.fused, unwrapped)
+        return reply_logps(model, ids, mask, labels, self.fused, unwrapped, media)
 
     def prepare(self, *models) -> None:
         """Adds TRL's fused head to each model given (None: skipped) when the log-probabilities are TRL's; do it
@@ -59,40 +63,42 @@ def choose(model, model_args, stage: str) -> tuple[SequenceLogps, str]:
     return SequenceLogps(fused), f"{stage} log-probabilities: {source}"
 
 
-def policy_loss(model, ids, mask, labels, kind: str, reference, fused: bool, unwrapped=None,
+def policy_loss(model, ids, mask, labels, kind: str, reference, fused: bool, unwrapped=None, media=None,
                 **options) -> PreferenceLoss:
     """The preference loss `kind` of the policy `model` over these sequences: through lf's
     fused_linear_preference_loss (`fused`) or TRL's fused head. `unwrapped`: the model inside DDP's wrapper."""
     if fused:
         from lf.kernels.fused_linear_preference_loss import fused_linear_preference_loss
 
-        hidden, head, softcap = _last_hidden(model, ids, mask, unwrapped or model)
+        hidden, head, softcap = _last_hidden(model, ids, mask, unwrapped or model, media)
         return fused_linear_preference_loss(hidden[:, :-1], head.weight, labels[:, 1:], kind, reference, head.bias,
                                             softcap=softcap, **options)
-    return preference_loss(kind, *trl_logps(model, ids, mask, labels), reference, **options)
+    return preference_loss(kind, *trl_logps(model, ids, mask, labels, media), reference, **options)
 
 
-def reply_logps(model, ids, mask, labels, fused: bool, unwrapped=None) -> torch.Tensor:
+def reply_logps(model, ids, mask, labels, fused: bool, unwrapped=None, media=None) -> torch.Tensor:
     """Per sequence, the summed log-probability of its labelled tokens (lf's fused op or TRL's fused head)."""
     if not fused:
-        return trl_logps(model, ids, mask, labels)[0]
-    hidden, head, softcap = _last_hidden(model, ids, mask, unwrapped or model)
+        return trl_logps(model, ids, mask, labels, media)[0]
+    hidden, head, softcap = _last_hidden(model, ids, mask, unwrapped or model, media)
     return sequence_logps(hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap=softcap)[0]
 
 
-def trl_logps(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def trl_logps(model, ids, mask, labels, media=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed log-probability of its labelled tokens (TRL's fused head: zero elsewhere), and
     their count."""
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False,
+                **(media or {}))
     return out.log_probs.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def _last_hidden(model, ids, mask, unwrapped):
+def _last_hidden(model, ids, mask, unwrapped, media=None):
     """The last layer's (normed) hidden states through the model's own forward (so that DDP and PEFT see the call;
     the logits of no position: an int logits_to_keep of 1 took 2 s in bf16 on the CPU, where torch's linear
     copied the head's weight once per sequence), the LM head, and its logit soft-cap (Gemma-2)."""
     nothing = torch.empty(0, dtype=torch.long, device=ids.device)
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=nothing, use_cache=False)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=nothing, use_cache=False,
+                **(media or {}))
     softcap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
     return out.hidden_states[-1], unwrapped.get_output_embeddings(), softcap
 

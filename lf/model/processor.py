@@ -13,7 +13,7 @@ import json
 import logging
 
 from lf.data.images import PixelLimits
-from lf.data.mm_plugins import PROCESSOR_CONFIG, MMProcessor, get_plugin
+from lf.data.mm_plugins import PLUGINS, PROCESSOR_CONFIG, MMProcessor, get_plugin
 from lf.errors import ModelError
 from lf.model.paths import download_error, resolve_model_path
 
@@ -53,6 +53,7 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
         raise ModelError(f"template {template.name} puts media in prompts the way {', '.join(plugin.model_types)} "
                          f"models read them, but {model_args.model_name_or_path} is a {model_type} model: use the "
                          f"template of its family")
+    plugin = PLUGINS.get(model_type, plugin)  # a model type with an entry of its own under the template's family
     backend = None if importlib.util.find_spec("torchvision") else "pil"  # torchvision's backend when it is there
     try:
         parts = ((None, AutoFeatureExtractor.from_pretrained(path, **hub)) if plugin.feature_extractor

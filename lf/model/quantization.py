@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import get_args
 
 import torch
@@ -49,18 +50,34 @@ def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype,
         raise ModelError("quantization_bit needs bitsandbytes: pip install 'lf[qlora]'")
     from transformers import BitsAndBytesConfig
 
+    skip, kept = _unquantized(config)
     if bits == 4:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
                                    bnb_4bit_use_double_quant=model_args.double_quantization,
-                                   bnb_4bit_compute_dtype=dtype)
+                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
         what = (f"4-bit {model_args.quantization_type}{' with double quantization' * model_args.double_quantization}"
                 f", computing in {str(dtype).removeprefix('torch.')}")
     else:
-        quant = BitsAndBytesConfig(load_in_8bit=True)
+        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         what = "8-bit (LLM.int8)"
     device_map = _device_map(model_args.quantization_device_map)
     return ({"quantization_config": quant, "device_map": device_map},
-            f"quantization: {what} by bitsandbytes, placed by device_map {device_map}")
+            f"quantization: {what} by bitsandbytes{kept}, placed by device_map {device_map}")
+
+
+def _unquantized(config) -> tuple[list[str] | None, str]:
+    """bitsandbytes' llm_int8_skip_modules for a vision-language model (None for others: transformers' defaults)
+    and the words saying so: its vision tower and projector keep their dtype, as QLoRA trains the language model
+    only. The list replaces transformers' default skips, so the output head (lm_head) is named again."""
+    from lf.data.mm_plugins import plugin_for
+
+    plugin = plugin_for(config.model_type)
+    if plugin is None:
+        return None, ""
+    parts = plugin.vision_tower + plugin.projector
+    # patterns match module paths from the start (as regexes, up to a "." boundary): the parts lie anywhere
+    return [rf"(?:.*\.)?{re.escape(part)}" for part in parts] + ["lm_head"], (
+        f" (the language model; {', '.join(parts)} kept unquantized)")
 
 
 def _device_map(choice: str | None):

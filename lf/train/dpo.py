@@ -6,7 +6,7 @@ none). sft.py's steps over lf's pairwise data; the trainer, reference and recipe
 from __future__ import annotations
 
 from lf.kernels.fused_linear_preference_loss import REFERENCE_FREE, PreferenceLoss, preference_loss
-from lf.train.preference import LogpsTrainer, loss_options, pairs, run_logps
+from lf.train.preference import LogpsTrainer, loss_options, media, pairs, run_logps
 
 
 def dpo_loss(fin, sums, tokens, ref_sums=None) -> PreferenceLoss:
@@ -24,11 +24,11 @@ class DPOTrainer(LogpsTrainer):
 
     def pair_loss(self, model, batch):
         ids, mask, labels = pairs(batch, self.data_collator.pad_token_id)
-        reference = None
+        inputs, reference = media(batch), None
         if self.finetuning_args.pref_loss not in REFERENCE_FREE:
             with self._as_reference(model) as ref:
-                reference = self._logps(ref, ids, mask, labels)
-        out = self._policy_loss(model, ids, mask, labels, reference)
+                reference = self._logps(ref, ids, mask, labels, inputs)
+        out = self._policy_loss(model, ids, mask, labels, reference, inputs)
         return out.loss, out.metrics
 
 

@@ -5,7 +5,7 @@ lf's feedback data; the trainer, reference and recipe are lf.train.preference's.
 
 from __future__ import annotations
 
-from lf.train.preference import LogpsTrainer, eval_mode, run_logps
+from lf.train.preference import LogpsTrainer, eval_mode, media, run_logps
 
 
 class KTOTrainer(LogpsTrainer):
@@ -19,13 +19,15 @@ class KTOTrainer(LogpsTrainer):
     def pair_loss(self, model, batch):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         kl_ids, kl_mask, kl_labels = batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
+        inputs, kl_inputs = media(batch), media(batch, "kl_")
         with eval_mode(model):  # a detached baseline: neither dropout nor gradient checkpointing has a part in it
-            policy_kl = self._logps(model, kl_ids, kl_mask, kl_labels)
+            policy_kl = self._logps(model, kl_ids, kl_mask, kl_labels, kl_inputs)
         with self._as_reference(model) as ref:
-            reference = self._logps(ref, ids, mask, labels)
-            reference_kl = self._logps(ref, kl_ids, kl_mask, kl_labels)
+            reference = self._logps(ref, ids, mask, labels, inputs)
+            reference_kl = self._logps(ref, kl_ids, kl_mask, kl_labels, kl_inputs)
         kl = self.accelerator.gather_for_metrics((policy_kl - reference_kl).mean().detach()).mean().clamp(min=0)
-        out = self._policy_loss(model, ids, mask, labels, reference, desirable=batch["kto_tags"].bool(), kl=kl)
+        out = self._policy_loss(model, ids, mask, labels, reference, inputs, desirable=batch["kto_tags"].bool(),
+                                kl=kl)
         return out.loss, {**out.metrics, "kl": kl.reshape(1)}
 
 

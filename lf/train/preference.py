@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from lf.data.collator import TOKENS_KEY
+from lf.data.collator import MEDIA, TOKENS_KEY
 from lf.kernels.fused_linear_preference_loss import REFERENCE_FREE, PreferenceLoss
 from lf.labels import IGNORE_INDEX
 from lf.model import load_model
@@ -44,6 +44,12 @@ def pairs(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
                           for side in ("chosen", "rejected")])
 
     return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE_INDEX)
+
+
+def media(batch: dict, prefix: str = "") -> dict:
+    """The other inputs of a forward over the batch's rows of group `prefix` ("": the pairs' concatenated rows, or
+    kto's rows; "kl_": kto's mismatched pairs): a vision-language model's pixel_values and the like, or none."""
+    return batch.get(f"{prefix}{MEDIA}") or {}
 
 
 class PairTrainer(LFTrainer):
@@ -102,16 +108,17 @@ class LogpsTrainer(PairTrainer):
         self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
         self.logps = logps
 
-    def _policy_loss(self, model, ids, mask, labels, reference, **options) -> PreferenceLoss:
-        """The stage's loss over the policy's log-probabilities of these sequences."""
+    def _policy_loss(self, model, ids, mask, labels, reference, inputs=None, **options) -> PreferenceLoss:
+        """The stage's loss over the policy's log-probabilities of these sequences (`inputs`: the forward's
+        media, if any)."""
         fin = self.finetuning_args
         return self.logps.loss(model, ids, mask, labels, self.loss_kind(fin), reference,
-                               self.accelerator.unwrap_model(model), **{**loss_options(fin), **options})
+                               self.accelerator.unwrap_model(model), inputs, **{**loss_options(fin), **options})
 
-    def _logps(self, model, ids, mask, labels) -> torch.Tensor:
+    def _logps(self, model, ids, mask, labels, inputs=None) -> torch.Tensor:
         """Summed log-probabilities, without gradient."""
         with torch.no_grad():
-            return self.logps.of(model, ids, mask, labels, self.accelerator.unwrap_model(model))
+            return self.logps.of(model, ids, mask, labels, self.accelerator.unwrap_model(model), inputs)
 
     @contextlib.contextmanager
     def _as_reference(self, model):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from lf.train.preference import PairTrainer, pairs
+from lf.train.preference import PairTrainer, media, pairs
 from lf.train.recipe import make_trainer, prepare, train_and_save
 
 
@@ -17,7 +17,7 @@ class RewardTrainer(PairTrainer):
 
     def pair_loss(self, model, batch):
         ids, mask, _ = pairs(batch, self.data_collator.pad_token_id)
-        scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
+        scores = model(input_ids=ids, attention_mask=mask, use_cache=False, **media(batch)).logits.squeeze(-1).float()
         chosen, rejected = scores.chunk(2)
         loss = -F.logsigmoid(chosen - rejected).mean()
         return loss, {"accuracy": (chosen > rejected).float(), "rewards/chosen": chosen, "rewards/rejected": rejected}
@@ -28,5 +28,6 @@ def run_rm(cfg, callbacks=()) -> dict:
     parts = prepare(cfg)
     trainer = make_trainer(RewardTrainer, cfg, parts)
     # the value head scores the last token that is not padding
-    parts.model.config.pad_token_id = trainer.data_collator.pad_token_id
+    config = parts.model.config  # (a VL model's head reads its text config's)
+    config.pad_token_id = config.get_text_config().pad_token_id = trainer.data_collator.pad_token_id
     return train_and_save(trainer, cfg, parts, callbacks)
