@@ -232,8 +232,8 @@ def test_a_text_model_answers_an_image_with_a_400_and_stays_up(url):
     assert httpx.post(url + CHAT, json=text_parts).status_code == 200
     video = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:,"}}]}]}
     assert message(httpx.post(url + CHAT, json=video), 400) == (
-        "this model/template (qwen) does not take video input; templates that do: qwen2_vl (qwen2_vl models); this "
-        "llama model reads text only: send text")  # nothing decoded
+        "this model/template (qwen) does not take video input; templates that do: qwen2_vl (qwen2_vl/qwen2_5_vl "
+        "models); this llama model reads text only: send text")  # nothing decoded
     unknown = {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]}
     assert "does not match any of the expected tags: 'text', 'image_url', 'video_url', 'input_audio'" in message(
         httpx.post(url + CHAT, json=unknown), 400)

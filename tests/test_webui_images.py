@@ -90,7 +90,7 @@ def test_a_text_model_refuses_an_upload_in_one_line_before_reading_it(text_engin
     # a message's images count together: the second one brings them over the limit
     (plain_png(5, 5), Limits(max_pixels=28), "image 2 (x.png) is 5x5 pixels, which brings the request's images over "
                                              "28 pixels"),
-    (plain_png(5, 5), Limits(max_bytes=100), "image 2 (x.png) brings the request's images over 100 bytes"),
+    (plain_png(5, 5), Limits(max_bytes=100), "image 2 (x.png) brings the request's media over 100 bytes"),
 ], ids=["not-an-image", "eps", "damaged", "pixels", "bytes"])
 def test_uploads_meet_the_apis_checks_counted_over_the_message(vl_engine, tmp_path, data, limits, says):
     files = [saved(tmp_path, "ok.png", plain_png(2, 2)), saved(tmp_path, "x.png", data)]
