@@ -184,6 +184,18 @@ def unsupervised(batch, *, template, tokenizer, options: Options, media=None) ->
     return out
 
 
+def _keep_whole(out: dict, made: dict, row_refs: dict, count: int, media) -> bool:
+    """Append an example's rows (`made`: {prefix: (input_ids, labels)}) and its media to `out` when every row holds
+    all `count` of its media tokens; whether it did."""
+    if not all(_whole(ids, count, media) for ids, _ in made.values()):
+        return False
+    for prefix, (ids, labels) in made.items():
+        out[f"{prefix}input_ids"].append(ids)
+        out[f"{prefix}labels"].append(labels)
+    _keep_media(out, row_refs)
+    return True
+
+
 def pairwise(batch, *, template, tokenizer, options: Options, media=None) -> dict:
     """rm/dpo/orpo/simpo: the prompt followed by the chosen reply, and by the rejected one (same prompt cut); with
     `media`, also each example's images (the prompt's: both replies are read with them)."""
@@ -201,15 +213,9 @@ def pairwise(batch, *, template, tokenizer, options: Options, media=None) -> dic
         longest = max(len(chosen[i][1]), len(rejected[i][1]))
         p, r = split_budget(len(prompt), longest, options.cutoff_len)
         prompt_labels = prompt[:p] if options.train_on_prompt else [IGNORE_INDEX] * p
-        made = {side: (prompt[:p] + reply[:r], prompt_labels + reply[:r])
-                for side, (_, reply) in (("chosen", chosen[i]), ("rejected", rejected[i]))}
-        if not all(_whole(ids, counts[i], media) for ids, _ in made.values()):
-            cut_images += 1
-            continue
-        for side, (ids, labels) in made.items():
-            out[f"{side}_input_ids"].append(ids)
-            out[f"{side}_labels"].append(labels)
-        _keep_media(out, refs[i])
+        made = {prefix: (prompt[:p] + reply[:r], prompt_labels + reply[:r])
+                for prefix, (_, reply) in (("chosen_", chosen[i]), ("rejected_", rejected[i]))}
+        cut_images += not _keep_whole(out, made, refs[i], counts[i], media)
     _note_cut_images("pairwise", cut_images, len(rows), options)
     _note_dropped("pairwise", len(batch["response"]) - len(rows), len(batch["response"]))
     return out
@@ -235,14 +241,10 @@ def feedback(batch, *, template, tokenizer, options: Options, media=None) -> dic
             p, r = split_budget(len(prompt), len(response), options.cutoff_len)
             prompt_labels = prompt[:p] if options.train_on_prompt else [IGNORE_INDEX] * p
             made[prefix] = prompt[:p] + response[:r], prompt_labels + response[:r]
-        if not all(_whole(ids, counts[i], media) for ids, _ in made.values()):
+        if _keep_whole(out, made, refs[i], counts[i], media):
+            out["kto_tags"].append(bool(tag))
+        else:
             cut_images += 1
-            continue
-        for prefix, (ids, labels) in made.items():
-            out[f"{prefix}input_ids"].append(ids)
-            out[f"{prefix}labels"].append(labels)
-        out["kto_tags"].append(bool(tag))
-        _keep_media(out, refs[i])
     _note_cut_images("feedback", cut_images, len(pairs), options)
     _note_dropped("feedback (kto rows need a reply and a kto_tag)", len(pairs) - len(out["kto_tags"]) - cut_images,
                   len(pairs))
