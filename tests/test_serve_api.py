@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import openai
@@ -237,3 +238,31 @@ def test_main_refuses_bad_settings_and_config_in_one_line(tmp_path, monkeypatch,
     assert cli.main(["api", str(tmp_path / "cfg.yaml")]) == 2
     assert capsys.readouterr().err == f"lf api: config file not found: {tmp_path / 'cfg.yaml'}\n"
     assert cli.main(["api", "--help"]) == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt, call_text, result_text", [
+    ("qwen3_5", "<tool_call>\n<function=get_weather>\n<parameter=city>\n東京\n</parameter>\n</function>\n</tool_call>",
+     "<tool_response>\n{\"sky\": \"sunny\"}\n</tool_response>"),
+    ("glm4_moe", "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>東京</arg_value>\n</tool_call>",
+     '{"sky": "sunny"}'),
+    ("lfm2", '<|tool_call_start|>[get_weather(city="東京")]<|tool_call_end|>',
+     '<|tool_response_start|>{"sky": "sunny"}<|tool_response_end|>'),
+    ("default", 'Action: get_weather\nAction Input: {"city": "東京"}', '{"sky": "sunny"}')])
+def test_tool_calls_in_the_templates_own_format(client, engine, monkeypatch, fmt, call_text, result_text):
+    # the server reads calls with the parser of the template's tool format and writes them back in it
+    monkeypatch.setattr(engine, "template", replace(engine.template, tool_format=fmt))
+    script(monkeypatch, engine, call_text)
+    tools = [{"type": "function", "function": WEATHER_TOOL}]
+    completion = client.chat.completions.create(model="any", messages=QUESTION, tools=tools)
+    [choice] = completion.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "東京"})
+
+    prompts = script(monkeypatch, engine, "It is sunny in 東京.")
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}]
+    completion = client.chat.completions.create(model="any", messages=history, tools=tools)
+    assert completion.choices[0].message.content == "It is sunny in 東京."
+    [prompt] = [engine.tokenizer.decode(ids) for ids in prompts]
+    assert call_text in prompt and result_text in prompt

@@ -8,7 +8,6 @@ import jinja2
 import pytest
 
 from lf.data.templates import TEMPLATES, JinjaTemplate, get_template, resolve_template
-from lf.data.tools import TOOL_FORMATS, get_tool_format
 from lf.errors import DataError
 from lf.tiny import train_tokenizer
 
@@ -237,31 +236,7 @@ def test_nothink_puts_the_empty_block_in_the_prompt():
 # -- tools ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", sorted(TOOL_FORMATS))
-def test_tool_calls_round_trip(fmt):
-    tool_format = get_tool_format(fmt)
-    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "now", "arguments": {}}]
-    for content in (calls[:1], calls):
-        text = tool_format.format_calls(json.dumps(content[0] if len(content) == 1 else content))
-        assert tool_format.extract_calls(text) == [(c["name"], json.dumps(c["arguments"])) for c in content]
-    assert tool_format.extract_calls("It is sunny in Paris.") is None
-    assert '"name": "get_weather"' in tool_format.format_tools(TOOLS)
-    assert tool_format.format_tools("[]") == ""
-
-
-def test_tool_formats_write_their_protocols():
-    qwen, llama3, mistral = (get_tool_format(n) for n in ("qwen", "llama3", "mistral"))
-    content = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
-    assert qwen.format_calls(content) == (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
-    assert llama3.format_calls(content) == '{"name": "get_weather", "parameters": {"city": "Paris"}}'
-    assert mistral.format_calls(content) == '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
-    assert qwen.format_observation("20") == "<tool_response>\n20\n</tool_response>"
-    assert mistral.format_observation('{"temp": 20}') == '[TOOL_RESULTS] {"content": {"temp": 20}}[/TOOL_RESULTS]'
-    assert mistral.format_observation("sunny") == '[TOOL_RESULTS] {"content": "sunny"}[/TOOL_RESULTS]'
-    # OpenAI-style arguments given as a JSON string are read as the object they hold
-    assert qwen.format_calls('{"name": "f", "arguments": "{\\"a\\": 1}"}') == (
-        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
+# The formats themselves: tests/test_tools.py.
 
 
 TOOL_DEFINITION = ('{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", '
@@ -300,9 +275,10 @@ def test_glaive_conversation_in_llama3_and_mistral():
 
 def test_tools_on_templates_without_a_protocol_use_the_default_format():
     text = get_template("gemma").render(GLAIVE, "Sys", tools=TOOLS)
-    assert text.startswith("<bos><start_of_turn>user\nSys\n\nYou can use these tools:\n" + TOOL_DEFINITION)
-    assert 'model\nTool call: {"name": "get_weather", "arguments": {"city": "Paris"}}<end_of_turn>' in text
-    assert 'user\nTool results:\n{"temp": 20}<end_of_turn>' in text
+    assert text.startswith("<bos><start_of_turn>user\nSysYou have access to the following tools:\n"
+                           "> Tool Name: get_weather\n")
+    assert 'model\nAction: get_weather\nAction Input: {"city": "Paris"}<end_of_turn>' in text
+    assert 'user\n{"temp": 20}<end_of_turn>' in text
     qwen_calls = get_template("chatml", tool_format="qwen").render(GLAIVE, tools=TOOLS)
     assert "<tools>" in qwen_calls and "<tool_response>" in qwen_calls
 
@@ -383,7 +359,7 @@ def test_resolve_template(tok):
 def test_unknown_template_lists_close_names():
     with pytest.raises(DataError, match=r"unknown template 'qwen2'\. Did you mean: .*qwen.*\? Registered: alpaca, "):
         get_template("qwen2")
-    with pytest.raises(DataError, match="unknown tool format 'hermes'.*Registered: default, llama3, mistral, qwen"):
+    with pytest.raises(DataError, match="unknown tool format 'hermes'.*Registered: default, gemma4, glm4, "):
         get_template("chatml", tool_format="hermes")
 
 

@@ -126,7 +126,7 @@ class Template:
         system = (system or self.default_system).strip() if SYSTEM in self.trim else system or self.default_system
         tools_text = tool_format.format_tools(tools) if tools else ""
         if tools_text and tool_format.placement == IN_SYSTEM:
-            system = "\n\n".join(part for part in (system, tools_text) if part)
+            system = tool_format.system_joiner.join(part for part in (system, tools_text) if part)
         users = [i for i, m in enumerate(messages) if m["role"] == USER] or [0]
         system_at = {AT_START: None, IN_FIRST_USER_MESSAGE: users[0], IN_LAST_USER_MESSAGE: users[-1]}[self.system_at]
         tools_at = {IN_SYSTEM: None, IN_FIRST_USER: users[0], BEFORE_LAST_USER: users[-1]}[tool_format.placement]
