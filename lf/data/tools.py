@@ -221,8 +221,10 @@ class MistralTools(ToolFormat):
 
     def _call_objects(self, text):
         _, found, calls = text.partition("[TOOL_CALLS]")
-        calls = _loads(calls.strip()) if found else None
-        return calls if isinstance(calls, list) else [calls] if found else []
+        if not found:
+            return []
+        calls = _loads(calls.strip())
+        return calls if isinstance(calls, list) else [calls]
 
 
 class DefaultTools(ToolFormat):
@@ -235,18 +237,17 @@ class DefaultTools(ToolFormat):
 
     def _tools_text(self, tools):
         blocks = "".join(f"> Tool Name: {f['name']}\nTool Description: {f.get('description', '')}\nTool Args:\n"
-                         + "".join(map(self._argument_line, *self._properties(f))) + "\n" for f in _functions(tools))
+                         + self._arguments_text(f) + "\n" for f in _functions(tools))
         names = ", ".join(f["name"] for f in _functions(tools))
         return (f"You have access to the following tools:\n{blocks}Use the following format if using a tool:\n```\n"
                 f"Action: tool name (one of [{names}])\nAction Input: the input to the tool, in a JSON format "
                 'representing the kwargs (e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n')
 
-    @staticmethod
-    def _properties(function: dict) -> tuple[list, list, list]:
+    def _arguments_text(self, function: dict) -> str:
         parameters = function.get("parameters") or {}
-        properties = parameters.get("properties") or {}
         required = parameters.get("required") or ()
-        return list(properties), list(properties.values()), [name in required for name in properties]
+        return "".join(self._argument_line(name, spec, name in required)
+                       for name, spec in (parameters.get("properties") or {}).items())
 
     @staticmethod
     def _argument_line(name: str, spec: dict, required: bool) -> str:
@@ -552,6 +553,19 @@ class Gemma4Tools(ToolFormat):
 TOOL_FORMATS = MappingProxyType({f.name: f for f in (
     DefaultTools(), Gemma4Tools(), Glm4Tools(), Glm4MoeTools(), Llama3Tools(), Lfm2Tools(), MiniMax1Tools(),
     MiniMax2Tools(), MistralTools(), QwenTools(), Qwen35Tools(), SeedOssTools(), LingTools())})
+
+
+# Which format a model's own jinja chat template writes, by a marker in it; the more specific markers first (Qwen3.5's
+# and GLM-4.5's templates write <tool_call> too).
+_JINJA_MARKERS = (("<minimax:tool_call>", "minimax2"), ("<seed:tool_call>", "seed_oss"), ("<arg_key>", "glm4_moe"),
+                  ("<function=", "qwen3_5"), ("<|tool_list_start|>", "lfm2"), ("<|tool_call>", "gemma4"),
+                  ("<tool_calls>", "minimax1"), ("<tool_call>", "qwen"), ("[TOOL_CALLS]", "mistral"),
+                  ("ipython", "llama3"))
+
+
+def tool_format_of(chat_template: str) -> str:
+    """The name of the tool format a jinja chat template writes ("default" when it shows none)."""
+    return next((name for marker, name in _JINJA_MARKERS if marker in chat_template), "default")
 
 
 def get_tool_format(name: str) -> ToolFormat:
