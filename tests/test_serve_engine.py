@@ -5,6 +5,7 @@ prompt too long is refused), and the terminal chat driven through a fake stdin."
 
 import asyncio
 import io
+import json
 import os
 import sys
 
@@ -16,8 +17,10 @@ from test_train import lf_home  # noqa: F401 (autouse: the module's tiny model i
 
 from lf import cli
 from lf.config import parse_infer_args
+from lf.data.tools import parse_tools
 from lf.errors import DataError
 from lf.serve import Engine, RequestError
+from lf.serve.chat import chat
 from lf.tiny import tiny_path
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -265,6 +268,31 @@ def test_chat_streams_replies_keeps_history_until_clear_and_quits(tmp_path, monk
     seen.clear()
     code, out, _ = run_chat(tmp_path, monkeypatch, capsys, "hello\nexit\nnot read\n")
     assert code == 0 and len(seen) == 1 and out.count("Assistant: ") == 1
+
+
+def test_chat_gives_the_model_tools_shows_its_calls_and_takes_their_results(tmp_path, monkeypatch, capsys, engine):
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER_TOOL]))
+    (tmp_path / "bad.json").write_text('{"name": ')
+    prompts = script(monkeypatch, engine, TOOL_CALL_TEXT)
+    seen = []
+    stream = Engine.stream
+    monkeypatch.setattr(Engine, "stream", lambda self, messages, *a, **k: seen.append((messages, k["tools"])) or stream(
+        self, messages, *a, **k))
+    typed = [f"/tools {tmp_path / 'tools.json'}", "Weather in Paris?", '{"sky": "sunny"}', "/tools",
+             f"/tools {tmp_path / 'bad.json'}", f"/tools {tmp_path / 'none.json'}"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(typed) + "\n"))
+    assert chat(engine) == 0
+    out = capsys.readouterr().out
+    assert "The model has 1 tool(s): get_weather." in out
+    assert out.count('[tool call] get_weather({"city": "Paris"})') == 2  # the scripted model calls it again
+    # the calls kept in the history as a function message, the next message as their results
+    call = {"role": "function", "content": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'}
+    assert seen[1] == ([{"role": "user", "content": "Weather in Paris?"}, call,
+                        {"role": "observation", "content": '{"sky": "sunny"}'}], parse_tools([WEATHER_TOOL]))
+    second = engine.tokenizer.decode(prompts[1])
+    assert "<tools>" in second and '<tool_response>\n{"sky": "sunny"}\n</tool_response>' in second
+    assert "the command needs a JSON file of tool definitions" in out
+    assert "tools not read: tools are not valid JSON" in out and "tools not read: cannot read" in out
 
 
 def test_chat_config_errors_are_one_line(tmp_path, monkeypatch, capsys):

@@ -400,7 +400,8 @@ class MiniMax2Tools(_TaggedTools):
 
     def _tools_text(self, tools):
         return ("# Tools\n\nYou may call one or more tools to assist with the user query.\nHere are the tools "
-                "available in JSONSchema format:\n\n<tools>\n" + "".join(f"<tool>{_dumps(f)}</tool>\n" for f in _functions(tools))
+                "available in JSONSchema format:\n\n<tools>\n"
+                + "".join(f"<tool>{_dumps(f)}</tool>\n" for f in _functions(tools))
                 + "</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n"
                   '\n<minimax:tool_call>\n<invoke name="tool-name-1">\n<parameter name="param-key-1">param-value-1'
                   '</parameter>\n<parameter name="param-key-2">param-value-2</parameter>\n...\n</invoke>\n'
