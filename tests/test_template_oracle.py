@@ -16,7 +16,8 @@ import pytest
 from support import npm_tokenizer
 from test_templates import GLAIVE, MULTI, REASONING, SINGLE, TOOLS, assistant, call, observation, user
 
-from lf.data.templates import TEMPLATES, get_template
+from lf.data.templates import REFUSED, TEMPLATES, get_template
+from lf.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -160,6 +161,14 @@ def test_lf_tokens_are_the_models_own(tokenizers, name):
             done += prompt + reply
 
 
+@pytest.mark.parametrize("name", ["chatglm3", "gpt_oss"])
+def test_refused_templates_say_why_and_what_to_use(name):
+    # Real tokenizers exist, but their reply ends are LLaMA-Factory's efficient_eos, which lf's turns do not express.
+    with pytest.raises(DataError, match=rf"^template {name} is not supported: .*efficient_eos.*; train .* with "
+                                        "LLaMA-Factory$"):
+        get_template(name)
+
+
 # -- docs/templates.md: every registered template, written from the registry and ORACLES ---------------------------
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "templates.md"
@@ -195,6 +204,9 @@ def templates_table() -> str:
         lines.append(f"| {name} | {_cell(t.models)} | {t.tool_format} | {reasoning} | "
                      f"{_code(t.stop_words) or 'eos'} | {t.mm_plugin or '-'} | {oracle} | "
                      f"{_cell('; '.join(differences)) or '-'} |")
+    lines += ["", "## Refused", "", "LLaMA-Factory templates lf knows and refuses (`template:` names one: the error "
+              "says why).", "", "| template | why |", "|---|---|"]
+    lines += [f"| {name} | {_cell(why)} |" for name, why in sorted(REFUSED.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -457,12 +457,19 @@ def _with_overrides(template: Template, default_system=None, enable_thinking=Tru
 
 
 # LLaMA-Factory's templates that lf knows and refuses, and why.
+_EFFICIENT_EOS = "LLaMA-Factory's efficient_eos: it trains eos as the label of the next turn's first token"
 REFUSED = MappingProxyType({
     "mllama": "Llama 3.2 Vision reads images through cross-attention: its inputs group each row's images "
               "(pixel_values of rows x images x tiles) and cross_attention_mask says which image tiles each text "
               "token attends to, while lf's multimodal plugins give the forward one flat list of a batch's images; "
               "train Llama 3.2 Vision with LLaMA-Factory, or a vision-language family lf takes (qwen2_vl, llava, "
               "gemma3, ...)",
+    "chatglm3": "ChatGLM3 stops on the next turn's <|user|> or <|observation|>, so its replies end without a token of "
+                f"their own ({_EFFICIENT_EOS}), while every lf reply ends with the token the model learns to stop on; "
+                "its tokenizer also needs ChatGLM's own code; train ChatGLM3 with LLaMA-Factory",
+    "gpt_oss": "gpt-oss's harmony format ends history replies with <|end|> and the last one with <|return|>, where "
+               f"LLaMA-Factory's gpt_oss writes neither ({_EFFICIENT_EOS}), and the gpt-oss tokenizer lf tests with "
+               "carries no chat template to check a version of lf's against; train gpt-oss with LLaMA-Factory",
 })
 
 
