@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from lf.data.templates import get_template
 from lf.data.tools import IN_SYSTEM, TOOL_FORMATS, get_tool_format, tool_format_of
 from lf.errors import DataError
-from test_multimodal import npm_tokenizer
+from support import npm_tokenizer
 
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
