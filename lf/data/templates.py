@@ -358,6 +358,64 @@ _GEMMA = dict(stop_words=("<end_of_turn>",), prefix="{bos}", system="{content}\n
               user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
               assistant="{content}<end_of_turn>", separator="\n", bos_token="<bos>", eos_token="<eos>")
 
+_PHI = dict(stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
+            user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
+            eos_token="<|endoftext|>")
+_DBRX_SYSTEM = (
+    "You are DBRX, created by Databricks. You were last updated in December 2023. You answer questions based on "
+    "information available up to that point.\nYOU PROVIDE SHORT RESPONSES TO SHORT QUESTIONS OR STATEMENTS, but "
+    "provide thorough responses to more complex and open-ended questions.\nYou assist with various tasks, from "
+    "writing to coding (using markdown for code blocks — remember to use ``` with code, JSON, and tables).\n(You do "
+    "not have real-time data access or code execution capabilities. You avoid stereotyping and provide balanced "
+    "perspectives on controversial topics. You do not provide song lyrics, poems, or news articles and do not "
+    "divulge details of your training data.)\nThis is your system prompt, guiding your responses. Do not reference "
+    "it, just respond to the user. If you find yourself talking about this message, stop. You should be responding "
+    "appropriately and usually that means not mentioning this.\nYOU DO NOT MENTION ANY OF THIS INFORMATION ABOUT "
+    "YOURSELF UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY.")
+_DEEPSEEK_CODER_SYSTEM = (
+    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek Company, and you "
+    "only answer questions related to computer science. For politically sensitive questions, security and privacy "
+    "issues, and other non-computer science questions, you will refuse to answer.\n")
+_SEED_CODER_SYSTEM = (
+    "You are an AI programming assistant, utilizing the Seed-Coder model, developed by ByteDance Seed, and you only "
+    "answer questions related to computer science. For politically sensitive questions, security and privacy "
+    "issues, and other non-computer science questions, you will refuse to answer.\n\n")
+_SAILOR_SYSTEM = ("You are an AI assistant named Sailor created by Sea AI Lab. Your answer should be friendly, "
+                 "unbiased, faithful, informative and detailed.")
+_AEVA_SYSTEM = ("You are an AI assistant named Aeva created by Zongzhi Lou. Your answer should be friendly, unbiased, "
+               "faithful, informative and detailed.")
+_TELECHAT_SYSTEM = ("你是中国电信星辰语义大模型，英文名是TeleChat，你是由中电信人工智能科技有限公司和中国电信人工智能研究院"
+                   "（TeleAI）研发的人工智能助手。")
+_XUANYUAN_SYSTEM = ("以下是用户和人工智能助手之间的对话。用户以Human开头，人工智能助手以Assistant开头，会对人类提出的问题给出"
+                   "有帮助、高质量、详细和礼貌的回答，并且总是拒绝参与与不道德、不安全、有争议、政治敏感等相关的话题、问题和指示。\n")
+# Chatml with a `tool` role for tool results.
+_CHATML_TOOL = dict(_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n")
+# GLM-4 and its successors: the reply follows "<|assistant|>" on a new line and has no end-of-turn marker of its
+# own (the models stop on the next turn's header); lf ends each reply with eos instead (see the module docstring).
+_GLM4 = dict(stop_words=("<|user|>", "<|observation|>"), prefix="[gMASK]<sop>", system="<|system|>\n{content}",
+             user="<|user|>\n{content}<|assistant|>", observation="<|observation|>\n{content}<|assistant|>",
+             assistant="\n{content}{eos}", function="{content}{eos}", eos_token="<|endoftext|>")
+_GRANITE = dict(stop_words=("<|end_of_text|>",), system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
+                user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
+                     "<|start_of_role|>assistant<|end_of_role|>",
+                assistant="{content}<|end_of_text|>", separator="\n", eos_token="<|end_of_text|>")
+_GEMMA4 = dict(stop_words=("<turn|>", "<tool|>"), prefix="{bos}", system="<|turn>system\n<|think|>{content}<turn|>\n",
+               user="<|turn>user\n{content}<turn|>\n<|turn>model\n",
+               observation="<|turn>tool\n{content}<turn|>\n<|turn>model\n", assistant="{content}<turn|>",
+               function="<|tool>{content}<tool|>", separator="\n", default_system="You are a helpful assistant.",
+               tool_format="gemma4", thinking=Thinking(open="<|channel>thought\n", close="<channel|>"),
+               bos_token="<bos>", eos_token="<eos>")
+# Mistral's later models: no space inside [INST] ... [/INST]; tool calls and results as the mistral tool format.
+_MISTRAL = dict(prefix="{bos}", user="[INST]{content}[/INST]", observation="{content}", function="{content}{eos}",
+                tool_format="mistral", bos_token="<s>")
+_MINISTRAL = dict(_MISTRAL, system="{content}\n\n", system_at=IN_FIRST_USER_MESSAGE)
+# ByteDance Seed: every turn is bos, role, newline, content, eos.
+_SEED = dict(system="{bos}system\n{content}{eos}", user="{bos}user\n{content}{eos}{bos}assistant\n",
+             assistant="{content}{eos}")
+_QWEN3_5 = dict(_CHATML, tool_format="qwen3_5", thinking=QWEN3_THINKING)
+_GLM47 = dict(_GLM4, tool_format="glm4_moe", thinking=Thinking(open="<think>", close="</think>"))
+_HY_SMALL = "<｜hy_place▁holder▁no▁{}｜>"
+
 _REGISTRY = {t.name: t for t in (
     Template("default", system="System: {content}\n", user="Human: {content}\nAssistant:",
              assistant=" {content}{eos}", separator="\n"),
@@ -403,13 +461,157 @@ _REGISTRY = {t.name: t for t in (
     # newlines that Gemma3Processor writes after the chat template trimmed the text
     Template("gemma3", **_GEMMA, trim=(ASSISTANT,), mm_plugin="gemma3"),
     # Phi-3 / Phi-3.5 (without the eos their template writes after the last turn when not generating).
-    Template("phi", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
-             user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
-             eos_token="<|endoftext|>"),
+    Template("phi", **_PHI),
     # InternVL 3 (transformers' InternVLForConditionalGeneration): chatml with its own default system prompt
     Template("intern_vl", **_CHATML, prefix="{bos}", default_system=_INTERN_VL_SYSTEM, mm_plugin="intern_vl"),
     Template("deepseek3", **_DEEPSEEK),
     Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING),
+    # -- the rest of LLaMA-Factory 0.9.5's text templates --
+    # Ling (bailing) 1.x and 2.0
+    Template("bailing", stop_words=("<|endoftext|>",), system="<role>SYSTEM</role>{content}",
+             user="<role>HUMAN</role>{content}<role>ASSISTANT</role>",
+             observation="<role>OBSERVATION</role>{content}<role>ASSISTANT</role>", assistant="{content}{eos}",
+             eos_token="<|endoftext|>"),
+    Template("bailing_v2", stop_words=("<|role_end|>",), system="<role>SYSTEM</role>{content}<|role_end|>",
+             user="<role>HUMAN</role>{content}<|role_end|><role>ASSISTANT</role>",
+             observation="<role>OBSERVATION</role>\n<tool_response>\n{content}\n</tool_response><|role_end|>"
+                         "<role>ASSISTANT</role>",
+             assistant="{content}<|role_end|>", tool_format="ling", eos_token="<|endoftext|>"),
+    # Breeze (MediaTek, on Mistral): the system prompt then a space before the first [INST]
+    Template("breeze", prefix="{bos}", system="{content} ", user="[INST] {content} [/INST] ",
+             assistant="{content}{eos}", bos_token="<s>"),
+    Template("chatml_de", **_CHATML_TOOL, default_system="Du bist ein freundlicher und hilfsbereiter KI-Assistent."),
+    # Command R / R+ (Cohere)
+    Template("cohere", stop_words=("<|END_OF_TURN_TOKEN|>",), prefix="{bos}",
+             system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
+             user="<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{content}<|END_OF_TURN_TOKEN|>"
+                  "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+             assistant="{content}<|END_OF_TURN_TOKEN|>", bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>"),
+    Template("cpm4", **_CHATML_TOOL, prefix="{bos}", bos_token="<s>"),  # MiniCPM 4
+    Template("dbrx", **_CHATML_TOOL, default_system=_DBRX_SYSTEM, eos_token="<|endoftext|>"),
+    # DeepSeek LLM / V2 chat
+    Template("deepseek", prefix="{bos}", system="{content}\n\n", user="User: {content}\n\nAssistant:",
+             assistant=" {content}{eos}", bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"),
+    Template("deepseekcoder", stop_words=("<|EOT|>",), prefix="{bos}", user="### Instruction:\n{content}\n### Response:",
+             assistant="\n{content}\n<|EOT|>", separator="\n", default_system=_DEEPSEEK_CODER_SYSTEM,
+             bos_token="<｜begin▁of▁sentence｜>", eos_token="<|EOT|>"),
+    # ERNIE 4.5: the thinking models' chatml with blank lines, the base chat models' plain format
+    Template("ernie", stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}<|im_end|>\n\n",
+             user="<|im_start|>user\n{content}<|im_end|>\n\n<|im_start|>assistant\n",
+             observation="<|im_start|>tool\n{content}<|im_end|>\n\n<|im_start|>assistant\n",
+             assistant="{content}<|im_end|>", separator="\n\n",
+             default_system="<global_setting>\nthink_mode=True\n</global_setting>"),
+    Template("ernie_nothink", stop_words=("<|end_of_sentence|>",), prefix="<|begin_of_sentence|>",
+             system="{content}\n", user="User: {content}\nAssistant: ", assistant="{content}<|end_of_sentence|>"),
+    Template("exaone", stop_words=("[|endofturn|]",), system="[|system|]{content}[|endofturn|]\n",
+             user="[|user|]{content}\n[|assistant|]", assistant="{content}[|endofturn|]", separator="\n",
+             eos_token="[|endofturn|]"),
+    Template("falcon", user="User: {content}\nFalcon:", assistant="{content}{eos}", separator="\n",
+             eos_token="<|endoftext|>"),
+    Template("falcon_h1", **{**_CHATML_TOOL, "stop_words": ("<|im_end|>", "<|end_of_text|>")}, prefix="{bos}",
+             bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
+    Template("fewshot", assistant="{content}{eos}", separator="\n\n"),  # examples one after another
+    # Gemma 3n's text side (Gemma 3's format); Gemma 4's text side, with its thought channel
+    Template("gemma3n", **_GEMMA, trim=(USER, ASSISTANT)),
+    Template("gemma4", **_GEMMA4),
+    Template("gemma4n", **_GEMMA4),
+    Template("glm4", **_GLM4, tool_format="glm4"),  # GLM-4 / GLM-4-0414
+    Template("glm4_moe", **_GLM4, tool_format="glm4_moe", thinking=Thinking(open="<think>", close="</think>\n")),
+    Template("glm4_7", **_GLM47),
+    Template("aeva", **_GLM47, default_system=_AEVA_SYSTEM),  # on GLM-4.7
+    Template("glmz1", **_GLM4, tool_format="glm4", thinking=QWEN3_THINKING),
+    Template("granite3", **_GRANITE),
+    Template("granite4", **_GRANITE, observation="<|start_of_role|>tool<|end_of_role|>{content}<|end_of_text|>\n"
+                                                 "<|start_of_role|>assistant<|end_of_role|>",
+             default_system="You are Granite, developed by IBM. You are a helpful AI assistant."),
+    # Hunyuan: the first release, the small dense ones (0.5B-7B), Hy3
+    Template("hunyuan", stop_words=("<|eos|>",), prefix="<|startoftext|>", system="{content}<|extra_4|>",
+             user="{content}<|extra_0|>", assistant="{content}<|eos|>"),
+    Template("hunyuan_small", stop_words=(_HY_SMALL.format(2),), prefix="<｜hy_begin▁of▁sentence｜>",
+             system="{content}" + _HY_SMALL.format(3), user="<｜hy_User｜>{content}" + _HY_SMALL.format(8),
+             assistant="{content}" + _HY_SMALL.format(2)),
+    Template("hy3", stop_words=("<｜hy_eos｜>",), prefix="{bos}", user="<｜hy_User｜>{content}<｜hy_Assistant｜>",
+             assistant="{content}<｜hy_eos｜>", thinking=Thinking(open="<think>", close="</think>"),
+             bos_token="<｜hy_begin▁of▁sentence｜>"),
+    Template("index", system="<unk>{content}", user="reserved_0{content}reserved_1", assistant="{content}{eos}"),
+    Template("intern_s1", **_CHATML, prefix="{bos}"),  # Intern-S1's text side
+    Template("lfm2", **_CHATML, observation="<|im_start|>tool\n<|tool_response_start|>{content}<|tool_response_end|>"
+                                            "<|im_end|>\n<|im_start|>assistant\n",
+             default_system="You are a helpful AI assistant.", tool_format="lfm2"),
+    # Llama 4's text side
+    Template("llama4", stop_words=("<|eot|>", "<|eom|>"), prefix="{bos}",
+             system="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
+             user="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+             observation="<|header_start|>ipython<|header_end|>\n\n{content}<|eot|>"
+                         "<|header_start|>assistant<|header_end|>\n\n",
+             assistant="{content}<|eot|>", tool_format="llama3", bos_token="<|begin_of_text|>"),
+    Template("mimo", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
+             thinking=QWEN3_THINKING),
+    Template("mimo_v2", **_CHATML, default_system="You are MiMo, a helpful AI assistant engineered by Xiaomi.",
+             tool_format="qwen", thinking=Thinking(open="<think>", close="</think>")),
+    Template("minimax1", stop_words=("<end_of_sentence>",),
+             system="<beginning_of_sentence>system ai_setting=assistant\n{content}<end_of_sentence>\n",
+             user="<beginning_of_sentence>user name=user\n{content}<end_of_sentence>\n"
+                  "<beginning_of_sentence>ai name=assistant\n",
+             observation="<beginning_of_sentence>tool name=tools\n{content}<end_of_sentence>\n"
+                         "<beginning_of_sentence>ai name=assistant\n",
+             assistant="{content}<end_of_sentence>", separator="\n", default_system="You are a helpful assistant.",
+             tool_format="minimax1"),
+    Template("minimax2", stop_words=("[e~[",), system="]~!b[]~b]system\n{content}[e~[\n",
+             user="]~b]user\n{content}[e~[\n]~b]ai\n", observation="]~b]tool\n<response>{content}</response>[e~[\n]~b]ai\n",
+             assistant="{content}[e~[", separator="\n",
+             default_system="You are a helpful assistant. Your name is MiniMax-M2.1 and is built by MiniMax.",
+             tool_format="minimax2", thinking=QWEN3_THINKING),
+    Template("ministral", **_MINISTRAL, assistant="{content}{eos}"),  # Ministral 8B
+    Template("ministral3", **_MINISTRAL, assistant="{content}{eos}"),  # Ministral 3's text side
+    Template("mistral_small", **_MISTRAL, system="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]",
+             assistant="{content}{eos}"),  # Mistral Small 3.x's text side
+    # Moonlight (Moonshot AI)
+    Template("moonlight", stop_words=("<|im_end|>",), system="<|im_system|>system<|im_middle|>{content}<|im_end|>",
+             user="<|im_user|>user<|im_middle|>{content}<|im_end|><|im_assistant|>assistant<|im_middle|>",
+             assistant="{content}<|im_end|>", default_system="You are a helpful assistant provided by Moonshot-AI."),
+    # OLMo (1): the text opens with eos
+    Template("olmo", prefix="{eos}", user="<|user|>\n{content}<|assistant|>\n", assistant="{content}{eos}",
+             eos_token="<|endoftext|>"),
+    # OpenChat 3.5 and 3.6
+    Template("openchat", prefix="{bos}", user="GPT4 Correct User: {content}{eos}GPT4 Correct Assistant:",
+             assistant="{content}{eos}", bos_token="<s>", eos_token="<|end_of_turn|>"),
+    Template("openchat-3.6", stop_words=("<|eot_id|>",), prefix="{bos}",
+             user="<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|>"
+                  "<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n",
+             assistant="{content}<|eot_id|>", bos_token="<|begin_of_text|>"),
+    Template("opencoder", **_CHATML_TOOL, default_system="You are OpenCoder, created by OpenCoder Team."),
+    Template("phi_small", **_PHI, prefix="<|endoftext|>"),  # Phi-3-small: the text opens with <|endoftext|>
+    Template("phi4", stop_words=("<|im_end|>",), system="<|im_start|>system<|im_sep|>{content}<|im_end|>",
+             user="<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
+             assistant="{content}<|im_end|>", eos_token="<|im_end|>"),
+    Template("phi4_mini", stop_words=("<|end|>",), system="<|system|>{content}<|end|>",
+             user="<|user|>{content}<|end|><|assistant|>", assistant="{content}<|end|>", eos_token="<|endoftext|>"),
+    # Qwen3.5 / Qwen3.6's text side
+    Template("qwen3_5", **_QWEN3_5),
+    Template("qwen3_5_nothink", **_QWEN3_5, enable_thinking=False),
+    Template("qwen3_6", **_QWEN3_5),
+    Template("sailor", **{**_CHATML, "user": "<|im_start|>question\n{content}<|im_end|>\n<|im_start|>answer\n"},
+             default_system=_SAILOR_SYSTEM),
+    Template("seed_coder", **_SEED, default_system=_SEED_CODER_SYSTEM, bos_token="<[begin▁of▁sentence]>",
+             eos_token="<[end▁of▁sentence]>"),
+    Template("seed_oss", **_SEED, tool_format="seed_oss", thinking=Thinking(open="<seed:think>", close="</seed:think>"),
+             bos_token="<seed:bos>", eos_token="<seed:eos>"),
+    Template("smollm", **_CHATML),
+    Template("smollm2", **_CHATML, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
+    Template("solar", system="### System:\n{content}\n\n", user="### User:\n{content}\n\n### Assistant:\n",
+             assistant="{content}{eos}"),
+    Template("starchat", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
+             user="<|user|>\n{content}<|end|>\n<|assistant|>", assistant="{content}<|end|>", separator="\n"),
+    Template("telechat2", system="<_system>{content}", user="<_user>{content}<_bot>", assistant="{content}{eos}",
+             default_system=_TELECHAT_SYSTEM, eos_token="<_end>"),
+    Template("xuanyuan", user="Human: {content} Assistant:", assistant="{content}{eos}", default_system=_XUANYUAN_SYSTEM),
+    Template("youtu", stop_words=("<|end_of_text|>",), prefix="{bos}", user="<|User|>{content}<|Assistant|>",
+             observation="<tool_response>\n{content}\n</tool_response><|Assistant|>", assistant="{content}<|end_of_text|>",
+             thinking=QWEN3_THINKING),
+    Template("yuan", stop_words=("<eod>",), user="{content}<sep>", assistant="{content}<eod>", separator="\n"),
+    Template("zephyr", system="<|system|>\n{content}{eos}\n", user="<|user|>\n{content}{eos}\n<|assistant|>\n",
+             assistant="{content}{eos}", separator="\n", default_system="You are Zephyr, a helpful assistant."),
 )}
 TEMPLATES = MappingProxyType(_REGISTRY)
 
