@@ -153,13 +153,16 @@ EXPECTED = {
                    "Hello!<｜end▁of▁sentence｜>",
                    "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
                    "<｜User｜>How are you?<｜Assistant｜><think>\n\n</think>\n\nFine.<｜end▁of▁sentence｜>"),
-    # -- the rest of LLaMA-Factory 0.9.5's text templates. Sources, no model hub being reachable here: the model's
-    # published jinja chat_template as known from its tokenizer_config.json (phi4, phi4_mini, phi_small, llama4,
-    # gemma3n, glm4, deepseek, deepseekcoder, cohere, zephyr, exaone, moonlight, openchat-3.6, smollm, smollm2,
-    # dbrx, granite3, chatml-shaped ones); for the others the prompt format their model cards document, as
-    # LLaMA-Factory 0.9.5 records it (no jinja obtainable offline). Documented differences (module docstring of
-    # lf.data.templates): GLM-family replies end with eos, and history replies of reasoning templates drop the
-    # reasoning block entirely.
+    # -- the rest of LLaMA-Factory 0.9.5's text templates. Sources (no model hub here): rendered with the published
+    # jinja chat_template (llama.cpp's models/templates, as shipped in llama-cpp-python 0.3.36's sdist) for
+    # glm4_moe (GLM-4.6), glm4_7 (GLM-4.7-Flash), gemma4 (Gemma 4 31B, thinking on), granite3 (3.3), granite4 (4.0),
+    # lfm2, minimax1, minimax2 (M2), mistral_small (3.2), ministral3, qwen3_5 (Qwen3.5-4B), seed_oss; the model's
+    # tokenizer_config.json template as known for phi4, phi4_mini, phi_small, llama4, gemma3n, glm4, deepseek,
+    # deepseekcoder, cohere, zephyr, exaone, moonlight, openchat-3.6, smollm, smollm2, dbrx and the chatml ones;
+    # for the others the prompt format their model cards document, as LLaMA-Factory 0.9.5 records it. Where these
+    # texts differ from the official ones (GLM replies end with eos; a last reply without reasoning gets the empty
+    # block in thinking mode; date-dependent default system prompts left out) the module docstring of
+    # lf.data.templates says so.
     "bailing": ('<role>SYSTEM</role>Be brief.<role>HUMAN</role>Hi there<role>ASSISTANT</role>'
         'Hello!<|endoftext|>',
         '<role>HUMAN</role>Hi<role>ASSISTANT</role>Hello!<|endoftext|><role>HUMAN</role>'
@@ -240,17 +243,15 @@ EXPECTED = {
         '\nFine.<|endoftext|>'),
     "glm4_moe": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think></think>\n'
         'Hello!<|endoftext|>',
-        '[gMASK]<sop><|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>'
-        '\n<think></think>\nFine.<|endoftext|>'),
-    "glm4_7": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think></think>'
-        'Hello!<|endoftext|>',
-        '[gMASK]<sop><|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>'
-        '\n<think></think>Fine.<|endoftext|>'),
-    "aeva": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think></think>'
-        'Hello!<|endoftext|>',
-        '[gMASK]<sop><|system|>\n'
+        '[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello!<|endoftext|><|user|>\n'
+        'How are you?<|assistant|>\n<think></think>\nFine.<|endoftext|>'),
+    "glm4_7": ('[gMASK]<sop><|system|>Be brief.<|user|>Hi there<|assistant|><think></think>Hello!<|endoftext|>',
+        '[gMASK]<sop><|user|>Hi<|assistant|></think>Hello!<|endoftext|><|user|>'
+        'How are you?<|assistant|><think></think>Fine.<|endoftext|>'),
+    "aeva": ('[gMASK]<sop><|system|>Be brief.<|user|>Hi there<|assistant|><think></think>Hello!<|endoftext|>',
+        '[gMASK]<sop><|system|>'
         + DEFAULT_SYSTEM['aeva']
-        + '<|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>\n<think>'
+        + '<|user|>Hi<|assistant|></think>Hello!<|endoftext|><|user|>How are you?<|assistant|><think>'
         + '</think>Fine.<|endoftext|>'),
     "glmz1": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think>\n\n</think>\n\n'
         'Hello!<|endoftext|>',
@@ -286,11 +287,10 @@ EXPECTED = {
         'assistant\nHello!<|im_end|>\n',
         '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
         'How are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
-    "lfm2": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
-        'assistant\nHello!<|im_end|>\n',
-        '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>'
-        '\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nHow are you?<|im_end|>\n'
-        '<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "lfm2": ('<|startoftext|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n'
+        '<|im_start|>assistant\nHello!<|im_end|>\n',
+        '<|startoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
     "llama4": ('<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|><|header_start|>'
         'user<|header_end|>\n\nHi there<|eot|><|header_start|>assistant<|header_end|>\n\nHello!<|eot|>',
         '<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>'
@@ -308,14 +308,15 @@ EXPECTED = {
         + '<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
         + '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n<think></think>'
         + 'Fine.<|im_end|>\n'),
-    "minimax1": ('<beginning_of_sentence>system ai_setting=assistant\nBe brief.<end_of_sentence>\n'
-        '<beginning_of_sentence>user name=user\nHi there<end_of_sentence>\n<beginning_of_sentence>'
-        'ai name=assistant\nHello!<end_of_sentence>\n',
-        '<beginning_of_sentence>system ai_setting=assistant\n'
-        'You are a helpful assistant.<end_of_sentence>\n<beginning_of_sentence>user name=user\n'
-        'Hi<end_of_sentence>\n<beginning_of_sentence>ai name=assistant\nHello!<end_of_sentence>\n'
-        '<beginning_of_sentence>user name=user\nHow are you?<end_of_sentence>\n<beginning_of_sentence>'
-        'ai name=assistant\nFine.<end_of_sentence>\n'),
+    "minimax1": ('<begin_of_document><beginning_of_sentence>system ai_setting=assistant\n'
+        'Be brief.<end_of_sentence>\n<beginning_of_sentence>user name=user\nHi there<end_of_sentence>\n'
+        '<beginning_of_sentence>ai name=assistant\nHello!<end_of_sentence>\n',
+        '<begin_of_document><beginning_of_sentence>system ai_setting=assistant\n'
+        + DEFAULT_SYSTEM['minimax1']
+        + '<end_of_sentence>\n<beginning_of_sentence>user name=user\nHi<end_of_sentence>\n'
+        + '<beginning_of_sentence>ai name=assistant\nHello!<end_of_sentence>\n<beginning_of_sentence>'
+        + 'user name=user\nHow are you?<end_of_sentence>\n<beginning_of_sentence>ai name=assistant\n'
+        + 'Fine.<end_of_sentence>\n'),
     "minimax2": (']~!b[]~b]system\nBe brief.[e~[\n]~b]user\nHi there[e~[\n]~b]ai\n<think>\n\n</think>\n\n'
         'Hello![e~[\n',
         ']~!b[]~b]system\n'
@@ -324,7 +325,7 @@ EXPECTED = {
         + '</think>\n\nFine.[e~[\n'),
     "ministral": ('<s>[INST]Be brief.\n\nHi there[/INST]Hello!</s>',
         '<s>[INST]Hi[/INST]Hello!</s>[INST]How are you?[/INST]Fine.</s>'),
-    "ministral3": ('<s>[INST]Be brief.\n\nHi there[/INST]Hello!</s>',
+    "ministral3": ('<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi there[/INST]Hello!</s>',
         '<s>[INST]Hi[/INST]Hello!</s>[INST]How are you?[/INST]Fine.</s>'),
     "mistral_small": ('<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi there[/INST]Hello!</s>',
         '<s>[INST]Hi[/INST]Hello!</s>[INST]How are you?[/INST]Fine.</s>'),
@@ -392,9 +393,9 @@ EXPECTED = {
         + 'assistant\nHello!<[end▁of▁sentence]><[begin▁of▁sentence]>user\nHow are you?<[end▁of▁sentence]>'
         + '<[begin▁of▁sentence]>assistant\nFine.<[end▁of▁sentence]>'),
     "seed_oss": ('<seed:bos>system\nBe brief.<seed:eos><seed:bos>user\nHi there<seed:eos><seed:bos>assistant\n'
-        '<seed:think></seed:think>Hello!<seed:eos>',
+        '<seed:think></seed:think>\nHello!<seed:eos>',
         '<seed:bos>user\nHi<seed:eos><seed:bos>assistant\nHello!<seed:eos><seed:bos>user\n'
-        'How are you?<seed:eos><seed:bos>assistant\n<seed:think></seed:think>Fine.<seed:eos>'),
+        'How are you?<seed:eos><seed:bos>assistant\n<seed:think></seed:think>\nFine.<seed:eos>'),
     "smollm": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
         'assistant\nHello!<|im_end|>\n',
         '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
@@ -505,6 +506,39 @@ def test_deepseekr1_opens_the_reasoning_in_the_prompt_and_drops_it_from_history(
         ("<｜begin▁of▁sentence｜><｜User｜>Q1<｜Assistant｜>", "\n\nA1<｜end▁of▁sentence｜>"),  # R1 keeps the newlines
         ("<｜User｜>Q2<｜Assistant｜><think>\n", "r2\n</think>\n\nA2<｜end▁of▁sentence｜>")]
     assert template.render(REASONING[:3], add_generation_prompt=True).endswith("<｜User｜>Q2<｜Assistant｜><think>\n")
+
+
+# REASONING as each model's published chat template writes it (the sources of EXPECTED; reasoning passed as the
+# template's reasoning_content), plus the eos lf ends GLM replies with; and each one's generation prompt for Q2.
+OFFICIAL_REASONING = {
+    "glm4_moe": ("[gMASK]<sop><|user|>\nQ1<|assistant|>\n<think></think>\nA1<|endoftext|><|user|>\nQ2<|assistant|>\n"
+                 "<think>r2</think>\nA2<|endoftext|>", "<|user|>\nQ2<|assistant|>\n"),
+    "glm4_7": ("[gMASK]<sop><|user|>Q1<|assistant|></think>A1<|endoftext|><|user|>Q2<|assistant|><think>r2</think>"
+               "A2<|endoftext|>", "<|user|>Q2<|assistant|><think>"),
+    "qwen3_5": ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>\n", "<|im_start|>assistant\n<think>\n"),
+    "minimax2": ("]~!b[]~b]system\nYou are a helpful assistant.[e~[\n]~b]user\nQ1[e~[\n]~b]ai\nA1[e~[\n]~b]user\nQ2[e~[\n"
+                 "]~b]ai\n<think>\nr2\n</think>\n\nA2[e~[\n", "]~b]ai\n<think>\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_REASONING))
+def test_reasoning_as_the_official_templates_write_it(name):
+    template = get_template(name)
+    text, generation_prompt = OFFICIAL_REASONING[name]
+    system = "You are a helpful assistant." if name == "minimax2" else None
+    assert template.render(REASONING, system) == text
+    assert template.render(REASONING[:3], system, add_generation_prompt=True).endswith(generation_prompt)
+    # the reasoning is the reply's (learned), whatever the prompt opens
+    assert "r2" in template.render_pairs(REASONING, system)[-1][1]
+
+
+def test_seed_oss_reasoning_uses_its_own_tags():
+    seed = [user("Q1"), assistant("<seed:think>r1</seed:think>A1"), user("Q2"),
+            assistant("<seed:think>\nr2\n</seed:think>\nA2")]
+    assert get_template("seed_oss").render(seed) == (  # Seed-OSS's published template, reasoning_content "r2"
+        "<seed:bos>user\nQ1<seed:eos><seed:bos>assistant\nA1<seed:eos><seed:bos>user\nQ2<seed:eos>"
+        "<seed:bos>assistant\n<seed:think>r2</seed:think>\nA2<seed:eos>")
 
 
 def test_nothink_puts_the_empty_block_in_the_prompt():
@@ -746,8 +780,9 @@ def test_jinja_without_generation_prompt(tok, name):
     prompt = apply_jinja(tok, template, MULTI[:3])
     generation = apply_jinja(tok, template, MULTI[:3], add_generation_prompt=True)
     assert prompt.endswith(template.user.format(content="How are you?", bos="<s>", eos="</s>"))
-    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n",
-               "qwen3_vl_nothink": "<think>\n\n</think>\n\n", "qwen3_5_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
+    opening = {"deepseekr1": "<think>\n", "qwen3_5": "<think>\n", "qwen3_6": "<think>\n", "minimax2": "<think>\n",
+               "glm4_7": "<think>", "aeva": "<think>", **dict.fromkeys(
+                   ("qwen3_nothink", "qwen3_vl_nothink", "qwen3_5_nothink"), "<think>\n\n</think>\n\n")}.get(name, "")
     assert generation == prompt + opening
     # Ending with a reply: nothing to add.
     assert apply_jinja(tok, template, MULTI, add_generation_prompt=True) == apply_jinja(tok, template, MULTI)

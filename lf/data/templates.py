@@ -15,7 +15,9 @@ without reasoning gets an empty block "<think>\n\n</think>\n\n" in the reply: th
 the same, and training on it keeps the model writing the block it is always expected to open. With thinking off
 (enable_thinking=False, qwen3_nothink) the empty block goes at the end of the prompt instead, as the official
 non-thinking generation prompt does, so the model learns the answer only; a reply that does carry reasoning keeps
-it in the reply either way.
+it in the reply either way. Other families write the block their own way (`Thinking`): GLM-4.5 keeps an empty
+block in history replies, GLM-4.7 and Qwen3.5 open it in the generation prompt, Seed-OSS and Gemma 4 have their own
+tags.
 
 Where lf knowingly differs from a model's official template:
   mistral     the system prompt joins the last user message, as mistral-common does (v0.3's jinja writes it only
@@ -25,7 +27,27 @@ Where lf knowingly differs from a model's official template:
               last reply's, written as the model generates it after "<｜Assistant｜><think>\n";
   llama3      Llama 3 format without 3.1's "Cutting Knowledge Date" system lines; tools go in the first user
               message as 3.1 puts them;
-  phi         without the eos Phi-3's template writes after the last turn (the reply already ends with "<|end|>").
+  phi         without the eos Phi-3's template writes after the last turn (the reply already ends with "<|end|>");
+  glm4, glm4_moe, glm4_7, glmz1, aeva
+              each reply ends with eos: the official templates write no end-of-turn marker (the models stop on the
+              next "<|user|>" or "<|observation|>", lf's stop words), and LLaMA-Factory writes eos after the last
+              reply only, which teaches no stop after the others; glm4_moe and glmz1 put the newline after
+              "<|assistant|>" in the prompt (the same tokens: the header is a special token); glm4_7 thinking off
+              ends the prompt with "<think></think>" where GLM-4.7 writes "</think>";
+  seed_oss, minimax2, gemma4, glm4_7
+              in thinking mode a last reply without reasoning gets the empty block (the rule above); their official
+              templates write none (glm4_7: only "</think>");
+  gemma4, gemma4n
+              trained in thinking mode, as LLaMA-Factory does: the system turn starts with "<|think|>" and is always
+              written (default "You are a helpful assistant."); Gemma 4's template writes it only with
+              enable_thinking, and drops every thought, the last reply's too;
+  granite3, mistral_small, ministral3, minimax2
+              without the official default system prompts that hold today's date (Granite 3.3) or belong to one
+              variant (Mistral Small's, Ministral 3 Reasoning's); minimax2's is MiniMax-M2.1's;
+  hy3         LLaMA-Factory 0.9.5's Hy3 format; Tencent's newest published Hy3 template names its tokens with an
+              ":opensource" suffix and adds a reasoning-effort line.
+The templates of multimodal families registered here (gemma3n, gemma4, gemma4n, llama4, mistral_small, ministral3,
+intern_s1, qwen3_5, qwen3_5_nothink, qwen3_6) are their text side: no multimodal plugin yet.
 
 `resolve_template` can instead use a tokenizer's own jinja `chat_template` (`JinjaTemplate`): turns are cut from
 renderings of growing prefixes of the conversation, which only works for templates that never rewrite earlier
@@ -53,6 +75,7 @@ class Thinking:
     close: str = "\n</think>\n\n"
     prompt_opens: bool = False  # the generation prompt writes `open` (DeepSeek-R1): the model continues after it
     lstrip_history: bool = True  # history replies drop the newlines after "</think>" (Qwen3 does, R1 keeps them)
+    history: str = ""  # what a history reply starts with in place of its dropped reasoning (GLM: an empty block)
 
     def split(self, content: str) -> tuple[str | None, str]:
         """(reasoning or None when there is no block, the text after the block)."""
@@ -172,7 +195,8 @@ class Template:
             return "", content
         reasoning, answer = thinking.split(content)
         if not last:  # history: the official templates drop old reasoning
-            return "", answer.lstrip("\n") if reasoning is not None and thinking.lstrip_history else answer
+            return "", thinking.history + (answer.lstrip("\n") if reasoning is not None and thinking.lstrip_history
+                                           else answer)
         if not reasoning and not self.enable_thinking:
             return thinking.open + thinking.close, answer.lstrip("\n") if reasoning is not None else answer
         block = thinking.open + (reasoning or "") + thinking.close + answer.lstrip("\n")
@@ -247,7 +271,8 @@ class Template:
         """`_reply_body` on the reply's `content`: what it adds to the prompt is written first."""
         thinking = self.thinking
         start, end = repr(thinking.open.strip()), repr(thinking.close.strip())
-        history = "answer.lstrip('\\n') if reasoning is not none else answer" if thinking.lstrip_history else "answer"
+        history = "(answer.lstrip('\\n') if reasoning is not none else answer)" if thinking.lstrip_history else "answer"
+        history = f"{thinking.history!r} + {history}" if thinking.history else history
         rest = f"(reasoning or '') + {thinking.close!r} + answer.lstrip('\\n')"
         last = ([_write(repr(thinking.open), 3), _tag(f"set content = {rest}", 3)] if thinking.prompt_opens
                 else [_tag(f"set content = {thinking.open!r} + {rest}", 3)])
@@ -395,6 +420,14 @@ _CHATML_TOOL = dict(_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\
 _GLM4 = dict(stop_words=("<|user|>", "<|observation|>"), prefix="[gMASK]<sop>", system="<|system|>\n{content}",
              user="<|user|>\n{content}<|assistant|>", observation="<|observation|>\n{content}<|assistant|>",
              assistant="\n{content}{eos}", function="{content}{eos}", eos_token="<|endoftext|>")
+# GLM-4.5 / 4.6: the newline after "<|assistant|>" is the prompt's, so that the reasoning block follows it; history
+# replies keep an empty block.
+_GLM45 = dict(_GLM4, user="<|user|>\n{content}<|assistant|>\n", observation="<|observation|>\n{content}<|assistant|>\n",
+              assistant="{content}{eos}")
+# GLM-4.7: no newlines between turns; the generation prompt opens the reasoning, history replies keep its end.
+_GLM47 = dict(_GLM4, system="<|system|>{content}", user="<|user|>{content}<|assistant|>",
+              observation="<|observation|>{content}<|assistant|>", assistant="{content}{eos}", tool_format="glm4_moe",
+              thinking=Thinking(open="<think>", close="</think>", prompt_opens=True, history="</think>"))
 _GRANITE = dict(stop_words=("<|end_of_text|>",), system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
                 user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
                      "<|start_of_role|>assistant<|end_of_role|>",
@@ -403,17 +436,17 @@ _GEMMA4 = dict(stop_words=("<turn|>", "<tool|>"), prefix="{bos}", system="<|turn
                user="<|turn>user\n{content}<turn|>\n<|turn>model\n",
                observation="<|turn>tool\n{content}<turn|>\n<|turn>model\n", assistant="{content}<turn|>",
                function="<|tool>{content}<tool|>", separator="\n", default_system="You are a helpful assistant.",
+               trim=(SYSTEM, USER, ASSISTANT),
                tool_format="gemma4", thinking=Thinking(open="<|channel>thought\n", close="<channel|>"),
                bos_token="<bos>", eos_token="<eos>")
 # Mistral's later models: no space inside [INST] ... [/INST]; tool calls and results as the mistral tool format.
-_MISTRAL = dict(prefix="{bos}", user="[INST]{content}[/INST]", observation="{content}", function="{content}{eos}",
-                tool_format="mistral", bos_token="<s>")
-_MINISTRAL = dict(_MISTRAL, system="{content}\n\n", system_at=IN_FIRST_USER_MESSAGE)
+_MISTRAL = dict(prefix="{bos}", user="[INST]{content}[/INST]", observation="{content}", assistant="{content}{eos}",
+                function="{content}{eos}", tool_format="mistral", bos_token="<s>")
+_MISTRAL_SYSTEM_PROMPT = dict(_MISTRAL, system="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]")
 # ByteDance Seed: every turn is bos, role, newline, content, eos.
 _SEED = dict(system="{bos}system\n{content}{eos}", user="{bos}user\n{content}{eos}{bos}assistant\n",
              assistant="{content}{eos}")
-_QWEN3_5 = dict(_CHATML, tool_format="qwen3_5", thinking=QWEN3_THINKING)
-_GLM47 = dict(_GLM4, tool_format="glm4_moe", thinking=Thinking(open="<think>", close="</think>"))
+_QWEN3_5 = dict(_CHATML, tool_format="qwen3_5", thinking=Thinking(prompt_opens=True))  # Qwen3's, opened by the prompt
 _HY_SMALL = "<｜hy_place▁holder▁no▁{}｜>"
 
 _REGISTRY = {t.name: t for t in (
@@ -516,14 +549,15 @@ _REGISTRY = {t.name: t for t in (
     Template("gemma4", **_GEMMA4),
     Template("gemma4n", **_GEMMA4),
     Template("glm4", **_GLM4, tool_format="glm4"),  # GLM-4 / GLM-4-0414
-    Template("glm4_moe", **_GLM4, tool_format="glm4_moe", thinking=Thinking(open="<think>", close="</think>\n")),
+    Template("glm4_moe", **_GLM45, tool_format="glm4_moe",
+             thinking=Thinking(open="<think>", close="</think>\n", history="<think></think>\n")),
     Template("glm4_7", **_GLM47),
     Template("aeva", **_GLM47, default_system=_AEVA_SYSTEM),  # on GLM-4.7
-    Template("glmz1", **_GLM4, tool_format="glm4", thinking=QWEN3_THINKING),
+    Template("glmz1", **_GLM45, tool_format="glm4", thinking=QWEN3_THINKING),
     Template("granite3", **_GRANITE),
     Template("granite4", **_GRANITE, observation="<|start_of_role|>tool<|end_of_role|>{content}<|end_of_text|>\n"
                                                  "<|start_of_role|>assistant<|end_of_role|>",
-             default_system="You are Granite, developed by IBM. You are a helpful AI assistant."),
+             default_system="You are a helpful assistant. Please ensure responses are professional, accurate, and safe."),
     # Hunyuan: the first release, the small dense ones (0.5B-7B), Hy3
     Template("hunyuan", stop_words=("<|eos|>",), prefix="<|startoftext|>", system="{content}<|extra_4|>",
              user="{content}<|extra_0|>", assistant="{content}<|eos|>"),
@@ -535,9 +569,9 @@ _REGISTRY = {t.name: t for t in (
              bos_token="<｜hy_begin▁of▁sentence｜>"),
     Template("index", system="<unk>{content}", user="reserved_0{content}reserved_1", assistant="{content}{eos}"),
     Template("intern_s1", **_CHATML, prefix="{bos}"),  # Intern-S1's text side
-    Template("lfm2", **_CHATML, observation="<|im_start|>tool\n<|tool_response_start|>{content}<|tool_response_end|>"
+    Template("lfm2", **_CHATML, prefix="{bos}", observation="<|im_start|>tool\n<|tool_response_start|>{content}<|tool_response_end|>"
                                             "<|im_end|>\n<|im_start|>assistant\n",
-             default_system="You are a helpful AI assistant.", tool_format="lfm2"),
+             tool_format="lfm2", bos_token="<|startoftext|>"),
     # Llama 4's text side
     Template("llama4", stop_words=("<|eot|>", "<|eom|>"), prefix="{bos}",
              system="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
@@ -549,23 +583,23 @@ _REGISTRY = {t.name: t for t in (
              thinking=QWEN3_THINKING),
     Template("mimo_v2", **_CHATML, default_system="You are MiMo, a helpful AI assistant engineered by Xiaomi.",
              tool_format="qwen", thinking=Thinking(open="<think>", close="</think>")),
-    Template("minimax1", stop_words=("<end_of_sentence>",),
+    Template("minimax1", stop_words=("<end_of_sentence>",), prefix="<begin_of_document>",
              system="<beginning_of_sentence>system ai_setting=assistant\n{content}<end_of_sentence>\n",
              user="<beginning_of_sentence>user name=user\n{content}<end_of_sentence>\n"
                   "<beginning_of_sentence>ai name=assistant\n",
              observation="<beginning_of_sentence>tool name=tools\n{content}<end_of_sentence>\n"
                          "<beginning_of_sentence>ai name=assistant\n",
-             assistant="{content}<end_of_sentence>", separator="\n", default_system="You are a helpful assistant.",
+             assistant="{content}<end_of_sentence>", separator="\n",
+             default_system="You are a helpful assistant created by Minimax based on MiniMax-M1 model.",
              tool_format="minimax1"),
     Template("minimax2", stop_words=("[e~[",), system="]~!b[]~b]system\n{content}[e~[\n",
              user="]~b]user\n{content}[e~[\n]~b]ai\n", observation="]~b]tool\n<response>{content}</response>[e~[\n]~b]ai\n",
              assistant="{content}[e~[", separator="\n",
              default_system="You are a helpful assistant. Your name is MiniMax-M2.1 and is built by MiniMax.",
-             tool_format="minimax2", thinking=QWEN3_THINKING),
-    Template("ministral", **_MINISTRAL, assistant="{content}{eos}"),  # Ministral 8B
-    Template("ministral3", **_MINISTRAL, assistant="{content}{eos}"),  # Ministral 3's text side
-    Template("mistral_small", **_MISTRAL, system="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]",
-             assistant="{content}{eos}"),  # Mistral Small 3.x's text side
+             tool_format="minimax2", thinking=Thinking(prompt_opens=True)),
+    Template("ministral", **_MISTRAL, system="{content}\n\n", system_at=IN_FIRST_USER_MESSAGE),  # Ministral 8B
+    Template("ministral3", **_MISTRAL_SYSTEM_PROMPT),  # Ministral 3's text side
+    Template("mistral_small", **_MISTRAL_SYSTEM_PROMPT),  # Mistral Small 3.x's text side
     # Moonlight (Moonshot AI)
     Template("moonlight", stop_words=("<|im_end|>",), system="<|im_system|>system<|im_middle|>{content}<|im_end|>",
              user="<|im_user|>user<|im_middle|>{content}<|im_end|><|im_assistant|>assistant<|im_middle|>",
@@ -595,7 +629,8 @@ _REGISTRY = {t.name: t for t in (
              default_system=_SAILOR_SYSTEM),
     Template("seed_coder", **_SEED, default_system=_SEED_CODER_SYSTEM, bos_token="<[begin▁of▁sentence]>",
              eos_token="<[end▁of▁sentence]>"),
-    Template("seed_oss", **_SEED, tool_format="seed_oss", thinking=Thinking(open="<seed:think>", close="</seed:think>"),
+    Template("seed_oss", **_SEED, tool_format="seed_oss",
+             thinking=Thinking(open="<seed:think>", close="</seed:think>\n"),
              bos_token="<seed:bos>", eos_token="<seed:eos>"),
     Template("smollm", **_CHATML),
     Template("smollm2", **_CHATML, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
