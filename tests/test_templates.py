@@ -154,15 +154,16 @@ EXPECTED = {
                    "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
                    "<｜User｜>How are you?<｜Assistant｜><think>\n\n</think>\n\nFine.<｜end▁of▁sentence｜>"),
     # -- the rest of LLaMA-Factory 0.9.5's text templates. Sources (no model hub here): rendered with the published
-    # jinja chat_template (llama.cpp's models/templates, as shipped in llama-cpp-python 0.3.36's sdist) for
-    # glm4_moe (GLM-4.6), glm4_7 (GLM-4.7-Flash), gemma4 (Gemma 4 31B, thinking on), granite3 (3.3), granite4 (4.0),
-    # lfm2, minimax1, minimax2 (M2), mistral_small (3.2), ministral3, qwen3_5 (Qwen3.5-4B), seed_oss; the model's
-    # tokenizer_config.json template as known for phi4, phi4_mini, phi_small, llama4, gemma3n, glm4, deepseek,
-    # deepseekcoder, cohere, zephyr, exaone, moonlight, openchat-3.6, smollm, smollm2, dbrx and the chatml ones;
-    # for the others the prompt format their model cards document, as LLaMA-Factory 0.9.5 records it. Where these
-    # texts differ from the official ones (GLM replies end with eos; a last reply without reasoning gets the empty
-    # block in thinking mode; date-dependent default system prompts left out) the module docstring of
-    # lf.data.templates says so.
+    # jinja chat_template, as llama.cpp keeps them (llama-cpp-python 0.3.36's sdist: models/templates and
+    # tests/test-chat-template.cpp), for bailing (Ling-lite), cohere (Command R+), deepseek (V2), deepseekcoder,
+    # glm4 (GLM-4-9B-chat), glm4_moe (GLM-4.6), glm4_7 (GLM-4.7-Flash), gemma4 (Gemma 4 31B, thinking on),
+    # granite3, granite4 (4.0), lfm2, minimax1, minimax2 (M2), mistral_small (3.2), ministral3, openchat (3.5),
+    # phi4, phi_small, qwen3_5 (Qwen3.5-4B), seed_oss; the model's tokenizer_config.json template as known for
+    # phi4_mini, llama4, gemma3n, zephyr, exaone, moonlight, openchat-3.6, smollm, smollm2, dbrx and the chatml
+    # ones; for the others the prompt format their model cards document, as LLaMA-Factory 0.9.5 records it.
+    # Where these texts differ from the official ones (GLM and Ling replies end with eos; a last reply without
+    # reasoning gets the empty block in thinking mode; date-dependent default system prompts left out) the
+    # module docstring of lf.data.templates says so.
     "bailing": ('<role>SYSTEM</role>Be brief.<role>HUMAN</role>Hi there<role>ASSISTANT</role>'
         'Hello!<|endoftext|>',
         '<role>HUMAN</role>Hi<role>ASSISTANT</role>Hello!<|endoftext|><role>HUMAN</role>'
@@ -339,10 +340,10 @@ EXPECTED = {
     "olmo": ('<|endoftext|>Be brief.<|user|>\nHi there<|assistant|>\nHello!<|endoftext|>',
         '<|endoftext|><|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>'
         '\nFine.<|endoftext|>'),
-    "openchat": ('<s>Be brief.GPT4 Correct User: Hi there<|end_of_turn|>'
-        'GPT4 Correct Assistant:Hello!<|end_of_turn|>',
-        '<s>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant:Hello!<|end_of_turn|>'
-        'GPT4 Correct User: How are you?<|end_of_turn|>GPT4 Correct Assistant:Fine.<|end_of_turn|>'),
+    "openchat": ('<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hi there<|end_of_turn|>'
+        'GPT4 Correct Assistant: Hello!<|end_of_turn|>',
+        '<s>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello!<|end_of_turn|>'
+        'GPT4 Correct User: How are you?<|end_of_turn|>GPT4 Correct Assistant: Fine.<|end_of_turn|>'),
     "openchat-3.6": ('<|begin_of_text|>Be brief.<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n'
         'Hi there<|eot_id|><|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n'
         'Hello!<|eot_id|>',

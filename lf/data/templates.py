@@ -27,13 +27,15 @@ Where lf knowingly differs from a model's official template:
               last reply's, written as the model generates it after "<｜Assistant｜><think>\n";
   llama3      Llama 3 format without 3.1's "Cutting Knowledge Date" system lines; tools go in the first user
               message as 3.1 puts them;
-  phi         without the eos Phi-3's template writes after the last turn (the reply already ends with "<|end|>");
-  glm4, glm4_moe, glm4_7, glmz1, aeva
+  phi, phi_small
+              without the eos Phi-3's template writes after the last turn (the reply already ends with "<|end|>");
+  glm4, glm4_moe, glm4_7, glmz1, aeva, bailing
               each reply ends with eos: the official templates write no end-of-turn marker (the models stop on the
-              next "<|user|>" or "<|observation|>", lf's stop words), and LLaMA-Factory writes eos after the last
-              reply only, which teaches no stop after the others; glm4_moe and glmz1 put the newline after
-              "<|assistant|>" in the prompt (the same tokens: the header is a special token); glm4_7 thinking off
-              ends the prompt with "<think></think>" where GLM-4.7 writes "</think>";
+              next turn's header: GLM's "<|user|>" or "<|observation|>", lf's stop words), and LLaMA-Factory writes
+              eos after the last reply only, which teaches no stop after the others; glm4_moe and glmz1 put the
+              newline after "<|assistant|>" in the prompt, as glm4's generation prompt does (the same tokens: the
+              header is a special token); glm4_7 thinking off ends the prompt with "<think></think>" where GLM-4.7
+              writes "</think>";
   seed_oss, minimax2, gemma4, glm4_7
               in thinking mode a last reply without reasoning gets the empty block (the rule above); their official
               templates write none (glm4_7: only "</think>");
@@ -398,9 +400,9 @@ _DBRX_SYSTEM = (
     "appropriately and usually that means not mentioning this.\nYOU DO NOT MENTION ANY OF THIS INFORMATION ABOUT "
     "YOURSELF UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY.")
 _DEEPSEEK_CODER_SYSTEM = (
-    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek Company, and you "
+    "You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek Company, and you "
     "only answer questions related to computer science. For politically sensitive questions, security and privacy "
-    "issues, and other non-computer science questions, you will refuse to answer.\n")
+    "issues, and other non-computer science questions, you will refuse to answer\n")
 _SEED_CODER_SYSTEM = (
     "You are an AI programming assistant, utilizing the Seed-Coder model, developed by ByteDance Seed, and you only "
     "answer questions related to computer science. For politically sensitive questions, security and privacy "
@@ -415,18 +417,15 @@ _XUANYUAN_SYSTEM = ("以下是用户和人工智能助手之间的对话。用�
                    "有帮助、高质量、详细和礼貌的回答，并且总是拒绝参与与不道德、不安全、有争议、政治敏感等相关的话题、问题和指示。\n")
 # Chatml with a `tool` role for tool results.
 _CHATML_TOOL = dict(_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n")
-# GLM-4 and its successors: the reply follows "<|assistant|>" on a new line and has no end-of-turn marker of its
-# own (the models stop on the next turn's header); lf ends each reply with eos instead (see the module docstring).
+# GLM-4 and its successors: replies have no end-of-turn marker of their own (the models stop on the next turn's
+# header); lf ends each with eos instead (see the module docstring). The newline after "<|assistant|>" is the
+# prompt's, so that GLM-4.5's reasoning block follows it; history replies there keep an empty block.
 _GLM4 = dict(stop_words=("<|user|>", "<|observation|>"), prefix="[gMASK]<sop>", system="<|system|>\n{content}",
-             user="<|user|>\n{content}<|assistant|>", observation="<|observation|>\n{content}<|assistant|>",
-             assistant="\n{content}{eos}", function="{content}{eos}", eos_token="<|endoftext|>")
-# GLM-4.5 / 4.6: the newline after "<|assistant|>" is the prompt's, so that the reasoning block follows it; history
-# replies keep an empty block.
-_GLM45 = dict(_GLM4, user="<|user|>\n{content}<|assistant|>\n", observation="<|observation|>\n{content}<|assistant|>\n",
-              assistant="{content}{eos}")
+             user="<|user|>\n{content}<|assistant|>\n", observation="<|observation|>\n{content}<|assistant|>\n",
+             assistant="{content}{eos}", eos_token="<|endoftext|>")
 # GLM-4.7: no newlines between turns; the generation prompt opens the reasoning, history replies keep its end.
 _GLM47 = dict(_GLM4, system="<|system|>{content}", user="<|user|>{content}<|assistant|>",
-              observation="<|observation|>{content}<|assistant|>", assistant="{content}{eos}", tool_format="glm4_moe",
+              observation="<|observation|>{content}<|assistant|>", tool_format="glm4_moe",
               thinking=Thinking(open="<think>", close="</think>", prompt_opens=True, history="</think>"))
 _GRANITE = dict(stop_words=("<|end_of_text|>",), system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
                 user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
@@ -525,8 +524,8 @@ _REGISTRY = {t.name: t for t in (
     # DeepSeek LLM / V2 chat
     Template("deepseek", prefix="{bos}", system="{content}\n\n", user="User: {content}\n\nAssistant:",
              assistant=" {content}{eos}", bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"),
-    Template("deepseekcoder", stop_words=("<|EOT|>",), prefix="{bos}", user="### Instruction:\n{content}\n### Response:",
-             assistant="\n{content}\n<|EOT|>", separator="\n", default_system=_DEEPSEEK_CODER_SYSTEM,
+    Template("deepseekcoder", stop_words=("<|EOT|>",), prefix="{bos}",
+             user="### Instruction:\n{content}\n### Response:\n", assistant="{content}\n<|EOT|>", separator="\n", default_system=_DEEPSEEK_CODER_SYSTEM,
              bos_token="<｜begin▁of▁sentence｜>", eos_token="<|EOT|>"),
     # ERNIE 4.5: the thinking models' chatml with blank lines, the base chat models' plain format
     Template("ernie", stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}<|im_end|>\n\n",
@@ -549,11 +548,11 @@ _REGISTRY = {t.name: t for t in (
     Template("gemma4", **_GEMMA4),
     Template("gemma4n", **_GEMMA4),
     Template("glm4", **_GLM4, tool_format="glm4"),  # GLM-4 / GLM-4-0414
-    Template("glm4_moe", **_GLM45, tool_format="glm4_moe",
+    Template("glm4_moe", **_GLM4, tool_format="glm4_moe",
              thinking=Thinking(open="<think>", close="</think>\n", history="<think></think>\n")),
     Template("glm4_7", **_GLM47),
     Template("aeva", **_GLM47, default_system=_AEVA_SYSTEM),  # on GLM-4.7
-    Template("glmz1", **_GLM45, tool_format="glm4", thinking=QWEN3_THINKING),
+    Template("glmz1", **_GLM4, tool_format="glm4", thinking=QWEN3_THINKING),
     Template("granite3", **_GRANITE),
     Template("granite4", **_GRANITE, observation="<|start_of_role|>tool<|end_of_role|>{content}<|end_of_text|>\n"
                                                  "<|start_of_role|>assistant<|end_of_role|>",
@@ -608,14 +607,16 @@ _REGISTRY = {t.name: t for t in (
     Template("olmo", prefix="{eos}", user="<|user|>\n{content}<|assistant|>\n", assistant="{content}{eos}",
              eos_token="<|endoftext|>"),
     # OpenChat 3.5 and 3.6
-    Template("openchat", prefix="{bos}", user="GPT4 Correct User: {content}{eos}GPT4 Correct Assistant:",
-             assistant="{content}{eos}", bos_token="<s>", eos_token="<|end_of_turn|>"),
+    Template("openchat", stop_words=("<|end_of_turn|>",), prefix="{bos}",
+             system="GPT4 Correct System: {content}<|end_of_turn|>",
+             user="GPT4 Correct User: {content}<|end_of_turn|>GPT4 Correct Assistant:",
+             assistant=" {content}<|end_of_turn|>", bos_token="<s>", eos_token="<|end_of_turn|>"),
     Template("openchat-3.6", stop_words=("<|eot_id|>",), prefix="{bos}",
              user="<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|>"
                   "<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n",
              assistant="{content}<|eot_id|>", bos_token="<|begin_of_text|>"),
     Template("opencoder", **_CHATML_TOOL, default_system="You are OpenCoder, created by OpenCoder Team."),
-    Template("phi_small", **_PHI, prefix="<|endoftext|>"),  # Phi-3-small: the text opens with <|endoftext|>
+    Template("phi_small", **_PHI, prefix="{bos}", bos_token="<|endoftext|>"),  # Phi-3-small: as phi, after bos
     Template("phi4", stop_words=("<|im_end|>",), system="<|im_start|>system<|im_sep|>{content}<|im_end|>",
              user="<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
              assistant="{content}<|im_end|>", eos_token="<|im_end|>"),
