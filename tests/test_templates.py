@@ -229,14 +229,14 @@ EXPECTED = {
         'Hello!<end_of_turn>\n',
         '<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n'
         '<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n'),
-    "gemma4": ('<bos><|turn>system\n<|think|>Be brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n'
+    "gemma4": ('<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n'
         '<|channel>thought\n<channel|>Hello!<turn|>\n',
-        '<bos><|turn>system\n<|think|>You are a helpful assistant.<turn|>\n<|turn>user\nHi<turn|>\n'
+        '<bos><|turn>system\n<|think|>\nYou are a helpful assistant.<turn|>\n<|turn>user\nHi<turn|>\n'
         '<|turn>model\nHello!<turn|>\n<|turn>user\nHow are you?<turn|>\n<|turn>model\n<|channel>'
         'thought\n<channel|>Fine.<turn|>\n'),
-    "gemma4n": ('<bos><|turn>system\n<|think|>Be brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n'
+    "gemma4n": ('<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n'
         '<|channel>thought\n<channel|>Hello!<turn|>\n',
-        '<bos><|turn>system\n<|think|>You are a helpful assistant.<turn|>\n<|turn>user\nHi<turn|>\n'
+        '<bos><|turn>system\n<|think|>\nYou are a helpful assistant.<turn|>\n<|turn>user\nHi<turn|>\n'
         '<|turn>model\nHello!<turn|>\n<|turn>user\nHow are you?<turn|>\n<|turn>model\n<|channel>'
         'thought\n<channel|>Fine.<turn|>\n'),
     "glm4": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\nHello!<|endoftext|>',
@@ -518,8 +518,8 @@ OFFICIAL_REASONING = {
                "A2<|endoftext|>", "<|user|>Q2<|assistant|><think>"),
     "qwen3_5": ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
                 "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>\n", "<|im_start|>assistant\n<think>\n"),
-    "minimax2": ("]~!b[]~b]system\nYou are a helpful assistant.[e~[\n]~b]user\nQ1[e~[\n]~b]ai\nA1[e~[\n]~b]user\nQ2[e~[\n"
-                 "]~b]ai\n<think>\nr2\n</think>\n\nA2[e~[\n", "]~b]ai\n<think>\n"),
+    "minimax2": ("]~!b[]~b]system\nYou are a helpful assistant.[e~[\n]~b]user\nQ1[e~[\n]~b]ai\nA1[e~[\n]~b]user\n"
+                 "Q2[e~[\n]~b]ai\n<think>\nr2\n</think>\n\nA2[e~[\n", "]~b]ai\n<think>\n"),
 }
 
 
@@ -703,7 +703,8 @@ def test_resolve_template(tok):
 
 
 def test_unknown_template_lists_close_names():
-    with pytest.raises(DataError, match=r"unknown template 'qwen2'\. Did you mean: .*qwen.*\? Registered: aeva, alpaca, "):
+    with pytest.raises(DataError,
+                       match=r"unknown template 'qwen2'\. Did you mean: .*qwen.*\? Registered: aeva, alpaca, "):
         get_template("qwen2")
     with pytest.raises(DataError, match="unknown tool format 'hermes'.*Registered: default, llama3, mistral, qwen"):
         get_template("chatml", tool_format="hermes")

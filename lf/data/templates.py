@@ -427,11 +427,12 @@ _GLM4 = dict(stop_words=("<|user|>", "<|observation|>"), prefix="[gMASK]<sop>", 
 _GLM47 = dict(_GLM4, system="<|system|>{content}", user="<|user|>{content}<|assistant|>",
               observation="<|observation|>{content}<|assistant|>", tool_format="glm4_moe",
               thinking=Thinking(open="<think>", close="</think>", prompt_opens=True, history="</think>"))
-_GRANITE = dict(stop_words=("<|end_of_text|>",), system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
+_GRANITE = dict(stop_words=("<|end_of_text|>",),
+                system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
                 user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
                      "<|start_of_role|>assistant<|end_of_role|>",
                 assistant="{content}<|end_of_text|>", separator="\n", eos_token="<|end_of_text|>")
-_GEMMA4 = dict(stop_words=("<turn|>", "<tool|>"), prefix="{bos}", system="<|turn>system\n<|think|>{content}<turn|>\n",
+_GEMMA4 = dict(stop_words=("<turn|>", "<tool|>"), prefix="{bos}", system="<|turn>system\n<|think|>\n{content}<turn|>\n",
                user="<|turn>user\n{content}<turn|>\n<|turn>model\n",
                observation="<|turn>tool\n{content}<turn|>\n<|turn>model\n", assistant="{content}<turn|>",
                function="<|tool>{content}<tool|>", separator="\n", default_system="You are a helpful assistant.",
@@ -525,7 +526,8 @@ _REGISTRY = {t.name: t for t in (
     Template("deepseek", prefix="{bos}", system="{content}\n\n", user="User: {content}\n\nAssistant:",
              assistant=" {content}{eos}", bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>"),
     Template("deepseekcoder", stop_words=("<|EOT|>",), prefix="{bos}",
-             user="### Instruction:\n{content}\n### Response:\n", assistant="{content}\n<|EOT|>", separator="\n", default_system=_DEEPSEEK_CODER_SYSTEM,
+             user="### Instruction:\n{content}\n### Response:\n", assistant="{content}\n<|EOT|>", separator="\n",
+             default_system=_DEEPSEEK_CODER_SYSTEM,
              bos_token="<｜begin▁of▁sentence｜>", eos_token="<|EOT|>"),
     # ERNIE 4.5: the thinking models' chatml with blank lines, the base chat models' plain format
     Template("ernie", stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}<|im_end|>\n\n",
@@ -556,7 +558,8 @@ _REGISTRY = {t.name: t for t in (
     Template("granite3", **_GRANITE),
     Template("granite4", **_GRANITE, observation="<|start_of_role|>tool<|end_of_role|>{content}<|end_of_text|>\n"
                                                  "<|start_of_role|>assistant<|end_of_role|>",
-             default_system="You are a helpful assistant. Please ensure responses are professional, accurate, and safe."),
+             default_system="You are a helpful assistant. Please ensure responses are professional, accurate, and "
+                            "safe."),
     # Hunyuan: the first release, the small dense ones (0.5B-7B), Hy3
     Template("hunyuan", stop_words=("<|eos|>",), prefix="<|startoftext|>", system="{content}<|extra_4|>",
              user="{content}<|extra_0|>", assistant="{content}<|eos|>"),
@@ -568,7 +571,8 @@ _REGISTRY = {t.name: t for t in (
              bos_token="<｜hy_begin▁of▁sentence｜>"),
     Template("index", system="<unk>{content}", user="reserved_0{content}reserved_1", assistant="{content}{eos}"),
     Template("intern_s1", **_CHATML, prefix="{bos}"),  # Intern-S1's text side
-    Template("lfm2", **_CHATML, prefix="{bos}", observation="<|im_start|>tool\n<|tool_response_start|>{content}<|tool_response_end|>"
+    Template("lfm2", **_CHATML, prefix="{bos}",
+             observation="<|im_start|>tool\n<|tool_response_start|>{content}<|tool_response_end|>"
                                             "<|im_end|>\n<|im_start|>assistant\n",
              tool_format="lfm2", bos_token="<|startoftext|>"),
     # Llama 4's text side
@@ -592,7 +596,8 @@ _REGISTRY = {t.name: t for t in (
              default_system="You are a helpful assistant created by Minimax based on MiniMax-M1 model.",
              tool_format="minimax1"),
     Template("minimax2", stop_words=("[e~[",), system="]~!b[]~b]system\n{content}[e~[\n",
-             user="]~b]user\n{content}[e~[\n]~b]ai\n", observation="]~b]tool\n<response>{content}</response>[e~[\n]~b]ai\n",
+             user="]~b]user\n{content}[e~[\n]~b]ai\n",
+             observation="]~b]tool\n<response>{content}</response>[e~[\n]~b]ai\n",
              assistant="{content}[e~[", separator="\n",
              default_system="You are a helpful assistant. Your name is MiniMax-M2.1 and is built by MiniMax.",
              tool_format="minimax2", thinking=Thinking(prompt_opens=True)),
@@ -634,16 +639,19 @@ _REGISTRY = {t.name: t for t in (
              thinking=Thinking(open="<seed:think>", close="</seed:think>\n"),
              bos_token="<seed:bos>", eos_token="<seed:eos>"),
     Template("smollm", **_CHATML),
-    Template("smollm2", **_CHATML, default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
+    Template("smollm2", **_CHATML,
+             default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
     Template("solar", system="### System:\n{content}\n\n", user="### User:\n{content}\n\n### Assistant:\n",
              assistant="{content}{eos}"),
     Template("starchat", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
              user="<|user|>\n{content}<|end|>\n<|assistant|>", assistant="{content}<|end|>", separator="\n"),
     Template("telechat2", system="<_system>{content}", user="<_user>{content}<_bot>", assistant="{content}{eos}",
              default_system=_TELECHAT_SYSTEM, eos_token="<_end>"),
-    Template("xuanyuan", user="Human: {content} Assistant:", assistant="{content}{eos}", default_system=_XUANYUAN_SYSTEM),
+    Template("xuanyuan", user="Human: {content} Assistant:", assistant="{content}{eos}",
+             default_system=_XUANYUAN_SYSTEM),
     Template("youtu", stop_words=("<|end_of_text|>",), prefix="{bos}", user="<|User|>{content}<|Assistant|>",
-             observation="<tool_response>\n{content}\n</tool_response><|Assistant|>", assistant="{content}<|end_of_text|>",
+             observation="<tool_response>\n{content}\n</tool_response><|Assistant|>",
+             assistant="{content}<|end_of_text|>",
              thinking=QWEN3_THINKING),
     Template("yuan", stop_words=("<eod>",), user="{content}<sep>", assistant="{content}<eod>", separator="\n"),
     Template("zephyr", system="<|system|>\n{content}{eos}\n", user="<|user|>\n{content}{eos}\n<|assistant|>\n",
