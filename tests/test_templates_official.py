@@ -70,6 +70,7 @@ def _fetch() -> Path:
     if done.returncode != 0:
         pytest.skip(f"pip download {SDIST} failed (it ships the official chat templates): {done.stderr[-300:]}")
     folder.mkdir(parents=True, exist_ok=True)
+    cpp = ""
     with tarfile.open(next(work.glob("*.tar.gz"))) as tar:
         for member in tar.getmembers():
             path = member.name.split("/vendor/llama.cpp/", 1)[-1]

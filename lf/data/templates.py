@@ -581,7 +581,7 @@ _REGISTRY = {t.name: t for t in (
              user="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
              observation="<|header_start|>ipython<|header_end|>\n\n{content}<|eot|>"
                          "<|header_start|>assistant<|header_end|>\n\n",
-             assistant="{content}<|eot|>", tool_format="llama3", bos_token="<|begin_of_text|>"),
+             assistant="{content}<|eot|>", trim=(SYSTEM,), tool_format="llama3", bos_token="<|begin_of_text|>"),
     Template("mimo", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
              thinking=QWEN3_THINKING),
     Template("mimo_v2", **_CHATML, default_system="You are MiMo, a helpful AI assistant engineered by Xiaomi.",
