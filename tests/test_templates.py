@@ -158,9 +158,10 @@ EXPECTED = {
     # tests/test-chat-template.cpp), for bailing (Ling-lite), cohere (Command R+), deepseek (V2), deepseekcoder,
     # glm4 (GLM-4-9B-chat), glm4_moe (GLM-4.6), glm4_7 (GLM-4.7-Flash), gemma4 (Gemma 4 31B, thinking on),
     # granite3, granite4 (4.0), lfm2, minimax1, minimax2 (M2), mistral_small (3.2), ministral3, openchat (3.5),
-    # phi4, phi_small, qwen3_5 (Qwen3.5-4B), seed_oss; the model's tokenizer_config.json template as known for
-    # phi4_mini, llama4, gemma3n, zephyr, exaone, moonlight, openchat-3.6, smollm, smollm2, dbrx and the chatml
-    # ones; for the others the prompt format their model cards document, as LLaMA-Factory 0.9.5 records it.
+    # phi4, phi_small, qwen3_5 (Qwen3.5-4B), seed_oss; llama.cpp's own renderings (src/llama-chat.cpp) for exaone
+    # (3.0), bailing_v2 (Ling 2.0) and hunyuan (A13B); the model's tokenizer_config.json template as known for
+    # phi4_mini, llama4, gemma3n, zephyr, moonlight, openchat-3.6, smollm, smollm2, dbrx and the chatml ones;
+    # for the others the prompt format their model cards document, as LLaMA-Factory 0.9.5 records it.
     # Where these texts differ from the official ones (GLM and Ling replies end with eos; a last reply without
     # reasoning gets the empty block in thinking mode; date-dependent default system prompts left out) the
     # module docstring of lf.data.templates says so.
@@ -170,8 +171,8 @@ EXPECTED = {
         'How are you?<role>ASSISTANT</role>Fine.<|endoftext|>'),
     "bailing_v2": ('<role>SYSTEM</role>Be brief.<|role_end|><role>HUMAN</role>Hi there<|role_end|><role>'
         'ASSISTANT</role>Hello!<|role_end|>',
-        '<role>HUMAN</role>Hi<|role_end|><role>ASSISTANT</role>Hello!<|role_end|><role>HUMAN</role>'
-        'How are you?<|role_end|><role>ASSISTANT</role>Fine.<|role_end|>'),
+        '<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>Hi<|role_end|><role>ASSISTANT</role>'
+        'Hello!<|role_end|><role>HUMAN</role>How are you?<|role_end|><role>ASSISTANT</role>Fine.<|role_end|>'),
     "breeze": ('<s>Be brief. [INST] Hi there [/INST] Hello!</s>',
         '<s>[INST] Hi [/INST] Hello!</s>[INST] How are you? [/INST] Fine.</s>'),
     "chatml_de": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
@@ -272,8 +273,8 @@ EXPECTED = {
         + '<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>'
         + 'assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>'
         + 'How are you?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>Fine.<|end_of_text|>\n'),
-    "hunyuan": ('<|startoftext|>Be brief.<|extra_4|>Hi there<|extra_0|>Hello!<|eos|>',
-        '<|startoftext|>Hi<|extra_0|>Hello!<|eos|>How are you?<|extra_0|>Fine.<|eos|>'),
+    "hunyuan": ('<|startoftext|>Be brief.<|extra_4|><|startoftext|>Hi there<|extra_0|>Hello!<|eos|>',
+        '<|startoftext|>Hi<|extra_0|>Hello!<|eos|><|startoftext|>How are you?<|extra_0|>Fine.<|eos|>'),
     "hunyuan_small": ('<｜hy_begin▁of▁sentence｜>Be brief.<｜hy_place▁holder▁no▁3｜><｜hy_User｜>'
         'Hi there<｜hy_place▁holder▁no▁8｜>Hello!<｜hy_place▁holder▁no▁2｜>',
         '<｜hy_begin▁of▁sentence｜><｜hy_User｜>Hi<｜hy_place▁holder▁no▁8｜>Hello!<｜hy_place▁holder▁no▁2｜>'

@@ -509,7 +509,8 @@ _REGISTRY = {t.name: t for t in (
              user="<role>HUMAN</role>{content}<|role_end|><role>ASSISTANT</role>",
              observation="<role>OBSERVATION</role>\n<tool_response>\n{content}\n</tool_response><|role_end|>"
                          "<role>ASSISTANT</role>",
-             assistant="{content}<|role_end|>", tool_format="ling", eos_token="<|endoftext|>"),
+             assistant="{content}<|role_end|>", default_system="detailed thinking off", tool_format="ling",
+             eos_token="<|endoftext|>"),
     # Breeze (MediaTek, on Mistral): the system prompt then a space before the first [INST]
     Template("breeze", prefix="{bos}", system="{content} ", user="[INST] {content} [/INST] ",
              assistant="{content}{eos}", bos_token="<s>"),
@@ -539,7 +540,7 @@ _REGISTRY = {t.name: t for t in (
              system="{content}\n", user="User: {content}\nAssistant: ", assistant="{content}<|end_of_sentence|>"),
     Template("exaone", stop_words=("[|endofturn|]",), system="[|system|]{content}[|endofturn|]\n",
              user="[|user|]{content}\n[|assistant|]", assistant="{content}[|endofturn|]", separator="\n",
-             eos_token="[|endofturn|]"),
+             trim=(SYSTEM, USER, ASSISTANT), eos_token="[|endofturn|]"),
     Template("falcon", user="User: {content}\nFalcon:", assistant="{content}{eos}", separator="\n",
              eos_token="<|endoftext|>"),
     Template("falcon_h1", **{**_CHATML_TOOL, "stop_words": ("<|im_end|>", "<|end_of_text|>")}, prefix="{bos}",
@@ -561,8 +562,8 @@ _REGISTRY = {t.name: t for t in (
              default_system="You are a helpful assistant. Please ensure responses are professional, accurate, and "
                             "safe."),
     # Hunyuan: the first release, the small dense ones (0.5B-7B), Hy3
-    Template("hunyuan", stop_words=("<|eos|>",), prefix="<|startoftext|>", system="{content}<|extra_4|>",
-             user="{content}<|extra_0|>", assistant="{content}<|eos|>"),
+    Template("hunyuan", stop_words=("<|eos|>",), system="<|startoftext|>{content}<|extra_4|>",
+             user="<|startoftext|>{content}<|extra_0|>", assistant="{content}<|eos|>"),  # Hunyuan-A13B
     Template("hunyuan_small", stop_words=(_HY_SMALL.format(2),), prefix="<｜hy_begin▁of▁sentence｜>",
              system="{content}" + _HY_SMALL.format(3), user="<｜hy_User｜>{content}" + _HY_SMALL.format(8),
              assistant="{content}" + _HY_SMALL.format(2)),
