@@ -48,6 +48,11 @@ Where lf knowingly differs from a model's official template:
               variant (Mistral Small's, Ministral 3 Reasoning's); minimax2's is MiniMax-M2.1's;
   hy3         LLaMA-Factory 0.9.5's Hy3 format; Tencent's newest published Hy3 template names its tokens with an
               ":opensource" suffix and adds a reasoning-effort line.
+Where LLaMA-Factory 0.9.5 differs from a model's published template, lf follows the model: openchat and deepseek
+(a space before the reply), deepseekcoder, zephyr, breeze, exaone (whitespace), hunyuan (<|startoftext|> opens every
+turn), glm4_7 (no newlines), gemma4 ("<|think|>" on a line of its own), ministral3 ([SYSTEM_PROMPT]), qwen3_5,
+minimax2, glm4_7 (the generation prompt opens the reasoning), granite4, lfm2, minimax1, bailing_v2 (default system
+prompts).
 The templates of multimodal families registered here (gemma3n, gemma4, gemma4n, llama4, mistral_small, ministral3,
 intern_s1, qwen3_5, qwen3_5_nothink, qwen3_6) are their text side: no multimodal plugin yet.
 
