@@ -8,6 +8,7 @@ import jinja2
 import pytest
 
 from lf.data.templates import TEMPLATES, JinjaTemplate, get_template, resolve_template
+from lf.data.tools import get_tool_format
 from lf.errors import DataError
 from lf.tiny import train_tokenizer
 
@@ -18,6 +19,19 @@ MARKERS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id
            "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<think>", "</think>", "<tool_call>", "</tool_call>",
            "<tool_response>", "</tool_response>", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
            "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+MARKERS += ["<role>", "</role>", "<|role_end|>", "<|endoftext|>", "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>",
+            "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|EOT|>",
+            "<|begin_of_sentence|>", "<|end_of_sentence|>", "[|system|]", "[|user|]", "[|assistant|]",
+            "[|endofturn|]", "<|end_of_text|>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",
+            "<|tool>", "<tool|>", "[gMASK]", "<sop>", "<|observation|>", "<|start_of_role|>", "<|end_of_role|>",
+            "<|startoftext|>", "<|extra_0|>", "<|extra_4|>", "<|eos|>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_User｜>",
+            "<｜hy_Assistant｜>", "<｜hy_eos｜>", "<｜hy_place▁holder▁no▁2｜>", "<｜hy_place▁holder▁no▁3｜>",
+            "<｜hy_place▁holder▁no▁8｜>", "<unk>", "reserved_0", "reserved_1", "<|header_start|>", "<|header_end|>",
+            "<|eot|>", "<|eom|>", "<beginning_of_sentence>", "<end_of_sentence>", "]~!b[", "]~b]", "[e~[",
+            "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|end_of_turn|>", "<|im_sep|>",
+            "<[begin▁of▁sentence]>", "<[end▁of▁sentence]>", "<seed:bos>", "<seed:eos>", "<seed:think>",
+            "</seed:think>", "<_system>", "<_user>", "<_bot>", "<_end>", "<|User|>", "<|Assistant|>", "<sep>", "<eod>",
+            "<response>", "</response>", "<|tool_response_start|>", "<|tool_response_end|>"]
 CORPUS = ["Hi there! Hello, how are you? I am fine, thank you. Be brief and helpful.",
           "The weather in Paris is sunny: it is 20 degrees today. What is the weather in Rome?",
           "Human: Assistant: System: USER: ASSISTANT: ### Instruction: ### Response: Below is an instruction.",
@@ -75,6 +89,7 @@ QWEN3_SINGLE = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi t
                 "<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n")
 QWEN3_MULTI = CHATML_MULTI + "<think>\n\n</think>\n\nFine.<|im_end|>\n"
 
+DEFAULT_SYSTEM = {name: template.default_system for name, template in TEMPLATES.items()}  # the long ones
 # name -> (SINGLE with system "Be brief.", MULTI without system), as `render` writes them with the family's own
 # bos/eos: each is the official chat template's text (see the module docstring of lf.data.templates for the few
 # documented differences: mistral's system prompt, the reasoning of deepseekr1's last reply).
@@ -150,6 +165,282 @@ EXPECTED = {
     "llama2_zh": ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>",
                   "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\nHi [/INST] Hello! </s>"
                   "<s>[INST] How are you? [/INST] Fine. </s>"),
+    # -- the rest of LLaMA-Factory 0.9.5's text templates. Sources (no model hub here): rendered with the published
+    # jinja chat_template, as llama.cpp keeps them (llama-cpp-python 0.3.36's sdist: models/templates and
+    # tests/test-chat-template.cpp), for bailing (Ling-lite), cohere (Command R+), deepseek (V2), deepseekcoder,
+    # glm4 (GLM-4-9B-chat), glm4_moe (GLM-4.6), glm4_7 (GLM-4.7-Flash), gemma4 (Gemma 4 31B, thinking on),
+    # granite3, granite4 (4.0), lfm2, minimax1, minimax2 (M2), mistral_small (3.2), ministral3, openchat (3.5),
+    # phi4, phi_small, qwen3_5 (Qwen3.5-4B), seed_oss; llama.cpp's own renderings (src/llama-chat.cpp) for exaone
+    # (3.0), bailing_v2 (Ling 2.0) and hunyuan (A13B); the model's tokenizer_config.json template as known for
+    # phi4_mini, llama4, gemma3n, zephyr, moonlight, openchat-3.6, smollm, smollm2, dbrx and the chatml ones;
+    # for the others the prompt format their model cards document, as LLaMA-Factory 0.9.5 records it.
+    # Where these texts differ from the official ones (GLM and Ling replies end with eos; a last reply without
+    # reasoning gets the empty block in thinking mode; date-dependent default system prompts left out) the
+    # module docstring of lf.data.templates says so.
+    "bailing": ('<role>SYSTEM</role>Be brief.<role>HUMAN</role>Hi there<role>ASSISTANT</role>'
+        'Hello!<|endoftext|>',
+        '<role>HUMAN</role>Hi<role>ASSISTANT</role>Hello!<|endoftext|><role>HUMAN</role>'
+        'How are you?<role>ASSISTANT</role>Fine.<|endoftext|>'),
+    "bailing_v2": ('<role>SYSTEM</role>Be brief.<|role_end|><role>HUMAN</role>Hi there<|role_end|><role>'
+        'ASSISTANT</role>Hello!<|role_end|>',
+        '<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>Hi<|role_end|><role>ASSISTANT</role>'
+        'Hello!<|role_end|><role>HUMAN</role>How are you?<|role_end|><role>ASSISTANT</role>Fine.<|role_end|>'),
+    "breeze": ('<s>Be brief. [INST] Hi there [/INST] Hello!</s>',
+        '<s>[INST] Hi [/INST] Hello!</s>[INST] How are you? [/INST] Fine.</s>'),
+    "chatml_de": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['chatml_de']
+        + '<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        + '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "cohere": ('<BOS_TOKEN><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|>'
+        '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi there<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>'
+        '<|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|>',
+        '<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>'
+        '<|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>'
+        'How are you?<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>'
+        'Fine.<|END_OF_TURN_TOKEN|>'),
+    "cpm4": ('<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
+        'How are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "dbrx": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['dbrx']
+        + '<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        + '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "deepseek": ('<｜begin▁of▁sentence｜>Be brief.\n\nUser: Hi there\n\nAssistant: Hello!<｜end▁of▁sentence｜>',
+        '<｜begin▁of▁sentence｜>User: Hi\n\nAssistant: Hello!<｜end▁of▁sentence｜>User: How are you?\n\n'
+        'Assistant: Fine.<｜end▁of▁sentence｜>'),
+    "deepseekcoder": ('<｜begin▁of▁sentence｜>Be brief.### Instruction:\nHi there\n### Response:\nHello!\n<|EOT|>\n',
+        '<｜begin▁of▁sentence｜>'
+        + DEFAULT_SYSTEM['deepseekcoder']
+        + '### Instruction:\nHi\n### Response:\nHello!\n<|EOT|>\n### Instruction:\nHow are you?\n'
+        + '### Response:\nFine.\n<|EOT|>\n'),
+    "ernie": ('<|im_start|>system\nBe brief.<|im_end|>\n\n<|im_start|>user\nHi there<|im_end|>\n\n'
+        '<|im_start|>assistant\nHello!<|im_end|>\n\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['ernie']
+        + '<|im_end|>\n\n<|im_start|>user\nHi<|im_end|>\n\n<|im_start|>assistant\nHello!<|im_end|>\n\n'
+        + '<|im_start|>user\nHow are you?<|im_end|>\n\n<|im_start|>assistant\nFine.<|im_end|>\n\n'),
+    "ernie_nothink": ('<|begin_of_sentence|>Be brief.\nUser: Hi there\nAssistant: Hello!<|end_of_sentence|>',
+        '<|begin_of_sentence|>User: Hi\nAssistant: Hello!<|end_of_sentence|>User: How are you?\n'
+        'Assistant: Fine.<|end_of_sentence|>'),
+    "exaone": ('[|system|]Be brief.[|endofturn|]\n[|user|]Hi there\n[|assistant|]Hello![|endofturn|]\n',
+        '[|user|]Hi\n[|assistant|]Hello![|endofturn|]\n[|user|]How are you?\n'
+        '[|assistant|]Fine.[|endofturn|]\n'),
+    "falcon": ('Be brief.User: Hi there\nFalcon:Hello!<|endoftext|>\n',
+        'User: Hi\nFalcon:Hello!<|endoftext|>\nUser: How are you?\nFalcon:Fine.<|endoftext|>\n'),
+    "falcon_h1": ('<|begin_of_text|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>'
+        '\n<|im_start|>assistant\nHello!<|im_end|>\n',
+        '<|begin_of_text|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "fewshot": ('Be brief.Hi thereHello!</s>\n\n',
+        'HiHello!</s>\n\nHow are you?Fine.</s>\n\n'),
+    "gemma3n": ('<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n'
+        'Hello!<end_of_turn>\n',
+        '<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n'
+        '<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\nFine.<end_of_turn>\n'),
+    "gemma4": ('<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n'
+        '<|channel>thought\n<channel|>Hello!<turn|>\n',
+        '<bos><|turn>system\n<|think|>\nYou are a helpful assistant.<turn|>\n<|turn>user\nHi<turn|>\n'
+        '<|turn>model\nHello!<turn|>\n<|turn>user\nHow are you?<turn|>\n<|turn>model\n<|channel>'
+        'thought\n<channel|>Fine.<turn|>\n'),
+    "gemma4n": ('<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi there<turn|>\n<|turn>model\n'
+        '<|channel>thought\n<channel|>Hello!<turn|>\n',
+        '<bos><|turn>system\n<|think|>\nYou are a helpful assistant.<turn|>\n<|turn>user\nHi<turn|>\n'
+        '<|turn>model\nHello!<turn|>\n<|turn>user\nHow are you?<turn|>\n<|turn>model\n<|channel>'
+        'thought\n<channel|>Fine.<turn|>\n'),
+    "glm4": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\nHello!<|endoftext|>',
+        '[gMASK]<sop><|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>'
+        '\nFine.<|endoftext|>'),
+    "glm4_moe": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think></think>\n'
+        'Hello!<|endoftext|>',
+        '[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello!<|endoftext|><|user|>\n'
+        'How are you?<|assistant|>\n<think></think>\nFine.<|endoftext|>'),
+    "glm4_7": ('[gMASK]<sop><|system|>Be brief.<|user|>Hi there<|assistant|><think></think>Hello!<|endoftext|>',
+        '[gMASK]<sop><|user|>Hi<|assistant|></think>Hello!<|endoftext|><|user|>'
+        'How are you?<|assistant|><think></think>Fine.<|endoftext|>'),
+    "aeva": ('[gMASK]<sop><|system|>Be brief.<|user|>Hi there<|assistant|><think></think>Hello!<|endoftext|>',
+        '[gMASK]<sop><|system|>'
+        + DEFAULT_SYSTEM['aeva']
+        + '<|user|>Hi<|assistant|></think>Hello!<|endoftext|><|user|>How are you?<|assistant|><think>'
+        + '</think>Fine.<|endoftext|>'),
+    "glmz1": ('[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi there<|assistant|>\n<think>\n\n</think>\n\n'
+        'Hello!<|endoftext|>',
+        '[gMASK]<sop><|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>'
+        '\n<think>\n\n</think>\n\nFine.<|endoftext|>'),
+    "granite3": ('<|start_of_role|>system<|end_of_role|>Be brief.<|end_of_text|>\n<|start_of_role|>'
+        'user<|end_of_role|>Hi there<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>'
+        'Hello!<|end_of_text|>\n',
+        '<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>'
+        'assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>'
+        'How are you?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>Fine.<|end_of_text|>\n'),
+    "granite4": ('<|start_of_role|>system<|end_of_role|>Be brief.<|end_of_text|>\n<|start_of_role|>'
+        'user<|end_of_role|>Hi there<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>'
+        'Hello!<|end_of_text|>\n',
+        '<|start_of_role|>system<|end_of_role|>'
+        + DEFAULT_SYSTEM['granite4']
+        + '<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>Hi<|end_of_text|>\n<|start_of_role|>'
+        + 'assistant<|end_of_role|>Hello!<|end_of_text|>\n<|start_of_role|>user<|end_of_role|>'
+        + 'How are you?<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>Fine.<|end_of_text|>\n'),
+    "hunyuan": ('<|startoftext|>Be brief.<|extra_4|><|startoftext|>Hi there<|extra_0|>Hello!<|eos|>',
+        '<|startoftext|>Hi<|extra_0|>Hello!<|eos|><|startoftext|>How are you?<|extra_0|>Fine.<|eos|>'),
+    "hunyuan_small": ('<｜hy_begin▁of▁sentence｜>Be brief.<｜hy_place▁holder▁no▁3｜><｜hy_User｜>'
+        'Hi there<｜hy_place▁holder▁no▁8｜>Hello!<｜hy_place▁holder▁no▁2｜>',
+        '<｜hy_begin▁of▁sentence｜><｜hy_User｜>Hi<｜hy_place▁holder▁no▁8｜>Hello!<｜hy_place▁holder▁no▁2｜>'
+        '<｜hy_User｜>How are you?<｜hy_place▁holder▁no▁8｜>Fine.<｜hy_place▁holder▁no▁2｜>'),
+    "hy3": ('<｜hy_begin▁of▁sentence｜>Be brief.<｜hy_User｜>Hi there<｜hy_Assistant｜><think></think>'
+        'Hello!<｜hy_eos｜>',
+        '<｜hy_begin▁of▁sentence｜><｜hy_User｜>Hi<｜hy_Assistant｜>Hello!<｜hy_eos｜><｜hy_User｜>'
+        'How are you?<｜hy_Assistant｜><think></think>Fine.<｜hy_eos｜>'),
+    "index": ('<unk>Be brief.reserved_0Hi therereserved_1Hello!</s>',
+        'reserved_0Hireserved_1Hello!</s>reserved_0How are you?reserved_1Fine.</s>'),
+    "intern_s1": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
+        'How are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "lfm2": ('<|startoftext|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n'
+        '<|im_start|>assistant\nHello!<|im_end|>\n',
+        '<|startoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "llama4": ('<|begin_of_text|><|header_start|>system<|header_end|>\n\nBe brief.<|eot|><|header_start|>'
+        'user<|header_end|>\n\nHi there<|eot|><|header_start|>assistant<|header_end|>\n\nHello!<|eot|>',
+        '<|begin_of_text|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>'
+        'assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\n'
+        'How are you?<|eot|><|header_start|>assistant<|header_end|>\n\nFine.<|eot|>'),
+    "mimo": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n',
+        '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+        '<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nHow are you?<|im_end|>\n'
+        '<|im_start|>assistant\n<think>\n\n</think>\n\nFine.<|im_end|>\n'),
+    "mimo_v2": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\n<think></think>Hello!<|im_end|>\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['mimo_v2']
+        + '<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        + '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n<think></think>'
+        + 'Fine.<|im_end|>\n'),
+    "minimax1": ('<begin_of_document><beginning_of_sentence>system ai_setting=assistant\n'
+        'Be brief.<end_of_sentence>\n<beginning_of_sentence>user name=user\nHi there<end_of_sentence>\n'
+        '<beginning_of_sentence>ai name=assistant\nHello!<end_of_sentence>\n',
+        '<begin_of_document><beginning_of_sentence>system ai_setting=assistant\n'
+        + DEFAULT_SYSTEM['minimax1']
+        + '<end_of_sentence>\n<beginning_of_sentence>user name=user\nHi<end_of_sentence>\n'
+        + '<beginning_of_sentence>ai name=assistant\nHello!<end_of_sentence>\n<beginning_of_sentence>'
+        + 'user name=user\nHow are you?<end_of_sentence>\n<beginning_of_sentence>ai name=assistant\n'
+        + 'Fine.<end_of_sentence>\n'),
+    "minimax2": (']~!b[]~b]system\nBe brief.[e~[\n]~b]user\nHi there[e~[\n]~b]ai\n<think>\n\n</think>\n\n'
+        'Hello![e~[\n',
+        ']~!b[]~b]system\n'
+        + DEFAULT_SYSTEM['minimax2']
+        + '[e~[\n]~b]user\nHi[e~[\n]~b]ai\nHello![e~[\n]~b]user\nHow are you?[e~[\n]~b]ai\n<think>\n\n'
+        + '</think>\n\nFine.[e~[\n'),
+    "ministral": ('<s>[INST]Be brief.\n\nHi there[/INST]Hello!</s>',
+        '<s>[INST]Hi[/INST]Hello!</s>[INST]How are you?[/INST]Fine.</s>'),
+    "ministral3": ('<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi there[/INST]Hello!</s>',
+        '<s>[INST]Hi[/INST]Hello!</s>[INST]How are you?[/INST]Fine.</s>'),
+    "mistral_small": ('<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi there[/INST]Hello!</s>',
+        '<s>[INST]Hi[/INST]Hello!</s>[INST]How are you?[/INST]Fine.</s>'),
+    "moonlight": ('<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>'
+        'Hi there<|im_end|><|im_assistant|>assistant<|im_middle|>Hello!<|im_end|>',
+        '<|im_system|>system<|im_middle|>'
+        + DEFAULT_SYSTEM['moonlight']
+        + '<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>'
+        + 'Hello!<|im_end|><|im_user|>user<|im_middle|>How are you?<|im_end|><|im_assistant|>'
+        + 'assistant<|im_middle|>Fine.<|im_end|>'),
+    "olmo": ('<|endoftext|>Be brief.<|user|>\nHi there<|assistant|>\nHello!<|endoftext|>',
+        '<|endoftext|><|user|>\nHi<|assistant|>\nHello!<|endoftext|><|user|>\nHow are you?<|assistant|>'
+        '\nFine.<|endoftext|>'),
+    "openchat": ('<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hi there<|end_of_turn|>'
+        'GPT4 Correct Assistant: Hello!<|end_of_turn|>',
+        '<s>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello!<|end_of_turn|>'
+        'GPT4 Correct User: How are you?<|end_of_turn|>GPT4 Correct Assistant: Fine.<|end_of_turn|>'),
+    "openchat-3.6": ('<|begin_of_text|>Be brief.<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n'
+        'Hi there<|eot_id|><|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n'
+        'Hello!<|eot_id|>',
+        '<|begin_of_text|><|start_header_id|>GPT4 Correct User<|end_header_id|>\n\nHi<|eot_id|>'
+        '<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\nHello!<|eot_id|>'
+        '<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\nHow are you?<|eot_id|>'
+        '<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\nFine.<|eot_id|>'),
+    "opencoder": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['opencoder']
+        + '<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        + '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "phi_small": ('<|endoftext|><|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n'
+        'Hello!<|end|>\n',
+        '<|endoftext|><|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nHow are you?<|end|>'
+        '\n<|assistant|>\nFine.<|end|>\n'),
+    "phi4": ('<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi there<|im_end|>'
+        '<|im_start|>assistant<|im_sep|>Hello!<|im_end|>',
+        '<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>'
+        '<|im_start|>user<|im_sep|>How are you?<|im_end|><|im_start|>assistant<|im_sep|>Fine.<|im_end|>'),
+    "phi4_mini": ('<|system|>Be brief.<|end|><|user|>Hi there<|end|><|assistant|>Hello!<|end|>',
+        '<|user|>Hi<|end|><|assistant|>Hello!<|end|><|user|>How are you?<|end|><|assistant|>'
+        'Fine.<|end|>'),
+    "qwen3_5": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n',
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
+        'How are you?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nFine.<|im_end|>\n'),
+    "qwen3_5_nothink": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n',
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
+        'How are you?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nFine.<|im_end|>\n'),
+    "qwen3_6": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n',
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
+        'How are you?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nFine.<|im_end|>\n'),
+    "sailor": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>question\nHi there<|im_end|>\n'
+        '<|im_start|>answer\nHello!<|im_end|>\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['sailor']
+        + '<|im_end|>\n<|im_start|>question\nHi<|im_end|>\n<|im_start|>answer\nHello!<|im_end|>\n'
+        + '<|im_start|>question\nHow are you?<|im_end|>\n<|im_start|>answer\nFine.<|im_end|>\n'),
+    "seed_coder": ('<[begin▁of▁sentence]>system\nBe brief.<[end▁of▁sentence]><[begin▁of▁sentence]>user\n'
+        'Hi there<[end▁of▁sentence]><[begin▁of▁sentence]>assistant\nHello!<[end▁of▁sentence]>',
+        '<[begin▁of▁sentence]>system\n'
+        + DEFAULT_SYSTEM['seed_coder']
+        + '<[end▁of▁sentence]><[begin▁of▁sentence]>user\nHi<[end▁of▁sentence]><[begin▁of▁sentence]>'
+        + 'assistant\nHello!<[end▁of▁sentence]><[begin▁of▁sentence]>user\nHow are you?<[end▁of▁sentence]>'
+        + '<[begin▁of▁sentence]>assistant\nFine.<[end▁of▁sentence]>'),
+    "seed_oss": ('<seed:bos>system\nBe brief.<seed:eos><seed:bos>user\nHi there<seed:eos><seed:bos>assistant\n'
+        '<seed:think></seed:think>\nHello!<seed:eos>',
+        '<seed:bos>user\nHi<seed:eos><seed:bos>assistant\nHello!<seed:eos><seed:bos>user\n'
+        'How are you?<seed:eos><seed:bos>assistant\n<seed:think></seed:think>\nFine.<seed:eos>'),
+    "smollm": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n'
+        'How are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "smollm2": ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>'
+        'assistant\nHello!<|im_end|>\n',
+        '<|im_start|>system\n'
+        + DEFAULT_SYSTEM['smollm2']
+        + '<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n'
+        + '<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\nFine.<|im_end|>\n'),
+    "solar": ('### System:\nBe brief.\n\n### User:\nHi there\n\n### Assistant:\nHello!</s>',
+        '### User:\nHi\n\n### Assistant:\nHello!</s>### User:\nHow are you?\n\n### Assistant:\n'
+        'Fine.</s>'),
+    "starchat": ('<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>Hello!<|end|>\n',
+        '<|user|>\nHi<|end|>\n<|assistant|>Hello!<|end|>\n<|user|>\nHow are you?<|end|>\n<|assistant|>'
+        'Fine.<|end|>\n'),
+    "telechat2": ('<_system>Be brief.<_user>Hi there<_bot>Hello!<_end>',
+        '<_system>'
+        + DEFAULT_SYSTEM['telechat2']
+        + '<_user>Hi<_bot>Hello!<_end><_user>How are you?<_bot>Fine.<_end>'),
+    "xuanyuan": ('Be brief.Human: Hi there Assistant:Hello!</s>',
+        DEFAULT_SYSTEM['xuanyuan']
+        + 'Human: Hi Assistant:Hello!</s>Human: How are you? Assistant:Fine.</s>'),
+    "youtu": ('Be brief.<|User|>Hi there<|Assistant|><think>\n\n</think>\n\nHello!<|end_of_text|>',
+        '<|User|>Hi<|Assistant|>Hello!<|end_of_text|><|User|>How are you?<|Assistant|><think>\n\n'
+        '</think>\n\nFine.<|end_of_text|>'),
+    "yuan": ('Be brief.Hi there<sep>Hello!<eod>\n',
+        'Hi<sep>Hello!<eod>\nHow are you?<sep>Fine.<eod>\n'),
+    "zephyr": ('<|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\nHello!</s>\n',
+        '<|system|>\nYou are Zephyr, a helpful assistant.</s>\n<|user|>\nHi</s>\n<|assistant|>\n'
+        'Hello!</s>\n<|user|>\nHow are you?</s>\n<|assistant|>\nFine.</s>\n'),
 }
 
 
@@ -231,6 +522,39 @@ def test_deepseekr1_opens_the_reasoning_in_the_prompt_and_drops_it_from_history(
     assert template.render(REASONING[:3], add_generation_prompt=True).endswith("<｜User｜>Q2<｜Assistant｜><think>\n")
 
 
+# REASONING as each model's published chat template writes it (the sources of EXPECTED; reasoning passed as the
+# template's reasoning_content), plus the eos lf ends GLM replies with; and each one's generation prompt for Q2.
+OFFICIAL_REASONING = {
+    "glm4_moe": ("[gMASK]<sop><|user|>\nQ1<|assistant|>\n<think></think>\nA1<|endoftext|><|user|>\nQ2<|assistant|>\n"
+                 "<think>r2</think>\nA2<|endoftext|>", "<|user|>\nQ2<|assistant|>\n"),
+    "glm4_7": ("[gMASK]<sop><|user|>Q1<|assistant|></think>A1<|endoftext|><|user|>Q2<|assistant|><think>r2</think>"
+               "A2<|endoftext|>", "<|user|>Q2<|assistant|><think>"),
+    "qwen3_5": ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>\n", "<|im_start|>assistant\n<think>\n"),
+    "minimax2": ("]~!b[]~b]system\nYou are a helpful assistant.[e~[\n]~b]user\nQ1[e~[\n]~b]ai\nA1[e~[\n]~b]user\n"
+                 "Q2[e~[\n]~b]ai\n<think>\nr2\n</think>\n\nA2[e~[\n", "]~b]ai\n<think>\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_REASONING))
+def test_reasoning_as_the_official_templates_write_it(name):
+    template = get_template(name)
+    text, generation_prompt = OFFICIAL_REASONING[name]
+    system = "You are a helpful assistant." if name == "minimax2" else None
+    assert template.render(REASONING, system) == text
+    assert template.render(REASONING[:3], system, add_generation_prompt=True).endswith(generation_prompt)
+    # the reasoning is the reply's (learned), whatever the prompt opens
+    assert "r2" in template.render_pairs(REASONING, system)[-1][1]
+
+
+def test_seed_oss_reasoning_uses_its_own_tags():
+    seed = [user("Q1"), assistant("<seed:think>r1</seed:think>A1"), user("Q2"),
+            assistant("<seed:think>\nr2\n</seed:think>\nA2")]
+    assert get_template("seed_oss").render(seed) == (  # Seed-OSS's published template, reasoning_content "r2"
+        "<seed:bos>user\nQ1<seed:eos><seed:bos>assistant\nA1<seed:eos><seed:bos>user\nQ2<seed:eos>"
+        "<seed:bos>assistant\n<seed:think>r2</seed:think>\nA2<seed:eos>")
+
+
 def test_nothink_puts_the_empty_block_in_the_prompt():
     nothink = get_template("qwen3_nothink")
     assert get_template("qwen3", enable_thinking=False).render_pairs(MULTI) == nothink.render_pairs(MULTI)
@@ -293,6 +617,21 @@ def test_tools_on_templates_without_a_protocol_use_the_default_format():
     assert 'user\n{"temp": 20}<end_of_turn>' in text
     qwen_calls = get_template("chatml", tool_format="qwen").render(GLAIVE, tools=TOOLS)
     assert "<tools>" in qwen_calls and "<tool_response>" in qwen_calls
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_call_and_result_markup_is_written_once(name):
+    """The tool format writes a call's and a result's markup; a template's function/observation slots only frame
+    them, so each appears exactly once in the rendering."""
+    template = get_template(name)
+    fmt = get_tool_format(template.tool_format)
+    text = template.render(GLAIVE, tools=TOOLS)
+    turns = text[text.index("Weather in Paris?"):]  # past the tool prompt, which may quote the markup
+    for piece, inner in ((fmt.format_calls(GLAIVE[1]["content"]), "get_weather"),
+                         (fmt.format_observation(GLAIVE[2]["content"]), '{"temp": 20}')):
+        assert turns.count(piece) == 1, (piece, text)
+        opening = piece[:piece.index(inner)].strip()
+        assert not opening or turns.count(opening) == 1, (opening, text)
 
 
 @pytest.mark.parametrize("content, problem", [("get_weather(Paris)", "not JSON"),
@@ -369,7 +708,8 @@ def test_resolve_template(tok):
 
 
 def test_unknown_template_lists_close_names():
-    with pytest.raises(DataError, match=r"unknown template 'qwen2'\. Did you mean: .*qwen.*\? Registered: alpaca, "):
+    with pytest.raises(DataError,
+                       match=r"unknown template 'qwen2'\. Did you mean: .*qwen.*\? Registered: aeva, alpaca, "):
         get_template("qwen2")
     with pytest.raises(DataError, match="unknown tool format 'hermes'.*Registered: default, gemma4, glm4, "):
         get_template("chatml", tool_format="hermes")
@@ -447,8 +787,9 @@ def test_jinja_without_generation_prompt(tok, name):
     prompt = apply_jinja(tok, template, MULTI[:3])
     generation = apply_jinja(tok, template, MULTI[:3], add_generation_prompt=True)
     assert prompt.endswith(template.user.format(content="How are you?", bos="<s>", eos="</s>"))
-    opening = {"deepseekr1": "<think>\n", "qwen3_nothink": "<think>\n\n</think>\n\n",
-               "qwen3_vl_nothink": "<think>\n\n</think>\n\n"}.get(name, "")
+    opening = {"deepseekr1": "<think>\n", "qwen3_5": "<think>\n", "qwen3_6": "<think>\n", "minimax2": "<think>\n",
+               "glm4_7": "<think>", "aeva": "<think>", **dict.fromkeys(
+                   ("qwen3_nothink", "qwen3_vl_nothink", "qwen3_5_nothink"), "<think>\n\n</think>\n\n")}.get(name, "")
     assert generation == prompt + opening
     # Ending with a reply: nothing to add.
     assert apply_jinja(tok, template, MULTI, add_generation_prompt=True) == apply_jinja(tok, template, MULTI)

@@ -15,7 +15,9 @@ without reasoning gets an empty block "<think>\n\n</think>\n\n" in the reply: th
 the same, and training on it keeps the model writing the block it is always expected to open. With thinking off
 (enable_thinking=False, qwen3_nothink) the empty block goes at the end of the prompt instead, as the official
 non-thinking generation prompt does, so the model learns the answer only; a reply that does carry reasoning keeps
-it in the reply either way.
+it in the reply either way. Other families write the block their own way (`Thinking`): GLM-4.5 keeps an empty
+block in history replies, GLM-4.7 and Qwen3.5 open it in the generation prompt, Seed-OSS and Gemma 4 have their own
+tags.
 
 Where lf knowingly differs from a model's official template or from LLaMA-Factory's, the template's `differs` says
 so; docs/templates.md lists them all (tests/test_template_oracle.py writes it and checks each template that has a
@@ -48,6 +50,7 @@ class Thinking:
     close: str = "\n</think>\n\n"
     prompt_opens: bool = False  # the generation prompt writes `open` (DeepSeek-R1): the model continues after it
     lstrip_history: bool = True  # history replies drop the newlines after "</think>" (Qwen3 does, R1 keeps them)
+    history: str = ""  # what a history reply starts with in place of its dropped reasoning (GLM: an empty block)
 
     def split(self, content: str) -> tuple[str | None, str]:
         """(reasoning or None when there is no block, the text after the block)."""
@@ -169,7 +172,8 @@ class Template:
             return "", content
         reasoning, answer = thinking.split(content)
         if not last:  # history: the official templates drop old reasoning
-            return "", answer.lstrip("\n") if reasoning is not None and thinking.lstrip_history else answer
+            return "", thinking.history + (answer.lstrip("\n") if reasoning is not None and thinking.lstrip_history
+                                           else answer)
         if not reasoning and not self.enable_thinking:
             return thinking.open + thinking.close, answer.lstrip("\n") if reasoning is not None else answer
         block = thinking.open + (reasoning or "") + thinking.close + answer.lstrip("\n")
@@ -244,7 +248,8 @@ class Template:
         """`_reply_body` on the reply's `content`: what it adds to the prompt is written first."""
         thinking = self.thinking
         start, end = repr(thinking.open.strip()), repr(thinking.close.strip())
-        history = "answer.lstrip('\\n') if reasoning is not none else answer" if thinking.lstrip_history else "answer"
+        history = "(answer.lstrip('\\n') if reasoning is not none else answer)" if thinking.lstrip_history else "answer"
+        history = f"{thinking.history!r} + {history}" if thinking.history else history
         rest = f"(reasoning or '') + {thinking.close!r} + answer.lstrip('\\n')"
         last = ([_write(repr(thinking.open), 3), _tag(f"set content = {rest}", 3)] if thinking.prompt_opens
                 else [_tag(f"set content = {thinking.open!r} + {rest}", 3)])
@@ -296,7 +301,7 @@ class Template:
         if unknown:
             tokenizer.add_tokens(unknown, special_tokens=True)
             changes.append(f"added the stop word(s) {', '.join(map(repr, unknown))} of template {self.name!r} as "
-                           f"special tokens (the tokenizer split them into pieces); the vocabulary now has "
+                           "special tokens (the tokenizer split them into pieces); the vocabulary now has "
                            f"{len(tokenizer)} tokens, so the model's embeddings must grow to match")
         return changes
 
@@ -367,6 +372,81 @@ _INTERN2_SYSTEM = ("You are an AI assistant whose name is InternLM (书生·浦�
 _NO_IDS = "tool calls and results carry no call ids (canonical data has none)"
 _MISTRAL_SYSTEM = ("the system prompt joins the last user message, as mistral-common does, where the jinja writes it "
                    "only when the conversation ends on that message (a training conversation would lose it)")
+_PHI = dict(stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
+            user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
+            eos_token="<|endoftext|>")
+_DBRX_SYSTEM = (
+    "You are DBRX, created by Databricks. You were last updated in December 2023. You answer questions based on "
+    "information available up to that point.\nYOU PROVIDE SHORT RESPONSES TO SHORT QUESTIONS OR STATEMENTS, but "
+    "provide thorough responses to more complex and open-ended questions.\nYou assist with various tasks, from "
+    "writing to coding (using markdown for code blocks — remember to use ``` with code, JSON, and tables).\n(You do "
+    "not have real-time data access or code execution capabilities. You avoid stereotyping and provide balanced "
+    "perspectives on controversial topics. You do not provide song lyrics, poems, or news articles and do not "
+    "divulge details of your training data.)\nThis is your system prompt, guiding your responses. Do not reference "
+    "it, just respond to the user. If you find yourself talking about this message, stop. You should be responding "
+    "appropriately and usually that means not mentioning this.\nYOU DO NOT MENTION ANY OF THIS INFORMATION ABOUT "
+    "YOURSELF UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY.")
+_DEEPSEEK_CODER_SYSTEM = (
+    "You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek Company, and you "
+    "only answer questions related to computer science. For politically sensitive questions, security and privacy "
+    "issues, and other non-computer science questions, you will refuse to answer\n")
+_SEED_CODER_SYSTEM = (
+    "You are an AI programming assistant, utilizing the Seed-Coder model, developed by ByteDance Seed, and you only "
+    "answer questions related to computer science. For politically sensitive questions, security and privacy "
+    "issues, and other non-computer science questions, you will refuse to answer.\n\n")
+_SAILOR_SYSTEM = ("You are an AI assistant named Sailor created by Sea AI Lab. Your answer should be friendly, "
+                 "unbiased, faithful, informative and detailed.")
+_AEVA_SYSTEM = ("You are an AI assistant named Aeva created by Zongzhi Lou. Your answer should be friendly, unbiased, "
+               "faithful, informative and detailed.")
+_TELECHAT_SYSTEM = ("你是中国电信星辰语义大模型，英文名是TeleChat，你是由中电信人工智能科技有限公司和中国电信人工智能研究院"
+                   "（TeleAI）研发的人工智能助手。")
+_XUANYUAN_SYSTEM = ("以下是用户和人工智能助手之间的对话。用户以Human开头，人工智能助手以Assistant开头，会对人类提出的问题给出"
+                   "有帮助、高质量、详细和礼貌的回答，并且总是拒绝参与与不道德、不安全、有争议、政治敏感等相关的话题、问题和指示。\n")
+# Chatml with a `tool` role for tool results.
+_CHATML_TOOL = dict(_CHATML, observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n")
+# GLM-4 and its successors: replies have no end-of-turn marker of their own (the models stop on the next turn's
+# header); lf ends each with eos instead (see the module docstring). The newline after "<|assistant|>" is the
+# prompt's, so that GLM-4.5's reasoning block follows it; history replies there keep an empty block.
+_GLM4 = dict(stop_words=("<|user|>", "<|observation|>"), prefix="[gMASK]<sop>", system="<|system|>\n{content}",
+             user="<|user|>\n{content}<|assistant|>\n", observation="<|observation|>\n{content}<|assistant|>\n",
+             assistant="{content}{eos}", eos_token="<|endoftext|>")
+# GLM-4.7: no newlines between turns; the generation prompt opens the reasoning, history replies keep its end.
+_GLM47 = dict(_GLM4, system="<|system|>{content}", user="<|user|>{content}<|assistant|>",
+              observation="<|observation|>{content}<|assistant|>", tool_format="glm4_moe",
+              thinking=Thinking(open="<think>", close="</think>", prompt_opens=True, history="</think>"))
+_GRANITE = dict(stop_words=("<|end_of_text|>",),
+                system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
+                user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
+                     "<|start_of_role|>assistant<|end_of_role|>",
+                assistant="{content}<|end_of_text|>", separator="\n", eos_token="<|end_of_text|>")
+_GEMMA4 = dict(stop_words=("<turn|>", "<tool|>"), prefix="{bos}", system="<|turn>system\n<|think|>\n{content}<turn|>\n",
+               user="<|turn>user\n{content}<turn|>\n<|turn>model\n",
+               observation="<|turn>tool\n{content}<turn|>\n<|turn>model\n", assistant="{content}<turn|>",
+               function="<|tool>{content}<tool|>", separator="\n", default_system="You are a helpful assistant.",
+               trim=(SYSTEM, USER, ASSISTANT),
+               tool_format="gemma4", thinking=Thinking(open="<|channel>thought\n", close="<channel|>"),
+               bos_token="<bos>", eos_token="<eos>")
+# Mistral's later models: no space inside [INST] ... [/INST]; tool calls and results as the mistral tool format.
+_MISTRAL = dict(prefix="{bos}", user="[INST]{content}[/INST]", observation="{content}", assistant="{content}{eos}",
+                function="{content}{eos}", tool_format="mistral", bos_token="<s>")
+_MISTRAL_SYSTEM_PROMPT = dict(_MISTRAL, system="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]")
+# ByteDance Seed: every turn is bos, role, newline, content, eos.
+_SEED = dict(system="{bos}system\n{content}{eos}", user="{bos}user\n{content}{eos}{bos}assistant\n",
+             assistant="{content}{eos}")
+_QWEN3_5 = dict(_CHATML, tool_format="qwen3_5", thinking=Thinking(prompt_opens=True))  # Qwen3's, opened by the prompt
+_HY_SMALL = "<｜hy_place▁holder▁no▁{}｜>"
+
+# Differences shared by several templates (their `differs`).
+_GLM_EOS = ("each reply ends with eos: the official template writes no end-of-turn marker (the model stops on the "
+            "next turn's header, lf's stop words), and LLaMA-Factory writes eos after the last reply only, which "
+            "teaches no stop after the others")
+_GLM_NEWLINE = ('the newline after "<|assistant|>" is the prompt\'s, as GLM-4\'s generation prompt writes it (the '
+                'same tokens)')
+_EMPTY_BLOCK = ("in thinking mode a last reply without reasoning gets the empty block (as lf's qwen3); the official "
+                "template writes none")
+_FOLLOWS_MODEL = "follows the model's published template where LLaMA-Factory 0.9.5 differs"
+_TEXT_SIDE = 'the text side only: no multimodal plugin yet'
+_NO_DATED_SYSTEM = 'without the official default system prompt'
 
 _REGISTRY = {t.name: t for t in (
     Template("default", system="System: {content}{eos}\n", user="Human: {content}{eos}\nAssistant:",
@@ -410,9 +490,8 @@ _REGISTRY = {t.name: t for t in (
              user="[INST] {content}[/INST]", observation="{content}", assistant=" {content}{eos}",
              function="{content}{eos}", trim=(ASSISTANT,), tool_format="mistral", bos_token="<s>",
              models="Mistral 7B v0.3, Mixtral", differs=f"{_MISTRAL_SYSTEM}; {_NO_IDS}"),
-    Template("ministral", prefix="{bos}", system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
-             user="[INST]{content}[/INST]", observation="{content}", assistant="{content}{eos}",
-             tool_format="mistral", bos_token="<s>", models="Mistral NeMo, Ministral (Tekken tokenizer)",
+    Template("ministral", **_MISTRAL, system="{content}\n\n", system_at=IN_LAST_USER_MESSAGE,
+             models="Mistral NeMo, Ministral (Tekken tokenizer)",
              differs=f"{_MISTRAL_SYSTEM} (LLaMA-Factory: the first user message); {_NO_IDS}"),
     Template("gemma", **_GEMMA, trim=(USER, ASSISTANT), models="Gemma, Gemma 2, Gemma 3 (text)"),
     Template("gemma2", **{**_GEMMA, "stop_words": ("<eos>", "<end_of_turn>")}, trim=(USER, ASSISTANT),
@@ -420,9 +499,7 @@ _REGISTRY = {t.name: t for t in (
     Template("gemma3", **_GEMMA, trim=(ASSISTANT,), mm_plugin="gemma3", models="Gemma 3 with images",
              differs="user turns untrimmed (as LLaMA-Factory's): an image's sequence starts and ends with newlines "
                      "that Gemma3Processor writes after the chat template trimmed the text"),
-    Template("phi", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
-             user="<|user|>\n{content}<|end|>\n<|assistant|>\n", assistant="{content}<|end|>", separator="\n",
-             eos_token="<|endoftext|>", models="Phi-3, Phi-3.5",
+    Template("phi", **_PHI, models="Phi-3, Phi-3.5",
              differs="without the eos the official template writes after the last turn (the reply already ends "
                      "with <|end|>)"),
     Template("yi", **_CHATML, models="Yi chat"),
@@ -435,6 +512,261 @@ _REGISTRY = {t.name: t for t in (
     Template("deepseekr1", **_DEEPSEEK, thinking=R1_THINKING, models="DeepSeek-R1",
              differs="the official template drops the reasoning of every reply (it is written for inference); lf "
                      "keeps the last reply's, written as the model generates it after \"<｜Assistant｜><think>\\n\""),
+    # -- the rest of LLaMA-Factory 0.9.5's text templates --
+    # Ling (bailing) 1.x and 2.0
+    Template("bailing", stop_words=("<|endoftext|>",), system="<role>SYSTEM</role>{content}",
+             user="<role>HUMAN</role>{content}<role>ASSISTANT</role>",
+             observation="<role>OBSERVATION</role>{content}<role>ASSISTANT</role>", assistant="{content}{eos}",
+             eos_token="<|endoftext|>",
+             models='Ling 1.x (bailing)',
+             differs=_GLM_EOS),
+    Template("bailing_v2", stop_words=("<|role_end|>",), system="<role>SYSTEM</role>{content}<|role_end|>",
+             user="<role>HUMAN</role>{content}<|role_end|><role>ASSISTANT</role>",
+             observation="<role>OBSERVATION</role>\n{content}<|role_end|><role>ASSISTANT</role>",
+             assistant="{content}<|role_end|>", default_system="detailed thinking off", tool_format="ling",
+             eos_token="<|endoftext|>",
+             models='Ling 2.0',
+             differs=f'{_FOLLOWS_MODEL} (default system prompt)'),
+    # Breeze (MediaTek, on Mistral): the system prompt then a space before the first [INST]
+    Template("breeze", prefix="{bos}", system="{content} ", user="[INST] {content} [/INST] ",
+             assistant="{content}{eos}", bos_token="<s>",
+             models='Breeze (MediaTek, on Mistral)',
+             differs=f'{_FOLLOWS_MODEL} (whitespace)'),
+    Template("chatml_de", **_CHATML_TOOL, default_system="Du bist ein freundlicher und hilfsbereiter KI-Assistent.",
+             models='German ChatML models'),
+    # Command R / R+ (Cohere)
+    Template("cohere", stop_words=("<|END_OF_TURN_TOKEN|>",), prefix="{bos}",
+             system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{content}<|END_OF_TURN_TOKEN|>",
+             user="<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{content}<|END_OF_TURN_TOKEN|>"
+                  "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+             assistant="{content}<|END_OF_TURN_TOKEN|>", bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>",
+             models='Command R, R+ (Cohere)'),
+    Template("cpm4", **_CHATML_TOOL, prefix="{bos}", bos_token="<s>",
+             models='MiniCPM 4'),
+    Template("dbrx", **_CHATML_TOOL, default_system=_DBRX_SYSTEM, eos_token="<|endoftext|>",
+             models='DBRX Instruct'),
+    # DeepSeek LLM / V2 chat
+    Template("deepseek", prefix="{bos}", system="{content}\n\n", user="User: {content}\n\nAssistant:",
+             assistant=" {content}{eos}", bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>",
+             models='DeepSeek LLM, DeepSeek-V2 chat',
+             differs=f'{_FOLLOWS_MODEL} (a space before the reply)'),
+    Template("deepseekcoder", stop_words=("<|EOT|>",), prefix="{bos}",
+             user="### Instruction:\n{content}\n### Response:\n", assistant="{content}\n<|EOT|>", separator="\n",
+             default_system=_DEEPSEEK_CODER_SYSTEM,
+             bos_token="<｜begin▁of▁sentence｜>", eos_token="<|EOT|>",
+             models='DeepSeek Coder',
+             differs=f'{_FOLLOWS_MODEL} (whitespace)'),
+    # ERNIE 4.5: the thinking models' chatml with blank lines, the base chat models' plain format
+    Template("ernie", stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}<|im_end|>\n\n",
+             user="<|im_start|>user\n{content}<|im_end|>\n\n<|im_start|>assistant\n",
+             observation="<|im_start|>tool\n{content}<|im_end|>\n\n<|im_start|>assistant\n",
+             assistant="{content}<|im_end|>", separator="\n\n",
+             default_system="<global_setting>\nthink_mode=True\n</global_setting>",
+             models='ERNIE 4.5 thinking models'),
+    Template("ernie_nothink", stop_words=("<|end_of_sentence|>",), prefix="<|begin_of_sentence|>",
+             system="{content}\n", user="User: {content}\nAssistant: ", assistant="{content}<|end_of_sentence|>",
+             models='ERNIE 4.5 chat models'),
+    Template("exaone", stop_words=("[|endofturn|]",), system="[|system|]{content}[|endofturn|]\n",
+             user="[|user|]{content}\n[|assistant|]", assistant="{content}[|endofturn|]", separator="\n",
+             trim=(SYSTEM, USER, ASSISTANT), eos_token="[|endofturn|]",
+             models='EXAONE 3, 3.5',
+             differs=f'{_FOLLOWS_MODEL} (whitespace)'),
+    Template("falcon", user="User: {content}\nFalcon:", assistant="{content}{eos}", separator="\n",
+             eos_token="<|endoftext|>",
+             models='Falcon (1) instruct'),
+    Template("falcon_h1", **{**_CHATML_TOOL, "stop_words": ("<|im_end|>", "<|end_of_text|>")}, prefix="{bos}",
+             bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+             models='Falcon-H1'),
+    Template("fewshot", assistant="{content}{eos}", separator="\n\n",
+             models='any: examples one after another'),  # examples one after another
+    # Gemma 3n's text side (Gemma 3's format); Gemma 4's text side, with its thought channel
+    Template("gemma3n", **_GEMMA, trim=(USER, ASSISTANT),
+             models='Gemma 3n',
+             differs=_TEXT_SIDE),
+    Template("gemma4", **_GEMMA4,
+             models='Gemma 4',
+             differs=f'{_TEXT_SIDE}; trained in thinking mode, as LLaMA-Factory does: the system turn starts with '
+                     '"<|think|>" and is always written, where Gemma 4\'s template writes it only with '
+                     f'enable_thinking and drops every thought; {_EMPTY_BLOCK}; {_FOLLOWS_MODEL} ("<|think|>" on a '
+                     'line of its own)'),
+    Template("gemma4n", **_GEMMA4,
+             models='Gemma 4n',
+             differs=f'{_TEXT_SIDE}; trained in thinking mode, as gemma4'),
+    Template("glm4", **_GLM4, tool_format="glm4",
+             models='GLM-4, GLM-4-0414',
+             differs=_GLM_EOS),
+    Template("glm4_moe", **_GLM4, tool_format="glm4_moe",
+             thinking=Thinking(open="<think>", close="</think>\n", history="<think></think>\n"),
+             models='GLM-4.5, GLM-4.6',
+             differs=f'{_GLM_EOS}; {_GLM_NEWLINE}'),
+    Template("glm4_7", **_GLM47,
+             models='GLM-4.7',
+             differs=f'{_GLM_EOS}; thinking off ends the prompt with "<think></think>" where GLM-4.7 writes '
+                     f'"</think>"; {_EMPTY_BLOCK}; {_FOLLOWS_MODEL} (no newlines; the generation prompt opens the '
+                     'reasoning)'),
+    Template("aeva", **_GLM47, default_system=_AEVA_SYSTEM,
+             models='Aeva (on GLM-4.7)',
+             differs=_GLM_EOS),
+    Template("glmz1", **_GLM4, tool_format="glm4", thinking=QWEN3_THINKING,
+             models='GLM-Z1',
+             differs=f'{_GLM_EOS}; {_GLM_NEWLINE}'),
+    Template("granite3", **_GRANITE,
+             models='Granite 3.x',
+             differs=f"{_NO_DATED_SYSTEM} (Granite 3.3's holds today's date)"),
+    Template("granite4", **_GRANITE, observation="<|start_of_role|>tool<|end_of_role|>{content}<|end_of_text|>\n"
+                                                 "<|start_of_role|>assistant<|end_of_role|>",
+             default_system="You are a helpful assistant. Please ensure responses are professional, accurate, and "
+                            "safe.",
+             models='Granite 4',
+             differs=f'{_FOLLOWS_MODEL} (default system prompt)'),
+    # Hunyuan: the first release, the small dense ones (0.5B-7B), Hy3
+    Template("hunyuan", stop_words=("<|eos|>",), system="<|startoftext|>{content}<|extra_4|>",
+             user="<|startoftext|>{content}<|extra_0|>", assistant="{content}<|eos|>",
+             models='Hunyuan-A13B',
+             differs=f'{_FOLLOWS_MODEL} (<|startoftext|> opens every turn)'),
+    Template("hunyuan_small", stop_words=(_HY_SMALL.format(2),), prefix="<｜hy_begin▁of▁sentence｜>",
+             system="{content}" + _HY_SMALL.format(3), user="<｜hy_User｜>{content}" + _HY_SMALL.format(8),
+             assistant="{content}" + _HY_SMALL.format(2),
+             models='Hunyuan 0.5B-7B'),
+    Template("hy3", stop_words=("<｜hy_eos｜>",), prefix="{bos}", user="<｜hy_User｜>{content}<｜hy_Assistant｜>",
+             assistant="{content}<｜hy_eos｜>", thinking=Thinking(open="<think>", close="</think>"),
+             bos_token="<｜hy_begin▁of▁sentence｜>",
+             models='Hy3',
+             differs='LLaMA-Factory 0.9.5\'s Hy3 format: Tencent\'s newest published template names its tokens with '
+                     'an ":opensource" suffix and adds a reasoning-effort line'),
+    Template("index", system="<unk>{content}", user="reserved_0{content}reserved_1", assistant="{content}{eos}",
+             models='Index-1.9B'),
+    Template("intern_s1", **_CHATML, prefix="{bos}",
+             models='Intern-S1',
+             differs=_TEXT_SIDE),
+    Template("lfm2", **_CHATML_TOOL, prefix="{bos}", tool_format="lfm2", bos_token="<|startoftext|>",
+             models='LFM2 (Liquid)',
+             differs=f'{_FOLLOWS_MODEL} (default system prompt)'),
+    # Llama 4's text side
+    Template("llama4", stop_words=("<|eot|>", "<|eom|>"), prefix="{bos}",
+             system="<|header_start|>system<|header_end|>\n\n{content}<|eot|>",
+             user="<|header_start|>user<|header_end|>\n\n{content}<|eot|><|header_start|>assistant<|header_end|>\n\n",
+             observation="<|header_start|>ipython<|header_end|>\n\n{content}<|eot|>"
+                         "<|header_start|>assistant<|header_end|>\n\n",
+             assistant="{content}<|eot|>", trim=(SYSTEM,), tool_format="llama3", bos_token="<|begin_of_text|>",
+             models='Llama 4',
+             differs=_TEXT_SIDE),
+    Template("mimo", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
+             thinking=QWEN3_THINKING,
+             models='MiMo 7B'),
+    Template("mimo_v2", **_CHATML, default_system="You are MiMo, a helpful AI assistant engineered by Xiaomi.",
+             tool_format="qwen", thinking=Thinking(open="<think>", close="</think>"),
+             models='MiMo V2'),
+    Template("minimax1", stop_words=("<end_of_sentence>",), prefix="<begin_of_document>",
+             system="<beginning_of_sentence>system ai_setting=assistant\n{content}<end_of_sentence>\n",
+             user="<beginning_of_sentence>user name=user\n{content}<end_of_sentence>\n"
+                  "<beginning_of_sentence>ai name=assistant\n",
+             observation="<beginning_of_sentence>tool name=tools\n{content}<end_of_sentence>\n"
+                         "<beginning_of_sentence>ai name=assistant\n",
+             assistant="{content}<end_of_sentence>", separator="\n",
+             default_system="You are a helpful assistant created by Minimax based on MiniMax-M1 model.",
+             tool_format="minimax1",
+             models='MiniMax-Text-01, MiniMax-M1',
+             differs=f'{_FOLLOWS_MODEL} (default system prompt)'),
+    Template("minimax2", stop_words=("[e~[",), system="]~!b[]~b]system\n{content}[e~[\n",
+             user="]~b]user\n{content}[e~[\n]~b]ai\n",
+             observation="]~b]tool\n{content}[e~[\n]~b]ai\n",
+             assistant="{content}[e~[", separator="\n",
+             default_system="You are a helpful assistant. Your name is MiniMax-M2.1 and is built by MiniMax.",
+             tool_format="minimax2", thinking=Thinking(prompt_opens=True),
+             models='MiniMax-M2',
+             differs=f"{_EMPTY_BLOCK}; the default system prompt is MiniMax-M2.1's; {_FOLLOWS_MODEL} (the generation "
+                     "prompt opens the reasoning)"),
+    Template("ministral3", **_MISTRAL_SYSTEM_PROMPT,
+             models='Ministral 3',
+             differs=f"{_TEXT_SIDE}; {_NO_DATED_SYSTEM} (Ministral 3 Reasoning's); {_FOLLOWS_MODEL} "
+                     "([SYSTEM_PROMPT])"),
+    Template("mistral_small", **_MISTRAL_SYSTEM_PROMPT,
+             models='Mistral Small 3.x',
+             differs=f"{_TEXT_SIDE}; {_NO_DATED_SYSTEM} (it holds today's date)"),
+    # Moonlight (Moonshot AI)
+    Template("moonlight", stop_words=("<|im_end|>",), system="<|im_system|>system<|im_middle|>{content}<|im_end|>",
+             user="<|im_user|>user<|im_middle|>{content}<|im_end|><|im_assistant|>assistant<|im_middle|>",
+             assistant="{content}<|im_end|>", default_system="You are a helpful assistant provided by Moonshot-AI.",
+             models='Moonlight (Moonshot AI)'),
+    # OLMo (1): the text opens with eos
+    Template("olmo", prefix="{eos}", user="<|user|>\n{content}<|assistant|>\n", assistant="{content}{eos}",
+             eos_token="<|endoftext|>",
+             models='OLMo (1)'),
+    # OpenChat 3.5 and 3.6
+    Template("openchat", stop_words=("<|end_of_turn|>",), prefix="{bos}",
+             system="GPT4 Correct System: {content}<|end_of_turn|>",
+             user="GPT4 Correct User: {content}<|end_of_turn|>GPT4 Correct Assistant:",
+             assistant=" {content}<|end_of_turn|>", bos_token="<s>", eos_token="<|end_of_turn|>",
+             models='OpenChat 3.5',
+             differs=f'{_FOLLOWS_MODEL} (a space before the reply)'),
+    Template("openchat-3.6", stop_words=("<|eot_id|>",), prefix="{bos}",
+             user="<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|>"
+                  "<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n",
+             assistant="{content}<|eot_id|>", bos_token="<|begin_of_text|>",
+             models='OpenChat 3.6'),
+    Template("opencoder", **_CHATML_TOOL, default_system="You are OpenCoder, created by OpenCoder Team.",
+             models='OpenCoder'),
+    Template("phi_small", **_PHI, prefix="{bos}", bos_token="<|endoftext|>",
+             models='Phi-3-small',
+             differs='without the eos the official template writes after the last turn (the reply already ends with '
+                     '<|end|>)'),  # Phi-3-small: as phi, after bos
+    Template("phi4", stop_words=("<|im_end|>",), system="<|im_start|>system<|im_sep|>{content}<|im_end|>",
+             user="<|im_start|>user<|im_sep|>{content}<|im_end|><|im_start|>assistant<|im_sep|>",
+             assistant="{content}<|im_end|>", eos_token="<|im_end|>",
+             models='Phi-4'),
+    Template("phi4_mini", stop_words=("<|end|>",), system="<|system|>{content}<|end|>",
+             user="<|user|>{content}<|end|><|assistant|>", assistant="{content}<|end|>", eos_token="<|endoftext|>",
+             models='Phi-4-mini'),
+    # Qwen3.5 / Qwen3.6's text side
+    Template("qwen3_5", **_QWEN3_5,
+             models='Qwen3.5',
+             differs=f'{_TEXT_SIDE}; {_FOLLOWS_MODEL}'),
+    Template("qwen3_5_nothink", **_QWEN3_5, enable_thinking=False,
+             models='Qwen3.5, thinking off',
+             differs=f'{_TEXT_SIDE}; {_FOLLOWS_MODEL}'),
+    Template("qwen3_6", **_QWEN3_5,
+             models='Qwen3.6',
+             differs=_TEXT_SIDE),
+    Template("sailor", **{**_CHATML, "user": "<|im_start|>question\n{content}<|im_end|>\n<|im_start|>answer\n"},
+             default_system=_SAILOR_SYSTEM,
+             models='Sailor (Sea AI Lab)'),
+    Template("seed_coder", **_SEED, default_system=_SEED_CODER_SYSTEM, bos_token="<[begin▁of▁sentence]>",
+             eos_token="<[end▁of▁sentence]>",
+             models='Seed-Coder'),
+    Template("seed_oss", **_SEED, tool_format="seed_oss",
+             thinking=Thinking(open="<seed:think>", close="</seed:think>\n"),
+             bos_token="<seed:bos>", eos_token="<seed:eos>",
+             models='Seed-OSS',
+             differs=_EMPTY_BLOCK),
+    Template("smollm", **_CHATML,
+             models='SmolLM'),
+    Template("smollm2", **_CHATML,
+             default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face.",
+             models='SmolLM2'),
+    Template("solar", system="### System:\n{content}\n\n", user="### User:\n{content}\n\n### Assistant:\n",
+             assistant="{content}{eos}",
+             models='SOLAR (Upstage)'),
+    Template("starchat", stop_words=("<|end|>",), system="<|system|>\n{content}<|end|>\n",
+             user="<|user|>\n{content}<|end|>\n<|assistant|>", assistant="{content}<|end|>", separator="\n",
+             models='StarChat'),
+    Template("telechat2", system="<_system>{content}", user="<_user>{content}<_bot>", assistant="{content}{eos}",
+             default_system=_TELECHAT_SYSTEM, eos_token="<_end>",
+             models='TeleChat 2'),
+    Template("xuanyuan", user="Human: {content} Assistant:", assistant="{content}{eos}",
+             default_system=_XUANYUAN_SYSTEM,
+             models='XuanYuan'),
+    Template("youtu", stop_words=("<|end_of_text|>",), prefix="{bos}", user="<|User|>{content}<|Assistant|>",
+             observation="<tool_response>\n{content}\n</tool_response><|Assistant|>",
+             assistant="{content}<|end_of_text|>",
+             thinking=QWEN3_THINKING,
+             models='Youtu-LLM'),
+    Template("yuan", stop_words=("<eod>",), user="{content}<sep>", assistant="{content}<eod>", separator="\n",
+             models='Yuan 2'),
+    Template("zephyr", system="<|system|>\n{content}{eos}\n", user="<|user|>\n{content}{eos}\n<|assistant|>\n",
+             assistant="{content}{eos}", separator="\n", default_system="You are Zephyr, a helpful assistant.",
+             models='Zephyr',
+             differs=f'{_FOLLOWS_MODEL} (whitespace)'),
 )}
 TEMPLATES = MappingProxyType(_REGISTRY)
 
