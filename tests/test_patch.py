@@ -49,6 +49,15 @@ CONFIGS = {  # model_type -> its tiny config; head_dim 16 where a family's defau
     "hunyuan_v1_dense": _config("HunYuanDenseV1Config", head_dim=16),
     "helium": _config("HeliumConfig", head_dim=16),
     "ernie4_5": _config("Ernie4_5Config", head_dim=16),
+    "vaultgemma": _config("VaultGemmaConfig", head_dim=16),
+    "seed_oss": _config("SeedOssConfig", head_dim=16, residual_dropout=0.0, attention_dropout=0.0),  # 0.1 default
+    "arcee": _config("ArceeConfig"),
+    "apertus": _config("ApertusConfig"),
+    "bitnet": _config("BitNetConfig"),
+    "olmo": _config("OlmoConfig"),
+    "stablelm": _config("StableLmConfig"),  # a quarter of the head rotated
+    "phi": _config("PhiConfig"),
+    "starcoder2": _config("Starcoder2Config"),
     "cohere": _config("CohereConfig", logit_scale=0.5, use_qk_norm=True),
     "cohere2": _config("Cohere2Config", logit_scale=0.5),
     "falcon_h1": _config("FalconH1Config", head_dim=16, lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4,
@@ -64,11 +73,14 @@ CONFIGS = {  # model_type -> its tiny config; head_dim 16 where a family's defau
                           shared_expert_intermediate_size=96, **MOE),
     "olmoe": _config("OlmoeConfig", num_experts=4, num_experts_per_tok=2),
     "granitemoe": _config("GraniteMoeConfig", logits_scaling=4.0, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": _config("GraniteMoeSharedConfig", logits_scaling=4.0, num_local_experts=4,
+                                num_experts_per_tok=2, shared_intermediate_size=96),
     "glm4_moe": _config("Glm4MoeConfig", head_dim=16, first_k_dense_replace=1, n_shared_experts=1, **ROUTED),
     "dots1": _config("Dots1Config", head_dim=16, first_k_dense_replace=1, n_shared_experts=1, **ROUTED),
     "hunyuan_v1_moe": _config("HunYuanMoEV1Config", head_dim=16, num_experts=4, moe_topk=2),
     "exaone_moe": _config("ExaoneMoeConfig", first_k_dense_replace=1, num_shared_experts=1, **MOE),
     "solar_open": _config("SolarOpenConfig", head_dim=16, n_shared_experts=1, **ROUTED),
+    "phimoe": _config("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2),
     "minimax": _config("MiniMaxConfig", head_dim=16, layer_types=HYBRID, num_local_experts=4, num_experts_per_tok=2,
                        block_size=4),
     "ernie4_5_moe": _config("Ernie4_5_MoeConfig", moe_num_experts=4, moe_k=2, moe_intermediate_size=48,
@@ -76,23 +88,27 @@ CONFIGS = {  # model_type -> its tiny config; head_dim 16 where a family's defau
     "deepseek_v2": _config("DeepseekV2Config", first_k_dense_replace=1, n_shared_experts=1, **ROUTED, **MLA),
     "deepseek_v3": _config("DeepseekV3Config", first_k_dense_replace=1, n_shared_experts=1, **ROUTED, **MLA),
 }
-# transformers 5.23: Gemma-2's attention softcapping and GPT-OSS's attention sinks need eager
-ATTENTION = {"gemma2": "eager", "gpt_oss": "eager"}
+# transformers 5.23: Gemma-2's and VaultGemma's attention softcapping and GPT-OSS's attention sinks need eager
+ATTENTION = {"gemma2": "eager", "vaultgemma": "eager", "gpt_oss": "eager"}
 DENSE = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention"}
-EXPERTS = {"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "granitemoe", "glm4_moe", "dots1",
-           "hunyuan_v1_moe", "exaone_moe", "solar_open", "minimax", "ernie4_5_moe", "deepseek_v2", "deepseek_v3"}
+EXPERTS = {"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "granitemoe", "granitemoeshared", "glm4_moe",
+           "dots1", "hunyuan_v1_moe", "exaone_moe", "solar_open", "phimoe", "minimax", "ernie4_5_moe", "deepseek_v2",
+           "deepseek_v3"}
 INTERLEAVED_ROPE = {"glm", "glm4", "helium", "ernie4_5", "ernie4_5_moe", "cohere", "cohere2", "deepseek_v3"}
 KEPT = {  # model_type -> the kinds its report leaves to HF (besides interleaved RoPE)
-    "gemma2": {"packed_attention"},  # eager attention
+    "gemma2": {"packed_attention"}, "vaultgemma": {"packed_attention"},  # eager attention
     "mixtral": {"swiglu"}, "qwen3_moe": {"swiglu"}, "olmoe": {"swiglu"}, "granitemoe": {"swiglu"},  # experts only
-    "minimax": {"swiglu"},
-    "cohere": {"rms_norm"}, "cohere2": {"rms_norm"},  # LayerNorms
+    "minimax": {"swiglu"}, "phimoe": {"swiglu", "rms_norm"},  # and LayerNorms
+    "cohere": {"rms_norm"}, "cohere2": {"rms_norm"}, "olmo": {"rms_norm"}, "stablelm": {"rms_norm"},  # LayerNorms
+    "phi": {"rms_norm", "swiglu"}, "starcoder2": {"rms_norm", "swiglu"},  # and fc1/act/fc2 MLPs
+    "arcee": {"swiglu"}, "apertus": {"swiglu"}, "bitnet": {"swiglu"}, "seed_oss": {"swiglu"},  # their MLPs
+    "granitemoeshared": {"swiglu"},
     "falcon_h1": {"swiglu"},  # its MLP's multipliers
     "llama4_text": {"rope", "packed_attention"},  # complex RoPE, chunked attention; its experts bmm
     "deepseek_v2": {"rope"},  # complex RoPE
     "gpt_oss": {"swiglu", "rope", "packed_attention"},  # clamped experts, half-width cos/sin, sinks (eager)
 }
-GEGLU = {"gemma", "gemma2", "gemma3_text"}  # their MLPs' GELU: reported as geglu
+GEGLU = {"gemma", "gemma2", "gemma3_text", "vaultgemma"}  # their MLPs' GELU: reported as geglu
 ROPE_LAYERS = {"qwen3_next": 1, "minimax": 1}  # hybrids: one attention layer of two
 
 
@@ -125,6 +141,7 @@ def _packed(vocab):
 
 def _loss_and_grads(model, ids, labels, **kwargs):
     model.zero_grad()
+    torch.manual_seed(1)  # training-time sampling (PhiMoE's router) draws the same in the runs compared
     out = model(input_ids=ids, labels=labels, **kwargs)
     out.loss.backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -272,7 +289,7 @@ def test_patched_model_compiles_in_one_graph():
         assert_close(g, grads_ref[name.removeprefix("_orig_mod.")], torch.float32, f"grad {name}", 5.0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "granite", "olmo2"])  # + logit scale, RoPE's dtype
 def test_apply_to_patches_classes_before_models_exist(family):
     """For users who build models themselves: apply_to(model_type), then create the model."""
     reference = _model(family, torch.float32).train()

@@ -162,6 +162,23 @@ def test_unsupported_family_report():
     unpatch("gpt2")  # nothing was patched: nothing to do
 
 
+def test_experts_and_kept_kinds_in_the_report():
+    """A MoE family's experts are chosen per model (each model picks its experts implementation); a kind a family's
+    entry keeps is reported with its reason and patched nowhere; a dense family says nothing of experts."""
+    try:
+        report = apply_to("mixtral")
+        assert report.skipped["swiglu_experts"].startswith("chosen per model"), str(report)
+        assert "swiglu" not in report.patched and "no dense MLP" in report.skipped["swiglu"]
+    finally:
+        unpatch("mixtral")
+    try:
+        report = apply_to("cohere")
+        assert "rms_norm" not in report.patched and report.skipped["rms_norm"] == FAMILIES["cohere"].kept["rms_norm"]
+    finally:
+        unpatch("cohere")
+    assert "swiglu_experts" not in str(patch(_llama()))
+
+
 # ---- lf's error types ----
 
 def test_kernel_errors():

@@ -3,16 +3,22 @@
 Each patch kind is one entry of :data:`PATCHERS`, a :class:`Patcher` saying how the kind goes into a model
 (:func:`patch`), into a family's classes (:func:`apply_to`) and back out (:func:`unpatch`); ``patch(model,
 rope=False)`` switches a kind off by its name. Per family (``config.model_type``) :data:`FAMILIES` names the HF
-classes. The kinds:
+classes, what differs from Llama's numerics, and (``Family.kept``) the kinds whose modules lf cannot reproduce
+exactly (interleaved RoPE, LayerNorms, ungated MLPs, GPT-OSS's clamped experts): those stay HF's and the report
+says why. Adding a family is one entry there. The kinds:
 
 - ``rms_norm``: RMSNorm modules (also Qwen3's q/k norms) run :func:`lf.kernels.rms_norm` with the family's
   numerics (parameters and state dict are untouched);
 - ``swiglu``: dense MLPs run ``down_proj(swiglu(gate, up))`` (SiLU) or ``geglu`` (Gemma's GELU, tanh or exact;
-  reported as geglu); works with PEFT LoRA layers in the projections; MoE experts are left as they are;
+  reported as geglu); works with PEFT LoRA layers in the projections (MoE experts are ``swiglu_experts``);
+- ``swiglu_experts``: MoE experts stored as transformers' ``<prefix>Experts`` (gate_up_proj, down_proj) whose
+  gate is silu(gate) * up run lf's swiglu there under every experts implementation: transformers' batched and
+  grouped ones call the experts' gate, lf's; its eager one is replaced by lf's loop over the experts hit;
 - ``rope``: attention modules run HF's own forward reading :func:`lf.kernels.rope` for the family's
   ``apply_rotary_pos_emb`` (see below);
 - ``fused_linear_cross_entropy``: in training with labels, the causal LM's loss comes from
-  :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None);
+  :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None; a
+  family that scales its logits, Granite, Cohere, Falcon-H1, has the hidden states scaled instead);
   otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs;
 - ``cross_entropy`` (off unless asked): reported, not patched: the loss already needs no logits;
 - ``packed_attention``: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which
@@ -87,6 +93,10 @@ _INTERLEAVED = "its RoPE rotates interleaved pairs (x[0::2], x[1::2]); lf's rope
 _LAYER_NORM = "its norms subtract the mean (a LayerNorm), lf's rms_norm does not"
 
 
+def _no_gate(mlp: str) -> dict[str, str]:
+    return {"swiglu": f"its MLP is {mlp}: no gated product for lf's GLU kernels"}
+
+
 def _moe(module: str, prefix: str, **fields) -> Family:
     """A mixture-of-experts family whose experts fit ``experts`` (and, where it has one, a gated dense MLP)."""
     return Family(module, prefix, experts=True, **fields)
@@ -102,6 +112,7 @@ FAMILIES = types.MappingProxyType({
     "gemma": Family("gemma", "Gemma", norm="gemma"),
     "gemma2": Family("gemma2", "Gemma2", norm="gemma", act_key="hidden_activation"),
     "gemma3_text": Family("gemma3", "Gemma3", norm="gemma", act_key="hidden_activation"),
+    "vaultgemma": Family("vaultgemma", "VaultGemma", norm="gemma", act_key="hidden_activation"),
     "granite": Family("granite", "Granite", logit_scale=lambda c: 1 / c.logits_scaling),
     "olmo2": Family("olmo2", "Olmo2", norm="fp32", rope_keeps_dtype=True),
     "olmo3": Family("olmo3", "Olmo3", norm="fp32", rope_keeps_dtype=True),
@@ -112,6 +123,16 @@ FAMILIES = types.MappingProxyType({
     "hunyuan_v1_dense": Family("hunyuan_v1_dense", "HunYuanDenseV1"),
     "helium": Family("helium", "Helium", norm="fp32", kept={"rope": _INTERLEAVED}),
     "ernie4_5": Family("ernie4_5", "Ernie4_5", kept={"rope": _INTERLEAVED}),
+    "seed_oss": Family("seed_oss", "SeedOss", kept={"swiglu": "SeedOssMLP applies residual_dropout to its output"}),
+    "arcee": Family("arcee", "Arcee", kept=_no_gate("down(relu2(up(x)))")),
+    "apertus": Family("apertus", "Apertus", kept=_no_gate("down(xielu(up(x)))")),
+    "bitnet": Family("bitnet", "BitNet", kept={"swiglu": "BitNetMLP normalises act(gate) * up (ffn_sub_norm) before "
+                                                         "down_proj"}),
+    "olmo": Family("olmo", "Olmo", rope_keeps_dtype=True, kept={"rms_norm": f"{_LAYER_NORM} (and has no weight)"}),
+    "stablelm": Family("stablelm", "StableLm", kept={"rms_norm": _LAYER_NORM}),
+    "phi": Family("phi", "Phi", kept={"rms_norm": _LAYER_NORM, **_no_gate("fc2(gelu(fc1(x)))")}),  # Phi-1, Phi-2
+    "starcoder2": Family("starcoder2", "Starcoder2",
+                         kept={"rms_norm": _LAYER_NORM, **_no_gate("c_proj(gelu(c_fc(x)))")}),
     "cohere": Family("cohere", "Cohere", logit_scale=lambda c: c.logit_scale,
                      kept={"rms_norm": _LAYER_NORM, "rope": _INTERLEAVED}),
     "cohere2": Family("cohere2", "Cohere2", logit_scale=lambda c: c.logit_scale,
@@ -133,11 +154,15 @@ FAMILIES = types.MappingProxyType({
     "qwen3_next": _moe("qwen3_next", "Qwen3Next", norm="gemma"),  # linear-attention layers stay HF's
     "olmoe": _moe("olmoe", "Olmoe"),
     "granitemoe": _moe("granitemoe", "GraniteMoe", mlp=None, logit_scale=lambda c: 1 / c.logits_scaling),
+    "granitemoeshared": _moe("granitemoeshared", "GraniteMoeShared", logit_scale=lambda c: 1 / c.logits_scaling,
+                             kept={"swiglu": "GraniteMoeSharedMLP names its projections input_linear and "
+                                             "output_linear; lf's MLP forwards read gate/up/down_proj (not yet)"}),
     "glm4_moe": _moe("glm4_moe", "Glm4Moe"),
     "dots1": _moe("dots1", "Dots1"),
     "hunyuan_v1_moe": _moe("hunyuan_v1_moe", "HunYuanMoEV1"),
     "exaone_moe": _moe("exaone_moe", "ExaoneMoe"),
     "solar_open": _moe("solar_open", "SolarOpen"),
+    "phimoe": _moe("phimoe", "Phimoe", mlp=None, kept={"rms_norm": _LAYER_NORM}),  # Phi-3.5-MoE
     "minimax": _moe("minimax", "MiniMax", mlp=None),  # lightning-attention layers stay HF's
     "ernie4_5_moe": _moe("ernie4_5_moe", "Ernie4_5_Moe", kept={"rope": _INTERLEAVED}),
     "deepseek_v2": _moe("deepseek_v2", "DeepseekV2"),  # its RoPE is complex-valued: not apply_rotary_pos_emb
