@@ -476,6 +476,15 @@ def _mlp(call: Call, kind: str) -> None:
         call.report.skipped[kind] = f"no {call.cls('MLP').__name__} in this model: its MLPs are experts"
 
 
+def _calls_gate(implementation: str) -> bool:
+    """Whether transformers' experts implementation calls the experts' ``_apply_gate`` (its eager one: lf's loop
+    does; those outside its registry, fp8's, all do)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    fn = ALL_EXPERTS_FUNCTIONS.get(implementation)
+    return fn is None or "_apply_gate" in inspect.unwrap(fn).__code__.co_names
+
+
 def _experts(call: Call, kind: str) -> None:
     """MoE experts: reported only in families that have them (dense ones say nothing)."""
     if not call.family.experts:
@@ -485,6 +494,8 @@ def _experts(call: Call, kind: str) -> None:
                                      "lf.kernels.patch(model)")
     elif (act := getattr(call.scope.config, call.family.act_key, None)) != "silu":
         call.report.skipped[kind] = f"{call.family.act_key} is {act!r}: the experts' gate is not silu(gate) * up"
+    elif not _calls_gate(impl := call.scope.config._experts_implementation):
+        call.report.skipped[kind] = f"experts_implementation {impl!r} computes the experts' gate in its own kernel"
     else:
         call.report.patched[kind] = call.bind(call.cls("Experts"), _experts_forward, _apply_gate=_swiglu_gate)
 
