@@ -60,8 +60,8 @@ CONFIGS = {  # model_type -> its tiny config; head_dim 16 where a family's defau
     "starcoder2": _config("Starcoder2Config"),
     "cohere": _config("CohereConfig", logit_scale=0.5, use_qk_norm=True),
     "cohere2": _config("Cohere2Config", logit_scale=0.5),
-    "falcon_h1": _config("FalconH1Config", head_dim=16, lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4,
-                         mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
+    "falcon_h1": _config("FalconH1Config", head_dim=16, lm_head_multiplier=0.5, mlp_multipliers=[0.5, 2.0],
+                         mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8),
     "llama4_text": _config("Llama4TextConfig", head_dim=16, intermediate_size_mlp=112, num_local_experts=4,
                            interleave_moe_layer_step=2),
     "gpt_oss": _config("GptOssConfig", head_dim=16, num_local_experts=4, num_experts_per_tok=2),
@@ -103,7 +103,6 @@ KEPT = {  # model_type -> the kinds its report leaves to HF (besides interleaved
     "phi": {"rms_norm", "swiglu"}, "starcoder2": {"rms_norm", "swiglu"},  # and fc1/act/fc2 MLPs
     "arcee": {"swiglu"}, "apertus": {"swiglu"}, "bitnet": {"swiglu"}, "seed_oss": {"swiglu"},  # their MLPs
     "granitemoeshared": {"swiglu"},
-    "falcon_h1": {"swiglu"},  # its MLP's multipliers
     "llama4_text": {"rope", "packed_attention"},  # complex RoPE, chunked attention; its experts bmm
     "deepseek_v2": {"rope"},  # complex RoPE
     "gpt_oss": {"swiglu", "rope", "packed_attention"},  # clamped experts, half-width cos/sin, sinks (eager)

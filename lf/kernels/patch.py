@@ -78,7 +78,7 @@ class Family:
     Llama's blocks is named here, and a kind whose modules lf cannot reproduce exactly is in ``kept``, with why."""
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class-name prefix: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention, <prefix>ForCausalLM
-    mlp: str | None = "gated"  # "gated" (gate_proj/up_proj), "fused" (one gate_up_proj), None (only MoE experts)
+    mlp: str | None = "gated"  # a key of _MLP_FORWARDS, or None: the family's only MLPs are MoE experts
     norm: str = "llama"  # RMSNorm numerics, a key of _NORM_FORWARDS
     act_key: str = "hidden_act"  # the config field the MLP's activation comes from
     rope_keeps_dtype: bool = False  # its apply_rotary_pos_emb casts q/k back to their dtype (OLMo-2, OLMo-3)
@@ -137,9 +137,8 @@ FAMILIES = types.MappingProxyType({
                      kept={"rms_norm": _LAYER_NORM, "rope": _INTERLEAVED}),
     "cohere2": Family("cohere2", "Cohere2", logit_scale=lambda c: c.logit_scale,
                       kept={"rms_norm": _LAYER_NORM, "rope": _INTERLEAVED}),
-    # Mamba-2 mixers beside attention: lf patches the norms, RoPE and the loss
-    "falcon_h1": Family("falcon_h1", "FalconH1", logit_scale=lambda c: c.lm_head_multiplier, kept={
-        "swiglu": "FalconH1MLP scales the gate by gate_multiplier and the output by down_multiplier"}),
+    # its Mamba-2 mixers stay HF's
+    "falcon_h1": Family("falcon_h1", "FalconH1", mlp="scaled", logit_scale=lambda c: c.lm_head_multiplier),
     "llama4_text": Family("llama4", "Llama4Text", names={"ForCausalLM": "Llama4ForCausalLM"}, kept={
         "swiglu_experts": "Llama4TextExperts multiply (E, H, 2I) weights by bmm over tokens sorted by expert, "
                           "not transformers' experts interface",
@@ -271,6 +270,15 @@ def _gated_mlp_forward(self, x):
 def _fused_mlp_forward(self, x):  # Phi-3: one projection holds gate and up
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     return self.down_proj(_act(self, gate, up))
+
+
+def _scaled_mlp_forward(self, x):  # Falcon-H1: the gate and the output times its mlp_multipliers
+    return self.down_proj(_act(self, self.gate_proj(x) * self.gate_multiplier, self.up_proj(x))) * self.down_multiplier
+
+
+# Family.mlp -> the MLP forward
+_MLP_FORWARDS = types.MappingProxyType({"gated": _gated_mlp_forward, "fused": _fused_mlp_forward,
+                                        "scaled": _scaled_mlp_forward})
 
 
 def _swiglu_gate(gate_up):
@@ -463,7 +471,7 @@ def _mlp(call: Call, kind: str) -> None:
     if family.mlp is None:
         call.report.skipped[kind] = "the family has no dense MLP: its MLPs are experts (swiglu_experts)"
         return
-    forward = _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward
+    forward = _MLP_FORWARDS[family.mlp]
     if call.base is None:  # apply_to: each MLP reads its activation from its own module when it runs
         call.report.patched[kind] = call.bind(call.cls("MLP"), forward)
         return
@@ -591,8 +599,7 @@ class Patcher:
 # kind -> Patcher, in the order the report lists them
 _PATCHERS: dict[str, Patcher] = {
     "rms_norm": Patcher(_rms_norm, _rms_norm, lambda base, kind: unbind(base, _NORM_FORWARDS.values())),
-    "swiglu": Patcher(_mlp, _mlp, lambda base, kind: unbind(base, (_gated_mlp_forward, _fused_mlp_forward),
-                                                            ("_lf_act",))),
+    "swiglu": Patcher(_mlp, _mlp, lambda base, kind: unbind(base, _MLP_FORWARDS.values(), ("_lf_act",))),
     "swiglu_experts": Patcher(_experts, _experts,
                               lambda base, kind: unbind(base, (_experts_forward,), ("_apply_gate",))),
     "rope": Patcher(_rope_forwards, _rope_forwards, lambda base, kind: unbind(base, _ROPE_FORWARDS.values())),
