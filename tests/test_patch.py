@@ -91,9 +91,9 @@ CONFIGS = {  # model_type -> its tiny config; head_dim 16 where a family's defau
 # transformers 5.23: Gemma-2's and VaultGemma's attention softcapping and GPT-OSS's attention sinks need eager
 ATTENTION = {"gemma2": "eager", "vaultgemma": "eager", "gpt_oss": "eager"}
 DENSE = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "packed_attention"}
-EXPERTS = {"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "granitemoe", "granitemoeshared", "glm4_moe",
-           "dots1", "hunyuan_v1_moe", "exaone_moe", "solar_open", "phimoe", "minimax", "ernie4_5_moe", "deepseek_v2",
-           "deepseek_v3"}
+EXPERTS = {"llama4_text", "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "granitemoe", "granitemoeshared",
+           "glm4_moe", "dots1", "hunyuan_v1_moe", "exaone_moe", "solar_open", "phimoe", "minimax", "ernie4_5_moe",
+           "deepseek_v2", "deepseek_v3"}
 INTERLEAVED_ROPE = {"glm", "glm4", "helium", "ernie4_5", "ernie4_5_moe", "cohere", "cohere2", "deepseek_v3"}
 KEPT = {  # model_type -> the kinds its report leaves to HF (besides interleaved RoPE)
     "gemma2": {"packed_attention"}, "vaultgemma": {"packed_attention"},  # eager attention
@@ -103,7 +103,7 @@ KEPT = {  # model_type -> the kinds its report leaves to HF (besides interleaved
     "phi": {"rms_norm", "swiglu"}, "starcoder2": {"rms_norm", "swiglu"},  # and fc1/act/fc2 MLPs
     "arcee": {"swiglu"}, "apertus": {"swiglu"}, "bitnet": {"swiglu"}, "seed_oss": {"swiglu"},  # their MLPs
     "granitemoeshared": {"swiglu"},
-    "llama4_text": {"rope", "packed_attention"},  # complex RoPE, chunked attention; its experts bmm
+    "llama4_text": {"rope", "packed_attention"},  # complex RoPE, chunked attention
     "deepseek_v2": {"rope"},  # complex RoPE
     "gpt_oss": {"swiglu", "rope", "packed_attention"},  # clamped experts, half-width cos/sin, sinks (eager)
 }

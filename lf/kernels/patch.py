@@ -13,7 +13,8 @@ says why. Adding a family is one entry there. The kinds:
   reported as geglu); works with PEFT LoRA layers in the projections (MoE experts are ``swiglu_experts``);
 - ``swiglu_experts``: MoE experts stored as transformers' ``<prefix>Experts`` (gate_up_proj, down_proj) whose
   gate is silu(gate) * up run lf's swiglu there under every experts implementation: transformers' batched and
-  grouped ones call the experts' gate, lf's; its eager one is replaced by lf's loop over the experts hit;
+  grouped ones call the experts' gate, lf's; its eager one is replaced by lf's loop over the experts hit (Llama-4's
+  experts, one batched product per projection, by the same with lf's swiglu between);
 - ``rope``: attention modules run HF's own forward reading :func:`lf.kernels.rope` for the family's
   ``apply_rotary_pos_emb`` (see below);
 - ``fused_linear_cross_entropy``: in training with labels, the causal LM's loss comes from
@@ -82,7 +83,9 @@ class Family:
     norm: str = "llama"  # RMSNorm numerics, a key of _NORM_FORWARDS
     act_key: str = "hidden_act"  # the config field the MLP's activation comes from
     rope_keeps_dtype: bool = False  # its apply_rotary_pos_emb casts q/k back to their dtype (OLMo-2, OLMo-3)
-    experts: bool = False  # <prefix>Experts hold gate_up_proj (E, 2I, H), down_proj (E, H, I): silu(gate) * up
+    # MoE experts whose gate is silu(gate) * up: "routed" (transformers' experts interface: gate_up_proj (E, 2I, H),
+    # down_proj (E, H, I), tokens routed to their top-k), "bmm" (Llama-4: (E, H, 2I), tokens sorted per expert)
+    experts: str | None = None
     logit_scale: Callable | None = None  # config -> the factor HF's causal LM multiplies its logits by
     names: Mapping[str, str] = field(default_factory=dict)  # suffix -> class name where it is not prefix + suffix
     kept: Mapping[str, str] = field(default_factory=dict)  # kind -> why this family's modules stay HF's
@@ -99,7 +102,7 @@ def _no_gate(mlp: str) -> dict[str, str]:
 
 def _moe(module: str, prefix: str, **fields) -> Family:
     """A mixture-of-experts family whose experts fit ``experts`` (and, where it has one, a gated dense MLP)."""
-    return Family(module, prefix, experts=True, **fields)
+    return Family(module, prefix, experts="routed", **fields)
 
 
 FAMILIES = types.MappingProxyType({
@@ -139,9 +142,7 @@ FAMILIES = types.MappingProxyType({
                       kept={"rms_norm": _LAYER_NORM, "rope": _INTERLEAVED}),
     # its Mamba-2 mixers stay HF's
     "falcon_h1": Family("falcon_h1", "FalconH1", mlp="scaled", logit_scale=lambda c: c.lm_head_multiplier),
-    "llama4_text": Family("llama4", "Llama4Text", names={"ForCausalLM": "Llama4ForCausalLM"}, kept={
-        "swiglu_experts": "Llama4TextExperts multiply (E, H, 2I) weights by bmm over tokens sorted by expert, "
-                          "not transformers' experts interface",
+    "llama4_text": Family("llama4", "Llama4Text", experts="bmm", names={"ForCausalLM": "Llama4ForCausalLM"}, kept={
         "packed_attention": "its chunked-attention layers need transformers' chunk mask"}),
     "gpt_oss": Family("gpt_oss", "GptOss", mlp=None, norm="fp32", kept={
         "swiglu_experts": "GptOssExperts clamp gate (above) and up to swiglu_limit and compute (up + 1) * gate * "
@@ -302,6 +303,12 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
         y = F.linear(y, self.down_proj[expert]) * top_k_weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
+
+
+def _bmm_experts_forward(self, hidden_states):
+    """Llama-4's experts: each expert's rows in one block, one batched product per projection."""
+    gate, up = torch.bmm(hidden_states.view(self.num_experts, -1, self.hidden_size), self.gate_up_proj).chunk(2, -1)
+    return torch.bmm(swiglu(gate, up), self.down_proj).view(-1, self.hidden_size)
 
 
 def _rope(q, k, cos, sin, unsqueeze_dim=1):
@@ -495,13 +502,16 @@ def _calls_gate(implementation: str) -> bool:
 
 def _experts(call: Call, kind: str) -> None:
     """MoE experts: reported only in families that have them (dense ones say nothing)."""
-    if not call.family.experts:
+    experts = call.family.experts
+    if experts is None:
         return
-    if call.base is None:
+    if call.base is not None and (act := getattr(call.scope.config, call.family.act_key, None)) != "silu":
+        call.report.skipped[kind] = f"{call.family.act_key} is {act!r}: the experts' gate is not silu(gate) * up"
+    elif experts == "bmm":  # one implementation: the same in apply_to
+        call.report.patched[kind] = call.bind(call.cls("Experts"), _bmm_experts_forward)
+    elif call.base is None:
         call.report.skipped[kind] = ("chosen per model (transformers picks each model's experts implementation): "
                                      "lf.kernels.patch(model)")
-    elif (act := getattr(call.scope.config, call.family.act_key, None)) != "silu":
-        call.report.skipped[kind] = f"{call.family.act_key} is {act!r}: the experts' gate is not silu(gate) * up"
     elif not _calls_gate(impl := call.scope.config._experts_implementation):
         call.report.skipped[kind] = f"experts_implementation {impl!r} computes the experts' gate in its own kernel"
     else:
@@ -601,7 +611,8 @@ _PATCHERS: dict[str, Patcher] = {
     "rms_norm": Patcher(_rms_norm, _rms_norm, lambda base, kind: unbind(base, _NORM_FORWARDS.values())),
     "swiglu": Patcher(_mlp, _mlp, lambda base, kind: unbind(base, _MLP_FORWARDS.values(), ("_lf_act",))),
     "swiglu_experts": Patcher(_experts, _experts,
-                              lambda base, kind: unbind(base, (_experts_forward,), ("_apply_gate",))),
+                              lambda base, kind: unbind(base, (_experts_forward, _bmm_experts_forward),
+                                                        ("_apply_gate",))),
     "rope": Patcher(_rope_forwards, _rope_forwards, lambda base, kind: unbind(base, _ROPE_FORWARDS.values())),
     "fused_linear_cross_entropy": Patcher(_lm_head_loss, _lm_head_loss,
                                           lambda base, kind: unbind(base, (_causal_lm_forward,), ("_lf_hf_forward",))),
