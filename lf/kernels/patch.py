@@ -154,9 +154,8 @@ FAMILIES = types.MappingProxyType({
     "qwen3_next": _moe("qwen3_next", "Qwen3Next", norm="gemma"),  # linear-attention layers stay HF's
     "olmoe": _moe("olmoe", "Olmoe"),
     "granitemoe": _moe("granitemoe", "GraniteMoe", mlp=None, logit_scale=lambda c: 1 / c.logits_scaling),
-    "granitemoeshared": _moe("granitemoeshared", "GraniteMoeShared", logit_scale=lambda c: 1 / c.logits_scaling,
-                             kept={"swiglu": "GraniteMoeSharedMLP names its projections input_linear and "
-                                             "output_linear; lf's MLP forwards read gate/up/down_proj (not yet)"}),
+    "granitemoeshared": _moe("granitemoeshared", "GraniteMoeShared", mlp="input_output",
+                             logit_scale=lambda c: 1 / c.logits_scaling),
     "glm4_moe": _moe("glm4_moe", "Glm4Moe"),
     "dots1": _moe("dots1", "Dots1"),
     "hunyuan_v1_moe": _moe("hunyuan_v1_moe", "HunYuanMoEV1"),
@@ -257,7 +256,7 @@ def _act(self, gate, up):
     ``apply_to``, the one the module's own activation names; an activation lf does not know runs as HF's."""
     mode = self.__dict__.get("_lf_act", _UNKNOWN)
     if mode is _UNKNOWN:
-        act_fn = getattr(self, "act_fn", None) or getattr(self, "activation_fn", None)
+        act_fn = next(getattr(self, n) for n in ("act_fn", "activation_fn", "activation") if hasattr(self, n))
         mode = _ACT_MODULES.get(type(act_fn).__name__, _UNKNOWN)
         if mode is _UNKNOWN:
             return act_fn(gate) * up
@@ -268,17 +267,22 @@ def _gated_mlp_forward(self, x):
     return self.down_proj(_act(self, self.gate_proj(x), self.up_proj(x)))
 
 
-def _fused_mlp_forward(self, x):  # Phi-3: one projection holds gate and up
-    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(_act(self, gate, up))
+def _fused_mlp(gate_up: str, down: str) -> Callable:
+    """The forward of an MLP whose one projection (named ``gate_up``) holds gate and up."""
+    def forward(self, x):
+        gate, up = getattr(self, gate_up)(x).chunk(2, dim=-1)
+        return getattr(self, down)(_act(self, gate, up))
+    return forward
 
 
 def _scaled_mlp_forward(self, x):  # Falcon-H1: the gate and the output times its mlp_multipliers
     return self.down_proj(_act(self, self.gate_proj(x) * self.gate_multiplier, self.up_proj(x))) * self.down_multiplier
 
 
-# Family.mlp -> the MLP forward
-_MLP_FORWARDS = types.MappingProxyType({"gated": _gated_mlp_forward, "fused": _fused_mlp_forward,
+# Family.mlp -> the MLP forward: "gated" (gate_proj, up_proj, down_proj), "fused" (Phi-3, GLM: gate_up_proj),
+# "input_output" (Granite-MoE-shared: input_linear holds gate and up, output_linear), "scaled" (Falcon-H1)
+_MLP_FORWARDS = types.MappingProxyType({"gated": _gated_mlp_forward, "fused": _fused_mlp("gate_up_proj", "down_proj"),
+                                        "input_output": _fused_mlp("input_linear", "output_linear"),
                                         "scaled": _scaled_mlp_forward})
 
 
