@@ -50,7 +50,9 @@ CONFIGS = {  # model_type -> its tiny config; head_dim 16 where a family's defau
     "helium": _config("HeliumConfig", head_dim=16),
     "ernie4_5": _config("Ernie4_5Config", head_dim=16),
     "vaultgemma": _config("VaultGemmaConfig", head_dim=16),
-    "seed_oss": _config("SeedOssConfig", head_dim=16, residual_dropout=0.0, attention_dropout=0.0),  # 0.1 default
+    # dropout on the MLP's output and the residual (both runs draw the same masks), none in attention (lf's packed
+    # attention and SDPA's mask would draw theirs differently)
+    "seed_oss": _config("SeedOssConfig", head_dim=16, attention_dropout=0.0),
     "arcee": _config("ArceeConfig"),
     "apertus": _config("ApertusConfig"),
     "bitnet": _config("BitNetConfig"),
@@ -101,7 +103,7 @@ KEPT = {  # model_type -> the kinds its report leaves to HF (besides interleaved
     "minimax": {"swiglu"}, "phimoe": {"swiglu", "rms_norm"},  # and LayerNorms
     "cohere": {"rms_norm"}, "cohere2": {"rms_norm"}, "olmo": {"rms_norm"}, "stablelm": {"rms_norm"},  # LayerNorms
     "phi": {"rms_norm", "swiglu"}, "starcoder2": {"rms_norm", "swiglu"},  # and fc1/act/fc2 MLPs
-    "arcee": {"swiglu"}, "apertus": {"swiglu"}, "bitnet": {"swiglu"}, "seed_oss": {"swiglu"},  # their MLPs
+    "arcee": {"swiglu"}, "apertus": {"swiglu"}, "bitnet": {"swiglu"},  # their MLPs
     "llama4_text": {"rope", "packed_attention"},  # complex RoPE, chunked attention
     "deepseek_v2": {"rope"},  # complex RoPE
     "gpt_oss": {"swiglu", "rope", "packed_attention"},  # clamped experts, half-width cos/sin, sinks (eager)

@@ -126,7 +126,7 @@ FAMILIES = types.MappingProxyType({
     "hunyuan_v1_dense": Family("hunyuan_v1_dense", "HunYuanDenseV1"),
     "helium": Family("helium", "Helium", norm="fp32", kept={"rope": _INTERLEAVED}),
     "ernie4_5": Family("ernie4_5", "Ernie4_5", kept={"rope": _INTERLEAVED}),
-    "seed_oss": Family("seed_oss", "SeedOss", kept={"swiglu": "SeedOssMLP applies residual_dropout to its output"}),
+    "seed_oss": Family("seed_oss", "SeedOss", mlp="dropout"),
     "arcee": Family("arcee", "Arcee", kept=_no_gate("down(relu2(up(x)))")),
     "apertus": Family("apertus", "Apertus", kept=_no_gate("down(xielu(up(x)))")),
     "bitnet": Family("bitnet", "BitNet", kept={"swiglu": "BitNetMLP normalises act(gate) * up (ffn_sub_norm) before "
@@ -275,15 +275,20 @@ def _fused_mlp(gate_up: str, down: str) -> Callable:
     return forward
 
 
+def _dropout_mlp_forward(self, x):  # Seed-OSS: dropout on the MLP's output
+    return F.dropout(_gated_mlp_forward(self, x), p=self.residual_dropout, training=self.training)
+
+
 def _scaled_mlp_forward(self, x):  # Falcon-H1: the gate and the output times its mlp_multipliers
     return self.down_proj(_act(self, self.gate_proj(x) * self.gate_multiplier, self.up_proj(x))) * self.down_multiplier
 
 
 # Family.mlp -> the MLP forward: "gated" (gate_proj, up_proj, down_proj), "fused" (Phi-3, GLM: gate_up_proj),
-# "input_output" (Granite-MoE-shared: input_linear holds gate and up, output_linear), "scaled" (Falcon-H1)
+# "input_output" (Granite-MoE-shared: input_linear holds gate and up, output_linear), "scaled" (Falcon-H1),
+# "dropout" (Seed-OSS)
 _MLP_FORWARDS = types.MappingProxyType({"gated": _gated_mlp_forward, "fused": _fused_mlp("gate_up_proj", "down_proj"),
                                         "input_output": _fused_mlp("input_linear", "output_linear"),
-                                        "scaled": _scaled_mlp_forward})
+                                        "scaled": _scaled_mlp_forward, "dropout": _dropout_mlp_forward})
 
 
 def _swiglu_gate(gate_up):
