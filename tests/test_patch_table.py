@@ -162,6 +162,38 @@ def test_unsupported_family_report():
     unpatch("gpt2")  # nothing was patched: nothing to do
 
 
+def test_experts_and_kept_kinds_in_the_report():
+    """A MoE family's experts are chosen per model (each model picks its experts implementation); a kind a family's
+    entry keeps is reported with its reason and patched nowhere; a dense family says nothing of experts."""
+    try:
+        report = apply_to("mixtral")
+        assert report.skipped["swiglu_experts"].startswith("chosen per model"), str(report)
+        assert "swiglu" not in report.patched and "no dense MLP" in report.skipped["swiglu"]
+    finally:
+        unpatch("mixtral")
+    try:
+        report = apply_to("cohere")
+        assert "rms_norm" not in report.patched and report.skipped["rms_norm"] == FAMILIES["cohere"].kept["rms_norm"]
+    finally:
+        unpatch("cohere")
+    assert "swiglu_experts" not in str(patch(_llama()))
+
+
+def test_experts_implementation_with_its_own_gate_is_left_alone(monkeypatch):
+    """An experts implementation that never calls the experts' gate (e.g. sonicmoe's fused kernel) keeps HF's
+    experts, and the report says why."""
+    from transformers import MixtralConfig
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "own_gate", lambda self, x, index, weights: x)
+    model = AutoModelForCausalLM.from_config(MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2))
+    model.config._experts_implementation = "own_gate"
+    report = patch(model)
+    assert report.skipped["swiglu_experts"] == ("experts_implementation 'own_gate' computes the experts' gate in its "
+                                                "own kernel")
+    assert not any("_apply_gate" in m.__dict__ for m in model.modules())
+
+
 # ---- lf's error types ----
 
 def test_kernel_errors():

@@ -3,16 +3,23 @@
 Each patch kind is one entry of :data:`PATCHERS`, a :class:`Patcher` saying how the kind goes into a model
 (:func:`patch`), into a family's classes (:func:`apply_to`) and back out (:func:`unpatch`); ``patch(model,
 rope=False)`` switches a kind off by its name. Per family (``config.model_type``) :data:`FAMILIES` names the HF
-classes. The kinds:
+classes, what differs from Llama's numerics, and (``Family.kept``) the kinds whose modules lf cannot reproduce
+exactly (interleaved RoPE, LayerNorms, ungated MLPs, GPT-OSS's clamped experts): those stay HF's and the report
+says why. Adding a family is one entry there. The kinds:
 
 - ``rms_norm``: RMSNorm modules (also Qwen3's q/k norms) run :func:`lf.kernels.rms_norm` with the family's
   numerics (parameters and state dict are untouched);
 - ``swiglu``: dense MLPs run ``down_proj(swiglu(gate, up))`` (SiLU) or ``geglu`` (Gemma's GELU, tanh or exact;
-  reported as geglu); works with PEFT LoRA layers in the projections; MoE experts are left as they are;
+  reported as geglu); works with PEFT LoRA layers in the projections (MoE experts are ``swiglu_experts``);
+- ``swiglu_experts``: MoE experts stored as transformers' ``<prefix>Experts`` (gate_up_proj, down_proj) whose
+  gate is silu(gate) * up run lf's swiglu there under every experts implementation: transformers' batched and
+  grouped ones call the experts' gate, lf's; its eager one is replaced by lf's loop over the experts hit (Llama-4's
+  experts, one batched product per projection, by the same with lf's swiglu between);
 - ``rope``: attention modules run HF's own forward reading :func:`lf.kernels.rope` for the family's
   ``apply_rotary_pos_emb`` (see below);
 - ``fused_linear_cross_entropy``: in training with labels, the causal LM's loss comes from
-  :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None);
+  :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None; a
+  family that scales its logits, Granite, Cohere, Falcon-H1, has the hidden states scaled instead);
   otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs;
 - ``cross_entropy`` (off unless asked): reported, not patched: the loss already needs no logits;
 - ``packed_attention``: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which
@@ -68,26 +75,98 @@ log = logging.getLogger("lf")
 
 @dataclass(frozen=True)
 class Family:
+    """How lf's kinds go into one family's HF classes. Read from the family's modeling file: what differs from
+    Llama's blocks is named here, and a kind whose modules lf cannot reproduce exactly is in ``kept``, with why."""
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class-name prefix: <prefix>RMSNorm, <prefix>MLP, <prefix>Attention, <prefix>ForCausalLM
-    mlp: str | None = "gated"  # "gated" (gate_proj/up_proj), "fused" (Phi-3's gate_up_proj), None (MoE experts)
-    gemma_norm: bool = False  # (1 + w) scaling, normalised row times weight in fp32, rounded once
+    mlp: str | None = "gated"  # a key of _MLP_FORWARDS, or None: the family's only MLPs are MoE experts
+    norm: str = "llama"  # RMSNorm numerics, a key of _NORM_FORWARDS
     act_key: str = "hidden_act"  # the config field the MLP's activation comes from
+    rope_keeps_dtype: bool = False  # its apply_rotary_pos_emb casts q/k back to their dtype (OLMo-2, OLMo-3)
+    # MoE experts whose gate is silu(gate) * up: "routed" (transformers' experts interface: gate_up_proj (E, 2I, H),
+    # down_proj (E, H, I), tokens routed to their top-k), "bmm" (Llama-4: (E, H, 2I), tokens sorted per expert)
+    experts: str | None = None
+    logit_scale: Callable | None = None  # config -> the factor HF's causal LM multiplies its logits by
     names: Mapping[str, str] = field(default_factory=dict)  # suffix -> class name where it is not prefix + suffix
+    kept: Mapping[str, str] = field(default_factory=dict)  # kind -> why this family's modules stay HF's
+
+
+# why a family's kinds stay HF's (shared by several families)
+_INTERLEAVED = "its RoPE rotates interleaved pairs (x[0::2], x[1::2]); lf's rope kernel rotates halves"
+_LAYER_NORM = "its norms subtract the mean (a LayerNorm), lf's rms_norm does not"
+
+
+def _no_gate(mlp: str) -> dict[str, str]:
+    return {"swiglu": f"its MLP is {mlp}: no gated product for lf's GLU kernels"}
+
+
+def _moe(module: str, prefix: str, **fields) -> Family:
+    """A mixture-of-experts family whose experts fit ``experts`` (and, where it has one, a gated dense MLP)."""
+    return Family(module, prefix, experts="routed", **fields)
 
 
 FAMILIES = types.MappingProxyType({
     "llama": Family("llama", "Llama"),
     "mistral": Family("mistral", "Mistral"),
+    "ministral": Family("ministral", "Ministral"),
     "qwen2": Family("qwen2", "Qwen2"),
     "qwen3": Family("qwen3", "Qwen3"),
-    "phi3": Family("phi3", "Phi3", mlp="fused"),
-    "gemma": Family("gemma", "Gemma", gemma_norm=True),
-    "gemma2": Family("gemma2", "Gemma2", gemma_norm=True, act_key="hidden_activation"),
-    "gemma3_text": Family("gemma3", "Gemma3", gemma_norm=True, act_key="hidden_activation"),
-    "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", mlp=None),
-    "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", mlp=None),
-    "mixtral": Family("mixtral", "Mixtral", mlp=None),
+    "phi3": Family("phi3", "Phi3", mlp="fused"),  # Phi-3, Phi-3.5, Phi-4 and Phi-4-mini
+    "gemma": Family("gemma", "Gemma", norm="gemma"),
+    "gemma2": Family("gemma2", "Gemma2", norm="gemma", act_key="hidden_activation"),
+    "gemma3_text": Family("gemma3", "Gemma3", norm="gemma", act_key="hidden_activation"),
+    "vaultgemma": Family("vaultgemma", "VaultGemma", norm="gemma", act_key="hidden_activation"),
+    "granite": Family("granite", "Granite", logit_scale=lambda c: 1 / c.logits_scaling),
+    "olmo2": Family("olmo2", "Olmo2", norm="fp32", rope_keeps_dtype=True),
+    "olmo3": Family("olmo3", "Olmo3", norm="fp32", rope_keeps_dtype=True),
+    "glm": Family("glm", "Glm", mlp="fused", kept={"rope": f"{_INTERLEAVED}, of part of the head"}),
+    "glm4": Family("glm4", "Glm4", mlp="fused", kept={"rope": f"{_INTERLEAVED}, of part of the head"}),
+    "smollm3": Family("smollm3", "SmolLM3"),
+    "exaone4": Family("exaone4", "Exaone4"),
+    "hunyuan_v1_dense": Family("hunyuan_v1_dense", "HunYuanDenseV1"),
+    "helium": Family("helium", "Helium", norm="fp32", kept={"rope": _INTERLEAVED}),
+    "ernie4_5": Family("ernie4_5", "Ernie4_5", kept={"rope": _INTERLEAVED}),
+    "seed_oss": Family("seed_oss", "SeedOss", mlp="dropout"),
+    "arcee": Family("arcee", "Arcee", kept=_no_gate("down(relu2(up(x)))")),
+    "apertus": Family("apertus", "Apertus", kept=_no_gate("down(xielu(up(x)))")),
+    "bitnet": Family("bitnet", "BitNet", kept={"swiglu": "BitNetMLP normalises act(gate) * up (ffn_sub_norm) before "
+                                                         "down_proj"}),
+    "olmo": Family("olmo", "Olmo", rope_keeps_dtype=True, kept={"rms_norm": f"{_LAYER_NORM} (and has no weight)"}),
+    "stablelm": Family("stablelm", "StableLm", kept={"rms_norm": _LAYER_NORM}),
+    "phi": Family("phi", "Phi", kept={"rms_norm": _LAYER_NORM, **_no_gate("fc2(gelu(fc1(x)))")}),  # Phi-1, Phi-2
+    "starcoder2": Family("starcoder2", "Starcoder2",
+                         kept={"rms_norm": _LAYER_NORM, **_no_gate("c_proj(gelu(c_fc(x)))")}),
+    "cohere": Family("cohere", "Cohere", logit_scale=lambda c: c.logit_scale,
+                     kept={"rms_norm": _LAYER_NORM, "rope": _INTERLEAVED}),
+    "cohere2": Family("cohere2", "Cohere2", logit_scale=lambda c: c.logit_scale,
+                      kept={"rms_norm": _LAYER_NORM, "rope": _INTERLEAVED}),
+    # its Mamba-2 mixers stay HF's
+    "falcon_h1": Family("falcon_h1", "FalconH1", mlp="scaled", logit_scale=lambda c: c.lm_head_multiplier),
+    "llama4_text": Family("llama4", "Llama4Text", experts="bmm", names={"ForCausalLM": "Llama4ForCausalLM"}, kept={
+        "packed_attention": "its chunked-attention layers need transformers' chunk mask"}),
+    "gpt_oss": Family("gpt_oss", "GptOss", mlp=None, norm="fp32", kept={
+        "swiglu_experts": "GptOssExperts clamp gate (above) and up to swiglu_limit and compute (up + 1) * gate * "
+                          "sigmoid(swiglu_alpha * gate) from interleaved columns: not silu(gate) * up",
+        "rope": "its cos/sin hold each frequency once (half a head); lf's rope kernel takes them repeated"}),
+    "mixtral": _moe("mixtral", "Mixtral", mlp=None),
+    "qwen2_moe": _moe("qwen2_moe", "Qwen2Moe"),
+    "qwen3_moe": _moe("qwen3_moe", "Qwen3Moe"),
+    "qwen3_next": _moe("qwen3_next", "Qwen3Next", norm="gemma"),  # linear-attention layers stay HF's
+    "olmoe": _moe("olmoe", "Olmoe"),
+    "granitemoe": _moe("granitemoe", "GraniteMoe", mlp=None, logit_scale=lambda c: 1 / c.logits_scaling),
+    "granitemoeshared": _moe("granitemoeshared", "GraniteMoeShared", mlp="input_output",
+                             logit_scale=lambda c: 1 / c.logits_scaling),
+    "glm4_moe": _moe("glm4_moe", "Glm4Moe"),
+    "dots1": _moe("dots1", "Dots1"),
+    "hunyuan_v1_moe": _moe("hunyuan_v1_moe", "HunYuanMoEV1"),
+    "exaone_moe": _moe("exaone_moe", "ExaoneMoe"),
+    "solar_open": _moe("solar_open", "SolarOpen"),
+    "phimoe": _moe("phimoe", "Phimoe", mlp=None, kept={"rms_norm": _LAYER_NORM}),  # Phi-3.5-MoE
+    "minimax": _moe("minimax", "MiniMax", mlp=None),  # lightning-attention layers stay HF's
+    "ernie4_5_moe": _moe("ernie4_5_moe", "Ernie4_5_Moe", kept={"rope": _INTERLEAVED}),
+    "deepseek_v2": _moe("deepseek_v2", "DeepseekV2"),  # its RoPE is complex-valued: not apply_rotary_pos_emb
+    "deepseek_v3": _moe("deepseek_v3", "DeepseekV3", kept={
+        "rope": f"with rope_interleave (its checkpoints' setting) {_INTERLEAVED}"}),
     # the language models of vision-language models (see VISION_LANGUAGE); their head is the VL model's
     "qwen2_vl_text": Family("qwen2_vl", "Qwen2VL", names={"MLP": "Qwen2MLP",
                                                           "ForCausalLM": "Qwen2VLForConditionalGeneration"}),
@@ -153,12 +232,17 @@ def _modeling(family: Family):
 
 # ---- the replacements ----
 
-def _llama_norm_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+def _norm_forward(offset: float, casting: str) -> Callable:
+    def forward(self, hidden_states):
+        eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps  # Llama-4, Gemma: eps
+        return rms_norm(hidden_states, self.weight, eps, offset=offset, casting=casting)
+    return forward
 
 
-def _gemma_norm_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.eps, offset=1.0, casting="gemma")
+# Family.norm -> the RMSNorm forward: "llama" normalises in fp32, rounds, then multiplies by the weight; "fp32"
+# multiplies in fp32 and rounds once (OLMo-2, GPT-OSS); "gemma" is that with (1 + weight)
+_NORM_FORWARDS = types.MappingProxyType({"llama": _norm_forward(0.0, "llama"), "fp32": _norm_forward(0.0, "gemma"),
+                                         "gemma": _norm_forward(1.0, "gemma")})
 
 
 # HF activation modules (ACT2FN) by class name -> None for SiLU, else geglu's approximation
@@ -172,7 +256,7 @@ def _act(self, gate, up):
     ``apply_to``, the one the module's own activation names; an activation lf does not know runs as HF's."""
     mode = self.__dict__.get("_lf_act", _UNKNOWN)
     if mode is _UNKNOWN:
-        act_fn = getattr(self, "act_fn", None) or getattr(self, "activation_fn", None)
+        act_fn = next(getattr(self, n) for n in ("act_fn", "activation_fn", "activation") if hasattr(self, n))
         mode = _ACT_MODULES.get(type(act_fn).__name__, _UNKNOWN)
         if mode is _UNKNOWN:
             return act_fn(gate) * up
@@ -183,9 +267,57 @@ def _gated_mlp_forward(self, x):
     return self.down_proj(_act(self, self.gate_proj(x), self.up_proj(x)))
 
 
-def _fused_mlp_forward(self, x):  # Phi-3: one projection holds gate and up
-    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(_act(self, gate, up))
+def _fused_mlp(gate_up: str, down: str) -> Callable:
+    """The forward of an MLP whose one projection (named ``gate_up``) holds gate and up."""
+    def forward(self, x):
+        gate, up = getattr(self, gate_up)(x).chunk(2, dim=-1)
+        return getattr(self, down)(_act(self, gate, up))
+    return forward
+
+
+def _dropout_mlp_forward(self, x):  # Seed-OSS: dropout on the MLP's output
+    return F.dropout(_gated_mlp_forward(self, x), p=self.residual_dropout, training=self.training)
+
+
+def _scaled_mlp_forward(self, x):  # Falcon-H1: the gate and the output times its mlp_multipliers
+    return self.down_proj(_act(self, self.gate_proj(x) * self.gate_multiplier, self.up_proj(x))) * self.down_multiplier
+
+
+# Family.mlp -> the MLP forward: "gated" (gate_proj, up_proj, down_proj), "fused" (Phi-3, GLM: gate_up_proj),
+# "input_output" (Granite-MoE-shared: input_linear holds gate and up, output_linear), "scaled" (Falcon-H1),
+# "dropout" (Seed-OSS)
+_MLP_FORWARDS = types.MappingProxyType({"gated": _gated_mlp_forward, "fused": _fused_mlp("gate_up_proj", "down_proj"),
+                                        "input_output": _fused_mlp("input_linear", "output_linear"),
+                                        "scaled": _scaled_mlp_forward, "dropout": _dropout_mlp_forward})
+
+
+def _swiglu_gate(gate_up):
+    """The experts' ``_apply_gate``, which transformers' batched and grouped experts implementations call on
+    each token's ``gate_up_proj`` output (gate first, then up)."""
+    return swiglu(*gate_up.chunk(2, dim=-1))
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """A MoE layer's experts with lf's gate: transformers' own implementation when the model runs a batched or
+    grouped one (it calls ``_apply_gate``), else this per-expert loop (transformers' eager one writes the gate
+    inline). Each token's top-k outputs, weighted, are summed in expert order as transformers does."""
+    if self.config._experts_implementation != "eager":
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    out = torch.zeros_like(hidden_states)
+    for expert in top_k_index.unique().tolist():
+        if expert >= self.num_experts:  # transformers' mark for a dropped slot
+            continue
+        token, slot = torch.where(top_k_index == expert)
+        y = self._apply_gate(F.linear(hidden_states[token], self.gate_up_proj[expert]))
+        y = F.linear(y, self.down_proj[expert]) * top_k_weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def _bmm_experts_forward(self, hidden_states):
+    """Llama-4's experts: each expert's rows in one block, one batched product per projection."""
+    gate, up = torch.bmm(hidden_states.view(self.num_experts, -1, self.hidden_size), self.gate_up_proj).chunk(2, -1)
+    return torch.bmm(swiglu(gate, up), self.down_proj).view(-1, self.hidden_size)
 
 
 def _rope(q, k, cos, sin, unsqueeze_dim=1):
@@ -203,18 +335,24 @@ def _rope(q, k, cos, sin, unsqueeze_dim=1):
     return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
 
 
+def _rope_keeping_dtype(q, k, cos, sin, unsqueeze_dim=1):
+    q_embed, k_embed = _rope(q, k, cos, sin, unsqueeze_dim)
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
+
+
 _ROPE_FORWARDS: dict[type, Callable] = {}  # attention class -> its forward reading lf's RoPE
 
 
-def _with_lf_rope(cls: type) -> Callable | None:
+def _with_lf_rope(cls: type, lf_rope: Callable) -> Callable | None:
     """HF's ``cls.forward``, its code object unchanged, run with a copy of its modeling module's globals in which
-    ``apply_rotary_pos_emb`` is :func:`_rope`: bound to a module, that module alone runs lf's RoPE (names the
-    module rebinds later are not seen; transformers rebinds none). None when the forward does not call it."""
+    ``apply_rotary_pos_emb`` is ``lf_rope`` (:func:`_rope`, or :func:`_rope_keeping_dtype` where HF's casts back):
+    bound to a module, that module alone runs lf's RoPE (names the module rebinds later are not seen; transformers
+    rebinds none). None when the forward does not call it."""
     if cls not in _ROPE_FORWARDS:
         hf = _ORIGINAL_CLASS_FORWARD.get(cls, cls.forward)
         if "apply_rotary_pos_emb" not in hf.__code__.co_names:
             return None
-        fn = types.FunctionType(hf.__code__, {**hf.__globals__, "apply_rotary_pos_emb": _rope}, hf.__name__,
+        fn = types.FunctionType(hf.__code__, {**hf.__globals__, "apply_rotary_pos_emb": lf_rope}, hf.__name__,
                                 hf.__defaults__, hf.__closure__)
         fn.__kwdefaults__ = hf.__kwdefaults__
         _ROPE_FORWARDS[cls] = functools.update_wrapper(fn, hf)
@@ -249,6 +387,9 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
     hidden = outputs.last_hidden_state
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     hidden = hidden[:, keep, :]
+    family = FAMILIES.get(self.config.model_type)
+    if family is not None and family.logit_scale is not None:  # HF scales the logits: lf scales their input
+        hidden = hidden * family.logit_scale(self.config)
     if shift_labels is None:  # as HF's ForCausalLMLoss: token t predicts label t + 1
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
@@ -338,30 +479,57 @@ class Call:
 # ---- the kinds ----
 
 def _rms_norm(call: Call, kind: str) -> None:
-    forward = _gemma_norm_forward if call.family.gemma_norm else _llama_norm_forward
-    call.report.patched[kind] = call.bind(call.cls("RMSNorm"), forward)
+    call.report.patched[kind] = call.bind(call.cls("RMSNorm"), _NORM_FORWARDS[call.family.norm])
 
 
 def _mlp(call: Call, kind: str) -> None:
     family = call.family
     if family.mlp is None:
-        call.report.skipped[kind] = "mixture-of-experts MLPs are left to HF (lf has no fused MoE kernel)"
+        call.report.skipped[kind] = "the family has no dense MLP: its MLPs are experts (swiglu_experts)"
         return
-    forward = _fused_mlp_forward if family.mlp == "fused" else _gated_mlp_forward
+    forward = _MLP_FORWARDS[family.mlp]
     if call.base is None:  # apply_to: each MLP reads its activation from its own module when it runs
         call.report.patched[kind] = call.bind(call.cls("MLP"), forward)
         return
     act = getattr(call.scope.config, family.act_key, None)
     if act != "silu" and act not in GELU_APPROXIMATE:
         call.report.skipped[kind] = f"{family.act_key} is {act!r}, neither silu nor a GELU"
+    elif count := call.bind(call.cls("MLP"), forward, _lf_act=GELU_APPROXIMATE.get(act)):
+        call.report.patched[kind if act == "silu" else "geglu"] = count
+    else:  # a MoE model whose every layer is sparse
+        call.report.skipped[kind] = f"no {call.cls('MLP').__name__} in this model: its MLPs are experts"
+
+
+def _calls_gate(implementation: str) -> bool:
+    """Whether transformers' experts implementation calls the experts' ``_apply_gate`` (its eager one: lf's loop
+    does; those outside its registry, fp8's, all do)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    fn = ALL_EXPERTS_FUNCTIONS.get(implementation)
+    return fn is None or "_apply_gate" in inspect.unwrap(fn).__code__.co_names
+
+
+def _experts(call: Call, kind: str) -> None:
+    """MoE experts: reported only in families that have them (dense ones say nothing)."""
+    experts = call.family.experts
+    if experts is None:
+        return
+    if call.base is not None and (act := getattr(call.scope.config, call.family.act_key, None)) != "silu":
+        call.report.skipped[kind] = f"{call.family.act_key} is {act!r}: the experts' gate is not silu(gate) * up"
+    elif experts == "bmm":  # one implementation: the same in apply_to
+        call.report.patched[kind] = call.bind(call.cls("Experts"), _bmm_experts_forward)
+    elif call.base is None:
+        call.report.skipped[kind] = ("chosen per model (transformers picks each model's experts implementation): "
+                                     "lf.kernels.patch(model)")
+    elif not _calls_gate(impl := call.scope.config._experts_implementation):
+        call.report.skipped[kind] = f"experts_implementation {impl!r} computes the experts' gate in its own kernel"
     else:
-        call.report.patched[kind if act == "silu" else "geglu"] = call.bind(
-            call.cls("MLP"), forward, _lf_act=GELU_APPROXIMATE.get(act))
+        call.report.patched[kind] = call.bind(call.cls("Experts"), _experts_forward, _apply_gate=_swiglu_gate)
 
 
 def _rope_forwards(call: Call, kind: str) -> None:
     cls = call.cls("Attention")
-    forward = _with_lf_rope(cls)
+    forward = _with_lf_rope(cls, _rope_keeping_dtype if call.family.rope_keeps_dtype else _rope)
     if forward is None:
         call.report.skipped[kind] = f"{cls.__name__}.forward does not call apply_rotary_pos_emb; RoPE stays HF's"
     elif call.bind(cls, forward):
@@ -449,10 +617,11 @@ class Patcher:
 
 # kind -> Patcher, in the order the report lists them
 _PATCHERS: dict[str, Patcher] = {
-    "rms_norm": Patcher(_rms_norm, _rms_norm, lambda base, kind: unbind(base, (_llama_norm_forward,
-                                                                               _gemma_norm_forward))),
-    "swiglu": Patcher(_mlp, _mlp, lambda base, kind: unbind(base, (_gated_mlp_forward, _fused_mlp_forward),
-                                                            ("_lf_act",))),
+    "rms_norm": Patcher(_rms_norm, _rms_norm, lambda base, kind: unbind(base, _NORM_FORWARDS.values())),
+    "swiglu": Patcher(_mlp, _mlp, lambda base, kind: unbind(base, _MLP_FORWARDS.values(), ("_lf_act",))),
+    "swiglu_experts": Patcher(_experts, _experts,
+                              lambda base, kind: unbind(base, (_experts_forward, _bmm_experts_forward),
+                                                        ("_apply_gate",))),
     "rope": Patcher(_rope_forwards, _rope_forwards, lambda base, kind: unbind(base, _ROPE_FORWARDS.values())),
     "fused_linear_cross_entropy": Patcher(_lm_head_loss, _lm_head_loss,
                                           lambda base, kind: unbind(base, (_causal_lm_forward,), ("_lf_hf_forward",))),
@@ -514,6 +683,8 @@ def _run(function: str, model_type, switches: Mapping[str, bool], step: str, bas
             continue
         if call.family is None and not patcher.any_family:
             report.skipped[kind] = unknown
+        elif call.family is not None and kind in call.family.kept:
+            report.skipped[kind] = call.family.kept[kind]
         else:
             getattr(patcher, step)(call, kind)
     (log.info if call.family is not None else log.warning)("%s", report)
