@@ -205,3 +205,26 @@ def test_families_llama_cpp_computes_differently_are_refused(family, overrides, 
         check_gguf(config, tokenizer, "f16")
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert "convert_hf_to_gguf.py" in str(refused.value)
+
+
+def test_quantized_experts_keep_each_expert(tmp_path):
+    """q8_0 and f16 files of an MoE model (a small trained tokenizer: the vocabulary is tested above): each expert's
+    3-D slice quantized on its own rows, the router kept in f32."""
+    from lf.tiny import CHATML_TOKENS, ROLE_TEXT, build_model
+
+    config = dict(model_type="qwen3_moe", **{**SIZES, "head_dim": 32}, **FAMILIES["qwen3_moe"][1])
+    path = build_model(tmp_path / "moe", [ROLE_TEXT, "a tiny corpus for a tiny tokenizer"], 300, CHATML_TOKENS,
+                       config, seed=0)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    qwen3 = get_template("qwen3")
+    tokenizer.chat_template = qwen3.to_jinja()
+    expected = expected_tensors(model, "qwen3_moe")
+    for gguf_type, qtype in (("q8_0", gguf.GGMLQuantizationType.Q8_0), ("f16", gguf.GGMLQuantizationType.F16)):
+        _, tensors = read_gguf(write_gguf(model, tokenizer, qwen3, tmp_path, gguf_type))
+        assert tensors.keys() == expected.keys()
+        for name in ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"):
+            tensor, want = tensors[name], expected[name]
+            assert tensor.tensor_type == qtype and list(reversed(tensor.shape.tolist())) == list(want.shape)
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
+            np.testing.assert_allclose(values, want, atol=1e-2 * np.abs(want).max(), err_msg=name)
+        assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32

@@ -10,7 +10,10 @@ Facts from llama.cpp (its model loaders and convert_hf_to_gguf.py; the facts, no
     recognises by their layer count), and Gemma 2 always soft-caps and reuses token_embd as the output head;
   - qwen3moe always renormalises the chosen experts' weights, and every layer is an MoE layer;
   - transformers 5 stores an MoE layer's experts as one gate_up_proj [experts, 2 x ff, hidden] (gate first) and one
-    down_proj [experts, hidden, ff]; llama.cpp wants ffn_gate_exps, ffn_up_exps and ffn_down_exps.
+    down_proj [experts, hidden, ff]; llama.cpp wants ffn_gate_exps, ffn_up_exps and ffn_down_exps;
+  - llama.cpp's llama architecture has no sliding window and its phi3 turns Phi-3's off, so a Mistral 7B v0.1 or a
+    Phi-3 whose sliding_window is shorter than the context computes the same only up to that window (llama.cpp's
+    converter writes them all the same).
 """
 
 from __future__ import annotations
