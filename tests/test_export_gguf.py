@@ -228,3 +228,28 @@ def test_quantized_experts_keep_each_expert(tmp_path):
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
             np.testing.assert_allclose(values, want, atol=1e-2 * np.abs(want).max(), err_msg=name)
         assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_lf_export_writes_a_sentencepiece_family(tmp_path):
+    """`lf export` with export_gguf on a saved Mistral (Llama 2's SentencePiece tokenizer): the f16 file holds what
+    write_gguf writes from the merged model, beside its Modelfile."""
+    from test_export import export_options
+
+    from lf.config.parser import parse_infer_args
+    from lf.export import export
+
+    model, tokenizer, _ = tiny("mistral")
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    written = export(parse_infer_args(export_options(tmp_path / "out", model_name_or_path=str(tmp_path / "base"),
+                                                     template="mistral", export_gguf="f16"), "export"))
+    fields, tensors = read_gguf(written["gguf"])
+    assert (fields["general.architecture"], fields["tokenizer.ggml.model"]) == ("llama", "llama")
+    assert fields["tokenizer.ggml.add_space_prefix"] is True and fields["tokenizer.ggml.add_bos_token"] is True
+    expected = expected_tensors(model, "mistral")
+    assert tensors.keys() == expected.keys()
+    embedding = tensors["token_embd.weight"]
+    assert embedding.tensor_type == gguf.GGMLQuantizationType.F16
+    np.testing.assert_allclose(np.asarray(embedding.data, np.float32).reshape(expected["token_embd.weight"].shape),
+                               expected["token_embd.weight"], rtol=1e-3, atol=1e-3)
+    assert "FROM ./out-f16.gguf" in (tmp_path / "out" / "Modelfile").read_text()
