@@ -38,7 +38,8 @@ Merges the LoRA adapter(s) of adapter_name_or_path (comma-separated, merged in o
 saves the model, its tokenizer (with the template's chat template) and its generation config to export_dir.
 Keys: export_dir, export_size (GB per shard), export_dtype ({' | '.join(DTYPES)}), export_device
 ({' | '.join(DEVICES)}), export_legacy_format (.bin files), export_gguf ({' | '.join(get_args(GgufType))}: also a GGUF
-file and an Ollama Modelfile, for Llama, Mistral and Qwen2 models). Set template: as in training."""
+file and an Ollama Modelfile, for Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2/3 and Phi-3 models). Set template:
+as in training."""
 
 
 def command(argv: list[str]) -> int:

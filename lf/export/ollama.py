@@ -16,7 +16,7 @@ from pathlib import Path
 from string import Formatter
 
 from lf.data.templates import AT_START, IN_FIRST_USER_MESSAGE, IN_LAST_USER_MESSAGE, JinjaTemplate
-from lf.export.to_gguf import adds_bos
+from lf.export.gguf_vocab import adds_bos
 
 
 def write_modelfile(gguf_path, tokenizer, template) -> Path:

@@ -1,19 +1,16 @@
-"""A merged Llama-family model as one GGUF file for llama.cpp and Ollama: llama.cpp's tensor names and metadata, a
-byte-level BPE ("gpt2") vocabulary, the template as the chat template, weights in f32, f16, bf16 or q8_0.
+"""A merged model as one GGUF file for llama.cpp and Ollama: llama.cpp's tensor names and metadata for its family
+(lf.export.gguf_families), the tokenizer's vocabulary (lf.export.gguf_vocab), the template as the chat template,
+weights in f32, f16, bf16 or q8_0.
 
 What follows llama.cpp's own converter (convert_hf_to_gguf.py; the facts, not its code):
-  - HF Llama/Mistral checkpoints order the rows of each q_proj/k_proj head for transformers' rotate-half RoPE;
-    llama.cpp's llama architecture rotates adjacent pairs, so those rows are permuted (`permute_qk`). Its qwen2
-    architecture rotates halves (NEOX) and keeps the rows as they are;
-  - 1-D tensors (norms, biases) stay float32 whatever the file type; a q8_0 tensor needs rows that are whole
-    32-value blocks, others are written f16;
+  - 1-D tensors (norms, biases) and MoE routers stay float32 whatever the file type; a q8_0 tensor needs rows that
+    are whole 32-value blocks, others are written f16;
   - a tied output head is not written (llama.cpp reuses token_embd);
   - Llama 3.1's rope scaling is a `rope_freqs` tensor of per-frequency divisors (`llama3_rope_factors`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import MappingProxyType
 from typing import get_args
@@ -22,14 +19,13 @@ import numpy as np
 
 from lf.config.export import GgufType
 from lf.errors import ConfigError, ModelError
+from lf.export.gguf_families import FAMILIES, Family, permute_qk, split_experts
+from lf.export.gguf_vocab import add_vocab, vocab_spec
 
 GGUF_TYPES = get_args(GgufType)
 # file type -> (gguf's GGMLQuantizationType member, LlamaFileType member)
 _TYPES = MappingProxyType({"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
                            "q8_0": ("Q8_0", "MOSTLY_Q8_0")})
-# HF architecture -> (gguf's MODEL_ARCH member, whether q/k rows are permuted)
-ARCHITECTURES = MappingProxyType({"LlamaForCausalLM": ("LLAMA", True), "MistralForCausalLM": ("LLAMA", True),
-                                  "Qwen2ForCausalLM": ("QWEN2", False)})
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -45,9 +41,12 @@ def check_gguf(config, tokenizer, gguf_type: str) -> None:
     if hasattr(config, "vision_config"):
         raise _unsupported(f"{config.model_type} is a vision-language model, and lf writes no projector file "
                            f"(mmproj) for its vision tower, without which llama.cpp and Ollama read no images")
-    _architecture(config)
+    family = family_of(config)
+    problem = family.check(config)
+    if problem:
+        raise _unsupported(f"this {config.model_type} model has {problem}")
     _rope(config)
-    _vocab_spec(tokenizer)
+    vocab_spec(tokenizer, _unsupported)
 
 
 def _unsupported(what: str) -> ModelError:
@@ -55,41 +54,25 @@ def _unsupported(what: str) -> ModelError:
                       f"llama.cpp's convert_hf_to_gguf.py")
 
 
-def _architecture(config) -> tuple[str, bool]:
+def family_of(config) -> Family:
     names = config.architectures or [config.model_type]
     for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    raise _unsupported(f"lf writes GGUF for {', '.join(ARCHITECTURES)} models, not {', '.join(names)}")
+        if name in FAMILIES:
+            return FAMILIES[name]
+    raise _unsupported(f"lf writes GGUF for {', '.join(FAMILIES)} models, not {', '.join(names)}")
 
 
 def _rope(config) -> dict:
-    """The RoPE parameters (transformers 5 keeps them in rope_parameters, 4 in rope_theta and rope_scaling)."""
+    """The RoPE parameters of the full-attention layers (transformers 5 keeps them in rope_parameters, per layer
+    type for Gemma 3; 4 in rope_theta and rope_scaling)."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params = dict(params.get("full_attention", params))
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if params["rope_type"] not in ROPE_TYPES:
         raise _unsupported(f"rope scaling {params['rope_type']!r} is not converted (lf converts "
                            f"{', '.join(ROPE_TYPES)})")
     return params
-
-
-def _vocab_spec(tokenizer) -> dict:
-    """The tokenizer's tokenizer.json, when it is byte-level BPE (what GGUF's "gpt2" model is)."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, decoder = spec["model"], spec.get("decoder") or {}
-    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-        kind = "SentencePiece-style" if model.get("byte_fallback") else model.get("type", "unknown")
-        raise _unsupported(f"lf writes byte-level BPE vocabularies (GPT-2 style, as Llama 3 and Qwen2 have); this "
-                           f"tokenizer is {kind}")
-    return spec
-
-
-def permute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Rows of each head from rotate-half order (first half of the head's dimensions, then the second) to the
-    interleaved pairs llama.cpp rotates; a bias (1-D) is permuted like the rows."""
-    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
@@ -117,34 +100,25 @@ def write_gguf(model, tokenizer, template, export_dir, gguf_type: str) -> Path:
     import gguf
 
     config = model.config
-    arch_name, permute = _architecture(config)
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name]]
+    family = family_of(config)
+    arch = gguf.MODEL_ARCH[family.arch]
     qtype_name, file_type = _TYPES[gguf_type]
     export_dir = Path(export_dir)
     path = export_dir / f"{export_dir.resolve().name}-{gguf_type}.gguf"
     rows = model.get_input_embeddings().weight.shape[0]
-    writer = gguf.GGUFWriter(path, arch)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(export_dir.resolve().name)
     writer.add_file_type(gguf.LlamaFileType[file_type])
     rope = _add_hyperparameters(writer, config, rows)
-    _add_vocab(writer, tokenizer, template, rows, arch)
+    family.keys(writer, config)
+    add_vocab(writer, tokenizer, template, rows, family.pre_tokenizer, _unsupported)
     qtype = gguf.GGMLQuantizationType[qtype_name]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name], config.num_hidden_layers)
-    heads, kv_heads, head_dim = _head_dims(config)
-    for name, tensor in model.state_dict().items():
-        if config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise _unsupported(f"tensor {name} has no llama.cpp name")
-        data = tensor.detach().float().cpu().numpy()
-        if permute and gguf_name.startswith("blk.") and gguf_name.split(".")[2] in ("attn_q", "attn_k"):
-            data = permute_qk(data, heads if gguf_name.split(".")[2] == "attn_q" else kv_heads)
-        array, array_type = _encode(data, qtype)
-        writer.add_tensor(gguf_name, array, raw_dtype=array_type)
+    for name, data in gguf_tensors(model, family):
+        array, array_type = _encode(data, qtype, keep_f32=".ffn_gate_inp." in name)
+        writer.add_tensor(name, array, raw_dtype=array_type)
     if rope["rope_type"] == "llama3":
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        writer.add_tensor(name, llama3_rope_factors(rope, head_dim))
+        writer.add_tensor(name, llama3_rope_factors(rope, _head_dims(config)[2]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -152,11 +126,39 @@ def write_gguf(model, tokenizer, template, export_dir, gguf_type: str) -> Path:
     return path
 
 
-def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
-    """(the array to write, its GGML type): 1-D tensors in f32; q8_0 rows must be whole blocks, else f16."""
+def gguf_tensors(model, family: Family):
+    """(llama.cpp's name, float32 array) for every weight llama.cpp reads, in its layout."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch], config.num_hidden_layers)
+    heads, kv_heads, _ = _head_dims(config)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and (config.tie_word_embeddings or not family.untied_head):
+            continue
+        data = tensor.detach().float().cpu().numpy()
+        if name.endswith("mlp.experts.gate_up_proj"):
+            yield from split_experts(name, data)
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise _unsupported(f"tensor {name} has no llama.cpp name")
+        if not gguf_name.endswith((".weight", ".bias")):  # a weight stored without the suffix (MoE experts)
+            gguf_name += ".weight"
+        if family.norm_shift and name.endswith("norm.weight"):
+            data = data + family.norm_shift
+        kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
+        if family.permute_qk and kind in ("attn_q", "attn_k"):
+            data = permute_qk(data, heads if kind == "attn_q" else kv_heads)
+        yield gguf_name, data
+
+
+def _encode(data: np.ndarray, qtype, keep_f32: bool = False) -> tuple[np.ndarray, object]:
+    """(the array to write, its GGML type): 1-D tensors (and `keep_f32` ones) in f32; q8_0 rows must be whole
+    blocks, else f16."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-    if data.ndim == 1 or qtype == GGMLQuantizationType.F32:
+    if data.ndim == 1 or keep_f32 or qtype == GGMLQuantizationType.F32:
         return data, GGMLQuantizationType.F32
     if data.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
         qtype = GGMLQuantizationType.F16
@@ -164,7 +166,7 @@ def _encode(data: np.ndarray, qtype) -> tuple[np.ndarray, object]:
 
 
 def _add_hyperparameters(writer, config, rows: int) -> dict:
-    """The architecture's keys (llama.context_length, ...); returns the RoPE parameters."""
+    """The keys every family has (llama.context_length, ...); returns the RoPE parameters."""
     import gguf
 
     heads, kv_heads, head_dim = _head_dims(config)
@@ -178,7 +180,7 @@ def _add_hyperparameters(writer, config, rows: int) -> dict:
     writer.add_vocab_size(rows)
     rope = _rope(config)
     writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -186,53 +188,3 @@ def _add_hyperparameters(writer, config, rows: int) -> dict:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     return rope
-
-
-def _pre_tokenizer(spec: dict, arch: str, vocab: dict) -> str:
-    """llama.cpp's name for the split before BPE (llama.cpp recognises tokenizers by it)."""
-    if arch == "qwen2":
-        return "qwen2"
-    if "<|begin_of_text|>" in vocab:  # Llama 3's
-        return "llama-bpe"
-    pre = spec.get("pre_tokenizer") or {}
-    return "gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else "default"
-
-
-def _add_vocab(writer, tokenizer, template, rows: int, arch: str) -> None:
-    """Tokens (embedding rows past the tokenizer's are unused placeholders), their types, the merges, the special
-    ids and the chat template."""
-    from gguf import TokenType
-
-    spec = _vocab_spec(tokenizer)
-    vocab = tokenizer.get_vocab()
-    by_id = {i: token for token, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(rows):
-        if i in added:
-            tokens.append(added[i].content)
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id.get(i, f"[PAD{i}]"))
-            types.append(TokenType.NORMAL if i in by_id else TokenType.UNUSED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(spec, arch, vocab))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
-                          (writer.add_eos_token_id, tokenizer.eos_token_id),
-                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
-        if token_id is not None:
-            add(token_id)
-    end_of_turn = [i for i in template.stop_token_ids(tokenizer) if i != tokenizer.eos_token_id]
-    if end_of_turn:  # llama.cpp stops on eos and on this one
-        writer.add_eot_token_id(end_of_turn[0])
-    writer.add_add_bos_token(adds_bos(tokenizer))
-    writer.add_chat_template(tokenizer.chat_template)
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether encoding a text starts it with bos (then llama.cpp and Ollama add it too, and templates don't)."""
-    ids = tokenizer("a")["input_ids"]
-    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
