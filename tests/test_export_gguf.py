@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_export import read_gguf, unpermute
-from test_multimodal import npm_tokenizer
+from support import npm_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lf.data import get_template
