@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 
-from lf.data.conversation import ASSISTANT, PLACEHOLDERS, USER
+from lf.data.conversation import ASSISTANT, USER
 from lf.data.registry import IMAGES
 from lf.config import parse_infer_args
 from lf.errors import DataError, RequestError
 from lf.serve import Engine
-from lf.serve.media import open_image
+from lf.serve.media import marks, open_image
 
 USAGE = """usage: lf chat cfg.yaml [key=value ...]
 
@@ -59,9 +59,7 @@ def chat(engine: Engine) -> int:
             continue
         if not query:
             continue
-        # placeholders before the text, where LLaMA-Factory's chat puts media a message does not place itself
-        marks = "".join(PLACEHOLDERS[column] * len(items) for column, items in attached.items())
-        messages = history + [{"role": USER, "content": marks + query}]
+        messages = history + [{"role": USER, "content": marks({c: len(items) for c, items in attached.items()}) + query}]
         now = {column: media[column] + attached[column] for column in media}
         print("Assistant: ", end="", flush=True)
         pieces = []
