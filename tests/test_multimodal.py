@@ -14,6 +14,7 @@ from lf import cli
 from lf.config import DataArguments
 from lf.config.finetuning import FinetuningArguments
 from lf.data import collator, get_dataset, get_template
+from lf.data.images import PixelLimits
 from lf.errors import DataError
 from lf.model.adapters import attach
 from lf.model.processor import load_mm_processor
@@ -206,10 +207,14 @@ def demo_rows():
     return json.loads((shared_data() / "mllm_demo.json").read_text())
 
 
-def pil_images(row):
+def pil_images(row, min_pixels: int = 0):
+    """The row's images as RGB; those under `min_pixels` enlarged to hold them (aspect kept, bicubic), as lf
+    resizes into image_min_pixels before the image processor sees them."""
     from PIL import Image
 
-    return [Image.open(shared_data() / path).convert("RGB") for path in row["images"]]
+    images = [Image.open(shared_data() / path).convert("RGB") for path in row["images"]]
+    target = [PixelLimits(max_pixels=1 << 40, min_pixels=min_pixels).fit(*image.size) for image in images]
+    return [image.resize(size, resample=3) if size != image.size else image for image, size in zip(images, target)]
 
 
 # -- rows equal the families' processors ------------------------------------------------------------------------
@@ -271,14 +276,21 @@ def test_rows_equal_the_image_processor_and_chat_template(request, family, keys)
     assert "position_ids" not in batch  # Qwen-VL computes its M-RoPE positions from the grid
 
 
-@pytest.mark.parametrize("family", [*LLAVA, "gemma3"])
-def test_rows_equal_the_family_processor_on_its_chat_template(request, family):
+# Gemma 3's pan and scan: crops at least 256 pixels wide (Gemma3Processor's default) need the demo's 300-pixel-wide
+# images about twice as large, which image_min_pixels does
+PAN_AND_SCAN = {"image_do_pan_and_scan": True, "image_min_pixels": 600 * 400}
+
+
+@pytest.mark.parametrize("family, keys", [*((family, {}) for family in LLAVA), ("gemma3", {}),
+                                          ("gemma3", PAN_AND_SCAN)])
+def test_rows_equal_the_family_processor_on_its_chat_template(request, family, keys):
     """The families whose processor runs without torchvision: their processor on the text of the model's own chat
-    template (LLaVA's tokenizer has none: lf's template, Vicuna's format) with its image placeholder."""
+    template (LLaVA's tokenizer has none: lf's template, Vicuna's format) with its image placeholder; Gemma 3 with
+    pan and scan too (each crop a view of its own, in the processor's sentence)."""
     from transformers import AutoProcessor, AutoTokenizer
 
     model = request.getfixturevalue(family)
-    p = prepared(model, TEMPLATE[family], max_samples=3)
+    p = prepared(model, TEMPLATE[family], max_samples=3, **keys)
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
     processor = AutoProcessor.from_pretrained(model)
     original = AutoTokenizer.from_pretrained(model)  # the model's own chat template, not the one lf fits
@@ -290,8 +302,11 @@ def test_rows_equal_the_family_processor_on_its_chat_template(request, family):
         text = (original.apply_chat_template(messages, tokenize=False) if original.chat_template
                 else p.template.render(messages, tokenizer=p.tokenizer))
         texts.append(text.replace("<image>", processor.image_token))
+    pan_and_scan = dict(do_pan_and_scan=True) if keys else {}
+    min_pixels = keys.get("image_min_pixels", 0)
     for i, (row, text) in enumerate(zip(rows, texts)):
-        expected = processor(text=text, images=pil_images(row), add_special_tokens=False)  # the text has its bos
+        expected = processor(text=text, images=pil_images(row, min_pixels), add_special_tokens=False,
+                             **pan_and_scan)  # the text has its bos
         ids = expected["input_ids"][0]
         row_ids = data.train_dataset[i]["input_ids"]
         assert row_ids == ids[:len(row_ids)]  # lf's rows stop at the last reply's eos
@@ -301,11 +316,13 @@ def test_rows_equal_the_family_processor_on_its_chat_template(request, family):
             key = p.media.plugin.token_type_key
             assert batch[key][i, :len(row_ids)].tolist() == expected[key][0][:len(row_ids)]
     # the features of the batch: the processor's for the three rows' images (LLaVA-NeXT: tiles and sizes)
-    expected = processor(text=texts, images=[pil_images(row) for row in rows], padding=True, return_tensors="pt",
-                         add_special_tokens=False)
+    expected = processor(text=texts, images=[pil_images(row, min_pixels) for row in rows], padding=True,
+                         return_tensors="pt", add_special_tokens=False, **pan_and_scan)
     features = {key: value for key, value in expected.items() if key not in ("input_ids", "attention_mask",
                                                                                "token_type_ids")}
     assert features and all(torch.equal(batch[key], value) for key, value in features.items())
+    if keys:  # pan and scan: every demo image (1.5 to 1.8 times as wide as high) gets two crops beside itself
+        assert len(batch["pixel_values"]) == 3 * sum(len(row["images"]) for row in rows)
 
 
 # -- training through lf train ----------------------------------------------------------------------------------
@@ -324,13 +341,13 @@ def train(tmp_path, model: Path, template: str, **keys) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", list(TEMPLATE))
-def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path, family):
+@pytest.mark.parametrize("family, keys", [*((family, {}) for family in TEMPLATE), ("gemma3", PAN_AND_SCAN)])
+def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path, family, keys):
     from peft import PeftModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     model = request.getfixturevalue(family)
-    out = train(tmp_path, model, TEMPLATE[family])
+    out = train(tmp_path, model, TEMPLATE[family], **keys)
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     losses = [entry["loss"] for entry in log if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
@@ -347,6 +364,8 @@ def test_lora_sft_step_saves_adapter_and_processor_that_reload(request, tmp_path
         from transformers import AutoProcessor
 
         assert AutoProcessor.from_pretrained(out).patch_size == 14
+    if keys:  # the saved image processor cuts crops as the run did
+        assert AutoImageProcessor.from_pretrained(out, backend="pil").do_pan_and_scan is True
 
 
 # -- freeze keys ---------------------------------------------------------------------------------------------------

@@ -339,6 +339,11 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
             "qwen2_5_vl models); this qwen2_audio model reads audios and text: send those")
         wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})
         assert wrong.status_code == 400 and "input_audio.format" in wrong.json()["error"]["message"]
+        # bytes that are no clip lf opens are refused by their first bytes, before libsndfile guesses at them
+        playlist = base64.b64encode(b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n").decode()
+        wrong = ask(base, {"type": "input_audio", "input_audio": {"data": playlist, "format": "wav"}})
+        assert wrong.status_code == 400 and wrong.json()["error"]["message"] == (
+            "audio 1 is not an audio clip lf opens (WAV, FLAC, Ogg or MP3): send one of those")
 
     movie = shared_data() / "mllm_demo_data" / "4.mp4"
     (tmp_path / "media").mkdir()
@@ -352,6 +357,11 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
             answer = ask(base, {"type": "video_url", "video_url": {"url": url}})
             assert answer.status_code == 200, answer.text
             assert answer.json()["choices"][0]["message"]["content"] == expected.text
+        # a playlist FFmpeg would follow to other files is refused by its first bytes, before FFmpeg sees it
+        playlist = base64.b64encode(b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n").decode()
+        refused = ask(base, {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{playlist}"}})
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == (
+            "video 1 is not a video lf opens (MP4/MOV, Matroska/WebM or AVI): send one of those")
         refused = ask(base, {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}})
         assert refused.status_code == 400 and refused.json()["error"]["message"] == (
             "video 1 is an https URL: this server fetches nothing from the network; send the video itself as a "

@@ -125,6 +125,26 @@ def test_the_engine_prompts_with_the_processors_image_tokens_and_pixels(vl, monk
     assert reply.completion_tokens == 4 and reply.text == engine.tokenizer.decode(out[0, len(prompt):])
 
 
+def test_gemma3_with_pan_and_scan_prompts_as_its_processor_does(gemma3, monkeypatch):
+    """A wide image gets its crops in a served prompt too: the prompt and pixels equal Gemma3Processor's."""
+    from transformers import AutoProcessor
+
+    engine = engine_for(gemma3, "gemma3", image_do_pan_and_scan=True)
+    image = picture(600, 280)  # over twice as wide as high: two crops of 300 x 280 (each side at least 256)
+    messages = [{"role": "user", "content": f"<image>{ASKED}"}]
+    calls = recorded(monkeypatch, engine)
+    engine.generate(messages, images=[image], temperature=0)
+    processor = AutoProcessor.from_pretrained(gemma3)
+    text = engine.template.render([{"role": "user", "content": f"{processor.image_token}{ASKED}"}],
+                                  add_generation_prompt=True, tokenizer=engine.tokenizer)
+    expected = processor(text=text, images=[image], do_pan_and_scan=True, add_special_tokens=False,
+                         return_tensors="pt")
+    [call] = calls
+    assert call["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert len(call["pixel_values"]) == 3 and torch.equal(call["pixel_values"], expected["pixel_values"])
+    assert torch.equal(call["token_type_ids"], expected["token_type_ids"])
+
+
 def test_lf_api_answers_an_image_whole_and_streamed(vl, monkeypatch):
     family, model, engine = vl
     image = picture(60, 100)

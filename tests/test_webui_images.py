@@ -6,6 +6,7 @@ over HTTP (Gradio's upload and call API, behind a login) and in headless Chromiu
 
 import inspect
 import json
+from pathlib import Path
 
 import gradio as gr
 import httpx
@@ -105,16 +106,17 @@ def test_an_uploaded_bomb_is_refused_from_its_header(vl_engine, tmp_path, monkey
                    "the server's limit for them together (API_MAX_IMAGE_PIXELS): send smaller images")
 
 
-def _upload_and_call(client: httpx.Client, files: dict[str, bytes], query: str) -> tuple[str, object]:
-    """Uploads `files` as the browser does, then sends `query` with them through the chat endpoint: the last
-    event's kind (complete or error) and its data."""
+def _upload_and_call(client: httpx.Client, files: dict[str, bytes], query: str,
+                     one_by_one: bool = False) -> tuple[str, object]:
+    """Uploads `files` as the browser does (in one request, or `one_by_one`), then sends `query` with them through
+    the chat endpoint: the last event's kind (complete or error) and its data."""
     paths = []
-    if files:
+    for batch in ([{name: data} for name, data in files.items()] if one_by_one else [files] if files else []):
         sent = client.post("/gradio_api/upload", files=[("files", (name, data, "image/png"))
-                                                        for name, data in files.items()])
+                                                        for name, data in batch.items()])
         sent.raise_for_status()
-        paths = [{"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
-                 for path, name in zip(sent.json(), files)]
+        paths += [{"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+                  for path, name in zip(sent.json(), batch)]
     posted = client.post("/gradio_api/call/chat", json={"data": [query, paths, *SETTINGS]})
     posted.raise_for_status()
     kind, last = None, None
@@ -128,10 +130,9 @@ def _upload_and_call(client: httpx.Client, files: dict[str, bytes], query: str) 
     raise AssertionError("the event stream ended without a result")
 
 
-@pytest.fixture(scope="module")
-def served(vl_engine, text_engine):
-    """`lf webchat` pages behind a login, served as the command serves them: (the VL page's URL, the text one's)."""
-    demos = [webui.chat_app(engine, login=True, limits=Limits(max_bytes=4000)) for engine in (vl_engine, text_engine)]
+def serving(engines, limits: Limits):
+    """`lf webchat` pages of `engines` behind a login, served as the command serves them: their URLs, in order."""
+    demos = [webui.chat_app(engine, login=True, limits=limits) for engine in engines]
     urls = []
     for demo in demos:
         port = _free_port()
@@ -140,6 +141,12 @@ def served(vl_engine, text_engine):
     yield urls
     for demo in demos:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(vl_engine, text_engine):
+    """(the VL page's URL, the text one's)."""
+    yield from serving((vl_engine, text_engine), Limits(max_bytes=4000))
 
 
 def test_webchat_over_http_answers_an_upload_and_refuses_what_the_api_refuses(served, vl_engine):
@@ -167,21 +174,20 @@ def test_webchat_over_http_answers_an_upload_and_refuses_what_the_api_refuses(se
         assert kind == "complete" and board[-1]["role"] == "assistant"
 
 
-def test_webchat_in_a_browser_answers_an_uploaded_image(served, vl_engine, tmp_path):
+def asked_in_a_browser(url: str, upload: str, shown: str) -> tuple[str, int]:
+    """Logs into the webchat page at `url` in headless Chromium, uploads the file `upload`, asks ASKED greedily for
+    4 tokens: (the reply as the page shows it, how many `shown` elements the conversation holds)."""
     from playwright.sync_api import sync_playwright
 
-    image = picture(40, 30)
-    expected = vl_engine.generate([{"role": "user", "content": f"<image>{ASKED}"}], images=[image],
-                                  max_new_tokens=4, temperature=0)[0].text
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        page.goto(served[0])
+        page.goto(url)
         page.get_by_label("username").fill(USER[0])
         page.get_by_label("password").fill(USER[1])
         page.get_by_role("button", name="Login").click()
-        page.locator("#chat_images input[type=file]").set_input_files(saved(tmp_path, "a.png", png(image)))
-        page.wait_for_selector("#chat_images >> text=a.png")
+        page.locator("#chat_images input[type=file]").set_input_files(upload)
+        page.wait_for_selector(f"#chat_images >> text={Path(upload).name}")
         page.get_by_text("generation settings").first.click()
         for label, value in (("max_new_tokens", "4"), ("temperature (0: greedy)", "0")):
             page.get_by_label(label).last.fill(value)
@@ -190,9 +196,19 @@ def test_webchat_in_a_browser_answers_an_uploaded_image(served, vl_engine, tmp_p
         page.get_by_role("button", name="Send").click()
         page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
                                "return m && m.innerText.trim().length > 0; }", timeout=60_000)
-        assert page.locator('#chatbot [data-testid="bot"]').inner_text().strip() == expected.strip()
-        assert page.locator("#chatbot img").count() == 1  # the uploaded picture, shown in the conversation
+        reply = page.locator('#chatbot [data-testid="bot"]').inner_text().strip()
+        count = page.locator(f"#chatbot {shown}").count()
         browser.close()
+    return reply, count
+
+
+def test_webchat_in_a_browser_answers_an_uploaded_image(served, vl_engine, tmp_path):
+    image = picture(40, 30)
+    expected = vl_engine.generate([{"role": "user", "content": f"<image>{ASKED}"}], images=[image],
+                                  max_new_tokens=4, temperature=0)[0].text
+    reply, pictures = asked_in_a_browser(served[0], saved(tmp_path, "a.png", png(image)), "img")
+    assert reply == expected.strip()
+    assert pictures == 1  # the uploaded picture, shown in the conversation
 
 
 def test_webchat_refuses_a_bad_image_limit_before_loading_the_model(monkeypatch):

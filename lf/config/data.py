@@ -40,3 +40,4 @@ class DataArguments:
     video_maxlen: int = 128
     audio_sampling_rate: int = 16000  # audio clips are resampled to this rate (lf.data.audio)
     crop_to_patches: bool = False  # InternVL: an image is cut into tiles (and a thumbnail) as its processor does
+    image_do_pan_and_scan: bool = False  # Gemma 3: a wide or tall image also gets its processor's crops

@@ -295,7 +295,6 @@ UNSUPPORTED = types.MappingProxyType({
     "visual_inputs": Unsupported("LLaMA-Factory's old switch for vision models",
                                  fix="remove it (a dataset's images column and a template that takes images, such "
                                      "as qwen2_vl or llava, are what train on images)"),
-    "image_do_pan_and_scan": Unsupported("Gemma 3's pan-and-scan image crops"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
     "pissa_init": Unsupported("PiSSA adapters"),

@@ -76,10 +76,22 @@ def _llava_next_tokens(image_processor, processor_config: dict, height: int, wid
     return tokens - (processor_config.get("vision_feature_select_strategy") == "default")
 
 
+def _gemma3_views(image_processor, height: int, width: int) -> int:
+    """The views Gemma3ImageProcessor makes of an image: itself, and with do_pan_and_scan the crops its own code
+    cuts (the PIL backend's pan_and_scan or the torchvision one's pan_and_scan_batched), run on a zero-strided
+    tensor of the image's shape: no pixels needed."""
+    if not image_processor.do_pan_and_scan:
+        return 1
+    cut = getattr(image_processor, "pan_and_scan", None) or image_processor.pan_and_scan_batched
+    return 1 + len(cut(torch.zeros(()).expand(1, height, width), image_processor.pan_and_scan_min_crop_size,
+                       image_processor.pan_and_scan_max_num_crops, image_processor.pan_and_scan_min_ratio_to_activate))
+
+
 def _gemma3_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
-    """Gemma3Processor's count: image_seq_length soft tokens for every image (its projector pools any image to
-    that many)."""
-    return _setting(processor_config, "image_seq_length", "Gemma3Processor")
+    """Gemma3Processor's count: image_seq_length soft tokens for every view of the image (its projector pools any
+    view to that many)."""
+    return _setting(processor_config, "image_seq_length", "Gemma3Processor") * _gemma3_views(
+        image_processor, height, width)
 
 
 def _intern_vl_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
@@ -87,6 +99,24 @@ def _intern_vl_tokens(image_processor, processor_config: dict, height: int, widt
     (GotOcr2's) cuts the image: one, or with crop_to_patches its tiles and a thumbnail."""
     patches = image_processor.get_number_of_image_patches(height, width)
     return _setting(processor_config, "image_seq_length", "InternVLProcessor") * patches
+
+
+def _repeated(modality: "Modality", media: "MMProcessor", count: int) -> str:
+    """An item's text: its modality's token `count` times, wrapped."""
+    before, after = modality.wrap
+    return before + modality.token * count + after
+
+
+def _gemma3_text(modality: "Modality", media: "MMProcessor", count: int) -> str:
+    """Gemma3Processor's text for an image of `count` soft tokens: one view's sequence, or with pan-and-scan crops
+    the original's sequence inside its sentence and then each crop's, joined by spaces (every sequence keeps its
+    blank lines around it, so a space stands beside them: the same string tokenizes alike)."""
+    seq = _setting(media.processor_config, "image_seq_length", "Gemma3Processor")
+    one = _repeated(modality, media, seq)
+    if count == seq:
+        return one
+    return (f"Here is the original image {one} and here are some crops to help you see better "
+            + " ".join([one] * (count // seq - 1)))
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,7 @@ class Modality:
     forward_inputs: tuple[str, ...]
     wrap: tuple[str, str] = ("", "")
     type_id: int = 0  # its mark in mm_token_type_ids (transformers: 1 image, 2 video, 3 audio)
+    text: Callable[..., str] = _repeated  # (modality, media, count) -> one item's text
 
 
 def _image_tokens(media: "MMProcessor", ref: dict) -> int:
@@ -199,10 +230,14 @@ class MMPlugin:
     image_token: str  # repeated once per image feature
     image_tokens: Callable[..., int] | None  # (image_processor, processor_config, height, width) -> the token count
     wrap: tuple[str, str] = ("", "")  # written before and after an image's tokens
+    image_text: Callable[..., str] = _repeated  # (modality, media, count) -> one image's text
     token_types: bool = False  # the forward takes each token's modality (Modality.type_id at media tokens)
     token_type_key: str = "mm_token_type_ids"  # their name (Gemma 3: token_type_ids)
     unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
     settings: tuple[tuple[str, str], ...] = ()  # (data key, the image processor attribute it sets)
+    # the transformers processor class whose images_kwargs fill what the model's image processor leaves unset (as
+    # that processor passes them on each call; lf calls the image processor alone)
+    processor: str | None = None
     # (image_processor, is_media, grids) -> one example's (3, n) positions, for a family with 3-D M-RoPE positions
     # (its model computes them over a whole row, so a neat-packed row gets each example's from lf)
     rope_positions: Callable[..., torch.Tensor] | None = None
@@ -217,7 +252,8 @@ class MMPlugin:
     @property
     def modalities(self) -> dict[str, Modality]:
         """Column -> the modality, images first."""
-        image = (Modality("images", self.image_token, _image_tokens, _image_inputs, self.image_inputs, self.wrap, 1),)
+        image = (Modality("images", self.image_token, _image_tokens, _image_inputs, self.image_inputs, self.wrap, 1,
+                          self.image_text),)
         return {m.column: m for m in (image if self.image_token else ()) + self.media}
 
     @property
@@ -246,11 +282,14 @@ _ENTRIES = {plugin.name: plugin for plugin in (
     # image_newline (the learned token closing each row of the anyres grid) trains and freezes with the projector
     MMPlugin("llava_next", ("llava_next",), "<image>", _llava_next_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector", "image_newline"), language_model=("language_model", "lm_head")),
-    # Gemma 3 attends bidirectionally within an image's soft tokens: its forward reads them from token_type_ids
+    # Gemma 3 attends bidirectionally within an image's soft tokens: its forward reads them from token_type_ids;
+    # image_do_pan_and_scan adds an image's crops as views of their own
     MMPlugin("gemma3", ("gemma3",), "<image_soft_token>", _gemma3_tokens,
              ("\n\n<start_of_image>", "<end_of_image>\n\n"), token_types=True, token_type_key="token_type_ids",
-             unused=("num_crops",), vision_tower=("vision_tower",),
-             projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
+             unused=("num_crops",), image_text=_gemma3_text, settings=(("image_do_pan_and_scan", "do_pan_and_scan"),),
+             processor="Gemma3Processor",
+             vision_tower=("vision_tower",), projector=("multi_modal_projector",),
+             language_model=("language_model", "lm_head")),
     MMPlugin("qwen2_audio", ("qwen2_audio",), "", None, vision_tower=("audio_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head"), media=(QWEN2_AUDIO,),
              feature_extractor=True),
@@ -352,12 +391,10 @@ class MMProcessor:
             if not column_counts:
                 continue
             modality, left = self.plugin.modalities[column], iter(column_counts)
-            before, after = modality.wrap
             mark, replaced = PLACEHOLDERS[column], []
             for message in expanded:
                 pieces = (message["content"] or "").split(mark)
-                text = pieces[0] + "".join(before + modality.token * next(left) + after + piece
-                                           for piece in pieces[1:])
+                text = pieces[0] + "".join(modality.text(modality, self, next(left)) + piece for piece in pieces[1:])
                 replaced.append({**message, "content": text} if len(pieces) > 1 else message)  # None content kept
             expanded = replaced
         return expanded, sum(sum(c) for c in counts.values())

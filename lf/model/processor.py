@@ -60,6 +60,12 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
                  else (AutoImageProcessor.from_pretrained(path, backend=backend, **hub), None))
     except OSError:
         return None
+    if plugin.processor:
+        import transformers
+
+        for attribute, value in getattr(transformers, plugin.processor).images_kwargs.items():
+            if getattr(parts[0], attribute, None) is None:
+                setattr(parts[0], attribute, value)
     for key, attribute in plugin.settings:  # saved with it: an export's processor cuts images alike
         setattr(parts[0], attribute, getattr(data_args, key))
     token_ids = {}

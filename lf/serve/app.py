@@ -6,8 +6,9 @@ OpenAI messages map onto lf's canonical conversation: system (or developer) mess
 prompt; an assistant message with tool_calls is a `function` reply; consecutive `tool` messages are one
 `observation` (the results of one turn of calls). A user message's content may be a list of parts: text, and
 images (`image_url` with a data: URL, or a file: URL under API_MEDIA_ROOT), which lf.serve.media decodes, within
-the request's image limits, into `<image>` placeholders and the images in order; video and audio parts are refused
-for now. A model that takes no images refuses them before any is decoded. The model is named to clients by
+the request's image limits, into `<image>` placeholders and the images in order; video (`video_url`) and audio
+(`input_audio`) parts into `<video>`/`<audio>` placeholders and files checked by their containers (lf.serve.media).
+A model that takes no media of a kind refuses them before any is decoded. The model is named to clients by
 `model_name`, else by its folder's base name (no local path is ever sent back).
 
 Every error is an OpenAI-style JSON body, {"error": {"message", "type"}}, the message saying what to fix:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 
-from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, PLACEHOLDERS, USER
+from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, USER
 from lf.data.registry import IMAGES
 from lf.data.tools import parse_tools
 from lf.config import parse_infer_args
 from lf.errors import DataError, RequestError
 from lf.serve import Engine
-from lf.serve.media import open_image
+from lf.serve.media import marks, open_image
 
 USAGE = """usage: lf chat cfg.yaml [key=value ...]
 
@@ -67,11 +67,10 @@ def chat(engine: Engine) -> int:
             continue
         if not query:
             continue
-        # placeholders before the text, where LLaMA-Factory's chat puts media a message does not place itself
-        marks = "".join(PLACEHOLDERS[column] * len(items) for column, items in attached.items())
         # after the model's tool calls, the message is their results
         role = OBSERVATION if history and history[-1]["role"] == FUNCTION else USER
-        messages = history + [{"role": role, "content": marks + query}]
+        content = marks({column: len(items) for column, items in attached.items()}) + query
+        messages = history + [{"role": role, "content": content}]
         now = {column: media[column] + attached[column] for column in media}
         print("Assistant: ", end="", flush=True)
         pieces = []

@@ -16,12 +16,18 @@ is bounded here:
   (`input_audio`: {"data": base64, "format": "wav" | "mp3"}) count toward the same `max_bytes`; their bytes are
   written to a request's temporary folder, where the model's plugin reads their headers and decodes them (its
   sampling bounds a video's frames: video_maxlen, video_max_pixels).
+- Only known containers are opened, recognised by their first bytes before FFmpeg or libsndfile sees them (both
+  would guess a format from the content, and FFmpeg's guesses include playlists that read other files or URLs):
+  videos MP4/MOV, Matroska/WebM or AVI whose first video stream is one of VIDEO_CODECS, read from the header, with
+  frames of at most `max_pixels` (one frame is decoded whole before it is resized); audio WAV, FLAC, Ogg or MP3 of
+  at most MAX_AUDIO_SECONDS (a clip is decoded whole).
 
 `conversation_content(parts)` turns a message's parts into its text, with the placeholder (LLaMA-Factory's:
 IMAGE, <video>, <audio>) where each part was, and the parts as (column, value) in order; `Images(limits).load(url)`
 decodes one image URL and `Images(limits).save(column, value, folder)` writes one video or clip, counting it toward
-the request's limits, and `.upload(path, name)` one image uploaded to `lf webui`/`lf webchat` (the
-same checks); `open_image(path)` opens a local file for `lf chat`, whose user reads with their own rights.
+the request's limits, and `.upload(path, name)` one image uploaded to `lf webui`/`lf webchat`, `.upload_file(column,
+path, name)` one video or clip (the same checks; `write(folder, files)` puts those on disk for the engine);
+`open_image(path)` opens a local file for `lf chat`, whose user reads with their own rights.
 """
 
 from __future__ import annotations
@@ -48,6 +54,15 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 EXTENSIONS = tuple(ext for ext, kind in Image.registered_extensions().items() if kind in FORMATS)  # for pickers
 MAX_BYTES = 16 * 2**20  # a request's images together, encoded: a few phone photos
 MAX_PIXELS = 2**24  # a request's images together, decoded (4096 x 4096; 48 MiB as RGB): the queue holds them too
+# (first bytes, what follows at offset 8 or None) -> the container; an MP4/MOV file's "ftyp" box starts at offset 4
+VIDEO_CONTAINERS = {(b"\x1a\x45\xdf\xa3", None): "matroska", (b"RIFF", b"AVI "): "avi"}
+AUDIO_CONTAINERS = {(b"RIFF", b"WAVE"): "wav", (b"fLaC", None): "flac", (b"OggS", None): "ogg", (b"ID3", None): "mp3"}
+VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4")  # FFmpeg's names
+MAX_AUDIO_SECONDS = 600  # a clip is decoded whole, at the model's rate (Qwen2-Audio then keeps its first 30 s)
+# a message's file in the web chat, by its name's extension (uploads are checked by their bytes too)
+UPLOADS = {**{ext: IMAGES for ext in EXTENSIONS},
+           **{ext: "videos" for ext in (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")},
+           **{ext: "audios" for ext in (".wav", ".flac", ".ogg", ".mp3")}}
 
 
 class MediaError(RequestError):
@@ -112,13 +127,26 @@ class Images:
                                  f"{' | '.join(map(repr, AUDIO_FORMATS))}}}")
             payload = "".join(value["data"].split())
             self._spend(len(payload) // 4 * 3, what)
-            data, suffix = _base64_decoded(payload, what), value["format"]
+            data = _base64_decoded(payload, what)
         else:
-            data, suffix = self._url_bytes(value, kind, what), "video"
-        path = os.path.join(folder, f"{column}-{self.counts[column]}.{suffix}")
-        with open(path, "wb") as file:
-            file.write(data)
-        return path
+            data = self._url_bytes(value, kind, what)
+        return _written(folder, column, self.counts[column], self._checked(column, data, what))
+
+    def upload_file(self, column: str, path: str, name: str) -> bytes:
+        """The bytes of a video or audio clip uploaded to the server (the file its web framework stored at `path`;
+        `name`, the user's name for it), counted and checked as `save` does."""
+        self.counts[column] = self.counts.get(column, 0) + 1
+        what = f"{column[:-1]} {self.counts[column]} ({name})"
+        return self._checked(column, self._read(path, what, name), what)
+
+    def _checked(self, column: str, data: bytes, what: str) -> bytes:
+        """`data` if it is a container lf opens holding what the limits allow (the module's docstring), read from
+        its header; MediaError saying why not."""
+        if column == "videos":
+            _check_video(data, what, self.limits.max_pixels)
+        else:
+            _check_audio(data, what)
+        return data
 
     def _url_bytes(self, url: str, kind: str, what: str) -> bytes:
         """The bytes of a data:<kind>/...;base64, or file: URL."""
@@ -191,6 +219,69 @@ class Images:
                              f"{self.limits.max_pixels} pixels, the server's limit for them together "
                              f"(API_MAX_IMAGE_PIXELS): send smaller images", 413)
         return _loaded(image, what)
+
+
+def marks(counts: dict[str, int]) -> str:
+    """The placeholders of a message's media ({column: how many}), put before its text as LLaMA-Factory's chat puts
+    media a message does not place itself."""
+    return "".join(PLACEHOLDERS[column] * count for column, count in counts.items())
+
+
+def write(folder: str, files: dict[str, list[bytes]]) -> dict[str, list[str]]:
+    """Checked videos and clips ({column: their bytes}) written into `folder`: {column: their paths}."""
+    return {column: [_written(folder, column, i, data) for i, data in enumerate(items, 1)]
+            for column, items in files.items()}
+
+
+def _written(folder: str, column: str, index: int, data: bytes) -> str:
+    path = os.path.join(folder, f"{column}-{index}.{column[:-1]}")
+    with open(path, "wb") as file:
+        file.write(data)
+    return path
+
+
+def _container(data: bytes, known: dict) -> str | None:
+    """The container of `known` that `data` starts as, by its first bytes, or None."""
+    return next((name for (head, tag), name in known.items()
+                 if data.startswith(head) and (tag is None or data[8:12] == tag)), None)
+
+
+def _check_video(data: bytes, what: str, max_pixels: int) -> None:
+    container = "mov" if data[4:8] == b"ftyp" else _container(data, VIDEO_CONTAINERS)
+    if container is None:
+        raise MediaError(f"{what} is not a video lf opens (MP4/MOV, Matroska/WebM or AVI): send one of those")
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), format=container) as opened:  # the header only: nothing is decoded
+            stream = opened.streams.video[0] if opened.streams.video else None
+            codec = stream and stream.codec_context.name
+            width, height = (stream.codec_context.width, stream.codec_context.height) if stream else (0, 0)
+    except (av.FFmpegError, ValueError):
+        raise MediaError(f"{what} is damaged or not the video its first bytes say: send it again or another") from None
+    if codec not in VIDEO_CODECS:
+        raise MediaError(f"{what} holds {f'{codec} video' if codec else 'no video stream'}: lf decodes "
+                         f"{', '.join(VIDEO_CODECS)} video: re-encode it (e.g. H.264 in MP4)")
+    if width * height > max_pixels:
+        raise MediaError(f"{what} has frames of {width}x{height} pixels, more than {max_pixels}, the server's limit "
+                         f"for a decoded picture (API_MAX_IMAGE_PIXELS): send a smaller video", 413)
+
+
+def _check_audio(data: bytes, what: str) -> None:
+    # an MP3 without an ID3 tag starts with a frame: 11 sync bits, then layer III's bits
+    frame = len(data) > 1 and data[0] == 0xFF and data[1] & 0xE6 == 0xE2
+    container = "mp3" if frame else _container(data, AUDIO_CONTAINERS)
+    if container is None:
+        raise MediaError(f"{what} is not an audio clip lf opens (WAV, FLAC, Ogg or MP3): send one of those")
+    import soundfile
+
+    try:
+        info = soundfile.info(io.BytesIO(data))  # the header only
+    except (soundfile.SoundFileError, RuntimeError, ValueError):
+        raise MediaError(f"{what} is damaged or not the audio its first bytes say: send it again or another") from None
+    if info.duration > MAX_AUDIO_SECONDS:
+        raise MediaError(f"{what} lasts {info.duration:.0f} s, more than {MAX_AUDIO_SECONDS} s, the server's limit "
+                         f"for a clip: send a shorter one", 413)
 
 
 def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:

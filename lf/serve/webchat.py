@@ -16,9 +16,10 @@ Chats in the browser with the model that cfg.yaml names (model_name_or_path, ada
 adapter, template, and the generation keys: temperature, top_p, max_new_tokens, ...); key=value overrides the
 file. The page is served at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME /
 GRADIO_SERVER_PORT). --auth USER:PASSWORD (repeatable) or --auth-file PATH (USER:PASSWORD lines) puts it behind
-a login; without one it is open to whoever reaches HOST. Images uploaded with a message go to a model that takes
-them (a text model refuses them), checked as `lf api` checks images; API_MAX_IMAGE_BYTES and API_MAX_IMAGE_PIXELS
-bound one message's uploads (default 16 MiB and 4096 x 4096 pixels together)."""
+a login; without one it is open to whoever reaches HOST. Images, videos (MP4/MOV, Matroska/WebM, AVI) and
+audio clips (WAV, FLAC, Ogg, MP3) uploaded with a message go to a model that takes them (others refuse them in one
+line), checked as `lf api` checks its media; API_MAX_IMAGE_BYTES and API_MAX_IMAGE_PIXELS bound one message's
+uploads (default 16 MiB together, and 4096 x 4096 pixels of images together or of one video frame)."""
 
 
 def command(argv: list[str]) -> int:

@@ -5,9 +5,10 @@
   process (its own process group, so Stop ends it, DeepSpeed/torchrun children included, and the page stays
   responsive). While it runs, the page shows the child's output (the live log) and the loss curve read from
   output_dir/trainer_log.jsonl; a run that finishes fills the Chat and Export tabs with its model or adapter.
-- Chat: loads a model (and adapter) into an lf.serve.Engine and streams its replies; images uploaded with a message
-  go to a model that takes them, checked as `lf api` checks its images (lf.serve.media; API_MAX_IMAGE_BYTES and
-  API_MAX_IMAGE_PIXELS bound one message's uploads), and a text model refuses them in one line.
+- Chat: loads a model (and adapter) into an lf.serve.Engine and streams its replies; images, videos and audio clips
+  uploaded with a message go to a model that takes them, checked as `lf api` checks its media (lf.serve.media;
+  API_MAX_IMAGE_BYTES and API_MAX_IMAGE_PIXELS bound one message's uploads), and a model that takes none of a
+  kind refuses it in one line.
 - Export: lf.export.export, as `lf export` runs it.
 
 `lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
@@ -47,11 +48,12 @@ from lf.config.model import Dtype
 from lf import stages
 from lf.data import TEMPLATES
 from lf.data.conversation import ASSISTANT, USER
+from lf.data.registry import IMAGES, MEDIA_COLUMNS
 from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
 from lf.export import export
 from lf.serve.api import upload_limits
 from lf.serve.engine import Engine
-from lf.serve.media import EXTENSIONS, IMAGE, Images, Limits, MediaError
+from lf.serve.media import UPLOADS, Images, Limits, MediaError, marks, write
 from lf.serve.webaccess import Access, Root, add_server_args
 from lf.train.callbacks import LOG_FILE
 from lf.train.plot import smooth
@@ -61,8 +63,8 @@ USAGE = """usage: lf webui [--host HOST] [--port PORT] [--auth USER:PASSWORD | -
 
 Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
 Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
-log and loss curve; a Chat tab to talk with a model or a trained adapter (images uploaded with a message go to a
-model that takes them, within API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that merges
+log and loss curve; a Chat tab to talk with a model or a trained adapter (images, videos and audio uploaded with a
+message go to a model that takes them, within API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that merges
 an adapter into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data,
 output_dir: saves/...) are relative to, e.g. lf's source tree for the quickstart.
 
@@ -348,11 +350,13 @@ def model_config(model: str, adapter: str, template: str) -> dict:
 
 @dataclass(frozen=True)
 class Conversation:
-    """A chat so far: the messages the engine reads (IMAGE where each image was), the images in order, and what the
-    page shows (each uploaded file as a picture before its message's text)."""
+    """A chat so far: the messages the engine reads (a placeholder where each image, video or clip was), the images
+    in order, the videos' and clips' checked bytes as (column, bytes) in order, and what the page shows (each
+    uploaded file before its message's text)."""
     messages: tuple = ()
     images: tuple = ()
     shown: tuple = ()
+    files: tuple = ()
 
 
 class Chat:
@@ -375,23 +379,37 @@ class Chat:
         self.engine = None
         return "**no model loaded**"
 
-    def uploaded(self, files: list[str]) -> list:
-        """The images of a message's uploaded files, decoded with the API's checks (lf.serve.media: formats, bytes
-        and pixels of the message's images together, bombs refused from their header); a model that takes no
-        images refuses them before any is read."""
-        if files and self.engine.image_refusal:
-            raise gr.Error(self.engine.image_refusal)
+    def uploaded(self, files: list[str]) -> tuple[list, list[tuple[str, bytes]]]:
+        """(the images, the videos' and clips' (column, bytes)) of a message's uploaded files, told apart by their
+        names' extensions and checked as `lf api` checks them (lf.serve.media: formats and containers from their
+        bytes, a message's files counted together, bombs and huge videos refused from their header); a model
+        that takes none of a kind refuses it before any file is read."""
+        columns = []
+        for path in files:
+            column = UPLOADS.get(Path(path).suffix.lower())
+            if column is None:
+                raise gr.Error(f"{Path(path).name}: the chat takes {', '.join(sorted(UPLOADS))} files: upload one "
+                               f"of those")
+            columns.append(column)
+        refusal = next(filter(None, map(self.engine.refusal, dict.fromkeys(columns))), None)
+        if refusal:
+            raise gr.Error(refusal)
         decoder = Images(self.limits)
         try:
-            return [decoder.upload(path, Path(path).name) for path in files]
+            read = [decoder.upload(path, Path(path).name) if column == IMAGES
+                    else (column, decoder.upload_file(column, path, Path(path).name))
+                    for path, column in zip(files, columns)]
         except MediaError as exc:
             raise gr.Error(str(exc)) from None
+        return ([item for item, column in zip(read, columns) if column == IMAGES],
+                [item for item, column in zip(read, columns) if column != IMAGES])
 
     def respond(self, conversation: Conversation, query: str, files: list[str] | None, system: str,
                 max_new_tokens: int, temperature: float, top_p: float):
-        """Streams the reply to `query` and the images of `files` (uploaded paths): yields (chat shown,
-        conversation, message box, upload box) as the reply grows. What cannot be answered (an image for a text
-        model, an upload over the limits, a prompt past the context) is refused before the boxes are emptied."""
+        """Streams the reply to `query` and the images, videos and clips of `files` (uploaded paths): yields (chat
+        shown, conversation, message box, upload box) as the reply grows. What cannot be answered (media a model
+        does not take, an upload over the limits, a prompt past the context) is refused before the boxes are
+        emptied."""
         if self.engine is None:
             raise gr.Error("No model is loaded: load one above first (model_name_or_path, and "
                            "adapter_name_or_path for an adapter a run trained)")
@@ -399,14 +417,22 @@ class Chat:
         if not query.strip() and not files:
             yield list(conversation.shown), conversation, query, files
             return
-        images = self.uploaded(files)
-        # placeholders before the text, as `lf chat` (and LLaMA-Factory's chat) puts images a message does not place
-        messages = [*conversation.messages, {"role": USER, "content": IMAGE * len(images) + query}]
+        images, media = self.uploaded(files)
+        counts = {IMAGES: len(images), **{column: sum(c == column for c, _ in media) for column in MEDIA_COLUMNS
+                                          if column != IMAGES}}
+        messages = [*conversation.messages, {"role": USER, "content": marks(counts) + query}]
         shown = [*conversation.shown, *({"role": USER, "content": {"path": path}} for path in files),
                  *([{"role": USER, "content": query}] if query else [])]
+        every = (*conversation.files, *media)
         try:
-            generation = self.engine.stream(messages, system.strip() or None, images=[*conversation.images, *images],
-                                            max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p)
+            # the videos and clips decode within stream(), from files that live as long as that call
+            with tempfile.TemporaryDirectory(prefix="lf-media-") as folder:
+                on_disk = write(folder, {column: [data for c, data in every if c == column]
+                                         for column in MEDIA_COLUMNS if column != IMAGES})
+                generation = self.engine.stream(messages, system.strip() or None,
+                                                images=[*conversation.images, *images], files=on_disk,
+                                                max_new_tokens=int(max_new_tokens), temperature=temperature,
+                                                top_p=top_p)
             text = ""
             yield [*shown, {"role": ASSISTANT, "content": text}], conversation, "", None
             for piece in generation:
@@ -415,20 +441,21 @@ class Chat:
         except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from None
         reply = {"role": ASSISTANT, "content": text}
-        done = Conversation((*messages, reply), (*conversation.images, *images), (*shown, reply))
+        done = Conversation((*messages, reply), (*conversation.images, *images), (*shown, reply), every)
         yield list(done.shown), done, "", None
 
 
 def chat_panel(chat: Chat, generating: GeneratingArguments) -> None:
-    """The conversation, its message box, its image upload and the generation settings (defaults: `generating`)."""
+    """The conversation, its message box, its media upload and the generation settings (defaults: `generating`)."""
     conversation = gr.State(Conversation())
     chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=420)
     with gr.Row():
         query = gr.Textbox(label="message", placeholder="Type a message and press Enter", scale=5)
         send = gr.Button("Send", variant="primary", scale=1)
         clear = gr.Button("Clear", scale=1)
-    files = gr.File(label="images for the next message (for a model that takes images)", file_count="multiple",
-                    file_types=list(EXTENSIONS), type="filepath", elem_id="chat_images", height=90)
+    files = gr.File(label="images, videos or audio for the next message (for a model that takes them)",
+                    file_count="multiple", file_types=list(UPLOADS), type="filepath", elem_id="chat_images",
+                    height=90)
     with gr.Accordion("generation settings", open=False):
         system = gr.Textbox(label="system prompt (empty: the template's)")
         with gr.Row():
