@@ -8,6 +8,7 @@ a PIL backend that runs anywhere (used when torchvision is not installed).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -46,7 +47,8 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
     hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                trust_remote_code=model_args.trust_remote_code)
     try:
-        model_type = AutoConfig.from_pretrained(path, **hub).model_type
+        config = AutoConfig.from_pretrained(path, **hub)
+        model_type = config.model_type
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     if model_type not in plugin.model_types:
@@ -76,4 +78,5 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
                  video_max_pixels=data_args.video_max_pixels, video_min_pixels=data_args.video_min_pixels)
     return MMProcessor(plugin, parts[0], token_ids, data_args.media_dir or data_args.dataset_dir,
                        PixelLimits(data_args.image_max_pixels, data_args.image_min_pixels),
-                       _processor_config(path, model_args), video, data_args.audio_sampling_rate, parts[1])
+                       _processor_config(path, model_args), video, data_args.audio_sampling_rate, parts[1],
+                       {key: functools.reduce(getattr, key.split("."), config) for key in plugin.model_settings})
