@@ -212,7 +212,7 @@ def test_qwen2_5_vl_videos_carry_the_seconds_per_temporal_patch(qwen2_vl, qwen2_
 
 @pytest.mark.parametrize("family, template, dataset", [
     ("qwen2_vl", "qwen2_vl", "mllm_video_demo"), ("qwen2_5_vl", "qwen2_vl", "mllm_video_demo"),
-    ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
+    ("qwen3_vl", "qwen3_vl", "mllm_video_demo"), ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
 def test_lf_train_on_the_video_and_audio_demos(request, tmp_path, family, template, dataset):
     model = request.getfixturevalue(family)
     # one batch of the same two examples, five times: the loss must fall
@@ -386,7 +386,8 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
         video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
         assert ask(base, video).json()["error"]["message"] == (
             "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl/"
-            "qwen2_5_vl models); this qwen2_audio model reads audios and text: send those")
+            "qwen2_5_vl models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this qwen2_audio "
+            "model reads audios and text: send those")
         wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})
         assert wrong.status_code == 400 and "input_audio.format" in wrong.json()["error"]["message"]
 
