@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -56,13 +57,11 @@ from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.video_utils import VideoMetadata
 family, Family, model, texts, videos, metadata = torch.load(sys.argv[1])
-image_processor = Qwen2VLImageProcessorPil.from_pretrained(model)
-settings = {key: getattr(image_processor, key) for key in ("size", "patch_size", "temporal_patch_size", "merge_size",
-                                                          "image_mean", "image_std")}
 video_processor = getattr(importlib.import_module(f"transformers.models.{family}.video_processing_{family}"),
-                          f"{Family}VideoProcessor")(**settings)
+                          f"{Family}VideoProcessor").from_pretrained(model)
 processor = getattr(importlib.import_module("transformers"), f"{Family}Processor")(
-    image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(model), video_processor=video_processor)
+    image_processor=Qwen2VLImageProcessorPil.from_pretrained(model), tokenizer=AutoTokenizer.from_pretrained(model),
+    video_processor=video_processor)
 kwargs = dict(video_metadata=[VideoMetadata(**m) for m in metadata]) if metadata else {}
 out = processor(text=texts, videos=[v.numpy() for v in videos], return_tensors="pt", padding=True,
                 do_sample_frames=False, cap_pixels_per_frame=False, **kwargs)
@@ -73,7 +72,8 @@ torch.save({**out, "text": processor.tokenizer.batch_decode(out["input_ids"])}, 
 def qwen_vl_processor(family: str, model: Path, texts: list[str], videos: list[np.ndarray], tmp_path: Path,
                       metadata=()) -> dict:
     """transformers' processor of a Qwen-VL family ("qwen2_vl", "qwen3_vl": Qwen2VLProcessor, Qwen3VLProcessor,
-    with the family's video processor on the model's image processor settings and its tokenizer) on texts and
+    with the model's tokenizer, image processor and video processor, the last read as transformers reads it:
+    video_preprocessor_config.json, else preprocessor_config.json) on texts and
     videos (each frames x H x W x 3, uint8; `metadata`: each one's VideoMetadata keywords), in a subprocess beside
     the stand-in torchvision."""
     for name, text in STAND_IN_TORCHVISION.items():
@@ -117,12 +117,21 @@ def test_qwen3_vl_video_rows_equal_qwen3_vl_processor(qwen3_vl, tmp_path):
     """Qwen3VLProcessor writes each temporal patch's time before its own wrapped tokens, the times from the kept
     frames' places in the stream (VideoMetadata: frames_indices, fps), and sizes frames on one pixel budget for the
     whole video. It is given the bare <|video_pad|>: transformers 5.23 keeps the wrap around a wrapped one, which
-    Qwen3-VL's own format (and LLaMA-Factory's) does not have."""
+    Qwen3-VL's own format (and LLaMA-Factory's) does not have. The model saves its video processor apart, with
+    larger limits than its image processor's, as Qwen3-VL's checkpoints do: lf reads those."""
     import av
 
-    from lf.data.video import sample_indices
+    from lf.data.video import qwen3_vl_size, sample_indices
 
-    p = prepared(qwen3_vl, "qwen3_vl", dataset="mllm_video_demo")
+    model = tmp_path / "model"
+    shutil.copytree(qwen3_vl, model)
+    settings = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "video_preprocessor_config.json").write_text(json.dumps({
+        **{key: settings[key] for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                          "image_std")},
+        "size": {"shortest_edge": 64 * 64, "longest_edge": 4 * 256 * 256},
+        "video_processor_type": "Qwen3VLVideoProcessor"}))
+    p = prepared(model, "qwen3_vl", dataset="mllm_video_demo")
     data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
     rows = demo("mllm_video_demo")
     assert len(data.train_dataset) == len(rows)
@@ -136,7 +145,7 @@ def test_qwen3_vl_video_rows_equal_qwen3_vl_processor(qwen3_vl, tmp_path):
             kept = sample_indices(stream.frames, float(stream.duration * stream.time_base), 2.0, 128)
             metadata.append(dict(total_num_frames=stream.frames, fps=float(stream.average_rate),
                                  frames_indices=kept.tolist()))
-    expected = qwen_vl_processor("qwen3_vl", qwen3_vl, texts, videos, tmp_path, metadata)
+    expected = qwen_vl_processor("qwen3_vl", model, texts, videos, tmp_path, metadata)
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(len(rows))])
     for i in range(len(rows)):
         ids = data.train_dataset[i]["input_ids"]
@@ -151,6 +160,12 @@ def test_qwen3_vl_video_rows_equal_qwen3_vl_processor(qwen3_vl, tmp_path):
         grids[:, 0].tolist() and grids[:, 0].gt(1).all()  # several temporal patches, each timed
     assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
     assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
+    on_image_settings = qwen2_vl_video_inputs([read_video(shared_data() / row["videos"][0]) for row in rows],
+                                              p.media.image_processor, qwen3_vl_size)["video_grid_thw"]
+    assert not torch.equal(on_image_settings, grids)  # the video processor's own limits made the difference
+    p.media.save_pretrained(tmp_path / "saved")  # and checkpoints carry them
+    assert json.loads((tmp_path / "saved" / "video_preprocessor_config.json").read_text()) == json.loads(
+        (model / "video_preprocessor_config.json").read_text())
 
 
 def test_qwen2_audio_rows_equal_qwen2_audio_processor(qwen2_audio):

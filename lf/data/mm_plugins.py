@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 
 import torch
 
@@ -37,6 +37,10 @@ from lf.errors import DataError, did_you_mean
 
 log = logging.getLogger("lf")
 PROCESSOR_CONFIG = "processor_config.json"  # the processor's own settings (LLaVA's patch_size, ...)
+VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"  # a video processor's settings, where saved apart
+# what lf.data.video reads of a video processor's settings
+VIDEO_SETTINGS = ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                  "rescale_factor")
 
 
 def _qwen2_vl_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
@@ -134,9 +138,9 @@ def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict, size: str = "qwen2_v
     from lf.data import video
 
     kept = video.sampled(_path(ref, "video"), **media.video)
-    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, media.image_processor,
+    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, media.video_settings,
                                                        getattr(video, size))
-    return grid_t * grid_h * grid_w // media.image_processor.merge_size ** 2
+    return grid_t * grid_h * grid_w // media.video_settings.merge_size ** 2
 
 
 def _qwen3_vl_video_text(media: "MMProcessor", ref: dict) -> tuple[str, int]:
@@ -145,7 +149,7 @@ def _qwen3_vl_video_text(media: "MMProcessor", ref: dict) -> tuple[str, int]:
     from lf.data import video
 
     kept = video.sampled(_path(ref, "video"), **media.video)
-    config = media.image_processor
+    config = media.video_settings
     grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, config, video.qwen3_vl_size)
     frame, count = QWEN3_VL_VIDEO.wrapped(grid_h * grid_w // config.merge_size ** 2)
     seconds = video.frame_group_seconds(kept.indices, kept.fps, config.temporal_patch_size)
@@ -162,9 +166,9 @@ def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool
     if not refs:
         return {}
     videos = [video.read_video(_path(ref, "video"), **media.video) for ref in refs]
-    out = video.qwen2_vl_video_inputs(videos, media.image_processor, getattr(video, size))
+    out = video.qwen2_vl_video_inputs(videos, media.video_settings, getattr(video, size))
     if spacing:
-        out["second_per_grid_ts"] = torch.tensor([media.image_processor.temporal_patch_size / v.fps for v in videos])
+        out["second_per_grid_ts"] = torch.tensor([media.video_settings.temporal_patch_size / v.fps for v in videos])
     return out
 
 
@@ -349,11 +353,22 @@ class MMProcessor:
     audio_sampling_rate: int = 16000
     feature_extractor: object = None
     model_settings: dict = field(default_factory=dict)  # the plugin's model_settings, read from the model's config
+    video_processor: dict = field(default_factory=dict)  # the model's saved video processor settings, if any
     _resize_said: bool = field(default=False, compare=False)
 
     @property
     def image_token_id(self) -> int | None:
         return self.token_ids.get(IMAGES)
+
+    @property
+    def video_settings(self):
+        """The video processor's settings (VIDEO_SETTINGS) that lf.data.video reads: the saved video processor's,
+        else the image processor's, as transformers' video processors read preprocessor_config.json when no video
+        processor is saved."""
+        if not self.video_processor:
+            return self.image_processor
+        return SimpleNamespace(**{key: self.video_processor.get(key, getattr(self.image_processor, key, None))
+                                  for key in VIDEO_SETTINGS})
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -468,11 +483,14 @@ class MMProcessor:
         return torch.cat([position_ids[None], rope])
 
     def save_pretrained(self, output_dir: str) -> None:
-        """The image processor (preprocessor_config.json) or feature extractor and the processor's own settings,
-        beside the tokenizer that the trainer saves: what transformers' AutoProcessor / AutoImageProcessor load."""
+        """The image processor (preprocessor_config.json) or feature extractor, the processor's own settings and the
+        video processor's where the model has them apart, beside the tokenizer that the trainer saves: what
+        transformers' AutoProcessor / AutoImageProcessor / AutoVideoProcessor load."""
         for part in (self.image_processor, self.feature_extractor):
             if part is not None:
                 part.save_pretrained(output_dir)
-        if self.processor_config:
-            with open(os.path.join(output_dir, PROCESSOR_CONFIG), "w") as f:
-                json.dump(self.processor_config, f, indent=2, sort_keys=True)
+        saved = {PROCESSOR_CONFIG: self.processor_config, VIDEO_PROCESSOR_CONFIG: self.video_processor}
+        for name, settings in saved.items():
+            if settings:
+                with open(os.path.join(output_dir, name), "w") as f:
+                    json.dump(settings, f, indent=2, sort_keys=True)
