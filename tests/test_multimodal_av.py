@@ -376,6 +376,27 @@ def test_lf_chat_attaches_a_video_and_refuses_what_the_model_does_not_take(qwen2
     assert f"not attached: cannot read '{video}.missing': no such file" in out
 
 
+def test_engine_answers_a_qwen3_vl_video_with_its_timed_frames(qwen3_vl, monkeypatch):
+    """A served Qwen3-VL prompt carries the video as training rows do: each temporal patch's time before its own
+    wrapped tokens, generate() given the video's features and token types."""
+    from lf.data.video import qwen3_vl_size
+
+    engine = engine_for(qwen3_vl, "qwen3_vl", video_maxlen=4)
+    video = shared_data() / "mllm_demo_data" / "4.mp4"
+    calls = generated(monkeypatch, engine)
+    reply = engine.generate([{"role": "user", "content": "<video>What is it?"}], files={"videos": [str(video)]},
+                            temperature=0)[0]
+    [call] = calls
+    grid = qwen2_vl_video_inputs([read_video(video, video_maxlen=4)], engine.media.image_processor,
+                                 qwen3_vl_size)["video_grid_thw"]
+    assert torch.equal(call["video_grid_thw"], grid) and int(grid[0, 0]) == 2
+    prompt = engine.tokenizer.decode(call["input_ids"][0])
+    frame = f"<|vision_start|>{'<|video_pad|>' * (int(grid[0, 1:].prod()) // 4)}<|vision_end|>"
+    assert re.search(rf"<\|im_start\|>user\n<\d+\.\d seconds>{re.escape(frame)}<\d+\.\d seconds>"
+                     rf"{re.escape(frame)}What is it\?<\|im_end\|>", prompt), prompt
+    assert (call["mm_token_type_ids"] == 2).sum() == int(grid.prod()) // 4 and reply.completion_tokens > 0
+
+
 # -- lf api -----------------------------------------------------------------------------------------------------------
 
 

@@ -3,15 +3,16 @@
 
 An entry says how the family's own processor turns each "<image>" placeholder into the model's image tokens (the
 token, what wraps it, how many an image of a given size gets: always the processor's count, never a guess), its
-other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's count from the file's header, the
-batch's forward inputs), the forward input names of each, and which parts of the model are its vision (or audio)
-tower, its projector and its language model (module path parts), which the freeze keys LoRA's
-`lora_target: all` and QLoRA's unquantized modules read. `MMProcessor` applies an entry with the model's loaded image processor (or feature
-extractor): it expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers)
-and builds the forward's media inputs for a batch, decoding them then (pixel_values and what else the image
-processor returns, e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
-input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids, except in neat-packed rows, whose
-examples get theirs from the plugin's `rope_positions`).
+other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's count from the file's header, or
+its whole text where that is more than its wrapped tokens, as Qwen3-VL's timed frames; the batch's forward inputs),
+the forward input names of each, and which parts of the model are its vision (or audio) tower, its projector and
+its language model (module path parts), which the freeze keys LoRA's `lora_target: all` and QLoRA's unquantized
+modules read. `MMProcessor` applies an entry with the model's loaded image processor (or feature extractor): it
+expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers) and builds the
+forward's media inputs for a batch, decoding them then (pixel_values and what else the image processor returns,
+e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
+input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids, except in
+neat-packed rows, whose examples get theirs from the plugin's `rope_positions` over its modalities' `rope_grids`).
 
 Adding a family: its entry below (and a template naming it in lf/data/templates.py); tests/test_multimodal.py
 builds a tiny model of each family and compares lf's rows with the family's processor.

@@ -56,9 +56,9 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(batch, *, capacity: int, neat: bool):
-    """Tokenized examples (an Arrow table with input_ids and labels, and media columns if any, as `datasets.map` passes it
-    in arrow format) -> an Arrow table of packed rows (with position_ids when neat). The token columns are moved by
-    Arrow and numpy, never as Python lists: packing 100k examples takes a fraction of a second."""
+    """Tokenized examples (an Arrow table with input_ids and labels, and media columns if any, as `datasets.map`
+    passes it in arrow format) -> an Arrow table of packed rows (with position_ids when neat). The token columns
+    are moved by Arrow and numpy, never as Python lists: packing 100k examples takes a fraction of a second."""
     ids, labels = (batch.column(name).combine_chunks() for name in ("input_ids", "labels"))
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
     bins = best_fit_decreasing(lengths.tolist(), capacity)
