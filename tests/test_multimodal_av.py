@@ -266,6 +266,13 @@ def test_unreadable_or_missing_video_is_named_by_its_path(qwen2_vl, tmp_path):
         tokenize(qwen2_vl, "qwen2_vl", folder)
 
 
+def test_qwen3_vl_refuses_a_video_of_fewer_frames_than_a_temporal_patch(qwen3_vl):
+    p = prepared(qwen3_vl, "qwen3_vl", dataset="mllm_video_demo", video_fps=0.01)  # one frame kept
+    with pytest.raises(DataError, match=rf"^video {shared_data()}/mllm_demo_data/1\.mp4: 1 frame\(s\) kept, and "
+                                        r"Qwen3-VL needs at least 2: raise video_fps"):
+        get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
+
+
 def test_a_family_without_the_modality_refuses_it(qwen2_vl, qwen2_audio, tmp_path):
     audio = str(shared_data() / "mllm_demo_data" / "2.wav")
     folder = write_dataset(tmp_path, [chat("<audio>hi", [audio], "audios")],

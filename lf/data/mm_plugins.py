@@ -149,8 +149,11 @@ def _qwen3_vl_video_text(media: "MMProcessor", ref: dict) -> tuple[str, int]:
     in the stream) before its own wrapped tokens."""
     from lf.data import video
 
-    kept = video.sampled(_path(ref, "video"), **media.video)
-    config = media.video_settings
+    path, config = _path(ref, "video"), media.video_settings
+    kept = video.sampled(path, **media.video)
+    if len(kept.indices) < config.temporal_patch_size:
+        raise DataError(f"video {path}: {len(kept.indices)} frame(s) kept, and Qwen3-VL needs at least "
+                        f"{config.temporal_patch_size}: raise video_fps, or leave out videos this short")
     grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, config, video.qwen3_vl_size)
     frame, count = QWEN3_VL_VIDEO.wrapped(grid_h * grid_w // config.merge_size ** 2)
     seconds = video.frame_group_seconds(kept.indices, kept.fps, config.temporal_patch_size)

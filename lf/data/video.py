@@ -163,10 +163,7 @@ def qwen2_vl_size(frames: int, height: int, width: int, config) -> tuple[int, in
 
 def qwen3_vl_size(frames: int, height: int, width: int, config) -> tuple[int, int]:
     """Qwen3-VL's frame size: all kept frames share the pixel limits (transformers' Qwen3VLVideoProcessor without
-    its per-frame cap, cap_pixels_per_frame false, its default)."""
-    if frames < config.temporal_patch_size:
-        raise DataError(f"a video of {frames} kept frame(s): Qwen3-VL needs at least {config.temporal_patch_size}; "
-                        f"raise video_fps or leave out videos this short")
+    its per-frame cap, cap_pixels_per_frame false, its default); at least temporal_patch_size frames."""
     return smart_resize_3d(frames, height, width, temporal_factor=config.temporal_patch_size,
                            factor=config.patch_size * config.merge_size, min_pixels=config.size["shortest_edge"],
                            max_pixels=config.size["longest_edge"])
