@@ -135,12 +135,11 @@ def _image_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
     return media.image_features([images.pixels(ref, media.limits) for ref in refs])
 
 
-def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict, size: str = "qwen2_vl_size") -> int:
+def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict) -> int:
     from lf.data import video
 
     kept = video.sampled(_path(ref, "video"), **media.video)
-    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, media.video_settings,
-                                                       getattr(video, size))
+    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, media.video_settings)
     return grid_t * grid_h * grid_w // media.video_settings.merge_size ** 2
 
 
