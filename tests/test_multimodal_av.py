@@ -10,6 +10,8 @@ import base64
 import dataclasses
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,10 +32,10 @@ from lf.serve.media import Limits
 from test_media_decode import STAND_IN_TORCHVISION
 from test_multimodal_use import engine_for, predictions
 from test_serve_api import live_server
-from test_multimodal import (chat, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, shared_data, tokenize, train,
-                             write_dataset)
+from test_multimodal import (chat, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, qwen3_vl, shared_data, tokenize,
+                             train, write_dataset)
 
-__all__ = ["qwen2_5_vl", "qwen2_audio", "qwen2_vl"]  # the fixtures, used here too
+__all__ = ["qwen2_5_vl", "qwen2_audio", "qwen2_vl", "qwen3_vl"]  # the fixtures, used here too
 pytestmark = pytest.mark.filterwarnings("ignore")
 TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
 
@@ -49,31 +51,39 @@ def rendered(p, row, placeholder: str, replacement: str) -> str:
     return p.template.render(messages, tokenizer=p.tokenizer)
 
 
-RUN_QWEN2_VL_PROCESSOR = """
-import sys, torch
-from transformers import AutoTokenizer, Qwen2VLProcessor
+RUN_QWEN_VL_PROCESSOR = """
+import importlib, sys, torch
+from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-model, texts, videos = torch.load(sys.argv[1])
-image_processor = Qwen2VLImageProcessorPil.from_pretrained(model)
-pixels = dict(min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"])
-processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(model),
-                             video_processor=Qwen2VLVideoProcessor(**pixels))
+from transformers.video_utils import VideoMetadata
+family, Family, model, texts, videos, metadata = torch.load(sys.argv[1])
+video_processor = getattr(importlib.import_module(f"transformers.models.{family}.video_processing_{family}"),
+                          f"{Family}VideoProcessor").from_pretrained(model)
+processor = getattr(importlib.import_module("transformers"), f"{Family}Processor")(
+    image_processor=Qwen2VLImageProcessorPil.from_pretrained(model), tokenizer=AutoTokenizer.from_pretrained(model),
+    video_processor=video_processor)
+kwargs = dict(video_metadata=[VideoMetadata(**m) for m in metadata]) if metadata else {}
 out = processor(text=texts, videos=[v.numpy() for v in videos], return_tensors="pt", padding=True,
-                do_sample_frames=False, cap_pixels_per_frame=False)
-torch.save(dict(out), sys.argv[2])
+                do_sample_frames=False, cap_pixels_per_frame=False, **kwargs)
+torch.save({**out, "text": processor.tokenizer.batch_decode(out["input_ids"])}, sys.argv[2])
 """
 
 
-def qwen2_vl_processor(model: Path, texts: list[str], videos: list[np.ndarray], tmp_path: Path) -> dict:
-    """transformers' Qwen2VLProcessor (the model's tokenizer and image processor settings) on texts and videos
-    (each frames x H x W x 3, uint8), in a subprocess beside the stand-in torchvision."""
+def qwen_vl_processor(family: str, model: Path, texts: list[str], videos: list[np.ndarray], tmp_path: Path,
+                      metadata=()) -> dict:
+    """transformers' processor of a Qwen-VL family ("qwen2_vl", "qwen3_vl": Qwen2VLProcessor, Qwen3VLProcessor,
+    with the model's tokenizer, image processor and video processor, the last read as transformers reads it:
+    video_preprocessor_config.json, else preprocessor_config.json) on texts and
+    videos (each frames x H x W x 3, uint8; `metadata`: each one's VideoMetadata keywords), in a subprocess beside
+    the stand-in torchvision."""
     for name, text in STAND_IN_TORCHVISION.items():
         (tmp_path / "torchvision" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "torchvision" / name).write_text(textwrap.dedent(text))
-    torch.save((str(model), texts, [torch.from_numpy(v) for v in videos]), tmp_path / "in.pt")
+    name = "Qwen" + family[4:].replace("_vl", "VL")  # Qwen2VL, Qwen3VL
+    torch.save((family, name, str(model), texts, [torch.from_numpy(v) for v in videos], list(metadata)),
+               tmp_path / "in.pt")
     run = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-                          + RUN_QWEN2_VL_PROCESSOR, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          + RUN_QWEN_VL_PROCESSOR, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return torch.load(tmp_path / "out.pt")
@@ -89,7 +99,7 @@ def test_qwen2_vl_video_rows_equal_qwen2_vl_processor(qwen2_vl, tmp_path):
     texts = [rendered(p, row, "<video>", "<|vision_start|><|video_pad|><|vision_end|>") for row in rows]
     videos = [np.stack([np.asarray(frame) for frame in read_video(shared_data() / row["videos"][0]).frames])
               for row in rows]
-    expected = qwen2_vl_processor(qwen2_vl, texts, videos, tmp_path)
+    expected = qwen_vl_processor("qwen2_vl", qwen2_vl, texts, videos, tmp_path)
     batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(2)])
     for i in range(2):
         ids = data.train_dataset[i]["input_ids"]
@@ -101,6 +111,61 @@ def test_qwen2_vl_video_rows_equal_qwen2_vl_processor(qwen2_vl, tmp_path):
     assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
     assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
     assert "pixel_values" not in batch
+
+
+def test_qwen3_vl_video_rows_equal_qwen3_vl_processor(qwen3_vl, tmp_path):
+    """Qwen3VLProcessor writes each temporal patch's time before its own wrapped tokens, the times from the kept
+    frames' places in the stream (VideoMetadata: frames_indices, fps), and sizes frames on one pixel budget for the
+    whole video. It is given the bare <|video_pad|>: transformers 5.23 keeps the wrap around a wrapped one, which
+    Qwen3-VL's own format (and LLaMA-Factory's) does not have. The model saves its video processor apart, with
+    larger limits than its image processor's, as Qwen3-VL's checkpoints do: lf reads those."""
+    import av
+
+    from lf.data.video import qwen3_vl_size, sample_indices
+
+    model = tmp_path / "model"
+    shutil.copytree(qwen3_vl, model)
+    settings = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "video_preprocessor_config.json").write_text(json.dumps({
+        **{key: settings[key] for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                          "image_std")},
+        "size": {"shortest_edge": 64 * 64, "longest_edge": 4 * 256 * 256},
+        "video_processor_type": "Qwen3VLVideoProcessor"}))
+    p = prepared(model, "qwen3_vl", dataset="mllm_video_demo")
+    data = get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
+    rows = demo("mllm_video_demo")
+    assert len(data.train_dataset) == len(rows)
+    texts = [rendered(p, row, "<video>", "<|video_pad|>") for row in rows]
+    videos, metadata = [], []
+    for row in rows:
+        path = shared_data() / row["videos"][0]
+        videos.append(np.stack([np.asarray(frame) for frame in read_video(path).frames]))
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            kept = sample_indices(stream.frames, float(stream.duration * stream.time_base), 2.0, 128)
+            metadata.append(dict(total_num_frames=stream.frames, fps=float(stream.average_rate),
+                                 frames_indices=kept.tolist()))
+    expected = qwen_vl_processor("qwen3_vl", model, texts, videos, tmp_path, metadata)
+    batch = collator(p.tokenizer, media=p.media)([data.train_dataset[i] for i in range(len(rows))])
+    for i in range(len(rows)):
+        ids = data.train_dataset[i]["input_ids"]
+        mask = expected["attention_mask"][i].bool()
+        want = expected["input_ids"][i][mask].tolist()
+        assert ids == want[:len(ids)] and len(want) - len(ids) <= 1  # lf's rows end at the reply's <|im_end|>
+        assert batch["mm_token_type_ids"][i, :len(ids)].tolist() == expected["mm_token_type_ids"][i][mask].tolist()[
+            :len(ids)]
+    grids = batch["video_grid_thw"]
+    assert "<|im_start|>user\n<0.3 seconds><|vision_start|><|video_pad|>" in expected["text"][0]
+    assert [len(re.findall(r"<\d+\.\d seconds><\|vision_start\|>", text)) for text in expected["text"]] == \
+        grids[:, 0].tolist() and grids[:, 0].gt(1).all()  # several temporal patches, each timed
+    assert torch.equal(batch["video_grid_thw"], expected["video_grid_thw"])
+    assert torch.equal(batch["pixel_values_videos"], expected["pixel_values_videos"])
+    on_image_settings = qwen2_vl_video_inputs([read_video(shared_data() / row["videos"][0]) for row in rows],
+                                              p.media.image_processor, qwen3_vl_size)["video_grid_thw"]
+    assert not torch.equal(on_image_settings, grids)  # the video processor's own limits made the difference
+    p.media.save_pretrained(tmp_path / "saved")  # and checkpoints carry them
+    assert json.loads((tmp_path / "saved" / "video_preprocessor_config.json").read_text()) == json.loads(
+        (model / "video_preprocessor_config.json").read_text())
 
 
 def test_qwen2_audio_rows_equal_qwen2_audio_processor(qwen2_audio):
@@ -162,7 +227,7 @@ def test_qwen2_5_vl_videos_carry_the_seconds_per_temporal_patch(qwen2_vl, qwen2_
 
 @pytest.mark.parametrize("family, template, dataset", [
     ("qwen2_vl", "qwen2_vl", "mllm_video_demo"), ("qwen2_5_vl", "qwen2_vl", "mllm_video_demo"),
-    ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
+    ("qwen3_vl", "qwen3_vl", "mllm_video_demo"), ("qwen2_audio", "qwen2_audio", "mllm_audio_demo")])
 def test_lf_train_on_the_video_and_audio_demos(request, tmp_path, family, template, dataset):
     model = request.getfixturevalue(family)
     # one batch of the same two examples, five times: the loss must fall
@@ -199,6 +264,13 @@ def test_unreadable_or_missing_video_is_named_by_its_path(qwen2_vl, tmp_path):
     write_dataset(tmp_path, [video_chat("<video>hi", ["clips/none.mp4"])], VIDEO_COLUMNS)
     with pytest.raises(DataError, match=rf"^video {tmp_path}/clips/none\.mp4: no such file"):
         tokenize(qwen2_vl, "qwen2_vl", folder)
+
+
+def test_qwen3_vl_refuses_a_video_of_fewer_frames_than_a_temporal_patch(qwen3_vl):
+    p = prepared(qwen3_vl, "qwen3_vl", dataset="mllm_video_demo", video_fps=0.01)  # one frame kept
+    with pytest.raises(DataError, match=rf"^video {shared_data()}/mllm_demo_data/1\.mp4: 1 frame\(s\) kept, and "
+                                        r"Qwen3-VL needs at least 2: raise video_fps"):
+        get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft", media=p.media)
 
 
 def test_a_family_without_the_modality_refuses_it(qwen2_vl, qwen2_audio, tmp_path):
@@ -311,6 +383,27 @@ def test_lf_chat_attaches_a_video_and_refuses_what_the_model_does_not_take(qwen2
     assert f"not attached: cannot read '{video}.missing': no such file" in out
 
 
+def test_engine_answers_a_qwen3_vl_video_with_its_timed_frames(qwen3_vl, monkeypatch):
+    """A served Qwen3-VL prompt carries the video as training rows do: each temporal patch's time before its own
+    wrapped tokens, generate() given the video's features and token types."""
+    from lf.data.video import qwen3_vl_size
+
+    engine = engine_for(qwen3_vl, "qwen3_vl", video_maxlen=4)
+    video = shared_data() / "mllm_demo_data" / "4.mp4"
+    calls = generated(monkeypatch, engine)
+    reply = engine.generate([{"role": "user", "content": "<video>What is it?"}], files={"videos": [str(video)]},
+                            temperature=0)[0]
+    [call] = calls
+    grid = qwen2_vl_video_inputs([read_video(video, video_maxlen=4)], engine.media.image_processor,
+                                 qwen3_vl_size)["video_grid_thw"]
+    assert torch.equal(call["video_grid_thw"], grid) and int(grid[0, 0]) == 2
+    prompt = engine.tokenizer.decode(call["input_ids"][0])
+    frame = f"<|vision_start|>{'<|video_pad|>' * (int(grid[0, 1:].prod()) // 4)}<|vision_end|>"
+    assert re.search(rf"<\|im_start\|>user\n<\d+\.\d seconds>{re.escape(frame)}<\d+\.\d seconds>"
+                     rf"{re.escape(frame)}What is it\?<\|im_end\|>", prompt), prompt
+    assert (call["mm_token_type_ids"] == 2).sum() == int(grid.prod()) // 4 and reply.completion_tokens > 0
+
+
 # -- lf api -----------------------------------------------------------------------------------------------------------
 
 
@@ -336,7 +429,8 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
         video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
         assert ask(base, video).json()["error"]["message"] == (
             "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl/"
-            "qwen2_5_vl models); this qwen2_audio model reads audios and text: send those")
+            "qwen2_5_vl models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this qwen2_audio "
+            "model reads audios and text: send those")
         wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})
         assert wrong.status_code == 400 and "input_audio.format" in wrong.json()["error"]["message"]
         # bytes that are no clip lf opens are refused by their first bytes, before libsndfile guesses at them

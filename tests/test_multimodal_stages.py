@@ -1,6 +1,6 @@
 """Images beyond sft: dpo (every pref_loss), kto and rm on the tiny Qwen2-VL and LLaVA of test_multimodal, packing
-and neat packing with images (a packed batch equals its examples one by one), QLoRA, resume, workers and the
-tokenized cache with images."""
+and neat packing with images, videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and audio (Qwen2-Audio) (a packed batch
+equals its examples one by one), QLoRA, resume, workers and the tokenized cache with images."""
 
 import json
 import math
@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 from PIL import Image
-from test_multimodal import llava, prepared, qwen2_vl, shared_data, train  # noqa: F401 (fixtures)
+from test_multimodal import (llava, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, qwen3_vl,  # noqa: F401 (fixtures)
+                             shared_data, train)
 
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
 
 from lf.data import collator, get_dataset
 
@@ -205,8 +206,8 @@ def test_reward_scores_equal_the_value_head_on_each_row_alone(request, tmp_path,
 # -- packing -------------------------------------------------------------------------------------------------------
 
 
-def sft_rows(model_path, family, **data):
-    p = prepared(model_path, family, cutoff_len=512, **data)
+def sft_rows(model_path, template, **data):
+    p = prepared(model_path, template, **{"cutoff_len": 512, **data})
     return p, get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="sft",
                           media=p.media).train_dataset
 
@@ -216,38 +217,48 @@ def segments_of(row) -> list[tuple[int, int]]:
     return list(zip(starts[:-1], starts[1:]))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# (family, template, media column, data keys): images, then videos (Qwen2.5-VL's frames spaced in seconds, Qwen3-VL's
+# timed frame by frame) and audio
+PACKED = [*((family, family, "images", {}) for family in FAMILIES),
+          *((family, template, "videos", {"dataset": "mllm_video_demo", "video_maxlen": 4})
+            for family, template in (("qwen2_vl", "qwen2_vl"), ("qwen2_5_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl"))),
+          ("qwen2_audio", "qwen2_audio", "audios", {"dataset": "mllm_audio_demo", "cutoff_len": 1024})]
+
+
+@pytest.mark.parametrize("family, template, column, data", PACKED, ids=[f"{f}-{c}" for f, _, c, _ in PACKED])
 @pytest.mark.parametrize("kernels", [False, True])
-def test_a_neat_packed_batch_with_images_equals_its_examples_one_by_one(request, family, kernels, monkeypatch):
-    """Qwen2-VL's packed rows get each example's 3-D M-RoPE positions (and the text positions attention finds the
-    examples by); with lf's kernels (packed attention by segments, M-RoPE) or HF's SDPA mask path."""
+def test_a_neat_packed_batch_with_media_equals_its_examples_one_by_one(request, family, template, column, data,
+                                                                      kernels, monkeypatch):
+    """A packed row keeps each example's media, in the row's order; the Qwen-VL families' packed rows get each
+    example's 3-D M-RoPE positions (and the text positions attention finds the examples by); with lf's kernels
+    (packed attention by segments, M-RoPE) or HF's SDPA mask path."""
     from test_packing import RTOL, _loss_sum
 
     from lf.kernels import packed_attention, unpatch
     from lf.kernels import patch as patch_model
 
     model_path = request.getfixturevalue(family)
-    p, examples = sft_rows(model_path, family)
-    _, packed = sft_rows(model_path, family, packing=True, neat_packing=True)
-    assert len(packed) < len(examples) and sum(len(row["images"]) for row in packed) == sum(
-        len(row["images"]) for row in examples)
-    by_ids = {tuple(row["input_ids"]): row["images"] for row in examples}
-    for row in packed:  # each example's images, in the row's order
+    p, examples = sft_rows(model_path, template, **data)
+    _, packed = sft_rows(model_path, template, packing=True, neat_packing=True, **data)
+    assert len(packed) < len(examples) and sum(len(row[column]) for row in packed) == sum(
+        len(row[column]) for row in examples)
+    by_ids = {tuple(row["input_ids"]): row[column] for row in examples}
+    for row in packed:  # each example's media, in the row's order
         pieces = [tuple(row["input_ids"][s:e]) for s, e in segments_of(row)]
-        assert [ref for piece in pieces for ref in by_ids[piece]] == row["images"]
+        assert [ref for piece in pieces for ref in by_ids[piece]] == row[column]
     calls = []
     real = packed_attention.packed_sdpa
     monkeypatch.setattr(packed_attention, "packed_sdpa", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)  # segments pay: packed_sdpa runs
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForMultimodalLM.from_pretrained(model_path, dtype=torch.float32)
     model.set_attn_implementation("sdpa")
     if kernels:
         patch_model(model, fused_linear_cross_entropy=False)  # logits are needed here
     try:
         collate = collator(p.tokenizer, media=p.media)
         batch = collate([packed[i] for i in range(len(packed))])
-        if family == "qwen2_vl":  # text positions, then M-RoPE's three
+        if p.media.plugin.rope_positions is not None:  # text positions, then M-RoPE's three
             assert batch["position_ids"].shape == (4, *batch["input_ids"].shape)
         packed_loss, packed_grads = _loss_sum(model, batch)
         loss, grads = torch.zeros(()), None
@@ -266,11 +277,12 @@ def test_a_neat_packed_batch_with_images_equals_its_examples_one_by_one(request,
         unpatch(model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, template, column, data", [case for case in PACKED if case[0] != "qwen2_5_vl"],
+                         ids=[f"{f}-{c}" for f, _, c, _ in PACKED if f != "qwen2_5_vl"])
 @pytest.mark.parametrize("neat", [False, True])
-def test_packed_sft_with_images_trains_a_step(request, tmp_path, family, neat):
-    out = train(tmp_path, request.getfixturevalue(family), family, packing=True, neat_packing=neat, cutoff_len=512,
-                preprocessing_num_workers=2, dataloader_num_workers=2)
+def test_packed_sft_with_media_trains_a_step(request, tmp_path, family, template, column, data, neat):
+    out = train(tmp_path, request.getfixturevalue(family), template, packing=True, neat_packing=neat,
+                preprocessing_num_workers=2, dataloader_num_workers=2, **{"cutoff_len": 512, **data})
     losses = run_losses(out)
     assert len(losses) == 1 and math.isfinite(losses[0])
 

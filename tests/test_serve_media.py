@@ -233,7 +233,8 @@ def test_a_text_model_answers_an_image_with_a_400_and_stays_up(url):
     video = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:,"}}]}]}
     assert message(httpx.post(url + CHAT, json=video), 400) == (
         "this model/template (qwen) does not take video input; templates that do: qwen2_vl (qwen2_vl/qwen2_5_vl "
-        "models); this llama model reads text only: send text")  # nothing decoded
+        "models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this llama model reads text only: "
+        "send text")  # nothing decoded
     unknown = {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]}
     assert "does not match any of the expected tags: 'text', 'image_url', 'video_url', 'input_audio'" in message(
         httpx.post(url + CHAT, json=unknown), 400)

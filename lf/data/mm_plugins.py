@@ -3,15 +3,16 @@
 
 An entry says how the family's own processor turns each "<image>" placeholder into the model's image tokens (the
 token, what wraps it, how many an image of a given size gets: always the processor's count, never a guess), its
-other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's count from the file's header, the
-batch's forward inputs), the forward input names of each, and which parts of the model are its vision (or audio)
-tower, its projector and its language model (module path parts), which the freeze keys LoRA's
-`lora_target: all` and QLoRA's unquantized modules read. `MMProcessor` applies an entry with the model's loaded image processor (or feature
-extractor): it expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers)
-and builds the forward's media inputs for a batch, decoding them then (pixel_values and what else the image
-processor returns, e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
-input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids, except in neat-packed rows, whose
-examples get theirs from the plugin's `rope_positions`).
+other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's count from the file's header, or
+its whole text where that is more than its wrapped tokens, as Qwen3-VL's timed frames; the batch's forward inputs),
+the forward input names of each, and which parts of the model are its vision (or audio) tower, its projector and
+its language model (module path parts), which the freeze keys LoRA's `lora_target: all` and QLoRA's unquantized
+modules read. `MMProcessor` applies an entry with the model's loaded image processor (or feature extractor): it
+expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers) and builds the
+forward's media inputs for a batch, decoding them then (pixel_values and what else the image processor returns,
+e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
+input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids, except in
+neat-packed rows, whose examples get theirs from the plugin's `rope_positions` over its modalities' `rope_grids`).
 
 Adding a family: its entry below (and a template naming it in lf/data/templates.py); tests/test_multimodal.py
 builds a tiny model of each family and compares lf's rows with the family's processor.
@@ -20,12 +21,13 @@ builds a tiny model of each family and compares lf's rows with the family's proc
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 
 import torch
 
@@ -36,6 +38,10 @@ from lf.errors import DataError, did_you_mean
 
 log = logging.getLogger("lf")
 PROCESSOR_CONFIG = "processor_config.json"  # the processor's own settings (LLaVA's patch_size, ...)
+VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"  # a video processor's settings, where saved apart
+# what lf.data.video reads of a video processor's settings
+VIDEO_SETTINGS = ("size", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                  "rescale_factor")
 
 
 def _qwen2_vl_tokens(image_processor, processor_config: dict, height: int, width: int) -> int:
@@ -101,38 +107,54 @@ def _intern_vl_tokens(image_processor, processor_config: dict, height: int, widt
     return _setting(processor_config, "image_seq_length", "InternVLProcessor") * patches
 
 
-def _repeated(modality: "Modality", media: "MMProcessor", count: int) -> str:
-    """An item's text: its modality's token `count` times, wrapped."""
-    before, after = modality.wrap
-    return before + modality.token * count + after
-
-
 def _gemma3_text(modality: "Modality", media: "MMProcessor", count: int) -> str:
     """Gemma3Processor's text for an image of `count` soft tokens: one view's sequence, or with pan-and-scan crops
     the original's sequence inside its sentence and then each crop's, joined by spaces (every sequence keeps its
     blank lines around it, so a space stands beside them: the same string tokenizes alike)."""
     seq = _setting(media.processor_config, "image_seq_length", "Gemma3Processor")
-    one = _repeated(modality, media, seq)
+    one = modality.wrap[0] + modality.token * seq + modality.wrap[1]
     if count == seq:
         return one
     return (f"Here is the original image {one} and here are some crops to help you see better "
             + " ".join([one] * (count // seq - 1)))
 
 
+def _grids(key: str, media: "MMProcessor", inputs: dict) -> list[tuple]:
+    """Each item's (t, h, w) patch grid in `inputs[key]`, its frames spaced by one temporal position."""
+    return [(*grid, 1) for grid in inputs.get(key, ())]
+
+
 @dataclass(frozen=True)
 class Modality:
     """One kind of media in a family's prompts: the column it comes from, the token repeated once per feature and
     what wraps them, one item's token count (`tokens(media, ref)`, from the file's header as the family's processor
-    counts) and a batch's forward inputs (`inputs(media, refs)`, decoded then), named in `forward_inputs`."""
+    counts) or, where its text is more than its tokens inside `wrap`, that text and count (`text(media, ref)`),
+    and a batch's forward inputs (`inputs(media, refs)`, decoded then), named in `forward_inputs`."""
 
     column: str  # images | videos | audios (lf.data.conversation.PLACEHOLDERS)
     token: str
-    tokens: Callable[..., int]
+    tokens: Callable[..., int] | None
     inputs: Callable[..., dict]
     forward_inputs: tuple[str, ...]
     wrap: tuple[str, str] = ("", "")
     type_id: int = 0  # its mark in mm_token_type_ids (transformers: 1 image, 2 video, 3 audio)
-    text: Callable[..., str] = _repeated  # (modality, media, count) -> one item's text
+    text: Callable[..., tuple[str, int]] | None = None  # Qwen3-VL's videos: timestamped frames
+    # (modality, media, count) -> the text of an item of `count` tokens, where the family writes words around its
+    # wrapped tokens (Gemma 3's pan-and-scan crops); None: the tokens wrapped
+    words: Callable[..., str] | None = None
+    # (media, a batch's inputs) -> each item's M-RoPE runs in token order: (t, h, w, temporal spacing), one per run
+    # of its tokens, as the model's get_rope_index walks them (families with rope_positions)
+    rope_grids: Callable[..., list[tuple]] = functools.partial(_grids, "image_grid_thw")
+
+    def placed(self, media: "MMProcessor", ref: dict) -> tuple[str, int]:
+        """(the text that replaces one item's placeholder, its token count)."""
+        return self.text(media, ref) if self.text is not None else self.written(media, self.tokens(media, ref))
+
+    def written(self, media: "MMProcessor", count: int) -> tuple[str, int]:
+        """(the text of an item of `count` tokens, count)."""
+        if self.words is not None:
+            return self.words(self, media, count), count
+        return self.wrap[0] + self.token * count + self.wrap[1], count
 
 
 def _image_tokens(media: "MMProcessor", ref: dict) -> int:
@@ -146,23 +168,53 @@ def _image_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
 def _qwen2_vl_video_tokens(media: "MMProcessor", ref: dict) -> int:
     from lf.data import video
 
-    frames, (width, height) = video.sampled_shape(_path(ref, "video"), **media.video)
-    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(frames, width, height, media.image_processor)
-    return grid_t * grid_h * grid_w // media.image_processor.merge_size ** 2
+    kept = video.sampled(_path(ref, "video"), **media.video)
+    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, media.video_settings)
+    return grid_t * grid_h * grid_w // media.video_settings.merge_size ** 2
 
 
-def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool = False) -> dict:
-    """pixel_values_videos and video_grid_thw; with `spacing` (Qwen2.5-VL) also second_per_grid_ts: the seconds one
-    temporal patch spans (temporal_patch_size frames at the kept frame rate), by which its M-RoPE spaces frames."""
+def _qwen3_vl_video_text(media: "MMProcessor", ref: dict) -> tuple[str, int]:
+    """Qwen3VLProcessor's text of a video: each temporal patch's time ("<1.5 seconds>", from the kept frames' places
+    in the stream) before its own wrapped tokens."""
+    from lf.data import video
+
+    path, config = _path(ref, "video"), media.video_settings
+    kept = video.sampled(path, **media.video)
+    if len(kept.indices) < config.temporal_patch_size:
+        raise DataError(f"video {path}: {len(kept.indices)} frame(s) kept, and Qwen3-VL needs at least "
+                        f"{config.temporal_patch_size}: raise video_fps, or leave out videos this short")
+    grid_t, grid_h, grid_w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, config, video.qwen3_vl_size)
+    frame, count = QWEN3_VL_VIDEO.written(media, grid_h * grid_w // config.merge_size ** 2)
+    seconds = video.frame_group_seconds(kept.indices, kept.fps, config.temporal_patch_size)
+    return "".join(f"<{time:.1f} seconds>{frame}" for time in seconds), count * grid_t
+
+
+def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool = False,
+                           size: str = "qwen2_vl_size") -> dict:
+    """pixel_values_videos and video_grid_thw (frames sized by lf.data.video's `size` rule); with `spacing`
+    (Qwen2.5-VL) also second_per_grid_ts: the seconds one temporal patch spans (temporal_patch_size frames at the
+    kept frame rate), by which its M-RoPE spaces frames."""
     from lf.data import video
 
     if not refs:
         return {}
     videos = [video.read_video(_path(ref, "video"), **media.video) for ref in refs]
-    out = video.qwen2_vl_video_inputs(videos, media.image_processor)
+    out = video.qwen2_vl_video_inputs(videos, media.video_settings, getattr(video, size))
     if spacing:
-        out["second_per_grid_ts"] = torch.tensor([media.image_processor.temporal_patch_size / v.fps for v in videos])
+        out["second_per_grid_ts"] = torch.tensor([media.video_settings.temporal_patch_size / v.fps for v in videos])
     return out
+
+
+def _spaced_grids(media: "MMProcessor", inputs: dict) -> list[tuple]:
+    """Qwen2.5-VL's video runs: frames spaced by tokens_per_second positions per second of video."""
+    per_second = media.model_settings["vision_config.tokens_per_second"]
+    return [(*grid, per_second * seconds)
+            for grid, seconds in zip(inputs.get("video_grid_thw", ()), inputs.get("second_per_grid_ts", ()))]
+
+
+def _frame_grids(media: "MMProcessor", inputs: dict) -> list[tuple]:
+    """Qwen3-VL's video runs: one per temporal patch (its timestamps' text lies between them)."""
+    return [(1, h, w, 1) for t, h, w in inputs.get("video_grid_thw", ()) for _ in range(int(t))]
 
 
 def _qwen2_audio_tokens(media: "MMProcessor", ref: dict) -> int:
@@ -189,34 +241,37 @@ def _path(ref: dict, kind: str) -> str:
 
 
 QWEN2_VL_VIDEO = Modality("videos", "<|video_pad|>", _qwen2_vl_video_tokens, _qwen2_vl_video_inputs,
-                          ("pixel_values_videos", "video_grid_thw"), ("<|vision_start|>", "<|vision_end|>"), 2)
+                          ("pixel_values_videos", "video_grid_thw"), ("<|vision_start|>", "<|vision_end|>"), 2,
+                          rope_grids=functools.partial(_grids, "video_grid_thw"))
 QWEN2_5_VL_VIDEO = replace(QWEN2_VL_VIDEO, inputs=functools.partial(_qwen2_vl_video_inputs, spacing=True),
-                           forward_inputs=(*QWEN2_VL_VIDEO.forward_inputs, "second_per_grid_ts"))
+                           forward_inputs=(*QWEN2_VL_VIDEO.forward_inputs, "second_per_grid_ts"),
+                           rope_grids=_spaced_grids)
+QWEN3_VL_VIDEO = replace(QWEN2_VL_VIDEO, tokens=None, text=_qwen3_vl_video_text, rope_grids=_frame_grids,
+                         inputs=functools.partial(_qwen2_vl_video_inputs, size="qwen3_vl_size"))
 QWEN2_AUDIO = Modality("audios", "<|AUDIO|>", _qwen2_audio_tokens, _qwen2_audio_inputs,
                        ("input_features", "feature_attention_mask"), ("<|audio_bos|>", "<|audio_eos|>"), 3)
 
 
-def _mrope_positions(image_processor, is_media, grids) -> torch.Tensor:
-    """Qwen2-VL's 3-D M-RoPE positions (temporal, height, width) of one example alone, as its model's get_rope_index
-    gives them: text tokens count on in all three; an image's tokens get their (t, h, w) cell in the merged patch
-    grid, offset by the position reached, which then moves on by the grid's larger side. `is_media`: (n,) bool,
-    the example's image tokens; `grids`: an iterator over its images' (t, h, w) patch grids, in order."""
-    merge, n = image_processor.merge_size, len(is_media)
-    pieces, position, i = [], 0, 0
-    while i < n:
-        if is_media[i]:
-            t, h, w = (int(v) for v in next(grids))
-            h, w = h // merge, w // merge
-            cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
-            pieces.append(cells.reshape(3, -1) + position)
-            position += max(h, w)
-            i += t * h * w
-        else:
-            media = is_media[i:].nonzero()
-            end = i + int(media[0]) if len(media) else n
-            pieces.append(torch.arange(position, position + end - i).expand(3, -1))
-            position += end - i
-            i = end
+def _mrope_positions(image_processor, types, grids) -> torch.Tensor:
+    """The Qwen-VL families' 3-D M-RoPE positions (temporal, height, width) of one example alone, as their model's
+    get_rope_index gives them: text tokens count on in all three; each run of media tokens gets its (t, h, w) cell
+    in the merged patch grid, offset by the position reached (t times the run's temporal spacing, truncated), which
+    then moves on by the grid's larger side. `types`: (n,) the example's token types (Modality.type_id at media
+    tokens, 0 elsewhere); `grids`: {type_id: an iterator over its runs' (t, h, w, spacing), in order}."""
+    merge = image_processor.merge_size
+    pieces, position = [], 0
+    for kind, run in itertools.groupby(types.tolist()):
+        if kind == 0:
+            n = len(list(run))
+            pieces.append(torch.arange(position, position + n).expand(3, -1))
+            position += n
+            continue
+        t, h, w, spacing = next(grids[kind])
+        h, w = int(h) // merge, int(w) // merge
+        cells = torch.stack(torch.meshgrid((torch.arange(int(t)) * spacing).long(), torch.arange(h),
+                                           torch.arange(w), indexing="ij"))
+        pieces.append(cells.reshape(3, -1) + position)
+        position += max(h, w)
     return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
 
 
@@ -230,7 +285,7 @@ class MMPlugin:
     image_token: str  # repeated once per image feature
     image_tokens: Callable[..., int] | None  # (image_processor, processor_config, height, width) -> the token count
     wrap: tuple[str, str] = ("", "")  # written before and after an image's tokens
-    image_text: Callable[..., str] = _repeated  # (modality, media, count) -> one image's text
+    image_text: Callable[..., str] | None = None  # its images' Modality.words
     token_types: bool = False  # the forward takes each token's modality (Modality.type_id at media tokens)
     token_type_key: str = "mm_token_type_ids"  # their name (Gemma 3: token_type_ids)
     unused: tuple[str, ...] = ()  # what the image processor returns that the forward does not take
@@ -248,12 +303,13 @@ class MMPlugin:
     image_inputs: tuple[str, ...] = ("pixel_values", "image_grid_thw", "image_sizes")  # what image processors give
     media: tuple[Modality, ...] = ()  # videos, audios
     feature_extractor: bool = False  # its audio needs the model's feature extractor
+    model_settings: tuple[str, ...] = ()  # what its media need of the model's config (dotted attribute paths)
 
     @property
     def modalities(self) -> dict[str, Modality]:
         """Column -> the modality, images first."""
         image = (Modality("images", self.image_token, _image_tokens, _image_inputs, self.image_inputs, self.wrap, 1,
-                          self.image_text),)
+                          words=self.image_text),)
         return {m.column: m for m in (image if self.image_token else ()) + self.media}
 
     @property
@@ -270,13 +326,12 @@ _QWEN2_VL = MMPlugin("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "<|image_pad|>", _q
                      language_model=("language_model", "lm_head"), media=(QWEN2_VL_VIDEO,))
 _ENTRIES = {plugin.name: plugin for plugin in (
     _QWEN2_VL,
-    replace(_QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",), media=(QWEN2_5_VL_VIDEO,)),
+    replace(_QWEN2_VL, name="qwen2_5_vl", model_types=("qwen2_5_vl",), media=(QWEN2_5_VL_VIDEO,),
+            model_settings=("vision_config.tokens_per_second",)),
     # Qwen3-VL's images read as Qwen2-VL's (its image processor is Qwen2-VL's, patch 16); its deepstack mergers feed
     # vision features into early language layers and, as LLaMA-Factory has it, count with the vision tower
-    MMPlugin("qwen3_vl", ("qwen3_vl",), "<|image_pad|>", _qwen2_vl_tokens, ("<|vision_start|>", "<|vision_end|>"),
-             token_types=True, vision_tower=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
-                                             "visual.deepstack_merger_list"),
-             projector=("visual.merger",), language_model=("language_model", "lm_head")),
+    replace(_QWEN2_VL, name="qwen3_vl", model_types=("qwen3_vl",), media=(QWEN3_VL_VIDEO,),
+            vision_tower=("visual.pos_embed", "visual.patch_embed", "visual.blocks", "visual.deepstack_merger_list")),
     MMPlugin("llava", ("llava",), "<image>", _llava_tokens, vision_tower=("vision_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head")),
     # image_newline (the learned token closing each row of the anyres grid) trains and freezes with the projector
@@ -338,11 +393,23 @@ class MMProcessor:
     video: dict = field(default_factory=dict)  # lf.data.video.read_video's keywords (video_fps, ...)
     audio_sampling_rate: int = 16000
     feature_extractor: object = None
+    model_settings: dict = field(default_factory=dict)  # the plugin's model_settings, read from the model's config
+    video_processor: dict = field(default_factory=dict)  # the model's saved video processor settings, if any
     _resize_said: bool = field(default=False, compare=False)
 
     @property
     def image_token_id(self) -> int | None:
         return self.token_ids.get(IMAGES)
+
+    @property
+    def video_settings(self):
+        """The video processor's settings (VIDEO_SETTINGS) that lf.data.video reads: the saved video processor's,
+        else the image processor's, as transformers' video processors read preprocessor_config.json when no video
+        processor is saved."""
+        if not self.video_processor:
+            return self.image_processor
+        return SimpleNamespace(**{key: self.video_processor.get(key, getattr(self.image_processor, key, None))
+                                  for key in VIDEO_SETTINGS})
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -372,32 +439,31 @@ class MMProcessor:
         headers."""
         resolved = {column: [images.resolved(ref, self.media_dir) for ref in refs.get(column) or ()]
                     for column in self.columns}
-        counts = {column: [modality.tokens(self, ref) for ref in resolved[column]]
-                  for column, modality in self.plugin.modalities.items()}
-        expanded, total = self.placed_counts(messages, counts)
+        items = {column: [modality.placed(self, ref) for ref in resolved[column]]
+                 for column, modality in self.plugin.modalities.items()}
+        expanded, total = self.placed_items(messages, items)
         return expanded, resolved, total
 
-    def placed(self, messages: list[dict], sizes: list[tuple[tuple[int, int], str]]) -> tuple[list[dict], int]:
-        """(messages with each image placeholder replaced by the tokens of its image, the total image tokens), the
-        images given by their ((width, height), name) in order: served prompts."""
-        return self.placed_counts(messages, {IMAGES: [self.tokens(size, where) for size, where in sizes]})
+    def image_items(self, sizes: list[tuple[tuple[int, int], str]]) -> list[tuple[str, int]]:
+        """Each image's (text, token count) for placed_items, the images given by their ((width, height), name):
+        served prompts."""
+        return [self.plugin.modalities[IMAGES].written(self, self.tokens(size, where)) for size, where in sizes]
 
-    def placed_counts(self, messages: list[dict], counts: Mapping[str, list[int]]) -> tuple[list[dict], int]:
-        """(messages with each placeholder replaced by its item's tokens, the total), each column's items given by
-        their token counts, in order. A column without items is left alone: its placeholders (checked against the
-        items where the data has the column) are then text."""
+    def placed_items(self, messages: list[dict], items: Mapping[str, list[tuple[str, int]]]) -> tuple[list[dict], int]:
+        """(messages with each placeholder replaced by its item's text, the total media tokens), each column's
+        items given by their (text, token count) (Modality.placed), in order. A column without items is left
+        alone: its placeholders (checked against the items where the data has the column) are then text."""
         expanded = messages
-        for column, column_counts in counts.items():
-            if not column_counts:
+        for column, column_items in items.items():
+            if not column_items:
                 continue
-            modality, left = self.plugin.modalities[column], iter(column_counts)
-            mark, replaced = PLACEHOLDERS[column], []
+            left, mark, replaced = iter(column_items), PLACEHOLDERS[column], []
             for message in expanded:
                 pieces = (message["content"] or "").split(mark)
-                text = pieces[0] + "".join(modality.text(modality, self, next(left)) + piece for piece in pieces[1:])
+                text = pieces[0] + "".join(next(left)[0] + piece for piece in pieces[1:])
                 replaced.append({**message, "content": text} if len(pieces) > 1 else message)  # None content kept
             expanded = replaced
-        return expanded, sum(sum(c) for c in counts.values())
+        return expanded, sum(count for column_items in items.values() for _, count in column_items)
 
     def features(self, refs: Mapping[str, list[dict]], input_ids) -> dict:
         """The forward's media inputs for a batch whose media are `refs` ({column: refs in row order}, resolved)
@@ -443,25 +509,29 @@ class MMProcessor:
 
     def packed_positions(self, input_ids, position_ids, inputs: dict):
         """The position_ids of a neat-packed batch (examples start where position_ids restart at 0), given its
-        image inputs (from `inputs`): as they are, or for a family with M-RoPE (4, B, L): these text positions
+        media inputs (from `inputs`): as they are, or for a family with M-RoPE (4, B, L): these text positions
         (from which attention finds the examples), then each example's 3-D positions as if it ran alone."""
         if self.plugin.rope_positions is None:
             return position_ids
-        grids = iter(inputs.get("image_grid_thw", ()))
+        grids = {m.type_id: iter(m.rope_grids(self, inputs)) for m in self.plugin.modalities.values()}
+        types = self.type_ids(input_ids)
         rope = torch.empty(3, *position_ids.shape, dtype=position_ids.dtype)
-        for row, (ids, positions) in enumerate(zip(input_ids, position_ids)):
+        for row, positions in enumerate(position_ids):
             starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
             for start, end in zip(starts[:-1], starts[1:]):
-                rope[:, row, start:end] = self.plugin.rope_positions(
-                    self.image_processor, ids[start:end] == self.image_token_id, grids)
+                rope[:, row, start:end] = self.plugin.rope_positions(self.image_processor, types[row, start:end],
+                                                                     grids)
         return torch.cat([position_ids[None], rope])
 
     def save_pretrained(self, output_dir: str) -> None:
-        """The image processor (preprocessor_config.json) or feature extractor and the processor's own settings,
-        beside the tokenizer that the trainer saves: what transformers' AutoProcessor / AutoImageProcessor load."""
+        """The image processor (preprocessor_config.json) or feature extractor, the processor's own settings and the
+        video processor's where the model has them apart, beside the tokenizer that the trainer saves: what
+        transformers' AutoProcessor / AutoImageProcessor / AutoVideoProcessor load."""
         for part in (self.image_processor, self.feature_extractor):
             if part is not None:
                 part.save_pretrained(output_dir)
-        if self.processor_config:
-            with open(os.path.join(output_dir, PROCESSOR_CONFIG), "w") as f:
-                json.dump(self.processor_config, f, indent=2, sort_keys=True)
+        saved = {PROCESSOR_CONFIG: self.processor_config, VIDEO_PROCESSOR_CONFIG: self.video_processor}
+        for name, settings in saved.items():
+            if settings:
+                with open(os.path.join(output_dir, name), "w") as f:
+                    json.dump(settings, f, indent=2, sort_keys=True)

@@ -4,8 +4,8 @@ Rows are filled best-fit decreasing: the longest example first, each into the ro
 tightly (a new row when none has room). Rows are packed within windows of `window` examples (a `datasets.map`
 batch), which works streamed too and packs within a fraction of a percent of packing everything at once.
 
-Examples with images (an `images` column of references) take them along: a packed row holds its examples' images
-in the row's order, as its image tokens come.
+Examples with media (`images`, `videos`, `audios` columns of references) take them along: a packed row holds its
+examples' media in the row's order, as their tokens come.
 
 Neat packing (`neat=True`) keeps the examples of a row apart: position_ids restart at 0 for every example, and
 lf's attention (and transformers' own mask builder) read those restarts as example boundaries. Without it the
@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lf.labels import IGNORE_INDEX
+from lf.data.registry import MEDIA_COLUMNS
 from lf.errors import DataError
+from lf.labels import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -55,9 +56,9 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(batch, *, capacity: int, neat: bool):
-    """Tokenized examples (an Arrow table with input_ids and labels, and images if any, as `datasets.map` passes it
-    in arrow format) -> an Arrow table of packed rows (with position_ids when neat). The token columns are moved by
-    Arrow and numpy, never as Python lists: packing 100k examples takes a fraction of a second."""
+    """Tokenized examples (an Arrow table with input_ids and labels, and media columns if any, as `datasets.map`
+    passes it in arrow format) -> an Arrow table of packed rows (with position_ids when neat). The token columns
+    are moved by Arrow and numpy, never as Python lists: packing 100k examples takes a fraction of a second."""
     ids, labels = (batch.column(name).combine_chunks() for name in ("input_ids", "labels"))
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
     bins = best_fit_decreasing(lengths.tolist(), capacity)
@@ -74,13 +75,13 @@ def pack(batch, *, capacity: int, neat: bool):
             (np.arange(int(row_offsets[-1])) - np.repeat(example_starts, example_lengths)).astype(np.int32))
     offsets = pa.array(row_offsets)
     table = {name: pa.ListArray.from_arrays(offsets, values) for name, values in columns.items()}
-    if "images" in batch.column_names:
-        images = batch.column("images").combine_chunks().take(order)
-        counts = pc.list_value_length(images).to_numpy(zero_copy_only=False).astype(np.int64)
-        ends = np.cumsum([len(members) for members in bins])
-        image_offsets = np.zeros(len(bins) + 1, dtype=np.int32)
-        image_offsets[1:] = np.cumsum(counts)[ends - 1] if len(counts) else 0
-        table["images"] = pa.ListArray.from_arrays(pa.array(image_offsets), pc.list_flatten(images))
+    ends = np.cumsum([len(members) for members in bins])
+    for column in (c for c in MEDIA_COLUMNS if c in batch.column_names):
+        media = batch.column(column).combine_chunks().take(order)
+        counts = pc.list_value_length(media).to_numpy(zero_copy_only=False).astype(np.int64)
+        media_offsets = np.zeros(len(bins) + 1, dtype=np.int32)
+        media_offsets[1:] = np.cumsum(counts)[ends - 1] if len(counts) else 0
+        table[column] = pa.ListArray.from_arrays(pa.array(media_offsets), pc.list_flatten(media))
     return pa.table(table)
 
 

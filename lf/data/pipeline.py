@@ -29,7 +29,7 @@ from lf.data.collator import Collator
 from lf.data.converters import FEATURES
 from lf.data.loader import load_canonical, split_eval
 from lf.data.processors import PROCESSORS, Options
-from lf.data.registry import IMAGES, MEDIA_COLUMNS, DatasetAttr, dataset_attrs
+from lf.data.registry import MEDIA_COLUMNS, DatasetAttr, dataset_attrs
 from lf.data.templates import image_templates
 from lf.errors import DataError
 
@@ -114,7 +114,7 @@ def check_kind(data_args, plan: Plan) -> None:
 
 def check_images(data_args, plan: Plan, template, media) -> None:
     """A DataError when datasets with a media column (images, videos, audios; train or eval) meet a template,
-    model, stage or packing that cannot take them, before any is read. `media`: the model's
+    model or stage that cannot take them, before any is read. `media`: the model's
     lf.data.mm_plugins.MMProcessor, or None."""
     with_media = {attr.name: [c for c in MEDIA_COLUMNS if c in attr.columns]
                   for names in (data_args.dataset, data_args.eval_dataset)
@@ -142,10 +142,6 @@ def check_images(data_args, plan: Plan, template, media) -> None:
         takes = ", ".join(s.name for s in stages.trained() if s.data in WITH_IMAGES)
         raise DataError(f"stage {plan.stage} does not read {what} ({names} have them): train them with one of "
                         f"the stages {takes}")
-    if plan.packing and (others := [c for c in columns if c != IMAGES]):
-        # packed rows carry images only so far (their M-RoPE positions are computed per example from image grids)
-        raise DataError(f"packing: true keeps images with their examples, not {'/'.join(others)} yet ({names} have "
-                        f"them): set packing: false")
 
 
 def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42, media=None) -> DatasetModule:

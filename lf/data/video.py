@@ -1,5 +1,6 @@
 """Videos of multimodal datasets: frames decoded with PyAV and sampled as LLaMA-Factory samples them, and
-Qwen2-VL's video inputs computed as transformers' `Qwen2VLVideoProcessor` computes them, without torchvision.
+Qwen2-VL's (and Qwen3-VL's) video inputs computed as transformers' video processors compute them, without
+torchvision.
 
 `read_video(path, ...)` keeps LLaMA-Factory's keys and defaults: of a stream of F frames lasting D seconds it keeps
 n = min(F, video_maxlen, max(1, floor(D * video_fps))) frames, at the indices linspace(0, F - 1, n) truncated to
@@ -8,7 +9,9 @@ within [video_min_pixels, video_max_pixels] (`fit_pixels`). Frames are decoded i
 held, already resized, so a long video never sits in memory; decoding stops after the last kept frame.
 
 `qwen2_vl_video_inputs(videos, config)` gives `pixel_values_videos` and `video_grid_thw`: each video's frames
-(padded to a multiple of temporal_patch_size with its last frame) resized to `smart_resize`'s size (bicubic,
+(padded to a multiple of temporal_patch_size with its last frame) resized to `smart_resize`'s size (Qwen3-VL's
+`size=qwen3_vl_size`: one pixel budget for all the kept frames, its video processor's rule; its prompts put each
+temporal patch's time, `frame_group_seconds`, before its tokens) (bicubic,
 antialiased, on uint8, as torchvision resizes on the CPU), rescaled and normalized in one step with the image
 processor's mean/std, and cut into temporal_patch_size x patch_size x patch_size patches grouped by merge_size.
 """
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # imports without torchvision
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as smart_resize_3d  # so does this
 
 from lf.data.optional import require
 from lf.errors import DataError
@@ -100,11 +104,20 @@ def read_video(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: 
     return Video(frames, video_fps if not duration else len(frames) / duration)
 
 
-def sampled_shape(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int = VIDEO_MAXLEN,
-                  video_max_pixels: int = VIDEO_MAX_PIXELS,
-                  video_min_pixels: int = VIDEO_MIN_PIXELS) -> tuple[int, tuple[int, int]]:
-    """(frames, (width, height)) of what read_video keeps of the file, from its header alone (a container that
-    states no frame count is decoded)."""
+@dataclass(frozen=True)
+class Sampled:
+    """What read_video keeps of a file, known from its header: the kept frames' indices in the stream, the
+    stream's frame rate (None when it states none) and the kept frames' (width, height)."""
+
+    indices: list[int]
+    fps: float | None
+    size: tuple[int, int]
+
+
+def sampled(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int = VIDEO_MAXLEN,
+            video_max_pixels: int = VIDEO_MAX_PIXELS, video_min_pixels: int = VIDEO_MIN_PIXELS) -> Sampled:
+    """What read_video keeps of the file, from its header alone (a container that states no frame count is
+    decoded: its first frames are kept)."""
     av = require("av", "reading videos")
     if not Path(path).is_file():
         raise DataError(f"video {path}: no such file (check the path, relative to the dataset's media_dir)")
@@ -113,14 +126,24 @@ def sampled_shape(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxle
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0] if container.streams.video else None
+            fps = float(stream.average_rate) if stream is not None and stream.average_rate else None
             if stream is not None and stream.frames > 0 and stream.codec_context.width:
-                count = len(sample_indices(stream.frames, _duration_s(container, stream), video_fps, video_maxlen))
+                kept = sample_indices(stream.frames, _duration_s(container, stream), video_fps, video_maxlen)
                 size = stream.codec_context.width, stream.codec_context.height
-                return count, fitted_size(*size, video_max_pixels, video_min_pixels)
+                return Sampled(kept.tolist(), fps, fitted_size(*size, video_max_pixels, video_min_pixels))
     except av.FFmpegError as exc:
         raise DataError(f"cannot read video {path}: {exc}; is it a video file PyAV/FFmpeg can decode?") from None
     frames = read_video(path, **keys).frames  # says why the file has no frames or stream
-    return len(frames), frames[0].size
+    return Sampled(list(range(len(frames))), fps, frames[0].size)
+
+
+def frame_group_seconds(indices: list[int], fps: float | None, temporal_patch_size: int) -> list[float]:
+    """Qwen3-VL's timestamp of each temporal patch: the mean time of its first and last frame (the last frame
+    repeated to fill the last patch), at `fps` (24 when the stream states none, as transformers assumes)."""
+    fps = fps or 24.0
+    indices = indices + indices[-1:] * (-len(indices) % temporal_patch_size)
+    return [(indices[i] / fps + indices[i + temporal_patch_size - 1] / fps) / 2
+            for i in range(0, len(indices), temporal_patch_size)]
 
 
 def _duration_s(container, stream) -> float | None:
@@ -132,13 +155,28 @@ def _duration_s(container, stream) -> float | None:
     return None
 
 
-def qwen2_vl_video_inputs(videos: list[Video | list[Image.Image]], config) -> dict[str, torch.Tensor]:
+def qwen2_vl_size(frames: int, height: int, width: int, config) -> tuple[int, int]:
+    """Qwen2-VL's (and Qwen2.5-VL's) frame size: each frame within the pixel limits on its own."""
+    return smart_resize(height, width, factor=config.patch_size * config.merge_size,
+                        min_pixels=config.size["shortest_edge"], max_pixels=config.size["longest_edge"])
+
+
+def qwen3_vl_size(frames: int, height: int, width: int, config) -> tuple[int, int]:
+    """Qwen3-VL's frame size: all kept frames share the pixel limits (transformers' Qwen3VLVideoProcessor without
+    its per-frame cap, cap_pixels_per_frame false, its default); at least temporal_patch_size frames."""
+    return smart_resize_3d(frames, height, width, temporal_factor=config.temporal_patch_size,
+                           factor=config.patch_size * config.merge_size, min_pixels=config.size["shortest_edge"],
+                           max_pixels=config.size["longest_edge"])
+
+
+def qwen2_vl_video_inputs(videos: list[Video | list[Image.Image]], config,
+                          size=qwen2_vl_size) -> dict[str, torch.Tensor]:
     """`pixel_values_videos` (float32, one row per patch) and `video_grid_thw` (int64, one row per video) for
-    Qwen2-VL and Qwen2.5-VL. `config` is the checkpoint's video processor settings, which transformers reads from
-    `preprocessor_config.json` when there is no `video_preprocessor_config.json`, so the model's image processor
-    serves: any object with `size` (shortest_edge/longest_edge: min and max pixels), `patch_size`,
-    `temporal_patch_size`, `merge_size`, `image_mean`, `image_std` and `rescale_factor`."""
-    factor = config.patch_size * config.merge_size
+    Qwen2-VL and Qwen2.5-VL, or Qwen3-VL with `size=qwen3_vl_size`. `config` is the checkpoint's video processor
+    settings, which transformers reads from `preprocessor_config.json` when there is no
+    `video_preprocessor_config.json`, so the model's image processor serves: any object with `size`
+    (shortest_edge/longest_edge: min and max pixels), `patch_size`, `temporal_patch_size`, `merge_size`,
+    `image_mean`, `image_std` and `rescale_factor`."""
     mean = torch.tensor(config.image_mean) * (1.0 / config.rescale_factor)  # transformers' fused rescale+normalize
     std = torch.tensor(config.image_std) * (1.0 / config.rescale_factor)
     patches, grids = [], []
@@ -148,10 +186,9 @@ def qwen2_vl_video_inputs(videos: list[Video | list[Image.Image]], config) -> di
             raise DataError(f"a video's frames must share one size, got {sorted({f.size for f in frames})}")
         pixels = torch.from_numpy(np.stack([np.asarray(frame) for frame in frames])).permute(0, 3, 1, 2).contiguous()
         height, width = pixels.shape[-2:]
-        size = smart_resize(height, width, factor=factor, min_pixels=config.size["shortest_edge"],
-                            max_pixels=config.size["longest_edge"])
-        if size != (height, width):  # torchvision leaves a frame of the target size untouched
-            pixels = torch.nn.functional.interpolate(pixels, size=list(size), mode="bicubic", align_corners=False,
+        target = size(len(frames), height, width, config)
+        if target != (height, width):  # torchvision leaves a frame of the target size untouched
+            pixels = torch.nn.functional.interpolate(pixels, size=list(target), mode="bicubic", align_corners=False,
                                                      antialias=True)
         pixels = (pixels.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
         video_patches, grid = _patchify(pixels, config.patch_size, config.temporal_patch_size, config.merge_size)
@@ -160,12 +197,11 @@ def qwen2_vl_video_inputs(videos: list[Video | list[Image.Image]], config) -> di
     return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.int64)}
 
 
-def qwen2_vl_video_grid(frames: int, width: int, height: int, config) -> list[int]:
-    """video_grid_thw of a video of `frames` frames of (width, height) as read_video gives them (`config` as for
-    qwen2_vl_video_inputs): its token count is the product over merge_size ** 2."""
+def qwen2_vl_video_grid(frames: int, width: int, height: int, config, size=qwen2_vl_size) -> list[int]:
+    """video_grid_thw of a video of `frames` frames of (width, height) as read_video gives them (`config` and
+    `size` as for qwen2_vl_video_inputs): its token count is the product over merge_size ** 2."""
     width, height = (_qwen2_vl_frame_steps(width, height) or [(width, height)])[-1]
-    height, width = smart_resize(height, width, factor=config.patch_size * config.merge_size,
-                                 min_pixels=config.size["shortest_edge"], max_pixels=config.size["longest_edge"])
+    height, width = size(frames, height, width, config)
     return [-(-frames // config.temporal_patch_size), height // config.patch_size, width // config.patch_size]
 
 

@@ -8,12 +8,13 @@ a PIL backend that runs anywhere (used when torchvision is not installed).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 
 from lf.data.images import PixelLimits
-from lf.data.mm_plugins import PLUGINS, PROCESSOR_CONFIG, MMProcessor, get_plugin
+from lf.data.mm_plugins import PLUGINS, PROCESSOR_CONFIG, VIDEO_PROCESSOR_CONFIG, MMProcessor, get_plugin
 from lf.errors import ModelError
 from lf.model.paths import download_error, resolve_model_path
 
@@ -21,16 +22,27 @@ log = logging.getLogger("lf")
 _SUB_PROCESSORS = ("image_processor", "video_processor", "feature_extractor", "tokenizer", "audio_processor")
 
 
-def _processor_config(path: str, model_args) -> dict:
-    """processor_config.json's own settings (patch_size, ...; not the sub-processors it may nest), or {}."""
+def _saved(path: str, model_args, name: str) -> dict:
+    """The model's settings file `name`, or {}."""
     from transformers.utils import cached_file
 
-    found = cached_file(path, PROCESSOR_CONFIG, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+    found = cached_file(path, name, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
                         token=model_args.hf_hub_token, _raise_exceptions_for_missing_entries=False)
     if not found:
         return {}
     with open(found, encoding="utf-8") as f:
-        return {k: v for k, v in json.load(f).items() if k not in _SUB_PROCESSORS}
+        return json.load(f)
+
+
+def _processor_config(saved: dict) -> dict:
+    """processor_config.json's own settings (patch_size, ...; not the sub-processors it may nest)."""
+    return {k: v for k, v in saved.items() if k not in _SUB_PROCESSORS}
+
+
+def _video_processor(saved: dict, path: str, model_args) -> dict:
+    """The video processor's settings where the model saves them apart (nested in processor_config.json, else
+    video_preprocessor_config.json, transformers' order), or {}."""
+    return saved.get("video_processor") or _saved(path, model_args, VIDEO_PROCESSOR_CONFIG)
 
 
 def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor | None:
@@ -46,7 +58,8 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
     hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir, token=model_args.hf_hub_token,
                trust_remote_code=model_args.trust_remote_code)
     try:
-        model_type = AutoConfig.from_pretrained(path, **hub).model_type
+        config = AutoConfig.from_pretrained(path, **hub)
+        model_type = config.model_type
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     if model_type not in plugin.model_types:
@@ -78,8 +91,11 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
     log.info("media: %s's %s with plugin %s (%s)", model_args.model_name_or_path,
              type(parts[0] or parts[1]).__name__, plugin.name,
              ", ".join(f"{column}: {m.token!r}" for column, m in plugin.modalities.items()))
+    saved = _saved(path, model_args, PROCESSOR_CONFIG)
     video = dict(video_fps=data_args.video_fps, video_maxlen=data_args.video_maxlen,
                  video_max_pixels=data_args.video_max_pixels, video_min_pixels=data_args.video_min_pixels)
     return MMProcessor(plugin, parts[0], token_ids, data_args.media_dir or data_args.dataset_dir,
                        PixelLimits(data_args.image_max_pixels, data_args.image_min_pixels),
-                       _processor_config(path, model_args), video, data_args.audio_sampling_rate, parts[1])
+                       _processor_config(saved), video, data_args.audio_sampling_rate, parts[1],
+                       {key: functools.reduce(getattr, key.split("."), config) for key in plugin.model_settings},
+                       _video_processor(saved, path, model_args) if "videos" in plugin.modalities else {})

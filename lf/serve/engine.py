@@ -153,18 +153,19 @@ class Engine:
             last = f"ends with a {messages[-1]['role']!r} message" if messages else "is empty"
             raise DataError(f"the conversation {last}: it must end with a {' or '.join(PROMPT_ROLES)} message, which "
                             "the model answers")
-        counts = {}
+        items = {}
         if self.media is not None:
             modalities = self.media.plugin.modalities
-            counts = {column: [modalities[column].tokens(self.media, _ref(path)) for path in paths]
-                      for column, paths in files.items()}
+            items = {column: [modalities[column].placed(self.media, _ref(path)) for path in paths]
+                     for column, paths in files.items()}
             if IMAGES in modalities:
-                counts[IMAGES] = [self.media.tokens(image.size, f"image {i}") for i, image in enumerate(images, 1)]
-            messages, _ = self.media.placed_counts(messages, counts)
+                sizes = [(image.size, f"image {i}") for i, image in enumerate(images, 1)]
+                items[IMAGES] = self.media.image_items(sizes)
+            messages, _ = self.media.placed_items(messages, items)
         reply = {"role": ASSISTANT, "content": ""}
         ids = self.template.encode_oneturn(self.tokenizer, list(messages) + [reply], system, tools)[0]
         for column, modality in (self.media.plugin.modalities.items() if self.media is not None else ()):
-            if ids.count(self.media.token_ids[column]) != sum(counts.get(column, ())):
+            if ids.count(self.media.token_ids[column]) != sum(count for _, count in items.get(column, ())):
                 kind = column[:-1]
                 raise RequestError(f"the conversation's text holds the {kind} token {modality.token!r}: remove it "
                                    f"(write {PLACEHOLDERS[column]} where {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
