@@ -91,18 +91,25 @@ def test_train_e2e_tables_compare_each_group_with_its_own_llamafactory_row():
     assert "vs lf, kernels off, LoRA, VL" in train_e2e.table(alone, "fp32", compact=True, group="vl")[0]
 
 
+def built_once(ensure, dataset: str, name: str, tmp_path, monkeypatch) -> Path:
+    """A bench model's folder, built by `ensure` from LLaMA-Factory's `dataset` into $LF_HOME/bench/`name`; a
+    second call finds it there."""
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / f"{dataset}.json"
+    if not data.is_file():
+        pytest.skip(f"LLaMA-Factory's {dataset} is not at {data} (../shared/data beside the repository)")
+    monkeypatch.setenv("LF_HOME", str(tmp_path))
+    folder = ensure(data)
+    assert folder == tmp_path / "bench" / name and ensure(data) == folder
+    return folder
+
+
 def test_the_vl_bench_model_is_a_llava_that_its_processor_and_lf_read(tmp_path, monkeypatch):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from bench import e2e_model
 
-    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mllm_demo.json"
-    if not data.is_file():
-        pytest.skip(f"LLaMA-Factory's mllm_demo is not at {data} (../shared/data beside the repository)")
-    monkeypatch.setenv("LF_HOME", str(tmp_path))
-    folder = e2e_model.ensure_vl_model(data)
-    assert folder == tmp_path / "bench" / e2e_model.VL_NAME and e2e_model.ensure_vl_model(data) == folder
+    folder = built_once(e2e_model.ensure_vl_model, "mllm_demo", e2e_model.VL_NAME, tmp_path, monkeypatch)
     processor = AutoProcessor.from_pretrained(folder)
     ids = processor(text="<image>hi", images=[Image.new("RGB", (300, 200))])["input_ids"][0]
     image_token = processor.tokenizer.convert_tokens_to_ids(e2e_model.IMAGE_TOKEN)
@@ -162,12 +169,8 @@ def test_the_qwen2_vl_bench_model_carries_qwen2_vl_tokens_and_mrope(tmp_path, mo
 
     from bench import e2e_model
 
-    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mllm_video_demo.json"
-    if not data.is_file():
-        pytest.skip(f"LLaMA-Factory's mllm_video_demo is not at {data} (../shared/data beside the repository)")
-    monkeypatch.setenv("LF_HOME", str(tmp_path))
-    folder = e2e_model.ensure_qwen2_vl_model(data)
-    assert folder == tmp_path / "bench" / e2e_model.QWEN2_VL_NAME and e2e_model.ensure_qwen2_vl_model(data) == folder
+    folder = built_once(e2e_model.ensure_qwen2_vl_model, "mllm_video_demo", e2e_model.QWEN2_VL_NAME, tmp_path,
+                        monkeypatch)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder)
     assert model.config.model_type == "qwen2_vl" and model.config.text_config.vocab_size >= len(tokenizer)
