@@ -3,7 +3,8 @@ data and settings.
 
     python -m bench.train_e2e            # 30 steps per variant, fp32 and (where the CPU has native bf16) bf16
     python -m bench.train_e2e --quick    # 3 steps, the dtype lf's `infer_dtype: auto` picks here (smoke)
-    python -m bench.train_e2e --only vl  # the vision-language rows alone (--only text: the others)
+    python -m bench.train_e2e --only vl  # the LLaVA rows alone (--only text | vl | video | vl_qwen2, one or more)
+    python -m bench.train_e2e --only video --repeats 3   # each variant 3 times, its fastest run kept
 
 Model: bench.e2e_model (a 31.8M-parameter Llama, tokenizer trained on the data). Data: alpaca_en_demo from
 ../shared/data, template qwen, cutoff 512, batch 4, LoRA rank 8 on all linear layers, lr 2e-3 cosine, seed 42.
@@ -20,7 +21,13 @@ back to the OS as it grows (lf/allocator.py). One extra run of each takes the ot
 The speed-up column is against LLaMA-Factory's fastest variant of the run.
 
 The VL rows (group "vl", see VL below): LoRA sft of a tiny LLaVA-1.5 on mllm_demo, lf with kernels on and off
-against LLaMA-Factory, same model, data and settings.
+against LLaMA-Factory, same model, data and settings. The Qwen2-VL rows (groups "video": mllm_video_demo, and
+"vl_qwen2": mllm_demo) put lf against transformers' Trainer + PEFT on lf's rows (system "hf"): LLaMA-Factory 0.9.5
+cannot load Qwen2-VL's processor without torchvision (see QWEN2_VL_ABOUT).
+
+Every worker, of either system, sees triton, deepspeed and bitsandbytes as uninstalled (UNUSED_ON_CPU; QLoRA keeps
+bitsandbytes): a CPU install of lf and LLaMA-Factory's venv have none of them, lf's development venv has all three,
+and torch, transformers and peft import each one that is installed.
 
 Each variant is one child process that runs its trainer in-process with a probe callback (`--worker`):
 - tokens: real (non-padding) tokens trained on. lf: `total_tokens` of its trainer_log.jsonl. LLaMA-Factory: its
@@ -32,8 +39,8 @@ Each variant is one child process that runs its trainer in-process with a probe 
   resets VmHWM (`5` into /proc/self/clear_refs); at on_train_end VmHWM - baseline is the training's peak above
   its baseline. Peak RSS = the larger of VmHWM before the reset and at the child's end. The child process only.
 Loss curves are drawn against tokens trained on (packing puts more tokens in each step). Writes
-bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick; `-vl` or `-text` after the name for
---only).
+bench/results/<device>/<date>-train_e2e.{json,md,png} (scratch/ for --quick; with --only, the groups' names after
+it: `-vl`, `-video-vl_qwen2`, ...).
 """
 
 from __future__ import annotations
@@ -382,7 +389,8 @@ def plot(rows: list[dict], dtypes: list[str], groups: list[str], path: Path) -> 
                          f"{config['per_device_train_batch_size']}", xlabel="tokens trained on",
                    ylabel="training loss")
             ax.legend(fontsize=7)
-    figure.suptitle("lf train vs LLaMA-Factory, LoRA r8 on all linears (QLoRA: 4-bit base)")
+    others = sorted({r["variant"].split(",")[0] for r in rows if r["system"] != "lf"}) or ["itself"]
+    figure.suptitle(f"lf train vs {' and '.join(others)}, LoRA r8 on all linears (QLoRA: 4-bit base)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -398,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="run every variant N times, round after round, and keep each one's fastest run (best-of-N: "
                         "on a machine others use too)")
+    p.add_argument("--steps", type=int, help="steps per variant (default 30; 3 with --quick)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default fp32, and bf16 where the CPU computes "
+                                                                      "it natively (--quick: lf's auto dtype)")
     p.add_argument("--worker", nargs=3, metavar=("SYSTEM", "CONFIG", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -417,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     from lf.model.options import choose_dtype
 
     native = choose_dtype("auto")[0] == torch.bfloat16  # lf's auto: bf16 where the CPU computes it natively
-    dtypes = ["bf16" if native else "fp32"] if args.quick else ["fp32"] + ["bf16"] * native
-    steps = 3 if args.quick else 30
+    dtypes = args.dtypes or (["bf16" if native else "fp32"] if args.quick else ["fp32"] + ["bf16"] * native)
+    steps = args.steps or (3 if args.quick else 30)
     models = {g: getattr(e2e_model, GROUPS[g].model)(DATA_DIR / f"{GROUPS[g].dataset}.json") for g in groups}
     llamafactory, llamafactory_note = find_llamafactory()
     if not llamafactory:
@@ -453,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = list(rows.values())
     parts = ["python -m bench.train_e2e"] + ["--quick"] * args.quick + (["--only", *args.only] if args.only else [])
+    parts += [f"--steps {args.steps}"] * bool(args.steps) + (["--dtypes", *args.dtypes] if args.dtypes else [])
     command = " ".join(parts + [f"--repeats {args.repeats}"] * (args.repeats > 1))
     date = datetime.date.today().isoformat()
     name = "-".join([NAME, *args.only]) if args.only else NAME  # a part alone is not `lf bench`'s latest train_e2e
