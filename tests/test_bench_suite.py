@@ -91,18 +91,25 @@ def test_train_e2e_tables_compare_each_group_with_its_own_llamafactory_row():
     assert "vs lf, kernels off, LoRA, VL" in train_e2e.table(alone, "fp32", compact=True, group="vl")[0]
 
 
+def built_once(ensure, dataset: str, name: str, tmp_path, monkeypatch) -> Path:
+    """A bench model's folder, built by `ensure` from LLaMA-Factory's `dataset` into $LF_HOME/bench/`name`; a
+    second call finds it there."""
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / f"{dataset}.json"
+    if not data.is_file():
+        pytest.skip(f"LLaMA-Factory's {dataset} is not at {data} (../shared/data beside the repository)")
+    monkeypatch.setenv("LF_HOME", str(tmp_path))
+    folder = ensure(data)
+    assert folder == tmp_path / "bench" / name and ensure(data) == folder
+    return folder
+
+
 def test_the_vl_bench_model_is_a_llava_that_its_processor_and_lf_read(tmp_path, monkeypatch):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from bench import e2e_model
 
-    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mllm_demo.json"
-    if not data.is_file():
-        pytest.skip(f"LLaMA-Factory's mllm_demo is not at {data} (../shared/data beside the repository)")
-    monkeypatch.setenv("LF_HOME", str(tmp_path))
-    folder = e2e_model.ensure_vl_model(data)
-    assert folder == tmp_path / "bench" / e2e_model.VL_NAME and e2e_model.ensure_vl_model(data) == folder
+    folder = built_once(e2e_model.ensure_vl_model, "mllm_demo", e2e_model.VL_NAME, tmp_path, monkeypatch)
     processor = AutoProcessor.from_pretrained(folder)
     ids = processor(text="<image>hi", images=[Image.new("RGB", (300, 200))])["input_ids"][0]
     image_token = processor.tokenizer.convert_tokens_to_ids(e2e_model.IMAGE_TOKEN)
@@ -110,6 +117,69 @@ def test_the_vl_bench_model_is_a_llava_that_its_processor_and_lf_read(tmp_path, 
     model = AutoModelForImageTextToText.from_pretrained(folder)
     assert model.config.model_type == "llava" and model.config.image_token_id == image_token
     assert model.config.text_config.vocab_size >= len(processor.tokenizer)
+
+
+def test_train_e2e_plans_the_qwen2_vl_rows_against_plain_transformers_not_llamafactory():
+    from bench import train_e2e
+
+    models = {"video": Path("/m/qwen2_vl"), "vl_qwen2": Path("/m/qwen2_vl")}
+    runs = train_e2e.plan(["bf16"], 30, models, "/venv/python")  # LLaMA-Factory installed: it cannot run Qwen2-VL
+    assert [(g, system) for g, _, _, system, _ in runs] == [(g, s) for g in models for s in ("hf", "lf", "lf")]
+    for group, _, variant, system, config in runs:
+        assert (config["dataset"], config["template"]) == (
+            {"video": "mllm_video_demo", "vl_qwen2": "mllm_demo"}[group], "qwen2_vl")
+        assert config["infer_dtype"] == "bfloat16" and config["bf16"] and config["cutoff_len"] == 1024
+        assert config.get("image_max_pixels") == (224 * 224 if group == "vl_qwen2" else None)
+        assert config.get("use_lf_kernels", False) == ("kernels on" in variant)
+
+
+HIDDEN = """
+import importlib.util, json, sys
+from bench import train_e2e
+hidden = train_e2e.hide_unused_packages(json.loads(sys.argv[1]))
+from torch.utils._triton import has_triton_package
+try:
+    import triton
+except ImportError:
+    triton = None
+print(json.dumps([hidden, [importlib.util.find_spec(name) is None for name in train_e2e.UNUSED_ON_CPU],
+                  has_triton_package(), triton is None]))
+"""
+
+
+@pytest.mark.parametrize("config, hidden", [({}, ["triton", "deepspeed", "bitsandbytes"]),
+                                            ({"quantization_bit": 4}, ["triton", "deepspeed"])])
+def test_train_e2e_workers_see_the_packages_a_cpu_run_does_not_use_as_uninstalled(config, hidden):
+    import importlib.util
+    import subprocess
+    import sys
+
+    # installed here (lf's test extras), so hiding them is what makes them look absent
+    assert all(importlib.util.find_spec(name) for name in ("triton", "deepspeed", "bitsandbytes"))
+    child = subprocess.run([sys.executable, "-c", HIDDEN, json.dumps(config)], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1], check=True)
+    names, absent, torch_sees_triton, import_failed = json.loads(child.stdout.strip().splitlines()[-1])
+    assert names == hidden
+    assert absent == [name in hidden for name in ("triton", "deepspeed", "bitsandbytes")]
+    assert not torch_sees_triton and import_failed
+
+
+def test_the_qwen2_vl_bench_model_carries_qwen2_vl_tokens_and_mrope(tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from bench import e2e_model
+
+    folder = built_once(e2e_model.ensure_qwen2_vl_model, "mllm_video_demo", e2e_model.QWEN2_VL_NAME, tmp_path,
+                        monkeypatch)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert model.config.model_type == "qwen2_vl" and model.config.text_config.vocab_size >= len(tokenizer)
+    for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                       ("vision_start_token_id", "<|vision_start|>")):
+        assert getattr(model.config, key) == tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id
+    assert tokenizer.tokenize("<|im_start|>user\nhi<|im_end|>")[:2] == ["<|im_start|>", "user"]
+    assert model.config.vision_config.hidden_size == model.config.text_config.hidden_size  # the merger's output
+    assert model.config.text_config.rope_parameters["mrope_section"] == e2e_model.QWEN2_VL_MROPE
 
 
 def test_the_mrope_bench_case_times_hfs_section_split_against_lfs_rope():
