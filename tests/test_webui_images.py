@@ -174,10 +174,11 @@ def test_webchat_over_http_answers_an_upload_and_refuses_what_the_api_refuses(se
         assert kind == "complete" and board[-1]["role"] == "assistant"
 
 
-def asked_in_a_browser(url: str, upload: str, shown: str) -> tuple[str, int]:
+def asked_in_a_browser(url: str, upload: str, shown: str, expected: str) -> tuple[str, int]:
     """Logs into the webchat page at `url` in headless Chromium, uploads the file `upload`, asks ASKED greedily for
-    4 tokens: (the reply as the page shows it, how many `shown` elements the conversation holds)."""
-    from playwright.sync_api import sync_playwright
+    4 tokens: (the reply as the page shows it, how many `shown` elements the conversation holds), read once the
+    reply reads `expected` (it streams in) or a minute has passed, and the upload is drawn."""
+    from playwright.sync_api import TimeoutError as PageTimeout, sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -194,9 +195,14 @@ def asked_in_a_browser(url: str, upload: str, shown: str) -> tuple[str, int]:
             page.get_by_label(label).last.press("Enter")
         page.get_by_label("message").fill(ASKED)
         page.get_by_role("button", name="Send").click()
-        page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
-                               "return m && m.innerText.trim().length > 0; }", timeout=60_000)
-        reply = page.locator('#chatbot [data-testid="bot"]').inner_text().strip()
+        reply = page.locator('#chatbot [data-testid="bot"]')
+        try:
+            page.wait_for_function("e => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
+                                   "return m && m.innerText.trim() === e; }", arg=expected, timeout=60_000)
+            page.wait_for_selector(f"#chatbot {shown}", state="attached", timeout=10_000)
+        except PageTimeout:
+            pass  # the assertions say what the page shows instead
+        reply = reply.inner_text().strip() if reply.count() else ""
         count = page.locator(f"#chatbot {shown}").count()
         browser.close()
     return reply, count
@@ -206,7 +212,7 @@ def test_webchat_in_a_browser_answers_an_uploaded_image(served, vl_engine, tmp_p
     image = picture(40, 30)
     expected = vl_engine.generate([{"role": "user", "content": f"<image>{ASKED}"}], images=[image],
                                   max_new_tokens=4, temperature=0)[0].text
-    reply, pictures = asked_in_a_browser(served[0], saved(tmp_path, "a.png", png(image)), "img")
+    reply, pictures = asked_in_a_browser(served[0], saved(tmp_path, "a.png", png(image)), "img", expected.strip())
     assert reply == expected.strip()
     assert pictures == 1  # the uploaded picture, shown in the conversation
 

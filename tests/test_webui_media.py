@@ -171,6 +171,6 @@ def test_webchat_in_a_browser_answers_an_uploaded_video(served, video_engine, tm
     expected = engines_answer(video_engine, [{"role": "user", "content": f"<video>{ASKED}"}], files={"videos": [path]})
     # the page shows an uploaded video as a component of its own (its player is drawn when it is looked at)
     reply, videos = asked_in_a_browser(served[0], saved(tmp_path, "clip.mp4", demo_bytes(VIDEO)),
-                                       "[aria-label=\"user's message: a component of type video\"]")
+                                       "[aria-label=\"user's message: a component of type video\"]", expected.strip())
     assert reply == expected.strip()
     assert videos == 1
