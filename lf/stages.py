@@ -47,6 +47,8 @@ class Stage:
 
 _DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing")
 _REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model")
+_PPO_KEYS = ("reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
+             "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")
 _ENTRIES = {stage.name: stage for stage in (
     Stage("pt", "pre-training on raw text", "text", packable=True, packs_by_default=True, predicts=True,
           recipe="lf.train.sft:run_sft"),
@@ -56,10 +58,8 @@ _ENTRIES = {stage.name: stage for stage in (
           recipe="lf.train.dpo:run_dpo"),
     Stage("kto", "replies flagged desirable or not", "feedback", reference=True, logps=True,
           keys=_REFERENCE_KEYS + ("kto_chosen_weight", "kto_rejected_weight"), recipe="lf.train.kto:run_kto"),
-    Stage("ppo", "", "prompts",  # prompts only: the policy writes the replies
-          missing="TRL, which lf would build it on, no longer has a PPO trainer (TRL 1.16 keeps GRPO and RLOO for "
-                  "online RL). Train preferences offline instead: stage: dpo on pairs (chosen/rejected), or stage: "
-                  "kto on replies flagged desirable or not"),
+    Stage("ppo", "online RL from a reward model's scores", "prompts",  # prompts: the policy writes the replies
+          reference=True, keys=_PPO_KEYS + ("ref_model",), recipe="lf.train.ppo:run_ppo"),
     Stage("predict", "", "prompts"),  # data only: eval_dataset's prompts for do_predict (lf.train.predict)
 )}
 STAGES = types.MappingProxyType(_ENTRIES)  # name -> Stage, read-only; a live view: `added` shows here
