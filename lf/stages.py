@@ -3,7 +3,7 @@ rules, lf.data's plan, lf.model's loader and lf.train's recipe registry read.
 
 A stage's name is checked here only, with one error type: `trainable(name)` for what a config may train, `get(name)`
 for any entry (the data plan also builds ppo's prompts and the prediction prompts of do_predict); an unknown name
-is a ConfigError naming the stages lf trains. lf.config's rules word the same messages (`unknown`, `missing`).
+is a ConfigError naming the stages lf trains. lf.config's rules word the same messages (`unknown`).
 
 Adding a stage: its entry below, its recipe (lf/train/<name>.py, a `run_<name>(cfg, callbacks)` like sft.py), and,
 for a new kind of example, a processor in lf/data/processors.py under a new `data` name. `added(stage)` puts a
@@ -34,8 +34,7 @@ class Stage:
     logps: bool = False  # trains on the replies' summed log-probabilities (lf.model.logps: fused or TRL's)
     value_head: bool = False  # the model gets a value head scoring each sequence (XForSequenceClassification)
     keys: tuple[str, ...] = ()  # finetuning keys that tune this stage (refused with a stage that lists none)
-    recipe: str | None = None  # "module:function" that trains it; None: lf does not train it
-    missing: str | None = None  # why lf does not train a stage LLaMA-Factory has, and what to use instead
+    recipe: str | None = None  # "module:function" that trains it; None: a data-only entry
 
     def run(self, cfg, callbacks=()) -> dict:
         """Runs the recipe (imported now: this module stays light)."""
@@ -73,7 +72,7 @@ def trained() -> list[Stage]:
 def unknown(name: str) -> str | None:
     """Why a config cannot name stage `name` (it is no stage, or a data-only entry), or None."""
     stage = STAGES.get(name)
-    if stage is not None and (stage.recipe or stage.missing):
+    if stage is not None and stage.recipe:
         return None
     described = [f"{stage.name} ({stage.summary})" for stage in trained()]
     listed = f"{', '.join(described[:-1])} and {described[-1]}" if len(described) > 1 else described[0]
@@ -81,15 +80,9 @@ def unknown(name: str) -> str | None:
             f"{did_you_mean(name, [stage.name for stage in trained()])}")
 
 
-def missing(name: str) -> str | None:
-    """Why lf does not train stage `name` though LLaMA-Factory does, or None."""
-    stage = STAGES.get(name)
-    return f"stage: {name} is not in lf: {stage.missing}" if stage is not None and stage.missing else None
-
-
 def trainable(name: str) -> Stage:
     """The stage `name` if lf trains it; else a ConfigError saying why not."""
-    problem = unknown(name) or missing(name)
+    problem = unknown(name)
     if problem:
         raise ConfigError(problem)
     return STAGES[name]

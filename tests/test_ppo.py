@@ -95,8 +95,12 @@ def train(output_dir, callbacks=(), **overrides) -> dict:
 
 @pytest.fixture
 def ppo(policy_path):
-    """train() with the policy of policy_path."""
-    return lambda output_dir, **overrides: train(output_dir, model_name_or_path=policy_path, **overrides)
+    """train() with the policy of policy_path (its `policy_path`)."""
+    def train_policy(output_dir, **overrides):
+        return train(output_dir, model_name_or_path=policy_path, **overrides)
+
+    train_policy.policy_path = policy_path
+    return train_policy
 
 
 def records(output_dir):
@@ -151,3 +155,80 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_uninterrupted_end(tmp_
         a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_an_rm_trained_by_lf_scores_the_rollouts_as_transformers_and_peft_score_them(tmp_path, ppo):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lf.train.rewards import load_scorer
+
+    rm = tmp_path / "rm"
+    run(parse_train_args(options(rm, stage="rm", dataset="lf_pref_demo", max_samples=4, max_steps=2,
+                                 model_name_or_path=policy_path_of(ppo))))
+    out = tmp_path / "ppo"
+    ppo(out, reward_model_type="lora", reward_model=str(rm), max_steps=2, ppo_epochs=1, max_new_tokens=4)
+    rewards = [r["reward"] for r in records(out)]
+    assert len(rewards) == 2 and all(r == r for r in rewards) and records(out)[-1]["reward_std"] > 0
+
+    cfg = parse_train_args(options(out / "unused", **{**PPO, "reward_model_type": "lora", "reward_model": str(rm),
+                                                      "model_name_or_path": policy_path_of(ppo)}))
+    tokenizer = AutoTokenizer.from_pretrained(rm)
+    scorer = load_scorer(cfg, tokenizer, "cpu")
+    sequences = [tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello there"),
+                 tokenizer.encode("<|im_start|>user\nA longer question<|im_end|>\n<|im_start|>assistant\nNo")]
+    base = AutoModelForSequenceClassification.from_pretrained(policy_path_of(ppo), num_labels=1)
+    reference = PeftModel.from_pretrained(base, rm).eval()
+    with torch.no_grad():
+        want = [reference(input_ids=torch.tensor([s])).logits[0, 0].item() for s in sequences]
+    torch.testing.assert_close(scorer(sequences), torch.tensor(want), rtol=1e-4, atol=1e-5)
+
+
+def policy_path_of(ppo) -> str:
+    return ppo.policy_path
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"reward_model": None}, "stage: ppo trains on the scores a reward model gives the policy's replies, but "
+                             "reward_model is not set"),
+    ({"reward_model": "saves/nothing-here"}, "reward_model: saves/nothing-here is not a folder"),
+    ({"do_eval": True, "val_size": 2}, "stage: ppo does not evaluate"),
+    ({"ppo_epochs": 0}, "ppo_epochs: 0 must be at least 1"),
+])
+def test_bad_ppo_settings_stop_before_anything_loads(tmp_path, setting, expected):
+    settings = {**PPO, "reward_model_type": "full", "reward_model": "x", **setting}
+    with pytest.raises((ConfigError, TrainError)) as caught:
+        run(parse_train_args(options(tmp_path / "run", **settings)))
+    assert str(caught.value).startswith(expected), caught.value
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_model_without_a_value_head_is_refused(tmp_path):
+    sft = tmp_path / "sft"  # an adapter of an sft run: no `score` saved beside it
+    sft.mkdir()
+    (sft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "modules_to_save": None}))
+    with pytest.raises(TrainError, match=r"^reward_model: .*sft has no value head .* train one with stage: rm"):
+        train(tmp_path / "run", reward_model_type="lora", reward_model=str(sft))
+    with pytest.raises(TrainError, match=r"holds no LoRA adapter .* set reward_model_type: full"):
+        train(tmp_path / "run", reward_model_type="lora", reward_model=str(tmp_path))
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (lambda body: (200, b"<html>busy</html>"), "answered b'<html>busy</html>', not {\"scores\": [one number per"),
+    (lambda body: (200, b'{"scores": [1.0]}'), "gave 1 scores for 8 texts"),
+    (lambda body: (500, b"{}"), "answered HTTP 500 (Internal Server Error): check its log"),
+])
+def test_a_reward_endpoint_that_answers_garbage_stops_the_run_in_one_line(tmp_path, answer, expected):
+    with serving(answer) as (url, _):
+        with pytest.raises(TrainError) as caught:
+            train(tmp_path / "run", reward_model=url, max_steps=1)
+    assert str(caught.value).startswith(f"reward_model: the scoring endpoint {url} ")
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_reward_endpoint_that_is_down_stops_the_run_in_one_line(tmp_path):
+    with serving(lambda body: (200, b"")) as (url, _):
+        pass  # served, then shut: nothing listens on its port now
+    with pytest.raises(TrainError, match=r"^reward_model: the scoring endpoint .* did not answer \(.*refused.*\): "
+                                          r"start it, or fix the URL"):
+        train(tmp_path / "run", reward_model=url, max_steps=1)

@@ -280,8 +280,6 @@ RULES: tuple[Rule, ...] = (
          "model_name_or_path)"),
     Rule("stage_known", lambda c: stages.unknown(c.finetuning.stage) is not None,
          lambda c: stages.unknown(c.finetuning.stage)),
-    Rule("stage_later", lambda c: stages.missing(c.finetuning.stage) is not None,
-         lambda c: stages.missing(c.finetuning.stage)),
     Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),
     *choice_rules(),
     Rule("smoothing_needs_logistic_loss",

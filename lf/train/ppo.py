@@ -52,6 +52,7 @@ from lf.train.plot import plot_loss
 from lf.train.predict import generation_kwargs
 from lf.train.preference import _reference, eval_mode
 from lf.train.recipe import _save_run_config, prepare
+from lf.train.rewards import check as check_reward_model
 from lf.train.rewards import load_scorer
 
 log = logging.getLogger("lf")
@@ -403,6 +404,7 @@ def run_ppo(cfg, callbacks=()) -> dict:
     args, fin = cfg.training, cfg.finetuning
     if args.world_size > 1:
         raise TrainError("stage: ppo runs in one process: start it without torchrun / NPROC_PER_NODE")
+    check_reward_model(fin)
     parts = prepare(cfg)
     prompts = [row["input_ids"] for row in parts.data.train_dataset]
     if not prompts:

@@ -37,32 +37,44 @@ def load_scorer(cfg, tokenizer, device):
     return ModelScorer(_reward_model(cfg, tokenizer).to(device), tokenizer)
 
 
+def check(fin) -> None:
+    """Refuses, before anything loads, a reward model folder that is missing, is not what reward_model_type says,
+    or has no value head (TrainError)."""
+    if fin.reward_model_type == "api":
+        return
+    path = fin.reward_model
+    if not os.path.isdir(path):
+        raise TrainError(f"reward_model: {path} is not a folder: name an lf rm run's output_dir (or, with "
+                         f"reward_model_type: api, set it to the scoring endpoint's URL)")
+    if fin.reward_model_type == "lora":
+        if not os.path.exists(os.path.join(path, "adapter_config.json")):
+            raise TrainError(f"reward_model: {path} holds no LoRA adapter (adapter_config.json): for a whole reward "
+                             f"model set reward_model_type: full")
+        has_head = _adapter_head(path)
+    else:
+        has_head = _model_head(path)
+    if not has_head:
+        raise TrainError(f"reward_model: {path} has no value head (a `score` layer scoring sequences): train one "
+                         f"with stage: rm and name that run's output_dir")
+
+
 def _reward_model(cfg, tokenizer):
     """The reward model as `rm` trained it (a value head on the model), frozen, in eval mode."""
     from lf.model import load_model
 
     fin = cfg.finetuning
-    path = fin.reward_model
-    if not os.path.isdir(path):
-        raise TrainError(f"reward_model: {path} is not a folder: name an lf rm run's output_dir (or, with "
-                         f"reward_model_type: api, set it to the scoring endpoint's URL)")
-    adapter = os.path.exists(os.path.join(path, "adapter_config.json"))
-    if fin.reward_model_type == "lora":
-        if not adapter:
-            raise TrainError(f"reward_model: {path} holds no LoRA adapter (adapter_config.json): for a whole reward "
-                             f"model set reward_model_type: full")
-        _check_value_head(path, _adapter_head(path))
-        model_args = dataclasses.replace(cfg.model, adapter_name_or_path=path)
+    check(fin)
+    if fin.reward_model_type == "lora":  # the adapter over the policy's base model
+        model_args = dataclasses.replace(cfg.model, adapter_name_or_path=fin.reward_model)
     else:
-        _check_value_head(path, _model_head(path))
-        model_args = dataclasses.replace(cfg.model, model_name_or_path=path,
+        model_args = dataclasses.replace(cfg.model, model_name_or_path=fin.reward_model,
                                          adapter_name_or_path=fin.reward_model_adapters)
     model_args = dataclasses.replace(model_args, quantization_bit=fin.reward_model_quantization_bit)
     as_rm = dataclasses.replace(fin, stage="rm", finetuning_type="lora")  # the value head; adapters merged at load
     model, _ = load_model(tokenizer, model_args, as_rm, is_trainable=False)
     config = model.config  # the head reads each row's last token that is not padding (as rm trained)
     config.pad_token_id = config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    log.info("reward model: %s (%s)", path, fin.reward_model_type)
+    log.info("reward model: %s (%s)", fin.reward_model, fin.reward_model_type)
     return model.requires_grad_(False).eval()
 
 
@@ -79,12 +91,6 @@ def _model_head(path: str) -> bool:
     except OSError:
         return False
     return any(name.endswith("ForSequenceClassification") for name in architectures)
-
-
-def _check_value_head(path: str, has_head: bool) -> None:
-    if not has_head:
-        raise TrainError(f"reward_model: {path} has no value head (a `score` layer scoring sequences): train one "
-                         f"with stage: rm and name that run's output_dir")
 
 
 class ModelScorer:
@@ -116,6 +122,9 @@ class ApiScorer:
         try:
             with urllib.request.urlopen(request, timeout=API_TIMEOUT_S) as answer:
                 raw = answer.read()
+        except urllib.error.HTTPError as exc:
+            raise TrainError(f"reward_model: the scoring endpoint {self.url} answered HTTP {exc.code} ({exc.reason}): "
+                             f"check its log, or fix the URL") from exc
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TrainError(f"reward_model: the scoring endpoint {self.url} did not answer ({_reason(exc)}): start "
                              f"it, or fix the URL (reward_model_type: api posts the texts to it)") from exc
