@@ -162,3 +162,21 @@ def test_running_moments_normalise_with_every_score_seen():
         std = math.sqrt(sum((s - mean) ** 2 for s in seen) / (len(seen) - 1)) if len(seen) > 1 else 1.0
         torch.testing.assert_close(out, torch.tensor([(s - mean) / (std + 1e-8) for s in scores],
                                                      dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bias, softcap, temperature", [(False, None, 1.0), (True, None, 0.7), (True, 30.0, 0.5)])
+def test_fused_and_plain_log_probabilities_of_the_sampling_distribution_agree(bias, softcap, temperature):
+    from lf.train.ppo import token_logps
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=g) * 3)  # logits of a few tens: the soft-cap matters
+    hidden, targets = torch.randn(7, 16, generator=g), torch.randint(0, 50, (7,), generator=g)
+    logits = head(hidden).double()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    want = torch.log_softmax(logits / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+    for fused in (True, False):
+        got = token_logps(hidden, head, targets, softcap, temperature, fused)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

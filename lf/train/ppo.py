@@ -131,27 +131,11 @@ class PPO:
         where = rows.mask.bool()
         answer_hidden, targets = hidden[where], rows.ids[:, 1:][where]
         logps = torch.zeros(rows.mask.shape, device=hidden.device).masked_scatter(
-            where, self._token_logps(answer_hidden, head, targets, softcap))
+            where, token_logps(answer_hidden, head, targets, softcap, self.temperature, self.fused))
         out = [logps, self.value_head(hidden) * rows.mask if values else None]
         if entropy:
-            out.append(pm.entropy(self._logits(answer_hidden, head, softcap)).mean())
+            out.append(pm.entropy(sampling_logits(answer_hidden, head, softcap, self.temperature)).mean())
         return out
-
-    def _token_logps(self, hidden, head, targets, softcap) -> torch.Tensor:
-        if self.fused:  # logits / T = (hidden / T) W + bias / T, soft-capped at softcap / T
-            from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-
-            t = self.temperature
-            return -fused_linear_cross_entropy(hidden / t, head.weight, targets,
-                                               None if head.bias is None else head.bias / t, reduction="none",
-                                               softcap=softcap and softcap / t)
-        logits = self._logits(hidden, head, softcap).float()
-        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-
-    def _logits(self, hidden, head, softcap):
-        logits = F.linear(hidden, head.weight, head.bias)
-        logits = softcap * torch.tanh(logits / softcap) if softcap else logits
-        return logits / self.temperature
 
     @contextlib.contextmanager
     def _as_reference(self):
@@ -294,6 +278,26 @@ class PPO:
         self.moments = pm.RunningMoments(**state["moments"])
         torch.set_rng_state(state["rng"])
         return state["step"], state["log_history"]
+
+
+def token_logps(hidden, head, targets, softcap, temperature: float, fused: bool) -> torch.Tensor:
+    """log pi(target | hidden) per row under the sampling distribution softmax(logits / temperature): through lf's
+    fused linear cross-entropy (`fused`: the rows' logits exist a chunk at a time) or the head's logits."""
+    if fused:  # logits / T = (hidden / T) W + bias / T, soft-capped at softcap / T
+        from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        bias = None if head.bias is None else head.bias / temperature
+        return -fused_linear_cross_entropy(hidden / temperature, head.weight, targets, bias, reduction="none",
+                                           softcap=softcap and softcap / temperature)
+    logits = sampling_logits(hidden, head, softcap, temperature).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def sampling_logits(hidden, head, softcap, temperature: float) -> torch.Tensor:
+    """The head's logits (soft-capped where the model caps them) over the sampling temperature."""
+    logits = F.linear(hidden, head.weight, head.bias)
+    logits = softcap * torch.tanh(logits / softcap) if softcap else logits
+    return logits / temperature
 
 
 def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
