@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench ppo-step") 
                       "lf-tiny-llama, LoRA, 8 rollouts, ppo_epochs 4, fp32; kernels = use_lf_kernels true (lf's "
                       "patched model, fused log-probabilities) or false. Mean seconds per step after a warm-up.", "",
                       summary(rows)]) + "\n"
-    print(text)
-    harness.write_report(NAME, text, {"command": command, "date": harness.now(), "rows": rows,
-                                      "machine": harness.machine_facts(), "summary_md": summary(rows)}, args.quick)
-    return 0 if all("error" not in r for r in rows) else 1
+    return harness.finish(NAME, text, command, rows, summary(rows), args.quick)
 
 
 if __name__ == "__main__":
