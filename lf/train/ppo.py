@@ -96,12 +96,13 @@ class PPO:
 
     def __init__(self, cfg, parts, scorer, reference):
         args, fin = cfg.training, cfg.finetuning
-        self.cfg, self.args, self.fin = cfg, args, fin
+        self.args, self.fin = args, fin
         self.model, self.tokenizer, self.scorer, self.reference = parts.model, parts.tokenizer, scorer, reference
         self.device = args.device
         hidden = self.model.config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
-        self.model.to(self.device)
+        if not getattr(self.model, "is_quantized", False):  # (bitsandbytes has placed a quantized one)
+            self.model.to(self.device)
         self.fused = cfg.model.use_lf_kernels
         stops = parts.template.stop_token_ids(self.tokenizer)
         self.stops = set(stops)
@@ -410,6 +411,9 @@ def run_ppo(cfg, callbacks=()) -> dict:
         raise TrainError("stage: ppo runs in one process: start it without torchrun / NPROC_PER_NODE")
     check_reward_model(fin)
     parts = prepare(cfg)
+    if parts.media is not None:
+        raise TrainError(f"stage: ppo answers text prompts only, but template {parts.template.name} puts media into "
+                         f"them: train a vision-language model with sft, dpo, kto or rm")
     prompts = [row["input_ids"] for row in parts.data.train_dataset]
     if not prompts:
         raise TrainError("stage: ppo found no prompts in dataset: give an sft-format dataset (instruction/input or "
