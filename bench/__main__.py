@@ -549,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import dpo_step
 
         return dpo_step.main(argv[1:], prog="python -m bench dpo-step")
+    if argv[:1] == ["ppo-step"]:
+        from bench import ppo_step
+
+        return ppo_step.main(argv[1:], prog="python -m bench ppo-step")
     ops_argv = argv[1:] if argv[:1] == ["ops"] else argv
     args = parse_args(ops_argv, "python -m bench ops")
     if args.worker == "timing":

@@ -176,10 +176,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench dpo-step") 
                                                                f"loss {r['loss']:.6f}"), flush=True)
     command = "python -m bench dpo-step" + " --quick" * args.quick
     text = report(rows, args.quick, command)
-    print(text)
-    harness.write_report(NAME, text, {"command": command, "date": harness.now(), "rows": rows,
-                                      "machine": harness.machine_facts(), "summary_md": summary(rows)}, args.quick)
-    return 0 if all("error" not in r for r in rows) else 1
+    return harness.finish(NAME, text, command, rows, summary(rows), args.quick)
 
 
 if __name__ == "__main__":

@@ -278,6 +278,15 @@ def write_report(name: str, text: str, data: dict, quick: bool, device: str | No
     return folder / f"{stem}.md"
 
 
+def finish(name: str, text: str, command: str, rows: list[dict], summary_md: str, quick: bool) -> int:
+    """Prints a benchmark's report and writes it (write_report, with its rows and the machine's facts); its exit
+    code: 1 when a row holds an error."""
+    print(text)
+    write_report(name, text, {"command": command, "date": now(), "rows": rows, "machine": machine_facts(),
+                              "summary_md": summary_md}, quick)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 

@@ -3,7 +3,7 @@ rules, lf.data's plan, lf.model's loader and lf.train's recipe registry read.
 
 A stage's name is checked here only, with one error type: `trainable(name)` for what a config may train, `get(name)`
 for any entry (the data plan also builds ppo's prompts and the prediction prompts of do_predict); an unknown name
-is a ConfigError naming the stages lf trains. lf.config's rules word the same messages (`unknown`, `missing`).
+is a ConfigError naming the stages lf trains. lf.config's rules word the same messages (`unknown`).
 
 Adding a stage: its entry below, its recipe (lf/train/<name>.py, a `run_<name>(cfg, callbacks)` like sft.py), and,
 for a new kind of example, a processor in lf/data/processors.py under a new `data` name. `added(stage)` puts a
@@ -34,8 +34,7 @@ class Stage:
     logps: bool = False  # trains on the replies' summed log-probabilities (lf.model.logps: fused or TRL's)
     value_head: bool = False  # the model gets a value head scoring each sequence (XForSequenceClassification)
     keys: tuple[str, ...] = ()  # finetuning keys that tune this stage (refused with a stage that lists none)
-    recipe: str | None = None  # "module:function" that trains it; None: lf does not train it
-    missing: str | None = None  # why lf does not train a stage LLaMA-Factory has, and what to use instead
+    recipe: str | None = None  # "module:function" that trains it; None: a data-only entry
 
     def run(self, cfg, callbacks=()) -> dict:
         """Runs the recipe (imported now: this module stays light)."""
@@ -47,6 +46,8 @@ class Stage:
 
 _DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing")
 _REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model")
+_PPO_KEYS = ("reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
+             "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")
 _ENTRIES = {stage.name: stage for stage in (
     Stage("pt", "pre-training on raw text", "text", packable=True, packs_by_default=True, predicts=True,
           recipe="lf.train.sft:run_sft"),
@@ -56,10 +57,8 @@ _ENTRIES = {stage.name: stage for stage in (
           recipe="lf.train.dpo:run_dpo"),
     Stage("kto", "replies flagged desirable or not", "feedback", reference=True, logps=True,
           keys=_REFERENCE_KEYS + ("kto_chosen_weight", "kto_rejected_weight"), recipe="lf.train.kto:run_kto"),
-    Stage("ppo", "", "prompts",  # prompts only: the policy writes the replies
-          missing="TRL, which lf would build it on, no longer has a PPO trainer (TRL 1.16 keeps GRPO and RLOO for "
-                  "online RL). Train preferences offline instead: stage: dpo on pairs (chosen/rejected), or stage: "
-                  "kto on replies flagged desirable or not"),
+    Stage("ppo", "online RL from a reward model's scores", "prompts",  # prompts: the policy writes the replies
+          reference=True, keys=_PPO_KEYS + ("ref_model",), recipe="lf.train.ppo:run_ppo"),
     Stage("predict", "", "prompts"),  # data only: eval_dataset's prompts for do_predict (lf.train.predict)
 )}
 STAGES = types.MappingProxyType(_ENTRIES)  # name -> Stage, read-only; a live view: `added` shows here
@@ -73,7 +72,7 @@ def trained() -> list[Stage]:
 def unknown(name: str) -> str | None:
     """Why a config cannot name stage `name` (it is no stage, or a data-only entry), or None."""
     stage = STAGES.get(name)
-    if stage is not None and (stage.recipe or stage.missing):
+    if stage is not None and stage.recipe:
         return None
     described = [f"{stage.name} ({stage.summary})" for stage in trained()]
     listed = f"{', '.join(described[:-1])} and {described[-1]}" if len(described) > 1 else described[0]
@@ -81,15 +80,9 @@ def unknown(name: str) -> str | None:
             f"{did_you_mean(name, [stage.name for stage in trained()])}")
 
 
-def missing(name: str) -> str | None:
-    """Why lf does not train stage `name` though LLaMA-Factory does, or None."""
-    stage = STAGES.get(name)
-    return f"stage: {name} is not in lf: {stage.missing}" if stage is not None and stage.missing else None
-
-
 def trainable(name: str) -> Stage:
     """The stage `name` if lf trains it; else a ConfigError saying why not."""
-    problem = unknown(name) or missing(name)
+    problem = unknown(name)
     if problem:
         raise ConfigError(problem)
     return STAGES[name]

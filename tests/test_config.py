@@ -254,10 +254,9 @@ def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):
     inert = {"use_unsloth": False, "use_galore": False, "video_fps": 2.0, "infer_backend": "huggingface",
-             "video_max_pixels": 65536, "save_safetensors": True, "ppo_epochs": 4, "galore_rank": 32}
+             "video_max_pixels": 65536, "save_safetensors": True, "galore_rank": 32}
     cfg = parse_train_args({**BASE, **inert})
-    assert cfg.raw["ppo_epochs"] == 4
-    assert "ppo_epochs is ignored: it tunes ppo training (TRL no longer has a PPO trainer)" in logs.text
+    assert cfg.raw["galore_rank"] == 32
     assert "galore_rank is ignored: it tunes GaLore" in logs.text
 
 
@@ -305,10 +304,13 @@ RULE_CASES = {
     "predict_stage": ({"do_predict": True, "predict_with_generate": True, "eval_dataset": "demo", "stage": "dpo"},
                       "do_predict: true generates answers with stage: sft (or pt), not stage: dpo"),
     "stage_known": ({"stage": "sfft"}, "stage: sfft is not a training stage"),
-    "stage_later": ({"stage": "ppo"}, "stage: ppo is not in lf: TRL, which lf would build it on, no longer has a PPO "
-                                      "trainer"),
+    "ppo_needs_reward_model": ({"stage": "ppo"}, "stage: ppo trains on the scores a reward model gives the policy's "
+                                                 "replies, but reward_model is not set"),
+    "ppo_evaluates": ({"stage": "ppo", "reward_model": "saves/rm", "do_eval": True, "val_size": 0.1},
+                      "stage: ppo does not evaluate"),
     "preference_options_need_their_stage": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
-                                            "pref_loss, ref_model tune(s) dpo and kto training, but stage is sft: "
+                                            "pref_loss, ref_model tune(s) dpo and kto and ppo training, but stage is "
+                                            "sft: "
                                             "set stage: dpo"),
     "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
                                                                "orpo, simpo."),
@@ -332,6 +334,11 @@ RULE_CASES = {
                              "train_from_scratch starts from random weights"),
     "new_adapter_needs_adapter": ({"create_new_adapter": True}, "adapter_name_or_path names none"),
     "quantization_bit_choice": ({"quantization_bit": 3}, "quantization_bit: 3 is not one of null, 4, 8"),
+    "reward_model_quantization_bit_choice": ({"stage": "ppo", "reward_model": "saves/rm",
+                                              "reward_model_quantization_bit": 2},
+                                             "reward_model_quantization_bit: 2 is not one of null, 4, 8"),
+    "reward_model_type_choice": ({"stage": "ppo", "reward_model": "saves/rm", "reward_model_type": "oft"},
+                                 "reward_model_type: oft is not one of lora, full, api."),
     "quantization_needs_lora": ({"quantization_bit": 4, "finetuning_type": "full"},
                                 "QLoRA trains LoRA adapters over a quantized base: set finetuning_type: lora"),
     "quantized_adapters": ({"quantization_bit": 4, "adapter_name_or_path": "saves/a,saves/b"},
@@ -386,7 +393,8 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
     assert _owners()[key][0] == group
     stage = key_stages().get(key, ("sft",))[0]  # preference keys are read by their stage only
     for value in outside(allowed, whole=float not in (typing.get_args(annotation) or (annotation,))):
-        message = refused({**BASE, "stage": stage, key: value})
+        needed = {"reward_model": "saves/rm"} if stage == "ppo" else {}  # ppo's one required key
+        message = refused({**BASE, "stage": stage, **needed, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""
         assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"
 
@@ -423,7 +431,7 @@ def test_each_rule_refuses_its_case_alone(name):
 def test_rules_report_every_problem_at_once(example):
     message = refused([example, "stage=ppo", "lora_rank=0"])
     assert message.startswith(f"2 problems in {example}:\n  - ")
-    assert "stage: ppo is not in lf" in message and "lora_rank: 0 must be at least 1" in message
+    assert "reward_model is not set" in message and "lora_rank: 0 must be at least 1" in message
 
 
 def test_rules_pass_where_the_combination_is_fine():

@@ -4,15 +4,18 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from lf.config.model import QuantizationBit
+
 FinetuningType = Literal["full", "freeze", "lora"]
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
 PrefLoss = Literal["sigmoid", "hinge", "ipo", ReferenceFreeLoss]
+RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 
 @dataclass
 class FinetuningArguments:
-    stage: str = "sft"  # a stage lf trains (lf.stages.STAGES): pt | sft | rm | dpo | kto
+    stage: str = "sft"  # a stage lf trains (lf.stages.STAGES): pt | sft | rm | dpo | kto | ppo
     finetuning_type: FinetuningType = "lora"
     # freeze: the last n layers train (negative: the first n); modules inside them ("all", or names like mlp)
     freeze_trainable_layers: int = 2
@@ -43,6 +46,16 @@ class FinetuningArguments:
     ref_model: str | None = None  # the reference model; None: the model being trained, as it starts
     kto_chosen_weight: float = 1.0  # kto: weight of the desirable replies' loss
     kto_rejected_weight: float = 1.0  # kto: weight of the undesirable replies' loss
+    # ppo (lf.train.ppo): each step scores replies the policy writes and trains on them
+    reward_model: str | None = None  # an rm output (adapter or model) or, with reward_model_type: api, a URL
+    reward_model_type: RewardModelType = "lora"  # lora: an adapter over model_name_or_path (finetuning_type lora)
+    reward_model_adapters: str | None = None  # full: adapters loaded onto reward_model
+    reward_model_quantization_bit: QuantizationBit | None = None  # lora, full: the reward model loaded in 4 or 8 bits
+    ppo_buffer_size: int = 1  # a step's rollouts: this many x per_device_train_batch_size x accumulation
+    ppo_epochs: int = 4  # passes over a step's rollouts
+    ppo_score_norm: bool = False  # scores normalised by the running mean and std of all scores so far
+    ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
+    ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

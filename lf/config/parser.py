@@ -265,7 +265,6 @@ class Unsupported:
     fix: str = "remove the key"
 
 
-_PREFERENCE = "ppo training (TRL no longer has a PPO trainer)"
 UNSUPPORTED = types.MappingProxyType({
     # model
     "use_unsloth": Unsupported("Unsloth's patched training", fix="remove the key (lf's fused kernels are on)"),
@@ -302,10 +301,6 @@ UNSUPPORTED = types.MappingProxyType({
     "pissa_convert": Unsupported("PiSSA adapters"),
     **{key: Unsupported("OFT adapters", None) for key in ("oft_rank", "oft_block_size", "oft_target",
                                                           "module_dropout")},
-    **{key: Unsupported(_PREFERENCE, None) for key in
-       ("ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
-        "ppo_whiten_rewards", "reward_model", "reward_model_adapters", "reward_model_quantization_bit",
-        "reward_model_type")},
     "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
     "ld_alpha": Unsupported("length-desensitised dpo (LD-DPO)", (None,)),
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),

@@ -70,6 +70,7 @@ def literal_values(annotation) -> tuple:
 
 # a Literal key -> what its choice message adds after the choices
 CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
+                                       "reward_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
                                        "quantization_method": " (lf quantizes with bitsandbytes)"})
 
 
@@ -169,6 +170,10 @@ RANGES = types.MappingProxyType({
                                                   "that weight x count is about even)"),
     "kto_rejected_weight": ("finetuning", POSITIVE, "the undesirable replies' loss weight (1.0; raise the rarer "
                                                     "kind's so that weight x count is about even)"),
+    "ppo_buffer_size": ("finetuning", AT_LEAST_1, "the batches of rollouts a ppo step trains on (1 is usual)"),
+    "ppo_epochs": ("finetuning", AT_LEAST_1, "the passes over a ppo step's rollouts (4 is usual)"),
+    "ppo_target": ("finetuning", POSITIVE, "the KL the adaptive coefficient steers to (6.0 is usual; null: a fixed "
+                                           "coefficient)"),
     "gradient_checkpointing_every": ("model", AT_LEAST_1, "checkpoints one decoder layer in k (1: every layer; "
                                                           "disable_gradient_checkpointing: true for none)"),
     "temperature": ("generating", AT_LEAST_0, "the sampling temperature (0: greedy)"),
@@ -275,8 +280,6 @@ RULES: tuple[Rule, ...] = (
          "model_name_or_path)"),
     Rule("stage_known", lambda c: stages.unknown(c.finetuning.stage) is not None,
          lambda c: stages.unknown(c.finetuning.stage)),
-    Rule("stage_later", lambda c: stages.missing(c.finetuning.stage) is not None,
-         lambda c: stages.missing(c.finetuning.stage)),
     Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),
     *choice_rules(),
     Rule("smoothing_needs_logistic_loss",
@@ -296,6 +299,13 @@ RULES: tuple[Rule, ...] = (
     Rule("reward_model_head", lambda c: _stage(c, "value_head") and c.model.upcast_lmhead_output,
          "upcast_lmhead_output upcasts the LM head's logits, but stage: {f.stage} replaces the LM head with a value "
          "head (its score is float32 in the loss anyway): remove upcast_lmhead_output"),
+    Rule("ppo_needs_reward_model", lambda c: c.finetuning.stage == "ppo" and not c.finetuning.reward_model,
+         "stage: ppo trains on the scores a reward model gives the policy's replies, but reward_model is not set: name "
+         "an lf rm run's output_dir (reward_model_type: lora for its adapter, full for a whole model), or a scoring "
+         "URL with reward_model_type: api"),
+    Rule("ppo_evaluates", lambda c: c.finetuning.stage == "ppo" and _evaluates(c.training),
+         "stage: ppo does not evaluate (each step logs its rollouts' rewards instead): remove do_eval, eval_strategy, "
+         "val_size and eval_dataset"),
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),

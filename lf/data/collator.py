@@ -88,10 +88,20 @@ class Collator:
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of prompts padded on the left to the longest: batches to generate from (or to
     score the next token of), each prompt ending at the last column."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    return _padded(prompts, pad_id, left=True)
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of rows padded on the right to the longest, each starting at column 0."""
+    return _padded(rows, pad_id, left=False)
+
+
+def _padded(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+    for row, tokens in enumerate(rows):
+        columns = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+        ids[row, columns] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, columns] = 1
     return ids, mask

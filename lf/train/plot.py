@@ -1,11 +1,12 @@
-"""The loss plot: output_dir/training_loss.png (and training_eval_loss.png with evaluations), from the run's log."""
+"""The loss plot: output_dir/training_loss.png (and training_eval_loss.png with evaluations, training_reward.png
+for ppo), from the run's log."""
 
 from __future__ import annotations
 
 import math
 import os
 
-KEYS = ("loss", "eval_loss")
+KEYS = ("loss", "eval_loss", "reward")  # reward: ppo's
 
 
 def file_name(key: str) -> str:
