@@ -1,5 +1,5 @@
-"""Preference losses (dpo's sigmoid, hinge, ipo and kto_pair; orpo, simpo; kto) from the last hidden states, through the LM
-head, without ever holding the logits.
+"""Preference losses (dpo's sigmoid, hinge, ipo and kto_pair; orpo, simpo; kto) from the last hidden states,
+through the LM head, without ever holding the logits.
 
 A preference loss needs, per sequence, the summed log-probability of its reply tokens: for chosen and rejected
 replies that is twice the lm_head + log-softmax work and memory of sft. Here those sums come from
