@@ -109,3 +109,18 @@ def test_a_ppo_run_trains_on_lf_apis_scores(url, tmp_path):
                                  save_steps=1000)))
     [step] = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert math.isfinite(step["reward"]) and step["reward_std"] > 0  # the served rm told the rollouts apart
+
+
+def test_a_whole_reward_model_is_served_as_ppo_scores_with_it(tmp_path):
+    rm_full = tmp_path / "rm-full"
+    run(parse_train_args(options(rm_full, stage="rm", finetuning_type="full", dataset="lf_pref_demo", max_samples=4,
+                                 max_steps=1)))
+    scorer = _engine(parse_infer_args({"model_name_or_path": str(rm_full), "template": "qwen",
+                                       "infer_dtype": "float32"}, "api"))
+    assert not scorer.generates
+    cfg = parse_train_args(options(tmp_path / "ppo", stage="ppo", reward_model_type="full", reward_model=str(rm_full)))
+    tokenizer = AutoTokenizer.from_pretrained(rm_full)
+    want = load_scorer(cfg, tokenizer, "cpu")([tokenizer.encode(t, add_special_tokens=False) for t in TEXTS])
+    with live_server(create_app(scorer)) as base:
+        answer = post(f"{base}/v1/score/evaluation", {"model": "m", "messages": TEXTS})
+    torch.testing.assert_close(torch.tensor(answer.json()["scores"]), want, rtol=1e-4, atol=1e-5)
