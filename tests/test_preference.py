@@ -241,7 +241,7 @@ def test_the_fused_head_gives_the_logits_log_probabilities(tmp_path):
 def test_gradient_accumulation_trains_what_one_batch_trains(tmp_path):
     """The pair loss is a mean per micro-batch, which the Trainer divides by the accumulation steps: 2 x 2 pairs
     take the step 4 pairs take (SGD: see test_train's test_kernels_do_not_change_the_losses)."""
-    same = {"stage": "dpo", "pref_loss": kind, "optim": "sgd", "learning_rate": 0.5, "max_steps": 2}
+    same = {"stage": "dpo", "optim": "sgd", "learning_rate": 0.5, "max_steps": 2}
     train(tmp_path / "one", **same)
     train(tmp_path / "two", per_device_train_batch_size=2, gradient_accumulation_steps=2, **same)
     one, two = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
