@@ -86,6 +86,9 @@ def test_bad_score_requests_get_a_400_naming_the_fix(url, body, expected):
     assert answer.status_code == 400
     assert answer.json()["error"]["message"].startswith(expected), answer.text
     assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_gets_the_chat_routes_400(url):
     nan = httpx.post(url, content=b'{"model": "m", "messages": ["a"], "max_length": NaN}', timeout=60)
     assert nan.status_code == 400 and "not JSON as the API takes it" in nan.json()["error"]["message"]
 
