@@ -17,6 +17,7 @@ CASES = {  # kind -> options; frozen head unless "head" (weight gradient, comput
     "sigmoid, ftx, head": dict(ftx=0.5, head=True),
     "sigmoid, smoothing": dict(label_smoothing=0.2),
     "hinge": dict(),
+    "kto_pair, head": dict(head=True),
     "ipo, head": dict(head=True),
     "simpo": dict(),
     "orpo": dict(),
@@ -65,7 +66,7 @@ def test_equals_trls_loss_and_gradients(backend, dtype, case):
         desirable = torch.tensor([True, False, True, True, False])
         kl_policy, kl_reference = -torch.rand(rows, generator=g) * 10, -torch.rand(rows, generator=g) * 10
         extra = dict(desirable=desirable, kl=(kl_policy - kl_reference).mean())
-    elif kind != "orpo" and kind != "simpo":
+    elif kind not in ("orpo", "simpo", "kto_pair"):
         extra = dict(label_smoothing=options.pop("label_smoothing", 0.0))
     if kind == "simpo":
         extra = dict(gamma=GAMMA)

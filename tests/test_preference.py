@@ -49,7 +49,7 @@ def pair_batch(output_dir, stage):
 
 # ---- dpo ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"])
 def test_each_pref_loss_trains_saves_and_reloads_preferring_the_chosen_replies(tmp_path, kind):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -64,6 +64,8 @@ def test_each_pref_loss_trains_saves_and_reloads_preferring_the_chosen_replies(t
     assert curve[0] > curve[1] > curve[2], curve
     if kind == "sigmoid":  # LoRA starts as the identity: policy = reference, loss log 2
         assert curve[0] == pytest.approx(math.log(2), abs=1e-6)
+    if kind == "kto_pair":  # every log-ratio 0 at the start: each reply's loss 1 - sigmoid(0)
+        assert curve[0] == pytest.approx(0.5, abs=1e-6)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert all(0 <= h["rewards/accuracies"] <= 1 and "rewards/margins" in h for h in history if "loss" in h)
 
@@ -122,6 +124,16 @@ def _trl_cpo(kind, chosen, rejected, beta, gamma, smoothing):
     return CPOTrainer.cpo_loss(stand_in, chosen, rejected)[0]
 
 
+def kto_pair_loss(per_token, ref_sums, *, beta):
+    """kto_pair (TRL 1.x has none) from LLaMA-Factory's definition: the KTO loss on each pair's chosen reply as
+    desirable and rejected one as undesirable, the KL estimate of either half the other half's mean log-ratio,
+    clamped at 0; the mean over all replies."""
+    chosen, rejected = (per_token.sum(-1) - ref_sums).chunk(2)
+    chosen_kl, rejected_kl = chosen.mean().clamp(min=0), rejected.mean().clamp(min=0)
+    return torch.cat([1 - torch.sigmoid(beta * (chosen - rejected_kl)),
+                      1 - torch.sigmoid(beta * (chosen_kl - rejected))]).mean()
+
+
 def trl_loss(kind, per_token, completion, ref_sums, *, beta, gamma=0.5, smoothing=0.0, ftx=0.0):
     """TRL's loss for lf's pref_loss `kind` over per-token log-probabilities (zero outside the replies, chosen rows
     first), the completion mask (one column more) and the reference's sums. pref_ftx is TRL's DPO "sft" loss, the
@@ -131,6 +143,9 @@ def trl_loss(kind, per_token, completion, ref_sums, *, beta, gamma=0.5, smoothin
 
     sums, tokens = per_token.sum(-1), completion.sum(-1)
     means = sums / tokens
+    if kind == "kto_pair":
+        assert ftx == 0 and smoothing == 0
+        return kto_pair_loss(per_token, ref_sums, beta=beta)
     if kind in ("hinge", "ipo") or (kind == "sigmoid" and smoothing == 0):
         types, weights = ([kind, "sft"], [1.0, ftx]) if ftx else ([kind], [1.0])
         return _trl_dpo(types, weights, per_token, completion, ref_sums, beta)
@@ -185,7 +200,7 @@ def _logps(pairs, equal_lengths, seed):
 
 @pytest.mark.parametrize("kind, ftx, smoothing", [("sigmoid", 0.0, 0.0), ("hinge", 0.0, 0.0), ("ipo", 0.0, 0.0),
                                                   ("sigmoid", 0.5, 0.0), ("sigmoid", 0.0, 0.2), ("simpo", 0.0, 0.0),
-                                                  ("simpo", 0.0, 0.1), ("orpo", 0.0, 0.0)])
+                                                  ("simpo", 0.0, 0.1), ("orpo", 0.0, 0.0), ("kto_pair", 0.0, 0.0)])
 def test_dpo_losses_equal_trls_on_the_same_log_probabilities(kind, ftx, smoothing):
     beta, gamma = 0.3, 0.7
     per_token, completion, ref_sums = _logps(pairs=5, equal_lengths=ftx > 0, seed=len(kind) + int(10 * smoothing))
@@ -236,10 +251,11 @@ def test_gradient_accumulation_trains_what_one_batch_trains(tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
-def test_lf_and_trl_log_probabilities_train_the_same(tmp_path):
+@pytest.mark.parametrize("kind", ["sigmoid", "kto_pair"])
+def test_lf_and_trl_log_probabilities_train_the_same(tmp_path, kind):
     """dpo with lf's fused_linear_preference_loss (kernels on) and with TRL's fused head (use_lf_kernels: false):
     the same losses and the same adapter after two SGD steps."""
-    same = {"stage": "dpo", "optim": "sgd", "learning_rate": 0.5, "max_steps": 2}
+    same = {"stage": "dpo", "pref_loss": kind, "optim": "sgd", "learning_rate": 0.5, "max_steps": 2}
     train(tmp_path / "lf", **same)
     train(tmp_path / "trl", use_lf_kernels=False, **same)
     ours, theirs = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("lf", "trl"))
@@ -369,7 +385,7 @@ def test_a_dataset_without_pairs_is_refused_by_name_with_the_fix(tmp_path, stage
      "ref_model is some/model"),
     ({"stage": "sft", "pref_beta": 0.2}, "pref_beta tune(s) dpo and kto training, but stage is sft"),
     ({"stage": "kto", "simpo_gamma": 1.0}, "simpo_gamma tune(s) dpo training, but stage is kto"),
-    ({"stage": "dpo", "pref_loss": "kto"}, "pref_loss: kto is not one of sigmoid, hinge, ipo, orpo, simpo"),
+    ({"stage": "dpo", "pref_loss": "kto"}, "pref_loss: kto is not one of sigmoid, hinge, ipo, kto_pair, orpo, simpo"),
     ({"stage": "dpo", "pref_loss": "hinge", "dpo_label_smoothing": 0.1},
      "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: hinge"),
 ])

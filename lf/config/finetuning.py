@@ -9,7 +9,7 @@ from lf.config.model import QuantizationBit
 FinetuningType = Literal["full", "freeze", "lora"]
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
-PrefLoss = Literal["sigmoid", "hinge", "ipo", ReferenceFreeLoss]
+PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
 RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 

@@ -292,7 +292,8 @@ RULES: tuple[Rule, ...] = (
     Rule("reference_free_loss", lambda c: _reads(c, "pref_loss") and _reads(c, "ref_model")
          and c.finetuning.pref_loss in REFERENCE_FREE,
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
-         "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo) with it"),
+         "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo, "
+         "kto_pair) with it"),
     Rule("reward_model_adapters", lambda c: _stage(c, "value_head") and c.model.adapter_name_or_path is not None,
          "stage: {f.stage} puts a value head on the model, onto which lf cannot load adapters trained for generation "
          "yet: merge adapter_name_or_path into the model and name that in model_name_or_path"),

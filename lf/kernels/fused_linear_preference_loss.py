@@ -1,5 +1,5 @@
-"""Preference losses (dpo's sigmoid, hinge and ipo; orpo, simpo; kto) from the last hidden states, through the LM
-head, without ever holding the logits.
+"""Preference losses (dpo's sigmoid, hinge, ipo and kto_pair; orpo, simpo; kto) from the last hidden states,
+through the LM head, without ever holding the logits.
 
 A preference loss needs, per sequence, the summed log-probability of its reply tokens: for chosen and rejected
 replies that is twice the lm_head + log-softmax work and memory of sft. Here those sums come from
@@ -14,6 +14,10 @@ MEAN_LOGPS), d = (p_chosen - q_chosen) - (p_rejected - q_rejected), beta, e = la
   sigmoid  -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d)       (DPO; with e > 0, conservative DPO)
   hinge    max(0, 1 - beta d)
   ipo      (d - 1 / (2 beta))^2
+  kto_pair kto over the pairs, chosen desirable and rejected undesirable, each half's KL estimate the batch mean of
+           the other half's log-ratios (not detached), clamped at 0: with r_c, r_r the chosen and rejected
+           log-ratios p - q, the pair's loss is the mean of 1 - sigmoid(beta (r_c - z_r)) and
+           1 - sigmoid(beta (z_c - r_r)), z_c = max(0, mean r_c), z_r = max(0, mean r_r)
   simpo    sigmoid's form over beta (p_chosen - p_rejected) - gamma                             (no reference)
   orpo     -p_chosen - beta log sigmoid(log odds(chosen) - log odds(rejected)), odds = P / (1 - P),
            P = exp(mean log-probability): an sft term and an odds-ratio term                    (no reference)
@@ -36,7 +40,7 @@ from lf.labels import IGNORE_INDEX
 
 # The paired kinds are lf.config's pref_loss choices (PrefLoss; tests check they are the same): the kernel keeps
 # its own names so that it imports nothing of lf's config.
-PAIRED = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+PAIRED = ("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")
 KINDS = PAIRED + ("kto",)
 REFERENCE_FREE = ("orpo", "simpo")  # lf.config's ReferenceFreeLoss
 MEAN_LOGPS = ("ipo", "orpo", "simpo")  # losses over per-token mean log-probabilities (the others: sums)
@@ -80,6 +84,9 @@ def pair_losses(kind: str, chosen, rejected, ref_chosen=None, ref_rejected=None,
         losses = torch.relu(1 - beta * delta)
     elif kind == "ipo":
         losses = (delta - 1 / (2 * beta)) ** 2
+    elif kind == "kto_pair":
+        chosen_kl, rejected_kl = chosen.mean().clamp(min=0), rejected.mean().clamp(min=0)
+        losses = (2 - torch.sigmoid(beta * (chosen - rejected_kl)) - torch.sigmoid(beta * (chosen_kl - rejected))) / 2
     elif kind == "simpo":
         losses = _logistic(beta * delta - gamma, smoothing)
     elif kind == "orpo":

@@ -1,5 +1,6 @@
 """lf.serve: using a trained model. `Engine` (engine.py) generates replies; `lf chat` (chat.py) talks with it in a
-terminal, `lf api` (api.py) serves it behind an OpenAI-compatible HTTP API."""
+terminal, `lf api` (api.py) serves it behind an OpenAI-compatible HTTP API (a reward model: `Scorer`, scores.py,
+on the scoring route)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,10 @@ SHUTDOWN_GRACE_S = 3  # on SIGTERM / Ctrl-C: how long requests in flight may fin
 USAGE = f"""usage: [API_HOST=0.0.0.0] [API_PORT=8000] [API_KEY=...] lf api cfg.yaml [key=value ...]
 
 Serves the model that cfg.yaml names (model_name_or_path, adapter_name_or_path, template, generation keys) at
-http://API_HOST:API_PORT/v1 for OpenAI clients: GET /v1/models, POST /v1/chat/completions (streamed or not).
+http://API_HOST:API_PORT/v1 for OpenAI clients: GET /v1/models, POST /v1/chat/completions (streamed or not); a
+reward model (an lf rm run's output: its adapter, or the whole model) on POST /v1/score/evaluation instead, as
+LLaMA-Factory serves it ({{"model": ..., "messages": [texts], "max_length": ...}} -> {{"scores": [...]}}), which
+ppo's reward_model_type: api can name as its reward_model.
 
 Environment:
   API_HOST              the address to listen on (default 127.0.0.1: this machine only)
@@ -85,7 +88,7 @@ def _check_installed() -> None:
                           f"pip install fastapi uvicorn")
 
 
-def serve(engine: Engine, numbers: dict[str, int], media: Limits) -> int:
+def serve(engine, numbers: dict[str, int], media: Limits) -> int:
     from lf.serve.app import create_app, server
 
     host, api_key = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_KEY") or None
@@ -98,7 +101,8 @@ def serve(engine: Engine, numbers: dict[str, int], media: Limits) -> int:
         server(app, host, numbers["API_PORT"]).run()
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again
         pass
-    engine.wait_idle()  # the requests were cancelled: their generation ends at its next token
+    if engine.generates:
+        engine.wait_idle()  # the requests were cancelled: their generation ends at its next token
     return 0
 
 
@@ -108,4 +112,12 @@ def command(argv: list[str]) -> int:
     _check_installed()
     numbers = _numbers()
     media = _media(numbers)
-    return serve(Engine(parse_infer_args(argv, "api")), numbers, media)
+    return serve(_engine(parse_infer_args(argv, "api")), numbers, media)
+
+
+def _engine(cfg):
+    """A reward model is served for its scores, any other model for chat."""
+    from lf.serve.scores import Scorer
+    from lf.train.rewards import reward_type
+
+    return Scorer(cfg) if reward_type(cfg.model) else Engine(cfg)

@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP API over an Engine (FastAPI), and the uvicorn server it runs in: `GET /v1/models` and
 `POST /v1/chat/completions`, whole or streamed as server-sent events (`data: {chunk}` lines, then `data: [DONE]`),
-with n, stop, temperature, top_p, max_tokens and tools / tool_calls.
+with n, stop, temperature, top_p, max_tokens and tools / tool_calls. A reward model (lf.serve.scores.Scorer) is
+served on LLaMA-Factory's `POST /v1/score/evaluation` instead ({"model", "messages": [texts], "max_length"} answered
+by {"id", "object": "score.evaluation", "model", "scores"}); each route refuses the other kind of model (400).
 
 OpenAI messages map onto lf's canonical conversation: system (or developer) messages lead and become the system
 prompt; an assistant message with tool_calls is a `function` reply; consecutive `tool` messages are one
@@ -57,9 +59,11 @@ from lf.errors import DataError
 from lf.serve.api import KEEP_ALIVE_S, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_GRACE_S
 from lf.serve.engine import Engine, Generation, Reply, RequestError
 from lf.serve.media import Images, Limits, MediaError, conversation_content
+from lf.serve.scores import Scorer
 
 log = logging.getLogger("lf")
 T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
 
 MAX_N = 128  # choices per request, OpenAI's cap
 RETRY_AFTER_S = 1  # what a 503 tells clients to wait: a turn is often short
@@ -128,6 +132,12 @@ class Tool(BaseModel):
     function: FunctionDefinition
 
 
+class ScoreEvaluationRequest(BaseModel):  # LLaMA-Factory's
+    model: str
+    messages: list[str] = Field(min_length=1)  # the texts to score
+    max_length: int | None = Field(None, ge=1)  # each text's first max_length tokens are scored
+
+
 class ChatCompletionRequest(BaseModel):
     model: str | None = None  # one model is served: any name is answered by it
     messages: list[Message] = Field(min_length=1)
@@ -141,7 +151,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
 
 
-def create_app(engine: Engine, api_key: str | None = None, *, model_name: str | None = None,
+def create_app(engine: Engine | Scorer, api_key: str | None = None, *, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE, media: Limits = Limits()) -> FastAPI:
     """The app serving `engine`. `api_key`: requests must carry `Authorization: Bearer <api_key>` (none or empty:
     no authentication); `model_name`: the model's id for clients (default: public_name of its path); `media`: what
@@ -162,6 +172,9 @@ def create_app(engine: Engine, api_key: str | None = None, *, model_name: str | 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        if not engine.generates:
+            raise HTTPException(400, f"{model_id} is a reward model: it scores texts (POST /v1/score/evaluation) and "
+                                     f"writes no replies; serve a chat model for chat completions")
         body = await request.body()
         # parsing and tokenizing a long prompt take a while: not on the event loop, which answers everyone
         chat, generations = await run_in_threadpool(_prepare, engine, body, media)
@@ -181,6 +194,21 @@ def create_app(engine: Engine, api_key: str | None = None, *, model_name: str | 
                                          for i, r in enumerate(replies)],
                              "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                        "total_tokens": prompt + completion}})
+
+    @app.post("/v1/score/evaluation")
+    async def score_evaluation(request: Request) -> JSONResponse:
+        if engine.generates:
+            raise HTTPException(400, f"{model_id} is not a reward model (it has no value head): serve an lf rm run's "
+                                     f"output (its adapter, or the whole model) to score texts")
+        score = _parse(await request.body(), ScoreEvaluationRequest)
+        try:
+            sequences = await run_in_threadpool(engine.encode, score.messages, score.max_length)
+        except RequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+        async with turns.enter([]):  # the model's turn, as generating requests take it
+            scores = await run_in_threadpool(engine.scores, sequences)
+        return JSONResponse({"id": f"scoreval-{uuid.uuid4().hex}", "object": "score.evaluation", "model": score.model,
+                             "scores": scores})
 
     return app
 
@@ -281,8 +309,8 @@ def _finite(number: str) -> float:
     return value
 
 
-def _parse(body: bytes) -> ChatCompletionRequest:
-    """The chat completion request in `body`, refused (400) unless it is JSON holding finite numbers and text."""
+def _parse(body: bytes, kind: type[R] = ChatCompletionRequest) -> R:
+    """The request of `kind` in `body`, refused (400) unless it is JSON holding finite numbers and text."""
     try:
         data = json.loads(body, parse_float=_finite, parse_constant=_finite)
     except ValueError as exc:  # not JSON, not UTF-8, or a number refused above
@@ -293,7 +321,7 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         raise HTTPException(400, f"the request holds a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!r}), "
                                  f"which is no character: escape a character beyond U+FFFF as a pair of them") from None
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise HTTPException(400, f"invalid request: {problems}") from None

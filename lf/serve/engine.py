@@ -111,6 +111,8 @@ class Engine:
     """A model ready to answer conversations in lf's canonical form: {"role", "content"} messages alternating
     user | observation and assistant | function, ending with user or observation."""
 
+    generates = True  # a model that writes replies (lf.serve.scores.Scorer: one that scores texts)
+
     def __init__(self, cfg, device: str | None = None):
         """`cfg`: an InferConfig (lf.config.parse_infer_args). `device`: default cuda when available, else cpu."""
         if cfg.generating.num_beams != 1:

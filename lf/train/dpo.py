@@ -1,7 +1,7 @@
 """The dpo recipe: prompts with a chosen and a rejected reply train a policy that prefers the chosen ones, by the
-loss of `pref_loss` (sigmoid | hinge | ipo | orpo | simpo: lf.kernels.fused_linear_preference_loss gives the
-formulas) over the log-probabilities of both replies under the policy and the reference (orpo and simpo use
-none). sft.py's steps over lf's pairwise data; the trainer, reference and recipe are lf.train.preference's."""
+loss of `pref_loss` (sigmoid | hinge | ipo | kto_pair | orpo | simpo: lf.kernels.fused_linear_preference_loss
+gives the formulas) over the log-probabilities of both replies under the policy and the reference (orpo and simpo
+use none). sft.py's steps over lf's pairwise data; the trainer, reference and recipe are lf.train.preference's."""
 
 from __future__ import annotations
 

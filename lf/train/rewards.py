@@ -8,8 +8,9 @@ and reply token ids) to one float score per sequence:
         sequences' texts, special tokens kept]} answered by {"scores": [one number per text]}
 
 The reward model is its own frozen copy beside the policy, scoring the last token of each sequence (where an `rm`
-run trained it to). A reward model that is missing or has no value head, and an endpoint that is down or answers
-anything else, stop the run with one line saying what to do.
+run trained it to); `lf api` serves the same scores (lf.serve.scores, through `served_scorer`). A reward model that
+is missing or has no value head, and an endpoint that is down or answers anything else, stop the run with one line
+saying what to do.
 """
 
 from __future__ import annotations
@@ -35,6 +36,26 @@ def load_scorer(cfg, tokenizer, device):
     if fin.reward_model_type == "api":
         return ApiScorer(fin.reward_model, tokenizer)
     return ModelScorer(_reward_model(cfg, tokenizer).to(device), tokenizer)
+
+
+def reward_type(model_args) -> str | None:
+    """How an inference config's model is a reward model: "lora" when its adapter is an lf rm output (the value head
+    saved beside it), "full" when the model itself has a value head, None when it is not one (it generates)."""
+    adapter = model_args.adapter_name_or_path
+    if adapter and os.path.exists(os.path.join(adapter, "adapter_config.json")) and _adapter_head(adapter):
+        return "lora"
+    return "full" if _model_head(model_args.model_name_or_path) else None
+
+
+def served_scorer(cfg, tokenizer, device: str) -> ModelScorer:
+    """The scorer of the reward model an inference config (`lf api`'s) names, loaded as ppo loads its
+    reward_model: the model (with its adapters) as reward_type finds it."""
+    kind, model = reward_type(cfg.model), cfg.model
+    fin = dataclasses.replace(cfg.finetuning, reward_model_type=kind,
+                              reward_model_quantization_bit=model.quantization_bit,
+                              reward_model=model.adapter_name_or_path if kind == "lora" else model.model_name_or_path,
+                              reward_model_adapters=None if kind == "lora" else model.adapter_name_or_path)
+    return ModelScorer(_reward_model(dataclasses.replace(cfg, finetuning=fin), tokenizer).to(device), tokenizer)
 
 
 def check(fin) -> None:
