@@ -313,7 +313,7 @@ RULE_CASES = {
                                             "sft: "
                                             "set stage: dpo"),
     "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
-                                                               "orpo, simpo."),
+                                                               "kto_pair, orpo, simpo."),
     "smoothing_needs_logistic_loss": ({"stage": "dpo", "pref_loss": "ipo", "dpo_label_smoothing": 0.1},
                                       "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: ipo"),
     "simpo_gamma_needs_simpo": ({"stage": "dpo", "simpo_gamma": 1.0}, "simpo_gamma is the margin of the simpo loss, "
