@@ -3,7 +3,8 @@ back with gguf's own reader: every tensor under llama.cpp's name with HF's value
 shift and the expert split llama.cpp wants, undone here), the metadata llama.cpp's loader reads for the
 architecture, and a vocabulary that tokenizes as the HF tokenizer does (SentencePiece vocabularies are tokenized
 here the way llama.cpp's SPM tokenizer does, from the scores in the file); then each file run by llama.cpp itself
-(node-llama-cpp's prebuilt CPU build, tests/llama_cpp_run.mjs): its next-token log-probabilities are HF's."""
+(node-llama-cpp's prebuilt CPU build, tests/llama_cpp_run.mjs): its tokens of the texts and its next-token
+log-probabilities are HF's."""
 
 import json
 import os
@@ -231,9 +232,11 @@ def llama_cpp() -> Path:
     return folder
 
 
-def run_llama_cpp(folder: Path, path: Path, prompt: list[int], steps: int, top: int) -> dict:
-    """llama.cpp's greedy continuation of `prompt` and, per step, its `top` best tokens' log-probabilities."""
-    done = subprocess.run(["node", str(RUNNER), str(folder), str(path), json.dumps(prompt), str(steps), str(top)],
+def run_llama_cpp(folder: Path, path: Path, prompt: list[int], steps: int, top: int, texts=()) -> dict:
+    """llama.cpp's greedy continuation of `prompt`, per step its `top` best tokens' log-probabilities, and its
+    tokenizer's ids for `texts`."""
+    done = subprocess.run(["node", str(RUNNER), str(folder), str(path), json.dumps(prompt), str(steps), str(top),
+                           json.dumps(texts)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -248,11 +251,13 @@ LOGPROB_TOL = 5e-3
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_runs_each_family(family, exported, llama_cpp):
-    """llama.cpp loads the file and continues a prompt greedily: at each step its best tokens' log-probabilities
-    are those HF gives on the same ids, and its token is HF's top-1 (or within the tolerance of it)."""
+    """llama.cpp loads the file, tokenizes as HF does, and continues a prompt greedily: at each step its best
+    tokens' log-probabilities are those HF gives on the same ids, and its token is HF's top-1 (or within the
+    tolerance of it)."""
     model, tokenizer, _, path = exported(family)
     prompt = tokenizer("Hello world, how are you?")["input_ids"]
-    ran = run_llama_cpp(llama_cpp, path, prompt, steps=6, top=8)
+    ran = run_llama_cpp(llama_cpp, path, prompt, steps=6, top=8, texts=TEXTS)
+    assert ran["tokenized"] == [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
     assert len(ran["tokens"]) == 6
     with torch.no_grad():
         logits = model(torch.tensor([prompt + ran["tokens"]])).logits[0, len(prompt) - 1:-1]
