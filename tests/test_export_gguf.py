@@ -2,18 +2,26 @@
 back with gguf's own reader: every tensor under llama.cpp's name with HF's values (after the permutation, the norm
 shift and the expert split llama.cpp wants, undone here), the metadata llama.cpp's loader reads for the
 architecture, and a vocabulary that tokenizes as the HF tokenizer does (SentencePiece vocabularies are tokenized
-here the way llama.cpp's SPM tokenizer does, from the scores in the file)."""
+here the way llama.cpp's SPM tokenizer does, from the scores in the file); then each file run by llama.cpp itself
+(node-llama-cpp's prebuilt CPU build, tests/llama_cpp_run.mjs): its tokens of the texts and its next-token
+log-probabilities are HF's."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 from test_export import read_gguf, unpermute
-from support import npm_tokenizer
+from support import CACHE, npm_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lf.data import get_template
-from lf.errors import ModelError
+from lf.errors import ConfigError, ModelError
 from lf.export.to_gguf import check_gguf, write_gguf
 
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -68,10 +76,11 @@ def tiny(family: str):
     tokenizer.chat_template = template.to_jinja()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family, tokenizer)).eval()
-    with torch.no_grad():  # norms of ones (or Gemma's zeros) would hide a missing or wrong shift
+    with torch.no_grad():
         for p in model.parameters():
-            if p.ndim == 1:
-                p.normal_(0, 0.5)
+            # norms of ones (or Gemma's zeros) would hide a missing or wrong shift; weights ten times the usual
+            # init keep attention away from uniform, where a wrong rotation or scale would change nothing
+            p.normal_(0, 0.5 if p.ndim == 1 else 0.2)
     return model, tokenizer, template
 
 
@@ -125,11 +134,25 @@ ARCH_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_
              "attention.head_count_kv", "rope.dimension_count", "vocab_size")
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (model, tokenizer, template, its f32 GGUF), each written once for the tests below."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            model, tokenizer, template = tiny(family)
+            folder = tmp_path_factory.mktemp("tiny")
+            done[family] = model, tokenizer, template, write_gguf(model, tokenizer, template, folder, "f32")
+        return done[family]
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gguf_of_each_family(family, tmp_path):
-    model, tokenizer, template = tiny(family)
+def test_gguf_of_each_family(family, exported):
+    model, tokenizer, template, path = exported(family)
     config, arch = model.config, FAMILIES[family][4]
-    fields, tensors = read_gguf(write_gguf(model, tokenizer, template, tmp_path, "f32"))
+    fields, tensors = read_gguf(path)
 
     expected = expected_tensors(model, family)
     assert tensors.keys() == expected.keys()
@@ -185,6 +208,82 @@ def test_gguf_of_each_family(family, tmp_path):
         assert len(merges) > 100_000 and all(" " in m for m in merges[:1000])
 
 
+LLAMA_CPP = ("node-llama-cpp@3.22.1", "@node-llama-cpp/linux-x64@3.22.1")  # its prebuilt llama.cpp for the CPU
+RUNNER = Path(__file__).with_name("llama_cpp_run.mjs")
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> Path:
+    """A folder with node-llama-cpp and its prebuilt Linux x64 CPU binaries, installed once into CACHE (npm only:
+    its install script, which would download or build llama.cpp, is not run)."""
+    folder = CACHE / "node-llama-cpp-3.22.1"
+    if not (folder / "node_modules" / "@node-llama-cpp" / "linux-x64").is_dir():
+        if shutil.which("npm") is None or shutil.which("node") is None:
+            pytest.skip("node and npm are not installed: npm fetches node-llama-cpp, the llama.cpp these tests run")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "package.json").write_text('{"private": true}')
+        done = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--omit=optional",
+                               "--ignore-scripts", *LLAMA_CPP], cwd=folder, capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            shutil.rmtree(folder)
+            pytest.skip(f"npm install {' '.join(LLAMA_CPP)} failed: {done.stderr.strip()[-300:]}")
+    return folder
+
+
+def run_llama_cpp(folder: Path, path: Path, prompt: list[int], steps: int, top: int, texts=()) -> dict:
+    """llama.cpp's greedy continuation of `prompt`, per step its `top` best tokens' log-probabilities, and its
+    tokenizer's ids for `texts`."""
+    done = subprocess.run(["node", str(RUNNER), str(folder), str(path), json.dumps(prompt), str(steps), str(top),
+                           json.dumps(texts)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+# measured (f32 files, 6 steps, f32 KV cache): llama.cpp's log-probabilities are HF's within 2.4e-3 (Gemma 3; 5e-4
+# to 1.2e-3 for the others) and its greedy tokens are HF's; the smallest top-1 margin is 2.7e-3 (Qwen3), so a token
+# is checked against HF's top-1 within the tolerance, not for equality
+LOGPROB_TOL = 5e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_runs_each_family(family, exported, llama_cpp):
+    """llama.cpp loads the file, tokenizes as HF does, and continues a prompt greedily: at each step its best
+    tokens' log-probabilities are those HF gives on the same ids, and its token is HF's top-1 (or within the
+    tolerance of it)."""
+    model, tokenizer, _, path = exported(family)
+    prompt = tokenizer("Hello world, how are you?")["input_ids"]
+    ran = run_llama_cpp(llama_cpp, path, prompt, steps=6, top=8, texts=TEXTS)
+    assert ran["tokenized"] == [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
+    assert len(ran["tokens"]) == 6
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ran["tokens"]])).logits[0, len(prompt) - 1:-1]
+    hf = torch.log_softmax(logits.double(), -1)
+    for step, (token, top) in enumerate(zip(ran["tokens"], ran["top"])):
+        ids, values = [i for i, _ in top], torch.tensor([v for _, v in top], dtype=torch.float64)
+        assert ids[0] == token
+        torch.testing.assert_close(values, hf[step, ids], rtol=0, atol=LOGPROB_TOL, msg=f"step {step}")
+        assert hf[step, token] >= hf[step].max() - LOGPROB_TOL, f"step {step}"
+
+
+def test_a_phi3_name_llama_cpp_would_not_load_is_refused(exported, llama_cpp, tmp_path):
+    """llama.cpp gives a file named like Phi-3 Phi-3's token attributes, found by text: with Llama 2's tokenizer
+    (no <|endoftext|>) it fails to load, so check_gguf refuses that export_dir name, and only with that tokenizer."""
+    model, tokenizer, template, _ = exported("phi3")
+    (tmp_path / "my-phi3").mkdir()
+    path = write_gguf(model, tokenizer, template, tmp_path / "my-phi3", "f32")
+    with pytest.raises(AssertionError, match="error loading model vocabulary"):
+        run_llama_cpp(llama_cpp, path, [1], steps=1, top=1)
+    with pytest.raises(ConfigError, match="export_dir: ") as refused:
+        check_gguf(model.config, tokenizer, "f32", "my-phi3")
+    assert "<|endoftext|>" in str(refused.value) and "\n" not in str(refused.value)
+    check_gguf(model.config, tokenizer, "f32", "my-model")
+    phi3 = family_tokenizer("phi3")  # Phi-3's own vocabulary: Llama 2's with <|endoftext|> added
+    phi3.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    check_gguf(model.config, phi3, "f32", "Phi-3-sft")
 REFUSALS = [
     ("gemma2", dict(tie_word_embeddings=False), "an untied output head"),
     ("gemma2", dict(query_pre_attn_scalar=16), "query_pre_attn_scalar 16 differs from the 8 llama.cpp scales"),

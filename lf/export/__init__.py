@@ -63,7 +63,7 @@ def export(cfg) -> dict:
     if args.export_gguf is not None:
         from lf.export.to_gguf import check_gguf
 
-        check_gguf(base_config, tokenizer, args.export_gguf)
+        check_gguf(base_config, tokenizer, args.export_gguf, Path(args.export_dir).resolve().name)
     media = _image_side(cfg, base_config, tokenizer, template)
     model = _merged_model(cfg, tokenizer, _dtype_name(args.export_dtype, base_config))
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)

@@ -29,9 +29,9 @@ _TYPES = MappingProxyType({"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def check_gguf(config, tokenizer, gguf_type: str) -> None:
+def check_gguf(config, tokenizer, gguf_type: str, name: str = "") -> None:
     """Refuses, before any weight loads, a GGUF type, model family, rope scaling or tokenizer this module cannot
-    write."""
+    write, and a file name (export_dir's) llama.cpp would not load with this tokenizer."""
     if gguf_type not in GGUF_TYPES:
         raise ConfigError(f"export_gguf: {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     try:
@@ -47,6 +47,22 @@ def check_gguf(config, tokenizer, gguf_type: str) -> None:
         raise _unsupported(f"this {config.model_type} model has {problem}")
     _rope(config)
     vocab_spec(tokenizer, _unsupported)
+    _check_name(name, tokenizer)
+
+
+# llama.cpp gives a model whose general.name holds one of these Phi-3's token attributes, looking up these tokens by
+# text: a vocabulary that lacks one fails to load
+_PHI3_NAMES = ("phi3", "phi-3")
+_PHI3_TOKENS = ("<s>", "</s>", "<unk>", "<|endoftext|>")
+
+
+def _check_name(name: str, tokenizer) -> None:
+    if any(phi3 in name.lower() for phi3 in _PHI3_NAMES):
+        missing = [token for token in _PHI3_TOKENS if token not in tokenizer.get_vocab()]
+        if missing:
+            raise ConfigError(f"export_dir: llama.cpp reads a GGUF named {name!r} as Phi-3's and then needs the "
+                              f"tokens {', '.join(missing)}, which this tokenizer lacks: choose an export_dir "
+                              f"whose name holds neither {' nor '.join(_PHI3_NAMES)}")
 
 
 def _unsupported(what: str) -> ModelError:
