@@ -33,6 +33,7 @@ class Stage:
     reference: bool = False  # compares the policy with a reference model (unless its loss is reference-free)
     logps: bool = False  # trains on the replies' summed log-probabilities (lf.model.logps: fused or TRL's)
     value_head: bool = False  # the model gets a value head scoring each sequence (XForSequenceClassification)
+    media: bool = True  # its examples may carry images, videos, audio (when its data kind's processor does)
     keys: tuple[str, ...] = ()  # finetuning keys that tune this stage (refused with a stage that lists none)
     recipe: str | None = None  # "module:function" that trains it; None: a data-only entry
 
@@ -58,7 +59,7 @@ _ENTRIES = {stage.name: stage for stage in (
     Stage("kto", "replies flagged desirable or not", "feedback", reference=True, logps=True,
           keys=_REFERENCE_KEYS + ("kto_chosen_weight", "kto_rejected_weight"), recipe="lf.train.kto:run_kto"),
     Stage("ppo", "online RL from a reward model's scores", "prompts",  # prompts: the policy writes the replies
-          reference=True, keys=_PPO_KEYS + ("ref_model",), recipe="lf.train.ppo:run_ppo"),
+          reference=True, media=False, keys=_PPO_KEYS + ("ref_model",), recipe="lf.train.ppo:run_ppo"),
     Stage("predict", "", "prompts"),  # data only: eval_dataset's prompts for do_predict (lf.train.predict)
 )}
 STAGES = types.MappingProxyType(_ENTRIES)  # name -> Stage, read-only; a live view: `added` shows here
@@ -67,6 +68,11 @@ STAGES = types.MappingProxyType(_ENTRIES)  # name -> Stage, read-only; a live vi
 def trained() -> list[Stage]:
     """The stages lf trains, in the table's order."""
     return [stage for stage in STAGES.values() if stage.recipe]
+
+
+def with_media(kinds) -> list[str]:
+    """The trained stages whose examples may carry media: their data is of one of `kinds` (lf.data.pipeline's)."""
+    return [stage.name for stage in trained() if stage.media and stage.data in kinds]
 
 
 def unknown(name: str) -> str | None:

@@ -498,12 +498,13 @@ def test_images_with_a_text_template(qwen2_vl, tmp_path):
         tokenize(qwen2_vl, "qwen", folder)
 
 
-def test_images_with_stage_pt_are_refused(qwen2_vl, tmp_path):
+@pytest.mark.parametrize("stage", ["pt", "ppo"])  # pt reads plain text; ppo's policy answers text prompts only
+def test_images_with_a_stage_that_reads_none_are_refused(qwen2_vl, tmp_path, stage):
     folder = write_dataset(tmp_path, [chat("<image>hi", ["x.jpg"])])
     p = prepared(qwen2_vl, "qwen2_vl", dataset="d", dataset_dir=str(folder))
-    with pytest.raises(DataError, match=r"^stage pt does not read images \(d have them\): train them with one of "
-                                        r"the stages sft, rm, dpo, kto$"):
-        get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage="pt", media=p.media)
+    with pytest.raises(DataError, match=rf"^stage {stage} does not read images \(d have them\): train them with one "
+                                        r"of the stages sft, rm, dpo, kto$"):
+        get_dataset(p.data_args, tokenizer=p.tokenizer, template=p.template, stage=stage, media=p.media)
 
 
 def test_large_images_are_resized_into_the_pixel_limits(qwen2_vl, tmp_path, caplog):

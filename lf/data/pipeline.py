@@ -138,8 +138,8 @@ def check_images(data_args, plan: Plan, template, media) -> None:
             raise DataError(f"template {template.name} does not take {missing[0]} (dataset {name} has them; it takes "
                             f"{', '.join(media.columns)}): templates that do: {takers}; use the template and model of "
                             f"such a family, or drop the column from the dataset's entry")
-    if plan.data not in WITH_IMAGES:
-        takes = ", ".join(s.name for s in stages.trained() if s.data in WITH_IMAGES)
+    if plan.data not in WITH_IMAGES or not stages.get(plan.stage).media:
+        takes = ", ".join(stages.with_media(WITH_IMAGES))
         raise DataError(f"stage {plan.stage} does not read {what} ({names} have them): train them with one of "
                         f"the stages {takes}")
 

@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lf import stages
 from lf.data.collator import left_padded, right_padded
+from lf.data.pipeline import WITH_IMAGES
 from lf.errors import TrainError
 from lf.train import ppo_math as pm
 from lf.train.callbacks import LOG_FILE, _duration, _keep_until
@@ -413,7 +415,8 @@ def run_ppo(cfg, callbacks=()) -> dict:
     parts = prepare(cfg)
     if parts.media is not None:
         raise TrainError(f"stage: ppo answers text prompts only, but template {parts.template.name} puts media into "
-                         f"them: train a vision-language model with sft, dpo, kto or rm")
+                         f"them: train a vision-language model with one of the stages "
+                         f"{', '.join(stages.with_media(WITH_IMAGES))}")
     prompts = [row["input_ids"] for row in parts.data.train_dataset]
     if not prompts:
         raise TrainError("stage: ppo found no prompts in dataset: give an sft-format dataset (instruction/input or "
