@@ -3,8 +3,8 @@ Liger-Kernel, at Llama-3-8B, Qwen2.5-7B and Gemma-2-9B widths in fp32 and bf16: 
 forward+backward time, peak memory, and lf's bandwidth (and FLOP/s) as a share of the machine's own limits
 measured in the same run. See bench/README.md ("lf CPU kernel benchmark").
 
-``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]`` and ``python -m bench dpo-step [...]``
-run those benchmarks instead.
+``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]``, ``python -m bench dpo-step [...]``,
+``python -m bench ppo-step [...]`` and ``python -m bench triton-aot [...]`` run those benchmarks instead.
 """
 
 from __future__ import annotations
@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import ppo_step
 
         return ppo_step.main(argv[1:], prog="python -m bench ppo-step")
+    if argv[:1] == ["triton-aot"]:
+        from bench import triton_aot
+
+        return triton_aot.main(argv[1:], prog="python -m bench triton-aot")
     ops_argv = argv[1:] if argv[:1] == ["ops"] else argv
     args = parse_args(ops_argv, "python -m bench ops")
     if args.worker == "timing":
