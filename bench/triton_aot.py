@@ -182,11 +182,11 @@ def _called_names(fn) -> set[str]:
     return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
 
-def uncovered(launched: set[tuple[str, str]], modules: dict[str, object] | None = None) -> list[str]:
+def uncovered(launched: set[tuple[str, str]]) -> list[str]:
     """The ``module.function`` of every @triton.jit function in kernels/ that no launch compiles: neither
     launched (``launched`` holds (module, kernel)) nor called, directly or not, from a launched kernel."""
     missing = []
-    for module_name, module in (modules or kernel_modules()).items():
+    for module_name, module in kernel_modules().items():
         jit = _jit_functions(module)
         todo = [k for m, k in launched if m == module_name]
         reached = set(todo)
@@ -218,13 +218,12 @@ def _target(arch: int):
     return GPUTarget("cuda", arch, 32)
 
 
-def specialise(launch: Launch, arch: int, kernel=None) -> Job:
-    """What a real launch with these arguments would compile on ``arch``: Triton's binder and _pack_args, as
-    JITFunction.run calls them, with the backend of ``arch`` instead of the driver's current one."""
+def specialise(launch: Launch, kernel, arch: int) -> Job:
+    """What a real launch of ``kernel`` (a JITFunction) with these arguments would compile on ``arch``: Triton's
+    binder and _pack_args, as JITFunction.run calls them, with the backend of ``arch`` instead of the driver's."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kernel = kernel or _jit_functions(kernel_modules()[launch.module])[launch.kernel]
     backend = make_backend(_target(arch))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
@@ -241,7 +240,7 @@ def jobs(all_launches: list[Launch], archs: tuple[int, ...] = ARCHS) -> list[Job
     for launch in all_launches:
         kernel = _jit_functions(modules[launch.module])[launch.kernel]
         for arch in archs:
-            job = specialise(launch, arch, kernel)
+            job = specialise(launch, kernel, arch)
             key = repr((job.module, job.kernel, arch, job.signature, sorted(job.constexprs.items()),
                         sorted(job.attrs.items()), sorted(job.options.items())))
             if key in found:
