@@ -50,6 +50,7 @@ MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 
 # Llama-3-8B. The token count sets grids only, which do not change the compiled code.
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 128256, 32, 8, 128
+WIDE_HIDDEN = 16384  # Llama-3.1-405B's: the widest norm of a supported model
 TOKENS = 2048
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -62,13 +63,16 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _rms_norm_cases(m, dtype: torch.dtype) -> Iterator[Case]:
     """The decoder's norms: Llama's casting and the others' (Gemma's, none), backward with a trained weight and
-    with a frozen one (LoRA)."""
-    x, w, rstd = _meta(TOKENS, HIDDEN, dtype=dtype), _meta(HIDDEN, dtype=dtype), _meta(TOKENS, dtype=torch.float32)
-    for casting in ("llama", "gemma"):
-        yield f"forward {casting}", functools.partial(m.forward, x, w, torch.empty_like(x), rstd, 1e-5, 0.0, casting)
-        for dw, name in ((torch.empty_like(w), "trained"), (None, "frozen")):
-            yield (f"backward {casting}, {name} weight",
-                   functools.partial(m.backward, x, x, w, rstd, torch.empty_like(x), dw, 0.0, casting))
+    with a frozen one (LoRA); and Llama's at Llama-3.1-405B's width, whose backward goes in column chunks."""
+    for cols, castings in ((HIDDEN, ("llama", "gemma")), (WIDE_HIDDEN, ("llama",))):
+        x, w, rstd = _meta(TOKENS, cols, dtype=dtype), _meta(cols, dtype=dtype), _meta(TOKENS, dtype=torch.float32)
+        width = "" if cols == HIDDEN else f", {cols} columns"
+        for casting in castings:
+            yield (f"forward {casting}{width}",
+                   functools.partial(m.forward, x, w, torch.empty_like(x), rstd, 1e-5, 0.0, casting))
+            for dw, name in ((torch.empty_like(w), "trained"), (None, "frozen")):
+                yield (f"backward {casting}, {name} weight{width}",
+                       functools.partial(m.backward, x, x, w, rstd, torch.empty_like(x), dw, 0.0, casting))
 
 
 def _cross_entropy_cases(m, dtype: torch.dtype) -> Iterator[Case]:

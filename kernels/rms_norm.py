@@ -97,6 +97,13 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, part_ptr, rows, cols, of
                     tl.store(part_row + c, p + dy * _xhat(x, rstd, dtype, LLAMA), mask=mask)
 
 
+# The widest block each pass takes in one piece: past them ptxas spills (bench/triton_aot.py, sm_80 and sm_90; at
+# 32 warps a thread gets 64 registers). The forward holds one row of x; the backward's one-block path holds x, dy,
+# the weight and the partial dw, which spilled from 16384 columns, and 65536-column chunks spilled in both passes.
+FWD_MAX_BLOCK = 16384
+BWD_MAX_BLOCK = 8192
+
+
 def _block(cols, max_block):
     """(BLOCK, ONE_BLOCK, num_warps): the whole row, or chunks of max_block rounded down to 2**k."""
     if cols <= max_block:
@@ -106,14 +113,14 @@ def _block(cols, max_block):
     return block, one, max(1, min(32, block // 512))  # 16 values a thread: no spills up to 8K
 
 
-def forward(x, w, y, rstd, eps: float, offset: float, casting: str, max_block: int = 65536) -> None:
+def forward(x, w, y, rstd, eps: float, offset: float, casting: str, max_block: int = FWD_MAX_BLOCK) -> None:
     rows, cols = x.shape
     block, one, warps = _block(cols, max_block)
     _fwd_kernel[(rows,)](x, w, y, rstd, cols, eps, offset,
                          LLAMA=casting == "llama", BLOCK=block, ONE_BLOCK=one, num_warps=warps)
 
 
-def backward(dy, x, w, rstd, dx, dw, offset: float, casting: str, max_block: int = 65536) -> None:
+def backward(dy, x, w, rstd, dx, dw, offset: float, casting: str, max_block: int = BWD_MAX_BLOCK) -> None:
     rows, cols = x.shape
     block, one, warps = _block(cols, max_block)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
