@@ -36,6 +36,7 @@ class FinetuningArguments:
     loraplus_lr_embedding: float = 1e-6
     use_rslora: bool = False
     use_dora: bool = False
+    use_muon: bool = False  # Muon for the hidden layers' matrices, AdamW for the rest (lf.train.optimizers)
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
     # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
     pref_loss: PrefLoss = "sigmoid"  # sigmoid is DPO's; orpo and simpo need no reference model
