@@ -10,7 +10,7 @@ import pytest
 import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
-from lf.config.parser import UNSUPPORTED, _owners, parse_infer_args
+from lf.config.parser import _owners
 from lf.config.rules import RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
@@ -258,45 +258,6 @@ def test_unsupported_keys_at_their_defaults_are_accepted(logs):
     cfg = parse_train_args({**BASE, **inert})
     assert cfg.raw["galore_rank"] == 32
     assert "galore_rank is ignored: it tunes GaLore" in logs.text
-
-
-# Every export key of LLaMA-Factory 0.9.5 with a value that asks for something, and what lf export and lf train do
-# with it: "read" (an ExportArguments field: its effect is tested in test_export.py), "refused", or "ignored" with
-# a log line saying why. None is dropped silently: a 4-bit export is never written in 16 bits.
-LLAMA_FACTORY_EXPORT_KEYS = {  # key: (value, lf export, lf train)
-    "export_dir": ("out", "read", "refused"), "export_size": (2, "read", "ignored"),
-    "export_device": ("auto", "read", "ignored"), "export_legacy_format": (True, "read", "ignored"),
-    "export_quantization_bit": (4, "refused", "refused"),
-    "export_quantization_dataset": ("data/c4_demo.jsonl", "ignored", "ignored"),
-    "export_quantization_nsamples": (64, "ignored", "ignored"),
-    "export_quantization_maxlen": (512, "ignored", "ignored"),
-    "export_hub_model_id": ("me/my-model", "refused", "refused"),
-}
-WHY_IGNORED = {"read": "is ignored here: lf export reads it",
-               "ignored": "is ignored: it tunes a GPTQ-quantized export, which lf does not support"}
-
-
-def test_the_export_key_list_is_complete():
-    assert {key for key in UNSUPPORTED if key.startswith("export_")} <= LLAMA_FACTORY_EXPORT_KEYS.keys()
-
-
-@pytest.mark.parametrize("key", LLAMA_FACTORY_EXPORT_KEYS)
-def test_every_export_key_is_read_refused_or_logged(key, logs):
-    value, in_export, in_train = LLAMA_FACTORY_EXPORT_KEYS[key]
-    config = {"model_name_or_path": "lf-tiny-llama", "template": "qwen", "export_dir": "out", key: value}
-    if in_export == "refused":
-        with pytest.raises(ConfigError, match=rf"^{key}: .* which lf does not support yet: remove it"):
-            parse_infer_args(config, "export")
-    else:
-        cfg = parse_infer_args(config, "export")
-        assert in_export == "ignored" or getattr(cfg.export, key) == value
-        assert in_export == "read" or f"{key} {WHY_IGNORED['ignored']}" in logs.text
-    logs.clear()
-    if in_train == "refused":
-        assert refused({**BASE, key: value}).startswith(f"{key}: ")
-    else:
-        parse_train_args({**BASE, key: value})
-        assert f"{key} {WHY_IGNORED[in_export]}" in logs.text
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -263,7 +263,6 @@ class Unsupported:
     feature: str  # what the key asks for, in words
     inert: tuple | None = (False,)  # the values that ask for nothing (LLaMA-Factory's defaults); None: every value
     fix: str = "remove the key"
-    reader: str | None = None  # the lf command that does read the key, when it is only out of place here
 
 
 UNSUPPORTED = types.MappingProxyType({
@@ -289,19 +288,9 @@ UNSUPPORTED = types.MappingProxyType({
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     "export_dir": Unsupported("exporting a model", (None,), "remove it: lf train writes the model to output_dir"),
-    **{key: Unsupported("exporting a model", None, reader="export") for key in
-       ("export_size", "export_device", "export_legacy_format")},
-    # GPTQ needs GPTQModel, whose releases need torch>=2.14.1 (7.7) or torchvision (7.3): not lf's torch range yet.
-    # Asked for, a 4-bit export is refused rather than written in 16 bits.
-    "export_quantization_bit": Unsupported(
-        "a GPTQ-quantized export", (None,),
-        "remove it; quantize the exported model with GPTQModel (it needs torch>=2.14.1), or set export_gguf: q8_0 "
-        "for an 8-bit llama.cpp file"),
-    **{key: Unsupported("a GPTQ-quantized export", None) for key in
-       ("export_quantization_dataset", "export_quantization_nsamples", "export_quantization_maxlen")},
-    "export_hub_model_id": Unsupported(
-        "uploading the export to the Hugging Face hub", (None,),
-        "remove it and upload export_dir yourself (hf upload <repo_id> <export_dir>)"),
+    **{key: Unsupported("exporting a model", None) for key in
+       ("export_size", "export_device", "export_quantization_bit", "export_quantization_dataset",
+        "export_quantization_nsamples", "export_quantization_maxlen", "export_legacy_format", "export_hub_model_id")},
     "visual_inputs": Unsupported("LLaMA-Factory's old switch for vision models",
                                  fix="remove it (a dataset's images column and a template that takes images, such "
                                      "as qwen2_vl or llava, are what train on images)"),
@@ -369,8 +358,6 @@ def _drop_unsupported(values: dict, where: dict[str, str], problems: list[str], 
         elif not _inert(value, entry.inert):
             problems.append(f"{key}: {show(value)} ({where[key]}) asks for {entry.feature}, which lf does not "
                             f"support yet: {entry.fix}")
-        elif entry.reader is not None:
-            log.info("%s is ignored here: lf %s reads it", key, entry.reader)
         elif entry.inert is None:
             log.info("%s is ignored: it tunes %s, which lf does not support", key, entry.feature)
     return out
