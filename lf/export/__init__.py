@@ -175,8 +175,9 @@ def _merged_model(cfg, tokenizer, dtype: str):
     base_args = dataclasses.replace(cfg.model, adapter_name_or_path=None, infer_dtype=dtype, use_lf_kernels=False,
                                     enable_liger_kernel=False)
     model, lines = load_model(tokenizer, base_args, cfg.finetuning, is_trainable=False)
-    if cfg.export.export_device == "auto" and torch.cuda.is_available():
-        model.to("cuda")  # the merges' matmuls run there
+    device = "cuda" if cfg.export.export_device == "auto" and torch.cuda.is_available() else "cpu"
+    model.to(device)  # the merges' matmuls run there
+    log.info("export_device: %s: the adapters merge on %s", cfg.export.export_device, device)
     model, adapter_lines = attach(model, cfg.model, cfg.finetuning, is_trainable=False)
     for line in lines + adapter_lines:
         log.info("%s", line)
