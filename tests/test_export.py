@@ -349,6 +349,14 @@ def test_every_export_key_works_or_is_refused(key, tmp_path, caplog):
         parse_train_args(train)
 
 
+def test_infer_dtype_is_the_export_dtype_as_in_llama_factory(tmp_path):
+    out = tmp_path / "out"
+    lf_export(out, export_dtype="auto", infer_dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="^infer_dtype: float16 and export_dtype: bfloat16 both set"):
+        lf_export(tmp_path / "other", export_dtype="bfloat16", infer_dtype="float16")
+
+
 def test_other_commands_ignore_export_keys_with_a_log_line(caplog):
     with caplog.at_level(logging.INFO, logger="lf"):
         cfg = parse_infer_args(export_options("saves/out", export_size=2, export_gguf="f16"), "chat")

@@ -65,7 +65,7 @@ def export(cfg) -> dict:
 
         check_gguf(base_config, tokenizer, args.export_gguf, Path(args.export_dir).resolve().name)
     media = _image_side(cfg, base_config, tokenizer, template)
-    model = _merged_model(cfg, tokenizer, _dtype_name(args.export_dtype, base_config))
+    model = _merged_model(cfg, tokenizer, _dtype_name(_export_dtype(cfg), base_config))
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     export_dir = Path(args.export_dir)
@@ -125,6 +125,18 @@ def _check(cfg):
                          f"full-precision weights only: set model_name_or_path to the unquantized base model (the "
                          f"one this was quantized from; an adapter trained with QLoRA merges into it)")
     return config
+
+
+def _export_dtype(cfg) -> str:
+    """export_dtype, or LLaMA-Factory's way (its export is saved in infer_dtype) when only infer_dtype is set; both
+    set and different is refused (one would be ignored)."""
+    export_dtype, infer_dtype = cfg.export.export_dtype, cfg.model.infer_dtype
+    if export_dtype == "auto" or export_dtype == infer_dtype:
+        return infer_dtype
+    if infer_dtype != "auto":
+        raise ConfigError(f"infer_dtype: {infer_dtype} and export_dtype: {export_dtype} both set the export's dtype, "
+                          f"differently: keep one")
+    return export_dtype
 
 
 def _dtype_name(export_dtype: str, config) -> str:
