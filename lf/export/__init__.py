@@ -39,7 +39,7 @@ saves the model, its tokenizer (with the template's chat template) and its gener
 Keys: export_dir, export_size (GB per shard), export_dtype ({' | '.join(DTYPES)}), export_device
 ({' | '.join(DEVICES)}), export_legacy_format (.bin files), export_gguf ({' | '.join(get_args(GgufType))}: also a GGUF
 file and an Ollama Modelfile, for Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2/3 and Phi-3 models). Set template:
-as in training."""
+as in training. export_quantization_bit (GPTQ) and export_hub_model_id are refused, each with the reason."""
 
 
 def command(argv: list[str]) -> int:
