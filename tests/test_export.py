@@ -2,7 +2,10 @@
 computes the base+adapter logits, shards and dtypes, refusals, the tokenizer's chat template and stop tokens, and
 the GGUF file read back by gguf's own reader (names, shapes, values, metadata) with its Ollama Modelfile."""
 
+import dataclasses
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -17,8 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from lf import cli
 from lf.config import parse_train_args
 from lf.config.parser import parse_infer_args
+from lf.config.rules import show
 from lf.data import get_template
-from lf.errors import ModelError
+from lf.errors import ConfigError, ModelError
 from lf.export import export
 from lf.export.ollama import modelfile
 from lf.export.to_gguf import check_gguf, llama3_rope_factors, write_gguf
@@ -292,3 +296,72 @@ def test_llama3_rope_factors_match_transformers():
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
     default = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     np.testing.assert_allclose(llama3_rope_factors(rope, 128), (default / scaled.double()).numpy(), rtol=1e-5)
+
+
+# Every export key: LLaMA-Factory 0.9.5's (its ExportArguments) and lf's own, each with a value that asks for
+# something and what that value must do: ("refused", a fragment of the one-line reason), or a check of the export.
+LLAMA_FACTORY_EXPORT_KEYS = {"export_dir", "export_size", "export_device", "export_quantization_bit",
+                             "export_quantization_dataset", "export_quantization_nsamples",
+                             "export_quantization_maxlen", "export_legacy_format", "export_hub_model_id"}
+GPTQ = "asks for a GPTQ-quantized export, which lf does not support yet: remove it: a GPTQ export needs GPTQModel"
+EXPORT_KEYS = {
+    "export_dir": ("sub/dir", lambda out, logs: (out / "sub/dir/config.json").is_file()),
+    "export_size": (0.004, lambda out, logs: len(set(json.loads(
+        (out / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3),
+    "export_device": ("auto", lambda out, logs: "export_device: auto: the adapters merge on cpu" in logs),
+    "export_legacy_format": (True, lambda out, logs: (out / "pytorch_model.bin").is_file()
+                             and not list(out.glob("*.safetensors"))),
+    "export_dtype": ("bfloat16", lambda out, logs: json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"),
+    "export_gguf": ("f16", lambda out, logs: (out / "out-f16.gguf").is_file() and (out / "Modelfile").is_file()),
+    "export_quantization_bit": (4, ("refused", GPTQ)),
+    "export_quantization_dataset": ("c4_demo", ("refused", GPTQ)),
+    "export_quantization_nsamples": (64, ("refused", GPTQ)),
+    "export_quantization_maxlen": (512, ("refused", GPTQ)),
+    "export_hub_model_id": ("me/tiny", ("refused", "asks for uploading the export to the Hugging Face hub")),
+}
+
+
+def test_export_keys_are_all_walked():
+    from lf.config.export import ExportArguments
+
+    fields = {field.name for field in dataclasses.fields(ExportArguments)}
+    assert EXPORT_KEYS.keys() == LLAMA_FACTORY_EXPORT_KEYS | fields
+
+
+@pytest.mark.parametrize("key", sorted(EXPORT_KEYS))
+def test_every_export_key_works_or_is_refused(key, tmp_path, caplog):
+    value, expect = EXPORT_KEYS[key]
+    out = tmp_path / "out"
+    options = {**export_options(out), key: str(out / value) if key == "export_dir" else value}
+    train = {"model_name_or_path": "lf-tiny-llama", "dataset": "demo", "output_dir": str(tmp_path / "t"), key: value}
+    if isinstance(expect, tuple):
+        for refuse in (lambda: export(parse_infer_args(options, "export")), lambda: parse_train_args(train)):
+            with pytest.raises(ConfigError) as error:
+                refuse()
+            assert str(error.value).startswith(f"{key}: {show(value)} (in the config) {expect[1]}")
+            assert "\n" not in str(error.value) and not out.exists()
+        return
+    with caplog.at_level(logging.INFO, logger="lf"):
+        export(parse_infer_args(options, "export"))
+    assert expect(out, caplog.text)
+    with pytest.raises(ConfigError, match=f"^{key}: .* is a key of lf export, and lf train saves the model to "
+                                          f"output_dir and exports nothing: remove it"):
+        parse_train_args(train)
+
+
+def test_infer_dtype_is_the_export_dtype_as_in_llama_factory(tmp_path):
+    out = tmp_path / "out"
+    lf_export(out, export_dtype="auto", infer_dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="^infer_dtype: float16 and export_dtype: bfloat16 both set"):
+        lf_export(tmp_path / "other", export_dtype="bfloat16", infer_dtype="float16")
+
+
+def test_other_commands_ignore_export_keys_with_a_log_line(caplog):
+    with caplog.at_level(logging.INFO, logger="lf"):
+        cfg = parse_infer_args(export_options("saves/out", export_size=2, export_gguf="f16"), "chat")
+    assert cfg.export.export_dir is None and cfg.export.export_gguf is None
+    for key in ("export_dir", "export_size", "export_dtype", "export_gguf"):
+        assert f"{key} is ignored: lf chat exports nothing (lf export reads it)" in caplog.text
+    with pytest.raises(ConfigError, match="^export_quantization_bit: 4 .* asks for a GPTQ-quantized export"):
+        parse_infer_args(export_options("saves/out", export_quantization_bit=4), "chat")

@@ -32,7 +32,7 @@ import yaml
 
 from lf.config.data import DataArguments
 from lf.config.evaluation import EvaluationArguments
-from lf.config.export import ExportArguments
+from lf.config.export import GPTQ_FIX, ExportArguments
 from lf.config.finetuning import FinetuningArguments
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
@@ -287,10 +287,12 @@ UNSUPPORTED = types.MappingProxyType({
        ("vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
-    "export_dir": Unsupported("exporting a model", (None,), "remove it: lf train writes the model to output_dir"),
-    **{key: Unsupported("exporting a model", None) for key in
-       ("export_size", "export_device", "export_quantization_bit", "export_quantization_dataset",
-        "export_quantization_nsamples", "export_quantization_maxlen", "export_legacy_format", "export_hub_model_id")},
+    # export: lf export's own keys (lf/config/export.py) are read there; lf train refuses them (see _split)
+    **{key: Unsupported("a GPTQ-quantized export", (default,), GPTQ_FIX) for key, default in
+       (("export_quantization_bit", None), ("export_quantization_dataset", None),
+        ("export_quantization_nsamples", 128), ("export_quantization_maxlen", 1024))},
+    "export_hub_model_id": Unsupported("uploading the export to the Hugging Face hub", (None,),
+                                       "remove it and upload export_dir yourself (lf uploads nothing)"),
     "visual_inputs": Unsupported("LLaMA-Factory's old switch for vision models",
                                  fix="remove it (a dataset's images column and a template that takes images, such "
                                      "as qwen2_vl or llava, are what train on images)"),
@@ -360,6 +362,24 @@ def _drop_unsupported(values: dict, where: dict[str, str], problems: list[str], 
                             f"support yet: {entry.fix}")
         elif entry.inert is None:
             log.info("%s is ignored: it tunes %s, which lf does not support", key, entry.feature)
+    return out
+
+
+def _drop_export_keys(values: dict, where: dict[str, str], problems: list[str], command: str) -> dict:
+    """The values without lf export's own keys, for the other commands: lf train refuses the ones that ask for
+    something (it saves output_dir and exports nothing); chat, api, eval and webchat say they ignore them (one config
+    often serves several commands)."""
+    out = {}
+    defaults = {field.name: field.default for field in dataclasses.fields(ExportArguments)}
+    for key, value in values.items():
+        if key not in defaults:
+            out[key] = value
+        elif command == "train" and not _inert(value, (defaults[key],)):
+            problems.append(f"{key}: {show(value)} ({where[key]}) is a key of lf export, and lf train saves the "
+                            f"model to output_dir and exports nothing: remove it (and pass it to lf export, which "
+                            f"merges the adapters and writes export_dir)")
+        else:
+            log.info("%s is ignored: lf %s exports nothing (lf export reads it)", key, command)
     return out
 
 
@@ -585,7 +605,7 @@ def parse_train_args(argv: list[str] | dict) -> TrainConfig:
     raw = dict(values)
     problems = []  # unreadable old keys, unsupported and unknown keys, wrong types: all refused at once
     values = _drop_unsupported(_apply_aliases(values, where, problems), where, problems)
-    groups = _split(values, where, problems)
+    groups = _split(_drop_export_keys(values, where, problems, "train"), where, problems)
     if problems:
         raise ConfigError("\n".join(problems))
     training = groups["training"]
@@ -623,6 +643,8 @@ def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
     problems = []
     read = {field.name for _, cls in INFER_GROUPS for field in dataclasses.fields(cls)}
     values = _drop_unsupported(_apply_aliases(values, where, problems), where, problems, read)
+    if command != "export":
+        values = _drop_export_keys(values, where, problems, command)
     groups = _split(values, where, problems, infer=True)
     for key in groups.pop("training"):
         problems.append(f"{key} ({where[key]}) is a training key: lf {command} uses a trained model and trains "

@@ -39,7 +39,7 @@ saves the model, its tokenizer (with the template's chat template) and its gener
 Keys: export_dir, export_size (GB per shard), export_dtype ({' | '.join(DTYPES)}), export_device
 ({' | '.join(DEVICES)}), export_legacy_format (.bin files), export_gguf ({' | '.join(get_args(GgufType))}: also a GGUF
 file and an Ollama Modelfile, for Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2/3 and Phi-3 models). Set template:
-as in training."""
+as in training. export_quantization_bit (GPTQ) and export_hub_model_id are refused, each with the reason."""
 
 
 def command(argv: list[str]) -> int:
@@ -65,7 +65,7 @@ def export(cfg) -> dict:
 
         check_gguf(base_config, tokenizer, args.export_gguf, Path(args.export_dir).resolve().name)
     media = _image_side(cfg, base_config, tokenizer, template)
-    model = _merged_model(cfg, tokenizer, _dtype_name(args.export_dtype, base_config))
+    model = _merged_model(cfg, tokenizer, _dtype_name(_export_dtype(cfg), base_config))
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     export_dir = Path(args.export_dir)
@@ -127,6 +127,18 @@ def _check(cfg):
     return config
 
 
+def _export_dtype(cfg) -> str:
+    """export_dtype, or LLaMA-Factory's way (its export is saved in infer_dtype) when only infer_dtype is set; both
+    set and different is refused (one would be ignored)."""
+    export_dtype, infer_dtype = cfg.export.export_dtype, cfg.model.infer_dtype
+    if export_dtype == "auto" or export_dtype == infer_dtype:
+        return infer_dtype
+    if infer_dtype != "auto":
+        raise ConfigError(f"infer_dtype: {infer_dtype} and export_dtype: {export_dtype} both set the export's dtype, "
+                          f"differently: keep one")
+    return export_dtype
+
+
 def _dtype_name(export_dtype: str, config) -> str:
     """export_dtype, or with auto the dtype the checkpoint was saved in (float32 when its config says none)."""
     if export_dtype != "auto":
@@ -175,8 +187,9 @@ def _merged_model(cfg, tokenizer, dtype: str):
     base_args = dataclasses.replace(cfg.model, adapter_name_or_path=None, infer_dtype=dtype, use_lf_kernels=False,
                                     enable_liger_kernel=False)
     model, lines = load_model(tokenizer, base_args, cfg.finetuning, is_trainable=False)
-    if cfg.export.export_device == "auto" and torch.cuda.is_available():
-        model.to("cuda")  # the merges' matmuls run there
+    device = "cuda" if cfg.export.export_device == "auto" and torch.cuda.is_available() else "cpu"
+    model.to(device)  # the merges' matmuls run there
+    log.info("export_device: %s: the adapters merge on %s", cfg.export.export_device, device)
     model, adapter_lines = attach(model, cfg.model, cfg.finetuning, is_trainable=False)
     for line in lines + adapter_lines:
         log.info("%s", line)
