@@ -24,7 +24,8 @@ BITS = get_args(QuantizationBit)
 TYPES = get_args(QuantizationType)
 # LLaMA-Factory's other methods, each with why lf refuses it here (checked with transformers 5.23, torch 2.13 CPU)
 REFUSED = {
-    "hqq": "transformers' HQQ quantizer refuses a device_map holding the CPU, so it needs a CUDA GPU",
+    # hqq's own HQQLinear does run on the CPU: swapping the linears in without transformers would lift this
+    "hqq": "transformers' HQQ quantizer refuses a device_map holding the CPU; not built yet",
     "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
 }
 
