@@ -480,6 +480,10 @@ def test_quantization_errors(llama, monkeypatch):
         _load(llama, quantization_bit=4, finetuning_type="full")
     with pytest.raises(ModelError, match="quantization_method: 'gptq' is not supported"):
         _load(llama, quantization_bit=4, quantization_method="gptq")
+    with pytest.raises(ModelError, match=r"'hqq' is not supported \(transformers' HQQ quantizer refuses"):
+        _load(llama, quantization_bit=4, quantization_method="hqq")
+    with pytest.raises(ModelError, match=r"'eetq' is not supported \(the eetq package has no distribution"):
+        _load(llama, quantization_bit=8, quantization_method="eetq")
     with pytest.raises(ModelError, match="quantization_bit: 3 is not supported"):
         _load(llama, quantization_bit=3)
     from lf.model import quantization

@@ -22,6 +22,12 @@ from lf.errors import ModelError
 METHODS = ("bnb", "bitsandbytes")
 BITS = get_args(QuantizationBit)
 TYPES = get_args(QuantizationType)
+# LLaMA-Factory's other methods, each with why lf refuses it here (checked with transformers 5.23, torch 2.13 CPU)
+REFUSED = {
+    # hqq's own HQQLinear does run on the CPU: swapping the linears in without transformers would lift this
+    "hqq": "transformers' HQQ quantizer refuses a device_map holding the CPU; not built yet",
+    "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
+}
 
 
 def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype, *,
@@ -32,8 +38,9 @@ def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype,
     if bits is None:
         return {}, None
     if model_args.quantization_method not in METHODS:
-        raise ModelError(f"quantization_method: {model_args.quantization_method!r} is not supported; lf quantizes "
-                         f"with bitsandbytes (quantization_method: bnb)")
+        why = REFUSED.get(model_args.quantization_method, "not built yet")
+        raise ModelError(f"quantization_method: {model_args.quantization_method!r} is not supported ({why}); lf "
+                         f"quantizes with bitsandbytes (quantization_method: bnb)")
     if bits not in BITS:
         raise ModelError(f"quantization_bit: {bits} is not supported; bitsandbytes quantizes to 4 or 8 bits")
     if bits == 4 and model_args.quantization_type not in TYPES:
