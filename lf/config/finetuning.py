@@ -36,6 +36,9 @@ class FinetuningArguments:
     loraplus_lr_embedding: float = 1e-6
     use_rslora: bool = False
     use_dora: bool = False
+    pissa_init: bool = False  # PiSSA: adapters start from the weights' principal singular vectors (lf.model.pissa)
+    pissa_iter: int = 16  # randomized SVD iterations; -1: exact SVD (slow on large weights)
+    pissa_convert: bool = False  # saved adapter converted to apply to the original base model
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
     # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
     pref_loss: PrefLoss = "sigmoid"  # sigmoid is DPO's; orpo and simpo need no reference model

@@ -15,7 +15,7 @@ from transformers import set_seed
 
 from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
-from lf.model import load_mm_processor, load_model, load_tokenizer
+from lf.model import load_mm_processor, load_model, load_tokenizer, pissa
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
 from lf.train.checkpoints import RUN_CONFIG, last, resume_point
 from lf.train.plot import plot_loss
@@ -92,11 +92,16 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
         trainer.add_callback(callback)
     _use_progress(trainer)
     outputs = {"output_dir": args.output_dir}
+    convert = args.do_train and fin.pissa_convert and trainer.is_world_process_zero()
+    if convert and prepared.resume is None:  # a resumed run converts against the first run's initial adapter
+        pissa.save_initial(trainer.model, args.output_dir)
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=prepared.resume)
         if trainer.nonfinite_step is not None:
             raise TrainError(_nonfinite_message(trainer, args))
         trainer.save_model()
+        if convert:
+            pissa.save_converted(trainer.model, args.output_dir)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
