@@ -10,7 +10,7 @@ from lf.errors import ConfigError
 from lf.model import pissa
 from lf.tiny import tiny_path
 from lf.train import run
-from tests.test_train import lf_home, options  # noqa: F401 (lf_home: the module's LF_HOME fixture)
+from tests.test_train import lf_home, options, records  # noqa: F401 (lf_home: the module's LF_HOME fixture)
 
 ATOL = 1e-4  # fp32 logits of a model whose weights were split by an SVD and summed back: rounding only
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
@@ -64,3 +64,20 @@ def test_pissa_convert_without_pissa_init_is_refused(tmp_path):
         parse_train_args(options(tmp_path, pissa_convert=True))
     with pytest.raises(ConfigError, match="pissa_init"):
         parse_train_args(options(tmp_path, pissa_init=True, finetuning_type="full"))
+
+
+def test_neftune_noise_alpha_adds_noise_to_the_embeddings_in_training(tmp_path):
+    """HF's Trainer does NEFTune (a forward hook on the input embeddings while training); lf passes the key on."""
+    seen = []
+
+    class Hooks(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(len(model.get_input_embeddings()._forward_hooks))
+
+    first = {}
+    for alpha in (None, 50.0):
+        out = tmp_path / f"alpha-{alpha}"
+        run(parse_train_args(options(out, **QUICK, neftune_noise_alpha=alpha)), [Hooks()] if alpha else [])
+        first[alpha] = records(out)[0]["loss"]
+    assert seen and all(seen)
+    assert first[50.0] != first[None]  # the noise reached the loss
