@@ -81,3 +81,13 @@ def test_neftune_noise_alpha_adds_noise_to_the_embeddings_in_training(tmp_path):
         first[alpha] = records(out)[0]["loss"]
     assert seen and all(seen)
     assert first[50.0] != first[None]  # the noise reached the loss
+
+
+def test_early_stopping_steps_stops_after_that_many_evaluations_without_a_better_loss(tmp_path):
+    """A learning rate too small to move the eval loss: the first evaluation is the best, the next one does not
+    beat it, and with early_stopping_steps 1 the run stops there instead of at max_steps."""
+    out = tmp_path / "out"
+    run(parse_train_args(options(out, **{**QUICK, "max_steps": 6, "learning_rate": 1e-12, "save_steps": 1}, val_size=0.25,
+                                 eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                                 early_stopping_steps=1)))
+    assert [r["current_steps"] for r in records(out)] == [1, 2]

@@ -369,6 +369,8 @@ RULE_CASES = {
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
     "pissa_convert_needs_init": ({"pissa_convert": True},
                                  "pissa_convert converts a PiSSA adapter, but pissa_init is false"),
+    "early_stopping_needs_best_model": ({"early_stopping_steps": 2},
+                                        "early_stopping_steps counts evaluations that did not beat the best one"),
     "adapter_needs_lora": ({"adapter_name_or_path": "saves/a", "finetuning_type": "freeze"},
                            "adapter_name_or_path loads LoRA adapters, but finetuning_type is freeze"),
     "scratch_with_adapter": ({"train_from_scratch": True, "adapter_name_or_path": "saves/a"},

@@ -59,6 +59,7 @@ class FinetuningArguments:
     ppo_score_norm: bool = False  # scores normalised by the running mean and std of all scores so far
     ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
     ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
+    early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

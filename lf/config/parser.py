@@ -337,7 +337,6 @@ UNSUPPORTED = types.MappingProxyType({
     "use_dft_loss": Unsupported("the DFT loss"),
     "pure_bf16": Unsupported("bf16 weights trained without autocast"),
     "compute_accuracy": Unsupported("token accuracy at evaluation"),
-    "early_stopping_steps": Unsupported("early stopping", (None,)),
     # data
     "eval_num_beams": Unsupported("generation at evaluation", (None,)),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),

@@ -314,6 +314,10 @@ RULES: tuple[Rule, ...] = (
     Rule("pissa_convert_needs_init", lambda c: c.finetuning.pissa_convert and not c.finetuning.pissa_init,
          "pissa_convert converts a PiSSA adapter, but pissa_init is false: set pissa_init: true, or remove "
          "pissa_convert"),
+    Rule("early_stopping_needs_best_model",
+         lambda c: c.finetuning.early_stopping_steps is not None and not c.training.load_best_model_at_end,
+         "early_stopping_steps counts evaluations that did not beat the best one, but load_best_model_at_end is "
+         "false: set load_best_model_at_end: true with eval_strategy (and save_strategy) steps or epoch"),
     Rule("adapter_needs_lora",
          lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type != "lora",
          "adapter_name_or_path loads LoRA adapters, but finetuning_type is {f.finetuning_type}: set "

@@ -87,8 +87,12 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
     """Trains (and/or evaluates) with the stage's `trainer` (an LFTrainer) as `cfg` says: lf's log, loss guard
     and progress bar, the model saved with its run config, the loss plot; returns what was written where."""
     args, fin = cfg.training, cfg.finetuning
-    releases = [ReleaseFreedMemory()] if _cpu_training(args) and cfg.model.cpu_allocator == "tuned" else []
-    for callback in (RunLog(trainer), LossGuard(trainer), *releases, *callbacks):
+    own = [ReleaseFreedMemory()] if _cpu_training(args) and cfg.model.cpu_allocator == "tuned" else []
+    if fin.early_stopping_steps is not None:
+        from transformers import EarlyStoppingCallback
+
+        own.append(EarlyStoppingCallback(early_stopping_patience=fin.early_stopping_steps))
+    for callback in (RunLog(trainer), LossGuard(trainer), *own, *callbacks):
         trainer.add_callback(callback)
     _use_progress(trainer)
     outputs = {"output_dir": args.output_dir}
