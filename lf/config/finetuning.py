@@ -37,6 +37,9 @@ class FinetuningArguments:
     use_rslora: bool = False
     use_dora: bool = False
     use_muon: bool = False  # Muon for the hidden layers' matrices, AdamW for the rest (lf.train.optimizers)
+    pissa_init: bool = False  # PiSSA: adapters start from the weights' principal singular vectors (lf.model.pissa)
+    pissa_iter: int = 16  # randomized SVD iterations; -1: exact SVD (slow on large weights)
+    pissa_convert: bool = False  # saved adapter converted to apply to the original base model
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
     # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
     pref_loss: PrefLoss = "sigmoid"  # sigmoid is DPO's; orpo and simpo need no reference model
@@ -57,6 +60,7 @@ class FinetuningArguments:
     ppo_score_norm: bool = False  # scores normalised by the running mean and std of all scores so far
     ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
     ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
+    early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

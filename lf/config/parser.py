@@ -298,9 +298,6 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
-    "pissa_init": Unsupported("PiSSA adapters"),
-    "pissa_iter": Unsupported("PiSSA adapters", None),
-    "pissa_convert": Unsupported("PiSSA adapters"),
     **{key: Unsupported("OFT adapters", None) for key in ("oft_rank", "oft_block_size", "oft_target",
                                                           "module_dropout")},
     "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
@@ -330,7 +327,6 @@ UNSUPPORTED = types.MappingProxyType({
     "use_dft_loss": Unsupported("the DFT loss"),
     "pure_bf16": Unsupported("bf16 weights trained without autocast"),
     "compute_accuracy": Unsupported("token accuracy at evaluation"),
-    "early_stopping_steps": Unsupported("early stopping", (None,)),
     # data
     "eval_num_beams": Unsupported("generation at evaluation", (None,)),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),

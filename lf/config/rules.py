@@ -206,7 +206,8 @@ def _not_finite(cfg) -> list[str]:
 
 def _lora_only_options(cfg) -> list[str]:
     f = cfg.finetuning
-    given = {"use_dora": f.use_dora, "use_rslora": f.use_rslora, "loraplus_lr_ratio": f.loraplus_lr_ratio is not None}
+    given = {"use_dora": f.use_dora, "use_rslora": f.use_rslora, "loraplus_lr_ratio": f.loraplus_lr_ratio is not None,
+             "pissa_init": f.pissa_init}
     return [key for key, on in given.items() if on]
 
 
@@ -310,6 +311,13 @@ RULES: tuple[Rule, ...] = (
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),
+    Rule("pissa_convert_needs_init", lambda c: c.finetuning.pissa_convert and not c.finetuning.pissa_init,
+         "pissa_convert converts a PiSSA adapter, but pissa_init is false: set pissa_init: true, or remove "
+         "pissa_convert"),
+    Rule("early_stopping_needs_best_model",
+         lambda c: c.finetuning.early_stopping_steps is not None and not c.training.load_best_model_at_end,
+         "early_stopping_steps counts evaluations that did not beat the best one, but load_best_model_at_end is "
+         "false: set load_best_model_at_end: true with eval_strategy (and save_strategy) steps or epoch"),
     Rule("adapter_needs_lora",
          lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type != "lora",
          "adapter_name_or_path loads LoRA adapters, but finetuning_type is {f.finetuning_type}: set "

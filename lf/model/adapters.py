@@ -24,6 +24,7 @@ from torch import nn
 from lf.config.finetuning import FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
+from lf.model import pissa
 from lf.model.paths import check_adapter_path
 
 FINETUNING_TYPES = get_args(FinetuningType)
@@ -253,10 +254,12 @@ def _new_lora(model, finetuning_args, resize_vocab: bool):
     config = LoraConfig(task_type=task, r=finetuning_args.lora_rank, lora_alpha=alpha,
                         lora_dropout=finetuning_args.lora_dropout, target_modules=targets,
                         use_rslora=finetuning_args.use_rslora, use_dora=finetuning_args.use_dora,
+                        init_lora_weights=pissa.init_lora_weights(finetuning_args),
                         modules_to_save=list(saved) or None)  # a copy: peft adds to a SEQ_CLS list
     model = get_peft_model(model, config)
     flavour = "".join(name for name, on in ((" rsLoRA", finetuning_args.use_rslora),
-                                            (" DoRA", finetuning_args.use_dora)) if on)
+                                            (" DoRA", finetuning_args.use_dora),
+                                            (" PiSSA", finetuning_args.pissa_init)) if on)
     shown = sorted({_leaf(t) for t in targets}) if plugin is not None else targets  # full paths: too many to list
     return model, (f"LoRA{flavour} r={config.r} alpha={alpha:g} dropout={config.lora_dropout:g} on "
                    f"{', '.join(shown)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved else ""))

@@ -15,7 +15,7 @@ from transformers import set_seed
 
 from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
-from lf.model import load_mm_processor, load_model, load_tokenizer
+from lf.model import load_mm_processor, load_model, load_tokenizer, pissa
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
 from lf.train.checkpoints import RUN_CONFIG, last, resume_point
 from lf.train.plot import plot_loss
@@ -87,16 +87,25 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
     """Trains (and/or evaluates) with the stage's `trainer` (an LFTrainer) as `cfg` says: lf's log, loss guard
     and progress bar, the model saved with its run config, the loss plot; returns what was written where."""
     args, fin = cfg.training, cfg.finetuning
-    releases = [ReleaseFreedMemory()] if _cpu_training(args) and cfg.model.cpu_allocator == "tuned" else []
-    for callback in (RunLog(trainer), LossGuard(trainer), *releases, *callbacks):
+    own = [ReleaseFreedMemory()] if _cpu_training(args) and cfg.model.cpu_allocator == "tuned" else []
+    if fin.early_stopping_steps is not None:
+        from transformers import EarlyStoppingCallback
+
+        own.append(EarlyStoppingCallback(early_stopping_patience=fin.early_stopping_steps))
+    for callback in (RunLog(trainer), LossGuard(trainer), *own, *callbacks):
         trainer.add_callback(callback)
     _use_progress(trainer)
     outputs = {"output_dir": args.output_dir}
+    convert = args.do_train and fin.pissa_convert and trainer.is_world_process_zero()
+    if convert and prepared.resume is None:  # a resumed run converts against the first run's initial adapter
+        pissa.save_initial(trainer.model, args.output_dir)
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=prepared.resume)
         if trainer.nonfinite_step is not None:
             raise TrainError(_nonfinite_message(trainer, args))
         trainer.save_model()
+        if convert:
+            pissa.save_converted(trainer.model, args.output_dir)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
