@@ -360,10 +360,6 @@ RULE_CASES = {
                            "image_min_pixels: 4096 is above image_max_pixels: 1024: no image size fits both"),
     "mm_proj_only_needs_full": ({"train_mm_proj_only": True}, "train_mm_proj_only: true trains the multimodal "
                                                               "projector alone, in full, but finetuning_type is lora"),
-    "muon_not_in_ppo": ({"use_muon": True, "stage": "ppo", "reward_model": "saves/rm"},
-                        "use_muon: true, but stage: ppo steps with its own AdamW"),
-    "muon_not_with_deepspeed": ({"use_muon": True, "deepspeed": "configs/deepspeed/ds_z2.json"},
-                                "DeepSpeed flattens and shards the parameters"),
     "liger_or_lf_kernels": ({"enable_liger_kernel": True, "use_lf_kernels": False},
                             "but use_lf_kernels: false turns them off"),
     "fp16_and_bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one"),

@@ -36,7 +36,6 @@ class FinetuningArguments:
     loraplus_lr_embedding: float = 1e-6
     use_rslora: bool = False
     use_dora: bool = False
-    use_muon: bool = False  # Muon for the hidden layers' matrices, AdamW for the rest (lf.train.optimizers)
     pissa_init: bool = False  # PiSSA: adapters start from the weights' principal singular vectors (lf.model.pissa)
     pissa_iter: int = 16  # randomized SVD iterations; -1: exact SVD (slow on large weights)
     pissa_convert: bool = False  # saved adapter converted to apply to the original base model

@@ -347,11 +347,6 @@ RULES: tuple[Rule, ...] = (
     Rule("mm_proj_only_needs_full", lambda c: c.finetuning.train_mm_proj_only and c.finetuning.finetuning_type != "full",
          "train_mm_proj_only: true trains the multimodal projector alone, in full, but finetuning_type is "
          "{f.finetuning_type}: set finetuning_type: full, or use freeze_multi_modal_projector: false beside LoRA"),
-    Rule("muon_not_in_ppo", lambda c: c.finetuning.use_muon and c.finetuning.stage == "ppo",
-         "use_muon: true, but stage: ppo steps with its own AdamW: remove use_muon"),
-    Rule("muon_not_with_deepspeed", lambda c: c.finetuning.use_muon and bool(getattr(c.training, "deepspeed", None)),
-         "use_muon: true needs each weight matrix whole, but DeepSpeed flattens and shards the parameters: remove "
-         "deepspeed (or use_muon)"),
     Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
          "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
          "false turns them off: remove one of the two"),

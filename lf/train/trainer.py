@@ -3,7 +3,6 @@
 - checkpoints are written into a staging folder and renamed into place (a run killed while saving keeps its
   previous checkpoints intact);
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
-- Muon (`use_muon`): lf.train.optimizers.MuonWithAdamW;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
 - logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
@@ -24,7 +23,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lf.data.collator import TOKENS_KEY
 from lf.train.checkpoints import STAGING
-from lf.train.optimizers import MuonWithAdamW, on_muon
 
 
 class LFTrainer(Seq2SeqTrainer):
@@ -56,41 +54,30 @@ class LFTrainer(Seq2SeqTrainer):
             self.nonfinite_step = self.state.global_step + 1
         return loss
 
-    # -- LoRA+ and Muon ------------------------------------------------------------------------------------------
+    # -- LoRA+ ---------------------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        f = self.finetuning_args
-        ratio, muon = getattr(f, "loraplus_lr_ratio", None), getattr(f, "use_muon", False)
-        if (ratio is None and not muon) or self.optimizer is not None:
+        ratio = getattr(self.finetuning_args, "loraplus_lr_ratio", None)
+        if ratio is None or self.optimizer is not None:
             return super().create_optimizer(model)
         model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         lr, decay = self.args.learning_rate, self.args.weight_decay
         decayed = set(self.get_decay_parameter_names(model))
-        groups = {}  # (lr, weight decay, stepped by Muon) -> parameters
+        groups = {}  # (lr, weight decay) -> parameters
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            if ratio is None:
-                group_lr = lr
-            elif "lora_embedding_" in name:
-                group_lr = f.loraplus_lr_embedding
+            if "lora_embedding_" in name:
+                group_lr = self.finetuning_args.loraplus_lr_embedding
             elif "lora_B" in name or param.ndim == 1:  # LoRA+ speeds up B (and the vectors beside it)
                 group_lr = lr * ratio
             else:
                 group_lr = lr
-            key = (group_lr, decay if name in decayed else 0.0, muon and on_muon(name, param))
-            groups.setdefault(key, []).append(param)
-        param_groups = {side: [{"params": params, "lr": group_lr, "weight_decay": wd}
-                               for (group_lr, wd, by_muon), params in groups.items() if by_muon == side]
-                        for side in (True, False)}
-        if muon:
-            betas = (self.args.adam_beta1, self.args.adam_beta2)
-            self.optimizer = MuonWithAdamW(param_groups[True], param_groups[False], betas=betas,
-                                           eps=self.args.adam_epsilon)
-        else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            optimizer_kwargs.pop("lr", None)
-            self.optimizer = optimizer_cls(param_groups[False], lr=lr, **optimizer_kwargs)
+            groups.setdefault((group_lr, decay if name in decayed else 0.0), []).append(param)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls([{"params": params, "lr": group_lr, "weight_decay": wd}
+                                        for (group_lr, wd), params in groups.items()], lr=lr, **optimizer_kwargs)
         return self.optimizer
 
     def _save(self, output_dir=None, state_dict=None):
