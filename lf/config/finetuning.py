@@ -1,6 +1,7 @@
 """The finetuning group: the stage, which parameters train (full | freeze | lora) and their settings
 (LLaMA-Factory's key names). Choices are Literals declared once here (see lf/config/model.py)."""
 
+import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,12 @@ FinetuningType = Literal["full", "freeze", "lora"]
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
+GaloreProjType = Literal["std", "reverse_std", "right", "left", "full"]  # which side GaLore projects gradients on
+# the keys that choose an optimizer in place of `optim` (lf.train.optimizers.OPTIMIZERS builds each)
+OPTIMIZER_KEYS = ("use_galore",)
+GALORE_CLASSES = types.MappingProxyType({  # the trainer's optim -> galore_torch's class for it
+    "adamw_torch": "GaLoreAdamW", "adamw_torch_fused": "GaLoreAdamW", "adamw_8bit": "GaLoreAdamW8bit",
+    "adamw_bnb_8bit": "GaLoreAdamW8bit", "paged_adamw_8bit": "GaLoreAdamW8bit", "adafactor": "GaLoreAdafactor"})
 RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 
@@ -56,6 +63,14 @@ class FinetuningArguments:
     ppo_score_norm: bool = False  # scores normalised by the running mean and std of all scores so far
     ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
     ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
+    # optimizers other than the trainer's `optim` (lf.train.optimizers; LLaMA-Factory's keys and defaults); at most one
+    use_galore: bool = False  # GaLore: Adam's moments kept for low-rank projections of the weight matrices' gradients
+    galore_target: str = "all"  # "all": every linear layer but the output head; or comma-separated module names
+    galore_rank: int = 16
+    galore_update_interval: int = 200  # steps between recomputing the projections (an SVD of the gradient)
+    galore_scale: float = 2.0  # the projected update's scale
+    galore_proj_type: GaloreProjType = "std"
+    galore_layerwise: bool = False  # each parameter steps as soon as its gradient is ready (no gradient accumulation)
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

@@ -306,10 +306,6 @@ UNSUPPORTED = types.MappingProxyType({
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
                                       "merge them into a model and name that in ref_model"),
     "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
-    "use_galore": Unsupported("GaLore"),
-    **{key: Unsupported("GaLore", None) for key in
-       ("galore_target", "galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type",
-        "galore_layerwise")},
     "use_apollo": Unsupported("the APOLLO optimizer"),
     **{key: Unsupported("the APOLLO optimizer", None) for key in
        ("apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",

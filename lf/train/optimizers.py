@@ -1,0 +1,139 @@
+"""The optimizers LLaMA-Factory offers beside the trainer's `optim`: one entry each in OPTIMIZERS, the finetuning
+key that turns it on -> the package it needs and the factory that builds it for a model.
+
+A factory takes the model, HF's TrainingArguments, lf's finetuning group and the names of the parameters that
+take weight decay (HF's rule: not norms, not biases), and returns a torch Optimizer. Where an optimizer is made of
+several (Muon beside AdamW, layer-wise GaLore's one per parameter), `Joined` presents them as one: it holds their
+very param_groups, so the trainer's learning-rate schedule reaches every part.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lf.config.finetuning import GALORE_CLASSES, OPTIMIZER_KEYS
+from lf.errors import ConfigError
+
+
+class Joined(torch.optim.Optimizer):
+    """Optimizers stepped as one. layerwise: each part already stepped in its parameter's gradient hook, as soon as
+    the gradient was ready (the memory saving of layer-wise GaLore), so step() has nothing left to do."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer], layerwise: bool = False):
+        self.parts, self.layerwise = parts, layerwise
+        # add_param_group keeps each group dict itself: a schedule's lr written here is the part's lr
+        super().__init__([group for part in parts for group in part.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        if not self.layerwise:
+            for part in self.parts:
+                part.step()
+        return loss
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for part, saved in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(saved)
+
+
+def _trainable(model) -> list[tuple[str, nn.Parameter]]:
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def _adam_kwargs(args) -> dict:
+    return {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
+# ---- GaLore ----
+
+def galore_targets(model, target: str) -> list[nn.Parameter]:
+    """The trainable weight matrices of the linear layers GaLore projects: all of them but the output head, or
+    those whose module path contains one of the comma-separated names."""
+    head = model.get_output_embeddings()
+    names = None if target.strip() == "all" else [t.strip() for t in target.split(",") if t.strip()]
+    found = [module.weight for path, module in model.named_modules()
+             if isinstance(module, nn.Linear) and module is not head and module.weight.requires_grad
+             and (names is None or any(name in path for name in names))]
+    if not found:
+        raise ConfigError(f"galore_target: {target} names no trainable linear layer of the model: give module names "
+                          "such as q_proj,v_proj, or all")
+    return found
+
+
+def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
+    import galore_torch
+
+    optim = str(getattr(args.optim, "value", args.optim))
+    cls = getattr(galore_torch, GALORE_CLASSES[optim])
+    projected = {id(p) for p in galore_targets(model, finetuning.galore_target)}
+    projection = {"rank": finetuning.galore_rank, "update_proj_gap": finetuning.galore_update_interval,
+                  "scale": finetuning.galore_scale, "proj_type": finetuning.galore_proj_type}
+    groups = []  # (params, weight decay, projection): GaLore's matrices take weight decay, as LLaMA-Factory's do
+    for name, param in _trainable(model):
+        if id(param) in projected:
+            groups.append(([param], args.weight_decay, projection))
+        else:
+            groups.append(([param], args.weight_decay if name in decayed else 0.0, {}))
+    kwargs = {"lr": args.learning_rate} if cls.__name__ == "Adafactor" else _adam_kwargs(args)
+    if cls.__name__ == "AdamW":
+        kwargs["no_deprecation_warning"] = True
+    if not finetuning.galore_layerwise:
+        merged = {}  # one group per (weight decay, projected)
+        for params, decay, extra in groups:
+            merged.setdefault((decay, bool(extra)), ([], decay, extra))[0].extend(params)
+        return cls([{"params": p, "weight_decay": d, **e} for p, d, e in merged.values()], **kwargs)
+    parts = {}
+    for params, decay, extra in groups:
+        parts[params[0]] = cls([{"params": params, "weight_decay": decay, **extra}], **kwargs)
+
+    def step_now(param):  # the gradient is complete (no accumulation): step and free it
+        parts[param].step()
+        parts[param].zero_grad(set_to_none=True)
+
+    for param in parts:
+        param.register_post_accumulate_grad_hook(step_now)
+    return Joined(list(parts.values()), layerwise=True)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    feature: str  # in words, for messages
+    module: str  # the package it imports
+    extra: str  # lf's pip extra that installs it
+    build: Callable
+
+
+OPTIMIZERS = types.MappingProxyType({
+    "use_galore": Optimizer("GaLore", "galore_torch", "galore", _galore),
+})
+
+
+assert tuple(OPTIMIZERS) == OPTIMIZER_KEYS
+
+
+def chosen(finetuning) -> list[str]:
+    """The OPTIMIZERS keys the config turns on."""
+    return [key for key in OPTIMIZERS if getattr(finetuning, key, False)]
+
+
+def build(model, args, finetuning, decayed) -> torch.optim.Optimizer | None:
+    """The optimizer the config chooses (None: the trainer's own `optim`)."""
+    keys = chosen(finetuning)
+    if not keys:
+        return None
+    entry = OPTIMIZERS[keys[0]]
+    try:
+        importlib.import_module(entry.module)
+    except ImportError as e:
+        raise ConfigError(f"{keys[0]}: true needs the {entry.module} package ({e}): pip install 'lf[{entry.extra}]'")
+    return entry.build(model, args, finetuning, set(decayed))

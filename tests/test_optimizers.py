@@ -1,0 +1,138 @@
+"""lf.train.optimizers: each optimizer lf builds from LLaMA-Factory's keys steps a tiny Llama exactly as the
+reference package's own optimizer does on the same parameters and gradients, `lf train` with it lowers the loss
+on a repeated batch, and the configs LLaMA-Factory refuses are refused."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+from lf.config import parse_train_args
+from lf.config.finetuning import FinetuningArguments
+from lf.errors import ConfigError
+from lf.tiny import TINY_MODELS
+from lf.train import optimizers, run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lf_home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LF_HOME", str(tmp_path_factory.mktemp("lf_home")))
+        yield
+
+
+def tiny_llama(seed: int = 0):
+    """lf-tiny-llama's shape with a small vocabulary (no tokenizer needed), in fp32."""
+    config = AutoConfig.for_model(**{**TINY_MODELS["lf-tiny-llama"].config, "vocab_size": 256})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def backward(model, seed: int) -> None:
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+
+
+def decayed(model) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.ndim > 1]
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, weight_decay=0.1, adam_beta2=0.99,
+                             adam_epsilon=1e-6, **{"optim": "adamw_torch", **overrides})
+
+
+def lf_and_reference_steps(tmp_path, finetuning, reference, steps: int = 3, **args):
+    """Steps lf's optimizer and `reference(model)` (the package's own) from the same weights on the same gradients;
+    returns both models. With a layer-wise optimizer, lf's steps happen inside backward."""
+    ours, theirs = tiny_llama(), tiny_llama()
+    mine = optimizers.build(ours, training_args(tmp_path, **args), finetuning, decayed(ours))
+    ref = reference(theirs)
+    for step in range(steps):
+        for model, opt in ((ours, mine), (theirs, ref)):
+            backward(model, step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return ours, theirs
+
+
+def assert_same_weights(ours, theirs) -> None:
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def changed(model) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(model.parameters(), tiny_llama().parameters()))
+
+
+def lf_train(tmp_path, **overrides) -> list[float]:
+    """`lf train` (full fine-tuning, sft) on one repeated batch of the demo data; its losses."""
+    options = {"model_name_or_path": "lf-tiny-llama", "dataset": "lf_demo_en", "dataset_dir": str(REPO / "data"),
+               "template": "qwen", "cutoff_len": 64, "max_samples": 4, "per_device_train_batch_size": 4,
+               "output_dir": str(tmp_path), "max_steps": 5, "logging_steps": 1, "save_steps": 100,
+               "learning_rate": 1e-3, "seed": 7, "infer_dtype": "float32", "finetuning_type": "full",
+               "report_to": "none", **overrides}
+    run(parse_train_args(options))
+    lines = (tmp_path / "trainer_log.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+# ---- GaLore ----
+
+GALORE = dict(use_galore=True, finetuning_type="full", galore_rank=8, galore_update_interval=2, galore_scale=0.5)
+
+
+def galore_reference(model):
+    """galore_torch's AdamW with GaLore on every linear weight but the head, weight decay on every matrix."""
+    from galore_torch import GaLoreAdamW
+
+    head = model.get_output_embeddings()
+    projected = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    ids = {id(p) for p in projected}
+    matrices = [p for p in model.parameters() if p.ndim > 1 and id(p) not in ids]
+    vectors = [p for p in model.parameters() if p.ndim == 1]
+    return GaLoreAdamW([{"params": vectors, "weight_decay": 0.0}, {"params": matrices, "weight_decay": 0.1},
+                        {"params": projected, "weight_decay": 0.1, "rank": 8, "update_proj_gap": 2, "scale": 0.5,
+                         "proj_type": "std"}], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, no_deprecation_warning=True)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_galore_steps_as_galore_torch_does(tmp_path, layerwise):
+    finetuning = FinetuningArguments(**GALORE, galore_layerwise=layerwise)
+    ours, theirs = lf_and_reference_steps(tmp_path, finetuning, galore_reference, steps=3)
+    assert changed(theirs)
+    assert_same_weights(ours, theirs)
+
+
+def test_galore_target_names_modules(tmp_path):
+    model = tiny_llama()
+    found = optimizers.galore_targets(model, "q_proj, down_proj")
+    assert len(found) == 2 * 4  # two kinds in each of the 4 layers
+    with pytest.raises(ConfigError, match="galore_target: nope names no trainable linear layer"):
+        optimizers.galore_targets(model, "nope")
+
+
+def test_lf_train_with_galore_lowers_the_loss(tmp_path):
+    losses = lf_train(tmp_path, use_galore=True, galore_rank=8, galore_update_interval=2, galore_layerwise=True)
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
+
+
+# ---- what is refused ----
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"use_galore": True}, "use_galore trains whole weight matrices, not LoRA adapters: set finetuning_type: full"),
+    ({**GALORE, "galore_layerwise": True, "gradient_accumulation_steps": 2},
+     "galore_layerwise: true steps each weight as soon as its gradient is ready, so gradients cannot be accumulated"),
+    ({**GALORE, "optim": "sgd"}, "use_galore: true with optim: sgd: GaLore comes in the AdamW"),
+    ({**GALORE, "galore_rank": 0}, "galore_rank: 0 must be at least 1"),
+])
+def test_refused_configs(tmp_path, overrides, message):
+    options = {"model_name_or_path": "lf-tiny-llama", "dataset": "lf_demo_en", "output_dir": str(tmp_path),
+               **overrides}
+    with pytest.raises(ConfigError, match=message):
+        parse_train_args(options)
