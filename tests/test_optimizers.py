@@ -27,8 +27,9 @@ def lf_home(tmp_path_factory):
 
 
 def tiny_llama(seed: int = 0):
-    """lf-tiny-llama's shape with a small vocabulary (no tokenizer needed), in fp32."""
-    config = AutoConfig.for_model(**{**TINY_MODELS["lf-tiny-llama"].config, "vocab_size": 256})
+    """lf-tiny-llama's shape with two layers and a small vocabulary (no tokenizer needed), in fp32."""
+    config = AutoConfig.for_model(**{**TINY_MODELS["lf-tiny-llama"].config, "vocab_size": 256,
+                                     "num_hidden_layers": 2})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -43,8 +44,8 @@ def decayed(model) -> list[str]:
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, weight_decay=0.1, adam_beta2=0.99,
-                             adam_epsilon=1e-6, **{"optim": "adamw_torch", **overrides})
+    return TrainingArguments(output_dir=str(tmp_path), **{"learning_rate": 1e-2, "weight_decay": 0.1, "adam_beta2": 0.99,
+                                                          "adam_epsilon": 1e-6, "optim": "adamw_torch", **overrides})
 
 
 def lf_and_reference_steps(tmp_path, finetuning, reference, steps: int = 3, **args):
@@ -104,7 +105,7 @@ def galore_reference(model):
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_galore_steps_as_galore_torch_does(tmp_path, layerwise):
     finetuning = FinetuningArguments(**GALORE, galore_layerwise=layerwise)
-    ours, theirs = lf_and_reference_steps(tmp_path, finetuning, galore_reference, steps=3)
+    ours, theirs = lf_and_reference_steps(tmp_path, finetuning, galore_reference, steps=2)
     assert changed(theirs)
     assert_same_weights(ours, theirs)
 
@@ -112,13 +113,86 @@ def test_galore_steps_as_galore_torch_does(tmp_path, layerwise):
 def test_galore_target_names_modules(tmp_path):
     model = tiny_llama()
     found = optimizers.galore_targets(model, "q_proj, down_proj")
-    assert len(found) == 2 * 4  # two kinds in each of the 4 layers
+    assert len(found) == 2 * 2  # two kinds in each of the 2 layers
     with pytest.raises(ConfigError, match="galore_target: nope names no trainable linear layer"):
         optimizers.galore_targets(model, "nope")
 
 
 def test_lf_train_with_galore_lowers_the_loss(tmp_path):
     losses = lf_train(tmp_path, use_galore=True, galore_rank=8, galore_update_interval=2, galore_layerwise=True)
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
+
+
+# ---- Adam-mini ----
+
+def adam_mini_reference(model):
+    from adam_mini import Adam_mini
+
+    return Adam_mini(model.named_parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, dim=256,
+                     n_heads=4, n_kv_heads=2, verbose=False)
+
+
+def test_adam_mini_steps_as_adam_mini_does(tmp_path):
+    ours, theirs = lf_and_reference_steps(tmp_path, FinetuningArguments(use_adam_mini=True), adam_mini_reference)
+    assert changed(theirs)
+    assert_same_weights(ours, theirs)
+
+
+def test_lf_train_with_adam_mini_lowers_the_loss(tmp_path):
+    losses = lf_train(tmp_path, use_adam_mini=True)
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
+
+
+# ---- Muon ----
+
+def muon_reference(model):
+    """torch's Muon on the hidden matrices (lr matched to AdamW's RMS), AdamW on embeddings, head and norms."""
+    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    muon = torch.optim.Muon(hidden, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(rest, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    return optimizers.Joined([muon, adamw])
+
+
+def test_muon_steps_as_torch_muon_does(tmp_path):
+    ours, theirs = lf_and_reference_steps(tmp_path, FinetuningArguments(use_muon=True), muon_reference)
+    assert changed(theirs)
+    assert_same_weights(ours, theirs)
+    muon, adamw = optimizers.muon_split(ours)
+    assert len(muon) == 7 * 2 and all(p.ndim == 2 for p in muon)  # q k v o gate up down in each of 2 layers
+
+
+def newton_schulz(g, steps: int = 5, a: float = 3.4445, b: float = -4.775, c: float = 2.0315):
+    """Muon's orthogonalisation, from the paper's formula: X <- aX + (bXX^T + c(XX^T)^2)X on the wide side, from
+    X = G / |G|_F; it pushes every singular value of G towards 1."""
+    x = g / g.norm()
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+def test_muon_first_step_is_the_orthogonalised_gradient(tmp_path):
+    """From zero momentum, Nesterov's momentum is a multiple of the gradient, so one step is
+    W <- W - lr 0.2 sqrt(max(A, B)) NS(G) (weight decay 0 here); to bf16's precision, in which torch runs NS."""
+    model = tiny_llama()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    before = weight.detach().clone()
+    opt = optimizers.build(model, training_args(tmp_path, weight_decay=0.0), FinetuningArguments(use_muon=True), [])
+    # a full-rank gradient: bf16 rounding would dominate the near-zero singular directions of a real one
+    grad = weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    opt.step()
+    update = (before - weight.detach()) / (1e-2 * 0.2 * max(weight.shape) ** 0.5)
+    expected = newton_schulz(grad.double()).float()
+    error = (update - expected).abs().max() / expected.abs().max()
+    assert error < 0.05, error  # torch runs Newton-Schulz in bf16
+
+
+def test_lf_train_with_muon_lowers_the_loss(tmp_path):
+    losses = lf_train(tmp_path, use_muon=True)
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
 
 
@@ -130,6 +204,7 @@ def test_lf_train_with_galore_lowers_the_loss(tmp_path):
      "galore_layerwise: true steps each weight as soon as its gradient is ready, so gradients cannot be accumulated"),
     ({**GALORE, "optim": "sgd"}, "use_galore: true with optim: sgd: GaLore comes in the AdamW"),
     ({**GALORE, "galore_rank": 0}, "galore_rank: 0 must be at least 1"),
+    ({**GALORE, "use_muon": True}, "use_galore, use_muon each choose the optimizer: keep one of them"),
 ])
 def test_refused_configs(tmp_path, overrides, message):
     options = {"model_name_or_path": "lf-tiny-llama", "dataset": "lf_demo_en", "output_dir": str(tmp_path),

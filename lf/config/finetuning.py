@@ -13,7 +13,7 @@ ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the poli
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
 GaloreProjType = Literal["std", "reverse_std", "right", "left", "full"]  # which side GaLore projects gradients on
 # the keys that choose an optimizer in place of `optim` (lf.train.optimizers.OPTIMIZERS builds each)
-OPTIMIZER_KEYS = ("use_galore",)
+OPTIMIZER_KEYS = ("use_galore", "use_adam_mini", "use_muon")
 GALORE_CLASSES = types.MappingProxyType({  # the trainer's optim -> galore_torch's class for it
     "adamw_torch": "GaLoreAdamW", "adamw_torch_fused": "GaLoreAdamW", "adamw_8bit": "GaLoreAdamW8bit",
     "adamw_bnb_8bit": "GaLoreAdamW8bit", "paged_adamw_8bit": "GaLoreAdamW8bit", "adafactor": "GaLoreAdafactor"})
@@ -71,6 +71,8 @@ class FinetuningArguments:
     galore_scale: float = 2.0  # the projected update's scale
     galore_proj_type: GaloreProjType = "std"
     galore_layerwise: bool = False  # each parameter steps as soon as its gradient is ready (no gradient accumulation)
+    use_adam_mini: bool = False  # Adam-mini: one second moment per block (attention head, neuron) instead of per weight
+    use_muon: bool = False  # torch's Muon (orthogonalised momentum) on hidden matrices, AdamW on the rest
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

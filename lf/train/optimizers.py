@@ -105,6 +105,42 @@ def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer
     return Joined(list(parts.values()), layerwise=True)
 
 
+# ---- Adam-mini ----
+
+def _adam_mini(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
+    """Adam-mini partitions the weights by their names (q/k heads, v, o and MLP neurons, embeddings) and reads the
+    head counts from the model's config; it decays what it decides to (no norms, no biases)."""
+    from adam_mini import Adam_mini
+
+    config = model.config.get_text_config()
+    return Adam_mini(named_parameters=_trainable(model), weight_decay=args.weight_decay, model_sharding=False,
+                     dim=config.hidden_size, n_heads=config.num_attention_heads,
+                     n_kv_heads=getattr(config, "num_key_value_heads", None), verbose=False, **_adam_kwargs(args))
+
+
+# ---- Muon ----
+
+def muon_split(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon's, AdamW's) trainable parameters: Muon orthogonalises the hidden weight matrices; the embeddings, the
+    output head and the vectors take AdamW (LLaMA-Factory's split)."""
+    muon, adamw = [], []
+    for name, param in _trainable(model):
+        hidden = param.ndim == 2 and "embed" not in name and "lm_head" not in name
+        (muon if hidden else adamw).append(param)
+    return muon, adamw
+
+
+def _muon(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
+    """torch's Muon with its learning rate matched to AdamW's update size (0.2 x sqrt(larger side), Moonlight's
+    rule, which LLaMA-Factory's Muon uses), weight decay on every parameter as LLaMA-Factory's does."""
+    muon, adamw = muon_split(model)
+    parts = [torch.optim.Muon(muon, lr=args.learning_rate, weight_decay=args.weight_decay,
+                              adjust_lr_fn="match_rms_adamw")] if muon else []
+    if adamw:
+        parts.append(torch.optim.AdamW(adamw, weight_decay=args.weight_decay, **_adam_kwargs(args)))
+    return Joined(parts)
+
+
 @dataclass(frozen=True)
 class Optimizer:
     feature: str  # in words, for messages
@@ -115,6 +151,8 @@ class Optimizer:
 
 OPTIMIZERS = types.MappingProxyType({
     "use_galore": Optimizer("GaLore", "galore_torch", "galore", _galore),
+    "use_adam_mini": Optimizer("Adam-mini", "adam_mini", "adam-mini", _adam_mini),
+    "use_muon": Optimizer("Muon", "torch", "", _muon),  # torch >= 2.9 has torch.optim.Muon
 })
 
 
@@ -135,5 +173,5 @@ def build(model, args, finetuning, decayed) -> torch.optim.Optimizer | None:
     try:
         importlib.import_module(entry.module)
     except ImportError as e:
-        raise ConfigError(f"{keys[0]}: true needs the {entry.module} package ({e}): pip install 'lf[{entry.extra}]'")
+        raise ConfigError(f"{keys[0]}: true ({entry.feature}) needs the {entry.module} package ({e}): pip install 'lf[{entry.extra}]'")
     return entry.build(model, args, finetuning, set(decayed))
