@@ -88,18 +88,24 @@ def lf_train(tmp_path, **overrides) -> list[float]:
 GALORE = dict(use_galore=True, finetuning_type="full", galore_rank=8, galore_update_interval=2, galore_scale=0.5)
 
 
-def galore_reference(model):
-    """galore_torch's AdamW with GaLore on every linear weight but the head, weight decay on every matrix."""
-    from galore_torch import GaLoreAdamW
-
+def projected_reference(model, cls, projection: dict, **kwargs):
+    """The package's optimizer `cls` with LLaMA-Factory's groups, in its order (APOLLO seeds each matrix's random
+    projection by its place): vectors without decay, the other matrices, then every linear weight but the head
+    with the projection (decayed too)."""
     head = model.get_output_embeddings()
     projected = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     ids = {id(p) for p in projected}
     matrices = [p for p in model.parameters() if p.ndim > 1 and id(p) not in ids]
     vectors = [p for p in model.parameters() if p.ndim == 1]
-    return GaLoreAdamW([{"params": vectors, "weight_decay": 0.0}, {"params": matrices, "weight_decay": 0.1},
-                        {"params": projected, "weight_decay": 0.1, "rank": 8, "update_proj_gap": 2, "scale": 0.5,
-                         "proj_type": "std"}], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, no_deprecation_warning=True)
+    return cls([{"params": vectors, "weight_decay": 0.0}, {"params": matrices, "weight_decay": 0.1},
+                {"params": projected, "weight_decay": 0.1, "rank": 8, "update_proj_gap": 2, **projection}],
+               lr=1e-2, betas=(0.9, 0.99), eps=1e-6, **kwargs)
+
+
+def galore_reference(model):
+    from galore_torch import GaLoreAdamW
+
+    return projected_reference(model, GaLoreAdamW, {"scale": 0.5, "proj_type": "std"}, no_deprecation_warning=True)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
@@ -112,14 +118,40 @@ def test_galore_steps_as_galore_torch_does(tmp_path, layerwise):
 
 def test_galore_target_names_modules(tmp_path):
     model = tiny_llama()
-    found = optimizers.galore_targets(model, "q_proj, down_proj")
+    found = optimizers.projected_targets(model, "galore_target", "q_proj, down_proj")
     assert len(found) == 2 * 2  # two kinds in each of the 2 layers
     with pytest.raises(ConfigError, match="galore_target: nope names no trainable linear layer"):
-        optimizers.galore_targets(model, "nope")
+        optimizers.projected_targets(model, "galore_target", "nope")
 
 
 def test_lf_train_with_galore_lowers_the_loss(tmp_path):
     losses = lf_train(tmp_path, use_galore=True, galore_rank=8, galore_update_interval=2, galore_layerwise=True)
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
+
+
+# ---- APOLLO ----
+
+APOLLO = dict(use_apollo=True, finetuning_type="full", apollo_rank=8, apollo_update_interval=2, apollo_scale=4.0)
+
+
+def apollo_reference(model, scale_type="channel", proj="random"):
+    from apollo_torch import APOLLOAdamW
+
+    return projected_reference(model, APOLLOAdamW, {"scale": 4.0, "proj_type": "std", "proj": proj,
+                                                    "scale_type": scale_type})
+
+
+@pytest.mark.parametrize("scale_type, proj", [("channel", "random"), ("tensor", "svd")])
+def test_apollo_steps_as_apollo_torch_does(tmp_path, scale_type, proj):
+    finetuning = FinetuningArguments(**APOLLO, apollo_scale_type=scale_type, apollo_proj=proj)
+    ours, theirs = lf_and_reference_steps(tmp_path, finetuning,
+                                          lambda m: apollo_reference(m, scale_type, proj), steps=2)
+    assert changed(theirs)
+    assert_same_weights(ours, theirs)
+
+
+def test_lf_train_with_layerwise_apollo_lowers_the_loss(tmp_path):
+    losses = lf_train(tmp_path, use_apollo=True, apollo_rank=8, apollo_update_interval=2, apollo_layerwise=True)
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
 
 
@@ -203,6 +235,9 @@ def test_lf_train_with_muon_lowers_the_loss(tmp_path):
     ({**GALORE, "galore_layerwise": True, "gradient_accumulation_steps": 2},
      "galore_layerwise: true steps each weight as soon as its gradient is ready, so gradients cannot be accumulated"),
     ({**GALORE, "optim": "sgd"}, "use_galore: true with optim: sgd: GaLore comes in the AdamW"),
+    ({"use_apollo": True}, "use_apollo trains whole weight matrices, not LoRA adapters"),
+    ({**APOLLO, "apollo_layerwise": True, "gradient_accumulation_steps": 4}, "apollo_layerwise: true steps each"),
+    ({**APOLLO, "optim": "adafactor"}, "use_apollo: true with optim: adafactor: APOLLO is an AdamW"),
     ({**GALORE, "galore_rank": 0}, "galore_rank: 0 must be at least 1"),
     ({**GALORE, "use_muon": True}, "use_galore, use_muon each choose the optimizer: keep one of them"),
 ])

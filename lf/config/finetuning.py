@@ -13,10 +13,14 @@ ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the poli
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
 GaloreProjType = Literal["std", "reverse_std", "right", "left", "full"]  # which side GaLore projects gradients on
 # the keys that choose an optimizer in place of `optim` (lf.train.optimizers.OPTIMIZERS builds each)
-OPTIMIZER_KEYS = ("use_galore", "use_adam_mini", "use_muon")
+OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_adam_mini", "use_muon")
+APOLLO_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # APOLLO's AdamW: the trainer's optim it stands for
 GALORE_CLASSES = types.MappingProxyType({  # the trainer's optim -> galore_torch's class for it
     "adamw_torch": "GaLoreAdamW", "adamw_torch_fused": "GaLoreAdamW", "adamw_8bit": "GaLoreAdamW8bit",
     "adamw_bnb_8bit": "GaLoreAdamW8bit", "paged_adamw_8bit": "GaLoreAdamW8bit", "adafactor": "GaLoreAdafactor"})
+ApolloProj = Literal["svd", "random"]
+ApolloProjType = Literal["std", "right", "left"]
+ApolloScaleType = Literal["channel", "tensor"]
 RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 
@@ -71,6 +75,16 @@ class FinetuningArguments:
     galore_scale: float = 2.0  # the projected update's scale
     galore_proj_type: GaloreProjType = "std"
     galore_layerwise: bool = False  # each parameter steps as soon as its gradient is ready (no gradient accumulation)
+    use_apollo: bool = False  # APOLLO: Adam's moments of a (random) low-rank projection scale the raw gradient
+    apollo_target: str = "all"
+    apollo_rank: int = 16
+    apollo_update_interval: int = 200
+    apollo_scale: float = 32.0
+    apollo_proj: ApolloProj = "random"
+    apollo_proj_type: ApolloProjType = "std"
+    apollo_scale_type: ApolloScaleType = "channel"  # one scaling factor per channel, or one per matrix
+    apollo_layerwise: bool = False
+    apollo_scale_front: bool = False  # the norm-growth limiter before the scaling, not after
     use_adam_mini: bool = False  # Adam-mini: one second moment per block (attention head, neuron) instead of per weight
     use_muon: bool = False  # torch's Muon (orthogonalised momentum) on hidden matrices, AdamW on the rest
     # outputs

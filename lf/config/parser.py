@@ -306,10 +306,6 @@ UNSUPPORTED = types.MappingProxyType({
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
                                       "merge them into a model and name that in ref_model"),
     "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
-    "use_apollo": Unsupported("the APOLLO optimizer"),
-    **{key: Unsupported("the APOLLO optimizer", None) for key in
-       ("apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",
-        "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
     "use_badam": Unsupported("the BAdam optimizer"),
     **{key: Unsupported("the BAdam optimizer", None) for key in
        ("badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",

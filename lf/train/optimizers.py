@@ -54,47 +54,35 @@ def _adam_kwargs(args) -> dict:
     return {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
-# ---- GaLore ----
+# ---- GaLore and APOLLO: Adam on low-rank projections of the linear layers' gradients ----
 
-def galore_targets(model, target: str) -> list[nn.Parameter]:
-    """The trainable weight matrices of the linear layers GaLore projects: all of them but the output head, or
-    those whose module path contains one of the comma-separated names."""
+def projected_targets(model, key: str, target: str) -> list[nn.Parameter]:
+    """The trainable weight matrices of the linear layers `key` (galore_target, apollo_target) names: all of them
+    but the output head, or those whose module path contains one of the comma-separated names."""
     head = model.get_output_embeddings()
     names = None if target.strip() == "all" else [t.strip() for t in target.split(",") if t.strip()]
     found = [module.weight for path, module in model.named_modules()
              if isinstance(module, nn.Linear) and module is not head and module.weight.requires_grad
              and (names is None or any(name in path for name in names))]
     if not found:
-        raise ConfigError(f"galore_target: {target} names no trainable linear layer of the model: give module names "
-                          "such as q_proj,v_proj, or all")
+        raise ConfigError(f"{key}: {target} names no trainable linear layer of the model: give module names such as "
+                          "q_proj,v_proj, or all")
     return found
 
 
-def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
-    import galore_torch
-
-    optim = str(getattr(args.optim, "value", args.optim))
-    cls = getattr(galore_torch, GALORE_CLASSES[optim])
-    projected = {id(p) for p in galore_targets(model, finetuning.galore_target)}
-    projection = {"rank": finetuning.galore_rank, "update_proj_gap": finetuning.galore_update_interval,
-                  "scale": finetuning.galore_scale, "proj_type": finetuning.galore_proj_type}
-    groups = []  # (params, weight decay, projection): GaLore's matrices take weight decay, as LLaMA-Factory's do
+def _projected(model, args, decayed: set[str], cls, kwargs: dict, prefix: str, finetuning, projection: dict):
+    """cls (GaLore's or APOLLO's Adam) with LLaMA-Factory's groups, in its order (APOLLO seeds each matrix's random
+    projection by its place): vectors without decay, other decayed weights, the projected matrices (decayed too).
+    Layer-wise: one optimizer per parameter, stepped in its gradient hook."""
+    projected = {id(p) for p in projected_targets(model, f"{prefix}_target", getattr(finetuning, f"{prefix}_target"))}
+    plain, decay, low_rank = [], [], []
     for name, param in _trainable(model):
-        if id(param) in projected:
-            groups.append(([param], args.weight_decay, projection))
-        else:
-            groups.append(([param], args.weight_decay if name in decayed else 0.0, {}))
-    kwargs = {"lr": args.learning_rate} if cls.__name__ == "Adafactor" else _adam_kwargs(args)
-    if cls.__name__ == "AdamW":
-        kwargs["no_deprecation_warning"] = True
-    if not finetuning.galore_layerwise:
-        merged = {}  # one group per (weight decay, projected)
-        for params, decay, extra in groups:
-            merged.setdefault((decay, bool(extra)), ([], decay, extra))[0].extend(params)
-        return cls([{"params": p, "weight_decay": d, **e} for p, d, e in merged.values()], **kwargs)
-    parts = {}
-    for params, decay, extra in groups:
-        parts[params[0]] = cls([{"params": params, "weight_decay": decay, **extra}], **kwargs)
+        (low_rank if id(param) in projected else decay if name in decayed else plain).append(param)
+    groups = [(plain, 0.0, {}), (decay, args.weight_decay, {}), (low_rank, args.weight_decay, projection)]
+    if not getattr(finetuning, f"{prefix}_layerwise"):
+        return cls([{"params": params, "weight_decay": wd, **extra} for params, wd, extra in groups], **kwargs)
+    parts = {param: cls([{"params": [param], "weight_decay": wd, **extra}], **kwargs)
+             for params, wd, extra in groups for param in params}
 
     def step_now(param):  # the gradient is complete (no accumulation): step and free it
         parts[param].step()
@@ -103,6 +91,29 @@ def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer
     for param in parts:
         param.register_post_accumulate_grad_hook(step_now)
     return Joined(list(parts.values()), layerwise=True)
+
+
+def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
+    import galore_torch
+
+    cls = getattr(galore_torch, GALORE_CLASSES[str(getattr(args.optim, "value", args.optim))])
+    kwargs = {"lr": args.learning_rate} if cls.__name__ == "Adafactor" else _adam_kwargs(args)
+    if cls.__name__ == "AdamW":
+        kwargs["no_deprecation_warning"] = True
+    projection = {"rank": finetuning.galore_rank, "update_proj_gap": finetuning.galore_update_interval,
+                  "scale": finetuning.galore_scale, "proj_type": finetuning.galore_proj_type}
+    return _projected(model, args, decayed, cls, kwargs, "galore", finetuning, projection)
+
+
+def _apollo(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
+    """apollo_scale_front is the optimizer's argument (LLaMA-Factory puts it in the group, where APOLLO ignores it)."""
+    from apollo_torch import APOLLOAdamW
+
+    projection = {"rank": finetuning.apollo_rank, "proj": finetuning.apollo_proj,
+                  "proj_type": finetuning.apollo_proj_type, "update_proj_gap": finetuning.apollo_update_interval,
+                  "scale": finetuning.apollo_scale, "scale_type": finetuning.apollo_scale_type}
+    kwargs = {**_adam_kwargs(args), "scale_front": finetuning.apollo_scale_front}
+    return _projected(model, args, decayed, APOLLOAdamW, kwargs, "apollo", finetuning, projection)
 
 
 # ---- Adam-mini ----
@@ -151,6 +162,7 @@ class Optimizer:
 
 OPTIMIZERS = types.MappingProxyType({
     "use_galore": Optimizer("GaLore", "galore_torch", "galore", _galore),
+    "use_apollo": Optimizer("APOLLO", "apollo_torch", "apollo", _apollo),
     "use_adam_mini": Optimizer("Adam-mini", "adam_mini", "adam-mini", _adam_mini),
     "use_muon": Optimizer("Muon", "torch", "", _muon),  # torch >= 2.9 has torch.optim.Muon
 })
