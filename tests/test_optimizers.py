@@ -155,6 +155,59 @@ def test_lf_train_with_layerwise_apollo_lowers_the_loss(tmp_path):
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.1
 
 
+# ---- BAdam ----
+
+def test_badam_layer_mode_steps_and_switches_as_badam_does(tmp_path):
+    """Switching every step, ascending: step 1 trains block 0 only, step 2 block 1 only, as badam's own does."""
+    from badam import BlockOptimizer
+
+    finetuning = FinetuningArguments(use_badam=True, finetuning_type="full", badam_switch_interval=1)
+
+    def reference(model):
+        base = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
+                                  {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.1}],
+                                 lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+        return BlockOptimizer(base, list(model.named_parameters()), switch_block_every=1, switch_mode="ascending",
+                              verbose=0)
+
+    ours, theirs = lf_and_reference_steps(tmp_path, finetuning, reference, steps=2)
+    assert_same_weights(ours, theirs)
+    start = tiny_llama()
+    moved = {n for (n, a), b in zip(ours.named_parameters(), start.parameters()) if not torch.equal(a, b)}
+    assert moved and all(".layers.0." in n or ".layers.1." in n for n in moved)
+
+
+def test_badam_ratio_mode_steps_as_badam_does(tmp_path):
+    from badam import BlockOptimizerRatio
+
+    finetuning = FinetuningArguments(use_badam=True, finetuning_type="full", badam_mode="ratio",
+                                     badam_update_ratio=0.1)
+
+    def reference(model):
+        groups = [{"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
+                  {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.1}]
+        return BlockOptimizerRatio(groups, list(model.named_parameters()), update_ratio=0.1, mask_mode="adjacent",
+                                   verbose=0, include_embedding=False, lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+
+    torch.manual_seed(3)
+    ours = tiny_llama()
+    mine = optimizers.build(ours, training_args(tmp_path), finetuning, decayed(ours))
+    torch.manual_seed(3)
+    theirs = tiny_llama()
+    ref = reference(theirs)
+    for model, opt in ((ours, mine), (theirs, ref)):
+        backward(model, 0)
+        opt.step()
+    assert changed(theirs)
+    assert_same_weights(ours, theirs)
+
+
+@pytest.mark.parametrize("mode", ["layer", "ratio"])
+def test_lf_train_with_badam_lowers_the_loss(tmp_path, mode):
+    losses = lf_train(tmp_path, use_badam=True, badam_mode=mode, badam_switch_interval=2, badam_update_ratio=0.5)
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.05
+
+
 # ---- Adam-mini ----
 
 def adam_mini_reference(model):
@@ -237,6 +290,8 @@ def test_lf_train_with_muon_lowers_the_loss(tmp_path):
     ({**GALORE, "optim": "sgd"}, "use_galore: true with optim: sgd: GaLore comes in the AdamW"),
     ({"use_apollo": True}, "use_apollo trains whole weight matrices, not LoRA adapters"),
     ({**APOLLO, "apollo_layerwise": True, "gradient_accumulation_steps": 4}, "apollo_layerwise: true steps each"),
+    ({"use_badam": True}, "use_badam trains whole weight matrices, not LoRA adapters"),
+    ({"use_badam": True, "finetuning_type": "full", "badam_update_ratio": 0}, "badam_update_ratio: 0 must be in"),
     ({**APOLLO, "optim": "adafactor"}, "use_apollo: true with optim: adafactor: APOLLO is an AdamW"),
     ({**GALORE, "galore_rank": 0}, "galore_rank: 0 must be at least 1"),
     ({**GALORE, "use_muon": True}, "use_galore, use_muon each choose the optimizer: keep one of them"),

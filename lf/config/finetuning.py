@@ -13,7 +13,7 @@ ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the poli
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
 GaloreProjType = Literal["std", "reverse_std", "right", "left", "full"]  # which side GaLore projects gradients on
 # the keys that choose an optimizer in place of `optim` (lf.train.optimizers.OPTIMIZERS builds each)
-OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_adam_mini", "use_muon")
+OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
 APOLLO_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # APOLLO's AdamW: the trainer's optim it stands for
 GALORE_CLASSES = types.MappingProxyType({  # the trainer's optim -> galore_torch's class for it
     "adamw_torch": "GaLoreAdamW", "adamw_torch_fused": "GaLoreAdamW", "adamw_8bit": "GaLoreAdamW8bit",
@@ -21,6 +21,9 @@ GALORE_CLASSES = types.MappingProxyType({  # the trainer's optim -> galore_torch
 ApolloProj = Literal["svd", "random"]
 ApolloProjType = Literal["std", "right", "left"]
 ApolloScaleType = Literal["channel", "tensor"]
+BadamMode = Literal["layer", "ratio"]
+BadamSwitchMode = Literal["ascending", "descending", "random", "fixed"]
+BadamMaskMode = Literal["adjacent", "scatter"]
 RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 
@@ -85,6 +88,14 @@ class FinetuningArguments:
     apollo_scale_type: ApolloScaleType = "channel"  # one scaling factor per channel, or one per matrix
     apollo_layerwise: bool = False
     apollo_scale_front: bool = False  # the norm-growth limiter before the scaling, not after
+    use_badam: bool = False  # BAdam: Adam on one block of parameters at a time
+    badam_mode: BadamMode = "layer"  # layer: a decoder layer at a time; ratio: a share of each matrix's entries
+    badam_start_block: int | None = None  # layer: the block trained first (None: by badam_switch_mode)
+    badam_switch_mode: BadamSwitchMode = "ascending"  # layer: the order the blocks take turns in
+    badam_switch_interval: int = 50  # layer: steps before the next block (-1: never switch)
+    badam_update_ratio: float = 0.05  # ratio: the share of each weight matrix's entries that update
+    badam_mask_mode: BadamMaskMode = "adjacent"  # ratio: adjacent entries, or scattered at random
+    badam_verbose: int = 0  # 0: quiet; 1: the block trained; 2: its parameters too
     use_adam_mini: bool = False  # Adam-mini: one second moment per block (attention head, neuron) instead of per weight
     use_muon: bool = False  # torch's Muon (orthogonalised momentum) on hidden matrices, AdamW on the rest
     # outputs

@@ -306,10 +306,6 @@ UNSUPPORTED = types.MappingProxyType({
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
                                       "merge them into a model and name that in ref_model"),
     "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
-    "use_badam": Unsupported("the BAdam optimizer"),
-    **{key: Unsupported("the BAdam optimizer", None) for key in
-       ("badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
-        "badam_mask_mode", "badam_verbose")},
     "use_swanlab": Unsupported("SwanLab tracking"),
     **{key: Unsupported("SwanLab tracking", None) for key in
        ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",

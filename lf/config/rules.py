@@ -161,12 +161,16 @@ RANGES = types.MappingProxyType({
     "loraplus_lr_ratio": ("finetuning", POSITIVE, "how many times faster LoRA+ trains the B matrices (16 is usual; "
                                                   "remove it for plain LoRA)"),
     "loraplus_lr_embedding": ("finetuning", POSITIVE, "LoRA+'s learning rate for embedding adapters (1e-6 is usual)"),
-    "galore_rank": ("finetuning", AT_LEAST_1, "the rank GaLore projects gradients to (16 is LLaMA-Factory's)"),
-    "galore_update_interval": ("finetuning", AT_LEAST_1, "the steps between GaLore's projections (200 is usual)"),
-    "galore_scale": ("finetuning", POSITIVE, "the scale of GaLore's projected update (2.0 is LLaMA-Factory's)"),
-    "apollo_rank": ("finetuning", AT_LEAST_1, "the rank APOLLO projects gradients to (16 is LLaMA-Factory's)"),
-    "apollo_update_interval": ("finetuning", AT_LEAST_1, "the steps between APOLLO's projections (200 is usual)"),
-    "apollo_scale": ("finetuning", POSITIVE, "the scale of APOLLO's update (32.0 is LLaMA-Factory's)"),
+    **{key: spec for prefix, name, scale in (("galore", "GaLore", "2.0"), ("apollo", "APOLLO", "32.0"))
+       for key, spec in {
+        f"{prefix}_rank": ("finetuning", AT_LEAST_1, f"the rank {name} projects gradients to (16 is "
+                                                     "LLaMA-Factory's)"),
+        f"{prefix}_update_interval": ("finetuning", AT_LEAST_1, f"the steps between {name}'s projections (200 is "
+                                                                "usual)"),
+        f"{prefix}_scale": ("finetuning", POSITIVE, f"the scale of {name}'s update ({scale} is LLaMA-Factory's)"),
+    }.items()},
+    "badam_update_ratio": ("finetuning", Interval(0, 1, low_open=True, high_open=False),
+                           "the share of each matrix's entries ratio-mode BAdam updates (0.05 is LLaMA-Factory's)"),
     "pref_beta": ("finetuning", POSITIVE, "the preference loss's scale (0.1 is usual, about 2 for simpo)"),
     "pref_ftx": ("finetuning", AT_LEAST_0, "the weight of an sft loss on the chosen replies (0: none; a negative one "
                                            "would train away from them)"),

@@ -116,6 +116,28 @@ def _apollo(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer
     return _projected(model, args, decayed, APOLLOAdamW, kwargs, "apollo", finetuning, projection)
 
 
+# ---- BAdam: Adam on one block of parameters at a time ----
+
+def _badam(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
+    """layer: the trainer's optimizer over one decoder layer at a time, the next every badam_switch_interval steps
+    (the others frozen); ratio: badam_update_ratio of each weight matrix's entries update, the rest masked."""
+    import badam
+
+    groups = [{"params": [p for n, p in _trainable(model) if n not in decayed], "weight_decay": 0.0},
+              {"params": [p for n, p in _trainable(model) if n in decayed], "weight_decay": args.weight_decay}]
+    named = list(model.named_parameters())
+    kwargs = _adam_kwargs(args)
+    if finetuning.badam_mode == "ratio":
+        return badam.BlockOptimizerRatio(param_groups=groups, named_parameters_list=named,
+                                         update_ratio=finetuning.badam_update_ratio,
+                                         mask_mode=finetuning.badam_mask_mode, verbose=finetuning.badam_verbose,
+                                         include_embedding=False, **kwargs)
+    return badam.BlockOptimizer(base_optimizer=torch.optim.AdamW(groups, **kwargs), named_parameters_list=named,
+                                switch_block_every=finetuning.badam_switch_interval,
+                                start_block=finetuning.badam_start_block, switch_mode=finetuning.badam_switch_mode,
+                                verbose=finetuning.badam_verbose)
+
+
 # ---- Adam-mini ----
 
 def _adam_mini(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
@@ -163,6 +185,7 @@ class Optimizer:
 OPTIMIZERS = types.MappingProxyType({
     "use_galore": Optimizer("GaLore", "galore_torch", "galore", _galore),
     "use_apollo": Optimizer("APOLLO", "apollo_torch", "apollo", _apollo),
+    "use_badam": Optimizer("BAdam", "badam", "badam", _badam),
     "use_adam_mini": Optimizer("Adam-mini", "adam_mini", "adam-mini", _adam_mini),
     "use_muon": Optimizer("Muon", "torch", "", _muon),  # torch >= 2.9 has torch.optim.Muon
 })

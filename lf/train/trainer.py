@@ -31,6 +31,8 @@ class LFTrainer(Seq2SeqTrainer):
     def __init__(self, *args, finetuning_args=None, media=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.finetuning_args = finetuning_args
+        if getattr(finetuning_args, "use_badam", False):
+            _badam(self)
         self.media = media  # lf.data.mm_plugins.MMProcessor: saved with the tokenizer
         self.tokens_seen = 0  # real tokens trained on, this process
         self.nonfinite_step = None  # the first step whose loss was nan/inf
@@ -125,6 +127,17 @@ class LFTrainer(Seq2SeqTrainer):
                 self.state.best_model_checkpoint = best
         rotate_checkpoints(output_dir=final_root, save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _badam(trainer) -> None:
+    """BAdam's trainer side: its callback (it re-enables gradient checkpointing in a way that keeps frozen blocks'
+    inputs out of the graph) and its gradient clipping, which handles ratio mode's sparse gradients."""
+    from types import MethodType
+
+    from badam import BAdamCallback, clip_grad_norm_old_version
+
+    trainer.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, trainer.accelerator)
+    trainer.add_callback(BAdamCallback)
 
 
 def _tensorboard_folder(trainer, logging_dir: str | None) -> None:
