@@ -1,6 +1,7 @@
 """The finetuning group: the stage, which parameters train (full | freeze | lora) and their settings
 (LLaMA-Factory's key names). Choices are Literals declared once here (see lf/config/model.py)."""
 
+import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,19 @@ FinetuningType = Literal["full", "freeze", "lora"]
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
+GaloreProjType = Literal["std", "reverse_std", "right", "left", "full"]  # which side GaLore projects gradients on
+# the keys that choose an optimizer in place of `optim` (lf.train.optimizers.OPTIMIZERS builds each)
+OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
+APOLLO_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # APOLLO's AdamW: the trainer's optim it stands for
+GALORE_CLASSES = types.MappingProxyType({  # the trainer's optim -> galore_torch's class for it
+    "adamw_torch": "GaLoreAdamW", "adamw_torch_fused": "GaLoreAdamW", "adamw_8bit": "GaLoreAdamW8bit",
+    "adamw_bnb_8bit": "GaLoreAdamW8bit", "paged_adamw_8bit": "GaLoreAdamW8bit", "adafactor": "GaLoreAdafactor"})
+ApolloProj = Literal["svd", "random"]
+ApolloProjType = Literal["std", "right", "left"]
+ApolloScaleType = Literal["channel", "tensor"]
+BadamMode = Literal["layer", "ratio"]
+BadamSwitchMode = Literal["ascending", "descending", "random", "fixed"]
+BadamMaskMode = Literal["adjacent", "scatter"]
 RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 
@@ -60,6 +74,34 @@ class FinetuningArguments:
     ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
     ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
     early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
+    # optimizers other than the trainer's `optim` (lf.train.optimizers; LLaMA-Factory's keys and defaults); at most one
+    use_galore: bool = False  # GaLore: Adam's moments kept for low-rank projections of the weight matrices' gradients
+    galore_target: str = "all"  # "all": every linear layer but the output head; or comma-separated module names
+    galore_rank: int = 16
+    galore_update_interval: int = 200  # steps between recomputing the projections (an SVD of the gradient)
+    galore_scale: float = 2.0  # the projected update's scale
+    galore_proj_type: GaloreProjType = "std"
+    galore_layerwise: bool = False  # each parameter steps as soon as its gradient is ready (no gradient accumulation)
+    use_apollo: bool = False  # APOLLO: Adam's moments of a (random) low-rank projection scale the raw gradient
+    apollo_target: str = "all"
+    apollo_rank: int = 16
+    apollo_update_interval: int = 200
+    apollo_scale: float = 32.0
+    apollo_proj: ApolloProj = "random"
+    apollo_proj_type: ApolloProjType = "std"
+    apollo_scale_type: ApolloScaleType = "channel"  # one scaling factor per channel, or one per matrix
+    apollo_layerwise: bool = False
+    apollo_scale_front: bool = False  # the norm-growth limiter before the scaling, not after
+    use_badam: bool = False  # BAdam: Adam on one block of parameters at a time
+    badam_mode: BadamMode = "layer"  # layer: a decoder layer at a time; ratio: a share of each matrix's entries
+    badam_start_block: int | None = None  # layer: the block trained first (None: by badam_switch_mode)
+    badam_switch_mode: BadamSwitchMode = "ascending"  # layer: the order the blocks take turns in
+    badam_switch_interval: int = 50  # layer: steps before the next block (-1: never switch)
+    badam_update_ratio: float = 0.05  # ratio: the share of each weight matrix's entries that update
+    badam_mask_mode: BadamMaskMode = "adjacent"  # ratio: adjacent entries, or scattered at random
+    badam_verbose: int = 0  # 0: quiet; 1: the block trained; 2: its parameters too
+    use_adam_mini: bool = False  # Adam-mini: one second moment per block (attention head, neuron) instead of per weight
+    use_muon: bool = False  # torch's Muon (orthogonalised momentum) on hidden matrices, AdamW on the rest
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

@@ -305,25 +305,11 @@ UNSUPPORTED = types.MappingProxyType({
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
                                       "merge them into a model and name that in ref_model"),
     "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
-    "use_galore": Unsupported("GaLore"),
-    **{key: Unsupported("GaLore", None) for key in
-       ("galore_target", "galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type",
-        "galore_layerwise")},
-    "use_apollo": Unsupported("the APOLLO optimizer"),
-    **{key: Unsupported("the APOLLO optimizer", None) for key in
-       ("apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",
-        "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
-    "use_badam": Unsupported("the BAdam optimizer"),
-    **{key: Unsupported("the BAdam optimizer", None) for key in
-       ("badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
-        "badam_mask_mode", "badam_verbose")},
     "use_swanlab": Unsupported("SwanLab tracking"),
     **{key: Unsupported("SwanLab tracking", None) for key in
        ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
         "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     "use_llama_pro": Unsupported("LLaMA Pro block expansion"),
-    "use_adam_mini": Unsupported("the Adam-mini optimizer"),
-    "use_muon": Unsupported("the Muon optimizer"),
     "use_mca": Unsupported("Megatron-Core training"),
     "use_dft_loss": Unsupported("the DFT loss"),
     "pure_bf16": Unsupported("bf16 weights trained without autocast"),

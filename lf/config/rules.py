@@ -22,7 +22,7 @@ from typing import Any
 
 from lf import stages
 from lf.config.data import DataArguments
-from lf.config.finetuning import FinetuningArguments, ReferenceFreeLoss
+from lf.config.finetuning import APOLLO_OPTIMS, GALORE_CLASSES, OPTIMIZER_KEYS, FinetuningArguments, ReferenceFreeLoss
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
 from lf.errors import ConfigError, did_you_mean
@@ -161,6 +161,16 @@ RANGES = types.MappingProxyType({
     "loraplus_lr_ratio": ("finetuning", POSITIVE, "how many times faster LoRA+ trains the B matrices (16 is usual; "
                                                   "remove it for plain LoRA)"),
     "loraplus_lr_embedding": ("finetuning", POSITIVE, "LoRA+'s learning rate for embedding adapters (1e-6 is usual)"),
+    **{key: spec for prefix, name, scale in (("galore", "GaLore", "2.0"), ("apollo", "APOLLO", "32.0"))
+       for key, spec in {
+        f"{prefix}_rank": ("finetuning", AT_LEAST_1, f"the rank {name} projects gradients to (16 is "
+                                                     "LLaMA-Factory's)"),
+        f"{prefix}_update_interval": ("finetuning", AT_LEAST_1, f"the steps between {name}'s projections (200 is "
+                                                                "usual)"),
+        f"{prefix}_scale": ("finetuning", POSITIVE, f"the scale of {name}'s update ({scale} is LLaMA-Factory's)"),
+    }.items()},
+    "badam_update_ratio": ("finetuning", Interval(0, 1, low_open=True, high_open=False),
+                           "the share of each matrix's entries ratio-mode BAdam updates (0.05 is LLaMA-Factory's)"),
     "pref_beta": ("finetuning", POSITIVE, "the preference loss's scale (0.1 is usual, about 2 for simpo)"),
     "pref_ftx": ("finetuning", AT_LEAST_0, "the weight of an sft loss on the chosen replies (0: none; a negative one "
                                            "would train away from them)"),
@@ -202,6 +212,22 @@ def _not_finite(cfg) -> list[str]:
     groups = (cfg.model, cfg.data, cfg.finetuning, cfg.generating, cfg.training)
     return [f"{key}: {show(value)}" for group in groups for key, value in vars(group).items()
             if isinstance(value, float) and not math.isfinite(value) and key not in RANGES]
+
+
+def _optimizers(cfg) -> list[str]:
+    return [key for key in OPTIMIZER_KEYS if getattr(cfg.finetuning, key)]
+
+
+LAYERWISE = ("galore", "apollo")  # the optimizers with a layer-wise variant (their keys' prefix)
+
+
+def _full_only(cfg) -> list[str]:
+    """The chosen optimizers that LLaMA-Factory refuses with LoRA (they project or pick whole weight matrices)."""
+    return [key for key in _optimizers(cfg) if key in ("use_galore", "use_apollo", "use_badam")]
+
+
+def _optim(t) -> str:
+    return str(getattr(t.optim, "value", t.optim))
 
 
 def _lora_only_options(cfg) -> list[str]:
@@ -371,6 +397,21 @@ RULES: tuple[Rule, ...] = (
     Rule("max_steps", lambda c: c.training.max_steps == 0,
          "max_steps: 0 would train no step (transformers trains one and reports success): set the number of "
          "optimizer steps to train, or remove max_steps (-1, the default) to train num_train_epochs epochs"),
+    Rule("one_optimizer", lambda c: len(_optimizers(c)) > 1,
+         lambda c: f"{', '.join(_optimizers(c))} each choose the optimizer: keep one of them"),
+    Rule("optimizer_not_with_lora", lambda c: c.finetuning.finetuning_type == "lora" and bool(_full_only(c)),
+         lambda c: f"{_full_only(c)[0]} trains whole weight matrices, not LoRA adapters: set finetuning_type: full "
+                   "(or freeze), or remove it"),
+    Rule("galore_optim", lambda c: c.finetuning.use_galore and _optim(c.training) not in GALORE_CLASSES,
+         lambda c: f"use_galore: true with optim: {_optim(c.training)}: GaLore comes in the AdamW, 8-bit AdamW and "
+                   f"Adafactor kinds: set optim to one of {', '.join(GALORE_CLASSES)}"),
+    Rule("apollo_optim", lambda c: c.finetuning.use_apollo and _optim(c.training) not in APOLLO_OPTIMS,
+         lambda c: f"use_apollo: true with optim: {_optim(c.training)}: APOLLO is an AdamW: set optim: adamw_torch"),
+    *(Rule(f"{name}_layerwise_accumulation", lambda c, name=name: getattr(c.finetuning, f"use_{name}")
+           and getattr(c.finetuning, f"{name}_layerwise") and c.training.gradient_accumulation_steps != 1,
+           f"{name}_layerwise: true steps each weight as soon as its gradient is ready, so gradients cannot be "
+           f"accumulated: set gradient_accumulation_steps: 1 (raise per_device_train_batch_size instead), or "
+           f"{name}_layerwise: false") for name in LAYERWISE),
     *(_in_range(key, *spec) for key, spec in RANGES.items()),
     Rule("finite_numbers", lambda c: bool(_not_finite(c)),
          lambda c: f"{', '.join(_not_finite(c))}: not a finite number: give a number (nan and inf are refused)"),

@@ -3,6 +3,7 @@
 - checkpoints are written into a staging folder and renamed into place (a run killed while saving keeps its
   previous checkpoints intact);
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
+- GaLore, Adam-mini, Muon and the like (lf.train.optimizers) in place of `optim` when the config turns one on;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
 - logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
@@ -22,6 +23,7 @@ from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lf.data.collator import TOKENS_KEY
+from lf.train import optimizers
 from lf.train.checkpoints import STAGING
 
 
@@ -29,6 +31,8 @@ class LFTrainer(Seq2SeqTrainer):
     def __init__(self, *args, finetuning_args=None, media=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.finetuning_args = finetuning_args
+        if getattr(finetuning_args, "use_badam", False):
+            _badam(self)
         self.media = media  # lf.data.mm_plugins.MMProcessor: saved with the tokenizer
         self.tokens_seen = 0  # real tokens trained on, this process
         self.nonfinite_step = None  # the first step whose loss was nan/inf
@@ -54,13 +58,18 @@ class LFTrainer(Seq2SeqTrainer):
             self.nonfinite_step = self.state.global_step + 1
         return loss
 
-    # -- LoRA+ ---------------------------------------------------------------------------------------------------
+    # -- the optimizer: lf.train.optimizers' choice, or LoRA+ --------------------------------------------------
 
     def create_optimizer(self, model=None):
-        ratio = getattr(self.finetuning_args, "loraplus_lr_ratio", None)
-        if ratio is None or self.optimizer is not None:
-            return super().create_optimizer(model)
+        if self.optimizer is not None:
+            return self.optimizer
         model = self.model if model is None else model
+        self.optimizer = optimizers.build(model, self.args, self.finetuning_args, self.get_decay_parameter_names(model))
+        if self.optimizer is not None:
+            return self.optimizer
+        ratio = getattr(self.finetuning_args, "loraplus_lr_ratio", None)
+        if ratio is None:
+            return super().create_optimizer(model)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         lr, decay = self.args.learning_rate, self.args.weight_decay
         decayed = set(self.get_decay_parameter_names(model))
@@ -118,6 +127,17 @@ class LFTrainer(Seq2SeqTrainer):
                 self.state.best_model_checkpoint = best
         rotate_checkpoints(output_dir=final_root, save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _badam(trainer) -> None:
+    """BAdam's trainer side: its callback (it re-enables gradient checkpointing in a way that keeps frozen blocks'
+    inputs out of the graph) and its gradient clipping, which handles ratio mode's sparse gradients."""
+    from types import MethodType
+
+    from badam import BAdamCallback, clip_grad_norm_old_version
+
+    trainer.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, trainer.accelerator)
+    trainer.add_callback(BAdamCallback)
 
 
 def _tensorboard_folder(trainer, logging_dir: str | None) -> None:
