@@ -115,6 +115,14 @@ def test_galore_steps_as_galore_torch_does(tmp_path, layerwise):
     assert_same_weights(ours, theirs)
 
 
+@pytest.mark.parametrize("key", ["use_galore", "use_apollo"])
+def test_a_run_resumes_from_a_checkpoint_with_the_projectors(tmp_path, key):
+    """The optimizer state holds the package's projector objects, which the Trainer's weights-only load reads back."""
+    lf_train(tmp_path, **{key: True}, max_steps=2, save_steps=1)
+    lf_train(tmp_path, **{key: True}, max_steps=3, save_steps=1)  # resumes from checkpoint-2
+    assert (tmp_path / "checkpoint-3").is_dir()
+
+
 def test_galore_target_names_modules(tmp_path):
     model = tiny_llama()
     found = optimizers.projected_targets(model, "galore_target", "q_proj, down_proj")
