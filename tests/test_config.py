@@ -227,10 +227,8 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize("key, value, feature", [
     ("use_unsloth", True, "Unsloth's patched training"),
-    ("use_galore", True, "GaLore"),
-    ("use_badam", True, "the BAdam optimizer"),
-    ("use_apollo", True, "the APOLLO optimizer"),
     ("use_llama_pro", True, "LLaMA Pro block expansion"),
+    ("use_mca", True, "Megatron-Core training"),
     ("shift_attn", True, "LongLoRA's shifted sparse attention"),
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
@@ -253,11 +251,11 @@ def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():
 
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):
-    inert = {"use_unsloth": False, "use_galore": False, "video_fps": 2.0, "infer_backend": "huggingface",
-             "video_max_pixels": 65536, "save_safetensors": True, "galore_rank": 32}
+    inert = {"use_unsloth": False, "use_mca": False, "video_fps": 2.0, "infer_backend": "huggingface",
+             "video_max_pixels": 65536, "save_safetensors": True, "swanlab_project": "p"}
     cfg = parse_train_args({**BASE, **inert})
-    assert cfg.raw["galore_rank"] == 32
-    assert "galore_rank is ignored: it tunes GaLore" in logs.text
+    assert cfg.raw["swanlab_project"] == "p"
+    assert "swanlab_project is ignored: it tunes SwanLab tracking" in logs.text
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -373,6 +371,31 @@ RULE_CASES = {
     "max_steps": ({"max_steps": 0}, "max_steps: 0 would train no step (transformers trains one and reports success): "
                                     "set the number of optimizer steps to train, or remove max_steps (-1, the "
                                     "default) to train num_train_epochs epochs"),
+    "one_optimizer": ({"finetuning_type": "full", "use_galore": True, "use_muon": True},
+                      "use_galore, use_muon each choose the optimizer: keep one of them"),
+    "optimizer_not_with_lora": ({"use_badam": True}, "use_badam trains whole weight matrices, not LoRA adapters: set "
+                                                     "finetuning_type: full"),
+    "galore_optim": ({"finetuning_type": "full", "use_galore": True, "optim": "sgd"},
+                     "use_galore: true with optim: sgd: GaLore comes in the AdamW, 8-bit AdamW and Adafactor kinds"),
+    "apollo_optim": ({"finetuning_type": "full", "use_apollo": True, "optim": "adafactor"},
+                     "use_apollo: true with optim: adafactor: APOLLO is an AdamW: set optim: adamw_torch"),
+    "galore_layerwise_accumulation": ({"finetuning_type": "full", "use_galore": True, "galore_layerwise": True,
+                                       "gradient_accumulation_steps": 2},
+                                      "galore_layerwise: true steps each weight as soon as its gradient is ready, so "
+                                      "gradients cannot be accumulated: set gradient_accumulation_steps: 1"),
+    "apollo_layerwise_accumulation": ({"finetuning_type": "full", "use_apollo": True, "apollo_layerwise": True,
+                                       "gradient_accumulation_steps": 4}, "apollo_layerwise: true steps each weight"),
+    "galore_proj_type_choice": ({"galore_proj_type": "up"}, "galore_proj_type: up is not one of std, reverse_std, "
+                                                            "right, left, full."),
+    "apollo_proj_choice": ({"apollo_proj": "qr"}, "apollo_proj: qr is not one of svd, random."),
+    "apollo_proj_type_choice": ({"apollo_proj_type": "full"}, "apollo_proj_type: full is not one of std, right, "
+                                                              "left."),
+    "apollo_scale_type_choice": ({"apollo_scale_type": "row"}, "apollo_scale_type: row is not one of channel, "
+                                                               "tensor."),
+    "badam_mode_choice": ({"badam_mode": "block"}, "badam_mode: block is not one of layer, ratio."),
+    "badam_switch_mode_choice": ({"badam_switch_mode": "up"}, "badam_switch_mode: up is not one of ascending, "
+                                                              "descending, random, fixed."),
+    "badam_mask_mode_choice": ({"badam_mask_mode": "all"}, "badam_mask_mode: all is not one of adjacent, scatter."),
     "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
                        "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }

@@ -70,6 +70,12 @@ def projected_targets(model, key: str, target: str) -> list[nn.Parameter]:
     return found
 
 
+def _resumable(*projectors) -> None:
+    """The projector objects in GaLore's and APOLLO's optimizer state may be read back from a checkpoint: the
+    Trainer resumes with torch.load(weights_only=True), which refuses classes it does not know."""
+    torch.serialization.add_safe_globals(list(projectors))
+
+
 def _projected(model, args, decayed: set[str], cls, kwargs: dict, prefix: str, finetuning, projection: dict):
     """cls (GaLore's or APOLLO's Adam) with LLaMA-Factory's groups, in its order (APOLLO seeds each matrix's random
     projection by its place): vectors without decay, other decayed weights, the projected matrices (decayed too).
@@ -95,7 +101,9 @@ def _projected(model, args, decayed: set[str], cls, kwargs: dict, prefix: str, f
 
 def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
     import galore_torch
+    from galore_torch.galore_projector import GaLoreProjector
 
+    _resumable(GaLoreProjector)
     cls = getattr(galore_torch, GALORE_CLASSES[str(getattr(args.optim, "value", args.optim))])
     kwargs = {"lr": args.learning_rate} if cls.__name__ == "Adafactor" else _adam_kwargs(args)
     if cls.__name__ == "AdamW":
@@ -108,7 +116,10 @@ def _galore(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer
 def _apollo(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
     """apollo_scale_front is the optimizer's argument (LLaMA-Factory puts it in the group, where APOLLO ignores it)."""
     from apollo_torch import APOLLOAdamW
+    from apollo_torch.random_projector import GradientProjector
+    from apollo_torch.svd_projector import GaLoreProjector
 
+    _resumable(GradientProjector, GaLoreProjector)
     projection = {"rank": finetuning.apollo_rank, "proj": finetuning.apollo_proj,
                   "proj_type": finetuning.apollo_proj_type, "update_proj_gap": finetuning.apollo_update_interval,
                   "scale": finetuning.apollo_scale, "scale_type": finetuning.apollo_scale_type}
