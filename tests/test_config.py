@@ -371,6 +371,8 @@ RULE_CASES = {
     "max_steps": ({"max_steps": 0}, "max_steps: 0 would train no step (transformers trains one and reports success): "
                                     "set the number of optimizer steps to train, or remove max_steps (-1, the "
                                     "default) to train num_train_epochs epochs"),
+    "optimizer_not_in_ppo": ({"use_muon": True, "stage": "ppo", "reward_model": "saves/rm"},
+                             "use_muon: true, but stage: ppo steps the policy and value head with its own AdamW"),
     "one_optimizer": ({"finetuning_type": "full", "use_galore": True, "use_muon": True},
                       "use_galore, use_muon each choose the optimizer: keep one of them"),
     "optimizer_not_with_lora": ({"use_badam": True}, "use_badam trains whole weight matrices, not LoRA adapters: set "

@@ -399,6 +399,9 @@ RULES: tuple[Rule, ...] = (
          "optimizer steps to train, or remove max_steps (-1, the default) to train num_train_epochs epochs"),
     Rule("one_optimizer", lambda c: len(_optimizers(c)) > 1,
          lambda c: f"{', '.join(_optimizers(c))} each choose the optimizer: keep one of them"),
+    Rule("optimizer_not_in_ppo", lambda c: c.finetuning.stage == "ppo" and bool(_optimizers(c)),
+         lambda c: f"{_optimizers(c)[0]}: true, but stage: ppo steps the policy and value head with its own AdamW: "
+                   "remove it"),
     Rule("optimizer_not_with_lora", lambda c: c.finetuning.finetuning_type == "lora" and bool(_full_only(c)),
          lambda c: f"{_full_only(c)[0]} trains whole weight matrices, not LoRA adapters: set finetuning_type: full "
                    "(or freeze), or remove it"),
