@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from lf import cli
 from lf.config import parse_train_args
 from lf.config.rules import show
-from lf.errors import TrainError
+from lf.errors import KernelError, TrainError
 from lf.train import disk, recipe, run
 from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
@@ -231,6 +231,14 @@ def test_output_dir_holding_another_run_is_refused_before_any_work(tmp_path, mon
         train(out)
     with pytest.raises(TrainError, match="holds no checkpoint"):
         train(tmp_path / "empty", resume_from_checkpoint=True)
+
+
+def test_a_bad_kernel_backend_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LF_KERNEL_BACKEND", "cuda")
+    monkeypatch.setattr(recipe, "load_tokenizer", lambda *a: pytest.fail("loaded a tokenizer before the check"))
+    with pytest.raises(KernelError, match="LF_KERNEL_BACKEND='cuda' is not a backend"):
+        train(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def cli_train(output_dir, **overrides) -> int:

@@ -11,6 +11,18 @@ def run(cfg, callbacks=()) -> dict:
     from lf.train.disk import full_disk_in_one_line
 
     stage = stages.trainable(cfg.finetuning.stage)
+    if cfg.model.use_lf_kernels or cfg.model.enable_liger_kernel:
+        _kernel_backend_usable()
     output_dir = cfg.training.output_dir
     with no_empty_folder_left(output_dir), full_disk_in_one_line(output_dir):
         return stage.run(cfg, callbacks)
+
+
+def _kernel_backend_usable() -> None:
+    """A bad LF_KERNEL_BACKEND fails here, in one line, before minutes of data and model loading, not at step 1."""
+    import torch
+
+    from lf.kernels import choose_backend
+
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    choose_backend(accelerator.type if accelerator is not None else "cpu")
