@@ -326,6 +326,7 @@ RULE_CASES = {
     "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
+    "pissa_iter_range": ({"pissa_init": True, "pissa_iter": 0}, "pissa_iter is 0: it counts randomized SVD iterations"),
     "pissa_convert_needs_init": ({"pissa_convert": True},
                                  "pissa_convert converts a PiSSA adapter, but pissa_init is false"),
     "early_stopping_needs_best_model": ({"early_stopping_steps": 2},

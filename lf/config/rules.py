@@ -340,6 +340,10 @@ RULES: tuple[Rule, ...] = (
     Rule("pissa_convert_needs_init", lambda c: c.finetuning.pissa_convert and not c.finetuning.pissa_init,
          "pissa_convert converts a PiSSA adapter, but pissa_init is false: set pissa_init: true, or remove "
          "pissa_convert"),
+    Rule("pissa_iter_range", lambda c: c.finetuning.pissa_init and not (c.finetuning.pissa_iter == -1
+                                                                       or c.finetuning.pissa_iter >= 1),
+         "pissa_iter is {f.pissa_iter}: it counts randomized SVD iterations (at least 1; 16 is the default), or is "
+         "-1 for the exact SVD"),
     Rule("early_stopping_needs_best_model",
          lambda c: c.finetuning.early_stopping_steps is not None and not c.training.load_best_model_at_end,
          "early_stopping_steps counts evaluations that did not beat the best one, but load_best_model_at_end is "
