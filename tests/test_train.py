@@ -23,7 +23,7 @@ from lf import cli
 from lf.config import parse_train_args
 from lf.config.rules import show
 from lf.errors import KernelError, TrainError
-from lf.train import disk, recipe, run
+from lf.train import callbacks, disk, recipe, run
 from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
 
@@ -202,6 +202,10 @@ def test_a_killed_run_restarts_to_the_same_adapter_and_history(tmp_path, monkeyp
     # the whole history, each step once, as the uninterrupted run logged it; the plot draws all of it
     assert [record["current_steps"] for record in records(killed)] == plotted == list(range(1, 7))
     torch.testing.assert_close(torch.tensor(losses(killed)), torch.tensor(losses(steady)), rtol=RTOL, atol=ATOL)
+    # the restarted run counts on from the kept history: tokens as the uninterrupted run counted them, time onwards
+    assert [r["total_tokens"] for r in records(killed)] == [r["total_tokens"] for r in records(steady)]
+    elapsed = [callbacks._seconds(r["elapsed_time"]) for r in records(killed)]
+    assert elapsed == sorted(elapsed)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
