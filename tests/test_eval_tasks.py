@@ -28,7 +28,8 @@ EN, ZH = lf_eval.PROMPT_STYLES["en"], lf_eval.PROMPT_STYLES["zh"]
 
 # one subject's questions, with the cells CSV must quote: a comma, a doubled quote, a line break
 DEV = [Question("What is 1 + 1?", ("1", "2", "3", "4"), "B"), Question('Say "hi", then?', ("a", "b", "c", "d"), "D")]
-TEST = [Question("Which is\nbig?", ("ant", "whale", "cat", "dog"), "B"), Question("2, 3: the sum?", ("5", "6", "1", "0"), "A"),
+TEST = [Question("Which is\nbig?", ("ant", "whale", "cat", "dog"), "B"),
+        Question("2, 3: the sum?", ("5", "6", "1", "0"), "A"),
         Question("None", ("NA", "null", "nan", "-"), "C")]  # cells pandas would read as missing values
 
 
@@ -80,7 +81,8 @@ def write_layout(root: Path, layout: str, zipped: bool, subjects=("alpha", "beta
 def test_llamafactory_layouts_load(tmp_path, layout, zipped):
     write_layout(tmp_path, layout, zipped)
     task = lf_eval.load_task(f"{layout}_test", str(tmp_path), n_shot=2)
-    assert [(s.key, s.name, s.category) for s in task.subjects] == [("alpha", "ALPHA", "STEM"), ("beta", "BETA", "STEM")]
+    assert [(s.key, s.name, s.category) for s in task.subjects] == [("alpha", "ALPHA", "STEM"),
+                                                                    ("beta", "BETA", "STEM")]
     for subject in task.subjects:
         assert subject.dev == tuple(DEV) and subject.questions == tuple(TEST)
 
@@ -229,8 +231,9 @@ def _short_row(folder):
     (_corrupt_zip, "mmlu_test", None, "lf eval: {folder}/mmlu.zip is not a readable zip file"),
     (_short_row, "mmlu_test", None, "lf eval: {folder}/mmlu.zip/data/test/alpha_test.csv:1 (question 1): 5 cells: a "
                                     "CSV without a header row holds the 6 cells question,A,B,C,D,answer"),
-    (None, "lf_ceval_demo_test", str(TASKS), "lf eval: {tasks}/lf_ceval_demo/test/middle_school_mathematics_test.csv:"
-                                             "1: the header row has no answer column (it has id, question, A, B, C, D)"),
+    (None, "lf_ceval_demo_test", str(TASKS),
+     "lf eval: {tasks}/lf_ceval_demo/test/middle_school_mathematics_test.csv:1: the header row has no answer column "
+     "(it has id, question, A, B, C, D)"),
 ])
 def test_bad_tasks_are_one_line(tmp_path, capsys, setup, task, task_dir, message):
     folder = write_layout(tmp_path, "mmlu", zipped=True, subjects=("alpha",))
