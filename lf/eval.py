@@ -40,8 +40,6 @@ from lf.data.conversation import ASSISTANT, USER
 from lf.errors import ConfigError, ModelError, did_you_mean
 from lf.eval_tasks import CHOICES, Question, Task, load_task
 
-__all__ = ["CHOICES", "Question", "Task", "load_task", "evaluate", "format_table", "run", "command"]
-
 log = logging.getLogger("lf")
 
 USAGE = """usage: lf eval cfg.yaml [key=value ...]
