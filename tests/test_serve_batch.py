@@ -50,7 +50,7 @@ def url(batched):
 
 def test_sixteen_concurrent_greedy_clients_get_what_each_gets_alone(url, locked, batched):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    tokens = [8 + 3 * i for i in range(16)]  # rows end at different steps, and new ones join meanwhile
+    tokens = [6 + 2 * i for i in range(16)]  # rows end at different steps, and new ones join meanwhile
 
     def ask(i: int) -> tuple[str, int | None]:
         settings = {"model": "any", "messages": QUESTIONS[i], "temperature": 0, "max_tokens": tokens[i]}
@@ -139,6 +139,8 @@ def test_limits_full_queue_429_big_body_413_and_a_disconnect_frees_its_slot():
             full = await http.post(CHAT, json={"messages": QUESTIONS[1], "max_tokens": 3})
             assert full.status_code == 429 and full.headers["Retry-After"] == "1"
             assert "1 requests already wait for the model (API_MAX_QUEUE)" in full.json()["error"]["message"]
+            beyond = await http.post(CHAT, json={"messages": QUESTIONS[1], "max_tokens": 5000})
+            assert beyond.status_code == 400 and "the model's context is 2048 tokens" in beyond.json()["error"]["message"]
             big = await http.post(CHAT, content=b"{" + b" " * 2000 + b"}")
             assert big.status_code == 413 and "larger than 1000 bytes" in big.json()["error"]["message"]
             await first.aclose()  # the client leaves: its row leaves the batch, the waiting request takes the slot
@@ -148,3 +150,15 @@ def test_limits_full_queue_429_big_body_413_and_a_disconnect_frees_its_slot():
 
     with live_server(create_app(engine, max_queue=1, max_body_bytes=1000)) as base:
         asyncio.run(asyncio.wait_for(scenario(base), 60))
+
+
+def test_a_failing_step_fails_its_requests_with_a_500_and_the_batch_goes_on(url, batched, monkeypatch):
+    def forward(*args, **kwargs):
+        raise RuntimeError("out of memory in /home/someone/models")
+
+    monkeypatch.setattr(batched.model, "forward", forward)
+    response = httpx.post(url + CHAT, json={"messages": QUESTIONS[0], "max_tokens": 4}, timeout=60)
+    assert response.status_code == 500 and "/home" not in response.text
+    monkeypatch.undo()
+    response = httpx.post(url + CHAT, json={"messages": QUESTIONS[0], "max_tokens": 4}, timeout=60)
+    assert response.json()["usage"]["completion_tokens"] == 4

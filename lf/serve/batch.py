@@ -43,6 +43,13 @@ class Row:
     done: Callable[[Exception | None], None]
     ids: list[int] = field(default_factory=list)  # generated so far
     generator: torch.Generator | None = None
+    over: bool = False
+
+    def finish(self, error: Exception | None = None) -> None:
+        """Ends the row (calls `done` once, whatever ends it first)."""
+        if not self.over:
+            self.over = True
+            self.done(error)
 
 
 class Batcher:
@@ -80,8 +87,8 @@ class Batcher:
                     batch.step()
             except Exception as exc:  # every row in the batch fails with it; the worker goes on with new ones
                 log.exception("lf: a batched generation step failed")
-                for row in batch.rows + [r for r in joining if r not in batch.rows and not r.cancel.is_set()]:
-                    row.done(exc)
+                for row in batch.rows + joining:
+                    row.finish(exc)
                 batch = _Batch(self.engine)
             with self._wake:
                 self.active = len(batch.rows)
@@ -108,7 +115,7 @@ class _Batch:
     def join(self, row: Row) -> None:
         """Prefills the row's prompt alone, samples its first token and stacks its cache onto the batch's."""
         if row.cancel.is_set():
-            return row.done(None)
+            return row.finish()
         if row.seed is not None:
             row.generator = torch.Generator(self.device).manual_seed(row.seed)
         ids = torch.tensor([row.prompt_ids], device=self.device)
@@ -154,7 +161,7 @@ class _Batch:
         row.ids.append(token)
         over = row.feed(token) or len(row.ids) >= row.settings["max_new_tokens"] or row.cancel.is_set()
         if over:
-            row.done(None)
+            row.finish()
         return not over
 
     def _leave(self, indices: list[int], cancelled: bool) -> None:
@@ -162,7 +169,7 @@ class _Batch:
         if not indices:
             return
         for i in indices if cancelled else ():
-            self.rows[i].done(None)
+            self.rows[i].finish()
         keep = [i for i in range(len(self.rows)) if i not in set(indices)]
         self.rows, self.next = [self.rows[i] for i in keep], [self.next[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
