@@ -9,7 +9,7 @@ both. Reported per variant and client count: completion tokens per second (all r
 each request's latency p50 and p95 (from sending it to its last byte), and whether the batched replies equal the
 locked ones (greedy decoding: they must). lf-tiny-llama, fp32, one torch thread (`--threads`).
 
-    python -m bench serve            # ~2 minutes on 2 cores
+    python -m bench serve            # ~5 minutes on 2 shared cores at load ~12
     python -m bench serve --quick    # 1 round, 16 tokens (smoke; results in scratch/)
 """
 
