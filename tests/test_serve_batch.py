@@ -14,6 +14,7 @@ import torch
 from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
+from lf import cli
 from lf.config import parse_infer_args
 from lf.serve import Engine
 from lf.serve.app import create_app
@@ -86,8 +87,18 @@ def test_stop_strings_and_seeded_sampling_are_each_requests_own(batched):
         else:  # the same draws alone as in a batch: each row samples with its own seeded generator
             [alone] = batched.generate(QUESTIONS[i], temperature=1.0, top_p=0.9, max_new_tokens=10, seed=i)
             assert reply.text == alone.text
-    seeded = {batched.generate(QUESTIONS[1], temperature=1.0, max_new_tokens=10, seed=s)[0].text for s in range(4)}
-    assert len(seeded) > 1  # the seed decides the draws
+    seeded = [batched.generate(QUESTIONS[1], temperature=1.0, max_new_tokens=10, seed=s)[0].text for s in range(4)]
+    assert len(set(seeded)) > 1  # the seed decides the draws
+    # n replies draw with seed, seed + 1, ...
+    assert [r.text for r in batched.generate(QUESTIONS[1], n=2, temperature=1.0, max_new_tokens=10, seed=2)] == \
+        seeded[2:4]
+
+
+def test_api_max_batch_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("API_MAX_BATCH", "2000")
+    assert cli.main(["api", str(tmp_path / "cfg.yaml")]) == 2
+    assert capsys.readouterr().err == "lf api: API_MAX_BATCH='2000' is not a whole number from 1 to 1024: set it " \
+                                      "to one (default 16)\n"
 
 
 @pytest.mark.parametrize("settings", [
