@@ -16,6 +16,10 @@ and hands the text over in pieces: to a plain iterator (`for piece in generation
 (`async for`, the API's event loop, where waiting costs no thread). The engine holds one model, so a lock lets one
 worker generate at a time (the others wait their turn); only the workers take it, never the caller iterating, so a
 reader that stops reading cannot block anyone: leaving its iteration cancels its worker at the next token.
+An engine made with max_batch > 1 (`lf api`) decodes text replies together instead (lf.serve.batch: one worker
+thread, a forward pass a token for every reply in the batch, each with its own settings, stop strings and seed),
+fed to the same readers; replies with images, videos or audio still go through `generate` under the lock, which
+the batch also takes for each of its steps.
 
 Images come as `<image>` placeholders in the messages' text plus the decoded images in order (lf.serve.media
 decodes what users send). A model takes them when its template's multimodal plugin (lf.data.mm_plugins) serves its
