@@ -108,7 +108,7 @@ def _train_and_report(argv: list[str]) -> int:
 
 
 def _bench(args) -> int:
-    """`lf bench [ops|train|all] [--quick] [--device ...]`: bench/suite.py of the source checkout, in a child
+    """`lf bench [ops|train|serve|all] [--quick] [--device ...]`: bench/suite.py of the source checkout, in a child
     process."""
     import subprocess
     from pathlib import Path
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                            add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(run=_train)
-    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|all] [--quick] [--device auto|cpu|cuda] "
+    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|serve|all] [--quick] [--device auto|cpu|cuda] "
                                          "(from a source checkout)",
                            add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
