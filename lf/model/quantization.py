@@ -17,6 +17,7 @@ from typing import get_args
 import torch
 
 from lf.config.model import QuantizationBit, QuantizationType
+from lf import device
 from lf.errors import ModelError
 
 METHODS = ("bnb", "bitsandbytes")
@@ -95,7 +96,7 @@ def _device_map(choice: str | None):
     if choice is not None:
         raise ModelError(f"quantization_device_map: {choice!r} is not supported (auto, or unset for this "
                          f"process's device)")
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
+    return {"": device.current().device()}
 
 
 def _method_name(quantization_config) -> str:
