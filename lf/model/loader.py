@@ -14,8 +14,8 @@ import logging
 
 import torch
 
-from lf import stages
 from lf import device as accelerator
+from lf import stages
 from lf.errors import ModelError
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
 from lf.model.options import apply_rope_scaling, choose_attention, choose_dtype

@@ -10,14 +10,13 @@ upcast_layernorm asks for fp32 norms explicitly.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from typing import get_args
 
 import torch
 
-from lf.config.model import QuantizationBit, QuantizationType
 from lf import device
+from lf.config.model import QuantizationBit, QuantizationType
 from lf.errors import ModelError
 
 METHODS = ("bnb", "bitsandbytes")

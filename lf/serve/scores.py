@@ -9,8 +9,6 @@ context, is refused (RequestError).
 
 from __future__ import annotations
 
-import torch
-
 from lf import device as accelerator
 from lf.errors import RequestError
 from lf.model import load_tokenizer
