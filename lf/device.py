@@ -149,8 +149,12 @@ def describe(acc: Accelerator) -> dict[str, str]:
     info["visible-devices variable"] = acc.visible_devices_var or "none"
     info["bf16"] = "yes" if acc.bf16 else "no"
     info["attention"] = ", ".join(acc.attention)
-    try:
-        info["lf kernels"] = f"{acc.kernel_backend()} backend"
-    except KernelError as exc:  # a bad LF_KERNEL_BACKEND: say so, and print the rest
-        info["lf kernels"] = str(exc)
+    from lf.kernels import choose_backend
+
+    # the accelerator's tensors, and the CPU's (offloaded or CPU-side work) where they differ
+    for device_type, backend in {"cpu": lambda: choose_backend("cpu"), acc.device_type: acc.kernel_backend}.items():
+        try:
+            info[f"lf kernels on {device_type}"] = f"{backend()} backend"
+        except KernelError as exc:  # a bad LF_KERNEL_BACKEND: say so, and print the rest
+            info[f"lf kernels on {device_type}"] = str(exc)
     return info

@@ -89,7 +89,9 @@ def test_each_accelerator_is_told_apart_with_what_follows_from_it(machine, kind,
     assert acc.device() == f"{device_type}:3" and acc.device(local_rank=1) == f"{device_type}:1"
     assert quantization._device_map(None) == {"": f"{device_type}:3"}  # bitsandbytes loads on this rank's device
     described = device.describe(acc)
-    assert described["distributed backend"] == acc.dist_backend and described["lf kernels"] == f"{kernels} backend"
+    assert described["distributed backend"] == acc.dist_backend
+    assert described[f"lf kernels on {device_type}"] == f"{kernels} backend"
+    assert described["lf kernels on cpu"] == "cpu backend"
     if kind != "mps":  # LLaMA-Factory's fields: the device's name and memory (and CANN on an NPU)
         assert (described["type"], described["memory"]) == ("Fake 9000", "64.00 GiB")
     assert ("CANN version" in described) == (kind == "npu")
@@ -254,5 +256,5 @@ def test_lf_env_prints_the_device_layer_view(machine, capsys):
     out = capsys.readouterr().out
     for field in ("PyTorch version", "Transformers version", "Datasets version", "Accelerate version",
                   "PEFT version", "TRL version", "accelerator: cpu", "distributed backend: gloo", "bf16: no",
-                  "attention: sdpa, eager", "lf kernels: cpu backend", "CPU kernels:", "Default data directory"):
+                  "attention: sdpa, eager", "lf kernels on cpu: cpu backend", "CPU kernels:", "Default data directory"):
         assert field in out, field
