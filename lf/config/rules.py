@@ -86,6 +86,13 @@ def choice_rules() -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def accelerator() -> str:
+    """lf.device's accelerator kind (cpu, cuda, npu, ...); imported here only, as it imports torch."""
+    from lf import device
+
+    return device.current().kind
+
+
 def _one_of(group: str, key: str, choices: tuple, why: str = "") -> Rule:
     """A key whose value must be one of `choices` (None allowed where listed)."""
     value = _getter(group, key)
@@ -368,6 +375,16 @@ RULES: tuple[Rule, ...] = (
          and ("," in c.model.adapter_name_or_path or c.finetuning.create_new_adapter),
          "adapters cannot be merged into a quantized model (quantization_bit: {m.quantization_bit}): give one "
          "adapter to train further, without create_new_adapter, or merge them into the model first"),
+    Rule("npu_double_quantization",
+         lambda c: c.model.quantization_bit == 4 and c.model.double_quantization and accelerator() == "npu",
+         "double_quantization: true on an Ascend NPU: bitsandbytes' NPU backend does not quantize the 4-bit "
+         "scales a second time; set double_quantization: false"),
+    Rule("fsdp_on_cpu", lambda c: bool(c.training.fsdp) and (c.training.use_cpu or accelerator() == "cpu"),
+         # accelerate's AcceleratorState sets DistributedType.FSDP only from a multi-GPU/NPU/XPU/... type, never
+         # from MULTI_CPU (checked with accelerate 1.15)
+         lambda c: f"fsdp: {show(c.training.fsdp)} on the CPU: accelerate turns FSDP on for accelerator process "
+                   "groups only, so HF's Trainer would train with plain DDP (gloo), unsharded; remove fsdp and "
+                   "fsdp_config here (DDP runs as is), or use deepspeed with ZeRO-3 (it shards on the CPU)"),
     Rule("video_pixel_limits", lambda c: c.data.video_min_pixels > c.data.video_max_pixels >= 1,
          "video_min_pixels: {d.video_min_pixels} is above video_max_pixels: {d.video_max_pixels}: no frame size fits "
          "both; lower video_min_pixels or raise video_max_pixels"),
