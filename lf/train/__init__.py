@@ -20,9 +20,6 @@ def run(cfg, callbacks=()) -> dict:
 
 def _kernel_backend_usable() -> None:
     """A bad LF_KERNEL_BACKEND fails here, in one line, before minutes of data and model loading, not at step 1."""
-    import torch
+    from lf import device
 
-    from lf.kernels import choose_backend
-
-    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-    choose_backend(accelerator.type if accelerator is not None else "cpu")
+    device.current().kernel_backend()
