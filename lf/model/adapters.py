@@ -25,6 +25,8 @@ from lf.config.finetuning import FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
 from lf.model import pissa
+from lf.model.hqq import is_hqq_linear
+from lf.model.quantization import is_quantized
 from lf.model.paths import check_adapter_path
 
 FINETUNING_TYPES = get_args(FinetuningType)
@@ -197,11 +199,15 @@ def _fp16_to_fp32(model) -> list[str]:
 # ---- LoRA ----
 
 def _linear_names(model) -> list[str]:
-    """Names (last path part) of the model's linear layers, bitsandbytes' Linear4bit/Linear8bitLt included (they
-    subclass nn.Linear), without the output head and the value head."""
+    """Names (last path part) of the model's linear layers, bitsandbytes' Linear4bit/Linear8bitLt (they subclass
+    nn.Linear) and hqq's HQQLinear included, without the output head and the value head."""
     heads = (model.get_output_embeddings(), value_head(model))
     return sorted({_leaf(path) for path, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and not any(m is head for head in heads)})
+                   if _is_linear(m) and not any(m is head for head in heads)})
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or is_hqq_linear(module)
 
 
 def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]:
@@ -211,7 +217,7 @@ def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]
     heads = (model.get_output_embeddings(), value_head(model))
     allowed = tuple(part for part in plugin.language_model + plugin.vision_tower if part not in _all_parts(frozen))
     linear = {path: _leaf(path) for path, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not any(m is head for head in heads) and in_part(path, allowed)}
+              if _is_linear(m) and not any(m is head for head in heads) and in_part(path, allowed)}
     wanted = None if lora_target.strip() == "all" else split_names(lora_target)
     unknown = [t for t in wanted or () if t not in linear.values()]
     if unknown or not linear:
@@ -273,7 +279,7 @@ def _load_adapters(model, paths: list[str], finetuning_args, *, is_trainable: bo
 
     for path in paths:
         check_adapter_path(path)
-    quantized = getattr(model, "is_quantized", False)
+    quantized = is_quantized(model)
     keep_last = quantized or (is_trainable and not finetuning_args.create_new_adapter)
     merged = paths[:-1] if keep_last else paths
     if quantized and merged:

@@ -1,4 +1,6 @@
-"""QLoRA's first half: weights quantized by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit), on CUDA or the CPU.
+"""QLoRA's first half: the base model's weights quantized, by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit,
+on CUDA or the CPU) or by hqq once loaded (1 to 8 bits, lf.model.hqq). lf.config.model's tables say which bits each
+method takes and why the other methods are refused.
 
 Preparing a quantized model for training needs nothing beyond what every adapter run gets (frozen base weights,
 gradient checkpointing with input gradients, fp32 adapter weights): unlike peft's prepare_model_for_kbit_training,
@@ -12,52 +14,64 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import get_args
+from collections.abc import Callable
+from typing import NamedTuple, get_args
 
 import torch
 
-from lf.config.model import QuantizationBit, QuantizationType
+from lf.config.model import QUANTIZATION_BITS, QUANTIZATION_REFUSED, QuantizationType
 from lf.errors import ModelError
 
-METHODS = ("bnb", "bitsandbytes")
-BITS = get_args(QuantizationBit)
 TYPES = get_args(QuantizationType)
-# LLaMA-Factory's other methods, each with why lf refuses it here (checked with transformers 5.23, torch 2.13 CPU)
-REFUSED = {
-    # hqq's own HQQLinear does run on the CPU: swapping the linears in without transformers would lift this
-    "hqq": "transformers' HQQ quantizer refuses a device_map holding the CPU; not built yet",
-    "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
-}
+EXTRAS = {"bnb": ("bitsandbytes", "qlora"), "bitsandbytes": ("bitsandbytes", "qlora"), "hqq": ("hqq", "hqq")}
 
 
-def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype, *,
-                        is_trainable: bool) -> tuple[dict, str | None]:
-    """from_pretrained's quantization_config and device_map for quantization_bit (none when unset), with a line
-    saying what is quantized and how."""
-    bits = model_args.quantization_bit
+class Quantization(NamedTuple):
+    """What quantizing takes: from_pretrained's keyword arguments and the line saying what is quantized and how,
+    or a step that quantizes the loaded model (hqq) and returns that line."""
+    kwargs: dict
+    line: str | None
+    after_load: Callable[[torch.nn.Module], str] | None = None
+
+
+NONE = Quantization({}, None)
+
+
+def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_trainable: bool) -> Quantization:
+    """How to quantize the model quantization_bit asks for (NONE when unset), refusing what cannot be built."""
+    method, bits = model_args.quantization_method, model_args.quantization_bit
+    prequantized = getattr(config, "quantization_config", None)
+    if prequantized is not None and _method_name(prequantized) in QUANTIZATION_REFUSED:
+        name = _method_name(prequantized)
+        raise ModelError(f"{model_args.model_name_or_path} is quantized by {name}, which lf cannot load: "
+                         f"{QUANTIZATION_REFUSED[name]}; use its unquantized base model")
     if bits is None:
-        return {}, None
-    if model_args.quantization_method not in METHODS:
-        why = REFUSED.get(model_args.quantization_method, "not built yet")
-        raise ModelError(f"quantization_method: {model_args.quantization_method!r} is not supported ({why}); lf "
-                         f"quantizes with bitsandbytes (quantization_method: bnb)")
-    if bits not in BITS:
-        raise ModelError(f"quantization_bit: {bits} is not supported; bitsandbytes quantizes to 4 or 8 bits")
-    if bits == 4 and model_args.quantization_type not in TYPES:
+        return NONE
+    if method in QUANTIZATION_REFUSED:
+        raise ModelError(f"quantization_method: {method!r} is not supported ({QUANTIZATION_REFUSED[method]}); "
+                         f"quantize with bnb or hqq")
+    if bits not in QUANTIZATION_BITS[method]:
+        raise ModelError(f"quantization_bit: {bits} is not supported by quantization_method: {method} (it takes "
+                         f"{', '.join(map(str, QUANTIZATION_BITS[method]))} bits)")
+    if method != "hqq" and bits == 4 and model_args.quantization_type not in TYPES:
         raise ModelError(f"quantization_type: {model_args.quantization_type!r} is not one of {', '.join(TYPES)}")
-    if getattr(config, "quantization_config", None) is not None:
+    if prequantized is not None:
         raise ModelError(f"{model_args.model_name_or_path} is already quantized "
-                         f"({_method_name(config.quantization_config)}); remove quantization_bit")
+                         f"({_method_name(prequantized)}); remove quantization_bit")
     if model_args.train_from_scratch:
         raise ModelError("quantization_bit quantizes pretrained weights; train_from_scratch has none to quantize")
     if is_trainable and finetuning_args.finetuning_type != "lora":
         raise ModelError(f"quantized weights cannot train: quantization_bit needs finetuning_type: lora (QLoRA), "
                          f"not {finetuning_args.finetuning_type}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError("quantization_bit needs bitsandbytes: pip install 'lf[qlora]'")
+    package, extra = EXTRAS[method]
+    if importlib.util.find_spec(package) is None:
+        raise ModelError(f"quantization_method: {method} needs {package}: pip install 'lf[{extra}]'")
+    device_map = _device_map(model_args.quantization_device_map)
+    skip, kept = _unquantized(config)
+    if method == "hqq":
+        return _hqq(bits, dtype, device_map, skip, kept)
     from transformers import BitsAndBytesConfig
 
-    skip, kept = _unquantized(config)
     if bits == 4:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
                                    bnb_4bit_use_double_quant=model_args.double_quantization,
@@ -67,9 +81,37 @@ def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype,
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         what = "8-bit (LLM.int8)"
-    device_map = _device_map(model_args.quantization_device_map)
-    return ({"quantization_config": quant, "device_map": device_map},
-            f"quantization: {what} by bitsandbytes{kept}, placed by device_map {device_map}")
+    return Quantization({"quantization_config": quant, "device_map": device_map},
+                        f"quantization: {what} by bitsandbytes{kept}, placed by device_map {device_map}")
+
+
+def _hqq(bits: int, dtype: torch.dtype, device_map, skip: list[str] | None, kept: str) -> Quantization:
+    """hqq quantizes the loaded model's linear layers in place on this process's device (lf.model.hqq); the output
+    head, a value head and a vision-language model's vision parts keep their weights, as with bitsandbytes."""
+    if device_map == "auto":
+        raise ModelError("quantization_device_map: auto spreads a model as bitsandbytes loads it; hqq quantizes on "
+                         "this process's device: remove quantization_device_map")
+    device = torch.device(device_map[""] if isinstance(device_map[""], str) else f"cuda:{device_map['']}")
+    patterns = [re.compile(rf"(?:{p})(?:\.|$)") for p in skip or ["lm_head", "score"]]
+
+    def after_load(model) -> str:
+        from lf.model.hqq import GROUP_SIZE, quantize_linears
+
+        model.to(device)
+        done, ragged = quantize_linears(model, bits, dtype, device, lambda path: any(p.match(path) for p in patterns))
+        model.quantized_by_lf = "hqq"  # see is_quantized
+        return (f"quantization: {bits}-bit by hqq (groups of {GROUP_SIZE} along axis 0), computing in "
+                f"{str(dtype).removeprefix('torch.')}{kept}, on {device}: {done} linear layers"
+                + (f"; {', '.join(ragged)} kept (not a whole number of groups)" if ragged else ""))
+
+    return Quantization({}, None, after_load)
+
+
+def is_quantized(model) -> bool:
+    """Whether the model's weights are quantized (its adapters then stay unmerged, and it stays where it was
+    placed): by a transformers quantizer (bitsandbytes), or by lf (hqq), which marks the model its own way because
+    transformers' Trainer expects a model with is_quantized to carry a transformers quantizer."""
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "quantized_by_lf", None))
 
 
 def _unquantized(config) -> tuple[list[str] | None, str]:
