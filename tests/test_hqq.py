@@ -2,6 +2,9 @@
 train` on the tiny Llama lowers the loss and saves an adapter that loads back over the quantized model, `lf export`
 merges it into the unquantized base, and bit counts and methods lf does not build are refused in one line."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from hqq.core.quantize import HQQLinear
@@ -86,7 +89,7 @@ def test_lf_train_hqq_4bit_then_reload_and_export(tmp_path):
         assert torch.isfinite(merged(input_ids=ids).logits).all()
 
 
-def test_refusals():
+def test_refusals(tmp_path):
     for bits in (7, 16):
         with pytest.raises(ConfigError, match=rf"^quantization_bit: {bits} is not one of null, 1, 2, 3, 4, 5, 6, 8"):
             parse_train_args(options("out", quantization_method="hqq", quantization_bit=bits))
@@ -97,3 +100,10 @@ def test_refusals():
         parse_train_args(options("out", quantization_method="eetq", quantization_bit=8))
     with pytest.raises(ModelError, match="quantization_device_map: auto spreads a model as bitsandbytes loads it"):
         _load(tiny_path("lf-tiny-llama"), quantization_bit=4, quantization_device_map="auto")
+    gptq = tmp_path / "gptq"  # a checkpoint quantized by a refused method: refused with the reason, before loading
+    shutil.copytree(tiny_path("lf-tiny-llama"), gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(ModelError, match=r"gptq is quantized by gptq, which lf cannot load: transformers 5.23 loads "
+                                         "GPTQ through GPTQModel"):
+        _load(gptq)

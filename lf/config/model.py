@@ -19,10 +19,12 @@ QuantizationType = Literal["nf4", "fp4"]
 QUANTIZATION_BITS = {"bnb": (4, 8), "bitsandbytes": (4, 8), "hqq": (1, 2, 3, 4, 5, 6, 8)}
 QUANTIZATION_REFUSED = {
     "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
-    "gptq": "not checked yet",
-    "awq": "not checked yet",
-    "aqlm": "not checked yet",
-    "quanto": "not built yet: optimum-quanto 0.2.7 installs beside torch 2.13 CPU, lf does not drive it yet",
+    "gptq": "transformers 5.23 loads GPTQ through GPTQModel, whose 7.6.0 installs beside torch 2.13 CPU but pins "
+            "numpy==2.2.6 (lf runs on numpy 2.4) and whose 7.7 requires torch>=2.14.1",
+    "awq": "transformers 5.23 loads AWQ through GPTQModel (not autoawq), whose 7.6.0 pins numpy==2.2.6 (lf runs on "
+           "numpy 2.4) and whose 7.7 requires torch>=2.14.1",
+    "aqlm": "not built yet: aqlm 1.1.7 with its CPU kernels (numba) installs beside torch 2.13",
+    "quanto": "not built yet: optimum-quanto 0.2.7 installs beside torch 2.13 CPU",
 }
 
 
