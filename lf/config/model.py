@@ -23,7 +23,8 @@ QUANTIZATION_REFUSED = {
             "numpy==2.2.6 (lf runs on numpy 2.4) and whose 7.7 requires torch>=2.14.1",
     "awq": "transformers 5.23 loads AWQ through GPTQModel (not autoawq), whose 7.6.0 pins numpy==2.2.6 (lf runs on "
            "numpy 2.4) and whose 7.7 requires torch>=2.14.1",
-    "aqlm": "not built yet: aqlm 1.1.7 with its CPU kernels (numba) installs beside torch 2.13",
+    "aqlm": "AQLM quantizes offline; lf trains LoRA on an AQLM checkpoint given as model_name_or_path, without "
+            "quantization_bit",
     "quanto": "not built yet: optimum-quanto 0.2.7 installs beside torch 2.13 CPU",
 }
 

@@ -25,8 +25,7 @@ from lf.config.finetuning import FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
 from lf.model import pissa
-from lf.model.hqq import is_hqq_linear
-from lf.model.quantization import is_quantized
+from lf.model.quantization import is_quantized, is_quantized_linear
 from lf.model.paths import check_adapter_path
 
 FINETUNING_TYPES = get_args(FinetuningType)
@@ -199,15 +198,15 @@ def _fp16_to_fp32(model) -> list[str]:
 # ---- LoRA ----
 
 def _linear_names(model) -> list[str]:
-    """Names (last path part) of the model's linear layers, bitsandbytes' Linear4bit/Linear8bitLt (they subclass
-    nn.Linear) and hqq's HQQLinear included, without the output head and the value head."""
+    """Names (last path part) of the model's linear layers, quantized ones included (bitsandbytes' subclass
+    nn.Linear; hqq's and AQLM's: is_quantized_linear), without the output head and the value head."""
     heads = (model.get_output_embeddings(), value_head(model))
     return sorted({_leaf(path) for path, m in model.named_modules()
                    if _is_linear(m) and not any(m is head for head in heads)})
 
 
 def _is_linear(module) -> bool:
-    return isinstance(module, nn.Linear) or is_hqq_linear(module)
+    return isinstance(module, nn.Linear) or is_quantized_linear(module)
 
 
 def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]:

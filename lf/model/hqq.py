@@ -38,7 +38,3 @@ def quantize_linears(model: nn.Module, bits: int, dtype: torch.dtype, device: to
     return done, ragged
 
 
-
-def is_hqq_linear(module: nn.Module) -> bool:
-    """Whether `module` is hqq's quantized linear layer (checked by name: hqq need not be installed)."""
-    return type(module).__name__ == "HQQLinear" and type(module).__module__.startswith("hqq.")

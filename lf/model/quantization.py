@@ -43,8 +43,12 @@ def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_
     prequantized = getattr(config, "quantization_config", None)
     if prequantized is not None and _method_name(prequantized) in QUANTIZATION_REFUSED:
         name = _method_name(prequantized)
-        raise ModelError(f"{model_args.model_name_or_path} is quantized by {name}, which lf cannot load: "
-                         f"{QUANTIZATION_REFUSED[name]}; use its unquantized base model")
+        if name != "aqlm":
+            raise ModelError(f"{model_args.model_name_or_path} is quantized by {name}, which lf cannot load: "
+                             f"{QUANTIZATION_REFUSED[name]}; use its unquantized base model")
+        line = _aqlm_checkpoint(model_args, finetuning_args, prequantized, is_trainable)
+        if bits is None:
+            return Quantization({}, line)
     if bits is None:
         return NONE
     if method in QUANTIZATION_REFUSED:
@@ -105,6 +109,33 @@ def _hqq(bits: int, dtype: torch.dtype, device_map, skip: list[str] | None, kept
                 + (f"; {', '.join(ragged)} kept (not a whole number of groups)" if ragged else ""))
 
     return Quantization({}, None, after_load)
+
+
+def _aqlm_checkpoint(model_args, finetuning_args, quantization_config: dict, is_trainable: bool) -> str:
+    """An AQLM checkpoint (quantized offline) loads through transformers' AQLM quantizer, and LoRA trains over it
+    (PEFT's AQLM layer). AQLM names the layers it left unquantized by their weights ("lm_head.weight"), which
+    transformers 5.23 matches against module names: without the suffix, the output head would be built quantized
+    and come out of the checkpoint uninitialised."""
+    if importlib.util.find_spec("aqlm") is None:
+        raise ModelError(f"{model_args.model_name_or_path} is quantized by AQLM, which needs aqlm with its CPU "
+                         f"kernels: pip install 'lf[aqlm]'")
+    if is_trainable and finetuning_args.finetuning_type != "lora":
+        raise ModelError(f"quantized weights cannot train: {model_args.model_name_or_path} is quantized by AQLM; "
+                         f"set finetuning_type: lora, not {finetuning_args.finetuning_type}")
+    kept = quantization_config.get("linear_weights_not_to_quantize") or []
+    quantization_config["linear_weights_not_to_quantize"] = [name.removesuffix(".weight") for name in kept]
+    q = quantization_config
+    return (f"quantization: an AQLM checkpoint ({q.get('num_codebooks')} codebook(s) of "
+            f"{q.get('nbits_per_codebook')} bits over groups of {q.get('in_group_size')} inputs), by aqlm's kernels")
+
+
+# the quantized linear layers PEFT puts LoRA over that do not subclass nn.Linear (bitsandbytes' do): module, class
+QUANTIZED_LINEARS = {("hqq.core.quantize", "HQQLinear"), ("aqlm.inference", "QuantizedLinear")}
+
+
+def is_quantized_linear(module) -> bool:
+    """Whether `module` is one of QUANTIZED_LINEARS (by name: their packages need not be installed)."""
+    return (type(module).__module__, type(module).__name__) in QUANTIZED_LINEARS
 
 
 def is_quantized(model) -> bool:
