@@ -68,6 +68,10 @@ def test_lf_train_hqq_4bit_then_reload_and_export(tmp_path):
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, HqqLoraLinear) and isinstance(q_proj.base_layer, HQQLinear)
     assert type(model.get_base_model().lm_head) is torch.nn.Linear  # the output head keeps its weights
+    total = int(lines[-1].split(" of ")[1].split(" ")[0].replace(",", ""))  # quantized weights counted as values
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert total == lora + sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"))
+                               .parameters())
     key = next(k for k in adapter if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
     assert torch.equal(q_proj.lora_B["default"].weight, adapter[key])
     ids = torch.randint(3, 1000, (1, 16))

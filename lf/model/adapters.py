@@ -304,7 +304,11 @@ def _numel(p: torch.Tensor) -> int:
 
 def parameter_summary(model) -> str:
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
+    # hqq's and AQLM's layers hold their weight as codes (not parameters, or not one per value): counted as values
+    quantized = [m for m in model.modules() if is_quantized_linear(m)]
+    inside = {id(p) for m in quantized for p in m.parameters()}
+    total = (sum(_numel(p) for p in model.parameters() if id(p) not in inside)
+             + sum(m.in_features * m.out_features for m in quantized))
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)"
 
 
