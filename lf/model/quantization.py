@@ -96,13 +96,16 @@ def _hqq(bits: int, dtype: torch.dtype, device_map, skip: list[str] | None, kept
         raise ModelError("quantization_device_map: auto spreads a model as bitsandbytes loads it; hqq quantizes on "
                          "this process's device: remove quantization_device_map")
     device = torch.device(device_map[""] if isinstance(device_map[""], str) else f"cuda:{device_map['']}")
-    patterns = [re.compile(rf"(?:{p})(?:\.|$)") for p in skip or ["lm_head", "score"]]
+    patterns = [re.compile(rf"(?:{p})(?:\.|$)") for p in skip or ()]
 
     def after_load(model) -> str:
         from lf.model.hqq import GROUP_SIZE, quantize_linears
 
+        # the output head, whatever its name, and a value head ("score": transformers' sequence classifiers)
+        heads = {path for path, m in model.named_modules() if m is model.get_output_embeddings()} | {"score"}
         model.to(device)
-        done, ragged = quantize_linears(model, bits, dtype, device, lambda path: any(p.match(path) for p in patterns))
+        done, ragged = quantize_linears(model, bits, dtype, device,
+                                        lambda path: path in heads or any(p.match(path) for p in patterns))
         model.quantized_by_lf = "hqq"  # see is_quantized
         return (f"quantization: {bits}-bit by hqq (groups of {GROUP_SIZE} along axis 0), computing in "
                 f"{str(dtype).removeprefix('torch.')}{kept}, on {device}: {done} linear layers"
