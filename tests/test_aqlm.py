@@ -71,6 +71,7 @@ def test_lf_train_lora_over_an_aqlm_checkpoint(aqlm_llama, tmp_path, caplog):
                                      learning_rate=5e-3)))
     # the head, named by its weight in the checkpoint, stays a plain linear layer (else: uninitialised, nan)
     assert "quantization: an AQLM checkpoint (1 codebook(s) of 16 bits over groups of 8 inputs)" in caplog.text
+    assert "not lora_linear: 28 LoRA layers over QuantizedLinear" in caplog.text
     loss = losses(out)
     assert len(loss) == 6 and all(value == value for value in loss) and sum(loss[-2:]) < sum(loss[:2])
     adapter = load_file(out / "adapter_model.safetensors")

@@ -3,6 +3,7 @@ train` on the tiny Llama lowers the loss and saves an adapter that loads back ov
 merges it into the unquantized base, and bit counts and methods lf does not build are refused in one line."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -54,10 +55,14 @@ def _load(path, **kwargs):
                       is_trainable=False)
 
 
-def test_lf_train_hqq_4bit_then_reload_and_export(tmp_path):
+def test_lf_train_hqq_4bit_then_reload_and_export(tmp_path, caplog):
     out = tmp_path / "hqq4"
-    run(parse_train_args(options(out, quantization_method="hqq", quantization_bit=4, max_steps=6, save_steps=10,
-                                 learning_rate=5e-3)))
+    with caplog.at_level(logging.INFO, logger="lf"):
+        run(parse_train_args(options(out, quantization_method="hqq", quantization_bit=4, max_steps=6, save_steps=10,
+                                     learning_rate=5e-3)))
+    # the kernel report says the LoRA layers stay PEFT's, over hqq's kernel
+    assert ("not lora_linear: 28 LoRA layers over HQQLinear (e.g. model.layers.0.self_attn.q_proj) left to PEFT and "
+            "their quantization's kernel") in caplog.text
     loss = losses(out)
     assert len(loss) == 6 and sum(loss[-2:]) < sum(loss[:2])
     adapter = load_file(out / "adapter_model.safetensors")
