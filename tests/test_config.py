@@ -337,7 +337,12 @@ RULE_CASES = {
     "scratch_with_adapter": ({"train_from_scratch": True, "adapter_name_or_path": "saves/a"},
                              "train_from_scratch starts from random weights"),
     "new_adapter_needs_adapter": ({"create_new_adapter": True}, "adapter_name_or_path names none"),
-    "quantization_bit_choice": ({"quantization_bit": 3}, "quantization_bit: 3 is not one of null, 4, 8"),
+    "quantization_bit_choice": ({"quantization_bit": 7}, "quantization_bit: 7 is not one of null, 1, 2, 3, 4, 5, 6, 8 "
+                                                         "(bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8)"),
+    "quantization_bit_for_method": ({"quantization_bit": 3}, "quantization_bit: 3 is not taken by "
+                                                             "quantization_method: bnb (bnb takes 4, 8; hqq takes"),
+    "quantization_method_refused": ({"quantization_method": "eetq", "quantization_bit": 8},
+                                    "quantization_method: eetq is not supported: the eetq package has no"),
     "reward_model_quantization_bit_choice": ({"stage": "ppo", "reward_model": "saves/rm",
                                               "reward_model_quantization_bit": 2},
                                              "reward_model_quantization_bit: 2 is not one of null, 4, 8"),
@@ -350,7 +355,8 @@ RULE_CASES = {
     "npu_double_quantization": ({"quantization_bit": 4}, "double_quantization: true on an Ascend NPU"),
     "fsdp_on_cpu": ({"fsdp": "full_shard auto_wrap"}, "fsdp: full_shard auto_wrap on the CPU: accelerate turns FSDP "
                                                       "on for accelerator process groups only"),
-    "quantization_method_choice": ({"quantization_method": "gptq"}, "quantization_method: gptq is not one of bnb"),
+    "quantization_method_choice": ({"quantization_method": "gguf"}, "quantization_method: gguf is not one of bnb, "
+                                                                    "bitsandbytes, hqq"),
     "quantization_type_choice": ({"quantization_type": "nf8"}, "quantization_type: nf8 is not one of nf4, fp4."
                                                                 " Did you mean: nf4?"),
     "flash_attn_choice": ({"flash_attn": "fa3"}, "flash_attn: fa3 is not one of auto, disabled, sdpa, fa2."
@@ -570,7 +576,8 @@ def test_each_choice_is_declared_once_as_a_literal_and_read_from_it():
     the modules that read the key take the values from it."""
     from lf.config.export import ExportDevice, GgufType
     from lf.config.finetuning import FinetuningType
-    from lf.config.model import Dtype, FlashAttn, QuantizationBit, QuantizationType, RopeScaling
+    from lf.config.model import (QUANTIZATION_BITS, QUANTIZATION_REFUSED, AnyQuantizationBit, Dtype, FlashAttn,
+                                 QuantizationBit, QuantizationMethod, QuantizationType, RopeScaling)
     from lf.export import DEVICES, DTYPES
     from lf.export.to_gguf import GGUF_TYPES
     from lf.model import adapters, options, quantization
@@ -579,8 +586,12 @@ def test_each_choice_is_declared_once_as_a_literal_and_read_from_it():
     assert set(options.ATTENTION) | {"auto"} == set(typing.get_args(FlashAttn))
     assert options.ROPE_TYPES == typing.get_args(RopeScaling)
     assert adapters.FINETUNING_TYPES == typing.get_args(FinetuningType)
-    assert (quantization.BITS, quantization.TYPES) == (typing.get_args(QuantizationBit),
-                                                      typing.get_args(QuantizationType))
+    assert (QUANTIZATION_BITS["bnb"], quantization.TYPES) == (typing.get_args(QuantizationBit),
+                                                              typing.get_args(QuantizationType))
+    # each method is built (its bits) or refused (its reason), and every bit count is some method's
+    assert set(QUANTIZATION_BITS) | set(QUANTIZATION_REFUSED) == set(typing.get_args(QuantizationMethod))
+    assert not set(QUANTIZATION_BITS) & set(QUANTIZATION_REFUSED)
+    assert {b for bits in QUANTIZATION_BITS.values() for b in bits} == set(typing.get_args(AnyQuantizationBit))
     assert (DEVICES, GGUF_TYPES) == (typing.get_args(ExportDevice), typing.get_args(GgufType))
     from lf.config import ExportArguments, ModelArguments
     from lf.export import _check

@@ -290,9 +290,10 @@ def test_packed_sft_with_media_trains_a_step(request, tmp_path, family, template
 # -- QLoRA, resume, workers, the tokenized cache ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_qlora_quantizes_the_language_model_only_and_trains_a_step(request, tmp_path, family):
+@pytest.mark.parametrize("family, method", [(family, "bnb") for family in FAMILIES] + [("qwen2_vl", "hqq")])
+def test_qlora_quantizes_the_language_model_only_and_trains_a_step(request, tmp_path, family, method):
     import bitsandbytes as bnb
+    from hqq.core.quantize import HQQLinear
 
     from lf.config import ModelArguments
     from lf.config.finetuning import FinetuningArguments
@@ -301,7 +302,8 @@ def test_qlora_quantizes_the_language_model_only_and_trains_a_step(request, tmp_
 
     model_path = request.getfixturevalue(family)
     p = prepared(model_path, family)
-    model, _ = load_model(p.tokenizer, ModelArguments(model_name_or_path=str(model_path), quantization_bit=4),
+    model, _ = load_model(p.tokenizer, ModelArguments(model_name_or_path=str(model_path), quantization_bit=4,
+                                                     quantization_method=method),
                           FinetuningArguments(finetuning_type="lora"), is_trainable=True)
     plugin = plugin_for(model.config.model_type)
     linears = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
@@ -309,9 +311,11 @@ def test_qlora_quantizes_the_language_model_only_and_trains_a_step(request, tmp_
     towers = {name for name in linears if in_part(name, plugin.vision_tower + plugin.projector)}
     assert towers and all(type(linears[name]) is torch.nn.Linear and linears[name].weight.dtype.is_floating_point
                           for name in towers)  # the vision tower and projector keep 16/32-bit weights
-    language = [module for name, module in linears.items() if in_part(name, ("language_model",))]
-    assert language and all(isinstance(getattr(m, "base_layer", m), bnb.nn.Linear4bit) for m in language)
-    out = train(tmp_path, model_path, family, quantization_bit=4)
+    language = [m.base_layer for name, m in model.named_modules()
+                if in_part(name, ("language_model",)) and len(getattr(m, "lora_A", ())) > 0]
+    quantized = bnb.nn.Linear4bit if method == "bnb" else HQQLinear
+    assert language and all(isinstance(m, quantized) for m in language)
+    out = train(tmp_path, model_path, family, quantization_bit=4, quantization_method=method)
     losses = run_losses(out)
     assert len(losses) == 1 and math.isfinite(losses[0]) and (out / "adapter_model.safetensors").is_file()
 

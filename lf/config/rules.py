@@ -24,7 +24,7 @@ from lf import stages
 from lf.config.data import DataArguments
 from lf.config.finetuning import APOLLO_OPTIMS, GALORE_CLASSES, OPTIMIZER_KEYS, FinetuningArguments, ReferenceFreeLoss
 from lf.config.generation import GeneratingArguments
-from lf.config.model import ModelArguments
+from lf.config.model import QUANTIZATION_BITS, QUANTIZATION_REFUSED, ModelArguments
 from lf.errors import ConfigError, did_you_mean
 
 GROUPS = (("model", ModelArguments), ("data", DataArguments), ("finetuning", FinetuningArguments),
@@ -69,9 +69,9 @@ def literal_values(annotation) -> tuple:
 
 
 # a Literal key -> what its choice message adds after the choices
-CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
+CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8)",
                                        "reward_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
-                                       "quantization_method": " (lf quantizes with bitsandbytes)"})
+                                       "quantization_method": " (LLaMA-Factory's names; bnb and hqq are built)"})
 
 
 def choice_rules() -> tuple[Rule, ...]:
@@ -91,6 +91,12 @@ def accelerator() -> str:
     from lf import device
 
     return device.current().kind
+
+
+def _bits_of() -> str:
+    """The bits each quantization method takes: "bnb takes 4, 8; hqq takes 1, 2, 3, 4, 5, 6, 8"."""
+    return "; ".join(f"{method} takes {', '.join(map(str, bits))}" for method, bits in QUANTIZATION_BITS.items()
+                     if method != "bitsandbytes")  # bnb's other name
 
 
 def _one_of(group: str, key: str, choices: tuple, why: str = "") -> Rule:
@@ -366,6 +372,16 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.finetuning.create_new_adapter and c.model.adapter_name_or_path is None,
          "create_new_adapter: true trains a new adapter over existing ones, but adapter_name_or_path names none: "
          "set adapter_name_or_path, or remove create_new_adapter (a fresh adapter is the default)"),
+    Rule("quantization_method_refused",
+         lambda c: c.model.quantization_bit is not None and c.model.quantization_method in QUANTIZATION_REFUSED,
+         lambda c: f"quantization_method: {c.model.quantization_method} is not supported: "
+                   f"{QUANTIZATION_REFUSED[c.model.quantization_method]}; quantize with bnb or hqq"),
+    Rule("quantization_bit_for_method",
+         lambda c: c.model.quantization_method in QUANTIZATION_BITS  # a bit count no method takes: its choice rule
+         and c.model.quantization_bit in {b for bits in QUANTIZATION_BITS.values() for b in bits}
+         - set(QUANTIZATION_BITS[c.model.quantization_method]),
+         lambda c: f"quantization_bit: {c.model.quantization_bit} is not taken by quantization_method: "
+                   f"{c.model.quantization_method} ({_bits_of()}): change one of the two"),
     Rule("quantization_needs_lora",
          lambda c: c.model.quantization_bit is not None and c.finetuning.finetuning_type != "lora",
          "quantization_bit: {m.quantization_bit} with finetuning_type: {f.finetuning_type}: quantized weights do "

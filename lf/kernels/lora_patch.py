@@ -6,7 +6,8 @@ others stay PEFT's.
 - ``lora_linear``: LoRA over a plain nn.Linear, through :func:`lora_linear`; not with fan_in_fan_out, a trained
   base weight or a base that is a subclass.
 
-Neither takes lora_dropout > 0, DoRA, lora_bias or a ZeRO-3 partitioned base weight; per call, whatever PEFT
+LoRA over any other base (hqq's HQQLinear, AQLM's QuantizedLinear, bitsandbytes 8-bit) stays PEFT's and its
+quantization's kernel; ``lora_linear``'s report counts those layers. Neither op takes lora_dropout > 0, DoRA, lora_bias or a ZeRO-3 partitioned base weight; per call, whatever PEFT
 decides that lf's op does not (adapters disabled or merged, several adapters, extra arguments) runs PEFT's
 forward. PEFT's layers are the same in every model family. :mod:`lf.kernels.patch` binds the forwards and
 reports what :func:`layers_for` found.
@@ -112,13 +113,14 @@ class LoraOp:
     what: str  # the layers, as the report names them
     needs: tuple[str, ...]  # modules that must be imported already for such a layer to exist
     layer: str  # PEFT's layer class, "module:name"
+    reports_others: bool = False  # also names the LoRA layers that no op takes (the report's catch-all)
 
 
 LORA_OPS = types.MappingProxyType({
     "lora_nf4_linear": LoraOp(_lora_4bit_forward, _lora_4bit_obstacle, "4-bit LoRA layers", ("peft", "bitsandbytes"),
                               "peft.tuners.lora.bnb:Linear4bit"),
     "lora_linear": LoraOp(_lora_dense_forward, _lora_dense_obstacle, "LoRA linear layers", ("peft",),
-                          "peft.tuners.lora.layer:Linear"),
+                          "peft.tuners.lora.layer:Linear", reports_others=True),
 })
 
 
@@ -147,5 +149,19 @@ def layers_for(base: nn.Module, kind: str) -> tuple[list[nn.Module], str | None]
             taken.append(layer)
         else:
             left.setdefault(why, []).append(name)
-    return taken, "; ".join(f"{len(names)} of {len(layers)} {op.what} (e.g. {names[0]}) left to PEFT: {why}"
-                            for why, names in left.items()) or None
+    clauses = [f"{len(names)} of {len(layers)} {op.what} (e.g. {names[0]}) left to PEFT: {why}"
+               for why, names in left.items()]
+    others = _others(base) if op.reports_others else None
+    return taken, "; ".join(clauses + ([others] if others else [])) or None
+
+
+def _others(base: nn.Module) -> str | None:
+    """The LoRA layers (linear, with an adapter) over a base that no op of LORA_OPS takes, by the base's class."""
+    known = {_lora_class(op) for op in LORA_OPS.values()}
+    others = [(name, m) for name, m in base.named_modules()
+              if type(m) not in known and hasattr(m, "base_layer") and len(getattr(m, "lora_A", ())) > 0]
+    if not others:
+        return None
+    bases = ", ".join(sorted({type(m.base_layer).__name__ for _, m in others}))
+    return (f"{len(others)} LoRA layers over {bases} (e.g. {others[0][0]}) left to PEFT and their quantization's "
+            f"kernel: lf's LoRA ops take plain and bitsandbytes 4-bit weights")

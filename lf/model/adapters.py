@@ -25,6 +25,7 @@ from lf.config.finetuning import FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
 from lf.model import pissa
+from lf.model.quantization import is_quantized, is_quantized_linear
 from lf.model.paths import check_adapter_path
 
 FINETUNING_TYPES = get_args(FinetuningType)
@@ -197,11 +198,15 @@ def _fp16_to_fp32(model) -> list[str]:
 # ---- LoRA ----
 
 def _linear_names(model) -> list[str]:
-    """Names (last path part) of the model's linear layers, bitsandbytes' Linear4bit/Linear8bitLt included (they
-    subclass nn.Linear), without the output head and the value head."""
+    """Names (last path part) of the model's linear layers, quantized ones included (bitsandbytes' subclass
+    nn.Linear; hqq's and AQLM's: is_quantized_linear), without the output head and the value head."""
     heads = (model.get_output_embeddings(), value_head(model))
     return sorted({_leaf(path) for path, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and not any(m is head for head in heads)})
+                   if _is_linear(m) and not any(m is head for head in heads)})
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or is_quantized_linear(module)
 
 
 def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]:
@@ -211,7 +216,7 @@ def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]
     heads = (model.get_output_embeddings(), value_head(model))
     allowed = tuple(part for part in plugin.language_model + plugin.vision_tower if part not in _all_parts(frozen))
     linear = {path: _leaf(path) for path, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not any(m is head for head in heads) and in_part(path, allowed)}
+              if _is_linear(m) and not any(m is head for head in heads) and in_part(path, allowed)}
     wanted = None if lora_target.strip() == "all" else split_names(lora_target)
     unknown = [t for t in wanted or () if t not in linear.values()]
     if unknown or not linear:
@@ -273,7 +278,7 @@ def _load_adapters(model, paths: list[str], finetuning_args, *, is_trainable: bo
 
     for path in paths:
         check_adapter_path(path)
-    quantized = getattr(model, "is_quantized", False)
+    quantized = is_quantized(model)
     keep_last = quantized or (is_trainable and not finetuning_args.create_new_adapter)
     merged = paths[:-1] if keep_last else paths
     if quantized and merged:
@@ -299,7 +304,11 @@ def _numel(p: torch.Tensor) -> int:
 
 def parameter_summary(model) -> str:
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
+    # hqq's and AQLM's layers hold their weight as codes (not parameters, or not one per value): counted as values
+    quantized = [m for m in model.modules() if is_quantized_linear(m)]
+    inside = {id(p) for m in quantized for p in m.parameters()}
+    total = (sum(_numel(p) for p in model.parameters() if id(p) not in inside)
+             + sum(m.in_features * m.out_features for m in quantized))
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)"
 
 

@@ -20,7 +20,7 @@ from lf.errors import ModelError
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
 from lf.model.options import apply_rope_scaling, choose_attention, choose_dtype
 from lf.model.paths import download_error, resolve_model_path
-from lf.model.quantization import quantization_kwargs
+from lf.model.quantization import is_quantized, quantization
 
 log = logging.getLogger("lf")
 EMBEDDING_MULTIPLE = 64  # grown embeddings are padded to a multiple of this: faster matmuls on GPUs
@@ -82,12 +82,12 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     rope = apply_rope_scaling(config, model_args.rope_scaling, cutoff_len)
     dtype, dtype_line = choose_dtype(model_args.infer_dtype)
     attention, attention_line = choose_attention(model_args.flash_attn, dtype)
-    quantization, quantization_line = quantization_kwargs(model_args, finetuning_args, config, dtype,
-                                                          is_trainable=is_trainable)
+    quant = quantization(model_args, finetuning_args, config, dtype, is_trainable=is_trainable)
     value_head = stages.get(getattr(finetuning_args, "stage", "sft")).value_head
     if value_head:  # one score per sequence (rm), from a value head on the model (XForSequenceClassification)
         config.num_labels = 1
-    model = _instantiate(path, config, dtype, attention, quantization, model_args, value_head)
+    model = _instantiate(path, config, dtype, attention, quant.kwargs, model_args, value_head)
+    quantization_line = quant.after_load(model) if quant.after_load else quant.line
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
              dtype_line, attention_line] + [line for line in (rope, quantization_line) if line]
@@ -114,7 +114,7 @@ def load_inference_model(tokenizer, model_args, finetuning_args, device: str | N
     model, lines = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
     for line in lines:
         log.info("%s", line)
-    if not getattr(model, "is_quantized", False):
+    if not is_quantized(model):
         model.to(device or accelerator.current().device())
     return model.eval()
 

@@ -1,4 +1,6 @@
-"""QLoRA's first half: weights quantized by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit), on CUDA or the CPU.
+"""QLoRA's first half: the base model's weights quantized, by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit,
+on CUDA or the CPU) or by hqq once loaded (1 to 8 bits, lf.model.hqq). lf.config.model's tables say which bits each
+method takes and why the other methods are refused.
 
 Preparing a quantized model for training needs nothing beyond what every adapter run gets (frozen base weights,
 gradient checkpointing with input gradients, fp32 adapter weights): unlike peft's prepare_model_for_kbit_training,
@@ -11,53 +13,69 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import get_args
+from collections.abc import Callable
+from typing import NamedTuple, get_args
 
 import torch
 
 from lf import device
-from lf.config.model import QuantizationBit, QuantizationType
+from lf.config.model import QUANTIZATION_BITS, QUANTIZATION_REFUSED, QuantizationType
 from lf.errors import ModelError
 
-METHODS = ("bnb", "bitsandbytes")
-BITS = get_args(QuantizationBit)
 TYPES = get_args(QuantizationType)
-# LLaMA-Factory's other methods, each with why lf refuses it here (checked with transformers 5.23, torch 2.13 CPU)
-REFUSED = {
-    # hqq's own HQQLinear does run on the CPU: swapping the linears in without transformers would lift this
-    "hqq": "transformers' HQQ quantizer refuses a device_map holding the CPU; not built yet",
-    "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
-}
+EXTRAS = {"bnb": ("bitsandbytes", "qlora"), "bitsandbytes": ("bitsandbytes", "qlora"), "hqq": ("hqq", "hqq")}
 
 
-def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype, *,
-                        is_trainable: bool) -> tuple[dict, str | None]:
-    """from_pretrained's quantization_config and device_map for quantization_bit (none when unset), with a line
-    saying what is quantized and how."""
-    bits = model_args.quantization_bit
+class Quantization(NamedTuple):
+    """What quantizing takes: from_pretrained's keyword arguments and the line saying what is quantized and how,
+    or a step that quantizes the loaded model (hqq) and returns that line."""
+    kwargs: dict
+    line: str | None
+    after_load: Callable[[torch.nn.Module], str] | None = None
+
+
+NONE = Quantization({}, None)
+
+
+def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_trainable: bool) -> Quantization:
+    """How to quantize the model quantization_bit asks for (NONE when unset), refusing what cannot be built."""
+    method, bits = model_args.quantization_method, model_args.quantization_bit
+    prequantized = getattr(config, "quantization_config", None)
+    if prequantized is not None and _method_name(prequantized) in QUANTIZATION_REFUSED:
+        name = _method_name(prequantized)
+        if name != "aqlm":
+            raise ModelError(f"{model_args.model_name_or_path} is quantized by {name}, which lf cannot load: "
+                             f"{QUANTIZATION_REFUSED[name]}; use its unquantized base model")
+        line = _aqlm_checkpoint(model_args, finetuning_args, prequantized, is_trainable)
+        if bits is None:
+            return Quantization({}, line)
     if bits is None:
-        return {}, None
-    if model_args.quantization_method not in METHODS:
-        why = REFUSED.get(model_args.quantization_method, "not built yet")
-        raise ModelError(f"quantization_method: {model_args.quantization_method!r} is not supported ({why}); lf "
-                         f"quantizes with bitsandbytes (quantization_method: bnb)")
-    if bits not in BITS:
-        raise ModelError(f"quantization_bit: {bits} is not supported; bitsandbytes quantizes to 4 or 8 bits")
-    if bits == 4 and model_args.quantization_type not in TYPES:
+        return NONE
+    if method in QUANTIZATION_REFUSED:
+        raise ModelError(f"quantization_method: {method!r} is not supported ({QUANTIZATION_REFUSED[method]}); "
+                         f"quantize with bnb or hqq")
+    if bits not in QUANTIZATION_BITS[method]:
+        raise ModelError(f"quantization_bit: {bits} is not supported by quantization_method: {method} (it takes "
+                         f"{', '.join(map(str, QUANTIZATION_BITS[method]))} bits)")
+    if method != "hqq" and bits == 4 and model_args.quantization_type not in TYPES:
         raise ModelError(f"quantization_type: {model_args.quantization_type!r} is not one of {', '.join(TYPES)}")
-    if getattr(config, "quantization_config", None) is not None:
+    if prequantized is not None:
         raise ModelError(f"{model_args.model_name_or_path} is already quantized "
-                         f"({_method_name(config.quantization_config)}); remove quantization_bit")
+                         f"({_method_name(prequantized)}); remove quantization_bit")
     if model_args.train_from_scratch:
         raise ModelError("quantization_bit quantizes pretrained weights; train_from_scratch has none to quantize")
     if is_trainable and finetuning_args.finetuning_type != "lora":
         raise ModelError(f"quantized weights cannot train: quantization_bit needs finetuning_type: lora (QLoRA), "
                          f"not {finetuning_args.finetuning_type}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError("quantization_bit needs bitsandbytes: pip install 'lf[qlora]'")
+    package, extra = EXTRAS[method]
+    if importlib.util.find_spec(package) is None:
+        raise ModelError(f"quantization_method: {method} needs {package}: pip install 'lf[{extra}]'")
+    device_map = _device_map(model_args.quantization_device_map)
+    skip, kept = _unquantized(config)
+    if method == "hqq":
+        return _hqq(bits, dtype, device_map, skip, kept)
     from transformers import BitsAndBytesConfig
 
-    skip, kept = _unquantized(config)
     if bits == 4:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
                                    bnb_4bit_use_double_quant=model_args.double_quantization,
@@ -67,9 +85,67 @@ def quantization_kwargs(model_args, finetuning_args, config, dtype: torch.dtype,
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         what = "8-bit (LLM.int8)"
-    device_map = _device_map(model_args.quantization_device_map)
-    return ({"quantization_config": quant, "device_map": device_map},
-            f"quantization: {what} by bitsandbytes{kept}, placed by device_map {device_map}")
+    return Quantization({"quantization_config": quant, "device_map": device_map},
+                        f"quantization: {what} by bitsandbytes{kept}, placed by device_map {device_map}")
+
+
+def _hqq(bits: int, dtype: torch.dtype, device_map, skip: list[str] | None, kept: str) -> Quantization:
+    """hqq quantizes the loaded model's linear layers in place on this process's device (lf.model.hqq); the output
+    head, a value head and a vision-language model's vision parts keep their weights, as with bitsandbytes."""
+    if device_map == "auto":
+        raise ModelError("quantization_device_map: auto spreads a model as bitsandbytes loads it; hqq quantizes on "
+                         "this process's device: remove quantization_device_map")
+    target = torch.device(device_map[""])  # (_device_map's "cpu" or "cuda:LOCAL_RANK")
+    patterns = [re.compile(rf"(?:{p})(?:\.|$)") for p in skip or ()]
+
+    def after_load(model) -> str:
+        from lf.model.hqq import GROUP_SIZE, quantize_linears
+
+        # the output head, whatever its name, and a value head ("score": transformers' sequence classifiers)
+        heads = {path for path, m in model.named_modules() if m is model.get_output_embeddings()} | {"score"}
+        model.to(target)
+        done, ragged = quantize_linears(model, bits, dtype, target,
+                                        lambda path: path in heads or any(p.match(path) for p in patterns))
+        model.quantized_by_lf = "hqq"  # see is_quantized
+        return (f"quantization: {bits}-bit by hqq (groups of {GROUP_SIZE} along axis 0), computing in "
+                f"{str(dtype).removeprefix('torch.')}{kept}, on {device}: {done} linear layers"
+                + (f"; {', '.join(ragged)} kept (not a whole number of groups)" if ragged else ""))
+
+    return Quantization({}, None, after_load)
+
+
+def _aqlm_checkpoint(model_args, finetuning_args, quantization_config: dict, is_trainable: bool) -> str:
+    """An AQLM checkpoint (quantized offline) loads through transformers' AQLM quantizer, and LoRA trains over it
+    (PEFT's AQLM layer). AQLM names the layers it left unquantized by their weights ("lm_head.weight"), which
+    transformers 5.23 matches against module names: without the suffix, the output head would be built quantized
+    and come out of the checkpoint uninitialised."""
+    if importlib.util.find_spec("aqlm") is None:
+        raise ModelError(f"{model_args.model_name_or_path} is quantized by AQLM, which needs aqlm with its CPU "
+                         f"kernels: pip install 'lf[aqlm]'")
+    if is_trainable and finetuning_args.finetuning_type != "lora":
+        raise ModelError(f"quantized weights cannot train: {model_args.model_name_or_path} is quantized by AQLM; "
+                         f"set finetuning_type: lora, not {finetuning_args.finetuning_type}")
+    kept = quantization_config.get("linear_weights_not_to_quantize") or []
+    quantization_config["linear_weights_not_to_quantize"] = [name.removesuffix(".weight") for name in kept]
+    q = quantization_config
+    return (f"quantization: an AQLM checkpoint ({q.get('num_codebooks')} codebook(s) of "
+            f"{q.get('nbits_per_codebook')} bits over groups of {q.get('in_group_size')} inputs), by aqlm's kernels")
+
+
+# the quantized linear layers PEFT puts LoRA over that do not subclass nn.Linear (bitsandbytes' do): module, class
+QUANTIZED_LINEARS = {("hqq.core.quantize", "HQQLinear"), ("aqlm.inference", "QuantizedLinear")}
+
+
+def is_quantized_linear(module) -> bool:
+    """Whether `module` is one of QUANTIZED_LINEARS (by name: their packages need not be installed)."""
+    return (type(module).__module__, type(module).__name__) in QUANTIZED_LINEARS
+
+
+def is_quantized(model) -> bool:
+    """Whether the model's weights are quantized (its adapters then stay unmerged, and it stays where it was
+    placed): by a transformers quantizer (bitsandbytes), or by lf (hqq), which marks the model its own way because
+    transformers' Trainer expects a model with is_quantized to carry a transformers quantizer."""
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "quantized_by_lf", None))
 
 
 def _unquantized(config) -> tuple[list[str] | None, str]:

@@ -47,6 +47,7 @@ from lf import stages
 from lf.data.collator import left_padded, right_padded
 from lf.data.pipeline import WITH_IMAGES
 from lf.errors import TrainError
+from lf.model.quantization import is_quantized
 from lf.train import ppo_math as pm
 from lf.train.callbacks import LOG_FILE, _duration, _keep_until
 from lf.train.checkpoints import STAGING
@@ -103,7 +104,7 @@ class PPO:
         self.device = args.device
         hidden = self.model.config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
-        if not getattr(self.model, "is_quantized", False):  # (bitsandbytes has placed a quantized one)
+        if not is_quantized(self.model):  # (bitsandbytes or hqq has placed a quantized one)
             self.model.to(self.device)
         self.fused = cfg.model.use_lf_kernels
         stops = parts.template.stop_token_ids(self.tokenizer)
