@@ -11,7 +11,7 @@ import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
 from lf.config.parser import _owners
-from lf.config.rules import RANGES, show
+from lf.config.rules import OFT_KEYS, RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
 
@@ -322,7 +322,14 @@ RULE_CASES = {
                               "stage: rm puts a value head on the model"),
     "reward_model_head": ({"stage": "rm", "upcast_lmhead_output": True},
                           "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head"),
-    "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
+    "finetuning_type_choice": ({"finetuning_type": "loha"}, "finetuning_type: loha is not one of full, freeze, lora, "
+                                                            "oft."),
+    "oft_options_need_oft": ({"oft_rank": 4, "oft_block_size": 0},
+                             "oft_rank, oft_block_size shape(s) OFT adapters, but finetuning_type is lora: set "
+                             "finetuning_type: oft"),
+    "oft_rank_or_block_size": ({"finetuning_type": "oft", "oft_rank": 4},
+                               "oft_rank: 4 and oft_block_size: 32: OFT's blocks are given by their count or their "
+                               "size, exactly one: set the other to 0"),
     "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
@@ -423,6 +430,8 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
     stage = key_stages().get(key, ("sft",))[0]  # preference keys are read by their stage only
     for value in outside(allowed, whole=float not in (typing.get_args(annotation) or (annotation,))):
         needed = {"reward_model": "saves/rm"} if stage == "ppo" else {}  # ppo's one required key
+        if key in OFT_KEYS:  # read with finetuning_type: oft only
+            needed["finetuning_type"] = "oft"
         message = refused({**BASE, "stage": stage, **needed, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""
         assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"

@@ -7,7 +7,8 @@ from typing import Literal
 
 from lf.config.model import QuantizationBit
 
-FinetuningType = Literal["full", "freeze", "lora"]
+FinetuningType = Literal["full", "freeze", "lora", "oft"]
+PEFT_TYPES = ("lora", "oft")  # the finetuning types that train PEFT adapters
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
@@ -54,6 +55,12 @@ class FinetuningArguments:
     pissa_iter: int = 16  # randomized SVD iterations; -1: exact SVD (slow on large weights)
     pissa_convert: bool = False  # saved adapter converted to apply to the original base model
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
+    # oft (PEFT's OFT: each target's output rotated by a learned block-diagonal orthogonal matrix); give one of
+    # oft_rank (blocks per layer) and oft_block_size (their size), the other 0
+    oft_rank: int = 0
+    oft_block_size: int = 32
+    oft_target: str = "all"  # as lora_target
+    module_dropout: float = 0.0  # the chance a block is the identity in a training step (OFT's dropout)
     # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
     pref_loss: PrefLoss = "sigmoid"  # sigmoid is DPO's; orpo and simpo need no reference model
     pref_beta: float = 0.1  # the loss's scale (DPO's beta: larger keeps the policy closer to the reference)

@@ -22,7 +22,8 @@ from typing import Any
 
 from lf import stages
 from lf.config.data import DataArguments
-from lf.config.finetuning import APOLLO_OPTIMS, GALORE_CLASSES, OPTIMIZER_KEYS, FinetuningArguments, ReferenceFreeLoss
+from lf.config.finetuning import (APOLLO_OPTIMS, GALORE_CLASSES, OPTIMIZER_KEYS, PEFT_TYPES, FinetuningArguments,
+                                  ReferenceFreeLoss)
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
 from lf.errors import ConfigError, did_you_mean
@@ -158,6 +159,10 @@ RANGES = types.MappingProxyType({
     "lora_rank": ("finetuning", AT_LEAST_1, "the adapters' rank (8 to 64 is usual)"),
     "lora_alpha": ("finetuning", POSITIVE, "the adapters' scale, over the rank (remove it: 2 x lora_rank)"),
     "lora_dropout": ("finetuning", FRACTION, "the chance an adapter input is dropped in training (e.g. 0.05; 0: none)"),
+    "oft_rank": ("finetuning", AT_LEAST_0, "OFT's blocks per layer (0: sized by oft_block_size instead)"),
+    "oft_block_size": ("finetuning", AT_LEAST_0, "the size of OFT's blocks (32 is LLaMA-Factory's; 0: counted by "
+                                                 "oft_rank instead)"),
+    "module_dropout": ("finetuning", FRACTION, "the chance an OFT block is left out in a training step (0: none)"),
     "loraplus_lr_ratio": ("finetuning", POSITIVE, "how many times faster LoRA+ trains the B matrices (16 is usual; "
                                                   "remove it for plain LoRA)"),
     "loraplus_lr_embedding": ("finetuning", POSITIVE, "LoRA+'s learning rate for embedding adapters (1e-6 is usual)"),
@@ -228,6 +233,22 @@ def _full_only(cfg) -> list[str]:
 
 def _optim(t) -> str:
     return str(getattr(t.optim, "value", t.optim))
+
+
+ADAPTER_NAMES = types.MappingProxyType({"lora": "LoRA", "oft": "OFT"})  # PEFT_TYPES, as written
+OFT_KEYS = ("oft_rank", "oft_block_size", "oft_target", "module_dropout")
+
+
+def _oft_options(cfg) -> list[str]:
+    """The OFT keys given away from their defaults."""
+    defaults = FinetuningArguments()
+    return [key for key in OFT_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
+def _oft_sizes_clash(f) -> bool:
+    """PEFT's OFT takes its blocks' count or their size, exactly one of them."""
+    both, neither = f.oft_rank > 0 and f.oft_block_size > 0, f.oft_rank == 0 and f.oft_block_size == 0
+    return f.finetuning_type == "oft" and (both or neither)  # (a negative one: its range rule says so)
 
 
 def _lora_only_options(cfg) -> list[str]:
@@ -337,6 +358,13 @@ RULES: tuple[Rule, ...] = (
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),
+    Rule("oft_options_need_oft", lambda c: c.finetuning.finetuning_type != "oft" and bool(_oft_options(c)),
+         lambda c: f"{', '.join(_oft_options(c))} shape(s) OFT adapters, but finetuning_type is "
+                   f"{show(c.finetuning.finetuning_type)}: set finetuning_type: oft, or remove them"),
+    Rule("oft_rank_or_block_size", lambda c: _oft_sizes_clash(c.finetuning),
+         "oft_rank: {f.oft_rank} and oft_block_size: {f.oft_block_size}: OFT's blocks are given by their count or "
+         "their size, exactly one: set the other to 0 (oft_rank: 0 with oft_block_size: 32 is LLaMA-Factory's "
+         "default)"),
     Rule("pissa_convert_needs_init", lambda c: c.finetuning.pissa_convert and not c.finetuning.pissa_init,
          "pissa_convert converts a PiSSA adapter, but pissa_init is false: set pissa_init: true, or remove "
          "pissa_convert"),
@@ -345,9 +373,9 @@ RULES: tuple[Rule, ...] = (
          "early_stopping_steps counts evaluations that did not beat the best one, but load_best_model_at_end is "
          "false: set load_best_model_at_end: true with eval_strategy (and save_strategy) steps or epoch"),
     Rule("adapter_needs_lora",
-         lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type != "lora",
+         lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type not in PEFT_TYPES,
          "adapter_name_or_path loads LoRA adapters, but finetuning_type is {f.finetuning_type}: set "
-         "finetuning_type: lora (or merge the adapters into the model first and train that)"),
+         "finetuning_type: lora (or oft for OFT adapters; or merge the adapters into the model first and train that)"),
     Rule("scratch_with_adapter", lambda c: c.model.train_from_scratch and c.model.adapter_name_or_path is not None,
          "train_from_scratch starts from random weights, which adapter_name_or_path's adapters were not trained "
          "on: remove one of the two"),
@@ -402,9 +430,10 @@ RULES: tuple[Rule, ...] = (
     Rule("optimizer_not_in_ppo", lambda c: c.finetuning.stage == "ppo" and bool(_optimizers(c)),
          lambda c: f"{_optimizers(c)[0]}: true, but stage: ppo steps the policy and value head with its own AdamW: "
                    "remove it"),
-    Rule("optimizer_not_with_lora", lambda c: c.finetuning.finetuning_type == "lora" and bool(_full_only(c)),
-         lambda c: f"{_full_only(c)[0]} trains whole weight matrices, not LoRA adapters: set finetuning_type: full "
-                   "(or freeze), or remove it"),
+    Rule("optimizer_not_with_lora", lambda c: c.finetuning.finetuning_type in PEFT_TYPES and bool(_full_only(c)),
+         lambda c: f"{_full_only(c)[0]} trains whole weight matrices, not "
+                   f"{ADAPTER_NAMES[c.finetuning.finetuning_type]} adapters: set finetuning_type: full (or freeze), "
+                   "or remove it"),
     Rule("galore_optim", lambda c: c.finetuning.use_galore and _optim(c.training) not in GALORE_CLASSES,
          lambda c: f"use_galore: true with optim: {_optim(c.training)}: GaLore comes in the AdamW, 8-bit AdamW and "
                    f"Adafactor kinds: set optim to one of {', '.join(GALORE_CLASSES)}"),
