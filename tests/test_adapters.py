@@ -127,3 +127,16 @@ def test_oft_keys_need_oft_and_one_block_setting(tmp_path):
         parse_train_args(options(tmp_path, finetuning_type="oft", oft_rank=0, oft_block_size=0))
     with pytest.raises(ConfigError, match="not OFT adapters"):
         parse_train_args(options(tmp_path, finetuning_type="oft", use_badam=True))
+
+
+def test_use_dft_loss_trains_on_the_probability_weighted_loss(tmp_path):
+    """Same run, same first batch: DFT's loss is each token's cross-entropy times its probability (< 1), so the
+    first logged loss is below the plain one, and above zero."""
+    first = {}
+    for dft in (False, True):
+        out = tmp_path / f"dft-{dft}"
+        run(parse_train_args(options(out, **{**QUICK, "max_steps": 1}, use_dft_loss=dft)))
+        first[dft] = records(out)[0]["loss"]
+    assert 0 < first[True] < 0.5 * first[False]  # a tiny random model: probabilities near 1/vocab
+    with pytest.raises(ConfigError, match="set stage: sft"):
+        parse_train_args(options(tmp_path, stage="pt", use_dft_loss=True))

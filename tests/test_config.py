@@ -405,6 +405,9 @@ RULE_CASES = {
     "badam_switch_mode_choice": ({"badam_switch_mode": "up"}, "badam_switch_mode: up is not one of ascending, "
                                                               "descending, random, fixed."),
     "badam_mask_mode_choice": ({"badam_mask_mode": "all"}, "badam_mask_mode: all is not one of adjacent, scatter."),
+    "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
+                             "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
+                             "turns it off"),
     "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
                        "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }

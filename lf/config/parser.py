@@ -309,7 +309,6 @@ UNSUPPORTED = types.MappingProxyType({
         "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     "use_llama_pro": Unsupported("LLaMA Pro block expansion"),
     "use_mca": Unsupported("Megatron-Core training"),
-    "use_dft_loss": Unsupported("the DFT loss"),
     "pure_bf16": Unsupported("bf16 weights trained without autocast"),
     "compute_accuracy": Unsupported("token accuracy at evaluation"),
     # data

@@ -404,6 +404,9 @@ RULES: tuple[Rule, ...] = (
     Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
          "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
          "false turns them off: remove one of the two"),
+    Rule("dft_needs_lf_kernels", lambda c: c.finetuning.use_dft_loss and not c.model.use_lf_kernels,
+         "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
+         "remove one of the two"),
     Rule("fp16_and_bf16", lambda c: c.training.fp16 and c.training.bf16,
          "fp16 and bf16 are both true: choose one (bf16 where the GPU has it: Ampere or newer; else fp16)"),
     Rule("train_needs_data",

@@ -4,6 +4,9 @@
   previous checkpoints intact);
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
 - GaLore, Adam-mini, Muon and the like (lf.train.optimizers) in place of `optim` when the config turns one on;
+- `use_dft_loss`: in training, the fused loss is DFT's (lf.kernels.fused_linear_cross_entropy's `dft`): each
+  token's cross-entropy weighted by its detached probability; evaluation keeps the plain cross-entropy, so that
+  eval_loss and eval_perplexity mean what they always do;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
 - logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
@@ -23,6 +26,8 @@ from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lf.data.collator import TOKENS_KEY
+from lf.errors import TrainError
+from lf.kernels.patch import DFT_LOSS, fused_loss_on
 from lf.train import optimizers
 from lf.train.checkpoints import STAGING
 
@@ -33,6 +38,10 @@ class LFTrainer(Seq2SeqTrainer):
         self.finetuning_args = finetuning_args
         if getattr(finetuning_args, "use_badam", False):
             _badam(self)
+        self.dft = getattr(finetuning_args, "use_dft_loss", False)
+        if self.dft and not fused_loss_on(self.model):
+            raise TrainError("use_dft_loss: true weights the tokens inside lf's fused loss, which this model does not "
+                             "run (its family has no lf kernels, or use_lf_kernels is off): remove use_dft_loss")
         self.media = media  # lf.data.mm_plugins.MMProcessor: saved with the tokenizer
         self.tokens_seen = 0  # real tokens trained on, this process
         self.nonfinite_step = None  # the first step whose loss was nan/inf
@@ -45,6 +54,8 @@ class LFTrainer(Seq2SeqTrainer):
         tokens = inputs.pop(TOKENS_KEY, None)
         if tokens is not None and model.training:
             self.tokens_seen += int(tokens)
+        if self.dft and model.training:
+            inputs = {**inputs, DFT_LOSS: True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
