@@ -405,6 +405,9 @@ RULE_CASES = {
     "badam_switch_mode_choice": ({"badam_switch_mode": "up"}, "badam_switch_mode: up is not one of ascending, "
                                                               "descending, random, fixed."),
     "badam_mask_mode_choice": ({"badam_mask_mode": "all"}, "badam_mask_mode: all is not one of adjacent, scatter."),
+    "accuracy_needs_evaluation": ({"compute_accuracy": True},
+                                  "compute_accuracy: true measures token accuracy at evaluation, but evaluation is "
+                                  "off: set do_eval: true"),
     "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
                              "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
                              "turns it off"),

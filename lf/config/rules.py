@@ -404,6 +404,10 @@ RULES: tuple[Rule, ...] = (
     Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
          "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
          "false turns them off: remove one of the two"),
+    Rule("accuracy_needs_evaluation", lambda c: c.finetuning.compute_accuracy and not _evaluates(c.training),
+         "compute_accuracy: true measures token accuracy at evaluation, but evaluation is off: set do_eval: true "
+         "with val_size or eval_dataset (and eval_strategy: steps to measure during training), or remove "
+         "compute_accuracy"),
     Rule("dft_needs_lf_kernels", lambda c: c.finetuning.use_dft_loss and not c.model.use_lf_kernels,
          "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
          "remove one of the two"),
