@@ -140,3 +140,33 @@ def test_use_dft_loss_trains_on_the_probability_weighted_loss(tmp_path):
     assert 0 < first[True] < 0.5 * first[False]  # a tiny random model: probabilities near 1/vocab
     with pytest.raises(ConfigError, match="set stage: sft"):
         parse_train_args(options(tmp_path, stage="pt", use_dft_loss=True))
+
+
+class Dtypes(TrainerCallback):
+    """The dtypes of what trains, of the optimizer's state and whether autocast is on, after a step."""
+
+    def __init__(self):
+        self.seen = None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.seen = ({p.dtype for p in model.parameters() if p.requires_grad},
+                     {t.dtype for s in optimizer.state.values() for t in s.values() if t.dim()},
+                     {p.dtype for p in model.parameters()}, args.bf16 or args.fp16)
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_pure_bf16_trains_bf16_weights_and_adapters_without_autocast(tmp_path, finetuning_type):
+    """LLaMA-Factory's pure_bf16: the model in bf16 whatever the device prefers, adapters too (lf keeps LoRA weights
+    in fp32 otherwise), the optimizer's moments in bf16, and no autocast."""
+    dtypes = Dtypes()
+    out = tmp_path / "out"
+    run(parse_train_args(options(out, **{**QUICK, "max_steps": 1}, finetuning_type=finetuning_type,
+                                 infer_dtype="auto", pure_bf16=True)), [dtypes])
+    trainable, state, weights, autocast = dtypes.seen
+    assert trainable == state == weights == {torch.bfloat16} and not autocast
+    assert torch.isfinite(torch.tensor(records(out)[0]["loss"]))
+    if finetuning_type == "lora":
+        plain = Dtypes()
+        run(parse_train_args(options(tmp_path / "plain", **{**QUICK, "max_steps": 1}, infer_dtype="bfloat16")),
+            [plain])
+        assert plain.seen[0] == {torch.float32}  # without it, LoRA weights are fp32: the check above can fail

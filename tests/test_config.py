@@ -408,6 +408,11 @@ RULE_CASES = {
     "accuracy_needs_evaluation": ({"compute_accuracy": True},
                                   "compute_accuracy: true measures token accuracy at evaluation, but evaluation is "
                                   "off: set do_eval: true"),
+    "pure_bf16_without_amp": ({"pure_bf16": True, "bf16": True},
+                              "pure_bf16: true trains the bf16 weights as they are, without autocast, but bf16: true "
+                              "turns autocast on: remove one of the two"),
+    "pure_bf16_dtype": ({"pure_bf16": True, "infer_dtype": "float16"},
+                        "pure_bf16: true loads the weights in bfloat16, but infer_dtype is float16"),
     "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
                              "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
                              "turns it off"),

@@ -80,6 +80,7 @@ class FinetuningArguments:
     ppo_score_norm: bool = False  # scores normalised by the running mean and std of all scores so far
     ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
     ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
+    pure_bf16: bool = False  # weights and adapters in bf16, trained without autocast (bf16 and fp16 stay false)
     compute_accuracy: bool = False  # sft: token accuracy (the logits' argmax against the labels) at evaluation
     use_dft_loss: bool = False  # sft: each token's loss weighted by its (detached) probability (DFT)
     early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model

@@ -309,7 +309,6 @@ UNSUPPORTED = types.MappingProxyType({
         "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     "use_llama_pro": Unsupported("LLaMA Pro block expansion"),
     "use_mca": Unsupported("Megatron-Core training"),
-    "pure_bf16": Unsupported("bf16 weights trained without autocast"),
     # data
     "eval_num_beams": Unsupported("generation at evaluation", (None,)),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),

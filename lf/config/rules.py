@@ -411,6 +411,12 @@ RULES: tuple[Rule, ...] = (
     Rule("dft_needs_lf_kernels", lambda c: c.finetuning.use_dft_loss and not c.model.use_lf_kernels,
          "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
          "remove one of the two"),
+    Rule("pure_bf16_without_amp", lambda c: c.finetuning.pure_bf16 and (c.training.bf16 or c.training.fp16),
+         lambda c: f"pure_bf16: true trains the bf16 weights as they are, without autocast, but "
+                   f"{'bf16' if c.training.bf16 else 'fp16'}: true turns autocast on: remove one of the two"),
+    Rule("pure_bf16_dtype", lambda c: c.finetuning.pure_bf16 and c.model.infer_dtype not in ("auto", "bfloat16"),
+         "pure_bf16: true loads the weights in bfloat16, but infer_dtype is {m.infer_dtype}: remove infer_dtype (or "
+         "set it to bfloat16), or remove pure_bf16"),
     Rule("fp16_and_bf16", lambda c: c.training.fp16 and c.training.bf16,
          "fp16 and bf16 are both true: choose one (bf16 where the GPU has it: Ampere or newer; else fp16)"),
     Rule("train_needs_data",

@@ -8,8 +8,9 @@ the chosen decoder layers of the language model and the other parts not frozen; 
 layers of the language model and, when it is not frozen, of the vision tower (`lora_target` names filtered the
 same way), and trains an unfrozen projector whole beside them.
 
-Dtypes of what trains: LoRA weights are float32 whatever the model's dtype (peft's autocast_adapter_dtype: they
-are tiny, and peft casts their inputs, so they train with or without autocast). Full and freeze keep the loaded
+Dtypes of what trains: LoRA (and OFT) weights are float32 whatever the model's dtype (peft's autocast_adapter_dtype:
+they are tiny, and peft casts their inputs, so they train with or without autocast), but bfloat16 with pure_bf16
+(LLaMA-Factory's: everything in bf16, no fp32 copy anywhere). Full and freeze keep the loaded
 dtype, as HF's Trainer expects (a bf16 model trains in pure bf16, with no fp32 copy of every weight), except
 float16, whose gradients the Trainer's GradScaler cannot unscale: trainable fp16 weights become float32.
 """
@@ -257,7 +258,7 @@ def _new_adapter(model, finetuning_args, resize_vocab: bool):
     task = TaskType.SEQ_CLS if reward else TaskType.CAUSAL_LM  # peft saves a SEQ_CLS model's score with the adapter
     # a copy of the list: peft adds to a SEQ_CLS one
     config, what = (_oft if kind == "oft" else _lora)(finetuning_args, task, targets, list(saved) or None)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=not finetuning_args.pure_bf16)
     shown = sorted({_leaf(t) for t in targets}) if plugin is not None else targets  # full paths: too many to list
     return model, (f"{what} on {', '.join(shown)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved
                                                       else ""))
