@@ -265,6 +265,16 @@ def test_lf_and_trl_log_probabilities_train_the_same(tmp_path, kind):
     assert losses(tmp_path / "lf") == pytest.approx(losses(tmp_path / "trl"), rel=1e-4)
 
 
+def test_ld_alpha_reaches_the_dpo_loss_on_both_log_probability_sources(tmp_path):
+    """At the first step the policy is the reference: plain dpo's loss is log 2 exactly; LD-DPO weights the policy's
+    tails only (LLaMA-Factory), so it is not, and lf's fused op and TRL's head give the same training."""
+    same = {"stage": "dpo", "optim": "sgd", "learning_rate": 0.5, "max_steps": 2, "ld_alpha": 0.5}
+    train(tmp_path / "lf", **same)
+    train(tmp_path / "trl", use_lf_kernels=False, **same)
+    assert abs(losses(tmp_path / "lf")[0] - math.log(2)) > 1e-3
+    assert losses(tmp_path / "lf") == pytest.approx(losses(tmp_path / "trl"), rel=1e-4)
+
+
 # ---- kto ---------------------------------------------------------------------------------------------------------
 
 FEEDBACK = {"dataset": "lf_kto_demo", "max_samples": 8, "per_device_train_batch_size": 8}

@@ -181,6 +181,8 @@ RANGES = types.MappingProxyType({
                                            "would train away from them)"),
     "dpo_label_smoothing": ("finetuning", Interval(0, 0.5), "the chance a pair is labelled the wrong way round (0.5 "
                                                             "would say the labels carry nothing)"),
+    "ld_alpha": ("finetuning", Interval(0, 1, high_open=False), "LD-DPO's weight of the tokens beyond the shorter "
+                                                                "reply's length (1: plain dpo; remove it for none)"),
     "kto_chosen_weight": ("finetuning", POSITIVE, "the desirable replies' loss weight (1.0; raise the rarer kind's so "
                                                   "that weight x count is about even)"),
     "kto_rejected_weight": ("finetuning", POSITIVE, "the undesirable replies' loss weight (1.0; raise the rarer "

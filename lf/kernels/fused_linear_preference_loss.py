@@ -24,6 +24,10 @@ MEAN_LOGPS), d = (p_chosen - q_chosen) - (p_rejected - q_rejected), beta, e = la
   kto      unpaired replies, each desirable or not, r = p - q, z = the policy's KL estimate (detached, >= 0):
            desirable 1 - sigmoid(beta (r - z)) x desirable_weight, else 1 - sigmoid(beta (z - r)) x undesirable_weight
 ``ftx`` adds ftx x the chosen (kto: desirable) replies' mean negative log-likelihood per token.
+
+``ld_alpha`` (LD-DPO, paired kinds, the policy's log-probabilities only, as LLaMA-Factory): a reply's tokens beyond
+the length of the pair's shorter reply count ld_alpha times (``ld_weights``), so that a longer reply does not win
+or lose by its length alone; the means of MEAN_LOGPS still divide by all of the reply's tokens.
 """
 
 from __future__ import annotations
@@ -46,17 +50,31 @@ REFERENCE_FREE = ("orpo", "simpo")  # lf.config's ReferenceFreeLoss
 MEAN_LOGPS = ("ipo", "orpo", "simpo")  # losses over per-token mean log-probabilities (the others: sums)
 
 
+def ld_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """LD-DPO's weight of each of (S, T) ``labels``' tokens, S/2 chosen sequences then their rejected ones: 1 for a
+    reply's first m label tokens, m the label-token count of the pair's shorter reply, ``ld_alpha`` after them, 0 off
+    the labels (a reply's label tokens are contiguous: counting them is counting positions from its first)."""
+    valid = labels != ignore_index
+    lengths = valid.sum(-1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)
+    rank = valid.cumsum(-1)  # 1 at a reply's first label token
+    return torch.where(rank <= shared[:, None], 1.0, ld_alpha) * valid
+
+
 def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-                   ignore_index: int = IGNORE_INDEX, softcap: float | None = None,
-                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   ignore_index: int = IGNORE_INDEX, softcap: float | None = None, chunk_size: int | None = None,
+                   ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence of (S, T, H) ``hidden`` and (S, T) ``labels`` (aligned: shift a causal LM's by one first), the
     summed fp32 log-probability of its labelled tokens under ``hidden @ weight.T + bias`` (soft-capped as Gemma-2
-    does when ``softcap``), and their count. Differentiable, chunked: the logits never exist whole."""
+    does when ``softcap``; each token weighted by :func:`ld_weights` when ``ld_alpha``), and their count.
+    Differentiable, chunked: the logits never exist whole."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         _checks.fail("sequence_logps", f"`hidden` {tuple(hidden.shape)} must be (sequences, tokens, hidden) and "
                                        f"`labels` {tuple(labels.shape)} (sequences, tokens)")
     losses = fused_linear_cross_entropy(hidden, weight, labels, bias, ignore_index=ignore_index, reduction="none",
                                         softcap=softcap, chunk_size=chunk_size)
+    if ld_alpha is not None:
+        losses = losses * ld_weights(labels, ld_alpha, ignore_index)
     return -losses.sum(-1), (labels != ignore_index).sum(-1)
 
 
@@ -157,13 +175,14 @@ def fused_linear_preference_loss(hidden: torch.Tensor, weight: torch.Tensor, lab
                                  kind: str = "sigmoid", reference: torch.Tensor | None = None,
                                  bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                  softcap: float | None = None, chunk_size: int | None = None,
-                                 **options) -> PreferenceLoss:
+                                 ld_alpha: float | None = None, **options) -> PreferenceLoss:
     """The preference loss ``kind`` (see the module docstring) of the sequences whose last hidden states are
     (S, T, H) ``hidden``, under the head ``weight`` (V, H) (+ ``bias``), scoring the (S, T) ``labels`` (aligned
     with ``hidden``; ``ignore_index`` outside the replies): for paired kinds S/2 chosen sequences, then their
     rejected ones; for kto S replies with ``desirable`` flags. ``reference``: the reference model's summed
     log-probabilities of the same sequences (:func:`sequence_logps` under no_grad), not needed for orpo and simpo.
     ``options``: beta, gamma (simpo), label_smoothing, ftx, and for kto desirable, kl, desirable_weight,
-    undesirable_weight. Never holds more than one chunk of logits (see :func:`fused_linear_cross_entropy`)."""
-    logps, tokens = sequence_logps(hidden, weight, labels, bias, ignore_index, softcap, chunk_size)
+    undesirable_weight; ``ld_alpha`` weights the policy's tokens as LD-DPO (:func:`ld_weights`). Never holds more
+    than one chunk of logits (see :func:`fused_linear_cross_entropy`)."""
+    logps, tokens = sequence_logps(hidden, weight, labels, bias, ignore_index, softcap, chunk_size, ld_alpha)
     return preference_loss(kind, logps, tokens, reference, **options)

@@ -28,7 +28,7 @@ class DPOTrainer(LogpsTrainer):
         if self.finetuning_args.pref_loss not in REFERENCE_FREE:
             with self._as_reference(model) as ref:
                 reference = self._logps(ref, ids, mask, labels, inputs)
-        out = self._policy_loss(model, ids, mask, labels, reference, inputs)
+        out = self._policy_loss(model, ids, mask, labels, reference, inputs, ld_alpha=self.finetuning_args.ld_alpha)
         return out.loss, out.metrics
 
 
