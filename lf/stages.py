@@ -45,7 +45,7 @@ class Stage:
         return getattr(importlib.import_module(module), function)(cfg, callbacks)
 
 
-_DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing", "ld_alpha")
+_DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing", "ld_alpha", "pref_bco_weight")
 _REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model")
 _PPO_KEYS = ("reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
              "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")

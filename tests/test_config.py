@@ -318,6 +318,9 @@ RULE_CASES = {
                                                                       "but pref_loss is sigmoid"),
     "reference_free_loss": ({"stage": "dpo", "pref_loss": "simpo", "ref_model": "saves/ref"},
                             "pref_loss: simpo compares the trained model's replies with each other"),
+    "bco_needs_reference": ({"stage": "dpo", "pref_loss": "orpo", "pref_bco_weight": 0.5},
+                            "pref_bco_weight mixes BCO's loss, over log-ratios to the reference, into the dpo loss, but "
+                            "pref_loss: orpo uses no reference"),
     "reward_model_adapters": ({"stage": "rm", "adapter_name_or_path": "saves/sft"},
                               "stage: rm puts a value head on the model"),
     "reward_model_head": ({"stage": "rm", "upcast_lmhead_output": True},

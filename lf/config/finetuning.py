@@ -66,6 +66,7 @@ class FinetuningArguments:
     pref_beta: float = 0.1  # the loss's scale (DPO's beta: larger keeps the policy closer to the reference)
     pref_ftx: float = 0.0  # weight of an sft loss on the chosen replies, added to the preference loss
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen reply should win by
+    pref_bco_weight: float = 0.0  # dpo: the weight of BCO's loss mixed in, (dpo + w bco) / (1 + w) (0: none)
     ld_alpha: float | None = None  # dpo: LD-DPO, the policy's tokens beyond the shorter reply's length count this much
     dpo_label_smoothing: float = 0.0  # sigmoid, simpo: the assumed chance that a pair is labelled the wrong way round
     ref_model: str | None = None  # the reference model; None: the model being trained, as it starts

@@ -298,7 +298,6 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
-    "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
                                       "merge them into a model and name that in ref_model"),
     "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),

@@ -181,6 +181,7 @@ RANGES = types.MappingProxyType({
                                            "would train away from them)"),
     "dpo_label_smoothing": ("finetuning", Interval(0, 0.5), "the chance a pair is labelled the wrong way round (0.5 "
                                                             "would say the labels carry nothing)"),
+    "pref_bco_weight": ("finetuning", AT_LEAST_0, "the weight of BCO's loss beside dpo's (0: none)"),
     "ld_alpha": ("finetuning", Interval(0, 1, high_open=False), "LD-DPO's weight of the tokens beyond the shorter "
                                                                 "reply's length (1: plain dpo; remove it for none)"),
     "kto_chosen_weight": ("finetuning", POSITIVE, "the desirable replies' loss weight (1.0; raise the rarer kind's so "
@@ -344,6 +345,9 @@ RULES: tuple[Rule, ...] = (
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
          "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo, "
          "kto_pair) with it"),
+    Rule("bco_needs_reference", lambda c: _reads(c, "pref_bco_weight") and c.finetuning.pref_loss in REFERENCE_FREE,
+         "pref_bco_weight mixes BCO's loss, over log-ratios to the reference, into the dpo loss, but pref_loss: "
+         "{f.pref_loss} uses no reference: set pref_loss: sigmoid (hinge, ipo, kto_pair), or remove pref_bco_weight"),
     Rule("reward_model_adapters", lambda c: _stage(c, "value_head") and c.model.adapter_name_or_path is not None,
          "stage: {f.stage} puts a value head on the model, onto which lf cannot load adapters trained for generation "
          "yet: merge adapter_name_or_path into the model and name that in model_name_or_path"),
