@@ -45,14 +45,15 @@ class Stage:
         return getattr(importlib.import_module(module), function)(cfg, callbacks)
 
 
-_DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing")
+_DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing", "ld_alpha", "pref_bco_weight")
 _REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model")
 _PPO_KEYS = ("reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
              "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")
 _ENTRIES = {stage.name: stage for stage in (
     Stage("pt", "pre-training on raw text", "text", packable=True, packs_by_default=True, predicts=True,
           recipe="lf.train.sft:run_sft"),
-    Stage("sft", "supervised fine-tuning", "supervised", packable=True, predicts=True, recipe="lf.train.sft:run_sft"),
+    Stage("sft", "supervised fine-tuning", "supervised", packable=True, predicts=True, keys=("use_dft_loss", "compute_accuracy"),
+          recipe="lf.train.sft:run_sft"),
     Stage("rm", "a reward model", "pairs", value_head=True, recipe="lf.train.rm:run_rm"),
     Stage("dpo", "preference pairs", "pairs", reference=True, logps=True, keys=_DPO_KEYS + _REFERENCE_KEYS,
           recipe="lf.train.dpo:run_dpo"),

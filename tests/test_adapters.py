@@ -1,6 +1,8 @@
 """Adapter variants beyond plain LoRA, trained end to end on the tiny Llama: PiSSA (the initialised model computes
 what the base did; pissa_convert's adapter on the ORIGINAL base computes what the trained model did)."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -91,3 +93,78 @@ def test_early_stopping_steps_stops_after_that_many_evaluations_without_a_better
                                  eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
                                  early_stopping_steps=1)))
     assert [r["current_steps"] for r in records(out)] == [1, 2]
+
+
+def test_oft_trains_peft_oft_adapters_that_start_as_the_base_and_reload(tmp_path):
+    """finetuning_type: oft is PEFT's OFT with LLaMA-Factory's keys: the saved config is the one PEFT builds from
+    them, the rotations start at the identity (the base's logits), and the saved adapter on the base reproduces
+    the trained model (PEFT's own loading: the reference)."""
+    from peft import OFTConfig, PeftConfig, PeftModel
+
+    logits = Logits()
+    out = tmp_path / "out"
+    run(parse_train_args(options(out, **QUICK, finetuning_type="oft", oft_block_size=16, oft_target="q_proj,down_proj",
+                                 module_dropout=0.1)), [logits])
+    base = base_logits()
+    assert (logits.seen["begin"] - base).abs().max() < ATOL
+    assert (logits.seen["end"] - base).abs().max() > 100 * ATOL
+
+    saved = PeftConfig.from_pretrained(out)
+    expected = OFTConfig(r=0, oft_block_size=16, module_dropout=0.1, target_modules=["q_proj", "down_proj"])
+    assert isinstance(saved, OFTConfig)
+    assert (saved.r, saved.oft_block_size, saved.module_dropout, set(saved.target_modules)) == (
+        expected.r, expected.oft_block_size, expected.module_dropout, set(expected.target_modules))
+    original = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(original, out)
+    # q_proj's input (256) in blocks of 16: 16 blocks of 16 * 15 / 2 rotation parameters each
+    shapes = {name.split(".")[-4]: p.shape for name, p in reloaded.named_parameters() if "oft_R" in name}
+    assert shapes == {"q_proj": (16, 120), "down_proj": (704 // 16, 120)}
+    assert (base_logits(reloaded) - logits.seen["end"]).abs().max() < ATOL
+
+
+def test_oft_keys_need_oft_and_one_block_setting(tmp_path):
+    with pytest.raises(ConfigError, match="set finetuning_type: oft"):
+        parse_train_args(options(tmp_path, oft_target="q_proj"))
+    with pytest.raises(ConfigError, match="exactly one"):
+        parse_train_args(options(tmp_path, finetuning_type="oft", oft_rank=0, oft_block_size=0))
+    with pytest.raises(ConfigError, match="not OFT adapters"):
+        parse_train_args(options(tmp_path, finetuning_type="oft", use_badam=True))
+
+
+def test_use_dft_loss_trains_on_the_probability_weighted_loss(tmp_path):
+    """DFT's loss is each token's cross-entropy times its probability: for the tiny random model, whose tokens have
+    probabilities near 1/vocabulary (cross-entropy near log(vocabulary), above 5), far below 1 but above zero."""
+    out = tmp_path / "out"
+    run(parse_train_args(options(out, **{**QUICK, "max_steps": 1}, use_dft_loss=True)))
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama")).config.vocab_size
+    assert math.log(vocab) > 5
+    assert 0 < records(out)[0]["loss"] < 0.1
+    with pytest.raises(ConfigError, match="set stage: sft"):
+        parse_train_args(options(tmp_path, stage="pt", use_dft_loss=True))
+
+
+class Dtypes(TrainerCallback):
+    """The dtypes of what trains, of the optimizer's state and whether autocast is on, after a step."""
+
+    def __init__(self):
+        self.seen = None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.seen = ({p.dtype for p in model.parameters() if p.requires_grad},
+                     {t.dtype for s in optimizer.state.values() for t in s.values() if t.dim()},
+                     {p.dtype for p in model.parameters()}, args.bf16 or args.fp16)
+
+
+def test_pure_bf16_trains_bf16_weights_and_adapters_without_autocast(tmp_path):
+    """LLaMA-Factory's pure_bf16: the model in bf16 whatever the device prefers, adapters too (lf keeps LoRA weights
+    in fp32 otherwise), the optimizer's moments in bf16, and no autocast. (full and freeze keep the loaded dtype
+    anyway: pure_bf16 only makes it bf16.)"""
+    dtypes = Dtypes()
+    out = tmp_path / "out"
+    run(parse_train_args(options(out, **{**QUICK, "max_steps": 1}, infer_dtype="auto", pure_bf16=True)), [dtypes])
+    trainable, state, weights, autocast = dtypes.seen
+    assert trainable == state == weights == {torch.bfloat16} and not autocast
+    assert torch.isfinite(torch.tensor(records(out)[0]["loss"]))
+    plain = Dtypes()
+    run(parse_train_args(options(tmp_path / "plain", **{**QUICK, "max_steps": 1}, infer_dtype="bfloat16")), [plain])
+    assert plain.seen[0] == {torch.float32}  # without it, LoRA weights are fp32: the check above can fail

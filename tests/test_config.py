@@ -12,7 +12,7 @@ import transformers.training_args
 from lf.config import RULES, parse_train_args, read_config
 from lf.config.parser import _owners
 from lf.config import rules
-from lf.config.rules import RANGES, show
+from lf.config.rules import OFT_KEYS, RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
 
@@ -319,11 +319,21 @@ RULE_CASES = {
                                                                       "but pref_loss is sigmoid"),
     "reference_free_loss": ({"stage": "dpo", "pref_loss": "simpo", "ref_model": "saves/ref"},
                             "pref_loss: simpo compares the trained model's replies with each other"),
+    "bco_needs_reference": ({"stage": "dpo", "pref_loss": "orpo", "pref_bco_weight": 0.5},
+                            "pref_bco_weight mixes BCO's loss, over log-ratios to the reference, into the dpo loss, but "
+                            "pref_loss: orpo uses no reference"),
     "reward_model_adapters": ({"stage": "rm", "adapter_name_or_path": "saves/sft"},
                               "stage: rm puts a value head on the model"),
     "reward_model_head": ({"stage": "rm", "upcast_lmhead_output": True},
                           "upcast_lmhead_output upcasts the LM head's logits, but stage: rm replaces the LM head"),
-    "finetuning_type_choice": ({"finetuning_type": "oft"}, "finetuning_type: oft is not one of full, freeze, lora."),
+    "finetuning_type_choice": ({"finetuning_type": "loha"}, "finetuning_type: loha is not one of full, freeze, lora, "
+                                                            "oft."),
+    "oft_options_need_oft": ({"oft_rank": 4, "oft_block_size": 0},
+                             "oft_rank, oft_block_size shape(s) OFT adapters, but finetuning_type is lora: set "
+                             "finetuning_type: oft"),
+    "oft_rank_or_block_size": ({"finetuning_type": "oft", "oft_rank": 4},
+                               "oft_rank: 4 and oft_block_size: 32: OFT's blocks are given by their count or their "
+                               "size, exactly one: set the other to 0"),
     "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
@@ -409,6 +419,17 @@ RULE_CASES = {
     "badam_switch_mode_choice": ({"badam_switch_mode": "up"}, "badam_switch_mode: up is not one of ascending, "
                                                               "descending, random, fixed."),
     "badam_mask_mode_choice": ({"badam_mask_mode": "all"}, "badam_mask_mode: all is not one of adjacent, scatter."),
+    "accuracy_needs_evaluation": ({"compute_accuracy": True},
+                                  "compute_accuracy: true measures token accuracy at evaluation, but evaluation is "
+                                  "off: set do_eval: true"),
+    "pure_bf16_without_amp": ({"pure_bf16": True, "bf16": True},
+                              "pure_bf16: true trains the bf16 weights as they are, without autocast, but bf16: true "
+                              "turns autocast on: remove one of the two"),
+    "pure_bf16_dtype": ({"pure_bf16": True, "infer_dtype": "float16"},
+                        "pure_bf16: true loads the weights in bfloat16, but infer_dtype is float16"),
+    "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
+                             "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
+                             "turns it off"),
     "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
                        "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }
@@ -434,6 +455,8 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
     stage = key_stages().get(key, ("sft",))[0]  # preference keys are read by their stage only
     for value in outside(allowed, whole=float not in (typing.get_args(annotation) or (annotation,))):
         needed = {"reward_model": "saves/rm"} if stage == "ppo" else {}  # ppo's one required key
+        if key in OFT_KEYS:  # read with finetuning_type: oft only
+            needed["finetuning_type"] = "oft"
         message = refused({**BASE, "stage": stage, **needed, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""
         assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"

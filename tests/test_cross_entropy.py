@@ -230,3 +230,31 @@ def test_realistic_sizes(name, monkeypatch):
         assert_close(loss, loss64, dtype, f"loss, chunk {chunk}", min_scale=1.0)
         for what, g, g64 in zip(("hidden", "weight"), grads, grads64):
             assert_close(g, g64, dtype, f"grad {what}, chunk {chunk}", 2.0)
+
+
+def _dft_reference(hidden, weight, bias, labels, reduction, num_items):
+    """DFT written out: each token's cross-entropy times its probability exp(-ce), a constant (detached)."""
+    ce = F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=IGNORE, reduction="none")
+    rows = ce * torch.exp(-ce).detach()
+    if reduction == "none":
+        return rows
+    return rows.sum() / (num_items if num_items is not None else (labels != IGNORE).sum())
+
+
+@pytest.mark.parametrize("reduction, num_items, chunk", [("mean", None, 3), ("mean", 17, None), ("none", None, 4)])
+def test_fused_dft_weights_each_token_by_its_detached_probability(backend, reduction, num_items, chunk):
+    hidden = torch.randn(19, 32).requires_grad_()
+    weight = (torch.randn(300, 32) / 3).requires_grad_()  # logits of a few units: probabilities far from 0 and 1
+    bias = torch.randn(300).requires_grad_()
+    labels = _labels(19, 300)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, num_items_in_batch=num_items,
+                                      chunk_size=chunk, dft=True)
+    grad_out = torch.randn_like(loss) if loss.dim() else torch.tensor(0.6)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    loss64, grads64 = oracle(lambda h, w, b: _dft_reference(h, w, b, labels, reduction, num_items),
+                             (hidden, weight, bias), grad_out)
+    plain = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, num_items_in_batch=num_items)
+    assert (loss - plain).abs().max() > 0.1  # the weighting is not the plain loss
+    assert_close(loss, loss64, torch.float32, "loss", min_scale=1.0)
+    for name, g, g64 in zip("hwb", grads, grads64):
+        assert_close(g, g64, torch.float32, f"grad {name}")

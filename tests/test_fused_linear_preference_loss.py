@@ -131,3 +131,46 @@ def test_its_loss_names_are_the_configs():
     from lf.kernels.fused_linear_preference_loss import PAIRED, REFERENCE_FREE
 
     assert typing.get_args(PrefLoss) == PAIRED and typing.get_args(ReferenceFreeLoss) == REFERENCE_FREE
+
+
+def _ld_reference(hidden, weight, labels, reference, kind, alpha):
+    """LD-DPO written out reply by reply in float64: the first min(chosen, rejected) reply tokens count fully, the
+    rest alpha times; sigmoid over sums, ipo over means by the reply's whole length."""
+    logps = torch.log_softmax(hidden @ weight.T, -1)
+    pairs = labels.shape[0] // 2
+    values, counts = [], []
+    for row in range(labels.shape[0]):
+        positions = [t for t in range(labels.shape[1]) if labels[row, t] != -100]
+        other = (row + pairs) % (2 * pairs)
+        shared = min(len(positions), int((labels[other] != -100).sum()))
+        values.append(sum((1.0 if i < shared else alpha) * logps[row, t, labels[row, t]]
+                          for i, t in enumerate(positions)))
+        counts.append(len(positions))
+    policy = torch.stack(values)
+    ref = reference.double()
+    if kind == "ipo":
+        policy, ref = policy / torch.tensor(counts), ref / torch.tensor(counts)
+    margin = (policy[:pairs] - ref[:pairs]) - (policy[pairs:] - ref[pairs:])
+    losses = -torch.nn.functional.logsigmoid(BETA * margin) if kind == "sigmoid" else (margin - 1 / (2 * BETA)) ** 2
+    return losses.mean()
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_ld_alpha_weights_the_tokens_beyond_the_shorter_reply(backend, kind):
+    hidden, weight, labels, _ = _batch(6, 13, 301, 24, torch.float32, True, seed=3)
+    reference = -torch.rand(6, generator=torch.Generator().manual_seed(2)) * 10
+    lengths = (labels != -100).sum(-1)
+    assert (lengths[:3] != lengths[3:]).all()  # every pair has a tail to weight
+    out = fused_linear_preference_loss(hidden, weight, labels, kind, reference, beta=BETA, chunk_size=5,
+                                       ld_alpha=0.4)
+    grads = torch.autograd.grad(out.loss, (hidden, weight))
+    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    expected = _ld_reference(*leaves64, labels, reference, kind, 0.4)
+    grads64 = torch.autograd.grad(expected, leaves64)
+    assert_close(out.loss, expected, torch.float32, "loss", min_scale=1.0)
+    for name, g, g64 in zip(("hidden", "weight"), grads, grads64):
+        assert_close(g, g64, torch.float32, f"grad {name}")
+    plain = fused_linear_preference_loss(hidden, weight, labels, kind, reference, beta=BETA)
+    assert abs((plain.loss - out.loss).item()) > 1e-3  # the tails' weight changed the loss
+    one = fused_linear_preference_loss(hidden, weight, labels, kind, reference, beta=BETA, ld_alpha=1.0)
+    assert abs((plain.loss - one.loss).item()) < 1e-5  # ld_alpha 1 is plain dpo

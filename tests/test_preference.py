@@ -23,7 +23,7 @@ from lf.tiny import tiny_path
 from lf.train import run
 from lf.kernels.fused_linear_preference_loss import preference_loss
 from lf.model.logps import check_trl
-from lf.train.dpo import dpo_loss
+from lf.train.dpo import RewardBaseline, dpo_loss
 
 PAIRS = {"dataset": "lf_pref_demo", "max_samples": 4, "per_device_train_batch_size": 4}  # one batch, every step
 
@@ -213,6 +213,46 @@ def test_dpo_losses_equal_trls_on_the_same_log_probabilities(kind, ftx, smoothin
     assert metrics["rewards/accuracies"].shape == (5,)
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge"])
+def test_pref_bco_weight_mixes_trls_bco_pair_into_the_dpo_loss(kind):
+    """With delta 0, LLaMA-Factory's (dpo + w bco) / (1 + w) is TRL's loss_type [kind, bco_pair] with weights
+    1 / (1 + w) and w / (1 + w): TRL's own code is the reference. (With ipo, LLaMA-Factory's BCO term takes ipo's
+    per-token means, TRL's bco_pair the sums: lf follows LLaMA-Factory.)"""
+    w = 0.7
+    per_token, completion, ref_sums = _logps(pairs=5, equal_lengths=False, seed=3)
+    fin = FinetuningArguments(stage="dpo", pref_loss=kind, pref_beta=0.3, pref_bco_weight=w)
+    ours = dpo_loss(fin, per_token.sum(-1), completion.sum(-1), ref_sums, baseline=lambda mean: 0.0).loss
+    theirs = _trl_dpo([kind, "bco_pair"], [1 / (1 + w), w / (1 + w)], per_token, completion, ref_sums, 0.3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bco_delta_is_the_running_mean_of_the_batches_mean_rewards():
+    """RewardBaseline over three batches, and the loss's shift by delta, written out."""
+    beta, w = 0.3, 2.0
+    baseline = RewardBaseline()
+    fin = FinetuningArguments(stage="dpo", pref_beta=beta, pref_bco_weight=w)
+    batch_means, losses = [], []
+    for seed in range(3):
+        per_token, completion, ref_sums = _logps(pairs=4, equal_lengths=False, seed=seed)
+        sums = per_token.sum(-1)
+        losses.append(dpo_loss(fin, sums, completion.sum(-1), ref_sums, baseline=baseline).loss)
+        rewards = beta * (sums - ref_sums)
+        batch_means.append(float(rewards.mean()))
+        delta = sum(batch_means) / len(batch_means)  # this batch included
+        chosen, rejected = rewards.chunk(2)
+        sigmoid = -torch.nn.functional.logsigmoid(chosen - rejected)
+        bco = -torch.nn.functional.logsigmoid(chosen - delta) - torch.nn.functional.logsigmoid(delta - rejected)
+        torch.testing.assert_close(losses[-1], ((sigmoid + w * bco) / (1 + w)).mean(), rtol=1e-5, atol=1e-6)
+    assert baseline.count == 3 and abs(baseline.total / 3 - sum(batch_means) / 3) < 1e-6
+
+
+def test_pref_bco_weight_reaches_the_trainers_loss(tmp_path):
+    """First step: the policy is the reference, every reward 0 and so delta: dpo's loss is log 2, BCO's 2 log 2, and
+    with weight 1 the loss (log 2 + 2 log 2) / 2."""
+    train(tmp_path, stage="dpo", max_steps=1, pref_bco_weight=1.0)
+    assert losses(tmp_path)[0] == pytest.approx(1.5 * math.log(2), rel=1e-4)
+
+
 def test_the_fused_head_gives_the_logits_log_probabilities(tmp_path):
     """lf's patched tiny model under TRL's fused LM head: the log-probabilities of the full logits."""
     from trl.trainer.utils import add_fused_lm_head
@@ -262,6 +302,16 @@ def test_lf_and_trl_log_probabilities_train_the_same(tmp_path, kind):
     assert any(v.abs().sum() > 0 for k, v in ours.items() if "lora_B" in k)
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-6)
+    assert losses(tmp_path / "lf") == pytest.approx(losses(tmp_path / "trl"), rel=1e-4)
+
+
+def test_ld_alpha_reaches_the_dpo_loss_on_both_log_probability_sources(tmp_path):
+    """At the first step the policy is the reference: plain dpo's loss is log 2 exactly; LD-DPO weights the policy's
+    tails only (LLaMA-Factory), so it is not, and lf's fused op and TRL's head give the same training."""
+    same = {"stage": "dpo", "optim": "sgd", "learning_rate": 0.5, "max_steps": 2, "ld_alpha": 0.5}
+    train(tmp_path / "lf", **same)
+    train(tmp_path / "trl", use_lf_kernels=False, **same)
+    assert abs(losses(tmp_path / "lf")[0] - math.log(2)) > 1e-3
     assert losses(tmp_path / "lf") == pytest.approx(losses(tmp_path / "trl"), rel=1e-4)
 
 

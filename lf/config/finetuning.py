@@ -7,7 +7,8 @@ from typing import Literal
 
 from lf.config.model import QuantizationBit
 
-FinetuningType = Literal["full", "freeze", "lora"]
+FinetuningType = Literal["full", "freeze", "lora", "oft"]
+PEFT_TYPES = ("lora", "oft")  # the finetuning types that train PEFT adapters
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
@@ -54,11 +55,19 @@ class FinetuningArguments:
     pissa_iter: int = 16  # randomized SVD iterations; -1: exact SVD (slow on large weights)
     pissa_convert: bool = False  # saved adapter converted to apply to the original base model
     create_new_adapter: bool = False  # with adapter_name_or_path: train a new adapter over the merged ones
+    # oft (PEFT's OFT: each target's output rotated by a learned block-diagonal orthogonal matrix); give one of
+    # oft_rank (blocks per layer) and oft_block_size (their size), the other 0
+    oft_rank: int = 0
+    oft_block_size: int = 32
+    oft_target: str = "all"  # as lora_target
+    module_dropout: float = 0.0  # the chance a block is the identity in a training step (OFT's dropout)
     # dpo and kto: how better replies are preferred (lf.kernels.fused_linear_preference_loss has the formulas)
     pref_loss: PrefLoss = "sigmoid"  # sigmoid is DPO's; orpo and simpo need no reference model
     pref_beta: float = 0.1  # the loss's scale (DPO's beta: larger keeps the policy closer to the reference)
     pref_ftx: float = 0.0  # weight of an sft loss on the chosen replies, added to the preference loss
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen reply should win by
+    pref_bco_weight: float = 0.0  # dpo: the weight of BCO's loss mixed in, (dpo + w bco) / (1 + w) (0: none)
+    ld_alpha: float | None = None  # dpo: LD-DPO, the policy's tokens beyond the shorter reply's length count this much
     dpo_label_smoothing: float = 0.0  # sigmoid, simpo: the assumed chance that a pair is labelled the wrong way round
     ref_model: str | None = None  # the reference model; None: the model being trained, as it starts
     kto_chosen_weight: float = 1.0  # kto: weight of the desirable replies' loss
@@ -73,6 +82,9 @@ class FinetuningArguments:
     ppo_score_norm: bool = False  # scores normalised by the running mean and std of all scores so far
     ppo_target: float | None = 6.0  # the KL the adaptive coefficient steers to; null: a fixed coefficient 0.2
     ppo_whiten_rewards: bool = False  # rewards scaled to unit variance over a step's tokens before GAE
+    pure_bf16: bool = False  # weights and adapters in bf16, trained without autocast (bf16 and fp16 stay false)
+    compute_accuracy: bool = False  # sft: token accuracy (the logits' argmax against the labels) at evaluation
+    use_dft_loss: bool = False  # sft: each token's loss weighted by its (detached) probability (DFT)
     early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
     # optimizers other than the trainer's `optim` (lf.train.optimizers; LLaMA-Factory's keys and defaults); at most one
     use_galore: bool = False  # GaLore: Adam's moments kept for low-rank projections of the weight matrices' gradients

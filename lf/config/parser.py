@@ -298,10 +298,6 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
-    **{key: Unsupported("OFT adapters", None) for key in ("oft_rank", "oft_block_size", "oft_target",
-                                                          "module_dropout")},
-    "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
-    "ld_alpha": Unsupported("length-desensitised dpo (LD-DPO)", (None,)),
     "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
                                       "merge them into a model and name that in ref_model"),
     "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
@@ -311,9 +307,6 @@ UNSUPPORTED = types.MappingProxyType({
         "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
     "use_llama_pro": Unsupported("LLaMA Pro block expansion"),
     "use_mca": Unsupported("Megatron-Core training"),
-    "use_dft_loss": Unsupported("the DFT loss"),
-    "pure_bf16": Unsupported("bf16 weights trained without autocast"),
-    "compute_accuracy": Unsupported("token accuracy at evaluation"),
     # data
     "eval_num_beams": Unsupported("generation at evaluation", (None,)),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),
@@ -369,7 +362,7 @@ def _drop_export_keys(values: dict, where: dict[str, str], problems: list[str], 
 # ---- step 4: groups and types ------------------------------------------------------------------------------------
 
 # Comma-separated keys: a YAML list there is read as its items joined by commas (LLaMA-Factory takes both).
-_COMMA_LISTS = {"dataset", "eval_dataset", "lora_target", "additional_target", "freeze_trainable_modules",
+_COMMA_LISTS = {"dataset", "eval_dataset", "lora_target", "oft_target", "additional_target", "freeze_trainable_modules",
                 "freeze_extra_modules", "adapter_name_or_path", "add_tokens", "add_special_tokens", "interleave_probs"}
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from lf import stages
 from lf.config.data import DataArguments
-from lf.config.finetuning import APOLLO_OPTIMS, GALORE_CLASSES, OPTIMIZER_KEYS, FinetuningArguments, ReferenceFreeLoss
+from lf.config.finetuning import (APOLLO_OPTIMS, GALORE_CLASSES, OPTIMIZER_KEYS, PEFT_TYPES, FinetuningArguments,
+                                  ReferenceFreeLoss)
 from lf.config.generation import GeneratingArguments
 from lf.config.model import QUANTIZATION_BITS, QUANTIZATION_REFUSED, ModelArguments
 from lf.errors import ConfigError, did_you_mean
@@ -171,6 +172,10 @@ RANGES = types.MappingProxyType({
     "lora_rank": ("finetuning", AT_LEAST_1, "the adapters' rank (8 to 64 is usual)"),
     "lora_alpha": ("finetuning", POSITIVE, "the adapters' scale, over the rank (remove it: 2 x lora_rank)"),
     "lora_dropout": ("finetuning", FRACTION, "the chance an adapter input is dropped in training (e.g. 0.05; 0: none)"),
+    "oft_rank": ("finetuning", AT_LEAST_0, "OFT's blocks per layer (0: sized by oft_block_size instead)"),
+    "oft_block_size": ("finetuning", AT_LEAST_0, "the size of OFT's blocks (32 is LLaMA-Factory's; 0: counted by "
+                                                 "oft_rank instead)"),
+    "module_dropout": ("finetuning", FRACTION, "the chance an OFT block is left out in a training step (0: none)"),
     "loraplus_lr_ratio": ("finetuning", POSITIVE, "how many times faster LoRA+ trains the B matrices (16 is usual; "
                                                   "remove it for plain LoRA)"),
     "loraplus_lr_embedding": ("finetuning", POSITIVE, "LoRA+'s learning rate for embedding adapters (1e-6 is usual)"),
@@ -189,6 +194,9 @@ RANGES = types.MappingProxyType({
                                            "would train away from them)"),
     "dpo_label_smoothing": ("finetuning", Interval(0, 0.5), "the chance a pair is labelled the wrong way round (0.5 "
                                                             "would say the labels carry nothing)"),
+    "pref_bco_weight": ("finetuning", AT_LEAST_0, "the weight of BCO's loss beside dpo's (0: none)"),
+    "ld_alpha": ("finetuning", Interval(0, 1, high_open=False), "LD-DPO's weight of the tokens beyond the shorter "
+                                                                "reply's length (1: plain dpo; remove it for none)"),
     "kto_chosen_weight": ("finetuning", POSITIVE, "the desirable replies' loss weight (1.0; raise the rarer kind's so "
                                                   "that weight x count is about even)"),
     "kto_rejected_weight": ("finetuning", POSITIVE, "the undesirable replies' loss weight (1.0; raise the rarer "
@@ -241,6 +249,22 @@ def _full_only(cfg) -> list[str]:
 
 def _optim(t) -> str:
     return str(getattr(t.optim, "value", t.optim))
+
+
+ADAPTER_NAMES = types.MappingProxyType({"lora": "LoRA", "oft": "OFT"})  # PEFT_TYPES, as written
+OFT_KEYS = ("oft_rank", "oft_block_size", "oft_target", "module_dropout")
+
+
+def _oft_options(cfg) -> list[str]:
+    """The OFT keys given away from their defaults."""
+    defaults = FinetuningArguments()
+    return [key for key in OFT_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
+def _oft_sizes_clash(f) -> bool:
+    """PEFT's OFT takes its blocks' count or their size, exactly one of them."""
+    both, neither = f.oft_rank > 0 and f.oft_block_size > 0, f.oft_rank == 0 and f.oft_block_size == 0
+    return f.finetuning_type == "oft" and (both or neither)  # (a negative one: its range rule says so)
 
 
 def _lora_only_options(cfg) -> list[str]:
@@ -334,6 +358,9 @@ RULES: tuple[Rule, ...] = (
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
          "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo, "
          "kto_pair) with it"),
+    Rule("bco_needs_reference", lambda c: _reads(c, "pref_bco_weight") and c.finetuning.pref_loss in REFERENCE_FREE,
+         "pref_bco_weight mixes BCO's loss, over log-ratios to the reference, into the dpo loss, but pref_loss: "
+         "{f.pref_loss} uses no reference: set pref_loss: sigmoid (hinge, ipo, kto_pair), or remove pref_bco_weight"),
     Rule("reward_model_adapters", lambda c: _stage(c, "value_head") and c.model.adapter_name_or_path is not None,
          "stage: {f.stage} puts a value head on the model, onto which lf cannot load adapters trained for generation "
          "yet: merge adapter_name_or_path into the model and name that in model_name_or_path"),
@@ -350,6 +377,13 @@ RULES: tuple[Rule, ...] = (
     Rule("lora_options_need_lora", lambda c: c.finetuning.finetuning_type != "lora" and bool(_lora_only_options(c)),
          lambda c: f"{', '.join(_lora_only_options(c))} shape(s) LoRA adapters, but finetuning_type is "
                    f"{show(c.finetuning.finetuning_type)}: set finetuning_type: lora, or remove them"),
+    Rule("oft_options_need_oft", lambda c: c.finetuning.finetuning_type != "oft" and bool(_oft_options(c)),
+         lambda c: f"{', '.join(_oft_options(c))} shape(s) OFT adapters, but finetuning_type is "
+                   f"{show(c.finetuning.finetuning_type)}: set finetuning_type: oft, or remove them"),
+    Rule("oft_rank_or_block_size", lambda c: _oft_sizes_clash(c.finetuning),
+         "oft_rank: {f.oft_rank} and oft_block_size: {f.oft_block_size}: OFT's blocks are given by their count or "
+         "their size, exactly one: set the other to 0 (oft_rank: 0 with oft_block_size: 32 is LLaMA-Factory's "
+         "default)"),
     Rule("pissa_convert_needs_init", lambda c: c.finetuning.pissa_convert and not c.finetuning.pissa_init,
          "pissa_convert converts a PiSSA adapter, but pissa_init is false: set pissa_init: true, or remove "
          "pissa_convert"),
@@ -362,9 +396,9 @@ RULES: tuple[Rule, ...] = (
          "early_stopping_steps counts evaluations that did not beat the best one, but load_best_model_at_end is "
          "false: set load_best_model_at_end: true with eval_strategy (and save_strategy) steps or epoch"),
     Rule("adapter_needs_lora",
-         lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type != "lora",
+         lambda c: c.model.adapter_name_or_path is not None and c.finetuning.finetuning_type not in PEFT_TYPES,
          "adapter_name_or_path loads LoRA adapters, but finetuning_type is {f.finetuning_type}: set "
-         "finetuning_type: lora (or merge the adapters into the model first and train that)"),
+         "finetuning_type: lora (or oft for OFT adapters; or merge the adapters into the model first and train that)"),
     Rule("scratch_with_adapter", lambda c: c.model.train_from_scratch and c.model.adapter_name_or_path is not None,
          "train_from_scratch starts from random weights, which adapter_name_or_path's adapters were not trained "
          "on: remove one of the two"),
@@ -413,6 +447,19 @@ RULES: tuple[Rule, ...] = (
     Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
          "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
          "false turns them off: remove one of the two"),
+    Rule("accuracy_needs_evaluation", lambda c: c.finetuning.compute_accuracy and not _evaluates(c.training),
+         "compute_accuracy: true measures token accuracy at evaluation, but evaluation is off: set do_eval: true "
+         "with val_size or eval_dataset (and eval_strategy: steps to measure during training), or remove "
+         "compute_accuracy"),
+    Rule("dft_needs_lf_kernels", lambda c: c.finetuning.use_dft_loss and not c.model.use_lf_kernels,
+         "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
+         "remove one of the two"),
+    Rule("pure_bf16_without_amp", lambda c: c.finetuning.pure_bf16 and (c.training.bf16 or c.training.fp16),
+         lambda c: f"pure_bf16: true trains the bf16 weights as they are, without autocast, but "
+                   f"{'bf16' if c.training.bf16 else 'fp16'}: true turns autocast on: remove one of the two"),
+    Rule("pure_bf16_dtype", lambda c: c.finetuning.pure_bf16 and c.model.infer_dtype not in ("auto", "bfloat16"),
+         "pure_bf16: true loads the weights in bfloat16, but infer_dtype is {m.infer_dtype}: remove infer_dtype (or "
+         "set it to bfloat16), or remove pure_bf16"),
     Rule("fp16_and_bf16", lambda c: c.training.fp16 and c.training.bf16,
          "fp16 and bf16 are both true: choose one (bf16 where the GPU has it: Ampere or newer; else fp16)"),
     Rule("train_needs_data",
@@ -439,9 +486,10 @@ RULES: tuple[Rule, ...] = (
     Rule("optimizer_not_in_ppo", lambda c: c.finetuning.stage == "ppo" and bool(_optimizers(c)),
          lambda c: f"{_optimizers(c)[0]}: true, but stage: ppo steps the policy and value head with its own AdamW: "
                    "remove it"),
-    Rule("optimizer_not_with_lora", lambda c: c.finetuning.finetuning_type == "lora" and bool(_full_only(c)),
-         lambda c: f"{_full_only(c)[0]} trains whole weight matrices, not LoRA adapters: set finetuning_type: full "
-                   "(or freeze), or remove it"),
+    Rule("optimizer_not_with_lora", lambda c: c.finetuning.finetuning_type in PEFT_TYPES and bool(_full_only(c)),
+         lambda c: f"{_full_only(c)[0]} trains whole weight matrices, not "
+                   f"{ADAPTER_NAMES[c.finetuning.finetuning_type]} adapters: set finetuning_type: full (or freeze), "
+                   "or remove it"),
     Rule("galore_optim", lambda c: c.finetuning.use_galore and _optim(c.training) not in GALORE_CLASSES,
          lambda c: f"use_galore: true with optim: {_optim(c.training)}: GaLore comes in the AdamW, 8-bit AdamW and "
                    f"Adafactor kinds: set optim to one of {', '.join(GALORE_CLASSES)}"),

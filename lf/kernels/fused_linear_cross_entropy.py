@@ -105,10 +105,11 @@ def _matmuls_for(weight: torch.Tensor, bias: torch.Tensor | None) -> _Matmuls:
     return (_Fp32Blocks if matmul_in_fp32(weight) else _Matmuls)(weight, bias)
 
 
-def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale, row_weight, chunk,
+def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, scale, row_weight, chunk,
            need_hidden, need_weight, need_bias):
     """One pass over the tokens in chunks: per-token fp32 losses and, as asked, the gradients of hidden,
-    weight and bias, each token's gradient scaled by ``scale`` (and by ``row_weight`` when given)."""
+    weight and bias, each token's gradient scaled by ``scale`` (and by ``row_weight`` when given). ``dft``: each
+    token's loss and gradient times exp(-its loss), its probability, as a constant (DFT)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     valid = labels != ignore_index
     kept = None if bool(valid.all()) else valid.nonzero()[:, 0]  # ignored tokens take no part
@@ -132,6 +133,9 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
         z = logits[: end - begin]
         matmuls.logits(h, z)
         loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
+        factor = torch.exp(-loss) if dft else None  # the token's probability (DFT's weight)
+        if dft:
+            loss = loss * factor
         if rows is None:
             losses[begin:end] = loss
         else:
@@ -140,7 +144,9 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
             continue
         if row_weight is not None:
             w_rows = row_weight[begin:end] if rows is None else row_weight.index_select(0, rows)
-            z.mul_(w_rows[:, None].to(z.dtype))
+            factor = w_rows if factor is None else factor * w_rows
+        if factor is not None:
+            z.mul_(factor[:, None].to(z.dtype))
         d_h = matmuls.backward(z, h, d_weight, need_hidden)
         if need_hidden:
             if rows is None:
@@ -155,13 +161,13 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
 
 @torch.library.custom_op("lf::fused_linear_cross_entropy", mutates_args=())
 def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-          ignore_index: int, smoothing: float, softcap: float, z_loss: float, reduction: int,
+          ignore_index: int, smoothing: float, softcap: float, z_loss: float, dft: bool, reduction: int,
           num_items: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], chunk: int, need_hidden: bool,
           need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = []
 
     def rows(scale):
-        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, scale,
+        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, scale,
                                 row_weight, chunk, need_hidden, need_weight, need_bias)
         grads.extend(found)
         return losses
@@ -172,7 +178,7 @@ def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 @_flce.register_fake
-def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items, row_weight,
+def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, reduction, num_items, row_weight,
       chunk, need_hidden, need_weight, need_bias):
     return (fake_loss(hidden.shape[0], reduction, hidden),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
@@ -182,10 +188,10 @@ def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, re
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, reduction, num_items,
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, reduction, num_items,
                 chunk):
         need = tuple(ctx.needs_input_grad[:3])
-        options = (ignore_index, smoothing, softcap, z_loss)
+        options = (ignore_index, smoothing, softcap, z_loss, dft)
         ctx.options, ctx.chunk, ctx.need, ctx.per_row = options, chunk, need, reduction == NONE
         # Per-token losses: a token's hidden gradient is its incoming gradient times the one computed here, but the
         # weight's and bias's sum over tokens, so those are computed in backward (a frozen head, as under LoRA, is
@@ -210,20 +216,22 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grads = scale_saved_grads(ctx, grad_out, per_row=ctx.per_row)
         grads = [g if wanted else None for g, wanted in zip(grads, ctx.need)]
-        return *grads, *[None] * 8
+        return *grads, *[None] * 9
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                                z_loss: float = 0.0, num_items_in_batch=None,
-                               chunk_size: int | None = None) -> torch.Tensor:
+                               chunk_size: int | None = None, dft: bool = False) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
 
     ``hidden`` is (..., H), ``weight`` (V, H) as ``nn.Linear`` stores it, ``labels`` (...) already aligned
     with ``hidden`` (for a causal LM, shift them by one first); the options are
     :func:`lf.kernels.cross_entropy`'s, with the same meaning (float32 loss; ``num_items_in_batch`` as in
-    transformers; a batch without label tokens gives loss 0 and zero gradients, not NaN).
+    transformers; a batch without label tokens gives loss 0 and zero gradients, not NaN). ``dft``: Dynamic
+    Fine-Tuning's loss (LLaMA-Factory's use_dft_loss): each token's loss times its probability exp(-loss), a
+    constant to the gradient (so each token's gradient is scaled by it too), reduced as asked.
 
     Memory: beyond the gradients themselves (of hidden, weight and bias, which the forward pass computes and
     the backward pass scales by the incoming gradient), one chunk of ``chunk_size`` tokens' logits exists at a
@@ -258,6 +266,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     logits_size = 4 if matmul_in_fp32(weight) else hidden.element_size()
     chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], logits_size)
     loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index,
-                                                 float(label_smoothing), cap, float(z_loss), reduction_code,
+                                                 float(label_smoothing), cap, float(z_loss), bool(dft), reduction_code,
                                                  num_items, chunk)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss

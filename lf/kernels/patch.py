@@ -20,7 +20,8 @@ says why. Adding a family is one entry there. The kinds:
 - ``fused_linear_cross_entropy``: in training with labels, the causal LM's loss comes from
   :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None; a
   family that scales its logits, Granite, Cohere, Falcon-H1, has the hidden states scaled instead);
-  otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs;
+  otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs; the keyword ``lf_dft_loss=True``
+  makes the fused loss DFT's (each token's loss weighted by its detached probability);
 - ``cross_entropy`` (off unless asked): reported, not patched: the loss already needs no logits;
 - ``packed_attention``: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which
   runs neat-packed rows example by example and leaves every other batch to SDPA;
@@ -340,6 +341,7 @@ def _rope_keeping_dtype(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
+DFT_LOSS = "lf_dft_loss"  # a forward keyword: the fused loss is DFT's (lf.train.trainer passes it for use_dft_loss)
 _ROPE_FORWARDS: dict[type, Callable] = {}  # attention class -> its forward reading lf's RoPE
 
 
@@ -371,9 +373,13 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
                      skip_logits=skip_logits)
         named.update(zip(list(inspect.signature(self._lf_hf_forward).parameters)[1:], args))
         return _causal_lm_forward(self, input_ids, **named, **kwargs)
+    dft = kwargs.pop(DFT_LOSS, False)
     if skip_logits is None:
         skip_logits = self.training and labels is not None
     if not skip_logits or type(self.lm_head) is not nn.Linear:  # e.g. an adapter on the head: HF's path
+        if dft:
+            raise KernelInputError(f"{DFT_LOSS}=True needs lf's fused loss, which this forward cannot take (logits "
+                                   f"asked for, or an lm_head that is not a plain nn.Linear, e.g. with an adapter)")
         return self._lf_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
@@ -394,12 +400,19 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
                                       bias=self.lm_head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                      softcap=getattr(self.config.get_text_config(), "final_logit_softcapping", None))
+                                      softcap=getattr(self.config.get_text_config(), "final_logit_softcapping", None),
+                                      dft=dft)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out.to_tuple() if return_dict is False else out
+
+
+def fused_loss_on(model: nn.Module) -> bool:
+    """Whether `model` (or the model inside a PEFT wrapper) computes its training loss with lf's fused op."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.forward, "__func__", None) is _causal_lm_forward
 
 
 # generate() refuses model_kwargs that its model's forward signature does not name: the media inputs a multimodal

@@ -1,4 +1,4 @@
-"""Which parameters train: all (full), some decoder layers (freeze) or LoRA adapters (peft); loading saved
+"""Which parameters train: all (full), some decoder layers (freeze) or LoRA or OFT adapters (peft); loading saved
 adapters; and the parameter counts that say so.
 
 A vision-language model (one lf.data.mm_plugins names) has three parts, each frozen or not by a key:
@@ -8,8 +8,9 @@ the chosen decoder layers of the language model and the other parts not frozen; 
 layers of the language model and, when it is not frozen, of the vision tower (`lora_target` names filtered the
 same way), and trains an unfrozen projector whole beside them.
 
-Dtypes of what trains: LoRA weights are float32 whatever the model's dtype (peft's autocast_adapter_dtype: they
-are tiny, and peft casts their inputs, so they train with or without autocast). Full and freeze keep the loaded
+Dtypes of what trains: LoRA (and OFT) weights are float32 whatever the model's dtype (peft's autocast_adapter_dtype:
+they are tiny, and peft casts their inputs, so they train with or without autocast), but bfloat16 with pure_bf16
+(LLaMA-Factory's: everything in bf16, no fp32 copy anywhere). Full and freeze keep the loaded
 dtype, as HF's Trainer expects (a bf16 model trains in pure bf16, with no fp32 copy of every weight), except
 float16, whose gradients the Trainer's GradScaler cannot unscale: trainable fp16 weights become float32.
 """
@@ -21,7 +22,7 @@ from typing import get_args
 import torch
 from torch import nn
 
-from lf.config.finetuning import FinetuningType
+from lf.config.finetuning import PEFT_TYPES, FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
 from lf.model import pissa
@@ -50,19 +51,20 @@ def attach(model, model_args, finetuning_args, *, is_trainable: bool) -> tuple[n
     if kind not in FINETUNING_TYPES:
         raise ModelError(f"finetuning_type: {kind!r} is not one of {', '.join(FINETUNING_TYPES)}")
     adapters = split_names(model_args.adapter_name_or_path)
-    if adapters and kind != "lora":
-        raise ModelError(f"adapter_name_or_path holds LoRA adapters; it needs finetuning_type: lora, not {kind}")
+    if adapters and kind not in PEFT_TYPES:
+        raise ModelError(f"adapter_name_or_path holds PEFT adapters; it needs finetuning_type: lora (or oft), not "
+                         f"{kind}")
     lines = []
     if adapters:
         model, lines = _load_adapters(model, adapters, finetuning_args, is_trainable=is_trainable)
     if not is_trainable:
         model.requires_grad_(False)
         return model, lines
-    if kind == "lora":
+    if kind in PEFT_TYPES:
         from peft import PeftModel
 
         if not isinstance(model, PeftModel):  # no loaded adapter to train further
-            model, line = _new_lora(model, finetuning_args, model_args.resize_vocab)
+            model, line = _new_adapter(model, finetuning_args, model_args.resize_vocab)
             lines.append(line)
     else:
         model.requires_grad_(kind == "full")
@@ -240,12 +242,16 @@ def _lora_targets(model, lora_target: str) -> list[str]:
     return targets
 
 
-def _new_lora(model, finetuning_args, resize_vocab: bool):
-    from peft import LoraConfig, TaskType, get_peft_model
+def _new_adapter(model, finetuning_args, resize_vocab: bool):
+    """A fresh LoRA or OFT adapter (finetuning_type) on the chosen linear layers, with the modules that train
+    whole beside it; returns the PEFT model and a line saying what trains."""
+    from peft import TaskType, get_peft_model
 
+    kind = finetuning_args.finetuning_type
+    target = finetuning_args.oft_target if kind == "oft" else finetuning_args.lora_target
     plugin, frozen = _frozen_parts(model, finetuning_args)
-    targets = (_mm_lora_targets(model, finetuning_args.lora_target, plugin, frozen) if plugin is not None
-               else _lora_targets(model, finetuning_args.lora_target))
+    targets = (_mm_lora_targets(model, target, plugin, frozen) if plugin is not None
+               else _lora_targets(model, target))
     saved = split_names(finetuning_args.additional_target)
     if plugin is not None and "freeze_multi_modal_projector" not in frozen:
         saved += [part for part in plugin.projector if part not in saved]
@@ -254,20 +260,38 @@ def _new_lora(model, finetuning_args, resize_vocab: bool):
     reward = value_head(model) is not None
     if reward and "score" not in saved:
         saved.append("score")
-    alpha = finetuning_args.lora_alpha or 2 * finetuning_args.lora_rank
     task = TaskType.SEQ_CLS if reward else TaskType.CAUSAL_LM  # peft saves a SEQ_CLS model's score with the adapter
+    # a copy of the list: peft adds to a SEQ_CLS one
+    config, what = (_oft if kind == "oft" else _lora)(finetuning_args, task, targets, list(saved) or None)
+    model = get_peft_model(model, config, autocast_adapter_dtype=not finetuning_args.pure_bf16)
+    shown = sorted({_leaf(t) for t in targets}) if plugin is not None else targets  # full paths: too many to list
+    return model, (f"{what} on {', '.join(shown)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved
+                                                      else ""))
+
+
+def _lora(finetuning_args, task, targets, saved):
+    from peft import LoraConfig
+
+    alpha = finetuning_args.lora_alpha or 2 * finetuning_args.lora_rank
     config = LoraConfig(task_type=task, r=finetuning_args.lora_rank, lora_alpha=alpha,
                         lora_dropout=finetuning_args.lora_dropout, target_modules=targets,
                         use_rslora=finetuning_args.use_rslora, use_dora=finetuning_args.use_dora,
-                        init_lora_weights=pissa.init_lora_weights(finetuning_args),
-                        modules_to_save=list(saved) or None)  # a copy: peft adds to a SEQ_CLS list
-    model = get_peft_model(model, config)
+                        init_lora_weights=pissa.init_lora_weights(finetuning_args), modules_to_save=saved)
     flavour = "".join(name for name, on in ((" rsLoRA", finetuning_args.use_rslora),
                                             (" DoRA", finetuning_args.use_dora),
                                             (" PiSSA", finetuning_args.pissa_init)) if on)
-    shown = sorted({_leaf(t) for t in targets}) if plugin is not None else targets  # full paths: too many to list
-    return model, (f"LoRA{flavour} r={config.r} alpha={alpha:g} dropout={config.lora_dropout:g} on "
-                   f"{', '.join(shown)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved else ""))
+    return config, f"LoRA{flavour} r={config.r} alpha={alpha:g} dropout={config.lora_dropout:g}"
+
+
+def _oft(finetuning_args, task, targets, saved):
+    """PEFT's OFT with LLaMA-Factory's keys: r = oft_rank blocks or blocks of oft_block_size (one of them 0)."""
+    from peft import OFTConfig
+
+    f = finetuning_args
+    config = OFTConfig(task_type=task, r=f.oft_rank, oft_block_size=f.oft_block_size,
+                       module_dropout=f.module_dropout, target_modules=targets, modules_to_save=saved)
+    size = f"r={f.oft_rank}" if f.oft_rank else f"block size {f.oft_block_size}"
+    return config, f"OFT {size} module_dropout={f.module_dropout:g}"
 
 
 def _load_adapters(model, paths: list[str], finetuning_args, *, is_trainable: bool):

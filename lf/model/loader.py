@@ -80,7 +80,7 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     rope = apply_rope_scaling(config, model_args.rope_scaling, cutoff_len)
-    dtype, dtype_line = choose_dtype(model_args.infer_dtype)
+    dtype, dtype_line = choose_dtype(model_args.infer_dtype, getattr(finetuning_args, "pure_bf16", False))
     attention, attention_line = choose_attention(model_args.flash_attn, dtype)
     quant = quantization(model_args, finetuning_args, config, dtype, is_trainable=is_trainable)
     value_head = stages.get(getattr(finetuning_args, "stage", "sft")).value_head

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lf.errors import ModelError, TrainError
-from lf.kernels.fused_linear_preference_loss import PreferenceLoss, preference_loss, sequence_logps
+from lf.kernels.fused_linear_preference_loss import PreferenceLoss, ld_weights, preference_loss, sequence_logps
 from lf.labels import IGNORE_INDEX
 
 TESTED_TRL = ("1.16", "1.17")  # from, up to (excluded): add_fused_lm_head's call and output as lf uses them
@@ -64,16 +64,17 @@ def choose(model, model_args, stage: str) -> tuple[SequenceLogps, str]:
 
 
 def policy_loss(model, ids, mask, labels, kind: str, reference, fused: bool, unwrapped=None, media=None,
-                **options) -> PreferenceLoss:
+                ld_alpha: float | None = None, **options) -> PreferenceLoss:
     """The preference loss `kind` of the policy `model` over these sequences: through lf's
-    fused_linear_preference_loss (`fused`) or TRL's fused head. `unwrapped`: the model inside DDP's wrapper."""
+    fused_linear_preference_loss (`fused`) or TRL's fused head. `unwrapped`: the model inside DDP's wrapper;
+    `ld_alpha`: LD-DPO's weight of the tokens beyond the shorter reply's length."""
     if fused:
         from lf.kernels.fused_linear_preference_loss import fused_linear_preference_loss
 
         hidden, head, softcap = _last_hidden(model, ids, mask, unwrapped or model, media)
         return fused_linear_preference_loss(hidden[:, :-1], head.weight, labels[:, 1:], kind, reference, head.bias,
-                                            softcap=softcap, **options)
-    return preference_loss(kind, *trl_logps(model, ids, mask, labels, media), reference, **options)
+                                            softcap=softcap, ld_alpha=ld_alpha, **options)
+    return preference_loss(kind, *trl_logps(model, ids, mask, labels, media, ld_alpha), reference, **options)
 
 
 def reply_logps(model, ids, mask, labels, fused: bool, unwrapped=None, media=None) -> torch.Tensor:
@@ -84,12 +85,14 @@ def reply_logps(model, ids, mask, labels, fused: bool, unwrapped=None, media=Non
     return sequence_logps(hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap=softcap)[0]
 
 
-def trl_logps(model, ids, mask, labels, media=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log-probability of its labelled tokens (TRL's fused head: zero elsewhere), and
-    their count."""
+def trl_logps(model, ids, mask, labels, media=None, ld_alpha=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of its labelled tokens (TRL's fused head: zero elsewhere; weighted
+    by ld_weights when `ld_alpha`), and their count."""
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False,
                 **(media or {}))
-    return out.log_probs.sum(-1), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    shifted = labels[:, 1:]
+    per_token = out.log_probs if ld_alpha is None else out.log_probs * ld_weights(shifted, ld_alpha)
+    return per_token.sum(-1), (shifted != IGNORE_INDEX).sum(-1)
 
 
 def _last_hidden(model, ids, mask, unwrapped, media=None):

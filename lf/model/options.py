@@ -23,8 +23,10 @@ DEFAULT_ROPE_FACTOR = 2.0  # without cutoff_len (inference) and no factor in the
 LLAMA3_FREQ_FACTORS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's published values
 
 
-def choose_dtype(infer_dtype: str) -> tuple[torch.dtype, str]:
-    """The dtype the weights load in, and why."""
+def choose_dtype(infer_dtype: str, pure_bf16: bool = False) -> tuple[torch.dtype, str]:
+    """The dtype the weights load in, and why (pure_bf16: bfloat16, whatever the device prefers)."""
+    if pure_bf16:
+        return torch.bfloat16, "dtype bfloat16 (pure_bf16: weights, adapters included, train in bf16 without autocast)"
     if infer_dtype in DTYPES:
         return DTYPES[infer_dtype], f"dtype {infer_dtype} (infer_dtype: {infer_dtype})"
     if infer_dtype != "auto":

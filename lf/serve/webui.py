@@ -42,7 +42,7 @@ import yaml
 
 from lf.config import parse_infer_args, parse_train_args
 from lf.config.export import GgufType
-from lf.config.finetuning import FinetuningType
+from lf.config.finetuning import PEFT_TYPES, FinetuningType
 from lf.config.generation import GeneratingArguments
 from lf.config.model import Dtype
 from lf import stages
@@ -278,9 +278,9 @@ class Run:
                 f"{self.log_path}")
 
     def trained_model(self) -> tuple[str, str, str]:
-        """What the Chat and Export tabs load after this run: model, adapter (LoRA only) and template."""
+        """What the Chat and Export tabs load after this run: model, adapter (LoRA or OFT) and template."""
         c = self.config
-        if c.get("finetuning_type", "lora") == "lora":
+        if c.get("finetuning_type", "lora") in PEFT_TYPES:
             return c["model_name_or_path"], c["output_dir"], c.get("template", "")
         return c["output_dir"], "", c.get("template", "")
 

@@ -32,7 +32,8 @@ log = logging.getLogger("lf")
 def loss_options(fin) -> dict:
     """fused_linear_preference_loss's options from the finetuning group."""
     return dict(beta=fin.pref_beta, gamma=fin.simpo_gamma, label_smoothing=fin.dpo_label_smoothing, ftx=fin.pref_ftx,
-                desirable_weight=fin.kto_chosen_weight, undesirable_weight=fin.kto_rejected_weight)
+                desirable_weight=fin.kto_chosen_weight, undesirable_weight=fin.kto_rejected_weight,
+                bco_weight=fin.pref_bco_weight)
 
 
 def pairs(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
