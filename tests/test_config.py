@@ -5,6 +5,7 @@ import logging
 import math
 import types
 import typing
+from pathlib import Path
 
 import pytest
 import transformers.training_args
@@ -15,6 +16,7 @@ from lf.config.rules import RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
 
+REPO = Path(__file__).resolve().parent.parent
 # Like LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, bf16 off: this machine has no bf16 GPU.
 LLAMA3_LORA_SFT = """\
 ### model
@@ -227,7 +229,6 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize("key, value, feature", [
     ("use_unsloth", True, "Unsloth's patched training"),
-    ("use_llama_pro", True, "LLaMA Pro block expansion"),
     ("use_mca", True, "Megatron-Core training"),
     ("shift_attn", True, "LongLoRA's shifted sparse attention"),
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
@@ -387,6 +388,25 @@ RULE_CASES = {
                                       "gradients cannot be accumulated: set gradient_accumulation_steps: 1"),
     "apollo_layerwise_accumulation": ({"finetuning_type": "full", "use_apollo": True, "apollo_layerwise": True,
                                        "gradient_accumulation_steps": 4}, "apollo_layerwise: true steps each weight"),
+    # (overrides, message, environment): WORLD_SIZE=2 is what torchrun sets in each of two processes
+    "galore_layerwise_distributed": ({"finetuning_type": "full", "use_galore": True, "galore_layerwise": True},
+                                     "galore_layerwise: true steps each weight in its own gradient hook, before the "
+                                     "processes have averaged the gradients", {"WORLD_SIZE": "2"}),
+    "apollo_layerwise_distributed": ({"finetuning_type": "full", "use_apollo": True, "apollo_layerwise": True},
+                                     "apollo_layerwise: true steps each weight", {"WORLD_SIZE": "2"}),
+    "projected_optimizer_deepspeed": ({"finetuning_type": "full", "use_apollo": True,
+                                       "deepspeed": str(REPO / "configs/deepspeed/ds_z2.json")},
+                                      "use_apollo: true with deepspeed: DeepSpeed gives the optimizer flattened "
+                                      "shards of the weights"),
+    "badam_ratio_distributed": ({"finetuning_type": "full", "use_badam": True, "badam_mode": "ratio",
+                                 "deepspeed": str(REPO / "configs/deepspeed/ds_z3.json")},
+                                "badam_mode: ratio runs in one process only", {"WORLD_SIZE": "2"}),
+    "badam_layer_needs_zero3": ({"finetuning_type": "full", "use_badam": True,
+                                 "deepspeed": str(REPO / "configs/deepspeed/ds_z2.json")},
+                                "use_badam: true (badam_mode: layer) in several processes (WORLD_SIZE > 1) runs "
+                                "under DeepSpeed ZeRO-3 only", {"WORLD_SIZE": "2"}),
+    "llama_pro_not_full": ({"finetuning_type": "full", "use_llama_pro": True},
+                           "use_llama_pro: true trains the blocks `lf expand` added, but finetuning_type: full"),
     "galore_proj_type_choice": ({"galore_proj_type": "up"}, "galore_proj_type: up is not one of std, reverse_std, "
                                                             "right, left, full."),
     "apollo_proj_choice": ({"apollo_proj": "qr"}, "apollo_proj: qr is not one of svd, random."),
@@ -450,8 +470,10 @@ def test_numbers_at_the_edges_of_their_ranges_pass():
 
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
-def test_each_rule_refuses_its_case_alone(name):
-    overrides, expected = RULE_CASES[name]
+def test_each_rule_refuses_its_case_alone(name, monkeypatch):
+    overrides, expected, *environment = RULE_CASES[name]
+    for key, value in (environment or [{}])[0].items():
+        monkeypatch.setenv(key, value)
     message = refused({**BASE, **overrides})
     assert expected in message
     assert "problems" not in message  # this rule alone

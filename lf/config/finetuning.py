@@ -35,6 +35,9 @@ class FinetuningArguments:
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
     freeze_extra_modules: str | None = None  # modules outside the layers that train too (e.g. embed_tokens)
+    # LLaMA Pro (lf.model.llama_pro): only the blocks `lf expand` added train (freeze), or take LoRA adapters (lora);
+    # freeze_trainable_layers is then the number of blocks added
+    use_llama_pro: bool = False
     # vision-language models: which parts may train (lf.data.mm_plugins names each family's parts)
     freeze_vision_tower: bool = True
     freeze_multi_modal_projector: bool = True

@@ -309,7 +309,6 @@ UNSUPPORTED = types.MappingProxyType({
     **{key: Unsupported("SwanLab tracking", None) for key in
        ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
         "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
-    "use_llama_pro": Unsupported("LLaMA Pro block expansion"),
     "use_mca": Unsupported("Megatron-Core training"),
     "use_dft_loss": Unsupported("the DFT loss"),
     "pure_bf16": Unsupported("bf16 weights trained without autocast"),

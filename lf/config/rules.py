@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -226,6 +227,25 @@ def _full_only(cfg) -> list[str]:
     return [key for key in _optimizers(cfg) if key in ("use_galore", "use_apollo", "use_badam")]
 
 
+def _distributed() -> bool:
+    """Several processes train (torchrun, or lf train with NPROC_PER_NODE, sets WORLD_SIZE in each)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _zero_stage(t) -> int | None:
+    """The ZeRO stage of the `deepspeed` config (a JSON file or a mapping); None without DeepSpeed."""
+    if not t.deepspeed:
+        return None
+    config = t.deepspeed
+    if not isinstance(config, dict):
+        try:
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return 0  # transformers names the unreadable file when it loads it
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def _optim(t) -> str:
     return str(getattr(t.optim, "value", t.optim))
 
@@ -415,6 +435,28 @@ RULES: tuple[Rule, ...] = (
            f"{name}_layerwise: true steps each weight as soon as its gradient is ready, so gradients cannot be "
            f"accumulated: set gradient_accumulation_steps: 1 (raise per_device_train_batch_size instead), or "
            f"{name}_layerwise: false") for name in LAYERWISE),
+    # LLaMA-Factory 0.9.5's limits of the optimizers in distributed training
+    *(Rule(f"{name}_layerwise_distributed", lambda c, name=name: getattr(c.finetuning, f"use_{name}")
+           and getattr(c.finetuning, f"{name}_layerwise") and _distributed(),
+           f"{name}_layerwise: true steps each weight in its own gradient hook, before the processes have averaged "
+           f"the gradients (WORLD_SIZE > 1): set {name}_layerwise: false, or train in one process")
+      for name in LAYERWISE),
+    Rule("projected_optimizer_deepspeed", lambda c: (c.finetuning.use_galore or c.finetuning.use_apollo)
+         and _zero_stage(c.training) is not None,
+         lambda c: f"{'use_galore' if c.finetuning.use_galore else 'use_apollo'}: true with deepspeed: DeepSpeed "
+                   "gives the optimizer flattened shards of the weights, not the matrices GaLore and APOLLO project: "
+                   "remove deepspeed (several processes train with plain DDP), or the optimizer"),
+    Rule("badam_ratio_distributed", lambda c: c.finetuning.use_badam and c.finetuning.badam_mode == "ratio"
+         and _distributed(),
+         "badam_mode: ratio runs in one process only, not in several (WORLD_SIZE > 1): set badam_mode: layer with "
+         "deepspeed: configs/deepspeed/ds_z3.json, or train in one process"),
+    Rule("badam_layer_needs_zero3", lambda c: c.finetuning.use_badam and c.finetuning.badam_mode == "layer"
+         and _distributed() and _zero_stage(c.training) != 3,
+         "use_badam: true (badam_mode: layer) in several processes (WORLD_SIZE > 1) runs under DeepSpeed ZeRO-3 "
+         "only: set deepspeed: configs/deepspeed/ds_z3.json, or train in one process"),
+    Rule("llama_pro_not_full", lambda c: c.finetuning.use_llama_pro and c.finetuning.finetuning_type == "full",
+         "use_llama_pro: true trains the blocks `lf expand` added, but finetuning_type: full trains every weight: "
+         "set finetuning_type: freeze (or lora), with freeze_trainable_layers: the num_expand of `lf expand`"),
     *(_in_range(key, *spec) for key, spec in RANGES.items()),
     Rule("finite_numbers", lambda c: bool(_not_finite(c)),
          lambda c: f"{', '.join(_not_finite(c))}: not a finite number: give a number (nan and inf are refused)"),

@@ -1,0 +1,97 @@
+"""LLaMA Pro: `lf expand` writes a model whose zeroed new blocks leave its outputs exactly as they were (logits and
+greedy generation with the KV cache), and use_llama_pro trains exactly those blocks (freeze) or puts LoRA adapters
+on them alone; a num_expand that does not divide the layers is refused in one line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lf import cli
+from lf.config.finetuning import FinetuningArguments
+from lf.config.model import ModelArguments
+from lf.errors import ModelError
+from lf.model import adapters
+from lf.tiny import tiny_path
+from tests.test_train import losses, lf_home, train  # noqa: F401 (lf_home: the module's LF_HOME fixture)
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory) -> Path:
+    """lf-tiny-llama (4 layers) expanded by 2: layers 2 and 5 are new."""
+    out = tmp_path_factory.mktemp("expanded")
+    assert cli.main(["expand", "--model_name_or_path", "lf-tiny-llama", "--output_dir", str(out),
+                     "--num_expand", "2"]) == 0
+    return out
+
+
+def load(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_expanded_model_computes_what_the_original_did(expanded):
+    original, grown = load(tiny_path("lf-tiny-llama")), load(expanded)
+    assert grown.config.num_hidden_layers == 6
+    tokens = torch.randint(0, original.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(grown(tokens).logits, original(tokens).logits)  # a zeroed block adds exactly 0
+        # the cache holds one entry per layer: each new layer has its own index
+        kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(grown.generate(tokens[:1], **kwargs), original.generate(tokens[:1], **kwargs))
+    old, new = original.model.layers, grown.model.layers
+    for i, source in enumerate([0, 1, 1, 2, 3, 3]):
+        for (name, a), b in zip(new[i].named_parameters(), old[source].parameters(), strict=True):
+            zeroed = i in (2, 5) and name.split(".")[1] in ("o_proj", "down_proj")
+            assert torch.equal(a, torch.zeros_like(b) if zeroed else b), (i, name)
+    assert AutoTokenizer.from_pretrained(expanded).get_vocab() == \
+        AutoTokenizer.from_pretrained(tiny_path("lf-tiny-llama")).get_vocab()
+
+
+def test_a_num_expand_that_does_not_divide_the_layers_is_refused(tmp_path, capsys):
+    code = cli.main(["expand", "--model_name_or_path", "lf-tiny-llama", "--output_dir", str(tmp_path / "out"),
+                     "--num_expand", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err
+    assert err.startswith("lf expand: num_expand: 3 does not divide the model's 4 decoder layers")
+    assert not (tmp_path / "out").exists()
+
+
+def trainable(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def attach(path, **finetuning):
+    model = load(path)
+    fin = FinetuningArguments(**{"use_llama_pro": True, "freeze_trainable_layers": 2, **finetuning})
+    return adapters.attach(model, ModelArguments(model_name_or_path=str(path)), fin, is_trainable=True)
+
+
+def test_freeze_trains_the_expanded_blocks_alone(expanded):
+    model, lines = attach(expanded, finetuning_type="freeze")
+    assert trainable(model) == {name for name, _ in model.named_parameters()
+                                if name.startswith(("model.layers.2.", "model.layers.5."))}
+    assert "the expanded (LLaMA Pro) decoder layers 2, 5" in lines[-1]
+
+
+def test_lora_goes_on_the_expanded_blocks_alone(expanded):
+    model, _ = attach(expanded, finetuning_type="lora", lora_target="q_proj,down_proj")
+    names = trainable(model)
+    assert len(names) == 8  # A and B of two modules in two layers
+    assert all(".layers.2." in n or ".layers.5." in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {"q_proj", "down_proj"}
+
+
+def test_freeze_trainable_layers_must_divide_the_layers(expanded):
+    with pytest.raises(ModelError, match="freeze_trainable_layers: 4 does not divide the model's 6 decoder layers"):
+        attach(expanded, finetuning_type="freeze", freeze_trainable_layers=4)
+
+
+def test_lf_train_changes_the_expanded_blocks_alone(expanded, tmp_path):
+    train(tmp_path, model_name_or_path=str(expanded), finetuning_type="freeze", freeze_trainable_layers=2,
+          use_llama_pro=True, max_samples=4, per_device_train_batch_size=4, cutoff_len=64, max_steps=3,
+          save_steps=100)
+    before, after = dict(load(expanded).named_parameters()), dict(load(tmp_path).named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if name.startswith(("model.layers.2.", "model.layers.5."))}
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
