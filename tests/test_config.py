@@ -317,6 +317,11 @@ RULE_CASES = {
                                       "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: ipo"),
     "simpo_gamma_needs_simpo": ({"stage": "dpo", "simpo_gamma": 1.0}, "simpo_gamma is the margin of the simpo loss, "
                                                                       "but pref_loss is sigmoid"),
+    "ref_model_options_need_ref_model": ({"stage": "kto", "ref_model_quantization_bit": 4},
+                                         "ref_model_quantization_bit shape(s) the reference model that ref_model "
+                                         "names, but ref_model is not set"),
+    "ref_model_quantization_bit_choice": ({"stage": "dpo", "ref_model": "saves/ref", "ref_model_quantization_bit": 2},
+                                          "ref_model_quantization_bit: 2 is not one of null, 4, 8"),
     "reference_free_loss": ({"stage": "dpo", "pref_loss": "simpo", "ref_model": "saves/ref"},
                             "pref_loss: simpo compares the trained model's replies with each other"),
     "reward_model_adapters": ({"stage": "rm", "adapter_name_or_path": "saves/sft"},

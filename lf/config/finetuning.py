@@ -64,6 +64,8 @@ class FinetuningArguments:
     simpo_gamma: float = 0.5  # simpo: the reward margin the chosen reply should win by
     dpo_label_smoothing: float = 0.0  # sigmoid, simpo: the assumed chance that a pair is labelled the wrong way round
     ref_model: str | None = None  # the reference model; None: the model being trained, as it starts
+    ref_model_adapters: str | None = None  # LoRA adapters merged into ref_model (comma-separated, in order)
+    ref_model_quantization_bit: QuantizationBit | None = None  # ref_model loaded in 4 or 8 bits (bitsandbytes)
     kto_chosen_weight: float = 1.0  # kto: weight of the desirable replies' loss
     kto_rejected_weight: float = 1.0  # kto: weight of the undesirable replies' loss
     # ppo (lf.train.ppo): each step scores replies the policy writes and trains on them

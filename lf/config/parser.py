@@ -302,9 +302,6 @@ UNSUPPORTED = types.MappingProxyType({
                                                           "module_dropout")},
     "pref_bco_weight": Unsupported("the BCO term of dpo", (0.0,)),
     "ld_alpha": Unsupported("length-desensitised dpo (LD-DPO)", (None,)),
-    "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
-                                      "merge them into a model and name that in ref_model"),
-    "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
     "use_swanlab": Unsupported("SwanLab tracking"),
     **{key: Unsupported("SwanLab tracking", None) for key in
        ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",

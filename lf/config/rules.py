@@ -72,6 +72,7 @@ def literal_values(annotation) -> tuple:
 # a Literal key -> what its choice message adds after the choices
 CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
                                        "reward_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
+                                       "ref_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
                                        "quantization_method": " (lf quantizes with bitsandbytes)"})
 
 
@@ -263,6 +264,10 @@ TRACKERS = types.MappingProxyType({"tensorboard": ("tensorboard", "tensorboardX"
                                    "trackio": ("trackio",)})
 
 
+def _ref_model_options(cfg) -> list[str]:
+    return [key for key in ("ref_model_adapters", "ref_model_quantization_bit") if getattr(cfg.finetuning, key)]
+
+
 def _stage(cfg, field: str) -> bool:
     """The config's stage record's `field` (False for a name that is no stage: stage_known says so)."""
     stage = stages.STAGES.get(cfg.finetuning.stage)
@@ -341,6 +346,10 @@ RULES: tuple[Rule, ...] = (
          "pref_loss: {f.pref_loss} compares the trained model's replies with each other and uses no reference "
          "model, but ref_model is {f.ref_model}: remove ref_model, or use pref_loss: sigmoid (hinge, ipo, "
          "kto_pair) with it"),
+    Rule("ref_model_options_need_ref_model", lambda c: c.finetuning.ref_model is None and bool(_ref_model_options(c)),
+         lambda c: f"{', '.join(_ref_model_options(c))} shape(s) the reference model that ref_model names, but "
+                   "ref_model is not set (the reference is the model being trained, as it starts): set ref_model, "
+                   "or remove them"),
     Rule("reward_model_adapters", lambda c: _stage(c, "value_head") and c.model.adapter_name_or_path is not None,
          "stage: {f.stage} puts a value head on the model, onto which lf cannot load adapters trained for generation "
          "yet: merge adapter_name_or_path into the model and name that in model_name_or_path"),
