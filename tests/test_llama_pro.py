@@ -14,6 +14,7 @@ from lf.config.model import ModelArguments
 from lf.errors import ModelError
 from lf.model import adapters
 from lf.tiny import tiny_path
+from tests.support import one_thread  # noqa: F401 (autouse: this module's runs on one thread)
 from tests.test_train import losses, lf_home, train  # noqa: F401 (lf_home: the module's LF_HOME fixture)
 
 
@@ -46,6 +47,27 @@ def test_expanded_model_computes_what_the_original_did(expanded):
             assert torch.equal(a, torch.zeros_like(b) if zeroed else b), (i, name)
     assert AutoTokenizer.from_pretrained(expanded).get_vocab() == \
         AutoTokenizer.from_pretrained(tiny_path("lf-tiny-llama")).get_vocab()
+
+
+def test_a_tied_qwen3_with_per_layer_attention_types_expands_exactly(tmp_path):
+    """Tied embeddings, q/k norms and config.layer_types (one entry per layer, which must follow the copies)."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "qwen3")
+    AutoTokenizer.from_pretrained(tiny_path("lf-tiny-llama")).save_pretrained(tmp_path / "qwen3")
+    assert cli.main(["expand", "--model_name_or_path", str(tmp_path / "qwen3"), "--output_dir",
+                     str(tmp_path / "pro"), "--num_expand", "2"]) == 0
+    original, grown = load(tmp_path / "qwen3"), load(tmp_path / "pro")
+    types = original.config.layer_types
+    assert grown.config.layer_types == [types[0], types[0], types[1], types[1]] and len(set(types)) == 2
+    assert grown.lm_head.weight is grown.model.embed_tokens.weight
+    tokens = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(grown(tokens).logits, original(tokens).logits)
 
 
 def test_a_num_expand_that_does_not_divide_the_layers_is_refused(tmp_path, capsys):

@@ -14,6 +14,7 @@ from lf.config.finetuning import FinetuningArguments
 from lf.errors import ConfigError
 from lf.tiny import TINY_MODELS
 from lf.train import optimizers, run
+from tests.support import one_thread  # noqa: F401 (autouse: this module's runs on one thread)
 
 REPO = Path(__file__).resolve().parent.parent
 
