@@ -12,7 +12,7 @@ import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
 from lf.config.parser import _owners
-from lf.config.rules import RANGES, show
+from lf.config.rules import NO_DEEPSPEED, RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
 
@@ -399,10 +399,10 @@ RULE_CASES = {
                                      "processes have averaged the gradients", {"WORLD_SIZE": "2"}),
     "apollo_layerwise_distributed": ({"finetuning_type": "full", "use_apollo": True, "apollo_layerwise": True},
                                      "apollo_layerwise: true steps each weight", {"WORLD_SIZE": "2"}),
-    "projected_optimizer_deepspeed": ({"finetuning_type": "full", "use_apollo": True,
-                                       "deepspeed": str(REPO / "configs/deepspeed/ds_z2.json")},
-                                      "use_apollo: true with deepspeed: DeepSpeed gives the optimizer flattened "
-                                      "shards of the weights"),
+    "optimizer_not_with_deepspeed": ({"finetuning_type": "full", "use_apollo": True,
+                                      "deepspeed": str(REPO / "configs/deepspeed/ds_z2.json")},
+                                     "use_apollo: true with deepspeed: DeepSpeed gives the optimizer flattened shards "
+                                     "of the weights, but APOLLO projects"),
     "badam_ratio_distributed": ({"finetuning_type": "full", "use_badam": True, "badam_mode": "ratio",
                                  "deepspeed": str(REPO / "configs/deepspeed/ds_z3.json")},
                                 "badam_mode: ratio runs in one process only", {"WORLD_SIZE": "2"}),
@@ -482,6 +482,14 @@ def test_each_rule_refuses_its_case_alone(name, monkeypatch):
     message = refused({**BASE, **overrides})
     assert expected in message
     assert "problems" not in message  # this rule alone
+
+
+@pytest.mark.parametrize("key", sorted(NO_DEEPSPEED))
+def test_each_optimizer_that_needs_whole_matrices_is_refused_with_deepspeed(key):
+    message = refused({**BASE, "finetuning_type": "full", key: True,
+                       "deepspeed": str(REPO / "configs/deepspeed/ds_z3.json")})
+    assert message == (f"{key}: true with deepspeed: DeepSpeed gives the optimizer flattened shards of the weights, "
+                       f"but {NO_DEEPSPEED[key]}: remove deepspeed (several processes train with plain DDP), or {key}")
 
 
 def test_rules_report_every_problem_at_once(example):

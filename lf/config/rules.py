@@ -247,6 +247,20 @@ def _zero_stage(t) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+# the optimizers that need whole weight matrices, which DeepSpeed's flattened shards are not: why (GaLore and APOLLO
+# as LLaMA-Factory 0.9.5 refuses them; Muon and Adam-mini measured: lf train with ds_z2.json, one process, CPU)
+NO_DEEPSPEED = types.MappingProxyType({
+    "use_galore": "GaLore projects each weight matrix's gradient",
+    "use_apollo": "APOLLO projects each weight matrix's gradient",
+    "use_muon": "Muon orthogonalises each weight matrix's update (torch's Muon stops at the first ZeRO-2 step)",
+    "use_adam_mini": "Adam-mini splits each weight by its attention heads and neurons (it stops at the first "
+                     "ZeRO-2 or ZeRO-3 step)"})
+
+
+def _no_deepspeed(cfg) -> list[str]:
+    return [key for key in NO_DEEPSPEED if getattr(cfg.finetuning, key)]
+
+
 def _optim(t) -> str:
     return str(getattr(t.optim, "value", t.optim))
 
@@ -450,11 +464,10 @@ RULES: tuple[Rule, ...] = (
            f"{name}_layerwise: true steps each weight in its own gradient hook, before the processes have averaged "
            f"the gradients (WORLD_SIZE > 1): set {name}_layerwise: false, or train in one process")
       for name in LAYERWISE),
-    Rule("projected_optimizer_deepspeed", lambda c: (c.finetuning.use_galore or c.finetuning.use_apollo)
-         and _zero_stage(c.training) is not None,
-         lambda c: f"{'use_galore' if c.finetuning.use_galore else 'use_apollo'}: true with deepspeed: DeepSpeed "
-                   "gives the optimizer flattened shards of the weights, not the matrices GaLore and APOLLO project: "
-                   "remove deepspeed (several processes train with plain DDP), or the optimizer"),
+    Rule("optimizer_not_with_deepspeed", lambda c: _zero_stage(c.training) is not None and bool(_no_deepspeed(c)),
+         lambda c: f"{_no_deepspeed(c)[0]}: true with deepspeed: DeepSpeed gives the optimizer flattened shards of "
+                   f"the weights, but {NO_DEEPSPEED[_no_deepspeed(c)[0]]}: remove deepspeed (several processes train "
+                   f"with plain DDP), or {_no_deepspeed(c)[0]}"),
     Rule("badam_ratio_distributed", lambda c: c.finetuning.use_badam and c.finetuning.badam_mode == "ratio"
          and _distributed(),
          "badam_mode: ratio runs in one process only, not in several (WORLD_SIZE > 1): set badam_mode: layer with "
