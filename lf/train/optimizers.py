@@ -152,7 +152,8 @@ def _badam(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
 def _resumable_blocks(block_optimizer: type) -> type:
     """badam.BlockOptimizer whose checkpoint holds where the block schedule stands. BAdam's own saves the Adam
     moments of the block in training only, so a resumed run would start over at the first block, with another
-    block's moments; this one saves the block in training, the next one and the step count beside them."""
+    block's moments; this one saves the block in training, the next one and the step count beside them. Under
+    ZeRO-3 DeepSpeed's optimizer wraps this one and checkpoints its own shards: BAdam's behaviour stays there."""
 
     class ResumableBlockOptimizer(block_optimizer):
         def __init__(self, **kwargs):
@@ -164,11 +165,15 @@ def _resumable_blocks(block_optimizer: type) -> type:
                         if block + self.active_modules == self.active_param_prefixs)
 
         def state_dict(self):
+            if self.ds_zero3_enabled:
+                return self.base_optimizer.state_dict()
             return {"adamw": self.base_optimizer.state_dict(), "global_step": self.global_step,
                     "active_block": self._active_block(), "next_block": self.current_block_idx,
                     "block_order": list(getattr(self, "block_order", []))}
 
         def load_state_dict(self, state_dict):
+            if self.ds_zero3_enabled:
+                return self.base_optimizer.load_state_dict(state_dict)
             self.current_block_idx = state_dict["active_block"]
             self.switch_trainable_params(verbose=0)  # that block's weights train again, from the loaded values
             self.current_block_idx, self.global_step = state_dict["next_block"], state_dict["global_step"]
