@@ -12,7 +12,7 @@ from lf import cli
 from lf.config.finetuning import FinetuningArguments
 from lf.config.model import ModelArguments
 from lf.errors import ModelError
-from lf.model import adapters
+from lf.model import adapters, llama_pro
 from lf.tiny import tiny_path
 from tests.support import one_thread  # noqa: F401 (autouse: this module's runs on one thread)
 from tests.test_train import losses, lf_home, train  # noqa: F401 (lf_home: the module's LF_HOME fixture)
@@ -68,6 +68,22 @@ def test_a_tied_qwen3_with_per_layer_attention_types_expands_exactly(tmp_path):
     tokens = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(grown(tokens).logits, original(tokens).logits)
+
+
+def test_a_model_whose_layers_differ_by_position_is_refused_in_one_line(tmp_path):
+    """Qwen2-MoE's decoder_sparse_step makes every other layer mixture-of-experts: copies would land on the wrong
+    kind of layer."""
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    AutoTokenizer.from_pretrained(tiny_path("lf-tiny-llama")).save_pretrained(tmp_path / "moe")
+    with pytest.raises(ModelError, match="lf expand: the expanded qwen2_moe model's layers do not take the copied "
+                                         "weights .*models whose layers differ by their position") as info:
+        llama_pro.expand(str(tmp_path / "moe"), str(tmp_path / "out"), 2)
+    assert "\n" not in str(info.value)
 
 
 def test_a_num_expand_that_does_not_divide_the_layers_is_refused(tmp_path, capsys):

@@ -125,7 +125,12 @@ def expand(model_name_or_path: str, output_dir: str, num_expand: int) -> list[in
     state = expand_state(model.state_dict(), num_layers, num_expand)
     with no_init_weights():  # every weight comes from `state`
         expanded = AutoModelForCausalLM.from_config(new_config, dtype=model.dtype)
-    expanded.load_state_dict(state, strict=True)
+    try:
+        expanded.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # layers built differently by their index (e.g. which ones are mixture-of-experts)
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:160]
+        raise ModelError(f"lf expand: the expanded {config.model_type} model's layers do not take the copied weights "
+                         f"({detail}): models whose layers differ by their position are not supported") from e
     expanded.generation_config = model.generation_config
     expanded.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
