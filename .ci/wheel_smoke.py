@@ -39,6 +39,7 @@ bench = subprocess.run([str(pathlib.Path(sys.executable).parent / "lf"), "bench"
 assert bench.returncode == 2 and "source tree" in bench.stderr, bench.stderr  # benchmarks are not in the wheel
 from lf.resources import shipped  # noqa: E402
 
-for name, probe in (("data", "dataset_info.json"), ("evaluation", "lf_mc_demo/mapping.json")):
+for name, probe in (("data", "dataset_info.json"), ("evaluation", "lf_mc_demo/mapping.json"),
+                    ("evaluation", "lf_mmlu_demo/lf_mmlu_demo.zip"), ("evaluation", "lf_ceval_demo/mapping.json")):
     assert (shipped(name) / probe).is_file() and installed.parent in shipped(name).parents, f"{name}/ not in the wheel"
 print(f"wheel OK: lf {lf.__version__} from {installed.parent}, CPU kernels {_C.isa()}")

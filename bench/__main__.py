@@ -4,7 +4,8 @@ forward+backward time, peak memory, and lf's bandwidth (and FLOP/s) as a share o
 measured in the same run. See bench/README.md ("lf CPU kernel benchmark").
 
 ``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]``, ``python -m bench dpo-step [...]``,
-``python -m bench ppo-step [...]`` and ``python -m bench triton-aot [...]`` run those benchmarks instead.
+``python -m bench ppo-step [...]``, ``python -m bench serve [...]`` and ``python -m bench triton-aot [...]`` run those
+benchmarks instead.
 """
 
 from __future__ import annotations
@@ -553,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import ppo_step
 
         return ppo_step.main(argv[1:], prog="python -m bench ppo-step")
+    if argv[:1] == ["serve"]:
+        from bench import serve
+
+        return serve.main(argv[1:], prog="python -m bench serve")
     if argv[:1] == ["triton-aot"]:
         from bench import triton_aot
 

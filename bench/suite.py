@@ -1,4 +1,4 @@
-"""``lf bench [ops|train|all] [--quick] [--device auto|cpu|cuda]`` (or ``python -m bench.suite``): every
+"""``lf bench [ops|train|serve|all] [--quick] [--device auto|cpu|cuda]`` (or ``python -m bench.suite``): every
 benchmark of a part, each in its own process, then one report for the machine and, after full runs, the README's
 performance section. ``--device`` picks what is measured (auto: CUDA where there is one, else the CPU; cpu hides
 the GPUs from the children) and so the results folder.
@@ -7,7 +7,9 @@ the GPUs from the children) and so the results folder.
   QLoRA linear against PEFT + bitsandbytes (``python -m bench qlora-linear``);
 - train: ``lf train`` end to end, its variants and LLaMA-Factory when installed (``python -m bench.train_e2e``),
   and one dpo step with lf's fused preference loss against TRL's fused head and full logits
-  (``python -m bench dpo-step``).
+  (``python -m bench dpo-step``);
+- serve: `lf api` under 1, 4 and 16 concurrent clients, the batched HF engine against the locked one
+  (``python -m bench serve``).
 
 Each benchmark writes its own ``bench/results/<device>/<date>-<name>.{json,md,png}``; this one adds
 ``<date>-lf-bench-<part>.{json,md}`` linking them, and rewrites the part of README.md between the ``lf bench``
@@ -51,6 +53,7 @@ PARTS = {
     "train": (Benchmark("train_e2e", "`lf train` end to end", ("bench.train_e2e",)),
               Benchmark("dpo_step", "One dpo step: lf's fused preference loss vs TRL's fused head and full logits",
                         ("bench", "dpo-step"))),
+    "serve": (Benchmark("serve", "`lf api` under concurrent clients: batched vs locked HF engine", ("bench", "serve")),),
 }
 
 

@@ -13,7 +13,11 @@ from types import MappingProxyType
 
 import lf
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "triton", "bitsandbytes", "deepspeed")
+# distribution -> the name `lf env` prints (LLaMA-Factory's, plus lf's optional engines)
+PACKAGES = MappingProxyType({"torch": "PyTorch", "transformers": "Transformers", "datasets": "Datasets",
+                             "accelerate": "Accelerate", "peft": "PEFT", "trl": "TRL", "triton": "Triton",
+                             "bitsandbytes": "Bitsandbytes", "deepspeed": "DeepSpeed", "vllm": "vLLM",
+                             "torch_npu": "torch_npu"})
 
 
 def _version(_args) -> int:
@@ -22,27 +26,38 @@ def _version(_args) -> int:
 
 
 def _env(_args) -> int:
-    """Versions, devices, and which kernel backend runs where: the first thing to paste into a bug report."""
+    """Versions, the device layer's view, and lf's kernels: the first thing to paste into a bug report. The fields
+    of LLaMA-Factory's `llamafactory-cli env` (versions, the accelerator's type, number and memory, CANN, git commit,
+    ./data) plus lf's own (distributed backend, visible-devices variable, bf16, attention, kernel backend, ISA)."""
+    import subprocess
+
     import torch
 
-    from lf.kernels import choose_backend
+    from lf import device
 
-    print(f"lf {lf.__version__} on Python {platform.python_version()} ({platform.platform()})")
+    info = {"lf version": lf.__version__, "Platform": platform.platform(),
+            "Python version": platform.python_version()}
     for name in PACKAGES:
         try:
-            print(f"  {name:<13} {importlib.metadata.version(name)}")
+            info[f"{PACKAGES[name]} version"] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            print(f"  {name:<13} not installed")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        print(f"  kernels on {device}: {choose_backend(device)} backend")
+            info[f"{PACKAGES[name]} version"] = "not installed"
+    acc = device.current()
+    info["PyTorch version"] += f" ({acc.kind.upper()})"
+    info.update(device.describe(acc))
     try:
         from lf import _C
 
-        print(f"  CPU kernels: {_C.isa()} variant (available: {_C.available_isas()}), "
-              f"{torch.get_num_threads()} threads")
+        info["CPU kernels"] = (f"{_C.isa()} variant (available: {_C.available_isas()}), "
+                               f"{torch.get_num_threads()} threads")
     except ImportError as exc:
-        print(f"  CPU kernels: not built ({exc}); reinstall with `pip install -e .`")
+        info["CPU kernels"] = f"not built ({exc}); reinstall with `pip install -e .`"
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(lf.__file__)))
+    commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        info["Git commit"] = commit.stdout.strip()
+    info["Default data directory"] = "detected" if os.path.isdir("data") else "not detected"
+    print("\n".join(f"- {key}: {value}" for key, value in info.items()))
     return 0
 
 
@@ -79,20 +94,20 @@ def _user_errors(command: str, body: Callable[[], int]) -> int:
 
 def _train(args) -> int:
     """`lf train cfg.yaml [key=value ...]`."""
-    from lf.train import launch
-
     if not args.rest or args.rest[0] in ("-h", "--help"):
         print(TRAIN_USAGE)
         return 0 if args.rest else 2
-    if launch.wanted():
-        return launch.launch(args.rest)
     _lf_log(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one rank speaks
     return _user_errors("train", lambda: _train_and_report(args.rest))
 
 
 def _train_and_report(argv: list[str]) -> int:
     from lf.config import parse_train_args
-    from lf.train import run
+    from lf.train import launch, run
+
+    torchrun = launch.command(argv)  # several accelerators, NPROC_PER_NODE, NNODES or FORCE_TORCHRUN
+    if torchrun:
+        return launch.launch(torchrun)
 
     outputs = run(parse_train_args(argv))
     if os.environ.get("RANK", "0") != "0":
@@ -119,7 +134,7 @@ def _expand(args) -> int:
 
 
 def _bench(args) -> int:
-    """`lf bench [ops|train|all] [--quick] [--device ...]`: bench/suite.py of the source checkout, in a child
+    """`lf bench [ops|train|serve|all] [--quick] [--device ...]`: bench/suite.py of the source checkout, in a child
     process."""
     import subprocess
     from pathlib import Path
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                            add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(run=_train)
-    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|all] [--quick] [--device auto|cpu|cuda] "
+    bench = sub.add_parser("bench", help="benchmarks: lf bench [ops|train|serve|all] [--quick] [--device auto|cpu|cuda] "
                                          "(from a source checkout)",
                            add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,17 +1,18 @@
 """The exception families lf raises at its users: each message says what is wrong, where, and what to do."""
 
 
-class KernelInputError(ValueError):
+class KernelError(ValueError):
+    """lf's kernels refuse something: LF_KERNEL_BACKEND names a backend that is unknown or cannot run here,
+    lf.kernels.patch is given a kind it does not have, a drop-in module a config it cannot build, or (the
+    subclasses below) a kernel call's arguments. One `except KernelError` catches them all."""
+
+
+class KernelInputError(KernelError):
     """A kernel was called with arguments it cannot take (shape, device, layout)."""
 
 
 class KernelDTypeError(KernelInputError, TypeError):
     """A kernel was called with a tensor of a dtype it does not support or that does not match."""
-
-
-class KernelError(ValueError):
-    """lf's kernels cannot be set up as asked: LF_KERNEL_BACKEND names a backend that is unknown or cannot run
-    here, lf.kernels.patch is given a kind it does not have, a drop-in module a config it cannot build."""
 
 
 class DataError(ValueError):

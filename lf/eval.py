@@ -11,37 +11,24 @@ turn opens with the header "The following are multiple choice questions (with an
 
 The model's answer is the letter whose token has the largest logit where its reply starts (after what every reply
 opens with, e.g. Qwen3's empty think block). Questions run in batches of `batch_size`, left-padded. Accuracy per
-subject, per category and over all questions ("Average") is printed as a table and, with `save_dir`, written to
-results.json (with each question's predicted letter) and results.log (the table).
+subject, per category and over all questions ("Average") is printed as a table. With `save_dir`, the files
+LLaMA-Factory writes: results.json ({subject: {"<question index>": "<predicted letter>"}}) and results.log (a line
+"{category:>15}: {accuracy %:.2f}" for Average, then STEM, Social Sciences, Humanities, Other and any other
+category), and lf_results.json beside them (the accuracies with their counts, the predictions, the options).
+
+The task folders (lf's own layout and LLaMA-Factory's mmlu, cmmlu and ceval folders, zipped or not) are read by
+lf.eval_tasks; its docstring has the format.
 
 Where lf differs from LLaMA-Factory: the letters' tokens are those the template's replies are encoded with
 (LLaMA-Factory takes the last token of encoding each letter alone, the wrong one for " {content}" replies and
-thinking templates); batches are left-padded, with positions counting real tokens; tasks are CSV files with a
-header row, read without a dataset script; results.json also holds the accuracies, and an existing save_dir is
-written into unless it already holds results.
-
-Task format
------------
-`task: <folder>_<split>` (e.g. lf_mc_demo_test) reads the folder `<task_dir>/<folder>/`:
-
-    mapping.json            {"<subject>": {"name": "<subject as the header names it>", "category": "<group>"}, ...}
-    dev/<subject>.csv       the solved questions the shots are drawn from (needed when n_shot > 0)
-    <split>/<subject>.csv   the questions scored (test, validation, ...)
-
-Each CSV is UTF-8 with a header row naming the columns question, A, B, C, D, answer (in any order; other columns
-are ignored), then one question per row: no empty cell in those columns, answer one of A, B, C, D. Every subject
-of mapping.json needs its file in each split read, and a CSV there without a subject in mapping.json is refused.
-A file breaking a rule is refused with its path and line. When n_shot is larger than a subject's dev split, all of
-it is used.
-
-task_dir (default "evaluation") is read relative to the working directory; when the default is given and the task
-is not there, lf's own evaluation/ folder (lf.resources: the repository's, or the wheel's copy) is searched, so the
-demo task lf_mc_demo runs from any directory. evaluation/lf_mc_demo/README.md describes it.
+thinking templates); batches are left-padded, with positions counting real tokens; tasks are read without their
+dataset script; a category outside LLaMA-Factory's four is scored (LLaMA-Factory stops on it); an existing
+save_dir is written into unless it already holds results (LLaMA-Factory refuses any existing save_dir). When
+n_shot is larger than a subject's dev split, all of it is used.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
@@ -50,20 +37,15 @@ from pathlib import Path
 from types import MappingProxyType
 
 from lf.data.conversation import ASSISTANT, USER
-from lf.errors import ConfigError, DataError, ModelError, did_you_mean
-from lf.resources import shipped
+from lf.errors import ConfigError, ModelError, did_you_mean
+from lf.eval_tasks import CHOICES, Question, Task, load_task
 
 log = logging.getLogger("lf")
 
-CHOICES = ("A", "B", "C", "D")
-COLUMNS = ("question", *CHOICES, "answer")
-DEV_SPLIT = "dev"
-DEFAULT_TASK_DIR = "evaluation"
-BUILTIN_TASK_DIR = shipped("evaluation")
-
 USAGE = """usage: lf eval cfg.yaml [key=value ...]
 
-Scores a model on a multiple-choice task in the MMLU style: task (<folder>_<split>, e.g. lf_mc_demo_test), task_dir,
+Scores a model on a multiple-choice task in the MMLU style: task (<folder>_<split>, e.g. lf_mc_demo_test, or
+mmlu_test, cmmlu_test, ceval_validation with LLaMA-Factory's evaluation/ folder as task_dir), task_dir,
 n_shot, batch_size, lang (en | zh), seed, save_dir, with the model keys of lf train (model_name_or_path,
 adapter_name_or_path, template, ...). Start from configs/examples/eval_demo.yaml."""
 
@@ -80,134 +62,6 @@ PROMPT_STYLES = MappingProxyType({
                       "\n{letter}. {content}", "\nAnswer:"),
     "zh": PromptStyle("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n", "\n{letter}. {content}", "\n答案："),
 })
-
-
-@dataclass(frozen=True)
-class Question:
-    text: str
-    choices: tuple[str, ...]  # the contents of A, B, C, D
-    answer: str  # one of CHOICES
-
-
-@dataclass(frozen=True)
-class Subject:
-    key: str  # the CSV files' name and mapping.json's key
-    name: str  # as the header writes it
-    category: str
-    dev: tuple[Question, ...]  # empty when n_shot is 0 (not read)
-    questions: tuple[Question, ...]
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str  # <folder>_<split>, as given
-    path: Path
-    split: str
-    subjects: tuple[Subject, ...]
-
-
-# ---- the task folder -------------------------------------------------------------------------------------------
-
-def find_task(task: str | None, task_dir: str, n_shot: int) -> tuple[Path, str]:
-    """(the task folder, the split to score) for task = <folder>_<split>, or a ConfigError saying what exists."""
-    if not task:
-        raise ConfigError("task is missing: name the task folder and the split to score as <folder>_<split>, e.g. "
-                          "task: lf_mc_demo_test (lf's demo task)")
-    roots = [Path(task_dir)] + ([BUILTIN_TASK_DIR] if task_dir == DEFAULT_TASK_DIR else [])
-    folder, _, split = task.rpartition("_")
-    path = next((root / folder for root in roots if folder and (root / folder).is_dir()), None)
-    if path is not None and not (path / "mapping.json").is_file():
-        raise DataError(f"{path / 'mapping.json'} is missing: a task folder names its subjects there, "
-                        f'{{"<subject>": {{"name": ..., "category": ...}}}} (see lf/eval.py\'s docstring)')
-    if path is None:
-        known = [f"{p.name}_{s.name}" for root in roots if root.is_dir() for p in sorted(root.iterdir())
-                 if (p / "mapping.json").is_file() for s in sorted(p.iterdir()) if s.is_dir() and s.name != DEV_SPLIT]
-        where = " or ".join(str(root.resolve()) for root in roots)
-        raise ConfigError(f"task: no task {task!r} in {where} (task is <folder>_<split>, the folder holding "
-                          f"mapping.json).{did_you_mean(task, known)} Tasks there: {', '.join(known) or 'none'}")
-    if split == DEV_SPLIT and n_shot > 0:
-        raise ConfigError(f"task: {task!r} scores the dev split, which the {n_shot} shots are drawn from (a question "
-                          f"could be its own example): score another split, or set n_shot: 0")
-    if not (path / split).is_dir():
-        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
-        raise ConfigError(f"task: {path} has no split {split!r} (a folder of CSV files); its splits: "
-                          f"{', '.join(splits) or 'none'}")
-    return path, split
-
-
-def read_mapping(file: Path) -> dict[str, dict]:
-    """mapping.json: {subject: {"name": ..., "category": ...}}, checked."""
-    try:
-        mapping = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{file}:{exc.lineno}: malformed JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {file}: {exc}") from None
-    if not isinstance(mapping, dict) or not mapping:
-        raise DataError(f'{file} must be a JSON object of subjects: {{"<subject>": {{"name": ..., "category": ...}}}}')
-    for subject, entry in mapping.items():
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) and entry[key]
-                                                for key in ("name", "category"))):
-            raise DataError(f'{file}: subject {subject!r} maps to {entry!r}; it must map to {{"name": "<shown in the '
-                            f'prompt>", "category": "<group>"}}, both non-empty strings')
-    return mapping
-
-
-def read_questions(file: Path) -> tuple[Question, ...]:
-    """The questions of one CSV (see the module docstring), or a DataError naming the file and line."""
-    questions = []
-    try:
-        with open(file, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, strict=True)  # bad quoting is an error, not a cell swallowing the rest
-            missing = [column for column in COLUMNS if column not in (reader.fieldnames or ())]
-            if missing:
-                raise DataError(f"{file}:1: the header row lacks the column(s) {', '.join(missing)} (it has "
-                                f"{', '.join(reader.fieldnames or ()) or 'nothing'}): the first row names the columns "
-                                f"{','.join(COLUMNS)}")
-            for row in reader:
-                questions.append(_question(row, f"{file}:{reader.line_num} (question {len(questions) + 1})"))
-    except csv.Error as exc:  # line_num counts the lines of the rows read before the broken one
-        raise DataError(f"{file}:{reader.line_num + 1} (question {len(questions) + 1}): malformed CSV ({exc}): a cell "
-                        f"holding a comma, a quote or a line break is written in double quotes, its quotes doubled "
-                        f'("say ""hi"", 1")') from None
-    except UnicodeDecodeError:
-        raise DataError(f"{file} is not UTF-8 text: save it as UTF-8") from None
-    if not questions:
-        raise DataError(f"{file} holds no questions: add one row per question under its header")
-    return tuple(questions)
-
-
-def _question(row: dict, where: str) -> Question:
-    empty = [column for column in COLUMNS if not (row.get(column) or "").strip()]
-    if empty:
-        raise DataError(f"{where}: {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: each row holds the "
-                        f"question, its four choices A-D and the answer letter")
-    answer = row["answer"].strip()
-    if answer not in CHOICES:
-        raise DataError(f"{where}: answer {row['answer']!r} is not one of {', '.join(CHOICES)}: write the letter "
-                        f"of the right choice")
-    return Question(row["question"].strip(), tuple(row[letter].strip() for letter in CHOICES), answer)
-
-
-def load_task(task: str | None, task_dir: str = DEFAULT_TASK_DIR, n_shot: int = 5) -> Task:
-    """The task's subjects with their questions (and dev questions when n_shot > 0), every file checked."""
-    path, split = find_task(task, task_dir, n_shot)
-    mapping = read_mapping(path / "mapping.json")
-    splits = [split] + ([DEV_SPLIT] if n_shot > 0 else [])
-    for folder in splits:
-        for file in sorted((path / folder).glob("*.csv")):
-            if file.stem not in mapping:
-                raise DataError(f"{file}: subject {file.stem!r} is not in {path / 'mapping.json'}: add it there "
-                                f"(name and category) or remove the file")
-        for subject in mapping:
-            if not (path / folder / f"{subject}.csv").is_file():
-                why = "the shots are drawn from it (or set n_shot: 0)" if folder == DEV_SPLIT else "it is scored"
-                raise DataError(f"{path / folder / subject}.csv is missing: subject {subject!r} is in "
-                                f"{path / 'mapping.json'} and {why}")
-    subjects = tuple(Subject(key, entry["name"], entry["category"],
-                             read_questions(path / DEV_SPLIT / f"{key}.csv") if n_shot > 0 else (),
-                             read_questions(path / split / f"{key}.csv")) for key, entry in mapping.items())
-    return Task(task, path, split, subjects)
 
 
 # ---- prompts and scores ----------------------------------------------------------------------------------------
@@ -330,7 +184,23 @@ def format_table(results: dict) -> str:
 
 # ---- the command -----------------------------------------------------------------------------------------------
 
-RESULT_FILES = ("results.json", "results.log")
+RESULT_FILES = ("results.json", "results.log", "lf_results.json")
+CATEGORY_ORDER = ("STEM", "Social Sciences", "Humanities", "Other")  # LLaMA-Factory's, after "Average"
+
+
+def score_lines(results: dict) -> str:
+    """results.log as LLaMA-Factory writes it: "Average" and each category's accuracy (%), its categories first."""
+    categories = results["categories"]
+    names = [name for name in CATEGORY_ORDER if name in categories]
+    names += [name for name in categories if name not in CATEGORY_ORDER]
+    rows = [("Average", results["average"])] + [(name, categories[name]) for name in names]
+    return "\n".join(f"{name:>15}: {100 * score['accuracy']:.2f}" for name, score in rows)
+
+
+def predictions_by_subject(results: dict) -> dict:
+    """results.json as LLaMA-Factory writes it: {subject: {"<question index>": "<predicted letter>"}}."""
+    return {key: {str(i): letter for i, letter in enumerate(subject["predictions"])}
+            for key, subject in results["subjects"].items()}
 
 
 def check_options(evaluation) -> None:
@@ -345,17 +215,19 @@ def check_options(evaluation) -> None:
     if evaluation.save_dir:
         taken = [name for name in RESULT_FILES if (Path(evaluation.save_dir) / name).exists()]
         if taken:
-            raise ConfigError(f"save_dir: {evaluation.save_dir} already holds {' and '.join(taken)} of an earlier "
+            raise ConfigError(f"save_dir: {evaluation.save_dir} already holds {', '.join(taken)} of an earlier "
                               f"evaluation: choose another save_dir, or remove them to write new ones")
 
 
-def save_results(results: dict, table: str, save_dir: str) -> list[Path]:
-    """results.json and results.log (the table) in save_dir; returns their paths."""
+def save_results(results: dict, save_dir: str) -> list[Path]:
+    """results.json and results.log as LLaMA-Factory writes them, and lf_results.json (all of `results`), in
+    save_dir; returns their paths."""
     folder = Path(save_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in RESULT_FILES]
-    paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths[1].write_text(table + "\n", encoding="utf-8")
+    paths[0].write_text(json.dumps(predictions_by_subject(results), indent=2), encoding="utf-8")
+    paths[1].write_text(score_lines(results), encoding="utf-8")
+    paths[2].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return paths
 
 
@@ -379,7 +251,7 @@ def run(cfg) -> dict:
     table = format_table(results)
     print(table)
     if evaluation.save_dir:
-        for path in save_results(results, table, evaluation.save_dir):
+        for path in save_results(results, evaluation.save_dir):
             print(f"lf eval: wrote {path}")
     return results
 

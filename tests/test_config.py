@@ -12,6 +12,7 @@ import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
 from lf.config.parser import _owners
+from lf.config import rules
 from lf.config.rules import NO_DEEPSPEED, RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
@@ -332,6 +333,7 @@ RULE_CASES = {
     "cpu_allocator_choice": ({"cpu_allocator": "jemalloc"}, "cpu_allocator: jemalloc is not one of tuned, default."),
     "lora_options_need_lora": ({"finetuning_type": "full", "use_dora": True, "use_rslora": True},
                                "use_dora, use_rslora shape(s) LoRA adapters, but finetuning_type is full"),
+    "pissa_iter_range": ({"pissa_init": True, "pissa_iter": 0}, "pissa_iter is 0: it counts randomized SVD iterations"),
     "pissa_convert_needs_init": ({"pissa_convert": True},
                                  "pissa_convert converts a PiSSA adapter, but pissa_init is false"),
     "early_stopping_needs_best_model": ({"early_stopping_steps": 2},
@@ -351,6 +353,9 @@ RULE_CASES = {
                                 "QLoRA trains LoRA adapters over a quantized base: set finetuning_type: lora"),
     "quantized_adapters": ({"quantization_bit": 4, "adapter_name_or_path": "saves/a,saves/b"},
                            "adapters cannot be merged into a quantized model"),
+    "npu_double_quantization": ({"quantization_bit": 4}, "double_quantization: true on an Ascend NPU"),
+    "fsdp_on_cpu": ({"fsdp": "full_shard auto_wrap"}, "fsdp: full_shard auto_wrap on the CPU: accelerate turns FSDP "
+                                                      "on for accelerator process groups only"),
     "quantization_method_choice": ({"quantization_method": "gptq"}, "quantization_method: gptq is not one of bnb"),
     "quantization_type_choice": ({"quantization_type": "nf8"}, "quantization_type: nf8 is not one of nf4, fp4."
                                                                 " Did you mean: nf4?"),
@@ -474,11 +479,16 @@ def test_numbers_at_the_edges_of_their_ranges_pass():
     assert cfg.generating.top_p == 1 and cfg.training.max_steps == -1
 
 
+ON_DEVICE = {"npu_double_quantization": "npu"}  # rules that apply on one accelerator: the kind their case fakes
+
+
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
 def test_each_rule_refuses_its_case_alone(name, monkeypatch):
     overrides, expected, *environment = RULE_CASES[name]
     for key, value in (environment or [{}])[0].items():
         monkeypatch.setenv(key, value)
+    if name in ON_DEVICE:  # a fake device kind (lf.device is tested in test_device.py)
+        monkeypatch.setattr(rules, "accelerator", lambda: ON_DEVICE[name])
     message = refused({**BASE, **overrides})
     assert expected in message
     assert "problems" not in message  # this rule alone

@@ -124,3 +124,10 @@ assert any("lf._C did not load" in str(c.message) for c in caught), [str(c.messa
     env = {k: v for k, v in os.environ.items() if k != "LF_KERNEL_BACKEND"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_one_except_catches_every_kernel_refusal():
+    # A kernel call's bad arguments are KernelErrors too: lf train's one-line error handler and a user's
+    # `except KernelError` see them (a weight of the wrong width here).
+    with pytest.raises(KernelError, match="weight"):
+        rms_norm(torch.randn(2, 8), torch.ones(7))

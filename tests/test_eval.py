@@ -175,7 +175,7 @@ def test_demo_task_end_to_end(tmp_path, monkeypatch, capsys):
             "infer_dtype=float32"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "lf_results.json").read_text())
     assert set(results) >= {"task", "split", "n_shot", "subjects", "categories", "average", "model"}
     assert list(results["subjects"]) == ["arithmetic", "geography", "science"]
     assert set(results["categories"]) == {"STEM", "Social Sciences"}
@@ -184,11 +184,18 @@ def test_demo_task_end_to_end(tmp_path, monkeypatch, capsys):
         assert 0.0 <= subject["accuracy"] <= 1.0
     average = results["average"]
     assert average["total"] == 30 and average["accuracy"] == average["correct"] / 30
-    table = (out / "results.log").read_text().strip()
+    table = lf_eval.format_table(results)
     assert table in printed and f"{100 * average['accuracy']:.2f}" in table.splitlines()[-1]
+    # LLaMA-Factory's files: each question's letter by subject, and the accuracy lines
+    assert json.loads((out / "results.json").read_text()) == {
+        key: {str(i): p for i, p in enumerate(s["predictions"])} for key, s in results["subjects"].items()}
+    assert (out / "results.log").read_text() == "\n".join(
+        f"{name:>15}: {100 * score['accuracy']:.2f}" for name, score in
+        [("Average", average), ("STEM", results["categories"]["STEM"]),
+         ("Social Sciences", results["categories"]["Social Sciences"])])
     # a second run never overwrites the first one's results
     assert cli.main(argv) == 2
-    assert "already holds results.json and results.log" in capsys.readouterr().err
+    assert "already holds results.json, results.log, lf_results.json" in capsys.readouterr().err
 
 
 # ---- refused ---------------------------------------------------------------------------------------------------------
@@ -240,7 +247,8 @@ def test_task_names_and_options_are_checked(tmp_path, monkeypatch):
     write_task(tmp_path, {"s1": ("c", GOOD, GOOD)})
     for task, n_shot, message in [
         (None, 5, "task is missing"),
-        ("mc_tset", 5, "mc has no split 'tset' (a folder of CSV files); its splits: dev, test"),
+        ("mc_tset", 5, "mc has no split 'tset' (a folder of CSV files, in the task folder, its data/ or mc.zip); its "
+                         "splits: test"),
         ("mv_test", 5, "no task 'mv_test' in"),
         ("mc_dev", 5, "scores the dev split, which the 5 shots are drawn from"),
     ]:

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from lf import device
 from lf.config.finetuning import FinetuningArguments
 from lf.config.model import ModelArguments
 from lf.errors import ModelError
@@ -169,13 +170,13 @@ def test_tiny_corpus_without_the_data_folder(tmp_path, monkeypatch):
 
 def test_dtype_auto(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(options, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
     assert options.choose_dtype("auto")[0] == torch.float32
-    monkeypatch.setattr(options, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
     assert options.choose_dtype("auto")[0] == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert options.choose_dtype("auto") == (torch.float16, "dtype float16 (infer_dtype auto: the GPU has no bf16)")
+    assert options.choose_dtype("auto") == (torch.float16, "dtype float16 (infer_dtype auto: the cuda device has no bf16)")
     assert options.choose_dtype("bfloat16")[0] == torch.bfloat16
     with pytest.raises(ModelError, match="infer_dtype: 'fp8' is not one of auto, float32"):
         options.choose_dtype("fp8")
@@ -184,7 +185,7 @@ def test_dtype_auto(monkeypatch):
 def test_dtype_auto_on_this_machine_and_explicit(llama):
     model, lines = _load(llama, infer_dtype="auto")
     if not torch.cuda.is_available():  # bf16 where the CPU has AVX512-BF16/AMX
-        expected = torch.bfloat16 if options._cpu_has_bf16() else torch.float32
+        expected = torch.bfloat16 if device.cpu_has_bf16() else torch.float32
         assert model.dtype == expected and f"dtype {str(expected)[6:]} (infer_dtype auto: no GPU" in lines[1]
     model, lines = _load(llama, infer_dtype="bfloat16", finetuning_type="full")
     assert model.dtype == torch.bfloat16 and "dtype bfloat16 (infer_dtype: bfloat16)" in lines
@@ -260,7 +261,7 @@ def test_cpu_training_leaves_checkpointing_off_where_the_activations_fit(llama, 
                    {}):  # no step size known (inference, other callers): LLaMA-Factory's default
         model, lines = _load(llama, **kwargs)
         assert model.is_activation_checkpointing, kwargs
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine keeps it on
+    monkeypatch.setattr(device, "current", lambda: device.Accelerator("cuda", 1, True, "nccl"))  # a GPU keeps it on
     assert _load(llama, tokens_per_step=10)[0].is_activation_checkpointing
 
 

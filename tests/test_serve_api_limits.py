@@ -102,7 +102,7 @@ def test_a_prompt_or_max_tokens_beyond_the_context_gets_a_400_naming_the_limit(u
     assert completion["usage"]["total_tokens"] == 2048 and completion["choices"][0]["finish_reason"] == "length"
 
 
-def test_a_full_queue_gets_a_503_with_retry_after_and_empties_as_clients_leave(engine):
+def test_a_full_queue_gets_a_429_with_retry_after_and_empties_as_clients_leave(engine):
     body = {"messages": QUESTION, "temperature": 0, "max_tokens": 2000, "stream": True}
     with live_server(create_app(engine, max_queue=1)) as base, httpx.Client(base_url=base, timeout=30) as http:
         for _round in range(2):  # the second finds the queue as the first left it: empty
@@ -111,8 +111,8 @@ def test_a_full_queue_gets_a_503_with_retry_after_and_empties_as_clients_leave(e
                 assert next(events).startswith("data: ") and waiting.status_code == 200
                 response = http.post(CHAT, json={"messages": QUESTION, "max_tokens": 2})
                 assert response.headers["Retry-After"] == "1"
-                assert error(response, 503, "server_error") == "the server is busy: 1 requests already wait for " \
-                                                               "the model (API_MAX_QUEUE): retry in a while"
+                assert error(response, 429) == "the server is busy: 1 requests already wait for the model " \
+                                               "(API_MAX_QUEUE): retry in a while"
         assert http.post(CHAT, json={"messages": QUESTION, "max_tokens": 2}).status_code == 200
 
 

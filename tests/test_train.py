@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from lf import cli
 from lf.config import parse_train_args
 from lf.config.rules import show
-from lf.errors import TrainError
-from lf.train import disk, recipe, run
+from lf.errors import KernelError, TrainError
+from lf.train import callbacks, disk, recipe, run
 from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
 
@@ -202,6 +202,10 @@ def test_a_killed_run_restarts_to_the_same_adapter_and_history(tmp_path, monkeyp
     # the whole history, each step once, as the uninterrupted run logged it; the plot draws all of it
     assert [record["current_steps"] for record in records(killed)] == plotted == list(range(1, 7))
     torch.testing.assert_close(torch.tensor(losses(killed)), torch.tensor(losses(steady)), rtol=RTOL, atol=ATOL)
+    # the restarted run counts on from the kept history: tokens as the uninterrupted run counted them, time onwards
+    assert [r["total_tokens"] for r in records(killed)] == [r["total_tokens"] for r in records(steady)]
+    elapsed = [callbacks._seconds(r["elapsed_time"]) for r in records(killed)]
+    assert elapsed == sorted(elapsed)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -231,6 +235,14 @@ def test_output_dir_holding_another_run_is_refused_before_any_work(tmp_path, mon
         train(out)
     with pytest.raises(TrainError, match="holds no checkpoint"):
         train(tmp_path / "empty", resume_from_checkpoint=True)
+
+
+def test_a_bad_kernel_backend_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LF_KERNEL_BACKEND", "cuda")
+    monkeypatch.setattr(recipe, "load_tokenizer", lambda *a: pytest.fail("loaded a tokenizer before the check"))
+    with pytest.raises(KernelError, match="LF_KERNEL_BACKEND='cuda' is not a backend"):
+        train(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def cli_train(output_dir, **overrides) -> int:

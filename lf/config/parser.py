@@ -36,7 +36,7 @@ from lf.config.export import GPTQ_FIX, ExportArguments
 from lf.config.finetuning import FinetuningArguments
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
-from lf.config.rules import GROUPS, check, literal_values, show
+from lf.config.rules import GROUPS, accelerator, check, literal_values, show
 from lf.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -511,22 +511,11 @@ def _default_training(training: dict, given: set[str]) -> None:
         # every trainable parameter gets a gradient in lf's methods; DDP's search for unused ones breaks with
         # reentrant gradient checkpointing (a parameter is marked ready twice)
         training.setdefault("ddp_find_unused_parameters", False)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
-        # HF runs DDP on the CPU only with use_cpu (else it trains each process alone), over gloo
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator() == "cpu":
+        # HF runs DDP on the CPU only with use_cpu (else it trains each process alone), over gloo (an NPU, XPU or
+        # GPU machine keeps its device and the backend accelerate picks for it: hccl, xccl/ccl, nccl)
         training.setdefault("use_cpu", True)
         training.setdefault("ddp_backend", "gloo")
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return _has_cuda() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _hf_defaults() -> dict:
@@ -552,8 +541,8 @@ def _resolve(cfg: TrainConfig, training: dict) -> None:
     if finetuning.logging_dir is not None:  # transformers 5 dropped the argument; lf's trainer hands it on
         log.info("logging_dir is kept as finetuning.logging_dir (transformers 5 reads TensorBoard's folder from "
                  "TENSORBOARD_LOGGING_DIR; lf's trainer hands it to its TensorBoard callback instead)")
-    if not _has_cuda():
-        training["dataloader_pin_memory"] = False  # pinned memory only speeds copies to a GPU
+    if accelerator() in ("cpu", "mps"):
+        training["dataloader_pin_memory"] = False  # pinned memory speeds copies to an accelerator; MPS has none
     if training.get("remove_unused_columns"):
         log.info("remove_unused_columns: true is ignored: lf's collator needs every column the data layer makes")
     training["remove_unused_columns"] = False  # HF would drop the columns its model's forward() does not name

@@ -88,6 +88,13 @@ def choice_rules() -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def accelerator() -> str:
+    """lf.device's accelerator kind (cpu, cuda, npu, ...); imported here only, as it imports torch."""
+    from lf import device
+
+    return device.current().kind
+
+
 def _one_of(group: str, key: str, choices: tuple, why: str = "") -> Rule:
     """A key whose value must be one of `choices` (None allowed where listed)."""
     value = _getter(group, key)
@@ -383,6 +390,10 @@ RULES: tuple[Rule, ...] = (
     Rule("pissa_convert_needs_init", lambda c: c.finetuning.pissa_convert and not c.finetuning.pissa_init,
          "pissa_convert converts a PiSSA adapter, but pissa_init is false: set pissa_init: true, or remove "
          "pissa_convert"),
+    Rule("pissa_iter_range", lambda c: c.finetuning.pissa_init and not (c.finetuning.pissa_iter == -1
+                                                                       or c.finetuning.pissa_iter >= 1),
+         "pissa_iter is {f.pissa_iter}: it counts randomized SVD iterations (at least 1; 16 is the default), or is "
+         "-1 for the exact SVD"),
     Rule("early_stopping_needs_best_model",
          lambda c: c.finetuning.early_stopping_steps is not None and not c.training.load_best_model_at_end,
          "early_stopping_steps counts evaluations that did not beat the best one, but load_best_model_at_end is "
@@ -407,6 +418,16 @@ RULES: tuple[Rule, ...] = (
          and ("," in c.model.adapter_name_or_path or c.finetuning.create_new_adapter),
          "adapters cannot be merged into a quantized model (quantization_bit: {m.quantization_bit}): give one "
          "adapter to train further, without create_new_adapter, or merge them into the model first"),
+    Rule("npu_double_quantization",
+         lambda c: c.model.quantization_bit == 4 and c.model.double_quantization and accelerator() == "npu",
+         "double_quantization: true on an Ascend NPU: bitsandbytes' NPU backend does not quantize the 4-bit "
+         "scales a second time; set double_quantization: false"),
+    Rule("fsdp_on_cpu", lambda c: bool(c.training.fsdp) and (c.training.use_cpu or accelerator() == "cpu"),
+         # accelerate's AcceleratorState sets DistributedType.FSDP only from a multi-GPU/NPU/XPU/... type, never
+         # from MULTI_CPU (checked with accelerate 1.15)
+         lambda c: f"fsdp: {show(c.training.fsdp)} on the CPU: accelerate turns FSDP on for accelerator process "
+                   "groups only, so HF's Trainer would train with plain DDP (gloo), unsharded; remove fsdp and "
+                   "fsdp_config here (DDP runs as is), or use deepspeed with ZeRO-3 (it shards on the CPU)"),
     Rule("video_pixel_limits", lambda c: c.data.video_min_pixels > c.data.video_max_pixels >= 1,
          "video_min_pixels: {d.video_min_pixels} is above video_max_pixels: {d.video_max_pixels}: no frame size fits "
          "both; lower video_min_pixels or raise video_max_pixels"),

@@ -187,7 +187,9 @@ def _merged_model(cfg, tokenizer, dtype: str):
     base_args = dataclasses.replace(cfg.model, adapter_name_or_path=None, infer_dtype=dtype, use_lf_kernels=False,
                                     enable_liger_kernel=False)
     model, lines = load_model(tokenizer, base_args, cfg.finetuning, is_trainable=False)
-    device = "cuda" if cfg.export.export_device == "auto" and torch.cuda.is_available() else "cpu"
+    from lf import device as accelerator
+
+    device = accelerator.current().device() if cfg.export.export_device == "auto" else "cpu"
     model.to(device)  # the merges' matmuls run there
     log.info("export_device: %s: the adapters merge on %s", cfg.export.export_device, device)
     model, adapter_lines = attach(model, cfg.model, cfg.finetuning, is_trainable=False)

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from lf import device as accelerator
 from lf import stages
 from lf.errors import ModelError
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
@@ -108,13 +109,13 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
 
 def load_inference_model(tokenizer, model_args, finetuning_args, device: str | None = None) -> torch.nn.Module:
     """The model to generate or score with: load_model's for inference (adapters as it attaches them there), its
-    lines logged, in eval mode, on `device` (default: CUDA where there is one; bitsandbytes has already placed a
-    quantized model)."""
+    lines logged, in eval mode, on `device` (default: this process's accelerator, see lf.device; bitsandbytes has
+    already placed a quantized model)."""
     model, lines = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
     for line in lines:
         log.info("%s", line)
     if not getattr(model, "is_quantized", False):
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device or accelerator.current().device())
     return model.eval()
 
 
@@ -229,7 +230,7 @@ def _checkpointing_skipped(model, tokens_per_step: int | None) -> tuple[bool, st
     from lf import allocator
 
     param = next(model.parameters(), None)
-    if tokens_per_step is None or param is None or param.device.type != "cpu" or torch.cuda.is_available():
+    if tokens_per_step is None or param is None or param.device.type != "cpu" or accelerator.current().kind != "cpu":
         return False, ""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden, mlp = getattr(config, "hidden_size", 0), getattr(config, "intermediate_size", 0)

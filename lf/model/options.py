@@ -10,6 +10,7 @@ from typing import get_args
 
 import torch
 
+from lf import device
 from lf.config.model import Dtype, FlashAttn, RopeScaling
 from lf.errors import ModelError
 
@@ -22,23 +23,18 @@ DEFAULT_ROPE_FACTOR = 2.0  # without cutoff_len (inference) and no factor in the
 LLAMA3_FREQ_FACTORS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's published values
 
 
-def _cpu_has_bf16() -> bool:
-    """Native bf16 math on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                        "_is_amx_tile_supported"))
-
-
 def choose_dtype(infer_dtype: str) -> tuple[torch.dtype, str]:
     """The dtype the weights load in, and why."""
     if infer_dtype in DTYPES:
         return DTYPES[infer_dtype], f"dtype {infer_dtype} (infer_dtype: {infer_dtype})"
     if infer_dtype != "auto":
         raise ModelError(f"infer_dtype: {infer_dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "dtype bfloat16 (infer_dtype auto: the GPU supports bf16)"
-        return torch.float16, "dtype float16 (infer_dtype auto: the GPU has no bf16)"
-    if _cpu_has_bf16():
+    acc = device.current()
+    if acc.kind != "cpu":
+        if acc.bf16:
+            return torch.bfloat16, f"dtype bfloat16 (infer_dtype auto: the {acc.kind} device supports bf16)"
+        return torch.float16, f"dtype float16 (infer_dtype auto: the {acc.kind} device has no bf16)"
+    if acc.bf16:
         return torch.bfloat16, "dtype bfloat16 (infer_dtype auto: no GPU; the CPU has native bf16, AVX512-BF16/AMX)"
     return torch.float32, (f"dtype float32 (infer_dtype auto: no GPU, and this CPU "
                            f"({torch.backends.cpu.get_cpu_capability()}) has no native bf16)")
@@ -47,12 +43,15 @@ def choose_dtype(infer_dtype: str) -> tuple[torch.dtype, str]:
 def choose_attention(flash_attn: str, dtype: torch.dtype) -> tuple[str, str]:
     """The attention implementation to load the model with (HF's name), and why."""
     installed = importlib.util.find_spec("flash_attn") is not None
-    cuda = torch.cuda.is_available()
+    acc = device.current()
+    gpu = "flash_attention_2" in acc.attention  # CUDA or ROCm
     half = dtype in (torch.float16, torch.bfloat16)  # flash-attention has no fp32 kernels
     if flash_attn == "auto":
-        if installed and cuda and half:
-            return "flash_attention_2", "attention: flash-attention 2 (flash_attn auto: installed, CUDA, 16-bit)"
-        why = "no CUDA GPU" if not cuda else "flash_attn not installed" if not installed else "float32 weights"
+        if installed and gpu and half:
+            return "flash_attention_2", (f"attention: flash-attention 2 (flash_attn auto: installed, {acc.kind}, "
+                                         f"16-bit)")
+        why = (f"a {acc.kind} device, not CUDA/ROCm" if not gpu else "flash_attn not installed" if not installed
+               else "float32 weights")
         return "sdpa", f"attention: sdpa (flash_attn auto: {why} for flash-attention)"
     if flash_attn not in ATTENTION:
         raise ModelError(f"flash_attn: {flash_attn!r} is not one of {', '.join(get_args(FlashAttn))}")
@@ -60,8 +59,9 @@ def choose_attention(flash_attn: str, dtype: torch.dtype) -> tuple[str, str]:
         if not installed:
             raise ModelError("flash_attn: fa2 needs the flash-attn package: pip install flash-attn "
                              "--no-build-isolation (or set flash_attn: sdpa)")
-        if not cuda:
-            raise ModelError("flash_attn: fa2 needs a CUDA GPU; set flash_attn: sdpa on this machine")
+        if not gpu:
+            raise ModelError(f"flash_attn: fa2 needs a CUDA or ROCm GPU, this is {acc.kind}; set flash_attn: sdpa "
+                             f"on this machine")
         if not half:
             raise ModelError("flash_attn: fa2 runs in float16/bfloat16 only; set infer_dtype: bfloat16 or "
                              "flash_attn: sdpa")

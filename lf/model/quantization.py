@@ -10,12 +10,12 @@ upcast_layernorm asks for fp32 norms explicitly.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from typing import get_args
 
 import torch
 
+from lf import device
 from lf.config.model import QuantizationBit, QuantizationType
 from lf.errors import ModelError
 
@@ -95,7 +95,7 @@ def _device_map(choice: str | None):
     if choice is not None:
         raise ModelError(f"quantization_device_map: {choice!r} is not supported (auto, or unset for this "
                          f"process's device)")
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else {"": "cpu"}
+    return {"": device.current().device()}
 
 
 def _method_name(quantization_config) -> str:

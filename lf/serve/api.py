@@ -14,6 +14,7 @@ from lf.serve.media import MAX_BYTES, MAX_PIXELS, Limits
 # Defaults, and the server's fixed settings (lf/serve/app.py serves with them).
 MAX_BODY_BYTES = 4 * 2**20  # room for a long context's prompt, JSON-escaped, but not for a flood
 MAX_QUEUE = 64  # requests that may wait for the model (each holds its prompt meanwhile)
+MAX_BATCH = 16  # replies decoded together (lf.serve.batch): on 2 CPU cores 16 give ~5x the tokens/s of 1
 KEEP_ALIVE_S = 5  # idle connections are closed after this long
 SHUTDOWN_GRACE_S = 3  # on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cancelled
 
@@ -32,7 +33,10 @@ Environment:
                         no key)
   API_MODEL_NAME        the model's id for clients (default: the base name of model_name_or_path)
   API_MAX_BODY_BYTES    larger request bodies get a 413 (default {MAX_BODY_BYTES}, {MAX_BODY_BYTES // 2**20} MiB)
-  API_MAX_QUEUE         requests that may wait for the model; more get a 503 with Retry-After (default {MAX_QUEUE})
+  API_MAX_BATCH         requests generating at once, their text replies decoded together a token at a time;
+                        1: one request at a time, by transformers' generate (default {MAX_BATCH})
+  API_MAX_QUEUE         requests that may wait for a slot beyond those; more get a 429 with Retry-After
+                        (default {MAX_QUEUE})
   API_MEDIA_ROOT        the folder whose images and videos requests may name as file:///absolute/path URLs (symlinks
                         and .. followed must stay in it); unset (the default), no local file is read: images
                         come as data:image/...;base64, URLs (http(s) URLs are always refused: the server
@@ -49,6 +53,7 @@ server stops taking connections, gives requests in flight {SHUTDOWN_GRACE_S} s, 
 
 # The numeric environment variables: (default, largest allowed); each is a whole number from 1.
 NUMBERS = {"API_PORT": (8000, 65535), "API_MAX_BODY_BYTES": (MAX_BODY_BYTES, None), "API_MAX_QUEUE": (MAX_QUEUE, None),
+           "API_MAX_BATCH": (MAX_BATCH, 1024),
            "API_MAX_IMAGE_BYTES": (MAX_BYTES, None), "API_MAX_IMAGE_PIXELS": (MAX_PIXELS, None)}
 
 
@@ -112,12 +117,12 @@ def command(argv: list[str]) -> int:
     _check_installed()
     numbers = _numbers()
     media = _media(numbers)
-    return serve(_engine(parse_infer_args(argv, "api")), numbers, media)
+    return serve(_engine(parse_infer_args(argv, "api"), numbers["API_MAX_BATCH"]), numbers, media)
 
 
-def _engine(cfg):
+def _engine(cfg, max_batch: int = 1):
     """A reward model is served for its scores, any other model for chat."""
     from lf.serve.scores import Scorer
     from lf.train.rewards import reward_type
 
-    return Scorer(cfg) if reward_type(cfg.model) else Engine(cfg)
+    return Scorer(cfg) if reward_type(cfg.model) else Engine(cfg, max_batch=max_batch)

@@ -16,6 +16,10 @@ and hands the text over in pieces: to a plain iterator (`for piece in generation
 (`async for`, the API's event loop, where waiting costs no thread). The engine holds one model, so a lock lets one
 worker generate at a time (the others wait their turn); only the workers take it, never the caller iterating, so a
 reader that stops reading cannot block anyone: leaving its iteration cancels its worker at the next token.
+An engine made with max_batch > 1 (`lf api`) decodes text replies together instead (lf.serve.batch: one worker
+thread, a forward pass a token for every reply in the batch, each with its own settings, stop strings and seed),
+fed to the same readers; replies with images, videos or audio still go through `generate` under the lock, which
+the batch also takes for each of its steps.
 
 Images come as `<image>` placeholders in the messages' text plus the decoded images in order (lf.serve.media
 decodes what users send). A model takes them when its template's multimodal plugin (lf.data.mm_plugins) serves its
@@ -57,6 +61,7 @@ from lf.data.templates import image_templates
 from lf.data.tools import get_tool_format
 from lf.errors import ConfigError, DataError, RequestError
 from lf.model import load_inference_model, load_mm_processor, load_tokenizer
+from lf.serve.batch import Batcher, Row
 
 log = logging.getLogger("lf")
 
@@ -113,8 +118,10 @@ class Engine:
 
     generates = True  # a model that writes replies (lf.serve.scores.Scorer: one that scores texts)
 
-    def __init__(self, cfg, device: str | None = None):
-        """`cfg`: an InferConfig (lf.config.parse_infer_args). `device`: default cuda when available, else cpu."""
+    def __init__(self, cfg, device: str | None = None, max_batch: int = 1):
+        """`cfg`: an InferConfig (lf.config.parse_infer_args). `device`: default cuda when available, else cpu.
+        `max_batch`: how many text replies are decoded together (lf.serve.batch); 1: one at a time, each by
+        transformers' generate under the lock."""
         if cfg.generating.num_beams != 1:
             raise ConfigError(f"num_beams: {cfg.generating.num_beams}, but lf's chat and API generate one reply at a "
                               f"time, token by token (streamed); remove num_beams or set it to 1")
@@ -141,6 +148,8 @@ class Engine:
         longest = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.max_chars = self.context_length * longest if self.context_length else None
         self._lock = threading.Lock()  # one model: one generation at a time (see the module docstring)
+        self.max_batch = max_batch
+        self.batcher = Batcher(self, max_batch) if max_batch > 1 else None
 
     def prompt_ids(self, messages, system=None, tools=None, images=(), files=None) -> list[int]:
         """The template's encoding of the conversation through the generation prompt (DataError if its roles do
@@ -184,8 +193,10 @@ class Engine:
         return self.streams(messages, system, tools, images=images, files=files, n=1, stop=stop, **settings)[0]
 
     def streams(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1, stop=None,
-                **settings) -> list[Generation]:
-        """`n` replies to the same prompt (encoded once), as `stream`; they are generated one after another."""
+                seed: int | None = None, **settings) -> list[Generation]:
+        """`n` replies to the same prompt (encoded once), as `stream`; they are generated one after another.
+        `seed`: sampling draws from a generator seeded with it (reply i of n with seed + i), so a request sampled
+        twice with one seed gets the same replies."""
         if not isinstance(n, int) or n < 1:
             raise RequestError(f"n must be a whole number >= 1 (how many replies), got {n!r}")
         kwargs = self._generate_kwargs(settings)
@@ -195,7 +206,9 @@ class Engine:
             kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_length - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
         tool_format = get_tool_format(self.template.tool_format) if tools else None
-        return [Generation(self, prompt_ids, {**kwargs, **inputs}, stops, tool_format) for _ in range(n)]
+        batched = self.batcher is not None and not inputs  # the batch takes text; images go through generate
+        return [Generation(self, prompt_ids, {**kwargs, **inputs}, stops, tool_format,
+                           None if seed is None else seed + i, batched) for i in range(n)]
 
     def generate(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1,
                  **settings) -> list[Reply]:
@@ -206,6 +219,8 @@ class Engine:
     def wait_idle(self) -> None:
         """Returns once no worker generates; one that was cancelled ends after its current token. (A server that
         shut down waits so, lest the interpreter exit under a thread inside torch.)"""
+        if self.batcher is not None:
+            self.batcher.wait_idle()
         with self._lock:
             pass
 
@@ -293,9 +308,10 @@ class Generation:
     `afinish()` read them all); then `reply` holds the whole Reply. Leaving the iteration early stops the
     generation."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], kwargs: dict, stops: list[str], tool_format):
+    def __init__(self, engine: Engine, prompt_ids: list[int], kwargs: dict, stops: list[str], tool_format,
+                 seed: int | None = None, batched: bool = False):
         self._engine, self._prompt_ids, self._kwargs = engine, prompt_ids, kwargs
-        self._stops, self._tool_format = stops, tool_format
+        self._stops, self._tool_format, self._seed, self._batched = stops, tool_format, seed, batched
         self._started, self._cancel = False, threading.Event()
         self.prompt_tokens = len(prompt_ids)
         self.reply: Reply | None = None
@@ -322,7 +338,7 @@ class Generation:
                 yield item
         finally:
             self._cancel.set()  # stops the worker after its current token when the reader leaves early
-            if worker is not threading.current_thread():  # the garbage collector may close us in any thread
+            if worker not in (None, threading.current_thread()):  # the garbage collector may close us in any thread
                 worker.join()
         self.reply = _result(item)
 
@@ -341,9 +357,16 @@ class Generation:
             self._cancel.set()  # a reader that leaves (or is cancelled) stops the worker after its current token
         self.reply = _result(item)
 
-    def _start(self, put: Callable[[object], None]) -> threading.Thread:
+    def _start(self, put: Callable[[object], None]) -> threading.Thread | None:
+        """Starts generating: a worker thread of its own, or (batched) a row of the engine's batch (None)."""
         assert not self._started, "a Generation is iterated once"
         self._started = True
+        if self._batched:
+            text = _Text(self._engine, self._stops, put, self._cancel)
+            settings = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **self._kwargs}
+            self._engine.batcher.submit(Row(self._prompt_ids, settings, self._seed, self._cancel, text.feed,
+                                            lambda error: self._end(text, put, error)))
+            return None
         worker = threading.Thread(target=self._work, args=(put,), daemon=True, name="lf-generate")
         worker.start()
         return worker
@@ -358,16 +381,37 @@ class Generation:
                     ids = torch.tensor([self._prompt_ids], device=engine.device)
                     kwargs = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v
                               for k, v in self._kwargs.items()}  # image inputs reach the device in their turn
-                    engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=text,
-                                          stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                                          **kwargs)
+                    with _seeded(self._seed, engine.device):
+                        engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=text,
+                                              stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                                              **kwargs)
+        except Exception as exc:  # handed to the reader, which raises it in its own thread
+            return put(exc)
+        self._end(text, put)
+
+    def _end(self, text: _Text, put: Callable[[object], None], error: Exception | None = None) -> None:
+        """Hands over the held-back tail and the Reply (or the error), once the reply is generated."""
+        try:
+            if error is not None:
+                raise error
             if text.held:
                 put(text.held)
             calls = self._tool_format.extract_calls(text.text) if self._tool_format else None
             put(Reply(text.text, "tool_calls" if calls else text.reason, self.prompt_tokens, len(text.ids),
                       tuple(calls or ())))
-        except Exception as exc:  # handed to the reader, which raises it in its own thread
+        except Exception as exc:
             put(exc)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """torch's generators seeded with `seed` inside, restored after (nothing changes for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _result(item) -> Reply:
@@ -391,6 +435,11 @@ class _Text(BaseStreamer):
     @property
     def held(self) -> str:
         return self.text[self.sent:]
+
+    def feed(self, token: int) -> bool:
+        """One new token (the batch's way in); True once the reply is over (end-of-turn marker, a stop string)."""
+        self._add(token)
+        return self._done
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:

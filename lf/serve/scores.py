@@ -9,8 +9,7 @@ context, is refused (RequestError).
 
 from __future__ import annotations
 
-import torch
-
+from lf import device as accelerator
 from lf.errors import RequestError
 from lf.model import load_tokenizer
 from lf.serve.engine import _context_length
@@ -25,10 +24,10 @@ class Scorer:
     generates = False
 
     def __init__(self, cfg, device: str | None = None):
-        """`cfg`: an InferConfig naming the rm output; `device`: default cuda when available, else cpu."""
+        """`cfg`: an InferConfig naming the rm output; `device`: default this process's accelerator (lf.device)."""
         self.name = cfg.model.model_name_or_path
         self.tokenizer = load_tokenizer(cfg.model)
-        self._score = served_scorer(cfg, self.tokenizer, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._score = served_scorer(cfg, self.tokenizer, device or accelerator.current().device())
         self.context_length = _context_length(self._score.model.config, self.tokenizer)  # None: the model names none
 
     def encode(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:

@@ -11,6 +11,15 @@ def run(cfg, callbacks=()) -> dict:
     from lf.train.disk import full_disk_in_one_line
 
     stage = stages.trainable(cfg.finetuning.stage)
+    if cfg.model.use_lf_kernels or cfg.model.enable_liger_kernel:
+        _kernel_backend_usable()
     output_dir = cfg.training.output_dir
     with no_empty_folder_left(output_dir), full_disk_in_one_line(output_dir):
         return stage.run(cfg, callbacks)
+
+
+def _kernel_backend_usable() -> None:
+    """A bad LF_KERNEL_BACKEND fails here, in one line, before minutes of data and model loading, not at step 1."""
+    from lf import device
+
+    device.current().kernel_backend()

@@ -24,18 +24,21 @@ def _duration(seconds: float) -> str:
 
 class RunLog(TrainerCallback):
     """Appends one JSON line per log to output_dir/trainer_log.jsonl and logs it in words. A resumed run keeps the
-    lines up to its checkpoint (the whole history, each step once). Tokens/s counts the real (non-padding) tokens
-    the trainer saw (`trainer.tokens_seen`) since this process started training."""
+    lines up to its checkpoint (the whole history, each step once) and goes on counting total_tokens and
+    elapsed_time from its last kept line. Tokens/s and the time left come from this process's own steps: the real
+    (non-padding) tokens the trainer saw (`trainer.tokens_seen`) since it started training."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.start = None
-        self.start_tokens = 0
+        self.start_tokens = self.start_step = 0
+        self.before = {}  # the last line kept from the run this one resumes
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_tokens = time.perf_counter(), self.trainer.tokens_seen
+        self.start_step = state.global_step  # (the step resumed from; 0 for a fresh run)
         if state.is_world_process_zero:
-            _keep_until(self._path(args), state.global_step)  # (the step resumed from; 0 for a fresh run)
+            self.before = _keep_until(self._path(args), state.global_step)
 
     @staticmethod
     def _path(args) -> str:
@@ -45,15 +48,17 @@ class RunLog(TrainerCallback):
         if not state.is_world_process_zero or self.start is None or not logs or not {"loss", "eval_loss"} & set(logs):
             return  # (the end-of-training summary goes to all_results.json)
         elapsed = time.perf_counter() - self.start
-        done = max(state.global_step, 1)
+        done = max(state.global_step - self.start_step, 1)
         tokens = self.trainer.tokens_seen - self.start_tokens
         remaining = elapsed / done * max(state.max_steps - state.global_step, 0)
         record = {"current_steps": state.global_step, "total_steps": state.max_steps,
                   "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"), "lr": logs.get("learning_rate"),
                   "epoch": logs.get("epoch", state.epoch),
                   "percentage": round(100 * state.global_step / state.max_steps, 2) if state.max_steps else 0,
-                  "total_tokens": self.trainer.tokens_seen, "throughput": round(tokens / elapsed, 2) if elapsed else 0,
-                  "elapsed_time": _duration(elapsed), "remaining_time": _duration(remaining)}
+                  "total_tokens": self.before.get("total_tokens", 0) + tokens,
+                  "throughput": round(tokens / elapsed, 2) if elapsed else 0,
+                  "elapsed_time": _duration(_seconds(self.before.get("elapsed_time")) + elapsed),
+                  "remaining_time": _duration(remaining)}
         record = {k: v for k, v in record.items() if v is not None}
         os.makedirs(args.output_dir, exist_ok=True)
         with open(self._path(args), "a") as f:
@@ -68,11 +73,21 @@ class RunLog(TrainerCallback):
         log.info("%s", ", ".join(parts))
 
 
-def _keep_until(path: str, step: int) -> None:
+def _seconds(duration: str | None) -> int:
+    """_duration's "[D day(s), ]H:MM:SS" back to seconds; 0 for none."""
+    if not duration:
+        return 0
+    days, _, clock = duration.rpartition(", ")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return (int(days.split()[0]) if days else 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def _keep_until(path: str, step: int) -> dict:
     """The log keeps its lines up to `step` and drops the later ones: those of a killed run past the checkpoint this
-    run resumes from, which this run logs again (each step once). A fresh run (step 0) starts a fresh log."""
+    run resumes from, which this run logs again (each step once). A fresh run (step 0) starts a fresh log. Returns
+    the last kept training line ({} for none): where the resumed run's counts go on from."""
     if not os.path.exists(path):
-        return
+        return {}
     with open(path) as f:
         lines = f.readlines()
     kept = [line.rstrip("\n") + "\n" for line in lines if _step(line) is not None and _step(line) <= step]
@@ -80,6 +95,8 @@ def _keep_until(path: str, step: int) -> None:
         os.remove(path)
     elif kept != lines:
         _replace(path, kept)
+    counted = [record for record in map(json.loads, kept) if "total_tokens" in record]
+    return counted[-1] if counted else {}
 
 
 def _replace(path: str, lines: list[str]) -> None:

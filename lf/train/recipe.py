@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import set_seed
 
+from lf import device
 from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_mm_processor, load_model, load_tokenizer, pissa
@@ -66,7 +67,7 @@ def make_trainer(trainer_class, cfg, prepared: Prepared, **extra):
 
 
 def _cpu_training(args) -> bool:
-    return args.use_cpu or not torch.cuda.is_available()
+    return args.use_cpu or device.current().kind == "cpu"
 
 
 def _cpu_allocator(setting: str) -> None:
