@@ -122,6 +122,17 @@ def _train_and_report(argv: list[str]) -> int:
     return 0
 
 
+def _expand(args) -> int:
+    """`lf expand --model_name_or_path PATH --output_dir DIR --num_expand E`: LLaMA Pro's block expansion."""
+    from lf.model import llama_pro
+
+    if not args.rest or args.rest[0] in ("-h", "--help"):
+        print(llama_pro.USAGE)
+        return 0 if args.rest else 2
+    _lf_log()
+    return _user_errors("expand", lambda: llama_pro.command(args.rest))
+
+
 def _bench(args) -> int:
     """`lf bench [ops|train|serve|all] [--quick] [--device ...]`: bench/suite.py of the source checkout, in a child
     process."""
@@ -179,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                            add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
+    sub.add_parser("expand", help="LLaMA Pro block expansion: lf expand --model_name_or_path PATH --output_dir DIR "
+                                  "--num_expand E", add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     for name, (_module, help_text) in MODEL_COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("help", help="show this help").set_defaults(run=lambda _a: parser.print_help() or 0)
     argv = sys.argv[1:] if argv is None else argv
     # everything after these, options included, is theirs to parse (argparse's REMAINDER drops a leading option)
-    commands = {"train": _train, "bench": _bench, **{name: _model_command(name) for name in MODEL_COMMANDS}}
+    commands = {"train": _train, "bench": _bench, "expand": _expand,
+                **{name: _model_command(name) for name in MODEL_COMMANDS}}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)

@@ -46,7 +46,7 @@ class Stage:
 
 
 _DPO_KEYS = ("pref_loss", "simpo_gamma", "dpo_label_smoothing", "ld_alpha", "pref_bco_weight")
-_REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model")
+_REFERENCE_KEYS = ("pref_beta", "pref_ftx", "ref_model", "ref_model_adapters", "ref_model_quantization_bit")
 _PPO_KEYS = ("reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
              "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards")
 _ENTRIES = {stage.name: stage for stage in (
@@ -60,7 +60,7 @@ _ENTRIES = {stage.name: stage for stage in (
     Stage("kto", "replies flagged desirable or not", "feedback", reference=True, logps=True,
           keys=_REFERENCE_KEYS + ("kto_chosen_weight", "kto_rejected_weight"), recipe="lf.train.kto:run_kto"),
     Stage("ppo", "online RL from a reward model's scores", "prompts",  # prompts: the policy writes the replies
-          reference=True, media=False, keys=_PPO_KEYS + ("ref_model",), recipe="lf.train.ppo:run_ppo"),
+          reference=True, media=False, keys=_PPO_KEYS + _REFERENCE_KEYS[2:], recipe="lf.train.ppo:run_ppo"),
     Stage("predict", "", "prompts"),  # data only: eval_dataset's prompts for do_predict (lf.train.predict)
 )}
 STAGES = types.MappingProxyType(_ENTRIES)  # name -> Stage, read-only; a live view: `added` shows here

@@ -5,6 +5,7 @@ import logging
 import math
 import types
 import typing
+from pathlib import Path
 
 import pytest
 import transformers.training_args
@@ -12,10 +13,11 @@ import transformers.training_args
 from lf.config import RULES, parse_train_args, read_config
 from lf.config.parser import _owners
 from lf.config import rules
-from lf.config.rules import OFT_KEYS, RANGES, show
+from lf.config.rules import NO_DEEPSPEED, OFT_KEYS, RANGES, show
 from lf.errors import ConfigError
 from lf.stages import key_stages
 
+REPO = Path(__file__).resolve().parent.parent
 # Like LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, bf16 off: this machine has no bf16 GPU.
 LLAMA3_LORA_SFT = """\
 ### model
@@ -228,7 +230,6 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize("key, value, feature", [
     ("use_unsloth", True, "Unsloth's patched training"),
-    ("use_llama_pro", True, "LLaMA Pro block expansion"),
     ("use_mca", True, "Megatron-Core training"),
     ("shift_attn", True, "LongLoRA's shifted sparse attention"),
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
@@ -317,6 +318,11 @@ RULE_CASES = {
                                       "dpo_label_smoothing softens the sigmoid and simpo losses, not pref_loss: ipo"),
     "simpo_gamma_needs_simpo": ({"stage": "dpo", "simpo_gamma": 1.0}, "simpo_gamma is the margin of the simpo loss, "
                                                                       "but pref_loss is sigmoid"),
+    "ref_model_options_need_ref_model": ({"stage": "kto", "ref_model_quantization_bit": 4},
+                                         "ref_model_quantization_bit shape(s) the reference model that ref_model "
+                                         "names, but ref_model is not set"),
+    "ref_model_quantization_bit_choice": ({"stage": "dpo", "ref_model": "saves/ref", "ref_model_quantization_bit": 2},
+                                          "ref_model_quantization_bit: 2 is not one of null, 4, 8"),
     "reference_free_loss": ({"stage": "dpo", "pref_loss": "simpo", "ref_model": "saves/ref"},
                             "pref_loss: simpo compares the trained model's replies with each other"),
     "bco_needs_reference": ({"stage": "dpo", "pref_loss": "orpo", "pref_bco_weight": 0.5},
@@ -408,6 +414,25 @@ RULE_CASES = {
                                       "gradients cannot be accumulated: set gradient_accumulation_steps: 1"),
     "apollo_layerwise_accumulation": ({"finetuning_type": "full", "use_apollo": True, "apollo_layerwise": True,
                                        "gradient_accumulation_steps": 4}, "apollo_layerwise: true steps each weight"),
+    # (overrides, message, environment): WORLD_SIZE=2 is what torchrun sets in each of two processes
+    "galore_layerwise_distributed": ({"finetuning_type": "full", "use_galore": True, "galore_layerwise": True},
+                                     "galore_layerwise: true steps each weight in its own gradient hook, before the "
+                                     "processes have averaged the gradients", {"WORLD_SIZE": "2"}),
+    "apollo_layerwise_distributed": ({"finetuning_type": "full", "use_apollo": True, "apollo_layerwise": True},
+                                     "apollo_layerwise: true steps each weight", {"WORLD_SIZE": "2"}),
+    "optimizer_not_with_deepspeed": ({"finetuning_type": "full", "use_apollo": True,
+                                      "deepspeed": str(REPO / "configs/deepspeed/ds_z2.json")},
+                                     "use_apollo: true with deepspeed: DeepSpeed gives the optimizer flattened shards "
+                                     "of the weights, but APOLLO projects"),
+    "badam_ratio_distributed": ({"finetuning_type": "full", "use_badam": True, "badam_mode": "ratio",
+                                 "deepspeed": str(REPO / "configs/deepspeed/ds_z3.json")},
+                                "badam_mode: ratio runs in one process only", {"WORLD_SIZE": "2"}),
+    "badam_layer_needs_zero3": ({"finetuning_type": "full", "use_badam": True,
+                                 "deepspeed": str(REPO / "configs/deepspeed/ds_z2.json")},
+                                "use_badam: true (badam_mode: layer) in several processes (WORLD_SIZE > 1) runs "
+                                "under DeepSpeed ZeRO-3 only", {"WORLD_SIZE": "2"}),
+    "llama_pro_not_full": ({"finetuning_type": "full", "use_llama_pro": True},
+                           "use_llama_pro: true trains the blocks `lf expand` added, but finetuning_type: full"),
     "galore_proj_type_choice": ({"galore_proj_type": "up"}, "galore_proj_type: up is not one of std, reverse_std, "
                                                             "right, left, full."),
     "apollo_proj_choice": ({"apollo_proj": "qr"}, "apollo_proj: qr is not one of svd, random."),
@@ -488,12 +513,22 @@ ON_DEVICE = {"npu_double_quantization": "npu"}  # rules that apply on one accele
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
 def test_each_rule_refuses_its_case_alone(name, monkeypatch):
-    overrides, expected = RULE_CASES[name]
+    overrides, expected, *environment = RULE_CASES[name]
+    for key, value in (environment or [{}])[0].items():
+        monkeypatch.setenv(key, value)
     if name in ON_DEVICE:  # a fake device kind (lf.device is tested in test_device.py)
         monkeypatch.setattr(rules, "accelerator", lambda: ON_DEVICE[name])
     message = refused({**BASE, **overrides})
     assert expected in message
     assert "problems" not in message  # this rule alone
+
+
+@pytest.mark.parametrize("key", sorted(NO_DEEPSPEED))
+def test_each_optimizer_that_needs_whole_matrices_is_refused_with_deepspeed(key):
+    message = refused({**BASE, "finetuning_type": "full", key: True,
+                       "deepspeed": str(REPO / "configs/deepspeed/ds_z3.json")})
+    assert message == (f"{key}: true with deepspeed: DeepSpeed gives the optimizer flattened shards of the weights, "
+                       f"but {NO_DEEPSPEED[key]}: remove deepspeed (several processes train with plain DDP), or {key}")
 
 
 def test_rules_report_every_problem_at_once(example):

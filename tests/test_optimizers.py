@@ -14,6 +14,7 @@ from lf.config.finetuning import FinetuningArguments
 from lf.errors import ConfigError
 from lf.tiny import TINY_MODELS
 from lf.train import optimizers, run
+from tests.support import one_thread  # noqa: F401 (autouse: this module's runs on one thread)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,6 +122,38 @@ def test_a_run_resumes_from_a_checkpoint_with_the_projectors(tmp_path, key):
     lf_train(tmp_path, **{key: True}, max_steps=2, save_steps=1)
     lf_train(tmp_path, **{key: True}, max_steps=3, save_steps=1)  # resumes from checkpoint-2
     assert (tmp_path / "checkpoint-3").is_dir()
+
+
+@pytest.mark.parametrize("options", [{"use_galore": True, "galore_rank": 8, "galore_update_interval": 2},
+                                     {"use_galore": True, "galore_layerwise": True, "galore_update_interval": 2},
+                                     {"use_apollo": True, "apollo_rank": 8, "apollo_update_interval": 2},
+                                     {"use_badam": True, "badam_switch_interval": 2},
+                                     {"use_adam_mini": True}, {"use_muon": True}],
+                         ids=lambda options: "-".join(key for key, on in options.items() if on is True))
+def test_resuming_from_a_saved_state_steps_as_if_uninterrupted(tmp_path, options):
+    """What the Trainer does on resume: the weights and the optimizer's state_dict are saved (torch.save) and read
+    back (torch.load, weights only) into a new optimizer built over the loaded weights. The resumed steps equal those
+    of a run that went on: every part of the state came back (GaLore's projectors, BAdam's block schedule and the
+    moments of the block in training, each of Muon's two optimizers)."""
+    finetuning, args = FinetuningArguments(**options), training_args(tmp_path)
+
+    def steps(model, optimizer, which):
+        for step in which:
+            backward(model, step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    whole, first = tiny_llama(), tiny_llama()
+    steps(whole, optimizers.build(whole, args, finetuning, decayed(whole)), range(4))
+    optimizer = optimizers.build(first, args, finetuning, decayed(first))
+    steps(first, optimizer, range(2))
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    resumed = tiny_llama(seed=1)
+    resumed.load_state_dict(first.state_dict())
+    optimizer = optimizers.build(resumed, args, finetuning, decayed(resumed))
+    optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    steps(resumed, optimizer, range(2, 4))
+    assert_same_weights(resumed, whole)
 
 
 def test_galore_target_names_modules(tmp_path):

@@ -92,6 +92,54 @@ def test_a_frozen_copy_or_ref_model_is_the_reference(tmp_path, finetuning_type, 
     assert (out / saved).exists()
 
 
+@pytest.fixture
+def ref_adapter(tmp_path):
+    """A LoRA adapter with random (non-zero) weights over the tiny model, and the model with it merged."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_path("lf-tiny-llama")
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    return str(tmp_path / "adapter"), merged.merge_and_unload()
+
+
+def reference_of(tmp_path, **overrides):
+    from lf.model import load_tokenizer
+    from lf.train.preference import _reference
+
+    cfg = parse_train_args(options(tmp_path / "out", **{**PAIRS, "stage": "dpo", "finetuning_type": "full",
+                                                          "ref_model": str(tiny_path("lf-tiny-llama")), **overrides}))
+    return _reference(load_tokenizer(cfg.model), None, cfg, "sigmoid")
+
+
+def test_ref_model_adapters_are_merged_into_the_reference(tmp_path, ref_adapter):
+    path, merged = ref_adapter
+    reference = reference_of(tmp_path, ref_model_adapters=path)
+    expected = dict(merged.named_parameters())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(param, expected[name], msg=name)
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_ref_model_quantization_bit_loads_the_reference_in_4_bits(tmp_path, ref_adapter):
+    import bitsandbytes as bnb
+
+    from safetensors.torch import load_file
+
+    path, _ = ref_adapter
+    reference = reference_of(tmp_path, ref_model_adapters=path, ref_model_quantization_bit=4)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in reference.modules()) == 4 * 7  # every layer's linears
+    # a quantized model cannot take merged weights: the adapter stays beside them, as saved
+    saved = load_file(f"{path}/adapter_model.safetensors")
+    loaded = {name.replace(".default", ""): p for name, p in reference.named_parameters() if "lora_" in name}
+    assert loaded.keys() == saved.keys()
+    for name, weight in saved.items():
+        assert torch.equal(loaded[name].float(), weight.float()), name
+
+
 def _trl_dpo(loss_types, loss_weights, per_token, completion_mask, ref_sums, beta):
     """TRL 1.16's DPOTrainer._compute_loss (its own code, unbound) with precomputed reference log-probabilities,
     on a stand-in model whose fused head returns `per_token` log-probabilities."""

@@ -36,6 +36,9 @@ class FinetuningArguments:
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
     freeze_extra_modules: str | None = None  # modules outside the layers that train too (e.g. embed_tokens)
+    # LLaMA Pro (lf.model.llama_pro): only the blocks `lf expand` added train (freeze), or take LoRA adapters (lora);
+    # freeze_trainable_layers is then the number of blocks added
+    use_llama_pro: bool = False
     # vision-language models: which parts may train (lf.data.mm_plugins names each family's parts)
     freeze_vision_tower: bool = True
     freeze_multi_modal_projector: bool = True
@@ -70,6 +73,8 @@ class FinetuningArguments:
     ld_alpha: float | None = None  # dpo: LD-DPO, the policy's tokens beyond the shorter reply's length count this much
     dpo_label_smoothing: float = 0.0  # sigmoid, simpo: the assumed chance that a pair is labelled the wrong way round
     ref_model: str | None = None  # the reference model; None: the model being trained, as it starts
+    ref_model_adapters: str | None = None  # LoRA adapters merged into ref_model (comma-separated, in order)
+    ref_model_quantization_bit: QuantizationBit | None = None  # ref_model loaded in 4 or 8 bits (bitsandbytes)
     kto_chosen_weight: float = 1.0  # kto: weight of the desirable replies' loss
     kto_rejected_weight: float = 1.0  # kto: weight of the undesirable replies' loss
     # ppo (lf.train.ppo): each step scores replies the policy writes and trains on them

@@ -298,14 +298,10 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
-    "ref_model_adapters": Unsupported("adapters on the reference model", (None,),
-                                      "merge them into a model and name that in ref_model"),
-    "ref_model_quantization_bit": Unsupported("a quantized reference model", (None,)),
     "use_swanlab": Unsupported("SwanLab tracking"),
     **{key: Unsupported("SwanLab tracking", None) for key in
        ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
         "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
-    "use_llama_pro": Unsupported("LLaMA Pro block expansion"),
     "use_mca": Unsupported("Megatron-Core training"),
     # data
     "eval_num_beams": Unsupported("generation at evaluation", (None,)),

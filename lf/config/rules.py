@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -72,6 +73,7 @@ def literal_values(annotation) -> tuple:
 # a Literal key -> what its choice message adds after the choices
 CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8)",
                                        "reward_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
+                                       "ref_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
                                        "quantization_method": " (LLaMA-Factory's names; bnb and hqq are built)"})
 
 
@@ -247,6 +249,39 @@ def _full_only(cfg) -> list[str]:
     return [key for key in _optimizers(cfg) if key in ("use_galore", "use_apollo", "use_badam")]
 
 
+def _distributed() -> bool:
+    """Several processes train (torchrun, or lf train with NPROC_PER_NODE, sets WORLD_SIZE in each)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _zero_stage(t) -> int | None:
+    """The ZeRO stage of the `deepspeed` config (a JSON file or a mapping); None without DeepSpeed."""
+    if not t.deepspeed:
+        return None
+    config = t.deepspeed
+    if not isinstance(config, dict):
+        try:
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return 0  # transformers names the unreadable file when it loads it
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+# the optimizers that need whole weight matrices, which DeepSpeed's flattened shards are not: why (GaLore and APOLLO
+# as LLaMA-Factory 0.9.5 refuses them; Muon and Adam-mini measured: lf train with ds_z2.json, one process, CPU)
+NO_DEEPSPEED = types.MappingProxyType({
+    "use_galore": "GaLore projects each weight matrix's gradient",
+    "use_apollo": "APOLLO projects each weight matrix's gradient",
+    "use_muon": "Muon orthogonalises each weight matrix's update (torch's Muon stops at the first ZeRO-2 step)",
+    "use_adam_mini": "Adam-mini splits each weight by its attention heads and neurons (it stops at the first "
+                     "ZeRO-2 or ZeRO-3 step)"})
+
+
+def _no_deepspeed(cfg) -> list[str]:
+    return [key for key in NO_DEEPSPEED if getattr(cfg.finetuning, key)]
+
+
 def _optim(t) -> str:
     return str(getattr(t.optim, "value", t.optim))
 
@@ -278,6 +313,10 @@ def _lora_only_options(cfg) -> list[str]:
 TRACKERS = types.MappingProxyType({"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
                                    "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "swanlab": ("swanlab",),
                                    "trackio": ("trackio",)})
+
+
+def _ref_model_options(cfg) -> list[str]:
+    return [key for key in ("ref_model_adapters", "ref_model_quantization_bit") if getattr(cfg.finetuning, key)]
 
 
 def _stage(cfg, field: str) -> bool:
@@ -361,6 +400,10 @@ RULES: tuple[Rule, ...] = (
     Rule("bco_needs_reference", lambda c: _reads(c, "pref_bco_weight") and c.finetuning.pref_loss in REFERENCE_FREE,
          "pref_bco_weight mixes BCO's loss, over log-ratios to the reference, into the dpo loss, but pref_loss: "
          "{f.pref_loss} uses no reference: set pref_loss: sigmoid (hinge, ipo, kto_pair), or remove pref_bco_weight"),
+    Rule("ref_model_options_need_ref_model", lambda c: c.finetuning.ref_model is None and bool(_ref_model_options(c)),
+         lambda c: f"{', '.join(_ref_model_options(c))} shape(s) the reference model that ref_model names, but "
+                   "ref_model is not set (the reference is the model being trained, as it starts): set ref_model, "
+                   "or remove them"),
     Rule("reward_model_adapters", lambda c: _stage(c, "value_head") and c.model.adapter_name_or_path is not None,
          "stage: {f.stage} puts a value head on the model, onto which lf cannot load adapters trained for generation "
          "yet: merge adapter_name_or_path into the model and name that in model_name_or_path"),
@@ -500,6 +543,27 @@ RULES: tuple[Rule, ...] = (
            f"{name}_layerwise: true steps each weight as soon as its gradient is ready, so gradients cannot be "
            f"accumulated: set gradient_accumulation_steps: 1 (raise per_device_train_batch_size instead), or "
            f"{name}_layerwise: false") for name in LAYERWISE),
+    # LLaMA-Factory 0.9.5's limits of the optimizers in distributed training
+    *(Rule(f"{name}_layerwise_distributed", lambda c, name=name: getattr(c.finetuning, f"use_{name}")
+           and getattr(c.finetuning, f"{name}_layerwise") and _distributed(),
+           f"{name}_layerwise: true steps each weight in its own gradient hook, before the processes have averaged "
+           f"the gradients (WORLD_SIZE > 1): set {name}_layerwise: false, or train in one process")
+      for name in LAYERWISE),
+    Rule("optimizer_not_with_deepspeed", lambda c: _zero_stage(c.training) is not None and bool(_no_deepspeed(c)),
+         lambda c: f"{_no_deepspeed(c)[0]}: true with deepspeed: DeepSpeed gives the optimizer flattened shards of "
+                   f"the weights, but {NO_DEEPSPEED[_no_deepspeed(c)[0]]}: remove deepspeed (several processes train "
+                   f"with plain DDP), or {_no_deepspeed(c)[0]}"),
+    Rule("badam_ratio_distributed", lambda c: c.finetuning.use_badam and c.finetuning.badam_mode == "ratio"
+         and _distributed(),
+         "badam_mode: ratio runs in one process only, not in several (WORLD_SIZE > 1): set badam_mode: layer with "
+         "deepspeed: configs/deepspeed/ds_z3.json, or train in one process"),
+    Rule("badam_layer_needs_zero3", lambda c: c.finetuning.use_badam and c.finetuning.badam_mode == "layer"
+         and _distributed() and _zero_stage(c.training) != 3,
+         "use_badam: true (badam_mode: layer) in several processes (WORLD_SIZE > 1) runs under DeepSpeed ZeRO-3 "
+         "only: set deepspeed: configs/deepspeed/ds_z3.json, or train in one process"),
+    Rule("llama_pro_not_full", lambda c: c.finetuning.use_llama_pro and c.finetuning.finetuning_type == "full",
+         "use_llama_pro: true trains the blocks `lf expand` added, but finetuning_type: full trains every weight: "
+         "set finetuning_type: freeze (or lora), with freeze_trainable_layers: the num_expand of `lf expand`"),
     *(_in_range(key, *spec) for key, spec in RANGES.items()),
     Rule("finite_numbers", lambda c: bool(_not_finite(c)),
          lambda c: f"{', '.join(_not_finite(c))}: not a finite number: give a number (nan and inf are refused)"),

@@ -25,7 +25,7 @@ from torch import nn
 from lf.config.finetuning import PEFT_TYPES, FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
-from lf.model import pissa
+from lf.model import llama_pro, pissa
 from lf.model.quantization import is_quantized, is_quantized_linear
 from lf.model.paths import check_adapter_path
 
@@ -131,7 +131,11 @@ def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
     n = finetuning_args.freeze_trainable_layers
     if abs(n) > len(layers):
         raise ModelError(f"freeze_trainable_layers: {n}, but the model has {len(layers)} decoder layers")
-    chosen = [layers[i] for i in (range(len(layers) - n, len(layers)) if n > 0 else range(-n))]
+    if finetuning_args.use_llama_pro:
+        ids = llama_pro.expanded_layer_ids(len(layers), n)
+    else:
+        ids = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
+    chosen = [layers[i] for i in ids]
     if in_part(prefix, _all_parts(frozen)):  # freeze_language_model
         chosen = []
     wanted = split_names(finetuning_args.freeze_trainable_modules)
@@ -159,7 +163,9 @@ def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
         extra += unfrozen
     if not chosen and not extra:
         raise ModelError("freeze: nothing would train (freeze_trainable_layers: 0 and no freeze_extra_modules)")
-    which = f"the {'last' if n > 0 else 'first'} {abs(n)} decoder layers" if chosen else "no decoder layers"
+    which = (f"the expanded (LLaMA Pro) decoder layers {', '.join(map(str, ids))}" if finetuning_args.use_llama_pro
+             else f"the {'last' if n > 0 else 'first'} {abs(n)} decoder layers")
+    which = which if chosen else "no decoder layers"
     return f"freeze: {which} ({', '.join(wanted)}) train" + (f", with {', '.join(extra)}" if extra else "")
 
 
@@ -242,6 +248,20 @@ def _lora_targets(model, lora_target: str) -> list[str]:
     return targets
 
 
+def _in_expanded_layers(model, targets: list[str], num_expand: int, plugin) -> list[str]:
+    """use_llama_pro: the full paths of the LoRA targets (last name parts or full paths) inside the expanded
+    decoder layers, which alone take adapters."""
+    prefix = _decoder_layers(model, plugin)
+    layers = [f"{prefix}.{i}." for i in llama_pro.expanded_layer_ids(len(model.get_submodule(prefix)), num_expand)]
+    wanted = set(targets)
+    found = [path for path, _ in model.named_modules()
+             if (path in wanted or _leaf(path) in wanted) and any(path.startswith(layer) for layer in layers)]
+    if not found:
+        raise ModelError(f"use_llama_pro: lora_target {', '.join(targets)} names no module inside the expanded "
+                         f"decoder layers ({', '.join(layers)}): name their linear layers, or all")
+    return found
+
+
 def _new_adapter(model, finetuning_args, resize_vocab: bool):
     """A fresh LoRA or OFT adapter (finetuning_type) on the chosen linear layers, with the modules that train
     whole beside it; returns the PEFT model and a line saying what trains."""
@@ -252,6 +272,8 @@ def _new_adapter(model, finetuning_args, resize_vocab: bool):
     plugin, frozen = _frozen_parts(model, finetuning_args)
     targets = (_mm_lora_targets(model, target, plugin, frozen) if plugin is not None
                else _lora_targets(model, target))
+    if finetuning_args.use_llama_pro:
+        targets = _in_expanded_layers(model, targets, finetuning_args.freeze_trainable_layers, plugin)
     saved = split_names(finetuning_args.additional_target)
     if plugin is not None and "freeze_multi_modal_projector" not in frozen:
         saved += [part for part in plugin.projector if part not in saved]
@@ -264,7 +286,8 @@ def _new_adapter(model, finetuning_args, resize_vocab: bool):
     # a copy of the list: peft adds to a SEQ_CLS one
     config, what = (_oft if kind == "oft" else _lora)(finetuning_args, task, targets, list(saved) or None)
     model = get_peft_model(model, config, autocast_adapter_dtype=not finetuning_args.pure_bf16)
-    shown = sorted({_leaf(t) for t in targets}) if plugin is not None else targets  # full paths: too many to list
+    # full paths: too many to list
+    shown = sorted({_leaf(t) for t in targets}) if plugin is not None or finetuning_args.use_llama_pro else targets
     return model, (f"{what} on {', '.join(shown)}" + (f"; fully trained beside it: {', '.join(saved)}" if saved
                                                       else ""))
 

@@ -143,10 +143,44 @@ def _badam(model, args, finetuning, decayed: set[str]) -> torch.optim.Optimizer:
                                          update_ratio=finetuning.badam_update_ratio,
                                          mask_mode=finetuning.badam_mask_mode, verbose=finetuning.badam_verbose,
                                          include_embedding=False, **kwargs)
-    return badam.BlockOptimizer(base_optimizer=torch.optim.AdamW(groups, **kwargs), named_parameters_list=named,
-                                switch_block_every=finetuning.badam_switch_interval,
-                                start_block=finetuning.badam_start_block, switch_mode=finetuning.badam_switch_mode,
-                                verbose=finetuning.badam_verbose)
+    return _resumable_blocks(badam.BlockOptimizer)(
+        base_optimizer=torch.optim.AdamW(groups, **kwargs), named_parameters_list=named,
+        switch_block_every=finetuning.badam_switch_interval, start_block=finetuning.badam_start_block,
+        switch_mode=finetuning.badam_switch_mode, verbose=finetuning.badam_verbose)
+
+
+def _resumable_blocks(block_optimizer: type) -> type:
+    """badam.BlockOptimizer whose checkpoint holds where the block schedule stands. BAdam's own saves the Adam
+    moments of the block in training only, so a resumed run would start over at the first block, with another
+    block's moments; this one saves the block in training, the next one and the step count beside them. Under
+    ZeRO-3 DeepSpeed's optimizer wraps this one and checkpoints its own shards: BAdam's behaviour stays there."""
+
+    class ResumableBlockOptimizer(block_optimizer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            del self.state_dict  # BAdam's instance attribute (the AdamW's state_dict) hides the method
+
+        def _active_block(self) -> int:
+            return next(i for i, block in enumerate(self.block_prefix_list)
+                        if block + self.active_modules == self.active_param_prefixs)
+
+        def state_dict(self):
+            if self.ds_zero3_enabled:
+                return self.base_optimizer.state_dict()
+            return {"adamw": self.base_optimizer.state_dict(), "global_step": self.global_step,
+                    "active_block": self._active_block(), "next_block": self.current_block_idx,
+                    "block_order": list(getattr(self, "block_order", []))}
+
+        def load_state_dict(self, state_dict):
+            if self.ds_zero3_enabled:
+                return self.base_optimizer.load_state_dict(state_dict)
+            self.current_block_idx = state_dict["active_block"]
+            self.switch_trainable_params(verbose=0)  # that block's weights train again, from the loaded values
+            self.current_block_idx, self.global_step = state_dict["next_block"], state_dict["global_step"]
+            self.block_order = list(state_dict["block_order"])
+            self.base_optimizer.load_state_dict(state_dict["adamw"])
+
+    return ResumableBlockOptimizer
 
 
 # ---- Adam-mini ----

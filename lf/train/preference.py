@@ -3,8 +3,9 @@ metrics beside the loss (PairTrainer), and for the stages that train on log-prob
 dpo, kto) the trainer base, the reference model and the recipe itself (run_logps), over lf.model.logps.
 
 The reference is the model as it starts: with LoRA the same model with its adapter switched off (no second copy of
-the weights), with full or freeze a frozen copy; `ref_model` names another model instead; a reference-free loss
-(orpo, simpo) has none.
+the weights), with full or freeze a frozen copy; `ref_model` names another model instead (with
+`ref_model_adapters` merged into it, loaded in `ref_model_quantization_bit` bits); a reference-free loss (orpo,
+simpo) has none.
 """
 
 from __future__ import annotations
@@ -150,10 +151,14 @@ def _reference(tokenizer, model, cfg, kind: str):
         return None
     if fin.ref_model is None:  # the weights as they start, exactly
         reference = copy.deepcopy(model)
-    else:
-        model_args = dataclasses.replace(cfg.model, model_name_or_path=fin.ref_model, adapter_name_or_path=None)
-        reference, _ = load_model(tokenizer, model_args, fin, is_trainable=False, cutoff_len=cfg.data.cutoff_len)
-        log.info("reference model: %s", fin.ref_model)
+    else:  # LLaMA-Factory's create_ref_model: ref_model with ref_model_adapters merged, in its own bits
+        model_args = dataclasses.replace(cfg.model, model_name_or_path=fin.ref_model,
+                                         adapter_name_or_path=fin.ref_model_adapters,
+                                         quantization_bit=fin.ref_model_quantization_bit)
+        as_reference = dataclasses.replace(fin, finetuning_type="lora") if fin.ref_model_adapters else fin
+        reference, lines = load_model(tokenizer, model_args, as_reference, is_trainable=False,
+                                      cutoff_len=cfg.data.cutoff_len)
+        log.info("reference model: %s%s", fin.ref_model, "".join(f"; {line}" for line in lines))
     return reference.requires_grad_(False).eval()
 
 
