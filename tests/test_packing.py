@@ -150,17 +150,25 @@ def test_packed_attention_cpu_equals_the_masked_oracle(dtype, by_segments, shape
     # (B, L, H, D) storage seen as (B, H, L, D), as transformers' attention layers hand it over
     q, k, v = (torch.randn(len(bounds), length, h, dim, dtype=dtype).transpose(1, 2).requires_grad_()
                for h in (heads, kv_heads, kv_heads))
-    ref, leaves = _masked_reference(q, k, v, bounds, dim ** -0.5)  # the models' scale
-    g = torch.randn_like(ref)
-    want = torch.autograd.grad(ref, leaves, g)
     # `backend` (conftest) forces each backend and CPU variant and poisons what lf allocates: every gradient
     # element must be written. Triton has no kernel here (a GPU runs SDPA by segments): it takes the torch passes.
-    out = packed_attention.packed_attention_cpu(q, k, v, bounds, by_segments=by_segments)
-    got = torch.autograd.grad(out, (q, k, v), g.to(dtype))
-    rtol, atol = PACKED_TOL[dtype]
+    assert_matches_oracle(lambda *qkv: packed_attention.packed_attention_cpu(*qkv, bounds, by_segments=by_segments),
+                          q, k, v, bounds, dim ** -0.5)  # the models' scale
+
+
+def assert_matches_oracle(attention, q, k, v, bounds, scale, dout_layout=lambda g: g):
+    """attention(q, k, v) and its gradients equal :func:`_masked_reference`'s, within PACKED_TOL for q's dtype;
+    dout_layout gives the incoming gradient its memory layout."""
+    ref, leaves = _masked_reference(q, k, v, bounds, scale)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, g)
+    out = attention(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), dout_layout(g.to(q.dtype)))
+    rtol, atol = PACKED_TOL[q.dtype]
+    assert out.dtype == q.dtype
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol)
     for name, a, b in zip("qkv", got, want):
-        assert a.dtype == dtype and a.shape == b.shape
+        assert a.dtype == q.dtype and a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
 
 

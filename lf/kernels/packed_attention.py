@@ -238,6 +238,65 @@ def packed_attention_cpu(query, key, value, bounds, *, scale=None, by_segments=N
                                          backend if backend in ELEMENTWISE else "torch")
 
 
+def _heads(t: torch.Tensor):
+    from lf import _C
+
+    return _C.HeadsTensor(data=t.data_ptr(), stride=list(t.stride()[:3]))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_kernel(backward: bool, tensors: dict, lse, segments, query, key, scale) -> None:
+    from lf import _C
+
+    _C.flash_attention(_C.FlashAttention(
+        **{name: _heads(t) for name, t in tensors.items()}, lse=lse.data_ptr(), segments=segments.data_ptr(),
+        nseg=segments.shape[0], heads=query.shape[1], kv_heads=key.shape[1], seq=query.shape[2],
+        dim=query.shape[3], scale=scale, backward=backward, dtype=_checks.cpu_dtype(query.dtype),
+        threads=_checks.threads()))
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Causal attention within each segment of packed rows, fused in C++ (csrc/flash_attention.cpp): tiles of
+    64 x 64, blocks above the diagonal skipped, online softmax in fp32; the forward saves each row's log-sum-exp
+    and the backward recomputes the probabilities tile by tile. Grouped-query heads read their kv head in place."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bounds, scale):
+        query, key, value = map(_last_dim_contiguous, (query, key, value))
+        segments = torch.tensor([(b, s, e) for b, row in enumerate(bounds) for s, e in row], dtype=torch.int64)
+        batch, heads, length, dim = query.shape
+        # (B, L, H, D) storage, as transformers' attention output: its (B, H, L, D) view's transpose is free
+        out = _alloc.empty((batch, length, heads, dim), query).transpose(1, 2)
+        lse = _alloc.empty((batch, heads, length), query, torch.float32)
+        _flash_kernel(False, dict(q=query, k=key, v=value, out=out), lse, segments, query, key, scale)
+        ctx.save_for_backward(query, key, value, out, lse, segments)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, out, lse, segments = ctx.saved_tensors
+        dq, dk, dv = _alloc.empty_like(query), _alloc.empty_like(key), _alloc.empty_like(value)
+        _flash_kernel(True, dict(q=query, k=key, v=value, out=out, dout=_last_dim_contiguous(dout), dq=dq, dk=dk,
+                                 dv=dv), lse, segments, query, key, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention_cpu(query, key, value, bounds, *, scale=None) -> torch.Tensor:
+    """:func:`packed_sdpa`'s result for CPU tensors through :class:`FlashAttentionFunction` (lf._C)."""
+    if query.device.type != "cpu":
+        raise KernelInputError(f"flash_attention_cpu runs CPU tensors, not {query.device}; use packed_sdpa there")
+    if query.shape[1] % key.shape[1]:
+        raise KernelInputError(f"flash_attention_cpu: {query.shape[1]} query heads are not a multiple of "
+                               f"{key.shape[1]} key/value heads; give each kv head the same number of query heads")
+    _checks.same_device_and_dtype("flash_attention_cpu", "query", query, key=key, value=value)
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    return FlashAttentionFunction.apply(query, key, value, bounds, scale)
+
+
 def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface: (attn_output (B, L, H, D), attention weights or None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
