@@ -86,6 +86,10 @@ template <size_t N> std::array<float*, N> carve(std::vector<float>& buf, const i
   return out;
 }
 
+// The score columns a tile computes for the key block from k0 of a segment of n: its keys rounded up to whole
+// vectors (short segments' tiles are narrow; their padded keys are zeros, masked out).
+inline int64_t key_cols(int64_t n, int64_t k0) { return std::min(kB, (n - k0 + kW - 1) / kW * kW); }
+
 // One segment, one kv head: where its rows live in a HeadsTensor.
 struct Seg {
   int64_t row, start, n;
@@ -139,7 +143,8 @@ template <class T> struct Run {
     std::fill(sum, sum + r, 0.f);
     std::fill(acc, acc + r * dp, 0.f);
     for (int64_t kb = 0; kb <= qb; ++kb) {
-      gemm<false>(sc, kB, r, kB, q, dp, 1, kt + kb * kB, np, dp);
+      const int64_t cols = key_cols(s.n, kb * kB);
+      gemm<false>(sc, kB, r, cols, q, dp, 1, kt + kb * kB, np, dp);
       for (int64_t i = 0; i < r; ++i) {
         float* si = sc + i * kB;
         const int64_t kn = kb == qb ? i + 1 : kB;  // the diagonal block: keys up to the query itself
@@ -152,7 +157,7 @@ template <class T> struct Run {
           si[j] = vexp(si[j] - m);
           total += si[j];
         }
-        std::fill(si + kn, si + kB, 0.f);
+        std::fill(si + kn, si + cols, 0.f);
         mx[i] = m;
         sum[i] = sum[i] * alpha + total;
         float* ai = acc + i * dp;
@@ -161,7 +166,7 @@ template <class T> struct Run {
           for (int64_t c = 0; c < dp; ++c) ai[c] *= alpha;
         }
       }
-      gemm<true>(acc, dp, r, dp, sc, kB, 1, v + kb * kB * dp, dp, kB);
+      gemm<true>(acc, dp, r, dp, sc, kB, 1, v + kb * kB * dp, dp, cols);
     }
     float* lse = lse_at(s, head) + i0;
     for (int64_t i = 0; i < r; ++i) {
@@ -217,14 +222,14 @@ template <class T> struct Run {
       }
     }
     for (int64_t k0 = 0; k0 < s.n; k0 += kB) {
-      const int64_t kn = std::min(kB, s.n - k0);
+      const int64_t kn = std::min(kB, s.n - k0), cols = key_cols(s.n, k0);
       for (int64_t h = 0; h < g; ++h)
         for (int64_t i0 = k0; i0 < s.n; i0 += kB) {
           const int64_t r = std::min(kB, s.n - i0), row = h * np + i0;
           const float* qh = q + row * dp;
           const float* dh = dout + row * dp;
-          gemm<false>(p, kB, r, kB, qh, dp, 1, kt + k0, np, dp);
-          gemm<false>(ds, kB, r, kB, dh, dp, 1, vt + k0, np, dp);
+          gemm<false>(p, kB, r, cols, qh, dp, 1, kt + k0, np, dp);
+          gemm<false>(ds, kB, r, cols, dh, dp, 1, vt + k0, np, dp);
           for (int64_t i = 0; i < r; ++i) {
             float* pi = p + i * kB;
             float* di = ds + i * kB;
@@ -235,8 +240,8 @@ template <class T> struct Run {
               pi[j] = vexp(pi[j] - shift);
               di[j] = pi[j] * (di[j] - dlt);
             }
-            std::fill(pi + len, pi + kB, 0.f);
-            std::fill(di + len, di + kB, 0.f);
+            std::fill(pi + len, pi + cols, 0.f);
+            std::fill(di + len, di + cols, 0.f);
           }
           gemm<true>(dv + k0 * dp, dp, kn, dp, p, 1, kB, dh, dp, r);
           gemm<true>(dk + k0 * dp, dp, kn, dp, ds, 1, kB, qh, dp, r);
@@ -257,7 +262,12 @@ template <class T> struct Run {
     auto len = [&](int64_t i) { return a.segments[3 * i + 2] - a.segments[3 * i + 1]; };
     std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return len(x) > len(y); });
     const int64_t items = a.nseg * a.kv_heads;
-#pragma omp parallel num_threads(a.threads)
+    // Small batches run on one thread: a parallel region costs more than their work, and far more when another
+    // process holds a core (a thread waits for a scheduler tick).
+    int64_t work = 0;  // multiply-adds of the causal halves, about
+    for (int64_t i = 0; i < a.nseg; ++i) work += len(i) * len(i) / 2 * a.heads * self.dp;
+    const int threads = work < (int64_t(1) << 22) ? 1 : int(std::min<int64_t>(a.threads, items));
+#pragma omp parallel num_threads(threads)
     {
       std::vector<float> buf;
 #pragma omp for schedule(dynamic, 1)

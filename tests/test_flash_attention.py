@@ -52,3 +52,14 @@ def test_flash_attention_refuses_bad_heads_and_other_devices():
         packed_attention.flash_attention_cpu(q, k, k, bounds)
     with pytest.raises(KernelInputError, match="CPU tensors, not meta"):
         packed_attention.flash_attention_cpu(*(t.to("meta") for t in (q, q, q)), bounds)
+
+
+def test_choose_runs_the_fused_kernel_on_the_cpu_where_it_was_measured(monkeypatch):
+    choose = packed_attention.choose
+    bounds = _rows([7, 33], [40])
+    assert choose(bounds, 40, torch.float32, "cpu") == choose(bounds, 40, torch.bfloat16, "cpu") == "lf_flash"
+    assert choose(bounds, 40, torch.float32, "cpu", dropout=0.1) != "lf_flash"  # the kernel has no dropout
+    assert choose(bounds, 40, torch.float16, "cpu") != "lf_flash"  # not measured
+    assert choose(bounds, 40, torch.bfloat16, "cuda") == "sdpa_mask"  # short rows: the mask, in one call
+    monkeypatch.setenv("LF_KERNEL_BACKEND", "torch")  # lf._C forced off: SDPA's paths
+    assert choose(bounds, 40, torch.float32, "cpu") == "sdpa_mask"

@@ -309,17 +309,34 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         bounds = None if max(e - s for row in bounds for s, e in row) > window else bounds
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         bounds = None
-    if (bounds is not None and query.device.type == "cpu" and query.dtype in OWN_BACKWARD and not dropout
-            and own_backward_pays(bounds, query.shape[2])):
-        out = packed_attention_cpu(query, key, value, bounds, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    if bounds is not None and not segments_pay(bounds, query.shape[2], query.dtype):
-        bounds = None  # transformers' block-diagonal mask, in one call
-    if bounds is None:
+    path = "sdpa_mask" if bounds is None else choose(bounds, query.shape[2], query.dtype, query.device.type, dropout)
+    if path == "sdpa_mask":  # transformers' block-diagonal mask, in one call
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = packed_sdpa(query, key, value, bounds, scale=scaling, dropout_p=dropout)
-    return out.transpose(1, 2).contiguous(), None
+    if path == "lf_flash":
+        out = flash_attention_cpu(query, key, value, bounds, scale=scaling)
+    elif path == "lf_cpu":
+        out = packed_attention_cpu(query, key, value, bounds, scale=scaling)
+    else:
+        out = packed_sdpa(query, key, value, bounds, scale=scaling, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None  # free after lf_flash: its output is (B, L, H, D) storage
+
+
+# The dtypes in which the fused kernel beat every other path at every shape of `python -m bench.packed_attention`
+# on the AMD EPYC (2 cores), in the same run: see FLASH_MEASURED in bench/README.md. fp16 was not measured.
+FLASH = (torch.float32, torch.bfloat16)
+
+
+def choose(bounds, length: int, dtype: torch.dtype, device_type: str, dropout: float = 0.0) -> str:
+    """The one place lf picks how to run attention over packed rows, by the names bench.packed_attention times:
+    "lf_flash" (:func:`flash_attention_cpu`), "lf_cpu" (:func:`packed_attention_cpu`), "lf_packed"
+    (:func:`packed_sdpa`, by segments) or "sdpa_mask" (one SDPA call under the block-diagonal mask)."""
+    on_cpu = device_type == "cpu" and not dropout and _backend.choose_backend("cpu") == "cpu"
+    if on_cpu and dtype in FLASH:
+        return "lf_flash"
+    if device_type == "cpu" and not dropout and dtype in OWN_BACKWARD and own_backward_pays(bounds, length):
+        return "lf_cpu"
+    return "lf_packed" if segments_pay(bounds, length, dtype) else "sdpa_mask"
 
 
 def register() -> str:
