@@ -1,8 +1,12 @@
 """Attention over packed rows: each example of a row attends only to itself (causally), on every device.
 
 A neat-packed row marks its examples by position_ids that restart at 0. transformers turns such rows into a
-block-diagonal (L x L) mask for SDPA, whose cost grows with the whole row. Two ways around it, both giving the
-mask's outputs and gradients:
+block-diagonal (L x L) mask for SDPA, whose cost grows with the whole row. Three ways around it, all giving the
+mask's outputs and gradients (:func:`choose` picks one per batch):
+
+- :func:`flash_attention_cpu` (CPU, fp32 and bf16): lf's fused causal kernel over each example's tiles
+  (csrc/flash_attention.cpp), forward and backward; 3.0-9.1x the best of the paths below in
+  `python -m bench.packed_attention` on the AMD EPYC (2 cores).
 
 - :func:`packed_sdpa`: one causal SDPA per example (varlen attention by segments). On a GPU SDPA's flash kernel
   runs each segment; on the CPU it runs fp32 batches where :func:`segments_pay` (the mask otherwise).
@@ -11,8 +15,9 @@ mask's outputs and gradients:
   costs 5x its forward in bf16 and runs every cell of a masked row. Rows of many tiny examples keep the mask
   (:func:`own_backward_pays`).
 
-Forward + backward in bf16 on this 2-core CPU (`python -m bench.packed_attention`): 3.8x faster than the mask over
-one 2048-token row of 8 examples, 1.7x over 4 rows of 512 (where segments alone lose to the mask).
+packed_attention_cpu, forward + backward in bf16 on the 2-core CPU (`python -m bench.packed_attention`, before the
+fused kernel): 3.8x faster than the mask over one 2048-token row of 8 examples, 1.7x over 4 rows of 512 (where
+segments alone lose to the mask).
 
 `register()` adds this as the attention implementation "lf_packed" to transformers; batches that are not packed
 (no restart, a KV cache, left padding), layers that need more than a causal mask (a sliding window shorter
@@ -323,7 +328,8 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 
 # The dtypes in which the fused kernel beat every other path at every shape of `python -m bench.packed_attention`
-# on the AMD EPYC (2 cores), in the same run: see FLASH_MEASURED in bench/README.md. fp16 was not measured.
+# on the AMD EPYC (2 cores), in one interleaved run: 3.0-9.1x the fastest other path (its 2026-12-06 results in
+# bench/results/cpu-amd-epyc-2cores). fp16 was not measured.
 FLASH = (torch.float32, torch.bfloat16)
 
 
