@@ -25,51 +25,73 @@ constexpr int64_t kB = 64;  // rows of a query block and of a key block
 inline vec vload(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline void vstore(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
+// How a depth step of tile multiplies: F32, one fp32 product per lane; Bf16Pairs (AVX512-BF16), two bf16 products
+// per lane in one instruction (vdpbf16ps; each product exact in fp32, summed in fp32), the operands bf16 pairs of
+// consecutive depth steps packed in uint32.
+struct F32 {
+  using elem = float;
+  static vec load(const float* p) { return vload(p); }
+  static vec fma(vec acc, float w, vec m) { return acc + w * m; }
+};
+#if defined(__AVX512BF16__)
+#define LF_BF16_PAIRS 1
+struct Bf16Pairs {
+  using elem = uint32_t;
+  static __m512bh load(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static vec fma(vec acc, uint32_t w, __m512bh m) {
+    return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(int(w)), m);
+  }
+};
+#else
+#define LF_BF16_PAIRS 0
+#endif
+
 // C[r][0, NV * kW) (= or +=) sum_k W(r, k) * M[k][0, NV * kW) for r < R, with W(r, k) = w[r * wr + k * wk]: R x NV
 // accumulators stay in registers over the whole k loop.
-template <int R, int NV, bool Acc>
-inline void tile(float* c, int64_t ldc, const float* w, int64_t wr, int64_t wk, const float* m, int64_t ldm,
-                 int64_t depth) {
+template <class Op, int R, int NV, bool Acc>
+inline void tile(float* c, int64_t ldc, const typename Op::elem* w, int64_t wr, int64_t wk,
+                 const typename Op::elem* m, int64_t ldm, int64_t depth) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = Acc ? vload(c + r * ldc + v * kW) : vec{};
   for (int64_t k = 0; k < depth; ++k) {
-    vec mk[NV];
-    for (int v = 0; v < NV; ++v) mk[v] = vload(m + k * ldm + v * kW);
+    decltype(Op::load(m)) mk[NV];
+    for (int v = 0; v < NV; ++v) mk[v] = Op::load(m + k * ldm + v * kW);
     for (int r = 0; r < R; ++r) {
-      const float x = w[r * wr + k * wk];
-      for (int v = 0; v < NV; ++v) acc[r][v] += x * mk[v];
+      const auto x = w[r * wr + k * wk];
+      for (int v = 0; v < NV; ++v) acc[r][v] = Op::fma(acc[r][v], x, mk[v]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kW, acc[r][v]);
 }
 
-template <int R, bool Acc>
-inline void tile_cols(int nv, float* c, int64_t ldc, const float* w, int64_t wr, int64_t wk, const float* m,
-                      int64_t ldm, int64_t depth) {
+template <class Op, int R, bool Acc, class E>
+inline void tile_cols(int nv, float* c, int64_t ldc, const E* w, int64_t wr, int64_t wk, const E* m, int64_t ldm,
+                      int64_t depth) {
   switch (nv) {
-    case 1: tile<R, 1, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
-    case 2: tile<R, 2, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
-    case 3: tile<R, 3, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
-    default: tile<R, 4, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
+    case 1: tile<Op, R, 1, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
+    case 2: tile<Op, R, 2, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
+    case 3: tile<Op, R, 3, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
+    default: tile<Op, R, 4, Acc>(c, ldc, w, wr, wk, m, ldm, depth); break;
   }
 }
 
 // C (rows x cols, cols a multiple of kW) = or += W (rows x depth, strided as in tile) . M (depth x cols).
-template <bool Acc>
-void gemm(float* c, int64_t ldc, int64_t rows, int64_t cols, const float* w, int64_t wr, int64_t wk, const float* m,
+template <bool Acc, class Op = F32, class E = typename Op::elem>
+void gemm(float* c, int64_t ldc, int64_t rows, int64_t cols, const E* w, int64_t wr, int64_t wk, const E* m,
           int64_t ldm, int64_t depth) {
   for (int64_t j = 0; j < cols; j += 4 * kW) {
     const int nv = int(std::min<int64_t>(4, (cols - j) / kW));
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) tile_cols<4, Acc>(nv, c + r * ldc + j, ldc, w + r * wr, wr, wk, m + j, ldm, depth);
+    for (; r + 4 <= rows; r += 4)
+      tile_cols<Op, 4, Acc>(nv, c + r * ldc + j, ldc, w + r * wr, wr, wk, m + j, ldm, depth);
     float* cr = c + r * ldc + j;
-    const float* wrow = w + r * wr;
+    const E* wrow = w + r * wr;
     switch (rows - r) {
-      case 1: tile_cols<1, Acc>(nv, cr, ldc, wrow, wr, wk, m + j, ldm, depth); break;
-      case 2: tile_cols<2, Acc>(nv, cr, ldc, wrow, wr, wk, m + j, ldm, depth); break;
-      case 3: tile_cols<3, Acc>(nv, cr, ldc, wrow, wr, wk, m + j, ldm, depth); break;
+      case 1: tile_cols<Op, 1, Acc>(nv, cr, ldc, wrow, wr, wk, m + j, ldm, depth); break;
+      case 2: tile_cols<Op, 2, Acc>(nv, cr, ldc, wrow, wr, wk, m + j, ldm, depth); break;
+      case 3: tile_cols<Op, 3, Acc>(nv, cr, ldc, wrow, wr, wk, m + j, ldm, depth); break;
       default: break;
     }
   }
@@ -132,6 +154,51 @@ template <class T> struct Run {
       for (int64_t c = 0; c < a.dim; ++c) d[c] = store<T>(x[c] * scale);
     }
   }
+  // bf16 on AVX512-BF16: the two score products (Q.K^T, dO.V^T) multiply bf16 pairs as stored.
+  static constexpr bool kPairs = LF_BF16_PAIRS && std::is_same_v<T, bf16>;
+  int64_t dot_dp() const { return kPairs ? dp / 2 : dp; }  // a score operand's row in 4-byte units
+
+  // A score product's left rows: rows_in's fp32 rows (times scale), or (kPairs) bf16 pairs as stored, unscaled.
+  void dot_rows_in(const HeadsTensor& t, const Seg& s, int64_t head, int64_t np, float scale, float* dst) const {
+    if constexpr (kPairs) {
+      uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+      std::fill(d, d + np * dp, uint16_t(0));
+      for (int64_t i = 0; i < s.n; ++i) std::memcpy(d + i * dp, s.at<const T>(t, head, i), a.dim * sizeof(T));
+    } else {
+      rows_in(t, s, head, np, scale, dst);
+    }
+  }
+  // Its right operand, transposed: cols_in's (dp x np) fp32, or (kPairs) (dp / 2 x np) bf16 pairs.
+  void dot_cols_in(const HeadsTensor& t, const Seg& s, int64_t head, int64_t np, float* dst) const {
+    if constexpr (kPairs) {
+      uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+      std::fill(d, d + dp / 2 * np, 0u);
+      for (int64_t i = 0; i < s.n; ++i) {
+        const T* src = s.at<const T>(t, head, i);
+        for (int64_t c = 0; c < a.dim; ++c) d[c / 2 * np + i] |= uint32_t(src[c].bits) << (16 * (c % 2));
+      }
+    } else {
+      cols_in(t, s, head, np, dst);
+    }
+  }
+  // S (r x cols, row stride kB) = left rows . right columns; the pairs' products times pairs_scale (fp32 left
+  // rows come scaled).
+  void dot(float* sc, int64_t r, int64_t cols, const float* left, const float* right, int64_t np,
+           float pairs_scale) const {
+#if LF_BF16_PAIRS
+    if constexpr (kPairs) {
+      gemm<false, Bf16Pairs>(sc, kB, r, cols, reinterpret_cast<const uint32_t*>(left), dp / 2, 1,
+                             reinterpret_cast<const uint32_t*>(right), np, dp / 2);
+      for (int64_t i = 0; i < r && pairs_scale != 1.f; ++i) {
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) sc[i * kB + j] *= pairs_scale;
+      }
+      return;
+    }
+#endif
+    gemm<false>(sc, kB, r, cols, left, dp, 1, right, np, dp);
+  }
+
   float* lse_at(const Seg& s, int64_t head) const { return a.lse + (s.row * a.heads + head) * a.seq + s.start; }
 
   // Forward of one query block (rows i0 .. i0 + r of the segment): scores against every key block up to the
@@ -144,7 +211,7 @@ template <class T> struct Run {
     std::fill(acc, acc + r * dp, 0.f);
     for (int64_t kb = 0; kb <= qb; ++kb) {
       const int64_t cols = key_cols(s.n, kb * kB);
-      gemm<false>(sc, kB, r, cols, q, dp, 1, kt + kb * kB, np, dp);
+      dot(sc, r, cols, q, kt + kb * kB, np, a.scale);
       for (int64_t i = 0; i < r; ++i) {
         float* si = sc + i * kB;
         const int64_t kn = kb == qb ? i + 1 : kB;  // the diagonal block: keys up to the query itself
@@ -183,12 +250,12 @@ template <class T> struct Run {
   void forward(const Seg& s, int64_t kvh, std::vector<float>& buf) const {
     const int64_t np = (s.n + kB - 1) / kB * kB;
     const auto [kt, v, q, acc, sc, mx, sum] = carve(buf, {np * dp, np * dp, kB * dp, kB * dp, kB * kB, kB, kB});
-    cols_in(a.k, s, kvh, np, kt);
+    dot_cols_in(a.k, s, kvh, np, kt);
     rows_in(a.v, s, kvh, np, 1.f, v);
     for (int64_t head = kvh * group; head < (kvh + 1) * group; ++head)
       for (int64_t i0 = 0; i0 < s.n; i0 += kB) {
         const int64_t r = std::min(kB, s.n - i0);
-        rows_in(a.q, Seg{s.row, s.start + i0, r}, head, r, a.scale, q);
+        dot_rows_in(a.q, Seg{s.row, s.start + i0, r}, head, r, a.scale, q);
         forward_block(s, head, i0, r, q, kt, v, np, sc, acc, mx, sum);
       }
   }
@@ -198,18 +265,24 @@ template <class T> struct Run {
   // dK += dS^T.(scale Q), dQ += dS.K (times scale on store).
   void backward(const Seg& s, int64_t kvh, std::vector<float>& buf) const {
     const int64_t np = (s.n + kB - 1) / kB * kB, g = group;
-    const int64_t seg = np * dp, heads = g * np * dp;
-    const auto [kk, kt, vt, dk, dv, q, dout, dq, lse, delta, p, ds] =
-        carve(buf, {seg, seg, seg, seg, seg, heads, heads, heads, g * np, g * np, kB * kB, kB * kB});
+    const int64_t seg = np * dp, heads = g * np * dp, pairs = kPairs ? heads / 2 : 0;
+    const auto [kk, kt, vt, dk, dv, q, dout, dq, lse, delta, p, ds, q_pairs, dout_pairs] =
+        carve(buf, {seg, seg, seg, seg, seg, heads, heads, heads, g * np, g * np, kB * kB, kB * kB, pairs, pairs});
+    const float* q_dot = kPairs ? q_pairs : q;  // the score products' left rows
+    const float* dout_dot = kPairs ? dout_pairs : dout;
     rows_in(a.k, s, kvh, np, 1.f, kk);
-    cols_in(a.k, s, kvh, np, kt);
-    cols_in(a.v, s, kvh, np, vt);
+    dot_cols_in(a.k, s, kvh, np, kt);
+    dot_cols_in(a.v, s, kvh, np, vt);
     std::fill(dk, dk + 2 * seg, 0.f);  // dk and dv
     std::fill(dq, dq + g * np * dp, 0.f);
     for (int64_t h = 0; h < g; ++h) {
       const int64_t head = kvh * g + h;
       rows_in(a.q, s, head, np, a.scale, q + h * np * dp);
       rows_in(a.dout, s, head, np, 1.f, dout + h * np * dp);
+      if (kPairs) {
+        dot_rows_in(a.q, s, head, np, 1.f, q_pairs + h * pairs / g);
+        dot_rows_in(a.dout, s, head, np, 1.f, dout_pairs + h * pairs / g);
+      }
       const float* saved = lse_at(s, head);
       for (int64_t i = 0; i < s.n; ++i) {
         const T* o = s.at<const T>(a.out, head, i);
@@ -228,8 +301,8 @@ template <class T> struct Run {
           const int64_t r = std::min(kB, s.n - i0), row = h * np + i0;
           const float* qh = q + row * dp;
           const float* dh = dout + row * dp;
-          gemm<false>(p, kB, r, cols, qh, dp, 1, kt + k0, np, dp);
-          gemm<false>(ds, kB, r, cols, dh, dp, 1, vt + k0, np, dp);
+          dot(p, r, cols, q_dot + row * dot_dp(), kt + k0, np, a.scale);
+          dot(ds, r, cols, dout_dot + row * dot_dp(), vt + k0, np, 1.f);
           for (int64_t i = 0; i < r; ++i) {
             float* pi = p + i * kB;
             float* di = ds + i * kB;
