@@ -5,7 +5,7 @@ block-diagonal (L x L) mask for SDPA, whose cost grows with the whole row. Three
 mask's outputs and gradients (:func:`choose` picks one per batch):
 
 - :func:`flash_attention_cpu` (CPU, fp32 and bf16): lf's fused causal kernel over each example's tiles
-  (csrc/flash_attention.cpp), forward and backward; 3.0-9.1x the best of the paths below in
+  (csrc/flash_attention.cpp), forward and backward; 3.9-6.4x the best of the paths below in
   `python -m bench.packed_attention` on the AMD EPYC (2 cores).
 
 - :func:`packed_sdpa`: one causal SDPA per example (varlen attention by segments). On a GPU SDPA's flash kernel
@@ -328,7 +328,7 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 
 # The dtypes in which the fused kernel beat every other path at every shape of `python -m bench.packed_attention`
-# on the AMD EPYC (2 cores), in one interleaved run: 3.0-9.1x the fastest other path (its 2026-12-06 results in
+# on the AMD EPYC (2 cores), in one interleaved run: 3.9-6.4x the fastest other path (its 2026-12-06 results in
 # bench/results/cpu-amd-epyc-2cores). fp16 was not measured.
 FLASH = (torch.float32, torch.bfloat16)
 
