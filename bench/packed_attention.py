@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['example_tokens'][0]} to {r['example_tokens'][1]}" for name, r in shapes.items())
           + f". {HEADS} heads x {HEAD_DIM}, forward + backward, median of {REPEATS} calls, "
           f"the variants taking turns; {torch.get_num_threads()} threads. lf_chosen is what lf's attention runs "
-          f"(packed_attention.choose): lf_flash in fp32 and bf16; else lf_cpu in 16-bit dtypes when "
+          f"(packed_attention.choose): lf_flash in packed_attention.FLASH's dtypes; else lf_cpu in 16-bit dtypes when "
           f"own_backward_pays; else lf_packed (segments) when segments_pay, i.e. 1.25 * sum(n * max(n, block)) < "
           f"rows * length^2 (block {segment_block(torch.float32)} in fp32), else sdpa_mask.", "",
           "| shape | dtype | lf chose | lf_chosen ms | lf_flash ms | lf_cpu ms | lf_packed ms | sdpa_mask ms "

@@ -50,15 +50,19 @@ def test_flash_attention_refuses_bad_heads_and_other_devices():
     q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8)
     with pytest.raises(KernelInputError, match="3 query heads are not a multiple of 2 key/value heads"):
         packed_attention.flash_attention_cpu(q, k, k, bounds)
+    with pytest.raises(KernelInputError, match=r"head dims differ \(query 8, key 8, value 4\)"):
+        packed_attention.flash_attention_cpu(q, q, q[..., :4], bounds)
     with pytest.raises(KernelInputError, match="CPU tensors, not meta"):
         packed_attention.flash_attention_cpu(*(t.to("meta") for t in (q, q, q)), bounds)
 
 
-def test_choose_runs_the_fused_kernel_on_the_cpu_where_it_was_measured(monkeypatch):
+def test_choose_runs_the_fused_kernel_on_the_cpu_in_fp32(monkeypatch):
     choose = packed_attention.choose
     bounds = _rows([7, 33], [40])
-    assert choose(bounds, 40, torch.float32, "cpu") == choose(bounds, 40, torch.bfloat16, "cpu") == "lf_flash"
+    assert choose(bounds, 40, torch.float32, "cpu") == "lf_flash"
+    assert choose(bounds, 40, torch.bfloat16, "cpu") != "lf_flash"  # see packed_attention.FLASH
     assert choose(bounds, 40, torch.float32, "cpu", dropout=0.1) != "lf_flash"  # the kernel has no dropout
+    assert choose(bounds, 40, torch.float32, "cpu", one_head_dim=False) != "lf_flash"  # MLA's narrower values
     assert choose(bounds, 40, torch.float16, "cpu") != "lf_flash"  # not measured
     assert choose(bounds, 40, torch.bfloat16, "cuda") == "sdpa_mask"  # short rows: the mask, in one call
     monkeypatch.setenv("LF_KERNEL_BACKEND", "torch")  # lf._C forced off: SDPA's paths
