@@ -1,22 +1,22 @@
-"""Attention over neat-packed rows: lf's per-example causal SDPA against transformers' block-diagonal mask.
+"""Attention over neat-packed rows: lf's fused causal kernel and per-example paths against transformers' mask.
 
-    python -m bench.packed_attention            # the two shapes below, 8 heads x 64
+    python -m bench.packed_attention            # the three shapes below, 8 heads x 64
     python -m bench.packed_attention --quick    # each example 4x shorter (smoke)
 
-Two shapes: `long_row`, one row of 2048 tokens holding 8 examples of 92 to 512 tokens, and `short_rows`, a batch of
+Three shapes: `long_row`, one row of 2048 tokens holding 8 examples of 92 to 512 tokens; `short_rows`, a batch of
 4 rows of 512 tokens holding 21 examples of 32 to 200 (the e2e training benchmark's batch of packed rows, cutoff
-512, batch 4, with shorter examples than its alpaca_en_demo: ~2.4 of ~215 tokens a row). Forward + backward of the
-attention alone (q, k, v given), fp32 and bf16, median of several calls, in one process: `lf_packed`
-(lf.kernels.packed_attention.packed_sdpa: causal SDPA per example), `sdpa_mask` (SDPA with the L x L block-diagonal
-causal mask that transformers builds for packed rows, LLaMA-Factory's path on the CPU, in one call over the batch),
-`lf_cpu` (packed_attention_cpu: SDPA's flash forward, by segments when `segments_pay`, else masked, and lf's
-backward over each example's causal block: BLAS products and two C++ elementwise passes), `lf_chosen` (what lf's
-attention, packed_attention.hf_attention, runs for that batch: lf_cpu in bf16 when `own_backward_pays` (the
-padded blocks' cells fewer than the mask's); otherwise, and in fp32, lf_packed when
-`segments_pay(bounds, length, dtype)`, else sdpa_mask; segments cost about 1.25 * sum(n * max(n, block)) over
-their lengths n (block: 512 in bf16, 192 in fp32), the mask rows * length^2) and `sdpa_causal` (one causal SDPA
-over each whole row: as fast as attention over a row gets, but the examples see each other, so it is a speed
-reference, not an alternative). The outputs of lf_packed and lf_cpu are compared with sdpa_mask's.
+512, batch 4, with shorter examples than its alpaca_en_demo: ~2.4 of ~215 tokens a row); `tiny_rows`, 4 rows of
+128 tokens holding 5 examples of 8 to 48 each (where lf_cpu loses to the mask). Forward + backward of the
+attention alone (q, k, v given), fp32 and bf16, median of several calls taking turns, in one process:
+`lf_flash` (flash_attention_cpu: lf's fused causal kernel, csrc/flash_attention.cpp, over each example's 64 x 64
+tiles on and below the diagonal), `lf_packed` (packed_sdpa: causal SDPA per example), `sdpa_mask` (SDPA with the
+L x L block-diagonal causal mask that transformers builds for packed rows, LLaMA-Factory's path on the CPU, in one
+call over the batch), `lf_cpu` (packed_attention_cpu: SDPA's flash forward, by segments when `segments_pay`, else
+masked, and lf's backward over each example's causal block: BLAS products and two C++ elementwise passes) and
+`sdpa_causal` (one causal SDPA over each whole row: as fast as attention over a row gets, but the examples see
+each other, so it is a speed reference, not an alternative). `lf_chosen` is the time of the variant that
+packed_attention.choose, the one place lf decides, picks for that batch (not timed again). The outputs of
+lf_packed, lf_cpu and lf_flash are compared with sdpa_mask's.
 Writes bench/results/<device>/<date>-packed_attention.{json,md} (scratch/ for --quick).
 """
 
@@ -29,15 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness
-from lf.kernels.packed_attention import (OWN_BACKWARD, block_mask, own_backward_pays, packed_attention_cpu,
-                                         packed_sdpa, segment_block, segments_pay)
+from lf.kernels.packed_attention import (block_mask, choose, flash_attention_cpu, packed_attention_cpu, packed_sdpa,
+                                         segment_block)
 
-HEADS, HEAD_DIM = 8, 64
+HEADS, HEAD_DIM, REPEATS = 8, 64, 7
 # name -> each row's example lengths (every row of a shape sums to the same length)
 SHAPES = {
     "long_row": ((512, 400, 320, 256, 200, 160, 108, 92),),  # 2048 tokens
     "short_rows": ((200, 148, 92, 72), (180, 120, 100, 64, 48), (160, 112, 96, 80, 32, 32),
                    (140, 128, 88, 68, 56, 32)),  # 4 x 512 tokens
+    "tiny_rows": ((48, 32, 24, 16, 8), (40, 40, 24, 16, 8), (48, 40, 16, 16, 8), (32, 32, 32, 16, 16)),  # 4 x 128
 }
 
 
@@ -55,16 +56,14 @@ def case(shape: str, dtype, scale_down: int):
     assert all(sum(lengths) == length for lengths in rows), rows
     bounds = _bounds(rows)
     mask = block_mask(bounds, length, dtype)
-    pays = segments_pay(bounds, length, dtype)
-    own = dtype in OWN_BACKWARD and own_backward_pays(bounds, length)
-    chosen = "lf_cpu" if own else "lf_packed" if pays else "sdpa_mask"
+    chosen = choose(bounds, length, dtype, "cpu")
     q, k, v = (torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(len(rows), HEADS, length, HEAD_DIM, dtype=dtype)
     variants = {
         "lf_packed": lambda: packed_sdpa(q, k, v, bounds),
         "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         "lf_cpu": lambda: packed_attention_cpu(q, k, v, bounds),
-        "lf_chosen": lambda: variants[chosen](),
+        "lf_flash": lambda: flash_attention_cpu(q, k, v, bounds),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
 
@@ -73,13 +72,19 @@ def case(shape: str, dtype, scale_down: int):
         return ()
 
     calls = {name: (lambda fn=fn: fn().backward(grad), clear_grads) for name, fn in variants.items()}
-    seconds = harness.median_seconds(calls, warmup=2, repeats=7)
+    seconds = harness.median_seconds(calls, warmup=1, repeats=REPEATS)
+    seconds["lf_chosen"] = seconds[chosen]
     diff = max((variants[name]().float() - variants["sdpa_mask"]().float()).abs().max().item()
-               for name in ("lf_packed", "lf_cpu"))
+               for name in ("lf_packed", "lf_cpu", "lf_flash"))
     return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "batch": len(rows), "tokens": length,
             "examples": sum(map(len, rows)), "example_tokens": [min(map(min, rows)), max(map(max, rows))],
             "lf_chose": chosen, "ms": {name: 1e3 * s for name, s in seconds.items()},
             "max_abs_diff_vs_mask": diff}
+
+
+def _best_other(r) -> float:
+    """The fastest time of the paths lf could run instead of lf_flash (sdpa_causal mixes examples: not one)."""
+    return min(r["ms"][name] for name in ("lf_cpu", "lf_packed", "sdpa_mask"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,16 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Attention over packed rows: {harness.device_name()}", "", f"`{command}`", "",
           "; ".join(f"{name}: {r['batch']} row(s) of {r['tokens']} tokens holding {r['examples']} examples of "
                     f"{r['example_tokens'][0]} to {r['example_tokens'][1]}" for name, r in shapes.items())
-          + f". {HEADS} heads x {HEAD_DIM}, forward + backward, median of 7 calls; {torch.get_num_threads()} threads. "
-          f"lf_chosen is what lf's attention runs: lf_cpu in bf16 (and fp16) when own_backward_pays; otherwise, "
-          f"and in fp32, lf_packed (segments) when "
-          f"segments_pay, i.e. 1.25 * sum(n * max(n, block)) < rows * length^2 (block "
-          f"{segment_block(torch.float32)} in fp32), else sdpa_mask.", "",
-          "| shape | dtype | lf chose | lf_chosen ms | lf_cpu ms | lf_packed ms | sdpa_mask ms "
-          "| sdpa_causal ms (examples mixed) | lf_chosen vs mask | max abs diff |",
-          "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
-    md += [f"| {r['shape']} | {r['dtype']} | {r['lf_chose']} | {r['ms']['lf_chosen']:.1f} | {r['ms']['lf_cpu']:.1f} "
-           f"| {r['ms']['lf_packed']:.1f} | {r['ms']['sdpa_mask']:.1f} | {r['ms']['sdpa_causal']:.1f} "
+          + f". {HEADS} heads x {HEAD_DIM}, forward + backward, median of {REPEATS} calls, "
+          f"the variants taking turns; {torch.get_num_threads()} threads. lf_chosen is what lf's attention runs "
+          f"(packed_attention.choose): lf_flash in packed_attention.FLASH's dtypes; else lf_cpu in 16-bit dtypes when "
+          f"own_backward_pays; else lf_packed (segments) when segments_pay, i.e. 1.25 * sum(n * max(n, block)) < "
+          f"rows * length^2 (block {segment_block(torch.float32)} in fp32), else sdpa_mask.", "",
+          "| shape | dtype | lf chose | lf_chosen ms | lf_flash ms | lf_cpu ms | lf_packed ms | sdpa_mask ms "
+          "| sdpa_causal ms (examples mixed) | lf_flash vs best other | lf_chosen vs mask | max abs diff |",
+          "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    md += [f"| {r['shape']} | {r['dtype']} | {r['lf_chose']} | {r['ms']['lf_chosen']:.1f} | {r['ms']['lf_flash']:.1f} "
+           f"| {r['ms']['lf_cpu']:.1f} | {r['ms']['lf_packed']:.1f} | {r['ms']['sdpa_mask']:.1f} "
+           f"| {r['ms']['sdpa_causal']:.1f} | {_best_other(r) / r['ms']['lf_flash']:.2f}x "
            f"| {r['ms']['sdpa_mask'] / r['ms']['lf_chosen']:.2f}x | {r['max_abs_diff_vs_mask']:.1e} |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)

@@ -89,6 +89,9 @@ PYBIND11_MODULE(_C, m) {
       F(dtype) F(threads); }
   { using S = AttnBlock; Args<S>(m, "AttnBlock") F(s) F(lse) F(p) F(dp) F(o) F(dout) F(rows) F(n) F(dim) F(scale)
       F(grad) F(dtype) F(threads); }
+  { using S = HeadsTensor; Args<S>(m, "HeadsTensor") F(data) F(stride); }
+  { using S = FlashAttention; Args<S>(m, "FlashAttention") F(q) F(k) F(v) F(out) F(dout) F(dq) F(dk) F(dv) F(lse)
+      F(segments) F(nseg) F(heads) F(kv_heads) F(seq) F(dim) F(scale) F(backward) F(dtype) F(threads); }
 #undef F
 
   // Every kernel of common.h's list, called with its struct.

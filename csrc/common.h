@@ -179,11 +179,23 @@ struct AttnBlock {
   int64_t rows, n, dim; float scale; bool grad; DType dtype; int threads;
 };
 
+// A (batch, heads, seq, head_dim) tensor: its data and the strides (in elements) of batch, heads and seq; head_dim
+// is contiguous.
+struct HeadsTensor { void* data; std::array<int64_t, 3> stride; };
+// Causal attention within packed segments, FlashAttention-2's scheme: segments holds (row, start, end) triples,
+// nseg of them; query head h reads key/value head h / (heads / kv_heads). lse: (batch, heads, seq) fp32, the
+// forward's log-sum-exp of the scaled scores, which the backward reads. backward false: q, k, v -> out, lse;
+// true: q, k, v, out, dout, lse -> dq, dk, dv. Every position of every row must lie in one segment.
+struct FlashAttention {
+  HeadsTensor q, k, v, out, dout, dq, dk, dv; float* lse; const int64_t* segments;
+  int64_t nseg, heads, kv_heads, seq, dim; float scale; bool backward; DType dtype; int threads;
+};
+
 // X(name, args struct): every kernel, declared once per instruction-set variant.
 #define LF_KERNEL_LIST(X) \
   X(rms_norm_fwd, RmsNormFwd) X(rms_norm_bwd, RmsNormBwd) X(rope, Rope) X(glu_fwd, GluFwd) X(glu_bwd, GluBwd) \
   X(cross_entropy, CrossEntropy) X(dequant_4bit, Dequant4bit) \
-  X(attn_block, AttnBlock)
+  X(attn_block, AttnBlock) X(flash_attention, FlashAttention)
 
 // Calls fn<T>() with T the storage type named by dtype.
 template <template <class> class Fn, class Args>

@@ -250,6 +250,7 @@ def test_a_neat_packed_batch_with_media_equals_its_examples_one_by_one(request, 
     real = packed_attention.packed_sdpa
     monkeypatch.setattr(packed_attention, "packed_sdpa", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)  # segments pay: packed_sdpa runs
+    monkeypatch.setattr(packed_attention, "FLASH", ())  # (lf's fused CPU kernel is tested in test_packing)
     torch.manual_seed(0)
     model = AutoModelForMultimodalLM.from_pretrained(model_path, dtype=torch.float32)
     model.set_attn_implementation("sdpa")

@@ -150,17 +150,25 @@ def test_packed_attention_cpu_equals_the_masked_oracle(dtype, by_segments, shape
     # (B, L, H, D) storage seen as (B, H, L, D), as transformers' attention layers hand it over
     q, k, v = (torch.randn(len(bounds), length, h, dim, dtype=dtype).transpose(1, 2).requires_grad_()
                for h in (heads, kv_heads, kv_heads))
-    ref, leaves = _masked_reference(q, k, v, bounds, dim ** -0.5)  # the models' scale
-    g = torch.randn_like(ref)
-    want = torch.autograd.grad(ref, leaves, g)
     # `backend` (conftest) forces each backend and CPU variant and poisons what lf allocates: every gradient
     # element must be written. Triton has no kernel here (a GPU runs SDPA by segments): it takes the torch passes.
-    out = packed_attention.packed_attention_cpu(q, k, v, bounds, by_segments=by_segments)
-    got = torch.autograd.grad(out, (q, k, v), g.to(dtype))
-    rtol, atol = PACKED_TOL[dtype]
+    assert_matches_oracle(lambda *qkv: packed_attention.packed_attention_cpu(*qkv, bounds, by_segments=by_segments),
+                          q, k, v, bounds, dim ** -0.5)  # the models' scale
+
+
+def assert_matches_oracle(attention, q, k, v, bounds, scale, dout_layout=lambda g: g):
+    """attention(q, k, v) and its gradients equal :func:`_masked_reference`'s, within PACKED_TOL for q's dtype;
+    dout_layout gives the incoming gradient its memory layout."""
+    ref, leaves = _masked_reference(q, k, v, bounds, scale)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, g)
+    out = attention(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), dout_layout(g.to(q.dtype)))
+    rtol, atol = PACKED_TOL[q.dtype]
+    assert out.dtype == q.dtype
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol)
     for name, a, b in zip("qkv", got, want):
-        assert a.dtype == dtype and a.shape == b.shape
+        assert a.dtype == q.dtype and a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
 
 
@@ -245,26 +253,21 @@ def _loss_sum(model, batch):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "lf_packed_segments", "lf_packed_cpu", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "lf_packed", "lf_packed_mask", "lf_packed_segments", "lf_packed_cpu",
+                                  "eager"])
 @pytest.mark.parametrize("kernels", [False, True])
 def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypatch):
-    """"lf_packed" on these short fp32 rows takes the mask path (segments do not pay); "lf_packed_segments" is
-    "lf_packed" with a segment block of 1, so that segments pay and packed_sdpa runs inside the model;
-    "lf_packed_cpu" lets fp32 take lf's own backward (packed_attention_cpu, bf16's path on the CPU)."""
+    """"lf_packed" on the CPU in fp32 runs lf's fused kernel (flash_attention_cpu); the other "lf_packed_*" take
+    it away (FLASH empty): "lf_packed_mask" then takes the mask path on these short rows (segments do not pay);
+    "lf_packed_segments" has a segment block of 1, so that segments pay and packed_sdpa runs inside the model;
+    "lf_packed_cpu" lets fp32 take lf's own backward (packed_attention_cpu, bf16's path before the fused kernel)."""
     packed_attention.register()
-    calls, own_calls = [], []
-    real_packed_sdpa, real_own = packed_attention.packed_sdpa, packed_attention.packed_attention_cpu
-
-    def spy(*args, **kwargs):
-        calls.append(args[3])
-        return real_packed_sdpa(*args, **kwargs)
-
-    def own_spy(*args, **kwargs):
-        own_calls.append(args[3])
-        return real_own(*args, **kwargs)
-
-    monkeypatch.setattr(packed_attention, "packed_sdpa", spy)
-    monkeypatch.setattr(packed_attention, "packed_attention_cpu", own_spy)
+    calls, own_calls, flash_calls = [], [], []
+    for name, log in (("packed_sdpa", calls), ("packed_attention_cpu", own_calls), ("flash_attention_cpu", flash_calls)):
+        real = getattr(packed_attention, name)
+        monkeypatch.setattr(packed_attention, name, lambda *a, real=real, log=log, **k: log.append(a[3]) or real(*a, **k))
+    if attn != "lf_packed":
+        monkeypatch.setattr(packed_attention, "FLASH", ())
     if attn == "lf_packed_segments":
         monkeypatch.setattr(packed_attention, "segment_block", lambda dtype: 1)
     if attn == "lf_packed_cpu":  # these short rows of short examples would keep the mask (own_backward_pays)
@@ -289,11 +292,11 @@ def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypa
         for name, grad in grads.items():
             torch.testing.assert_close(packed_grads[name], grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
         # one call per layer of the packed forward, over its packed rows; never in the one-by-one runs (no restarts)
-        mine = {"lf_packed_segments": calls, "lf_packed_cpu": own_calls}.get(attn)
+        mine = {"lf_packed_segments": calls, "lf_packed_cpu": own_calls, "lf_packed": flash_calls}.get(attn)
         if mine is not None:
             assert len(mine) == model.config.num_hidden_layers
             assert all(len(bounds) == len(rows["input_ids"]) and max(map(len, bounds)) > 1 for bounds in mine)
-        assert [c for c in (calls, own_calls) if c is not mine] == [[]] * (1 + (mine is None))
+        assert [c for c in (calls, own_calls, flash_calls) if c is not mine] == [[]] * (2 + (mine is None))
     finally:
         unpatch(model)
 

@@ -1,18 +1,23 @@
 """Attention over packed rows: each example of a row attends only to itself (causally), on every device.
 
 A neat-packed row marks its examples by position_ids that restart at 0. transformers turns such rows into a
-block-diagonal (L x L) mask for SDPA, whose cost grows with the whole row. Two ways around it, both giving the
-mask's outputs and gradients:
+block-diagonal (L x L) mask for SDPA, whose cost grows with the whole row. Three ways around it, all giving the
+mask's outputs and gradients (:func:`choose` picks one per batch):
 
+- :func:`flash_attention_cpu` (CPU; by default in fp32, see FLASH): lf's fused causal kernel over each example's tiles
+  (csrc/flash_attention.cpp), forward and backward; 3.9-6.4x the fastest other path (those below, or the mask)
+  in `python -m bench.packed_attention` on the AMD EPYC (2 cores).
 - :func:`packed_sdpa`: one causal SDPA per example (varlen attention by segments). On a GPU SDPA's flash kernel
-  runs each segment; on the CPU it runs fp32 batches where :func:`segments_pay` (the mask otherwise).
-- :func:`packed_attention_cpu` (16-bit CPU tensors): SDPA's flash forward, and lf's backward over each example's
-  causal block only, as BLAS products and two elementwise passes (C++ in lf._C, or torch). SDPA's CPU backward
-  costs 5x its forward in bf16 and runs every cell of a masked row. Rows of many tiny examples keep the mask
-  (:func:`own_backward_pays`).
+  runs each segment; on the CPU, where the fused kernel does not (dropout, the torch backend), it runs batches
+  where :func:`segments_pay` (the mask otherwise).
+- :func:`packed_attention_cpu` (16-bit CPU tensors): SDPA's flash forward,
+  and lf's backward over each example's causal block only, as BLAS products and two elementwise passes (C++ in
+  lf._C, or torch). SDPA's CPU backward costs 5x its forward in bf16 and runs every cell of a masked row. Rows of
+  many tiny examples keep the mask (:func:`own_backward_pays`).
 
-Forward + backward in bf16 on this 2-core CPU (`python -m bench.packed_attention`): 3.8x faster than the mask over
-one 2048-token row of 8 examples, 1.7x over 4 rows of 512 (where segments alone lose to the mask).
+packed_attention_cpu, forward + backward in bf16 on the 2-core CPU (`python -m bench.packed_attention`, before the
+fused kernel): 3.8x faster than the mask over one 2048-token row of 8 examples, 1.7x over 4 rows of 512 (where
+segments alone lose to the mask).
 
 `register()` adds this as the attention implementation "lf_packed" to transformers; batches that are not packed
 (no restart, a KV cache, left padding), layers that need more than a causal mask (a sliding window shorter
@@ -238,6 +243,68 @@ def packed_attention_cpu(query, key, value, bounds, *, scale=None, by_segments=N
                                          backend if backend in ELEMENTWISE else "torch")
 
 
+def _heads(t: torch.Tensor):
+    from lf import _C
+
+    return _C.HeadsTensor(data=t.data_ptr(), stride=list(t.stride()[:3]))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_kernel(backward: bool, tensors: dict, lse, segments, query, key, scale) -> None:
+    from lf import _C
+
+    _C.flash_attention(_C.FlashAttention(
+        **{name: _heads(t) for name, t in tensors.items()}, lse=lse.data_ptr(), segments=segments.data_ptr(),
+        nseg=segments.shape[0], heads=query.shape[1], kv_heads=key.shape[1], seq=query.shape[2],
+        dim=query.shape[3], scale=scale, backward=backward, dtype=_checks.cpu_dtype(query.dtype),
+        threads=_checks.threads()))
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Causal attention within each segment of packed rows, fused in C++ (csrc/flash_attention.cpp): tiles of
+    64 x 64, blocks above the diagonal skipped, online softmax in fp32; the forward saves each row's log-sum-exp
+    and the backward recomputes the probabilities tile by tile. Grouped-query heads read their kv head in place."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bounds, scale):
+        query, key, value = map(_last_dim_contiguous, (query, key, value))
+        segments = torch.tensor([(b, s, e) for b, row in enumerate(bounds) for s, e in row], dtype=torch.int64)
+        batch, heads, length, dim = query.shape
+        # (B, L, H, D) storage, as transformers' attention output: its (B, H, L, D) view's transpose is free
+        out = _alloc.empty((batch, length, heads, dim), query).transpose(1, 2)
+        lse = _alloc.empty((batch, heads, length), query, torch.float32)
+        _flash_kernel(False, dict(q=query, k=key, v=value, out=out), lse, segments, query, key, scale)
+        ctx.save_for_backward(query, key, value, out, lse, segments)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, out, lse, segments = ctx.saved_tensors
+        dq, dk, dv = _alloc.empty_like(query), _alloc.empty_like(key), _alloc.empty_like(value)
+        _flash_kernel(True, dict(q=query, k=key, v=value, out=out, dout=_last_dim_contiguous(dout), dq=dq, dk=dk,
+                                 dv=dv), lse, segments, query, key, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention_cpu(query, key, value, bounds, *, scale=None) -> torch.Tensor:
+    """:func:`packed_sdpa`'s result for CPU tensors through :class:`FlashAttentionFunction` (lf._C)."""
+    if query.device.type != "cpu":
+        raise KernelInputError(f"flash_attention_cpu runs CPU tensors, not {query.device}; use packed_sdpa there")
+    if query.shape[1] % key.shape[1]:
+        raise KernelInputError(f"flash_attention_cpu: {query.shape[1]} query heads are not a multiple of "
+                               f"{key.shape[1]} key/value heads; give each kv head the same number of query heads")
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        raise KernelInputError(f"flash_attention_cpu: head dims differ (query {query.shape[-1]}, key {key.shape[-1]}, "
+                               f"value {value.shape[-1]}); use packed_sdpa for values of another width")
+    _checks.same_device_and_dtype("flash_attention_cpu", "query", query, key=key, value=value)
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    return FlashAttentionFunction.apply(query, key, value, bounds, scale)
+
+
 def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface: (attn_output (B, L, H, D), attention weights or None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -250,17 +317,41 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         bounds = None if max(e - s for row in bounds for s, e in row) > window else bounds
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         bounds = None
-    if (bounds is not None and query.device.type == "cpu" and query.dtype in OWN_BACKWARD and not dropout
-            and own_backward_pays(bounds, query.shape[2])):
-        out = packed_attention_cpu(query, key, value, bounds, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    if bounds is not None and not segments_pay(bounds, query.shape[2], query.dtype):
-        bounds = None  # transformers' block-diagonal mask, in one call
-    if bounds is None:
+    path = "sdpa_mask" if bounds is None else choose(bounds, query.shape[2], query.dtype, query.device.type, dropout,
+                                                     one_head_dim=query.shape[-1] == key.shape[-1] == value.shape[-1])
+    if path == "sdpa_mask":  # transformers' block-diagonal mask, in one call
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = packed_sdpa(query, key, value, bounds, scale=scaling, dropout_p=dropout)
-    return out.transpose(1, 2).contiguous(), None
+    if path == "lf_flash":
+        out = flash_attention_cpu(query, key, value, bounds, scale=scaling)
+    elif path == "lf_cpu":
+        out = packed_attention_cpu(query, key, value, bounds, scale=scaling)
+    else:
+        out = packed_sdpa(query, key, value, bounds, scale=scaling, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None  # free after lf_flash: its output is (B, L, H, D) storage
+
+
+# The dtypes the fused kernel runs by default. It beat every other path at every shape of
+# `python -m bench.packed_attention` on the AMD EPYC (2 cores), in one interleaved run, in fp32 and bf16: 3.9-6.4x
+# the fastest other path (its 2026-12-06 results in bench/results/cpu-amd-epyc-2cores). bf16 stays off for now:
+# tests/test_patch.py's qwen3_next in bf16 (patched against unpatched, two bf16 runs) then differs in its MoE router's
+# gradient by more than the test allows, though the kernel's bf16 error against float64 equals SDPA's. fp16 was not
+# measured.
+FLASH = (torch.float32,)
+
+
+def choose(bounds, length: int, dtype: torch.dtype, device_type: str, dropout: float = 0.0,
+           one_head_dim: bool = True) -> str:
+    """The one place lf picks how to run attention over packed rows, by the names bench.packed_attention times:
+    "lf_flash" (:func:`flash_attention_cpu`), "lf_cpu" (:func:`packed_attention_cpu`), "lf_packed"
+    (:func:`packed_sdpa`, by segments) or "sdpa_mask" (one SDPA call under the block-diagonal mask).
+    one_head_dim: q, k and v share a head dim (the fused kernel's layout; MLA's values are narrower)."""
+    on_cpu = device_type == "cpu" and not dropout and _backend.choose_backend("cpu") == "cpu"
+    if on_cpu and dtype in FLASH and one_head_dim:
+        return "lf_flash"
+    if device_type == "cpu" and not dropout and dtype in OWN_BACKWARD and own_backward_pays(bounds, length):
+        return "lf_cpu"
+    return "lf_packed" if segments_pay(bounds, length, dtype) else "sdpa_mask"
 
 
 def register() -> str:
