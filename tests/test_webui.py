@@ -291,9 +291,16 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             train = page.locator("#tab_train")
             for key, value in form.items():
                 train.get_by_label(key, exact=True).fill(value)
+            train.get_by_label("save the YAML to", exact=True).fill("saves/my run.yaml")
             train.get_by_label("logging_steps", exact=True).press("Tab")
+            page.wait_for_function("document.querySelector('#train_command textarea').value === "
+                                   "\"lf train 'saves/my run.yaml'\"")
             page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 3')")
             assert f"output_dir: {out}" in page.locator("#train_yaml").inner_text()
+            train.get_by_text("dataset preview", exact=True).click()
+            page.locator("#preview_button").click()
+            page.wait_for_selector("#dataset_preview pre mark")  # the replies, marked as trained on
+            assert "<|im_start|>user" in page.locator("#dataset_preview pre").first.inner_text()
             page.locator("#start").click()
             status = _status(page, "#train_status", "finished", "failed", "not started", timeout=240)
             log = page.locator("#train_log textarea").input_value()
@@ -393,3 +400,56 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
         demo.evaluator.close()
         demo.close()
     assert not list(tmp_path.glob("lf-webui-*"))  # the run folders
+
+
+@pytest.mark.parametrize("change", [{}, {"finetuning_type": "full", "max_steps": 9, "dataset": ["identity"]},
+                                    {"extra": "warmup_ratio: 0.1\ndo_eval: false\nlora_rank: 4", "template": None}])
+def test_a_loaded_yaml_gives_back_the_fields_config(root, monkeypatch, change):
+    monkeypatch.chdir(root.path)
+    config = webui.train_config(fields(output_dir="saves/run", **change))
+    assert webui.save_yaml(root, fields(output_dir="saves/run", **change), "run.yaml").startswith("**saved**")
+    said, loaded = webui.load_yaml(root, "run.yaml", "zh")
+    assert said.startswith("**已加载**") and list(loaded) == list(webui.TRAIN_DEFAULTS)
+    assert webui.train_config(loaded) == config
+
+
+def test_load_yaml_keeps_other_keys_and_refuses_what_it_cannot_read(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(root.path)
+    Path("llamafactory.yaml").write_text("model_name_or_path: m\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+                                         "lora_target: all\ndataset: a, b\nlearning_rate: 1.0e-4\nbf16: true\n")
+    _, loaded = webui.load_yaml(root, "llamafactory.yaml")
+    assert loaded["dataset"] == ["a", "b"] and loaded["learning_rate"] == "0.0001" and loaded["lora_rank"] is None
+    assert yaml.safe_load(loaded["extra"]) == {"bf16": True} and loaded["max_steps"] == 0
+    assert webui.train_config(loaded)["learning_rate"] == 1e-4 and "lora_rank" not in webui.train_config(loaded)
+    Path("list.yaml").write_text("- a\n")
+    (tmp_path / "outside" / "x.yaml").write_text("seed: 1\n")
+    for path, message in (("list.yaml", "list.yaml is not a YAML mapping"), ("none.yaml", "none.yaml cannot be read"),
+                          (str(root.path / "setup.py"), "is not a .yaml file"),
+                          (str(tmp_path / "outside" / "x.yaml"), "is outside")):
+        said, loaded = webui.load_yaml(root, path)
+        assert said.startswith("**not loaded**: ") and message in said and loaded is None
+
+
+@pytest.mark.parametrize("train_on_prompt, mask_history", [(False, False), (True, False), (False, True)])
+def test_dataset_preview_marks_what_the_loss_is_computed_on(train_on_prompt, mask_history):
+    from lf.config import parse_train_args
+    from lf.data import get_template
+    from lf.serve.webpreview import preview_html, preview_parts
+
+    extra = yaml.safe_dump({"train_on_prompt": train_on_prompt, "mask_history": mask_history})
+    cfg = parse_train_args(webui.train_config(fields(dataset_dir=str(REPO / "data"), dataset=["identity"],
+                                                     extra=extra)))
+    rows = preview_parts(cfg.data, rows=2)
+    records = json.loads((REPO / "data" / "identity.json").read_text())[:2]
+    template = get_template("qwen")
+    assert len(rows) == 2
+    for parts, record in zip(rows, records):  # identity: one turn, instruction -> output
+        messages = [{"role": "user", "content": record["instruction"]},
+                    {"role": "assistant", "content": record["output"]}]
+        joined = "".join(text for text, _ in parts)  # render() adds the newline the next turn would open with
+        assert template.render(messages) in (joined, joined + "\n") and template.render(messages).startswith(joined)
+        assert [trained for _, trained in parts] == [train_on_prompt, True]
+        assert record["output"] in parts[1][0]
+    page = preview_html(rows)
+    assert page.count("<pre") == 2 and page.count("<mark>") == 2 + 2 * train_on_prompt and "&lt;|im_start|&gt;" in page
+    assert webui.dataset_preview(fields(stage="dpo"), "zh") == "<p>无法预览：预览只显示 sft 阶段的数据；本次训练阶段为 dpo</p>"

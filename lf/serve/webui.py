@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import html
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -60,6 +62,7 @@ from lf.serve.api import upload_limits
 from lf.serve.engine import Engine
 from lf.serve.media import UPLOADS, Images, Limits, MediaError, marks, write
 from lf.serve.webaccess import Access, Root, add_server_args
+from lf.serve.webpreview import preview_html, preview_parts
 from lf.serve.webeval import EVAL, EVAL_DEFAULTS, PREDICT, checked_eval_config, results
 from lf.serve.webui_text import LANGS, TEXT, server_lang, words
 from lf.train.callbacks import LOG_FILE
@@ -149,6 +152,29 @@ def _extra_keys(text: str) -> dict:
 
 def to_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def fields_from_config(config: dict) -> dict:
+    """The Train tab's fields for a config (a YAML it saved, or any `lf train` YAML): train_config's inverse, so
+    train_config(fields_from_config(c)) == c for the configs it makes. A key with no field goes to the extra YAML
+    (so do LoRA keys of a config that does not say finetuning_type: lora); a field whose key the config lacks is
+    left empty, so lf's default still applies."""
+    rest = {key: value for key, value in config.items() if not (key in ("do_train", "plot_loss") and value is True)}
+    fields = {}
+    for key in TRAIN_DEFAULTS:
+        if key == "extra":
+            continue
+        lora_elsewhere = key in LORA_KEYS and config.get("finetuning_type") != "lora"
+        value = None if lora_elsewhere else rest.pop(key, None)
+        if key == "dataset" and isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        elif key == "learning_rate" and value is not None:
+            value = str(value)
+        elif key in UNSET_WHEN_ZERO and value is None:
+            value = 0
+        fields[key] = value
+    fields["overwrite_output_dir"] = bool(fields["overwrite_output_dir"])
+    return {**fields, "extra": to_yaml(rest) if rest else ""}  # in TRAIN_DEFAULTS' order: the page's inputs
 
 
 def checked_config(fields: dict, root: Root) -> dict:
@@ -347,6 +373,37 @@ def save_yaml(root: Root, fields: dict, path: str, lang: str = "en") -> str:
     except OSError as exc:
         return words("save.unwritable", lang, path=path, error=exc)
     return words("save.done", lang, path=target)
+
+
+def dataset_preview(fields: dict, lang: str = "en") -> str:
+    """The Train tab's dataset preview (webpreview) of the fields' config, as HTML; or why there is none."""
+    try:
+        cfg = parse_train_args(train_config(fields))
+        if cfg.finetuning.stage != "sft":
+            said = words("preview.sft_only", lang, stage=cfg.finetuning.stage)
+        else:
+            return f"<p>{words('preview.legend', lang)}</p>" + preview_html(preview_parts(cfg.data))
+    except USER_ERRORS as exc:
+        said = words("preview.failed", lang, error=exc)
+    return f"<p>{html.escape(said)}</p>"
+
+
+def load_yaml(root: Root, path: str, lang: str = "en") -> tuple[str, dict | None]:
+    """(what the page says, the Train tab's fields) of the YAML at `path`, a .yaml file under the root (the page
+    shows only what it may write); no fields when it cannot be read."""
+    try:
+        target = root.check("the YAML's path", path.strip())
+        if target.suffix not in YAML_SUFFIXES:
+            raise ConfigError(words("save.not_yaml", lang, path=path.strip()))
+        try:
+            config = yaml.safe_load(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(words("load.unreadable", lang, path=path.strip(), error=exc)) from None
+        if not isinstance(config, dict):
+            raise ConfigError(words("load.not_mapping", lang, path=path.strip()))
+    except ConfigError as exc:
+        return words("load.failed", lang, error=exc), None
+    return words("load.done", lang, path=target), fields_from_config(config)
 
 
 # ---- Chat and Export ---------------------------------------------------------------------------------------------
@@ -702,12 +759,18 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
             def values(*args) -> dict:
                 return dict(zip(names, args))
 
+            with page(gr.Accordion, {"label": "train.preview"}, open=False):
+                preview_button = page(gr.Button, {"value": "train.preview_button"}, elem_id="preview_button")
+                preview = gr.HTML("", elem_id="dataset_preview")
             with page(gr.Accordion, {"label": "train.yaml"}, open=True):
                 config = page(gr.Code, {"label": "train.yaml_file"}, _preview(TRAIN_DEFAULTS), language="yaml",
                               interactive=False, elem_id="train_yaml")
                 with gr.Row():
                     save_path = page(gr.Textbox, {"label": "train.save_to"}, "saves/webui_train.yaml", scale=3)
                     save = page(gr.Button, {"value": "train.save"})
+                    load_button = page(gr.Button, {"value": "train.load"}, elem_id="load_yaml")
+                command_line = page(gr.Textbox, {"label": "train.command"}, "lf train saves/webui_train.yaml",
+                                    interactive=False, buttons=["copy"], elem_id="train_command")
             with gr.Row():
                 start = page(gr.Button, {"value": "train.start"}, variant="primary", elem_id="start")
                 stop = page(gr.Button, {"value": "train.stop"}, variant="stop", elem_id="stop")
@@ -741,6 +804,15 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
         gr.on([f.change for f in inputs], lambda *args: _preview(values(*args)), inputs, config)
         save.click(lambda path, *args: save_yaml(trainer.root, values(*args[:-1]), path, args[-1]),
                    [save_path, *inputs, page.lang], status, api_name="save_yaml")
+        save_path.change(lambda path: f"lf train {shlex.quote(path.strip())}", save_path, command_line)
+
+        def load_run(path: str, lang: str):
+            said, loaded = load_yaml(trainer.root, path, lang)
+            return (said, *(loaded.values() if loaded else [gr.skip()] * len(inputs)))
+
+        preview_button.click(lambda *args: dataset_preview(values(*args[:-1]), args[-1]), [*inputs, page.lang],
+                             preview)
+        load_button.click(load_run, [save_path, page.lang], [status, *inputs], api_name="load_yaml")
 
         def refresh(lang: str):
             """What the page shows of the run; the timer runs while it does, and a run that ends fills the Chat
