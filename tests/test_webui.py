@@ -1,8 +1,10 @@
 """`lf webui`: the YAML the Train tab builds (read back by `lf train`'s parser), the log and loss-curve readers, the
 checks of Start, Save YAML and Export (the config as `lf train` checks it, every written path under the root, no
 export over a non-empty folder unless told), the login and address options, and the page itself in headless
-Chromium: a tiny quickstart run trained from the Train tab (loss plot drawn), a chat with the adapter it made, and a
-run stopped. The same checks as a stranger calling the HTTP endpoints meets them: test_webui_http.py."""
+Chromium: a tiny quickstart run trained from the Train tab (loss plot drawn), a chat with the adapter it made, its
+predictions scored in the Evaluate & Predict tab, a run stopped, then in Chinese the demo multiple-choice task
+evaluated, and the language kept over a reload. The same checks as a stranger calling the HTTP endpoints meets
+them: test_webui_http.py."""
 
 import argparse
 import functools
@@ -286,11 +288,19 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             # Train: the tiny quickstart, a few steps
             form = {"dataset_dir": str(REPO / "data"), "output_dir": str(out), "max_steps": "3", "cutoff_len": "64",
                     "max_samples": "8", "per_device_train_batch_size": "2", "logging_steps": "1"}
+            train = page.locator("#tab_train")
             for key, value in form.items():
-                page.get_by_label(key, exact=True).fill(value)
-            page.get_by_label("logging_steps", exact=True).press("Tab")
+                train.get_by_label(key, exact=True).fill(value)
+            train.get_by_label("save the YAML to", exact=True).fill("saves/my run.yaml")
+            train.get_by_label("logging_steps", exact=True).press("Tab")
+            page.wait_for_function("document.querySelector('#train_command textarea').value === "
+                                   "\"lf train 'saves/my run.yaml'\"")
             page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 3')")
             assert f"output_dir: {out}" in page.locator("#train_yaml").inner_text()
+            train.get_by_text("dataset preview", exact=True).click()
+            page.locator("#preview_button").click()
+            page.wait_for_selector("#dataset_preview pre mark")  # the replies, marked as trained on
+            assert "<|im_start|>user" in page.locator("#dataset_preview pre").first.inner_text()
             page.locator("#start").click()
             status = _status(page, "#train_status", "finished", "failed", "not started", timeout=240)
             log = page.locator("#train_log textarea").input_value()
@@ -326,11 +336,28 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             status = _status(page, "#export_status", "exported", "not exported", timeout=120)
             assert status.startswith("exported") and (tmp_path / "merged" / "config.json").exists(), status
 
+            # Evaluate & Predict: the adapter's predictions on a few prompts, scored
+            page.get_by_role("tab", name="Evaluate & Predict").click()
+            evaluate = page.locator("#tab_eval")
+            assert evaluate.get_by_label("adapter_name_or_path (empty: none)").input_value() == str(out)
+            for label, value in (("dataset_dir", str(REPO / "data")), ("max_samples", "3"), ("cutoff_len", "64"),
+                                 ("max_new_tokens", "6"), ("output_dir (predict) / save_dir (eval)",
+                                                           str(tmp_path / "predict"))):
+                evaluate.get_by_label(label, exact=True).fill(value)
+            page.locator("#eval_start").click()
+            status = _status(page, "#eval_status", "finished", "failed", "not started", timeout=120)
+            assert status.startswith("finished"), f"{status}\n{page.locator('#eval_log textarea').input_value()}"
+            predicted = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").open()]
+            page.wait_for_function("document.querySelector('#eval_metrics').innerText.includes('rouge-l')")
+            assert "bleu-4" in page.locator("#eval_metrics").inner_text() and len(predicted) == 3
+            table = page.locator("#eval_predictions").inner_text()
+            assert "prediction" in table and "label" in table and predicted[0]["label"].split()[0] in table
+
             # Stop: a long run started, then stopped; its process group is gone
             page.get_by_role("tab", name="Train").click()
-            page.get_by_label("output_dir", exact=True).fill(str(tmp_path / "long"))
-            page.get_by_label("max_steps", exact=True).fill("100000")
-            page.get_by_label("max_steps", exact=True).press("Tab")
+            train.get_by_label("output_dir", exact=True).fill(str(tmp_path / "long"))
+            train.get_by_label("max_steps", exact=True).fill("100000")
+            train.get_by_label("max_steps", exact=True).press("Tab")
             page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 100000')")
             page.locator("#start").click()
             _status(page, "#train_status", "running", timeout=30)
@@ -341,8 +368,88 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             assert run.process.poll() is not None
             with pytest.raises(ProcessLookupError):
                 os.killpg(run.process.pid, 0)
+
+            # the language: Chinese from the switch, the run's status said again in it, and kept on a reload
+            page.get_by_label("简体中文").check()
+            page.get_by_role("button", name="开始", exact=True).wait_for()
+            assert _status(page, "#train_status", "已停止", timeout=10).startswith("已停止")
+            assert page.get_by_role("tab", name="训练").count() == 1
+
+            # Evaluate & Predict in Chinese: lf's demo multiple-choice task, accuracy per category and the answers
+            page.get_by_role("tab", name="评估与预测").click()
+            evaluate.get_by_label("评测：多项选择题任务（各类别准确率）").check()
+            for label, value in (("任务目录 (task_dir)", str(REPO / "evaluation")), ("示例数（n-shot） (n_shot)", "0"),
+                                 ("结果目录 (output_dir / save_dir)", str(tmp_path / "eval"))):
+                evaluate.get_by_label(label, exact=True).fill(value)
+            page.get_by_role("button", name="开始评估").click()
+            status = _status(page, "#eval_status", "已完成", "失败", "未开始", timeout=120)
+            assert status.startswith("已完成"), f"{status}\n{page.locator('#eval_log textarea').input_value()}"
+            page.wait_for_function("document.querySelector('#eval_metrics').innerText.includes('Average')")
+            scored = json.loads((tmp_path / "eval" / "lf_results.json").read_text())
+            metrics = page.locator("#eval_metrics").inner_text()
+            assert "准确率（%）" in metrics and f"{100 * scored['average']['accuracy']:.2f}".rstrip("0") in metrics
+            assert "STEM" in metrics and "答案" in page.locator("#eval_predictions").inner_text()
+            page.reload()
+            page.get_by_role("button", name="开始", exact=True).wait_for()
+            assert page.get_by_label("简体中文").is_checked()
+            assert train.get_by_label("最大步数（0：按轮数） (max_steps)", exact=True).count() == 1
+            assert "无需登录" in page.locator("#header").inner_text()
             browser.close()
     finally:
         demo.trainer.close()
+        demo.evaluator.close()
         demo.close()
     assert not list(tmp_path.glob("lf-webui-*"))  # the run folders
+
+
+@pytest.mark.parametrize("change", [{}, {"finetuning_type": "full", "max_steps": 9, "dataset": ["identity"]},
+                                    {"extra": "warmup_ratio: 0.1\ndo_eval: false\nlora_rank: 4", "template": None}])
+def test_a_loaded_yaml_gives_back_the_fields_config(root, monkeypatch, change):
+    monkeypatch.chdir(root.path)
+    config = webui.train_config(fields(output_dir="saves/run", **change))
+    assert webui.save_yaml(root, fields(output_dir="saves/run", **change), "run.yaml").startswith("**saved**")
+    said, loaded = webui.load_yaml(root, "run.yaml", "zh")
+    assert said.startswith("**已加载**") and list(loaded) == list(webui.TRAIN_DEFAULTS)
+    assert webui.train_config(loaded) == config
+
+
+def test_load_yaml_keeps_other_keys_and_refuses_what_it_cannot_read(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(root.path)
+    Path("llamafactory.yaml").write_text("model_name_or_path: m\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+                                         "lora_target: all\ndataset: a, b\nlearning_rate: 1.0e-4\nbf16: true\n")
+    _, loaded = webui.load_yaml(root, "llamafactory.yaml")
+    assert loaded["dataset"] == ["a", "b"] and loaded["learning_rate"] == "0.0001" and loaded["lora_rank"] is None
+    assert yaml.safe_load(loaded["extra"]) == {"bf16": True} and loaded["max_steps"] == 0
+    assert webui.train_config(loaded)["learning_rate"] == 1e-4 and "lora_rank" not in webui.train_config(loaded)
+    Path("list.yaml").write_text("- a\n")
+    (tmp_path / "outside" / "x.yaml").write_text("seed: 1\n")
+    for path, message in (("list.yaml", "list.yaml is not a YAML mapping"), ("none.yaml", "none.yaml cannot be read"),
+                          (str(root.path / "setup.py"), "is not a .yaml file"),
+                          (str(tmp_path / "outside" / "x.yaml"), "is outside")):
+        said, loaded = webui.load_yaml(root, path)
+        assert said.startswith("**not loaded**: ") and message in said and loaded is None
+
+
+@pytest.mark.parametrize("train_on_prompt, mask_history", [(False, False), (True, False), (False, True)])
+def test_dataset_preview_marks_what_the_loss_is_computed_on(train_on_prompt, mask_history):
+    from lf.config import parse_train_args
+    from lf.data import get_template
+    from lf.serve.webpreview import preview_html, preview_parts
+
+    extra = yaml.safe_dump({"train_on_prompt": train_on_prompt, "mask_history": mask_history})
+    cfg = parse_train_args(webui.train_config(fields(dataset_dir=str(REPO / "data"), dataset=["identity"],
+                                                     extra=extra)))
+    rows = preview_parts(cfg.data, rows=2)
+    records = json.loads((REPO / "data" / "identity.json").read_text())[:2]
+    template = get_template("qwen")
+    assert len(rows) == 2
+    for parts, record in zip(rows, records):  # identity: one turn, instruction -> output
+        messages = [{"role": "user", "content": record["instruction"]},
+                    {"role": "assistant", "content": record["output"]}]
+        joined = "".join(text for text, _ in parts)  # render() adds the newline the next turn would open with
+        assert template.render(messages) in (joined, joined + "\n") and template.render(messages).startswith(joined)
+        assert [trained for _, trained in parts] == [train_on_prompt, True]
+        assert record["output"] in parts[1][0]
+    page = preview_html(rows)
+    assert page.count("<pre") == 2 and page.count("<mark>") == 2 + 2 * train_on_prompt and "&lt;|im_start|&gt;" in page
+    assert webui.dataset_preview(fields(stage="dpo"), "zh") == "<p>无法预览：预览只显示 sft 阶段的数据；本次训练阶段为 dpo</p>"

@@ -55,8 +55,8 @@ def logged_in(url: str):
 
 
 def train_inputs(**changes) -> list:
-    """The Train tab's inputs in the page's order (TRAIN_DEFAULTS')."""
-    return list({**webui.TRAIN_DEFAULTS, "dataset_dir": str(REPO / "data"), **changes}.values())
+    """The Train tab's inputs in the page's order (TRAIN_DEFAULTS'), then the page's language."""
+    return [*{**webui.TRAIN_DEFAULTS, "dataset_dir": str(REPO / "data"), **changes}.values(), "en"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,8 @@ def test_endpoints_refuse_what_the_page_refuses(served):
         (root / "merged").mkdir()
         (root / "merged" / "keep.txt").write_text("mine")
         for export_dir, refusal in ((outside, "is outside"), (root / "merged", "is not empty")):
-            exported = call(client, "export", "lf-tiny-llama", "", "qwen", str(export_dir), 1, "auto", "none", False)
+            exported = call(client, "export", "lf-tiny-llama", "", "qwen", str(export_dir), 1, "auto", "none", False,
+                            "en")
             assert exported[0].startswith(f"**not exported**: export_dir: {export_dir} ") and refusal in exported[0]
     assert not list(outside.iterdir()) and not (root / "x.yaml").exists() and not (root / "out").exists()
     assert (root / "merged" / "keep.txt").read_text() == "mine" and not list(root.glob("lf-webui-*"))

@@ -28,7 +28,7 @@ from lf.serve.webaccess import Access
 from lf.serve.webui import Chat, Conversation
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-SETTINGS = ("", 4, 0.0, 1.0)  # system prompt (the template's), max_new_tokens, temperature (greedy), top_p
+SETTINGS = ("", 4, 0.0, 1.0, "en")  # system prompt (the template's), max_new_tokens, temperature (greedy), top_p, lang
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD")
     parser.add_argument("--auth-file", default=None, metavar="PATH")
+    parser.add_argument("--lang", default=None)  # the page's language (lf.serve.webui_text)
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,3 @@ class Root:
         raise ConfigError(f"{key}: {path} is outside {self.path}, the only folder this web UI writes to: choose a "
                           f"path under it, or restart lf webui with --root DIR (or LF_WEBUI_ROOT=DIR), or "
                           f"--allow-any-path")
-
-    def describe(self) -> str:
-        """For the page: where it writes."""
-        if self.any_path:
-            return f"writes wherever it is told (--allow-any-path); its run folders go in `{self.path}`"
-        return f"writes under `{self.path}` only (--root DIR or LF_WEBUI_ROOT changes it)"

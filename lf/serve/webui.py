@@ -9,7 +9,12 @@
   uploaded with a message go to a model that takes them, checked as `lf api` checks its media (lf.serve.media;
   API_MAX_IMAGE_BYTES and API_MAX_IMAGE_PIXELS bound one message's uploads), and a model that takes none of a
   kind refuses it in one line.
+- Evaluate & Predict: `lf train` with do_predict, or `lf eval` on a multiple-choice task, run as the Train tab's runs
+  are; then their metrics and a table of predictions beside the labels (webeval.py).
 - Export: lf.export.export, as `lf export` runs it.
+
+Every word the page shows comes from webui_text.py (English, Simplified Chinese): components are made through
+Page, which relabels them all when the page's language switch changes (remembered per browser).
 
 `lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
 One training run and one chat model per server: they are the machine's, whichever browser tab drives them.
@@ -23,8 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import html
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,24 +62,31 @@ from lf.serve.api import upload_limits
 from lf.serve.engine import Engine
 from lf.serve.media import UPLOADS, Images, Limits, MediaError, marks, write
 from lf.serve.webaccess import Access, Root, add_server_args
+from lf.serve.webpreview import preview_html, preview_parts
+from lf.serve.webeval import EVAL, EVAL_DEFAULTS, PREDICT, checked_eval_config, results
+from lf.serve.webui_text import LANGS, TEXT, server_lang, words
 from lf.train.callbacks import LOG_FILE
 from lf.train.plot import smooth
 
 USAGE = """usage: lf webui [--host HOST] [--port PORT] [--auth USER:PASSWORD | --auth-file PATH] [--root DIR]
-                [--allow-any-path]
+                [--allow-any-path] [--lang en|zh]
 
 Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
 Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
-log and loss curve; a Chat tab to talk with a model or a trained adapter (images, videos and audio uploaded with a
-message go to a model that takes them, within API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that merges
-an adapter into its model (`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data,
-output_dir: saves/...) are relative to, e.g. lf's source tree for the quickstart.
+log and loss curve; an Evaluate & Predict tab (`lf train` with do_predict: BLEU-4, ROUGE and the predictions;
+or `lf eval` on a multiple-choice task: accuracy per category); a Chat tab to talk with a model or a trained
+adapter (images, videos and audio uploaded with a message go to a model that takes them, within
+API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that merges an adapter into its model
+(`lf export`). Start it from the folder your configs' relative paths (dataset_dir: data, output_dir: saves/...) are
+relative to, e.g. lf's source tree for the quickstart.
 
   --auth USER:PASSWORD  a login for the page and its HTTP endpoints (repeat it for more users); --auth-file PATH
                         reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST.
   --root DIR            the folder every file the UI writes must be under (saved YAMLs, output_dir, export_dir,
                         its run folders); default LF_WEBUI_ROOT, else the working directory.
-  --allow-any-path      lets the UI write anywhere (the run folders stay in the root)."""
+  --allow-any-path      lets the UI write anywhere (the run folders stay in the root).
+  --lang en|zh          the page's language (English, Simplified Chinese) until a browser picks another with the
+                        switch on the page, which that browser remembers; default LF_WEBUI_LANG, else en."""
 
 USER_ERRORS = (ConfigError, DataError, ModelError, TrainError, RequestError)
 
@@ -87,7 +101,7 @@ TRAIN_DEFAULTS = {
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 LORA_KEYS = ("lora_rank", "lora_target")
 UNSET_WHEN_ZERO = ("max_samples", "max_steps")  # 0 in the form: the key is left out (all samples; epochs decide)
-OVERWRITE_EXPORT = "overwrite a non-empty export_dir"
+OVERWRITE_EXPORT = words("export.overwrite")
 EXPORT_DTYPES = get_args(Dtype)
 GGUF_TYPES = ("none", *get_args(GgufType))
 LOG_LINES = 200  # of the child's output shown
@@ -138,6 +152,29 @@ def _extra_keys(text: str) -> dict:
 
 def to_yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def fields_from_config(config: dict) -> dict:
+    """The Train tab's fields for a config (a YAML it saved, or any `lf train` YAML): train_config's inverse, so
+    train_config(fields_from_config(c)) == c for the configs it makes. A key with no field goes to the extra YAML
+    (so do LoRA keys of a config that does not say finetuning_type: lora); a field whose key the config lacks is
+    left empty, so lf's default still applies."""
+    rest = {key: value for key, value in config.items() if not (key in ("do_train", "plot_loss") and value is True)}
+    fields = {}
+    for key in TRAIN_DEFAULTS:
+        if key == "extra":
+            continue
+        lora_elsewhere = key in LORA_KEYS and config.get("finetuning_type") != "lora"
+        value = None if lora_elsewhere else rest.pop(key, None)
+        if key == "dataset" and isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        elif key == "learning_rate" and value is not None:
+            value = str(value)
+        elif key in UNSET_WHEN_ZERO and value is None:
+            value = 0
+        fields[key] = value
+    fields["overwrite_output_dir"] = bool(fields["overwrite_output_dir"])
+    return {**fields, "extra": to_yaml(rest) if rest else ""}  # in TRAIN_DEFAULTS' order: the page's inputs
 
 
 def checked_config(fields: dict, root: Root) -> dict:
@@ -212,17 +249,17 @@ def log_text(path, lines: int = LOG_LINES) -> str:
 
 
 class Run:
-    """One `lf train` child process: the YAML it runs and its output are files in a folder of its own (in
-    `parent`), which remove() deletes."""
+    """One `lf <command>` child process (train, or eval): the YAML it runs and its output are files in a folder of
+    its own (in `parent`), which remove() deletes. `done`: the TEXT key of what a finished run says."""
 
-    def __init__(self, config: dict, parent: Path):
-        self.config = config
+    def __init__(self, config: dict, parent: Path, command: str = "train", done: str = "run.finished"):
+        self.config, self.command, self.done = config, command, done
         self.folder = Path(tempfile.mkdtemp(prefix="lf-webui-", dir=parent))
-        self.yaml_path, self.log_path = self.folder / "train.yaml", self.folder / "train.log"
+        self.yaml_path, self.log_path = self.folder / f"{command}.yaml", self.folder / f"{command}.log"
         self.yaml_path.write_text(to_yaml(config), encoding="utf-8")
         self.started, self.stopped = time.time(), False
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "lf.cli", "train", str(self.yaml_path)],
+            self.process = subprocess.Popen([sys.executable, "-m", "lf.cli", command, str(self.yaml_path)],
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -256,26 +293,24 @@ class Run:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def records(self) -> list[dict]:
-        return read_log(Path(self.config["output_dir"]) / LOG_FILE, since=self.started)
+        output_dir = self.config.get("output_dir")  # lf eval's run has none
+        return read_log(Path(output_dir) / LOG_FILE, since=self.started) if output_dir else []
 
-    def summary(self) -> str:
+    def summary(self, lang: str = "en") -> str:
         """One line for the page: the state and, while running, the progress of the last logged step."""
         state = self.state()
         if state == "running":
             records = [r for r in self.records() if "loss" in r]
             if not records:
-                return "**running**: loading the model and data (the log below shows what happens)"
+                return words("run.loading", lang)
             r = records[-1]
-            return (f"**running**: step {r['current_steps']}/{r['total_steps']} ({r['percentage']}%), loss "
-                    f"{r['loss']:.4g}, {r['throughput']:,.0f} tokens/s, {r['elapsed_time']} elapsed, "
-                    f"{r['remaining_time']} left")
-        if state == "finished":
-            return f"**finished**: the model or adapter is in {self.config['output_dir']}"
-        if state == "stopped":
-            return (f"**stopped**: the checkpoints saved so far stay in {self.config['output_dir']} (Start with "
-                    f"overwrite_output_dir off resumes from the last one)")
-        return (f"**failed** (exit code {self.process.returncode}): the log below says why; the whole output is "
-                f"{self.log_path}")
+            return words("run.progress", lang, step=r["current_steps"], total=r["total_steps"],
+                         percent=r["percentage"], loss=r["loss"], speed=r["throughput"], elapsed=r["elapsed_time"],
+                         left=r["remaining_time"])
+        if state == "failed":
+            return words("run.failed", lang, code=self.process.returncode, path=self.log_path)
+        path = self.config.get("output_dir") or self.config.get("save_dir")
+        return words(self.done if state == "finished" else f"run.{state}", lang, path=path)
 
     def trained_model(self) -> tuple[str, str, str]:
         """What the Chat and Export tabs load after this run: model, adapter (LoRA or OFT) and template."""
@@ -286,25 +321,30 @@ class Run:
 
 
 class Trainer:
-    """The server's training run: at most one at a time, its folder in the root. The folder of the run before
-    goes when the next one starts, the last one's at close()."""
+    """A tab's run (Train's, or Evaluate & Predict's): at most one at a time, its folder in the root. The folder of
+    the run before goes when the next one starts, the last one's at close()."""
 
     def __init__(self, root: Root | None = None):
         self.root = root or Root()
         self.run: Run | None = None
         self._lock = threading.Lock()
 
-    def start(self, fields: dict) -> str | None:
-        """Starts a run of the fields' config; None, or why it did not start."""
+    def start(self, fields: dict, lang: str = "en") -> str | None:
+        """Starts a training run of the fields' config; None, or why it did not start."""
+        return self.launch(lambda: ("train", checked_config(fields, self.root)), lang)
+
+    def launch(self, make, lang: str = "en", done: str = "run.finished") -> str | None:
+        """Starts the run of (command, config) = make(); None, or why it did not start (a USER_ERRORS make()
+        raises: the mistakes the command would refuse, said at once)."""
         with self._lock:
             if self.run is not None and self.run.state() == "running":
-                return "**a run is going already**: stop it first, or wait for it to finish"
+                return words("run.busy", lang)
             try:
-                config = checked_config(fields, self.root)  # the mistakes `lf train` would refuse, said at once
+                command, config = make()
             except USER_ERRORS as exc:
-                return f"**not started**: {exc}"
+                return words("run.not_started", lang, error=exc)
             self.close()
-            self.run = Run(config, self.root.path)
+            self.run = Run(config, self.root.path, command, done)
             return None
 
     def stop(self) -> None:
@@ -317,23 +357,53 @@ class Trainer:
             self.run.remove()
 
 
-def save_yaml(root: Root, fields: dict, path: str) -> str:
+def save_yaml(root: Root, fields: dict, path: str, lang: str = "en") -> str:
     """Writes the fields' config, checked as Start checks it, to `path` (a .yaml file under the root)."""
     if not path.strip():
-        return "**not saved**: name the file to write (e.g. saves/my_run.yaml)"
+        return words("save.no_path", lang)
     try:
         target = root.check("the YAML's path", path.strip())
         if target.suffix not in YAML_SUFFIXES:
-            raise ConfigError(f"{path.strip()} is not a .yaml file: Save YAML writes YAML files only (e.g. "
-                              f"saves/my_run.yaml)")
+            raise ConfigError(words("save.not_yaml", lang, path=path.strip()))
         text = to_yaml(checked_config(fields, root))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     except USER_ERRORS as exc:
-        return f"**not saved**: {exc}"
+        return words("save.failed", lang, error=exc)
     except OSError as exc:
-        return f"**not saved**: {path} cannot be written ({exc}): choose a folder you can write to"
-    return f"**saved** to {target}; run it with `lf train {target}`"
+        return words("save.unwritable", lang, path=path, error=exc)
+    return words("save.done", lang, path=target)
+
+
+def dataset_preview(fields: dict, lang: str = "en") -> str:
+    """The Train tab's dataset preview (webpreview) of the fields' config, as HTML; or why there is none."""
+    try:
+        cfg = parse_train_args(train_config(fields))
+        if cfg.finetuning.stage != "sft":
+            said = words("preview.sft_only", lang, stage=cfg.finetuning.stage)
+        else:
+            return f"<p>{words('preview.legend', lang)}</p>" + preview_html(preview_parts(cfg.data))
+    except USER_ERRORS as exc:
+        said = words("preview.failed", lang, error=exc)
+    return f"<p>{html.escape(said)}</p>"
+
+
+def load_yaml(root: Root, path: str, lang: str = "en") -> tuple[str, dict | None]:
+    """(what the page says, the Train tab's fields) of the YAML at `path`, a .yaml file under the root (the page
+    shows only what it may write); no fields when it cannot be read."""
+    try:
+        target = root.check("the YAML's path", path.strip())
+        if target.suffix not in YAML_SUFFIXES:
+            raise ConfigError(words("save.not_yaml", lang, path=path.strip()))
+        try:
+            config = yaml.safe_load(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(words("load.unreadable", lang, path=path.strip(), error=exc)) from None
+        if not isinstance(config, dict):
+            raise ConfigError(words("load.not_mapping", lang, path=path.strip()))
+    except ConfigError as exc:
+        return words("load.failed", lang, error=exc), None
+    return words("load.done", lang, path=target), fields_from_config(config)
 
 
 # ---- Chat and Export ---------------------------------------------------------------------------------------------
@@ -367,19 +437,21 @@ class Chat:
         self.engine = engine
         self.limits = limits or upload_limits()
 
-    def load(self, model: str, adapter: str, template: str) -> str:
+    def load(self, model: str, adapter: str, template: str, lang: str = "en") -> str:
         self.engine = None  # the old model goes before the new one loads
         try:
             self.engine = Engine(parse_infer_args(model_config(model, adapter, template), "webchat"))
         except USER_ERRORS as exc:
-            return f"**not loaded**: {exc}"
-        return f"**loaded** {model.strip()}" + (f" with the adapter {adapter.strip()}" if adapter.strip() else "")
+            return words("chat.not_loaded", lang, error=exc)
+        if adapter.strip():
+            return words("chat.loaded_adapter", lang, model=model.strip(), adapter=adapter.strip())
+        return words("chat.loaded", lang, model=model.strip())
 
-    def unload(self) -> str:
+    def unload(self, lang: str = "en") -> str:
         self.engine = None
-        return "**no model loaded**"
+        return words("chat.none", lang)
 
-    def uploaded(self, files: list[str]) -> tuple[list, list[tuple[str, bytes]]]:
+    def uploaded(self, files: list[str], lang: str = "en") -> tuple[list, list[tuple[str, bytes]]]:
         """(the images, the videos' and clips' (column, bytes)) of a message's uploaded files, told apart by their
         names' extensions and checked as `lf api` checks them (lf.serve.media: formats and containers from their
         bytes, a message's files counted together, bombs and huge videos refused from their header); a model
@@ -388,8 +460,7 @@ class Chat:
         for path in files:
             column = UPLOADS.get(Path(path).suffix.lower())
             if column is None:
-                raise gr.Error(f"{Path(path).name}: the chat takes {', '.join(sorted(UPLOADS))} files: upload one "
-                               f"of those")
+                raise gr.Error(words("chat.bad_file", lang, name=Path(path).name, kinds=", ".join(sorted(UPLOADS))))
             columns.append(column)
         refusal = next(filter(None, map(self.engine.refusal, dict.fromkeys(columns))), None)
         if refusal:
@@ -405,19 +476,18 @@ class Chat:
                 [item for item, column in zip(read, columns) if column != IMAGES])
 
     def respond(self, conversation: Conversation, query: str, files: list[str] | None, system: str,
-                max_new_tokens: int, temperature: float, top_p: float):
+                max_new_tokens: int, temperature: float, top_p: float, lang: str = "en"):
         """Streams the reply to `query` and the images, videos and clips of `files` (uploaded paths): yields (chat
         shown, conversation, message box, upload box) as the reply grows. What cannot be answered (media a model
         does not take, an upload over the limits, a prompt past the context) is refused before the boxes are
         emptied."""
         if self.engine is None:
-            raise gr.Error("No model is loaded: load one above first (model_name_or_path, and "
-                           "adapter_name_or_path for an adapter a run trained)")
+            raise gr.Error(words("chat.no_model", lang))
         files = files or []
         if not query.strip() and not files:
             yield list(conversation.shown), conversation, query, files
             return
-        images, media = self.uploaded(files)
+        images, media = self.uploaded(files, lang)
         counts = {IMAGES: len(images), **{column: sum(c == column for c, _ in media) for column in MEDIA_COLUMNS
                                           if column != IMAGES}}
         messages = [*conversation.messages, {"role": USER, "content": marks(counts) + query}]
@@ -445,31 +515,32 @@ class Chat:
         yield list(done.shown), done, "", None
 
 
-def chat_panel(chat: Chat, generating: GeneratingArguments) -> None:
+def chat_panel(chat: Chat, generating: GeneratingArguments, page: Page) -> None:
     """The conversation, its message box, its media upload and the generation settings (defaults: `generating`)."""
     conversation = gr.State(Conversation())
-    chatbot = gr.Chatbot(label="conversation", elem_id="chatbot", height=420)
+    chatbot = page(gr.Chatbot, {"label": "chat.conversation"}, elem_id="chatbot", height=420)
     with gr.Row():
-        query = gr.Textbox(label="message", placeholder="Type a message and press Enter", scale=5)
-        send = gr.Button("Send", variant="primary", scale=1)
-        clear = gr.Button("Clear", scale=1)
-    files = gr.File(label="images, videos or audio for the next message (for a model that takes them)",
-                    file_count="multiple", file_types=list(UPLOADS), type="filepath", elem_id="chat_images",
-                    height=90)
-    with gr.Accordion("generation settings", open=False):
-        system = gr.Textbox(label="system prompt (empty: the template's)")
+        query = page(gr.Textbox, {"label": "chat.message", "placeholder": "chat.message_hint"}, scale=5)
+        send = page(gr.Button, {"value": "chat.send"}, variant="primary", scale=1)
+        clear = page(gr.Button, {"value": "chat.clear"}, scale=1)
+    files = page(gr.File, {"label": "chat.files"}, file_count="multiple", file_types=list(UPLOADS), type="filepath",
+                 elem_id="chat_images", height=90)
+    with page(gr.Accordion, {"label": "chat.settings"}, open=False):
+        system = page(gr.Textbox, {"label": "chat.system"})
         with gr.Row():
-            max_new_tokens = gr.Slider(1, 4096, value=generating.max_new_tokens, step=1, label="max_new_tokens")
-            temperature = gr.Slider(0, 2, value=generating.temperature, step=0.01, label="temperature (0: greedy)")
-            top_p = gr.Slider(0.01, 1, value=generating.top_p, step=0.01, label="top_p")
+            max_new_tokens = page(gr.Slider, {"label": "field.max_new_tokens"}, 1, 4096,
+                                  value=generating.max_new_tokens, step=1)
+            temperature = page(gr.Slider, {"label": "field.temperature"}, 0, 2, value=generating.temperature,
+                               step=0.01)
+            top_p = page(gr.Slider, {"label": "field.top_p"}, 0.01, 1, value=generating.top_p, step=0.01)
     gr.on([send.click, query.submit], chat.respond,
-          [conversation, query, files, system, max_new_tokens, temperature, top_p],
+          [conversation, query, files, system, max_new_tokens, temperature, top_p, page.lang],
           [chatbot, conversation, query, files], api_name="chat")
     clear.click(lambda: ([], Conversation()), None, [chatbot, conversation])
 
 
 def run_export(root: Root, model: str, adapter: str, template: str, export_dir: str, export_size: float,
-               export_dtype: str, export_gguf: str, overwrite: bool) -> str:
+               export_dtype: str, export_gguf: str, overwrite: bool, lang: str = "en") -> str:
     """`lf export` into export_dir, which must be under the root, and new or empty unless `overwrite`."""
     config = {**model_config(model, adapter, template), "export_dir": export_dir.strip(), "export_size": export_size,
               "export_dtype": export_dtype}
@@ -477,43 +548,77 @@ def run_export(root: Root, model: str, adapter: str, template: str, export_dir: 
         config["export_gguf"] = export_gguf
     try:
         if config["export_dir"]:
-            _check_export_dir(root.check("export_dir", config["export_dir"]), config["export_dir"], overwrite)
+            _check_export_dir(root.check("export_dir", config["export_dir"]), config["export_dir"], overwrite, lang)
         written = export(parse_infer_args(config, "export"))
     except USER_ERRORS as exc:
-        return f"**not exported**: {exc}"
-    return "**exported**: " + ", ".join(f"{key} {path}" for key, path in written.items())
+        return words("export.failed", lang, error=exc)
+    return words("export.done", lang, written=", ".join(f"{key} {path}" for key, path in written.items()))
 
 
-def _check_export_dir(folder: Path, given: str, overwrite: bool) -> None:
+def _check_export_dir(folder: Path, given: str, overwrite: bool, lang: str) -> None:
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
-        raise ConfigError(f"export_dir: {given} is not empty: tick \"{OVERWRITE_EXPORT}\" to write over its files, "
-                          f"or name a new or empty folder")
+        raise ConfigError(words("export.not_empty", lang, path=given, overwrite=words("export.overwrite", lang)))
 
 
 # ---- the page ----------------------------------------------------------------------------------------------------
 
-def _model_fields() -> tuple[gr.Textbox, gr.Textbox, gr.Dropdown]:
+class Page:
+    """A page whose words follow its language switch: its components are made through it, each with the TEXT keys
+    of its words (or a function of the language); relabel(lang) gives their updates, in the order made. `lang`:
+    the language switch (a radio), remembered in the browser (localStorage)."""
+
+    def __init__(self, lang: str):
+        self.start_lang, self.made = lang, []
+        self.lang = self(gr.Radio, {"label": "page.lang"}, [(name, code) for code, name in LANGS.items()], value=lang,
+                         elem_id="lang")
+
+    def __call__(self, make, keys: dict, *args, **kwargs):
+        component = make(*args, **{attr: self._words(key, self.start_lang) for attr, key in keys.items()}, **kwargs)
+        self.made.append((component, keys))
+        return component
+
+    @staticmethod
+    def _words(key, lang: str) -> str:
+        return key(lang) if callable(key) else words(key, lang)
+
+    def relabel(self, lang: str) -> list:
+        return [gr.update(**{attr: self._words(key, lang) for attr, key in keys.items()}) for _, keys in self.made]
+
+    def follow(self, demo: gr.Blocks, *redraws: tuple) -> None:
+        """Wires the switch: a language chosen relabels the page (then each (refresh, outputs) of `redraws` redraws
+        what the page says that is not a fixed text, with refresh(lang)) and is remembered in the browser, which
+        picks it again on its next visit. The redraws run when the page loads, too."""
+        chosen = gr.BrowserState(None, storage_key="lf_webui_lang")
+        demo.load(lambda stored: stored if stored in LANGS else gr.skip(), chosen, self.lang)
+        relabelled = self.lang.change(self.relabel, self.lang, [c for c, _ in self.made], queue=False)
+        for refresh, outputs in redraws:
+            relabelled.then(refresh, self.lang, outputs)
+            demo.load(refresh, self.lang, outputs)
+        self.lang.input(lambda lang: lang, self.lang, chosen, queue=False)
+
+
+def _model_fields(page: Page) -> tuple[gr.Textbox, gr.Textbox, gr.Dropdown]:
     """model, adapter and template: what the Chat and Export tabs load."""
     with gr.Row():
-        model = gr.Textbox(TRAIN_DEFAULTS["model_name_or_path"], label="model_name_or_path", scale=2)
-        adapter = gr.Textbox(label="adapter_name_or_path (empty: none)", scale=2)
-        template = gr.Dropdown(sorted(TEMPLATES), value=TRAIN_DEFAULTS["template"], label="template",
-                               allow_custom_value=True)
+        model = page(gr.Textbox, {"label": "field.model_name_or_path"}, TRAIN_DEFAULTS["model_name_or_path"], scale=2)
+        adapter = page(gr.Textbox, {"label": "field.adapter_name_or_path"}, scale=2)
+        template = page(gr.Dropdown, {"label": "field.template"}, sorted(TEMPLATES), value=TRAIN_DEFAULTS["template"],
+                        allow_custom_value=True)
     return model, adapter, template
 
 
-def _train_fields() -> dict[str, gr.components.Component]:
+def _train_fields(page: Page) -> dict[str, gr.components.Component]:
     """The Train tab's inputs, keyed (and labelled) by their YAML key, in TRAIN_DEFAULTS' order."""
     d, fields = TRAIN_DEFAULTS, {}
 
     def text(key, **kw):
-        fields[key] = gr.Textbox(d[key], label=key, **kw)
+        fields[key] = page(gr.Textbox, {"label": f"field.{key}"}, d[key], **kw)
 
     def number(key, integer=True):
-        fields[key] = gr.Number(d[key], label=key, precision=0 if integer else None, minimum=0)
+        fields[key] = page(gr.Number, {"label": f"field.{key}"}, d[key], precision=0 if integer else None, minimum=0)
 
     def choice(key, choices, **kw):
-        fields[key] = gr.Dropdown(list(choices), value=d[key], label=key, **kw)
+        fields[key] = page(gr.Dropdown, {"label": f"field.{key}"}, list(choices), value=d[key], **kw)
 
     with gr.Row():
         text("model_name_or_path", scale=2)
@@ -539,12 +644,83 @@ def _train_fields() -> dict[str, gr.components.Component]:
         number("save_steps")
     with gr.Row():
         text("output_dir", scale=3)
-        fields["overwrite_output_dir"] = gr.Checkbox(d["overwrite_output_dir"], label="overwrite_output_dir")
-    with gr.Accordion("other keys (YAML, over the fields above)", open=False):
-        fields["extra"] = gr.Code(d["extra"], language="yaml", label="e.g. warmup_ratio: 0.05", lines=3)
+        fields["overwrite_output_dir"] = page(gr.Checkbox, {"label": "field.overwrite_output_dir"},
+                                              d["overwrite_output_dir"])
+    with page(gr.Accordion, {"label": "train.extra"}, open=False):
+        fields["extra"] = page(gr.Code, {"label": "train.extra_hint"}, d["extra"], language="yaml", lines=3)
     fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(folder)), fields["dataset_dir"],
                                  fields["dataset"])
     return fields
+
+
+def _eval_tab(page: Page, evaluator: Trainer) -> tuple:
+    """The Evaluate & Predict tab's fields and run (webeval): returns its model fields (which a finished training
+    run fills), and its redraw for the page: (refresh(lang), the components it draws)."""
+    d, fields = EVAL_DEFAULTS, {}
+    model = _model_fields(page)
+    fields["mode"] = page(gr.Radio, {"label": "eval.mode", "choices": lambda lang: [
+        (words("eval.predict", lang), PREDICT), (words("eval.eval", lang), EVAL)]}, value=d["mode"],
+        elem_id="eval_mode")
+
+    def number(key):
+        fields[key] = page(gr.Number, {"label": f"field.{key}"}, d[key], precision=0, minimum=0)
+
+    with page(gr.Accordion, {"label": "eval.predict_fields"}, open=True), gr.Row():
+        fields["dataset_dir"] = page(gr.Textbox, {"label": "field.dataset_dir"}, d["dataset_dir"])
+        fields["eval_dataset"] = page(gr.Dropdown, {"label": "field.eval_dataset"}, dataset_names(d["dataset_dir"]),
+                                      value=d["eval_dataset"], multiselect=True, allow_custom_value=True, scale=2)
+        for key in ("cutoff_len", "max_samples", "per_device_eval_batch_size", "max_new_tokens"):
+            number(key)
+    with page(gr.Accordion, {"label": "eval.eval_fields"}, open=True), gr.Row():
+        fields["task_dir"] = page(gr.Textbox, {"label": "field.task_dir"}, d["task_dir"])
+        fields["task"] = page(gr.Textbox, {"label": "field.task"}, d["task"])
+        number("n_shot")
+        fields["lang"] = page(gr.Dropdown, {"label": "field.lang"}, list(LANGS), value=d["lang"])
+        number("batch_size")
+    fields["output_dir"] = page(gr.Textbox, {"label": "field.eval_output_dir"}, d["output_dir"])
+    with gr.Row():
+        start = page(gr.Button, {"value": "eval.start"}, variant="primary", elem_id="eval_start")
+        stop = page(gr.Button, {"value": "train.stop"}, variant="stop", elem_id="eval_stop")
+    status = gr.Markdown(words("run.none", page.start_lang), elem_id="eval_status")
+    log = page(gr.Textbox, {"label": "train.log"}, lines=10, max_lines=10, autoscroll=True, elem_id="eval_log")
+    with gr.Row():
+        metrics = page(gr.Dataframe, {"label": "eval.metrics"}, interactive=False, elem_id="eval_metrics")
+        predictions = page(gr.Dataframe, {"label": "eval.predictions"}, interactive=False, wrap=True, scale=3,
+                           elem_id="eval_predictions")
+    timer = gr.Timer(1.0, active=False)
+    fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(folder)), fields["dataset_dir"],
+                                 fields["eval_dataset"])
+    shown = [status, log, metrics, predictions, timer]
+
+    def refresh(lang: str):
+        """What the tab shows of its run: the state and log while it runs, then its metrics and predictions."""
+        run = evaluator.run
+        if run is None:
+            return words("run.none", lang), "", None, None, gr.Timer(active=False)
+        state = run.state()  # first: the log read after it is at least as new
+        output = log_text(run.log_path)
+        if state != "finished":
+            return run.summary(lang), output, None, None, gr.Timer(active=state == "running")
+        try:
+            tables = results(run.command, run.config, lang)
+        except (OSError, ValueError, KeyError, *USER_ERRORS) as exc:
+            return words("eval.unreadable", lang, error=exc), output, None, None, gr.Timer(active=False)
+        return run.summary(lang), output, *tables, gr.Timer(active=False)
+
+    def start_run(*args):
+        lang, chosen = args[-1], dict(zip(fields, args[len(model):-1]))
+        problem = evaluator.launch(lambda: checked_eval_config(model_config(*args[:len(model)]), chosen,
+                                                               evaluator.root), lang, "eval.finished")
+        return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh(lang)
+
+    def stop_run(lang: str):
+        evaluator.stop()
+        return refresh(lang)
+
+    start.click(start_run, [*model, *fields.values(), page.lang], shown, api_name="evaluate")
+    stop.click(stop_run, page.lang, shown)
+    timer.tick(refresh, page.lang, shown)
+    return model, (refresh, shown)
 
 
 def _preview(fields: dict) -> str:
@@ -556,107 +732,132 @@ def _preview(fields: dict) -> str:
     return (f"# {warning}\n" if warning else "") + to_yaml(config)
 
 
-OPEN_NOTE = ("**open: no login**: whoever reaches this address can use this page and its HTTP endpoints; restart "
-             "it with --auth USER:PASSWORD to require one")
+def _header(lang: str, login: bool, title: str = "page.title", about: str = "", path: Path | None = None) -> str:
+    """What a page says first: its title (a TEXT key, or the text), `about` it (a TEXT key, of `path`), and that
+    it is open when it has no login."""
+    lines = (f"## {words(title, lang) if title in TEXT else title}", about and words(about, lang, path=path),
+             "" if login else words("page.open", lang))
+    return "\n\n".join(line for line in lines if line)
 
 
-def _header(title: str, login: bool, about: str = "") -> str:
-    """What a page says first: its title, `about` it, and that it is open when it has no login."""
-    return "\n\n".join(line for line in (f"## {title}", about, "" if login else OPEN_NOTE) if line)
-
-
-def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: bool = False) -> gr.Blocks:
-    """The `lf webui` page; `login`: whether it is served behind one (the page says so when not). Paths it
-    writes are checked against the trainer's root."""
+def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: bool = False,
+              lang: str = "en") -> gr.Blocks:
+    """The `lf webui` page, in `lang` until a browser picks another; `login`: whether it is served behind one (the
+    page says so when not). Paths it writes are checked against the trainer's root, where the Evaluate & Predict
+    tab's runs (demo.evaluator) go too."""
     trainer, chat = trainer or Trainer(), chat or Chat()
+    evaluator = Trainer(trainer.root)
+    about = "page.any_path" if trainer.root.any_path else "page.root"
     with gr.Blocks(title="lf webui", analytics_enabled=False) as demo:
-        gr.Markdown(_header("lf webui", login, f"This UI {trainer.root.describe()}."), elem_id="header")
-        with gr.Tab("Train"):
-            fields = _train_fields()
+        page = Page(lang)
+        page(gr.Markdown, {"value": lambda lang: _header(lang, login, about=about, path=trainer.root.path)},
+             elem_id="header")
+        with page(gr.Tab, {"label": "tab.train"}, elem_id="tab_train"):
+            fields = _train_fields(page)
             names, inputs = list(fields), list(fields.values())
 
             def values(*args) -> dict:
                 return dict(zip(names, args))
 
-            with gr.Accordion("the YAML Start runs", open=True):
-                config = gr.Code(_preview(TRAIN_DEFAULTS), language="yaml", interactive=False, label="train.yaml",
-                                 elem_id="train_yaml")
+            with page(gr.Accordion, {"label": "train.preview"}, open=False):
+                preview_button = page(gr.Button, {"value": "train.preview_button"}, elem_id="preview_button")
+                preview = gr.HTML("", elem_id="dataset_preview")
+            with page(gr.Accordion, {"label": "train.yaml"}, open=True):
+                config = page(gr.Code, {"label": "train.yaml_file"}, _preview(TRAIN_DEFAULTS), language="yaml",
+                              interactive=False, elem_id="train_yaml")
                 with gr.Row():
-                    save_path = gr.Textbox("saves/webui_train.yaml", label="save the YAML to", scale=3)
-                    save = gr.Button("Save YAML")
+                    save_path = page(gr.Textbox, {"label": "train.save_to"}, "saves/webui_train.yaml", scale=3)
+                    save = page(gr.Button, {"value": "train.save"})
+                    load_button = page(gr.Button, {"value": "train.load"}, elem_id="load_yaml")
+                command_line = page(gr.Textbox, {"label": "train.command"}, "lf train saves/webui_train.yaml",
+                                    interactive=False, buttons=["copy"], elem_id="train_command")
             with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="start")
-                stop = gr.Button("Stop", variant="stop", elem_id="stop")
-            status = gr.Markdown("**no run yet**", elem_id="train_status")
+                start = page(gr.Button, {"value": "train.start"}, variant="primary", elem_id="start")
+                stop = page(gr.Button, {"value": "train.stop"}, variant="stop", elem_id="stop")
+            status = gr.Markdown(words("run.none", lang), elem_id="train_status")
             with gr.Row():
-                log = gr.Textbox(label="log", lines=18, max_lines=18, autoscroll=True, elem_id="train_log")
-                plot = gr.LinePlot(x="step", y="loss", color="curve", label="loss", elem_id="loss_plot",
-                                   color_map={"original": "#9ecae1", "smoothed": "#1f77b4"})
+                log = page(gr.Textbox, {"label": "train.log"}, lines=18, max_lines=18, autoscroll=True,
+                           elem_id="train_log")
+                plot = page(gr.LinePlot, {"label": "train.loss"}, x="step", y="loss", color="curve",
+                            elem_id="loss_plot", color_map={"original": "#9ecae1", "smoothed": "#1f77b4"})
             timer = gr.Timer(1.0, active=False)
-        with gr.Tab("Chat"):
-            chat_model = _model_fields()
+        with page(gr.Tab, {"label": "tab.eval"}, elem_id="tab_eval"):
+            eval_model, eval_redraw = _eval_tab(page, evaluator)
+        with page(gr.Tab, {"label": "tab.chat"}):
+            chat_model = _model_fields(page)
             with gr.Row():
-                load = gr.Button("Load model", variant="primary", elem_id="load_model")
-                unload = gr.Button("Unload model")
-            chat_status = gr.Markdown("**no model loaded**", elem_id="chat_status")
-            chat_panel(chat, GeneratingArguments())
-        with gr.Tab("Export"):
-            export_model = _model_fields()
+                load = page(gr.Button, {"value": "chat.load"}, variant="primary", elem_id="load_model")
+                unload = page(gr.Button, {"value": "chat.unload"})
+            chat_status = gr.Markdown(words("chat.none", lang), elem_id="chat_status")
+            chat_panel(chat, GeneratingArguments(), page)
+        with page(gr.Tab, {"label": "tab.export"}):
+            export_model = _model_fields(page)
             with gr.Row():
-                export_dir = gr.Textbox("saves/webui_merged", label="export_dir", scale=2)
-                export_size = gr.Number(5, label="export_size (GB per shard)", minimum=0.001)
-                export_dtype = gr.Dropdown(list(EXPORT_DTYPES), value="auto", label="export_dtype")
-                export_gguf = gr.Dropdown(list(GGUF_TYPES), value="none", label="export_gguf")
-            overwrite_export = gr.Checkbox(False, label=OVERWRITE_EXPORT)
-            export_button = gr.Button("Export", variant="primary")
+                export_dir = page(gr.Textbox, {"label": "field.export_dir"}, "saves/webui_merged", scale=2)
+                export_size = page(gr.Number, {"label": "field.export_size"}, 5, minimum=0.001)
+                export_dtype = page(gr.Dropdown, {"label": "field.export_dtype"}, list(EXPORT_DTYPES), value="auto")
+                export_gguf = page(gr.Dropdown, {"label": "field.export_gguf"}, list(GGUF_TYPES), value="none")
+            overwrite_export = page(gr.Checkbox, {"label": "export.overwrite"}, False)
+            export_button = page(gr.Button, {"value": "export.run"}, variant="primary")
             export_status = gr.Markdown("", elem_id="export_status")
 
         gr.on([f.change for f in inputs], lambda *args: _preview(values(*args)), inputs, config)
-        save.click(lambda path, *args: save_yaml(trainer.root, values(*args), path), [save_path, *inputs], status,
-                   api_name="save_yaml")
+        save.click(lambda path, *args: save_yaml(trainer.root, values(*args[:-1]), path, args[-1]),
+                   [save_path, *inputs, page.lang], status, api_name="save_yaml")
+        save_path.change(lambda path: f"lf train {shlex.quote(path.strip())}", save_path, command_line)
 
-        def refresh():
+        def load_run(path: str, lang: str):
+            said, loaded = load_yaml(trainer.root, path, lang)
+            return (said, *(loaded.values() if loaded else [gr.skip()] * len(inputs)))
+
+        preview_button.click(lambda *args: dataset_preview(values(*args[:-1]), args[-1]), [*inputs, page.lang],
+                             preview)
+        load_button.click(load_run, [save_path, page.lang], [status, *inputs], api_name="load_yaml")
+
+        def refresh(lang: str):
             """What the page shows of the run; the timer runs while it does, and a run that ends fills the Chat
             and Export tabs with what it trained."""
             run = trainer.run
             if run is None:
-                return ("**no run yet**", "", None, gr.Timer(active=False), *[gr.skip()] * 6)
+                return (words("run.none", lang), "", None, gr.Timer(active=False), *[gr.skip()] * 9)
             # the state first: what is read after it is at least as new (an ended run's log and summary are final)
             running = run.state() == "running"
             frame, output = loss_frame(run.records()), log_text(run.log_path)
             trained = run.trained_model() if run.state() == "finished" else [gr.skip()] * 3
-            return (run.summary(), output, frame if len(frame) else None, gr.Timer(active=running),
-                    *trained, *trained)
+            return (run.summary(lang), output, frame if len(frame) else None, gr.Timer(active=running),
+                    *trained, *trained, *trained)
 
-        shown = [status, log, plot, timer, *chat_model, *export_model]
+        shown = [status, log, plot, timer, *chat_model, *export_model, *eval_model]
 
         def start_run(*args):
-            problem = trainer.start(values(*args))
-            return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh()
+            problem = trainer.start(values(*args[:-1]), args[-1])
+            return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh(args[-1])
 
-        def stop_run():
+        def stop_run(lang: str):
             trainer.stop()
-            return refresh()
+            return refresh(lang)
 
-        start.click(start_run, inputs, shown, api_name="start")
-        stop.click(stop_run, None, shown)
-        timer.tick(refresh, None, shown)
-        demo.load(refresh, None, shown)
-        load.click(chat.load, list(chat_model), chat_status)
-        unload.click(chat.unload, None, chat_status)
+        start.click(start_run, [*inputs, page.lang], shown, api_name="start")
+        stop.click(stop_run, page.lang, shown)
+        timer.tick(refresh, page.lang, shown)
+        load.click(chat.load, [*chat_model, page.lang], chat_status)
+        unload.click(chat.unload, page.lang, chat_status)
         export_button.click(functools.partial(run_export, trainer.root),
-                            [*export_model, export_dir, export_size, export_dtype, export_gguf, overwrite_export],
-                            export_status, api_name="export")
-    demo.trainer, demo.chat = trainer, chat  # for `lf webui`'s exit, and tests
+                            [*export_model, export_dir, export_size, export_dtype, export_gguf, overwrite_export,
+                             page.lang], export_status, api_name="export")
+        page.follow(demo, (refresh, shown), eval_redraw)
+    demo.trainer, demo.evaluator, demo.chat = trainer, evaluator, chat  # for `lf webui`'s exit, and tests
     return demo
 
 
-def chat_app(engine: Engine, login: bool = False, limits: Limits | None = None) -> gr.Blocks:
+def chat_app(engine: Engine, login: bool = False, limits: Limits | None = None, lang: str = "en") -> gr.Blocks:
     """The `lf webchat` page: the chat panel over a loaded model (`limits`: as Chat's)."""
     chat = Chat(engine, limits)
     with gr.Blocks(title=f"lf webchat: {engine.name}", analytics_enabled=False) as demo:
-        gr.Markdown(_header(demo.title, login), elem_id="header")
-        chat_panel(chat, engine.generating)
+        page = Page(lang)
+        page(gr.Markdown, {"value": lambda lang: _header(lang, login, title=demo.title)}, elem_id="header")
+        chat_panel(chat, engine.generating, page)
+        page.follow(demo)
     demo.chat = chat
     return demo
 
@@ -680,9 +881,9 @@ def serve(demo: gr.Blocks, access: Access) -> None:
 
 
 @contextlib.contextmanager
-def _closed_at_exit(trainer: Trainer):
+def _closed_at_exit(*runs: Trainer):
     """SIGTERM and SIGHUP end the server as Ctrl-C does (Gradio closes it on KeyboardInterrupt); however it ends,
-    the run is stopped and its folder removed on the way out."""
+    the runs are stopped and their folders removed on the way out."""
     ends = (signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in ends}
     try:
@@ -690,7 +891,8 @@ def _closed_at_exit(trainer: Trainer):
     finally:
         for sig, handler in previous.items():  # a second signal while closing acts as it did before
             signal.signal(sig, handler)
-        trainer.close()
+        for trainer in runs:
+            trainer.close()
 
 
 def command(argv: list[str]) -> int:
@@ -701,7 +903,7 @@ def command(argv: list[str]) -> int:
     parser.add_argument("--allow-any-path", action="store_true")
     args = parser.parse_args(argv)
     access = Access.from_args(args)
-    trainer = Trainer(Root(args.root, args.allow_any_path))
-    with _closed_at_exit(trainer):
-        launch(create_ui(trainer, login=access.login), access)
+    demo = create_ui(Trainer(Root(args.root, args.allow_any_path)), login=access.login, lang=server_lang(args.lang))
+    with _closed_at_exit(demo.trainer, demo.evaluator):
+        launch(demo, access)
     return 0
