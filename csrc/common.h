@@ -80,16 +80,14 @@ inline float verfc(float x) {
   return x >= 0.f ? r : 2.0f - r;
 }
 
-// Runs body(begin, end) on contiguous ranges of [0, n), one per thread, each a multiple of 64 elements
-// (whole cache lines) except the last. Keeps the inner loop a plain `omp simd` loop the compiler vectorises.
+// Runs body(begin, end) on contiguous ranges of [0, n), kParallelChunk elements each (whole cache lines) but the
+// last, handed out dynamically: a thread that the OS deschedules on a busy machine holds back one chunk, not
+// its static share of the work. Keeps the inner loop a plain `omp simd` loop the compiler vectorises.
+constexpr int64_t kParallelChunk = 1 << 15;
 template <class Body> inline void parallel_ranges(int64_t n, int threads, Body&& body) {
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t chunk = ((n + team - 1) / team + 63) / 64 * 64;
-    const int64_t begin = std::min(n, me * chunk), end = std::min(n, begin + chunk);
-    if (begin < end) body(begin, end);
-  }
+  const int64_t chunks = (n + kParallelChunk - 1) / kParallelChunk;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+  for (int64_t i = 0; i < chunks; ++i) body(i * kParallelChunk, std::min(n, (i + 1) * kParallelChunk));
 }
 
 // Elementwise kernels over bf16/fp16 storage run their fp32 loop on tiles widened into L1-resident

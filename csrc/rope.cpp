@@ -42,7 +42,7 @@ template <class T> struct Run {
       std::vector<float> cs(2 * dim);
       float* c = cs.data();
       float* sn = c + dim;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)  // a thread descheduled on a busy machine holds back 16 positions
       for (int64_t p = 0; p < positions; ++p) {
         const int64_t b = p / a.seq, s = p % a.seq;
         const int64_t off = b * a.cs_stride[0] + s * a.cs_stride[1];

@@ -82,7 +82,7 @@ BACKWARD = Implementations(triton="lf._triton.kernels.glu:backward", cpu=_cpu_ba
 
 @torch.library.custom_op("lf::glu_fwd", mutates_args=())
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-    out = _alloc.empty_like(gate)
+    out = _alloc.recycled_like(gate)
     FORWARD.for_device(gate.device)(gate, up, out, kind)
     return out
 
@@ -94,7 +94,7 @@ def _(gate, up, kind):
 
 @torch.library.custom_op("lf::glu_bwd", mutates_args=())
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dgate, dup = _alloc.empty_like(gate), _alloc.empty_like(up)
+    dgate, dup = _alloc.recycled_like(gate), _alloc.recycled_like(up)
     BACKWARD.for_device(gate.device)(dy, gate, up, dgate, dup, kind)
     return dgate, dup
 

@@ -86,7 +86,7 @@ BACKWARD = Implementations(triton="lf._triton.kernels.rms_norm:backward", cpu=_c
 @torch.library.custom_op("lf::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                   casting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    y = _alloc.empty_like(x)
+    y = _alloc.recycled_like(x)
     rstd = _alloc.empty(x.shape[0], x, torch.float32)
     FORWARD.for_device(x.device)(x, weight, y, rstd, eps, offset, casting)
     return y, rstd
@@ -100,7 +100,7 @@ def _(x, weight, eps, offset, casting):
 @torch.library.custom_op("lf::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                   casting: str, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dx = _alloc.empty_like(x)
+    dx = _alloc.recycled_like(x)
     dw = _alloc.empty_like(weight) if weight_grad else weight.new_empty(0)
     BACKWARD.for_device(x.device)(dy, x, weight, rstd, dx, dw if weight_grad else None, offset, casting)
     return dx, dw

@@ -82,7 +82,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("lf::rope", mutates_args=())
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
           backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    q_out, k_out = _alloc.empty_like(q), _alloc.empty_like(k)
+    q_out, k_out = _alloc.recycled_like(q), _alloc.recycled_like(k)
     APPLY.for_device(q.device)(q, k, cos, sin, q_out, k_out, backward)
     return q_out, k_out
 
