@@ -444,7 +444,7 @@ def test_adapter_continue_merge_and_create_new(llama, tmp_path):
 
     with pytest.raises(ModelError, match="has no adapter_config.json"):
         _load(llama, adapter_name_or_path=str(tmp_path))
-    with pytest.raises(ModelError, match="needs finetuning_type: lora, not full"):
+    with pytest.raises(ModelError, match=r"needs finetuning_type: lora \(or oft\), not full"):
         _load(llama, adapter_name_or_path=first, finetuning_type="full")
 
 
