@@ -282,9 +282,6 @@ UNSUPPORTED = types.MappingProxyType({
     "fp8": Unsupported("FP8 training"),
     "fp8_backend": Unsupported("FP8 training", None),
     "fp8_enable_fsdp_float8_all_gather": Unsupported("FP8 training"),
-    "infer_backend": Unsupported("an inference engine other than transformers", ("huggingface", "hf")),
-    **{key: Unsupported("vLLM", None) for key in
-       ("vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     # export: lf export's own keys (lf/config/export.py) are read there; lf train refuses them (see _split)

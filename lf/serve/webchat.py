@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from lf.config import parse_infer_args
-from lf.serve import Engine
+from lf.serve.backends import open_engine
 
 USAGE = """usage: lf webchat cfg.yaml [key=value ...] [--host HOST] [--port PORT] [--auth USER:PASSWORD |
                   --auth-file PATH]
@@ -34,5 +34,5 @@ def command(argv: list[str]) -> int:
     args, config = parser.parse_known_args(argv)
     access = Access.from_args(args)
     limits = upload_limits()  # a wrong variable is refused before the model loads
-    launch(chat_app(Engine(parse_infer_args(config, "webchat")), login=access.login, limits=limits), access)
+    launch(chat_app(open_engine(parse_infer_args(config, "webchat")), login=access.login, limits=limits), access)
     return 0
