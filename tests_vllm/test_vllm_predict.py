@@ -15,7 +15,7 @@ def options(output_dir, **overrides) -> dict:
     return {"model_name_or_path": "lf-tiny-llama", "dataset": "lf_demo_en", "dataset_dir": str(REPO / "data"),
             "template": "qwen", "cutoff_len": 256, "max_samples": 8, "output_dir": str(output_dir), "max_steps": 3,
             "per_device_train_batch_size": 2, "learning_rate": 1e-2, "lora_rank": 4, "seed": 7,
-            "infer_dtype": "float32", "do_predict": True, "predict_with_generate": True, "eval_dataset": "lf_demo_en",
+            "infer_dtype": "float32", "do_train": True, "do_predict": True, "predict_with_generate": True, "eval_dataset": "lf_demo_en",
             "per_device_eval_batch_size": 3, "do_sample": False, "max_new_tokens": 16,
             "vllm_enforce_eager": True, "vllm_maxlen": 512, "vllm_max_lora_rank": 8, **overrides}
 

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import threading
+import types
 
 from lf.errors import ConfigError
 from lf.model.paths import resolve_model_path
@@ -113,17 +114,15 @@ class VllmEngine(Engine):
         from transformers import AutoConfig
         from vllm import EngineArgs, LLMEngine
 
-        if cfg.generating.num_beams != 1:
-            raise ConfigError("num_beams > 1 with infer_backend: vllm: lf streams one reply per request; remove it")
         self._lora = lora_request(cfg.model)
         args = engine_args(cfg.model, self._max_num_seqs)
         log.info("vLLM engine arguments: %s", args)
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
-        self.model = type("VllmModel", (), {"config": AutoConfig.from_pretrained(
-            resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)})()
+        # the Engine reads the model's config (context length, model type); the weights live in vLLM
+        self.model = types.SimpleNamespace(config=AutoConfig.from_pretrained(
+            resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code))
         self.device = None
-        limit = self.llm.vllm_config.model_config.max_model_len  # vLLM schedules no longer sequence
-        self._vllm_limit = limit
+        self._vllm_limit = self.llm.vllm_config.model_config.max_model_len  # vLLM schedules no longer sequence
 
     def __init__(self, cfg, device: str | None = None, max_batch: int = 1):
         self._max_num_seqs = max_batch if max_batch > 1 else None
