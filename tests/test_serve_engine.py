@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from support import one_thread  # noqa: F401 (autouse: this module's generations on one thread)
+from support import one_thread, random_lora_adapter  # noqa: F401 (one_thread: autouse, generations on one thread)
 from test_train import lf_home  # noqa: F401 (autouse: the module's tiny model in a temporary LF_HOME)
 
 from lf import cli
@@ -90,18 +90,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def adapter(lf_home) -> str:
-    """A LoRA adapter with random (nonzero) A and B, as peft saves one: it changes what the model writes."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = os.path.join(lf_home, "adapter")
-    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                            init_lora_weights=False)
-        get_peft_model(base, config).save_pretrained(path)
-    return path
+    return random_lora_adapter(os.path.join(lf_home, "adapter"))
 
 
 def hf_greedy(model, tokenizer, prompt_ids: list[int], stop_ids, max_new_tokens: int) -> tuple[str, int]:

@@ -27,6 +27,7 @@ QUANTIZATION_REFUSED = {
             "quantization_bit",
     "quanto": "not built yet: optimum-quanto 0.2.7 installs beside torch 2.13 CPU",
 }
+InferBackend = Literal["huggingface", "vllm", "sglang"]  # the engine of lf chat/api/webchat and do_predict
 
 
 @dataclass
@@ -65,3 +66,10 @@ class ModelArguments:
     use_cache: bool = True  # KV cache at generation (training always runs without)
     print_param_status: bool = False
     hf_hub_token: str | None = None
+    # the inference engine (lf.serve.backends): transformers, or vLLM (lf[vllm]; its keys as LLaMA-Factory's)
+    infer_backend: InferBackend = "huggingface"
+    vllm_maxlen: int = 4096  # the longest prompt + reply vLLM schedules (its max_model_len)
+    vllm_gpu_util: float = 0.7  # share of GPU memory vLLM takes (ignored by its CPU build)
+    vllm_enforce_eager: bool = False  # no CUDA graphs / torch.compile
+    vllm_max_lora_rank: int = 32  # the largest LoRA rank vLLM serves
+    vllm_config: dict | str | None = None  # more vLLM engine arguments (a mapping, or its JSON text)

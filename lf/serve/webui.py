@@ -59,6 +59,7 @@ from lf.data.registry import IMAGES, MEDIA_COLUMNS
 from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
 from lf.export import export
 from lf.serve.api import upload_limits
+from lf.serve.backends import open_engine
 from lf.serve.engine import Engine
 from lf.serve.media import UPLOADS, Images, Limits, MediaError, marks, write
 from lf.serve.webaccess import Access, Root, add_server_args
@@ -440,7 +441,7 @@ class Chat:
     def load(self, model: str, adapter: str, template: str, lang: str = "en") -> str:
         self.engine = None  # the old model goes before the new one loads
         try:
-            self.engine = Engine(parse_infer_args(model_config(model, adapter, template), "webchat"))
+            self.engine = open_engine(parse_infer_args(model_config(model, adapter, template), "webchat"))
         except USER_ERRORS as exc:
             return words("chat.not_loaded", lang, error=exc)
         if adapter.strip():

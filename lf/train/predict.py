@@ -104,10 +104,13 @@ def predict(trainer, cfg, tokenizer, template) -> dict:
     mine = list(range(rank, len(dataset), world))  # this process's share of the prompts
     start = time.time()
     images = [{c: dataset[i][c] for c in trainer.media.columns} for i in mine] if trainer.media is not None else None
-    answers = generate_answers(model, [dataset[i]["input_ids"] for i in mine],
-                               batch_size=args.per_device_eval_batch_size, kwargs=generation_kwargs(g, stops, pad_id),
-                               stops=stops, show_progress=trainer.is_local_process_zero(), images=images,
-                               media=trainer.media)
+    if cfg.model.infer_backend == "vllm":
+        answers = _vllm_answers(cfg, [dataset[i]["input_ids"] for i in mine], stops, trainer.is_local_process_zero())
+    else:
+        answers = generate_answers(model, [dataset[i]["input_ids"] for i in mine],
+                                   batch_size=args.per_device_eval_batch_size,
+                                   kwargs=generation_kwargs(g, stops, pad_id), stops=stops,
+                                   show_progress=trainer.is_local_process_zero(), images=images, media=trainer.media)
     answers = dict(gather_object(list(zip(mine, answers))))
     if not trainer.is_world_process_zero():
         return {}
@@ -127,3 +130,17 @@ def predict(trainer, cfg, tokenizer, template) -> dict:
     trainer.save_metrics("predict", metrics)
     log.info("%d predictions written to %s", len(records), path)
     return {"predictions": path, "predict_results": os.path.join(args.output_dir, "predict_results.json")}
+
+
+def _vllm_answers(cfg, prompts: list[list[int]], stops: list[int], show_progress: bool) -> list[list[int]]:
+    """infer_backend: vllm: the answers of the model this run trained (saved in output_dir: its LoRA adapter on
+    model_name_or_path, or the whole model), else of the model and adapter the config names, by vLLM."""
+    from lf.serve.vllm_engine import vllm_answers
+
+    model = cfg.model
+    if cfg.training.do_train:
+        trained = {"adapter_name_or_path": cfg.training.output_dir} if cfg.finetuning.finetuning_type == "lora" \
+            else {"model_name_or_path": cfg.training.output_dir, "adapter_name_or_path": None}
+        model = dataclasses.replace(model, **trained)
+    ids = vllm_answers(model, cfg.generating, prompts, stops, cfg.training.seed, show_progress)
+    return [until_stop(answer, stops) for answer in ids]
