@@ -60,6 +60,14 @@ def test_dockerfile_installs_through_the_shared_script(platform):
     assert volumes == VOLUMES
 
 
+def test_dockerfiles_differ_only_in_base_torch_index_and_extras():
+    # Dockerfiles have no include: the four repeat one shape, and this keeps them from drifting apart.
+    own = re.compile(r"^ARG (BASE_IMAGE|TORCH_INDEX|EXTRAS)=.*$", re.M)
+    shapes = {p: own.sub(r"ARG \1=", "\n".join(f"{k} {a}" for k, a in instructions(DOCKER / f"docker-{p}" / "Dockerfile")))
+              for p in PLATFORMS}
+    assert len(set(shapes.values())) == 1, shapes
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_compose_builds_its_dockerfile_and_mounts_its_volumes(platform):
     folder = DOCKER / f"docker-{platform}"
