@@ -35,6 +35,7 @@ if [ -n "$TORCH_INDEX" ]; then
 else
   "${pip[@]}" "torch==$TORCH_VERSION"
 fi
-# lf itself, editable from /app (the build context), so a mounted checkout or `git pull` inside works as well.
-"${pip[@]}" -e "/app${EXTRAS:+[$EXTRAS]}" "torch==$TORCH_VERSION"
+# lf itself, editable from /app (the build context), so a mounted checkout or `git pull` inside works as well;
+# its dependencies at the versions CI tests (.ci/constraints.txt), as the README's install command does.
+"${pip[@]}" -c /app/.ci/constraints.txt -e "/app${EXTRAS:+[$EXTRAS]}" "torch==$TORCH_VERSION"
 "$venv/bin/lf" --help >/dev/null
