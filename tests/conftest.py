@@ -3,6 +3,7 @@ import os
 # No GPU here: the Triton kernels run in Triton's interpreter on CPU tensors. Set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
 import importlib.util
 import logging
 
@@ -43,13 +44,26 @@ def fresh_seed():
     return seed
 
 
-@pytest.fixture(autouse=True)
-def lf_logger_restored():
-    """A test that runs a command through lf.cli gets lf's "[lf]" log handler on pytest's captured stderr, which
-    closes after the test, and lf's logger stops propagating (so the CLI prints each line once): both are undone
-    here, so that later tests' caplog sees lf's lines."""
+@contextlib.contextmanager
+def _lf_logger_kept():
     logger = logging.getLogger("lf")
     saved = logger.handlers[:], logger.propagate, logger.level
     yield
     logger.handlers[:], logger.propagate = saved[0], saved[1]
     logger.setLevel(saved[2])
+
+
+@pytest.fixture(autouse=True)
+def lf_logger_restored():
+    """A test that runs a command through lf.cli gets lf's "[lf]" log handler on pytest's captured stderr, which
+    closes after the test, and lf's logger stops propagating (so the CLI prints each line once): both are undone
+    here, so that later tests' caplog sees lf's lines."""
+    with _lf_logger_kept():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def lf_logger_restored_after_module():
+    """The same for a module-scoped fixture that runs a command (tests/test_llama_pro.py's `lf expand`)."""
+    with _lf_logger_kept():
+        yield
