@@ -222,7 +222,7 @@ def test_webchat_refuses_a_bad_image_limit_before_loading_the_model(monkeypatch)
     from lf.serve import webchat
 
     monkeypatch.setenv("API_MAX_IMAGE_PIXELS", "0")
-    monkeypatch.setattr(webchat, "Engine", lambda cfg: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(webchat, "open_engine", lambda cfg: pytest.fail("loaded the model first"))
     with pytest.raises(ConfigError, match="API_MAX_IMAGE_PIXELS='0' is not a whole number from 1"):
         webchat.command(["model_name_or_path=lf-tiny-llama", "template=qwen"])
     monkeypatch.setenv("API_MAX_IMAGE_PIXELS", "100")
