@@ -5,6 +5,7 @@ a stand-in torch.npu module. These tests check the selection logic only (which k
 attention, kernel backend, device string, launch command); no kernel or collective runs on a GPU or NPU here. The
 real multi-process paths (gloo on the CPU) are in test_train.py."""
 
+import re
 import subprocess
 import sys
 import types
@@ -182,7 +183,7 @@ from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 os.environ["ACCELERATE_USE_FSDP"] = "true"
 state = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
-print(f"rank {state.process_index}: {state.distributed_type.value} over {state.backend}")
+print(f"rank {state.process_index}: {state.distributed_type.value} over {state.backend};")
 """
 
 
@@ -197,7 +198,8 @@ def test_fsdp_on_the_cpu_is_refused_with_the_reason(machine, tmp_path):
                             "--master_addr=127.0.0.1", f"--master_port={launch._free_port()}", str(tmp_path / "probe.py")],
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-2000:]
-    assert sorted(line for line in child.stdout.splitlines() if line.startswith("rank")) == [
+    # (the two ranks share one stdout pipe: their lines may interleave)
+    assert sorted(re.findall(r"(rank \d: [^;]+);", child.stdout)) == [
         "rank 0: MULTI_CPU over gloo", "rank 1: MULTI_CPU over gloo"]
 
 
