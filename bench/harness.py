@@ -215,6 +215,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> str:
+    """The widest matrix/vector extension lf's kernels can use here (amx, avx512bf16, avx512, avx2, base): two
+    machines with one model name (a 'Intel Xeon Processor' with AMX and one without) get different results folders."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "base"
+    for tag, flag in (("amx", "amx_tile"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return tag
+    return "base"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)|\bcpu\b|@.*", " ", text.lower())).strip("-")
 
@@ -228,11 +242,11 @@ def bench_device() -> str:
 
 
 def device_name(device: str | None = None) -> str:
-    """e.g. ``cpu-amd-epyc-2cores`` or ``cuda-nvidia-h100-80gb-hbm3``: names the results folder (of
+    """e.g. ``cpu-amd-epyc-avx512bf16-2cores`` or ``cuda-nvidia-h100-80gb-hbm3``: names the results folder (of
     bench_device() by default)."""
     if (device or bench_device()) == "cuda":
         return f"cuda-{_slug(torch.cuda.get_device_name())}"
-    return f"cpu-{_slug(cpu_model())}-{os.cpu_count()}cores"
+    return f"cpu-{_slug(cpu_model())}-{cpu_features()}-{os.cpu_count()}cores"
 
 
 def _git_head() -> str | None:
