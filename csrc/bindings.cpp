@@ -52,7 +52,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lf's CPU kernels (see lf.kernels for the public, validated API)";
   m.def("isa", [] { return std::string(lf::kernels().isa); }, "The instruction-set variant in use.");
   m.def("available_isas", &lf::available_isas, "Variants this CPU can run, best first.");
-  m.def("set_isa", &lf::set_isa, py::arg("isa"), "Force a variant: generic, avx2 or avx512.");
+  m.def("set_isa", &lf::set_isa, py::arg("isa"), "Force a variant: generic, avx2, avx512 or avx512bf16.");
 
   py::native_enum<lf::DType>(m, "DType", "enum.Enum", "Storage type of a kernel's tensors, named as in torch.")
       .value("float32", lf::DType::float32)

@@ -1,5 +1,5 @@
 // Picks, once per process, the best compiled variant of the kernels for the running CPU.
-// LF_CPU_ISA=generic|avx2|avx512 (or lf._C.set_isa) forces one, e.g. to test every variant.
+// LF_CPU_ISA=generic|avx2|avx512|avx512bf16 (or lf._C.set_isa) forces one, e.g. to test every variant.
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -13,6 +13,9 @@ namespace avx2 { LF_KERNEL_LIST(LF_DECLARE) }
 #endif
 #ifdef LF_HAS_avx512
 namespace avx512 { LF_KERNEL_LIST(LF_DECLARE) }
+#endif
+#ifdef LF_HAS_avx512bf16
+namespace avx512bf16 { LF_KERNEL_LIST(LF_DECLARE) }
 #endif
 }  // namespace lf
 #undef LF_DECLARE
@@ -34,6 +37,11 @@ const KernelTable kAvx2{"avx2", LF_KERNEL_LIST(LF_ENTRY)};
 const KernelTable kAvx512{"avx512", LF_KERNEL_LIST(LF_ENTRY)};
 #undef LF_NS
 #endif
+#ifdef LF_HAS_avx512bf16
+#define LF_NS avx512bf16
+const KernelTable kAvx512Bf16{"avx512bf16", LF_KERNEL_LIST(LF_ENTRY)};
+#undef LF_NS
+#endif
 #undef LF_ENTRY
 
 bool cpu_has(const std::string& isa) {
@@ -45,10 +53,14 @@ bool cpu_has(const std::string& isa) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
 #ifdef LF_HAS_avx512
+  // Skylake-X, Cascade Lake, Ice Lake: AVX-512 without bf16 dot products
   if (isa == "avx512")
     return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+#ifdef LF_HAS_avx512bf16
+  // Cooper Lake, Sapphire Rapids and later, AMD Zen 4 and later
+  if (isa == "avx512bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
 #endif
   return false;
@@ -63,8 +75,13 @@ const KernelTable* table_for(const std::string& isa) {
 #ifdef LF_HAS_avx512
   if (isa == "avx512") return &kAvx512;
 #endif
+#ifdef LF_HAS_avx512bf16
+  if (isa == "avx512bf16") return &kAvx512Bf16;
+#endif
   return nullptr;
 }
+
+constexpr const char* kBestFirst[] = {"avx512bf16", "avx512", "avx2", "generic"};
 
 const KernelTable* best() {
   if (const char* forced = std::getenv("LF_CPU_ISA")) {
@@ -72,7 +89,7 @@ const KernelTable* best() {
     throw std::runtime_error(std::string("LF_CPU_ISA=") + forced +
                              " is not available on this CPU or build; use one of: " + available_isas());
   }
-  for (const char* isa : {"avx512", "avx2", "generic"})
+  for (const char* isa : kBestFirst)
     if (const KernelTable* t = table_for(isa)) return t;
   return &kGeneric;
 }
@@ -83,7 +100,7 @@ const KernelTable* g_active = nullptr;
 
 std::string available_isas() {
   std::string out;
-  for (const char* isa : {"avx512", "avx2", "generic"})
+  for (const char* isa : kBestFirst)
     if (table_for(isa)) out += (out.empty() ? "" : ", ") + std::string(isa);
   return out;
 }

@@ -333,7 +333,7 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 # The dtypes the fused kernel runs by default. It beat every other path at every shape of
 # `python -m bench.packed_attention` on the AMD EPYC (2 cores), in one interleaved run, in fp32 and bf16: 3.9-6.4x
-# the fastest other path (its 2026-12-06 results in bench/results/cpu-amd-epyc-2cores). bf16 stays off for now:
+# the fastest other path (its 2026-12-06 results in bench/results/cpu-amd-epyc-avx512bf16-2cores). bf16 stays off for now:
 # tests/test_patch.py's qwen3_next in bf16 (patched against unpatched, two bf16 runs) then differs in its MoE router's
 # gradient by more than the test allows, though the kernel's bf16 error against float64 equals SDPA's. fp16 was not
 # measured.
