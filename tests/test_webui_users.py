@@ -138,4 +138,10 @@ def test_the_train_tab_offers_multimodal_datasets_with_their_templates(tmp_path)
     # the preview: the rows as the template writes them, each image's placeholder where it goes
     shown = webui.dataset_preview(root, form(tmp_path / "out", dataset_dir=str(shared), dataset=["mllm_demo"],
                                              template="qwen2_vl"))
-    assert shown.count("<pre") == 3 and "&lt;|vision_start|&gt;" in shown, shown
+    assert shown.count("<pre") == 3 and "<mark>" in shown, shown
+    # the first row asks of one image twice: each placeholder names its file
+    first = shown.split("</pre>")[0]
+    assert first.count("&lt;image: mllm_demo_data/1.jpg&gt;") == 2 and "&lt;image&gt;" not in first, first
+    clip = webui.dataset_preview(root, form(tmp_path / "out", dataset_dir=str(shared),
+                                            dataset=["mllm_video_audio_demo"], template="qwen2_vl"))
+    assert "&lt;video: mllm_demo_data/4.mp4&gt;&lt;audio: mllm_demo_data/4.mp3&gt;" in clip, clip

@@ -194,10 +194,10 @@ def checked_config(fields: dict, root: Root, resume: bool = False, lang: str = "
     config = train_config(fields)
     if not config.get("output_dir"):
         raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. saves/webui)")
-    root.check_reads(config)
-    if resume:
-        root.check("output_dir", config["output_dir"])
-        if last_checkpoint(config["output_dir"]) is None:
+    # the written keys (tokenized_path is read too) are checked against the root alone, after the parser
+    root.check_reads({key: value for key, value in config.items() if key not in WRITTEN_BY_TRAINING})
+    if resume:  # output_dir's checkpoints are looked at only under the root
+        if last_checkpoint(str(root.check("output_dir", config["output_dir"]))) is None:
             raise ConfigError(words("run.no_checkpoint", lang, path=config["output_dir"]))
         config.update(overwrite_output_dir=False, resume_from_checkpoint=True)
     parse_train_args(dict(config))
@@ -634,9 +634,9 @@ def run_export(root: Root, model: str, adapter: str, template: str, export_dir: 
     if export_gguf != "none":
         config["export_gguf"] = export_gguf
     try:
-        root.check_reads(config)
         if config["export_dir"]:
             _check_export_dir(root.check("export_dir", config["export_dir"]), config["export_dir"], overwrite, lang)
+        root.check_reads(config)
         written = export(parse_infer_args(config, "export"))
     except USER_ERRORS as exc:
         return words("export.failed", lang, error=exc)
