@@ -133,7 +133,7 @@ def test_sigterm_stops_the_run_and_removes_its_folder(tmp_path):
     try:
         with logged_in(_served(port, server, timeout=120)) as client:
             # a run of a model that is not there: its `lf train` child fails, or is stopped while it loads
-            call(client, "start", *train_inputs(model_name_or_path=str(tmp_path / "no-model"),
+            call(client, "start", *train_inputs(model_name_or_path=str(root / "no-model"),
                                                 output_dir=str(root / "out")))
         assert len(list(root.glob("lf-webui-*"))) == 1
         server.send_signal(signal.SIGTERM)
