@@ -264,6 +264,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def send(page, said: str) -> None:
+    """Sends `said` in the page's chat, greedy and 4 tokens at the most, and waits for the reply."""
+    page.get_by_text("generation settings").first.click()
+    for label, value in (("max_new_tokens", "4"), ("temperature (0: greedy)", "0")):
+        page.get_by_label(label).last.fill(value)
+        page.get_by_label(label).last.press("Enter")
+    page.get_by_label("message").fill(said)
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
+                           "return m && m.innerText.trim().length > 0; }", timeout=60_000)
+
+
 def _status(page, selector: str, *words: str, timeout: float) -> str:
     """The text of `selector` once it starts with one of `words`."""
     page.wait_for_function("([sel, words]) => words.some(w => document.querySelector(sel).innerText.startsWith(w))",
@@ -271,12 +283,18 @@ def _status(page, selector: str, *words: str, timeout: float) -> str:
     return page.locator(selector).inner_text()
 
 
-def test_train_chat_and_stop_in_a_browser(tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def served_page(tmp_path) -> tuple:
+    """The `lf webui` page, its root tmp_path, served on a free port: (demo, port)."""
     demo = webui.create_ui(webui.Trainer(Root(str(tmp_path))))
     port = _free_port()
     demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, port
+
+
+def test_train_chat_and_stop_in_a_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    demo, port = served_page(tmp_path)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -318,14 +336,7 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             assert adapter.input_value() == str(out)
             page.locator("#load_model").click()
             assert "loaded" in _status(page, "#chat_status", "loaded", timeout=120)
-            page.get_by_text("generation settings").first.click()
-            for label, value in (("max_new_tokens", "8"), ("temperature (0: greedy)", "0")):
-                page.get_by_label(label).last.fill(value)
-                page.get_by_label(label).last.press("Enter")
-            page.get_by_label("message").fill("Who are you?")
-            page.get_by_role("button", name="Send").click()
-            page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
-                                   "return m && m.innerText.trim().length > 0; }", timeout=60_000)
+            send(page, "Who are you?")
             assert page.locator('#chatbot [data-testid="user"]').inner_text().strip() == "Who are you?"
             assert page.locator('#chatbot [data-testid="bot"]').count() == 1
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from test_multimodal import shared_data  # LLaMA-Factory's data/ (mllm_demo and its media)
 from test_train import lf_home  # noqa: F401  (the tiny model, built once in a temporary LF_HOME)
-from test_webui import CHROMIUM, _free_port, _status
+from test_webui import CHROMIUM, _status, send, served_page
 
 from lf.serve import webui
 from lf.serve.webaccess import Root
@@ -67,9 +67,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, lf_home):  # n
 def test_two_browser_tabs_share_the_run_not_the_chat(tmp_path, lf_home):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
-    demo = webui.create_ui(webui.Trainer(Root(str(tmp_path))))
-    port = _free_port()
-    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    demo, port = served_page(tmp_path)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -100,14 +98,7 @@ def test_two_browser_tabs_share_the_run_not_the_chat(tmp_path, lf_home):  # noqa
             ann.locator("#load_model").click()
             _status(ann, "#chat_status", "loaded", timeout=120)
             for page, said in ((ann, "Who are you?"), (bob, "hello")):
-                page.get_by_text("generation settings").first.click()
-                for label, value in (("max_new_tokens", "4"), ("temperature (0: greedy)", "0")):
-                    page.get_by_label(label).last.fill(value)
-                    page.get_by_label(label).last.press("Enter")
-                page.get_by_label("message").fill(said)
-                page.get_by_role("button", name="Send").click()
-                page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
-                                       "return m && m.innerText.trim().length > 0; }", timeout=60_000)
+                send(page, said)
             for page, said in ((ann, "Who are you?"), (bob, "hello")):
                 asked = page.locator('#chatbot [data-testid="user"]')
                 assert [asked.nth(i).inner_text().strip() for i in range(asked.count())] == [said]

@@ -745,9 +745,9 @@ def _train_fields(page: Page, root: Root) -> dict[str, gr.components.Component]:
         fields["extra"] = page(gr.Code, {"label": "train.extra_hint"}, d["extra"], language="yaml", lines=3)
     fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(root, folder)),
                                  fields["dataset_dir"], fields["dataset"], api_name="datasets")
-    gr.on([fields[key].change for key in ("dataset_dir", "dataset", "template")] + [page.lang.change],
-          functools.partial(media_note, root), [fields["dataset_dir"], fields["dataset"], fields["template"], page.lang],
-          media)
+    chosen = [fields["dataset_dir"], fields["dataset"], fields["template"]]
+    gr.on([field.change for field in chosen] + [page.lang.change], functools.partial(media_note, root),
+          [*chosen, page.lang], media)
     return fields
 
 
