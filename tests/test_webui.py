@@ -264,6 +264,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def send(page, said: str) -> None:
+    """Sends `said` in the page's chat, greedy and 4 tokens at the most, and waits for the reply."""
+    page.get_by_text("generation settings").first.click()
+    for label, value in (("max_new_tokens", "4"), ("temperature (0: greedy)", "0")):
+        page.get_by_label(label).last.fill(value)
+        page.get_by_label(label).last.press("Enter")
+    page.get_by_label("message").fill(said)
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
+                           "return m && m.innerText.trim().length > 0; }", timeout=60_000)
+
+
 def _status(page, selector: str, *words: str, timeout: float) -> str:
     """The text of `selector` once it starts with one of `words`."""
     page.wait_for_function("([sel, words]) => words.some(w => document.querySelector(sel).innerText.startsWith(w))",
@@ -271,12 +283,18 @@ def _status(page, selector: str, *words: str, timeout: float) -> str:
     return page.locator(selector).inner_text()
 
 
-def test_train_chat_and_stop_in_a_browser(tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def served_page(tmp_path) -> tuple:
+    """The `lf webui` page, its root tmp_path, served on a free port: (demo, port)."""
     demo = webui.create_ui(webui.Trainer(Root(str(tmp_path))))
     port = _free_port()
     demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, port
+
+
+def test_train_chat_and_stop_in_a_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    demo, port = served_page(tmp_path)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -318,14 +336,7 @@ def test_train_chat_and_stop_in_a_browser(tmp_path):
             assert adapter.input_value() == str(out)
             page.locator("#load_model").click()
             assert "loaded" in _status(page, "#chat_status", "loaded", timeout=120)
-            page.get_by_text("generation settings").first.click()
-            for label, value in (("max_new_tokens", "8"), ("temperature (0: greedy)", "0")):
-                page.get_by_label(label).last.fill(value)
-                page.get_by_label(label).last.press("Enter")
-            page.get_by_label("message").fill("Who are you?")
-            page.get_by_role("button", name="Send").click()
-            page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
-                                   "return m && m.innerText.trim().length > 0; }", timeout=60_000)
+            send(page, "Who are you?")
             assert page.locator('#chatbot [data-testid="user"]').inner_text().strip() == "Who are you?"
             assert page.locator('#chatbot [data-testid="bot"]').count() == 1
 
@@ -452,4 +463,48 @@ def test_dataset_preview_marks_what_the_loss_is_computed_on(train_on_prompt, mas
         assert record["output"] in parts[1][0]
     page = preview_html(rows)
     assert page.count("<pre") == 2 and page.count("<mark>") == 2 + 2 * train_on_prompt and "&lt;|im_start|&gt;" in page
-    assert webui.dataset_preview(fields(stage="dpo"), "zh") == "<p>无法预览：预览只显示 sft 阶段的数据；本次训练阶段为 dpo</p>"
+    assert webui.dataset_preview(Root(), fields(stage="dpo"), "zh") == "<p>无法预览：预览只显示 sft 阶段的数据；本次训练阶段为 dpo</p>"
+
+
+def test_every_config_key_that_takes_a_path_is_checked():
+    """Each key lf's parser takes whose value may be a path (its name says so, its type takes a string) is checked
+    as a read (READ_KEYS) or a write, or is named here as not a path: a new path key fails this until it is sorted."""
+    import typing
+
+    from lf.config.parser import _owners
+    from lf.serve.webaccess import READ_KEYS
+
+    def takes_str(annotation) -> bool:
+        return annotation is str or any(takes_str(a) for a in typing.get_args(annotation))
+
+    words = ("dir", "path", "file", "model", "config", "deepspeed", "checkpoint", "adapter")
+    named = {key for key, (_, annotation) in _owners(True).items()
+             if takes_str(annotation) and any(w in key for w in words)}
+    not_paths = {"model_revision", "reward_model_type", "hub_model_id", "metric_for_best_model",
+                 "vllm_config", "liger_kernel_config",  # JSON text or mappings
+                 "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"}
+    written = {*webui.WRITTEN_BY_TRAINING, "export_dir", "save_dir"}  # checked by Start, Export, Evaluate
+    assert named - set(READ_KEYS) - written - not_paths == set()
+    assert set(READ_KEYS) - named == set()  # no stale entry
+
+
+def test_reads_stay_in_the_readable_folders(root, tmp_path, monkeypatch):
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(root.path)
+    (root.path / "org").mkdir()
+    (root.path / "org" / "escape").symlink_to(tmp_path / "outside")
+    with pytest.raises(ConfigError, match=r"model_name_or_path: \.\./models/m is outside the folders this web UI "
+                                          r"reads \(.*root, .*data, .*evaluation\): choose a path under one"):
+        root.check_reads({"model_name_or_path": "../models/m"})
+    with pytest.raises(ConfigError, match="adapter_name_or_path: org/escape is outside"):
+        root.check_reads({"adapter_name_or_path": "saves/a, org/escape"})  # each of a comma list
+    # not paths here: a hub id, the tiny model's name, a flag, an inline mapping; lf's own data
+    root.check_reads({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "adapter_name_or_path": "lf-tiny-llama",
+                      "resume_from_checkpoint": True, "deepspeed": {"zero_optimization": {"stage": 2}},
+                      "dataset_dir": str(REPO / "data"), "task_dir": str(REPO / "evaluation")})
+    readable = Root(str(root.path), readable=(str(tmp_path / "models"),))
+    readable.check_reads({"model_name_or_path": "../models/m"})
+    with pytest.raises(ConfigError, match=r"--read .*nothing is not a folder"):
+        Root(str(root.path), readable=(str(tmp_path / "nothing"),))
+    Root(str(root.path), any_path=True).check_reads({"model_name_or_path": "../models/m"})
+    assert webui.dataset_names(root, str(tmp_path / "outside")) == []

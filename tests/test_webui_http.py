@@ -133,7 +133,7 @@ def test_sigterm_stops_the_run_and_removes_its_folder(tmp_path):
     try:
         with logged_in(_served(port, server, timeout=120)) as client:
             # a run of a model that is not there: its `lf train` child fails, or is stopped while it loads
-            call(client, "start", *train_inputs(model_name_or_path=str(tmp_path / "no-model"),
+            call(client, "start", *train_inputs(model_name_or_path=str(root / "no-model"),
                                                 output_dir=str(root / "out")))
         assert len(list(root.glob("lf-webui-*"))) == 1
         server.send_signal(signal.SIGTERM)
@@ -143,3 +143,94 @@ def test_sigterm_stops_the_run_and_removes_its_folder(tmp_path):
             server.kill()
     assert not list(root.glob("lf-webui-*")), log.read_text()
     assert "login required (1 user)" in log.read_text()
+
+
+def _secrets(outside: Path) -> None:
+    """What a stranger must not read, outside the root: a dataset folder, a task folder, a model folder, a deepspeed
+    config and a YAML, each with SECRET in it."""
+    (outside / "dataset_info.json").write_text(json.dumps({"secret": {"file_name": "secret.json"}}))
+    (outside / "secret.json").write_text(json.dumps([{"instruction": "SECRET", "input": "", "output": "SECRET"}]))
+    task = outside / "task" / "secret"
+    task.mkdir(parents=True)
+    (task / "mapping.json").write_text(json.dumps({"s": {"name": "SECRET", "category": "SECRET"}}))
+    for split in ("dev", "test"):
+        (task / split).mkdir()
+        (task / split / f"s_{split}.csv").write_text("SECRET,a,b,c,d,A\n")
+    (outside / "model").mkdir()
+    (outside / "model" / "config.json").write_text('{"model_type": "llama", "SECRET": 1}')
+    (outside / "ds.json").write_text('{"SECRET": 1}')
+    (outside / "run.yaml").write_text("dataset: secret\nSECRET: 1\n")
+
+
+def eval_inputs(**changes) -> list:
+    """The Evaluate & Predict tab's inputs: model, adapter, template, its fields, the page's language."""
+    from lf.serve.webeval import EVAL_DEFAULTS
+    model = {"model_name_or_path": "lf-tiny-llama", "adapter_name_or_path": "", "template": "qwen"}
+    named = {**model, **EVAL_DEFAULTS, "dataset_dir": str(REPO / "data"), **changes}
+    return [*named.values(), "en"]
+
+
+def test_every_field_reads_only_the_readable_folders(served):
+    """Each field that names a path read (dataset_dir, task_dir, the model, an adapter, a deepspeed file, a YAML to
+    load, ...) refuses one outside the root and lf's own folders: absolute, out through .., through a symlink."""
+    url, root, outside = served
+    _secrets(outside)
+    (root / "link").symlink_to(outside)
+    out = str(root / "out")
+    with logged_in(url) as client:
+        for where in (str(outside), f"{root}/../{outside.name}", str(root / "link")):
+            said = lambda key, path: f"{key}: {path} is outside the folders this web UI reads"  # noqa: E731
+            model = f"{where}/model"
+            asked = [  # (endpoint, its inputs), (the key refused, the path named)
+                (("start", *train_inputs(dataset_dir=where, dataset=["secret"], output_dir=out)),
+                 ("dataset_dir", where)),
+                (("start", *train_inputs(model_name_or_path=model, output_dir=out)), ("model_name_or_path", model)),
+                (("resume", *train_inputs(model_name_or_path=model, output_dir=out)), ("model_name_or_path", model)),
+                (("start", *train_inputs(output_dir=out, extra=f"adapter_name_or_path: {model}")),
+                 ("adapter_name_or_path", model)),
+                (("start", *train_inputs(output_dir=out, extra=f"deepspeed: {where}/ds.json")),
+                 ("deepspeed", f"{where}/ds.json")),
+                (("start", *train_inputs(output_dir=out, extra=f"media_dir: {where}")), ("media_dir", where)),
+                (("save_yaml", str(root / "x.yaml"), *train_inputs(dataset_dir=where, output_dir=out)),
+                 ("dataset_dir", where)),
+                (("preview", *train_inputs(dataset_dir=where, dataset=["secret"], output_dir=out)),
+                 ("dataset_dir", where)),
+                (("load_yaml", f"{where}/run.yaml", "en"), ("the YAML's path", f"{where}/run.yaml")),
+                (("evaluate", *eval_inputs(dataset_dir=where, eval_dataset=["secret"])), ("dataset_dir", where)),
+                (("evaluate", *eval_inputs(mode="eval", task_dir=f"{where}/task", task="secret_test")),
+                 ("task_dir", f"{where}/task")),
+                (("evaluate", *eval_inputs(model_name_or_path=model)), ("model_name_or_path", model)),
+                (("load_model", model, "", "qwen", "en"), ("model_name_or_path", model)),
+                (("load_model", "lf-tiny-llama", model, "qwen", "en"), ("adapter_name_or_path", model)),
+                (("export", model, "", "qwen", str(root / "merged"), 1, "auto", "none", False, "en"),
+                 ("model_name_or_path", model)),
+            ]
+            for (endpoint, *inputs), (key, path) in asked:
+                answer = json.dumps(call(client, endpoint, *inputs), ensure_ascii=False)
+                assert said(key, path) in answer and "SECRET" not in answer, (endpoint, answer)
+            for endpoint in ("datasets", "eval_datasets"):  # the dataset lists: nothing listed
+                assert call(client, endpoint, where)[0]["choices"] == []
+        assert "lf_demo_en" in json.dumps(call(client, "datasets", str(REPO / "data")))  # lf's own data: listed
+        # Gradio's file route serves no file outside its upload folder
+        for path in (outside / "secret.json", root / "link" / "secret.json", REPO / "README.md"):
+            answer = client.get(f"/gradio_api/file={path}")
+            assert answer.status_code in (403, 404) and "SECRET" not in answer.text, (path, answer.status_code)
+    assert not list(root.glob("lf-webui-*")) and not (root / "out").exists() and not (root / "x.yaml").exists()
+    (root / "link").unlink()
+
+
+def test_field_values_cannot_add_keys_or_upload(served):
+    """A value with a newline stays one YAML value (the child reads only the keys the page sets), and a run that
+    would upload with the server's credentials (push_to_hub) is refused."""
+    url, root, _ = served
+    with logged_in(url) as client:
+        injected = "lf-tiny-llama\ndataset_dir: /etc\noutput_dir: /tmp"
+        saved = call(client, "save_yaml", str(root / "x.yaml"),
+                     *train_inputs(model_name_or_path=injected, output_dir=str(root / "out")))[0]
+        assert saved.startswith("**saved**"), saved
+        written = yaml.safe_load((root / "x.yaml").read_text())
+        assert written["model_name_or_path"] == injected and written["dataset_dir"] == str(REPO / "data")
+        assert written["output_dir"] == str(root / "out")
+        started = call(client, "start", *train_inputs(output_dir=str(root / "out"), extra="push_to_hub: true"))[0]
+        assert started.startswith("**not started**: push_to_hub: the web UI uploads nothing"), started
+    (root / "x.yaml").unlink()

@@ -7,7 +7,12 @@ Every button of a Gradio page is also an HTTP endpoint that anyone reaching the 
   launch(auth=...): the page and every endpoint then need a login; without one the page says it is open;
 - every path `lf webui` writes (a saved YAML, output_dir and the other folders a run writes, export_dir, its run
   folders) resolves, symlinks and `..` followed, under one root: --root DIR, else LF_WEBUI_ROOT, else the working
-  directory. --allow-any-path lifts the check (the run folders stay in the root).
+  directory;
+- every path it reads (a YAML loaded, and each key of READ_KEYS its runs, chat, export and dataset preview read:
+  models, adapters, dataset_dir, task_dir, ...) resolves under the root, lf's own data/ and evaluation/ folders,
+  or a folder named with --read DIR (the models the page may load), so that a stranger cannot list or show files
+  from elsewhere. A value that is not on this machine (a hub id, lf-tiny-llama) is not a path and passes.
+  --allow-any-path lifts both checks (the run folders stay in the root).
 """
 
 from __future__ import annotations
@@ -20,9 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lf.errors import ConfigError
+from lf.resources import shipped
 
 log = logging.getLogger("lf")
 DEFAULT_HOST = "127.0.0.1"
+# The config keys whose values a run (or the chat, the export, the dataset preview) reads from this machine when they
+# name a local path; the COMMA_LISTS among them hold several. HF's deepspeed, fsdp_config, accelerator_config and
+# generation_config take a file's path too.
+READ_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "media_dir", "tokenized_path", "task_dir",
+             "cache_dir", "ref_model", "ref_model_adapters", "reward_model", "reward_model_adapters",
+             "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config", "generation_config")
+COMMA_LISTS = ("adapter_name_or_path", "ref_model_adapters", "reward_model_adapters")
+# Keys that would reach beyond the machine with the server's own credentials (HF's upload of each save).
+UPLOAD_KEYS = ("push_to_hub",)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -98,12 +113,18 @@ def _auth_file(path: str) -> list[tuple[str, str]]:
 class Root:
     """The folder under which `lf webui` writes, and the check of each path it is asked to write."""
 
-    def __init__(self, folder: str | None = None, any_path: bool = False):
+    def __init__(self, folder: str | None = None, any_path: bool = False, readable: tuple[str, ...] = ()):
         given = folder or os.environ.get("LF_WEBUI_ROOT") or os.getcwd()
         self.path, self.any_path = Path(given).resolve(), any_path
         if not self.path.is_dir():
             raise ConfigError(f"the web UI's root {given} is not a folder: create it, or name another with --root "
                               f"DIR or LF_WEBUI_ROOT")
+        for folder in readable:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"--read {folder} is not a folder: name a folder the web UI may read (a model's)")
+        # what the page may read: the root, lf's own demo data and tasks, and the folders --read names
+        self.readable = tuple(dict.fromkeys(Path(p).resolve() for p in (
+            self.path, shipped("data"), shipped("evaluation"), *readable)))
 
     def check(self, key: str, path: str) -> Path:
         """`path` resolved (relative to the working directory, as `lf train` reads it; symlinks and `..`
@@ -114,3 +135,33 @@ class Root:
         raise ConfigError(f"{key}: {path} is outside {self.path}, the only folder this web UI writes to: choose a "
                           f"path under it, or restart lf webui with --root DIR (or LF_WEBUI_ROOT=DIR), or "
                           f"--allow-any-path")
+
+    def check_read(self, key: str, path: str) -> Path:
+        """`path` resolved as check() resolves it; a ConfigError when that is outside every readable folder."""
+        resolved = Path(path).resolve()
+        if self.any_path or any(resolved.is_relative_to(folder) for folder in self.readable):
+            return resolved
+        raise ConfigError(f"{key}: {path} is outside the folders this web UI reads "
+                          f"({', '.join(map(str, self.readable))}): choose a path under one of them, or restart "
+                          f"lf webui with --read DIR for a folder it may read (a model's), or --allow-any-path")
+
+    def check_reads(self, config: dict) -> None:
+        """A ConfigError for the first READ_KEYS value of `config` that names a local path outside the readable
+        folders, or for a key that would upload (UPLOAD_KEYS)."""
+        for key in UPLOAD_KEYS:
+            if config.get(key):
+                raise ConfigError(f"{key}: the web UI uploads nothing with this server's credentials: remove the key "
+                                  f"(run lf train yourself to upload)")
+        for key in READ_KEYS:
+            value = config.get(key)
+            if not isinstance(value, str):  # absent, a flag (resume_from_checkpoint: true) or an inline mapping
+                continue
+            for path in value.split(",") if key in COMMA_LISTS else (value,):
+                if local(path.strip()):
+                    self.check_read(key, path.strip())
+
+
+def local(value: str) -> bool:
+    """Whether a run would read `value` from this machine: an absolute path, a path out through `..`, or anything
+    there (relative to the working directory, as the run reads it); else it is a hub id or a name lf knows."""
+    return bool(value) and (Path(value).is_absolute() or ".." in Path(value).parts or os.path.lexists(value))

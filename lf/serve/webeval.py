@@ -55,9 +55,10 @@ def eval_config(model: dict, fields: dict) -> tuple[str, dict]:
 
 
 def checked_eval_config(model: dict, fields: dict, root) -> tuple[str, dict]:
-    """eval_config, or a ConfigError where its command would refuse it or where it would write outside `root`
-    (webaccess.Root)."""
+    """eval_config, or a ConfigError where its command would refuse it or where it would read or write outside
+    `root`'s folders (webaccess.Root; the reads checked before anything is read)."""
     command, config = eval_config(model, fields)
+    root.check_reads(config)
     out = "output_dir" if command == "train" else "save_dir"
     if not config[out]:
         raise ConfigError("output_dir is empty: name the folder the results go to (e.g. saves/webui_eval)")

@@ -17,7 +17,9 @@ Every word the page shows comes from webui_text.py (English, Simplified Chinese)
 Page, which relabels them all when the page's language switch changes (remembered per browser).
 
 `lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
-One training run and one chat model per server: they are the machine's, whichever browser tab drives them.
+Several users: one training run (and one Evaluate & Predict run) per server, which every browser tab sees and only
+the tab that started it (or one of the same login) stops (Owner, Run.controls); one chat model per server, each tab
+its own conversation (a gr.State).
 Who may use the page and where it may write (the login, the address, the root every written path must be under):
 webaccess.py. Save YAML and Start check the config as `lf train` does before writing anything; Export refuses a
 non-empty export_dir unless told to overwrite; the run folders go when the server ends (Ctrl-C, SIGTERM, SIGHUP).
@@ -54,6 +56,7 @@ from lf.config.generation import GeneratingArguments
 from lf.config.model import Dtype
 from lf import stages
 from lf.data import TEMPLATES
+from lf.data.templates import image_templates
 from lf.data.conversation import ASSISTANT, USER
 from lf.data.registry import IMAGES, MEDIA_COLUMNS
 from lf.errors import ConfigError, DataError, ModelError, RequestError, TrainError
@@ -67,10 +70,11 @@ from lf.serve.webpreview import preview_html, preview_parts
 from lf.serve.webeval import EVAL, EVAL_DEFAULTS, PREDICT, checked_eval_config, results
 from lf.serve.webui_text import LANGS, TEXT, server_lang, words
 from lf.train.callbacks import LOG_FILE
+from lf.train.checkpoints import last as last_checkpoint
 from lf.train.plot import smooth
 
 USAGE = """usage: lf webui [--host HOST] [--port PORT] [--auth USER:PASSWORD | --auth-file PATH] [--root DIR]
-                [--allow-any-path] [--lang en|zh]
+                [--read DIR ...] [--allow-any-path] [--lang en|zh]
 
 Opens lf's web UI at http://HOST:PORT (default 127.0.0.1:7860, or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT): a
 Train tab that builds a training YAML from its fields, runs it with `lf train` (Start / Stop) and shows the live
@@ -85,7 +89,10 @@ relative to, e.g. lf's source tree for the quickstart.
                         reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST.
   --root DIR            the folder every file the UI writes must be under (saved YAMLs, output_dir, export_dir,
                         its run folders); default LF_WEBUI_ROOT, else the working directory.
-  --allow-any-path      lets the UI write anywhere (the run folders stay in the root).
+  --read DIR            a folder the UI may read besides the root and lf's own data/ and evaluation/ (a model's;
+                        repeatable): every model, adapter, dataset_dir, task_dir and YAML it reads must be under
+                        one of them, so that a stranger cannot list or show other files.
+  --allow-any-path      lets the UI read and write anywhere (the run folders stay in the root).
   --lang en|zh          the page's language (English, Simplified Chinese) until a browser picks another with the
                         switch on the page, which that browser remembers; default LF_WEBUI_LANG, else en."""
 
@@ -106,6 +113,7 @@ OVERWRITE_EXPORT = words("export.overwrite")
 EXPORT_DTYPES = get_args(Dtype)
 GGUF_TYPES = ("none", *get_args(GgufType))
 LOG_LINES = 200  # of the child's output shown
+WATCH_SECONDS = 2.0  # how often a tab looks for a run it did not start
 # the config keys naming paths that a training run writes to: each must be under the root
 WRITTEN_BY_TRAINING = ("output_dir", "logging_dir", "tokenized_path", "cache_dir")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -178,12 +186,20 @@ def fields_from_config(config: dict) -> dict:
     return {**fields, "extra": to_yaml(rest) if rest else ""}  # in TRAIN_DEFAULTS' order: the page's inputs
 
 
-def checked_config(fields: dict, root: Root) -> dict:
+def checked_config(fields: dict, root: Root, resume: bool = False, lang: str = "en") -> dict:
     """train_config(fields), or a ConfigError where `lf train` would refuse it (an unknown key, a wrong type, a
-    broken rule: its parser's own message) or where the run would write outside the root."""
+    broken rule: its parser's own message) or where the run would read or write outside the root's folders (checked
+    first: the parser opens some files, such as a deepspeed config). `resume`: the run continues from output_dir's
+    last checkpoint (resume_from_checkpoint: true), which must be there."""
     config = train_config(fields)
     if not config.get("output_dir"):
         raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. saves/webui)")
+    # the written keys (tokenized_path is read too) are checked against the root alone, after the parser
+    root.check_reads({key: value for key, value in config.items() if key not in WRITTEN_BY_TRAINING})
+    if resume:  # output_dir's checkpoints are looked at only under the root
+        if last_checkpoint(str(root.check("output_dir", config["output_dir"]))) is None:
+            raise ConfigError(words("run.no_checkpoint", lang, path=config["output_dir"]))
+        config.update(overwrite_output_dir=False, resume_from_checkpoint=True)
     parse_train_args(dict(config))
     for key in WRITTEN_BY_TRAINING:
         if config.get(key):
@@ -199,14 +215,43 @@ def remote_code_warning(config: dict) -> str:
             f"ships, with your rights, when the run loads it: keep it only for a model you trust")
 
 
-def dataset_names(dataset_dir: str) -> list[str]:
-    """The datasets dataset_dir/dataset_info.json registers (none when it is missing or unreadable: the dataset
-    field then takes any name, and `lf train` says what is wrong with it)."""
+def dataset_info(root: Root, dataset_dir: str) -> dict:
+    """dataset_dir/dataset_info.json; empty when the folder is outside what the page reads, or the file is missing
+    or unreadable (the dataset field then takes any name, and Start says what is wrong with it)."""
     try:
+        root.check_reads({"dataset_dir": dataset_dir})
         info = json.loads((Path(dataset_dir) / "dataset_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return list(info) if isinstance(info, dict) else []
+    except (OSError, ValueError, ConfigError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def dataset_names(root: Root, dataset_dir: str) -> list[tuple[str, str]]:
+    """The datasets of dataset_info(), as (label, name): one with media columns is labelled with them
+    ("mllm_demo (images)")."""
+    return [(f"{name} ({', '.join(media)})" if (media := media_columns(entry)) else name, name)
+            for name, entry in dataset_info(root, dataset_dir).items()]
+
+
+def media_columns(entry) -> list[str]:
+    """The media columns (images, videos, audios) a dataset_info.json entry maps."""
+    columns = entry.get("columns") if isinstance(entry, dict) else None
+    return [column for column in MEDIA_COLUMNS if isinstance(columns, dict) and column in columns]
+
+
+def media_note(root: Root, dataset_dir: str, chosen: list[str] | None, template: str | None,
+               lang: str = "en") -> str:
+    """What the Train tab says under chosen datasets with media: which media, the templates that take them all,
+    and whether the chosen template is one (empty for text datasets)."""
+    info = dataset_info(root, dataset_dir)
+    media = {name: found for name in chosen or () if (found := media_columns(info.get(name)))}
+    if not media:
+        return ""
+    columns = list(dict.fromkeys(column for found in media.values() for column in found))
+    takers = sorted(set.intersection(*(set(image_templates(column)) for column in columns)))
+    said = words("train.media", lang, datasets=", ".join(media), media=", ".join(columns),
+                 templates=", ".join(takers) or words("train.media_none", lang))
+    return said if template in takers else f"{said}; {words('train.media_wrong', lang, template=template)}"
 
 
 # ---- Train: the run, its log and its loss curve ------------------------------------------------------------------
@@ -253,8 +298,9 @@ class Run:
     """One `lf <command>` child process (train, or eval): the YAML it runs and its output are files in a folder of
     its own (in `parent`), which remove() deletes. `done`: the TEXT key of what a finished run says."""
 
-    def __init__(self, config: dict, parent: Path, command: str = "train", done: str = "run.finished"):
-        self.config, self.command, self.done = config, command, done
+    def __init__(self, config: dict, parent: Path, command: str = "train", done: str = "run.finished",
+                 owner: Owner | None = None):
+        self.config, self.command, self.done, self.owner = config, command, done, owner
         self.folder = Path(tempfile.mkdtemp(prefix="lf-webui-", dir=parent))
         self.yaml_path, self.log_path = self.folder / f"{command}.yaml", self.folder / f"{command}.log"
         self.yaml_path.write_text(to_yaml(config), encoding="utf-8")
@@ -313,6 +359,13 @@ class Run:
         path = self.config.get("output_dir") or self.config.get("save_dir")
         return words(self.done if state == "finished" else f"run.{state}", lang, path=path)
 
+    def controls(self, who: Owner | None) -> bool:
+        """Whether `who` may stop this run: the tab that started it, or a tab of the same login (a run started
+        without a tab, from code, is anyone's)."""
+        mine = self.owner
+        return mine is None or (who is not None and (who.session == mine.session or
+                                                     (who.user is not None and who.user == mine.user)))
+
     def trained_model(self) -> tuple[str, str, str]:
         """What the Chat and Export tabs load after this run: model, adapter (LoRA or OFT) and template."""
         c = self.config
@@ -321,20 +374,33 @@ class Run:
         return c["output_dir"], "", c.get("template", "")
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Who started a run: the browser tab (Gradio's session of it) and the login it used, if any."""
+    session: str | None
+    user: str | None = None
+
+    @classmethod
+    def of(cls, request: gr.Request | None) -> Owner | None:
+        return None if request is None else cls(request.session_hash, request.username)
+
+
 class Trainer:
     """A tab's run (Train's, or Evaluate & Predict's): at most one at a time, its folder in the root. The folder of
-    the run before goes when the next one starts, the last one's at close()."""
+    the run before goes when the next one starts, the last one's at close(). The run is the server's: every browser
+    tab sees it, only its owner (Run.controls) stops it."""
 
     def __init__(self, root: Root | None = None):
         self.root = root or Root()
         self.run: Run | None = None
         self._lock = threading.Lock()
 
-    def start(self, fields: dict, lang: str = "en") -> str | None:
-        """Starts a training run of the fields' config; None, or why it did not start."""
-        return self.launch(lambda: ("train", checked_config(fields, self.root)), lang)
+    def start(self, fields: dict, lang: str = "en", owner: Owner | None = None, resume: bool = False) -> str | None:
+        """Starts a training run of the fields' config (`resume`: from output_dir's last checkpoint); None, or why
+        it did not start."""
+        return self.launch(lambda: ("train", checked_config(fields, self.root, resume, lang)), lang, owner=owner)
 
-    def launch(self, make, lang: str = "en", done: str = "run.finished") -> str | None:
+    def launch(self, make, lang: str = "en", done: str = "run.finished", owner: Owner | None = None) -> str | None:
         """Starts the run of (command, config) = make(); None, or why it did not start (a USER_ERRORS make()
         raises: the mistakes the command would refuse, said at once)."""
         with self._lock:
@@ -345,12 +411,26 @@ class Trainer:
             except USER_ERRORS as exc:
                 return words("run.not_started", lang, error=exc)
             self.close()
-            self.run = Run(config, self.root.path, command, done)
+            self.run = Run(config, self.root.path, command, done, owner)
             return None
 
-    def stop(self) -> None:
-        if self.run is not None:
-            self.run.stop()
+    def stop(self, who: Owner | None = None, lang: str = "en") -> str | None:
+        """Stops the run if `who` controls it; None, or why not."""
+        if self.run is None:
+            return None
+        if not self.run.controls(who):
+            return words("run.not_owner", lang)
+        self.run.stop()
+        return None
+
+    def running(self) -> bool:
+        return self.run is not None and self.run.state() == "running"
+
+    def shown(self, summary: str, who: Owner | None, lang: str) -> tuple[str, dict]:
+        """(the run's summary as `who` sees it, the update of its Stop button): another tab's run is read-only."""
+        if self.run is None or self.run.controls(who):
+            return summary, gr.update(interactive=True)
+        return f"{summary}\n\n{words('run.watching', lang)}", gr.update(interactive=False)
 
     def close(self) -> None:
         """Stops the run and removes its folder (the server is ending, or a new run replaces it)."""
@@ -376,10 +456,13 @@ def save_yaml(root: Root, fields: dict, path: str, lang: str = "en") -> str:
     return words("save.done", lang, path=target)
 
 
-def dataset_preview(fields: dict, lang: str = "en") -> str:
-    """The Train tab's dataset preview (webpreview) of the fields' config, as HTML; or why there is none."""
+def dataset_preview(root: Root, fields: dict, lang: str = "en") -> str:
+    """The Train tab's dataset preview (webpreview) of the fields' config, as HTML; or why there is none (a dataset
+    outside what the page reads among the reasons)."""
     try:
-        cfg = parse_train_args(train_config(fields))
+        config = train_config(fields)
+        root.check_reads(config)
+        cfg = parse_train_args(config)
         if cfg.finetuning.stage != "sft":
             said = words("preview.sft_only", lang, stage=cfg.finetuning.stage)
         else:
@@ -390,10 +473,10 @@ def dataset_preview(fields: dict, lang: str = "en") -> str:
 
 
 def load_yaml(root: Root, path: str, lang: str = "en") -> tuple[str, dict | None]:
-    """(what the page says, the Train tab's fields) of the YAML at `path`, a .yaml file under the root (the page
-    shows only what it may write); no fields when it cannot be read."""
+    """(what the page says, the Train tab's fields) of the YAML at `path`, a .yaml file in a folder the page reads;
+    no fields when it cannot be read."""
     try:
-        target = root.check("the YAML's path", path.strip())
+        target = root.check_read("the YAML's path", path.strip())
         if target.suffix not in YAML_SUFFIXES:
             raise ConfigError(words("save.not_yaml", lang, path=path.strip()))
         try:
@@ -434,14 +517,17 @@ class Chat:
     """The server's chat model: an Engine, loaded from the Chat tab (lf webui) or given (lf webchat). `limits`:
     what one message's uploaded images may cost (default: the API's variables, lf.serve.api.upload_limits)."""
 
-    def __init__(self, engine: Engine | None = None, limits: Limits | None = None):
-        self.engine = engine
+    def __init__(self, engine: Engine | None = None, limits: Limits | None = None, root: Root | None = None):
+        self.engine, self.root = engine, root  # root: what Load may read (lf webui's); None: lf webchat's own model
         self.limits = limits or upload_limits()
 
     def load(self, model: str, adapter: str, template: str, lang: str = "en") -> str:
-        self.engine = None  # the old model goes before the new one loads
+        config = model_config(model, adapter, template)
         try:
-            self.engine = open_engine(parse_infer_args(model_config(model, adapter, template), "webchat"))
+            if self.root is not None:
+                self.root.check_reads(config)
+            self.engine = None  # the old model goes before the new one loads
+            self.engine = open_engine(parse_infer_args(config, "webchat"))
         except USER_ERRORS as exc:
             return words("chat.not_loaded", lang, error=exc)
         if adapter.strip():
@@ -550,6 +636,7 @@ def run_export(root: Root, model: str, adapter: str, template: str, export_dir: 
     try:
         if config["export_dir"]:
             _check_export_dir(root.check("export_dir", config["export_dir"]), config["export_dir"], overwrite, lang)
+        root.check_reads(config)
         written = export(parse_infer_args(config, "export"))
     except USER_ERRORS as exc:
         return words("export.failed", lang, error=exc)
@@ -608,7 +695,13 @@ def _model_fields(page: Page) -> tuple[gr.Textbox, gr.Textbox, gr.Dropdown]:
     return model, adapter, template
 
 
-def _train_fields(page: Page) -> dict[str, gr.components.Component]:
+def watch(trainer: Trainer, timer: gr.Timer) -> None:
+    """Every tab looks every few seconds for a run another tab started, and then follows it with `timer`."""
+    gr.Timer(WATCH_SECONDS).tick(lambda: gr.Timer(active=True) if trainer.running() else gr.skip(), None, timer,
+                                  queue=False, show_progress="hidden")
+
+
+def _train_fields(page: Page, root: Root) -> dict[str, gr.components.Component]:
     """The Train tab's inputs, keyed (and labelled) by their YAML key, in TRAIN_DEFAULTS' order."""
     d, fields = TRAIN_DEFAULTS, {}
 
@@ -628,9 +721,10 @@ def _train_fields(page: Page) -> dict[str, gr.components.Component]:
         choice("finetuning_type", get_args(FinetuningType))
     with gr.Row():
         text("dataset_dir")
-        choice("dataset", dataset_names(d["dataset_dir"]), multiselect=True, allow_custom_value=True, scale=2)
+        choice("dataset", dataset_names(root, d["dataset_dir"]), multiselect=True, allow_custom_value=True, scale=2)
         number("cutoff_len")
         number("max_samples")
+    media = gr.Markdown("", elem_id="dataset_media")
     with gr.Row():
         text("learning_rate")
         number("num_train_epochs", integer=False)
@@ -649,8 +743,11 @@ def _train_fields(page: Page) -> dict[str, gr.components.Component]:
                                               d["overwrite_output_dir"])
     with page(gr.Accordion, {"label": "train.extra"}, open=False):
         fields["extra"] = page(gr.Code, {"label": "train.extra_hint"}, d["extra"], language="yaml", lines=3)
-    fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(folder)), fields["dataset_dir"],
-                                 fields["dataset"])
+    fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(root, folder)),
+                                 fields["dataset_dir"], fields["dataset"], api_name="datasets")
+    chosen = [fields["dataset_dir"], fields["dataset"], fields["template"]]
+    gr.on([field.change for field in chosen] + [page.lang.change], functools.partial(media_note, root),
+          [*chosen, page.lang], media)
     return fields
 
 
@@ -668,7 +765,8 @@ def _eval_tab(page: Page, evaluator: Trainer) -> tuple:
 
     with page(gr.Accordion, {"label": "eval.predict_fields"}, open=True), gr.Row():
         fields["dataset_dir"] = page(gr.Textbox, {"label": "field.dataset_dir"}, d["dataset_dir"])
-        fields["eval_dataset"] = page(gr.Dropdown, {"label": "field.eval_dataset"}, dataset_names(d["dataset_dir"]),
+        fields["eval_dataset"] = page(gr.Dropdown, {"label": "field.eval_dataset"},
+                                      dataset_names(evaluator.root, d["dataset_dir"]),
                                       value=d["eval_dataset"], multiselect=True, allow_custom_value=True, scale=2)
         for key in ("cutoff_len", "max_samples", "per_device_eval_batch_size", "max_new_tokens"):
             number(key)
@@ -689,37 +787,41 @@ def _eval_tab(page: Page, evaluator: Trainer) -> tuple:
         predictions = page(gr.Dataframe, {"label": "eval.predictions"}, interactive=False, wrap=True, scale=3,
                            elem_id="eval_predictions")
     timer = gr.Timer(1.0, active=False)
-    fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(folder)), fields["dataset_dir"],
-                                 fields["eval_dataset"])
-    shown = [status, log, metrics, predictions, timer]
+    watch(evaluator, timer)
+    fields["dataset_dir"].change(lambda folder: gr.update(choices=dataset_names(evaluator.root, folder)),
+                                 fields["dataset_dir"], fields["eval_dataset"], api_name="eval_datasets")
+    shown = [status, log, metrics, predictions, timer, stop]
 
-    def refresh(lang: str):
-        """What the tab shows of its run: the state and log while it runs, then its metrics and predictions."""
+    def refresh(request: gr.Request, lang: str):
+        """What the tab shows of its run (read-only in a tab that did not start it): the state and log while it
+        runs, then its metrics and predictions."""
         run = evaluator.run
         if run is None:
-            return words("run.none", lang), "", None, None, gr.Timer(active=False)
+            return words("run.none", lang), "", None, None, gr.Timer(active=False), gr.update(interactive=True)
         state = run.state()  # first: the log read after it is at least as new
         output = log_text(run.log_path)
+        said, stop_button = evaluator.shown(run.summary(lang), Owner.of(request), lang)
         if state != "finished":
-            return run.summary(lang), output, None, None, gr.Timer(active=state == "running")
+            return said, output, None, None, gr.Timer(active=state == "running"), stop_button
         try:
             tables = results(run.command, run.config, lang)
         except (OSError, ValueError, KeyError, *USER_ERRORS) as exc:
-            return words("eval.unreadable", lang, error=exc), output, None, None, gr.Timer(active=False)
-        return run.summary(lang), output, *tables, gr.Timer(active=False)
+            return words("eval.unreadable", lang, error=exc), output, None, None, gr.Timer(active=False), stop_button
+        return said, output, *tables, gr.Timer(active=False), stop_button
 
-    def start_run(*args):
+    def start_run(request: gr.Request, *args):
         lang, chosen = args[-1], dict(zip(fields, args[len(model):-1]))
         problem = evaluator.launch(lambda: checked_eval_config(model_config(*args[:len(model)]), chosen,
-                                                               evaluator.root), lang, "eval.finished")
-        return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh(lang)
+                                                               evaluator.root), lang, "eval.finished",
+                                   Owner.of(request))
+        return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh(request, lang)
 
-    def stop_run(lang: str):
-        evaluator.stop()
-        return refresh(lang)
+    def stop_run(request: gr.Request, lang: str):
+        refused = evaluator.stop(Owner.of(request), lang)
+        return (refused, *[gr.skip()] * (len(shown) - 1)) if refused else refresh(request, lang)
 
     start.click(start_run, [*model, *fields.values(), page.lang], shown, api_name="evaluate")
-    stop.click(stop_run, page.lang, shown)
+    stop.click(stop_run, page.lang, shown, api_name="stop_eval")
     timer.tick(refresh, page.lang, shown)
     return model, (refresh, shown)
 
@@ -747,6 +849,7 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
     page says so when not). Paths it writes are checked against the trainer's root, where the Evaluate & Predict
     tab's runs (demo.evaluator) go too."""
     trainer, chat = trainer or Trainer(), chat or Chat()
+    chat.root = trainer.root  # what its Load may read
     evaluator = Trainer(trainer.root)
     about = "page.any_path" if trainer.root.any_path else "page.root"
     with gr.Blocks(title="lf webui", analytics_enabled=False) as demo:
@@ -754,7 +857,7 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
         page(gr.Markdown, {"value": lambda lang: _header(lang, login, about=about, path=trainer.root.path)},
              elem_id="header")
         with page(gr.Tab, {"label": "tab.train"}, elem_id="tab_train"):
-            fields = _train_fields(page)
+            fields = _train_fields(page, trainer.root)
             names, inputs = list(fields), list(fields.values())
 
             def values(*args) -> dict:
@@ -774,6 +877,7 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
                                     interactive=False, buttons=["copy"], elem_id="train_command")
             with gr.Row():
                 start = page(gr.Button, {"value": "train.start"}, variant="primary", elem_id="start")
+                resume = page(gr.Button, {"value": "train.resume"}, elem_id="resume")
                 stop = page(gr.Button, {"value": "train.stop"}, variant="stop", elem_id="stop")
             status = gr.Markdown(words("run.none", lang), elem_id="train_status")
             with gr.Row():
@@ -782,6 +886,7 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
                 plot = page(gr.LinePlot, {"label": "train.loss"}, x="step", y="loss", color="curve",
                             elem_id="loss_plot", color_map={"original": "#9ecae1", "smoothed": "#1f77b4"})
             timer = gr.Timer(1.0, active=False)
+            watch(trainer, timer)
         with page(gr.Tab, {"label": "tab.eval"}, elem_id="tab_eval"):
             eval_model, eval_redraw = _eval_tab(page, evaluator)
         with page(gr.Tab, {"label": "tab.chat"}):
@@ -811,38 +916,43 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
             said, loaded = load_yaml(trainer.root, path, lang)
             return (said, *(loaded.values() if loaded else [gr.skip()] * len(inputs)))
 
-        preview_button.click(lambda *args: dataset_preview(values(*args[:-1]), args[-1]), [*inputs, page.lang],
-                             preview)
+        preview_button.click(lambda *args: dataset_preview(trainer.root, values(*args[:-1]), args[-1]),
+                             [*inputs, page.lang], preview, api_name="preview")
         load_button.click(load_run, [save_path, page.lang], [status, *inputs], api_name="load_yaml")
 
-        def refresh(lang: str):
-            """What the page shows of the run; the timer runs while it does, and a run that ends fills the Chat
-            and Export tabs with what it trained."""
+        def refresh(request: gr.Request, lang: str):
+            """What the page shows of the run (read-only in a tab that did not start it); the timer runs while it
+            does, and a run that ends fills the Chat and Export tabs with what it trained."""
             run = trainer.run
             if run is None:
-                return (words("run.none", lang), "", None, gr.Timer(active=False), *[gr.skip()] * 9)
+                return (words("run.none", lang), "", None, gr.Timer(active=False), gr.update(interactive=True),
+                        *[gr.skip()] * 9)
             # the state first: what is read after it is at least as new (an ended run's log and summary are final)
             running = run.state() == "running"
             frame, output = loss_frame(run.records()), log_text(run.log_path)
             trained = run.trained_model() if run.state() == "finished" else [gr.skip()] * 3
-            return (run.summary(lang), output, frame if len(frame) else None, gr.Timer(active=running),
+            said, stop_button = trainer.shown(run.summary(lang), Owner.of(request), lang)
+            return (said, output, frame if len(frame) else None, gr.Timer(active=running), stop_button,
                     *trained, *trained, *trained)
 
-        shown = [status, log, plot, timer, *chat_model, *export_model, *eval_model]
+        shown = [status, log, plot, timer, stop, *chat_model, *export_model, *eval_model]
 
-        def start_run(*args):
-            problem = trainer.start(values(*args[:-1]), args[-1])
-            return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh(args[-1])
+        def started(resume: bool):
+            def start_run(request: gr.Request, *args):
+                problem = trainer.start(values(*args[:-1]), args[-1], Owner.of(request), resume)
+                return (problem, *[gr.skip()] * (len(shown) - 1)) if problem else refresh(request, args[-1])
+            return start_run
 
-        def stop_run(lang: str):
-            trainer.stop()
-            return refresh(lang)
+        def stop_run(request: gr.Request, lang: str):
+            refused = trainer.stop(Owner.of(request), lang)
+            return (refused, *[gr.skip()] * (len(shown) - 1)) if refused else refresh(request, lang)
 
-        start.click(start_run, [*inputs, page.lang], shown, api_name="start")
-        stop.click(stop_run, page.lang, shown)
+        start.click(started(False), [*inputs, page.lang], shown, api_name="start")
+        resume.click(started(True), [*inputs, page.lang], shown, api_name="resume")
+        stop.click(stop_run, page.lang, shown, api_name="stop")
         timer.tick(refresh, page.lang, shown)
-        load.click(chat.load, [*chat_model, page.lang], chat_status)
-        unload.click(chat.unload, page.lang, chat_status)
+        load.click(chat.load, [*chat_model, page.lang], chat_status, api_name="load_model")
+        unload.click(chat.unload, page.lang, chat_status, api_name="unload_model")
         export_button.click(functools.partial(run_export, trainer.root),
                             [*export_model, export_dir, export_size, export_dtype, export_gguf, overwrite_export,
                              page.lang], export_status, api_name="export")
@@ -901,10 +1011,12 @@ def command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lf webui", usage=USAGE)
     add_server_args(parser)
     parser.add_argument("--root", default=None)
+    parser.add_argument("--read", action="append", default=[], metavar="DIR")
     parser.add_argument("--allow-any-path", action="store_true")
     args = parser.parse_args(argv)
     access = Access.from_args(args)
-    demo = create_ui(Trainer(Root(args.root, args.allow_any_path)), login=access.login, lang=server_lang(args.lang))
+    demo = create_ui(Trainer(Root(args.root, args.allow_any_path, tuple(args.read))), login=access.login,
+                     lang=server_lang(args.lang))
     with _closed_at_exit(demo.trainer, demo.evaluator):
         launch(demo, access)
     return 0

@@ -73,10 +73,26 @@ TEXT: dict[str, dict[str, str]] = {
                          "zh": "无法预览：预览只显示 sft 阶段的数据；本次训练阶段为 {stage}"},
     "train.start": {"en": "Start", "zh": "开始"},
     "train.stop": {"en": "Stop", "zh": "停止"},
+    "train.resume": {"en": "Resume", "zh": "继续训练"},
+    "train.media": {"en": "{datasets}: {media} in each row; templates that take them: {templates}",
+                    "zh": "{datasets}：每行带有 {media}；能接收它们的模板：{templates}"},
+    "train.media_none": {"en": "none (lf has no template for these media together)",
+                         "zh": "无（lf 没有同时接收这些媒体的模板）"},
+    "train.media_wrong": {"en": "the template {template} takes text only here: choose one of those",
+                          "zh": "所选模板 {template} 在此只接收文本：请从上面选择一个"},
     "train.log": {"en": "log", "zh": "日志"},
     "train.loss": {"en": "loss", "zh": "损失"},
     # a run (Train's and Evaluate & Predict's)
     "run.none": {"en": "**no run yet**", "zh": "**尚未运行**"},
+    "run.not_owner": {"en": "**not stopped**: another browser tab started this run; only it (or a tab of the same "
+                            "login) can stop it",
+                      "zh": "**未停止**：此运行由另一个浏览器标签页启动；只有它（或同一登录用户的标签页）可以停止"},
+    "run.watching": {"en": "(started in another browser tab: shown read-only)",
+                     "zh": "（由另一个浏览器标签页启动：仅供查看）"},
+    "run.no_checkpoint": {"en": "output_dir {path} holds no checkpoint-N folder to resume from: press Start for a new "
+                                "run (save_steps sets how often checkpoints are saved)",
+                          "zh": "输出目录 {path} 中没有可继续的 checkpoint-N 文件夹：请点“开始”重新训练（save_steps 决定"
+                                "保存检查点的间隔）"},
     "run.busy": {"en": "**a run is going already**: stop it first, or wait for it to finish",
                  "zh": "**已有任务在运行**：请先停止它，或等待其结束"},
     "run.not_started": {"en": "**not started**: {error}", "zh": "**未开始**：{error}"},
@@ -88,9 +104,9 @@ TEXT: dict[str, dict[str, str]] = {
                            "已用 {elapsed}，剩余 {left}"},
     "run.finished": {"en": "**finished**: the model or adapter is in {path}",
                      "zh": "**已完成**：模型或适配器位于 {path}"},
-    "run.stopped": {"en": "**stopped**: the checkpoints saved so far stay in {path} (Start with overwrite_output_dir "
-                          "off resumes from the last one)",
-                    "zh": "**已停止**：已保存的检查点仍在 {path}（关闭“覆盖输出目录”后点“开始”即从最后一个继续）"},
+    "run.stopped": {"en": "**stopped**: the checkpoints saved so far stay in {path} (Resume continues from the last "
+                          "one)",
+                    "zh": "**已停止**：已保存的检查点仍在 {path}（点“继续训练”即从最后一个继续）"},
     "run.failed": {"en": "**failed** (exit code {code}): the log below says why; the whole output is {path}",
                    "zh": "**失败**（退出码 {code}）：原因见下方日志；完整输出在 {path}"},
     "save.no_path": {"en": "**not saved**: name the file to write (e.g. saves/my_run.yaml)",
