@@ -46,10 +46,14 @@ class ModelArguments:
     low_cpu_mem_usage: bool = True
     infer_dtype: Dtype = "auto"  # the dtype weights are loaded in
     rope_scaling: RopeScaling | None = None  # stretch RoPE to cutoff_len
+    moe_aux_loss_coef: float | None = None  # MoE: the router's load-balancing loss, this times, in training
+    shift_attn: bool = False  # LongLoRA's shifted sparse attention in training (lf.model.longlora)
     flash_attn: FlashAttn = "auto"
     use_lf_kernels: bool = True  # patch lf's fused kernels into the model (lf.kernels.patch)
     cpu_allocator: CpuAllocator = "tuned"  # glibc's malloc settings when training on the CPU
     enable_liger_kernel: bool = False  # LLaMA-Factory's switch: maps onto lf's kernels, and says so
+    use_unsloth: bool = False  # LLaMA-Factory's switch for Unsloth's patched training: maps onto lf's kernels too
+    use_unsloth_gc: bool = False  # offloaded gradient checkpointing: layer inputs wait in CPU memory (on accelerators)
     # None: off on the CPU when the activations it would save fit in a tenth of the available memory, else on
     disable_gradient_checkpointing: bool | None = None
     # checkpoint one decoder layer in k (1: every layer): more speed for more memory
