@@ -18,7 +18,7 @@ from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_mm_processor, load_model, load_tokenizer, pissa
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
-from lf.train.tracking import swanlab_callback
+from lf.train.tracking import finish_swanlab, swanlab_callback
 from lf.train.checkpoints import RUN_CONFIG, last, resume_point
 from lf.train.plot import plot_loss
 
@@ -123,6 +123,8 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if fin.use_swanlab:
+        finish_swanlab()
     outputs["log"] = os.path.join(args.output_dir, "trainer_log.jsonl")
     return outputs
 

@@ -22,3 +22,15 @@ def swanlab_callback(finetuning_args):
     return SwanLabCallback(project=fin.swanlab_project, workspace=fin.swanlab_workspace,
                            experiment_name=fin.swanlab_run_name, mode=fin.swanlab_mode, log_dir=fin.swanlab_logdir,
                            tags=["lf"])
+
+
+def finish_swanlab() -> None:
+    """Ends the run SwanLab's callback began, so that its files are complete when lf train returns (SwanLab would
+    end it as the process exits) and a next training in the same process (the web UI) begins its own."""
+    import swanlab
+
+    try:
+        swanlab.get_run()
+    except RuntimeError:  # none began (a process other than the main one)
+        return
+    swanlab.finish()
