@@ -12,7 +12,7 @@ import pytest
 import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
-from lf.config.parser import _owners
+from lf.config.parser import UNSUPPORTED, _owners
 from lf.config import rules
 from lf.config.rules import NO_DEEPSPEED, OFT_KEYS, RANGES, show
 from lf.errors import ConfigError
@@ -401,6 +401,8 @@ RULE_CASES = {
                               "shift_attn: true is for the training forward, but ppo also generates"),
     "swanlab_installed": ({"use_swanlab": True}, "use_swanlab: true tracks the run with SwanLab, which is not "
                                                  "installed: pip install 'lf[swanlab]'"),
+    "swanlab_mode_choice": ({"use_swanlab": True, "swanlab_mode": "online"},
+                            "swanlab_mode: online is not one of cloud, local, offline, disabled"),
     "swanlab_once": ({"use_swanlab": True, "report_to": "swanlab"},
                      "use_swanlab: true and report_to: swanlab would both log the run to SwanLab: keep one"),
     "fp16_and_bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one"),
@@ -685,3 +687,10 @@ def test_each_choice_is_declared_once_as_a_literal_and_read_from_it():
                                      model=ModelArguments(model_name_or_path="lf-tiny-llama")))
     assert refused({**BASE, "infer_dtype": 16}).startswith("infer_dtype: 16 (in the config) is a whole number; "
                                                            "expected a string")
+
+
+def test_readme_names_every_refused_key():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("### LLaMA-Factory keys lf refuses", 1)[1].split("\n### ", 1)[0]
+    assert f"These {len(UNSUPPORTED)} are refused" in table
+    assert [key for key in UNSUPPORTED if f"`{key}`" not in table] == []

@@ -265,19 +265,25 @@ class Unsupported:
     fix: str = "remove the key"
 
 
+FP8_FIX = ("remove the key: FP8 training needs an NVIDIA GPU with FP8 tensor cores (Ada or Hopper, e.g. H100) and "
+           "TransformerEngine or torchao, which lf has not been built and tested on")
 UNSUPPORTED = types.MappingProxyType({
     # model
-    "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,)),
-    "use_kt": Unsupported("KTransformers"),
+    "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,),
+                                     "remove it: mixture-of-depth 1.2.0, the package LLaMA-Factory converts models "
+                                     "with, does not import beside transformers 5 (it imports TRANSFORMERS_CACHE, "
+                                     "which transformers 5 removed) and calls decoder layers with transformers 4's "
+                                     "arguments"),
+    "use_kt": Unsupported("KTransformers", fix="remove the key: KTransformers' kernels need a CUDA GPU (beside an "
+                                              "AMX or AVX-512 CPU), which lf has not been built and tested on"),
     "adapter_folder": Unsupported("adapters from a folder", (None,), "name them in adapter_name_or_path"),
     "offload_folder": Unsupported("offloading weights to disk", None),
     "ms_hub_token": Unsupported("the ModelScope hub", (None,)),
     "om_hub_token": Unsupported("the Modelers hub", (None,)),
     "new_special_tokens_config": Unsupported("described special tokens", (None,), "use add_special_tokens"),
     "init_special_tokens": Unsupported("initializing special tokens from descriptions", ("noise_init",)),
-    "fp8": Unsupported("FP8 training"),
-    "fp8_backend": Unsupported("FP8 training", None),
-    "fp8_enable_fsdp_float8_all_gather": Unsupported("FP8 training"),
+    **{key: Unsupported("FP8 training", inert, FP8_FIX) for key, inert in
+       (("fp8", (False,)), ("fp8_backend", None), ("fp8_enable_fsdp_float8_all_gather", (False,)))},
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     # export: lf export's own keys (lf/config/export.py) are read there; lf train refuses them (see _split)
@@ -291,7 +297,9 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
-    "use_mca": Unsupported("Megatron-Core training"),
+    "use_mca": Unsupported("Megatron-Core training", fix="remove the key: Megatron-Core (mcore_adapter) trains on "
+                                                         "NVIDIA GPUs over NCCL, which lf has not been built and "
+                                                         "tested on"),
     "use_asft_loss": Unsupported("ASFT's loss (DFT's plus asft_alpha times the KL divergence from a reference "
                                  "model's whole next-token distribution)",
                                  fix="not built yet: it needs a fused KL against a second model's logits; "
