@@ -394,6 +394,13 @@ RULE_CASES = {
     "unsloth_gc_needs_checkpointing": ({"use_unsloth_gc": True, "disable_gradient_checkpointing": True},
                                        "use_unsloth_gc: true offloads the inputs gradient checkpointing keeps, but "
                                        "disable_gradient_checkpointing: true turns checkpointing off"),
+    "descriptions_for_init": ({"init_special_tokens": "desc_init"},
+                              "init_special_tokens: desc_init starts new tokens from their descriptions, but there "
+                              "are none: set new_special_tokens_config"),
+    "special_tokens_once": ({"new_special_tokens_config": "t.yaml", "add_special_tokens": "<a>"},
+                            "new_special_tokens_config and add_special_tokens both name special tokens to add"),
+    "init_special_tokens_choice": ({"init_special_tokens": "mean"},
+                                   "init_special_tokens: mean is not one of noise_init, desc_init, desc_init_w_noise"),
     "shift_attn_not_packed": ({"shift_attn": True, "packing": True},
                               "shift_attn: true cuts each row into 4 groups of its tokens, which would mix a packed "
                               "row's examples: set packing: false"),

@@ -280,8 +280,6 @@ UNSUPPORTED = types.MappingProxyType({
     "offload_folder": Unsupported("offloading weights to disk", None),
     "ms_hub_token": Unsupported("the ModelScope hub", (None,)),
     "om_hub_token": Unsupported("the Modelers hub", (None,)),
-    "new_special_tokens_config": Unsupported("described special tokens", (None,), "use add_special_tokens"),
-    "init_special_tokens": Unsupported("initializing special tokens from descriptions", ("noise_init",)),
     **{key: Unsupported("FP8 training", inert, FP8_FIX) for key, inert in
        (("fp8", (False,)), ("fp8_backend", None), ("fp8_enable_fsdp_float8_all_gather", (False,)))},
     **{key: Unsupported("SGLang", None) for key in

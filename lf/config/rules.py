@@ -515,6 +515,14 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.model.use_unsloth_gc and c.model.disable_gradient_checkpointing is True,
          "use_unsloth_gc: true offloads the inputs gradient checkpointing keeps, but disable_gradient_checkpointing: "
          "true turns checkpointing off: remove one of the two"),
+    Rule("descriptions_for_init", lambda c: c.model.init_special_tokens != "noise_init"
+         and not c.model.new_special_tokens_config,
+         "init_special_tokens: {m.init_special_tokens} starts new tokens from their descriptions, but there are none: "
+         "set new_special_tokens_config (a YAML mapping each new token to its description), or remove "
+         "init_special_tokens"),
+    Rule("special_tokens_once", lambda c: bool(c.model.new_special_tokens_config and c.model.add_special_tokens),
+         "new_special_tokens_config and add_special_tokens both name special tokens to add: keep one (the config's "
+         "tokens are its keys)"),
     Rule("shift_attn_not_packed", lambda c: c.model.shift_attn and _packs(c),
          "shift_attn: true cuts each row into 4 groups of its tokens, which would mix a packed row's examples: set "
          "packing: false (and neat_packing: false), or remove shift_attn"),

@@ -17,7 +17,7 @@ import torch
 from lf import device as accelerator
 from lf import stages
 from lf.errors import ModelError
-from lf.model import longlora, offloaded_checkpoint
+from lf.model import longlora, offloaded_checkpoint, special_tokens
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
 from lf.model.options import apply_moe_aux_loss, apply_rope_scaling, choose_attention, choose_dtype
 from lf.model.paths import download_error, resolve_model_path
@@ -55,6 +55,8 @@ def load_tokenizer(model_args):
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     special = split_names(model_args.add_special_tokens) + split_names(model_args.new_special_tokens)
+    if model_args.new_special_tokens_config:
+        special += list(special_tokens.read_descriptions(model_args.new_special_tokens_config))
     for tokens, is_special in ((split_names(model_args.add_tokens), False), (special, True)):
         if tokens:
             added = tokenizer.add_tokens(tokens, special_tokens=is_special)
@@ -93,7 +95,7 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
              dtype_line, attention_line] + [line for line in (rope, moe, quantization_line) if line]
-    lines += _fit_embeddings(model, tokenizer, model_args.resize_vocab)
+    lines += _fit_embeddings(model, tokenizer, model_args)
     upcast_norms = is_trainable and model_args.upcast_layernorm and dtype != torch.float32
     if is_trainable:
         lines += _prepare_training(model, model_args, finetuning_args, upcast_norms, tokens_per_step)
@@ -169,9 +171,19 @@ def _rows(model) -> int:
     return getattr(weight, "ds_shape", weight.shape)[0]
 
 
-def _fit_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
-    """Grows the embeddings to the tokenizer with resize_vocab (new rows start at the mean of the old ones);
-    without it a tokenizer larger than the embeddings is an error (its new tokens would index past them)."""
+def _fit_embeddings(model, tokenizer, model_args) -> list[str]:
+    """Grows the embeddings to the tokenizer with resize_vocab (new rows start at the mean of the old ones, or from
+    their descriptions: init_special_tokens); without it a tokenizer larger than the embeddings is an error (its new
+    tokens would index past them)."""
+    lines = _resize_embeddings(model, tokenizer, model_args.resize_vocab)
+    if model_args.init_special_tokens != "noise_init":
+        lines.append(special_tokens.init_from_descriptions(
+            model, tokenizer, special_tokens.read_descriptions(model_args.new_special_tokens_config),
+            noise=model_args.init_special_tokens == "desc_init_w_noise"))
+    return lines
+
+
+def _resize_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
     rows = _rows(model)
     size = len(tokenizer)
     if size <= rows:
