@@ -515,7 +515,7 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.model.use_unsloth_gc and c.model.disable_gradient_checkpointing is True,
          "use_unsloth_gc: true offloads the inputs gradient checkpointing keeps, but disable_gradient_checkpointing: "
          "true turns checkpointing off: remove one of the two"),
-    Rule("descriptions_for_init", lambda c: c.model.init_special_tokens != "noise_init"
+    Rule("descriptions_for_init", lambda c: str(c.model.init_special_tokens).startswith("desc_init")
          and not c.model.new_special_tokens_config,
          "init_special_tokens: {m.init_special_tokens} starts new tokens from their descriptions, but there are none: "
          "set new_special_tokens_config (a YAML mapping each new token to its description), or remove "
