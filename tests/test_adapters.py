@@ -143,6 +143,18 @@ def test_use_dft_loss_trains_on_the_probability_weighted_loss(tmp_path):
         parse_train_args(options(tmp_path, stage="pt", use_dft_loss=True))
 
 
+def test_use_eaft_loss_trains_on_the_entropy_weighted_loss(tmp_path):
+    """EAFT weights each token by (entropy of its top-20 logits / 3) ** eaft_alpha: just below 1 for the tiny random
+    model's near-uniform logits, so a high alpha lowers the first step's loss below plain cross-entropy's."""
+    one = {**QUICK, "max_steps": 1}
+    run(parse_train_args(options(tmp_path / "plain", **one)))
+    run(parse_train_args(options(tmp_path / "eaft", **one, use_eaft_loss=True, eaft_alpha=200.0)))
+    ratio = records(tmp_path / "eaft")[0]["loss"] / records(tmp_path / "plain")[0]["loss"]
+    assert 0.01 < ratio < 0.99
+    with pytest.raises(ConfigError, match="set stage: sft"):
+        parse_train_args(options(tmp_path, stage="pt", use_eaft_loss=True))
+
+
 class Dtypes(TrainerCallback):
     """The dtypes of what trains, of the optimizer's state and whether autocast is on, after a step."""
 

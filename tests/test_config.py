@@ -1,5 +1,6 @@
 """`lf train`'s config layer: reading files and overrides, groups and types, LLaMA-Factory's keys, rules, defaults."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ import pytest
 import transformers.training_args
 
 from lf.config import RULES, parse_train_args, read_config
-from lf.config.parser import _owners
+from lf.config.parser import UNSUPPORTED, _owners
 from lf.config import rules
 from lf.config.rules import NO_DEEPSPEED, OFT_KEYS, RANGES, show
 from lf.errors import ConfigError
@@ -220,18 +221,16 @@ def test_every_unknown_key_is_listed_at_once():
 
 
 def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
-    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nuse_unsloth: true\nlora_rnak: 4\nlora_rank: big\n")
+    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nadapter_folder: a\nlora_rnak: 4\nlora_rank: big\n")
     assert refused([path]).splitlines() == [
-        f"use_unsloth: true (in {path}:2) asks for Unsloth's patched training, which lf does not support yet: "
-        "remove the key (lf's fused kernels are on)",
+        f"adapter_folder: a (in {path}:2) asks for adapters from a folder, which lf does not support yet: "
+        "name them in adapter_name_or_path",
         f"unknown key 'lora_rnak' in {path}:3. Did you mean: lora_rank?",
         f"lora_rank: big (in {path}:4) is a string; expected a whole number"]
 
 
 @pytest.mark.parametrize("key, value, feature", [
-    ("use_unsloth", True, "Unsloth's patched training"),
     ("use_mca", True, "Megatron-Core training"),
-    ("shift_attn", True, "LongLoRA's shifted sparse attention"),
     ("mixture_of_depths", "convert", "a mixture-of-depths model"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
     ("use_audio_in_video", True, "Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
@@ -252,11 +251,11 @@ def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():
 
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):
-    inert = {"use_unsloth": False, "use_mca": False, "video_fps": 2.0, "infer_backend": "huggingface",
-             "video_max_pixels": 65536, "save_safetensors": True, "swanlab_project": "p"}
+    inert = {"use_mca": False, "video_fps": 2.0, "infer_backend": "huggingface", "video_max_pixels": 65536,
+             "save_safetensors": True, "sglang_maxlen": 4096}
     cfg = parse_train_args({**BASE, **inert})
-    assert cfg.raw["swanlab_project"] == "p"
-    assert "swanlab_project is ignored: it tunes SwanLab tracking" in logs.text
+    assert cfg.raw["sglang_maxlen"] == 4096
+    assert "sglang_maxlen is ignored: it tunes SGLang" in logs.text
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -387,8 +386,32 @@ RULE_CASES = {
                            "image_min_pixels: 4096 is above image_max_pixels: 1024: no image size fits both"),
     "mm_proj_only_needs_full": ({"train_mm_proj_only": True}, "train_mm_proj_only: true trains the multimodal "
                                                               "projector alone, in full, but finetuning_type is lora"),
-    "liger_or_lf_kernels": ({"enable_liger_kernel": True, "use_lf_kernels": False},
-                            "but use_lf_kernels: false turns them off"),
+    "enable_liger_kernel_or_lf_kernels": ({"enable_liger_kernel": True, "use_lf_kernels": False},
+                                          "enable_liger_kernel: true asks for Liger's fused kernels, which lf answers "
+                                          "with its own, but use_lf_kernels: false turns them off"),
+    "use_unsloth_or_lf_kernels": ({"use_unsloth": True, "use_lf_kernels": False},
+                                  "use_unsloth: true asks for Unsloth's fused kernels"),
+    "unsloth_gc_needs_checkpointing": ({"use_unsloth_gc": True, "disable_gradient_checkpointing": True},
+                                       "use_unsloth_gc: true offloads the inputs gradient checkpointing keeps, but "
+                                       "disable_gradient_checkpointing: true turns checkpointing off"),
+    "descriptions_for_init": ({"init_special_tokens": "desc_init"},
+                              "init_special_tokens: desc_init starts new tokens from their descriptions, but there "
+                              "are none: set new_special_tokens_config"),
+    "special_tokens_once": ({"new_special_tokens_config": "t.yaml", "add_special_tokens": "<a>"},
+                            "new_special_tokens_config and add_special_tokens both name special tokens to add"),
+    "init_special_tokens_choice": ({"init_special_tokens": "mean"},
+                                   "init_special_tokens: mean is not one of noise_init, desc_init, desc_init_w_noise"),
+    "shift_attn_not_packed": ({"shift_attn": True, "packing": True},
+                              "shift_attn: true cuts each row into 4 groups of its tokens, which would mix a packed "
+                              "row's examples: set packing: false"),
+    "shift_attn_not_in_ppo": ({"shift_attn": True, "stage": "ppo", "reward_model": "saves/rm"},
+                              "shift_attn: true is for the training forward, but ppo also generates"),
+    "swanlab_installed": ({"use_swanlab": True}, "use_swanlab: true tracks the run with SwanLab, which is not "
+                                                 "installed: pip install 'lf[swanlab]'"),
+    "swanlab_mode_choice": ({"use_swanlab": True, "swanlab_mode": "online"},
+                            "swanlab_mode: online is not one of cloud, local, offline, disabled"),
+    "swanlab_once": ({"use_swanlab": True, "report_to": "swanlab"},
+                     "use_swanlab: true and report_to: swanlab would both log the run to SwanLab: keep one"),
     "fp16_and_bf16": ({"fp16": True, "bf16": True}, "fp16 and bf16 are both true: choose one"),
     "train_needs_data": ({"dataset": None}, "do_train needs training data: set dataset"),
     "eval_needs_data": ({"eval_strategy": "steps"}, "there is no eval data: set val_size"),
@@ -457,6 +480,11 @@ RULE_CASES = {
     "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
                              "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
                              "turns it off"),
+    "eaft_needs_lf_kernels": ({"use_eaft_loss": True, "use_lf_kernels": False},
+                              "use_eaft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
+                              "false turns it off"),
+    "one_token_weighting": ({"use_dft_loss": True, "use_eaft_loss": True},
+                            "use_dft_loss and use_eaft_loss both weight each token's loss, differently: keep one"),
     "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
                        "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }
@@ -511,6 +539,7 @@ def test_numbers_at_the_edges_of_their_ranges_pass():
 
 
 ON_DEVICE = {"npu_double_quantization": "npu"}  # rules that apply on one accelerator: the kind their case fakes
+NOT_INSTALLED = {"swanlab_installed": "swanlab"}  # rules about a missing package: the package their case hides
 
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
@@ -520,6 +549,10 @@ def test_each_rule_refuses_its_case_alone(name, monkeypatch):
         monkeypatch.setenv(key, value)
     if name in ON_DEVICE:  # a fake device kind (lf.device is tested in test_device.py)
         monkeypatch.setattr(rules, "accelerator", lambda: ON_DEVICE[name])
+    if name in NOT_INSTALLED:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == NOT_INSTALLED[name] else
+                            find_spec(n, *a))
     message = refused({**BASE, **overrides})
     assert expected in message
     assert "problems" not in message  # this rule alone
@@ -661,3 +694,10 @@ def test_each_choice_is_declared_once_as_a_literal_and_read_from_it():
                                      model=ModelArguments(model_name_or_path="lf-tiny-llama")))
     assert refused({**BASE, "infer_dtype": 16}).startswith("infer_dtype: 16 (in the config) is a whole number; "
                                                            "expected a string")
+
+
+def test_readme_names_every_refused_key():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("### LLaMA-Factory keys lf refuses", 1)[1].split("\n### ", 1)[0]
+    assert f"These {len(UNSUPPORTED)} are refused" in table
+    assert [key for key in UNSUPPORTED if f"`{key}`" not in table] == []

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from lf.errors import KernelInputError
 from lf.kernels import (cross_entropy, cross_entropy_reference, fused_linear_cross_entropy,
                         fused_linear_cross_entropy_reference)
 from support import DTYPES, assert_close, oracle
@@ -232,29 +233,50 @@ def test_realistic_sizes(name, monkeypatch):
             assert_close(g, g64, dtype, f"grad {what}, chunk {chunk}", 2.0)
 
 
-def _dft_reference(hidden, weight, bias, labels, reduction, num_items):
-    """DFT written out: each token's cross-entropy times its probability exp(-ce), a constant (detached)."""
-    ce = F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=IGNORE, reduction="none")
-    rows = ce * torch.exp(-ce).detach()
+def _weighted_reference(hidden, weight, bias, labels, reduction, num_items, weighting, softcap):
+    """DFT and EAFT written out: each token's cross-entropy times a constant (detached) weight: DFT's its
+    probability exp(-ce), EAFT's (entropy of the softmax of its 20 largest logits / 3) ** alpha."""
+    logits = hidden @ weight.T + bias
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    if weighting.get("dft"):
+        factor = torch.exp(-ce)
+    else:
+        top = logits.topk(20, dim=-1).values.softmax(-1)
+        factor = (-(top * top.log()).sum(-1) / 3) ** weighting["eaft"]
+    rows = ce * factor.detach()
     if reduction == "none":
         return rows
     return rows.sum() / (num_items if num_items is not None else (labels != IGNORE).sum())
 
 
-@pytest.mark.parametrize("reduction, num_items, chunk", [("mean", None, 3), ("mean", 17, None), ("none", None, 4)])
-def test_fused_dft_weights_each_token_by_its_detached_probability(backend, reduction, num_items, chunk):
+@pytest.mark.parametrize("reduction, num_items, chunk, weighting, softcap", [
+    ("mean", None, 3, {"dft": True}, None), ("mean", 17, None, {"dft": True}, None),
+    ("none", None, 4, {"dft": True}, None), ("mean", None, 3, {"eaft": 1.0}, None),
+    ("mean", 17, None, {"eaft": 0.5}, 15.0), ("none", None, 4, {"eaft": 2.0}, None)])
+def test_fused_token_weightings_weight_each_token_by_a_detached_factor(backend, reduction, num_items, chunk,
+                                                                       weighting, softcap):
     hidden = torch.randn(19, 32).requires_grad_()
-    weight = (torch.randn(300, 32) / 3).requires_grad_()  # logits of a few units: probabilities far from 0 and 1
+    # DFT: logits of a few units, probabilities far from 0 and 1; EAFT: wider, so that the top logits' entropy is
+    # well below its largest value
+    weight = (torch.randn(300, 32) / (3 if "dft" in weighting else 0.5)).requires_grad_()
     bias = torch.randn(300).requires_grad_()
     labels = _labels(19, 300)
     loss = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, num_items_in_batch=num_items,
-                                      chunk_size=chunk, dft=True)
+                                      chunk_size=chunk, softcap=softcap, **weighting)
     grad_out = torch.randn_like(loss) if loss.dim() else torch.tensor(0.6)
     grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
-    loss64, grads64 = oracle(lambda h, w, b: _dft_reference(h, w, b, labels, reduction, num_items),
-                             (hidden, weight, bias), grad_out)
-    plain = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, num_items_in_batch=num_items)
+    loss64, grads64 = oracle(lambda h, w, b: _weighted_reference(h, w, b, labels, reduction, num_items, weighting,
+                                                                 softcap), (hidden, weight, bias), grad_out)
+    plain = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, num_items_in_batch=num_items,
+                                       softcap=softcap)
     assert (loss - plain).abs().max() > 0.1  # the weighting is not the plain loss
     assert_close(loss, loss64, torch.float32, "loss", min_scale=1.0)
     for name, g, g64 in zip("hwb", grads, grads64):
         assert_close(g, g64, torch.float32, f"grad {name}")
+
+
+def test_dft_and_eaft_together_are_refused():
+    with pytest.raises(KernelInputError, match="dft and eaft"):
+        fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), dft=True, eaft=1.0)

@@ -105,7 +105,7 @@ def test_registries_are_read_only():
     from lf.config.rules import RANGES
 
     for registry, name in ((PROCESSORS, "text"), (MODEL_COMMANDS, "chat"), (ALIASES, "no_cuda"),
-                           (UNSUPPORTED, "use_unsloth"), (RANGES, "learning_rate"), (STAGES, "sft")):
+                           (UNSUPPORTED, "use_mca"), (RANGES, "learning_rate"), (STAGES, "sft")):
         with pytest.raises(TypeError):
             registry[name] = None
         assert hash(registry[name]) is not None  # immutable: tuples, frozen records, functions

@@ -19,6 +19,9 @@ class DataArguments:
     overwrite_cache: bool = False
     preprocessing_batch_size: int = 1000
     preprocessing_num_workers: int | None = None
+    # several machines: true when they share one filesystem, so that only the first machine's main process prepares
+    # the datasets (and writes the cache the others read); false: each machine's main process prepares its own
+    data_shared_file_system: bool = False
     max_samples: int | None = None  # per dataset
     val_size: float = 0.0  # a fraction in (0, 1) or a count >= 1
     eval_on_each_dataset: bool = False

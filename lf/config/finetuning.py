@@ -25,6 +25,8 @@ ApolloScaleType = Literal["channel", "tensor"]
 BadamMode = Literal["layer", "ratio"]
 BadamSwitchMode = Literal["ascending", "descending", "random", "fixed"]
 BadamMaskMode = Literal["adjacent", "scatter"]
+# LLaMA-Factory's swanlab_mode values (cloud: SwanLab's online) and SwanLab's own offline and disabled
+SwanlabMode = Literal["cloud", "local", "offline", "disabled"]
 RewardModelType = Literal["lora", "full", "api"]  # ppo's reward model: an rm adapter, a whole model, an endpoint
 
 
@@ -90,7 +92,20 @@ class FinetuningArguments:
     pure_bf16: bool = False  # weights and adapters in bf16, trained without autocast (bf16 and fp16 stay false)
     compute_accuracy: bool = False  # sft: token accuracy (the logits' argmax against the labels) at evaluation
     use_dft_loss: bool = False  # sft: each token's loss weighted by its (detached) probability (DFT)
+    # sft: each token's loss weighted by (entropy of its top-20 logits / 3) ** eaft_alpha, detached (EAFT)
+    use_eaft_loss: bool = False
+    eaft_alpha: float = 1.0
     early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
+    # SwanLab tracking through its transformers callback (lf.train.tracking); LLaMA-Factory's keys and defaults
+    use_swanlab: bool = False
+    swanlab_project: str | None = "llamafactory"
+    swanlab_workspace: str | None = None
+    swanlab_run_name: str | None = None  # the experiment's name
+    swanlab_mode: SwanlabMode = "cloud"
+    swanlab_api_key: str | None = None  # logs in with it first
+    swanlab_logdir: str | None = None  # where SwanLab writes its local files (its default: ./swanlog)
+    swanlab_lark_webhook_url: str | None = None  # a Lark (Feishu) bot SwanLab notifies at the run's end
+    swanlab_lark_secret: str | None = None
     # optimizers other than the trainer's `optim` (lf.train.optimizers; LLaMA-Factory's keys and defaults); at most one
     use_galore: bool = False  # GaLore: Adam's moments kept for low-rank projections of the weight matrices' gradients
     galore_target: str = "all"  # "all": every linear layer but the output head; or comma-separated module names

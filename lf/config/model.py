@@ -8,7 +8,8 @@ from typing import Literal
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]  # weights' dtype; auto: per device (lf.model.options)
 FlashAttn = Literal["auto", "disabled", "sdpa", "fa2"]  # disabled: eager attention
 RopeScaling = Literal["linear", "dynamic", "yarn", "llama3"]
-CpuAllocator = Literal["tuned", "default"]  # glibc's malloc settings (lf/allocator.py)
+CpuAllocator = Literal["tuned", "default"]
+InitSpecialTokens = Literal["noise_init", "desc_init", "desc_init_w_noise"]  # lf.model.special_tokens  # glibc's malloc settings (lf/allocator.py)
 # LLaMA-Factory's quantization_method names; lf.model.quantization builds bnb and hqq and refuses the others, saying why
 QuantizationMethod = Literal["bnb", "bitsandbytes", "hqq", "eetq", "gptq", "awq", "aqlm", "quanto"]
 QuantizationBit = Literal[4, 8]  # bitsandbytes' (and the reward model's, which loads with it)
@@ -42,14 +43,20 @@ class ModelArguments:
     add_tokens: str | None = None  # comma-separated plain tokens to add to the tokenizer
     add_special_tokens: str | None = None  # comma-separated special tokens to add
     new_special_tokens: str | None = None  # older LLaMA-Factory name of add_special_tokens
+    new_special_tokens_config: str | None = None  # a YAML {token: description} of special tokens to add
+    init_special_tokens: InitSpecialTokens = "noise_init"  # desc_*: new rows from their descriptions' embeddings
     resize_vocab: bool = False  # grow the embeddings to the tokenizer (and train them)
     low_cpu_mem_usage: bool = True
     infer_dtype: Dtype = "auto"  # the dtype weights are loaded in
     rope_scaling: RopeScaling | None = None  # stretch RoPE to cutoff_len
+    moe_aux_loss_coef: float | None = None  # MoE: the router's load-balancing loss, this times, in training
+    shift_attn: bool = False  # LongLoRA's shifted sparse attention in training (lf.model.longlora)
     flash_attn: FlashAttn = "auto"
     use_lf_kernels: bool = True  # patch lf's fused kernels into the model (lf.kernels.patch)
     cpu_allocator: CpuAllocator = "tuned"  # glibc's malloc settings when training on the CPU
     enable_liger_kernel: bool = False  # LLaMA-Factory's switch: maps onto lf's kernels, and says so
+    use_unsloth: bool = False  # LLaMA-Factory's switch for Unsloth's patched training: maps onto lf's kernels too
+    use_unsloth_gc: bool = False  # offloaded gradient checkpointing: layer inputs wait in CPU memory (on accelerators)
     # None: off on the CPU when the activations it would save fit in a tenth of the available memory, else on
     disable_gradient_checkpointing: bool | None = None
     # checkpoint one decoder layer in k (1: every layer): more speed for more memory

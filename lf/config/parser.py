@@ -265,23 +265,23 @@ class Unsupported:
     fix: str = "remove the key"
 
 
+FP8_FIX = ("remove the key: FP8 training needs an NVIDIA GPU with FP8 tensor cores (Ada or Hopper, e.g. H100) and "
+           "TransformerEngine or torchao, which lf has not been built and tested on")
 UNSUPPORTED = types.MappingProxyType({
     # model
-    "use_unsloth": Unsupported("Unsloth's patched training", fix="remove the key (lf's fused kernels are on)"),
-    "use_unsloth_gc": Unsupported("Unsloth's gradient checkpointing"),
-    "shift_attn": Unsupported("LongLoRA's shifted sparse attention"),
-    "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,)),
-    "moe_aux_loss_coef": Unsupported("a mixture-of-experts router loss", (None,)),
-    "use_kt": Unsupported("KTransformers"),
+    "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,),
+                                     "remove it: mixture-of-depth 1.2.0, the package LLaMA-Factory converts models "
+                                     "with, does not import beside transformers 5 (it imports TRANSFORMERS_CACHE, "
+                                     "which transformers 5 removed) and calls decoder layers with transformers 4's "
+                                     "arguments"),
+    "use_kt": Unsupported("KTransformers", fix="remove the key: KTransformers' kernels need a CUDA GPU (beside an "
+                                              "AMX or AVX-512 CPU), which lf has not been built and tested on"),
     "adapter_folder": Unsupported("adapters from a folder", (None,), "name them in adapter_name_or_path"),
     "offload_folder": Unsupported("offloading weights to disk", None),
     "ms_hub_token": Unsupported("the ModelScope hub", (None,)),
     "om_hub_token": Unsupported("the Modelers hub", (None,)),
-    "new_special_tokens_config": Unsupported("described special tokens", (None,), "use add_special_tokens"),
-    "init_special_tokens": Unsupported("initializing special tokens from descriptions", ("noise_init",)),
-    "fp8": Unsupported("FP8 training"),
-    "fp8_backend": Unsupported("FP8 training", None),
-    "fp8_enable_fsdp_float8_all_gather": Unsupported("FP8 training"),
+    **{key: Unsupported("FP8 training", inert, FP8_FIX) for key, inert in
+       (("fp8", (False,)), ("fp8_backend", None), ("fp8_enable_fsdp_float8_all_gather", (False,)))},
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     # export: lf export's own keys (lf/config/export.py) are read there; lf train refuses them (see _split)
@@ -295,15 +295,20 @@ UNSUPPORTED = types.MappingProxyType({
                                      "as qwen2_vl or llava, are what train on images)"),
     "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
-    "use_swanlab": Unsupported("SwanLab tracking"),
-    **{key: Unsupported("SwanLab tracking", None) for key in
-       ("swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
-        "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
-    "use_mca": Unsupported("Megatron-Core training"),
+    "use_mca": Unsupported("Megatron-Core training", fix="remove the key: Megatron-Core (mcore_adapter) trains on "
+                                                         "NVIDIA GPUs over NCCL, which lf has not been built and "
+                                                         "tested on"),
+    "use_asft_loss": Unsupported("ASFT's loss (DFT's plus asft_alpha times the KL divergence from a reference "
+                                 "model's whole next-token distribution)",
+                                 fix="not built yet: it needs a fused KL against a second model's logits; "
+                                     "use_dft_loss is its first term"),
+    "asft_alpha": Unsupported("ASFT's loss", None),
     # data
-    "eval_num_beams": Unsupported("generation at evaluation", (None,)),
+    "eval_num_beams": Unsupported("beam search at evaluation", (None,),
+                                  "set num_beams, the beams lf's do_predict searches (LLaMA-Factory 0.9.5 hands "
+                                  "eval_num_beams to transformers' generation_num_beams, which its own num_beams, "
+                                  "always passed, overrides)"),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),
-    "data_shared_file_system": Unsupported("a dataset cache shared across nodes"),
     # training
     "ray_run_name": Unsupported("Ray training", (None,)),
     "ray_num_workers": Unsupported("Ray training", (1,)),
@@ -596,6 +601,10 @@ class InferConfig:
     raw: dict
 
 
+# model keys that change the training forward only (the model's own code runs at inference): refused there
+TRAINING_ONLY_MODEL_KEYS = {"shift_attn": "LongLoRA's shifted sparse attention"}
+
+
 def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
     """An InferConfig for `lf <command>` (chat, api, export, eval, webchat) from a YAML and overrides like
     `lf train`'s (steps 1-4 of the module docstring), or a ConfigError naming every key to fix. Training keys
@@ -608,6 +617,10 @@ def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
     if command != "export":
         values = _drop_export_keys(values, where, problems, command)
     groups = _split(values, where, problems, infer=True)
+    for key, what in TRAINING_ONLY_MODEL_KEYS.items():
+        if groups["model"].get(key):
+            problems.append(f"{key}: true ({where[key]}) asks for {what}, which only training runs (lf {command} "
+                            f"trains nothing; the model attends over whole sequences): remove it")
     for key in groups.pop("training"):
         problems.append(f"{key} ({where[key]}) is a training key: lf {command} uses a trained model and trains "
                         f"nothing; remove it (model_name_or_path, adapter_name_or_path, template and the "

@@ -12,6 +12,7 @@ typed with a Literal (its choices, declared once on the field) gets a rule namin
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -173,6 +174,10 @@ RANGES = types.MappingProxyType({
     "buffer_size": ("data", AT_LEAST_1, "the examples a stream is shuffled among"),
     "lora_rank": ("finetuning", AT_LEAST_1, "the adapters' rank (8 to 64 is usual)"),
     "lora_alpha": ("finetuning", POSITIVE, "the adapters' scale, over the rank (remove it: 2 x lora_rank)"),
+    "moe_aux_loss_coef": ("model", AT_LEAST_0, "the weight of a mixture-of-experts router's load-balancing loss (0.001 "
+                                               "is usual; 0: none)"),
+    "eaft_alpha": ("finetuning", AT_LEAST_0, "the power of EAFT's entropy weight (1.0 is LLaMA-Factory's; 0: plain "
+                                             "cross-entropy)"),
     "lora_dropout": ("finetuning", FRACTION, "the chance an adapter input is dropped in training (e.g. 0.05; 0: none)"),
     "oft_rank": ("finetuning", AT_LEAST_0, "OFT's blocks per layer (0: sized by oft_block_size instead)"),
     "oft_block_size": ("finetuning", AT_LEAST_0, "the size of OFT's blocks (32 is LLaMA-Factory's; 0: counted by "
@@ -325,6 +330,12 @@ def _stage(cfg, field: str) -> bool:
     return stage is not None and bool(getattr(stage, field))
 
 
+def _packs(cfg) -> bool:
+    """Whether the data will be packed (packing left unset packs where the stage does by default)."""
+    packing = cfg.data.packing if cfg.data.packing is not None else _stage(cfg, "packs_by_default")
+    return bool(packing or cfg.data.neat_packing)
+
+
 def _given_stage_keys(cfg) -> list[str]:
     """The stage-specific keys (lf.stages' `keys`) given away from their defaults."""
     defaults = type(cfg.finetuning)()
@@ -349,11 +360,12 @@ def _stray_message(cfg) -> str:
             f"set stage: {wanted[0]}, or remove them")
 
 
-def _missing_trackers(t) -> list[str]:
-    import importlib.util
+def _trackers(t) -> list[str]:
+    return [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
 
-    wanted = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
-    return [name for name in wanted if name in TRACKERS
+
+def _missing_trackers(t) -> list[str]:
+    return [name for name in _trackers(t) if name in TRACKERS
             and not any(importlib.util.find_spec(package) for package in TRACKERS[name])]
 
 
@@ -495,16 +507,38 @@ RULES: tuple[Rule, ...] = (
     Rule("mm_proj_only_needs_full", lambda c: c.finetuning.train_mm_proj_only and c.finetuning.finetuning_type != "full",
          "train_mm_proj_only: true trains the multimodal projector alone, in full, but finetuning_type is "
          "{f.finetuning_type}: set finetuning_type: full, or use freeze_multi_modal_projector: false beside LoRA"),
-    Rule("liger_or_lf_kernels", lambda c: c.model.enable_liger_kernel and not c.model.use_lf_kernels,
-         "enable_liger_kernel: true asks for fused kernels, which lf answers with its own, but use_lf_kernels: "
-         "false turns them off: remove one of the two"),
+    *(Rule(f"{key}_or_lf_kernels", lambda c, key=key: getattr(c.model, key) and not c.model.use_lf_kernels,
+           f"{key}: true asks for {name}'s fused kernels, which lf answers with its own, but use_lf_kernels: false "
+           f"turns them off: remove one of the two")
+      for key, name in (("enable_liger_kernel", "Liger"), ("use_unsloth", "Unsloth"))),
+    Rule("unsloth_gc_needs_checkpointing",
+         lambda c: c.model.use_unsloth_gc and c.model.disable_gradient_checkpointing is True,
+         "use_unsloth_gc: true offloads the inputs gradient checkpointing keeps, but disable_gradient_checkpointing: "
+         "true turns checkpointing off: remove one of the two"),
+    Rule("descriptions_for_init", lambda c: str(c.model.init_special_tokens).startswith("desc_init")
+         and not c.model.new_special_tokens_config,
+         "init_special_tokens: {m.init_special_tokens} starts new tokens from their descriptions, but there are none: "
+         "set new_special_tokens_config (a YAML mapping each new token to its description), or remove "
+         "init_special_tokens"),
+    Rule("special_tokens_once", lambda c: bool(c.model.new_special_tokens_config and c.model.add_special_tokens),
+         "new_special_tokens_config and add_special_tokens both name special tokens to add: keep one (the config's "
+         "tokens are its keys)"),
+    Rule("shift_attn_not_packed", lambda c: c.model.shift_attn and _packs(c),
+         "shift_attn: true cuts each row into 4 groups of its tokens, which would mix a packed row's examples: set "
+         "packing: false (and neat_packing: false), or remove shift_attn"),
+    Rule("shift_attn_not_in_ppo", lambda c: c.model.shift_attn and c.finetuning.stage == "ppo",
+         "shift_attn: true is for the training forward, but ppo also generates with the model in training: remove "
+         "shift_attn (LLaMA-Factory refuses it with ppo too)"),
     Rule("accuracy_needs_evaluation", lambda c: c.finetuning.compute_accuracy and not _evaluates(c.training),
          "compute_accuracy: true measures token accuracy at evaluation, but evaluation is off: set do_eval: true "
          "with val_size or eval_dataset (and eval_strategy: steps to measure during training), or remove "
          "compute_accuracy"),
-    Rule("dft_needs_lf_kernels", lambda c: c.finetuning.use_dft_loss and not c.model.use_lf_kernels,
-         "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
-         "remove one of the two"),
+    *(Rule(f"{name}_needs_lf_kernels", lambda c, name=name: getattr(c.finetuning, f"use_{name}_loss")
+           and not c.model.use_lf_kernels,
+           f"use_{name}_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
+           f"remove one of the two") for name in ("dft", "eaft")),
+    Rule("one_token_weighting", lambda c: c.finetuning.use_dft_loss and c.finetuning.use_eaft_loss,
+         "use_dft_loss and use_eaft_loss both weight each token's loss, differently: keep one"),
     Rule("pure_bf16_without_amp", lambda c: c.finetuning.pure_bf16 and (c.training.bf16 or c.training.fp16),
          lambda c: f"pure_bf16: true trains the bf16 weights as they are, without autocast, but "
                    f"{'bf16' if c.training.bf16 else 'fp16'}: true turns autocast on: remove one of the two"),
@@ -526,6 +560,12 @@ RULES: tuple[Rule, ...] = (
     Rule("report_to_installed", lambda c: bool(_missing_trackers(c.training)),
          lambda c: f"report_to: {', '.join(_missing_trackers(c.training))} needs its package: pip install "
                    f"{' '.join(TRACKERS[n][0] for n in _missing_trackers(c.training))} (or remove it from report_to)"),
+    Rule("swanlab_installed", lambda c: c.finetuning.use_swanlab and importlib.util.find_spec("swanlab") is None,
+         "use_swanlab: true tracks the run with SwanLab, which is not installed: pip install 'lf[swanlab]' (or "
+         "remove use_swanlab)"),
+    Rule("swanlab_once", lambda c: c.finetuning.use_swanlab and "swanlab" in _trackers(c.training),
+         "use_swanlab: true and report_to: swanlab would both log the run to SwanLab: keep one (use_swanlab reads the "
+         "swanlab_* keys)"),
     Rule("streaming_val_size", lambda c: c.data.streaming and 0 < c.data.val_size < 1,
          "val_size: {d.val_size} is a fraction, but a stream's length is unknown: give a count of rows with "
          "streaming (e.g. val_size: 1000)"),

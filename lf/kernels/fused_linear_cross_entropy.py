@@ -105,11 +105,26 @@ def _matmuls_for(weight: torch.Tensor, bias: torch.Tensor | None) -> _Matmuls:
     return (_Fp32Blocks if matmul_in_fp32(weight) else _Matmuls)(weight, bias)
 
 
-def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, scale, row_weight, chunk,
-           need_hidden, need_weight, need_bias):
+# EAFT's entropy: over the softmax of a token's EAFT_TOP_K largest logits, divided by EAFT_ENTROPY_SCALE (about
+# log(20), its largest value), as LLaMA-Factory 0.9.5 defines it
+EAFT_TOP_K, EAFT_ENTROPY_SCALE = 20, 3.0
+
+
+def _eaft_weights(logits: torch.Tensor, softcap: float, alpha: float) -> torch.Tensor:
+    """Each row's EAFT weight, (entropy of its top logits / EAFT_ENTROPY_SCALE) ** alpha, in fp32."""
+    top = logits.topk(min(EAFT_TOP_K, logits.shape[-1]), dim=-1).values.float()
+    if softcap:  # the capped logits' order is the raw ones'
+        top = softcap * torch.tanh(top / softcap)
+    logp = top.log_softmax(-1)
+    return (-(logp.exp() * logp).sum(-1) / EAFT_ENTROPY_SCALE) ** alpha
+
+
+def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, scale, row_weight,
+           chunk, need_hidden, need_weight, need_bias):
     """One pass over the tokens in chunks: per-token fp32 losses and, as asked, the gradients of hidden,
     weight and bias, each token's gradient scaled by ``scale`` (and by ``row_weight`` when given). ``dft``: each
-    token's loss and gradient times exp(-its loss), its probability, as a constant (DFT)."""
+    token's loss and gradient times exp(-its loss), its probability, as a constant (DFT). ``eaft`` (alpha; 0: off):
+    times the entropy weight of _eaft_weights, a constant too (EAFT)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     valid = labels != ignore_index
     kept = None if bool(valid.all()) else valid.nonzero()[:, 0]  # ignored tokens take no part
@@ -132,9 +147,11 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
         y = labels[begin:end] if rows is None else labels.index_select(0, rows)
         z = logits[: end - begin]
         matmuls.logits(h, z)
+        factor = _eaft_weights(z, softcap, eaft) if eaft else None  # before z turns into the gradient
         loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
-        factor = torch.exp(-loss) if dft else None  # the token's probability (DFT's weight)
         if dft:
+            factor = torch.exp(-loss)  # the token's probability (DFT's weight)
+        if factor is not None:
             loss = loss * factor
         if rows is None:
             losses[begin:end] = loss
@@ -161,14 +178,14 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
 
 @torch.library.custom_op("lf::fused_linear_cross_entropy", mutates_args=())
 def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-          ignore_index: int, smoothing: float, softcap: float, z_loss: float, dft: bool, reduction: int,
+          ignore_index: int, smoothing: float, softcap: float, z_loss: float, dft: bool, eaft: float, reduction: int,
           num_items: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], chunk: int, need_hidden: bool,
           need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = []
 
     def rows(scale):
-        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, scale,
-                                row_weight, chunk, need_hidden, need_weight, need_bias)
+        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft,
+                                scale, row_weight, chunk, need_hidden, need_weight, need_bias)
         grads.extend(found)
         return losses
 
@@ -178,8 +195,8 @@ def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 @_flce.register_fake
-def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, reduction, num_items, row_weight,
-      chunk, need_hidden, need_weight, need_bias):
+def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, reduction, num_items,
+      row_weight, chunk, need_hidden, need_weight, need_bias):
     return (fake_loss(hidden.shape[0], reduction, hidden),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
@@ -188,10 +205,10 @@ def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, df
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, reduction, num_items,
-                chunk):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, reduction,
+                num_items, chunk):
         need = tuple(ctx.needs_input_grad[:3])
-        options = (ignore_index, smoothing, softcap, z_loss, dft)
+        options = (ignore_index, smoothing, softcap, z_loss, dft, eaft)
         ctx.options, ctx.chunk, ctx.need, ctx.per_row = options, chunk, need, reduction == NONE
         # Per-token losses: a token's hidden gradient is its incoming gradient times the one computed here, but the
         # weight's and bias's sum over tokens, so those are computed in backward (a frozen head, as under LoRA, is
@@ -216,14 +233,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grads = scale_saved_grads(ctx, grad_out, per_row=ctx.per_row)
         grads = [g if wanted else None for g, wanted in zip(grads, ctx.need)]
-        return *grads, *[None] * 9
+        return *grads, *[None] * 10
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                                z_loss: float = 0.0, num_items_in_batch=None,
-                               chunk_size: int | None = None, dft: bool = False) -> torch.Tensor:
+                               chunk_size: int | None = None, dft: bool = False, eaft: float = 0.0) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
 
     ``hidden`` is (..., H), ``weight`` (V, H) as ``nn.Linear`` stores it, ``labels`` (...) already aligned
@@ -231,7 +248,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     :func:`lf.kernels.cross_entropy`'s, with the same meaning (float32 loss; ``num_items_in_batch`` as in
     transformers; a batch without label tokens gives loss 0 and zero gradients, not NaN). ``dft``: Dynamic
     Fine-Tuning's loss (LLaMA-Factory's use_dft_loss): each token's loss times its probability exp(-loss), a
-    constant to the gradient (so each token's gradient is scaled by it too), reduced as asked.
+    constant to the gradient (so each token's gradient is scaled by it too), reduced as asked. ``eaft`` (alpha;
+    0: off): Entropy-Adaptive Fine-Tuning's loss (LLaMA-Factory's use_eaft_loss, eaft_alpha): each token's loss
+    times (H / 3) ** alpha, H the entropy of the softmax of its 20 largest logits, a constant as DFT's weight.
 
     Memory: beyond the gradients themselves (of hidden, weight and bias, which the forward pass computes and
     the backward pass scales by the incoming gradient), one chunk of ``chunk_size`` tokens' logits exists at a
@@ -260,12 +279,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if bias is not None and bias.shape != weight.shape[:1]:
         _checks.fail(op, f"`bias` {tuple(bias.shape)} must be ({weight.shape[0]},), one per vocabulary entry")
     check_labels_match(op, labels, "hidden", hidden, "hidden")
+    if dft and eaft:
+        _checks.fail(op, "dft and eaft weight each token's loss differently: pass one of them")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
     rows = hidden.reshape(-1, hidden.shape[-1])
     logits_size = 4 if matmul_in_fp32(weight) else hidden.element_size()
     chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], logits_size)
     loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index,
-                                                 float(label_smoothing), cap, float(z_loss), bool(dft), reduction_code,
-                                                 num_items, chunk)
+                                                 float(label_smoothing), cap, float(z_loss), bool(dft), float(eaft),
+                                                 reduction_code, num_items, chunk)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss

@@ -20,8 +20,9 @@ says why. Adding a family is one entry there. The kinds:
 - ``fused_linear_cross_entropy``: in training with labels, the causal LM's loss comes from
   :func:`fused_linear_cross_entropy` on the hidden states and no logits exist (``output.logits`` is None; a
   family that scales its logits, Granite, Cohere, Falcon-H1, has the hidden states scaled instead);
-  otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs; the keyword ``lf_dft_loss=True``
-  makes the fused loss DFT's (each token's loss weighted by its detached probability);
+  otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs; the keyword
+  ``lf_token_weights`` (``{"dft": True}`` or ``{"eaft": alpha}``) weights each token's fused loss by DFT's or
+  EAFT's detached weight;
 - ``cross_entropy`` (off unless asked): reported, not patched: the loss already needs no logits;
 - ``packed_attention``: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which
   runs neat-packed rows example by example and leaves every other batch to SDPA;
@@ -52,6 +53,7 @@ import importlib
 import inspect
 import logging
 import operator
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -341,7 +343,9 @@ def _rope_keeping_dtype(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
-DFT_LOSS = "lf_dft_loss"  # a forward keyword: the fused loss is DFT's (lf.train.trainer passes it for use_dft_loss)
+# a forward keyword: fused_linear_cross_entropy's dft/eaft options (lf.train.trainer passes them for use_dft_loss
+# and use_eaft_loss)
+TOKEN_WEIGHTS = "lf_token_weights"
 _ROPE_FORWARDS: dict[type, Callable] = {}  # attention class -> its forward reading lf's RoPE
 
 
@@ -373,12 +377,12 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
                      skip_logits=skip_logits)
         named.update(zip(list(inspect.signature(self._lf_hf_forward).parameters)[1:], args))
         return _causal_lm_forward(self, input_ids, **named, **kwargs)
-    dft = kwargs.pop(DFT_LOSS, False)
+    weights = kwargs.pop(TOKEN_WEIGHTS, None) or {}
     if skip_logits is None:
         skip_logits = self.training and labels is not None
     if not skip_logits or type(self.lm_head) is not nn.Linear:  # e.g. an adapter on the head: HF's path
-        if dft:
-            raise KernelInputError(f"{DFT_LOSS}=True needs lf's fused loss, which this forward cannot take (logits "
+        if weights:
+            raise KernelInputError(f"{TOKEN_WEIGHTS}={weights} needs lf's fused loss, which this forward cannot take (logits "
                                    f"asked for, or an lm_head that is not a plain nn.Linear, e.g. with an adapter)")
         return self._lf_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
@@ -388,6 +392,10 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
                                "compute")
     return_dict = kwargs.pop("return_dict", None)
     shift_labels = kwargs.pop("shift_labels", None)
+    router = kwargs.pop("output_router_logits", None)
+    router = getattr(self.config, "output_router_logits", False) if router is None else router
+    if router:  # a MoE model's load-balancing loss joins the loss, as in HF's forward (moe_aux_loss_coef)
+        kwargs["output_router_logits"] = True
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs.last_hidden_state
@@ -401,12 +409,30 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
                                       bias=self.lm_head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
                                       softcap=getattr(self.config.get_text_config(), "final_logit_softcapping", None),
-                                      dft=dft)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+                                      **weights)
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    if router:
+        aux = _router_loss(self, outputs.router_logits, attention_mask)
+        out = MoeCausalLMOutputWithPast(loss=loss + self.router_aux_loss_coef * aux.to(loss.device), aux_loss=aux,
+                                        logits=None, past_key_values=outputs.past_key_values,
+                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                        router_logits=outputs.router_logits)
+    else:
+        out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out.to_tuple() if return_dict is False else out
+
+
+def _router_loss(model: nn.Module, router_logits, attention_mask) -> torch.Tensor:
+    """The family's own load-balancing loss of its routers' logits (its modeling file's load_balancing_loss_func,
+    with the expert counts HF's forward passes)."""
+    loss_of = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if loss_of is None or not hasattr(model, "num_experts_per_tok"):
+        raise KernelInputError(f"output_router_logits: {type(model).__name__} has no router load-balancing loss that "
+                               f"lf's fused loss can add: set output_router_logits (moe_aux_loss_coef) off, or "
+                               f"use_lf_kernels: false")
+    return loss_of(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def fused_loss_on(model: nn.Module) -> bool:

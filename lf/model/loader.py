@@ -17,8 +17,9 @@ import torch
 from lf import device as accelerator
 from lf import stages
 from lf.errors import ModelError
+from lf.model import longlora, offloaded_checkpoint, special_tokens
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
-from lf.model.options import apply_rope_scaling, choose_attention, choose_dtype
+from lf.model.options import apply_moe_aux_loss, apply_rope_scaling, choose_attention, choose_dtype
 from lf.model.paths import download_error, resolve_model_path
 from lf.model.quantization import is_quantized, quantization
 
@@ -54,6 +55,8 @@ def load_tokenizer(model_args):
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     special = split_names(model_args.add_special_tokens) + split_names(model_args.new_special_tokens)
+    if model_args.new_special_tokens_config:
+        special += list(special_tokens.read_descriptions(model_args.new_special_tokens_config))
     for tokens, is_special in ((split_names(model_args.add_tokens), False), (special, True)):
         if tokens:
             added = tokenizer.add_tokens(tokens, special_tokens=is_special)
@@ -80,6 +83,7 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     rope = apply_rope_scaling(config, model_args.rope_scaling, cutoff_len)
+    moe = apply_moe_aux_loss(config, model_args.moe_aux_loss_coef) if is_trainable else None
     dtype, dtype_line = choose_dtype(model_args.infer_dtype, getattr(finetuning_args, "pure_bf16", False))
     attention, attention_line = choose_attention(model_args.flash_attn, dtype)
     quant = quantization(model_args, finetuning_args, config, dtype, is_trainable=is_trainable)
@@ -90,8 +94,8 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     quantization_line = quant.after_load(model) if quant.after_load else quant.line
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
-             dtype_line, attention_line] + [line for line in (rope, quantization_line) if line]
-    lines += _fit_embeddings(model, tokenizer, model_args.resize_vocab)
+             dtype_line, attention_line] + [line for line in (rope, moe, quantization_line) if line]
+    lines += _fit_embeddings(model, tokenizer, model_args)
     upcast_norms = is_trainable and model_args.upcast_layernorm and dtype != torch.float32
     if is_trainable:
         lines += _prepare_training(model, model_args, finetuning_args, upcast_norms, tokens_per_step)
@@ -100,6 +104,8 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     model, adapter_lines = attach(model, model_args, finetuning_args, is_trainable=is_trainable)
     lines += adapter_lines
     lines += _patch_kernels(model, model_args, upcast_norms)  # after the adapters: QLoRA's layers are patched too
+    if is_trainable and model_args.shift_attn:  # around the attention lf's kernels chose
+        lines.append(longlora.apply(model))
     lines.append(parameter_summary(model))
     model.train(is_trainable)
     if model_args.print_param_status:
@@ -165,9 +171,19 @@ def _rows(model) -> int:
     return getattr(weight, "ds_shape", weight.shape)[0]
 
 
-def _fit_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
-    """Grows the embeddings to the tokenizer with resize_vocab (new rows start at the mean of the old ones);
-    without it a tokenizer larger than the embeddings is an error (its new tokens would index past them)."""
+def _fit_embeddings(model, tokenizer, model_args) -> list[str]:
+    """Grows the embeddings to the tokenizer with resize_vocab (new rows start at the mean of the old ones, or from
+    their descriptions: init_special_tokens); without it a tokenizer larger than the embeddings is an error (its new
+    tokens would index past them)."""
+    lines = _resize_embeddings(model, tokenizer, model_args.resize_vocab)
+    if model_args.init_special_tokens != "noise_init":
+        lines.append(special_tokens.init_from_descriptions(
+            model, tokenizer, special_tokens.read_descriptions(model_args.new_special_tokens_config),
+            noise=model_args.init_special_tokens == "desc_init_w_noise"))
+    return lines
+
+
+def _resize_embeddings(model, tokenizer, resize_vocab: bool) -> list[str]:
     rows = _rows(model)
     size = len(tokenizer)
     if size <= rows:
@@ -202,6 +218,10 @@ def _prepare_training(model, model_args, finetuning_args, upcast_norms: bool, to
             model.enable_input_require_grads()
         lines.append(f"gradient checkpointing on (use_reentrant={model_args.use_reentrant_gc})"
                      + _checkpoint_every(model, model_args.gradient_checkpointing_every))
+        if model_args.use_unsloth_gc:
+            offloaded_checkpoint.apply(model)
+    if model_args.use_unsloth_gc:
+        lines.append(_offload_line())
     if upcast_norms:
         for module in model.modules():
             if "norm" in type(module).__name__.lower():
@@ -211,6 +231,15 @@ def _prepare_training(model, model_args, finetuning_args, upcast_norms: bool, to
         model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: output.float())
         lines.append("upcast_lmhead_output: logits in float32 (the training loss of lf's fused head is fp32 anyway)")
     return lines
+
+
+def _offload_line() -> str:
+    kind = accelerator.current().kind
+    if kind == "cpu":
+        return ("use_unsloth_gc: training on the CPU, where the activations already are: nothing to offload (plain "
+                "gradient checkpointing where it is on)")
+    return (f"use_unsloth_gc: each checkpointed layer keeps its input in CPU memory, not the {kind} device's, until "
+            f"the backward pass (offloaded gradient checkpointing)")
 
 
 # Activations a decoder layer keeps per token without checkpointing, in elements: 6 of the hidden size (the
@@ -261,11 +290,12 @@ def _checkpoint_every(model, every: int) -> str:
 
 
 def _patch_kernels(model, model_args, upcast_norms: bool) -> list[str]:
-    if not (model_args.use_lf_kernels or model_args.enable_liger_kernel):
+    if not model_args.use_lf_kernels:
         return ["lf kernels off (use_lf_kernels: false): the model runs transformers' own code"]
     from lf.kernels import patch
 
-    lines = ["enable_liger_kernel: lf's own fused kernels take Liger's place"] if model_args.enable_liger_kernel else []
+    lines = [f"{key}: lf's own fused kernels take {name}'s place" for key, name in
+             (("enable_liger_kernel", "Liger"), ("use_unsloth", "Unsloth")) if getattr(model_args, key)]
     # lf's rms_norm takes the weight in the input's dtype; float32 norms in a 16-bit model stay transformers'
     patch(model, rms_norm=not upcast_norms)  # logs its own report: what was patched, what not and why
     if upcast_norms:

@@ -1,5 +1,5 @@
-"""How the weights are loaded: dtype, attention implementation and RoPE scaling, each decided from the arguments
-and the machine, and returned with its reason in plain words."""
+"""How the weights are loaded: dtype, attention implementation, RoPE scaling and a MoE router's loss, each decided
+from the arguments and the machine, and returned with its reason in plain words."""
 
 from __future__ import annotations
 
@@ -108,3 +108,17 @@ def apply_rope_scaling(config, rope_scaling: str | None, cutoff_len: int | None)
         config.max_position_embeddings = int(trained * factor)
     return (f"rope_scaling {rope_scaling}, factor {factor:g} ({why}); max_position_embeddings "
             f"{config.max_position_embeddings}")
+
+
+def apply_moe_aux_loss(config, coef: float | None) -> str | None:
+    """Adds the router's load-balancing loss, `coef` times, to a mixture-of-experts model's training loss, as
+    transformers computes it (in place: its config's router_aux_loss_coef and output_router_logits, which
+    LLaMA-Factory sets); None when coef is unset or 0 (LLaMA-Factory's no-op too)."""
+    if not coef:
+        return None
+    if not hasattr(config, "router_aux_loss_coef") or hasattr(config, "vision_config"):
+        raise ModelError(f"moe_aux_loss_coef: model_type {config.model_type!r} has no router load-balancing loss in "
+                         f"transformers (no router_aux_loss_coef in its config; lf adds it to text MoE models "
+                         f"only): remove moe_aux_loss_coef")
+    config.router_aux_loss_coef, config.output_router_logits = coef, True
+    return f"moe_aux_loss_coef: the router's load-balancing loss, {coef:g} times, is added to the training loss"

@@ -50,6 +50,7 @@ from lf.errors import TrainError
 from lf.model.quantization import is_quantized
 from lf.train import ppo_math as pm
 from lf.train.callbacks import LOG_FILE, _duration, _keep_until
+from lf.train.tracking import finish_swanlab, swanlab_callback
 from lf.train.checkpoints import STAGING
 from lf.train.plot import plot_loss
 from lf.train.predict import generation_kwargs
@@ -429,7 +430,11 @@ def run_ppo(cfg, callbacks=()) -> dict:
     ppo = PPO(cfg, parts, scorer, reference)
     log.info("ppo: %d prompts, %d rollouts a step, %d epochs over them; log-probabilities from %s", len(prompts),
              ppo.rollouts, fin.ppo_epochs, "lf's fused linear cross-entropy" if ppo.fused else "the head's logits")
+    if fin.use_swanlab:
+        callbacks = (*callbacks, swanlab_callback(fin))
     history = train(ppo, prompts, parts.resume, callbacks)
+    if fin.use_swanlab:
+        finish_swanlab()
     ppo.save(args.output_dir)
     last = history[-1] if history else {}
     results = {"train_reward": last.get("reward"), "train_loss": last.get("loss"), "train_steps": len(history)}

@@ -18,6 +18,7 @@ from lf.data import collator, fit_template, get_dataset
 from lf.errors import TrainError
 from lf.model import load_mm_processor, load_model, load_tokenizer, pissa
 from lf.train.callbacks import LossGuard, Progress, ReleaseFreedMemory, RunLog
+from lf.train.tracking import finish_swanlab, swanlab_callback
 from lf.train.checkpoints import RUN_CONFIG, last, resume_point
 from lf.train.plot import plot_loss
 
@@ -44,7 +45,7 @@ def prepare(cfg) -> Prepared:
     tokenizer = load_tokenizer(cfg.model)
     template = fit_template(tokenizer, cfg.data)  # the saved tokenizer carries the format this run trains on
     media = load_mm_processor(cfg.model, cfg.data, tokenizer, template)
-    with args.main_process_first(desc="preparing the datasets"):
+    with args.main_process_first(desc="preparing the datasets", local=not cfg.data.data_shared_file_system):
         data = get_dataset(cfg.data, tokenizer=tokenizer, template=template, stage=fin.stage, seed=args.seed,
                            media=media)
     if args.deepspeed:
@@ -93,6 +94,8 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
         from transformers import EarlyStoppingCallback
 
         own.append(EarlyStoppingCallback(early_stopping_patience=fin.early_stopping_steps))
+    if fin.use_swanlab:
+        own.append(swanlab_callback(fin))
     for callback in (RunLog(trainer), LossGuard(trainer), *own, *callbacks):
         trainer.add_callback(callback)
     _use_progress(trainer)
@@ -120,6 +123,8 @@ def train_and_save(trainer, cfg, prepared: Prepared, callbacks=(), perplexity: b
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if fin.use_swanlab:
+        finish_swanlab()
     outputs["log"] = os.path.join(args.output_dir, "trainer_log.jsonl")
     return outputs
 

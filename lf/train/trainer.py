@@ -4,9 +4,10 @@
   previous checkpoints intact);
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
 - GaLore, Adam-mini, Muon and the like (lf.train.optimizers) in place of `optim` when the config turns one on;
-- `use_dft_loss`: in training, the fused loss is DFT's (lf.kernels.fused_linear_cross_entropy's `dft`): each
-  token's cross-entropy weighted by its detached probability; evaluation keeps the plain cross-entropy, so that
-  eval_loss and eval_perplexity mean what they always do;
+- `use_dft_loss`, `use_eaft_loss`: in training, the fused loss is DFT's or EAFT's
+  (lf.kernels.fused_linear_cross_entropy's `dft`, `eaft`): each token's cross-entropy weighted by its detached
+  probability, or by the entropy of its top logits; evaluation keeps the plain cross-entropy, so that eval_loss and
+  eval_perplexity mean what they always do;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
 - logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
@@ -27,9 +28,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lf.data.collator import TOKENS_KEY
 from lf.errors import TrainError
-from lf.kernels.patch import DFT_LOSS, fused_loss_on
+from lf.kernels.patch import TOKEN_WEIGHTS, fused_loss_on
 from lf.train import optimizers
 from lf.train.checkpoints import STAGING
+
+
+def _token_weights(fin) -> tuple[dict, str | None]:
+    """The fused loss's token weighting the config asks for, and the key that asks."""
+    if getattr(fin, "use_dft_loss", False):
+        return {"dft": True}, "use_dft_loss"
+    if getattr(fin, "use_eaft_loss", False):
+        return {"eaft": fin.eaft_alpha}, "use_eaft_loss"
+    return {}, None
 
 
 class LFTrainer(Seq2SeqTrainer):
@@ -38,10 +48,10 @@ class LFTrainer(Seq2SeqTrainer):
         self.finetuning_args = finetuning_args
         if getattr(finetuning_args, "use_badam", False):
             _badam(self)
-        self.dft = getattr(finetuning_args, "use_dft_loss", False)
-        if self.dft and not fused_loss_on(self.model):
-            raise TrainError("use_dft_loss: true weights the tokens inside lf's fused loss, which this model does not "
-                             "run (its family has no lf kernels, or use_lf_kernels is off): remove use_dft_loss")
+        self.token_weights, key = _token_weights(finetuning_args)
+        if self.token_weights and not fused_loss_on(self.model):
+            raise TrainError(f"{key}: true weights the tokens inside lf's fused loss, which this model does not run "
+                             f"(its family has no lf kernels, or use_lf_kernels is off): remove {key}")
         self.media = media  # lf.data.mm_plugins.MMProcessor: saved with the tokenizer
         self.tokens_seen = 0  # real tokens trained on, this process
         self.nonfinite_step = None  # the first step whose loss was nan/inf
@@ -54,8 +64,8 @@ class LFTrainer(Seq2SeqTrainer):
         tokens = inputs.pop(TOKENS_KEY, None)
         if tokens is not None and model.training:
             self.tokens_seen += int(tokens)
-        if self.dft and model.training:
-            inputs = {**inputs, DFT_LOSS: True}
+        if self.token_weights and model.training:
+            inputs = {**inputs, TOKEN_WEIGHTS: self.token_weights}
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
