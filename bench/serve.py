@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench serve") -> 
                      "vs_locked": (cell["tokens"] / cell["wall"]) / (locked_cell["tokens"] / locked_cell["wall"]),
                      "same_replies_as_locked": cell["replies"] == locked_cell["replies"]})
     rows.sort(key=lambda r: (r["clients"], variants.index(r["variant"])))
-    command = "python -m bench serve" + " --quick" * args.quick + " --vllm" * args.vllm
+    command = ("python -m bench serve" + " --quick" * args.quick + " --vllm" * args.vllm
+               + (f" --rounds {args.rounds}" if args.rounds else ""))
     load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     text = "\n".join([f"# `lf api` under concurrent clients: {harness.device_name()}", "", f"`{command}`", "",
                       f"lf-tiny-llama, fp32, {harness.machine_facts()['torch_threads']} torch threads; {REQUESTS} "
