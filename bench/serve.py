@@ -1,16 +1,19 @@
 """``python -m bench serve`` (or ``lf bench serve``): `lf api` under concurrent clients, the HF engine batched
 (lf.serve.batch, API_MAX_BATCH 16) against the same engine locked (API_MAX_BATCH 1: one request at a time, each by
-transformers' generate), both served in this process by lf's own app and uvicorn on loopback.
+transformers' generate), and with `--vllm` the vLLM backend (infer_backend: vllm, max_num_seqs 16, eager), all
+served in this process by lf's own app and uvicorn on loopback.
 
 Per round, 16 greedy chat completions of `--tokens` new tokens (16 different prompts) are sent by 1, 4 or 16
 concurrent clients (closed loop: each sends its share one after another), over HTTP with httpx. The rounds take
-turns, locked then batched, for each client count, `--rounds` times, so that load from other processes falls on
-both. Reported per variant and client count: completion tokens per second (all rounds' tokens / their wall time),
-each request's latency p50 and p95 (from sending it to its last byte), and whether the batched replies equal the
-locked ones (greedy decoding: they must). lf-tiny-llama, fp32, one torch thread (`--threads`).
+turns, locked, batched (then vllm), for each client count, `--rounds` times, so that load from other processes falls
+on all. Reported per variant and client count: completion tokens per second (all rounds' tokens / their wall time),
+each request's latency p50 and p95 (from sending it to its last byte), and whether the replies equal the locked
+ones (greedy decoding: the HF engine's must; vLLM's kernels may round differently). lf-tiny-llama, fp32, one torch
+thread (`--threads`; vLLM's CPU worker gets as many OpenMP threads, VLLM_CPU_OMP_THREADS_BIND).
 
     python -m bench serve            # ~5 minutes on 2 shared cores at load ~12
     python -m bench serve --quick    # 1 round, 16 tokens (smoke; results in scratch/)
+    python -m bench serve --vllm     # from the vLLM venv (README, command 3): vLLM beside the HF engine
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from bench import harness
 NAME = "serve"
 CLIENTS = (1, 4, 16)
 REQUESTS = 16  # per round, whatever the client count
-VARIANTS = {"locked": 1, "batched": 16}  # API_MAX_BATCH
+VARIANTS = {"locked": ("huggingface", 1), "batched": ("huggingface", 16), "vllm": ("vllm", 16)}  # API_MAX_BATCH
+MODEL = {"model_name_or_path": "lf-tiny-llama", "template": "qwen", "infer_dtype": "float32"}
+VLLM = {"vllm_enforce_eager": True, "vllm_maxlen": 2048}  # eager: the CPU build compiles no graphs worth the wait
 PROMPTS = [[{"role": "user", "content": f"Question {i}: " + "tell me more about it. " * (i % 6)}]
            for i in range(REQUESTS)]
 
@@ -87,27 +92,41 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench serve") -> 
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the tiny model's matrices are too small to share, and on a busy "
                         "2-core machine OpenMP threads that wait for each other cost far more than they give)")
+    p.add_argument("--vllm", action="store_true",
+                   help="also the vLLM backend (run from the vLLM venv: README, command 3)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     rounds, tokens = args.rounds or (1 if args.quick else 3), args.tokens or (16 if args.quick else 32)
+    variants = [v for v in VARIANTS if args.vllm or VARIANTS[v][0] != "vllm"]
+    if args.vllm:  # before vLLM is imported: a small KV cache (GiB), and its worker's threads as torch's here
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
 
     from lf.config import parse_infer_args
-    from lf.serve import Engine
+    from lf.errors import ConfigError
+    from lf.serve.backends import open_engine
 
-    cfg = parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen", "infer_dtype": "float32"},
-                           "api")
-    engines = {variant: Engine(cfg, max_batch=size) for variant, size in VARIANTS.items()}
+    def engine(variant: str):
+        backend, size = VARIANTS[variant]
+        options = {**MODEL, "infer_backend": backend, **(VLLM if backend == "vllm" else {})}
+        return open_engine(parse_infer_args(options, "api"), max_batch=size)
+
+    try:
+        engines = {variant: engine(variant) for variant in variants}
+    except ConfigError as exc:  # vLLM not installed here
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
     load_before = os.getloadavg()[0]
-    cells = {(v, c): {"wall": 0.0, "latencies": [], "tokens": 0, "replies": []} for v in VARIANTS for c in CLIENTS}
-    with served(engines["locked"]) as locked, served(engines["batched"]) as batched:
-        bases = {"locked": locked, "batched": batched}
-        for variant in VARIANTS:  # warm-up: a round of 2 tokens a request, untimed
+    cells = {(v, c): {"wall": 0.0, "latencies": [], "tokens": 0, "replies": []} for v in variants for c in CLIENTS}
+    with contextlib.ExitStack() as stack:
+        bases = {variant: stack.enter_context(served(engines[variant])) for variant in variants}
+        for variant in variants:  # warm-up: a round of 2 tokens a request, untimed
             asyncio.run(one_round(bases[variant], REQUESTS, 2))
         for clients in CLIENTS:
             for _ in range(rounds):
-                for variant in VARIANTS:  # taking turns
+                for variant in variants:  # taking turns
                     wall, latencies, replies, count = asyncio.run(one_round(bases[variant], clients, tokens))
                     cell = cells[variant, clients]
                     cell["wall"] += wall
@@ -118,20 +137,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench serve") -> 
     rows = []
     for (variant, clients), cell in cells.items():
         locked_cell = cells["locked", clients]
-        rows.append({"variant": variant, "max_batch": VARIANTS[variant], "clients": clients, "requests": len(
-            cell["latencies"]), "completion_tokens": cell["tokens"], "wall_s": cell["wall"],
+        rows.append({"variant": variant, "backend": VARIANTS[variant][0], "max_batch": VARIANTS[variant][1],
+                     "clients": clients, "requests": len(cell["latencies"]), "completion_tokens": cell["tokens"],
+                     "wall_s": cell["wall"],
                      "tokens_per_s": cell["tokens"] / cell["wall"],
                      "latency_p50_s": percentile(cell["latencies"], 50),
                      "latency_p95_s": percentile(cell["latencies"], 95),
                      "vs_locked": (cell["tokens"] / cell["wall"]) / (locked_cell["tokens"] / locked_cell["wall"]),
                      "same_replies_as_locked": cell["replies"] == locked_cell["replies"]})
-    rows.sort(key=lambda r: (r["clients"], r["max_batch"]))
-    command = "python -m bench serve" + " --quick" * args.quick
+    rows.sort(key=lambda r: (r["clients"], variants.index(r["variant"])))
+    command = ("python -m bench serve" + " --quick" * args.quick + " --vllm" * args.vllm
+               + (f" --rounds {args.rounds}" if args.rounds else ""))
     load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     text = "\n".join([f"# `lf api` under concurrent clients: {harness.device_name()}", "", f"`{command}`", "",
                       f"lf-tiny-llama, fp32, {harness.machine_facts()['torch_threads']} torch threads; {REQUESTS} "
-                      f"greedy requests of {tokens} new tokens a round, {rounds} round(s) per cell, locked and "
-                      f"batched taking turns; {load}.", "", summary(rows)]) + "\n"
+                      f"greedy requests of {tokens} new tokens a round, {rounds} round(s) per cell, "
+                      f"{', '.join(variants)} taking turns; {load}.", "", summary(rows)]) + "\n"
     return harness.finish(NAME, text, command, rows, summary(rows), args.quick)
 
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from lf.serve.app import create_app
+from lf.serve.app import SPARE_CONNECTIONS, create_app
 from test_serve_api import engine, live_server
 from test_serve_engine import QUESTION, lf_home, one_thread, options
 
@@ -104,6 +104,53 @@ def test_a_connection_left_idle_is_closed(engine):
             while chunk := idle.recv(65536):
                 received += chunk
             assert received.startswith(b"HTTP/1.1 200")
+
+
+def test_headers_sent_byte_by_byte_are_closed_as_idle_while_others_are_served(engine):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + b"X-Slow: a" * 40
+    sent, failed = [], []
+
+    def trickle(port: int) -> None:  # a byte every 20 ms: uvicorn used to keep such a connection open for ever
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            try:
+                for byte in head:
+                    slow.sendall(bytes([byte]))
+                    sent.append(time.monotonic())
+                    time.sleep(0.02)
+            except OSError as exc:  # the server closed it: a send fails (reset, or broken pipe)
+                failed.append(exc)
+
+    with live_server(create_app(engine), timeout_keep_alive=1) as base:
+        slow = threading.Thread(target=trickle, args=(int(base.rsplit(":", 1)[1]),))
+        slow.start()
+        completion = httpx.post(base + CHAT, json={"messages": QUESTION, "max_tokens": 3}, timeout=30)
+        assert completion.json()["usage"]["completion_tokens"] == 3  # served while the slow head trickles in
+        slow.join(30)
+    # closed about a second after it opened, long before its head was whole
+    assert failed and len(sent) < len(head) and sent[-1] - sent[0] < 5
+
+
+def test_connections_beyond_slots_queue_and_spare_get_a_503_and_an_endless_head_a_400(engine):
+    app = create_app(engine, max_queue=2)
+    assert app.state.max_connections == 2 + 1 + SPARE_CONNECTIONS
+    with live_server(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        opened = [socket.create_connection(("127.0.0.1", port), timeout=10)
+                  for _ in range(app.state.max_connections)]
+        try:
+            time.sleep(0.2)  # the server accepts them all
+            assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 503
+        finally:
+            for connection in opened:
+                connection.close()
+        deadline = time.monotonic() + 10
+        while (status := httpx.get(f"{base}/v1/models", timeout=10).status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+        # h11 buffers at most 16 KiB of a request head that is not whole yet
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as endless:
+            endless.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000)
+            assert endless.recv(65536).startswith(b"HTTP/1.1 400")
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ it as its endpoint, and a chat model there, chat on a reward model, and bad requ
 
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -42,16 +43,21 @@ def ppo_scorer(rm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(rm):
-    scorer = _engine(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "adapter_name_or_path": rm,
+def scorer(rm):
+    served = _engine(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "adapter_name_or_path": rm,
                                        "template": "qwen", "infer_dtype": "float32"}, "api"))
-    assert not scorer.generates  # `lf api` tells the rm output for a reward model
+    assert not served.generates  # `lf api` tells the rm output for a reward model
+    return served
+
+
+@pytest.fixture(scope="module")
+def url(scorer):
     with live_server(create_app(scorer, model_name="rm")) as base:
         yield f"{base}/v1/score/evaluation"
 
 
-def post(url, body, **options):
-    return httpx.post(url, json=body, timeout=120, **options)
+def post(url, body, timeout=120):
+    return httpx.post(url, json=body, timeout=timeout)
 
 
 def test_served_scores_are_ppos_reward_models_for_the_same_texts(url, ppo_scorer):
@@ -103,6 +109,23 @@ def test_each_route_refuses_the_other_kind_of_model(url):
     assert answer.status_code == 400
     assert "is not a reward model (it has no value head): serve an lf rm run's output" in \
         answer.json()["error"]["message"]
+
+
+def test_a_client_leaving_a_score_request_frees_the_model_after_its_current_batch(url, scorer, monkeypatch):
+    # the route used to score every text of a request whose client had left, holding the model meanwhile
+    batches, score = [], scorer._score
+
+    def slow(sequences):
+        batches.append(len(sequences))
+        time.sleep(0.1)
+        return score(sequences)
+
+    monkeypatch.setattr(scorer, "_score", slow)
+    with pytest.raises(httpx.ReadTimeout):  # 240 texts: 30 batches of 8, 3 s at least
+        post(url, {"model": "m", "messages": TEXTS * 80}, timeout=httpx.Timeout(30, read=0.5))
+    answer = post(url, {"model": "m", "messages": TEXTS})
+    assert answer.status_code == 200 and len(answer.json()["scores"]) == 3
+    assert 1 <= len(batches) - 1 < 15  # the left request's batches stopped (the answered one took one)
 
 
 def test_a_ppo_run_trains_on_lf_apis_scores(url, tmp_path):

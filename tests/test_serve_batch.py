@@ -1,9 +1,12 @@
 """`lf api` over the batched engine (lf.serve.batch, max_batch 16): 16 concurrent greedy clients, streamed and
-whole, get token for token what transformers' generate writes for each alone; stop strings and seeded sampling per
+whole, get token for token what transformers' generate writes for each alone; replies that join a running batch are
+prefilled together, one forward pass for their different prompts; a request's `n` replies are n rows of the batch
+(greedy: n equal choices; sampled with a seed: the same choices again), streamed or not; stop strings and seeded sampling per
 request inside a batch; the sampling filters equal transformers' logits processors; a full queue gets a 429, a body
 over the limit a 413; a client that disconnects frees its slot at once."""
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +21,7 @@ from lf import cli
 from lf.config import parse_infer_args
 from lf.serve import Engine
 from lf.serve.app import create_app
-from lf.serve.batch import processed
+from lf.serve.batch import Row, processed
 from test_serve_api import live_server
 from test_serve_engine import lf_home, one_thread, options, tiny_engine
 
@@ -67,6 +70,74 @@ def test_sixteen_concurrent_greedy_clients_get_what_each_gets_alone(url, locked,
     assert [text for text, _ in replies] == [reply.text for reply in alone]
     assert [count for _, count in replies[::2]] == [reply.completion_tokens for reply in alone[::2]]
     assert batched.batcher.active == 0
+
+
+def forwards(monkeypatch, engine: Engine) -> list[tuple[int, int]]:
+    """The (rows, tokens) shape of every forward pass the engine's model makes from now on."""
+    shapes, forward = [], engine.model.forward
+
+    def recording(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", recording)
+    return shapes
+
+
+def test_joiners_are_prefilled_together_and_merged_into_the_running_batch(batched, locked, monkeypatch):
+    shapes = forwards(monkeypatch, batched)
+    asked = [(0, 12), (5, 6), (2, 9), (5, 6), (7, 8)]  # (question, new tokens): two rows share a prompt
+    replies = [[] for _ in asked]
+    ended = [threading.Event() for _ in asked]
+
+    def row(i: int) -> Row:
+        question, tokens = asked[i]
+        ids = batched.prompt_ids(QUESTIONS[question])
+        return Row(ids, {**batched._generate_kwargs({"temperature": 0, "max_new_tokens": tokens}), "temperature": 1.0,
+                         "top_p": 1.0, "top_k": 0}, None, threading.Event(),
+                   lambda token: replies[i].append(token) or token in batched.stop_ids,
+                   lambda error: ended[i].set())
+
+    with batched._lock:  # the first row is taken and waits for the model; the others queue meanwhile
+        batched.batcher.submit(row(0))
+        deadline = time.monotonic() + 10
+        while batched.batcher.active != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for i in range(1, len(asked)):
+            batched.batcher.submit(row(i))
+    for event in ended:
+        assert event.wait(60)
+    # the first row alone (its prefill, a step), then the 4 joiners' 3 prompts in one pass, then 5 rows a step
+    assert shapes[0][0] == 1 and shapes[1] == (1, 1) and shapes[2][0] == 3 and shapes[3] == (5, 1)
+    alone = [locked.generate(QUESTIONS[q], temperature=0, max_new_tokens=n)[0] for q, n in asked]
+    assert [batched.tokenizer.decode(ids, skip_special_tokens=True) for ids in replies] == [r.text for r in alone]
+
+
+def test_n_replies_are_rows_of_the_batch_streamed_or_not(url, batched, monkeypatch):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    shapes = forwards(monkeypatch, batched)
+    ask = {"model": "any", "messages": QUESTIONS[4], "max_tokens": 10, "n": 3}
+
+    def texts(completion) -> list[str]:
+        assert [c.index for c in completion.choices] == [0, 1, 2]
+        return [c.message.content for c in completion.choices]
+
+    def streamed(**settings) -> list[str]:
+        pieces = ["", "", ""]
+        for chunk in client.chat.completions.create(**ask, **settings, stream=True):
+            for choice in chunk.choices:
+                pieces[choice.index] += choice.delta.content or ""
+        return pieces
+
+    greedy = texts(client.chat.completions.create(**ask, temperature=0))
+    assert shapes[0][0] == 1 and (3, 1) in shapes  # one prefill for the 3 rows, then steps of all 3
+    assert greedy == [batched.generate(QUESTIONS[4], temperature=0, max_new_tokens=10)[0].text] * 3
+    assert streamed(temperature=0) == greedy
+    sampled = texts(client.chat.completions.create(**ask, temperature=1.0, seed=7))
+    assert len(set(sampled)) > 1  # each row draws with its own seed: 7, 8, 9
+    assert texts(client.chat.completions.create(**ask, temperature=1.0, seed=7)) == sampled
+    assert streamed(temperature=1.0, seed=7) == sampled
 
 
 def test_stop_strings_and_seeded_sampling_are_each_requests_own(batched):

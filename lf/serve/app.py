@@ -27,8 +27,10 @@ transformers' generate), the others wait for a slot in arrival order. Endpoints 
 its slot, and for its tokens, on the event loop, holding no thread; the model runs in the engine's worker thread(s),
 so any number of waiting or slow clients leave the server answering. A client
 that disconnects, streaming or not, cancels its request at once (its place in the queue, or its generation at the
-next token). The server closes connections idle for `timeout_keep_alive` seconds (also before a first request),
-and on SIGTERM or Ctrl-C stops taking connections, gives requests in flight SHUTDOWN_GRACE_S seconds, cancels them
+next token); on the score route, after the batch of texts in progress. A request's `n` replies are generated
+together (n rows of the batch), their chunks streamed interleaved. The server closes connections idle for
+`timeout_keep_alive` seconds (also before a first request, and one whose request head is not whole by then:
+slowloris), answers 503 to a request that finds too many connections open (`server`), and on SIGTERM or Ctrl-C stops taking connections, gives requests in flight SHUTDOWN_GRACE_S seconds, cancels them
 and exits.
 """
 
@@ -41,11 +43,13 @@ import math
 import os
 import secrets
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Coroutine
 from typing import Annotated, Literal, TypeVar
 
+import h11
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -69,6 +73,9 @@ R = TypeVar("R", bound=BaseModel)
 
 MAX_N = 128  # choices per request, OpenAI's cap
 RETRY_AFTER_S = 1  # what a 429 tells clients to wait: a turn is often short
+# Connections beyond the model's slots and queue (idle keep-alive ones, requests refused or being read) before
+# uvicorn answers 503: room for clients' pools, well under a process's usual 1024 open files.
+SPARE_CONNECTIONS = 64
 # A fault of the server, to its client: the exception's text may name local paths or internals, so it goes to the log
 SERVER_FAULT = "the server failed on this request (its log says why): retry, or report it if it persists"
 
@@ -167,6 +174,7 @@ def create_app(engine: Engine | Scorer, api_key: str | None = None, *, model_nam
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's, and routing's 404 and 405
     app.add_exception_handler(Exception, _server_error)
     turns = _Turns(max_queue, getattr(engine, "max_batch", 1))
+    app.state.max_connections = max_queue + turns.slots + SPARE_CONNECTIONS
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -208,8 +216,14 @@ def create_app(engine: Engine | Scorer, api_key: str | None = None, *, model_nam
             sequences = await run_in_threadpool(engine.encode, score.messages, score.max_length)
         except RequestError as exc:
             raise HTTPException(400, str(exc)) from None
-        async with turns.enter([]):  # the model's turn, as generating requests take it
-            scores = await run_in_threadpool(engine.scores, sequences)
+        job, cancel = turns.enter([]), threading.Event()
+        try:
+            scores = await _unless_disconnected(request, _scores(job, engine, sequences, cancel))
+        finally:  # also when the client left: no more of its texts go through the model
+            cancel.set()
+            job.close()
+        if scores is None:
+            return Response()  # the client left: nobody reads this
         return JSONResponse({"id": f"scoreval-{uuid.uuid4().hex}", "object": "score.evaluation", "model": score.model,
                              "scores": scores})
 
@@ -218,8 +232,12 @@ def create_app(engine: Engine | Scorer, api_key: str | None = None, *, model_nam
 
 def server(app, host: str, port: int, **options) -> uvicorn.Server:
     """The uvicorn server of `lf api` for `app`: idle connections closed after KEEP_ALIVE_S (also before a first
-    request), SHUTDOWN_GRACE_S for requests in flight on SIGTERM / Ctrl-C. `options`: more uvicorn.Config ones."""
-    options = {"timeout_keep_alive": KEEP_ALIVE_S, "timeout_graceful_shutdown": SHUTDOWN_GRACE_S, **options}
+    request, and one whose request head is not whole by then), SHUTDOWN_GRACE_S for requests in flight on SIGTERM /
+    Ctrl-C, and a request that finds app.state.max_connections connections open (its slots, its queue and
+    SPARE_CONNECTIONS more) answered 503 by uvicorn (limit_concurrency), so that a flood of connections cannot
+    exhaust the process's files. `options`: more uvicorn.Config ones."""
+    options = {"timeout_keep_alive": KEEP_ALIVE_S, "timeout_graceful_shutdown": SHUTDOWN_GRACE_S,
+               "limit_concurrency": app.state.max_connections, **options}
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=_Http, **options))
 
 
@@ -230,12 +248,18 @@ def public_name(path: str) -> str:
 
 
 class _Http(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, also closing a connection that sends nothing for timeout_keep_alive seconds
-    after it opens: uvicorn arms that timer only after a response, so silent connections would pile up."""
+    """uvicorn's HTTP/1.1 protocol, its idle timer (timeout_keep_alive seconds) also armed when a connection opens
+    (uvicorn arms it only after a response, so silent connections would pile up) and stopped by a whole request
+    head only, not by its first byte: a client that sends its headers byte by byte (slowloris) is closed as an idle
+    one."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def _unset_keepalive_if_required(self) -> None:
+        if self.conn.their_state is not h11.IDLE:  # IDLE: the request's head is not whole yet
+            super()._unset_keepalive_if_required()
 
 
 def _error_body(status: int, message: str) -> dict:
@@ -421,7 +445,7 @@ class _Turns:
     a request that finds `size` waiting is refused (429)."""
 
     def __init__(self, size: int, slots: int = 1):
-        self.size, self.waiting, self.model = size, 0, asyncio.Semaphore(slots)
+        self.size, self.slots, self.waiting, self.model = size, slots, 0, asyncio.Semaphore(slots)
 
     def enter(self, generations: list[Generation]) -> _Job:
         if self.waiting >= self.size:
@@ -463,8 +487,40 @@ class _Job:
 
 
 async def _replies(job: _Job) -> list[Reply]:
-    async with job as generations:
-        return [await generation.afinish() for generation in generations]
+    async with job as generations:  # read together: a request's n replies are n rows of the engine's batch
+        return list(await asyncio.gather(*(generation.afinish() for generation in generations)))
+
+
+async def _scores(job: _Job, scorer: Scorer, sequences: list[list[int]], cancel: threading.Event) -> list[float]:
+    async with job:  # the model's turn, as generating requests take it
+        return await run_in_threadpool(scorer.scores, sequences, cancel)
+
+
+async def _pieces(generations: list[Generation]):
+    """The generations' text pieces as they come, all generating at once: (index, piece), and (index, None) when
+    that one's reply is whole (its `reply` then set); the first failure is raised."""
+    pieces: asyncio.Queue = asyncio.Queue()
+
+    async def read(index: int, generation: Generation) -> None:
+        try:
+            async for piece in generation:
+                pieces.put_nowait((index, piece))
+            pieces.put_nowait((index, None))
+        except Exception as exc:
+            pieces.put_nowait((index, exc))
+
+    readers = [asyncio.ensure_future(read(i, g)) for i, g in enumerate(generations)]
+    try:
+        ended = 0
+        while ended < len(generations):
+            index, piece = await pieces.get()
+            if isinstance(piece, Exception):
+                raise piece
+            ended += piece is None
+            yield index, piece
+    finally:  # a reader left early: its generation's iteration is closed, which cancels it
+        for reader in readers:
+            reader.cancel()
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[object, object, T]) -> T | None:
@@ -501,7 +557,7 @@ class _EventStream(StreamingResponse):
 
 
 async def _events(job: _Job, head: dict, streamed: bool):
-    """Server-sent events of the job's replies, one after another, once its turn comes. With tools (`streamed`
+    """Server-sent events of the job's replies, generated together once its turn comes. With tools (`streamed`
     False) each reply is sent whole: whether it is a tool call is only known at its end. A failure after the
     response has begun is sent as an error event, as OpenAI streams them."""
     def event(index: int, delta: dict, finish_reason: str | None = None) -> str:
@@ -511,15 +567,17 @@ async def _events(job: _Job, head: dict, streamed: bool):
 
     async with job as generations:
         try:
-            for index, generation in enumerate(generations):
+            for index in range(len(generations)):
                 yield event(index, {"role": "assistant", "content": ""})
-                if streamed:
-                    async for piece in generation:
+            async for index, piece in _pieces(generations):  # the n replies' chunks interleaved, as OpenAI's
+                reply = generations[index].reply
+                if piece is not None:
+                    if streamed:
                         yield event(index, {"content": piece})
-                else:
-                    message = _message(await generation.afinish())
-                    yield event(index, {k: v for k, v in message.items() if k != "role"})
-                yield event(index, {}, generation.reply.finish_reason)
+                    continue
+                if not streamed:
+                    yield event(index, {k: v for k, v in _message(reply).items() if k != "role"})
+                yield event(index, {}, reply.finish_reason)
             yield "data: [DONE]\n\n"
         except Exception:
             log.exception("lf api: a streamed reply failed")

@@ -4,10 +4,11 @@ forward pass a step, instead of one reply at a time.
     batcher = Batcher(engine, max_batch=16)
     batcher.submit(row)          # a Row: prompt ids, its settings, where its tokens go
 
-A reply joins at the next step boundary (mid-batch): its prompt is prefilled alone (the same forward a reply
-generated alone gets), then its key/value cache is left-padded to the batch's length (or the batch's to its own) and
-stacked onto the batch's, with an attention mask that hides the padding and position ids that count each row's own
-tokens, so every row is decoded as if it were alone. A row leaves at the step its reply ends (end-of-turn marker, a
+Replies join at the next step boundary (mid-batch): the prompts waiting then are prefilled together in one
+forward pass, left-padded to the longest (replies to the same prompt, a request's `n`, share one prefill), then
+their key/value cache is left-padded to the batch's length (or the batch's to theirs) and stacked onto the batch's,
+with an attention mask that hides the padding and position ids that count each row's own tokens, so every row is
+decoded as if it were alone. A row leaves at the step its reply ends (end-of-turn marker, a
 stop string, max_new_tokens) or its reader leaves (cancelled: checked before every step), freeing its slot at once;
 columns that only padding fills any more are dropped. Each row samples with its own settings (greedy, or
 temperature / top_k / top_p with its own seeded generator, and repetition_penalty, applied as transformers' logits
@@ -82,8 +83,7 @@ class Batcher:
                 self.active = len(batch.rows) + len(joining)
             try:
                 with self.engine._lock, torch.inference_mode():
-                    for row in joining:
-                        batch.join(row)
+                    batch.join(joining)
                     batch.step()
             except Exception as exc:  # every row in the batch fails with it; the worker goes on with new ones
                 log.exception("lf: a batched generation step failed")
@@ -112,27 +112,47 @@ class _Batch:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.next: list[int] = []
 
-    def join(self, row: Row) -> None:
-        """Prefills the row's prompt alone, samples its first token and stacks its cache onto the batch's."""
-        if row.cancel.is_set():
-            return row.finish()
-        if row.seed is not None:
-            row.generator = torch.Generator(self.device).manual_seed(row.seed)
-        ids = torch.tensor([row.prompt_ids], device=self.device)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        token = _choose(out.logits[0, -1], row)
-        if not self._take(row, token):
+    def join(self, rows: list[Row]) -> None:
+        """Prefills the rows' prompts in one forward pass (left-padded; one for each different prompt), samples each
+        row's first token and stacks the caches of those that go on onto the batch's."""
+        for row in rows:
+            if row.cancel.is_set():
+                row.finish()
+        rows = [row for row in rows if not row.over]
+        if not rows:
             return
-        width = max(self.mask.shape[1], ids.shape[1])
+        prompts = list(dict.fromkeys(tuple(row.prompt_ids) for row in rows))
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        rows_of = [prompts.index(tuple(row.prompt_ids)) for row in rows]
+        going = []
+        for row, prompt in zip(rows, rows_of):
+            if row.seed is not None:
+                row.generator = torch.Generator(self.device).manual_seed(row.seed)
+            token = _choose(logits[prompt], row)
+            if self._take(row, token):
+                going.append((row, prompt, token))
+        if not going:
+            return
+        index = torch.tensor([prompt for _, prompt, _ in going], device=self.device)
+        real = mask.index_select(0, index)
+        # the padding's keys and values are zeroed: masked, but a NaN there would still spread through the product
+        kv = [tuple(t.index_select(0, index).masked_fill(real[:, None, :, None] == 0, 0) for t in (layer.keys,
+                                                                                                      layer.values))
+              for layer in cache.layers]
+        width = max(self.mask.shape[1], longest)
         self.kv = [(torch.cat([_left_pad(k, width), _left_pad(nk, width)]),
                     torch.cat([_left_pad(v, width), _left_pad(nv, width)]))
                    for (k, v), (nk, nv) in zip(self.kv, kv)] if self.rows else kv
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1),
-                               _left_pad(torch.ones_like(ids), width, dim=1)]) if self.rows else torch.ones_like(ids)
-        self.rows.append(row)
-        self.next.append(token)
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(real, width, dim=1)]) \
+            if self.rows else real
+        self.rows += [row for row, _, _ in going]
+        self.next += [token for _, _, token in going]
 
     def step(self) -> None:
         """One token for every row: a forward over each row's next token against the cache."""

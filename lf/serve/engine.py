@@ -46,6 +46,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -204,7 +205,8 @@ class Engine:
 
     def streams(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1, stop=None,
                 seed: int | None = None, **settings) -> list[Generation]:
-        """`n` replies to the same prompt (encoded once), as `stream`; they are generated one after another.
+        """`n` replies to the same prompt (encoded once), as `stream`; iterated together, they are `n` rows of the
+        batch (sharing one prefill), else generated one after another.
         `seed`: sampling draws from a generator seeded with it (reply i of n with seed + i), so a request sampled
         twice with one seed gets the same replies."""
         if not isinstance(n, int) or n < 1:
@@ -222,9 +224,10 @@ class Engine:
 
     def generate(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1,
                  **settings) -> list[Reply]:
-        """`n` whole replies (one after another: the streaming worker generates one sequence at a time)."""
-        return [generation.finish()
-                for generation in self.streams(messages, system, tools, images=images, files=files, n=n, **settings)]
+        """`n` whole replies, read together (the batch decodes them as `n` rows; each by generate, they take turns)."""
+        generations = self.streams(messages, system, tools, images=images, files=files, n=n, **settings)
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(Generation.finish, generations))
 
     def wait_idle(self) -> None:
         """Returns once no worker generates; one that was cancelled ends after its current token. (A server that

@@ -9,6 +9,8 @@ context, is refused (RequestError).
 
 from __future__ import annotations
 
+import threading
+
 from lf import device as accelerator
 from lf.errors import RequestError
 from lf.model import load_tokenizer
@@ -29,6 +31,7 @@ class Scorer:
         self.tokenizer = load_tokenizer(cfg.model)
         self._score = served_scorer(cfg, self.tokenizer, device or accelerator.current().device())
         self.context_length = _context_length(self._score.model.config, self.tokenizer)  # None: the model names none
+        self._lock = threading.Lock()
 
     def encode(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """The texts' token ids, as the module docstring says."""
@@ -44,6 +47,13 @@ class Scorer:
             sequences.append(ids)
         return sequences
 
-    def scores(self, sequences: list[list[int]]) -> list[float]:
-        return [score for start in range(0, len(sequences), SCORE_BATCH)
-                for score in self._score(sequences[start:start + SCORE_BATCH]).tolist()]
+    def scores(self, sequences: list[list[int]], cancel: threading.Event | None = None) -> list[float]:
+        """The sequences' scores, SCORE_BATCH at a time; once `cancel` is set (its client left), the batches not
+        begun are skipped (what was scored is returned), and the model is free for others after the current one."""
+        scores = []
+        for start in range(0, len(sequences), SCORE_BATCH):
+            if cancel is not None and cancel.is_set():
+                break
+            with self._lock:  # a cancelled request's last batch may still run when the next request begins
+                scores += self._score(sequences[start:start + SCORE_BATCH]).tolist()
+        return scores
