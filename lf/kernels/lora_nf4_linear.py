@@ -187,10 +187,10 @@ def _tiled_product(m: torch.Tensor, qweight, quant_state, *, rows_of_w: bool) ->
         count = min(step, n - i)
         w = tile[:count * width].view((count, width) if rows_of_w else (width, count))
         _cpu_dequantize(qweight, quant_state, w, *((i, 0) if rows_of_w else (0, i)))
-        if count == n and not wide:  # one tile: BLAS writes the result itself
-            torch.mm(m, w.t() if rows_of_w else w, out=result)
-        else:  # rounded once to m's dtype on the way in
+        if wide:  # rounded once to m's dtype on the way in
             result[:, i:i + count] = operand @ (w.t() if rows_of_w else w)
+        else:  # BLAS writes the result's columns in place (a row-major view with the result's row stride)
+            torch.mm(m, w.t() if rows_of_w else w, out=result[:, i:i + count])
     return result
 
 
