@@ -3,9 +3,9 @@ Liger-Kernel, at Llama-3-8B, Qwen2.5-7B and Gemma-2-9B widths in fp32 and bf16: 
 forward+backward time, peak memory, and lf's bandwidth (and FLOP/s) as a share of the machine's own limits
 measured in the same run. See bench/README.md ("lf CPU kernel benchmark").
 
-``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]``, ``python -m bench dpo-step [...]``,
-``python -m bench ppo-step [...]``, ``python -m bench serve [...]`` and ``python -m bench triton-aot [...]`` run those
-benchmarks instead.
+``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]``, ``python -m bench quant-linear [...]``,
+``python -m bench dpo-step [...]``, ``python -m bench ppo-step [...]``, ``python -m bench serve [...]`` and
+``python -m bench triton-aot [...]`` run those benchmarks instead.
 """
 
 from __future__ import annotations
@@ -546,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import qlora_linear
 
         return qlora_linear.main(argv[1:], prog="python -m bench qlora-linear")
+    if argv[:1] == ["quant-linear"]:
+        from bench import quant_linear
+
+        return quant_linear.main(argv[1:], prog="python -m bench quant-linear")
     if argv[:1] == ["dpo-step"]:
         from bench import dpo_step
 

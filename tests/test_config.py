@@ -352,7 +352,8 @@ RULE_CASES = {
                              "train_from_scratch starts from random weights"),
     "new_adapter_needs_adapter": ({"create_new_adapter": True}, "adapter_name_or_path names none"),
     "quantization_bit_choice": ({"quantization_bit": 7}, "quantization_bit: 7 is not one of null, 1, 2, 3, 4, 5, 6, 8 "
-                                                         "(bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8)"),
+                                                         "(bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8, quanto to "
+                                                         "2, 4 or 8)"),
     "quantization_bit_for_method": ({"quantization_bit": 3}, "quantization_bit: 3 is not taken by "
                                                              "quantization_method: bnb (bnb takes 4, 8; hqq takes"),
     "quantization_method_refused": ({"quantization_method": "eetq", "quantization_bit": 8},

@@ -103,7 +103,8 @@ def test_refusals(tmp_path):
         with pytest.raises(ConfigError, match=rf"^quantization_bit: {bits} is not one of null, 1, 2, 3, 4, 5, 6, 8"):
             parse_train_args(options("out", quantization_method="hqq", quantization_bit=bits))
     with pytest.raises(ConfigError, match=r"^quantization_bit: 3 is not taken by quantization_method: bnb \(bnb "
-                                          r"takes 4, 8; hqq takes 1, 2, 3, 4, 5, 6, 8\): change one of the two$"):
+                                          r"takes 4, 8; hqq takes 1, 2, 3, 4, 5, 6, 8; quanto takes 2, 4, 8\): change "
+                                          r"one of the two$"):
         parse_train_args(options("out", quantization_bit=3))
     with pytest.raises(ConfigError, match=r"^quantization_method: eetq is not supported: the eetq package"):
         parse_train_args(options("out", quantization_method="eetq", quantization_bit=8))

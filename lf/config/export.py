@@ -10,10 +10,12 @@ ExportDevice = Literal["cpu", "auto"]  # auto: the accelerator when there is one
 GgufType = Literal["f32", "f16", "bf16", "q8_0"]
 
 # Why LLaMA-Factory's export_quantization_* keys are refused (parser.UNSUPPORTED) rather than ignored: a 4-bit request
-# must not quietly yield a 16-bit model. GPTQModel's pins, read from its PyPI metadata (2026-12).
+# must not quietly yield a 16-bit model. GPTQModel's pins, read from its PyPI metadata (2026-12); GPTQModel 7.7 with
+# torch 2.14.1 quantized a tiny Llama on a 2-core Ice Lake Xeon in a venv of its own (README, Quantized training).
 GPTQ_FIX = ("remove it: a GPTQ export needs GPTQModel, which cannot install beside lf's torch 2.13 (7.7 requires "
             "torch>=2.14.1; 7.3.6 pins numpy 2.2.6 and builds from source); quantize the exported model with "
-            "GPTQModel on a GPU machine, or set export_gguf: q8_0 for an 8-bit llama.cpp file")
+            "GPTQModel 7.7 in a venv of its own (torch 2.14.1; it runs on the CPU too, GPTQMODEL_CPU_WORKERS=2 on a "
+            "2-core machine), or set export_gguf: q8_0 for an 8-bit llama.cpp file")
 
 
 @dataclass

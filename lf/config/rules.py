@@ -72,10 +72,12 @@ def literal_values(annotation) -> tuple:
 
 
 # a Literal key -> what its choice message adds after the choices
-CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8)",
+CHOICE_NOTES = types.MappingProxyType({"quantization_bit": " (bnb quantizes to 4 or 8 bits, hqq to 1-6 or 8, quanto "
+                                                           "to 2, 4 or 8)",
                                        "reward_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
                                        "ref_model_quantization_bit": " (bitsandbytes quantizes to 4 or 8 bits)",
-                                       "quantization_method": " (LLaMA-Factory's names; bnb and hqq are built)"})
+                                       "quantization_method": " (LLaMA-Factory's names; bnb, hqq and quanto are "
+                                                              "built)"})
 
 
 def choice_rules() -> tuple[Rule, ...]:
@@ -472,7 +474,7 @@ RULES: tuple[Rule, ...] = (
     Rule("quantization_method_refused",
          lambda c: c.model.quantization_bit is not None and c.model.quantization_method in QUANTIZATION_REFUSED,
          lambda c: f"quantization_method: {c.model.quantization_method} is not supported: "
-                   f"{QUANTIZATION_REFUSED[c.model.quantization_method]}; quantize with bnb or hqq"),
+                   f"{QUANTIZATION_REFUSED[c.model.quantization_method]}; quantize with bnb, hqq or quanto"),
     Rule("quantization_bit_for_method",
          lambda c: c.model.quantization_method in QUANTIZATION_BITS  # a bit count no method takes: its choice rule
          and c.model.quantization_bit in {b for bits in QUANTIZATION_BITS.values() for b in bits}

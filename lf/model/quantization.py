@@ -1,6 +1,6 @@
 """QLoRA's first half: the base model's weights quantized, by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit,
-on CUDA or the CPU) or by hqq once loaded (1 to 8 bits, lf.model.hqq). lf.config.model's tables say which bits each
-method takes and why the other methods are refused.
+on CUDA or the CPU) or once loaded by hqq (1 to 8 bits, lf.model.hqq) or quanto (int2/int4/int8, lf.model.quanto).
+lf.config.model's tables say which bits each method takes and why the other methods are refused.
 
 Preparing a quantized model for training needs nothing beyond what every adapter run gets (frozen base weights,
 gradient checkpointing with input gradients, fp32 adapter weights): unlike peft's prepare_model_for_kbit_training,
@@ -23,12 +23,13 @@ from lf.config.model import QUANTIZATION_BITS, QUANTIZATION_REFUSED, Quantizatio
 from lf.errors import ModelError
 
 TYPES = get_args(QuantizationType)
-EXTRAS = {"bnb": ("bitsandbytes", "qlora"), "bitsandbytes": ("bitsandbytes", "qlora"), "hqq": ("hqq", "hqq")}
+EXTRAS = {"bnb": ("bitsandbytes", "qlora"), "bitsandbytes": ("bitsandbytes", "qlora"), "hqq": ("hqq", "hqq"),
+          "quanto": ("optimum.quanto", "quanto")}
 
 
 class Quantization(NamedTuple):
     """What quantizing takes: from_pretrained's keyword arguments and the line saying what is quantized and how,
-    or a step that quantizes the loaded model (hqq) and returns that line."""
+    or a step that quantizes the loaded model (hqq, quanto) and returns that line."""
     kwargs: dict
     line: str | None
     after_load: Callable[[torch.nn.Module], str] | None = None
@@ -53,11 +54,11 @@ def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_
         return NONE
     if method in QUANTIZATION_REFUSED:
         raise ModelError(f"quantization_method: {method!r} is not supported ({QUANTIZATION_REFUSED[method]}); "
-                         f"quantize with bnb or hqq")
+                         f"quantize with bnb, hqq or quanto")
     if bits not in QUANTIZATION_BITS[method]:
         raise ModelError(f"quantization_bit: {bits} is not supported by quantization_method: {method} (it takes "
                          f"{', '.join(map(str, QUANTIZATION_BITS[method]))} bits)")
-    if method != "hqq" and bits == 4 and model_args.quantization_type not in TYPES:
+    if method not in IN_PLACE and bits == 4 and model_args.quantization_type not in TYPES:
         raise ModelError(f"quantization_type: {model_args.quantization_type!r} is not one of {', '.join(TYPES)}")
     if prequantized is not None:
         raise ModelError(f"{model_args.model_name_or_path} is already quantized "
@@ -68,12 +69,12 @@ def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_
         raise ModelError(f"quantized weights cannot train: quantization_bit needs finetuning_type: lora (QLoRA), "
                          f"not {finetuning_args.finetuning_type}")
     package, extra = EXTRAS[method]
-    if importlib.util.find_spec(package) is None:
+    if not _installed(package):
         raise ModelError(f"quantization_method: {method} needs {package}: pip install 'lf[{extra}]'")
     device_map = _device_map(model_args.quantization_device_map)
     skip, kept = _unquantized(config)
-    if method == "hqq":
-        return _hqq(bits, dtype, device_map, skip, kept)
+    if method in IN_PLACE:
+        return _in_place(method, bits, dtype, device_map, skip, kept)
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
@@ -89,29 +90,47 @@ def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_
                         f"quantization: {what} by bitsandbytes{kept}, placed by device_map {device_map}")
 
 
-def _hqq(bits: int, dtype: torch.dtype, device_map, skip: list[str] | None, kept: str) -> Quantization:
-    """hqq quantizes the loaded model's linear layers in place on this process's device (lf.model.hqq); the output
-    head, a value head and a vision-language model's vision parts keep their weights, as with bitsandbytes."""
+def _in_place(method: str, bits: int, dtype: torch.dtype, device_map, skip: list[str] | None,
+              kept: str) -> Quantization:
+    """hqq and quanto quantize the loaded model's linear layers in place on this process's device (lf.model.hqq,
+    lf.model.quanto); the output head, a value head and a vision-language model's vision parts keep their weights,
+    as with bitsandbytes."""
     if device_map == "auto":
-        raise ModelError("quantization_device_map: auto spreads a model as bitsandbytes loads it; hqq quantizes on "
-                         "this process's device: remove quantization_device_map")
+        raise ModelError(f"quantization_device_map: auto spreads a model as bitsandbytes loads it; {method} "
+                         f"quantizes on this process's device: remove quantization_device_map")
     target = torch.device(device_map[""])  # (_device_map's "cpu" or "cuda:LOCAL_RANK")
     patterns = [re.compile(rf"(?:{p})(?:\.|$)") for p in skip or ()]
 
     def after_load(model) -> str:
-        from lf.model.hqq import GROUP_SIZE, quantize_linears
-
         # the output head, whatever its name, and a value head ("score": transformers' sequence classifiers)
         heads = {path for path, m in model.named_modules() if m is model.get_output_embeddings()} | {"score"}
         model.to(target)
-        done, ragged = quantize_linears(model, bits, dtype, target,
-                                        lambda path: path in heads or any(p.match(path) for p in patterns))
-        model.quantized_by_lf = "hqq"  # see is_quantized
-        return (f"quantization: {bits}-bit by hqq (groups of {GROUP_SIZE} along axis 0), computing in "
-                f"{str(dtype).removeprefix('torch.')}{kept}, on {device}: {done} linear layers"
-                + (f"; {', '.join(ragged)} kept (not a whole number of groups)" if ragged else ""))
+        how, done, note = IN_PLACE[method](model, bits, dtype, target,
+                                           lambda path: path in heads or any(p.match(path) for p in patterns))
+        model.quantized_by_lf = method  # see is_quantized
+        return (f"quantization: {bits}-bit by {method} ({how}), computing in {str(dtype).removeprefix('torch.')}"
+                f"{kept}, on {target}: {done} linear layers{note}")
 
     return Quantization({}, None, after_load)
+
+
+def _hqq(model, bits: int, dtype: torch.dtype, target: torch.device, skipped) -> tuple[str, int, str]:
+    from lf.model.hqq import GROUP_SIZE, quantize_linears
+
+    done, ragged = quantize_linears(model, bits, dtype, target, skipped)
+    return (f"groups of {GROUP_SIZE} along axis 0", done,
+            f"; {', '.join(ragged)} kept (not a whole number of groups)" if ragged else "")
+
+
+def _quanto(model, bits: int, dtype: torch.dtype, target: torch.device, skipped) -> tuple[str, int, str]:
+    from lf.model.quanto import quantize_linears
+
+    how = "int8 per output channel" if bits == 8 else f"int{bits} in groups of up to 128 inputs"
+    return how, quantize_linears(model, bits, skipped), ""
+
+
+# the methods lf quantizes once the model is loaded: (what they do, how many layers, a note on the others)
+IN_PLACE = {"hqq": _hqq, "quanto": _quanto}
 
 
 def _aqlm_checkpoint(model_args, finetuning_args, quantization_config: dict, is_trainable: bool) -> str:
@@ -143,8 +162,8 @@ def is_quantized_linear(module) -> bool:
 
 def is_quantized(model) -> bool:
     """Whether the model's weights are quantized (its adapters then stay unmerged, and it stays where it was
-    placed): by a transformers quantizer (bitsandbytes), or by lf (hqq), which marks the model its own way because
-    transformers' Trainer expects a model with is_quantized to carry a transformers quantizer."""
+    placed): by a transformers quantizer (bitsandbytes), or by lf (hqq, quanto), which marks the model its own way
+    because transformers' Trainer expects a model with is_quantized to carry a transformers quantizer."""
     return bool(getattr(model, "is_quantized", False) or getattr(model, "quantized_by_lf", None))
 
 
@@ -161,6 +180,14 @@ def _unquantized(config) -> tuple[list[str] | None, str]:
     # patterns match module paths from the start (as regexes, up to a "." boundary): the parts lie anywhere
     return [rf"(?:.*\.)?{re.escape(part)}" for part in parts] + ["lm_head"], (
         f" (the language model; {', '.join(parts)} kept unquantized)")
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` imports; a dotted name whose parent package is missing (optimum.quanto) counts as not."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _device_map(choice: str | None):
