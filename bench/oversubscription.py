@@ -29,12 +29,11 @@ from pathlib import Path
 from lf import threads
 
 REPO = Path(__file__).resolve().parent.parent
-# name -> the child's settings, on top of an environment cleared of them; "lf" is lf's own policy (lf/threads.py)
+# name -> the child's settings, on top of an environment cleared of them
 SETTINGS = {
-    "lf": {},
-    "spin, 2 threads": {threads.ENV_VAR: "fixed"},  # libgomp's default: spin a while, then sleep
-    "passive, 2 threads": {threads.ENV_VAR: "fixed", "OMP_WAIT_POLICY": "PASSIVE"},
-    "1 thread": {threads.ENV_VAR: "fixed", "OMP_NUM_THREADS": "1"},
+    "lf's default: passive, 2 threads": {},  # lf/threads.py
+    "libgomp's default: spin, then sleep; 2 threads": {threads.ENV_VAR: "fixed"},
+    "1 thread, passive": {"OMP_NUM_THREADS": "1"},
 }
 CLEARED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_DYNAMIC", threads.ENV_VAR)
 TOKENS = 64  # rows of the kernels' inputs: Llama-3-8B widths, bf16

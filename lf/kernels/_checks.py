@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from lf.errors import KernelDTypeError, KernelInputError
-from lf.threads import kernel_threads
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,9 +45,8 @@ def fail(op: str, message: str) -> None:
 
 
 def threads() -> int:
-    """Threads for the CPU kernels: torch's count (torch.set_num_threads applies to lf too), fewer while other
-    threads hold cores (lf.threads)."""
-    return kernel_threads(torch.get_num_threads())
+    """Threads for the CPU kernels: the same as torch uses, so torch.set_num_threads applies to lf too."""
+    return torch.get_num_threads()
 
 
 def cpu_dtype(dtype: torch.dtype):
