@@ -6,6 +6,8 @@ measured in the same run. See bench/README.md ("lf CPU kernel benchmark").
 ``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]``, ``python -m bench quant-linear [...]``,
 ``python -m bench dpo-step [...]``, ``python -m bench ppo-step [...]``, ``python -m bench serve [...]`` and
 ``python -m bench triton-aot [...]`` run those benchmarks instead.
+``python -m bench ppo-step [...]``, ``python -m bench serve [...]``, ``python -m bench triton-aot [...]`` and
+``python -m bench oversubscription [...]`` run those benchmarks instead.
 """
 
 from __future__ import annotations
@@ -566,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import triton_aot
 
         return triton_aot.main(argv[1:], prog="python -m bench triton-aot")
+    if argv[:1] == ["oversubscription"]:
+        from bench import oversubscription
+
+        return oversubscription.main(argv[1:], prog="python -m bench oversubscription")
     ops_argv = argv[1:] if argv[:1] == ["ops"] else argv
     args = parse_args(ops_argv, "python -m bench ops")
     if args.worker == "timing":

@@ -90,9 +90,9 @@ template <class Body> inline void parallel_ranges(int64_t n, int threads, Body&&
   for (int64_t i = 0; i < chunks; ++i) body(i * kParallelChunk, std::min(n, (i + 1) * kParallelChunk));
 }
 
-// Elementwise kernels over bf16/fp16 storage run their fp32 loop on tiles widened into L1-resident
-// buffers: the compiler then vectorises one simple conversion loop and the fp32 math at full width,
-// instead of one loop mixing 16-bit and 32-bit lanes (which doubles register pressure and spills).
+// Row kernels over bf16/fp16 storage (attention blocks, cross-entropy, dequantisation) widen a row's tile into an
+// L1-resident fp32 buffer that several passes read. (The gated activations, one pass each, convert in registers:
+// a tile's extra store and reload cost more than the conversion, measured in bench/README.md.)
 constexpr int64_t kTile = 512;
 
 template <class T> inline void widen(const T* src, float* dst, int64_t n) {
@@ -102,29 +102,6 @@ template <class T> inline void widen(const T* src, float* dst, int64_t n) {
 template <class T> inline void narrow(const float* src, T* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(src[i]);
-}
-
-// Calls f32(in_ptrs, out_ptrs, len) over [begin, end) of NIn inputs and NOut outputs of storage type T:
-// on the tensors themselves when T is float, else tile by tile through fp32 buffers.
-template <class T, int NIn, int NOut, class F>
-inline void in_fp32_tiles(int64_t begin, int64_t end, const T* const (&in)[NIn], T* const (&out)[NOut], F&& f32) {
-  const float* fin[NIn];
-  float* fout[NOut];
-  if constexpr (std::is_same_v<T, float>) {
-    for (int j = 0; j < NIn; ++j) fin[j] = in[j] + begin;
-    for (int j = 0; j < NOut; ++j) fout[j] = out[j] + begin;
-    f32(fin, fout, end - begin);
-  } else {
-    alignas(64) float tiles[NIn + NOut][kTile];
-    for (int j = 0; j < NIn; ++j) fin[j] = tiles[j];
-    for (int j = 0; j < NOut; ++j) fout[j] = tiles[NIn + j];
-    for (int64_t i = begin; i < end; i += kTile) {
-      const int64_t len = std::min(kTile, end - i);
-      for (int j = 0; j < NIn; ++j) widen(in[j] + i, tiles[j], len);
-      f32(fin, fout, len);
-      for (int j = 0; j < NOut; ++j) narrow(tiles[NIn + j], out[j] + i, len);
-    }
-  }
 }
 
 // ---- argument structs (plain pointers and sizes; Python validated them) ----
