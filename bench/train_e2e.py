@@ -5,6 +5,7 @@ data and settings.
     python -m bench.train_e2e --quick    # 3 steps, the dtype lf's `infer_dtype: auto` picks here (smoke)
     python -m bench.train_e2e --only vl  # the LLaVA rows alone (--only text | vl | video | vl_qwen2, one or more)
     python -m bench.train_e2e --only video --repeats 3   # each variant 3 times, its fastest run kept
+    python -m bench.train_e2e --only text --variants "no packing, LoRA" --steps 8   # variants naming it (memory)
 
 Model: bench.e2e_model (a 31.8M-parameter Llama, tokenizer trained on the data). Data: alpaca_en_demo from
 ../shared/data, template qwen, cutoff 512, batch 4, LoRA rank 8 on all linear layers, lr 2e-3 cosine, seed 42.
@@ -320,9 +321,10 @@ def run_variant(python: str, system: str, config: dict, folder: Path) -> dict:
     return {**json.loads((folder / "result.json").read_text()), "wall_seconds": time.perf_counter() - started}
 
 
-def plan(dtypes: list[str], steps: int, models: dict[str, Path],
-         llamafactory: str | None) -> list[tuple[str, str, str, str, dict]]:
-    """(group, dtype, variant, system, config) for every run, LLaMA-Factory's first in each group and dtype."""
+def plan(dtypes: list[str], steps: int, models: dict[str, Path], llamafactory: str | None,
+         names: list[str] | None = None) -> list[tuple[str, str, str, str, dict]]:
+    """(group, dtype, variant, system, config) for every run, LLaMA-Factory's first in each group and dtype; with
+    `names`, only the variants whose name contains one of them."""
     runs = []
     for name, group in ((name, GROUPS[name]) for name in models):
         for dtype in dtypes:
@@ -335,7 +337,7 @@ def plan(dtypes: list[str], steps: int, models: dict[str, Path],
                      for variant, extra in group.hf_variants.items()]
             runs += [(name, dtype, variant, "lf", {**base, **DTYPES[dtype], **extra})
                      for variant, extra in group.lf_variants.items()]
-    return runs
+    return [run for run in runs if not names or any(n in run[2] for n in names)]
 
 
 def _baseline(rows: list[dict], dtype: str, group: str) -> dict:
@@ -406,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="run every variant N times, round after round, and keep each one's fastest run (best-of-N: "
                         "on a machine others use too)")
+    p.add_argument("--variants", nargs="+", metavar="TEXT",
+                   help="only the variants whose name contains one of these (e.g. \"no packing, LoRA\")")
     p.add_argument("--steps", type=int, help="steps per variant (default 30; 3 with --quick)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default fp32, and bf16 where the CPU computes "
                                                                       "it natively (--quick: lf's auto dtype)")
@@ -434,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     llamafactory, llamafactory_note = find_llamafactory()
     if not llamafactory:
         print(f"LLaMA-Factory rows left out: {llamafactory_note}", flush=True)
-    runs = plan(dtypes, steps, models, llamafactory) * args.repeats  # round after round: others' load hits all
+    runs = plan(dtypes, steps, models, llamafactory, args.variants) * args.repeats  # round after round: others' load hits all
     rows = {}  # (group, dtype, variant) -> its fastest run
     with tempfile.TemporaryDirectory() as tmp:
         for i, (group, dtype, name, system, config) in enumerate(runs):
@@ -464,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = list(rows.values())
     parts = ["python -m bench.train_e2e"] + ["--quick"] * args.quick + (["--only", *args.only] if args.only else [])
+    parts += ["--variants", *(f'"{v}"' for v in args.variants)] if args.variants else []
     parts += [f"--steps {args.steps}"] * bool(args.steps) + (["--dtypes", *args.dtypes] if args.dtypes else [])
     command = " ".join(parts + [f"--repeats {args.repeats}"] * (args.repeats > 1))
     date = datetime.date.today().isoformat()

@@ -70,6 +70,16 @@ def test_train_e2e_plans_the_vl_row_on_llava_and_mllm_demo_against_llamafactory(
     assert not any(system == "llamafactory" for *_, system, _ in train_e2e.plan(["fp32"], 3, {"vl": Path("m")}, None))
 
 
+def test_train_e2e_plans_only_the_variants_named():
+    from bench import train_e2e
+
+    runs = train_e2e.plan(["fp32"], 8, {"text": Path("m")}, "/venv/python", ["no packing, LoRA"])
+    assert [(variant, config["packing"] if system == "lf" else config.get("packing"))
+            for _, _, variant, system, config in runs] == [
+        ("LLaMA-Factory, no packing, LoRA", None), ("lf, kernels on, no packing, LoRA", False),
+        ("lf, kernels off, no packing, LoRA", False)]
+
+
 def test_train_e2e_tables_compare_each_group_with_its_own_llamafactory_row():
     from bench import train_e2e
 

@@ -4,6 +4,7 @@ attention; with and without lf's kernels patched in)."""
 
 import functools
 import random
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lf.data.collator import Collator
+from lf.data.pipeline import LENGTH_BUCKET, collator
 from lf.data.packing import best_fit_decreasing, padding_fraction
 from lf.data.packing import pack as pack_table
 from lf.data.processors import IGNORE_INDEX
@@ -96,6 +98,23 @@ def test_collator_pads_right_and_continues_positions():
     # chosen and rejected rows run as one forward: padded to one length
     assert pairs["rejected_attention_mask"].tolist() == [[1, 0]] and pairs["rejected_input_ids"].tolist() == [[3, 0]]
     assert pairs["kto_tags"].tolist() == [True]
+
+
+def test_training_batches_pad_to_length_buckets_without_changing_the_loss():
+    """pipeline.collator pads to a multiple of LENGTH_BUCKET (few distinct shapes); the pads add no loss."""
+    model = _tiny("llama", "sdpa")
+    rng = random.Random(4)
+    examples = _examples(rng, 5, longest=90)
+    features = [dict(input_ids=i, labels=lab) for i, lab in zip(examples["input_ids"], examples["labels"])]
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    for rows in (features[:2], features[2:]):
+        bucketed = collator(tokenizer)(rows)
+        longest = max(len(f["input_ids"]) for f in rows)
+        assert bucketed["input_ids"].shape[1] == -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET > longest
+        for row, f in zip(bucketed["labels"].tolist(), rows):
+            assert row[len(f["labels"]):] == [IGNORE_INDEX] * (len(row) - len(f["labels"]))
+        exact = Collator(pad_token_id=0, pad_to_multiple_of=None)(rows)
+        torch.testing.assert_close(model(**bucketed).loss, model(**exact).loss, rtol=RTOL, atol=ATOL)
 
 
 def test_segments_read_restarts_and_ignore_left_padding():

@@ -173,14 +173,20 @@ def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42, m
     return module
 
 
+# Batches are padded to a multiple of this many tokens: few distinct shapes, so the allocator reuses the blocks of
+# earlier steps and oneDNN (bf16 matmuls) compiles few kernels: unpacked training peaked 5% lower than with a
+# multiple of 8 (README, "Batch shapes").
+LENGTH_BUCKET = 64
+
+
 def collator(tokenizer, count_tokens: bool = False, media=None) -> Collator:
-    """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token); `count_tokens`
-    for lf's trainer, which reports tokens/s; `media` (the MMProcessor given to get_dataset) decodes the batch's
-    images into the model's image inputs."""
+    """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token to a multiple of
+    LENGTH_BUCKET); `count_tokens` for lf's trainer, which reports tokens/s; `media` (the MMProcessor given to
+    get_dataset) decodes the batch's images into the model's image inputs."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an eos token: the template's prepare_tokenizer sets one")
-    return Collator(pad_token_id=pad, count_tokens=count_tokens, media=media)
+    return Collator(pad_token_id=pad, pad_to_multiple_of=LENGTH_BUCKET, count_tokens=count_tokens, media=media)
 
 
 def _eval_sets(data_args, seed):
