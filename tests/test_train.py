@@ -424,7 +424,7 @@ def test_two_nodes_on_one_machine_train_what_one_process_trains_and_save_once(tm
                                                                          **same).items()))
     env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(launch._free_port())}
-    nodes = [subprocess.Popen([sys.executable, "-m", "lf.cli", "train", str(cfg), f"output_dir={tmp_path / f'node{rank}'}"],
+    nodes = [subprocess.Popen([sys.executable, "-m", "lf.cli", "train", str(cfg), f"output_dir={tmp_path}/node{rank}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                               env={**env, "NODE_RANK": str(rank)}) for rank in (0, 1)]
     for rank, node in enumerate(nodes):

@@ -23,6 +23,8 @@ import os
 import shutil
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -51,7 +53,7 @@ class LFTrainer(Seq2SeqTrainer):
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+        if self.args.fsdp_plugin_args is not None and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
             _fsdp_on_the_cpu(self)
 
     # -- tokens and loss ---------------------------------------------------------------------------------------
@@ -152,11 +154,7 @@ def _fsdp_on_the_cpu(trainer) -> None:
     """FSDP for a process group of CPUs. accelerate (1.15) turns `fsdp` on only for accelerator process groups and
     leaves CPUs on DDP, though FSDP2's fully_shard runs over gloo: lf makes the switch accelerate makes on a GPU.
     PartialState keeps the type too: every later AcceleratorState() copies it back."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = trainer.accelerator.state
-    assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
