@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build and run docker/docker-cpu without an image registry: the base image is made from Debian packages
-# (debootstrap from deb.debian.org), the image with podman from docker/docker-cpu/Dockerfile, unchanged; then
+# Build and run the CPU image without an image registry: the base image is made from Debian packages
+# (debootstrap from deb.debian.org), the image with podman from docker/Dockerfile, unchanged; then
 # `lf train configs/quickstart.yaml` runs inside it. Needs root or user namespaces, and:
 #   apt-get install debootstrap podman buildah
 # Usage: docker/build-cpu-local.sh [WORKDIR]     (default /var/tmp/lf-docker; the rootfs is kept and reused)
@@ -31,7 +31,7 @@ if ! podman image exists "$base"; then
   tar -C "$work/rootfs" -c . | podman import - "$base"
 fi
 
-stamp "build $image from docker/docker-cpu/Dockerfile"
+stamp "build $image from docker/Dockerfile"
 args=(--build-arg "BASE_IMAGE=$base" --build-arg "PIP_INDEX=${PIP_INDEX:-https://pypi.org/simple}")
 if [ -n "${WHEELS:-}" ]; then
   # torch from the local wheel: no download.pytorch.org needed.
@@ -43,7 +43,7 @@ if [ -n "${CA_BUNDLE:-}" ]; then
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$work/pip.conf"
   args+=(-v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro" -v "$work/pip.conf:/etc/pip.conf:ro")
 fi
-podman build --isolation chroot --network host "${args[@]}" -f docker/docker-cpu/Dockerfile -t "$image" .
+podman build --isolation chroot --network host "${args[@]}" -f docker/Dockerfile -t "$image" .
 
 stamp "lf train configs/quickstart.yaml inside $image"
 # buildah run, for the same reason; it runs in the image's WORKDIR (/app) with its ENV (the venv on PATH).

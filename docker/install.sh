@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one install recipe every lf image runs (docker/docker-*/Dockerfile); the images differ only in their base
-# image and the torch index, so what the CPU image's build tests here is what the GPU images run.
-# Inputs (environment, set from the Dockerfiles' build args):
+# The install recipe of lf's image (docker/Dockerfile's one RUN step); the platforms differ only in their base
+# image, torch index and extras, so what the CPU image's build tests here is what the GPU images run.
+# Inputs (environment, set from the Dockerfile's build args):
 #   EXTRAS        lf's extras, comma-separated ("" for none), e.g. "gpu,api,webui"
 #   PIP_INDEX     the package index for everything but torch (a mirror, if pypi.org is far)
 #   TORCH_INDEX   the index torch comes from (cpu / cu128 / rocm6.4 builds); "" takes torch from PIP_INDEX

@@ -368,8 +368,8 @@ RULE_CASES = {
     "quantized_adapters": ({"quantization_bit": 4, "adapter_name_or_path": "saves/a,saves/b"},
                            "adapters cannot be merged into a quantized model"),
     "npu_double_quantization": ({"quantization_bit": 4}, "double_quantization: true on an Ascend NPU"),
-    "fsdp_on_cpu": ({"fsdp": "full_shard auto_wrap"}, "fsdp: full_shard auto_wrap on the CPU: accelerate turns FSDP "
-                                                      "on for accelerator process groups only"),
+    "fsdp1_on_cpu": ({"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 1}},
+                     "fsdp_config's fsdp_version: 1 on the CPU: accelerate's FSDP1 plugin needs an accelerator"),
     "quantization_method_choice": ({"quantization_method": "gguf"}, "quantization_method: gguf is not one of bnb, "
                                                                     "bitsandbytes, hqq"),
     "quantization_type_choice": ({"quantization_type": "nf8"}, "quantization_type: nf8 is not one of nf4, fp4."
@@ -577,6 +577,15 @@ def test_rules_pass_where_the_combination_is_fine():
     cfg = parse_train_args({**BASE, "quantization_bit": 4, "adapter_name_or_path": "saves/a", "use_dora": True,
                             "streaming": True, "max_steps": 10, "val_size": 100, "do_eval": True, "stage": "pt"})
     assert cfg.model.quantization_bit == 4 and cfg.data.val_size == 100
+
+
+def test_fsdp_version_is_read_as_hf_reads_it(tmp_path):
+    """fsdp_config as a dict or a JSON file's path, `fsdp_version` or `version`; FSDP2 unless it says 1."""
+    (tmp_path / "fsdp.json").write_text('{"fsdp_version": 1}')
+    assert rules.fsdp_version(str(tmp_path / "fsdp.json")) == 1 and rules.fsdp_version({"version": 1}) == 1
+    assert rules.fsdp_version(None) == rules.fsdp_version({}) == rules.fsdp_version(str(tmp_path / "no.json")) == 2
+    cfg = parse_train_args({**BASE, "fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}})
+    assert cfg.training.fsdp  # FSDP2 on the CPU: trained by tests/test_train.py
 
 
 # ---- renames and defaults ----------------------------------------------------------------------------------------

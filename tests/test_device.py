@@ -5,8 +5,6 @@ a stand-in torch.npu module. These tests check the selection logic only (which k
 attention, kernel backend, device string, launch command); no kernel or collective runs on a GPU or NPU here. The
 real multi-process paths (gloo on the CPU) are in test_train.py."""
 
-import re
-import subprocess
 import sys
 import types
 
@@ -174,33 +172,6 @@ def test_multi_process_defaults_keep_the_accelerator(machine, monkeypatch):
     training = {}
     parser._default_training(training, set())
     assert "use_cpu" not in training and "ddp_backend" not in training  # was forced onto the CPU before lf.device
-
-
-# what HF's Trainer sets up for `fsdp` keys, in each of 2 CPU processes over gloo: accelerate's state
-FSDP_PROBE = """
-import os
-from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin
-os.environ["ACCELERATE_USE_FSDP"] = "true"
-state = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
-print(f"rank {state.process_index}: {state.distributed_type.value} over {state.backend};")
-"""
-
-
-def test_fsdp_on_the_cpu_is_refused_with_the_reason(machine, tmp_path):
-    """The rule's reason, checked for real: 2 CPU processes asking accelerate for FSDP2 get plain multi-CPU DDP."""
-    fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}}
-    with pytest.raises(ConfigError, match="fsdp: full_shard auto_wrap on the CPU: accelerate turns FSDP on for "
-                                          "accelerator process groups only"):
-        parse_train_args({**BASE, "quantization_bit": None, **fsdp})
-    (tmp_path / "probe.py").write_text(FSDP_PROBE)
-    child = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            "--master_addr=127.0.0.1", f"--master_port={launch._free_port()}", str(tmp_path / "probe.py")],
-                           capture_output=True, text=True, timeout=300)
-    assert child.returncode == 0, child.stderr[-2000:]
-    # (the two ranks share one stdout pipe: their lines may interleave)
-    assert sorted(re.findall(r"(rank \d: [^;]+);", child.stdout)) == [
-        "rank 0: MULTI_CPU over gloo", "rank 1: MULTI_CPU over gloo"]
 
 
 # ---- launch -------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from lf import cli
 from lf.config import parse_train_args
 from lf.config.rules import show
 from lf.errors import KernelError, TrainError
-from lf.train import callbacks, disk, recipe, run
+from lf.train import callbacks, disk, launch, recipe, run
 from lf.tiny import tiny_path
 from lf.train.trainer import LFTrainer
 
@@ -384,18 +384,22 @@ def test_cli_help_and_bench_usage(capsys):
     assert cli.main(["bench", "everything"]) == 2
 
 
-@pytest.mark.parametrize("deepspeed", [None, "ds_z2.json", "ds_z3.json"])
-def test_two_processes_train_what_one_process_trains(tmp_path, deepspeed):
-    """NPROC_PER_NODE=2: lf starts torchrun itself; DDP on the CPU over gloo, or DeepSpeed ZeRO-2/3 on its CPU
-    accelerator. Same global batch (2 x 1 vs 1 x 2), same final adapter (SGD: see
+ENGINES = {"ddp": {}, "zero2": {"deepspeed": str(REPO / "configs" / "deepspeed" / "ds_z2.json")},
+           "zero3": {"deepspeed": str(REPO / "configs" / "deepspeed" / "ds_z3.json")},
+           "fsdp2": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}, "save_steps": 3}}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_train_what_one_process_trains(tmp_path, engine):
+    """NPROC_PER_NODE=2: lf starts torchrun itself; DDP on the CPU over gloo, DeepSpeed ZeRO-2/3 on its CPU
+    accelerator, or FSDP2 (fully_shard over gloo). Same global batch (2 x 1 vs 1 x 2), same final adapter (SGD: see
     test_kernels_do_not_change_the_losses)."""
     same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 3, "save_steps": 10, "packing": True}
     train(tmp_path / "one", per_device_train_batch_size=2, **same)
     two = tmp_path / "two"
-    cfg = tmp_path / "ddp.yaml"
-    extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / deepspeed)} if deepspeed else {}
+    cfg = tmp_path / f"{engine}.yaml"
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options(two, per_device_train_batch_size=1,
-                                                                         **same, **extra).items()))
+                                                                         **{**same, **ENGINES[engine]}).items()))
     env = {**os.environ, "NPROC_PER_NODE": "2", "DS_ACCELERATOR": "cpu"}
     child = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg)], capture_output=True, text=True,
                            env=env, cwd=REPO)
@@ -405,6 +409,35 @@ def test_two_processes_train_what_one_process_trains(tmp_path, deepspeed):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
     assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+    if engine == "fsdp2":  # sharded, not DDP under another name: accelerate saved the checkpoint the FSDP way
+        assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= {p.name for p in (two / "checkpoint-3").iterdir()}
+
+
+def test_two_nodes_on_one_machine_train_what_one_process_trains_and_save_once(tmp_path):
+    """NNODES=2: two `lf train` launches rendezvous on 127.0.0.1 as node 0 and node 1 (one process each, gloo), as
+    on two machines; each node has its own output_dir (its own disk), and only global rank 0 writes to its own."""
+    same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 2, "save_steps": 10, "packing": True}
+    train(tmp_path / "one", per_device_train_batch_size=2, **same)
+    cfg = tmp_path / "nodes.yaml"
+    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options(tmp_path / "node0",
+                                                                         per_device_train_batch_size=1,
+                                                                         **same).items()))
+    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(launch._free_port())}
+    nodes = [subprocess.Popen([sys.executable, "-m", "lf.cli", "train", str(cfg), f"output_dir={tmp_path}/node{rank}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**env, "NODE_RANK": str(rank)}) for rank in (0, 1)]
+    for rank, node in enumerate(nodes):
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, f"node {rank}: {err[-3000:]}"
+        assert f"--nnodes=2 --node_rank={rank} --master_addr=127.0.0.1" in err
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "node0" /
+                                                                                "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
+    assert losses(tmp_path / "node0") == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+    # saved once: node 1 (global rank 1) wrote no adapter, checkpoint or log
+    assert not any((tmp_path / "node1").rglob("*.safetensors")) and not any((tmp_path / "node1").rglob("*.jsonl"))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -99,6 +99,18 @@ def accelerator() -> str:
     return device.current().kind
 
 
+def fsdp_version(fsdp_config) -> int:
+    """The FSDP version HF's TrainingArguments takes from fsdp_config (a dict, or a JSON file's path): 2 unless it
+    says otherwise (as `fsdp_version` or `version`)."""
+    if isinstance(fsdp_config, str):
+        if not os.path.isfile(fsdp_config):
+            return 2  # HF names the missing file
+        with open(fsdp_config) as f:
+            fsdp_config = json.load(f)
+    fsdp_config = fsdp_config or {}
+    return int(fsdp_config.get("fsdp_version", fsdp_config.get("version", 2)))
+
+
 def _bits_of() -> str:
     """The bits each quantization method takes: "bnb takes 4, 8; hqq takes 1, 2, 3, 4, 5, 6, 8"."""
     return "; ".join(f"{method} takes {', '.join(map(str, bits))}" for method, bits in QUANTIZATION_BITS.items()
@@ -494,12 +506,12 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.model.quantization_bit == 4 and c.model.double_quantization and accelerator() == "npu",
          "double_quantization: true on an Ascend NPU: bitsandbytes' NPU backend does not quantize the 4-bit "
          "scales a second time; set double_quantization: false"),
-    Rule("fsdp_on_cpu", lambda c: bool(c.training.fsdp) and (c.training.use_cpu or accelerator() == "cpu"),
-         # accelerate's AcceleratorState sets DistributedType.FSDP only from a multi-GPU/NPU/XPU/... type, never
-         # from MULTI_CPU (checked with accelerate 1.15)
-         lambda c: f"fsdp: {show(c.training.fsdp)} on the CPU: accelerate turns FSDP on for accelerator process "
-                   "groups only, so HF's Trainer would train with plain DDP (gloo), unsharded; remove fsdp and "
-                   "fsdp_config here (DDP runs as is), or use deepspeed with ZeRO-3 (it shards on the CPU)"),
+    Rule("fsdp1_on_cpu", lambda c: bool(c.training.fsdp) and (c.training.use_cpu or accelerator() == "cpu")
+         and fsdp_version(c.training.fsdp_config) == 1,
+         # checked with accelerate 1.15: FullyShardedDataParallelPlugin(fsdp_version=1) raises in __post_init__
+         "fsdp_config's fsdp_version: 1 on the CPU: accelerate's FSDP1 plugin needs an accelerator (\"There are "
+         "currently no available devices found, must be one of 'XPU', 'CUDA', ...\"); on the CPU lf runs FSDP2 "
+         "(fully_shard over gloo): set fsdp_version: 2, HF's default"),
     Rule("video_pixel_limits", lambda c: c.data.video_min_pixels > c.data.video_max_pixels >= 1,
          "video_min_pixels: {d.video_min_pixels} is above video_max_pixels: {d.video_max_pixels}: no frame size fits "
          "both; lower video_min_pixels or raise video_max_pixels"),

@@ -11,7 +11,8 @@
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
 - logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
-- a vision-language model's image processor is saved beside the tokenizer in every checkpoint and the output.
+- a vision-language model's image processor is saved beside the tokenizer in every checkpoint and the output;
+- `fsdp` on CPU processes runs FSDP2, which accelerate would leave as plain DDP (see _fsdp_on_the_cpu).
 
 The loss itself needs nothing here: lf's patched causal-LM forward takes `num_items_in_batch` from the Trainer
 (which passes it to models that accept loss kwargs) and computes the fused loss with the right normalisation.
@@ -23,6 +24,8 @@ import os
 import shutil
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -57,6 +60,11 @@ class LFTrainer(Seq2SeqTrainer):
         self.nonfinite_step = None  # the first step whose loss was nan/inf
         self._staging = None
         _tensorboard_folder(self, getattr(finetuning_args, "logging_dir", None))
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and self.accelerator.distributed_type == DistributedType.MULTI_CPU:
+            _fsdp_on_the_cpu(self)
 
     # -- tokens and loss ---------------------------------------------------------------------------------------
 
@@ -150,6 +158,19 @@ class LFTrainer(Seq2SeqTrainer):
                 self.state.best_model_checkpoint = best
         rotate_checkpoints(output_dir=final_root, save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _fsdp_on_the_cpu(trainer) -> None:
+    """FSDP for a process group of CPUs. accelerate (1.15) turns `fsdp` on only for accelerator process groups and
+    leaves CPUs on DDP, though FSDP2's fully_shard runs over gloo: lf makes the switch accelerate makes on a GPU.
+    PartialState keeps the type too: every later AcceleratorState() copies it back."""
+    state = trainer.accelerator.state
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
 
 
 def _badam(trainer) -> None:
