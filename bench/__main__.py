@@ -4,10 +4,8 @@ forward+backward time, peak memory, and lf's bandwidth (and FLOP/s) as a share o
 measured in the same run. See bench/README.md ("lf CPU kernel benchmark").
 
 ``python -m bench lm-head-loss [...]``, ``python -m bench qlora-linear [...]``, ``python -m bench quant-linear [...]``,
-``python -m bench dpo-step [...]``, ``python -m bench ppo-step [...]``, ``python -m bench serve [...]`` and
-``python -m bench triton-aot [...]`` run those benchmarks instead.
-``python -m bench ppo-step [...]``, ``python -m bench serve [...]``, ``python -m bench triton-aot [...]`` and
-``python -m bench oversubscription [...]`` run those benchmarks instead.
+``python -m bench dpo-step [...]``, ``python -m bench ppo-step [...]``, ``python -m bench serve [...]``,
+``python -m bench triton-aot [...]`` and ``python -m bench oversubscription [...]`` run those benchmarks instead.
 """
 
 from __future__ import annotations

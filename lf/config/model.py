@@ -8,8 +8,8 @@ from typing import Literal
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]  # weights' dtype; auto: per device (lf.model.options)
 FlashAttn = Literal["auto", "disabled", "sdpa", "fa2"]  # disabled: eager attention
 RopeScaling = Literal["linear", "dynamic", "yarn", "llama3"]
-CpuAllocator = Literal["tuned", "default"]
-InitSpecialTokens = Literal["noise_init", "desc_init", "desc_init_w_noise"]  # lf.model.special_tokens  # glibc's malloc settings (lf/allocator.py)
+CpuAllocator = Literal["tuned", "default"]  # glibc's malloc settings (lf/allocator.py)
+InitSpecialTokens = Literal["noise_init", "desc_init", "desc_init_w_noise"]  # lf.model.special_tokens
 # LLaMA-Factory's quantization_method names; lf.model.quantization builds bnb, hqq and quanto and refuses the others,
 # saying why
 QuantizationMethod = Literal["bnb", "bitsandbytes", "hqq", "eetq", "gptq", "awq", "aqlm", "quanto"]
