@@ -290,12 +290,13 @@ def _checkpoint_every(model, every: int) -> str:
 
 
 def _patch_kernels(model, model_args, upcast_norms: bool) -> list[str]:
-    if not model_args.use_lf_kernels:
+    asked = [(key, name) for key, name in (("enable_liger_kernel", "Liger"), ("use_unsloth", "Unsloth"))
+             if getattr(model_args, key)]
+    if not (model_args.use_lf_kernels or asked):
         return ["lf kernels off (use_lf_kernels: false): the model runs transformers' own code"]
     from lf.kernels import patch
 
-    lines = [f"{key}: lf's own fused kernels take {name}'s place" for key, name in
-             (("enable_liger_kernel", "Liger"), ("use_unsloth", "Unsloth")) if getattr(model_args, key)]
+    lines = [f"{key}: lf's own fused kernels take {name}'s place" for key, name in asked]
     # lf's rms_norm takes the weight in the input's dtype; float32 norms in a 16-bit model stay transformers'
     patch(model, rms_norm=not upcast_norms)  # logs its own report: what was patched, what not and why
     if upcast_norms:
