@@ -202,8 +202,8 @@ def test_every_field_reads_only_the_readable_folders(served):
                 (("evaluate", *eval_inputs(model_name_or_path=model)), ("model_name_or_path", model)),
                 (("load_model", model, "", "qwen", "en"), ("model_name_or_path", model)),
                 (("load_model", "lf-tiny-llama", model, "qwen", "en"), ("adapter_name_or_path", model)),
-                (("export", model, "", "qwen", str(root / "merged"), 1, "auto", "none", False, "en"),
-                 ("model_name_or_path", model)),
+                (("export", model, "", "qwen", str(root / "merged-fresh"), 1, "auto", "none", False, "en"),
+                 ("model_name_or_path", model)),  # a folder no other test fills: the read check is what refuses
             ]
             for (endpoint, *inputs), (key, path) in asked:
                 answer = json.dumps(call(client, endpoint, *inputs), ensure_ascii=False)

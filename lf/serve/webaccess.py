@@ -34,7 +34,8 @@ DEFAULT_HOST = "127.0.0.1"
 # generation_config take a file's path too.
 READ_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "media_dir", "tokenized_path", "task_dir",
              "cache_dir", "ref_model", "ref_model_adapters", "reward_model", "reward_model_adapters",
-             "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config", "generation_config")
+             "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config", "generation_config",
+             "new_special_tokens_config")
 COMMA_LISTS = ("adapter_name_or_path", "ref_model_adapters", "reward_model_adapters")
 # Keys that would reach beyond the machine with the server's own credentials (HF's upload of each save).
 UPLOAD_KEYS = ("push_to_hub",)

@@ -115,7 +115,7 @@ GGUF_TYPES = ("none", *get_args(GgufType))
 LOG_LINES = 200  # of the child's output shown
 WATCH_SECONDS = 2.0  # how often a tab looks for a run it did not start
 # the config keys naming paths that a training run writes to: each must be under the root
-WRITTEN_BY_TRAINING = ("output_dir", "logging_dir", "tokenized_path", "cache_dir")
+WRITTEN_BY_TRAINING = ("output_dir", "logging_dir", "tokenized_path", "cache_dir", "swanlab_logdir")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
