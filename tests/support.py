@@ -107,3 +107,16 @@ def random_lora_adapter(path) -> str:
                             init_lora_weights=False)
         get_peft_model(base, config).save_pretrained(path)
     return str(path)
+
+
+def load_quantized(path, method: str, **kwargs):
+    """The model at `path` quantized by quantization_method `method`, loaded by lf for inference in float32 (with
+    LoRA adapters as finetuning_type lora); kwargs are more ModelArguments."""
+    from lf.config.finetuning import FinetuningArguments
+    from lf.config.model import ModelArguments
+    from lf.model import load_model, load_tokenizer
+
+    model_args = ModelArguments(model_name_or_path=str(path), quantization_method=method, infer_dtype="float32",
+                                **kwargs)
+    return load_model(load_tokenizer(model_args), model_args, FinetuningArguments(finetuning_type="lora"),
+                      is_trainable=False)

@@ -3,6 +3,7 @@ train` on the tiny Llama lowers the loss and saves an adapter that loads back ov
 merges it into the unquantized base, and bit counts and methods lf does not build are refused in one line."""
 
 import json
+import functools
 import logging
 import shutil
 
@@ -11,16 +12,14 @@ import torch
 from hqq.core.quantize import HQQLinear
 from peft.tuners.lora.hqq import HqqLoraLinear
 from safetensors.torch import load_file
+from support import load_quantized
 from test_train import lf_home, losses, options  # noqa: F401 (lf_home: the module's tiny model)
 from transformers import AutoModelForCausalLM
 
 from lf.config import parse_train_args
-from lf.config.model import ModelArguments
-from lf.config.finetuning import FinetuningArguments
 from lf.config.parser import parse_infer_args
 from lf.errors import ConfigError, ModelError
 from lf.export import export
-from lf.model import load_model, load_tokenizer
 from lf.model.hqq import quantize_linears
 from lf.tiny import tiny_path
 from lf.train import run
@@ -48,11 +47,7 @@ def test_quantized_linear_is_x_times_dequantized_weight(bits):
     torch.testing.assert_close(x.grad, torch.ones(5, 96) @ w)
 
 
-def _load(path, **kwargs):
-    model_args = ModelArguments(model_name_or_path=str(path), quantization_method="hqq", infer_dtype="float32",
-                                **kwargs)
-    return load_model(load_tokenizer(model_args), model_args, FinetuningArguments(finetuning_type="lora"),
-                      is_trainable=False)
+_load = functools.partial(load_quantized, method="hqq")
 
 
 def test_lf_train_hqq_4bit_then_reload_and_export(tmp_path, caplog):
