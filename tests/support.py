@@ -120,3 +120,25 @@ def load_quantized(path, method: str, **kwargs):
                                 **kwargs)
     return load_model(load_tokenizer(model_args), model_args, FinetuningArguments(finetuning_type="lora"),
                       is_trainable=False)
+
+
+def check_export_merges_onto_the_full_base(out, export_dir, adapter: dict, key: str):
+    """`lf export` of the tiny Llama with the LoRA adapter trained in `out` (over a quantized base): the merged
+    q_proj of layer 0 is the unquantized base's weight plus scale * B @ A (LLaMA-Factory's rule: merge onto full
+    precision); `key` is that layer's lora_B in `adapter`. Returns the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from lf.config.parser import parse_infer_args
+    from lf.export import export
+    from lf.tiny import tiny_path
+
+    merged = export(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen",
+                                      "adapter_name_or_path": str(out), "export_dir": str(export_dir),
+                                      "export_dtype": "float32"}, "export"))["export_dir"]
+    merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32)
+    a, b = (adapter[key.replace("lora_B", "lora_A")], adapter[key])
+    scale = 8 / 4  # lora_alpha defaults to twice lora_rank (4)
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight,
+                               base.model.layers[0].self_attn.q_proj.weight + scale * b @ a, rtol=1e-5, atol=1e-6)
+    return merged

@@ -11,14 +11,11 @@ from optimum.quanto import QTensor
 from optimum.quanto.nn import QLinear
 from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file
-from support import load_quantized
+from support import check_export_merges_onto_the_full_base, load_quantized
 from test_train import lf_home, losses, options  # noqa: F401 (lf_home: the module's tiny model)
-from transformers import AutoModelForCausalLM
 
 from lf.config import parse_train_args
-from lf.config.parser import parse_infer_args
 from lf.errors import ConfigError, ModelError
-from lf.export import export
 from lf.model.quanto import quantize_linears
 from lf.tiny import tiny_path
 from lf.train import run
@@ -74,16 +71,7 @@ def test_lf_train_quanto_4bit_then_reload_and_export(tmp_path, caplog):
     lora = q_proj.lora_B["default"](q_proj.lora_A["default"](x)) * q_proj.scaling["default"]
     torch.testing.assert_close(q_proj(x), x @ q_proj.base_layer.weight.dequantize().T + lora, rtol=1e-5, atol=1e-6)
 
-    # lf export merges the adapter into the unquantized base (LLaMA-Factory's rule: merge onto full precision)
-    merged = export(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen",
-                                      "adapter_name_or_path": str(out), "export_dir": str(tmp_path / "merged"),
-                                      "export_dtype": "float32"}, "export"))["export_dir"]
-    merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32)
-    a, b = (adapter[key.replace("lora_B", "lora_A")], adapter[key])
-    scale = 8 / 4  # lora_alpha defaults to twice lora_rank (4)
-    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight,
-                               base.model.layers[0].self_attn.q_proj.weight + scale * b @ a, rtol=1e-5, atol=1e-6)
+    check_export_merges_onto_the_full_base(out, tmp_path / "merged", adapter, key)
 
 
 def test_refusals():
