@@ -177,6 +177,14 @@ def _model_command(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lf import threads
+    from lf.errors import ConfigError
+
+    try:
+        threads.policy()
+    except ConfigError as exc:  # importing lf left it alone; every command refuses it
+        print(f"lf: {exc}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="lf", description="lf: kernel-first fine-tuning of LLMs")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("version", help="print lf's version").set_defaults(run=_version)

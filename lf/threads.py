@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import os
 
+from lf.errors import ConfigError
+
 ENV_VAR = "LF_THREADS_POLICY"
+
+
+def policy() -> str:
+    """LF_THREADS_POLICY ('passive' by default); any other value is a ConfigError naming the choices."""
+    value = os.environ.get(ENV_VAR, "passive").strip().lower()
+    if value not in ("passive", "fixed"):
+        raise ConfigError(f"{ENV_VAR}={value!r} is not a policy; use 'passive' (the default) or 'fixed'")
+    return value
 
 
 def apply_wait_policy() -> None:
     """Idle OpenMP threads sleep instead of spinning, unless the environment says otherwise. Takes effect only
-    before the OpenMP runtime loads (with torch): lf/__init__.py calls it."""
-    value = os.environ.get(ENV_VAR, "passive").strip().lower()
-    if value not in ("passive", "fixed"):
-        from lf.errors import ConfigError
-
-        raise ConfigError(f"{ENV_VAR}={value!r} is not a policy; use 'passive' (the default) or 'fixed'")
+    before the OpenMP runtime loads (with torch): lf/__init__.py calls it. A bad LF_THREADS_POLICY changes nothing
+    here (importing lf never fails on it): lf's commands refuse it in one line (lf.cli.main)."""
+    try:
+        value = policy()
+    except ConfigError:
+        return
     if value == "passive" and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

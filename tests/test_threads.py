@@ -29,4 +29,15 @@ def test_bad_policy_names_the_choices(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(threads.ENV_VAR, "fast")
     with pytest.raises(ConfigError, match="LF_THREADS_POLICY='fast' is not a policy; use 'passive'"):
-        threads.apply_wait_policy()
+        threads.policy()
+    threads.apply_wait_policy()  # importing lf does not fail on it, and sets nothing
+    assert "OMP_WAIT_POLICY" not in threads.os.environ
+
+
+def test_lf_refuses_a_bad_policy_in_one_line(monkeypatch, capsys):
+    from lf.cli import main
+
+    monkeypatch.setenv(threads.ENV_VAR, "fast")
+    assert main(["version"]) == 2
+    assert capsys.readouterr().err == ("lf: LF_THREADS_POLICY='fast' is not a policy; use 'passive' (the default) "
+                                       "or 'fixed'\n")
