@@ -88,7 +88,7 @@ def test_each_accelerator_is_told_apart_with_what_follows_from_it(machine, kind,
     assert acc.device() == f"{device_type}:3" and acc.device(local_rank=1) == f"{device_type}:1"
     assert quantization._device_map(None) == {"": f"{device_type}:3"}  # bitsandbytes loads on this rank's device
     described = device.describe(acc)
-    assert described["distributed backend"] == acc.dist_backend
+    assert described["distributed backend"] == acc.dist_backend + (" (RCCL)" if kind == "rocm" else "")
     assert described[f"lf kernels on {device_type}"] == f"{kernels} backend"
     assert described["lf kernels on cpu"] == "cpu backend"
     if kind != "mps":  # LLaMA-Factory's fields: the device's name and memory (and CANN on an NPU)
