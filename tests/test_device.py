@@ -6,10 +6,13 @@ attention, kernel backend, device string, launch command); no kernel or collecti
 real multi-process paths (gloo on the CPU) are in test_train.py."""
 
 import sys
+import tomllib
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from lf import cli, device
 from lf.config import parse_train_args, parser
@@ -148,6 +151,20 @@ def test_torch_npu_is_loaded_only_when_installed(monkeypatch):
     monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: None)
     assert device._load_torch_npu() is None
     device._load_torch_npu.cache_clear()
+
+
+def test_the_torch_npu_extra_names_the_torch_npu_of_lfs_torch():
+    """torch_npu's releases follow torch's (2.13.x for torch 2.13, each built against that torch): lf[torch-npu],
+    CI's pins and the torch the tests run with agree."""
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (npu,) = map(Requirement, extras["torch-npu"])
+    lines = (root / ".ci" / "constraints.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+    release = torch.__version__.split("+")[0]
+    assert npu.name == "torch-npu" and pins["torch"] == release
+    assert pins["torch-npu"] in npu.specifier and pins["torch-npu"].split(".")[:2] == release.split(".")[:2]
+    assert f"{release.split('.')[0]}.{int(release.split('.')[1]) + 1}.0" not in npu.specifier  # not the next torch's
 
 
 BASE = {"model_name_or_path": "m", "dataset": "d", "template": "qwen", "output_dir": "o", "finetuning_type": "lora",
