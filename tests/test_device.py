@@ -248,3 +248,12 @@ def test_lf_env_prints_the_device_layer_view(machine, capsys):
                   "PEFT version", "TRL version", "accelerator: cpu", "distributed backend: gloo", "bf16: no",
                   "attention: sdpa, eager", "lf kernels on cpu: cpu backend", "CPU kernels:", "Default data directory"):
         assert field in out, field
+
+
+def test_lf_env_reports_an_unusable_npu_with_the_versions(machine, capsys):
+    with pytest.raises(device.DeviceError):
+        machine("npu", count=0)  # torch_npu installed, no NPU seen
+    assert cli.main(["env"]) == 1
+    out = capsys.readouterr().out
+    assert "- accelerator: not usable: torch_npu is installed but sees no NPU" in out
+    assert "- Transformers version:" in out and "- CPU kernels:" in out
