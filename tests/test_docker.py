@@ -83,7 +83,8 @@ def test_compose_builds_the_dockerfile_for_its_platform_and_mounts_its_volumes(p
             k: defaults[k] for k in ("BASE_IMAGE", "TORCH_INDEX")}
         assert extras_of(build["args"]["EXTRAS"]) == extras_of(defaults["EXTRAS"])
     assert service["image"] == f"lf:{platform}"
-    assert {"7860:7860", "8000:8000"} <= set(service["ports"])
+    # the host's loopback only: inside, the servers listen on 0.0.0.0, so the publishing decides who reaches them
+    assert set(service["ports"]) == {"127.0.0.1:7860:7860", "127.0.0.1:8000:8000"}
     mounted = {v.split(":")[1]: (folder / v.split(":")[0]).resolve() for v in service["volumes"]}
     assert VOLUMES <= set(mounted)
     assert mounted["/app/data"] == ROOT / "data"  # the repository's data/, as dataset_dir: data expects
