@@ -484,8 +484,15 @@ RULE_CASES = {
     "eaft_needs_lf_kernels": ({"use_eaft_loss": True, "use_lf_kernels": False},
                               "use_eaft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
                               "false turns it off"),
-    "one_token_weighting": ({"use_dft_loss": True, "use_eaft_loss": True},
-                            "use_dft_loss and use_eaft_loss both weight each token's loss, differently: keep one"),
+    "asft_needs_lf_kernels": ({"use_asft_loss": True, "use_lf_kernels": False},
+                              "use_asft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
+                              "false turns it off"),
+    "one_token_weighting": ({"use_dft_loss": True, "use_asft_loss": True},
+                            "use_dft_loss and use_asft_loss each weight every token's loss, differently (use_asft_loss "
+                            "is DFT's loss plus a KL term): keep one"),
+    "asft_options_need_asft": ({"ref_model": "lf-tiny-llama", "asft_alpha": 0.5},
+                               "asft_alpha, ref_model shape(s) use_asft_loss's KL term from a reference model, but "
+                               "use_asft_loss is off: set use_asft_loss: true, or remove them"),
     "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
                        "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }

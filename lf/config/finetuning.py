@@ -95,6 +95,9 @@ class FinetuningArguments:
     # sft: each token's loss weighted by (entropy of its top-20 logits / 3) ** eaft_alpha, detached (EAFT)
     use_eaft_loss: bool = False
     eaft_alpha: float = 1.0
+    # sft: DFT's loss plus asft_alpha x KL(reference's next-token distribution || the model's), per label token (ASFT)
+    use_asft_loss: bool = False
+    asft_alpha: float = 0.1
     early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
     # SwanLab tracking through its transformers callback (lf.train.tracking); LLaMA-Factory's keys and defaults
     use_swanlab: bool = False

@@ -298,11 +298,6 @@ UNSUPPORTED = types.MappingProxyType({
     "use_mca": Unsupported("Megatron-Core training", fix="remove the key: Megatron-Core (mcore_adapter) trains on "
                                                          "NVIDIA GPUs over NCCL, which lf has not been built and "
                                                          "tested on"),
-    "use_asft_loss": Unsupported("ASFT's loss (DFT's plus asft_alpha times the KL divergence from a reference "
-                                 "model's whole next-token distribution)",
-                                 fix="not built yet: it needs a fused KL against a second model's logits; "
-                                     "use_dft_loss is its first term"),
-    "asft_alpha": Unsupported("ASFT's loss", None),
     # data
     "eval_num_beams": Unsupported("beam search at evaluation", (None,),
                                   "set num_beams, the beams lf's do_predict searches (LLaMA-Factory 0.9.5 hands "
