@@ -306,10 +306,9 @@ RULE_CASES = {
                                                  "replies, but reward_model is not set"),
     "ppo_evaluates": ({"stage": "ppo", "reward_model": "saves/rm", "do_eval": True, "val_size": 0.1},
                       "stage: ppo does not evaluate"),
-    "preference_options_need_their_stage": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
-                                            "pref_loss, ref_model tune(s) dpo and kto and ppo training, but stage is "
-                                            "sft: "
-                                            "set stage: dpo"),
+    "preference_options_need_their_stage": ({"stage": "pt", "pref_loss": "ipo", "ref_model": "saves/ref"},
+                                            "ref_model, pref_loss tune(s) dpo and kto and ppo and sft training, but "
+                                            "stage is pt: set stage: dpo"),
     "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
                                                                "kto_pair, orpo, simpo."),
     "smoothing_needs_logistic_loss": ({"stage": "dpo", "pref_loss": "ipo", "dpo_label_smoothing": 0.1},
@@ -520,6 +519,8 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
         needed = {"reward_model": "saves/rm"} if stage == "ppo" else {}  # ppo's one required key
         if key in OFT_KEYS:  # read with finetuning_type: oft only
             needed["finetuning_type"] = "oft"
+        if key == "asft_alpha":  # read with use_asft_loss only
+            needed["use_asft_loss"] = True
         message = refused({**BASE, "stage": stage, **needed, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""
         assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"
