@@ -221,10 +221,11 @@ def test_every_unknown_key_is_listed_at_once():
 
 
 def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
-    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nadapter_folder: a\nlora_rnak: 4\nlora_rank: big\n")
+    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nuse_kt: true\nlora_rnak: 4\nlora_rank: big\n")
     assert refused([path]).splitlines() == [
-        f"adapter_folder: a (in {path}:2) asks for adapters from a folder, which lf does not support yet: "
-        "name them in adapter_name_or_path",
+        f"use_kt: true (in {path}:2) asks for KTransformers, which lf does not support yet: remove the key: "
+        "KTransformers' kernels need a CUDA GPU (beside an AMX or AVX-512 CPU), which lf has not been built and "
+        "tested on",
         f"unknown key 'lora_rnak' in {path}:3. Did you mean: lora_rank?",
         f"lora_rank: big (in {path}:4) is a string; expected a whole number"]
 
@@ -240,6 +241,16 @@ def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(
     message = refused({**BASE, key: value})
     assert message.startswith(f"{key}: ")
     assert f"(in the config) asks for {feature}" in message and "which lf does not support yet" in message
+
+
+def test_adapter_folder_is_joined_onto_each_adapter(tmp_path):
+    cfg = parse_train_args({**BASE, "adapter_name_or_path": "a, b", "adapter_folder": "run/checkpoint-9"})
+    assert cfg.model.adapter_name_or_path == "a/run/checkpoint-9,b/run/checkpoint-9"
+    assert cfg.model.adapter_folder is None  # joined once: a copy of the arguments does not join it again
+    for folder in ("../elsewhere", "/etc", "x/../../y"):
+        assert "must be a relative folder inside each adapter" in refused({**BASE, "adapter_name_or_path": "a",
+                                                                           "adapter_folder": folder})
+    assert refused({**BASE, "adapter_folder": "x"}).startswith("adapter_folder: x names a subfolder of each adapter")
 
 
 def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():

@@ -448,6 +448,27 @@ def test_adapter_continue_merge_and_create_new(llama, tmp_path):
         _load(llama, adapter_name_or_path=first, finetuning_type="full")
 
 
+def test_adapter_folder_loads_the_subfolder_of_each_adapter(llama, tmp_path):
+    """adapter_folder (LLaMA-Factory's subfolder of every adapter): an lf chat config naming the adapters' parent
+    folders and adapter_folder loads what naming the subfolders does."""
+    from lf.config import parse_infer_args
+
+    model, _ = _load(llama, use_lf_kernels=False)
+    for name in ("a1", "a2"):
+        _perturbed_adapter(model, tmp_path / name / "run" / "checkpoint-2")
+    ids = _batch()["input_ids"]
+    cfg = parse_infer_args({"model_name_or_path": llama, "adapter_name_or_path": f"{tmp_path / 'a1'},{tmp_path / 'a2'}",
+                            "adapter_folder": "run/checkpoint-2", "template": "qwen", "infer_dtype": "float32"},
+                           "chat")
+    loaded, lines = load_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning, is_trainable=False)
+    named, _ = _load(llama, is_trainable=False, adapter_name_or_path=",".join(
+        str(tmp_path / name / "run" / "checkpoint-2") for name in ("a1", "a2")))
+    base, _ = _load(llama, is_trainable=False)
+    assert any(line.startswith("merged adapter(s) into the weights") for line in lines)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, named(input_ids=ids).logits)
+    assert not torch.allclose(loaded(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
 # ---- QLoRA ----
 
 @pytest.mark.parametrize("bits,quant_type", [(4, "nf4"), (4, "fp4"), (8, "nf4")])

@@ -276,7 +276,6 @@ UNSUPPORTED = types.MappingProxyType({
                                      "arguments"),
     "use_kt": Unsupported("KTransformers", fix="remove the key: KTransformers' kernels need a CUDA GPU (beside an "
                                               "AMX or AVX-512 CPU), which lf has not been built and tested on"),
-    "adapter_folder": Unsupported("adapters from a folder", (None,), "name them in adapter_name_or_path"),
     "offload_folder": Unsupported("offloading weights to disk", None),
     "ms_hub_token": Unsupported("the ModelScope hub", (None,)),
     "om_hub_token": Unsupported("the Modelers hub", (None,)),
@@ -520,6 +519,25 @@ def _hf_defaults() -> dict:
     return defaults
 
 
+def _adapter_folder(model: ModelArguments) -> None:
+    """adapter_folder (LLaMA-Factory's `subfolder` of every adapter in adapter_name_or_path) joined onto each, once,
+    here: everything that loads adapters reads adapter_name_or_path alone. A folder inside each adapter's folder
+    only, so that it reaches no further than adapter_name_or_path does (lf webui checks that one)."""
+    folder = model.adapter_folder
+    if folder is None:
+        return
+    if not model.adapter_name_or_path:
+        raise ConfigError(f"adapter_folder: {folder} names a subfolder of each adapter of adapter_name_or_path, but "
+                          f"adapter_name_or_path is not set: set it, or remove adapter_folder")
+    parts = pathlib.PurePath(folder).parts
+    if not parts or os.path.isabs(folder) or ".." in parts:
+        raise ConfigError(f"adapter_folder: {folder!r} must be a relative folder inside each adapter of "
+                          f"adapter_name_or_path (e.g. checkpoint-100), without '..'")
+    paths = [path.strip() for path in model.adapter_name_or_path.split(",") if path.strip()]
+    model.adapter_name_or_path = ",".join(os.path.join(path, folder) for path in paths)
+    model.adapter_folder = None
+
+
 def _resolve(cfg: TrainConfig, training: dict) -> None:
     """lf's defaults that depend on other keys (after the rules, so these never hide a user's mistake)."""
     model, finetuning = cfg.model, cfg.finetuning
@@ -576,6 +594,7 @@ def parse_train_args(argv: list[str] | dict) -> TrainConfig:
     cfg = TrainConfig(ModelArguments(**groups["model"]), DataArguments(**groups["data"]),
                       FinetuningArguments(**groups["finetuning"]), GeneratingArguments(**groups["generating"]),
                       types.SimpleNamespace(**{**_hf_defaults(), **training}), source, raw)
+    _adapter_folder(cfg.model)
     check(cfg)
     _resolve(cfg, training)
     cfg.training = _build_training(training, where)
@@ -625,6 +644,8 @@ def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
                         f"id), with adapter_name_or_path for a LoRA adapter trained on it")
     if problems:
         raise ConfigError("\n".join(problems))
-    return InferConfig(ModelArguments(**groups["model"]), DataArguments(**groups["data"]),
-                       FinetuningArguments(**groups["finetuning"]), GeneratingArguments(**groups["generating"]),
-                       ExportArguments(**groups["export"]), EvaluationArguments(**groups["evaluation"]), source, raw)
+    model = ModelArguments(**groups["model"])
+    _adapter_folder(model)
+    return InferConfig(model, DataArguments(**groups["data"]), FinetuningArguments(**groups["finetuning"]),
+                       GeneratingArguments(**groups["generating"]), ExportArguments(**groups["export"]),
+                       EvaluationArguments(**groups["evaluation"]), source, raw)
