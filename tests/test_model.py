@@ -469,6 +469,40 @@ def test_adapter_folder_loads_the_subfolder_of_each_adapter(llama, tmp_path):
     assert not torch.allclose(loaded(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
+def test_offload_folder_runs_a_model_larger_than_free_memory_from_disk(llama, tmp_path, monkeypatch):
+    """offload_folder (lf chat, api, webchat, eval): with free memory (faked here) below the model's size, what
+    does not fit stays on disk and is read around each forward; the logits and the greedy answer are the
+    in-memory model's."""
+    import transformers.integrations.accelerate as hf_accelerate
+
+    from lf.config import parse_infer_args, parse_train_args
+    from lf.errors import ConfigError
+    from lf.model import load_inference_model
+
+    config = {"model_name_or_path": llama, "template": "qwen", "infer_dtype": "float32",
+              "offload_folder": str(tmp_path / "offload")}
+    cfg = parse_infer_args(config, "chat")
+    in_memory, _ = _load(llama, is_trainable=False)
+    size = sum(p.numel() * p.element_size() for p in in_memory.parameters())
+    monkeypatch.setattr(hf_accelerate, "get_max_memory", lambda max_memory=None: {"cpu": size // 3})
+    model = load_inference_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning)
+    assert "disk" in model.hf_device_map.values()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, in_memory(input_ids=ids).logits)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False),
+                       in_memory.generate(ids[:1], max_new_tokens=5, do_sample=False))
+
+    with pytest.raises(ConfigError, match="offload_folder: .* asks for weights beyond free memory offloaded to disk, "
+                                          "which lf chat, api, webchat, eval do and lf train does not"):
+        parse_train_args({**config, "dataset": "demo", "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match="lf export does not"):
+        parse_infer_args({**config, "export_dir": str(tmp_path / "export")}, "export")
+    adapted = parse_infer_args({**config, "adapter_name_or_path": str(tmp_path)}, "chat")
+    with pytest.raises(ModelError, match="offload_folder and adapter_name_or_path together"):
+        load_inference_model(load_tokenizer(adapted.model), adapted.model, adapted.finetuning)
+
+
 # ---- QLoRA ----
 
 @pytest.mark.parametrize("bits,quant_type", [(4, "nf4"), (4, "fp4"), (8, "nf4")])
