@@ -494,6 +494,12 @@ RULE_CASES = {
     "eaft_needs_lf_kernels": ({"use_eaft_loss": True, "use_lf_kernels": False},
                               "use_eaft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
                               "false turns it off"),
+    "placement_strategy_choice": ({"placement_strategy": "RANDOM"}, "placement_strategy: RANDOM is not one of PACK, "
+                                                                    "SPREAD, STRICT_PACK, STRICT_SPREAD.",
+                                  {"USE_RAY": "1"}),
+    "ray_keys_need_use_ray": ({"ray_num_workers": 2, "master_port": 29500},
+                              "ray_num_workers, master_port set(s) up training on Ray, which USE_RAY=1 turns on: run "
+                              "with USE_RAY=1 (pip install lf[ray]), or remove them"),
     "asft_needs_lf_kernels": ({"use_asft_loss": True, "use_lf_kernels": False},
                               "use_asft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
                               "false turns it off"),
@@ -521,7 +527,7 @@ def outside(allowed, whole: bool):
 
 
 @pytest.mark.parametrize("key", sorted(RANGES))
-def test_each_numeric_key_refuses_values_outside_its_range(key):
+def test_each_numeric_key_refuses_values_outside_its_range(key, monkeypatch):
     group, allowed, what = RANGES[key]
     annotation = _owners()[key][1]
     assert _owners()[key][0] == group
@@ -532,6 +538,8 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
             needed["finetuning_type"] = "oft"
         if key == "asft_alpha":  # read with use_asft_loss only
             needed["use_asft_loss"] = True
+        if key == "ray_num_workers":  # read with USE_RAY=1 only
+            monkeypatch.setenv("USE_RAY", "1")
         message = refused({**BASE, "stage": stage, **needed, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""
         assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"

@@ -267,6 +267,9 @@ class Unsupported:
 
 FP8_FIX = ("remove the key: FP8 training needs an NVIDIA GPU with FP8 tensor cores (Ada or Hopper, e.g. H100) and "
            "TransformerEngine or torchao, which lf has not been built and tested on")
+RAY_TRAIN_FIX = ("remove it: it named where Ray Train's TorchTrainer (LLaMA-Factory 0.9.4) kept a run's results; "
+                 "LLaMA-Factory 0.9.5 has no such key, and lf's Ray workers (USE_RAY=1) write to output_dir like "
+                 "any run")
 UNSUPPORTED = types.MappingProxyType({
     # model
     "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,),
@@ -303,11 +306,8 @@ UNSUPPORTED = types.MappingProxyType({
                                   "always passed, overrides)"),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),
     # training
-    "ray_run_name": Unsupported("Ray training", (None,)),
-    "ray_num_workers": Unsupported("Ray training", (1,)),
-    "ray_storage_filesystem": Unsupported("Ray training", (None,)),
-    **{key: Unsupported("Ray training", None) for key in
-       ("ray_storage_path", "resources_per_worker", "placement_strategy", "ray_init_kwargs")},
+    **{key: Unsupported("Ray Train's result storage", inert, RAY_TRAIN_FIX) for key, inert in
+       (("ray_run_name", (None,)), ("ray_storage_path", None), ("ray_storage_filesystem", (None,)))},
     "save_safetensors": Unsupported("pickled checkpoints", (True,), "remove it: transformers 5 writes safetensors"),
 })
 

@@ -187,6 +187,7 @@ RANGES = types.MappingProxyType({
     "preprocessing_num_workers": ("data", AT_LEAST_1, "the processes tokenizing (remove it to tokenize in this one)"),
     "buffer_size": ("data", AT_LEAST_1, "the examples a stream is shuffled among"),
     "lora_rank": ("finetuning", AT_LEAST_1, "the adapters' rank (8 to 64 is usual)"),
+    "ray_num_workers": ("finetuning", AT_LEAST_1, "the Ray workers, one rank each (USE_RAY=1)"),
     "lora_alpha": ("finetuning", POSITIVE, "the adapters' scale, over the rank (remove it: 2 x lora_rank)"),
     "moe_aux_loss_coef": ("model", AT_LEAST_0, "the weight of a mixture-of-experts router's load-balancing loss (0.001 "
                                                "is usual; 0: none)"),
@@ -376,6 +377,18 @@ def _stray_message(cfg) -> str:
             f"set stage: {wanted[0]}, or remove them")
 
 
+RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "resources_per_worker", "placement_strategy", "master_addr",
+            "master_port")
+
+
+def _ray_keys(cfg) -> list[str]:
+    """The Ray keys given away from their defaults, when USE_RAY is off (they would do nothing)."""
+    if os.environ.get("USE_RAY", "").strip().lower() in ("1", "true", "y", "yes"):
+        return []
+    defaults = FinetuningArguments()
+    return [key for key in RAY_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
 def _token_weightings(cfg) -> list[str]:
     """The keys that weight each token's loss, given true."""
     return [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(cfg.finetuning, key)]
@@ -563,6 +576,9 @@ RULES: tuple[Rule, ...] = (
            and not c.model.use_lf_kernels,
            f"use_{name}_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
            f"remove one of the two") for name in ("dft", "eaft", "asft")),
+    Rule("ray_keys_need_use_ray", lambda c: bool(_ray_keys(c)),
+         lambda c: f"{', '.join(_ray_keys(c))} set(s) up training on Ray, which USE_RAY=1 turns on: run with USE_RAY=1 "
+                   f"(pip install lf[ray]), or remove them (NPROC_PER_NODE=2 runs several processes with torchrun)"),
     Rule("one_token_weighting", lambda c: len(_token_weightings(c)) > 1,
          lambda c: f"{' and '.join(_token_weightings(c))} each weight every token's loss, differently (use_asft_loss "
                    f"is DFT's loss plus a KL term): keep one"),
