@@ -191,6 +191,29 @@ def test_use_asft_loss_is_dft_plus_asft_alpha_times_the_kl_from_the_reference(tm
         parse_train_args(options(tmp_path, stage="pt", use_asft_loss=True))
 
 
+def test_the_asft_reference_of_a_lora_model_is_its_base():
+    """Without ref_model a LoRA run's reference is the model with its adapter off: its hidden states are the
+    base's, whatever the adapter has learnt (here: random B matrices), and the adapter is back on after."""
+    from peft import LoraConfig, get_peft_model
+
+    from lf.kernels.patch import reference_head
+    from lf.train.reference import as_reference
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32)
+    with torch.no_grad():
+        expected = base.model(input_ids=IDS).last_hidden_state
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.train()
+    with as_reference(model) as reference:
+        head = reference_head(reference, {"input_ids": IDS, "labels": IDS})
+    assert (head["ref_hidden"] - expected).abs().max() < ATOL
+    assert head["ref_weight"] is model.get_base_model().lm_head.weight
+    assert model.training
+    adapted = reference_head(model, {"input_ids": IDS})["ref_hidden"]
+    assert (adapted - expected).abs().max() > 100 * ATOL  # the adapter is on again, and does something
+
+
 def test_use_asft_loss_training_lowers_it(tmp_path, other_reference):
     """With a reference the model starts far from, ASFT's KL term dominates and training lowers the loss."""
     out = tmp_path / "out"

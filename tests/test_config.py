@@ -488,21 +488,15 @@ RULE_CASES = {
                               "turns autocast on: remove one of the two"),
     "pure_bf16_dtype": ({"pure_bf16": True, "infer_dtype": "float16"},
                         "pure_bf16: true loads the weights in bfloat16, but infer_dtype is float16"),
-    "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
-                             "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
-                             "turns it off"),
-    "eaft_needs_lf_kernels": ({"use_eaft_loss": True, "use_lf_kernels": False},
-                              "use_eaft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
-                              "false turns it off"),
+    **{f"{name}_needs_lf_kernels": ({f"use_{name}_loss": True, "use_lf_kernels": False},
+                                    f"use_{name}_loss: true weights the tokens inside lf's fused loss, but "
+                                    f"use_lf_kernels: false turns it off") for name in ("dft", "eaft", "asft")},
     "placement_strategy_choice": ({"placement_strategy": "RANDOM"}, "placement_strategy: RANDOM is not one of PACK, "
                                                                     "SPREAD, STRICT_PACK, STRICT_SPREAD.",
                                   {"USE_RAY": "1"}),
     "ray_keys_need_use_ray": ({"ray_num_workers": 2, "master_port": 29500},
                               "ray_num_workers, master_port set(s) up training on Ray, which USE_RAY=1 turns on: run "
                               "with USE_RAY=1 (pip install lf[ray]), or remove them"),
-    "asft_needs_lf_kernels": ({"use_asft_loss": True, "use_lf_kernels": False},
-                              "use_asft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
-                              "false turns it off"),
     "one_token_weighting": ({"use_dft_loss": True, "use_asft_loss": True},
                             "use_dft_loss and use_asft_loss each weight every token's loss, differently (use_asft_loss "
                             "is DFT's loss plus a KL term): keep one"),
