@@ -6,7 +6,8 @@ The actors sit in one placement group of ray_num_workers bundles (resources_per_
 where lf.device finds accelerators; placement_strategy, default PACK). Ranks go by node, the driver's node first:
 LOCAL_RANK counts the workers of a node. MASTER_ADDR is rank 0's node (master_addr overrides), MASTER_PORT a free
 port (master_port overrides). ray_init_kwargs go to ray.init (e.g. {"address": "auto"} to join a running cluster;
-by default a local one starts and stops with the run). `pip install lf[ray]`.
+by default a local one starts and stops with the run, without the dashboard, whose HTTP jobs API runs code; Ray's
+own ports answer only holders of the cluster's token, Ray 2.60's default). `pip install lf[ray]`.
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ def train(argv: list[str], cfg) -> int:
     started = not ray.is_initialized()
     if started:
         init = fin.ray_init_kwargs
-        ray.init(**(json.loads(init) if isinstance(init, str) else init or {}))
+        init = json.loads(init) if isinstance(init, str) else dict(init or {})
+        if "address" not in init:  # a local cluster: without the dashboard's HTTP server (its jobs API runs code)
+            init.setdefault("include_dashboard", False)
+        ray.init(**init)
     try:
         workers, bundle = fin.ray_num_workers, _bundle(fin)
         _check_resources(ray, bundle, workers)
@@ -102,6 +106,8 @@ def train(argv: list[str], cfg) -> int:
                        "LOCAL_WORLD_SIZE": str(len(same_node)), "MASTER_ADDR": master, "MASTER_PORT": str(port)}
         codes = ray.get([actors[i].train.remote(argv, envs[i]) for i in range(workers)])
         remove_placement_group(group)
+        if not max(codes):  # the workers' own output reaches here through Ray's log forwarding, not always by now
+            print(f"\nlf train: done on {workers} Ray workers. Outputs: {cfg.training.output_dir}", flush=True)
     except ray.exceptions.RayError as exc:
         raise TrainError(f"a Ray worker failed: {exc}") from exc
     finally:
