@@ -106,8 +106,10 @@ def _train(args) -> int:
 
 def _train_and_report(argv: list[str]) -> int:
     from lf.config import parse_train_args
-    from lf.train import launch, run
+    from lf.train import launch, ray_launch, run
 
+    if ray_launch.wanted():  # USE_RAY=1: each Ray worker runs this command again, as one rank
+        return ray_launch.train(argv, parse_train_args(argv))
     torchrun = launch.command(argv)  # several accelerators, NPROC_PER_NODE, NNODES or FORCE_TORCHRUN
     if torchrun:
         return launch.launch(torchrun)

@@ -233,11 +233,13 @@ def test_launch_variables(machine, monkeypatch):
         launch.command(["c.yaml"])
 
 
-def test_use_ray_is_refused_in_one_line(machine, monkeypatch, capsys, tmp_path):
+def test_use_ray_without_ray_is_refused_in_one_line(machine, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("USE_RAY", "1")
-    assert cli.main(["train", str(tmp_path / "cfg.yaml")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("lf train: USE_RAY is not supported: lf has no Ray Train integration") and "\n" not in err
+    monkeypatch.setitem(sys.modules, "ray", None)  # not installed
+    assert cli.main(["train", "model_name_or_path=lf-tiny-llama", "dataset=demo",
+                     f"output_dir={tmp_path / 'out'}", "ray_num_workers=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log's lines
+    assert err.startswith("lf train: USE_RAY=1 trains on Ray, which is not installed: pip install lf[ray]")
 
 
 def test_lf_env_prints_the_device_layer_view(machine, capsys):

@@ -443,6 +443,31 @@ def test_two_nodes_on_one_machine_train_what_one_process_trains_and_save_once(tm
     assert not any((tmp_path / "node1").rglob("*.safetensors")) and not any((tmp_path / "node1").rglob("*.jsonl"))
 
 
+def test_ray_workers_train_what_one_process_trains(tmp_path):
+    """USE_RAY=1, ray_num_workers: 2: a local Ray cluster of 2 CPUs runs two actors, each `lf train` as one rank of
+    torch.distributed over gloo (DDP); same global batch (2 x 1 vs 1 x 2), same final adapter."""
+    same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 2, "save_steps": 10, "packing": True}
+    train(tmp_path / "one", per_device_train_batch_size=2, **same)
+    two = tmp_path / "two"
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options(
+        two, per_device_train_batch_size=1, ray_num_workers=2,
+        ray_init_kwargs={"num_cpus": 2}, **same).items()))
+    child = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg)], capture_output=True, text=True,
+                           env={**os.environ, "USE_RAY": "1"}, cwd=REPO, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert f"lf train: done on 2 Ray workers. Outputs: {two}" in child.stdout
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
+    assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+    too_many = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg), "ray_num_workers=3"],
+                              capture_output=True, text=True, env={**os.environ, "USE_RAY": "1"}, cwd=REPO,
+                              timeout=600)
+    assert too_many.returncode == 2
+    assert "ray_num_workers: 3 workers of {'CPU': 1.0} need 3 CPU, but the Ray cluster has 2 CPU" in too_many.stderr
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_an_adapter_over_a_quantized_base(tmp_path, bits):
     out = tmp_path / f"qlora{bits}"
