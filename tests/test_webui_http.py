@@ -225,7 +225,8 @@ def test_every_field_reads_only_the_readable_folders(served):
 
 def test_field_values_cannot_add_keys_or_upload(served):
     """A value with a newline stays one YAML value (the child reads only the keys the page sets), and a run that
-    would upload with the server's credentials (push_to_hub) is refused."""
+    would upload with the server's credentials (push_to_hub), or report to a tracker on a page not trusted with
+    them, is refused."""
     url, root, _ = served
     with logged_in(url) as client:
         injected = "lf-tiny-llama\ndataset_dir: /etc\noutput_dir: /tmp"
@@ -237,6 +238,10 @@ def test_field_values_cannot_add_keys_or_upload(served):
         assert written["output_dir"] == str(root / "out")
         started = call(client, "start", *train_inputs(output_dir=str(root / "out"), extra="push_to_hub: true"))[0]
         assert started.startswith("**not started**: push_to_hub: the web UI uploads nothing"), started
+        # a page not trusted with the server's credentials (Root(trusted=False); lf webui gives it on 127.0.0.1
+        # or with --auth) starts no tracker
+        started = call(client, "start", *train_inputs(output_dir=str(root / "out"), extra="report_to: swanlab"))[0]
+        assert started.startswith("**not started**: report_to: swanlab would send the run to a service"), started
     (root / "x.yaml").unlink()
 
 

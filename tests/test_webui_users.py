@@ -44,7 +44,11 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, lf_home):  # n
         _wait(lambda: last(str(out)) is not None or run.state() != "running", 300, "no checkpoint was saved")
         assert trainer.stop(BOB) == words("run.not_owner") and run.state() == "running"
         assert trainer.stop(webui.Owner("ann-other-tab")) == words("run.not_owner")
-        assert trainer.stop(ANN) is None and run.state() == "stopped"
+        assert trainer.stop(webui.Owner("ann-login-tab", "ann")) == words("run.not_owner")
+        trainer.release(BOB)  # another tab closes: nothing changes
+        assert trainer.stop(BOB) == words("run.not_owner") and run.state() == "running"
+        trainer.release(ANN)  # Ann's tab closes (or reloads): the run is anyone's to stop
+        assert trainer.stop(BOB) is None and run.state() == "stopped"
         step = int(Path(last(str(out))).name.removeprefix("checkpoint-"))
         kept = [r for r in webui.read_log(out / "trainer_log.jsonl") if r["current_steps"] <= step]
 
