@@ -1,9 +1,10 @@
 """`lf webui`: the YAML the Train tab builds (read back by `lf train`'s parser), the log and loss-curve readers, the
 checks of Start, Save YAML and Export (the config as `lf train` checks it, every written path under the root, no
 export over a non-empty folder unless told), the login and address options, and the page itself in headless
-Chromium: a tiny quickstart run trained from the Train tab (loss plot drawn), a chat with the adapter it made, its
-predictions scored in the Evaluate & Predict tab, a run stopped, then in Chinese the demo multiple-choice task
-evaluated, and the language kept over a reload. The same checks as a stranger calling the HTTP endpoints meets
+Chromium: two tabs, one in English and one in Chinese, drive every tab of the page (a tiny quickstart run trained,
+its loss plot, a chat with the adapter it made, exported, its predictions scored, the demo multiple-choice task
+evaluated, a run stopped), each run started in one language and followed in the other; the chat model owned by the
+tab that loaded it; the language kept over a reload. The same checks as a stranger calling the HTTP endpoints meets
 them: test_webui_http.py."""
 
 import argparse
@@ -12,6 +13,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -23,6 +25,7 @@ from lf.config import parse_train_args
 from lf.errors import ConfigError
 from lf.serve import webui
 from lf.serve.webaccess import Access, Root, add_server_args
+from lf.serve.webui_text import TEXT, words
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -144,6 +147,41 @@ def test_preview_warns_of_trust_remote_code():
     assert yaml.safe_load(preview)["trust_remote_code"] is True  # a comment: the YAML below is unchanged
 
 
+# What a run does with the server's credentials or rights, and the start of its refusal on an untrusted page
+TRUSTED_ONLY = [
+    ("report_to: swanlab", "report_to: swanlab would send the run to a service with this server's credentials"),
+    ("report_to: [tensorboard, swanlab]", "report_to: swanlab would send"),
+    ("report_to: all", "report_to: swanlab"),  # every tracker installed: the test extra's tensorboard and swanlab
+    ("use_swanlab: true", "use_swanlab: SwanLab's cloud would get the run"),
+    ("use_swanlab: true\nswanlab_mode: offline\nswanlab_api_key: k", "swanlab_api_key: would log this server in"),
+    ("use_swanlab: true\nswanlab_mode: offline\nswanlab_lark_webhook_url: http://127.0.0.1:9/hook",
+     "swanlab_lark_webhook_url: would make this server call a URL"),
+    ("stage: ppo\nreward_model: http://127.0.0.1:9/v1\nreward_model_type: api",
+     "reward_model_type: api would make this server call the reward_model URL"),
+    ("trust_remote_code: true", "trust_remote_code: true would run the Python code the model ships"),
+]
+
+
+@pytest.mark.parametrize("extra, refusal", TRUSTED_ONLY)
+def test_a_page_open_to_strangers_refuses_what_uses_the_servers_credentials(root, extra, refusal):
+    form = fields(output_dir=str(root.path / "out"), extra=extra)
+    problem = webui.Trainer(root).start(form)
+    assert problem.startswith(f"**not started**: {refusal}") and problem.endswith(
+        "this web UI allows that only behind a login or on this machine alone: remove it, or restart lf webui with "
+        "--auth USER:PASSWORD (or on 127.0.0.1), or run lf train yourself"), problem
+    assert webui.save_yaml(root, form, str(root.path / "r.yaml")).startswith(f"**not saved**: {refusal}")
+    assert [path.name for path in root.path.iterdir()] == ["link"]  # no run folder, no YAML
+    trusted = Root(str(root.path), trusted=True)  # behind a login, or on 127.0.0.1 (Access.trusted)
+    assert yaml.safe_load(extra).items() <= webui.checked_config(form, trusted).items()
+
+
+@pytest.mark.parametrize("extra", ["report_to: tensorboard", "report_to: none",
+                                   "use_swanlab: true\nswanlab_mode: offline"])
+def test_local_trackers_need_no_trust(root, extra):
+    form = fields(output_dir=str(root.path / "out"), extra=extra)
+    assert yaml.safe_load(extra).items() <= webui.checked_config(form, root).items()
+
+
 def test_export_stays_in_the_root_and_off_non_empty_folders(root, tmp_path):
     export = functools.partial(webui.run_export, root, str(tmp_path / "no-model"), "", "qwen", export_size=1,
                                export_dtype="auto", export_gguf="none")
@@ -186,6 +224,8 @@ def test_access_options(tmp_path, monkeypatch, caplog):
     assert access == Access("0.0.0.0", 7001, (("eve", "x"), ("ann", "s3cret:with:colons"), ("bob", "pw")))
     assert _access("--host", "::1").local() and _access("--host", "localhost").local()
     assert not _access("--host", "my-box").local()
+    # trusted with the server's credentials (webaccess.TRUSTED_ONLY): a login, or this machine only
+    assert access.trusted and _access("--host", "::1").trusted and not _access("--host", "my-box").trusted
     for argv, message in [(("--auth", "eve"), "--auth: expected USER:PASSWORD"),
                           (("--auth", ":pw"), "--auth: expected USER:PASSWORD"),
                           (("--auth-file", str(tmp_path / "none")), "--auth-file: cannot read"),
@@ -244,7 +284,12 @@ def test_chat_streams_the_engines_reply_and_webchat_serves_it(tmp_path, monkeypa
     assert "open: no login" not in header(served[0][0])
     assert webui.command(["--port", "7999", "--root", str(tmp_path)]) == 0
     assert served[1][1] == Access("127.0.0.1", 7999) and served[1][0].trainer.root.path == tmp_path
-    assert "open: no login" in header(served[1][0])
+    assert "open: no login" in header(served[1][0]) and served[1][0].trainer.root.trusted
+    assert webui.command(["--host", "0.0.0.0", "--root", str(tmp_path), "--lang", "zh"]) == 0
+    assert not served[2][0].trainer.root.trusted and not served[2][0].evaluator.root.trusted  # open beyond here
+    assert header(served[2][0]).startswith("## lf 网页界面")
+    assert webui.command(["--host", "0.0.0.0", "--auth", "ann:pw", "--root", str(tmp_path)]) == 0
+    assert served[3][0].trainer.root.trusted
 
     engine = Engine(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen"}, "webchat"))
     history = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"})
@@ -264,14 +309,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def send(page, said: str) -> None:
-    """Sends `said` in the page's chat, greedy and 4 tokens at the most, and waits for the reply."""
-    page.get_by_text("generation settings").first.click()
-    for label, value in (("max_new_tokens", "4"), ("temperature (0: greedy)", "0")):
-        page.get_by_label(label).last.fill(value)
-        page.get_by_label(label).last.press("Enter")
-    page.get_by_label("message").fill(said)
-    page.get_by_role("button", name="Send").click()
+def send(page, said: str, lang: str = "en") -> None:
+    """Sends `said` in the page's chat (its words in `lang`), greedy and 4 tokens at the most, and waits for the
+    reply."""
+    chat = page.locator("#tab_chat")
+    chat.get_by_text(words("chat.settings", lang)).first.click()
+    for key, value in (("max_new_tokens", "4"), ("temperature", "0")):
+        chat.get_by_label(words(f"field.{key}", lang)).last.fill(value)
+        chat.get_by_label(words(f"field.{key}", lang)).last.press("Enter")
+    chat.get_by_label(words("chat.message", lang)).fill(said)
+    chat.get_by_role("button", name=words("chat.send", lang)).click()
     page.wait_for_function("() => { const m = document.querySelector('#chatbot [data-testid=bot]'); "
                            "return m && m.innerText.trim().length > 0; }", timeout=60_000)
 
@@ -283,128 +330,224 @@ def _status(page, selector: str, *words: str, timeout: float) -> str:
     return page.locator(selector).inner_text()
 
 
-def served_page(tmp_path) -> tuple:
-    """The `lf webui` page, its root tmp_path, served on a free port: (demo, port)."""
-    demo = webui.create_ui(webui.Trainer(Root(str(tmp_path))))
+def bold(key: str, lang: str) -> str:
+    """The bold start of a status message (TEXT[key]: "**finished**: ..."), as the page shows it: "finished"."""
+    return TEXT[key][lang].split("**")[1]
+
+
+def served_page(tmp_path, lang: str = "en") -> tuple:
+    """The `lf webui` page, its root tmp_path, served on a free port in `lang` (as `lf webui --lang`): (demo,
+    port)."""
+    demo = webui.create_ui(webui.Trainer(Root(str(tmp_path))), lang=lang)
     port = _free_port()
     demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
     return demo, port
 
 
-def test_train_chat_and_stop_in_a_browser(tmp_path):
-    from playwright.sync_api import sync_playwright
+@dataclass
+class Tab:
+    """A browser tab on the page and its language: its words, fields and status lines."""
+    page: object
+    lang: str
 
-    demo, port = served_page(tmp_path)
+    def say(self, key: str) -> str:
+        return words(key, self.lang)
+
+    def tab(self, key: str):
+        """Selects the tab named by TEXT `key` (tab.train, ...) and gives its content."""
+        self.page.get_by_role("tab", name=self.say(key)).click()
+        return self.page.locator(f"#tab_{key.removeprefix('tab.')}")
+
+    def field(self, where, key: str):
+        return where.get_by_label(self.say(f"field.{key}"), exact=True)
+
+    def fill(self, where, values: dict) -> None:
+        for key, value in values.items():
+            self.field(where, key).fill(value)
+        self.field(where, key).press("Tab")  # the last one's change goes out too
+
+    def status(self, selector: str, *keys: str, timeout: float) -> str:
+        """The status line `selector` once it says one of `keys` (statuses starting in bold, in this language)."""
+        return _status(self.page, selector, *(bold(key, self.lang) for key in keys), timeout=timeout)
+
+    def yaml_shows(self, text: str) -> None:
+        self.page.wait_for_function(f"document.querySelector('#train_yaml').innerText.includes({text!r})")
+
+    def plotted(self) -> None:
+        """The loss plot: both curves drawn through the logged steps."""
+        self.page.wait_for_selector("#loss_plot svg .mark-line path")
+        paths = self.page.locator("#loss_plot svg .mark-line path")
+        assert paths.count() == 2 and all(len(p.get_attribute("d") or "") > 10 for p in paths.all())
+
+
+def test_every_tab_in_both_languages_in_a_browser(tmp_path):
+    """Two browser tabs on one page, one in English (its language switch) and one in Chinese (the server's --lang),
+    drive every tab: each run is started in one language and followed, read-only, in the other, so the quickstart
+    is trained once. Train (fields, dataset preview, Save and Load YAML, the run, the loss plot), Chat (the model
+    one tab loaded, a conversation in each, its unloading), Export, Evaluate & Predict (predictions: BLEU and ROUGE
+    and the predictions table; the demo multiple-choice task: accuracy per category), a run stopped, and the
+    language kept over a reload."""
+    from playwright.sync_api import expect, sync_playwright
+
+    demo, port = served_page(tmp_path, lang="zh")
+    data, out = str(REPO / "data"), tmp_path / "run"
+    short = {"dataset_dir": data, "cutoff_len": "64", "max_samples": "8", "per_device_train_batch_size": "2",
+             "logging_steps": "1"}
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.goto(f"http://127.0.0.1:{port}/")
-            assert "open: no login" in page.locator("#header").inner_text()
-            out = tmp_path / "run"
+            en, zh = (Tab(browser.new_context(viewport={"width": 1400, "height": 1600}).new_page(), lang)
+                      for lang in ("en", "zh"))
+            for tab in (en, zh):
+                tab.page.goto(f"http://127.0.0.1:{port}/")
+            zh.page.get_by_role("button", name="开始", exact=True).wait_for()  # the server's language
+            assert "公开：无需登录" in zh.page.locator("#header").inner_text()
+            en.page.get_by_label("English").check()  # the switch
+            en.page.get_by_role("button", name="Start", exact=True).wait_for()
+            assert "open: no login" in en.page.locator("#header").inner_text()
 
-            # Train: the tiny quickstart, a few steps
-            form = {"dataset_dir": str(REPO / "data"), "output_dir": str(out), "max_steps": "3", "cutoff_len": "64",
-                    "max_samples": "8", "per_device_train_batch_size": "2", "logging_steps": "1"}
-            train = page.locator("#tab_train")
-            for key, value in form.items():
-                train.get_by_label(key, exact=True).fill(value)
+            # Train, in Chinese: the fields, the dataset preview, Save YAML and Load YAML
+            train = zh.tab("tab.train")
+            zh.fill(train, {**short, "output_dir": str(tmp_path / "zh_run"), "max_steps": "2"})
+            zh.yaml_shows("max_steps: 2")
+            train.get_by_text(zh.say("train.preview"), exact=True).click()
+            train.get_by_role("button", name=zh.say("train.preview_button")).click()
+            zh.page.wait_for_selector("#dataset_preview pre mark")  # the replies, marked as trained on
+            assert zh.say("preview.legend") in zh.page.locator("#dataset_preview").inner_text()
+            train.get_by_label(zh.say("train.save_to"), exact=True).fill(str(tmp_path / "zh.yaml"))
+            train.get_by_role("button", name=zh.say("train.save")).click()
+            zh.status("#train_status", "save.done", timeout=30)
+            assert yaml.safe_load((tmp_path / "zh.yaml").read_text())["max_steps"] == 2
+            train.get_by_role("button", name=zh.say("train.load")).click()
+            zh.status("#train_status", "load.done", timeout=30)
+
+            # Train, in English: the tiny quickstart, a few steps, followed in the Chinese tab
+            train = en.tab("tab.train")
+            en.fill(train, {**short, "output_dir": str(out), "max_steps": "3"})
             train.get_by_label("save the YAML to", exact=True).fill("saves/my run.yaml")
-            train.get_by_label("logging_steps", exact=True).press("Tab")
-            page.wait_for_function("document.querySelector('#train_command textarea').value === "
-                                   "\"lf train 'saves/my run.yaml'\"")
-            page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 3')")
-            assert f"output_dir: {out}" in page.locator("#train_yaml").inner_text()
-            train.get_by_text("dataset preview", exact=True).click()
-            page.locator("#preview_button").click()
-            page.wait_for_selector("#dataset_preview pre mark")  # the replies, marked as trained on
-            assert "<|im_start|>user" in page.locator("#dataset_preview pre").first.inner_text()
-            page.locator("#start").click()
-            status = _status(page, "#train_status", "finished", "failed", "not started", timeout=240)
-            log = page.locator("#train_log textarea").input_value()
-            assert "finished" in status, f"{status}\n{log}"
-            assert "lf train: done" in log
-            # the loss plot: both curves drawn through the 3 logged steps
-            page.wait_for_selector("#loss_plot svg .mark-line path")
-            paths = page.locator("#loss_plot svg .mark-line path")
-            assert paths.count() == 2 and all(len(p.get_attribute("d") or "") > 10 for p in paths.all())
-            assert len(webui.read_log(out / "trainer_log.jsonl")) == 3
-
-            # Chat: the finished run filled in its adapter; load it and talk
-            page.get_by_role("tab", name="Chat").click()
-            adapter = page.get_by_label("adapter_name_or_path (empty: none)").first
-            assert adapter.input_value() == str(out)
-            page.locator("#load_model").click()
-            assert "loaded" in _status(page, "#chat_status", "loaded", timeout=120)
-            send(page, "Who are you?")
-            assert page.locator('#chatbot [data-testid="user"]').inner_text().strip() == "Who are you?"
-            assert page.locator('#chatbot [data-testid="bot"]').count() == 1
-
-            # Export: the same adapter, merged
-            page.get_by_role("tab", name="Export").click()
-            page.get_by_label("export_dir", exact=True).fill(str(tmp_path / "merged"))
-            page.get_by_role("button", name="Export", exact=True).click()
-            status = _status(page, "#export_status", "exported", "not exported", timeout=120)
-            assert status.startswith("exported") and (tmp_path / "merged" / "config.json").exists(), status
-
-            # Evaluate & Predict: the adapter's predictions on a few prompts, scored
-            page.get_by_role("tab", name="Evaluate & Predict").click()
-            evaluate = page.locator("#tab_eval")
-            assert evaluate.get_by_label("adapter_name_or_path (empty: none)").input_value() == str(out)
-            for label, value in (("dataset_dir", str(REPO / "data")), ("max_samples", "3"), ("cutoff_len", "64"),
-                                 ("max_new_tokens", "6"), ("output_dir (predict) / save_dir (eval)",
-                                                           str(tmp_path / "predict"))):
-                evaluate.get_by_label(label, exact=True).fill(value)
-            page.locator("#eval_start").click()
-            status = _status(page, "#eval_status", "finished", "failed", "not started", timeout=120)
-            assert status.startswith("finished"), f"{status}\n{page.locator('#eval_log textarea').input_value()}"
-            predicted = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").open()]
-            page.wait_for_function("document.querySelector('#eval_metrics').innerText.includes('rouge-l')")
-            assert "bleu-4" in page.locator("#eval_metrics").inner_text() and len(predicted) == 3
-            table = page.locator("#eval_predictions").inner_text()
-            assert "prediction" in table and "label" in table and predicted[0]["label"].split()[0] in table
-
-            # Stop: a long run started, then stopped; its process group is gone
-            page.get_by_role("tab", name="Train").click()
-            train.get_by_label("output_dir", exact=True).fill(str(tmp_path / "long"))
-            train.get_by_label("max_steps", exact=True).fill("100000")
             train.get_by_label("max_steps", exact=True).press("Tab")
-            page.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 100000')")
-            page.locator("#start").click()
-            _status(page, "#train_status", "running", timeout=30)
+            en.page.wait_for_function("document.querySelector('#train_command textarea').value === "
+                                      "\"lf train 'saves/my run.yaml'\"")
+            en.yaml_shows("max_steps: 3")
+            assert f"output_dir: {out}" in en.page.locator("#train_yaml").inner_text()
+            train.get_by_text("dataset preview", exact=True).click()
+            en.page.locator("#preview_button").click()
+            en.page.wait_for_selector("#dataset_preview pre mark")
+            assert "<|im_start|>user" in en.page.locator("#dataset_preview pre").first.inner_text()
+            en.page.locator("#start").click()
+            status = en.status("#train_status", "run.finished", "run.failed", "run.not_started", timeout=240)
+            log = en.page.locator("#train_log textarea").input_value()
+            assert status.startswith("finished"), f"{status}\n{log}"
+            assert "lf train: done" in log and len(webui.read_log(out / "trainer_log.jsonl")) == 3
+            status = zh.status("#train_status", "run.finished", timeout=30)
+            assert zh.say("run.watching") in status and zh.page.locator("#stop").is_disabled()
+            assert "lf train: done" in zh.page.locator("#train_log textarea").input_value()
+            for tab in (en, zh):
+                tab.plotted()
+
+            # Chat: the finished run filled in its adapter; the English tab loads it, both chat with it, each its
+            # own conversation; the Chinese tab cannot unload it
+            chats = {tab.lang: tab.tab("tab.chat") for tab in (en, zh)}
+            for tab in (en, zh):
+                assert tab.field(chats[tab.lang], "adapter_name_or_path").input_value() == str(out)
+            en.page.locator("#load_model").click()
+            loaded = en.status("#chat_status", "chat.loaded", timeout=120)
+            assert loaded == f"loaded lf-tiny-llama with the adapter {out}"
+            watching = zh.status("#chat_status", "chat.loaded", timeout=30)
+            assert watching.startswith(f"已加载 lf-tiny-llama，适配器 {out}") and zh.say("chat.watching") in watching
+            assert zh.page.locator("#unload_model").is_disabled() and zh.page.locator("#load_model").is_disabled()
+            assert en.page.locator("#unload_model").is_enabled()
+            for tab, said in ((en, "Who are you?"), (zh, "你好")):
+                send(tab.page, said, tab.lang)
+            for tab, said in ((en, "Who are you?"), (zh, "你好")):  # (retried: a reply may still be redrawn)
+                expect(tab.page.locator('#chatbot [data-testid="user"]')).to_have_text([said], use_inner_text=True)
+                expect(tab.page.locator('#chatbot [data-testid="bot"]')).to_have_count(1)
+
+            # Export: the same adapter, merged, from each tab
+            for tab in (en, zh):
+                export = tab.tab("tab.export")
+                tab.field(export, "export_dir").fill(str(tmp_path / f"merged_{tab.lang}"))
+                export.get_by_role("button", name=tab.say("export.run"), exact=True).click()
+                status = tab.status("#export_status", "export.done", "export.failed", timeout=120)
+                assert status.startswith(bold("export.done", tab.lang)), status
+                assert (tmp_path / f"merged_{tab.lang}" / "config.json").exists()
+
+            # Evaluate & Predict, in English: the adapter's predictions on a few prompts, scored; the Chinese tab
+            # shows the same results under its own headers
+            evaluate = {tab.lang: tab.tab("tab.eval") for tab in (en, zh)}
+            assert en.field(evaluate["en"], "adapter_name_or_path").input_value() == str(out)
+            en.fill(evaluate["en"], {"dataset_dir": data, "max_samples": "3", "cutoff_len": "64",
+                                     "max_new_tokens": "6", "eval_output_dir": str(tmp_path / "predict")})
+            en.page.locator("#eval_start").click()
+            status = en.status("#eval_status", "eval.finished", "run.failed", "run.not_started", timeout=120)
+            assert status.startswith("finished"), f"{status}\n{en.page.locator('#eval_log textarea').input_value()}"
+            predicted = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").open()]
+            assert len(predicted) == 3
+            for tab in (en, zh):
+                tab.page.wait_for_function("document.querySelector('#eval_metrics').innerText.includes('rouge-l')")
+                metrics, table = (tab.page.locator(f"#eval_{name}").inner_text() for name in ("metrics", "predictions"))
+                assert "bleu-4" in metrics and tab.say("col.value") in metrics
+                assert tab.say("col.predict") in table and tab.say("col.label") in table
+                assert predicted[0]["label"].split()[0] in table
+            assert zh.say("run.watching") in zh.status("#eval_status", "eval.finished", timeout=10)
+
+            # Evaluate & Predict, in Chinese: lf's demo multiple-choice task, accuracy per category and the
+            # answers; the English tab shows them under its headers
+            evaluate["zh"].get_by_label("评测：多项选择题任务（各类别准确率）").check()
+            zh.fill(evaluate["zh"], {"task_dir": str(REPO / "evaluation"), "n_shot": "0",
+                                     "eval_output_dir": str(tmp_path / "eval")})
+            evaluate["zh"].get_by_role("button", name="开始评估").click()
+            status = zh.status("#eval_status", "eval.finished", "run.failed", "run.not_started", timeout=120)
+            assert status.startswith("已完成"), f"{status}\n{zh.page.locator('#eval_log textarea').input_value()}"
+            scored = json.loads((tmp_path / "eval" / "lf_results.json").read_text())
+            accuracy = f"{100 * scored['average']['accuracy']:.2f}".rstrip("0").rstrip(".")
+            for tab in (zh, en):
+                tab.page.wait_for_function("document.querySelector('#eval_metrics').innerText.includes('Average')")
+                metrics = tab.page.locator("#eval_metrics").inner_text()
+                assert tab.say("col.accuracy") in metrics and accuracy in metrics and "STEM" in metrics
+                assert tab.say("col.answer") in tab.page.locator("#eval_predictions").inner_text()
+            assert "准确率（%）" in zh.page.locator("#eval_metrics").inner_text()
+
+            # Stop, in Chinese: a long run started, shown read-only in the English tab (whose Start waits), then
+            # stopped; its process group is gone
+            train = {tab.lang: tab.tab("tab.train") for tab in (en, zh)}
+            zh.fill(train["zh"], {"output_dir": str(tmp_path / "long"), "max_steps": "100000"})
+            zh.yaml_shows("max_steps: 100000")
+            zh.page.locator("#start").click()
+            zh.status("#train_status", "run.loading", timeout=60)
             run = demo.trainer.run
             assert run.process.poll() is None
-            page.locator("#stop").click()
-            assert "stopped" in _status(page, "#train_status", "stopped", timeout=30)
+            assert en.say("run.watching") in en.status("#train_status", "run.loading", timeout=30)
+            assert en.page.locator("#stop").is_disabled() and zh.page.locator("#stop").is_enabled()
+            # its refusal shows until the next redraw of the run, a second later: every text shown is kept
+            en.page.evaluate("() => { const s = document.querySelector('#train_status'); window.shown = []; "
+                             "new MutationObserver(() => window.shown.push(s.innerText)).observe(s, "
+                             "{subtree: true, childList: true, characterData: true}); }")
+            en.page.locator("#start").click()
+            en.page.wait_for_function("text => window.shown.some(t => t.startsWith(text))",
+                                      arg=bold("run.busy", "en"))
+            zh.page.locator("#stop").click()
+            assert "已停止" in zh.status("#train_status", "run.stopped", timeout=30)
+            en.status("#train_status", "run.stopped", timeout=30)
             assert run.process.poll() is not None
             with pytest.raises(ProcessLookupError):
                 os.killpg(run.process.pid, 0)
 
-            # the language: Chinese from the switch, the run's status said again in it, and kept on a reload
-            page.get_by_label("简体中文").check()
-            page.get_by_role("button", name="开始", exact=True).wait_for()
-            assert _status(page, "#train_status", "已停止", timeout=10).startswith("已停止")
-            assert page.get_by_role("tab", name="训练").count() == 1
-
-            # Evaluate & Predict in Chinese: lf's demo multiple-choice task, accuracy per category and the answers
-            page.get_by_role("tab", name="评估与预测").click()
-            evaluate.get_by_label("评测：多项选择题任务（各类别准确率）").check()
-            for label, value in (("任务目录 (task_dir)", str(REPO / "evaluation")), ("示例数（n-shot） (n_shot)", "0"),
-                                 ("结果目录 (output_dir / save_dir)", str(tmp_path / "eval"))):
-                evaluate.get_by_label(label, exact=True).fill(value)
-            page.get_by_role("button", name="开始评估").click()
-            status = _status(page, "#eval_status", "已完成", "失败", "未开始", timeout=120)
-            assert status.startswith("已完成"), f"{status}\n{page.locator('#eval_log textarea').input_value()}"
-            page.wait_for_function("document.querySelector('#eval_metrics').innerText.includes('Average')")
-            scored = json.loads((tmp_path / "eval" / "lf_results.json").read_text())
-            metrics = page.locator("#eval_metrics").inner_text()
-            assert "准确率（%）" in metrics and f"{100 * scored['average']['accuracy']:.2f}".rstrip("0") in metrics
-            assert "STEM" in metrics and "答案" in page.locator("#eval_predictions").inner_text()
-            page.reload()
-            page.get_by_role("button", name="开始", exact=True).wait_for()
-            assert page.get_by_label("简体中文").is_checked()
-            assert train.get_by_label("最大步数（0：按轮数） (max_steps)", exact=True).count() == 1
-            assert "无需登录" in page.locator("#header").inner_text()
+            # a reload: the English tab stays English (its browser remembers the switch); having closed, it no
+            # longer owns the chat model, which the Chinese tab may then unload
+            en.page.reload()
+            en.page.get_by_role("button", name="Start", exact=True).wait_for()
+            assert en.page.get_by_label("English").is_checked()
+            zh.tab("tab.chat")
+            zh.page.wait_for_function("document.querySelector('#unload_model').disabled === false", timeout=30_000)
+            assert zh.status("#chat_status", "chat.loaded", timeout=10) == f"已加载 lf-tiny-llama，适配器 {out}"
+            zh.page.locator("#unload_model").click()
+            assert zh.status("#chat_status", "chat.none", timeout=30) == "未加载模型"
+            assert demo.chat.engine is None
+            zh.page.reload()
+            zh.page.get_by_role("button", name="开始", exact=True).wait_for()
+            assert zh.page.get_by_label("简体中文").is_checked()
+            assert zh.page.get_by_label("最大步数（0：按轮数） (max_steps)", exact=True).count() == 1
             browser.close()
     finally:
         demo.trainer.close()

@@ -1,7 +1,8 @@
 """`lf webui` as a stranger meets it: every button is an HTTP endpoint, called here directly (httpx, Gradio's call
 API) against the app served on 127.0.0.1. Behind --auth nothing answers without a login; logged in, the endpoints
-refuse what the page refuses (a path outside the root, an unknown key, an export over a non-empty folder). And
-`lf webui` ended by SIGTERM removes its run folders."""
+refuse what the page refuses (a path outside the root, an unknown key, an export over a non-empty folder), and the
+chat model is its loader's (two logins, several sessions) until that tab closes. And `lf webui` ended by SIGTERM
+removes its run folders."""
 
 import contextlib
 import json
@@ -17,11 +18,14 @@ import httpx
 import pytest
 import yaml
 
+from test_train import lf_home  # noqa: F401  (the tiny model, built once in a temporary LF_HOME)
+
 from lf.serve import webui
 from lf.serve.webaccess import Root
+from lf.serve.webui_text import words
 
 REPO = Path(__file__).resolve().parent.parent
-USER = ("ann", "s3cret")
+USER, BOB = ("ann", "s3cret"), ("bob", "pw")
 
 
 def _free_port() -> int:
@@ -30,10 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(client: httpx.Client, api_name: str, *data) -> list:
+def call(client: httpx.Client, api_name: str, *data, session: str | None = None) -> list:
     """The outputs of the endpoint `api_name` given `data`: Gradio's call API posts the inputs, then streams
-    events until the result."""
-    posted = client.post(f"/gradio_api/call/{api_name}", json={"data": list(data)})
+    events until the result. `session`: the browser tab calling it (Gradio's session hash; else one of its own)."""
+    posted = client.post(f"/gradio_api/call/{api_name}", json={"data": list(data), "session_hash": session})
     posted.raise_for_status()
     kind = None
     with client.stream("GET", f"/gradio_api/call/{api_name}/{posted.json()['event_id']}") as events:
@@ -47,10 +51,10 @@ def call(client: httpx.Client, api_name: str, *data) -> list:
 
 
 @contextlib.contextmanager
-def logged_in(url: str):
-    """A client with USER's login cookie."""
+def logged_in(url: str, user: tuple[str, str] = USER):
+    """A client with `user`'s login cookie."""
     with httpx.Client(base_url=url, timeout=30) as client:
-        client.post("/login", data={"username": USER[0], "password": USER[1]}).raise_for_status()
+        client.post("/login", data={"username": user[0], "password": user[1]}).raise_for_status()
         yield client
 
 
@@ -65,7 +69,7 @@ def served(tmp_path_factory):
     root, outside = tmp_path_factory.mktemp("root"), tmp_path_factory.mktemp("outside")
     demo = webui.create_ui(webui.Trainer(Root(str(root))), login=True)
     port = _free_port()
-    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True, auth=[USER])
+    demo.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True, auth=[USER, BOB])
     yield f"http://127.0.0.1:{port}", root, outside
     demo.trainer.close()
     demo.close()
@@ -221,7 +225,8 @@ def test_every_field_reads_only_the_readable_folders(served):
 
 def test_field_values_cannot_add_keys_or_upload(served):
     """A value with a newline stays one YAML value (the child reads only the keys the page sets), and a run that
-    would upload with the server's credentials (push_to_hub) is refused."""
+    would upload with the server's credentials (push_to_hub), or report to a tracker on a page not trusted with
+    them, is refused."""
     url, root, _ = served
     with logged_in(url) as client:
         injected = "lf-tiny-llama\ndataset_dir: /etc\noutput_dir: /tmp"
@@ -233,4 +238,38 @@ def test_field_values_cannot_add_keys_or_upload(served):
         assert written["output_dir"] == str(root / "out")
         started = call(client, "start", *train_inputs(output_dir=str(root / "out"), extra="push_to_hub: true"))[0]
         assert started.startswith("**not started**: push_to_hub: the web UI uploads nothing"), started
+        # a page not trusted with the server's credentials (Root(trusted=False); lf webui gives it on 127.0.0.1
+        # or with --auth) starts no tracker
+        started = call(client, "start", *train_inputs(output_dir=str(root / "out"), extra="report_to: swanlab"))[0]
+        assert started.startswith("**not started**: report_to: swanlab would send the run to a service"), started
     (root / "x.yaml").unlink()
+
+
+def test_the_chat_model_is_its_loaders_until_its_tab_closes(served):
+    """The model one tab loads is every tab's to chat with; only that tab, or one of the same login, unloads it or
+    loads another (the others' Load and Unload are greyed), until that tab closes."""
+    url = served[0]
+    load = ("lf-tiny-llama", "", "qwen")
+    refused, unloaded = words("chat.not_owner"), words("chat.none")
+    with logged_in(url) as ann, logged_in(url, BOB) as bob:
+        status, load_button, unload_button = call(ann, "load_model", *load, "en", session="ann-tab")[:3]
+        assert status == "**loaded** lf-tiny-llama" and load_button["interactive"] and unload_button["interactive"]
+        for answer in (call(bob, "unload_model", "en", session="bob-tab"),
+                       call(bob, "load_model", *load, "en", session="bob-tab")):
+            assert answer[0] == refused and not answer[1]["interactive"] and not answer[2]["interactive"]
+        assert call(bob, "unload_model", "zh", session="bob-tab")[0] == words("chat.not_owner", "zh")
+        shown = call(bob, "chat", "hello", None, "", 4, 0.0, 1.0, "en", session="bob-tab")[0]
+        assert [m["role"] for m in shown] == ["user", "assistant"] and shown[1]["content"]  # bob may chat with it
+        # another tab of Ann's login controls it too
+        assert call(ann, "unload_model", "en", session="ann-other-tab")[0] == unloaded
+        assert call(ann, "load_model", *load, "en", session="ann-tab")[0] == "**loaded** lf-tiny-llama"
+        assert call(bob, "unload_model", "en", session="bob-tab")[0] == refused
+        # Ann's tab closes (its heartbeat connection ends, as when a browser tab closes or reloads): the model is
+        # anyone's
+        with ann.stream("GET", "/gradio_api/heartbeat/ann-tab") as beat:
+            assert next(beat.iter_lines()).startswith("data: ALIVE")
+        deadline = time.monotonic() + 30
+        while (answer := call(bob, "unload_model", "en", session="bob-tab")[0]) == refused:
+            assert time.monotonic() < deadline, "closing the tab did not release the model"
+            time.sleep(0.5)
+        assert answer == unloaded

@@ -1,7 +1,8 @@
-"""`lf webui` with several users: one training run at a time, which every browser tab sees and only the tab that
-started it (or a tab of the same login) stops, while each tab keeps its own chat (two browser contexts); a stopped
-run resumed from the Train tab's Resume, through the functions its buttons call (lf train children on the tiny
-model); and the multimodal datasets the Train tab offers (LLaMA-Factory's mllm_demo beside the repository)."""
+"""`lf webui` with several users: one training run at a time, which only the tab that started it (or a tab of the
+same login) stops; a stopped run resumed from the Train tab's Resume, through the functions its buttons call (lf
+train children on the tiny model); and the multimodal datasets the Train tab offers (LLaMA-Factory's mllm_demo
+beside the repository). Two browser tabs sharing a run and the chat model: test_webui.py's browser test; two
+logins over HTTP: test_webui_http.py."""
 
 import sys
 import time
@@ -9,7 +10,6 @@ from pathlib import Path
 
 from test_multimodal import shared_data  # LLaMA-Factory's data/ (mllm_demo and its media)
 from test_train import lf_home  # noqa: F401  (the tiny model, built once in a temporary LF_HOME)
-from test_webui import CHROMIUM, _status, send, served_page
 
 from lf.serve import webui
 from lf.serve.webaccess import Root
@@ -44,7 +44,11 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, lf_home):  # n
         _wait(lambda: last(str(out)) is not None or run.state() != "running", 300, "no checkpoint was saved")
         assert trainer.stop(BOB) == words("run.not_owner") and run.state() == "running"
         assert trainer.stop(webui.Owner("ann-other-tab")) == words("run.not_owner")
-        assert trainer.stop(ANN) is None and run.state() == "stopped"
+        assert trainer.stop(webui.Owner("ann-login-tab", "ann")) == words("run.not_owner")
+        trainer.release(BOB)  # another tab closes: nothing changes
+        assert trainer.stop(BOB) == words("run.not_owner") and run.state() == "running"
+        trainer.release(ANN)  # Ann's tab closes (or reloads): the run is anyone's to stop
+        assert trainer.stop(BOB) is None and run.state() == "stopped"
         step = int(Path(last(str(out))).name.removeprefix("checkpoint-"))
         kept = [r for r in webui.read_log(out / "trainer_log.jsonl") if r["current_steps"] <= step]
 
@@ -62,57 +66,6 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, lf_home):  # n
         assert webui.read_log(out / "trainer_log.jsonl")[:len(kept)] == kept and kept, output
     finally:
         trainer.close()
-
-
-def test_two_browser_tabs_share_the_run_not_the_chat(tmp_path, lf_home):  # noqa: F811
-    from playwright.sync_api import sync_playwright
-
-    demo, port = served_page(tmp_path)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            ann, bob = (browser.new_context(viewport={"width": 1400, "height": 1600}).new_page() for _ in range(2))
-            for page in (ann, bob):
-                page.goto(f"http://127.0.0.1:{port}/")
-                page.locator("#start").wait_for()
-            # Ann starts a long run; Bob's tab, open before it started, finds it and shows it read-only
-            train = ann.locator("#tab_train")
-            for key, value in {"dataset_dir": str(REPO / "data"), "output_dir": str(tmp_path / "long"),
-                               "max_steps": "100000", "cutoff_len": "64", "max_samples": "8"}.items():
-                train.get_by_label(key, exact=True).fill(value)
-            train.get_by_label("max_samples", exact=True).press("Tab")
-            ann.wait_for_function("document.querySelector('#train_yaml').innerText.includes('max_steps: 100000')")
-            ann.locator("#start").click()
-            _status(ann, "#train_status", "**running", "running", timeout=60)
-            _status(bob, "#train_status", "running", timeout=60)
-            assert words("run.watching") in bob.locator("#train_status").inner_text()
-            assert bob.locator("#stop").is_disabled() and ann.locator("#stop").is_enabled()
-            assert words("run.watching") not in ann.locator("#train_status").inner_text()
-            bob.locator("#start").click()  # a second run waits for the first
-            bob.wait_for_function("document.querySelector('#train_status').innerText.includes('a run is going')")
-            assert demo.trainer.run.state() == "running"
-
-            # the chat: the server's model, each tab its own conversation
-            for page in (ann, bob):
-                page.get_by_role("tab", name="Chat").click()
-            ann.locator("#load_model").click()
-            _status(ann, "#chat_status", "loaded", timeout=120)
-            for page, said in ((ann, "Who are you?"), (bob, "hello")):
-                send(page, said)
-            for page, said in ((ann, "Who are you?"), (bob, "hello")):
-                asked = page.locator('#chatbot [data-testid="user"]')
-                assert [asked.nth(i).inner_text().strip() for i in range(asked.count())] == [said]
-
-            # Ann stops her run; Bob's tab follows it to its end
-            for page in (ann, bob):
-                page.get_by_role("tab", name="Train").click()
-            ann.locator("#stop").click()
-            assert "stopped" in _status(ann, "#train_status", "**stopped", "stopped", timeout=30)
-            _status(bob, "#train_status", "stopped", timeout=30)
-            browser.close()
-    finally:
-        demo.trainer.close()
-        demo.close()
 
 
 def test_the_train_tab_offers_multimodal_datasets_with_their_templates(tmp_path):

@@ -12,7 +12,11 @@ Every button of a Gradio page is also an HTTP endpoint that anyone reaching the 
   models, adapters, dataset_dir, task_dir, ...) resolves under the root, lf's own data/ and evaluation/ folders,
   or a folder named with --read DIR (the models the page may load), so that a stranger cannot list or show files
   from elsewhere. A value that is not on this machine (a hub id, lf-tiny-llama) is not a path and passes.
-  --allow-any-path lifts both checks (the run folders stay in the root).
+  --allow-any-path lifts both checks (the run folders stay in the root);
+- what would use the server's credentials beyond this machine, or run code a model ships (TRUSTED_ONLY: report_to
+  trackers other than none and tensorboard, SwanLab's cloud, a reward model over HTTP, trust_remote_code) is
+  refused unless the page is trusted: behind a login, or served on this machine only (Access.trusted). push_to_hub
+  is refused on every page.
 """
 
 from __future__ import annotations
@@ -39,6 +43,28 @@ READ_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "media
 COMMA_LISTS = ("adapter_name_or_path", "ref_model_adapters", "reward_model_adapters")
 # Keys that would reach beyond the machine with the server's own credentials (HF's upload of each save).
 UPLOAD_KEYS = ("push_to_hub",)
+# report_to values that only write files, into logging_dir (under the root); the others log in to a service with
+# the server's credentials (wandb's, mlflow's and SwanLab's variables and files) or write outside the root
+LOCAL_TRACKERS = ("none", "tensorboard")
+LOCAL_SWANLAB = ("local", "offline", "disabled")  # swanlab_mode values that keep the run in swanlab_logdir
+# What a run of a parsed config does that only a trusted page allows: (key, whether the config does it, what it
+# does, said after "key: ").
+TRUSTED_ONLY = (
+    ("report_to", lambda c: [name for name in c.training.report_to or () if name not in LOCAL_TRACKERS],
+     "{} would send the run to a service with this server's credentials (report_to: tensorboard keeps it in "
+     "logging_dir)"),
+    ("use_swanlab", lambda c: c.finetuning.use_swanlab and c.finetuning.swanlab_mode not in LOCAL_SWANLAB,
+     "SwanLab's cloud would get the run with this server's credentials (swanlab_mode: offline keeps it in "
+     "swanlab_logdir)"),
+    ("swanlab_api_key", lambda c: c.finetuning.use_swanlab and c.finetuning.swanlab_api_key is not None,
+     "would log this server in to SwanLab"),
+    ("swanlab_lark_webhook_url", lambda c: c.finetuning.use_swanlab and c.finetuning.swanlab_lark_webhook_url,
+     "would make this server call a URL"),
+    ("reward_model_type", lambda c: c.finetuning.stage == "ppo" and c.finetuning.reward_model_type == "api",
+     "api would make this server call the reward_model URL"),
+    ("trust_remote_code", lambda c: c.model.trust_remote_code,
+     "true would run the Python code the model ships, with this server's rights"),
+)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +94,12 @@ class Access:
     @property
     def login(self) -> bool:
         return bool(self.users)
+
+    @property
+    def trusted(self) -> bool:
+        """Whether those who can use the page may use the server's credentials and run code (TRUSTED_ONLY): the
+        operator gave them a login, or only this machine reaches it."""
+        return self.login or self.local()
 
     def local(self) -> bool:
         if self.host == "localhost":
@@ -112,11 +144,13 @@ def _auth_file(path: str) -> list[tuple[str, str]]:
 
 
 class Root:
-    """The folder under which `lf webui` writes, and the check of each path it is asked to write."""
+    """The folder under which `lf webui` writes, and the checks of what it is asked to read, write or run.
+    `trusted`: whether its runs may do what TRUSTED_ONLY names (Access.trusted; refused by default)."""
 
-    def __init__(self, folder: str | None = None, any_path: bool = False, readable: tuple[str, ...] = ()):
+    def __init__(self, folder: str | None = None, any_path: bool = False, readable: tuple[str, ...] = (),
+                 trusted: bool = False):
         given = folder or os.environ.get("LF_WEBUI_ROOT") or os.getcwd()
-        self.path, self.any_path = Path(given).resolve(), any_path
+        self.path, self.any_path, self.trusted = Path(given).resolve(), any_path, trusted
         if not self.path.is_dir():
             raise ConfigError(f"the web UI's root {given} is not a folder: create it, or name another with --root "
                               f"DIR or LF_WEBUI_ROOT")
@@ -160,6 +194,18 @@ class Root:
             for path in value.split(",") if key in COMMA_LISTS else (value,):
                 if local(path.strip()):
                     self.check_read(key, path.strip())
+
+    def check_trusted(self, cfg) -> None:
+        """A ConfigError for the first thing of TRUSTED_ONLY that the parsed config `cfg` (parse_train_args's)
+        does, unless the page is trusted."""
+        if self.trusted:
+            return
+        for key, does, what in TRUSTED_ONLY:
+            if found := does(cfg):
+                said = what.format(", ".join(found) if isinstance(found, list) else "")
+                raise ConfigError(f"{key}: {said}; this web UI allows that only behind a login or on this machine "
+                                  f"alone: remove it, or restart lf webui with --auth USER:PASSWORD (or on "
+                                  f"127.0.0.1), or run lf train yourself")
 
 
 def local(value: str) -> bool:

@@ -18,8 +18,9 @@ Page, which relabels them all when the page's language switch changes (remembere
 
 `lf webchat cfg.yaml` (webchat.py) serves the chat panel alone, over the model the YAML names.
 Several users: one training run (and one Evaluate & Predict run) per server, which every browser tab sees and only
-the tab that started it (or one of the same login) stops (Owner, Run.controls); one chat model per server, each tab
-its own conversation (a gr.State).
+the tab that started it (or one of the same login) stops; one chat model per server, which every tab chats with (each
+its own conversation, a gr.State) and only the tab that loaded it (or one of the same login) unloads or replaces
+(Owner.controls). What a tab owns becomes anyone's when that tab closes (or reloads).
 Who may use the page and where it may write (the login, the address, the root every written path must be under):
 webaccess.py. Save YAML and Start check the config as `lf train` does before writing anything; Export refuses a
 non-empty export_dir unless told to overwrite; the run folders go when the server ends (Ctrl-C, SIGTERM, SIGHUP).
@@ -86,7 +87,9 @@ API_MAX_IMAGE_BYTES / API_MAX_IMAGE_PIXELS as in `lf api`); an Export tab that m
 relative to, e.g. lf's source tree for the quickstart.
 
   --auth USER:PASSWORD  a login for the page and its HTTP endpoints (repeat it for more users); --auth-file PATH
-                        reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST.
+                        reads USER:PASSWORD lines. Without either the page is open to whoever reaches HOST, and
+                        when HOST is not this machine's own (127.0.0.1) its runs may not use report_to trackers
+                        beyond tensorboard, SwanLab's cloud, an HTTP reward model or trust_remote_code.
   --root DIR            the folder every file the UI writes must be under (saved YAMLs, output_dir, export_dir,
                         its run folders); default LF_WEBUI_ROOT, else the working directory.
   --read DIR            a folder the UI may read besides the root and lf's own data/ and evaluation/ (a model's;
@@ -189,8 +192,9 @@ def fields_from_config(config: dict) -> dict:
 def checked_config(fields: dict, root: Root, resume: bool = False, lang: str = "en") -> dict:
     """train_config(fields), or a ConfigError where `lf train` would refuse it (an unknown key, a wrong type, a
     broken rule: its parser's own message) or where the run would read or write outside the root's folders (checked
-    first: the parser opens some files, such as a deepspeed config). `resume`: the run continues from output_dir's
-    last checkpoint (resume_from_checkpoint: true), which must be there."""
+    first: the parser opens some files, such as a deepspeed config) or do what only a trusted page allows (a tracker,
+    trust_remote_code: Root.check_trusted). `resume`: the run continues from output_dir's last checkpoint
+    (resume_from_checkpoint: true), which must be there."""
     config = train_config(fields)
     if not config.get("output_dir"):
         raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. saves/webui)")
@@ -200,7 +204,7 @@ def checked_config(fields: dict, root: Root, resume: bool = False, lang: str = "
         if last_checkpoint(str(root.check("output_dir", config["output_dir"]))) is None:
             raise ConfigError(words("run.no_checkpoint", lang, path=config["output_dir"]))
         config.update(overwrite_output_dir=False, resume_from_checkpoint=True)
-    parse_train_args(dict(config))
+    root.check_trusted(parse_train_args(dict(config)))
     for key in WRITTEN_BY_TRAINING:
         if config.get(key):
             root.check(key, config[key])
@@ -360,11 +364,8 @@ class Run:
         return words(self.done if state == "finished" else f"run.{state}", lang, path=path)
 
     def controls(self, who: Owner | None) -> bool:
-        """Whether `who` may stop this run: the tab that started it, or a tab of the same login (a run started
-        without a tab, from code, is anyone's)."""
-        mine = self.owner
-        return mine is None or (who is not None and (who.session == mine.session or
-                                                     (who.user is not None and who.user == mine.user)))
+        """Whether `who` may stop this run (Owner.controls)."""
+        return Owner.controls(self.owner, who)
 
     def trained_model(self) -> tuple[str, str, str]:
         """What the Chat and Export tabs load after this run: model, adapter (LoRA or OFT) and template."""
@@ -376,13 +377,26 @@ class Run:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who started a run: the browser tab (Gradio's session of it) and the login it used, if any."""
+    """Who started a run or loaded the chat model: the browser tab (Gradio's session of it) and the login it used,
+    if any."""
     session: str | None
     user: str | None = None
 
     @classmethod
     def of(cls, request: gr.Request | None) -> Owner | None:
         return None if request is None else cls(request.session_hash, request.username)
+
+    @staticmethod
+    def controls(owner: Owner | None, who: Owner | None) -> bool:
+        """Whether `who` may control what `owner` started or loaded: the same tab, or a tab of the same login; what
+        has no owner (started from code, or its tab closed) is anyone's."""
+        return owner is None or (who is not None and (who.session == owner.session or
+                                                      (who.user is not None and who.user == owner.user)))
+
+    @staticmethod
+    def after_closing(owner: Owner | None, closed: Owner | None) -> Owner | None:
+        """`owner` once the tab `closed` has closed (or reloaded): no one, if it was that tab."""
+        return None if owner is not None and closed is not None and owner.session == closed.session else owner
 
 
 class Trainer:
@@ -425,6 +439,11 @@ class Trainer:
 
     def running(self) -> bool:
         return self.run is not None and self.run.state() == "running"
+
+    def release(self, closed: Owner | None) -> None:
+        """The tab `closed` has closed: a run it owned becomes anyone's to stop."""
+        if self.run is not None:
+            self.run.owner = Owner.after_closing(self.run.owner, closed)
 
     def shown(self, summary: str, who: Owner | None, lang: str) -> tuple[str, dict]:
         """(the run's summary as `who` sees it, the update of its Stop button): another tab's run is read-only."""
@@ -514,29 +533,64 @@ class Conversation:
 
 
 class Chat:
-    """The server's chat model: an Engine, loaded from the Chat tab (lf webui) or given (lf webchat). `limits`:
+    """The server's chat model: an Engine, loaded from the Chat tab (lf webui) or given (lf webchat). Every tab
+    chats with it; only its owner, the tab that loaded it (Owner.controls), unloads it or loads another. `limits`:
     what one message's uploaded images may cost (default: the API's variables, lf.serve.api.upload_limits)."""
 
     def __init__(self, engine: Engine | None = None, limits: Limits | None = None, root: Root | None = None):
         self.engine, self.root = engine, root  # root: what Load may read (lf webui's); None: lf webchat's own model
         self.limits = limits or upload_limits()
+        self.owner: Owner | None = None
+        self.loaded = ("", "")  # the model and adapter Load was given
+        self.version = 0  # moves at each load, unload and release: the tabs then redraw what they show of it
+        self._lock = threading.Lock()
 
-    def load(self, model: str, adapter: str, template: str, lang: str = "en") -> str:
+    def load(self, model: str, adapter: str, template: str, lang: str = "en", who: Owner | None = None) -> str:
+        """Loads the model (and adapter) for `who`, who then owns it; or why not (another tab owns the one loaded,
+        a path outside what the page reads, lf's refusal)."""
         config = model_config(model, adapter, template)
-        try:
-            if self.root is not None:
-                self.root.check_reads(config)
-            self.engine = None  # the old model goes before the new one loads
-            self.engine = open_engine(parse_infer_args(config, "webchat"))
-        except USER_ERRORS as exc:
-            return words("chat.not_loaded", lang, error=exc)
-        if adapter.strip():
-            return words("chat.loaded_adapter", lang, model=model.strip(), adapter=adapter.strip())
-        return words("chat.loaded", lang, model=model.strip())
+        with self._lock:  # a second Load waits, then finds the model the first one loaded
+            if not self.controls(who):
+                return words("chat.not_owner", lang)
+            try:
+                if self.root is not None:
+                    self.root.check_reads(config)
+                self._set(None, None)  # the old model goes before the new one loads
+                self._set(open_engine(parse_infer_args(config, "webchat")), who, model.strip(), adapter.strip())
+            except USER_ERRORS as exc:
+                return words("chat.not_loaded", lang, error=exc)
+        return self.status(who, lang)
 
-    def unload(self, lang: str = "en") -> str:
-        self.engine = None
+    def unload(self, lang: str = "en", who: Owner | None = None) -> str:
+        with self._lock:
+            if not self.controls(who):
+                return words("chat.not_owner", lang)
+            self._set(None, None)
         return words("chat.none", lang)
+
+    def _set(self, engine: Engine | None, owner: Owner | None, *loaded: str) -> None:
+        self.engine, self.owner, self.loaded = engine, owner, loaded or ("", "")
+        self.version += 1
+
+    def controls(self, who: Owner | None) -> bool:
+        """Whether `who` may unload the model or load another (anyone, while none is loaded)."""
+        return self.engine is None or Owner.controls(self.owner, who)
+
+    def release(self, closed: Owner | None) -> None:
+        """The tab `closed` has closed: a model it loaded becomes anyone's to unload."""
+        with self._lock:
+            owner = Owner.after_closing(self.owner, closed)
+            if owner != self.owner:
+                self.owner, self.version = owner, self.version + 1
+
+    def status(self, who: Owner | None, lang: str = "en") -> str:
+        """What the Chat tab of `who` says of the model: none, which one, and whether that tab may unload it."""
+        if self.engine is None:
+            return words("chat.none", lang)
+        model, adapter = self.loaded
+        said = (words("chat.loaded_adapter", lang, model=model, adapter=adapter) if adapter
+                else words("chat.loaded", lang, model=model))
+        return said if self.controls(who) else f"{said}\n\n{words('chat.watching', lang)}"
 
     def uploaded(self, files: list[str], lang: str = "en") -> tuple[list, list[tuple[str, bytes]]]:
         """(the images, the videos' and clips' (column, bytes)) of a message's uploaded files, told apart by their
@@ -889,14 +943,15 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
             watch(trainer, timer)
         with page(gr.Tab, {"label": "tab.eval"}, elem_id="tab_eval"):
             eval_model, eval_redraw = _eval_tab(page, evaluator)
-        with page(gr.Tab, {"label": "tab.chat"}):
+        with page(gr.Tab, {"label": "tab.chat"}, elem_id="tab_chat"):
             chat_model = _model_fields(page)
             with gr.Row():
                 load = page(gr.Button, {"value": "chat.load"}, variant="primary", elem_id="load_model")
-                unload = page(gr.Button, {"value": "chat.unload"})
+                unload = page(gr.Button, {"value": "chat.unload"}, elem_id="unload_model")
             chat_status = gr.Markdown(words("chat.none", lang), elem_id="chat_status")
             chat_panel(chat, GeneratingArguments(), page)
-        with page(gr.Tab, {"label": "tab.export"}):
+            chat_seen = gr.State(-1)  # the chat.version this tab shows
+        with page(gr.Tab, {"label": "tab.export"}, elem_id="tab_export"):
             export_model = _model_fields(page)
             with gr.Row():
                 export_dir = page(gr.Textbox, {"label": "field.export_dir"}, "saves/webui_merged", scale=2)
@@ -951,12 +1006,39 @@ def create_ui(trainer: Trainer | None = None, chat: Chat | None = None, login: b
         resume.click(started(True), [*inputs, page.lang], shown, api_name="resume")
         stop.click(stop_run, page.lang, shown, api_name="stop")
         timer.tick(refresh, page.lang, shown)
-        load.click(chat.load, [*chat_model, page.lang], chat_status, api_name="load_model")
-        unload.click(chat.unload, page.lang, chat_status, api_name="unload_model")
+        chat_shown = [chat_status, load, unload, chat_seen]
+
+        def chat_view(request: gr.Request, lang: str, said: str = ""):
+            """The Chat tab's status (or `said`), its Load and Unload greyed where another tab owns the model."""
+            who = Owner.of(request)
+            mine = gr.update(interactive=chat.controls(who))
+            return said or chat.status(who, lang), mine, mine, chat.version
+
+        def load_model(request: gr.Request, model: str, adapter: str, template: str, lang: str):
+            return chat_view(request, lang, chat.load(model, adapter, template, lang, Owner.of(request)))
+
+        def unload_model(request: gr.Request, lang: str):
+            return chat_view(request, lang, chat.unload(lang, Owner.of(request)))
+
+        def follow_chat(request: gr.Request, seen: int, lang: str):
+            """Every tab redraws its Chat status when another tab loads, unloads or releases the model."""
+            return [gr.skip()] * len(chat_shown) if seen == chat.version else chat_view(request, lang)
+
+        load.click(load_model, [*chat_model, page.lang], chat_shown, api_name="load_model")
+        unload.click(unload_model, page.lang, chat_shown, api_name="unload_model")
+        gr.Timer(WATCH_SECONDS).tick(follow_chat, [chat_seen, page.lang], chat_shown, queue=False,
+                                     show_progress="hidden")
+
+        def closed(request: gr.Request):
+            """A tab closed (or reloaded): what it owned becomes anyone's."""
+            for holder in (trainer, evaluator, chat):
+                holder.release(Owner.of(request))
+
+        demo.unload(closed)
         export_button.click(functools.partial(run_export, trainer.root),
                             [*export_model, export_dir, export_size, export_dtype, export_gguf, overwrite_export,
                              page.lang], export_status, api_name="export")
-        page.follow(demo, (refresh, shown), eval_redraw)
+        page.follow(demo, (refresh, shown), eval_redraw, (chat_view, chat_shown))
     demo.trainer, demo.evaluator, demo.chat = trainer, evaluator, chat  # for `lf webui`'s exit, and tests
     return demo
 
@@ -1015,8 +1097,8 @@ def command(argv: list[str]) -> int:
     parser.add_argument("--allow-any-path", action="store_true")
     args = parser.parse_args(argv)
     access = Access.from_args(args)
-    demo = create_ui(Trainer(Root(args.root, args.allow_any_path, tuple(args.read))), login=access.login,
-                     lang=server_lang(args.lang))
+    root = Root(args.root, args.allow_any_path, tuple(args.read), trusted=access.trusted)
+    demo = create_ui(Trainer(root), login=access.login, lang=server_lang(args.lang))
     with _closed_at_exit(demo.trainer, demo.evaluator):
         launch(demo, access)
     return 0

@@ -158,6 +158,14 @@ TEXT: dict[str, dict[str, str]] = {
     "chat.loaded": {"en": "**loaded** {model}", "zh": "**已加载** {model}"},
     "chat.loaded_adapter": {"en": "**loaded** {model} with the adapter {adapter}",
                             "zh": "**已加载** {model}，适配器 {adapter}"},
+    "chat.watching": {"en": "(loaded in another browser tab: chat with it here; only that tab, or a tab of the same "
+                            "login, unloads it or loads another, until it closes)",
+                      "zh": "（由另一个浏览器标签页加载：可在此与它对话；只有该标签页（或同一登录用户的标签页）可以卸载它或加载"
+                            "其他模型，直到该标签页关闭）"},
+    "chat.not_owner": {"en": "**refused**: another browser tab loaded the model in use; only it (or a tab of the same "
+                             "login) unloads it or loads another, until it closes: chat with this one meanwhile",
+                       "zh": "**已拒绝**：当前模型由另一个浏览器标签页加载；只有它（或同一登录用户的标签页）可以卸载它或加载"
+                             "其他模型，直到该标签页关闭：在此之前可与当前模型对话"},
     "chat.conversation": {"en": "conversation", "zh": "对话记录"},
     "chat.message": {"en": "message", "zh": "消息"},
     "chat.message_hint": {"en": "Type a message and press Enter", "zh": "输入消息后按回车"},
