@@ -159,11 +159,13 @@ TRUSTED_ONLY = [
     ("stage: ppo\nreward_model: http://127.0.0.1:9/v1\nreward_model_type: api",
      "reward_model_type: api would make this server call the reward_model URL"),
     ("trust_remote_code: true", "trust_remote_code: true would run the Python code the model ships"),
+    ("ray_init_kwargs: {address: auto}", "ray_init_kwargs: would make this server join the Ray cluster it names"),
 ]
 
 
 @pytest.mark.parametrize("extra, refusal", TRUSTED_ONLY)
-def test_a_page_open_to_strangers_refuses_what_uses_the_servers_credentials(root, extra, refusal):
+def test_a_page_open_to_strangers_refuses_what_uses_the_servers_credentials(root, extra, refusal, monkeypatch):
+    monkeypatch.setenv("USE_RAY", "1")  # ray_* keys ask for it (and every other case ignores it)
     form = fields(output_dir=str(root.path / "out"), extra=extra)
     problem = webui.Trainer(root).start(form)
     assert problem.startswith(f"**not started**: {refusal}") and problem.endswith(
@@ -620,14 +622,17 @@ def test_every_config_key_that_takes_a_path_is_checked():
     def takes_str(annotation) -> bool:
         return annotation is str or any(takes_str(a) for a in typing.get_args(annotation))
 
-    words = ("dir", "path", "file", "model", "config", "deepspeed", "checkpoint", "adapter")
+    words = ("dir", "path", "file", "folder", "model", "config", "deepspeed", "checkpoint", "adapter")
     named = {key for key, (_, annotation) in _owners(True).items()
              if takes_str(annotation) and any(w in key for w in words)}
     not_paths = {"model_revision", "reward_model_type", "hub_model_id", "metric_for_best_model",
                  "vllm_config", "liger_kernel_config",  # JSON text or mappings
                  "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"}
     written = {*webui.WRITTEN_BY_TRAINING, "export_dir", "save_dir"}  # checked by Start, Export, Evaluate
-    assert named - set(READ_KEYS) - written - not_paths == set()
+    joined = {"adapter_folder"}  # checked joined onto adapter_name_or_path (Root.check_reads)
+    # lf train and export refuse it; the Chat and Evaluate tabs pass fixed keys (webui.model_config) without it
+    unreachable = {"offload_folder"}
+    assert named - set(READ_KEYS) - written - not_paths - joined - unreachable == set()
     assert set(READ_KEYS) - named == set()  # no stale entry
 
 
@@ -641,6 +646,8 @@ def test_reads_stay_in_the_readable_folders(root, tmp_path, monkeypatch):
         root.check_reads({"model_name_or_path": "../models/m"})
     with pytest.raises(ConfigError, match="adapter_name_or_path: org/escape is outside"):
         root.check_reads({"adapter_name_or_path": "saves/a, org/escape"})  # each of a comma list
+    with pytest.raises(ConfigError, match="adapter_name_or_path: org/escape is outside"):
+        root.check_reads({"adapter_name_or_path": "org", "adapter_folder": "escape"})  # checked as the parser joins it
     # not paths here: a hub id, the tiny model's name, a flag, an inline mapping; lf's own data
     root.check_reads({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "adapter_name_or_path": "lf-tiny-llama",
                       "resume_from_checkpoint": True, "deepspeed": {"zero_optimization": {"stage": 2}},

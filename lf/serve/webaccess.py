@@ -14,8 +14,8 @@ Every button of a Gradio page is also an HTTP endpoint that anyone reaching the 
   from elsewhere. A value that is not on this machine (a hub id, lf-tiny-llama) is not a path and passes.
   --allow-any-path lifts both checks (the run folders stay in the root);
 - what would use the server's credentials beyond this machine, or run code a model ships (TRUSTED_ONLY: report_to
-  trackers other than none and tensorboard, SwanLab's cloud, a reward model over HTTP, trust_remote_code) is
-  refused unless the page is trusted: behind a login, or served on this machine only (Access.trusted). push_to_hub
+  trackers other than none and tensorboard, SwanLab's cloud, a reward model over HTTP, trust_remote_code, a Ray
+  cluster to join) is refused unless the page is trusted: behind a login, or served on this machine only (Access.trusted). push_to_hub
   is refused on every page.
 """
 
@@ -64,6 +64,8 @@ TRUSTED_ONLY = (
      "api would make this server call the reward_model URL"),
     ("trust_remote_code", lambda c: c.model.trust_remote_code,
      "true would run the Python code the model ships, with this server's rights"),
+    ("ray_init_kwargs", lambda c: c.finetuning.ray_init_kwargs is not None,
+     "would make this server join the Ray cluster it names (USE_RAY=1)"),
 )
 
 
@@ -182,7 +184,12 @@ class Root:
 
     def check_reads(self, config: dict) -> None:
         """A ConfigError for the first READ_KEYS value of `config` that names a local path outside the readable
-        folders, or for a key that would upload (UPLOAD_KEYS)."""
+        folders, or for a key that would upload (UPLOAD_KEYS). adapter_folder is checked joined onto each adapter,
+        as the parser joins it (a link inside an adapter could lead out)."""
+        folder, adapters = config.get("adapter_folder"), config.get("adapter_name_or_path")
+        if isinstance(folder, str) and isinstance(adapters, str):
+            joined = ",".join(os.path.join(path.strip(), folder) for path in adapters.split(",") if path.strip())
+            config = {**config, "adapter_name_or_path": joined}
         for key in UPLOAD_KEYS:
             if config.get(key):
                 raise ConfigError(f"{key}: the web UI uploads nothing with this server's credentials: remove the key "
