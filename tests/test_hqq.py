@@ -94,12 +94,11 @@ def test_refusals(tmp_path):
         parse_train_args(options("out", quantization_method="eetq", quantization_bit=8))
     with pytest.raises(ModelError, match="quantization_device_map: auto spreads a model as bitsandbytes loads it"):
         _load(tiny_path("lf-tiny-llama"), quantization_bit=4, quantization_device_map="auto")
-    # checkpoints quantized by a method lf loads only with its extra, or not at all: refused with the reason, before
-    # loading (GPTQ loads in lf[gptq]'s venv: tests_gptq/)
+    # checkpoints quantized by a method lf loads with lf[gptq] only, which lives in a venv of its own (tests_gptq/):
+    # refused with the fix, before loading
     for method, refusal in (("gptq", r"gptq is quantized by GPTQ, which needs gptqmodel, optimum.gptq: pip install "
                                      r"'lf\[gptq\]' \(in a venv without swanlab"),
-                            ("awq", r"awq is quantized by awq, which lf cannot load: transformers 5.23 loads AWQ "
-                                    r"through GPTQModel")):
+                            ("awq", r"awq is quantized by AWQ, which needs gptqmodel: pip install 'lf\[gptq\]'")):
         checkpoint = tmp_path / method
         shutil.copytree(tiny_path("lf-tiny-llama"), checkpoint)
         config = json.loads((checkpoint / "config.json").read_text())

@@ -1,7 +1,8 @@
-"""GPTQ on the CPU: `lf export` with export_quantization_bit: 4 writes a GPTQ checkpoint of a tiny Llama (first
-trained here on lf's demo texts, so that it has something to lose) that plain transformers loads and generates
-with, its perplexity on held-out demo texts close to the unquantized model's; `lf train` trains LoRA over that
-checkpoint (the loss falls), the adapter loads back over it, and `lf export` refuses to merge into it, naming GPTQ."""
+"""GPTQ and AWQ on the CPU: `lf export` with export_quantization_bit: 4 writes a GPTQ checkpoint of a tiny Llama
+(first trained here on lf's demo texts, so that it has something to lose) that plain transformers loads and
+generates with, its perplexity on held-out demo texts close to the unquantized model's; `lf train` trains LoRA over
+that checkpoint and over an AWQ one GPTQModel makes (the loss falls), the adapter loads back over it, and `lf export`
+refuses to merge into it, naming the method."""
 
 import json
 import logging
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from gptqmodel import BACKEND, AWQConfig, GPTQModel
 from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+from peft.tuners.lora.awq import AwqLoraLinear
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,6 +93,18 @@ def exported(trained, calibration_file, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def awq(trained, tmp_path_factory):
+    """The trained tiny Llama AWQ-quantized by GPTQModel (4 bits, groups of 64 inputs; its portable torch kernel, as
+    its default AWQ kernel needs CUDA), calibrated on 16 demo texts."""
+    out = tmp_path_factory.mktemp("awq4")
+    model = GPTQModel.load(str(trained), AWQConfig(bits=4, group_size=64), device="cpu")
+    model.quantize(demo_texts()[:16], backend=BACKEND.AWQ_TORCH)
+    model.save(str(out))
+    AutoTokenizer.from_pretrained(trained).save_pretrained(out)
+    return out
+
+
 def test_export_4bit_loads_in_transformers_generates_and_keeps_perplexity(trained, exported):
     config = json.loads((exported / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["format"] == "gptq"
@@ -99,6 +114,14 @@ def test_export_4bit_loads_in_transformers_generates_and_keeps_perplexity(traine
     full = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
     layers = [m for m in quantized.modules() if isinstance(m, BaseQuantLinear)]
     assert len(layers) == 28 and type(quantized.lm_head) is torch.nn.Linear  # 4 layers x 7; the head keeps its weights
+    # a quantized layer: its weights 4-bit GPTQ's distance from the unquantized ones, and its CPU kernel (int4 codes,
+    # bfloat16 activations) computes x @ those weights
+    q_proj, weight = quantized.model.layers[0].self_attn.q_proj, full.model.layers[0].self_attn.q_proj.weight
+    dequantized = q_proj.dequantize_weight().T.float()  # (GPTQModel's is inputs x outputs)
+    assert (dequantized - weight).abs().mean() / weight.abs().mean() < 0.15
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(q_proj(x), x @ dequantized.T, rtol=2e-2, atol=2e-2 * (x @ dequantized.T).abs().max())
     tokenizer = AutoTokenizer.from_pretrained(exported)
     held_out = demo_texts()[-HELD_OUT:]
     untrained = perplexity(AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama")), tokenizer, held_out)
@@ -111,16 +134,25 @@ def test_export_4bit_loads_in_transformers_generates_and_keeps_perplexity(traine
     assert generated.shape == (1, ids.shape[1] + 8)
 
 
-def test_lora_trains_over_the_gptq_checkpoint_reloads_and_refuses_to_merge(exported, tmp_path, caplog):
+# method: (the quantized layer class the kernel report names, PEFT's LoRA layer over it)
+METHODS = {"gptq": ("TorchAtenLinear", GPTQLoraLinear), "awq": ("TorchAtenAwqLinear", AwqLoraLinear)}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lora_trains_over_the_checkpoint_reloads_and_refuses_to_merge(method, request, tmp_path, caplog):
+    checkpoint = request.getfixturevalue("exported" if method == "gptq" else "awq")
+    kernel, lora_layer = METHODS[method]
     out = tmp_path / "lora"
-    options = {"model_name_or_path": str(exported), "dataset": "lf_demo_en", "dataset_dir": str(REPO / "data"),
+    options = {"model_name_or_path": str(checkpoint), "dataset": "lf_demo_en", "dataset_dir": str(REPO / "data"),
                "template": "qwen", "cutoff_len": 128, "max_samples": 2, "output_dir": str(out), "max_steps": 6,
                "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 10, "learning_rate": 5e-3,
                "lora_rank": 4, "seed": 7, "infer_dtype": "float32"}
     with caplog.at_level(logging.INFO, logger="lf"):
         run(parse_train_args(options))
-    assert "quantization: a GPTQ checkpoint (4-bit in groups of 64 inputs), by GPTQModel's kernels" in caplog.text
-    assert "LoRA layers over TorchAtenLinear" in caplog.text  # the kernel report: left to PEFT and GPTQModel
+    article = "a" if method == "gptq" else "an"
+    assert (f"quantization: {article} {method.upper()} checkpoint (4-bit in groups of 64 inputs), by GPTQModel's "
+            f"kernels") in caplog.text
+    assert f"28 LoRA layers over {kernel}" in caplog.text  # the kernel report: left to PEFT and GPTQModel
     losses = [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.1  # one batch of 2 examples, seen 6 times
@@ -128,24 +160,24 @@ def test_lora_trains_over_the_gptq_checkpoint_reloads_and_refuses_to_merge(expor
     key = next(k for k in adapter if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
     assert adapter[key].abs().sum() > 0
 
-    model_args = ModelArguments(model_name_or_path=str(exported), adapter_name_or_path=str(out),
+    model_args = ModelArguments(model_name_or_path=str(checkpoint), adapter_name_or_path=str(out),
                                 infer_dtype="float32")
     model, _ = load_model(load_tokenizer(model_args), model_args, FinetuningArguments(finetuning_type="lora"),
                           is_trainable=False)
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, GPTQLoraLinear) and isinstance(q_proj.base_layer, BaseQuantLinear)
+    assert isinstance(q_proj, lora_layer) and isinstance(q_proj.base_layer, BaseQuantLinear)
     assert torch.equal(q_proj.lora_B["default"].weight, adapter[key])
     x = torch.randn(1, 3, q_proj.in_features)
     with torch.no_grad():
         lora = q_proj.lora_B["default"](q_proj.lora_A["default"](x)) * q_proj.scaling["default"]
         torch.testing.assert_close(q_proj(x), q_proj.base_layer(x) + lora)
 
-    with pytest.raises(ModelError, match=r"is quantized by gptq, and lf export merges adapters into full-precision "
-                                         r"weights only"):
-        export(parse_infer_args(export_options(exported, tmp_path / "merged", adapter_name_or_path=str(out)),
+    with pytest.raises(ModelError, match=rf"is quantized by {method}, and lf export merges adapters into "
+                                         rf"full-precision weights only"):
+        export(parse_infer_args(export_options(checkpoint, tmp_path / "merged", adapter_name_or_path=str(out)),
                                 "export"))
-    with pytest.raises(ModelError, match=r"quantized weights cannot train: .* is quantized by GPTQ; set "
-                                         r"finetuning_type: lora, not full"):
+    with pytest.raises(ModelError, match=rf"quantized weights cannot train: .* is quantized by {method.upper()}; "
+                                         rf"set finetuning_type: lora, not full"):
         run(parse_train_args({**options, "finetuning_type": "full", "output_dir": str(tmp_path / "full")}))
 
 

@@ -23,8 +23,8 @@ QUANTIZATION_REFUSED = {
     "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
     "gptq": "GPTQ quantizes offline, calibrated on data; lf trains LoRA on a GPTQ checkpoint given as "
             "model_name_or_path, without quantization_bit (lf export's export_quantization_bit makes one)",
-    "awq": "transformers 5.23 loads AWQ through GPTQModel (not autoawq), which lf's GPTQ extra installs (lf[gptq]) but "
-           "lf has not tested on AWQ checkpoints",
+    "awq": "AWQ quantizes offline, calibrated on data; lf trains LoRA on an AWQ checkpoint given as "
+           "model_name_or_path, without quantization_bit (GPTQModel makes one, on the CPU too: README)",
     "aqlm": "AQLM quantizes offline; lf trains LoRA on an AQLM checkpoint given as model_name_or_path, without "
             "quantization_bit",
 }

@@ -21,12 +21,11 @@ from lf.errors import ConfigError, ModelError
 
 GROUP_SIZES = (128, 64, 32, 16)  # GPTQ's default first; GPTQModel's CPU kernel takes these
 SEED = 0
-INSTALL = "pip install 'lf[gptq]' (in a venv without swanlab: README, Quantized training)"
 
 
 def check(args) -> None:
     """The export_quantization_* keys, refused before anything loads."""
-    from lf.model.quantization import installed
+    from lf.model.quantization import CHECKPOINTS, GPTQ_INSTALL, installed
 
     bits = args.export_quantization_bit
     if bits is None:
@@ -46,10 +45,10 @@ def check(args) -> None:
         raise ConfigError(f"export_gguf: {args.export_gguf} converts full-precision weights, and "
                           f"export_quantization_bit: {bits} GPTQ-quantizes them: keep one (export_gguf: q8_0 is an "
                           f"8-bit llama.cpp file)")
-    missing = [module for module in ("gptqmodel", "optimum.gptq") if not installed(module)]
+    missing = [module for module in CHECKPOINTS["gptq"].modules if not installed(module)]
     if missing:
         raise ModelError(f"export_quantization_bit: {bits} needs {', '.join(missing)} (GPTQModel, and optimum's "
-                         f"GPTQ quantizer): {INSTALL}")
+                         f"GPTQ quantizer): {GPTQ_INSTALL}")
 
 
 def calibration(tokenizer, args, cache_dir: str | None = None) -> list[dict]:

@@ -1,6 +1,6 @@
 """QLoRA's first half: the base model's weights quantized, by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit,
 on CUDA or the CPU) or once loaded by hqq (1 to 8 bits, lf.model.hqq) or quanto (int2/int4/int8, lf.model.quanto);
-or quantized offline, a checkpoint given as model_name_or_path (AQLM, GPTQ: CHECKPOINTS). lf.config.model's tables
+or quantized offline, a checkpoint given as model_name_or_path (AQLM, GPTQ, AWQ: CHECKPOINTS). lf.config.model's tables
 say which bits each method takes and why the other methods are refused.
 
 Preparing a quantized model for training needs nothing beyond what every adapter run gets (frozen base weights,
@@ -167,16 +167,17 @@ def _aqlm(q: dict) -> str:
             f"{q.get('nbits_per_codebook')} bits over groups of {q.get('in_group_size')} inputs), by aqlm's kernels")
 
 
-def _gptq(q: dict) -> str:
-    return (f"quantization: a GPTQ checkpoint ({q.get('bits')}-bit in groups of {q.get('group_size')} inputs), by "
-            f"GPTQModel's kernels")
+def _by_gptqmodel(title: str) -> Callable[[dict], str]:
+    return lambda q: (f"quantization: {title} checkpoint ({q.get('bits')}-bit in groups of {q.get('group_size')} "
+                      f"inputs), by GPTQModel's kernels")
 
 
+# GPTQModel pins numpy 2.2.6 and protobuf>=7.34, which lf[test]'s swanlab refuses: README, lf[gptq]
+GPTQ_INSTALL = "pip install 'lf[gptq]' (in a venv without swanlab: README, Quantized training)"
 CHECKPOINTS = {
     "aqlm": Checkpoint(("aqlm",), "pip install 'lf[aqlm]' (aqlm with its CPU kernels)", _aqlm),
-    # GPTQModel pins numpy 2.2.6 and protobuf>=7.34, which lf[test]'s swanlab refuses: README, lf[gptq]
-    "gptq": Checkpoint(("gptqmodel", "optimum.gptq"), "pip install 'lf[gptq]' (in a venv without swanlab: README)",
-                       _gptq),
+    "gptq": Checkpoint(("gptqmodel", "optimum.gptq"), GPTQ_INSTALL, _by_gptqmodel("a GPTQ")),
+    "awq": Checkpoint(("gptqmodel",), GPTQ_INSTALL, _by_gptqmodel("an AWQ")),
 }
 
 
