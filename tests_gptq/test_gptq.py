@@ -7,6 +7,7 @@ refuses to merge into it, naming the method."""
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,12 @@ def awq(trained, tmp_path_factory):
     its default AWQ kernel needs CUDA), calibrated on 16 demo texts."""
     out = tmp_path_factory.mktemp("awq4")
     model = GPTQModel.load(str(trained), AWQConfig(bits=4, group_size=64), device="cpu")
-    model.quantize(demo_texts()[:16], backend=BACKEND.AWQ_TORCH)
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("awq_logs"))  # GPTQModel writes its quantization log to ./logs
+    try:
+        model.quantize(demo_texts()[:16], backend=BACKEND.AWQ_TORCH)
+    finally:
+        os.chdir(here)
     model.save(str(out))
     AutoTokenizer.from_pretrained(trained).save_pretrained(out)
     return out
