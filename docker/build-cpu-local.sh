@@ -50,4 +50,4 @@ stamp "lf train configs/quickstart.yaml inside $image"
 box=$(buildah from "$image")
 trap 'buildah rm "$box" >/dev/null' EXIT
 buildah run --isolation chroot --network host "$box" -- lf train configs/quickstart.yaml
-stamp done
+stamp "done"

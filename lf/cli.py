@@ -42,9 +42,12 @@ def _env(_args) -> int:
             info[f"{PACKAGES[name]} version"] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             info[f"{PACKAGES[name]} version"] = "not installed"
-    acc = device.current()
-    info["PyTorch version"] += f" ({acc.kind.upper()})"
-    info.update(device.describe(acc))
+    try:
+        acc = device.current()
+        info["PyTorch version"] += f" ({acc.kind.upper()})"
+        info.update(device.describe(acc))
+    except device.DeviceError as exc:  # a broken torch_npu: the report still gets the versions, and why
+        acc, info["accelerator"] = None, f"not usable: {exc}"
     try:
         from lf import _C
 
@@ -58,7 +61,7 @@ def _env(_args) -> int:
         info["Git commit"] = commit.stdout.strip()
     info["Default data directory"] = "detected" if os.path.isdir("data") else "not detected"
     print("\n".join(f"- {key}: {value}" for key, value in info.items()))
-    return 0
+    return 0 if acc else 1
 
 
 TRAIN_USAGE = """usage: lf train cfg.yaml [key=value ...] [--key value ...]
@@ -103,8 +106,10 @@ def _train(args) -> int:
 
 def _train_and_report(argv: list[str]) -> int:
     from lf.config import parse_train_args
-    from lf.train import launch, run
+    from lf.train import launch, ray_launch, run
 
+    if ray_launch.wanted():  # USE_RAY=1: each Ray worker runs this command again, as one rank
+        return ray_launch.train(argv, parse_train_args(argv))
     torchrun = launch.command(argv)  # several accelerators, NPROC_PER_NODE, NNODES or FORCE_TORCHRUN
     if torchrun:
         return launch.launch(torchrun)

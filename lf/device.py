@@ -145,7 +145,8 @@ def describe(acc: Accelerator) -> dict[str, str]:
             info["memory"] = f"{module.mem_get_info()[1] / 1024 ** 3:.2f} GiB"
     if acc.kind == "npu":
         info["CANN version"] = str(getattr(torch.version, "cann", "unknown"))
-    info["distributed backend"] = acc.dist_backend
+    # torch calls ROCm's RCCL "nccl": say which library runs
+    info["distributed backend"] = acc.dist_backend + (" (RCCL)" if acc.kind == "rocm" else "")
     info["visible-devices variable"] = acc.visible_devices_var or "none"
     info["bf16"] = "yes" if acc.bf16 else "no"
     info["attention"] = ", ".join(acc.attention)

@@ -52,7 +52,8 @@ _PPO_KEYS = ("reward_model", "reward_model_type", "reward_model_adapters", "rewa
 _ENTRIES = {stage.name: stage for stage in (
     Stage("pt", "pre-training on raw text", "text", packable=True, packs_by_default=True, predicts=True,
           recipe="lf.train.sft:run_sft"),
-    Stage("sft", "supervised fine-tuning", "supervised", packable=True, predicts=True, keys=("use_dft_loss", "use_eaft_loss", "eaft_alpha", "compute_accuracy"),
+    Stage("sft", "supervised fine-tuning", "supervised", packable=True, predicts=True, keys=("use_dft_loss", "use_eaft_loss", "eaft_alpha", "compute_accuracy", "use_asft_loss", "asft_alpha",
+                *_REFERENCE_KEYS[2:]),
           recipe="lf.train.sft:run_sft"),
     Stage("rm", "a reward model", "pairs", value_head=True, recipe="lf.train.rm:run_rm"),
     Stage("dpo", "preference pairs", "pairs", reference=True, logps=True, keys=_DPO_KEYS + _REFERENCE_KEYS,

@@ -155,6 +155,74 @@ def test_use_eaft_loss_trains_on_the_entropy_weighted_loss(tmp_path):
         parse_train_args(options(tmp_path, stage="pt", use_eaft_loss=True))
 
 
+def _first_loss(out, **overrides) -> float:
+    run(parse_train_args(options(out, **{**QUICK, "max_steps": 1}, **overrides)))
+    return records(out)[0]["loss"]
+
+
+@pytest.fixture(scope="module")
+def other_reference(tmp_path_factory, lf_home):  # noqa: F811 (the module's LF_HOME fixture)
+    """The tiny Llama with a noisy head: a reference model whose next-token distributions differ from it."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("reference")
+    model = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head.add_(torch.randn(head.shape, generator=generator) * 3 * head.std())
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_path("lf-tiny-llama")).save_pretrained(path)
+    return str(path)
+
+
+def test_use_asft_loss_is_dft_plus_asft_alpha_times_the_kl_from_the_reference(tmp_path, other_reference):
+    """ASFT's first step: against the model as it starts (LoRA with its adapter off, or full's frozen copy) the KL
+    term is 0 and the loss is DFT's; against another model it adds asft_alpha times a positive divergence."""
+    for finetuning_type in ("lora", "full"):
+        dft = _first_loss(tmp_path / f"dft-{finetuning_type}", finetuning_type=finetuning_type, use_dft_loss=True)
+        asft = _first_loss(tmp_path / f"asft-{finetuning_type}", finetuning_type=finetuning_type, use_asft_loss=True)
+        assert asft == pytest.approx(dft, rel=1e-5, abs=1e-9)
+    low, high = (_first_loss(tmp_path / f"other-{alpha}", use_asft_loss=True, asft_alpha=alpha,
+                             ref_model=other_reference) for alpha in (0.5, 2.0))
+    assert low - dft > 1e-3
+    assert (high - dft) / (low - dft) == pytest.approx(4.0, rel=1e-3)
+    with pytest.raises(ConfigError, match="set stage: sft"):
+        parse_train_args(options(tmp_path, stage="pt", use_asft_loss=True))
+
+
+def test_the_asft_reference_of_a_lora_model_is_its_base():
+    """Without ref_model a LoRA run's reference is the model with its adapter off: its hidden states are the
+    base's, whatever the adapter has learnt (here: random B matrices), and the adapter is back on after."""
+    from peft import LoraConfig, get_peft_model
+
+    from lf.kernels.patch import reference_head
+    from lf.train.reference import as_reference
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32)
+    with torch.no_grad():
+        expected = base.model(input_ids=IDS).last_hidden_state
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path("lf-tiny-llama"), dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.train()
+    with as_reference(model) as reference:
+        head = reference_head(reference, {"input_ids": IDS, "labels": IDS})
+    assert (head["ref_hidden"] - expected).abs().max() < ATOL
+    assert head["ref_weight"] is model.get_base_model().lm_head.weight
+    assert model.training
+    adapted = reference_head(model, {"input_ids": IDS})["ref_hidden"]
+    assert (adapted - expected).abs().max() > 100 * ATOL  # the adapter is on again, and does something
+
+
+def test_use_asft_loss_training_lowers_it(tmp_path, other_reference):
+    """With a reference the model starts far from, ASFT's KL term dominates and training lowers the loss."""
+    out = tmp_path / "out"
+    run(parse_train_args(options(out, **{**QUICK, "max_steps": 6, "learning_rate": 2e-3}, finetuning_type="full",
+                                 use_asft_loss=True, asft_alpha=1.0, ref_model=other_reference)))
+    losses = [record["loss"] for record in records(out)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 class Dtypes(TrainerCallback):
     """The dtypes of what trains, of the optimizer's state and whether autocast is on, after a step."""
 

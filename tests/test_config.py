@@ -221,10 +221,11 @@ def test_every_unknown_key_is_listed_at_once():
 
 
 def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
-    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nadapter_folder: a\nlora_rnak: 4\nlora_rank: big\n")
+    path = write(tmp_path, "cfg.yaml", "model_name_or_path: x\nuse_kt: true\nlora_rnak: 4\nlora_rank: big\n")
     assert refused([path]).splitlines() == [
-        f"adapter_folder: a (in {path}:2) asks for adapters from a folder, which lf does not support yet: "
-        "name them in adapter_name_or_path",
+        f"use_kt: true (in {path}:2) asks for KTransformers, which lf does not support yet: remove the key: "
+        "KTransformers' kernels need a CUDA GPU (beside an AMX or AVX-512 CPU), which lf has not been built and "
+        "tested on",
         f"unknown key 'lora_rnak' in {path}:3. Did you mean: lora_rank?",
         f"lora_rank: big (in {path}:4) is a string; expected a whole number"]
 
@@ -240,6 +241,16 @@ def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(
     message = refused({**BASE, key: value})
     assert message.startswith(f"{key}: ")
     assert f"(in the config) asks for {feature}" in message and "which lf does not support yet" in message
+
+
+def test_adapter_folder_is_joined_onto_each_adapter(tmp_path):
+    cfg = parse_train_args({**BASE, "adapter_name_or_path": "a, b", "adapter_folder": "run/checkpoint-9"})
+    assert cfg.model.adapter_name_or_path == "a/run/checkpoint-9,b/run/checkpoint-9"
+    assert cfg.model.adapter_folder is None  # joined once: a copy of the arguments does not join it again
+    for folder in ("../elsewhere", "/etc", "x/../../y"):
+        assert "must be a relative folder inside each adapter" in refused({**BASE, "adapter_name_or_path": "a",
+                                                                           "adapter_folder": folder})
+    assert refused({**BASE, "adapter_folder": "x"}).startswith("adapter_folder: x names a subfolder of each adapter")
 
 
 def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():
@@ -306,10 +317,9 @@ RULE_CASES = {
                                                  "replies, but reward_model is not set"),
     "ppo_evaluates": ({"stage": "ppo", "reward_model": "saves/rm", "do_eval": True, "val_size": 0.1},
                       "stage: ppo does not evaluate"),
-    "preference_options_need_their_stage": ({"pref_loss": "ipo", "ref_model": "saves/ref"},
-                                            "pref_loss, ref_model tune(s) dpo and kto and ppo training, but stage is "
-                                            "sft: "
-                                            "set stage: dpo"),
+    "preference_options_need_their_stage": ({"stage": "pt", "pref_loss": "ipo", "ref_model": "saves/ref"},
+                                            "ref_model, pref_loss tune(s) dpo and kto and ppo and sft training, but "
+                                            "stage is pt: set stage: dpo"),
     "pref_loss_choice": ({"stage": "dpo", "pref_loss": "dpo"}, "pref_loss: dpo is not one of sigmoid, hinge, ipo, "
                                                                "kto_pair, orpo, simpo."),
     "smoothing_needs_logistic_loss": ({"stage": "dpo", "pref_loss": "ipo", "dpo_label_smoothing": 0.1},
@@ -478,14 +488,21 @@ RULE_CASES = {
                               "turns autocast on: remove one of the two"),
     "pure_bf16_dtype": ({"pure_bf16": True, "infer_dtype": "float16"},
                         "pure_bf16: true loads the weights in bfloat16, but infer_dtype is float16"),
-    "dft_needs_lf_kernels": ({"use_dft_loss": True, "use_lf_kernels": False},
-                             "use_dft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false "
-                             "turns it off"),
-    "eaft_needs_lf_kernels": ({"use_eaft_loss": True, "use_lf_kernels": False},
-                              "use_eaft_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: "
-                              "false turns it off"),
-    "one_token_weighting": ({"use_dft_loss": True, "use_eaft_loss": True},
-                            "use_dft_loss and use_eaft_loss both weight each token's loss, differently: keep one"),
+    **{f"{name}_needs_lf_kernels": ({f"use_{name}_loss": True, "use_lf_kernels": False},
+                                    f"use_{name}_loss: true weights the tokens inside lf's fused loss, but "
+                                    f"use_lf_kernels: false turns it off") for name in ("dft", "eaft", "asft")},
+    "placement_strategy_choice": ({"placement_strategy": "RANDOM"}, "placement_strategy: RANDOM is not one of PACK, "
+                                                                    "SPREAD, STRICT_PACK, STRICT_SPREAD.",
+                                  {"USE_RAY": "1"}),
+    "ray_keys_need_use_ray": ({"ray_num_workers": 2, "master_port": 29500},
+                              "ray_num_workers, master_port set(s) up training on Ray, which USE_RAY=1 turns on: run "
+                              "with USE_RAY=1 (pip install lf[ray]), or remove them"),
+    "one_token_weighting": ({"use_dft_loss": True, "use_asft_loss": True},
+                            "use_dft_loss and use_asft_loss each weight every token's loss, differently (use_asft_loss "
+                            "is DFT's loss plus a KL term): keep one"),
+    "asft_options_need_asft": ({"ref_model": "lf-tiny-llama", "asft_alpha": 0.5},
+                               "asft_alpha, ref_model shape(s) use_asft_loss's KL term from a reference model, but "
+                               "use_asft_loss is off: set use_asft_loss: true, or remove them"),
     "finite_numbers": ({"length_penalty": float("inf"), "eval_delay": float("nan")},
                        "length_penalty: .inf, eval_delay: .nan: not a finite number: give a number"),
 }
@@ -504,7 +521,7 @@ def outside(allowed, whole: bool):
 
 
 @pytest.mark.parametrize("key", sorted(RANGES))
-def test_each_numeric_key_refuses_values_outside_its_range(key):
+def test_each_numeric_key_refuses_values_outside_its_range(key, monkeypatch):
     group, allowed, what = RANGES[key]
     annotation = _owners()[key][1]
     assert _owners()[key][0] == group
@@ -513,6 +530,10 @@ def test_each_numeric_key_refuses_values_outside_its_range(key):
         needed = {"reward_model": "saves/rm"} if stage == "ppo" else {}  # ppo's one required key
         if key in OFT_KEYS:  # read with finetuning_type: oft only
             needed["finetuning_type"] = "oft"
+        if key == "asft_alpha":  # read with use_asft_loss only
+            needed["use_asft_loss"] = True
+        if key == "ray_num_workers":  # read with USE_RAY=1 only
+            monkeypatch.setenv("USE_RAY", "1")
         message = refused({**BASE, "stage": stage, **needed, key: value})
         finite = "a finite number " if not math.isfinite(value) else ""
         assert message == f"{key}: {show(value)} must be {finite}{allowed}: {what}"

@@ -277,6 +277,75 @@ def test_fused_token_weightings_weight_each_token_by_a_detached_factor(backend, 
         assert_close(g, g64, torch.float32, f"grad {name}")
 
 
+def _kl_reference(hidden, weight, bias, ref_hidden, ref_weight, labels, reduction, num_items, kl, dft, softcap):
+    """ASFT written out as LLaMA-Factory 0.9.5 writes it (trainer_utils' _asft_cross_entropy): each token's
+    cross-entropy (times its detached probability with dft) plus kl times torch's kl_div of the model's
+    log-softmax against the reference's softmax, summed over the vocabulary, on label tokens only."""
+    logits = hidden @ weight.T + bias
+    ref_logits = ref_hidden @ ref_weight.T
+    if softcap:
+        logits, ref_logits = (softcap * torch.tanh(x / softcap) for x in (logits, ref_logits))
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    rows = ce * torch.exp(-ce).detach() if dft else ce
+    divergence = F.kl_div(logits.log_softmax(-1), ref_logits.softmax(-1), reduction="none").sum(-1)
+    rows = torch.where(labels != IGNORE, rows + kl * divergence, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / (num_items if num_items is not None else (labels != IGNORE).sum())
+
+
+@pytest.mark.parametrize("dtype, reduction, num_items, chunk, dft, softcap", [
+    (torch.float32, "mean", None, 3, True, None), (torch.float32, "mean", 17, None, True, 15.0),
+    (torch.float32, "none", None, 4, False, None), (torch.float32, "none", None, 5, True, 15.0),
+    (torch.bfloat16, "mean", None, 4, True, None), (torch.bfloat16, "none", None, None, True, None)])
+def test_fused_kl_from_a_reference_adds_its_divergence_and_gradient(backend, dtype, reduction, num_items, chunk,
+                                                                    dft, softcap):
+    """kl (ASFT's second term): the loss and the gradients of hidden, weight and bias equal the full-logits formula
+    in float64; the reference's logits come from hidden states and a head of its own (wider here, as another
+    model's may be), and get no gradient."""
+    hidden = (torch.randn(19, 32) / 2).to(dtype).requires_grad_()
+    weight = (torch.randn(300, 32) / 3).to(dtype).requires_grad_()
+    bias = torch.randn(300).to(dtype).requires_grad_()
+    ref_hidden, ref_weight = torch.randn(19, 48).to(dtype), (torch.randn(300, 48) / 4).to(dtype)
+    labels, kl = _labels(19, 300), 0.7
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, num_items_in_batch=num_items,
+                                      chunk_size=chunk, softcap=softcap, dft=dft, kl=kl, ref_hidden=ref_hidden,
+                                      ref_weight=ref_weight, ref_softcap=softcap)
+    grad_out = torch.randn_like(loss) if loss.dim() else torch.tensor(0.6)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    loss64, grads64 = oracle(lambda h, w, b: _kl_reference(h, w, b, ref_hidden.double(), ref_weight.double(), labels,
+                                                           reduction, num_items, kl, dft, softcap),
+                             (hidden, weight, bias), grad_out)
+    without = fused_linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction,
+                                         num_items_in_batch=num_items, softcap=softcap, dft=dft)
+    assert (loss - without).abs().max() > 0.05  # the divergence is there
+    assert_close(loss, loss64, dtype, "loss", min_scale=1.0)
+    for name, g, g64 in zip("hwb", grads, grads64):
+        assert_close(g, g64, dtype, f"grad {name}", 2.0)
+
+
+def test_fused_kl_from_the_model_itself_is_zero():
+    """A reference computing the model's own logits diverges by nothing: the loss is the plain one, and so are
+    the gradients."""
+    hidden, weight, labels = torch.randn(7, 16).requires_grad_(), torch.randn(50, 16), _labels(7, 50)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, kl=2.0, ref_hidden=hidden.detach(), ref_weight=weight)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    plain = fused_linear_cross_entropy(hidden, weight, labels)
+    assert_close(loss, plain, torch.float32, "loss", min_scale=1.0)
+    assert_close(grad, torch.autograd.grad(plain, hidden)[0], torch.float32, "grad")
+
+
+def test_fused_kl_needs_a_matching_reference():
+    hidden, weight, labels = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3])
+    with pytest.raises(KernelInputError, match="needs the reference model's"):
+        fused_linear_cross_entropy(hidden, weight, labels, kl=0.1)
+    with pytest.raises(KernelInputError, match="`weight`'s vocabulary 5"):
+        fused_linear_cross_entropy(hidden, weight, labels, kl=0.1, ref_hidden=torch.randn(3, 4),
+                                   ref_weight=torch.randn(6, 4))
+    with pytest.raises(KernelInputError, match="but `kl` is 0"):
+        fused_linear_cross_entropy(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight)
+
+
 def test_dft_and_eaft_together_are_refused():
     with pytest.raises(KernelInputError, match="dft and eaft"):
         fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), dft=True, eaft=1.0)

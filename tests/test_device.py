@@ -6,10 +6,13 @@ attention, kernel backend, device string, launch command); no kernel or collecti
 real multi-process paths (gloo on the CPU) are in test_train.py."""
 
 import sys
+import tomllib
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from lf import cli, device
 from lf.config import parse_train_args, parser
@@ -88,7 +91,7 @@ def test_each_accelerator_is_told_apart_with_what_follows_from_it(machine, kind,
     assert acc.device() == f"{device_type}:3" and acc.device(local_rank=1) == f"{device_type}:1"
     assert quantization._device_map(None) == {"": f"{device_type}:3"}  # bitsandbytes loads on this rank's device
     described = device.describe(acc)
-    assert described["distributed backend"] == acc.dist_backend
+    assert described["distributed backend"] == acc.dist_backend + (" (RCCL)" if kind == "rocm" else "")
     assert described[f"lf kernels on {device_type}"] == f"{kernels} backend"
     assert described["lf kernels on cpu"] == "cpu backend"
     if kind != "mps":  # LLaMA-Factory's fields: the device's name and memory (and CANN on an NPU)
@@ -148,6 +151,20 @@ def test_torch_npu_is_loaded_only_when_installed(monkeypatch):
     monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: None)
     assert device._load_torch_npu() is None
     device._load_torch_npu.cache_clear()
+
+
+def test_the_torch_npu_extra_names_the_torch_npu_of_lfs_torch():
+    """torch_npu's releases follow torch's (2.13.x for torch 2.13, each built against that torch): lf[torch-npu],
+    CI's pins and the torch the tests run with agree."""
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (npu,) = map(Requirement, extras["torch-npu"])
+    lines = (root / ".ci" / "constraints.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+    release = torch.__version__.split("+")[0]
+    assert npu.name == "torch-npu" and pins["torch"] == release
+    assert pins["torch-npu"] in npu.specifier and pins["torch-npu"].split(".")[:2] == release.split(".")[:2]
+    assert f"{release.split('.')[0]}.{int(release.split('.')[1]) + 1}.0" not in npu.specifier  # not the next torch's
 
 
 BASE = {"model_name_or_path": "m", "dataset": "d", "template": "qwen", "output_dir": "o", "finetuning_type": "lora",
@@ -216,11 +233,13 @@ def test_launch_variables(machine, monkeypatch):
         launch.command(["c.yaml"])
 
 
-def test_use_ray_is_refused_in_one_line(machine, monkeypatch, capsys, tmp_path):
+def test_use_ray_without_ray_is_refused_in_one_line(machine, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("USE_RAY", "1")
-    assert cli.main(["train", str(tmp_path / "cfg.yaml")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("lf train: USE_RAY is not supported: lf has no Ray Train integration") and "\n" not in err
+    monkeypatch.setitem(sys.modules, "ray", None)  # not installed
+    assert cli.main(["train", "model_name_or_path=lf-tiny-llama", "dataset=demo",
+                     f"output_dir={tmp_path / 'out'}", "ray_num_workers=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log's lines
+    assert err.startswith("lf train: USE_RAY=1 trains on Ray, which is not installed: pip install lf[ray]")
 
 
 def test_lf_env_prints_the_device_layer_view(machine, capsys):
@@ -231,3 +250,12 @@ def test_lf_env_prints_the_device_layer_view(machine, capsys):
                   "PEFT version", "TRL version", "accelerator: cpu", "distributed backend: gloo", "bf16: no",
                   "attention: sdpa, eager", "lf kernels on cpu: cpu backend", "CPU kernels:", "Default data directory"):
         assert field in out, field
+
+
+def test_lf_env_reports_an_unusable_npu_with_the_versions(machine, capsys):
+    with pytest.raises(device.DeviceError):
+        machine("npu", count=0)  # torch_npu installed, no NPU seen
+    assert cli.main(["env"]) == 1
+    out = capsys.readouterr().out
+    assert "- accelerator: not usable: torch_npu is installed but sees no NPU" in out
+    assert "- Transformers version:" in out and "- CPU kernels:" in out

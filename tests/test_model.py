@@ -448,6 +448,61 @@ def test_adapter_continue_merge_and_create_new(llama, tmp_path):
         _load(llama, adapter_name_or_path=first, finetuning_type="full")
 
 
+def test_adapter_folder_loads_the_subfolder_of_each_adapter(llama, tmp_path):
+    """adapter_folder (LLaMA-Factory's subfolder of every adapter): an lf chat config naming the adapters' parent
+    folders and adapter_folder loads what naming the subfolders does."""
+    from lf.config import parse_infer_args
+
+    model, _ = _load(llama, use_lf_kernels=False)
+    for name in ("a1", "a2"):
+        _perturbed_adapter(model, tmp_path / name / "run" / "checkpoint-2")
+    ids = _batch()["input_ids"]
+    cfg = parse_infer_args({"model_name_or_path": llama, "adapter_name_or_path": f"{tmp_path / 'a1'},{tmp_path / 'a2'}",
+                            "adapter_folder": "run/checkpoint-2", "template": "qwen", "infer_dtype": "float32"},
+                           "chat")
+    loaded, lines = load_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning, is_trainable=False)
+    named, _ = _load(llama, is_trainable=False, adapter_name_or_path=",".join(
+        str(tmp_path / name / "run" / "checkpoint-2") for name in ("a1", "a2")))
+    base, _ = _load(llama, is_trainable=False)
+    assert any(line.startswith("merged adapter(s) into the weights") for line in lines)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, named(input_ids=ids).logits)
+    assert not torch.allclose(loaded(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_offload_folder_runs_a_model_larger_than_free_memory_from_disk(llama, tmp_path, monkeypatch):
+    """offload_folder (lf chat, api, webchat, eval): with free memory (faked here) below the model's size, what
+    does not fit stays on disk and is read around each forward; the logits and the greedy answer are the
+    in-memory model's."""
+    import transformers.integrations.accelerate as hf_accelerate
+
+    from lf.config import parse_infer_args, parse_train_args
+    from lf.errors import ConfigError
+    from lf.model import load_inference_model
+
+    config = {"model_name_or_path": llama, "template": "qwen", "infer_dtype": "float32",
+              "offload_folder": str(tmp_path / "offload")}
+    cfg = parse_infer_args(config, "chat")
+    in_memory, _ = _load(llama, is_trainable=False)
+    size = sum(p.numel() * p.element_size() for p in in_memory.parameters())
+    monkeypatch.setattr(hf_accelerate, "get_max_memory", lambda max_memory=None: {"cpu": size // 3})
+    model = load_inference_model(load_tokenizer(cfg.model), cfg.model, cfg.finetuning)
+    assert "disk" in model.hf_device_map.values()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, in_memory(input_ids=ids).logits)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False),
+                       in_memory.generate(ids[:1], max_new_tokens=5, do_sample=False))
+
+    with pytest.raises(ConfigError, match="offload_folder: .* asks for weights beyond free memory offloaded to disk, "
+                                          "which lf chat, api, webchat, eval do and lf train does not"):
+        parse_train_args({**config, "dataset": "demo", "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match="lf export does not"):
+        parse_infer_args({**config, "export_dir": str(tmp_path / "export")}, "export")
+    adapted = parse_infer_args({**config, "adapter_name_or_path": str(tmp_path)}, "chat")
+    with pytest.raises(ModelError, match="offload_folder and adapter_name_or_path together"):
+        load_inference_model(load_tokenizer(adapted.model), adapted.model, adapted.finetuning)
+
+
 # ---- QLoRA ----
 
 @pytest.mark.parametrize("bits,quant_type", [(4, "nf4"), (4, "fp4"), (8, "nf4")])

@@ -117,6 +117,21 @@ def test_training_batches_pad_to_length_buckets_without_changing_the_loss():
         torch.testing.assert_close(model(**bucketed).loss, model(**exact).loss, rtol=RTOL, atol=ATOL)
 
 
+def test_length_buckets_stop_at_cutoff_len():
+    """A batch is never padded past max_length (the run's cutoff_len: a model with learned positions may have none
+    past it), unless one of its rows is itself longer (media tokens)."""
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+
+    def rows(*lengths):
+        return [dict(input_ids=[5] * n, labels=[5] * n) for n in lengths]
+
+    cap = LENGTH_BUCKET + 3
+    assert collator(tokenizer, max_length=cap)(rows(LENGTH_BUCKET + 1, 4))["input_ids"].shape[1] == cap
+    assert collator(tokenizer, max_length=cap)(rows(cap + 5))["input_ids"].shape[1] == cap + 5
+    assert collator(tokenizer, max_length=cap)(rows(3))["input_ids"].shape[1] == LENGTH_BUCKET
+    assert collator(tokenizer)(rows(LENGTH_BUCKET + 1))["input_ids"].shape[1] == 2 * LENGTH_BUCKET
+
+
 def test_segments_read_restarts_and_ignore_left_padding():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert packed_attention.segments(pos, 6) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]

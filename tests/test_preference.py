@@ -108,11 +108,11 @@ def ref_adapter(tmp_path):
 
 def reference_of(tmp_path, **overrides):
     from lf.model import load_tokenizer
-    from lf.train.preference import _reference
+    from lf.train.reference import reference_model
 
     cfg = parse_train_args(options(tmp_path / "out", **{**PAIRS, "stage": "dpo", "finetuning_type": "full",
                                                           "ref_model": str(tiny_path("lf-tiny-llama")), **overrides}))
-    return _reference(load_tokenizer(cfg.model), None, cfg, "sigmoid")
+    return reference_model(load_tokenizer(cfg.model), None, cfg, "sigmoid")
 
 
 def test_ref_model_adapters_are_merged_into_the_reference(tmp_path, ref_adapter):

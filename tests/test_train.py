@@ -384,22 +384,25 @@ def test_cli_help_and_bench_usage(capsys):
     assert cli.main(["bench", "everything"]) == 2
 
 
-ENGINES = {"ddp": {}, "zero2": {"deepspeed": str(REPO / "configs" / "deepspeed" / "ds_z2.json")},
-           "zero3": {"deepspeed": str(REPO / "configs" / "deepspeed" / "ds_z3.json")},
-           "fsdp2": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}, "save_steps": 3}}
+FSDP2 = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}, "save_steps": 3}
+# engine -> (the 2-process run's own keys, keys both runs take)
+ENGINES = {"ddp": ({}, {}), "zero2": ({"deepspeed": str(REPO / "configs" / "deepspeed" / "ds_z2.json")}, {}),
+           "zero3": ({"deepspeed": str(REPO / "configs" / "deepspeed" / "ds_z3.json")}, {}),
+           "fsdp2": (FSDP2, {}), "fsdp2_qlora": (FSDP2, {"quantization_bit": 4})}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_processes_train_what_one_process_trains(tmp_path, engine):
     """NPROC_PER_NODE=2: lf starts torchrun itself; DDP on the CPU over gloo, DeepSpeed ZeRO-2/3 on its CPU
-    accelerator, or FSDP2 (fully_shard over gloo). Same global batch (2 x 1 vs 1 x 2), same final adapter (SGD: see
-    test_kernels_do_not_change_the_losses)."""
-    same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 3, "save_steps": 10, "packing": True}
+    accelerator, or FSDP2 (fully_shard over gloo), also over a 4-bit base (QLoRA: lf's NF4 LoRA kernel). Same
+    global batch (2 x 1 vs 1 x 2), same final adapter (SGD: see test_kernels_do_not_change_the_losses)."""
+    own, both = ENGINES[engine]
+    same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 3, "save_steps": 10, "packing": True, **both}
     train(tmp_path / "one", per_device_train_batch_size=2, **same)
     two = tmp_path / "two"
     cfg = tmp_path / f"{engine}.yaml"
     cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options(two, per_device_train_batch_size=1,
-                                                                         **{**same, **ENGINES[engine]}).items()))
+                                                                         **{**same, **own}).items()))
     env = {**os.environ, "NPROC_PER_NODE": "2", "DS_ACCELERATOR": "cpu"}
     child = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg)], capture_output=True, text=True,
                            env=env, cwd=REPO)
@@ -409,7 +412,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, engine):
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
     assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
-    if engine == "fsdp2":  # sharded, not DDP under another name: accelerate saved the checkpoint the FSDP way
+    if own is FSDP2:  # sharded, not DDP under another name: accelerate saved the checkpoint the FSDP way
         assert {"pytorch_model_fsdp.bin", "optimizer.bin"} <= {p.name for p in (two / "checkpoint-3").iterdir()}
 
 
@@ -438,6 +441,31 @@ def test_two_nodes_on_one_machine_train_what_one_process_trains_and_save_once(tm
     assert losses(tmp_path / "node0") == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
     # saved once: node 1 (global rank 1) wrote no adapter, checkpoint or log
     assert not any((tmp_path / "node1").rglob("*.safetensors")) and not any((tmp_path / "node1").rglob("*.jsonl"))
+
+
+def test_ray_workers_train_what_one_process_trains(tmp_path):
+    """USE_RAY=1, ray_num_workers: 2: a local Ray cluster of 2 CPUs runs two actors, each `lf train` as one rank of
+    torch.distributed over gloo (DDP); same global batch (2 x 1 vs 1 x 2), same final adapter."""
+    same = {"optim": "sgd", "learning_rate": 0.05, "max_steps": 2, "save_steps": 10, "packing": True}
+    train(tmp_path / "one", per_device_train_batch_size=2, **same)
+    two = tmp_path / "two"
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in options(
+        two, per_device_train_batch_size=1, ray_num_workers=2,
+        ray_init_kwargs={"num_cpus": 2}, **same).items()))
+    child = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg)], capture_output=True, text=True,
+                           env={**os.environ, "USE_RAY": "1"}, cwd=REPO, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert f"lf train: done on 2 Ray workers. Outputs: {two}" in child.stdout
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
+    assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+    too_many = subprocess.run([sys.executable, "-m", "lf.cli", "train", str(cfg), "ray_num_workers=3"],
+                              capture_output=True, text=True, env={**os.environ, "USE_RAY": "1"}, cwd=REPO,
+                              timeout=600)
+    assert too_many.returncode == 2
+    assert "ray_num_workers: 3 workers of {'CPU': 1.0} need 3 CPU, but the Ray cluster has 2 CPU" in too_many.stderr
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -12,6 +12,7 @@ PEFT_TYPES = ("lora", "oft")  # the finetuning types that train PEFT adapters
 ReferenceFreeLoss = Literal["orpo", "simpo"]  # dpo losses that compare the policy's replies with each other only
 # lf.kernels.fused_linear_preference_loss computes these (its PAIRED: the same names, tested)
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", ReferenceFreeLoss]
+RayPlacement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray placement group strategies
 GaloreProjType = Literal["std", "reverse_std", "right", "left", "full"]  # which side GaLore projects gradients on
 # the keys that choose an optimizer in place of `optim` (lf.train.optimizers.OPTIMIZERS builds each)
 OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
@@ -95,6 +96,9 @@ class FinetuningArguments:
     # sft: each token's loss weighted by (entropy of its top-20 logits / 3) ** eaft_alpha, detached (EAFT)
     use_eaft_loss: bool = False
     eaft_alpha: float = 1.0
+    # sft: DFT's loss plus asft_alpha x KL(reference's next-token distribution || the model's), per label token (ASFT)
+    use_asft_loss: bool = False
+    asft_alpha: float = 0.1
     early_stopping_steps: int | None = None  # stop after this many evaluations without a better metric_for_best_model
     # SwanLab tracking through its transformers callback (lf.train.tracking); LLaMA-Factory's keys and defaults
     use_swanlab: bool = False
@@ -134,6 +138,13 @@ class FinetuningArguments:
     badam_verbose: int = 0  # 0: quiet; 1: the block trained; 2: its parameters too
     use_adam_mini: bool = False  # Adam-mini: one second moment per block (attention head, neuron) instead of per weight
     use_muon: bool = False  # torch's Muon (orthogonalised momentum) on hidden matrices, AdamW on the rest
+    # Ray (USE_RAY=1: lf.train.ray_launch; LLaMA-Factory's keys)
+    ray_num_workers: int = 1  # processes (Ray actors), one rank each
+    ray_init_kwargs: dict | str | None = None  # ray.init's arguments (a mapping or its JSON text)
+    resources_per_worker: dict | None = None  # each worker's Ray resources (default: 1 CPU, and 1 GPU on GPUs)
+    placement_strategy: RayPlacement = "PACK"  # how Ray places the workers' bundles on its nodes
+    master_addr: str | None = None  # rank 0's address for torch.distributed (default: its node's)
+    master_port: int | None = None  # and port (default: a free one there)
     # outputs
     plot_loss: bool = False  # loss plot PNG in output_dir
     # transformers 5 dropped these two TrainingArguments; LLaMA-Factory YAMLs still carry them

@@ -35,6 +35,8 @@ InferBackend = Literal["huggingface", "vllm", "sglang"]  # the engine of lf chat
 class ModelArguments:
     model_name_or_path: str | None = None  # local path or hub id; "lf-tiny-llama": the quickstart model, built here
     adapter_name_or_path: str | None = None  # comma-separated LoRA adapters to load (merged unless trained further)
+    adapter_folder: str | None = None  # a subfolder of each of them holding the adapter (joined on by the parser)
+    offload_folder: str | None = None  # inference: weights beyond free memory wait on disk here (device_map auto)
     cache_dir: str | None = None
     model_revision: str = "main"
     trust_remote_code: bool = False

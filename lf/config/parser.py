@@ -267,6 +267,9 @@ class Unsupported:
 
 FP8_FIX = ("remove the key: FP8 training needs an NVIDIA GPU with FP8 tensor cores (Ada or Hopper, e.g. H100) and "
            "TransformerEngine or torchao, which lf has not been built and tested on")
+RAY_TRAIN_FIX = ("remove it: it named where Ray Train's TorchTrainer (LLaMA-Factory 0.9.4) kept a run's results; "
+                 "LLaMA-Factory 0.9.5 has no such key, and lf's Ray workers (USE_RAY=1) write to output_dir like "
+                 "any run")
 UNSUPPORTED = types.MappingProxyType({
     # model
     "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,),
@@ -276,8 +279,6 @@ UNSUPPORTED = types.MappingProxyType({
                                      "arguments"),
     "use_kt": Unsupported("KTransformers", fix="remove the key: KTransformers' kernels need a CUDA GPU (beside an "
                                               "AMX or AVX-512 CPU), which lf has not been built and tested on"),
-    "adapter_folder": Unsupported("adapters from a folder", (None,), "name them in adapter_name_or_path"),
-    "offload_folder": Unsupported("offloading weights to disk", None),
     "ms_hub_token": Unsupported("the ModelScope hub", (None,)),
     "om_hub_token": Unsupported("the Modelers hub", (None,)),
     **{key: Unsupported("FP8 training", inert, FP8_FIX) for key, inert in
@@ -295,11 +296,6 @@ UNSUPPORTED = types.MappingProxyType({
     "use_mca": Unsupported("Megatron-Core training", fix="remove the key: Megatron-Core (mcore_adapter) trains on "
                                                          "NVIDIA GPUs over NCCL, which lf has not been built and "
                                                          "tested on"),
-    "use_asft_loss": Unsupported("ASFT's loss (DFT's plus asft_alpha times the KL divergence from a reference "
-                                 "model's whole next-token distribution)",
-                                 fix="not built yet: it needs a fused KL against a second model's logits; "
-                                     "use_dft_loss is its first term"),
-    "asft_alpha": Unsupported("ASFT's loss", None),
     # data
     "eval_num_beams": Unsupported("beam search at evaluation", (None,),
                                   "set num_beams, the beams lf's do_predict searches (LLaMA-Factory 0.9.5 hands "
@@ -307,11 +303,8 @@ UNSUPPORTED = types.MappingProxyType({
                                   "always passed, overrides)"),
     "ignore_pad_token_for_loss": Unsupported("pad tokens in the loss", (True,), "remove it: lf never trains on pads"),
     # training
-    "ray_run_name": Unsupported("Ray training", (None,)),
-    "ray_num_workers": Unsupported("Ray training", (1,)),
-    "ray_storage_filesystem": Unsupported("Ray training", (None,)),
-    **{key: Unsupported("Ray training", None) for key in
-       ("ray_storage_path", "resources_per_worker", "placement_strategy", "ray_init_kwargs")},
+    **{key: Unsupported("Ray Train's result storage", inert, RAY_TRAIN_FIX) for key, inert in
+       (("ray_run_name", (None,)), ("ray_storage_path", None), ("ray_storage_filesystem", (None,)))},
     "save_safetensors": Unsupported("pickled checkpoints", (True,), "remove it: transformers 5 writes safetensors"),
 })
 
@@ -522,6 +515,25 @@ def _hf_defaults() -> dict:
     return defaults
 
 
+def _adapter_folder(model: ModelArguments) -> None:
+    """adapter_folder (LLaMA-Factory's `subfolder` of every adapter in adapter_name_or_path) joined onto each, once,
+    here: everything that loads adapters reads adapter_name_or_path alone. A folder inside each adapter's folder
+    only, so that it reaches no further than adapter_name_or_path does (lf webui checks that one)."""
+    folder = model.adapter_folder
+    if folder is None:
+        return
+    if not model.adapter_name_or_path:
+        raise ConfigError(f"adapter_folder: {folder} names a subfolder of each adapter of adapter_name_or_path, but "
+                          f"adapter_name_or_path is not set: set it, or remove adapter_folder")
+    parts = pathlib.PurePath(folder).parts
+    if not parts or os.path.isabs(folder) or ".." in parts:
+        raise ConfigError(f"adapter_folder: {folder!r} must be a relative folder inside each adapter of "
+                          f"adapter_name_or_path (e.g. checkpoint-100), without '..'")
+    paths = [path.strip() for path in model.adapter_name_or_path.split(",") if path.strip()]
+    model.adapter_name_or_path = ",".join(os.path.join(path, folder) for path in paths)
+    model.adapter_folder = None
+
+
 def _resolve(cfg: TrainConfig, training: dict) -> None:
     """lf's defaults that depend on other keys (after the rules, so these never hide a user's mistake)."""
     model, finetuning = cfg.model, cfg.finetuning
@@ -570,6 +582,7 @@ def parse_train_args(argv: list[str] | dict) -> TrainConfig:
     problems = []  # unreadable old keys, unsupported and unknown keys, wrong types: all refused at once
     values = _drop_unsupported(_apply_aliases(values, where, problems), where, problems)
     groups = _split(_drop_export_keys(values, where, problems, "train"), where, problems)
+    _refuse_inference_only(groups.get("model", {}), where, problems, "train")
     if problems:
         raise ConfigError("\n".join(problems))
     training = groups["training"]
@@ -578,6 +591,7 @@ def parse_train_args(argv: list[str] | dict) -> TrainConfig:
     cfg = TrainConfig(ModelArguments(**groups["model"]), DataArguments(**groups["data"]),
                       FinetuningArguments(**groups["finetuning"]), GeneratingArguments(**groups["generating"]),
                       types.SimpleNamespace(**{**_hf_defaults(), **training}), source, raw)
+    _adapter_folder(cfg.model)
     check(cfg)
     _resolve(cfg, training)
     cfg.training = _build_training(training, where)
@@ -600,6 +614,16 @@ class InferConfig:
 
 # model keys that change the training forward only (the model's own code runs at inference): refused there
 TRAINING_ONLY_MODEL_KEYS = {"shift_attn": "LongLoRA's shifted sparse attention"}
+# model keys for inference only, refused by `lf train` and by the commands that do not load the model to run it
+INFERENCE_ONLY_MODEL_KEYS = {"offload_folder": ("weights beyond free memory offloaded to disk", ("chat", "api",
+                                                                                               "webchat", "eval"))}
+
+
+def _refuse_inference_only(model: dict, where: dict[str, str], problems: list[str], command: str) -> None:
+    for key, (what, commands) in INFERENCE_ONLY_MODEL_KEYS.items():
+        if model.get(key) is not None and command not in commands:
+            problems.append(f"{key}: {model[key]} ({where[key]}) asks for {what}, which lf {', '.join(commands)} do "
+                            f"and lf {command} does not: remove it")
 
 
 def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
@@ -614,6 +638,7 @@ def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
     if command != "export":
         values = _drop_export_keys(values, where, problems, command)
     groups = _split(values, where, problems, infer=True)
+    _refuse_inference_only(groups["model"], where, problems, command)
     for key, what in TRAINING_ONLY_MODEL_KEYS.items():
         if groups["model"].get(key):
             problems.append(f"{key}: true ({where[key]}) asks for {what}, which only training runs (lf {command} "
@@ -627,6 +652,8 @@ def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
                         f"id), with adapter_name_or_path for a LoRA adapter trained on it")
     if problems:
         raise ConfigError("\n".join(problems))
-    return InferConfig(ModelArguments(**groups["model"]), DataArguments(**groups["data"]),
-                       FinetuningArguments(**groups["finetuning"]), GeneratingArguments(**groups["generating"]),
-                       ExportArguments(**groups["export"]), EvaluationArguments(**groups["evaluation"]), source, raw)
+    model = ModelArguments(**groups["model"])
+    _adapter_folder(model)
+    return InferConfig(model, DataArguments(**groups["data"]), FinetuningArguments(**groups["finetuning"]),
+                       GeneratingArguments(**groups["generating"]), ExportArguments(**groups["export"]),
+                       EvaluationArguments(**groups["evaluation"]), source, raw)

@@ -187,9 +187,12 @@ RANGES = types.MappingProxyType({
     "preprocessing_num_workers": ("data", AT_LEAST_1, "the processes tokenizing (remove it to tokenize in this one)"),
     "buffer_size": ("data", AT_LEAST_1, "the examples a stream is shuffled among"),
     "lora_rank": ("finetuning", AT_LEAST_1, "the adapters' rank (8 to 64 is usual)"),
+    "ray_num_workers": ("finetuning", AT_LEAST_1, "the Ray workers, one rank each (USE_RAY=1)"),
     "lora_alpha": ("finetuning", POSITIVE, "the adapters' scale, over the rank (remove it: 2 x lora_rank)"),
     "moe_aux_loss_coef": ("model", AT_LEAST_0, "the weight of a mixture-of-experts router's load-balancing loss (0.001 "
                                                "is usual; 0: none)"),
+    "asft_alpha": ("finetuning", POSITIVE, "the weight of ASFT's KL divergence from the reference (0.1 is "
+                                           "LLaMA-Factory's)"),
     "eaft_alpha": ("finetuning", AT_LEAST_0, "the power of EAFT's entropy weight (1.0 is LLaMA-Factory's; 0: plain "
                                              "cross-entropy)"),
     "lora_dropout": ("finetuning", FRACTION, "the chance an adapter input is dropped in training (e.g. 0.05; 0: none)"),
@@ -374,6 +377,28 @@ def _stray_message(cfg) -> str:
             f"set stage: {wanted[0]}, or remove them")
 
 
+RAY_KEYS = ("ray_num_workers", "ray_init_kwargs", "resources_per_worker", "placement_strategy", "master_addr",
+            "master_port")
+
+
+def _ray_keys(cfg) -> list[str]:
+    """The Ray keys given away from their defaults, when USE_RAY is off (they would do nothing)."""
+    if os.environ.get("USE_RAY", "").strip().lower() in ("1", "true", "y", "yes"):
+        return []
+    defaults = FinetuningArguments()
+    return [key for key in RAY_KEYS if getattr(cfg.finetuning, key) != getattr(defaults, key)]
+
+
+def _token_weightings(cfg) -> list[str]:
+    """The keys that weight each token's loss, given true."""
+    return [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(cfg.finetuning, key)]
+
+
+def _asft_options(cfg) -> list[str]:
+    return [key for key in ("asft_alpha", "ref_model", "ref_model_adapters", "ref_model_quantization_bit")
+            if key in _given_stage_keys(cfg)]
+
+
 def _trackers(t) -> list[str]:
     return [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
 
@@ -550,9 +575,17 @@ RULES: tuple[Rule, ...] = (
     *(Rule(f"{name}_needs_lf_kernels", lambda c, name=name: getattr(c.finetuning, f"use_{name}_loss")
            and not c.model.use_lf_kernels,
            f"use_{name}_loss: true weights the tokens inside lf's fused loss, but use_lf_kernels: false turns it off: "
-           f"remove one of the two") for name in ("dft", "eaft")),
-    Rule("one_token_weighting", lambda c: c.finetuning.use_dft_loss and c.finetuning.use_eaft_loss,
-         "use_dft_loss and use_eaft_loss both weight each token's loss, differently: keep one"),
+           f"remove one of the two") for name in ("dft", "eaft", "asft")),
+    Rule("ray_keys_need_use_ray", lambda c: bool(_ray_keys(c)),
+         lambda c: f"{', '.join(_ray_keys(c))} set(s) up training on Ray, which USE_RAY=1 turns on: run with USE_RAY=1 "
+                   f"(pip install lf[ray]), or remove them (NPROC_PER_NODE=2 runs several processes with torchrun)"),
+    Rule("one_token_weighting", lambda c: len(_token_weightings(c)) > 1,
+         lambda c: f"{' and '.join(_token_weightings(c))} each weight every token's loss, differently (use_asft_loss "
+                   f"is DFT's loss plus a KL term): keep one"),
+    Rule("asft_options_need_asft", lambda c: c.finetuning.stage == "sft" and not c.finetuning.use_asft_loss
+         and bool(_asft_options(c)),
+         lambda c: f"{', '.join(_asft_options(c))} shape(s) use_asft_loss's KL term from a reference model, but "
+                   f"use_asft_loss is off: set use_asft_loss: true, or remove them"),
     Rule("pure_bf16_without_amp", lambda c: c.finetuning.pure_bf16 and (c.training.bf16 or c.training.fp16),
          lambda c: f"pure_bf16: true trains the bf16 weights as they are, without autocast, but "
                    f"{'bf16' if c.training.bf16 else 'fp16'}: true turns autocast on: remove one of the two"),

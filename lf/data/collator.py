@@ -35,11 +35,14 @@ class Collator:
     pad_to_multiple_of: int | None = 8
     count_tokens: bool = False  # add TOKENS_KEY (lf's trainer removes it before the model sees the batch)
     media: object = None  # an MMProcessor: turns the batch's media into pixel_values (and the like)
+    # Rounding up stops here (cutoff_len): a model with learned positions may have no position past it.
+    max_length: int | None = None
 
     def _length(self, rows) -> int:
         longest = max(len(row) for row in rows)
         m = self.pad_to_multiple_of
-        return -(-longest // m) * m if m else longest
+        n = -(-longest // m) * m if m else longest
+        return max(longest, min(n, self.max_length)) if self.max_length else n
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         refs = [{k: v for k, v in f.items() if k in MEDIA_COLUMNS} for f in features]

@@ -179,14 +179,15 @@ def get_dataset(data_args, *, tokenizer, template, stage: str, seed: int = 42, m
 LENGTH_BUCKET = 64
 
 
-def collator(tokenizer, count_tokens: bool = False, media=None) -> Collator:
+def collator(tokenizer, count_tokens: bool = False, media=None, max_length: int | None = None) -> Collator:
     """The batch collator for datasets from `get_dataset` (pads with the tokenizer's pad token to a multiple of
-    LENGTH_BUCKET); `count_tokens` for lf's trainer, which reports tokens/s; `media` (the MMProcessor given to
+    LENGTH_BUCKET, but not past `max_length`, the run's cutoff_len, unless a row is longer); `count_tokens` for lf's trainer, which reports tokens/s; `media` (the MMProcessor given to
     get_dataset) decodes the batch's images into the model's image inputs."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an eos token: the template's prepare_tokenizer sets one")
-    return Collator(pad_token_id=pad, pad_to_multiple_of=LENGTH_BUCKET, count_tokens=count_tokens, media=media)
+    return Collator(pad_token_id=pad, pad_to_multiple_of=LENGTH_BUCKET, count_tokens=count_tokens, media=media,
+                    max_length=max_length)
 
 
 def _eval_sets(data_args, seed):

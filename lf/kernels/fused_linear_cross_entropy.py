@@ -119,12 +119,39 @@ def _eaft_weights(logits: torch.Tensor, softcap: float, alpha: float) -> torch.T
     return (-(logp.exp() * logp).sum(-1) / EAFT_ENTROPY_SCALE) ** alpha
 
 
-def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, scale, row_weight,
-           chunk, need_hidden, need_weight, need_bias):
+def _kl_rows(z: torch.Tensor, r: torch.Tensor, softcap: float, ref_softcap: float, grad: bool) -> torch.Tensor:
+    """Each row's KL(softmax(r) || softmax(z)), the reference's distribution first, in fp32 (softcaps applied to
+    their own logits). With ``grad``, ``r`` is overwritten by the KL's gradient in ``z``, softmax(z) - softmax(r)
+    (times the softcap's derivative). Row blocks keep the fp32 temporaries near 2^22 elements."""
+    rows, vocab = z.shape
+    out = torch.empty(rows, dtype=torch.float32, device=z.device)
+    step = max(1, (1 << 22) // vocab)
+    for begin in range(0, rows, step):
+        end = min(rows, begin + step)
+        x, y = z[begin:end].float(), r[begin:end].float()
+        if softcap:
+            x = softcap * torch.tanh(x / softcap)
+        if ref_softcap:
+            y = ref_softcap * torch.tanh(y / ref_softcap)
+        log_p, log_q = x.log_softmax(-1), y.log_softmax(-1)
+        q = log_q.exp()
+        out[begin:end] = (q * (log_q - log_p)).sum(-1)
+        if grad:
+            g = log_p.exp_().sub_(q)
+            if softcap:
+                g.mul_(1 - (x / softcap) ** 2)
+            r[begin:end] = g
+    return out
+
+
+def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, kl, ref_hidden,
+           ref_weight, ref_bias, ref_softcap, scale, row_weight, chunk, need_hidden, need_weight, need_bias):
     """One pass over the tokens in chunks: per-token fp32 losses and, as asked, the gradients of hidden,
     weight and bias, each token's gradient scaled by ``scale`` (and by ``row_weight`` when given). ``dft``: each
     token's loss and gradient times exp(-its loss), its probability, as a constant (DFT). ``eaft`` (alpha; 0: off):
-    times the entropy weight of _eaft_weights, a constant too (EAFT)."""
+    times the entropy weight of _eaft_weights, a constant too (EAFT). ``kl`` (0: off): plus kl times the KL
+    divergence of the token's distribution from the reference's, whose logits ``ref_hidden @ ref_weight.T (+
+    ref_bias)`` are computed chunk by chunk beside the model's (ASFT's second term)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     valid = labels != ignore_index
     kept = None if bool(valid.all()) else valid.nonzero()[:, 0]  # ignored tokens take no part
@@ -140,6 +167,9 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
     d_weight = torch.zeros_like(weight) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
     logits = _alloc.empty((min(chunk, n), vocab), hidden, matmuls.dtype)
+    if kl:
+        ref_matmuls = _matmuls_for(ref_weight, ref_bias)
+        ref_logits = _alloc.empty((min(chunk, n), vocab), ref_hidden, ref_matmuls.dtype)
     for begin in range(0, n, chunk):
         end = min(n, begin + chunk)
         rows = None if kept is None else kept[begin:end]
@@ -148,17 +178,28 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
         z = logits[: end - begin]
         matmuls.logits(h, z)
         factor = _eaft_weights(z, softcap, eaft) if eaft else None  # before z turns into the gradient
+        if kl:  # before z turns into the gradient too; r turns into the KL's
+            r = ref_logits[: end - begin]
+            ref_matmuls.logits(ref_hidden[begin:end] if rows is None else ref_hidden.index_select(0, rows), r)
+            divergence = _kl_rows(z, r, softcap, ref_softcap, with_grad)
         loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
         if dft:
             factor = torch.exp(-loss)  # the token's probability (DFT's weight)
         if factor is not None:
             loss = loss * factor
+        if kl:
+            loss = loss + kl * divergence
         if rows is None:
             losses[begin:end] = loss
         else:
             losses.index_copy_(0, rows, loss)
         if not with_grad:
             continue
+        if kl:  # the weighted cross-entropy's gradient plus the divergence's, before row_weight scales both
+            if factor is not None:
+                z.mul_(factor[:, None].to(z.dtype))
+            z.add_(r, alpha=kl * scale)
+            factor = None
         if row_weight is not None:
             w_rows = row_weight[begin:end] if rows is None else row_weight.index_select(0, rows)
             factor = w_rows if factor is None else factor * w_rows
@@ -176,16 +217,51 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
             d_bias.to(bias.dtype) if need_bias else none())
 
 
+def _reference(op, hidden, weight, kl, ref_hidden, ref_weight, ref_bias, ref_softcap) -> tuple:
+    """The op's reference-model arguments (kl, ref_hidden as rows, ref_weight, ref_bias, ref_softcap), checked."""
+    if not kl:
+        if ref_hidden is not None or ref_weight is not None:
+            _checks.fail(op, "`ref_hidden`/`ref_weight` give a reference model for the KL term, but `kl` is 0: pass "
+                             "kl > 0 with them, or drop them")
+        return 0.0, None, None, None, 0.0
+    if not kl > 0:
+        _checks.fail(op, f"`kl`={kl} must be >= 0 (the weight of the KL divergence from the reference; 0: off)")
+    if ref_hidden is None or ref_weight is None:
+        _checks.fail(op, "`kl` > 0 needs the reference model's `ref_hidden` and `ref_weight` (its lm_head.weight)")
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight)) + (
+            (("ref_bias", ref_bias),) if ref_bias is not None else ()):
+        _checks.tensor(op, name, t)
+    _checks.same_device_and_dtype(op, "ref_hidden", ref_hidden, ref_weight=ref_weight,
+                                  **({} if ref_bias is None else {"ref_bias": ref_bias}))
+    if ref_hidden.device != hidden.device:
+        _checks.fail(op, f"`ref_hidden` is on {ref_hidden.device} but `hidden` is on {hidden.device}; move them together")
+    if (ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0] or ref_hidden.shape[:-1] != hidden.shape[:-1]
+            or ref_hidden.shape[-1] != ref_weight.shape[1]):
+        _checks.fail(op, f"the reference's `ref_hidden` {tuple(ref_hidden.shape)} and `ref_weight` "
+                         f"{tuple(ref_weight.shape)} must have `hidden`'s tokens {tuple(hidden.shape[:-1])} and "
+                         f"`weight`'s vocabulary {weight.shape[0]} (a reference with the model's tokenizer)")
+    if ref_bias is not None and ref_bias.shape != ref_weight.shape[:1]:
+        _checks.fail(op, f"`ref_bias` {tuple(ref_bias.shape)} must be ({ref_weight.shape[0]},)")
+    if ref_softcap is not None and not ref_softcap > 0:
+        _checks.fail(op, f"`ref_softcap`={ref_softcap} must be positive, or None for no capping")
+    rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+    return (float(kl), rows, ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
+            float(ref_softcap or 0.0))
+
+
 @torch.library.custom_op("lf::fused_linear_cross_entropy", mutates_args=())
 def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-          ignore_index: int, smoothing: float, softcap: float, z_loss: float, dft: bool, eaft: float, reduction: int,
-          num_items: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], chunk: int, need_hidden: bool,
-          need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+          ignore_index: int, smoothing: float, softcap: float, z_loss: float, dft: bool, eaft: float, kl: float,
+          ref_hidden: Optional[torch.Tensor], ref_weight: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor],
+          ref_softcap: float, reduction: int, num_items: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
+          chunk: int, need_hidden: bool, need_weight: bool,
+          need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = []
 
     def rows(scale):
-        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft,
-                                scale, row_weight, chunk, need_hidden, need_weight, need_bias)
+        losses, *found = _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, kl,
+                                ref_hidden, ref_weight, ref_bias, ref_softcap, scale, row_weight, chunk, need_hidden,
+                                need_weight, need_bias)
         grads.extend(found)
         return losses
 
@@ -195,8 +271,8 @@ def _flce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 @_flce.register_fake
-def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, reduction, num_items,
-      row_weight, chunk, need_hidden, need_weight, need_bias):
+def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, kl, ref_hidden, ref_weight,
+      ref_bias, ref_softcap, reduction, num_items, row_weight, chunk, need_hidden, need_weight, need_bias):
     return (fake_loss(hidden.shape[0], reduction, hidden),
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
@@ -205,10 +281,10 @@ def _(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, df
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, reduction,
-                num_items, chunk):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_loss, dft, eaft, reference,
+                reduction, num_items, chunk):
         need = tuple(ctx.needs_input_grad[:3])
-        options = (ignore_index, smoothing, softcap, z_loss, dft, eaft)
+        options = (ignore_index, smoothing, softcap, z_loss, dft, eaft, *reference)  # reference: no gradient
         ctx.options, ctx.chunk, ctx.need, ctx.per_row = options, chunk, need, reduction == NONE
         # Per-token losses: a token's hidden gradient is its incoming gradient times the one computed here, but the
         # weight's and bias's sum over tokens, so those are computed in backward (a frozen head, as under LoRA, is
@@ -233,14 +309,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grads = scale_saved_grads(ctx, grad_out, per_row=ctx.per_row)
         grads = [g if wanted else None for g, wanted in zip(grads, ctx.need)]
-        return *grads, *[None] * 10
+        return *grads, *[None] * 11
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                                label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                                z_loss: float = 0.0, num_items_in_batch=None,
-                               chunk_size: int | None = None, dft: bool = False, eaft: float = 0.0) -> torch.Tensor:
+                               chunk_size: int | None = None, dft: bool = False, eaft: float = 0.0, kl: float = 0.0,
+                               ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+                               ref_bias: torch.Tensor | None = None, ref_softcap: float | None = None) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels, ...)`` without materialising the logits.
 
     ``hidden`` is (..., H), ``weight`` (V, H) as ``nn.Linear`` stores it, ``labels`` (...) already aligned
@@ -251,6 +329,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     constant to the gradient (so each token's gradient is scaled by it too), reduced as asked. ``eaft`` (alpha;
     0: off): Entropy-Adaptive Fine-Tuning's loss (LLaMA-Factory's use_eaft_loss, eaft_alpha): each token's loss
     times (H / 3) ** alpha, H the entropy of the softmax of its 20 largest logits, a constant as DFT's weight.
+    ``kl`` (0: off): each token's loss plus ``kl`` times KL(q || p), p its softmax and q a reference model's, whose
+    logits are ``ref_hidden @ ref_weight.T (+ ref_bias)`` (capped at ``ref_softcap``), computed a chunk at a time
+    beside the model's and given no gradient; with ``dft``, ASFT's loss (LLaMA-Factory's use_asft_loss, kl its
+    asft_alpha). ``ref_hidden`` has ``hidden``'s rows, ``ref_weight`` the same vocabulary as ``weight``.
 
     Memory: beyond the gradients themselves (of hidden, weight and bias, which the forward pass computes and
     the backward pass scales by the incoming gradient), one chunk of ``chunk_size`` tokens' logits exists at a
@@ -281,12 +363,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     check_labels_match(op, labels, "hidden", hidden, "hidden")
     if dft and eaft:
         _checks.fail(op, "dft and eaft weight each token's loss differently: pass one of them")
+    reference = _reference(op, hidden, weight, kl, ref_hidden, ref_weight, ref_bias, ref_softcap)
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         _checks.fail(op, f"`chunk_size`={chunk_size!r} must be a positive int (tokens per chunk), or None to choose")
     rows = hidden.reshape(-1, hidden.shape[-1])
     logits_size = 4 if matmul_in_fp32(weight) else hidden.element_size()
+    if kl:  # the reference's chunk of logits beside the model's
+        logits_size += 4 if matmul_in_fp32(ref_weight) else ref_hidden.element_size()
     chunk = chunk_size or chunk_rows(rows.shape[0], rows.shape[1], weight.shape[0], logits_size)
     loss = FusedLinearCrossEntropyFunction.apply(rows, weight, bias, flat_labels(op, labels), ignore_index,
                                                  float(label_smoothing), cap, float(z_loss), bool(dft), float(eaft),
-                                                 reduction_code, num_items, chunk)
+                                                 reference, reduction_code, num_items, chunk)
     return loss.reshape(labels.shape) if reduction_code == NONE else loss

@@ -22,7 +22,8 @@ says why. Adding a family is one entry there. The kinds:
   family that scales its logits, Granite, Cohere, Falcon-H1, has the hidden states scaled instead);
   otherwise (generation, evaluation, or ``skip_logits=False``) HF's own path runs; the keyword
   ``lf_token_weights`` (``{"dft": True}`` or ``{"eaft": alpha}``) weights each token's fused loss by DFT's or
-  EAFT's detached weight;
+  EAFT's detached weight, and with ``kl`` and :func:`reference_head`'s arguments adds a KL divergence from a
+  reference model's next-token distribution (ASFT);
 - ``cross_entropy`` (off unless asked): reported, not patched: the loss already needs no logits;
 - ``packed_attention``: a model running SDPA switches to "lf_packed" (:mod:`lf.kernels.packed_attention`), which
   runs neat-packed rows example by example and leaves every other batch to SDPA;
@@ -343,8 +344,8 @@ def _rope_keeping_dtype(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
-# a forward keyword: fused_linear_cross_entropy's dft/eaft options (lf.train.trainer passes them for use_dft_loss
-# and use_eaft_loss)
+# a forward keyword: fused_linear_cross_entropy's dft/eaft/kl options (lf.train.trainer passes them for use_dft_loss,
+# use_eaft_loss and use_asft_loss, the last with reference_head's arguments)
 TOKEN_WEIGHTS = "lf_token_weights"
 _ROPE_FORWARDS: dict[type, Callable] = {}  # attention class -> its forward reading lf's RoPE
 
@@ -398,18 +399,13 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
         kwargs["output_router_logits"] = True
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-    hidden = outputs.last_hidden_state
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    hidden = hidden[:, keep, :]
-    family = FAMILIES.get(self.config.model_type)
-    if family is not None and family.logit_scale is not None:  # HF scales the logits: lf scales their input
-        hidden = hidden * family.logit_scale(self.config)
+    hidden = _head_input(self, outputs.last_hidden_state[:, keep, :])
     if shift_labels is None:  # as HF's ForCausalLMLoss: token t predicts label t + 1
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
                                       bias=self.lm_head.bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                      softcap=getattr(self.config.get_text_config(), "final_logit_softcapping", None),
-                                      **weights)
+                                      softcap=_softcap(self), **weights)
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
     if router:
@@ -422,6 +418,31 @@ def _causal_lm_forward(self, input_ids=None, *args, attention_mask=None, positio
         out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out.to_tuple() if return_dict is False else out
+
+
+def _head_input(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states as lm_head takes them: HF scales some families' logits, lf their input."""
+    family = FAMILIES.get(model.config.model_type)
+    return hidden if family is None or family.logit_scale is None else hidden * family.logit_scale(model.config)
+
+
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def reference_head(model: nn.Module, inputs: dict) -> dict:
+    """fused_linear_cross_entropy's reference arguments (ref_hidden, ref_weight, ref_bias, ref_softcap) for the
+    forward inputs `inputs` (labels are left out): `model`'s (a causal LM, or a PEFT model around one) decoder run
+    without gradient, and its head. The reference sees what the trained model sees, packed rows' positions too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(getattr(base, "lm_head", None)) is not nn.Linear or not hasattr(base, "model"):
+        raise KernelInputError(f"the reference model ({type(base).__name__}) needs a decoder (`.model`) and a plain "
+                               f"nn.Linear lm_head for lf's fused KL term")
+    inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", TOKEN_WEIGHTS)}
+    with torch.no_grad():
+        hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    return dict(ref_hidden=_head_input(base, hidden), ref_weight=base.lm_head.weight, ref_bias=base.lm_head.bias,
+                ref_softcap=_softcap(base))
 
 
 def _router_loss(model: nn.Module, router_logits, attention_mask) -> torch.Tensor:

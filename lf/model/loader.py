@@ -11,6 +11,7 @@ moves them to the accelerator.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -90,7 +91,8 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     value_head = stages.get(getattr(finetuning_args, "stage", "sft")).value_head
     if value_head:  # one score per sequence (rm), from a value head on the model (XForSequenceClassification)
         config.num_labels = 1
-    model = _instantiate(path, config, dtype, attention, quant.kwargs, model_args, value_head)
+    model = _instantiate(path, config, dtype, attention, {**quant.kwargs, **_offload(model_args, is_trainable)},
+                         model_args, value_head)
     quantization_line = quant.after_load(model) if quant.after_load else quant.line
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",
@@ -103,7 +105,12 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
         model.config.use_cache = model_args.use_cache
     model, adapter_lines = attach(model, model_args, finetuning_args, is_trainable=is_trainable)
     lines += adapter_lines
-    lines += _patch_kernels(model, model_args, upcast_norms)  # after the adapters: QLoRA's layers are patched too
+    if _offloaded(model):
+        lines.append(f"offload_folder: {model_args.offload_folder}: weights beyond free memory are read from disk "
+                     f"around each forward ({_placement(model)}); lf kernels off: accelerate's hooks bring the "
+                     f"weights in around transformers' own code")
+    else:
+        lines += _patch_kernels(model, model_args, upcast_norms)  # after the adapters: QLoRA's layers too
     if is_trainable and model_args.shift_attn:  # around the attention lf's kernels chose
         lines.append(longlora.apply(model))
     lines.append(parameter_summary(model))
@@ -120,9 +127,33 @@ def load_inference_model(tokenizer, model_args, finetuning_args, device: str | N
     model, lines = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
     for line in lines:
         log.info("%s", line)
-    if not is_quantized(model):
+    if not (is_quantized(model) or _offloaded(model)):  # (accelerate has placed an offloaded one)
         model.to(device or accelerator.current().device())
     return model.eval()
+
+
+def _offload(model_args, is_trainable: bool) -> dict:
+    """from_pretrained's arguments for offload_folder (inference only: the parser refuses it for training):
+    accelerate's device_map "auto" keeps what fits in free memory and leaves the rest on disk in the folder (or
+    in a safetensors checkpoint itself, read in place)."""
+    folder = model_args.offload_folder
+    if folder is None or is_trainable:
+        return {}
+    for key in ("quantization_bit", "adapter_name_or_path"):
+        if getattr(model_args, key) is not None:
+            raise ModelError(f"offload_folder and {key} together: lf offloads plain weights only (a quantized layer "
+                             f"or a merged adapter needs its weights in memory): merge with lf export first and "
+                             f"name the merged model, or remove offload_folder")
+    return {"device_map": "auto", "offload_folder": os.path.expanduser(folder)}
+
+
+def _offloaded(model) -> bool:
+    return "disk" in (getattr(model, "hf_device_map", None) or {}).values()
+
+
+def _placement(model) -> str:
+    places = list(model.hf_device_map.values())
+    return ", ".join(f"{places.count(place)} part(s) on {place}" for place in dict.fromkeys(places))
 
 
 def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, value_head: bool):

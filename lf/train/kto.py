@@ -5,7 +5,8 @@ lf's feedback data; the trainer, reference and recipe are lf.train.preference's.
 
 from __future__ import annotations
 
-from lf.train.preference import LogpsTrainer, eval_mode, media, run_logps
+from lf.train.preference import LogpsTrainer, media, run_logps
+from lf.train.reference import eval_mode
 
 
 class KTOTrainer(LogpsTrainer):

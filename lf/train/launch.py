@@ -45,10 +45,6 @@ def command(argv: list[str]) -> list[str] | None:
 
     if "LOCAL_RANK" in os.environ:
         return None
-    if _enabled("USE_RAY"):
-        raise ConfigError("USE_RAY is not supported: lf has no Ray Train integration (LLaMA-Factory's ray_* keys); "
-                          "unset USE_RAY and launch with torchrun's variables (NPROC_PER_NODE, NNODES, NODE_RANK, "
-                          "MASTER_ADDR, MASTER_PORT) on each machine")
     nproc = _int("NPROC_PER_NODE", max(device.current().count, 1))
     nnodes = _int("NNODES", 1)
     if nproc < 1 or nnodes < 1:

@@ -30,7 +30,6 @@ coefficient, score moments, random state), from which a run started again resume
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ from lf.train.tracking import finish_swanlab, swanlab_callback
 from lf.train.checkpoints import STAGING
 from lf.train.plot import plot_loss
 from lf.train.predict import generation_kwargs
-from lf.train.preference import _reference, eval_mode
+from lf.train.reference import as_reference, eval_mode, reference_model
 from lf.train.recipe import _save_run_config, prepare
 from lf.train.rewards import check as check_reward_model
 from lf.train.rewards import load_scorer
@@ -142,16 +141,6 @@ class PPO:
             out.append(pm.entropy(sampling_logits(answer_hidden, head, softcap, self.temperature)).mean())
         return out
 
-    @contextlib.contextmanager
-    def _as_reference(self):
-        """The reference in eval mode: the policy with its adapter off, or the frozen copy."""
-        if self.reference is not None:
-            with eval_mode(self.reference):
-                yield self.reference
-            return
-        with eval_mode(self.model), self.model.disable_adapter():
-            yield self.model
-
     # -- one step ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -186,7 +175,7 @@ class PPO:
                 old_logps.append(_widen(logps, mask.shape[1]))
                 values.append(_widen(value, mask.shape[1]))
                 entropies.append(ent)
-        with self._as_reference() as reference:
+        with as_reference(self.model, self.reference) as reference:
             ref_logps = torch.cat([_widen(self.outputs(reference, rollout.rows(index), values=False)[0],
                                           mask.shape[1]) for index in torch.arange(len(ids)).split(self.micro)])
         rollout.logps, rollout.values = torch.cat(old_logps), torch.cat(values)
@@ -424,7 +413,7 @@ def run_ppo(cfg, callbacks=()) -> dict:
         raise TrainError("stage: ppo found no prompts in dataset: give an sft-format dataset (instruction/input or "
                          "conversations) whose prompts fit cutoff_len")
     scorer = load_scorer(cfg, parts.tokenizer, args.device)
-    reference = _reference(parts.tokenizer, parts.model, cfg, fin.stage)
+    reference = reference_model(parts.tokenizer, parts.model, cfg, fin.stage)
     if reference is not None:
         reference.to(args.device)
     ppo = PPO(cfg, parts, scorer, reference)

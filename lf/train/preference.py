@@ -2,17 +2,11 @@
 metrics beside the loss (PairTrainer), and for the stages that train on log-probabilities (lf.stages' `logps`:
 dpo, kto) the trainer base, the reference model and the recipe itself (run_logps), over lf.model.logps.
 
-The reference is the model as it starts: with LoRA the same model with its adapter switched off (no second copy of
-the weights), with full or freeze a frozen copy; `ref_model` names another model instead (with
-`ref_model_adapters` merged into it, loaded in `ref_model_quantization_bit` bits); a reference-free loss (orpo,
-simpo) has none.
+The reference model is lf.train.reference's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import logging
 from collections import defaultdict
 
@@ -20,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from lf.data.collator import MEDIA, TOKENS_KEY
-from lf.kernels.fused_linear_preference_loss import REFERENCE_FREE, PreferenceLoss
+from lf.kernels.fused_linear_preference_loss import PreferenceLoss
 from lf.labels import IGNORE_INDEX
-from lf.model import load_model
 from lf.model.logps import choose
 from lf.train.recipe import make_trainer, prepare, train_and_save
+from lf.train.reference import reference_model
 from lf.train.trainer import LFTrainer
 
 log = logging.getLogger("lf")
@@ -105,9 +99,8 @@ class LogpsTrainer(PairTrainer):
         """The kind of lf.kernels.fused_linear_preference_loss this trainer's stage trains with."""
         raise NotImplementedError
 
-    def __init__(self, *args, ref_model=None, logps=None, **kwargs):
+    def __init__(self, *args, logps=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
         self.logps = logps
 
     def _policy_loss(self, model, ids, mask, labels, reference, inputs=None, **options) -> PreferenceLoss:
@@ -122,52 +115,12 @@ class LogpsTrainer(PairTrainer):
         with torch.no_grad():
             return self.logps.of(model, ids, mask, labels, self.accelerator.unwrap_model(model), inputs)
 
-    @contextlib.contextmanager
-    def _as_reference(self, model):
-        """The reference model in eval mode: the policy with its adapter off, or the frozen copy."""
-        reference = self.ref_model if self.ref_model is not None else model
-        adapter_off = (self.accelerator.unwrap_model(model).disable_adapter() if self.ref_model is None
-                       else contextlib.nullcontext())
-        with eval_mode(reference), adapter_off:
-            yield reference
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """`model` in eval mode (no dropout, no gradient checkpointing) for passes without gradient."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def _reference(tokenizer, model, cfg, kind: str):
-    """The frozen reference, or None where the policy itself serves (a LoRA model with its adapter off) or the
-    loss `kind` needs none."""
-    fin = cfg.finetuning
-    if kind in REFERENCE_FREE or (fin.ref_model is None and hasattr(model, "disable_adapter")):
-        return None
-    if fin.ref_model is None:  # the weights as they start, exactly
-        reference = copy.deepcopy(model)
-    else:  # LLaMA-Factory's create_ref_model: ref_model with ref_model_adapters merged, in its own bits
-        model_args = dataclasses.replace(cfg.model, model_name_or_path=fin.ref_model,
-                                         adapter_name_or_path=fin.ref_model_adapters,
-                                         quantization_bit=fin.ref_model_quantization_bit)
-        as_reference = dataclasses.replace(fin, finetuning_type="lora") if fin.ref_model_adapters else fin
-        reference, lines = load_model(tokenizer, model_args, as_reference, is_trainable=False,
-                                      cutoff_len=cfg.data.cutoff_len)
-        log.info("reference model: %s%s", fin.ref_model, "".join(f"; {line}" for line in lines))
-    return reference.requires_grad_(False).eval()
-
-
 def run_logps(cfg, trainer_class, callbacks=()) -> dict:
     """dpo or kto as `cfg` says, with `trainer_class`; returns what was written where, like run_sft."""
     parts = prepare(cfg)
     model, tokenizer = parts.model, parts.tokenizer
     logps, line = choose(model, cfg.model, cfg.finetuning.stage)
-    reference = _reference(tokenizer, model, cfg, trainer_class.loss_kind(cfg.finetuning))
+    reference = reference_model(tokenizer, model, cfg, trainer_class.loss_kind(cfg.finetuning))
     logps.prepare(model, reference)
     log.info("%s", line)
     trainer = make_trainer(trainer_class, cfg, parts, ref_model=reference, logps=logps)

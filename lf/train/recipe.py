@@ -63,7 +63,8 @@ def make_trainer(trainer_class, cfg, prepared: Prepared, **extra):
     counts tokens for tokens/s, and decodes images); `extra`: the class's own arguments."""
     return trainer_class(model=prepared.model, args=cfg.training, finetuning_args=cfg.finetuning,
                          train_dataset=prepared.data.train_dataset, eval_dataset=prepared.data.eval_dataset,
-                         data_collator=collator(prepared.tokenizer, count_tokens=True, media=prepared.media),
+                         data_collator=collator(prepared.tokenizer, count_tokens=True, media=prepared.media,
+                                                  max_length=cfg.data.cutoff_len),
                          processing_class=prepared.tokenizer, media=prepared.media, **extra)
 
 

@@ -4,10 +4,11 @@
   previous checkpoints intact);
 - LoRA+ (`loraplus_lr_ratio`): the B matrices learn `ratio` times faster than the A matrices;
 - GaLore, Adam-mini, Muon and the like (lf.train.optimizers) in place of `optim` when the config turns one on;
-- `use_dft_loss`, `use_eaft_loss`: in training, the fused loss is DFT's or EAFT's
-  (lf.kernels.fused_linear_cross_entropy's `dft`, `eaft`): each token's cross-entropy weighted by its detached
-  probability, or by the entropy of its top logits; evaluation keeps the plain cross-entropy, so that eval_loss and
-  eval_perplexity mean what they always do;
+- `use_dft_loss`, `use_eaft_loss`, `use_asft_loss`: in training, the fused loss is DFT's, EAFT's or ASFT's
+  (lf.kernels.fused_linear_cross_entropy's `dft`, `eaft`, `kl`): each token's cross-entropy weighted by its detached
+  probability, or by the entropy of its top logits, or DFT's plus asft_alpha times the KL divergence from the
+  reference model's next-token distribution (lf.train.reference's model, run on the same batch without gradient);
+  evaluation keeps the plain cross-entropy, so that eval_loss and eval_perplexity mean what they always do;
 - the real (non-padding) tokens of each batch are counted (the collator passes them), for tokens/s;
 - a loss that is not finite stops the run before anything else is saved (see callbacks.LossGuard);
 - logging_dir (lf's finetuning group keeps it) is TensorBoard's folder;
@@ -31,9 +32,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lf.data.collator import TOKENS_KEY
 from lf.errors import TrainError
-from lf.kernels.patch import TOKEN_WEIGHTS, fused_loss_on
+from lf.kernels.patch import TOKEN_WEIGHTS, fused_loss_on, reference_head
 from lf.train import optimizers
 from lf.train.checkpoints import STAGING
+from lf.train.reference import as_reference
 
 
 def _token_weights(fin) -> tuple[dict, str | None]:
@@ -42,13 +44,17 @@ def _token_weights(fin) -> tuple[dict, str | None]:
         return {"dft": True}, "use_dft_loss"
     if getattr(fin, "use_eaft_loss", False):
         return {"eaft": fin.eaft_alpha}, "use_eaft_loss"
+    if getattr(fin, "use_asft_loss", False):  # DFT plus the KL term (LLaMA-Factory 0.9.5's ASFT)
+        return {"dft": True, "kl": fin.asft_alpha}, "use_asft_loss"
     return {}, None
 
 
 class LFTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, finetuning_args=None, media=None, **kwargs):
+    def __init__(self, *args, finetuning_args=None, media=None, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.finetuning_args = finetuning_args
+        # the frozen reference (lf.train.reference), or None where the model with its adapter off serves
+        self.ref_model = ref_model.to(self.args.device) if ref_model is not None else None
         if getattr(finetuning_args, "use_badam", False):
             _badam(self)
         self.token_weights, key = _token_weights(finetuning_args)
@@ -73,9 +79,17 @@ class LFTrainer(Seq2SeqTrainer):
         if tokens is not None and model.training:
             self.tokens_seen += int(tokens)
         if self.token_weights and model.training:
-            inputs = {**inputs, TOKEN_WEIGHTS: self.token_weights}
+            weights = self.token_weights
+            if "kl" in weights:
+                with self._as_reference(model) as reference:
+                    weights = {**weights, **reference_head(self.accelerator.unwrap_model(reference), inputs)}
+            inputs = {**inputs, TOKEN_WEIGHTS: weights}
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _as_reference(self, model):
+        """The reference in eval mode: the frozen one, or `model` with its adapter off."""
+        return as_reference(model, self.ref_model, self.accelerator.unwrap_model(model))
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         inputs.pop(TOKENS_KEY, None)
