@@ -76,6 +76,6 @@ def test_lf_train_lora_over_an_aqlm_checkpoint(aqlm_llama, tmp_path, caplog):
     assert len(loss) == 6 and all(value == value for value in loss) and sum(loss[-2:]) < sum(loss[:2])
     adapter = load_file(out / "adapter_model.safetensors")
     assert any(k.endswith("q_proj.lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
-    with pytest.raises(ModelError, match="is a quantized model, and lf export merges adapters into"):
+    with pytest.raises(ModelError, match="is quantized by aqlm, and lf export merges adapters into"):
         export(parse_infer_args({"model_name_or_path": str(aqlm_llama), "template": "qwen",
                                  "adapter_name_or_path": str(out), "export_dir": str(tmp_path / "merged")}, "export"))

@@ -128,7 +128,7 @@ def test_refusals(tmp_path, capsys):
     (quantized / "config.json").write_text(json.dumps(config))
     assert lf_export_cli(model_name_or_path=str(quantized)) == 1
     err = capsys.readouterr().err
-    assert "is a quantized model" in err and "set model_name_or_path to the unquantized base model" in err
+    assert "is quantized by bitsandbytes" in err and "set model_name_or_path to the unquantized base model" in err
     assert lf_export_cli(export_dir=None) == 2
     assert "lf export: export_dir is missing: set export_dir" in capsys.readouterr().err
     assert lf_export_cli(export_gguf="q4_k") == 2
@@ -303,7 +303,7 @@ def test_llama3_rope_factors_match_transformers():
 LLAMA_FACTORY_EXPORT_KEYS = {"export_dir", "export_size", "export_device", "export_quantization_bit",
                              "export_quantization_dataset", "export_quantization_nsamples",
                              "export_quantization_maxlen", "export_legacy_format", "export_hub_model_id"}
-GPTQ = "asks for a GPTQ-quantized export, which lf does not support yet: remove it: a GPTQ export needs GPTQModel"
+ALONE = "sets up a GPTQ-quantized export, and export_quantization_bit is not set: set it (2, 3, 4 or 8) or remove"
 EXPORT_KEYS = {
     "export_dir": ("sub/dir", lambda out, logs: (out / "sub/dir/config.json").is_file()),
     "export_size": (0.004, lambda out, logs: len(set(json.loads(
@@ -313,10 +313,12 @@ EXPORT_KEYS = {
                              and not list(out.glob("*.safetensors"))),
     "export_dtype": ("bfloat16", lambda out, logs: json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"),
     "export_gguf": ("f16", lambda out, logs: (out / "out-f16.gguf").is_file() and (out / "Modelfile").is_file()),
-    "export_quantization_bit": (4, ("refused", GPTQ)),
-    "export_quantization_dataset": ("c4_demo", ("refused", GPTQ)),
-    "export_quantization_nsamples": (64, ("refused", GPTQ)),
-    "export_quantization_maxlen": (512, ("refused", GPTQ)),
+    # (the GPTQ export itself: tests_gptq/, in GPTQModel's venv; here, without it: test_gptq_export_needs_its_extra)
+    "export_quantization_bit": (4, ("export refuses", "calibrates GPTQ on data, and export_quantization_dataset is "
+                                                      "missing")),
+    "export_quantization_dataset": ("c4_demo", ("export refuses", ALONE)),
+    "export_quantization_nsamples": (64, ("export refuses", ALONE)),
+    "export_quantization_maxlen": (512, ("export refuses", ALONE)),
     "export_hub_model_id": ("me/tiny", ("refused", "asks for uploading the export to the Hugging Face hub")),
 }
 
@@ -334,16 +336,21 @@ def test_every_export_key_works_or_is_refused(key, tmp_path, caplog):
     out = tmp_path / "out"
     options = {**export_options(out), key: str(out / value) if key == "export_dir" else value}
     train = {"model_name_or_path": "lf-tiny-llama", "dataset": "demo", "output_dir": str(tmp_path / "t"), key: value}
-    if isinstance(expect, tuple):
+    if isinstance(expect, tuple) and expect[0] == "export refuses":  # lf export's own check; lf train's below
+        with pytest.raises(ConfigError) as error:
+            export(parse_infer_args(options, "export"))
+        assert str(error.value).startswith(f"{key}: {show(value)} {expect[1]}") and not out.exists()
+    elif isinstance(expect, tuple):
         for refuse in (lambda: export(parse_infer_args(options, "export")), lambda: parse_train_args(train)):
             with pytest.raises(ConfigError) as error:
                 refuse()
             assert str(error.value).startswith(f"{key}: {show(value)} (in the config) {expect[1]}")
             assert "\n" not in str(error.value) and not out.exists()
         return
-    with caplog.at_level(logging.INFO, logger="lf"):
-        export(parse_infer_args(options, "export"))
-    assert expect(out, caplog.text)
+    else:
+        with caplog.at_level(logging.INFO, logger="lf"):
+            export(parse_infer_args(options, "export"))
+        assert expect(out, caplog.text)
     with pytest.raises(ConfigError, match=f"^{key}: .* is a key of lf export, and lf train saves the model to "
                                           f"output_dir and exports nothing: remove it"):
         parse_train_args(train)
@@ -359,9 +366,20 @@ def test_infer_dtype_is_the_export_dtype_as_in_llama_factory(tmp_path):
 
 def test_other_commands_ignore_export_keys_with_a_log_line(caplog):
     with caplog.at_level(logging.INFO, logger="lf"):
-        cfg = parse_infer_args(export_options("saves/out", export_size=2, export_gguf="f16"), "chat")
-    assert cfg.export.export_dir is None and cfg.export.export_gguf is None
-    for key in ("export_dir", "export_size", "export_dtype", "export_gguf"):
+        cfg = parse_infer_args(export_options("saves/out", export_size=2, export_gguf="f16",
+                                              export_quantization_bit=4), "chat")
+    assert cfg.export.export_dir is None and cfg.export.export_gguf is None and cfg.export.export_quantization_bit is None
+    for key in ("export_dir", "export_size", "export_dtype", "export_gguf", "export_quantization_bit"):
         assert f"{key} is ignored: lf chat exports nothing (lf export reads it)" in caplog.text
-    with pytest.raises(ConfigError, match="^export_quantization_bit: 4 .* asks for a GPTQ-quantized export"):
-        parse_infer_args(export_options("saves/out", export_quantization_bit=4), "chat")
+
+
+def test_gptq_export_needs_its_extra(tmp_path):
+    """lf's main venv has no GPTQModel (lf[gptq] lives in a venv of its own: README): the export says how to get
+    it, before anything loads."""
+    import importlib.util
+
+    assert importlib.util.find_spec("gptqmodel") is None
+    with pytest.raises(ModelError, match=r"^export_quantization_bit: 4 needs gptqmodel, optimum.gptq \(GPTQModel, "
+                                         r"and optimum's GPTQ quantizer\): pip install 'lf\[gptq\]'"):
+        lf_export(tmp_path / "out", export_quantization_bit=4, export_quantization_dataset="data/lf_demo_en.json")
+    assert not (tmp_path / "out").exists()

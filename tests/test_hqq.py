@@ -94,10 +94,15 @@ def test_refusals(tmp_path):
         parse_train_args(options("out", quantization_method="eetq", quantization_bit=8))
     with pytest.raises(ModelError, match="quantization_device_map: auto spreads a model as bitsandbytes loads it"):
         _load(tiny_path("lf-tiny-llama"), quantization_bit=4, quantization_device_map="auto")
-    gptq = tmp_path / "gptq"  # a checkpoint quantized by a refused method: refused with the reason, before loading
-    shutil.copytree(tiny_path("lf-tiny-llama"), gptq)
-    config = json.loads((gptq / "config.json").read_text())
-    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
-    with pytest.raises(ModelError, match=r"gptq is quantized by gptq, which lf cannot load: transformers 5.23 loads "
-                                         "GPTQ through GPTQModel"):
-        _load(gptq)
+    # checkpoints quantized by a method lf loads with lf[gptq] only, which lives in a venv of its own (tests_gptq/):
+    # refused with the fix, before loading
+    for method, refusal in (("gptq", r"gptq is quantized by GPTQ, which needs gptqmodel, optimum.gptq: pip install "
+                                     r"'lf\[gptq\]' \(in a venv without swanlab"),
+                            ("awq", r"awq is quantized by AWQ, which needs gptqmodel: pip install 'lf\[gptq\]'")):
+        checkpoint = tmp_path / method
+        shutil.copytree(tiny_path("lf-tiny-llama"), checkpoint)
+        config = json.loads((checkpoint / "config.json").read_text())
+        (checkpoint / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method,
+                                                                                              "bits": 4}}))
+        with pytest.raises(ModelError, match=refusal):
+            _load(checkpoint)

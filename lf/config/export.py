@@ -8,14 +8,7 @@ from lf.config.model import Dtype
 
 ExportDevice = Literal["cpu", "auto"]  # auto: the accelerator when there is one
 GgufType = Literal["f32", "f16", "bf16", "q8_0"]
-
-# Why LLaMA-Factory's export_quantization_* keys are refused (parser.UNSUPPORTED) rather than ignored: a 4-bit request
-# must not quietly yield a 16-bit model. GPTQModel's pins, read from its PyPI metadata (2026-12); GPTQModel 7.7 with
-# torch 2.14.1 quantized a tiny Llama on a 2-core Ice Lake Xeon in a venv of its own (README, Quantized training).
-GPTQ_FIX = ("remove it: a GPTQ export needs GPTQModel, which cannot install beside lf's torch 2.13 (7.7 requires "
-            "torch>=2.14.1; 7.3.6 pins numpy 2.2.6 and builds from source); quantize the exported model with "
-            "GPTQModel 7.7 in a venv of its own (torch 2.14.1; it runs on the CPU too, GPTQMODEL_CPU_WORKERS=2 on a "
-            "2-core machine), or set export_gguf: q8_0 for an 8-bit llama.cpp file")
+ExportQuantizationBit = Literal[2, 3, 4, 8]  # GPTQ's (lf.export.gptq)
 
 
 @dataclass
@@ -26,3 +19,9 @@ class ExportArguments:
     export_device: ExportDevice = "cpu"  # where the merge runs
     export_legacy_format: bool = False  # true: PyTorch .bin files instead of safetensors (for tools that need them)
     export_gguf: GgufType | None = None  # also a GGUF file (+ an Ollama Modelfile) of this type
+    # a GPTQ-quantized export (lf.export.gptq; needs lf[gptq]), calibrated on export_quantization_dataset: a
+    # json/jsonl/csv/parquet/txt file or a datasets folder or name, whose "text" column is read
+    export_quantization_bit: ExportQuantizationBit | None = None
+    export_quantization_dataset: str | None = None
+    export_quantization_nsamples: int = 128  # calibration windows, each of export_quantization_maxlen tokens
+    export_quantization_maxlen: int = 1024

@@ -17,16 +17,14 @@ QuantizationBit = Literal[4, 8]  # bitsandbytes' (and the reward model's, which 
 AnyQuantizationBit = Literal[1, 2, 3, 4, 5, 6, 8]  # every method's together; QUANTIZATION_BITS has each one's
 QuantizationType = Literal["nf4", "fp4"]
 # the bits each method lf builds takes (LLaMA-Factory's), and why lf refuses the other methods (checked with torch
-# 2.13 CPU, transformers 5.23 on an AMD EPYC; GPTQModel 7.7 in its own venv on an Ice Lake Xeon; README's table)
+# 2.13 CPU, transformers 5.23 on an AMD EPYC; GPTQModel 7.6 in a venv of its own on a Xeon: README's table)
 QUANTIZATION_BITS = {"bnb": (4, 8), "bitsandbytes": (4, 8), "hqq": (1, 2, 3, 4, 5, 6, 8), "quanto": (2, 4, 8)}
 QUANTIZATION_REFUSED = {
     "eetq": "the eetq package has no distribution on the package index, and its kernels are CUDA-only",
-    "gptq": "transformers 5.23 loads GPTQ through GPTQModel, whose 7.6.0 installs beside torch 2.13 CPU but pins "
-            "numpy==2.2.6 (lf runs on numpy 2.4) and whose 7.7 requires torch>=2.14.1 (lf pins 2.13; in a venv of its "
-            "own, GPTQModel 7.7 with torch 2.14.1 and optimum 2.3 loads a GPTQ checkpoint on the CPU, but lf does not "
-            "train in such a venv yet)",
-    "awq": "transformers 5.23 loads AWQ through GPTQModel (not autoawq), whose 7.6.0 pins numpy==2.2.6 (lf runs on "
-           "numpy 2.4) and whose 7.7 requires torch>=2.14.1 (lf pins 2.13)",
+    "gptq": "GPTQ quantizes offline, calibrated on data; lf trains LoRA on a GPTQ checkpoint given as "
+            "model_name_or_path, without quantization_bit (lf export's export_quantization_bit makes one)",
+    "awq": "AWQ quantizes offline, calibrated on data; lf trains LoRA on an AWQ checkpoint given as "
+           "model_name_or_path, without quantization_bit (GPTQModel makes one, on the CPU too: README)",
     "aqlm": "AQLM quantizes offline; lf trains LoRA on an AQLM checkpoint given as model_name_or_path, without "
             "quantization_bit",
 }

@@ -32,7 +32,7 @@ import yaml
 
 from lf.config.data import DataArguments
 from lf.config.evaluation import EvaluationArguments
-from lf.config.export import GPTQ_FIX, ExportArguments
+from lf.config.export import ExportArguments
 from lf.config.finetuning import FinetuningArguments
 from lf.config.generation import GeneratingArguments
 from lf.config.model import ModelArguments
@@ -286,9 +286,6 @@ UNSUPPORTED = types.MappingProxyType({
     **{key: Unsupported("SGLang", None) for key in
        ("sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     # export: lf export's own keys (lf/config/export.py) are read there; lf train refuses them (see _split)
-    **{key: Unsupported("a GPTQ-quantized export", (default,), GPTQ_FIX) for key, default in
-       (("export_quantization_bit", None), ("export_quantization_dataset", None),
-        ("export_quantization_nsamples", 128), ("export_quantization_maxlen", 1024))},
     "export_hub_model_id": Unsupported("uploading the export to the Hugging Face hub", (None,),
                                        "remove it and upload export_dir yourself (lf uploads nothing)"),
     "visual_inputs": Unsupported("LLaMA-Factory's old switch for vision models",

@@ -7,10 +7,12 @@ The steps, in order (every check runs before the weights load):
   2. the tokenizer with the template's chat template, as `lf train` saves it; with export_gguf, a model family,
      rope scaling or tokenizer the GGUF writer cannot convert is refused;
   3. the base model in export_dtype on export_device, then the adapters merged into it in order;
-  4. save: safetensors shards of at most export_size GB (or .bin with export_legacy_format), the tokenizer, a
+  4. with export_quantization_bit: the merged model GPTQ-quantized, calibrated on export_quantization_dataset
+     (lf.export.gptq);
+  5. save: safetensors shards of at most export_size GB (or .bin with export_legacy_format), the tokenizer, a
      generation config whose eos ids are the template's stop tokens, and for a vision-language model its image
      processor (preprocessor_config.json, processor_config.json: what AutoImageProcessor/AutoProcessor load);
-  5. with export_gguf: `<export_dir>/<name>-<type>.gguf` and an Ollama `Modelfile` beside it.
+  6. with export_gguf: `<export_dir>/<name>-<type>.gguf` and an Ollama `Modelfile` beside it.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ Merges the LoRA adapter(s) of adapter_name_or_path (comma-separated, merged in o
 saves the model, its tokenizer (with the template's chat template) and its generation config to export_dir.
 Keys: export_dir, export_size (GB per shard), export_dtype ({' | '.join(DTYPES)}), export_device
 ({' | '.join(DEVICES)}), export_legacy_format (.bin files), export_gguf ({' | '.join(get_args(GgufType))}: also a GGUF
-file and an Ollama Modelfile, for Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2/3 and Phi-3 models). Set template:
-as in training. export_quantization_bit (GPTQ) and export_hub_model_id are refused, each with the reason."""
+file and an Ollama Modelfile, for Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2/3 and Phi-3 models),
+export_quantization_bit (2 | 3 | 4 | 8: a GPTQ-quantized model, needs lf[gptq]) with export_quantization_dataset (a
+file with a "text" column to calibrate on), export_quantization_nsamples and export_quantization_maxlen (how many
+windows of how many tokens). Set template: as in training. export_hub_model_id is refused with the reason."""
 
 
 def command(argv: list[str]) -> int:
@@ -65,7 +69,14 @@ def export(cfg) -> dict:
 
         check_gguf(base_config, tokenizer, args.export_gguf, Path(args.export_dir).resolve().name)
     media = _image_side(cfg, base_config, tokenizer, template)
+    if args.export_quantization_bit is not None:
+        from lf.export.gptq import calibration, quantize
+
+        samples = calibration(tokenizer, args, cfg.model.cache_dir)  # (its data refused before the weights load)
     model = _merged_model(cfg, tokenizer, _dtype_name(_export_dtype(cfg), base_config))
+    if args.export_quantization_bit is not None:
+        model, line = quantize(model, samples, args)
+        log.info("%s", line)
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     export_dir = Path(args.export_dir)
@@ -94,6 +105,7 @@ def _check(cfg):
     """The export keys and the base model's config (returned), refused before anything loads."""
     from transformers import AutoConfig
 
+    from lf.export.gptq import check as check_gptq
     from lf.model.adapters import split_names
     from lf.model.loader import _hub_kwargs
     from lf.model.paths import download_error, resolve_model_path
@@ -107,6 +119,7 @@ def _check(cfg):
             raise ConfigError(f"{key}: {getattr(args, key)!r} is not one of {', '.join(allowed)}")
     if args.export_size <= 0:
         raise ConfigError(f"export_size: {args.export_size} must be a positive number of GB per shard")
+    check_gptq(args)
     if model_args.quantization_bit is not None:
         raise ConfigError(f"quantization_bit: {model_args.quantization_bit} would quantize the base model, and lf "
                           f"export merges adapters into full-precision weights only: remove quantization_bit (an "
@@ -121,7 +134,10 @@ def _check(cfg):
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
     if getattr(config, "quantization_config", None) is not None:
-        raise ModelError(f"{model_args.model_name_or_path} is a quantized model, and lf export merges adapters into "
+        from lf.model.quantization import method_name
+
+        raise ModelError(f"{model_args.model_name_or_path} is quantized by "
+                         f"{method_name(config.quantization_config)}, and lf export merges adapters into "
                          f"full-precision weights only: set model_name_or_path to the unquantized base model (the "
                          f"one this was quantized from; an adapter trained with QLoRA merges into it)")
     return config

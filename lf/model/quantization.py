@@ -1,6 +1,7 @@
 """QLoRA's first half: the base model's weights quantized, by bitsandbytes as they load (4-bit nf4/fp4 or 8-bit,
-on CUDA or the CPU) or once loaded by hqq (1 to 8 bits, lf.model.hqq) or quanto (int2/int4/int8, lf.model.quanto).
-lf.config.model's tables say which bits each method takes and why the other methods are refused.
+on CUDA or the CPU) or once loaded by hqq (1 to 8 bits, lf.model.hqq) or quanto (int2/int4/int8, lf.model.quanto);
+or quantized offline, a checkpoint given as model_name_or_path (AQLM, GPTQ, AWQ: CHECKPOINTS). lf.config.model's tables
+say which bits each method takes and why the other methods are refused.
 
 Preparing a quantized model for training needs nothing beyond what every adapter run gets (frozen base weights,
 gradient checkpointing with input gradients, fp32 adapter weights): unlike peft's prepare_model_for_kbit_training,
@@ -42,12 +43,12 @@ def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_
     """How to quantize the model quantization_bit asks for (NONE when unset), refusing what cannot be built."""
     method, bits = model_args.quantization_method, model_args.quantization_bit
     prequantized = getattr(config, "quantization_config", None)
-    if prequantized is not None and _method_name(prequantized) in QUANTIZATION_REFUSED:
-        name = _method_name(prequantized)
-        if name != "aqlm":
+    if prequantized is not None and method_name(prequantized) in QUANTIZATION_REFUSED:
+        name = method_name(prequantized)
+        if name not in CHECKPOINTS:
             raise ModelError(f"{model_args.model_name_or_path} is quantized by {name}, which lf cannot load: "
                              f"{QUANTIZATION_REFUSED[name]}; use its unquantized base model")
-        line = _aqlm_checkpoint(model_args, finetuning_args, prequantized, is_trainable)
+        line = _checkpoint(name, model_args, finetuning_args, prequantized, is_trainable)
         if bits is None:
             return Quantization({}, line)
     if bits is None:
@@ -62,14 +63,14 @@ def quantization(model_args, finetuning_args, config, dtype: torch.dtype, *, is_
         raise ModelError(f"quantization_type: {model_args.quantization_type!r} is not one of {', '.join(TYPES)}")
     if prequantized is not None:
         raise ModelError(f"{model_args.model_name_or_path} is already quantized "
-                         f"({_method_name(prequantized)}); remove quantization_bit")
+                         f"({method_name(prequantized)}); remove quantization_bit")
     if model_args.train_from_scratch:
         raise ModelError("quantization_bit quantizes pretrained weights; train_from_scratch has none to quantize")
     if is_trainable and finetuning_args.finetuning_type != "lora":
         raise ModelError(f"quantized weights cannot train: quantization_bit needs finetuning_type: lora (QLoRA), "
                          f"not {finetuning_args.finetuning_type}")
     package, extra = EXTRAS[method]
-    if not _installed(package):
+    if not installed(package):
         raise ModelError(f"quantization_method: {method} needs {package}: pip install 'lf[{extra}]'")
     device_map = _device_map(model_args.quantization_device_map)
     skip, kept = _unquantized(config)
@@ -133,31 +134,63 @@ def _quanto(model, bits: int, dtype: torch.dtype, target: torch.device, skipped)
 IN_PLACE = {"hqq": _hqq, "quanto": _quanto}
 
 
-def _aqlm_checkpoint(model_args, finetuning_args, quantization_config: dict, is_trainable: bool) -> str:
-    """An AQLM checkpoint (quantized offline) loads through transformers' AQLM quantizer, and LoRA trains over it
-    (PEFT's AQLM layer). AQLM names the layers it left unquantized by their weights ("lm_head.weight"), which
-    transformers 5.23 matches against module names: without the suffix, the output head would be built quantized
-    and come out of the checkpoint uninitialised."""
-    if importlib.util.find_spec("aqlm") is None:
-        raise ModelError(f"{model_args.model_name_or_path} is quantized by AQLM, which needs aqlm with its CPU "
-                         f"kernels: pip install 'lf[aqlm]'")
+class Checkpoint(NamedTuple):
+    """A method whose checkpoints lf loads (quantized offline, by a transformers quantizer): the modules it needs,
+    the install line, and what reads its quantization_config (fixing it where needed) into the line saying what
+    is quantized and how."""
+    modules: tuple[str, ...]
+    install: str
+    describe: Callable[[dict], str]
+
+
+def _checkpoint(name: str, model_args, finetuning_args, quantization_config: dict, is_trainable: bool) -> str:
+    """A checkpoint quantized by `name` (one of CHECKPOINTS) loads through transformers' quantizer for it, and
+    LoRA trains over its layers (PEFT's layer for the method)."""
+    method = CHECKPOINTS[name]
+    missing = [module for module in method.modules if not installed(module)]
+    if missing:
+        raise ModelError(f"{model_args.model_name_or_path} is quantized by {name.upper()}, which needs "
+                         f"{', '.join(missing)}: {method.install}")
     if is_trainable and finetuning_args.finetuning_type != "lora":
-        raise ModelError(f"quantized weights cannot train: {model_args.model_name_or_path} is quantized by AQLM; "
-                         f"set finetuning_type: lora, not {finetuning_args.finetuning_type}")
-    kept = quantization_config.get("linear_weights_not_to_quantize") or []
-    quantization_config["linear_weights_not_to_quantize"] = [name.removesuffix(".weight") for name in kept]
-    q = quantization_config
+        raise ModelError(f"quantized weights cannot train: {model_args.model_name_or_path} is quantized by "
+                         f"{name.upper()}; set finetuning_type: lora, not {finetuning_args.finetuning_type}")
+    return method.describe(quantization_config)
+
+
+def _aqlm(q: dict) -> str:
+    """AQLM names the layers it left unquantized by their weights ("lm_head.weight"), which transformers 5.23
+    matches against module names: without the suffix, the output head would be built quantized and come out of
+    the checkpoint uninitialised."""
+    q["linear_weights_not_to_quantize"] = [name.removesuffix(".weight")
+                                           for name in q.get("linear_weights_not_to_quantize") or []]
     return (f"quantization: an AQLM checkpoint ({q.get('num_codebooks')} codebook(s) of "
             f"{q.get('nbits_per_codebook')} bits over groups of {q.get('in_group_size')} inputs), by aqlm's kernels")
 
 
+def _by_gptqmodel(title: str) -> Callable[[dict], str]:
+    return lambda q: (f"quantization: {title} checkpoint ({q.get('bits')}-bit in groups of {q.get('group_size')} "
+                      f"inputs), by GPTQModel's kernels")
+
+
+# GPTQModel pins numpy 2.2.6 and protobuf>=7.34, which lf[test]'s swanlab refuses: README, lf[gptq]
+GPTQ_INSTALL = "pip install 'lf[gptq]' (in a venv without swanlab: README, Quantized training)"
+CHECKPOINTS = {
+    "aqlm": Checkpoint(("aqlm",), "pip install 'lf[aqlm]' (aqlm with its CPU kernels)", _aqlm),
+    "gptq": Checkpoint(("gptqmodel", "optimum.gptq"), GPTQ_INSTALL, _by_gptqmodel("a GPTQ")),
+    "awq": Checkpoint(("gptqmodel",), GPTQ_INSTALL, _by_gptqmodel("an AWQ")),
+}
+
+
 # the quantized linear layers PEFT puts LoRA over that do not subclass nn.Linear (bitsandbytes' do): module, class
-QUANTIZED_LINEARS = {("hqq.core.quantize", "HQQLinear"), ("aqlm.inference", "QuantizedLinear")}
+# (GPTQModel's: the base class of its many kernels' layers)
+QUANTIZED_LINEARS = {("hqq.core.quantize", "HQQLinear"), ("aqlm.inference", "QuantizedLinear"),
+                     ("gptqmodel.nn_modules.qlinear", "BaseQuantLinear")}
 
 
 def is_quantized_linear(module) -> bool:
-    """Whether `module` is one of QUANTIZED_LINEARS (by name: their packages need not be installed)."""
-    return (type(module).__module__, type(module).__name__) in QUANTIZED_LINEARS
+    """Whether `module` is (a subclass of) one of QUANTIZED_LINEARS, by name: their packages need not be
+    installed."""
+    return any((cls.__module__, cls.__name__) in QUANTIZED_LINEARS for cls in type(module).__mro__)
 
 
 def is_quantized(model) -> bool:
@@ -182,7 +215,7 @@ def _unquantized(config) -> tuple[list[str] | None, str]:
         f" (the language model; {', '.join(parts)} kept unquantized)")
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
     """Whether `module` imports; a dotted name whose parent package is missing (optimum.quanto) counts as not."""
     try:
         return importlib.util.find_spec(module) is not None
@@ -201,7 +234,8 @@ def _device_map(choice: str | None):
     return {"": device.current().device()}
 
 
-def _method_name(quantization_config) -> str:
+def method_name(quantization_config) -> str:
+    """The quant_method of a checkpoint's quantization_config (a dict, or transformers' config object)."""
     method = (quantization_config.get("quant_method") if isinstance(quantization_config, dict)
               else getattr(quantization_config, "quant_method", None))
     return str(getattr(method, "value", method))
