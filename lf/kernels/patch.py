@@ -270,9 +270,9 @@ def _down_of_act(self, down, gate, up):
     """``down(act(gate) * up)`` without keeping ``act(gate) * up`` for the backward pass: the product's own
     backward keeps gate and up, so the down projection's backward (its input gradient needs only the weight; LoRA's
     and a trained weight's gradients need the product) recomputes the product from them, an elementwise pass. On
-    the bench's Llama this drops 3 of the ~16 hidden-sized tensors a decoder layer keeps (88 of 499 MiB at 4 x 512
-    fp32 tokens). Under gradient checkpointing (saved-tensor hooks already active) the layer recomputes anyway; under
-    torch.compile the compiler picks what to recompute itself."""
+    the bench's Llama that is 88 of the 499 MiB the autograd graph keeps at 4 x 512 fp32 tokens. Under gradient
+    checkpointing (saved-tensor hooks already active) the layer recomputes anyway; under torch.compile the compiler
+    picks what to recompute itself."""
     product = _act(self, gate, up)
     if not (torch.is_grad_enabled() and product.requires_grad) or \
             torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
