@@ -181,7 +181,9 @@ def test_patched_matches_unpatched(family, dtype, rope_calls, monkeypatch):
     out, grads = _loss_and_grads(model, ids, labels, **kwargs)
     rope_layers = ROPE_LAYERS.get(family, SIZES["num_hidden_layers"]) if "rope" in report.patched else 0
     assert len(rope_calls) == rope_layers  # lf's RoPE ran in every attention module it was patched in
-    dense = report.patched.get("swiglu", 0)  # each dense MLP runs once; experts' gates run on top
+    # each dense MLP runs twice: in the forward pass and again in the backward pass, where the down projection's
+    # gradient recomputes act(gate) * up instead of keeping it; experts' gates run on top
+    dense = 2 * report.patched.get("swiglu", 0)
     assert len(glu_calls) > dense if "swiglu_experts" in report.patched else len(glu_calls) == dense
     assert out.logits is None  # training with labels: the logits never existed
     factor = 5.0  # many ops in a row, each rounding in its own order
@@ -531,7 +533,8 @@ def test_qwen2_5_vl_vision_tower_runs_lfs_norms_and_mlps_as_hf(dtype, monkeypatc
     assert report.towers["vision tower"].startswith(f"model.visual: rms_norm ({2 * blocks + 1}), swiglu ({blocks}); "
                                                     f"the rest keeps HF's modules: "), str(report)
     out, pixels_grad, grads = run(model)
-    assert calls.count("swiglu") == blocks and calls.count("rms_norm") >= 2 * blocks + 1  # + the language model's
+    # swiglu twice a block: again in the backward pass, where down_proj's gradient recomputes act(gate) * up
+    assert calls.count("swiglu") == 2 * blocks and calls.count("rms_norm") >= 2 * blocks + 1  # + the language model's
     assert_close(out, out_ref, dtype, "vision output", 5.0)
     assert_close(pixels_grad, pixels_ref, dtype, "grad pixel_values", 5.0)
     assert grads.keys() == grads_ref.keys() and any(".mlp.gate_proj.bias" in n for n in grads)
@@ -639,3 +642,39 @@ def test_vision_language_positional_arguments_keep_their_meaning():
     expected = text(input_ids=ids, attention_mask=mask, labels=labels).loss
     patch(text)
     assert_close(text(ids, mask, labels=labels).loss, expected, torch.float32, "loss", 5.0)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_mlp_product_is_recomputed_not_kept(checkpointed, monkeypatch):
+    """act(gate) * up is not kept for the backward pass (gate and up are, by the product's own backward): the
+    down projection's LoRA gradient recomputes it, and every gradient still matches the unpatched model's. Under
+    gradient checkpointing the layer's own recomputation is left as it is."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+
+    patch_module = importlib.import_module("lf.kernels.patch")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(_model("llama", torch.float32), lora).train()
+    if checkpointed:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    reference = copy.deepcopy(model)
+    ids, labels = _batch(model.config.vocab_size)
+    out_ref, grads_ref = _loss_and_grads(reference, ids, labels)
+    patch(model)
+    products, act = [], patch_module._act
+    monkeypatch.setattr(patch_module, "_act", lambda *a: products.append(weakref.ref(r := act(*a))) or r)
+    out = model(input_ids=ids, labels=labels)
+    gc.collect()
+    layers = SIZES["num_hidden_layers"]
+    assert len(products) == layers
+    if not checkpointed:  # nothing holds a product once the forward pass is over
+        assert all(ref() is None for ref in products)
+    out.loss.backward()
+    assert len(products) == 2 * layers  # each once more in the backward pass (checkpointing: its rerun forward)
+    assert_close(out.loss, out_ref.loss, torch.float32, "loss", 5.0)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(p.grad, grads_ref[name], torch.float32, f"grad {name}", 5.0)
