@@ -30,7 +30,7 @@ from lf.serve import chat as lf_chat
 from lf.serve.app import create_app
 from lf.serve.media import Limits
 from test_media_decode import STAND_IN_TORCHVISION
-from test_multimodal_use import engine_for, predictions
+from test_multimodal_use import batched_answers, engine_for, predictions
 from test_serve_api import live_server
 from test_multimodal import (chat, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, qwen3_vl, shared_data, tokenize,
                              train, write_dataset)
@@ -359,6 +359,31 @@ def test_engine_answers_audio_as_plain_generate_on_the_processors_inputs(qwen2_a
     plain = AutoModelForMultimodalLM.from_pretrained(qwen2_audio).eval()
     expected = plain.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert call["out"].tolist() == expected.tolist() and reply.completion_tokens == 4
+
+
+@pytest.mark.parametrize("family, template, asked", [
+    ("qwen2_vl", "qwen2_vl", [("<video>What is it?", {"files": {"videos": ["4.mp4"]}}), ("Hello there", {}),
+                              ("<image>And this?", {"images": ["1.jpg"]}),
+                              ("<video>What happens here?", {"files": {"videos": ["1.mp4"]}})]),
+    ("qwen2_audio", "qwen2_audio", [("<audio>What is it?", {"files": {"audios": ["2.wav"]}}), ("Hello there", {}),
+                                    ("What do you hear? <audio>", {"files": {"audios": ["3.flac"]}})])])
+def test_a_batched_engine_decodes_video_and_audio_requests_as_each_alone(request, monkeypatch, family, template,
+                                                                         asked):
+    """Video and audio requests join the batch beside text and image rows (prefilled together; Qwen2-VL's video
+    frames get their 3-D positions): each reply equals the one generate gives the request alone."""
+    from PIL import Image
+
+    model, data = request.getfixturevalue(family), shared_data() / "mllm_demo_data"
+    asked = [([{"role": "user", "content": text}],
+              {"files": {c: [str(data / name) for name in names] for c, names in media["files"].items()}}
+              if "files" in media else {"images": [Image.open(data / name) for name in media.get("images", ())]})
+             for text, media in asked]
+    alone = engine_for(model, template, video_maxlen=4)
+    expected = [[r.text for r in alone.generate(messages, temperature=0, max_new_tokens=8, **media)]
+                for messages, media in asked]
+    together, prefills = batched_answers(engine_for(model, template, max_batch=8, video_maxlen=4), asked, monkeypatch)
+    assert together == expected
+    assert any(rows > 1 and media for rows, media in prefills), prefills
 
 
 def test_lf_chat_attaches_a_video_and_refuses_what_the_model_does_not_take(qwen2_vl, monkeypatch, capsys):

@@ -16,10 +16,10 @@ import pytest
 
 from lf import cli
 from lf.serve.app import create_app, server
-from test_serve_engine import (QUESTION, TOOL_CALL_TEXT, WEATHER_TOOL, lf_home, one_thread, recorded, script,
+from test_serve_engine import (QUESTION, TOOL_CALL_TEXT, WEATHER_TOOL, adapter, lf_home, one_thread, recorded, script,
                                tiny_engine)
 
-__all__ = ["lf_home", "one_thread"]  # the engine tests' module fixtures, used here too (autouse)
+__all__ = ["adapter", "lf_home", "one_thread"]  # the engine tests' module fixtures, used here too
 
 
 @contextlib.contextmanager
@@ -98,6 +98,16 @@ def test_system_prompt_n_and_stop(client, engine):
                                                 stop=[stop])
     [choice] = completion.choices
     assert (choice.message.content, choice.finish_reason) == (expected[:expected.index(stop)], "stop")
+
+
+def test_a_lora_adapter_serves_its_own_replies(engine, adapter):
+    adapted = tiny_engine(adapter_name_or_path=adapter, finetuning_type="lora")
+    expected = greedy(adapted)  # the engine's reply with the adapter (test_serve_engine: peft's, unmerged)
+    assert expected != greedy(engine)
+    with live_server(create_app(adapted)) as base:
+        served = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        completion = served.chat.completions.create(model="any", messages=QUESTION, temperature=0, max_tokens=12)
+    assert completion.choices[0].message.content == expected
 
 
 def test_api_key_is_required_when_set(engine):

@@ -5,6 +5,7 @@ stops answering fails a test, never hangs it."""
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -128,6 +129,48 @@ def test_headers_sent_byte_by_byte_are_closed_as_idle_while_others_are_served(en
         slow.join(30)
     # closed about a second after it opened, long before its head was whole
     assert failed and len(sent) < len(head) and sent[-1] - sent[0] < 5
+
+
+def test_a_body_trickled_or_stalled_after_its_head_gets_a_408_and_is_closed_while_others_are_served(engine):
+    body = json.dumps({"messages": QUESTION, "max_tokens": 2}).encode()
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    answers = {}
+
+    def slow_body(port: int, name: str) -> None:
+        """The head at once, then the body a byte each 50 ms (trickled: 5 s in all), or one byte and no more."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(head)
+            opened, received = time.monotonic(), b""
+            try:
+                for byte in body if name == "trickled" else body[:1]:
+                    if select.select([slow], [], [], 0)[0]:  # answered: read that, send no more
+                        break
+                    slow.sendall(bytes([byte]))
+                    time.sleep(0.05)
+            except OSError:  # the server closed it: a send fails (reset, or broken pipe)
+                pass
+            try:
+                while chunk := slow.recv(65536):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            answers[name] = (received, time.monotonic() - opened)
+
+    with live_server(create_app(engine, body_timeout=1)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        slow = [threading.Thread(target=slow_body, args=(port, name)) for name in ("trickled", "stalled")]
+        for thread in slow:
+            thread.start()
+        completion = httpx.post(base + CHAT, content=body, timeout=30)  # a body sent whole is served meanwhile
+        assert completion.json()["usage"]["completion_tokens"] == 2
+        for thread in slow:
+            thread.join(30)
+    for name, (received, seconds) in answers.items():
+        # answered, then closed, about a second after the head: long before the trickled body was whole (5 s)
+        assert received.startswith(b"HTTP/1.1 408") and b"connection: close" in received.lower(), (name, received)
+        assert b"the request body did not arrive within 1 s, the server's limit" in received and seconds < 4.5
+    assert set(answers) == {"trickled", "stalled"}
 
 
 def test_connections_beyond_slots_queue_and_spare_get_a_503_and_an_endless_head_a_400(engine):

@@ -1,20 +1,27 @@
 """The OpenAI client against `lf api` with infer_backend: vllm (a real server process, vLLM's CPU build) serving
 the tiny model with a LoRA adapter, unmerged: every reply is checked against lf's transformers engine on the same
-model and adapter (greedy decoding: the same tokens), plain, streamed, cut at stop words, n choices."""
+model and adapter (greedy decoding: the same tokens), plain, streamed, cut at stop words, n choices, with tools and
+tool results in the prompt, and 16 concurrent clients; images are refused in one line."""
 
+import base64
+import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import yaml
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
+from PIL import Image
 
 from lf.config import parse_infer_args
 from lf.serve.engine import Engine
+from lf.serve.vllm_engine import TEXT_ONLY
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 24
@@ -111,3 +118,52 @@ def test_n_choices_greedy_and_seeded(client, reference):
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert texts == [c.message.content for c in again.choices]  # choice i draws with seed 7 + i, both times
     assert len(set(texts)) > 1  # and the seeds differ
+
+
+WEATHER = {"name": "get_weather", "description": "the weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_tools_and_tool_results_prompt_vllm_as_the_transformers_engine(client, reference):
+    # the template writes the tools, the call and its result into the prompt (the engine's, whichever backend); the
+    # reply is read for calls by the template's tool format (tests/test_serve_api.py scripts a call on the same code)
+    call = {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
+    history = [*QUESTION, {"role": "assistant", "content": None,
+                           "tool_calls": [{"id": "call_1", "type": "function", "function": call}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny"}'}]
+    canonical = [*QUESTION, {"role": "function", "content": json.dumps([call])},
+                 {"role": "observation", "content": '{"sky": "sunny"}'}]
+    tools = [{"type": "function", "function": WEATHER}]
+    for messages, lf_messages in ((QUESTION, QUESTION), (history, canonical)):
+        [expected] = reference.generate(lf_messages, tools=tools, temperature=0, max_new_tokens=MAX_TOKENS)
+        out = client.chat.completions.create(model="lf-tiny-llama", messages=messages, tools=tools,
+                                             max_tokens=MAX_TOKENS, temperature=0)
+        assert out.choices[0].message.content == expected.text and expected.text
+        assert out.choices[0].finish_reason == expected.finish_reason
+        assert out.usage.prompt_tokens == expected.prompt_tokens  # the tools are in the prompt, as lf writes them
+
+
+def test_sixteen_concurrent_clients_get_what_each_gets_alone(client, reference):
+    questions = [[{"role": "user", "content": f"Question {i}: " + "where is it? " * (i % 8)}] for i in range(16)]
+    tokens = [6 + i for i in range(16)]  # rows end at different steps while others wait for a slot (8)
+
+    def ask(i: int) -> str:
+        out = client.chat.completions.create(model="lf-tiny-llama", messages=questions[i], temperature=0,
+                                             max_tokens=tokens[i])
+        return out.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    alone = [reference.generate(q, temperature=0, max_new_tokens=n)[0].text for q, n in zip(questions, tokens)]
+    assert together == alone and len(set(alone)) > 1
+
+
+def test_images_are_refused_in_one_line(client):
+    image = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(image, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(image.getvalue()).decode()
+    with pytest.raises(BadRequestError) as caught:
+        client.chat.completions.create(model="lf-tiny-llama", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
+    assert caught.value.response.json()["error"]["message"] == TEXT_ONLY
+    assert ask(client, temperature=0).choices[0].finish_reason == "length"  # and the server goes on

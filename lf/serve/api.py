@@ -16,6 +16,7 @@ MAX_BODY_BYTES = 4 * 2**20  # room for a long context's prompt, JSON-escaped, bu
 MAX_QUEUE = 64  # requests that may wait for the model (each holds its prompt meanwhile)
 MAX_BATCH = 16  # replies decoded together (lf.serve.batch): on 2 CPU cores 16 give ~5x the tokens/s of 1
 KEEP_ALIVE_S = 5  # idle connections are closed after this long
+BODY_TIMEOUT_S = 30  # a request body not whole this long after its request began gets a 408 (4 MiB at ~140 KB/s)
 SHUTDOWN_GRACE_S = 3  # on SIGTERM / Ctrl-C: how long requests in flight may finish before they are cancelled
 
 USAGE = f"""usage: [API_HOST=0.0.0.0] [API_PORT=8000] [API_KEY=...] lf api cfg.yaml [key=value ...]
@@ -33,7 +34,9 @@ Environment:
                         no key)
   API_MODEL_NAME        the model's id for clients (default: the base name of model_name_or_path)
   API_MAX_BODY_BYTES    larger request bodies get a 413 (default {MAX_BODY_BYTES}, {MAX_BODY_BYTES // 2**20} MiB)
-  API_MAX_BATCH         requests generating at once, their text replies decoded together a token at a time;
+  API_BODY_TIMEOUT      seconds a request's body may take to arrive, from its request's start; a slower one gets a
+                        408 and its connection closed (default {BODY_TIMEOUT_S})
+  API_MAX_BATCH         requests generating at once, their replies decoded together a token at a time;
                         1: one request at a time, by transformers' generate (default {MAX_BATCH})
   API_MAX_QUEUE         requests that may wait for a slot beyond those; more get a 429 with Retry-After
                         (default {MAX_QUEUE})
@@ -53,6 +56,7 @@ server stops taking connections, gives requests in flight {SHUTDOWN_GRACE_S} s, 
 
 # The numeric environment variables: (default, largest allowed); each is a whole number from 1.
 NUMBERS = {"API_PORT": (8000, 65535), "API_MAX_BODY_BYTES": (MAX_BODY_BYTES, None), "API_MAX_QUEUE": (MAX_QUEUE, None),
+           "API_BODY_TIMEOUT": (BODY_TIMEOUT_S, 3600),
            "API_MAX_BATCH": (MAX_BATCH, 1024),
            "API_MAX_IMAGE_BYTES": (MAX_BYTES, None), "API_MAX_IMAGE_PIXELS": (MAX_PIXELS, None)}
 
@@ -98,7 +102,8 @@ def serve(engine, numbers: dict[str, int], media: Limits) -> int:
 
     host, api_key = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_KEY") or None
     app = create_app(engine, api_key, model_name=os.environ.get("API_MODEL_NAME") or None,
-                     max_body_bytes=numbers["API_MAX_BODY_BYTES"], max_queue=numbers["API_MAX_QUEUE"], media=media)
+                     max_body_bytes=numbers["API_MAX_BODY_BYTES"], max_queue=numbers["API_MAX_QUEUE"], media=media,
+                     body_timeout=numbers["API_BODY_TIMEOUT"])
     auth = "bearer API_KEY required" if api_key else "no authentication (API_KEY is not set)"
     files = f"file: images under {media.root}" if media.root else "no file: images (API_MEDIA_ROOT is not set)"
     print(f"lf api: serving {engine.name} at http://{host}:{numbers['API_PORT']}/v1 ({auth}; {files})", flush=True)

@@ -14,7 +14,8 @@ A model that takes no media of a kind refuses them before any is decoded. The mo
 `model_name`, else by its folder's base name (no local path is ever sent back).
 
 Every error is an OpenAI-style JSON body, {"error": {"message", "type"}}, the message saying what to fix:
-401 without the API key (checked before the body is read), 413 for a body over `max_body_bytes`, 400 for a request
+401 without the API key (checked before the body is read), 413 for a body over `max_body_bytes`, 408 (and the
+connection closed) for a body not whole `body_timeout` seconds after its request began, 400 for a request
 that is not JSON (NaN, Infinity and lone surrogates included), not a chat completion request, too long for the
 model's context, or asking for more tokens (max_tokens) than the context leaves after the prompt (as OpenAI and
 vLLM refuse it; left out, the reply may run to the context's end), 429 with Retry-After when `max_queue` requests
@@ -62,7 +63,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from lf.data.conversation import ASSISTANT, FUNCTION, OBSERVATION, USER
 from lf.data.registry import IMAGES, MEDIA_COLUMNS
 from lf.errors import DataError
-from lf.serve.api import KEEP_ALIVE_S, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_GRACE_S
+from lf.serve.api import BODY_TIMEOUT_S, KEEP_ALIVE_S, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_GRACE_S
 from lf.serve.engine import Engine, Generation, Reply, RequestError
 from lf.serve.media import Images, Limits, MediaError, conversation_content
 from lf.serve.scores import Scorer
@@ -162,15 +163,16 @@ class ChatCompletionRequest(BaseModel):
 
 
 def create_app(engine: Engine | Scorer, api_key: str | None = None, *, model_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE, media: Limits = Limits()) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE, media: Limits = Limits(),
+               body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The app serving `engine`. `api_key`: requests must carry `Authorization: Bearer <api_key>` (none or empty:
     no authentication); `model_name`: the model's id for clients (default: public_name of its path); `media`: what
-    a request's images may cost and where file: URLs may point (default: no file: URLs); the limits as the module
-    docstring says."""
+    a request's images may cost and where file: URLs may point (default: no file: URLs); `body_timeout`: seconds a
+    request's body may take to arrive; the limits as the module docstring says."""
     model_id = model_name or public_name(engine.name)
     pages = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
     app = FastAPI(title="lf API", description=f"OpenAI-compatible API serving {model_id}", **pages)
-    app.add_middleware(_Guard, api_key=api_key or None, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key or None, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's, and routing's 404 and 405
     app.add_exception_handler(Exception, _server_error)
     turns = _Turns(max_queue, getattr(engine, "max_batch", 1))
@@ -287,12 +289,19 @@ def _too_large(limit: int) -> str:
             f"with a larger API_MAX_BODY_BYTES")
 
 
-class _Guard:
-    """ASGI middleware that runs before any route reads the body: the API key (401) and the body's size (413, by
-    its Content-Length, and as it arrives for a body sent without one)."""
+def _too_slow(seconds: float) -> str:
+    return (f"the request body did not arrive within {seconds:g} s, the server's limit: send it whole at once, or "
+            f"start the server with a larger API_BODY_TIMEOUT")
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+class _Guard:
+    """ASGI middleware that runs before any route reads the body: the API key (401), the body's size (413, by
+    its Content-Length, and as it arrives for a body sent without one) and the time it takes to arrive: a body not
+    whole `body_timeout` seconds after its request began gets a 408 and its connection closed (a client that sends
+    its head, then trickles or stalls its body, would otherwise hold its connection for ever)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_timeout: float):
+        self.app, self.api_key, self.max_body_bytes, self.body_timeout = app, api_key, max_body_bytes, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -314,13 +323,20 @@ class _Guard:
         return None
 
     def _bounded(self, receive):
-        received = 0
+        loop = asyncio.get_running_loop()
+        received, deadline, whole = 0, loop.time() + self.body_timeout, False
 
-        async def bounded():
-            nonlocal received
-            message = await receive()
+        async def bounded():  # what it raises, the route reading the body answers (413, 408)
+            nonlocal received, whole
+            if whole:  # the body is in: what comes next (the disconnect) may take its time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise HTTPException(408, _too_slow(self.body_timeout), {"Connection": "close"}) from None
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes:  # raised in the route reading the body: answered as a 413
+            whole = not message.get("more_body", False)
+            if received > self.max_body_bytes:
                 raise HTTPException(413, _too_large(self.max_body_bytes))
             return message
 

