@@ -1,6 +1,7 @@
 """Videos and audio: lf's rows and batches for LLaMA-Factory's mllm_video_demo (Qwen2-VL) and mllm_audio_demo
 (Qwen2-Audio) against the families' own transformers processors, `lf train` and do_predict on each demo, the
-bad-input errors, generating with lf's patched forward, and the engine behind `lf chat` (/video, /audio).
+bad-input errors, generating with lf's patched forward, and the engine behind `lf chat` (/video, /audio) and its
+batch.
 
 Qwen2-VL's processor holds a video processor that needs torchvision, which cannot load here: it runs in a
 subprocess beside test_media_decode's stand-in torchvision (the frames it gets are the ones lf's sampling keeps,

@@ -1,6 +1,7 @@
 """Using a vision-language model (the tiny Qwen2-VL and LLaVA-1.5 of test_multimodal.py): the engine behind `lf chat`
 and `lf api` answering an image (its prompt holding the family processor's image-token count, its forward given
-the processor's pixels), streamed and whole over HTTP, `/image` in the chat, what is refused (a text model, a
+the processor's pixels), streamed and whole over HTTP, decoded in the batch beside text requests as each alone,
+`/image` in the chat, what is refused (a text model, a
 template of another family, images past the context, an image token typed as text); do_predict on mllm_demo; and
 `lf export` of a VL LoRA adapter, which plain transformers reloads and which generates the unmerged model's tokens
 (GGUF refused)."""

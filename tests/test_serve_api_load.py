@@ -65,7 +65,9 @@ async def crowd(base: str, clients: int) -> None:
     """`clients` streams wait for their turn behind a long one, while the server answers /v1/models; then half
     leave while waiting, the others after their first event."""
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=20) as http:
+    # each reader's first event comes after the turns of those before it (one model, one turn at a time): on a loaded
+    # machine 128 turns may take over 20 s, which flaked crowd[256]; a server that stops answering still fails
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
         generating = await stream(http, 2000)  # 2,000 slowed tokens: 20 s, unless its client leaves
         generated = generating.aiter_lines()
         await first_event(generated)
@@ -88,7 +90,7 @@ def test_crowds_of_streams_waiting_and_leaving_leave_the_server_answering(engine
     # each waiting stream used to block a worker-pool thread: from 40 on, nothing was answered any more
     slowed(monkeypatch, engine, 0.01)
     with live_server(create_app(engine, max_queue=clients)) as base:
-        asyncio.run(asyncio.wait_for(crowd(base, clients), 120))
+        asyncio.run(asyncio.wait_for(crowd(base, clients), 300))
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 200
         completion = httpx.post(base + CHAT, json={"messages": QUESTION, "max_tokens": 3}, timeout=30)
         assert completion.json()["usage"]["completion_tokens"] == 3

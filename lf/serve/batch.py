@@ -178,7 +178,7 @@ class _Batch:
         joined = {key: _joined([m[key] for m in media if key in m]).to(self.device)
                   for key in dict.fromkeys(k for m in media for k in m) if key != plugin.token_type_key}
         if plugin.token_types:
-            joined[plugin.token_type_key] = processor.type_ids(ids)
+            joined[plugin.token_type_key] = processor.type_ids(ids) * mask  # padding: text, whatever its id
         if plugin.rope_positions is not None:
             positions = positions[None].repeat(3, 1, 1)
             for i, row in enumerate(firsts):
