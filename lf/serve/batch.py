@@ -246,8 +246,6 @@ def _joined(values: list) -> torch.Tensor:
     """Requests' media inputs of one name as one batch's: stacked along the first axis (one entry per image, patch,
     clip), each zero-padded at the end of its other axes to the largest (LLaVA-NeXT's tiles per image: its model
     reads an image's own from image_sizes)."""
-    if not all(isinstance(v, torch.Tensor) for v in values):
-        values = [torch.as_tensor(v) for v in values]
     shape = [max(sizes) for sizes in zip(*(v.shape[1:] for v in values))]
     return torch.cat([F.pad(v, [p for size, have in zip(reversed(shape), reversed(v.shape[1:]))
                                 for p in (0, size - have)]) for v in values])
