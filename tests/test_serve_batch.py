@@ -3,7 +3,8 @@ whole, get token for token what transformers' generate writes for each alone; re
 prefilled together, one forward pass for their different prompts; a request's `n` replies are n rows of the batch
 (greedy: n equal choices; sampled with a seed: the same choices again), streamed or not; stop strings and seeded sampling per
 request inside a batch; the sampling filters equal transformers' logits processors; a full queue gets a 429, a body
-over the limit a 413; a client that disconnects frees its slot at once."""
+over the limit a 413; a client that disconnects frees its slot at once; a failing step fails its rows, a failing
+prefill its joiners only."""
 
 import asyncio
 import threading
@@ -244,3 +245,28 @@ def test_a_failing_step_fails_its_requests_with_a_500_and_the_batch_goes_on(url,
     monkeypatch.undo()
     response = httpx.post(url + CHAT, json={"messages": QUESTIONS[0], "max_tokens": 4}, timeout=60)
     assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_failing_prefill_fails_its_joiners_only_and_the_rows_decoding_go_on(batched, locked, monkeypatch):
+    forward = batched.model.forward
+
+    def failing(**kwargs):  # the prefill of a prompt holding "Boom" fails, as a request's bad media input would
+        if kwargs["input_ids"].shape[1] > 1 and batched.tokenizer.encode("Boom")[0] in kwargs["input_ids"].tolist()[0]:
+            raise RuntimeError("no room for this one's features")
+        return forward(**kwargs)
+
+    monkeypatch.setattr(batched.model, "forward", failing)
+    pieces = iter(batched.stream(QUESTIONS[3], temperature=0, max_new_tokens=300))
+    first = next(pieces)  # its row decodes (300 steps: it is still decoding at the next line)
+    with ThreadPoolExecutor(1) as pool:
+        with batched._lock:  # the batch waits at its next step until the failing request has come: it joins there
+            boom = pool.submit(batched.generate, [{"role": "user", "content": "Boom"}], temperature=0,
+                               max_new_tokens=4)
+            deadline = time.monotonic() + 30
+            while not batched.batcher._waiting:
+                assert time.monotonic() < deadline and batched.batcher.active == 1, "the batch took it early"
+                time.sleep(0.01)
+        with pytest.raises(RuntimeError, match="no room for this one's features"):
+            boom.result(timeout=60)
+    rest = "".join(pieces)
+    assert first + rest == locked.generate(QUESTIONS[3], temperature=0, max_new_tokens=300)[0].text

@@ -14,7 +14,8 @@ decoded as if it were alone. A row leaves at the step its reply ends (end-of-tur
 stop string, max_new_tokens) or its reader leaves (cancelled: checked before every step), freeing its slot at once;
 columns that only padding fills any more are dropped. Each row samples with its own settings (greedy, or
 temperature / top_k / top_p with its own seeded generator, and repetition_penalty, applied as transformers' logits
-processors apply them). Each step holds the engine's lock (a step and anything else on the model take turns).
+processors apply them). Each step holds the engine's lock (a step and anything else on the model take turns). A
+prefill that fails fails its joiners only; a step that fails, every row.
 """
 
 from __future__ import annotations
@@ -90,7 +91,12 @@ class Batcher:
                 self.active = len(batch.rows) + len(joining)
             try:
                 with self.engine._lock, torch.inference_mode():
-                    batch.join(joining)
+                    try:
+                        batch.join(joining)
+                    except Exception as exc:  # a failed prefill fails its joiners only (join changes the batch last)
+                        log.exception("lf: prefilling requests that joined the batch failed")
+                        for row in joining:
+                            row.finish(exc)
                     batch.step()
             except Exception as exc:  # every row in the batch fails with it; the worker goes on with new ones
                 log.exception("lf: a batched generation step failed")
