@@ -282,7 +282,9 @@ def _down_of_act(self, down, gate, up):
     storage, dtype, device = product.untyped_storage().data_ptr(), product.dtype, product.device
 
     def pack(t):  # the product, or a view of it (a 2-D reshape): its layout, to rebuild from the recomputed one
-        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype and t.device == device:
+        # plain tensors only: a quantized weight (quanto's, a tensor subclass) has no storage to ask
+        if type(t) is torch.Tensor and t.dtype == dtype and t.device == device and \
+                t.untyped_storage().data_ptr() == storage:
             return t.size(), t.stride(), t.storage_offset()
         return t
 
