@@ -468,6 +468,57 @@ def test_ray_workers_train_what_one_process_trains(tmp_path):
     assert "ray_num_workers: 3 workers of {'CPU': 1.0} need 3 CPU, but the Ray cluster has 2 CPU" in too_many.stderr
 
 
+@pytest.mark.parametrize("init, auth", [(None, "token"), ('{"address": "auto"}', None)])
+def test_a_local_ray_cluster_starts_with_token_authentication(monkeypatch, init, auth):
+    """Ray 2.60 leaves token authentication off, and a local cluster's ports, open on the node's address, would run
+    anyone's tasks: the cluster lf starts has it on (set before `import ray`, which reads it); one it joins by
+    address keeps its own setting. A stand-in `ray` records what ray.init would start with."""
+    from types import SimpleNamespace
+
+    from lf.train import ray_launch
+
+    seen = {}
+
+    def init_ray(**kwargs):
+        seen.update(kwargs, auth=os.environ.get("RAY_AUTH_MODE"), imported_with=imported_with)
+        raise KeyboardInterrupt  # stops train() here
+
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    monkeypatch.setattr(os, "environ", environ)
+    imported_with = None
+
+    def ray_module():
+        nonlocal imported_with
+        imported_with = os.environ.get("RAY_AUTH_MODE")
+        return SimpleNamespace(init=init_ray, is_initialized=lambda: False)
+
+    class Finder:  # `import ray` runs ray_module() then, as Ray reads its auth mode at import
+        def find_spec(self, name, path=None, target=None):
+            if name != "ray":
+                return None
+            import importlib.util
+            return importlib.util.spec_from_loader(name, self)
+
+        def create_module(self, spec):
+            return ray_module()
+
+        def exec_module(self, module):
+            pass
+
+    for name in ("ray", "ray.util", "ray.util.placement_group", "ray.util.scheduling_strategies"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "ray.util", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "ray.util.placement_group",
+                        SimpleNamespace(placement_group=None, remove_placement_group=None))
+    monkeypatch.setitem(sys.modules, "ray.util.scheduling_strategies",
+                        SimpleNamespace(PlacementGroupSchedulingStrategy=None))
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    with pytest.raises(KeyboardInterrupt):
+        ray_launch.train([], SimpleNamespace(finetuning=SimpleNamespace(ray_init_kwargs=init)))
+    assert seen["auth"] == seen["imported_with"] == auth
+    assert seen.get("include_dashboard") is (False if init is None else None)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_an_adapter_over_a_quantized_base(tmp_path, bits):
     out = tmp_path / f"qlora{bits}"

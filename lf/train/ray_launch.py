@@ -6,8 +6,9 @@ The actors sit in one placement group of ray_num_workers bundles (resources_per_
 where lf.device finds accelerators; placement_strategy, default PACK). Ranks go by node, the driver's node first:
 LOCAL_RANK counts the workers of a node. MASTER_ADDR is rank 0's node (master_addr overrides), MASTER_PORT a free
 port (master_port overrides). ray_init_kwargs go to ray.init (e.g. {"address": "auto"} to join a running cluster;
-by default a local one starts and stops with the run, without the dashboard, whose HTTP jobs API runs code; Ray's
-own ports answer only holders of the cluster's token, Ray 2.60's default). `pip install lf[ray]`.
+by default a local one starts and stops with the run, without the dashboard, whose HTTP jobs API runs code, and
+with Ray's token authentication on (RAY_AUTH_MODE=token unless set: Ray 2.60 leaves it off, and its ports, open on
+the node's address, would run anyone's tasks). `pip install lf[ray]`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def _check_resources(ray, bundle: dict, workers: int) -> None:
 
 def train(argv: list[str], cfg) -> int:
     """Runs `lf train argv` on cfg's ray_num_workers Ray actors; the exit code is the worst of theirs."""
+    fin = cfg.finetuning
+    init = fin.ray_init_kwargs
+    init = json.loads(init) if isinstance(init, str) else dict(init or {})
+    if "address" not in init:  # a local cluster: without the dashboard's HTTP server (its jobs API runs code)
+        init.setdefault("include_dashboard", False)
+        # before `import ray`, which reads it; Ray makes the cluster's token, and its processes read it
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -74,13 +82,8 @@ def train(argv: list[str], cfg) -> int:
     except ImportError:
         raise ConfigError("USE_RAY=1 trains on Ray, which is not installed: pip install lf[ray] (or unset USE_RAY "
                           "and launch with torchrun's variables, NPROC_PER_NODE, NNODES, ...)") from None
-    fin = cfg.finetuning
     started = not ray.is_initialized()
     if started:
-        init = fin.ray_init_kwargs
-        init = json.loads(init) if isinstance(init, str) else dict(init or {})
-        if "address" not in init:  # a local cluster: without the dashboard's HTTP server (its jobs API runs code)
-            init.setdefault("include_dashboard", False)
         ray.init(**init)
     try:
         workers, bundle = fin.ray_num_workers, _bundle(fin)
