@@ -326,10 +326,13 @@ def send(page, said: str, lang: str = "en") -> None:
 
 
 def _status(page, selector: str, *words: str, timeout: float) -> str:
-    """The text of `selector` once it starts with one of `words`."""
-    page.wait_for_function("([sel, words]) => words.some(w => document.querySelector(sel).innerText.startsWith(w))",
-                           arg=[selector, list(words)], timeout=timeout * 1000)
-    return page.locator(selector).inner_text()
+    """The text of `selector` once it starts with one of `words`, read in the same look: read again later, it may
+    start with the progress timer of the page's next update ("0.1s")."""
+    said = page.wait_for_function(
+        "([sel, words]) => { const t = document.querySelector(sel).innerText;"
+        " return words.some(w => t.startsWith(w)) ? t : null; }",
+        arg=[selector, list(words)], timeout=timeout * 1000)
+    return said.json_value()
 
 
 def bold(key: str, lang: str) -> str:
