@@ -69,7 +69,7 @@ def step(variant: str, model, ids, mask, labels) -> float:
 
     from lf.kernels.fused_linear_preference_loss import preference_loss
     from lf.model.logps import policy_loss, reply_logps
-    from lf.train.preference import eval_mode
+    from lf.train.reference import eval_mode
 
     def full_logits_logps():
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()

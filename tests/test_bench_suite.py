@@ -212,3 +212,34 @@ def test_the_mrope_bench_case_times_hfs_section_split_against_lfs_rope():
         torch.testing.assert_close(lf_value, hf_value, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(results["lf"][0], rope(q, k, cos[0], sin[0])[0])  # not the temporal stream alone
     assert ops.MODELS["qwen2-vl-7b"].ops == ("rope",)
+
+
+@pytest.mark.parametrize("variant", ["lf", "trl"])
+def test_dpo_step_variants_give_the_full_logits_loss_and_gradients(variant):
+    """bench dpo-step's three ways to a dpo step compute one loss and one LoRA gradient (the bench compares their
+    cost only); a renamed import in lf fails here instead of in a bench run's table."""
+    import torch
+
+    from bench import dpo_step
+
+    sizes = dict(hidden=128, vocab=512)
+    batch = dpo_step._batch(24, 4, sizes["vocab"])
+
+    def loss_and_grads(name):
+        model = dpo_step._model(sizes["hidden"], sizes["vocab"], torch.float32)
+        for n, p in model.named_parameters():  # LoRA B starts at zero: the policy would equal the reference
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+        if name == "trl":
+            from trl.trainer.utils import add_fused_lm_head
+
+            add_fused_lm_head(model.get_base_model())
+        loss = dpo_step.step(name, model, *batch)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(variant)
+    want_loss, want_grads = loss_and_grads("logits")
+    assert loss == pytest.approx(want_loss, rel=1e-5) and loss != pytest.approx(0.693147, abs=1e-4)
+    assert grads.keys() == want_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
