@@ -114,10 +114,10 @@ def check_model(config, model_args, bits: int) -> None:
     """What GPTQ export cannot take, refused from the config before any weight loads: a family of FAMILIES, or one
     whose decoder layers optimum's quantizer does not find, whose layers' input sizes no group size of GROUP_SIZES
     divides, or whose decoder layers keep more than UNQUANTIZED_SHARE of their weights outside linear layers. The
-    layers are looked at on a skeleton of the model on the meta device (no memory). A vision-language model's
-    decoder layers are its language model's (model.language_model.layers): its vision tower and projector keep
-    their weights."""
-    import torch
+    layers are looked at on a skeleton of the model (accelerate's empty weights: no memory for them). A
+    vision-language model's decoder layers are its language model's (model.language_model.layers): its vision tower
+    and projector keep their weights."""
+    from accelerate import init_empty_weights
     from optimum.gptq.utils import get_layers
 
     from lf.model.loader import generating_class
@@ -126,7 +126,7 @@ def check_model(config, model_args, bits: int) -> None:
                f"{config.model_type} model")
     if config.model_type in FAMILIES:
         raise ModelError(f"{refused}: {FAMILIES[config.model_type]}: {_OTHER_WAY}")
-    with torch.device("meta"):
+    with init_empty_weights():
         skeleton = generating_class(config).from_config(config, trust_remote_code=model_args.trust_remote_code)
     try:
         blocks = _blocks(skeleton)
