@@ -134,15 +134,16 @@ def quantized_layer(method: str, w: torch.Tensor, gen: torch.Generator, tokens: 
 def _gptq_layer(w: torch.Tensor, calibration: torch.Tensor):
     """`w` GPTQ-quantized to 4 bits as optimum's quantizer does it (GPTQModel's GPTQ on the layer's inputs, damping
     0.1, symmetric, no act-order), packed into GPTQModel's CPU kernel layer."""
+    from gptqmodel import QuantizeConfig
     from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
-    from gptqmodel.quantization import QuantizeConfig
-    from gptqmodel.quantization.gptq import GPTQ
+    from gptqmodel.quantization import GPTQ
 
     out_f, in_f = w.shape
     linear = nn.Linear(in_f, out_f, bias=False)
     with torch.no_grad():
         linear.weight.copy_(w)
-    gptq = GPTQ(linear, qcfg=QuantizeConfig(bits=4, group_size=GROUP, sym=True, desc_act=False))
+    gptq = GPTQ(linear, qcfg=QuantizeConfig(bits=4, group_size=GROUP, damp_percent=0.1, desc_act=False, sym=True,
+                                            offload_to_disk=False))
     gptq.quantizer.configure(bits=4, sym=True, perchannel=True)
     with torch.no_grad():
         gptq.add_batch(calibration, linear(calibration))
