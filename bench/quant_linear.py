@@ -71,6 +71,8 @@ class _Host(nn.Module):
     def __init__(self, proj):
         super().__init__()
         self.proj = proj
+        # where PEFT puts the adapters: without it PEFT asks the first parameter, and GPTQModel's layers hold buffers
+        self.hf_device_map = {"": "cpu"}
 
 
 def build(method: str, in_f: int, out_f: int, tokens: int, dtype: torch.dtype):

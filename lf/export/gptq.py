@@ -8,7 +8,8 @@ GPTQQuantizer with GPTQ's defaults (symmetric, damping 0.1, no act-order), which
 whichever device the model is on, the CPU too.
 
 Groups of 128 inputs share a scale, as GPTQ's default, unless a quantized layer's input size is not a multiple of
-128: GPTQModel's CPU kernel needs whole groups, so the groups are then the largest of 64, 32, 16 that fits them all.
+128: GPTQModel's CPU kernel needs whole groups, so the groups are then the largest of 64, 32 that fits them all
+(GPTQModel packs a layer's codes in 32-bit words, 32 inputs and outputs at a time: every size is a multiple of 32).
 
 GPTQ quantizes the linear layers of the decoder layers (optimum finds them: model.layers and the like); a
 vision-language model's are its language model's (model.language_model.layers), calibrated on text alone, its vision
@@ -24,7 +25,8 @@ import random
 
 from lf.errors import ConfigError, ModelError
 
-GROUP_SIZES = (128, 64, 32, 16)  # GPTQ's default first; GPTQModel's CPU kernel takes these
+GROUP_SIZES = (128, 64, 32)  # GPTQ's default first; GPTQModel's CPU kernel takes these
+PACK = 32  # GPTQModel packs codes in words of 32 inputs and 32 outputs: a quantized layer's sizes are multiples of it
 SEED = 0
 # GPTQ quantizes linear layers: above this share of the decoder layers' weights elsewhere (a mixture of experts' fused
 # 3-D expert tensors), the export would not be the quantized model asked for
@@ -112,13 +114,14 @@ def _texts(dataset: str, cache_dir: str | None) -> list[str]:
 
 def check_model(config, model_args, bits: int) -> None:
     """What GPTQ export cannot take, refused from the config before any weight loads: a family of FAMILIES, or one
-    whose decoder layers optimum's quantizer does not find, whose layers' input sizes no group size of GROUP_SIZES
-    divides, or whose decoder layers keep more than UNQUANTIZED_SHARE of their weights outside linear layers. The
+    whose decoder layers optimum's quantizer does not find, whose linear layers' sizes are not multiples of PACK,
+    or whose decoder layers keep more than UNQUANTIZED_SHARE of their weights outside linear layers. The
     layers are looked at on a skeleton of the model (accelerate's empty weights: no memory for them). A
     vision-language model's decoder layers are its language model's (model.language_model.layers): its vision tower
     and projector keep their weights."""
     from accelerate import init_empty_weights
     from optimum.gptq.utils import get_layers
+    from torch import nn
 
     from lf.model.loader import generating_class
 
@@ -134,7 +137,6 @@ def check_model(config, model_args, bits: int) -> None:
         raise ModelError(f"{refused}: optimum's GPTQ quantizer finds no decoder layers in it (it looks for "
                          f"model.layers, model.language_model.layers, transformer.h and a few more): "
                          f"{_OTHER_WAY}") from None
-    group_size(blocks)
     quantized = {f"{path}.weight" for path in get_layers(blocks)}
     weights = {name: p.numel() for name, p in blocks.named_parameters() if p.dim() >= 2}
     elsewhere = {name: count for name, count in weights.items() if name not in quantized}
@@ -143,19 +145,21 @@ def check_model(config, model_args, bits: int) -> None:
         names = dict.fromkeys(name.split(".", 1)[1] for name in elsewhere)  # each layer's, without its index
         raise ModelError(f"{refused}: GPTQ quantizes linear layers, and {share:.0%} of its decoder layers' weights "
                          f"are not in one ({', '.join(list(names)[:3])}): they would stay unquantized; {_OTHER_WAY}")
+    odd = sorted({n for m in blocks.modules() if isinstance(m, nn.Linear) for n in (m.in_features, m.out_features)
+                  if n % PACK})
+    if odd:
+        raise ModelError(f"{refused}: its decoder layers' linear layers have {', '.join(map(str, odd))} inputs or "
+                         f"outputs, and GPTQModel packs 32 inputs and 32 outputs at a time: only layers whose sizes "
+                         f"are multiples of {PACK} can be GPTQ-quantized")
 
 
 def group_size(blocks) -> int:
-    """128, or the largest of GROUP_SIZES that divides every quantized layer's input size (module docstring)."""
+    """128, or the largest of GROUP_SIZES that divides every quantized layer's input size (module docstring;
+    check_model has refused sizes that are not multiples of PACK, the smallest)."""
     from torch import nn
 
     sizes = {m.in_features for m in blocks.modules() if isinstance(m, nn.Linear)}
-    for size in GROUP_SIZES:
-        if all(n % size == 0 for n in sizes):
-            return size
-    raise ModelError(f"export_quantization_bit: the model's linear layers take {', '.join(map(str, sorted(sizes)))} "
-                     f"inputs, and GPTQModel's CPU kernel needs groups of 16 inputs or more that divide each: this "
-                     f"model cannot be GPTQ-quantized")
+    return next(size for size in GROUP_SIZES if all(n % size == 0 for n in sizes))
 
 
 def _blocks(model):
@@ -174,7 +178,12 @@ def quantize(model, samples: list[dict], args):
     bits, groups = args.export_quantization_bit, group_size(_blocks(model))
     quantizer = GPTQQuantizer(bits=bits, dataset=samples, group_size=groups,
                               model_seqlen=args.export_quantization_maxlen)
+    # optimum turns off the top config's cache alone; a vision-language model's language model reads its text
+    # config's, and a cache kept across calibration passes grows past their attention masks
+    text = model.config.get_text_config()
+    use_cache, text.use_cache = text.use_cache, False
     model = quantizer.quantize_model(model)
+    text.use_cache = use_cache
     # GPTQModel quantizes into its v2 format (zero points stored as they are); loaders read v1's (minus one)
     model, converted = hf_convert_gptq_v2_to_v1_format(model, quantizer.sym, bits, quantizer.quant_linear,
                                                        quantizer.format, quantizer.meta)
