@@ -21,7 +21,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
-from test_multimodal import ASKED, NO_PROCESSOR, QWEN_VL, TEMPLATE, image_sequences, picture, plain_inputs, shared_data
+from test_multimodal import (ASKED, NO_PROCESSOR, QWEN_VL, TEMPLATE, image_sequences, picture, plain_inputs,
+                             shared_data)
 from test_multimodal import (gemma3, intern_vl, llava, llava_next, qwen2_5_vl, qwen2_audio, qwen2_vl,  # noqa: F401
                              qwen3_vl)
 from test_serve_api import live_server
