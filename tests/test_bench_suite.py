@@ -212,3 +212,22 @@ def test_the_mrope_bench_case_times_hfs_section_split_against_lfs_rope():
         torch.testing.assert_close(lf_value, hf_value, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(results["lf"][0], rope(q, k, cos[0], sin[0])[0])  # not the temporal stream alone
     assert ops.MODELS["qwen2-vl-7b"].ops == ("rope",)
+
+
+def test_quant_linear_without_the_gptq_venv_reports_its_rows_as_not_run(tmp_path, monkeypatch):
+    from bench import quant_linear
+
+    written = {}
+
+    def write_report(name, text, data, quick):
+        written.update(text=text, quick=quick)
+        return quant_linear.REPO / "report.md"
+
+    monkeypatch.setattr(quant_linear, "GPTQ_VENV", tmp_path / "no-venv")
+    monkeypatch.setattr(quant_linear.harness, "write_report", write_report)
+    assert quant_linear.main(["--methods", "gptq4,awq4"]) == 0  # no child started; the run does not fail
+    why = (f"not run: GPTQModel is in a venv of its own, and there is none at {tmp_path / 'no-venv'} (.ci/run's): "
+           f"give its python with --gptq-python")
+    assert written["quick"] and written["text"].count(f"| {why} |") == 2
+    with pytest.raises(SystemExit):  # a python that is not there is refused before anything runs
+        quant_linear.parse_args(["--gptq-python", str(tmp_path / "python")], "quant-linear")
