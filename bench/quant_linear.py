@@ -8,7 +8,13 @@ Each method runs what lf runs in training for it:
 - ``bnb_nf4``: bitsandbytes NF4 with double quantization, lf's fused ``lora_nf4_linear``;
 - ``hqq4``: hqq 4-bit (groups of 64, lf.model.hqq), PEFT's HQQ LoRA layer over hqq's kernel;
 - ``quanto4``, ``quanto8``: quanto int4 (groups of 128) / int8 (per channel) (lf.model.quanto), PEFT's LoRA
-  layer over quanto's QLinear.
+  layer over quanto's QLinear;
+- ``gptq4``, ``awq4``: 4-bit GPTQ (symmetric, groups of 128, GPTQ's algorithm calibrated on seeded tokens) / AWQ
+  (zero points, groups of 128), PEFT's GPTQ / AWQ LoRA layer over GPTQModel's CPU kernels (``TorchAtenLinear``,
+  ``TorchAtenAwqLinear``: what transformers picks when lf trains over such a checkpoint). GPTQModel cannot share
+  lf's venv (README, Quantized training): these two run in a child started with the GPTQ venv's python
+  (``--gptq-python``; by default .ci/run's venv, $LF_CI_GPTQ_VENV or ~/.cache/lf-ci/venv-gptq), and are reported
+  as not run, saying why, when there is none.
 
 The weight is ``randn * in**-0.5`` in the compute dtype, LoRA rank 16, alpha 32, dropout 0, adapters fp32 as
 PEFT keeps them (B not zero, so the LoRA path is real), x (1, N, in) requiring grad, a seeded dy; the same
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -42,10 +49,18 @@ from bench.qlora_linear import build as build_nf4
 
 REPO = Path(__file__).resolve().parent.parent
 IN, OUT = 4096, 14336  # Llama-3-8B's gate_proj / up_proj
-METHODS = ("dense", "bnb_nf4", "hqq4", "quanto4", "quanto8")
+METHODS = ("dense", "bnb_nf4", "hqq4", "quanto4", "quanto8", "gptq4", "awq4")
 RUNS = {"dense": "lf `lora_linear`", "bnb_nf4": "lf `lora_nf4_linear`", "hqq4": "PEFT over hqq's `HQQLinear`",
-        "quanto4": "PEFT over quanto's `QLinear`", "quanto8": "PEFT over quanto's `QLinear`"}
-PACKAGES = {"bnb_nf4": "bitsandbytes", "hqq4": "hqq", "quanto4": "optimum-quanto", "quanto8": "optimum-quanto"}
+        "quanto4": "PEFT over quanto's `QLinear`", "quanto8": "PEFT over quanto's `QLinear`",
+        "gptq4": "PEFT over GPTQModel's `TorchAtenLinear`", "awq4": "PEFT over GPTQModel's `TorchAtenAwqLinear`"}
+PACKAGES = {"bnb_nf4": "bitsandbytes", "hqq4": "hqq", "quanto4": "optimum-quanto",
+            "quanto8": "optimum-quanto", "gptq4": "gptqmodel", "awq4": "gptqmodel"}
+GPTQ_METHODS = ("gptq4", "awq4")  # run by the GPTQ venv's python
+GPTQ_VENV = Path(os.environ.get("LF_CI_GPTQ_VENV", Path.home() / ".cache" / "lf-ci" / "venv-gptq"))  # .ci/run's
+GROUP = 128  # GPTQ's and AWQ's default group of inputs sharing a scale
+# GPTQModel in the child as tests_gptq/conftest.py sets it up: packing in Python (its C++ pack extension compiles for
+# ~8 min on first use), its CPU pool of 2 workers (its default of 1 fails on a 2-core machine)
+GPTQMODEL_ENV = {"GPTQMODEL_DISABLE_PACK_EXT": "1", "GPTQMODEL_CPU_WORKERS": "2"}
 TOKENS, QUICK_TOKENS, QUICK_DIVISOR = 512, 64, 8
 TIMEOUT_S = 1200.0
 
@@ -56,6 +71,8 @@ class _Host(nn.Module):
     def __init__(self, proj):
         super().__init__()
         self.proj = proj
+        # where PEFT puts the adapters: without it PEFT asks the first parameter, and GPTQModel's layers hold buffers
+        self.hf_device_map = {"": "cpu"}
 
 
 def build(method: str, in_f: int, out_f: int, tokens: int, dtype: torch.dtype):
@@ -77,18 +94,8 @@ def build(method: str, in_f: int, out_f: int, tokens: int, dtype: torch.dtype):
     else:
         from peft import LoraConfig, get_peft_model
 
-        host = _Host(nn.Linear(in_f, out_f, bias=False, dtype=dtype))
-        with torch.no_grad():
-            host.proj.weight.copy_(w)
+        host = _Host(quantized_layer(method, w, gen, tokens))
         del w
-        if method == "hqq4":
-            from lf.model.hqq import quantize_linears
-
-            quantize_linears(host, 4, dtype, "cpu", kept=lambda path: False)
-        else:
-            from lf.model.quanto import quantize_linears
-
-            quantize_linears(host, int(method.removeprefix("quanto")), kept=lambda path: False)
         model = get_peft_model(host, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"]))
         lora = model.base_model.model.proj
         a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
@@ -103,6 +110,73 @@ def build(method: str, in_f: int, out_f: int, tokens: int, dtype: torch.dtype):
             return fn()
 
     return forward, (x, a, b), dy
+
+
+def quantized_layer(method: str, w: torch.Tensor, gen: torch.Generator, tokens: int) -> nn.Module:
+    """The layer `method` makes of `w` (GPTQ calibrates on `tokens` fresh draws of `gen`, after every draw the
+    other methods take)."""
+    if method == "gptq4":
+        return _gptq_layer(w, torch.randn(tokens, w.shape[1], generator=gen))
+    if method == "awq4":
+        return _awq_layer(w)
+    host = _Host(nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype))
+    with torch.no_grad():
+        host.proj.weight.copy_(w)
+    if method == "hqq4":
+        from lf.model.hqq import quantize_linears
+
+        quantize_linears(host, 4, w.dtype, "cpu", kept=lambda path: False)
+    else:
+        from lf.model.quanto import quantize_linears
+
+        quantize_linears(host, int(method.removeprefix("quanto")), kept=lambda path: False)
+    return host.proj
+
+
+def _gptq_layer(w: torch.Tensor, calibration: torch.Tensor):
+    """`w` GPTQ-quantized to 4 bits as optimum's quantizer does it (GPTQModel's GPTQ on the layer's inputs, damping
+    0.1, symmetric, no act-order), packed into GPTQModel's CPU kernel layer."""
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+    from gptqmodel.quantization import GPTQ
+
+    out_f, in_f = w.shape
+    linear = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    gptq = GPTQ(linear, qcfg=QuantizeConfig(bits=4, group_size=GROUP, damp_percent=0.1, desc_act=False, sym=True,
+                                            offload_to_disk=False))
+    gptq.quantizer.configure(bits=4, sym=True, perchannel=True)
+    with torch.no_grad():
+        gptq.add_batch(calibration, linear(calibration))
+    scale, zero, g_idx = gptq.fasterquant(percdamp=0.1, group_size=GROUP, actorder=False)[:3]
+    gptq.free()
+    layer = TorchAtenLinear(bits=4, group_size=GROUP, sym=True, desc_act=False, in_features=in_f, out_features=out_f)
+    layer.pack(linear, scale, zero, g_idx)  # the scales and zero points as GPTQModel stores them (its v2 format)
+    layer.post_init()
+    return layer
+
+
+def _awq_layer(w: torch.Tensor):
+    """`w` quantized to 4 bits with a zero point per group, as AWQ stores it, packed into GPTQModel's CPU kernel
+    layer. Round to nearest: AWQ's search scales each input channel and folds the inverse into the layer before,
+    which a lone layer has not; it changes the codes, not the kernel's work."""
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel_awq import TorchAtenAwqLinear
+    from gptqmodel.quantization.awq.utils.packing_utils import pack_awq
+
+    out_f, in_f = w.shape
+    groups = w.float().reshape(out_f, in_f // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scales = (high - low).clamp(min=1e-5) / 15
+    zeros = (-torch.round(low / scales)).clamp(0, 15)
+    codes = (torch.round(groups / scales) + zeros).clamp(0, 15).reshape(out_f, in_f)
+    layer = TorchAtenAwqLinear(bits=4, group_size=GROUP, sym=False, desc_act=False, in_features=in_f,
+                               out_features=out_f)
+    # AWQ's layout: inputs x outputs, one row of scales and zero points per group
+    layer.qweight, layer.qzeros = pack_awq(codes.T.int().contiguous(), zeros[..., 0].T.int().contiguous(), 4)
+    layer.scales = scales[..., 0].T.to(torch.float16).contiguous()
+    layer.post_init()
+    return layer
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -127,19 +201,26 @@ def worker(args: argparse.Namespace) -> int:
     clear_grads()
     seconds = harness.median_seconds({"fwd+bwd": (lambda: torch.autograd.backward(forward(), dy), clear_grads)},
                                      args.warmup, args.repeats)
+    package = PACKAGES.get(args.method)  # dense's is torch, which the report names anyway
     Path(args.result_file).write_text(json.dumps({"fwd_bwd_ms": seconds["fwd+bwd"] * 1e3, "extra_peak_mib": extra_peak,
-                                                  "torch_threads": torch.get_num_threads()}))
+                                                  "torch_threads": torch.get_num_threads(),
+                                                  "version": package and f"{package} {metadata.version(package)}"}))
     return 0
 
 
 def _child(args: argparse.Namespace, method: str, tmp: Path) -> dict:
     result, tensor = tmp / f"{method}.json", tmp / f"{method}.pt"
-    cmd = [sys.executable, "-m", "bench.quant_linear", "--worker", "--method", method, "--dtype", args.dtype,
+    python = args.gptq_python if method in GPTQ_METHODS else sys.executable
+    if python is None:
+        return {"method": method, "status": f"not run: GPTQModel is in a venv of its own, and there is none at "
+                                            f"{GPTQ_VENV} (.ci/run's): give its python with --gptq-python"}
+    cmd = [python, "-m", "bench.quant_linear", "--worker", "--method", method, "--dtype", args.dtype,
            "--tokens", str(args.tokens), "--divisor", str(args.divisor), "--warmup", str(args.warmup),
            "--repeats", str(args.repeats), "--result-file", str(result), "--tensor-file", str(tensor)]
     started = time.perf_counter()
     try:
-        code = subprocess.run(cmd, cwd=REPO, timeout=args.timeout).returncode
+        env = {**GPTQMODEL_ENV, **os.environ} if method in GPTQ_METHODS else None
+        code = subprocess.run(cmd, cwd=REPO, env=env, timeout=args.timeout).returncode
     except subprocess.TimeoutExpired:
         return {"method": method, "status": f"timed out after {args.timeout:g} s"}
     if code != 0 or not result.exists():
@@ -187,7 +268,9 @@ def run(args: argparse.Namespace, command: str) -> int:
             if r["status"] == "ok" and dense.exists() and r["method"] != "dense":
                 want = torch.load(dense).float()
                 r["y_error"] = ((torch.load(mine).float() - want).abs().max() / want.abs().max()).item()
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("peft", *dict.fromkeys(PACKAGES.values())))
+    # each child's own (the GPTQ methods' come from their venv)
+    versions = ", ".join(dict.fromkeys([f"peft {metadata.version('peft')}",
+                                        *(r["version"] for r in rows if r.get("version"))]))
     result = {"date": harness.now(), "command": command, "machine": harness.machine_facts(), "rows": rows,
               "settings": {"in": IN // args.divisor, "out": OUT // args.divisor, "tokens": args.tokens,
                            "dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats,
@@ -195,7 +278,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     text = markdown(result)
     path = harness.write_report("quant_linear", text, result, quick=args.quick or args.methods != list(METHODS))
     print("\n" + text + f"\nWrote {path.relative_to(REPO)} and its .json", flush=True)
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
+    return 1 if any(r["status"] != "ok" and not r["status"].startswith("not run") for r in rows) else 0
 
 
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
@@ -209,6 +292,9 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, help="timed calls; the median is reported (default 5, quick 3)")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per child process")
+    p.add_argument("--gptq-python",
+                   help=f"the python of a venv with lf[gptq], which runs {', '.join(GPTQ_METHODS)} (default "
+                        f"{GPTQ_VENV}/bin/python: .ci/run's, or $LF_CI_GPTQ_VENV's)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--divisor", type=int, help=argparse.SUPPRESS)
@@ -218,6 +304,11 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     args.tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.divisor = args.divisor or (QUICK_DIVISOR if args.quick else 1)
+    if args.gptq_python is None:
+        default = GPTQ_VENV / "bin" / "python"
+        args.gptq_python = str(default) if default.is_file() else None
+    elif not Path(args.gptq_python).is_file():
+        p.error(f"--gptq-python {args.gptq_python}: no such file: give the python of a venv with lf[gptq]")
     return args
 
 

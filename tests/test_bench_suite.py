@@ -243,3 +243,22 @@ def test_dpo_step_variants_give_the_full_logits_loss_and_gradients(variant):
     assert grads.keys() == want_grads.keys() and grads
     for n in grads:
         torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_quant_linear_without_the_gptq_venv_reports_its_rows_as_not_run(tmp_path, monkeypatch):
+    from bench import quant_linear
+
+    written = {}
+
+    def write_report(name, text, data, quick):
+        written.update(text=text, quick=quick)
+        return quant_linear.REPO / "report.md"
+
+    monkeypatch.setattr(quant_linear, "GPTQ_VENV", tmp_path / "no-venv")
+    monkeypatch.setattr(quant_linear.harness, "write_report", write_report)
+    assert quant_linear.main(["--methods", "gptq4,awq4"]) == 0  # no child started; the run does not fail
+    why = (f"not run: GPTQModel is in a venv of its own, and there is none at {tmp_path / 'no-venv'} (.ci/run's): "
+           f"give its python with --gptq-python")
+    assert written["quick"] and written["text"].count(f"| {why} |") == 2
+    with pytest.raises(SystemExit):  # a python that is not there is refused before anything runs
+        quant_linear.parse_args(["--gptq-python", str(tmp_path / "python")], "quant-linear")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from lf import cli
 from lf.config import DataArguments
@@ -231,6 +232,40 @@ def image_sequences(family: str, model: Path, features) -> list[str]:
                 for grid in features["image_grid_thw"]]
     seq = json.loads((model / "processor_config.json").read_text())["image_seq_length"]  # InternVL: per patch
     return [f"<img>{'<IMG_CONTEXT>' * seq * int(patches)}</img>" for patches in features["num_patches"]]
+
+
+ASKED = "What is this?"
+
+
+def picture(width: int = 90, height: int = 70) -> Image.Image:
+    """An RGB image with some structure (a gradient), so that pixels matter to the model."""
+    image = Image.new("RGB", (width, height))
+    image.putdata([(x * 255 // width, y * 255 // height, (x + y) % 256) for y in range(height) for x in range(width)])
+    return image
+
+
+def plain_inputs(family: str, folder, image) -> dict:
+    """An image prompt built with transformers alone from an exported folder: its chat template, tokenizer and
+    image processor (AutoProcessor for LLaVA and Gemma 3, on the text with its placeholder; Qwen-VL's and InternVL's
+    processor classes need torchvision, so their image tokens are written out from the image processor's
+    features)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"<image>{ASKED}"}], tokenize=False,
+                                         add_generation_prompt=True)
+    if family not in NO_PROCESSOR:
+        processor = AutoProcessor.from_pretrained(folder)
+        return dict(processor(text=text.replace("<image>", processor.image_token), images=[image], return_tensors="pt",
+                              add_special_tokens=not text.startswith(tokenizer.bos_token)))
+    features = AutoImageProcessor.from_pretrained(folder, backend="pil")(images=[image], return_tensors="pt")
+    ids = tokenizer(text.replace("<image>", image_sequences(family, folder, features)[0]), add_special_tokens=False,
+                    return_tensors="pt")["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": features["pixel_values"]}
+    if family in QWEN_VL:  # the grid, and the image tokens' mask
+        image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        inputs.update(image_grid_thw=features["image_grid_thw"], mm_token_type_ids=(ids == image_token).long())
+    return inputs
 
 
 def chat_text(family: str, tokenizer, row) -> str:

@@ -21,7 +21,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 from support import one_thread  # noqa: F401 (autouse: tiny models run fastest on one thread)
-from test_multimodal import NO_PROCESSOR, QWEN_VL, TEMPLATE, image_sequences, shared_data
+from test_multimodal import (ASKED, NO_PROCESSOR, QWEN_VL, TEMPLATE, image_sequences, picture, plain_inputs,
+                             shared_data)
 from test_multimodal import (gemma3, intern_vl, llava, llava_next, qwen2_5_vl, qwen2_audio, qwen2_vl,  # noqa: F401
                              qwen3_vl)
 from test_serve_api import live_server
@@ -36,15 +37,7 @@ from lf.serve.app import create_app
 pytestmark = pytest.mark.filterwarnings("ignore")
 FAMILIES = list(TEMPLATE)
 CHAT = "/v1/chat/completions"
-ASKED = "What is this?"
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
-
-
-def picture(width: int = 90, height: int = 70) -> Image.Image:
-    """An RGB image with some structure (a gradient), so that pixels matter to the model."""
-    image = Image.new("RGB", (width, height))
-    image.putdata([(x * 255 // width, y * 255 // height, (x + y) % 256) for y in range(height) for x in range(width)])
-    return image
 
 
 def png(image: Image.Image) -> bytes:
@@ -308,30 +301,6 @@ def random_adapter(model, folder) -> None:
     config = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
                         target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)")
     get_peft_model(AutoModelForImageTextToText.from_pretrained(model), config).save_pretrained(folder)
-
-
-def plain_inputs(family: str, folder, image) -> dict:
-    """An image prompt built with transformers alone from an exported folder: its chat template, tokenizer and
-    image processor (AutoProcessor for LLaVA and Gemma 3, on the text with its placeholder; Qwen-VL's and InternVL's
-    processor classes need torchvision, so their image tokens are written out from the image processor's
-    features)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": f"<image>{ASKED}"}], tokenize=False,
-                                         add_generation_prompt=True)
-    if family not in NO_PROCESSOR:
-        processor = AutoProcessor.from_pretrained(folder)
-        return dict(processor(text=text.replace("<image>", processor.image_token), images=[image], return_tensors="pt",
-                              add_special_tokens=not text.startswith(tokenizer.bos_token)))
-    features = AutoImageProcessor.from_pretrained(folder, backend="pil")(images=[image], return_tensors="pt")
-    ids = tokenizer(text.replace("<image>", image_sequences(family, folder, features)[0]), add_special_tokens=False,
-                    return_tensors="pt")["input_ids"]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": features["pixel_values"]}
-    if family in QWEN_VL:  # the grid, and the image tokens' mask
-        image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        inputs.update(image_grid_thw=features["image_grid_thw"], mm_token_type_ids=(ids == image_token).long())
-    return inputs
 
 
 @pytest.mark.parametrize("family", FAMILIES)

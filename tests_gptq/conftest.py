@@ -1,6 +1,6 @@
 """The GPTQ tests, run in a venv of their own (.ci/run: `pip install -e ".[gptq,gptq-test]"`; GPTQModel pins numpy
 2.2.6 and protobuf>=7.34, which lf[test]'s swanlab refuses), not collected by the main `pytest` (pyproject's
-testpaths). They run GPTQModel for real on the CPU, on the tiny Llama."""
+testpaths). They run GPTQModel for real on the CPU, on the tiny Llama and tiny vision-language models."""
 
 import os
 
@@ -11,7 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # lf's tiny vision-language models
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 from peft.tuners.lora.awq import AwqLoraLinear
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from safetensors.torch import load_file
+from test_multimodal import TEMPLATE, gemma3, llava, picture, plain_inputs, qwen2_vl  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lf.config import parse_train_args
@@ -209,3 +211,106 @@ def test_export_refusals(trained, calibration_file, tmp_path):
     refused(ConfigError, r"^export_quantization_dataset: dataset 'no/such/data': cannot load 'no/such/data' from the "
                          r"Hugging Face hub \(offline mode",
             export_quantization_bit=4, export_quantization_dataset="no/such/data")
+
+
+# the tiny vision-language models of tests/test_multimodal.py (2 language layers of 7 linear layers each)
+VL_FAMILIES = ("qwen2_vl", "gemma3", "llava")
+
+
+def packable(source: Path, folder: Path) -> Path:
+    """`source`'s tiny model with 2 key/value heads rather than 1, fresh weights: its key and value layers then have
+    32 outputs, which GPTQModel packs (check_model refuses 16), its other files as they are."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    shutil.copytree(source, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.get_text_config().num_key_value_heads = 2
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():  # Gemma 3's projector starts at zeros, which would hide every image from the model
+        for weight in (p for p in model.parameters() if p.dim() == 2 and not p.any()):
+            weight.normal_(std=0.02)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", VL_FAMILIES)
+def test_vl_export_quantizes_the_language_model_alone_and_generates_from_an_image(request, family, calibration_file,
+                                                                                  tmp_path):
+    from PIL import ImageOps
+    from transformers import AutoModelForImageTextToText
+
+    source, out = packable(request.getfixturevalue(family), tmp_path / "model"), tmp_path / "gptq4"
+    export(parse_infer_args({"model_name_or_path": str(source), "template": TEMPLATE[family], "export_dir": str(out),
+                             "export_dtype": "float32", "export_quantization_bit": 4,
+                             "export_quantization_dataset": calibration_file, "export_quantization_nsamples": 8,
+                             "export_quantization_maxlen": 32}, "export"))
+    quantized = AutoModelForImageTextToText.from_pretrained(out).eval()
+    full = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32).eval()
+    names = [name for name, m in quantized.named_modules() if isinstance(m, BaseQuantLinear)]
+    assert len(names) == 14 and all(name.startswith("model.language_model.layers.") for name in names)
+    # the vision tower and the projector keep their weights, as the lm_head and embeddings do
+    reloaded = dict(quantized.named_parameters())
+    kept = {name: p for name, p in full.named_parameters() if ".layers." not in name or "language_model" not in name}
+    assert any("vision" in name or "visual" in name for name in kept)
+    assert all(torch.equal(reloaded[name], p) for name, p in kept.items() if name in reloaded)
+    inputs = plain_inputs(family, out, picture())  # an image prompt, with transformers and the export's files alone
+    with torch.inference_mode():
+        generated = quantized.generate(**inputs, max_new_tokens=4, do_sample=False)
+        logits, want = quantized(**inputs).logits[0], full(**inputs).logits[0]
+        mirrored = quantized(**plain_inputs(family, out, ImageOps.mirror(picture()))).logits[0]
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert torch.nn.functional.cosine_similarity(logits[-1], want[-1], dim=0) > 0.9  # 4-bit keeps the next scores
+    # the image reaches the quantized language model (at every position: Gemma 3's tiny model attends to the last 8
+    # tokens alone, and its image is further back than that from the last)
+    assert not torch.allclose(logits, mirrored)
+
+
+def write_config(folder: Path, model_type: str, **settings) -> Path:
+    """A model folder holding only config.json: every refusal below comes before anything else is read."""
+    from transformers import AutoConfig
+
+    folder.mkdir()
+    AutoConfig.for_model(model_type, **settings).save_pretrained(folder)
+    return folder
+
+
+def chatglm(folder: Path) -> Path:
+    """A ChatGLM folder as THUDM's: model_type chatglm, its config class in the folder's own code."""
+    folder.mkdir()
+    (folder / "configuration_chatglm.py").write_text(
+        "from transformers import PretrainedConfig\n\n\nclass ChatGLMConfig(PretrainedConfig):\n"
+        "    model_type = 'chatglm'\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 2, "hidden_size": 64,
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}}))
+    return folder
+
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             vocab_size=128)
+OTHER_WAY = r"export it without export_quantization_bit, then quantize that folder with GPTQModel itself"
+
+
+@pytest.mark.parametrize("make, says", [
+    (chatglm, rf"a chatglm model: ChatGLM's own code \(trust_remote_code\) keeps its decoder layers at "
+              rf"transformer.encoder.layers, where optimum's GPTQ quantizer does not look for them: {OTHER_WAY}"),
+    (lambda folder: write_config(folder, "qwen3_moe", **SMALL, moe_intermediate_size=32, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=32),
+     rf"a qwen3_moe model: GPTQ quantizes linear layers, and \d\d% of its decoder layers' weights are not in one "
+     rf"\(.*mlp.experts.gate_up_proj.*\): they would stay unquantized; {OTHER_WAY}"),
+    (lambda folder: write_config(folder, "mpt", d_model=64, n_heads=2, n_layers=2, vocab_size=128),
+     rf"a mpt model: optimum's GPTQ quantizer finds no decoder layers in it \(it looks for model.layers, "
+     rf"model.language_model.layers, transformer.h and a few more\): {OTHER_WAY}"),
+    (lambda folder: write_config(folder, "llama", **{**SMALL, "hidden_size": 40, "intermediate_size": 88}),
+     r"a llama model: its decoder layers' linear layers have 20, 40, 88 inputs or outputs, and GPTQModel packs 32 "
+     r"inputs and 32 outputs at a time: only layers whose sizes are multiples of 32 can be GPTQ-quantized$"),
+], ids=["chatglm", "moe", "no_layers_found", "sizes"])
+def test_families_gptq_cannot_take_are_refused_before_anything_loads(make, says, calibration_file, tmp_path):
+    model = make(tmp_path / "model")
+    with pytest.raises(ModelError, match=says):
+        export(parse_infer_args(export_options(model, tmp_path / "out", export_quantization_bit=4,
+                                               export_quantization_dataset=calibration_file,
+                                               trust_remote_code=True), "export"))
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@ transformers, vLLM (and, with export_gguf, llama.cpp and Ollama) load and prompt
 
 The steps, in order (every check runs before the weights load):
   1. check the export keys and the base model's config: a quantized base is refused (adapters merge into
-     full-precision weights);
+     full-precision weights), and with export_quantization_bit a model GPTQ cannot quantize (lf.export.gptq);
   2. the tokenizer with the template's chat template, as `lf train` saves it; with export_gguf, a model family,
      rope scaling or tokenizer the GGUF writer cannot convert is refused;
   3. the base model in export_dtype on export_device, then the adapters merged into it in order;
@@ -106,6 +106,7 @@ def _check(cfg):
     from transformers import AutoConfig
 
     from lf.export.gptq import check as check_gptq
+    from lf.export.gptq import check_model as check_gptq_model
     from lf.model.adapters import split_names
     from lf.model.loader import _hub_kwargs
     from lf.model.paths import download_error, resolve_model_path
@@ -140,6 +141,8 @@ def _check(cfg):
                          f"{method_name(config.quantization_config)}, and lf export merges adapters into "
                          f"full-precision weights only: set model_name_or_path to the unquantized base model (the "
                          f"one this was quantized from; an adapter trained with QLoRA merges into it)")
+    if args.export_quantization_bit is not None:
+        check_gptq_model(config, model_args, args.export_quantization_bit)
     return config
 
 

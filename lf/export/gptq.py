@@ -8,7 +8,13 @@ GPTQQuantizer with GPTQ's defaults (symmetric, damping 0.1, no act-order), which
 whichever device the model is on, the CPU too.
 
 Groups of 128 inputs share a scale, as GPTQ's default, unless a quantized layer's input size is not a multiple of
-128: GPTQModel's CPU kernel needs whole groups, so the groups are then the largest of 64, 32, 16 that fits them all.
+128: GPTQModel's CPU kernel needs whole groups, so the groups are then the largest of 64, 32 that fits them all
+(GPTQModel packs a layer's codes in 32-bit words, 32 inputs and outputs at a time: every size is a multiple of 32).
+
+GPTQ quantizes the linear layers of the decoder layers (optimum finds them: model.layers and the like); a
+vision-language model's are its language model's (model.language_model.layers), calibrated on text alone, its vision
+tower and projector kept as they are. A model GPTQ cannot take this way is refused from its config, before any
+weight loads (check_model).
 """
 
 from __future__ import annotations
@@ -19,8 +25,18 @@ import random
 
 from lf.errors import ConfigError, ModelError
 
-GROUP_SIZES = (128, 64, 32, 16)  # GPTQ's default first; GPTQModel's CPU kernel takes these
+GROUP_SIZES = (128, 64, 32)  # GPTQ's default first; GPTQModel's CPU kernel takes these
+PACK = 32  # GPTQModel packs codes in words of 32 inputs and 32 outputs: a quantized layer's sizes are multiples of it
 SEED = 0
+# GPTQ quantizes linear layers: above this share of the decoder layers' weights elsewhere (a mixture of experts' fused
+# 3-D expert tensors), the export would not be the quantized model asked for
+UNQUANTIZED_SHARE = 0.1
+# families refused by model_type, before their skeleton is built (it would run the model's own code)
+FAMILIES = {"chatglm": "ChatGLM's own code (trust_remote_code) keeps its decoder layers at transformer.encoder.layers, "
+                       "where optimum's GPTQ quantizer does not look for them"}
+_OTHER_WAY = ("export it without export_quantization_bit, then quantize that folder with GPTQModel itself "
+              "(GPTQModel.load(folder, QuantizeConfig(bits=...)).quantize(texts)), which has definitions of its own "
+              "for many families")
 
 
 def check(args) -> None:
@@ -96,17 +112,54 @@ def _texts(dataset: str, cache_dir: str | None) -> list[str]:
     return [text for text in rows["text"] if text]
 
 
-def group_size(model) -> int:
-    """128, or the largest of GROUP_SIZES that divides every quantized layer's input size (module docstring)."""
+def check_model(config, model_args, bits: int) -> None:
+    """What GPTQ export cannot take, refused from the config before any weight loads: a family of FAMILIES, or one
+    whose decoder layers optimum's quantizer does not find, whose linear layers' sizes are not multiples of PACK,
+    or whose decoder layers keep more than UNQUANTIZED_SHARE of their weights outside linear layers. The
+    layers are looked at on a skeleton of the model (accelerate's empty weights: no memory for them). A
+    vision-language model's decoder layers are its language model's (model.language_model.layers): its vision tower
+    and projector keep their weights."""
+    from accelerate import init_empty_weights
+    from optimum.gptq.utils import get_layers
     from torch import nn
 
-    sizes = {m.in_features for m in _blocks(model).modules() if isinstance(m, nn.Linear)}
-    for size in GROUP_SIZES:
-        if all(n % size == 0 for n in sizes):
-            return size
-    raise ModelError(f"export_quantization_bit: the model's linear layers take {', '.join(map(str, sorted(sizes)))} "
-                     f"inputs, and GPTQModel's CPU kernel needs groups of 16 inputs or more that divide each: this "
-                     f"model cannot be GPTQ-quantized")
+    from lf.model.loader import generating_class
+
+    refused = (f"export_quantization_bit: {bits} cannot GPTQ-quantize {model_args.model_name_or_path}, a "
+               f"{config.model_type} model")
+    if config.model_type in FAMILIES:
+        raise ModelError(f"{refused}: {FAMILIES[config.model_type]}: {_OTHER_WAY}")
+    with init_empty_weights():
+        skeleton = generating_class(config).from_config(config, trust_remote_code=model_args.trust_remote_code)
+    try:
+        blocks = _blocks(skeleton)
+    except ValueError:
+        raise ModelError(f"{refused}: optimum's GPTQ quantizer finds no decoder layers in it (it looks for "
+                         f"model.layers, model.language_model.layers, transformer.h and a few more): "
+                         f"{_OTHER_WAY}") from None
+    quantized = {f"{path}.weight" for path in get_layers(blocks)}
+    weights = {name: p.numel() for name, p in blocks.named_parameters() if p.dim() >= 2}
+    elsewhere = {name: count for name, count in weights.items() if name not in quantized}
+    share = sum(elsewhere.values()) / sum(weights.values())
+    if share > UNQUANTIZED_SHARE:
+        names = dict.fromkeys(name.split(".", 1)[1] for name in elsewhere)  # each layer's, without its index
+        raise ModelError(f"{refused}: GPTQ quantizes linear layers, and {share:.0%} of its decoder layers' weights "
+                         f"are not in one ({', '.join(list(names)[:3])}): they would stay unquantized; {_OTHER_WAY}")
+    odd = sorted({n for m in blocks.modules() if isinstance(m, nn.Linear) for n in (m.in_features, m.out_features)
+                  if n % PACK})
+    if odd:
+        raise ModelError(f"{refused}: its decoder layers' linear layers have {', '.join(map(str, odd))} inputs or "
+                         f"outputs, and GPTQModel packs 32 inputs and 32 outputs at a time: only layers whose sizes "
+                         f"are multiples of {PACK} can be GPTQ-quantized")
+
+
+def group_size(blocks) -> int:
+    """128, or the largest of GROUP_SIZES that divides every quantized layer's input size (module docstring;
+    check_model has refused sizes that are not multiples of PACK, the smallest)."""
+    from torch import nn
+
+    sizes = {m.in_features for m in blocks.modules() if isinstance(m, nn.Linear)}
+    return next(size for size in GROUP_SIZES if all(n % size == 0 for n in sizes))
 
 
 def _blocks(model):
@@ -122,10 +175,15 @@ def quantize(model, samples: list[dict], args):
     from gptqmodel.utils.model import hf_convert_gptq_v2_to_v1_format
     from optimum.gptq import GPTQQuantizer
 
-    bits, groups = args.export_quantization_bit, group_size(model)
+    bits, groups = args.export_quantization_bit, group_size(_blocks(model))
     quantizer = GPTQQuantizer(bits=bits, dataset=samples, group_size=groups,
                               model_seqlen=args.export_quantization_maxlen)
+    # optimum turns off the top config's cache alone; a vision-language model's language model reads its text
+    # config's, and a cache kept across calibration passes grows past their attention masks
+    text = model.config.get_text_config()
+    use_cache, text.use_cache = text.use_cache, False
     model = quantizer.quantize_model(model)
+    text.use_cache = use_cache
     # GPTQModel quantizes into its v2 format (zero points stored as they are); loaders read v1's (minus one)
     model, converted = hf_convert_gptq_v2_to_v1_format(model, quantizer.sym, bits, quantizer.quant_linear,
                                                        quantizer.format, quantizer.meta)
@@ -133,5 +191,6 @@ def quantize(model, samples: list[dict], args):
         quantizer.format = "gptq"
     # what quantize_model wrote there is the v2 format, and the calibration samples themselves
     model.config.quantization_config = {key: value for key, value in quantizer.to_dict().items() if key != "dataset"}
-    return model, (f"GPTQ: {bits}-bit in groups of {groups} inputs, calibrated on {len(samples)} windows of "
+    return model, (f"GPTQ: {bits}-bit in groups of {groups} inputs (the linear layers of "
+                   f"{quantizer.block_name_to_quantize}), calibrated on {len(samples)} windows of "
                    f"{args.export_quantization_maxlen} tokens of {args.export_quantization_dataset}")

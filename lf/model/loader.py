@@ -156,14 +156,19 @@ def _placement(model) -> str:
     return ", ".join(f"{places.count(place)} part(s) on {place}" for place in dict.fromkeys(places))
 
 
-def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, value_head: bool):
-    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM,
-                              AutoModelForSequenceClassification)
+def generating_class(config):
+    """The transformers auto class of `config`'s generating model: a vision-language config (it has a vision tower)
+    loads with the class that takes images, an audio-language one (Qwen2-Audio) with the one that takes audio."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
-    # a vision-language config (it has a vision tower) loads with the class that takes images, an audio-language
-    # one (Qwen2-Audio) with the one that takes audio
-    generating = (AutoModelForImageTextToText if hasattr(config, "vision_config") else
-                  AutoModelForMultimodalLM if hasattr(config, "audio_config") else AutoModelForCausalLM)
+    return (AutoModelForImageTextToText if hasattr(config, "vision_config") else
+            AutoModelForMultimodalLM if hasattr(config, "audio_config") else AutoModelForCausalLM)
+
+
+def _instantiate(path: str, config, dtype, attention: str, quantization: dict, model_args, value_head: bool):
+    from transformers import AutoModelForSequenceClassification
+
+    generating = generating_class(config)
     auto = ((_vision_value_head(config) if hasattr(config, "vision_config") else AutoModelForSequenceClassification)
             if value_head else generating)
     try:
