@@ -232,7 +232,6 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize("key, value, feature", [
     ("use_mca", True, "Megatron-Core training"),
-    ("mixture_of_depths", "convert", "a mixture-of-depths model"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
     ("use_audio_in_video", True, "Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     ("save_safetensors", False, "pickled checkpoints"),
