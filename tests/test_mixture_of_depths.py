@@ -16,6 +16,7 @@ from lf.config import parse_infer_args, parse_train_args
 from lf.config.finetuning import FinetuningArguments
 from lf.config.model import ModelArguments
 from lf.errors import ConfigError, ModelError
+from lf.export import export
 from lf.kernels import patch, unpatch
 from lf.model import load_model, load_tokenizer, mixture_of_depths
 from lf.model.mixture_of_depths import ROUTER
@@ -106,6 +107,8 @@ def test_chosen_tokens_attend_to_the_earlier_chosen_tokens_of_their_example_at_t
     layer.mod_capacity = 0.25
     length, k = 16, 4
     x = torch.randn(2, length, HIDDEN, generator=torch.Generator().manual_seed(4))
+    w = getattr(layer, ROUTER).mod_score.weight.detach()[0]
+    x[0, [2, 5, 9, 14]] += 4 * w / w.norm()  # row 0's top 4: two in each packed example
     positions = torch.stack([torch.arange(length) % 8, torch.arange(length)])
     example = torch.stack([torch.arange(length) // 8, torch.zeros(length, dtype=torch.long)])
     real = torch.ones(2, length, dtype=torch.bool)
@@ -193,6 +196,53 @@ def test_convert_trains_and_the_saved_model_loads_with_the_same_logits(tmp_path,
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
+def test_a_lora_runs_routers_travel_with_its_adapter_into_lf_export(tmp_path):
+    """LoRA with convert: the adapter saves the trained routers; lf export (convert + the adapter) merges them into
+    a model that `load` reads back with the trained model's logits."""
+    kept = {}
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            kept["model"] = model
+
+    out = tmp_path / "run"
+    train(out, callbacks=(Keep(),), mixture_of_depths="convert", save_steps=100)
+    assert any(ROUTER in key for key in load_file(out / "adapter_model.safetensors"))
+    merged = export(parse_infer_args({"model_name_or_path": "lf-tiny-llama", "template": "qwen",
+                                      "adapter_name_or_path": str(out), "mixture_of_depths": "convert",
+                                      "export_dir": str(tmp_path / "merged"), "export_dtype": "float32"},
+                                     "export"))["export_dir"]
+    args = ModelArguments(model_name_or_path=merged, mixture_of_depths="load", infer_dtype="float32")
+    loaded, _ = load_model(load_tokenizer(args), args, FinetuningArguments(finetuning_type="full"),
+                           is_trainable=False)
+    trained = kept["model"].eval()
+    assert all(math.isfinite(router.threshold.item()) for router in mixture_of_depths.routers(loaded))
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, trained(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_moves_the_threshold_once_a_step(reentrant):
+    """Checkpointing runs a routed layer's forward twice a step (reentrant: first without gradients); the
+    threshold moves as the gradient passes, once, so it ends where it does without checkpointing."""
+    ends = []
+    for checkpointing in (False, True):
+        model = tiny()
+        mixture_of_depths.convert(model)
+        randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.train()
+        for seed in (9, 10):  # two batches, two cut-offs: a second update on the same step would show
+            ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+            model(input_ids=ids, labels=ids).loss.backward()
+        ends.append(torch.stack([router.threshold for router in mixture_of_depths.routers(model)]))
+    assert torch.isfinite(ends[0]).all()
+    torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["lora", "freeze"])
 def test_routers_train_whole_beside_lora_and_freeze(kind):
     args = ModelArguments(model_name_or_path="lf-tiny-llama", mixture_of_depths="convert", infer_dtype="float32")
@@ -237,5 +287,3 @@ def test_what_mixture_of_depths_cannot_run_is_refused(tmp_path):
             continue
         with pytest.raises(ConfigError, match=said):
             parse_train_args(options(tmp_path, mixture_of_depths="convert", **extra))
-    with pytest.raises(ConfigError, match="mixture_of_depths: yes .*convert"):
-        parse_train_args(options(tmp_path, mixture_of_depths="yes"))

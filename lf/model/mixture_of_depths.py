@@ -39,14 +39,14 @@ CONFIG_KEY = "lf_mixture_of_depths"
 THRESHOLD_MOMENTUM = 0.99  # of the running mean of the top-k cut-off
 # decoder layers that take (hidden, attention_mask, position_embeddings=(cos, sin), ...) and return the hidden
 # states: LLaMA-Factory's list without ALiBi (bloom, falcon) and MoE (mixtral, whose load-balancing loss counts
-# every token of every layer)
+# every token of every layer), with Qwen2/3 (the same layer arguments)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "starcoder2")
 ATTENTIONS = ("sdpa", "eager", "lf_packed")  # the attentions that take a (batch, 1, query, key) mask tensor
 
 
 class Router(nn.Module):
-    """One score per token; `threshold` (the running mean of the top-k cut-off; -inf until training sets it)
-    routes tokens at evaluation."""
+    """One score per token; `threshold` (the running mean of the top-k cut-off, moved by each backward pass;
+    -inf until training sets it) routes tokens at evaluation."""
 
     def __init__(self, hidden_size: int, dtype: torch.dtype, device):
         super().__init__()
@@ -78,7 +78,9 @@ def route(router: Router, hidden: torch.Tensor, real: torch.Tensor | None, capac
     ranked = scores.float() if real is None else scores.float().masked_fill(~real, -math.inf)
     if training:
         top = ranked.topk(max(1, math.ceil(capacity * hidden.shape[1])), dim=1)
-        router.track(top.values[:, -1])
+        if scores.requires_grad:  # tracked as the gradient passes: once a step, though checkpointing reruns this
+            cutoffs = top.values[:, -1].detach()
+            scores.register_hook(lambda grad: router.track(cutoffs))
         chosen = top.indices.sort(dim=1).values
         return scores, chosen, torch.ones_like(chosen, dtype=torch.bool)
     routes = ranked >= router.threshold
@@ -234,7 +236,8 @@ def load(model, path: str) -> str:
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise ModelError(f"mixture_of_depths: load: {path} lacks {len(missing)} router tensor(s), e.g. {missing[0]}: "
-                         f"name the folder a convert run saved whole (full or freeze; merge a LoRA run with lf export)")
+                         f"name the folder a convert run saved whole (full or freeze; a LoRA run's adapter holds "
+                         f"its routers: use it with mixture_of_depths: convert, or lf export it so)")
     for name, value in wanted.items():
         value.copy_(saved[name])  # state_dict's tensors share the module's storage
     return (f"mixture_of_depths: load: routers on decoder layers {', '.join(map(str, mark['layers']))} read from "
