@@ -71,6 +71,18 @@ def case(dtype: torch.dtype, length: int) -> dict:
             "ms": {name: 1e3 * s for name, s in seconds.items()}}
 
 
+def summary(rows: list[dict]) -> str:
+    """The table: each dtype's times and the routed speed-ups."""
+    lines = ["| dtype | layer plain ms | layer routed ms | layer floor ms | layer speed-up | model plain ms "
+             "| model routed ms | model speed-up |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(f"| {r['dtype']} | {ms['layer_plain']:.0f} | {ms['layer_routed']:.0f} | {ms['layer_floor']:.0f} "
+                     f"| {harness.ratio_text(ms['layer_plain'] / ms['layer_routed'])} | {ms['model_plain']:.0f} "
+                     f"| {ms['model_routed']:.0f} | {harness.ratio_text(ms['model_plain'] / ms['model_routed'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mixture_of_depths", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,19 +96,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {REPEATS} calls taking turns; {torch.get_num_threads()} threads. Routed: "
           f"{mixture_of_depths.CAPACITY:.1%} of the tokens through the layer (the model: layers 1 and 3 routed).", "",
           f"Layer floor: the plain layer over a row of {math.ceil(mixture_of_depths.CAPACITY * length)} tokens "
-          f"(as many as route), what routing could at best cost.", "",
-          "| dtype | layer plain ms | layer routed ms | layer floor ms | layer speed-up | model plain ms "
-          "| model routed ms | model speed-up |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
-    md += [f"| {r['dtype']} | {r['ms']['layer_plain']:.0f} | {r['ms']['layer_routed']:.0f} "
-           f"| {r['ms']['layer_floor']:.0f} | {harness.ratio_text(r['ms']['layer_plain'] / r['ms']['layer_routed'])} "
-           f"| {r['ms']['model_plain']:.0f} "
-           f"| {r['ms']['model_routed']:.0f} | {harness.ratio_text(r['ms']['model_plain'] / r['ms']['model_routed'])} |"
-           for r in rows]
-    text = "\n".join(md) + "\n"
-    print(text)
-    harness.write_report("mixture_of_depths", text, {"command": command, "machine": harness.machine_facts(),
-                                                     "rows": rows}, args.quick)
-    return 0
+          f"(as many as route), what routing could at best cost.", "", summary(rows)]
+    return harness.finish("mixture_of_depths", "\n".join(md) + "\n", command, rows, summary(rows), args.quick)
 
 
 if __name__ == "__main__":
