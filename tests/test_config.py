@@ -232,7 +232,6 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
 
 @pytest.mark.parametrize("key, value, feature", [
     ("use_mca", True, "Megatron-Core training"),
-    ("mixture_of_depths", "convert", "a mixture-of-depths model"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
     ("use_audio_in_video", True, "Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     ("save_safetensors", False, "pickled checkpoints"),
@@ -417,6 +416,15 @@ RULE_CASES = {
                               "row's examples: set packing: false"),
     "shift_attn_not_in_ppo": ({"shift_attn": True, "stage": "ppo", "reward_model": "saves/rm"},
                               "shift_attn: true is for the training forward, but ppo also generates"),
+    "mixture_of_depths_choice": ({"mixture_of_depths": "yes"},
+                                 "mixture_of_depths: yes is not one of null, convert, load."),
+    "mixture_of_depths_does_not_generate": ({"mixture_of_depths": "convert", "stage": "ppo",
+                                             "reward_model": "saves/rm"},
+                                            "mixture_of_depths: convert and stage: ppo, which generates: a routed "
+                                            "layer's skipped tokens would leave holes in its KV cache"),
+    "mixture_of_depths_without_shift_attn": ({"mixture_of_depths": "load", "shift_attn": True},
+                                             "mixture_of_depths: load runs a routed layer on the few tokens it "
+                                             "chooses, which S²-Attn (shift_attn: true) would cut"),
     "swanlab_installed": ({"use_swanlab": True}, "use_swanlab: true tracks the run with SwanLab, which is not "
                                                  "installed: pip install 'lf[swanlab]'"),
     "swanlab_mode_choice": ({"use_swanlab": True, "swanlab_mode": "online"},

@@ -29,6 +29,7 @@ QUANTIZATION_REFUSED = {
             "quantization_bit",
 }
 InferBackend = Literal["huggingface", "vllm", "sglang"]  # the engine of lf chat/api/webchat and do_predict
+MixtureOfDepths = Literal["convert", "load"]  # lf.model.mixture_of_depths
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ModelArguments:
     rope_scaling: RopeScaling | None = None  # stretch RoPE to cutoff_len
     moe_aux_loss_coef: float | None = None  # MoE: the router's load-balancing loss, this times, in training
     shift_attn: bool = False  # LongLoRA's shifted sparse attention in training (lf.model.longlora)
+    # routers on every other decoder layer: convert a plain model, or load one a convert run saved
+    mixture_of_depths: MixtureOfDepths | None = None
     flash_attn: FlashAttn = "auto"
     use_lf_kernels: bool = True  # patch lf's fused kernels into the model (lf.kernels.patch)
     cpu_allocator: CpuAllocator = "tuned"  # glibc's malloc settings when training on the CPU

@@ -272,11 +272,6 @@ RAY_TRAIN_FIX = ("remove it: it named where Ray Train's TorchTrainer (LLaMA-Fact
                  "any run")
 UNSUPPORTED = types.MappingProxyType({
     # model
-    "mixture_of_depths": Unsupported("a mixture-of-depths model", (None,),
-                                     "remove it: mixture-of-depth 1.2.0, the package LLaMA-Factory converts models "
-                                     "with, does not import beside transformers 5 (it imports TRANSFORMERS_CACHE, "
-                                     "which transformers 5 removed) and calls decoder layers with transformers 4's "
-                                     "arguments"),
     "use_kt": Unsupported("KTransformers", fix="remove the key: KTransformers' kernels need a CUDA GPU (beside an "
                                               "AMX or AVX-512 CPU), which lf has not been built and tested on"),
     "ms_hub_token": Unsupported("the ModelScope hub", (None,)),
@@ -582,7 +577,7 @@ def parse_train_args(argv: list[str] | dict) -> TrainConfig:
     problems = []  # unreadable old keys, unsupported and unknown keys, wrong types: all refused at once
     values = _drop_unsupported(_apply_aliases(values, where, problems), where, problems)
     groups = _split(_drop_export_keys(values, where, problems, "train"), where, problems)
-    _refuse_inference_only(groups.get("model", {}), where, problems, "train")
+    _refuse_by_command(groups.get("model", {}), where, problems, "train")
     if problems:
         raise ConfigError("\n".join(problems))
     training = groups["training"]
@@ -614,13 +609,16 @@ class InferConfig:
 
 # model keys that change the training forward only (the model's own code runs at inference): refused there
 TRAINING_ONLY_MODEL_KEYS = {"shift_attn": "LongLoRA's shifted sparse attention"}
-# model keys for inference only, refused by `lf train` and by the commands that do not load the model to run it
-INFERENCE_ONLY_MODEL_KEYS = {"offload_folder": ("weights beyond free memory offloaded to disk", ("chat", "api",
-                                                                                               "webchat", "eval"))}
+# model keys that only some commands run (the others refuse them): what each asks for, and those commands
+COMMAND_MODEL_KEYS = {
+    "offload_folder": ("weights beyond free memory offloaded to disk", ("chat", "api", "webchat", "eval")),
+    "mixture_of_depths": ("mixture-of-depths routing (not for generation: a routed layer's skipped tokens would "
+                          "leave holes in its KV cache)", ("train", "export", "eval")),
+}
 
 
-def _refuse_inference_only(model: dict, where: dict[str, str], problems: list[str], command: str) -> None:
-    for key, (what, commands) in INFERENCE_ONLY_MODEL_KEYS.items():
+def _refuse_by_command(model: dict, where: dict[str, str], problems: list[str], command: str) -> None:
+    for key, (what, commands) in COMMAND_MODEL_KEYS.items():
         if model.get(key) is not None and command not in commands:
             problems.append(f"{key}: {model[key]} ({where[key]}) asks for {what}, which lf {', '.join(commands)} do "
                             f"and lf {command} does not: remove it")
@@ -638,7 +636,7 @@ def parse_infer_args(argv: list[str] | dict, command: str) -> InferConfig:
     if command != "export":
         values = _drop_export_keys(values, where, problems, command)
     groups = _split(values, where, problems, infer=True)
-    _refuse_inference_only(groups["model"], where, problems, command)
+    _refuse_by_command(groups["model"], where, problems, command)
     for key, what in TRAINING_ONLY_MODEL_KEYS.items():
         if groups["model"].get(key):
             problems.append(f"{key}: true ({where[key]}) asks for {what}, which only training runs (lf {command} "

@@ -568,6 +568,15 @@ RULES: tuple[Rule, ...] = (
     Rule("shift_attn_not_in_ppo", lambda c: c.model.shift_attn and c.finetuning.stage == "ppo",
          "shift_attn: true is for the training forward, but ppo also generates with the model in training: remove "
          "shift_attn (LLaMA-Factory refuses it with ppo too)"),
+    Rule("mixture_of_depths_does_not_generate",
+         lambda c: bool(c.model.mixture_of_depths) and (c.training.do_predict or c.finetuning.stage == "ppo"),
+         lambda c: f"mixture_of_depths: {c.model.mixture_of_depths} and "
+                   f"{'do_predict: true' if c.training.do_predict else 'stage: ppo'}, which generates: a routed "
+                   f"layer's skipped tokens would leave holes in its KV cache, so lf does not generate with "
+                   f"routed layers; remove one of the two (lf eval scores a routed model)"),
+    Rule("mixture_of_depths_without_shift_attn", lambda c: bool(c.model.mixture_of_depths) and c.model.shift_attn,
+         "mixture_of_depths: {m.mixture_of_depths} runs a routed layer on the few tokens it chooses, which S²-Attn "
+         "(shift_attn: true) would cut into groups of its own: remove one of the two"),
     Rule("accuracy_needs_evaluation", lambda c: c.finetuning.compute_accuracy and not _evaluates(c.training),
          "compute_accuracy: true measures token accuracy at evaluation, but evaluation is off: set do_eval: true "
          "with val_size or eval_dataset (and eval_strategy: steps to measure during training), or remove "

@@ -25,7 +25,7 @@ from torch import nn
 from lf.config.finetuning import PEFT_TYPES, FinetuningType
 from lf.data.mm_plugins import in_part, plugin_for
 from lf.errors import ModelError
-from lf.model import llama_pro, pissa
+from lf.model import llama_pro, mixture_of_depths, pissa
 from lf.model.quantization import is_quantized, is_quantized_linear
 from lf.model.paths import check_adapter_path
 
@@ -37,6 +37,13 @@ def value_head(model) -> nn.Module | None:
     fully, never as a LoRA target."""
     head = getattr(model, "score", None)
     return head if isinstance(head, nn.Linear) else None
+
+
+def _not_targets(model) -> tuple[nn.Module, ...]:
+    """Linear layers that never take an adapter: the output head, a value head and mixture-of-depths routers' maps
+    (the last two start untrained and train whole)."""
+    routers = mixture_of_depths.routers(model)
+    return (model.get_output_embeddings(), value_head(model), *(router.mod_score for router in routers))
 
 
 def split_names(text: str | None) -> list[str]:
@@ -155,6 +162,10 @@ def _freeze(model, finetuning_args, resize_vocab: bool) -> str:
     if value_head(model) is not None:
         value_head(model).requires_grad_(True)
         extra.append("score")
+    routers = mixture_of_depths.routers(model)  # new: they train whatever the layers chosen
+    for router in routers:
+        router.requires_grad_(True)
+    extra += [mixture_of_depths.ROUTER] if routers else []
     if plugin is not None:
         unfrozen = [part for part in plugin.vision_tower + plugin.projector if part not in _all_parts(frozen)]
         for name, param in model.named_parameters():
@@ -207,8 +218,8 @@ def _fp16_to_fp32(model) -> list[str]:
 
 def _linear_names(model) -> list[str]:
     """Names (last path part) of the model's linear layers, quantized ones included (bitsandbytes' subclass
-    nn.Linear; hqq's and AQLM's: is_quantized_linear), without the output head and the value head."""
-    heads = (model.get_output_embeddings(), value_head(model))
+    nn.Linear; hqq's and AQLM's: is_quantized_linear), without those of `_not_targets`."""
+    heads = _not_targets(model)
     return sorted({_leaf(path) for path, m in model.named_modules()
                    if _is_linear(m) and not any(m is head for head in heads)})
 
@@ -221,7 +232,7 @@ def _mm_lora_targets(model, lora_target: str, plugin, frozen: dict) -> list[str]
     """A vision-language model's LoRA targets as full module paths: the linear layers of the language model and
     of an unfrozen vision tower (never the projector, which trains whole when unfrozen), all of them or those
     whose last name part `lora_target` lists."""
-    heads = (model.get_output_embeddings(), value_head(model))
+    heads = _not_targets(model)
     allowed = tuple(part for part in plugin.language_model + plugin.vision_tower if part not in _all_parts(frozen))
     linear = {path: _leaf(path) for path, m in model.named_modules()
               if _is_linear(m) and not any(m is head for head in heads) and in_part(path, allowed)}
@@ -282,6 +293,8 @@ def _new_adapter(model, finetuning_args, resize_vocab: bool):
     reward = value_head(model) is not None
     if reward and "score" not in saved:
         saved.append("score")
+    if mixture_of_depths.routers(model) and mixture_of_depths.ROUTER not in saved:
+        saved.append(mixture_of_depths.ROUTER)
     task = TaskType.SEQ_CLS if reward else TaskType.CAUSAL_LM  # peft saves a SEQ_CLS model's score with the adapter
     # a copy of the list: peft adds to a SEQ_CLS one
     config, what = (_oft if kind == "oft" else _lora)(finetuning_args, task, targets, list(saved) or None)

@@ -2,7 +2,8 @@
 
 `load_model` runs these steps in order and returns a plain-language line for each: config (RoPE scaling) ->
 dtype -> attention -> quantization -> weights (embeddings fitted to the tokenizer) -> training setup (KV cache,
-gradient checkpointing, upcasts) -> adapters (what trains) -> lf's kernels -> parameter counts.
+gradient checkpointing, upcasts) -> mixture-of-depths routers -> adapters (what trains) -> lf's kernels ->
+parameter counts.
 
 Models load on the CPU unless quantized (bitsandbytes places them as they load): the Trainer, or whoever infers,
 moves them to the accelerator.
@@ -18,7 +19,7 @@ import torch
 from lf import device as accelerator
 from lf import stages
 from lf.errors import ModelError
-from lf.model import longlora, offloaded_checkpoint, special_tokens
+from lf.model import longlora, mixture_of_depths, offloaded_checkpoint, special_tokens
 from lf.model.adapters import attach, parameter_status, parameter_summary, split_names
 from lf.model.options import apply_moe_aux_loss, apply_rope_scaling, choose_attention, choose_dtype
 from lf.model.paths import download_error, resolve_model_path
@@ -103,6 +104,8 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
         lines += _prepare_training(model, model_args, finetuning_args, upcast_norms, tokens_per_step)
     else:
         model.config.use_cache = model_args.use_cache
+    if model_args.mixture_of_depths:  # before the adapters: beside LoRA, the routers train as modules it saves
+        lines.append(mixture_of_depths.apply(model, model_args.mixture_of_depths, path))
     model, adapter_lines = attach(model, model_args, finetuning_args, is_trainable=is_trainable)
     lines += adapter_lines
     if _offloaded(model):
