@@ -70,6 +70,7 @@ def write_sound_video(path: Path, seconds: float, sound_seconds: float, sound_ra
         video.width, video.height = 64, 48
         audio = out.add_stream("pcm_s16le", rate=sound_rate)
         audio.codec_context.layout = "mono"
+        out.start_encoding()
         for index in range(int(seconds * 10)):
             image = np.full((48, 64, 3), (12 * index) % 256, np.uint8)
             out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))

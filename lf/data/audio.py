@@ -57,8 +57,8 @@ def _sound_track(path: str | Path, why) -> tuple[np.ndarray, int]:
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
-                raise DataError(f"audio {path}: {why}, and it holds no audio stream either: give a wav, flac, mp3 or "
-                                f"ogg file, or a video with a sound track")
+                raise DataError(f"cannot read audio {path}: {why}, and it holds no audio stream: give a wav, flac, mp3 "
+                                f"or ogg file, or a video with a sound track")
             planes, rate = [], None
             to_float = av.AudioResampler(format="fltp")  # float planes; the stream's own layout and rate
             for frame in container.decode(container.streams.audio[0]):
