@@ -350,8 +350,6 @@ _CHATML = dict(stop_words=("<|im_end|>",), system="<|im_start|>system\n{content}
 _DEEPSEEK = dict(stop_words=("<｜end▁of▁sentence｜>",), prefix="{bos}", user="<｜User｜>{content}<｜Assistant｜>",
                  assistant="{content}<｜end▁of▁sentence｜>", bos_token="<｜begin▁of▁sentence｜>")
 _QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-_QWEN_OMNI_SYSTEM = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-                     "auditory and visual inputs, as well as generating text and speech.")
 _INTERN_VL_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
                      "多模态大语言模型。")
 _VICUNA = dict(system="{content} ", user="USER: {content} ASSISTANT:", assistant=" {content}{eos}",
@@ -469,8 +467,9 @@ _REGISTRY = {t.name: t for t in (
              mm_plugin="qwen2_vl", models="Qwen2-VL, Qwen2.5-VL"),
     Template("qwen2_audio", **_CHATML, default_system="You are a helpful assistant.", mm_plugin="qwen2_audio",
              models="Qwen2-Audio"),
-    Template("qwen2_omni", **_CHATML, default_system=_QWEN_OMNI_SYSTEM, tool_format="qwen", mm_plugin="qwen2_omni",
-             models="Qwen2.5-Omni (its thinker)"),
+    # LLaMA-Factory's default system prompt, not the long one Qwen2.5-Omni's demos pass for speech output
+    Template("qwen2_omni", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
+             mm_plugin="qwen2_omni", models="Qwen2.5-Omni (its thinker)"),
     Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
              models="Qwen3, thinking off"),
     Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl",
