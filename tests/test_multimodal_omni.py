@@ -2,7 +2,7 @@
 and audio equal transformers' Qwen2_5OmniProcessor, with use_audio_in_video off and on (each video's sound is the
 row's audio after it, as in LLaMA-Factory's mllm_video_audio_demo, or the video file's own sound track); the 3-D
 positions lf gives (each example alone, and neat-packed rows) equal the model's get_rope_index; `lf train` LoRA on
-them with lf's kernels; the bad-input errors.
+them with lf's kernels; do_predict on videos with their sound; the bad-input errors (serving with the key too).
 
 The processor holds Qwen2-VL's video processor, which needs torchvision: it runs in a subprocess beside
 test_media_decode's stand-in torchvision, one row at a time, given the frames lf keeps (test_media_decode checks
@@ -302,3 +302,25 @@ def test_a_model_saved_whole_trains_as_its_thinker(qwen2_omni, tmp_path):
     assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
     losses = run_losses(train(tmp_path, folder, "qwen2_omni", max_samples=2))
     assert len(losses) == 1 and np.isfinite(losses[0])
+
+
+def test_do_predict_answers_videos_with_their_sound(qwen2_omni, sound_videos, tmp_path):
+    """do_predict on the sound videos (the model's own positions for their interleaved tokens): a prompt holds the
+    video's tokens and its sound's, and batching changes no prediction."""
+    from test_multimodal_use import predictions
+
+    keys = dict(template="qwen2_omni", dataset="d", dataset_dir=str(sound_videos), use_audio_in_video=True)
+    batched = predictions(tmp_path, qwen2_omni, 2, **keys)
+    assert [r["label"] for r in batched] == ["A rising tone.", "The screen grows lighter."]
+    interleaved = ("<|VIDEO|><|AUDIO|>", "<|AUDIO|><|VIDEO|>")  # video, its sound, video again: time chunks
+    assert all(all(pair in r["prompt"] for pair in interleaved) and r["predict"] for r in batched)
+    assert predictions(tmp_path, qwen2_omni, 1, **keys) == batched
+
+
+def test_serving_with_use_audio_in_video_is_refused(qwen2_omni):
+    from test_multimodal_use import engine_for
+
+    with pytest.raises(ConfigError, match=r"^use_audio_in_video: true is for training and do_predict: lf's chat and "
+                                          r"API read a video's frames without its sound; remove use_audio_in_video "
+                                          r"to serve$"):
+        engine_for(qwen2_omni, "qwen2_omni", use_audio_in_video=True)

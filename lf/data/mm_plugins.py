@@ -331,11 +331,12 @@ def _omni_audio_in_video(media: "MMProcessor", refs: dict) -> tuple[dict, dict]:
 
 def _omni_video_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
     """Qwen2.5-Omni's videos: Qwen2.5-VL's inputs with the seconds per temporal patch as video_second_per_grid,
-    and use_audio_in_video (a tensor, as the batch's other inputs: the model's rope rule for a video with its
-    sound) when their sound is read with them."""
+    and use_audio_in_video when their sound is read with them: the model's rope rule for a video with its sound,
+    as a one-element tensor like the batch's other inputs (the engine joins its rows' inputs along the first axis;
+    its prefill gives the model the positions, so the model never reads the joined flags)."""
     out = _qwen2_vl_video_inputs(media, refs, spacing="video_second_per_grid")
     if out and media.use_audio_in_video:
-        out["use_audio_in_video"] = torch.tensor(True)
+        out["use_audio_in_video"] = torch.tensor([True])
     return out
 
 
