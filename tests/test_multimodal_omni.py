@@ -324,3 +324,23 @@ def test_serving_with_use_audio_in_video_is_refused(qwen2_omni):
                                           r"API read a video's frames without its sound; remove use_audio_in_video "
                                           r"to serve$"):
         engine_for(qwen2_omni, "qwen2_omni", use_audio_in_video=True)
+
+
+def test_a_batched_engine_answers_omni_media_as_each_alone(qwen2_omni, monkeypatch):
+    """Served (without use_audio_in_video), an Omni thinker's video, audio, image and text requests are prefilled
+    together, each row with its own 3-D positions: each reply equals the one generate gives the request alone."""
+    from PIL import Image
+    from test_multimodal_use import batched_answers, engine_for
+
+    data = shared_data() / "mllm_demo_data"
+    asked = [([{"role": "user", "content": "<video>What is it?"}], {"files": {"videos": [str(data / "4.mp4")]}}),
+             ([{"role": "user", "content": "Hello there"}], {}),
+             ([{"role": "user", "content": "<image>And this?"}], {"images": [Image.open(data / "1.jpg")]}),
+             ([{"role": "user", "content": "What do you hear? <audio>"}], {"files": {"audios": [str(data / "2.wav")]}})]
+    alone = engine_for(qwen2_omni, "qwen2_omni", video_maxlen=4)
+    expected = [[r.text for r in alone.generate(messages, temperature=0, max_new_tokens=8, **media)]
+                for messages, media in asked]
+    together, prefills = batched_answers(engine_for(qwen2_omni, "qwen2_omni", max_batch=8, video_maxlen=4), asked,
+                                         monkeypatch)
+    assert together == expected
+    assert any(rows > 1 and media for rows, media in prefills), prefills
