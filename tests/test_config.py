@@ -233,7 +233,6 @@ def test_unknown_unsupported_and_mistyped_keys_are_reported_together(tmp_path):
 @pytest.mark.parametrize("key, value, feature", [
     ("use_mca", True, "Megatron-Core training"),
     ("visual_inputs", True, "LLaMA-Factory's old switch for vision models"),
-    ("use_audio_in_video", True, "Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     ("save_safetensors", False, "pickled checkpoints"),
 ])
 def test_unsupported_llama_factory_keys_are_refused_when_they_ask_for_something(key, value, feature):
@@ -253,11 +252,13 @@ def test_adapter_folder_is_joined_onto_each_adapter(tmp_path):
 
 
 def test_video_and_audio_keys_are_read_with_llama_factorys_defaults():
-    cfg = parse_train_args({**BASE, "video_fps": 1.0, "video_maxlen": 8, "audio_sampling_rate": 8000})
-    assert (cfg.data.video_fps, cfg.data.video_maxlen, cfg.data.audio_sampling_rate) == (1.0, 8, 8000)
+    cfg = parse_train_args({**BASE, "video_fps": 1.0, "video_maxlen": 8, "audio_sampling_rate": 8000,
+                            "use_audio_in_video": True})
+    assert (cfg.data.video_fps, cfg.data.video_maxlen, cfg.data.audio_sampling_rate, cfg.data.use_audio_in_video) == (
+        1.0, 8, 8000, True)
     defaults = parse_train_args(BASE).data
     assert (defaults.video_max_pixels, defaults.video_min_pixels, defaults.video_fps, defaults.video_maxlen,
-            defaults.audio_sampling_rate) == (256 * 256, 16 * 16, 2.0, 128, 16000)
+            defaults.audio_sampling_rate, defaults.use_audio_in_video) == (256 * 256, 16 * 16, 2.0, 128, 16000, False)
 
 
 def test_unsupported_keys_at_their_defaults_are_accepted(logs):

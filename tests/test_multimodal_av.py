@@ -13,9 +13,7 @@ import io
 import json
 import re
 import shutil
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import httpx
@@ -30,7 +28,7 @@ from lf.errors import DataError
 from lf.serve import chat as lf_chat
 from lf.serve.app import create_app
 from lf.serve.media import Limits
-from test_media_decode import STAND_IN_TORCHVISION
+from test_media_decode import beside_stand_in
 from test_multimodal_use import batched_answers, engine_for, predictions
 from test_serve_api import live_server
 from test_multimodal import (chat, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, qwen3_vl, shared_data, tokenize,
@@ -77,17 +75,9 @@ def qwen_vl_processor(family: str, model: Path, texts: list[str], videos: list[n
     video_preprocessor_config.json, else preprocessor_config.json) on texts and
     videos (each frames x H x W x 3, uint8; `metadata`: each one's VideoMetadata keywords), in a subprocess beside
     the stand-in torchvision."""
-    for name, text in STAND_IN_TORCHVISION.items():
-        (tmp_path / "torchvision" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "torchvision" / name).write_text(textwrap.dedent(text))
     name = "Qwen" + family[4:].replace("_vl", "VL")  # Qwen2VL, Qwen3VL
-    torch.save((family, name, str(model), texts, [torch.from_numpy(v) for v in videos], list(metadata)),
-               tmp_path / "in.pt")
-    run = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-                          + RUN_QWEN_VL_PROCESSOR, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt")
+    return beside_stand_in(RUN_QWEN_VL_PROCESSOR, (family, name, str(model), texts,
+                                                   [torch.from_numpy(v) for v in videos], list(metadata)), tmp_path)
 
 
 # -- rows equal the families' processors ------------------------------------------------------------------------
@@ -279,7 +269,7 @@ def test_a_family_without_the_modality_refuses_it(qwen2_vl, qwen2_audio, tmp_pat
     folder = write_dataset(tmp_path, [chat("<audio>hi", [audio], "audios")],
                            {"messages": "messages", "audios": "audios"})
     with pytest.raises(DataError, match=r"^template qwen2_vl does not take audios \(dataset d has them; it takes "
-                                        r"images, videos\): templates that do: qwen2_audio;"):
+                                        r"images, videos\): templates that do: qwen2_audio, qwen2_omni;"):
         tokenize(qwen2_vl, "qwen2_vl", folder)
     with pytest.raises(DataError, match=r"^template qwen does not take audio input; templates that do: qwen2_audio"):
         tokenize(qwen2_audio, "qwen", folder)
@@ -405,7 +395,8 @@ def test_lf_chat_attaches_a_video_and_refuses_what_the_model_does_not_take(qwen2
     out = capsys.readouterr().out
     assert "Attached 1 video(s) to your next message." in out and f"Assistant: {expected.text}\n" in out
     assert ("User: this model/template (qwen2_vl) does not take audio input; templates that do: qwen2_audio "
-            "(qwen2_audio models); this qwen2_vl model reads images, videos and text: send those\n") in out
+            "(qwen2_audio models), qwen2_omni (qwen2_5_omni/qwen2_5_omni_thinker models); this qwen2_vl model reads "
+            "images, videos and text: send those\n") in out
     assert f"not attached: cannot read '{video}.missing': no such file" in out
 
 
@@ -454,7 +445,8 @@ def test_lf_api_answers_input_audio_and_video_url_as_the_engine_does(qwen2_audio
         assert answer.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
         video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
         assert ask(base, video).json()["error"]["message"] == (
-            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_vl (qwen2_vl/"
+            "this model/template (qwen2_audio) does not take video input; templates that do: qwen2_omni (qwen2_5_omni/"
+            "qwen2_5_omni_thinker models), qwen2_vl (qwen2_vl/"
             "qwen2_5_vl models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this qwen2_audio "
             "model reads audios and text: send those")
         wrong = ask(base, {"type": "input_audio", "input_audio": {"data": b64(clip), "format": "ogg"}})

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from PIL import Image
-from test_multimodal import (llava, prepared, qwen2_5_vl, qwen2_audio, qwen2_vl, qwen3_vl,  # noqa: F401 (fixtures)
-                             shared_data, train)
+from test_multimodal import (llava, prepared, qwen2_5_vl, qwen2_audio, qwen2_omni, qwen2_vl,  # noqa: F401 (fixtures)
+                             qwen3_vl, shared_data, train)
 
 from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
 
@@ -222,7 +222,11 @@ def segments_of(row) -> list[tuple[int, int]]:
 PACKED = [*((family, family, "images", {}) for family in FAMILIES),
           *((family, template, "videos", {"dataset": "mllm_video_demo", "video_maxlen": 4})
             for family, template in (("qwen2_vl", "qwen2_vl"), ("qwen2_5_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl"))),
-          ("qwen2_audio", "qwen2_audio", "audios", {"dataset": "mllm_audio_demo", "cutoff_len": 1024})]
+          ("qwen2_audio", "qwen2_audio", "audios", {"dataset": "mllm_audio_demo", "cutoff_len": 1024}),
+          # Qwen2.5-Omni: a video and an audio, apart; the audio as the video's sound (use_audio_in_video)
+          *(("qwen2_omni", "qwen2_omni", column, {"dataset": "mllm_video_audio_demo", "video_maxlen": 4,
+                                                  "cutoff_len": 1024, "use_audio_in_video": column == "audios"})
+            for column in ("videos", "audios"))]
 
 
 @pytest.mark.parametrize("family, template, column, data", PACKED, ids=[f"{f}-{c}" for f, _, c, _ in PACKED])

@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionConfig, Gemma3Config,
                           GPT2Config, InternVLConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig,
-                          Qwen2Config, Qwen2VLConfig, Qwen3VLConfig, SiglipVisionConfig)
+                          Qwen2_5OmniThinkerConfig, Qwen2Config, Qwen2VLConfig, Qwen3VLConfig, SiglipVisionConfig)
 
 from lf.kernels import apply_to, patch, unpatch
 from lf.kernels.patch import FAMILIES, VISION_LANGUAGE
@@ -451,6 +451,13 @@ VL_CONFIGS = {  # head_dim 16: 8 frequencies, split as Qwen2-VL's [16, 24, 24] a
     "qwen3_vl": lambda: Qwen3VLConfig(text_config=_vl_text([4, 2, 2], head_dim=16), **QWEN_VL_TOKENS, vision_config=dict(
         depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=2,
         num_position_embeddings=16, deepstack_visual_indexes=[0])),
+    # Qwen2.5-Omni's thinker: Qwen2.5-VL's vision tower beside an audio tower (idle here)
+    "qwen2_5_omni_thinker": lambda: Qwen2_5OmniThinkerConfig(
+        text_config=_vl_text([2, 3, 3]), image_token_index=IMAGE_TOKEN, video_token_index=251,
+        vision_start_token_id=252, vision_end_token_id=253, audio_token_index=254, audio_start_token_id=255,
+        audio_end_token_id=256, vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48,
+                                                   num_heads=2, patch_size=2, window_size=8, fullatt_block_indexes=[1]),
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=48, output_dim=64)),
     "llava": lambda: LlavaConfig(text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN, vision_config=_clip()),
     "llava_next": lambda: LlavaNextConfig(text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN,
                                           vision_config=_clip(), image_grid_pinpoints=[[8, 8]]),
@@ -497,11 +504,17 @@ def _vl_batch(family, dtype, image):
         return ids, labels, {"pixel_values": torch.randn(2, 2, 3, 8, 8, dtype=dtype),
                              "image_sizes": torch.tensor([[8, 8]] * 2)}
     # 16 patches per image of channels x temporal patch (2) x 2 x 2 pixels; the grid (t, h, w) in patches
-    return ids, labels, {"pixel_values": torch.randn(2 * 16, 3 * 2 * 2 * 2, dtype=dtype),
-                         "image_grid_thw": torch.tensor([[1, 4, 4]] * 2), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    pixels = {"pixel_values": torch.randn(2 * 16, 3 * 2 * 2 * 2, dtype=dtype),
+              "image_grid_thw": torch.tensor([[1, 4, 4]] * 2)}
+    if family == "qwen2_5_omni_thinker":  # its get_rope_index finds an image by the vision start token before it
+        ids[:, 1], ids[:, 6] = 252, 253
+        return ids, labels, {**pixels, "attention_mask": torch.ones_like(ids)}
+    return ids, labels, {**pixels, "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
 
 
-VISION_PATCHED = {"qwen2_5_vl": {"Qwen2_5_VLRMSNorm", "Qwen2_5_VLMLP"}}  # the classes of lf's kinds in the tower
+# the classes of lf's kinds in the tower
+VISION_PATCHED = {"qwen2_5_vl": {"Qwen2_5_VLRMSNorm", "Qwen2_5_VLMLP"},
+                  "qwen2_5_omni_thinker": {"Qwen2_5OmniRMSNorm", "Qwen2_5OmniMLP"}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

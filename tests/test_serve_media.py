@@ -29,7 +29,8 @@ __all__ = ["engine", "lf_home", "one_thread", "url"]  # fixtures of the API and 
 
 CHAT = "/v1/chat/completions"
 NO_IMAGES = ("this model/template (qwen) does not take image input; templates that do: gemma3 (gemma3 models), "
-             "intern_vl (internvl models), llava (llava models), llava_next (llava_next models), qwen2_vl "
+             "intern_vl (internvl models), llava (llava models), llava_next (llava_next models), qwen2_omni "
+             "(qwen2_5_omni/qwen2_5_omni_thinker models), qwen2_vl "
              "(qwen2_vl/qwen2_5_vl models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this "
              "llama model reads text only: send text")
 
@@ -232,7 +233,8 @@ def test_a_text_model_answers_an_image_with_a_400_and_stays_up(url):
     assert httpx.post(url + CHAT, json=text_parts).status_code == 200
     video = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:,"}}]}]}
     assert message(httpx.post(url + CHAT, json=video), 400) == (
-        "this model/template (qwen) does not take video input; templates that do: qwen2_vl (qwen2_vl/qwen2_5_vl "
+        "this model/template (qwen) does not take video input; templates that do: qwen2_omni (qwen2_5_omni/"
+        "qwen2_5_omni_thinker models), qwen2_vl (qwen2_vl/qwen2_5_vl "
         "models), qwen3_vl (qwen3_vl models), qwen3_vl_nothink (qwen3_vl models); this llama model reads text only: "
         "send text")  # nothing decoded
     unknown = {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]}

@@ -42,5 +42,7 @@ class DataArguments:
     video_fps: float = 2.0
     video_maxlen: int = 128
     audio_sampling_rate: int = 16000  # audio clips are resampled to this rate (lf.data.audio)
+    # Qwen2.5-Omni (template qwen2_omni): each video is read with its sound, their tokens interleaved in time chunks
+    use_audio_in_video: bool = False
     crop_to_patches: bool = False  # InternVL: an image is cut into tiles (and a thumbnail) as its processor does
     image_do_pan_and_scan: bool = False  # Gemma 3: a wide or tall image also gets its processor's crops

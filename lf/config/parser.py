@@ -286,7 +286,6 @@ UNSUPPORTED = types.MappingProxyType({
     "visual_inputs": Unsupported("LLaMA-Factory's old switch for vision models",
                                  fix="remove it (a dataset's images column and a template that takes images, such "
                                      "as qwen2_vl or llava, are what train on images)"),
-    "use_audio_in_video": Unsupported("Qwen2.5-Omni's audio tracks of videos (lf has no Qwen2.5-Omni family yet)"),
     # finetuning
     "use_mca": Unsupported("Megatron-Core training", fix="remove the key: Megatron-Core (mcore_adapter) trains on "
                                                          "NVIDIA GPUs over NCCL, which lf has not been built and "

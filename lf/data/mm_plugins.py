@@ -7,12 +7,14 @@ other media as `Modality` entries ("<video>", "<audio>": token, wrap, one item's
 its whole text where that is more than its wrapped tokens, as Qwen3-VL's timed frames; the batch's forward inputs),
 the forward input names of each, and which parts of the model are its vision (or audio) tower, its projector and
 its language model (module path parts), which the freeze keys LoRA's `lora_target: all` and QLoRA's unquantized
-modules read. `MMProcessor` applies an entry with the model's loaded image processor (or feature extractor): it
+modules read. `MMProcessor` applies an entry with the model's loaded image processor (and feature extractor): it
 expands a conversation's placeholders while tokenizing (sizes and lengths from the files' headers) and builds the
 forward's media inputs for a batch, decoding them then (pixel_values and what else the image processor returns,
 e.g. Qwen2-VL's image_grid_thw, pixel_values_videos/video_grid_thw, Qwen2-Audio's
 input_features/feature_attention_mask; the model computes its own M-RoPE positions from the grids, except in
 neat-packed rows, whose examples get theirs from the plugin's `rope_positions` over its modalities' `rope_grids`).
+With use_audio_in_video (Qwen2.5-Omni) a video and its sound are one item, their tokens interleaved in time chunks
+(the plugin's `audio_in_video`).
 
 Adding a family: its entry below (and a template naming it in lf/data/templates.py); tests/test_multimodal.py
 builds a tiny model of each family and compares lf's rows with the family's processor.
@@ -37,6 +39,7 @@ from lf.data.registry import IMAGES
 from lf.errors import DataError, did_you_mean
 
 log = logging.getLogger("lf")
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # an image processor's or feature extractor's settings
 PROCESSOR_CONFIG = "processor_config.json"  # the processor's own settings (LLaVA's patch_size, ...)
 VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"  # a video processor's settings, where saved apart
 # what lf.data.video reads of a video processor's settings
@@ -189,11 +192,11 @@ def _qwen3_vl_video_text(media: "MMProcessor", ref: dict) -> tuple[str, int]:
     return "".join(f"<{time:.1f} seconds>{frame}" for time in seconds), count * grid_t
 
 
-def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool = False,
+def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: str | None = None,
                            size: str = "qwen2_vl_size") -> dict:
-    """pixel_values_videos and video_grid_thw (frames sized by lf.data.video's `size` rule); with `spacing`
-    (Qwen2.5-VL) also second_per_grid_ts: the seconds one temporal patch spans (temporal_patch_size frames at the
-    kept frame rate), by which its M-RoPE spaces frames."""
+    """pixel_values_videos and video_grid_thw (frames sized by lf.data.video's `size` rule); with `spacing` also
+    the seconds one temporal patch spans (temporal_patch_size frames at the kept frame rate), by which the M-RoPE
+    spaces frames, under that name (Qwen2.5-VL: second_per_grid_ts, Qwen2.5-Omni: video_second_per_grid)."""
     from lf.data import video
 
     if not refs:
@@ -201,15 +204,20 @@ def _qwen2_vl_video_inputs(media: "MMProcessor", refs: list[dict], spacing: bool
     videos = [video.read_video(_path(ref, "video"), **media.video) for ref in refs]
     out = video.qwen2_vl_video_inputs(videos, media.video_settings, getattr(video, size))
     if spacing:
-        out["second_per_grid_ts"] = torch.tensor([media.video_settings.temporal_patch_size / v.fps for v in videos])
+        out[spacing] = torch.tensor([media.video_settings.temporal_patch_size / v.fps for v in videos])
     return out
+
+
+def _timed_grids(key: str, media: "MMProcessor", inputs: dict) -> list[tuple]:
+    """Each video's (t, h, w, the seconds a temporal patch spans: `inputs[key]`)."""
+    return [(*grid, seconds) for grid, seconds in zip(inputs.get("video_grid_thw", ()), inputs.get(key, ()))]
 
 
 def _spaced_grids(media: "MMProcessor", inputs: dict) -> list[tuple]:
     """Qwen2.5-VL's video runs: frames spaced by tokens_per_second positions per second of video."""
     per_second = media.model_settings["vision_config.tokens_per_second"]
-    return [(*grid, per_second * seconds)
-            for grid, seconds in zip(inputs.get("video_grid_thw", ()), inputs.get("second_per_grid_ts", ()))]
+    return [(t, h, w, per_second * seconds)
+            for t, h, w, seconds in _timed_grids("second_per_grid_ts", media, inputs)]
 
 
 def _frame_grids(media: "MMProcessor", inputs: dict) -> list[tuple]:
@@ -243,7 +251,8 @@ def _path(ref: dict, kind: str) -> str:
 QWEN2_VL_VIDEO = Modality("videos", "<|video_pad|>", _qwen2_vl_video_tokens, _qwen2_vl_video_inputs,
                           ("pixel_values_videos", "video_grid_thw"), ("<|vision_start|>", "<|vision_end|>"), 2,
                           rope_grids=functools.partial(_grids, "video_grid_thw"))
-QWEN2_5_VL_VIDEO = replace(QWEN2_VL_VIDEO, inputs=functools.partial(_qwen2_vl_video_inputs, spacing=True),
+QWEN2_5_VL_VIDEO = replace(QWEN2_VL_VIDEO,
+                           inputs=functools.partial(_qwen2_vl_video_inputs, spacing="second_per_grid_ts"),
                            forward_inputs=(*QWEN2_VL_VIDEO.forward_inputs, "second_per_grid_ts"),
                            rope_grids=_spaced_grids)
 QWEN3_VL_VIDEO = replace(QWEN2_VL_VIDEO, tokens=None, text=_qwen3_vl_video_text, rope_grids=_frame_grids,
@@ -252,13 +261,153 @@ QWEN2_AUDIO = Modality("audios", "<|AUDIO|>", _qwen2_audio_tokens, _qwen2_audio_
                        ("input_features", "feature_attention_mask"), ("<|audio_bos|>", "<|audio_eos|>"), 3)
 
 
-def _mrope_positions(image_processor, types, grids) -> torch.Tensor:
+# -- Qwen2.5-Omni: a video's tokens and its sound's, interleaved in time chunks (use_audio_in_video) --------------
+
+
+def _omni_timing(media: "MMProcessor") -> tuple[int, int]:
+    """(positions per second of video, positions per time chunk) of a Qwen2.5-Omni model (its config's
+    position_id_per_seconds, and seconds_per_chunk of them)."""
+    per_second = media.model_settings["position_id_per_seconds"]
+    return per_second, int(per_second * media.model_settings["seconds_per_chunk"])
+
+
+def _omni_chunks(values, size: int) -> list[tuple[int, int]]:
+    """(start, end) of each time chunk of a video's or a clip's tokens, `values` their times in positions (non-
+    decreasing), as Qwen2.5-Omni's processor and get_rope_index cut them: a chunk ends before the first token at
+    or past the next multiple of `size`, and a boundary moves on by one chunk per token, as theirs does."""
+    bounds, start, chunk = [], 0, 1
+    for i, value in enumerate(values.tolist()):
+        if value >= chunk * size:
+            bounds.append((start, i))
+            start, chunk = i, chunk + 1
+    return bounds + [(start, len(values))]
+
+
+def _omni_video_with_sound(media: "MMProcessor", ref: dict, sound: dict) -> tuple[str, int]:
+    """(text, token count) of a video and its sound (`sound`: an audio, or the video itself for its track), as
+    Qwen2_5OmniProcessor writes them: inside the video's wrap and the audio's, each time chunk's video tokens, then
+    its audio tokens (the video's frames at temporal_patch_size / the kept frame rate seconds per temporal patch,
+    the clip's tokens one position each)."""
+    from lf.data import video
+
+    config = media.video_settings
+    kept = video.sampled(_path(ref, "video"), **media.video)
+    t, h, w = video.qwen2_vl_video_grid(len(kept.indices), *kept.size, config)
+    frame = h * w // config.merge_size ** 2
+    per_second, chunk = _omni_timing(media)
+    # float64, in the processor's order of operations: where a chunk ends
+    times = torch.arange(t, dtype=torch.float64).repeat_interleave(frame) * (
+        config.temporal_patch_size / kept.rate) * per_second
+    clip = _qwen2_audio_tokens(media, sound)
+    chunks = itertools.zip_longest(_omni_chunks(times, chunk), _omni_chunks(torch.arange(clip), chunk))
+    body = "".join((OMNI_VIDEO.token * (v[1] - v[0]) if v else "") + (QWEN2_AUDIO.token * (a[1] - a[0]) if a else "")
+                   for v, a in chunks)
+    text = OMNI_VIDEO.wrap[0] + QWEN2_AUDIO.wrap[0] + body + QWEN2_AUDIO.wrap[1] + OMNI_VIDEO.wrap[1]
+    return text, t * frame + clip
+
+
+def _omni_audio_in_video(media: "MMProcessor", refs: dict) -> tuple[dict, dict]:
+    """use_audio_in_video: each video and its sound as one item (_omni_video_with_sound). A video's sound is the
+    row's audio at its place when the row has audios (LLaMA-Factory's layout, as mllm_video_audio_demo's
+    "<video><audio>": the audio placeholder then stands for nothing), else the video file's own audio track.
+    Returns the refs with the sounds as the audios column (in the videos' order: the order of their tokens) and the
+    videos' and audios' items for MMProcessor.expand."""
+    from lf.data import audio
+
+    videos, given = refs["videos"], refs.get("audios") or []
+    if given and len(given) != len(videos):
+        raise DataError(f"use_audio_in_video: a row with {len(videos)} video(s) and {len(given)} audio(s): give one "
+                        f"audio per video (its sound, after it: <video><audio>), or no audios to read each video's "
+                        f"own sound track")
+    for ref in () if given else videos:
+        if not audio.has_sound(_path(ref, "video")):
+            raise DataError(f"video {ref['path']} has no audio track, and use_audio_in_video: true reads each "
+                            f"video's sound from it: give videos with sound, an audio per video (<video><audio>), or "
+                            f"set use_audio_in_video: false")
+    sounds = given or videos
+    items = [_omni_video_with_sound(media, ref, sound) for ref, sound in zip(videos, sounds)]
+    return {**refs, "audios": sounds}, {"videos": items, "audios": [("", 0)] * len(given)}
+
+
+def _omni_video_inputs(media: "MMProcessor", refs: list[dict]) -> dict:
+    """Qwen2.5-Omni's videos: Qwen2.5-VL's inputs with the seconds per temporal patch as video_second_per_grid,
+    and use_audio_in_video when their sound is read with them: the model's rope rule for a video with its sound,
+    as a one-element tensor like the batch's other inputs (the engine joins its rows' inputs along the first axis;
+    its prefill gives the model the positions, so the model never reads the joined flags)."""
+    out = _qwen2_vl_video_inputs(media, refs, spacing="video_second_per_grid")
+    if out and media.use_audio_in_video:
+        out["use_audio_in_video"] = torch.tensor([True])
+    return out
+
+
+def _audio_runs(media: "MMProcessor", inputs: dict) -> list[tuple]:
+    """Each clip's token count, (n,), in the order of the batch's clips."""
+    from lf.data import audio
+
+    mask = inputs.get("feature_attention_mask")
+    return [] if mask is None else [(n,) for n in audio.qwen2_audio_token_counts(mask)]
+
+
+def _omni_cells(times: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(3, t * h * w): each token's (time, row, column) in a merged grid of h x w per temporal patch."""
+    return torch.stack(torch.meshgrid(times, torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
+
+
+def _omni_positions(media: "MMProcessor", types, grids) -> torch.Tensor:
+    """Qwen2.5-Omni's thinker's 3-D positions of one example alone, as its get_rope_index gives them: each piece
+    (a run of text, an image, a video, an audio clip) starts one past the largest position of the piece before it;
+    text and audio count on in all three; an image's or video's tokens get their (time, row, column) cell in the
+    merged grid, its time position_id_per_seconds per second of video (truncated). A video with its sound
+    (use_audio_in_video) is one piece: the video's cells and the clip's positions start together and come in time
+    chunks (_omni_chunks: video, then audio), and the two tokens opening it (vision, audio bos) share a position,
+    as do the two closing it. `types`, `grids`: as for _mrope_positions (the audio's runs are (n,))."""
+    per_second, chunk = _omni_timing(media)
+    merge = media.image_processor.merge_size
+    kinds, pieces, i, closing = types.tolist(), [], 0, False
+    while i < len(kinds):
+        start = int(pieces[-1].max()) + 1 if pieces else 0
+        kind = kinds[i]
+        if kind in (0, 3):  # text, or an audio clip on its own
+            n = int(next(grids[3])[0]) if kind == 3 else next(
+                (j for j in range(i, len(kinds)) if kinds[j] != 0), len(kinds)) - i
+            steps = torch.arange(n)
+            if closing and kind == 0:  # the two tokens closing a video with its sound
+                steps, closing = (steps - 1).clamp(min=0), False
+            pieces.append(steps.repeat(3, 1) + start)
+            i += n
+            continue
+        t, h, w, seconds = next(grids[kind])
+        times = (torch.arange(int(t)) * torch.as_tensor(seconds, dtype=torch.float32) * per_second).long()
+        cells = _omni_cells(times, int(h) // merge, int(w) // merge)
+        if kind == 1 or not media.use_audio_in_video:
+            pieces.append(cells + start)
+            i += cells.shape[1]
+            continue
+        opening = pieces[-1]  # the text before it ends with the two opening tokens: one position for both
+        pieces[-1] = torch.cat([opening[:, :-1], opening[:, -2:-1]], dim=1)
+        start -= 1
+        n = int(next(grids[3])[0])
+        sound = torch.arange(n).repeat(3, 1) + start
+        for v, a in itertools.zip_longest(_omni_chunks(cells[0], chunk), _omni_chunks(sound[0] - start, chunk)):
+            pieces += ([cells[:, v[0]:v[1]] + start] if v else []) + ([sound[:, a[0]:a[1]]] if a else [])
+        i += cells.shape[1] + n
+        closing = True
+    return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+
+
+OMNI_VISION = ("<|vision_bos|>", "<|vision_eos|>")
+OMNI_VIDEO = replace(QWEN2_VL_VIDEO, token="<|VIDEO|>", wrap=OMNI_VISION, inputs=_omni_video_inputs,
+                     forward_inputs=(*QWEN2_VL_VIDEO.forward_inputs, "video_second_per_grid", "use_audio_in_video"),
+                     rope_grids=functools.partial(_timed_grids, "video_second_per_grid"))
+
+
+def _mrope_positions(media: "MMProcessor", types, grids) -> torch.Tensor:
     """The Qwen-VL families' 3-D M-RoPE positions (temporal, height, width) of one example alone, as their model's
     get_rope_index gives them: text tokens count on in all three; each run of media tokens gets its (t, h, w) cell
     in the merged patch grid, offset by the position reached (t times the run's temporal spacing, truncated), which
     then moves on by the grid's larger side. `types`: (n,) the example's token types (Modality.type_id at media
     tokens, 0 elsewhere); `grids`: {type_id: an iterator over its runs' (t, h, w, spacing), in order}."""
-    merge = image_processor.merge_size
+    merge = media.image_processor.merge_size
     pieces, position = [], 0
     for kind, run in itertools.groupby(types.tolist()):
         if kind == 0:
@@ -293,7 +442,7 @@ class MMPlugin:
     # the transformers processor class whose images_kwargs fill what the model's image processor leaves unset (as
     # that processor passes them on each call; lf calls the image processor alone)
     processor: str | None = None
-    # (image_processor, is_media, grids) -> one example's (3, n) positions, for a family with 3-D M-RoPE positions
+    # (media, types, grids) -> one example's (3, n) positions, for a family with 3-D M-RoPE positions
     # (its model computes them over a whole row, so a neat-packed row gets each example's from lf)
     rope_positions: Callable[..., torch.Tensor] | None = None
     # module path parts (matched at "." boundaries) of each part of the model
@@ -304,6 +453,9 @@ class MMPlugin:
     media: tuple[Modality, ...] = ()  # videos, audios
     feature_extractor: bool = False  # its audio needs the model's feature extractor
     model_settings: tuple[str, ...] = ()  # what its media need of the model's config (dotted attribute paths)
+    # use_audio_in_video: (media, {column: refs}) -> (the refs with each video's sound under audios, the videos' and
+    # audios' items for MMProcessor.expand), for a family that reads a video with its sound (Qwen2.5-Omni)
+    audio_in_video: Callable[..., tuple[dict, dict]] | None = None
 
     @property
     def modalities(self) -> dict[str, Modality]:
@@ -348,6 +500,14 @@ _ENTRIES = {plugin.name: plugin for plugin in (
     MMPlugin("qwen2_audio", ("qwen2_audio",), "", None, vision_tower=("audio_tower",),
              projector=("multi_modal_projector",), language_model=("language_model", "lm_head"), media=(QWEN2_AUDIO,),
              feature_extractor=True),
+    # Qwen2.5-Omni's thinker (its talker, which speaks, is not trained: as in LLaMA-Factory): images and videos
+    # read as Qwen2.5-VL's in its own tokens, audio as Qwen2-Audio's (its audio tower is in the vision tower's part,
+    # as LLaMA-Factory counts it); the whole model's config (qwen2_5_omni) or its thinker's alone
+    MMPlugin("qwen2_omni", ("qwen2_5_omni", "qwen2_5_omni_thinker"), "<|IMAGE|>", _qwen2_vl_tokens, OMNI_VISION,
+             rope_positions=_omni_positions, vision_tower=("visual.patch_embed", "visual.blocks", "audio_tower"),
+             projector=("visual.merger",), language_model=("language_model", "lm_head"),
+             media=(OMNI_VIDEO, replace(QWEN2_AUDIO, rope_grids=_audio_runs)), feature_extractor=True,
+             model_settings=("position_id_per_seconds", "seconds_per_chunk"), audio_in_video=_omni_audio_in_video),
     MMPlugin("intern_vl", ("internvl",), "<IMG_CONTEXT>", _intern_vl_tokens, ("<img>", "</img>"),
              unused=("num_patches",), settings=(("crop_to_patches", "crop_to_patches"),),
              vision_tower=("vision_tower",), projector=("multi_modal_projector",),
@@ -395,6 +555,7 @@ class MMProcessor:
     feature_extractor: object = None
     model_settings: dict = field(default_factory=dict)  # the plugin's model_settings, read from the model's config
     video_processor: dict = field(default_factory=dict)  # the model's saved video processor settings, if any
+    use_audio_in_video: bool = False  # each video is read with its sound (a plugin with audio_in_video)
     _resize_said: bool = field(default=False, compare=False)
 
     @property
@@ -436,10 +597,14 @@ class MMProcessor:
     def expand(self, messages: list[dict], refs: Mapping[str, list]) -> tuple[list[dict], dict, int]:
         """(messages with each placeholder replaced by its item's tokens, the references ({column: refs} of the
         family's columns) resolved against media_dir, the total media tokens); sizes are read from the files'
-        headers."""
+        headers. With use_audio_in_video a row's videos come with their sound (the plugin's audio_in_video)."""
         resolved = {column: [images.resolved(ref, self.media_dir) for ref in refs.get(column) or ()]
                     for column in self.columns}
-        items = {column: [modality.placed(self, ref) for ref in resolved[column]]
+        joined = {}
+        if self.use_audio_in_video and resolved.get("videos"):
+            resolved, joined = self.plugin.audio_in_video(self, resolved)
+        items = {column: joined[column] if column in joined else [modality.placed(self, ref)
+                                                                  for ref in resolved[column]]
                  for column, modality in self.plugin.modalities.items()}
         expanded, total = self.placed_items(messages, items)
         return expanded, resolved, total
@@ -519,17 +684,21 @@ class MMProcessor:
         for row, positions in enumerate(position_ids):
             starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
             for start, end in zip(starts[:-1], starts[1:]):
-                rope[:, row, start:end] = self.plugin.rope_positions(self.image_processor, types[row, start:end],
-                                                                     grids)
+                rope[:, row, start:end] = self.plugin.rope_positions(self, types[row, start:end], grids)
         return torch.cat([position_ids[None], rope])
 
     def save_pretrained(self, output_dir: str) -> None:
         """The image processor (preprocessor_config.json) or feature extractor, the processor's own settings and the
         video processor's where the model has them apart, beside the tokenizer that the trainer saves: what
-        transformers' AutoProcessor / AutoImageProcessor / AutoVideoProcessor load."""
-        for part in (self.image_processor, self.feature_extractor):
-            if part is not None:
-                part.save_pretrained(output_dir)
+        transformers' AutoProcessor / AutoImageProcessor / AutoVideoProcessor load. A model with both (Qwen2.5-Omni)
+        keeps both in its one preprocessor_config.json, which each would write alone."""
+        parts = [part for part in (self.image_processor, self.feature_extractor) if part is not None]
+        for part in parts:
+            part.save_pretrained(output_dir)
+        if len(parts) == 2:
+            both = {key: value for part in reversed(parts) for key, value in json.loads(part.to_json_string()).items()}
+            with open(os.path.join(output_dir, PREPROCESSOR_CONFIG), "w") as f:
+                json.dump(both, f, indent=2, sort_keys=True)
         saved = {PROCESSOR_CONFIG: self.processor_config, VIDEO_PROCESSOR_CONFIG: self.video_processor}
         for name, settings in saved.items():
             if settings:

@@ -467,6 +467,9 @@ _REGISTRY = {t.name: t for t in (
              mm_plugin="qwen2_vl", models="Qwen2-VL, Qwen2.5-VL"),
     Template("qwen2_audio", **_CHATML, default_system="You are a helpful assistant.", mm_plugin="qwen2_audio",
              models="Qwen2-Audio"),
+    # LLaMA-Factory's default system prompt, not the long one Qwen2.5-Omni's demos pass for speech output
+    Template("qwen2_omni", **_CHATML, default_system="You are a helpful assistant.", tool_format="qwen",
+             mm_plugin="qwen2_omni", models="Qwen2.5-Omni (its thinker)"),
     Template("qwen3_nothink", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, enable_thinking=False,
              models="Qwen3, thinking off"),
     Template("qwen3_vl", **_CHATML, tool_format="qwen", thinking=QWEN3_THINKING, mm_plugin="qwen3_vl",

@@ -107,11 +107,13 @@ def read_video(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: 
 @dataclass(frozen=True)
 class Sampled:
     """What read_video keeps of a file, known from its header: the kept frames' indices in the stream, the
-    stream's frame rate (None when it states none) and the kept frames' (width, height)."""
+    stream's frame rate (None when it states none), the kept frames' (width, height) and how many of them stand
+    for a second of video (read_video's Video.fps)."""
 
     indices: list[int]
     fps: float | None
     size: tuple[int, int]
+    rate: float
 
 
 def sampled(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int = VIDEO_MAXLEN,
@@ -128,13 +130,15 @@ def sampled(path: str | Path, *, video_fps: float = VIDEO_FPS, video_maxlen: int
             stream = container.streams.video[0] if container.streams.video else None
             fps = float(stream.average_rate) if stream is not None and stream.average_rate else None
             if stream is not None and stream.frames > 0 and stream.codec_context.width:
-                kept = sample_indices(stream.frames, _duration_s(container, stream), video_fps, video_maxlen)
+                duration = _duration_s(container, stream)
+                kept = sample_indices(stream.frames, duration, video_fps, video_maxlen)
                 size = stream.codec_context.width, stream.codec_context.height
-                return Sampled(kept.tolist(), fps, fitted_size(*size, video_max_pixels, video_min_pixels))
+                return Sampled(kept.tolist(), fps, fitted_size(*size, video_max_pixels, video_min_pixels),
+                               len(kept) / duration if duration else video_fps)
     except av.FFmpegError as exc:
         raise DataError(f"cannot read video {path}: {exc}; is it a video file PyAV/FFmpeg can decode?") from None
-    frames = read_video(path, **keys).frames  # says why the file has no frames or stream
-    return Sampled(list(range(len(frames))), fps, frames[0].size)
+    read = read_video(path, **keys)  # says why the file has no frames or stream
+    return Sampled(list(range(len(read.frames))), fps, read.frames[0].size, read.fps)
 
 
 def frame_group_seconds(indices: list[int], fps: float | None, temporal_patch_size: int) -> list[float]:

@@ -177,6 +177,8 @@ FAMILIES = types.MappingProxyType({
     "qwen2_5_vl_text": Family("qwen2_5_vl", "Qwen2_5_VL", names={"MLP": "Qwen2MLP",
                                                                  "ForCausalLM": "Qwen2_5_VLForConditionalGeneration"}),
     "qwen3_vl_text": Family("qwen3_vl", "Qwen3VLText", names={"ForCausalLM": "Qwen3VLForConditionalGeneration"}),
+    "qwen2_5_omni_text": Family("qwen2_5_omni", "Qwen2_5Omni", names={
+        "MLP": "Qwen2MLP", "ForCausalLM": "Qwen2_5OmniThinkerForConditionalGeneration"}),
 })
 
 
@@ -212,6 +214,12 @@ VISION_LANGUAGE = types.MappingProxyType({
     "internvl": Towers("model.language_model", "model.vision_tower", f"InternViT's {_NO_VIT_KERNEL}"),
     # an audio tower in the vision tower's place
     "qwen2_audio": Towers("model.language_model", "model.audio_tower", f"Whisper's {_NO_VIT_KERNEL}"),
+    # Qwen2.5-Omni's thinker: a Qwen2.5-VL vision tower (its blocks patched alike) beside a Whisper-like audio tower
+    "qwen2_5_omni_thinker": Towers(
+        "model.language_model", "model.visual",
+        f"{_VISION_ROPE}; the patch merger's Linear-GELU-Linear MLP has no lf kernel; the audio tower "
+        f"(model.audio_tower) keeps Whisper's {_NO_VIT_KERNEL}", "qwen2_5_omni_text",
+        Family("qwen2_5_omni", "Qwen2_5Omni", names={"MLP": "Qwen2_5OmniMLP"}), ("rms_norm", "swiglu")),
 })
 
 

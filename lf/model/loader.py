@@ -84,6 +84,10 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
         config = AutoConfig.from_pretrained(path, **_hub_kwargs(model_args))
     except (OSError, ValueError) as exc:
         raise download_error(model_args.model_name_or_path, exc) from exc
+    # Qwen2.5-Omni saved whole (thinker, talker, token2wav): its thinker, which reads the media and writes text, is
+    # the model, as LLaMA-Factory trains it; the talker's weights are not read
+    whole = {"key_mapping": {r"^thinker\.": ""}} if hasattr(config, "thinker_config") else {}
+    config = getattr(config, "thinker_config", config)
     rope = apply_rope_scaling(config, model_args.rope_scaling, cutoff_len)
     moe = apply_moe_aux_loss(config, model_args.moe_aux_loss_coef) if is_trainable else None
     dtype, dtype_line = choose_dtype(model_args.infer_dtype, getattr(finetuning_args, "pure_bf16", False))
@@ -92,8 +96,8 @@ def load_model(tokenizer, model_args, finetuning_args, *, is_trainable: bool, cu
     value_head = stages.get(getattr(finetuning_args, "stage", "sft")).value_head
     if value_head:  # one score per sequence (rm), from a value head on the model (XForSequenceClassification)
         config.num_labels = 1
-    model = _instantiate(path, config, dtype, attention, {**quant.kwargs, **_offload(model_args, is_trainable)},
-                         model_args, value_head)
+    model = _instantiate(path, config, dtype, attention,
+                         {**quant.kwargs, **_offload(model_args, is_trainable), **whole}, model_args, value_head)
     quantization_line = quant.after_load(model) if quant.after_load else quant.line
     source = "with random weights (train_from_scratch)" if model_args.train_from_scratch else f"from {path}"
     lines = [f"loaded {model_args.model_name_or_path} ({config.model_type}, {type(model).__name__}) {source}",

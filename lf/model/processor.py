@@ -15,7 +15,7 @@ import logging
 
 from lf.data.images import PixelLimits
 from lf.data.mm_plugins import PLUGINS, PROCESSOR_CONFIG, VIDEO_PROCESSOR_CONFIG, MMProcessor, get_plugin
-from lf.errors import ModelError
+from lf.errors import ConfigError, ModelError
 from lf.model.paths import download_error, resolve_model_path
 
 log = logging.getLogger("lf")
@@ -51,6 +51,7 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
     lf.data.pipeline.check_images)."""
     from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor
 
+    _check_audio_in_video(data_args, template)
     if template.mm_plugin is None:
         return None
     plugin = get_plugin(template.mm_plugin)
@@ -68,9 +69,10 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
                          f"template of its family")
     plugin = PLUGINS.get(model_type, plugin)  # a model type with an entry of its own under the template's family
     backend = None if importlib.util.find_spec("torchvision") else "pil"  # torchvision's backend when it is there
-    try:
-        parts = ((None, AutoFeatureExtractor.from_pretrained(path, **hub)) if plugin.feature_extractor
-                 else (AutoImageProcessor.from_pretrained(path, backend=backend, **hub), None))
+    visual = bool(plugin.image_token) or "videos" in plugin.modalities
+    try:  # (image processor, feature extractor): Qwen2.5-Omni has both, in one preprocessor_config.json
+        parts = (AutoImageProcessor.from_pretrained(path, backend=backend, **hub) if visual else None,
+                 AutoFeatureExtractor.from_pretrained(path, **hub) if plugin.feature_extractor else None)
     except OSError:
         return None
     if plugin.processor:
@@ -89,13 +91,29 @@ def load_mm_processor(model_args, data_args, tokenizer, template) -> MMProcessor
                              f"which template {template.name} puts {column} into: use the model's own tokenizer")
         token_ids[column] = token_id
     log.info("media: %s's %s with plugin %s (%s)", model_args.model_name_or_path,
-             type(parts[0] or parts[1]).__name__, plugin.name,
+             " and ".join(type(part).__name__ for part in parts if part is not None), plugin.name,
              ", ".join(f"{column}: {m.token!r}" for column, m in plugin.modalities.items()))
     saved = _saved(path, model_args, PROCESSOR_CONFIG)
     video = dict(video_fps=data_args.video_fps, video_maxlen=data_args.video_maxlen,
                  video_max_pixels=data_args.video_max_pixels, video_min_pixels=data_args.video_min_pixels)
+    config = getattr(config, "thinker_config", config)  # Qwen2.5-Omni saved whole: its thinker reads the media
     return MMProcessor(plugin, parts[0], token_ids, data_args.media_dir or data_args.dataset_dir,
                        PixelLimits(data_args.image_max_pixels, data_args.image_min_pixels),
                        _processor_config(saved), video, data_args.audio_sampling_rate, parts[1],
                        {key: functools.reduce(getattr, key.split("."), config) for key in plugin.model_settings},
-                       _video_processor(saved, path, model_args) if "videos" in plugin.modalities else {})
+                       _video_processor(saved, path, model_args) if "videos" in plugin.modalities else {},
+                       use_audio_in_video=data_args.use_audio_in_video)
+
+
+def _check_audio_in_video(data_args, template) -> None:
+    """use_audio_in_video asks for a video's sound beside its frames: only a family that reads them together takes
+    it (Qwen2.5-Omni)."""
+    if not data_args.use_audio_in_video or (
+            template.mm_plugin is not None and get_plugin(template.mm_plugin).audio_in_video is not None):
+        return
+    from lf.data.templates import TEMPLATES
+
+    takers = [name for name, t in sorted(TEMPLATES.items()) if t.mm_plugin and get_plugin(t.mm_plugin).audio_in_video]
+    raise ConfigError(f"use_audio_in_video: true reads each video's sound with its frames, which template "
+                      f"{template.name} does not do (only {', '.join(takers)}: Qwen2.5-Omni): set template: "
+                      f"{takers[0]} for a Qwen2.5-Omni model, or remove use_audio_in_video")

@@ -126,6 +126,9 @@ class Engine:
         if cfg.generating.num_beams != 1:
             raise ConfigError(f"num_beams: {cfg.generating.num_beams}, but lf's chat and API generate one reply at a "
                               f"time, token by token (streamed); remove num_beams or set it to 1")
+        if cfg.data.use_audio_in_video:  # the engine places each video's tokens alone, without its sound's
+            raise ConfigError("use_audio_in_video: true is for training and do_predict: lf's chat and API read a "
+                              "video's frames without its sound; remove use_audio_in_video to serve")
         self.name = cfg.model.model_name_or_path
         self.generating = cfg.generating
         try:  # the config's generation keys are refused now, not at the first reply
