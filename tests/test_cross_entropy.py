@@ -373,7 +373,7 @@ def _frozen_head_run(module, hidden, weight, bias, labels, options, chunk):
     module._read_once = lambda matmuls, h, *rest: calls.append(h.shape[0]) or read_once(matmuls, h, *rest)
     try:
         loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk, **options)
-        grad_out = torch.linspace(-1, 2, loss.numel()).reshape(loss.shape) if loss.dim() else torch.tensor(0.6)
+        grad_out = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape) if loss.dim() else torch.tensor(0.6)
         (grad,) = torch.autograd.grad(loss, hidden, grad_out)
     finally:
         module._read_once = read_once
