@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from lf.errors import KernelInputError
-from lf.kernels import _alloc
 from lf.kernels import (cross_entropy, cross_entropy_reference, fused_linear_cross_entropy,
                         fused_linear_cross_entropy_reference)
 from support import DTYPES, assert_close, oracle
@@ -350,87 +349,3 @@ def test_fused_kl_needs_a_matching_reference():
 def test_dft_and_eaft_together_are_refused():
     with pytest.raises(KernelInputError, match="dft and eaft"):
         fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), dft=True, eaft=1.0)
-
-
-# A frozen head on the cpu backend goes through the weight once (_read_once), here 7 rows at a time: the last block
-# is partial, and each token's running maximum moves across many blocks ("huge", fp32 only: logits near 100,
-# whose exp overflows fp32 without it; 16-bit logits that large are rounded by whole units).
-ONE_READ_CASES = {  # bias, hidden's scale, options
-    "plain": (False, 1.0, {}),
-    "bias, smoothing, z_loss, sum": (True, 1.0, dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum")),
-    "softcap, smoothing": (False, 1.0, dict(softcap=5.0, label_smoothing=0.2)),
-    "dft, none": (True, 1.0, dict(dft=True, reduction="none")),
-    "huge logits, num_items": (False, 40.0, dict(num_items_in_batch=7)),
-}
-# (dtype, 16-bit matmuls widened to fp32)
-ONE_READ_DTYPES = ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True))
-
-
-def _frozen_head_run(module, hidden, weight, bias, labels, options, chunk):
-    """lf's loss and hidden gradient, and the rows of each _read_once call it made."""
-    calls = []
-    read_once = module._read_once
-    module._read_once = lambda matmuls, h, *rest: calls.append(h.shape[0]) or read_once(matmuls, h, *rest)
-    try:
-        loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=chunk, **options)
-        grad_out = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape) if loss.dim() else torch.tensor(0.6)
-        (grad,) = torch.autograd.grad(loss, hidden, grad_out)
-    finally:
-        module._read_once = read_once
-    return loss, grad, grad_out, calls
-
-
-def _frozen_head_oracle(hidden, weight, bias, labels, options, grad_out):
-    if options.get("dft"):
-        return oracle(lambda h, w, b: _weighted_reference(h, w, b, labels, options["reduction"], None, {"dft": True},
-                                                          None), (hidden, weight, bias), grad_out)
-    return oracle(lambda h, w, *b: fused_linear_cross_entropy_reference(h, w, labels, b[0] if b else None, **options),
-                  [t for t in (hidden, weight, bias) if t is not None], grad_out)
-
-
-@pytest.mark.parametrize("dtype, widened, case", [
-    (dtype, widened, case) for dtype, widened in ONE_READ_DTYPES for case in ONE_READ_CASES
-    if dtype == torch.float32 or not case.startswith("huge")])
-def test_fused_frozen_head_reads_the_weight_once(dtype, widened, case, monkeypatch):
-    """Loss and hidden gradient as the float64 oracle's, the 16-bit weights natively and widened to fp32; every
-    chunk read the weight once; with the path off (ONE_READ_MAX_ROWS 0) the two-pass path agrees."""
-    module = importlib.import_module("lf.kernels.fused_linear_cross_entropy")  # the function shadows the module
-    monkeypatch.setenv("LF_KERNEL_BACKEND", "cpu")
-    monkeypatch.setattr(_alloc, "POISON", float("nan"))
-    monkeypatch.setattr(module, "matmul_in_fp32", lambda weight: widened)
-    tokens, hidden_size, vocab, chunk = 13, 24, 100, 5
-    monkeypatch.setattr(module, "BLOCK_BYTES", 7 * hidden_size * dtype.itemsize)
-    monkeypatch.setattr(module._Fp32Blocks, "BLOCK", 7)
-    with_bias, size, options = ONE_READ_CASES[case]
-    hidden = (torch.randn(tokens, hidden_size) * size).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype)
-    bias = torch.randn(vocab).to(dtype) if with_bias else None
-    labels = _labels(tokens, vocab)
-    kept = int((labels != IGNORE).sum())
-    loss, grad, grad_out, calls = _frozen_head_run(module, hidden, weight, bias, labels, options, chunk)
-    assert calls == [min(chunk, kept - begin) for begin in range(0, kept, chunk)]
-    loss64, (grad64,) = _frozen_head_oracle(hidden, weight, bias, labels, options, grad_out)
-    factor = 1.0 if dtype == torch.float32 else 2.0
-    assert_close(loss, loss64, dtype, "loss", factor, min_scale=1.0)
-    assert_close(grad, grad64, dtype, "grad hidden", factor)
-    monkeypatch.setattr(module, "ONE_READ_MAX_ROWS", 0)
-    loss2, grad2, _, calls = _frozen_head_run(module, hidden, weight, bias, labels, options, chunk)
-    assert calls == []
-    assert_close(loss, loss2, dtype, "loss vs two passes", 2 * factor, min_scale=1.0)
-    assert_close(grad, grad2, dtype, "grad hidden vs two passes", 2 * factor)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_frozen_head_default_blocks(dtype, monkeypatch):
-    """Llama-2's vocabulary on a 512-wide head over 24 tokens, default chunk and blocks: one read, in 4 blocks
-    (fp32) or 2 (bf16): the oracle's loss and hidden gradient."""
-    module = importlib.import_module("lf.kernels.fused_linear_cross_entropy")
-    monkeypatch.setenv("LF_KERNEL_BACKEND", "cpu")
-    hidden = torch.randn(24, 512).to(dtype).requires_grad_()
-    weight = (torch.randn(32000, 512) / 23).to(dtype)
-    labels = _labels(24, 32000)
-    loss, grad, grad_out, calls = _frozen_head_run(module, hidden, weight, None, labels, dict(softcap=30.0), None)
-    assert calls == [int((labels != IGNORE).sum())]
-    loss64, (grad64,) = _frozen_head_oracle(hidden, weight, None, labels, dict(softcap=30.0), grad_out)
-    assert_close(loss, loss64, dtype, "loss", min_scale=1.0)
-    assert_close(grad, grad64, dtype, "grad hidden", 2.0)

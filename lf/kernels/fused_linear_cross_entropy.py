@@ -4,9 +4,7 @@ Tokens go through in chunks: a chunk's logits ``hidden_chunk @ weight.T (+ bias)
 the row kernel of :mod:`lf.kernels.cross_entropy` turns them into their loss and (in place) their gradient, and
 that gradient goes at once into the gradients of hidden, weight and bias; then the buffer serves the next chunk.
 Tokens whose label is ``ignore_index`` are dropped before the matmul: they cost neither logits nor gradient
-work. The matmuls are the platform's (torch.mm); what is fused is the softmax/loss/gradient pass. On the CPU, a
-frozen head over few tokens goes through the weight instead, a block of rows at a time, both matmuls per block
-(:func:`_read_once`): the weight is read from memory once, not twice.
+work. The matmuls are the platform's (torch.mm); what is fused is the softmax/loss/gradient pass.
 """
 
 from __future__ import annotations
@@ -16,18 +14,12 @@ from typing import Optional
 import torch
 
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import choose_backend, matmul_in_fp32
+from lf.kernels._backend import matmul_in_fp32
 from lf.kernels.cross_entropy import (NONE, check_labels_match, check_options, cross_entropy_reference, fake_loss,
                                       flat_labels, reduced_loss, row_losses, scale_saved_grads)
 from lf.labels import IGNORE_INDEX
 
 MIN_CHUNK_BYTES = 512 << 20
-# A frozen head (no weight or bias gradient, as under LoRA) over a chunk of at most ONE_READ_MAX_ROWS tokens, on
-# the cpu backend: the chunk's two matmuls (logits, then hidden's gradient) do few FLOPs per weight element and
-# wait on memory, reading the whole weight twice (2.1 GB each time for Llama-3's fp32 head). _read_once reads it
-# once, BLOCK_BYTES of it at a time, each block still in the cache for its second matmul.
-ONE_READ_MAX_ROWS = 128
-BLOCK_BYTES = 16 << 20
 
 
 def chunk_rows(tokens: int, hidden: int, vocab: int, logits_size: int) -> int:
@@ -50,13 +42,6 @@ class _Matmuls:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias, self.dtype = weight, bias, weight.dtype
-        self.block_rows = max(1, BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
-
-    def blocks(self):
-        """(begin, end, the weight's rows begin:end, the bias's or None), in the matmuls' dtype."""
-        for begin in range(0, self.weight.shape[0], self.block_rows):
-            end = min(begin + self.block_rows, self.weight.shape[0])
-            yield begin, end, self.weight[begin:end], None if self.bias is None else self.bias[begin:end]
 
     def logits(self, h: torch.Tensor, out: torch.Tensor) -> None:
         if self.bias is None:
@@ -83,20 +68,21 @@ class _Fp32Blocks(_Matmuls):
     def __init__(self, weight, bias):
         super().__init__(weight, bias)
         self.dtype = torch.float32
-        self.block_rows = min(self.BLOCK, weight.shape[0])
-        self.w32 = torch.empty(self.block_rows, weight.shape[1], dtype=torch.float32, device=weight.device)
+        rows = min(self.BLOCK, weight.shape[0])
+        self.w32 = torch.empty(rows, weight.shape[1], dtype=torch.float32, device=weight.device)
         self.dw32 = torch.empty_like(self.w32)
         self.bias32 = None if bias is None else bias.float()
 
-    def blocks(self):
-        for begin, end, w, b in super().blocks():
-            w32 = self.w32[: end - begin]
-            w32.copy_(w)
-            yield begin, end, w32, None if b is None else self.bias32[begin:end]
+    def _blocks(self):
+        for begin in range(0, self.weight.shape[0], self.BLOCK):
+            end = min(begin + self.BLOCK, self.weight.shape[0])
+            w = self.w32[: end - begin]
+            w.copy_(self.weight[begin:end])
+            yield begin, end, w
 
     def logits(self, h, out):
         h32 = h.float()
-        for begin, end, w, _ in self.blocks():
+        for begin, end, w in self._blocks():
             torch.mm(h32, w.t(), out=out[:, begin:end])
         if self.bias32 is not None:
             out.add_(self.bias32)
@@ -104,7 +90,7 @@ class _Fp32Blocks(_Matmuls):
     def backward(self, z, h, d_weight, need_hidden):
         h32 = h.float()
         d_hidden = torch.zeros_like(h32) if need_hidden else None
-        for begin, end, w, _ in self.blocks():
+        for begin, end, w in self._blocks():
             z_block = z[:, begin:end]
             if need_hidden:
                 d_hidden.addmm_(z_block, w)
@@ -117,62 +103,6 @@ class _Fp32Blocks(_Matmuls):
 
 def _matmuls_for(weight: torch.Tensor, bias: torch.Tensor | None) -> _Matmuls:
     return (_Fp32Blocks if matmul_in_fp32(weight) else _Matmuls)(weight, bias)
-
-
-def _read_once(matmuls: _Matmuls, h: torch.Tensor, y: torch.Tensor, smoothing: float, softcap: float, z_loss: float,
-               scale: float, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A chunk's per-token fp32 losses and (``with_grad``) fp32 hidden gradient, as row_losses's scaled logits
-    gradient times the weight would give, reading the weight once: a block of its rows at a time, the block's
-    logits, each row's running maximum and sum of exponentials (rescaled when the maximum grows), and those
-    exponentials times the block's rows (from the cache), accumulated on the same scale. At the end the
-    accumulation over the sum is the softmax's share of the gradient; the label's share is one weight row per
-    token, label smoothing's the sum of the rows (weighted by the soft-cap's slope), accumulated beside.
-    Every token's label must be a vocabulary index (ignored tokens are dropped before)."""
-    n, vocab = h.shape[0], matmuls.weight.shape[0]
-    h = h.to(matmuls.dtype)
-    f32 = dict(dtype=torch.float32, device=h.device)
-    top, total = torch.full((n,), -torch.inf, **f32), torch.zeros(n, **f32)
-    logit_sum = torch.zeros(n, **f32)
-    # rows n: of acc: smoothing's sum of weight rows, one per token under a soft-cap (its slope differs per token)
-    acc = torch.zeros(n + ((n if softcap else 1) if smoothing else 0), h.shape[1], **f32) if with_grad else None
-    for begin, end, w, b in matmuls.blocks():
-        c = (torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())).float()
-        if softcap:
-            c = torch.tanh(c / softcap).mul_(softcap)
-        new_top = torch.maximum(top, c.amax(1))
-        p = (c - new_top[:, None]).exp_()
-        shrink = (top - new_top).exp_()  # 0 at the first block: top is -inf
-        total.mul_(shrink).add_(p.sum(1))
-        top = new_top
-        if smoothing:
-            logit_sum += c.sum(1)
-        if not with_grad:
-            continue
-        slope = 1 - (c / softcap) ** 2 if softcap else None
-        if softcap:
-            p.mul_(slope)
-        if smoothing:
-            p = torch.cat([p, slope if softcap else p.new_ones(1, end - begin)])
-        acc[:n].mul_(shrink[:, None])
-        acc.add_(torch.mm(p.to(w.dtype), w))
-    # the label's logit as the matmul rounds it, and capped
-    w_y = matmuls.weight.index_select(0, y)
-    c_y = (h.float() * w_y.float()).sum(1)
-    if matmuls.bias is not None:
-        c_y += matmuls.bias.index_select(0, y).float()
-    c_y = c_y.to(matmuls.dtype).float()
-    if softcap:
-        c_y = torch.tanh(c_y / softcap) * softcap
-    log_total = total.log()  # top and log(total) apart, as in the row kernels
-    lse = top + log_total
-    loss = log_total + (1 - smoothing) * (top - c_y) + smoothing * (top - logit_sum / vocab) + z_loss * lse * lse
-    if not with_grad:
-        return loss, None
-    d_h = acc[:n].mul_(((1 + 2 * z_loss * lse) * scale / total)[:, None])
-    if smoothing:
-        d_h.sub_(acc[n:], alpha=scale * smoothing / vocab)
-    hit = (1 - smoothing) * scale * (1 - (c_y / softcap) ** 2 if softcap else torch.ones_like(c_y))
-    return loss, d_h.sub_(w_y.float().mul_(hit[:, None]))
 
 
 # EAFT's entropy: over the softmax of a token's EAFT_TOP_K largest logits, divided by EAFT_ENTROPY_SCALE (about
@@ -236,9 +166,7 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
     d_hidden = (_alloc.empty_like(hidden) if kept is None else torch.zeros_like(hidden)) if need_hidden else none()
     d_weight = torch.zeros_like(weight) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-    one_read = (not (need_weight or need_bias or eaft or kl) and min(chunk, n) <= ONE_READ_MAX_ROWS
-                and choose_backend(hidden.device.type) == "cpu")
-    logits = None if one_read else _alloc.empty((min(chunk, n), vocab), hidden, matmuls.dtype)
+    logits = _alloc.empty((min(chunk, n), vocab), hidden, matmuls.dtype)
     if kl:
         ref_matmuls = _matmuls_for(ref_weight, ref_bias)
         ref_logits = _alloc.empty((min(chunk, n), vocab), ref_hidden, ref_matmuls.dtype)
@@ -247,18 +175,14 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
         rows = None if kept is None else kept[begin:end]
         h = hidden[begin:end] if rows is None else hidden.index_select(0, rows)
         y = labels[begin:end] if rows is None else labels.index_select(0, rows)
-        if one_read:  # the hidden gradient before any per-token factor (which scales it alike)
-            loss, d_h = _read_once(matmuls, h, y, smoothing, softcap, z_loss, scale, with_grad)
-            factor = None
-        else:
-            z = logits[: end - begin]
-            matmuls.logits(h, z)
-            factor = _eaft_weights(z, softcap, eaft) if eaft else None  # before z turns into the gradient
-            if kl:  # before z turns into the gradient too; r turns into the KL's
-                r = ref_logits[: end - begin]
-                ref_matmuls.logits(ref_hidden[begin:end] if rows is None else ref_hidden.index_select(0, rows), r)
-                divergence = _kl_rows(z, r, softcap, ref_softcap, with_grad)
-            loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
+        z = logits[: end - begin]
+        matmuls.logits(h, z)
+        factor = _eaft_weights(z, softcap, eaft) if eaft else None  # before z turns into the gradient
+        if kl:  # before z turns into the gradient too; r turns into the KL's
+            r = ref_logits[: end - begin]
+            ref_matmuls.logits(ref_hidden[begin:end] if rows is None else ref_hidden.index_select(0, rows), r)
+            divergence = _kl_rows(z, r, softcap, ref_softcap, with_grad)
+        loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
         if dft:
             factor = torch.exp(-loss)  # the token's probability (DFT's weight)
         if factor is not None:
@@ -279,13 +203,9 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
         if row_weight is not None:
             w_rows = row_weight[begin:end] if rows is None else row_weight.index_select(0, rows)
             factor = w_rows if factor is None else factor * w_rows
-        if one_read:
-            if factor is not None:
-                d_h.mul_(factor[:, None])
-        else:
-            if factor is not None:
-                z.mul_(factor[:, None].to(z.dtype))
-            d_h = matmuls.backward(z, h, d_weight, need_hidden)
+        if factor is not None:
+            z.mul_(factor[:, None].to(z.dtype))
+        d_h = matmuls.backward(z, h, d_weight, need_hidden)
         if need_hidden:
             if rows is None:
                 d_hidden[begin:end] = d_h
@@ -420,9 +340,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     ``chunk_size`` is chosen so that the chunk's logits take at most ``max(N * H, 512 MiB / element size)``
     elements, i.e. no more than the hidden states themselves (N tokens) or 512 MiB. On a CPU without native
     bf16/fp16 dot products, 16-bit matmuls run in fp32 (see :class:`_Fp32Blocks`): the chunk's logits are then
-    fp32, plus two fp32 buffers of 1024 weight rows and fp32 copies of the chunk's hidden rows. A frozen head
-    (and bias) on the CPU over chunks of at most ``ONE_READ_MAX_ROWS`` tokens, without ``eaft`` or ``kl``, holds
-    only one block of logits (``BLOCK_BYTES`` of weight rows) and an fp32 hidden gradient per chunk.
+    fp32, plus two fp32 buffers of 1024 weight rows and fp32 copies of the chunk's hidden rows.
     With ``reduction="none"`` the
     hidden gradient is still computed in the forward pass (each token's is scaled by its incoming gradient), but
     the weight's and bias's sum over tokens weighted by those, so when they need gradients all are computed in the
