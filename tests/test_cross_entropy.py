@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from lf.errors import KernelInputError
+from lf.kernels import _alloc
 from lf.kernels import (cross_entropy, cross_entropy_reference, fused_linear_cross_entropy,
                         fused_linear_cross_entropy_reference)
 from support import DTYPES, assert_close, oracle
@@ -349,3 +350,28 @@ def test_fused_kl_needs_a_matching_reference():
 def test_dft_and_eaft_together_are_refused():
     with pytest.raises(KernelInputError, match="dft and eaft"):
         fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), dft=True, eaft=1.0)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fused_fp32_logits_by_onednn_and_by_torch_mm(onednn, monkeypatch):
+    """fp32 logits by oneDNN's inner product (fresh per chunk, as on an AMX CPU) and by torch.mm (into a reused
+    buffer), whatever this CPU is: several chunks, a bias, the KL term's reference head (its own logits the same
+    way): the float64 oracle's loss and gradients of hidden, weight and bias."""
+    module = importlib.import_module("lf.kernels.fused_linear_cross_entropy")
+    asked = []
+    monkeypatch.setattr(module, "onednn_fp32_linear", lambda weight: asked.append(weight.dtype) or onednn)
+    monkeypatch.setattr(_alloc, "POISON", float("nan"))
+    hidden = (torch.randn(19, 32) / 2).requires_grad_()
+    weight, bias = (torch.randn(300, 32) / 3).requires_grad_(), torch.randn(300).requires_grad_()
+    ref_hidden, ref_weight = torch.randn(19, 48), torch.randn(300, 48) / 4
+    labels, kl = _labels(19, 300), 0.7
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4, softcap=15.0, kl=kl,
+                                      ref_hidden=ref_hidden, ref_weight=ref_weight, ref_softcap=15.0)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    assert asked == [torch.float32, torch.float32]  # the model's head and the reference's
+    loss64, grads64 = oracle(lambda h, w, b: _kl_reference(h, w, b, ref_hidden.double(), ref_weight.double(), labels,
+                                                           "mean", None, kl, False, 15.0),
+                             (hidden, weight, bias), torch.tensor(1.0))
+    assert_close(loss, loss64, torch.float32, "loss", min_scale=1.0)
+    for name, g, g64 in zip("hwb", grads, grads64):
+        assert_close(g, g64, torch.float32, f"grad {name}")

@@ -4,7 +4,8 @@ Tokens go through in chunks: a chunk's logits ``hidden_chunk @ weight.T (+ bias)
 the row kernel of :mod:`lf.kernels.cross_entropy` turns them into their loss and (in place) their gradient, and
 that gradient goes at once into the gradients of hidden, weight and bias; then the buffer serves the next chunk.
 Tokens whose label is ``ignore_index`` are dropped before the matmul: they cost neither logits nor gradient
-work. The matmuls are the platform's (torch.mm); what is fused is the softmax/loss/gradient pass.
+work. The matmuls are the platform's (torch.mm; fp32 logits on an AMX CPU by oneDNN's inner product, see
+:func:`lf.kernels._backend.onednn_fp32_linear`); what is fused is the softmax/loss/gradient pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from lf.kernels import _alloc, _checks
-from lf.kernels._backend import matmul_in_fp32
+from lf.kernels._backend import matmul_in_fp32, onednn_fp32_linear
 from lf.kernels.cross_entropy import (NONE, check_labels_match, check_options, cross_entropy_reference, fake_loss,
                                       flat_labels, reduced_loss, row_losses, scale_saved_grads)
 from lf.labels import IGNORE_INDEX
@@ -38,16 +39,27 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, **op
 
 
 class _Matmuls:
-    """A chunk's matmuls, by torch.mm in the tensors' own dtype."""
+    """A chunk's matmuls, by torch.mm in the tensors' own dtype; fp32 logits by oneDNN where
+    :func:`onednn_fp32_linear` says (its op has no ``out``: each chunk's logits are then a fresh tensor)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias, self.dtype = weight, bias, weight.dtype
+        self.onednn = onednn_fp32_linear(weight)
 
-    def logits(self, h: torch.Tensor, out: torch.Tensor) -> None:
+    def buffer(self, rows: int, like: torch.Tensor) -> torch.Tensor | None:
+        """A buffer for ``rows`` tokens' logits that every chunk reuses; None when :meth:`logits` returns fresh ones."""
+        return None if self.onednn else _alloc.empty((rows, self.weight.shape[0]), like, self.dtype)
+
+    def logits(self, h: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+        """The chunk's logits: the first rows of ``buffer`` (from :meth:`buffer`), or fresh when it is None."""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(h, self.weight, self.bias, "none", [], "")
+        out = buffer[: h.shape[0]]
         if self.bias is None:
             torch.mm(h, self.weight.t(), out=out)
         else:
             torch.addmm(self.bias, h, self.weight.t(), out=out)
+        return out
 
     def backward(self, z: torch.Tensor, h: torch.Tensor, d_weight: torch.Tensor | None, need_hidden: bool):
         """Adds the chunk's term to ``d_weight`` (if given); returns the chunk's hidden gradient (if asked)."""
@@ -80,12 +92,13 @@ class _Fp32Blocks(_Matmuls):
             w.copy_(self.weight[begin:end])
             yield begin, end, w
 
-    def logits(self, h, out):
-        h32 = h.float()
+    def logits(self, h, buffer):
+        h32, out = h.float(), buffer[: h.shape[0]]
         for begin, end, w in self._blocks():
             torch.mm(h32, w.t(), out=out[:, begin:end])
         if self.bias32 is not None:
             out.add_(self.bias32)
+        return out
 
     def backward(self, z, h, d_weight, need_hidden):
         h32 = h.float()
@@ -166,21 +179,21 @@ def _sweep(hidden, weight, bias, labels, ignore_index, smoothing, softcap, z_los
     d_hidden = (_alloc.empty_like(hidden) if kept is None else torch.zeros_like(hidden)) if need_hidden else none()
     d_weight = torch.zeros_like(weight) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-    logits = _alloc.empty((min(chunk, n), vocab), hidden, matmuls.dtype)
+    logits = matmuls.buffer(min(chunk, n), hidden)
     if kl:
         ref_matmuls = _matmuls_for(ref_weight, ref_bias)
-        ref_logits = _alloc.empty((min(chunk, n), vocab), ref_hidden, ref_matmuls.dtype)
+        ref_logits = ref_matmuls.buffer(min(chunk, n), ref_hidden)
     for begin in range(0, n, chunk):
         end = min(n, begin + chunk)
         rows = None if kept is None else kept[begin:end]
         h = hidden[begin:end] if rows is None else hidden.index_select(0, rows)
         y = labels[begin:end] if rows is None else labels.index_select(0, rows)
-        z = logits[: end - begin]
-        matmuls.logits(h, z)
+        z = r = None  # the last chunk's logits, if fresh (not in a buffer), are freed before this chunk's come
+        z = matmuls.logits(h, logits)
         factor = _eaft_weights(z, softcap, eaft) if eaft else None  # before z turns into the gradient
         if kl:  # before z turns into the gradient too; r turns into the KL's
-            r = ref_logits[: end - begin]
-            ref_matmuls.logits(ref_hidden[begin:end] if rows is None else ref_hidden.index_select(0, rows), r)
+            r = ref_matmuls.logits(ref_hidden[begin:end] if rows is None else ref_hidden.index_select(0, rows),
+                                   ref_logits)
             divergence = _kl_rows(z, r, softcap, ref_softcap, with_grad)
         loss = row_losses(z, y, z if with_grad else None, ignore_index, smoothing, softcap, z_loss, scale)
         if dft:
