@@ -1,5 +1,7 @@
 """lf.kernels._alloc.recycled_like: a freed output's memory comes back; memory something still references never does."""
 
+import collections
+
 import torch
 
 from lf.kernels import _alloc, swiglu
@@ -52,3 +54,18 @@ def test_an_output_autograd_saved_is_not_overwritten(monkeypatch):
     torch.testing.assert_close(first.detach(), expected, rtol=0, atol=0)
     first.backward(torch.ones_like(first))
     torch.testing.assert_close(up.grad, torch.nn.functional.silu(gate.detach()))
+
+
+def test_only_the_sizes_asked_for_last_keep_a_pool(monkeypatch):
+    """Batches of other lengths ask for other sizes: past RECYCLE_SIZES sizes, the one asked for longest ago loses
+    its pool (its freed buffers go back to glibc); a size asked for again is the newest."""
+    monkeypatch.setattr(_alloc, "_recycled", collections.OrderedDict())
+    likes = [big(1 + i) for i in range(_alloc.RECYCLE_SIZES + 1)]
+    size = [like.numel() * like.element_size() for like in likes]
+    for like in likes[:-1]:
+        _alloc.recycled_like(like)
+    _alloc.recycled_like(likes[0])
+    _alloc.recycled_like(likes[-1])  # one size too many
+    pooled = [nbytes for _, nbytes in _alloc._recycled]
+    assert pooled == size[2:-1] + [size[0], size[-1]]
+    assert size[1] not in pooled

@@ -263,11 +263,11 @@ def test_own_backward_pays_when_its_padded_blocks_hold_fewer_cells_than_the_mask
     assert not pays(_rows([512]), 512)  # one example per row: a tie keeps SDPA
 
 
-def _tiny(family, attn):
+def _tiny(family, attn, kv_heads=2):
     torch.manual_seed(0)
     if family == "llama":
         config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                             num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128)
         model = LlamaForCausalLM(config)
     else:
         config = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -333,6 +333,41 @@ def test_packed_batch_equals_examples_one_by_one(family, attn, kernels, monkeypa
         assert [c for c in (calls, own_calls, flash_calls) if c is not mine] == [[]] * (2 + (mine is None))
     finally:
         unpatch(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2])  # of 4 query heads: MHA, GQA 2:1
+def test_a_padded_batch_shares_one_additive_mask_and_keeps_kv_heads_grouped(kv_heads, dtype, monkeypatch):
+    """An unpacked, right-padded batch takes the SDPA path under transformers' boolean mask: "lf_packed" hands SDPA
+    that mask made additive once for all layers (SDPA would convert and keep a copy in each) and the key/value heads
+    unexpanded. Against plain "sdpa": the loss has the same bits; the gradients too without GQA, and with it the
+    key/value heads' sum over their group differs in the last bits only."""
+    packed_attention.register()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: calls.append((k, kw)) or
+                        sdpa(q, k, v, **kw))
+    examples = _examples(random.Random(3), 3, longest=40)
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=8)([dict(input_ids=i, labels=lab) for i, lab in
+                                                           zip(examples["input_ids"], examples["labels"])])
+    assert not bool(batch["attention_mask"].all())  # really padded
+    (loss, grads), (plain_loss, plain_grads) = (_loss_sum(_tiny("llama", attn, kv_heads).to(dtype), batch)
+                                                for attn in ("lf_packed", "sdpa"))
+    mine, plain = calls[:2], calls[2:]  # a call per layer each
+    assert len(mine) == len(plain) == 2
+    masks = [kw["attn_mask"] for _, kw in mine]
+    assert all(m.dtype == dtype for m in masks) and len({m.untyped_storage().data_ptr() for m in masks}) == 1
+    assert all(kw["attn_mask"].dtype == torch.bool and k.shape[1] == 4 for k, kw in plain)
+    assert all(k.shape[1] == kv_heads for k, _ in mine)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        if kv_heads == 4:
+            assert torch.equal(grad, plain_grads[name]), name
+        fp32 = dtype == torch.float32  # bf16's gradients round to 8 bits: off by some of their largest's ulps
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5 if fp32 else 2e-2,
+                                   atol=(1e-6 if fp32 else 2e-2) * plain_grads[name].abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_unneat_packing_lets_examples_see_each_other():

@@ -25,10 +25,13 @@ def empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 # recycled_like: per (device, bytes), the storages of the last RECYCLE_SLOTS such outputs. On the CPU a fresh large
 # buffer costs more than the memory-bound kernel that fills it: glibc maps it anew and the kernel faults and zeroes
 # every page on first touch (bench/README.md: clone vs copy-into-existing), and whether it does depends on what
-# glibc's heap holds just then. Recycling keeps at most RECYCLE_SLOTS freed buffers per size resident.
+# glibc's heap holds just then. Recycling keeps at most RECYCLE_SLOTS freed buffers per size resident, for the
+# RECYCLE_SIZES sizes asked for last: batches of other lengths (length buckets, packing, MoE experts' token counts)
+# bring new sizes, and the pools of sizes no longer asked for would otherwise stay resident for good.
 RECYCLE_SLOTS = 4
+RECYCLE_SIZES = 8
 RECYCLE_MIN_BYTES = 1 << 20  # below this glibc serves from its heap, without page faults
-_recycled: dict[tuple, collections.deque] = {}
+_recycled: collections.OrderedDict[tuple, collections.deque] = collections.OrderedDict()  # oldest size first
 _recycled_lock = threading.Lock()
 
 
@@ -40,7 +43,14 @@ def recycled_like(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu" or nbytes < RECYCLE_MIN_BYTES:
         return empty_like(t)
     with _recycled_lock:
-        slots = _recycled.setdefault((t.device, nbytes), collections.deque(maxlen=RECYCLE_SLOTS))
+        key = (t.device, nbytes)
+        slots = _recycled.get(key)
+        if slots is None:
+            slots = _recycled[key] = collections.deque(maxlen=RECYCLE_SLOTS)
+            if len(_recycled) > RECYCLE_SIZES:  # the size asked for longest ago: its buffers stay with their users
+                _recycled.popitem(last=False)
+        else:
+            _recycled.move_to_end(key)
         # 1: only the pool references the storage (each tensor on it, and each Python storage object, adds one)
         free = next((s for s in slots if torch._C._storage_Use_Count(s._cdata) == 1), None)
         if free is None:

@@ -8,7 +8,9 @@ What the fusion saves against PEFT's ``base_layer(x) + lora_B(lora_A(dropout(x))
 the adapters' dtype (fp32 under bf16 autocast: a tokens x in copy, and another back for the matmul), scales the
 LoRA output in a separate pass and adds it in another, and autograd keeps several tokens x in/out tensors. Here
 the low-rank terms take the cheap order (tokens x r intermediates), the LoRA product is added by BLAS into the
-base product's output (``addmm_``), and only x, A, B and x A^T are saved.
+base product's output (``addmm_``), and only x, A, B and x A^T are saved; where x is an lf RMSNorm's output, not
+even x: the norm's own input and weight, which its node keeps anyway, and the backward pass computes x again
+(:mod:`lf.kernels._recompute`).
 
 Backends: for a plain W both products are single BLAS calls on every device (cuBLAS on CUDA/ROCm, torch's CPU
 BLAS, whatever the device's torch has), so there is nothing for a Triton or C++ kernel to fuse: the three
@@ -22,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lf.kernels import _checks
+from lf.kernels import _checks, _recompute
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -38,14 +40,15 @@ class LoraLinearFunction(torch.autograd.Function):
         y = frozen.x_wt(x2).addmm_(xa, b.t(), alpha=scaling)
         if bias is not None:
             y += bias.to(dtype)
-        ctx.save_for_backward(x2, lora_A, lora_B, xa)
+        _recompute.save(ctx, x, lora_A, lora_B, xa)  # x, or what computes it again (an lf RMSNorm output)
         ctx.frozen, ctx.scaling, ctx.x_shape = frozen, scaling, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, lora_A, lora_B, xa = ctx.saved_tensors
+        x, lora_A, lora_B, xa = _recompute.saved(ctx)
+        x2 = x.reshape(-1, x.shape[-1])
         dtype, s = x2.dtype, ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
         a, b = lora_A.to(dtype), lora_B.to(dtype)

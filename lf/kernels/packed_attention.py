@@ -305,10 +305,44 @@ def flash_attention_cpu(query, key, value, bounds, *, scale=None) -> torch.Tenso
     return FlashAttentionFunction.apply(query, key, value, bounds, scale)
 
 
-def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention-function interface: (attn_output (B, L, H, D), attention weights or None)."""
+_ADDITIVE = "_lf_additive"  # on a boolean mask: (its version, its additive form)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA itself turns it into floats (0 where attended, -inf elsewhere), once for all layers:
+    transformers hands every layer the same mask, and SDPA would convert it in each call and keep each copy for its
+    backward pass (a (B, 1, L, L) tensor a layer: 4 MiB at 4 x 512 fp32 tokens). The same values reach the same
+    kernel: the same bits."""
+    version, additive = getattr(mask, _ADDITIVE, (None, None))
+    if version != mask._version or additive.dtype != dtype:
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(),
+                                                                                         float("-inf"))
+        setattr(mask, _ADDITIVE, (mask._version, additive))
+    return additive
+
+
+def _sdpa_mask(module, query, key, value, mask, dropout, scaling, kwargs):
+    """transformers' SDPA path: one call under its mask (block-diagonal, padding). A training forward's boolean
+    mask on the CPU goes to SDPA made additive once (:func:`_additive`), with grouped-query key/value heads as they
+    are (``enable_gqa``: the CPU flash kernel reads each for its group of query heads). transformers copies them out
+    to one per query head under a mask (its CUDA kernels would take the math path), and SDPA keeps the copies for
+    its backward pass: 4 MiB a layer at 4 x 512 fp32 tokens of the bench's Llama. Outputs and the query gradient
+    keep their bits; the key and value gradients sum a group in another order (last-bit differences). A cache, a
+    position bias, softcapping, sinks, dropout, torch.compile and other devices take transformers' path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    own = (query.device.type == "cpu" and mask is not None and mask.dtype == torch.bool and not dropout and
+           query.shape[2] == key.shape[2] and not torch.compiler.is_compiling() and
+           all(kwargs.get(k) is None for k in ("position_bias", "cache", "softcap", "s_aux")))
+    if not own:
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=_additive(mask, query.dtype), scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention-function interface: (attn_output (B, L, H, D), attention weights or None)."""
     # Reading the boundaries is data-dependent control flow: under torch.compile the mask path stays in one graph.
     plain = query.shape[2] != key.shape[2] or torch.compiler.is_compiling()
     bounds = None if plain else segments(kwargs.get("position_ids"), query.shape[2])
@@ -319,9 +353,8 @@ def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         bounds = None
     path = "sdpa_mask" if bounds is None else choose(bounds, query.shape[2], query.dtype, query.device.type, dropout,
                                                      one_head_dim=query.shape[-1] == key.shape[-1] == value.shape[-1])
-    if path == "sdpa_mask":  # transformers' block-diagonal mask, in one call
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if path == "sdpa_mask":
+        return _sdpa_mask(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if path == "lf_flash":
         out = flash_attention_cpu(query, key, value, bounds, scale=scaling)
     elif path == "lf_cpu":

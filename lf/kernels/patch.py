@@ -67,6 +67,7 @@ from lf.data.mm_plugins import forward_inputs as mm_forward_inputs
 from lf.errors import KernelError, KernelInputError, did_you_mean
 from lf.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from lf.kernels import packed_attention as _packed_attention
+from lf.kernels import _recompute
 from lf.kernels.glu import geglu, swiglu
 from lf.kernels.lora_patch import LORA_OPS, layers_for
 from lf.kernels.modules import GELU_APPROXIMATE
@@ -283,8 +284,7 @@ def _down_of_act(self, down, gate, up):
     checkpointing (saved-tensor hooks already active) the layer recomputes anyway; under torch.compile the compiler
     picks what to recompute itself."""
     product = _act(self, gate, up)
-    if not (torch.is_grad_enabled() and product.requires_grad) or \
-            torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if not (torch.is_grad_enabled() and product.requires_grad) or _recompute.graph_decides():
         return down(product)
     # torch keeps both hooks with each saved tensor: pack must not hold the product, only where it lies
     storage, dtype, device = product.untyped_storage().data_ptr(), product.dtype, product.device

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from lf.kernels import _alloc, _checks
+from lf.kernels import _alloc, _checks, _recompute
 from lf.kernels._backend import Implementations
 
 CASTINGS = ("llama", "gemma", "none")  # lf._C.Casting's member names, which the backends are given
@@ -112,21 +112,27 @@ def _(dy, x, weight, rstd, offset, casting, weight_grad):
 
 
 class RMSNormFunction(torch.autograd.Function):
+    """On (rows, cols) contiguous ``rows``; :func:`rms_norm` reshapes."""
+
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, casting):
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+    def forward(ctx, rows, weight, eps, offset, casting):
         y, rstd = torch.ops.lf.rms_norm_fwd(rows, weight.contiguous(), eps, offset, casting)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.offset, ctx.casting = offset, casting
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         rows, weight, rstd = ctx.saved_tensors
         want_dw = ctx.needs_input_grad[1]
-        dx, dw = torch.ops.lf.rms_norm_bwd(dy.reshape(rows.shape).contiguous(), rows, weight.contiguous(), rstd,
-                                           ctx.offset, ctx.casting, want_dw)
-        return dx.view(dy.shape), dw if want_dw else None, None, None, None
+        dx, dw = torch.ops.lf.rms_norm_bwd(dy.contiguous(), rows, weight.contiguous(), rstd, ctx.offset, ctx.casting,
+                                           want_dw)
+        return dx, dw if want_dw else None, None, None, None
+
+
+def _forward_again(rows, weight, eps, offset, casting, shape):
+    """The forward's output from what its node keeps (the same kernel on the same inputs: the same bits)."""
+    return torch.ops.lf.rms_norm_fwd(rows, weight.contiguous(), eps, offset, casting)[0].view(shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
@@ -147,4 +153,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
         _checks.fail(op, f"`x` {tuple(x.shape)} is empty")
     if not eps > 0:
         _checks.fail(op, f"`eps`={eps} must be positive (e.g. 1e-6)")
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting)
+    rows, eps, offset = x.reshape(-1, x.shape[-1]).contiguous(), float(eps), float(offset)
+    out = RMSNormFunction.apply(rows, weight, eps, offset, casting).view(x.shape)
+    # a LoRA projection taking it keeps rows and weight, which this node keeps anyway, in its place
+    return _recompute.mark(out, _forward_again, rows, weight, eps=eps, offset=offset, casting=casting, shape=x.shape)
