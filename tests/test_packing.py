@@ -370,6 +370,22 @@ def test_a_padded_batch_shares_one_additive_mask_and_keeps_kv_heads_grouped(kv_h
                                    msg=lambda m: f"{name}: {m}")
 
 
+def test_a_padded_batch_under_inference_mode_takes_transformers_path():
+    """Serving and evaluation run a padded batch without gradients (inference_mode's tensors keep no version
+    counter, which the shared additive mask checks): transformers' boolean-mask path, the logits of plain "sdpa"."""
+    packed_attention.register()
+    examples = _examples(random.Random(4), 3, longest=30)
+    batch = Collator(pad_token_id=0, pad_to_multiple_of=8)([dict(input_ids=i, labels=lab) for i, lab in
+                                                           zip(examples["input_ids"], examples["labels"])])
+    assert not bool(batch["attention_mask"].all())
+    logits = []
+    for attn in ("lf_packed", "sdpa"):
+        model = _tiny("llama", attn, 2)
+        with torch.inference_mode():
+            logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    assert torch.equal(*logits)
+
+
 def test_unneat_packing_lets_examples_see_each_other():
     """The contrast that shows the test above can fail: without position restarts the losses differ."""
     model = _tiny("llama", "sdpa")

@@ -328,10 +328,13 @@ def _sdpa_mask(module, query, key, value, mask, dropout, scaling, kwargs):
     to one per query head under a mask (its CUDA kernels would take the math path), and SDPA keeps the copies for
     its backward pass: 4 MiB a layer at 4 x 512 fp32 tokens of the bench's Llama. Outputs and the query gradient
     keep their bits; the key and value gradients sum a group in another order (last-bit differences). A cache, a
-    position bias, softcapping, sinks, dropout, torch.compile and other devices take transformers' path."""
+    position bias, softcapping, sinks, dropout, no gradient (evaluation, serving), torch.compile and other devices take
+    transformers' path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    own = (query.device.type == "cpu" and mask is not None and mask.dtype == torch.bool and not dropout and
+    # grad on: what is saved is the training pass's cost (and inference_mode's tensors keep no version to check)
+    own = (query.device.type == "cpu" and torch.is_grad_enabled() and mask is not None and mask.dtype == torch.bool
+           and not mask.is_inference() and not dropout and
            query.shape[2] == key.shape[2] and not torch.compiler.is_compiling() and
            all(kwargs.get(k) is None for k in ("position_bias", "cache", "softcap", "s_aux")))
     if not own:
