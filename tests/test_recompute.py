@@ -46,14 +46,19 @@ def _adapters(hidden, outs, rank=4):
              torch.randn(out, rank).requires_grad_()) for out in outs]
 
 
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 67),
+                                          (torch.bfloat16, 67)])
 @pytest.mark.parametrize("changed", [False, True])
-def test_three_consumers_compute_it_once_and_the_same_gradients(changed, backend, recomputed, monkeypatch):
+def test_three_consumers_compute_it_once_and_the_same_gradients(changed, dtype, hidden, backend, recomputed,
+                                                                monkeypatch):
     """q/k/v-like: three LoRA ops on one norm output compute it once in the backward pass, and every gradient has
-    the bits of the path that keeps it. Changed in place after the norm, the consumers keep it (nothing computed)."""
-    x = torch.randn(3, 5, 64, requires_grad=True)
-    weight = (torch.randn(64) * 0.3 + 1).requires_grad_()
-    adapters = _adapters(64, (64, 32, 32))
-    dy = [torch.randn(3, 5, w.shape[0]) for w, _, _ in adapters]
+    the bits of the path that keeps it (fp32 and bf16, an odd width too). Changed in place after the norm, the
+    consumers keep it (nothing computed)."""
+    x = torch.randn(3, 5, hidden, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(hidden) * 0.3 + 1).to(dtype).requires_grad_()
+    adapters = [tuple(t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ws)
+                for ws in _adapters(hidden, (hidden, 32, 32))]
+    dy = [torch.randn(3, 5, w.shape[0], dtype=dtype) for w, _, _ in adapters]
     grads = _norm_then_loras(x, weight, adapters, dy, changed)
     assert len(recomputed) == (0 if changed else 1)
     _keep_norm_outputs(monkeypatch)
